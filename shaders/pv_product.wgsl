@@ -1,0 +1,106 @@
+// O = P V for one chunk of (batch * head, query rows), P being the softmax weights.
+// One workgroup: a 64-row x 64-column tile of O of one (batch, head), over keys in steps of 16.
+// One invocation: a 4 x 4 block of that tile, accumulated in registers.
+// V is read through load_v and O written through store_o, from the host's dtype prelude.
+
+struct Params {
+    bh_start: u32,
+    bh_count: u32,
+    row_start: u32,
+    rows: u32,
+    kv_len: u32,
+    v_head_dim: u32,
+    heads: u32,
+    group: u32,
+    tiles_i: u32,
+    tiles_n: u32,
+    v_stride_b: u32,
+    v_stride_h: u32,
+    v_stride_s: u32,
+    o_stride_b: u32,
+    o_stride_h: u32,
+    o_stride_s: u32,
+}
+
+@group(0) @binding(0) var<uniform> params: Params;
+// Weights of the chunk: [bh_count, rows, kv_len].
+@group(0) @binding(1) var<storage, read> probs: array<f32>;
+// @binding(2): V and @binding(3): O, declared by the prelude.
+
+const TILE: u32 = 64u;
+const BK: u32 = 16u;
+
+// [k][m / 4] and [k][n / 4]: four consecutive rows (columns) of one key of the tile.
+var<workgroup> p_tile: array<array<vec4<f32>, 16>, BK>;
+var<workgroup> v_tile: array<array<vec4<f32>, 16>, BK>;
+
+@compute @workgroup_size(16, 16)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) num_wg: vec3<u32>,
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+) {
+    let tile = wg.x + num_wg.x * (wg.y + num_wg.y * wg.z);
+    if tile >= params.tiles_i * params.tiles_n * params.bh_count {
+        return;
+    }
+    let tn = tile % params.tiles_n;
+    let ti = (tile / params.tiles_n) % params.tiles_i;
+    let bh_local = tile / (params.tiles_n * params.tiles_i);
+    let bh = params.bh_start + bh_local;
+    let b = bh / params.heads;
+    let h = bh % params.heads;
+    let v_base = b * params.v_stride_b + (h / params.group) * params.v_stride_h;
+    let o_base = b * params.o_stride_b + h * params.o_stride_h;
+    let r0 = ti * TILE;
+    let c0 = tn * TILE;
+    let p_base = bh_local * params.rows * params.kv_len;
+
+    var acc: array<vec4<f32>, 4>;
+    for (var k0 = 0u; k0 < params.kv_len; k0 += BK) {
+        for (var e = 0u; e < 4u; e++) {
+            let idx = li + e * 256u;
+            // P: 64 rows x 16 keys, consecutive invocations along a row of P.
+            let m = idx / BK;
+            let kk = idx % BK;
+            var pv = 0.0;
+            if r0 + m < params.rows && k0 + kk < params.kv_len {
+                pv = probs[p_base + (r0 + m) * params.kv_len + k0 + kk];
+            }
+            p_tile[kk][m / 4u][m % 4u] = pv;
+            // V: 16 keys x 64 columns, consecutive invocations along a row of V.
+            let vk = idx / TILE;
+            let n = idx % TILE;
+            var vv = 0.0;
+            if k0 + vk < params.kv_len && c0 + n < params.v_head_dim {
+                vv = load_v(v_base + (k0 + vk) * params.v_stride_s + c0 + n);
+            }
+            v_tile[vk][n / 4u][n % 4u] = vv;
+        }
+        workgroupBarrier();
+        for (var kk = 0u; kk < BK; kk++) {
+            let a = p_tile[kk][lid.y];
+            let bv = v_tile[kk][lid.x];
+            acc[0] += a.x * bv;
+            acc[1] += a.y * bv;
+            acc[2] += a.z * bv;
+            acc[3] += a.w * bv;
+        }
+        workgroupBarrier();
+    }
+
+    for (var r = 0u; r < 4u; r++) {
+        let row = r0 + lid.y * 4u + r;
+        if row >= params.rows {
+            break;
+        }
+        let base = o_base + (params.row_start + row) * params.o_stride_s;
+        for (var c = 0u; c < 4u; c++) {
+            let col = c0 + lid.x * 4u + c;
+            if col < params.v_head_dim {
+                store_o(base + col, acc[r][c]);
+            }
+        }
+    }
+}

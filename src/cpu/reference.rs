@@ -1,0 +1,141 @@
+//! The f64 reference: slow, simple and exact enough to judge every other path.
+
+use crate::error::{Error, Result};
+use crate::spec::{Attention, Dims, broadcast_strides};
+
+/// Everything the reference computes for one call.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Reference {
+    /// The output, in the layout of the options: `[batch, heads, q_len, v_head_dim]` for `Bhsd`.
+    pub o: Vec<f32>,
+    /// Natural log-sum-exp of each row's scores, `[batch, heads, q_len]`; `-inf` for a row with
+    /// no allowed key.
+    pub lse: Vec<f32>,
+    /// Attention weights, `[batch, heads, q_len, kv_len]`; zero where a key is not allowed.
+    pub weights: Vec<f32>,
+}
+
+fn check_len(what: &'static str, data: &[f32], dims: [usize; 4]) -> Result<()> {
+    let expected: usize = dims.iter().product();
+    if data.len() != expected {
+        return Err(Error::DataLength {
+            what,
+            dims: dims.to_vec(),
+            expected,
+            got: data.len(),
+        });
+    }
+    Ok(())
+}
+
+/// Computes attention on the CPU in f64 with the score matrix materialised.
+///
+/// `q`, `k` and `v` are row-major in the layout of `opts` (see [`Dims::q_shape`] and friends).
+/// Validation is the same as on the GPU, so bad input gets the same [`Error`].
+///
+/// ```
+/// use wgpu_attention::{Attention, Causal, Dims, cpu};
+/// let dims = Dims::new(1, 2, 3, 4); // batch 1, 2 heads, 3 rows, head_dim 4
+/// let x: Vec<f32> = (0..24).map(|i| (i as f32 * 0.37).sin()).collect();
+/// let r = cpu::reference(&x, &x, &x, dims, &Attention::new().causal(Causal::TopLeft))?;
+/// assert_eq!(r.o.len(), 24);
+/// // The first row sees only the first key, so it copies the first value row.
+/// assert!((r.o[0] - x[0]).abs() < 1e-6);
+/// # Ok::<(), wgpu_attention::Error>(())
+/// ```
+pub fn reference(q: &[f32], k: &[f32], v: &[f32], dims: Dims, opts: &Attention) -> Result<Reference> {
+    let spec = opts.validate(dims)?;
+    let layout = opts.layout;
+    check_len("Q", q, dims.q_shape(layout))?;
+    check_len("K", k, dims.k_shape(layout))?;
+    check_len("V", v, dims.v_shape(layout))?;
+
+    let Dims {
+        batch,
+        heads,
+        q_len,
+        kv_len,
+        head_dim,
+        v_head_dim,
+        kv_heads,
+    } = dims;
+    let qs = layout.strides(heads, q_len, head_dim);
+    let ks = layout.strides(kv_heads, kv_len, head_dim);
+    let vs = layout.strides(kv_heads, kv_len, v_head_dim);
+    let os = layout.strides(heads, q_len, v_head_dim);
+    let mask = opts
+        .mask
+        .as_ref()
+        .map(|m| (broadcast_strides(m.shape), &m.data));
+    let bias = opts
+        .bias
+        .as_ref()
+        .map(|m| (broadcast_strides(m.shape), &m.data));
+    let at = |s: [usize; 4], b: usize, h: usize, i: usize, j: usize| {
+        b * s[0] + h * s[1] + i * s[2] + j * s[3]
+    };
+    let scale = spec.scale as f64;
+    let cap = opts.softcap.map(|c| c as f64);
+
+    let mut o = vec![0f32; dims.o_elems()];
+    let mut lse = vec![f32::NEG_INFINITY; dims.lse_elems()];
+    let mut weights = vec![0f32; dims.weights_elems()];
+    let mut scores = vec![0f64; kv_len];
+    let mut allowed = vec![false; kv_len];
+    for b in 0..batch {
+        for h in 0..heads {
+            let kvh = h / dims.group();
+            for i in 0..q_len {
+                let (lo, hi) = spec.key_range(b, i);
+                let q_row = &q[b * qs[0] + h * qs[1] + i * qs[2]..][..head_dim];
+                let mut max = f64::NEG_INFINITY;
+                for j in 0..kv_len {
+                    allowed[j] = j >= lo
+                        && j < hi
+                        && mask.is_none_or(|(s, data)| data[at(s, b, h, i, j)]);
+                    if !allowed[j] {
+                        continue;
+                    }
+                    let k_row = &k[b * ks[0] + kvh * ks[1] + j * ks[2]..][..head_dim];
+                    let dot: f64 = q_row
+                        .iter()
+                        .zip(k_row)
+                        .map(|(&a, &c)| a as f64 * c as f64)
+                        .sum();
+                    let mut s = scale * dot;
+                    if let Some(c) = cap {
+                        s = c * (s / c).tanh();
+                    }
+                    if let Some((st, data)) = bias {
+                        s += data[at(st, b, h, i, j)] as f64;
+                    }
+                    scores[j] = s;
+                    max = max.max(s);
+                }
+                if max == f64::NEG_INFINITY {
+                    continue; // no allowed key: zeros and lse = -inf
+                }
+                let sum: f64 = (0..kv_len)
+                    .filter(|&j| allowed[j])
+                    .map(|j| (scores[j] - max).exp())
+                    .sum();
+                let row = (b * heads + h) * q_len + i;
+                lse[row] = (max + sum.ln()) as f32;
+                let mut acc = vec![0f64; v_head_dim];
+                for j in (0..kv_len).filter(|&j| allowed[j]) {
+                    let p = (scores[j] - max).exp() / sum;
+                    weights[row * kv_len + j] = p as f32;
+                    let v_row = &v[b * vs[0] + kvh * vs[1] + j * vs[2]..][..v_head_dim];
+                    for (a, &x) in acc.iter_mut().zip(v_row) {
+                        *a += p * x as f64;
+                    }
+                }
+                let o_row = &mut o[b * os[0] + h * os[1] + i * os[2]..][..v_head_dim];
+                for (dst, a) in o_row.iter_mut().zip(acc) {
+                    *dst = a as f32;
+                }
+            }
+        }
+    }
+    Ok(Reference { o, lse, weights })
+}

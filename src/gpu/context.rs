@@ -1,0 +1,213 @@
+//! The device context: adapter choice, device creation, the limits every plan is checked against.
+
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+use crate::gpu::kernels::Kernels;
+
+/// The device limits the plans need, read once from the device.
+///
+/// Plans never hard-code a limit: they read it here, and an [`Error::TooLarge`] names the one
+/// they would break. [`Gpu::with_caps`] lowers them, so chunking can be tested on small data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GpuLimits {
+    /// Largest storage buffer binding, in bytes.
+    pub max_storage_binding: u64,
+    /// Largest buffer, in bytes.
+    pub max_buffer_size: u64,
+    /// Workgroups per dispatch dimension.
+    pub max_workgroups_per_dim: u32,
+    /// Invocations per workgroup.
+    pub max_invocations_per_workgroup: u32,
+    /// Workgroup memory, in bytes.
+    pub max_workgroup_storage: u32,
+    /// Storage buffers per shader stage.
+    pub max_storage_buffers_per_stage: u32,
+    /// Alignment of uniform buffer offsets, in bytes.
+    pub min_uniform_offset_alignment: u32,
+}
+
+impl GpuLimits {
+    fn from_wgpu(l: &wgpu::Limits) -> GpuLimits {
+        GpuLimits {
+            max_storage_binding: l.max_storage_buffer_binding_size as u64,
+            max_buffer_size: l.max_buffer_size,
+            max_workgroups_per_dim: l.max_compute_workgroups_per_dimension,
+            max_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
+            max_workgroup_storage: l.max_compute_workgroup_storage_size,
+            max_storage_buffers_per_stage: l.max_storage_buffers_per_shader_stage,
+            min_uniform_offset_alignment: l.min_uniform_buffer_offset_alignment,
+        }
+    }
+}
+
+/// Lower limits to impose on a [`Gpu`], to exercise chunking and dispatch spilling on small
+/// problems. `None` keeps the device's own limit.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LimitCaps {
+    /// Cap on [`GpuLimits::max_storage_binding`], in bytes.
+    pub max_storage_binding: Option<u64>,
+    /// Cap on [`GpuLimits::max_workgroups_per_dim`].
+    pub max_workgroups_per_dim: Option<u32>,
+}
+
+/// A device and queue, with the limits, features and compiled pipelines of this crate.
+///
+/// Cheap to clone (the device, queue and pipeline cache are shared) and `Send + Sync`: calls
+/// from several threads are safe.
+#[derive(Debug, Clone)]
+pub struct Gpu {
+    pub(crate) device: wgpu::Device,
+    pub(crate) queue: wgpu::Queue,
+    pub(crate) info: wgpu::AdapterInfo,
+    pub(crate) limits: GpuLimits,
+    pub(crate) features: wgpu::Features,
+    pub(crate) kernels: Arc<Kernels>,
+}
+
+fn device_rank(t: wgpu::DeviceType) -> u8 {
+    match t {
+        wgpu::DeviceType::DiscreteGpu => 4,
+        wgpu::DeviceType::IntegratedGpu => 3,
+        wgpu::DeviceType::VirtualGpu => 2,
+        wgpu::DeviceType::Cpu => 1,
+        wgpu::DeviceType::Other => 0,
+    }
+}
+
+impl Gpu {
+    /// Opens the best adapter (discrete GPU first, software last), blocking.
+    ///
+    /// `WGPU_BACKEND` (e.g. `vulkan`, `metal`, `dx12`) restricts the backends searched and
+    /// `WGPU_ADAPTER_NAME` picks the first adapter whose name contains it (case-insensitive).
+    /// With no adapter this is [`Error::NoAdapter`], whose message says how to get one.
+    pub fn new() -> Result<Gpu> {
+        pollster::block_on(Gpu::new_async())
+    }
+
+    /// [`Gpu::new`] as a future, for applications that already run an executor.
+    pub async fn new_async() -> Result<Gpu> {
+        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all());
+        let mut adapters = instance.enumerate_adapters(backends).await;
+        let wanted = std::env::var("WGPU_ADAPTER_NAME").ok().map(|s| s.to_lowercase());
+        if let Some(name) = &wanted {
+            let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
+            adapters.retain(|a| a.get_info().name.to_lowercase().contains(name.as_str()));
+            if adapters.is_empty() {
+                return Err(Error::NoAdapter {
+                    reason: format!("WGPU_ADAPTER_NAME={name:?} matches none of {names:?}"),
+                });
+            }
+        }
+        // Stable sort: among equals, keep the order wgpu enumerated them in.
+        adapters.sort_by_key(|a| std::cmp::Reverse(device_rank(a.get_info().device_type)));
+        let adapter = adapters.into_iter().next().ok_or_else(|| Error::NoAdapter {
+            reason: format!("wgpu found no adapter for backends {backends:?}"),
+        })?;
+        let info = adapter.get_info();
+        log::info!(
+            "wgpu-attention: adapter {:?} ({:?}, {:?}, driver {:?} {:?})",
+            info.name,
+            info.backend,
+            info.device_type,
+            info.driver,
+            info.driver_info
+        );
+        // Ask for the adapter's own limits: WebGPU's defaults would halve the workgroup memory
+        // and cap storage bindings at 128 MiB on hardware that has far more.
+        let limits = adapter.limits();
+        let optional = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let features = adapter.features() & optional;
+        let (device, queue) = adapter
+            .request_device(&wgpu::DeviceDescriptor {
+                label: Some("wgpu-attention"),
+                required_features: features,
+                required_limits: limits,
+                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                memory_hints: wgpu::MemoryHints::Performance,
+                trace: wgpu::Trace::Off,
+            })
+            .await
+            .map_err(|e| Error::RequestDevice(e.to_string()))?;
+        Gpu::from_parts(device, queue, info)
+    }
+
+    /// Wraps a device and queue the application already has (a renderer, another ML library):
+    /// no second device, and tensors can wrap the application's buffers.
+    ///
+    /// The limits and features are the ones the device was created with; request the
+    /// adapter's own limits when creating it, or large problems are chunked more than needed.
+    pub fn from_wgpu(device: wgpu::Device, queue: wgpu::Queue) -> Result<Gpu> {
+        let info = device.adapter_info();
+        Gpu::from_parts(device, queue, info)
+    }
+
+    fn from_parts(device: wgpu::Device, queue: wgpu::Queue, info: wgpu::AdapterInfo) -> Result<Gpu> {
+        let limits = GpuLimits::from_wgpu(&device.limits());
+        let features = device.features();
+        let kernels = Arc::new(Kernels::new(&device, &limits)?);
+        Ok(Gpu {
+            device,
+            queue,
+            info,
+            limits,
+            features,
+            kernels,
+        })
+    }
+
+    /// A context on the same device with lower limits (see [`LimitCaps`]). Plans made through it
+    /// chunk and spill as they would on a device that small.
+    pub fn with_caps(&self, caps: LimitCaps) -> Gpu {
+        let mut gpu = self.clone();
+        if let Some(cap) = caps.max_storage_binding {
+            gpu.limits.max_storage_binding = gpu.limits.max_storage_binding.min(cap);
+        }
+        if let Some(cap) = caps.max_workgroups_per_dim {
+            gpu.limits.max_workgroups_per_dim = gpu.limits.max_workgroups_per_dim.min(cap.max(1));
+        }
+        gpu
+    }
+
+    /// The adapter the device was created on.
+    pub fn adapter_info(&self) -> &wgpu::AdapterInfo {
+        &self.info
+    }
+
+    /// The limits plans are checked against.
+    pub fn limits(&self) -> &GpuLimits {
+        &self.limits
+    }
+
+    /// The optional features enabled on the device.
+    pub fn features(&self) -> wgpu::Features {
+        self.features
+    }
+
+    /// The underlying device.
+    pub fn device(&self) -> &wgpu::Device {
+        &self.device
+    }
+
+    /// The underlying queue.
+    pub fn queue(&self) -> &wgpu::Queue {
+        &self.queue
+    }
+
+    /// Blocks until all submitted work has finished; errors if the device was lost.
+    pub fn wait(&self) -> Result<()> {
+        self.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: None,
+                timeout: None,
+            })
+            .map(|_| ())
+            .map_err(|e| Error::Gpu(e.to_string()))
+    }
+
+    /// One-line description of the adapter, e.g. `llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan, Cpu)`.
+    pub fn describe(&self) -> String {
+        format!("{} ({:?}, {:?})", self.info.name, self.info.backend, self.info.device_type)
+    }
+}

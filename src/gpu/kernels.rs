@@ -1,0 +1,322 @@
+//! The one place that names every kernel: its shader, its bindings, its specialisations.
+//!
+//! A kernel's WGSL file never declares the tensors it reads and writes in their storage type.
+//! The host prepends a *prelude* that declares each tensor binding and a `load_<name>(i) -> f32`
+//! (or `store_<name>(i, x)`) accessor for the tensor's [`DType`]; a new storage type is a new
+//! prelude, never a copy of a kernel. Everything else a kernel binds (uniforms, f32 scratch,
+//! masks) it declares itself.
+//!
+//! Pipelines are compiled on first use and cached per [`KernelKey`]; the key is also the
+//! pipeline's debug label. The fast path takes a read lock; a miss compiles outside any lock
+//! and re-checks under the write lock, so two threads racing on the same key waste at most one
+//! compilation and never block each other's dispatches.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::sync::{Arc, RwLock};
+
+use crate::error::{Error, Result};
+use crate::gpu::context::GpuLimits;
+use crate::spec::DType;
+
+/// WGSL source of the tiled `QK^T` kernel.
+pub const QK_SCORES: &str = include_str!("../../shaders/qk_scores.wgsl");
+/// WGSL source of the masked row-softmax kernel.
+pub const MASKED_SOFTMAX: &str = include_str!("../../shaders/masked_softmax.wgsl");
+/// WGSL source of the tiled `P V` kernel.
+pub const PV_PRODUCT: &str = include_str!("../../shaders/pv_product.wgsl");
+
+/// Every kernel of the crate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// `S = scale * Q K^T`, tiled (three-pass path, pass 1).
+    QkScores,
+    /// Masked softmax of S in place, with log-sum-exp (three-pass path, pass 2).
+    MaskedSoftmax,
+    /// `O = P V`, tiled (three-pass path, pass 3).
+    PvProduct,
+}
+
+/// What sits at one binding slot of a kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Slot {
+    Uniform,
+    /// A buffer the kernel declares itself.
+    Storage { read_only: bool },
+    /// A tensor the prelude declares, with accessors named after it.
+    Tensor { name: &'static str, read_only: bool },
+}
+
+const fn tensor(name: &'static str, read_only: bool) -> Slot {
+    Slot::Tensor { name, read_only }
+}
+
+impl Kernel {
+    /// All kernels, for tests that compile every one.
+    pub const ALL: [Kernel; 3] = [Kernel::QkScores, Kernel::MaskedSoftmax, Kernel::PvProduct];
+
+    fn source(self) -> &'static str {
+        match self {
+            Kernel::QkScores => QK_SCORES,
+            Kernel::MaskedSoftmax => MASKED_SOFTMAX,
+            Kernel::PvProduct => PV_PRODUCT,
+        }
+    }
+
+    /// Slot `n` is `@binding(n)` of group 0.
+    fn slots(self) -> &'static [Slot] {
+        const READ: Slot = Slot::Storage { read_only: true };
+        const WRITE: Slot = Slot::Storage { read_only: false };
+        match self {
+            Kernel::QkScores => {
+                const S: &[Slot] = &[Slot::Uniform, tensor("q", true), tensor("k", true), WRITE];
+                S
+            }
+            Kernel::MaskedSoftmax => &[Slot::Uniform, WRITE, READ, READ, READ, WRITE],
+            Kernel::PvProduct => {
+                const S: &[Slot] = &[Slot::Uniform, READ, tensor("v", true), tensor("o", false)];
+                S
+            }
+        }
+    }
+
+    /// The name used in labels and errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::QkScores => "qk_scores",
+            Kernel::MaskedSoftmax => "masked_softmax",
+            Kernel::PvProduct => "pv_product",
+        }
+    }
+}
+
+/// One specialisation of a kernel: everything that changes the compiled pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KernelKey {
+    /// Which kernel.
+    pub kernel: Kernel,
+    /// Storage type of the prelude's tensors.
+    pub dtype: DType,
+    /// Workgroup size, for kernels whose size is an `override` constant (0 otherwise).
+    pub workgroup: u32,
+}
+
+impl KernelKey {
+    fn label(&self) -> String {
+        format!("{}<{:?}, wg={}>", self.kernel.name(), self.dtype, self.workgroup)
+    }
+
+    /// The `override` constants this specialisation sets.
+    pub fn constants(&self) -> Vec<(&'static str, f64)> {
+        match self.kernel {
+            Kernel::MaskedSoftmax => vec![("WG", self.workgroup as f64)],
+            Kernel::QkScores | Kernel::PvProduct => Vec::new(),
+        }
+    }
+
+    /// The complete WGSL the crate compiles for this key: the dtype prelude, then the kernel.
+    pub fn source(&self) -> String {
+        let mut src = String::new();
+        for (binding, slot) in self.kernel.slots().iter().enumerate() {
+            if let Slot::Tensor { name, read_only } = *slot {
+                prelude(&mut src, name, binding, self.dtype, read_only);
+            }
+        }
+        src.push_str(self.kernel.source());
+        src
+    }
+}
+
+/// Declares tensor `name` at `binding` in storage type `dtype`, with its f32 accessor.
+fn prelude(src: &mut String, name: &str, binding: usize, dtype: DType, read_only: bool) {
+    let access = if read_only { "read" } else { "read_write" };
+    match dtype {
+        DType::F32 => {
+            let _ = writeln!(
+                src,
+                "@group(0) @binding({binding}) var<storage, {access}> {name}_buf: array<f32>;"
+            );
+            if read_only {
+                let _ = writeln!(src, "fn load_{name}(i: u32) -> f32 {{ return {name}_buf[i]; }}");
+            } else {
+                let _ = writeln!(src, "fn store_{name}(i: u32, x: f32) {{ {name}_buf[i] = x; }}");
+            }
+        }
+    }
+}
+
+/// A compiled kernel and the layout its bind groups are made from.
+#[derive(Debug)]
+pub(crate) struct Compiled {
+    pub(crate) pipeline: wgpu::ComputePipeline,
+    pub(crate) layout: wgpu::BindGroupLayout,
+    pub(crate) label: String,
+}
+
+/// Per-device pipeline cache and shared small buffers.
+#[derive(Debug)]
+pub(crate) struct Kernels {
+    cache: RwLock<HashMap<KernelKey, Arc<Compiled>>>,
+    /// Bound where a kernel's optional input is absent (bindings cannot be left empty).
+    pub(crate) placeholder: wgpu::Buffer,
+    /// Workgroup size of the row-reduction kernels, a power of two the device supports.
+    pub(crate) row_workgroup: u32,
+}
+
+/// Invocations of the tiled product kernels (16 x 16).
+const GEMM_INVOCATIONS: u32 = 256;
+/// Workgroup memory of the tiled product kernels: two 16 x 64 f32 tiles.
+const GEMM_WORKGROUP_BYTES: u32 = 2 * 16 * 64 * 4;
+
+impl Kernels {
+    pub(crate) fn new(device: &wgpu::Device, limits: &GpuLimits) -> Result<Kernels> {
+        if limits.max_invocations_per_workgroup < GEMM_INVOCATIONS {
+            return Err(Error::Unsupported {
+                what: "invocations per workgroup",
+                needed: GEMM_INVOCATIONS as u64,
+                available: limits.max_invocations_per_workgroup as u64,
+            });
+        }
+        if limits.max_workgroup_storage < GEMM_WORKGROUP_BYTES {
+            return Err(Error::Unsupported {
+                what: "workgroup memory (bytes)",
+                needed: GEMM_WORKGROUP_BYTES as u64,
+                available: limits.max_workgroup_storage as u64,
+            });
+        }
+        let placeholder = device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgpu-attention placeholder"),
+            size: 16,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        });
+        Ok(Kernels {
+            cache: RwLock::new(HashMap::new()),
+            placeholder,
+            row_workgroup: 256,
+        })
+    }
+
+    /// The pipeline for `key`, compiling it on first use.
+    pub(crate) fn get(&self, device: &wgpu::Device, key: KernelKey) -> Result<Arc<Compiled>> {
+        if let Some(hit) = self.cache.read().expect("pipeline cache poisoned").get(&key) {
+            return Ok(hit.clone());
+        }
+        let compiled = Arc::new(compile(device, key)?);
+        let mut cache = self.cache.write().expect("pipeline cache poisoned");
+        Ok(cache.entry(key).or_insert(compiled).clone())
+    }
+}
+
+fn compile(device: &wgpu::Device, key: KernelKey) -> Result<Compiled> {
+    let label = key.label();
+    log::debug!("wgpu-attention: compiling {label}");
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some(&label),
+        source: wgpu::ShaderSource::Wgsl(key.source().into()),
+    });
+    let entries: Vec<wgpu::BindGroupLayoutEntry> = key
+        .kernel
+        .slots()
+        .iter()
+        .enumerate()
+        .map(|(binding, slot)| {
+            let ty = match *slot {
+                Slot::Uniform => wgpu::BufferBindingType::Uniform,
+                Slot::Storage { read_only } | Slot::Tensor { read_only, .. } => {
+                    wgpu::BufferBindingType::Storage { read_only }
+                }
+            };
+            wgpu::BindGroupLayoutEntry {
+                binding: binding as u32,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty,
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            }
+        })
+        .collect();
+    let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        label: Some(&label),
+        entries: &entries,
+    });
+    let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+        label: Some(&label),
+        bind_group_layouts: &[Some(&layout)],
+        immediate_size: 0,
+    });
+    let constants = key.constants();
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(&label),
+        layout: Some(&pipeline_layout),
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: wgpu::PipelineCompilationOptions {
+            constants: &constants,
+            // Every kernel writes its workgroup memory before reading it.
+            zero_initialize_workgroup_memory: false,
+        },
+        cache: None,
+    });
+    if let Some(err) = pollster::block_on(scope.pop()) {
+        return Err(Error::Gpu(format!("compiling {label}: {err}")));
+    }
+    Ok(Compiled {
+        pipeline,
+        layout,
+        label,
+    })
+}
+
+impl Compiled {
+    /// A bind group with `buffers[n]` at `@binding(n)`, each bound whole.
+    pub(crate) fn bind(&self, device: &wgpu::Device, buffers: &[&wgpu::Buffer]) -> wgpu::BindGroup {
+        let entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .enumerate()
+            .map(|(binding, buffer)| wgpu::BindGroupEntry {
+                binding: binding as u32,
+                resource: buffer.as_entire_binding(),
+            })
+            .collect();
+        device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&self.label),
+            layout: &self.layout,
+            entries: &entries,
+        })
+    }
+}
+
+/// Workgroup counts for a 1-D grid of `groups` workgroups, spilled into y and z when x is full.
+/// Kernels recover the linear index as `x + nx * (y + ny * z)` and skip indices past the grid.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DispatchSize {
+    /// Workgroups in x, y and z.
+    pub counts: [u32; 3],
+}
+
+impl DispatchSize {
+    /// Fits `groups` into at most `max_per_dim` per dimension.
+    pub fn linear(groups: u64, max_per_dim: u32, what: &'static str) -> Result<DispatchSize> {
+        let max = max_per_dim.max(1) as u64;
+        if groups > max * max * max {
+            return Err(Error::TooLarge {
+                what,
+                requested: groups,
+                max: max * max * max,
+                hint: " workgroups (x * y * z)",
+            });
+        }
+        let x = groups.min(max);
+        let rest = groups.div_ceil(x.max(1));
+        let y = rest.min(max);
+        let z = rest.div_ceil(y.max(1));
+        Ok(DispatchSize {
+            counts: [x as u32, y as u32, z as u32],
+        })
+    }
+}

@@ -1,0 +1,210 @@
+//! Device tensors: a buffer with dims and a storage type.
+
+use std::sync::mpsc;
+
+use wgpu::util::DeviceExt;
+
+use crate::error::{Error, Result};
+use crate::gpu::context::Gpu;
+use crate::spec::DType;
+
+/// A row-major tensor of four dims in a device buffer.
+///
+/// Made by [`Gpu::upload`] / [`Gpu::empty`], or by [`Tensor::from_buffer`] around a buffer the
+/// application already has, so data on the GPU never round-trips through the host.
+#[derive(Debug, Clone)]
+pub struct Tensor {
+    buffer: wgpu::Buffer,
+    dims: [usize; 4],
+    dtype: DType,
+}
+
+/// Usages of the buffers this crate allocates: bindable, readable back, writable from the host.
+const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
+    .union(wgpu::BufferUsages::COPY_SRC)
+    .union(wgpu::BufferUsages::COPY_DST);
+
+fn byte_len(gpu: &Gpu, what: &'static str, dims: [usize; 4], dtype: DType) -> Result<u64> {
+    if dims.contains(&0) {
+        return Err(Error::ZeroSize { what });
+    }
+    let bytes = dims
+        .iter()
+        .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64))
+        .unwrap_or(u64::MAX);
+    if bytes > gpu.limits.max_buffer_size {
+        return Err(Error::TooLarge {
+            what,
+            requested: bytes,
+            max: gpu.limits.max_buffer_size,
+            hint: " bytes (max_buffer_size)",
+        });
+    }
+    Ok(bytes)
+}
+
+impl Gpu {
+    /// Uploads f32 host data as a tensor of `dims`.
+    pub fn upload(&self, data: &[f32], dims: [usize; 4]) -> Result<Tensor> {
+        let bytes = byte_len(self, "tensor", dims, DType::F32)?;
+        if data.len() as u64 * 4 != bytes {
+            return Err(Error::DataLength {
+                what: "upload",
+                dims: dims.to_vec(),
+                expected: (bytes / 4) as usize,
+                got: data.len(),
+            });
+        }
+        let buffer = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("wgpu-attention tensor"),
+            contents: bytemuck::cast_slice(data),
+            usage: USAGE,
+        });
+        Ok(Tensor {
+            buffer,
+            dims,
+            dtype: DType::F32,
+        })
+    }
+
+    /// A new f32 tensor of `dims` whose contents are unspecified until written.
+    pub fn empty(&self, dims: [usize; 4]) -> Result<Tensor> {
+        let size = byte_len(self, "tensor", dims, DType::F32)?;
+        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgpu-attention tensor"),
+            size,
+            usage: USAGE,
+            mapped_at_creation: false,
+        });
+        Ok(Tensor {
+            buffer,
+            dims,
+            dtype: DType::F32,
+        })
+    }
+}
+
+impl Tensor {
+    /// Wraps an existing buffer holding a `dims` tensor of `dtype` from byte 0.
+    ///
+    /// The buffer needs `STORAGE` usage; [`Tensor::download`] also needs `COPY_SRC` and
+    /// [`Tensor::write`] `COPY_DST`.
+    pub fn from_buffer(buffer: wgpu::Buffer, dims: [usize; 4], dtype: DType) -> Result<Tensor> {
+        if dims.contains(&0) {
+            return Err(Error::ZeroSize { what: "tensor" });
+        }
+        if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+            return Err(Error::BufferUsage {
+                what: "tensor",
+                needed: "STORAGE",
+            });
+        }
+        let needed = dims.iter().map(|&d| d as u64).product::<u64>() * dtype.size() as u64;
+        if buffer.size() < needed {
+            return Err(Error::BufferTooSmall {
+                what: "tensor",
+                needed,
+                got: buffer.size(),
+            });
+        }
+        Ok(Tensor {
+            buffer,
+            dims,
+            dtype,
+        })
+    }
+
+    /// The four dims.
+    pub fn dims(&self) -> [usize; 4] {
+        self.dims
+    }
+
+    /// Number of elements.
+    pub fn len(&self) -> usize {
+        self.dims.iter().product()
+    }
+
+    /// Always false: tensors have at least one element.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Storage type.
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Bytes the elements occupy (the buffer may be larger).
+    pub fn byte_len(&self) -> u64 {
+        self.len() as u64 * self.dtype.size() as u64
+    }
+
+    /// The underlying buffer.
+    pub fn buffer(&self) -> &wgpu::Buffer {
+        &self.buffer
+    }
+
+    /// Overwrites the tensor with host data (queued; visible to the next submission).
+    pub fn write(&self, gpu: &Gpu, data: &[f32]) -> Result<()> {
+        if data.len() != self.len() {
+            return Err(Error::DataLength {
+                what: "write",
+                dims: self.dims.to_vec(),
+                expected: self.len(),
+                got: data.len(),
+            });
+        }
+        if !self.buffer.usage().contains(wgpu::BufferUsages::COPY_DST) {
+            return Err(Error::BufferUsage {
+                what: "tensor",
+                needed: "COPY_DST",
+            });
+        }
+        gpu.queue.write_buffer(&self.buffer, 0, bytemuck::cast_slice(data));
+        Ok(())
+    }
+
+    /// Copies the tensor back to the host, waiting for all work submitted before.
+    pub fn download(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        if !self.buffer.usage().contains(wgpu::BufferUsages::COPY_SRC) {
+            return Err(Error::BufferUsage {
+                what: "tensor",
+                needed: "COPY_SRC",
+            });
+        }
+        let size = self.byte_len();
+        let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgpu-attention readback"),
+            size,
+            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            mapped_at_creation: false,
+        });
+        let mut encoder = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
+        encoder.copy_buffer_to_buffer(&self.buffer, 0, &staging, 0, size);
+        let index = gpu.queue.submit([encoder.finish()]);
+        let (tx, rx) = mpsc::channel();
+        staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        gpu.device
+            .poll(wgpu::PollType::Wait {
+                submission_index: Some(index),
+                timeout: None,
+            })
+            .map_err(|e| Error::Gpu(format!("waiting for readback: {e}")))?;
+        rx.recv()
+            .map_err(|_| Error::Gpu("readback callback never ran".into()))?
+            .map_err(|e| Error::Gpu(format!("mapping readback buffer: {e}")))?;
+        let view = staging
+            .get_mapped_range(..)
+            .map_err(|e| Error::Gpu(format!("reading mapped buffer: {e}")))?;
+        let out = match self.dtype {
+            DType::F32 => bytemuck::cast_slice::<u8, f32>(&view).to_vec(),
+        };
+        drop(view);
+        staging.unmap();
+        Ok(out)
+    }
+}

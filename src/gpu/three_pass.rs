@@ -1,0 +1,455 @@
+//! The three-pass path: `S = scale * Q K^T`, masked softmax of S in place, `O = P V`.
+//!
+//! It materialises the scores, so it is the path that can return the attention weights. Its
+//! scratch is one chunk of scores `[bh_count, rows, kv_len]` in f32; the plan picks the chunks
+//! so that the scratch fits one storage binding of the device: whole (batch, head) slabs while
+//! one fits, query-row ranges of a single (batch, head) otherwise. Every chunk is encoded into
+//! the same command buffer (one submit per call); wgpu orders the passes, so one scratch buffer
+//! serves them all. When the caller wants the weights, a single-chunk plan writes them in place
+//! and a multi-chunk plan copies each chunk into the weights buffer, which only has to fit
+//! `max_buffer_size`, not a binding.
+
+use bytemuck::{Pod, Zeroable};
+use wgpu::util::DeviceExt;
+
+use crate::error::{Error, Result};
+use crate::gpu::context::{Gpu, GpuLimits};
+use crate::gpu::kernels::{DispatchSize, Kernel, KernelKey};
+use crate::gpu::tensor::Tensor;
+use crate::spec::{Causal, DType, Spec, broadcast_strides};
+
+/// Rows and columns of one tile of the product kernels.
+const TILE: u64 = 64;
+
+/// One slice of the problem that runs with one scratch buffer: query rows
+/// `row_start..row_start + rows` of (batch * head) entries `bh_start..bh_start + bh_count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chunk {
+    /// First flattened (batch * heads + head) index.
+    pub bh_start: usize,
+    /// Number of (batch, head) entries.
+    pub bh_count: usize,
+    /// First query row.
+    pub row_start: usize,
+    /// Number of query rows.
+    pub rows: usize,
+}
+
+/// How the three-pass path will run a problem on a device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ThreePassPlan {
+    /// The chunks, in dispatch order.
+    pub chunks: Vec<Chunk>,
+    /// Bytes of score scratch (one chunk's worth).
+    pub scratch_bytes: u64,
+    /// Whether the chunking came from the storage-binding limit or the workgroup limit.
+    pub reason: &'static str,
+}
+
+fn too_large(what: &'static str, requested: u64, max: u64, hint: &'static str) -> Error {
+    Error::TooLarge {
+        what,
+        requested,
+        max,
+        hint,
+    }
+}
+
+fn max_groups(limits: &GpuLimits) -> u64 {
+    (limits.max_workgroups_per_dim.max(1) as u64).pow(3)
+}
+
+/// Workgroups the three kernels need for a chunk of `bh` entries of `rows` rows.
+fn chunk_groups(bh: u64, rows: u64, kv_len: u64, v_head_dim: u64) -> u64 {
+    let qk = bh * rows.div_ceil(TILE) * kv_len.div_ceil(TILE);
+    let softmax = bh * rows;
+    let pv = bh * rows.div_ceil(TILE) * v_head_dim.div_ceil(TILE);
+    qk.max(softmax).max(pv)
+}
+
+impl ThreePassPlan {
+    /// Plans `spec` for a device with `limits`.
+    pub fn new(spec: &Spec<'_>, limits: &GpuLimits) -> Result<ThreePassPlan> {
+        let d = spec.dims;
+        let bh_total = (d.batch * d.heads) as u64;
+        let (q_len, kv_len) = (d.q_len as u64, d.kv_len as u64);
+        let max_elems = limits.max_storage_binding / 4;
+        let max_groups = max_groups(limits);
+        if kv_len > max_elems {
+            return Err(too_large(
+                "one row of scores",
+                kv_len * 4,
+                limits.max_storage_binding,
+                " bytes (max_storage_buffer_binding_size); kv_len is too long for the \
+                 three-pass path",
+            ));
+        }
+        let fits = |bh: u64, rows: u64| {
+            bh * rows * kv_len <= max_elems && chunk_groups(bh, rows, kv_len, d.v_head_dim as u64) <= max_groups
+        };
+        let (bh_per, rows_per) = if fits(1, q_len) {
+            // Whole (batch, head) slabs; as many per chunk as fit.
+            let mut lo = 1u64;
+            let mut hi = bh_total;
+            while lo < hi {
+                let mid = (lo + hi).div_ceil(2);
+                if fits(mid, q_len) { lo = mid } else { hi = mid - 1 }
+            }
+            (lo, q_len)
+        } else {
+            let mut lo = 0u64;
+            let mut hi = q_len;
+            while lo < hi {
+                let mid = (lo + hi).div_ceil(2);
+                if fits(1, mid) { lo = mid } else { hi = mid - 1 }
+            }
+            if lo == 0 {
+                return Err(too_large(
+                    "one query row",
+                    chunk_groups(1, 1, kv_len, d.v_head_dim as u64),
+                    max_groups,
+                    " workgroups (max_compute_workgroups_per_dimension cubed)",
+                ));
+            }
+            (1, lo)
+        };
+        let mut chunks = Vec::new();
+        for bh_start in (0..bh_total).step_by(bh_per as usize) {
+            let bh_count = bh_per.min(bh_total - bh_start);
+            for row_start in (0..q_len).step_by(rows_per as usize) {
+                chunks.push(Chunk {
+                    bh_start: bh_start as usize,
+                    bh_count: bh_count as usize,
+                    row_start: row_start as usize,
+                    rows: rows_per.min(q_len - row_start) as usize,
+                });
+            }
+        }
+        let reason = if chunks.len() == 1 {
+            "one chunk"
+        } else if bh_per * rows_per * kv_len * 4 > limits.max_storage_binding / 2 {
+            "chunked to fit the storage-binding limit"
+        } else {
+            "chunked to fit the workgroup-count limit"
+        };
+        Ok(ThreePassPlan {
+            chunks,
+            scratch_bytes: bh_per * rows_per * kv_len * 4,
+            reason,
+        })
+    }
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct QkParams {
+    bh_start: u32,
+    bh_count: u32,
+    row_start: u32,
+    rows: u32,
+    kv_len: u32,
+    head_dim: u32,
+    heads: u32,
+    group: u32,
+    tiles_i: u32,
+    tiles_j: u32,
+    q_strides: [u32; 3],
+    k_strides: [u32; 3],
+    scale: f32,
+    _pad: [u32; 3],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct SoftmaxParams {
+    bh_start: u32,
+    bh_count: u32,
+    row_start: u32,
+    rows: u32,
+    batch: u32,
+    heads: u32,
+    q_len: u32,
+    kv_len: u32,
+    causal: u32,
+    flags: u32,
+    softcap: f32,
+    _pad: u32,
+    bias_stride: [u32; 4],
+    mask_stride: [u32; 4],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct PvParams {
+    bh_start: u32,
+    bh_count: u32,
+    row_start: u32,
+    rows: u32,
+    kv_len: u32,
+    v_head_dim: u32,
+    heads: u32,
+    group: u32,
+    tiles_i: u32,
+    tiles_n: u32,
+    v_strides: [u32; 3],
+    o_strides: [u32; 3],
+}
+
+fn strides_u32(s: [usize; 3]) -> [u32; 3] {
+    s.map(|x| x as u32)
+}
+
+fn broadcast_u32(shape: [usize; 4]) -> [u32; 4] {
+    broadcast_strides(shape).map(|x| x as u32)
+}
+
+/// The buffers one call reads and writes.
+pub(crate) struct Io<'a> {
+    pub(crate) q: &'a Tensor,
+    pub(crate) k: &'a Tensor,
+    pub(crate) v: &'a Tensor,
+    pub(crate) o: &'a Tensor,
+    pub(crate) lse: Option<&'a Tensor>,
+    pub(crate) weights: Option<&'a Tensor>,
+}
+
+fn check_binding(limits: &GpuLimits, what: &'static str, bytes: u64) -> Result<()> {
+    if bytes > limits.max_storage_binding {
+        return Err(too_large(
+            what,
+            bytes,
+            limits.max_storage_binding,
+            " bytes (max_storage_buffer_binding_size)",
+        ));
+    }
+    Ok(())
+}
+
+/// Uploads the mask as one byte per element, four to a u32 word.
+fn pack_mask(data: &[bool]) -> Vec<u32> {
+    let mut words = vec![0u32; data.len().div_ceil(4).max(1)];
+    for (e, &allowed) in data.iter().enumerate() {
+        if allowed {
+            words[e / 4] |= 1 << ((e % 4) * 8);
+        }
+    }
+    words
+}
+
+/// Encodes and submits the three passes for every chunk of `plan`.
+pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &ThreePassPlan, io: &Io<'_>) -> Result<()> {
+    let d = spec.dims;
+    let opts = spec.opts;
+    let limits = &gpu.limits;
+    let device = &gpu.device;
+    for (what, t) in [("Q", io.q), ("K", io.k), ("V", io.v), ("O", io.o)] {
+        check_binding(limits, what, t.byte_len())?;
+    }
+    if let Some(lse) = io.lse {
+        check_binding(limits, "log-sum-exp", lse.byte_len())?;
+    }
+
+    let storage = |label: &str, contents: &[u8]| {
+        device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some(label),
+            contents,
+            usage: wgpu::BufferUsages::STORAGE,
+        })
+    };
+    let placeholder = &gpu.kernels.placeholder;
+    let bias_buf = match &opts.bias {
+        Some(bias) => {
+            check_binding(limits, "bias", bias.data.len() as u64 * 4)?;
+            Some(storage("bias", bytemuck::cast_slice(&bias.data)))
+        }
+        None => None,
+    };
+    let mask_buf = match &opts.mask {
+        Some(mask) => {
+            let words = pack_mask(&mask.data);
+            check_binding(limits, "mask", words.len() as u64 * 4)?;
+            Some(storage("mask", bytemuck::cast_slice(&words)))
+        }
+        None => None,
+    };
+    let lens_buf = if opts.kv_lens.is_some() || opts.q_lens.is_some() {
+        let mut lens = vec![0u32; 2 * d.batch];
+        if let Some(kv) = &opts.kv_lens {
+            lens[..d.batch].copy_from_slice(kv);
+        }
+        if let Some(q) = &opts.q_lens {
+            lens[d.batch..].copy_from_slice(q);
+        }
+        Some(storage("lens", bytemuck::cast_slice(&lens)))
+    } else {
+        None
+    };
+
+    // Scores go straight into the weights buffer when one chunk covers it and it is bindable.
+    let weights_in_place = match io.weights {
+        Some(w) => plan.chunks.len() == 1 && w.byte_len() <= limits.max_storage_binding,
+        None => false,
+    };
+    let scratch = if weights_in_place {
+        None
+    } else {
+        Some(device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgpu-attention scores"),
+            size: plan.scratch_bytes,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        }))
+    };
+    let scores: &wgpu::Buffer = match (&scratch, io.weights) {
+        (Some(s), _) => s,
+        (None, Some(w)) => w.buffer(),
+        (None, None) => unreachable!("scratch exists unless the weights buffer serves"),
+    };
+
+    let key = |kernel, workgroup| KernelKey {
+        kernel,
+        dtype: DType::F32,
+        workgroup,
+    };
+    let qk = gpu.kernels.get(device, key(Kernel::QkScores, 0))?;
+    let softmax = gpu
+        .kernels
+        .get(device, key(Kernel::MaskedSoftmax, gpu.kernels.row_workgroup))?;
+    let pv = gpu.kernels.get(device, key(Kernel::PvProduct, 0))?;
+
+    let layout = opts.layout;
+    let q_strides = strides_u32(layout.strides(d.heads, d.q_len, d.head_dim));
+    let k_strides = strides_u32(layout.strides(d.kv_heads, d.kv_len, d.head_dim));
+    let v_strides = strides_u32(layout.strides(d.kv_heads, d.kv_len, d.v_head_dim));
+    let o_strides = strides_u32(layout.strides(d.heads, d.q_len, d.v_head_dim));
+    let mut flags = 0u32;
+    for (on, bit) in [
+        (opts.bias.is_some(), 1),
+        (opts.mask.is_some(), 2),
+        (opts.kv_lens.is_some(), 4),
+        (opts.q_lens.is_some(), 8),
+        (io.lse.is_some(), 16),
+        (opts.softcap.is_some(), 32),
+    ] {
+        if on {
+            flags |= bit;
+        }
+    }
+    let causal = match opts.causal {
+        None => 0,
+        Some(Causal::TopLeft) => 1,
+        Some(Causal::BottomRight) => 2,
+    };
+
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let oom_scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+        label: Some("wgpu-attention three-pass"),
+    });
+    let uniform = |contents: &[u8]| {
+        device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("wgpu-attention params"),
+            contents,
+            usage: wgpu::BufferUsages::UNIFORM,
+        })
+    };
+    let max_wg = limits.max_workgroups_per_dim;
+    for chunk in &plan.chunks {
+        let rows = chunk.rows as u64;
+        let tiles_i = rows.div_ceil(TILE) as u32;
+        let tiles_j = (d.kv_len as u64).div_ceil(TILE) as u32;
+        let tiles_n = (d.v_head_dim as u64).div_ceil(TILE) as u32;
+        let bh_count = chunk.bh_count as u32;
+        let qk_params = uniform(bytemuck::bytes_of(&QkParams {
+            bh_start: chunk.bh_start as u32,
+            bh_count,
+            row_start: chunk.row_start as u32,
+            rows: chunk.rows as u32,
+            kv_len: d.kv_len as u32,
+            head_dim: d.head_dim as u32,
+            heads: d.heads as u32,
+            group: d.group() as u32,
+            tiles_i,
+            tiles_j,
+            q_strides,
+            k_strides,
+            scale: spec.scale,
+            _pad: [0; 3],
+        }));
+        let sm_params = uniform(bytemuck::bytes_of(&SoftmaxParams {
+            bh_start: chunk.bh_start as u32,
+            bh_count,
+            row_start: chunk.row_start as u32,
+            rows: chunk.rows as u32,
+            batch: d.batch as u32,
+            heads: d.heads as u32,
+            q_len: d.q_len as u32,
+            kv_len: d.kv_len as u32,
+            causal,
+            flags,
+            softcap: opts.softcap.unwrap_or(1.0),
+            _pad: 0,
+            bias_stride: opts.bias.as_ref().map_or([0; 4], |b| broadcast_u32(b.shape)),
+            mask_stride: opts.mask.as_ref().map_or([0; 4], |m| broadcast_u32(m.shape)),
+        }));
+        let pv_params = uniform(bytemuck::bytes_of(&PvParams {
+            bh_start: chunk.bh_start as u32,
+            bh_count,
+            row_start: chunk.row_start as u32,
+            rows: chunk.rows as u32,
+            kv_len: d.kv_len as u32,
+            v_head_dim: d.v_head_dim as u32,
+            heads: d.heads as u32,
+            group: d.group() as u32,
+            tiles_i,
+            tiles_n,
+            v_strides,
+            o_strides,
+        }));
+        let qk_bind = qk.bind(device, &[&qk_params, io.q.buffer(), io.k.buffer(), scores]);
+        let sm_bind = softmax.bind(
+            device,
+            &[
+                &sm_params,
+                scores,
+                bias_buf.as_ref().unwrap_or(placeholder),
+                mask_buf.as_ref().unwrap_or(placeholder),
+                lens_buf.as_ref().unwrap_or(placeholder),
+                io.lse.map_or(placeholder, |t| t.buffer()),
+            ],
+        );
+        let pv_bind = pv.bind(device, &[&pv_params, scores, io.v.buffer(), io.o.buffer()]);
+        let qk_groups = bh_count as u64 * tiles_i as u64 * tiles_j as u64;
+        let sm_groups = bh_count as u64 * rows;
+        let pv_groups = bh_count as u64 * tiles_i as u64 * tiles_n as u64;
+        let dispatches = [
+            (&qk, &qk_bind, DispatchSize::linear(qk_groups, max_wg, "qk_scores dispatch")?),
+            (&softmax, &sm_bind, DispatchSize::linear(sm_groups, max_wg, "softmax dispatch")?),
+            (&pv, &pv_bind, DispatchSize::linear(pv_groups, max_wg, "pv_product dispatch")?),
+        ];
+        {
+            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+                label: Some("wgpu-attention three-pass chunk"),
+                timestamp_writes: None,
+            });
+            for (kernel, bind, size) in dispatches {
+                pass.set_pipeline(&kernel.pipeline);
+                pass.set_bind_group(0, bind, &[]);
+                let [x, y, z] = size.counts;
+                pass.dispatch_workgroups(x, y, z);
+            }
+        }
+        if let (Some(scratch), Some(weights)) = (&scratch, io.weights) {
+            let offset = ((chunk.bh_start * d.q_len + chunk.row_start) * d.kv_len * 4) as u64;
+            let size = (chunk.bh_count * chunk.rows * d.kv_len * 4) as u64;
+            encoder.copy_buffer_to_buffer(scratch, 0, weights.buffer(), offset, size);
+        }
+    }
+    gpu.queue.submit([encoder.finish()]);
+    let oom = pollster::block_on(oom_scope.pop());
+    let validation = pollster::block_on(scope.pop());
+    if let Some(err) = validation.or(oom) {
+        return Err(Error::Gpu(format!("three-pass attention: {err}")));
+    }
+    Ok(())
+}

@@ -1,0 +1,504 @@
+//! What an attention call computes: shapes, layout and options, validated once for every backend.
+//!
+//! [`Attention`] is the options builder; [`Dims`] the seven sizes of a problem. The CPU reference
+//! and the GPU paths both start from [`Attention::validate`], so a bad input gets the same typed
+//! [`Error`] whichever path it was sent to, before any work is done.
+
+use crate::error::{Error, Result};
+
+/// The largest `head_dim` and `v_head_dim` the kernels support.
+pub const MAX_HEAD_DIM: usize = 256;
+
+/// How the four dims of Q, K, V and O are ordered in memory (row-major, contiguous).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Layout {
+    /// `[batch, heads, seq, head_dim]`: PyTorch's `scaled_dot_product_attention` layout.
+    #[default]
+    Bhsd,
+    /// `[batch, seq, heads, head_dim]`: FlashAttention's and JAX's layout.
+    Bshd,
+}
+
+impl Layout {
+    /// The physical dims of a tensor with `heads` heads of `seq` rows of width `dim`.
+    pub fn dims(self, batch: usize, heads: usize, seq: usize, dim: usize) -> [usize; 4] {
+        match self {
+            Layout::Bhsd => [batch, heads, seq, dim],
+            Layout::Bshd => [batch, seq, heads, dim],
+        }
+    }
+
+    /// Splits physical dims into `(batch, heads, seq, dim)`.
+    pub fn split(self, dims: [usize; 4]) -> (usize, usize, usize, usize) {
+        match self {
+            Layout::Bhsd => (dims[0], dims[1], dims[2], dims[3]),
+            Layout::Bshd => (dims[0], dims[2], dims[1], dims[3]),
+        }
+    }
+
+    /// Element strides `(batch, head, seq)` of a tensor in this layout; the last dim has stride 1.
+    pub fn strides(self, heads: usize, seq: usize, dim: usize) -> [usize; 3] {
+        match self {
+            Layout::Bhsd => [heads * seq * dim, seq * dim, dim],
+            Layout::Bshd => [seq * heads * dim, dim, heads * dim],
+        }
+    }
+}
+
+/// Where the causal diagonal sits when `q_len != kv_len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Causal {
+    /// Query `i` sees keys `j <= i` (PyTorch's `is_causal=True`).
+    TopLeft,
+    /// Query `i` sees keys `j <= i + kv_len - q_len`: the last query sees every key
+    /// (FlashAttention's convention, and what decoding against a KV cache needs).
+    BottomRight,
+}
+
+/// The seven sizes of an attention problem, independent of layout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Dims {
+    /// Batch size.
+    pub batch: usize,
+    /// Query heads.
+    pub heads: usize,
+    /// Key/value heads; `heads % kv_heads == 0` (grouped-query attention; 1 is multi-query).
+    pub kv_heads: usize,
+    /// Query rows per head.
+    pub q_len: usize,
+    /// Key/value rows per head.
+    pub kv_len: usize,
+    /// Width of Q and K rows.
+    pub head_dim: usize,
+    /// Width of V and O rows.
+    pub v_head_dim: usize,
+}
+
+impl Dims {
+    /// Self-attention dims: `kv_heads == heads`, `kv_len == q_len`, `v_head_dim == head_dim`.
+    pub fn new(batch: usize, heads: usize, seq: usize, head_dim: usize) -> Dims {
+        Dims {
+            batch,
+            heads,
+            kv_heads: heads,
+            q_len: seq,
+            kv_len: seq,
+            head_dim,
+            v_head_dim: head_dim,
+        }
+    }
+
+    /// Reads the dims from the physical shapes of Q, K and V, checking that they agree.
+    pub fn from_shapes(layout: Layout, q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> Result<Dims> {
+        let (batch, heads, q_len, head_dim) = layout.split(q);
+        let (kb, kv_heads, kv_len, kd) = layout.split(k);
+        let (vb, vh, vs, v_head_dim) = layout.split(v);
+        let check = |what: &str, got: usize, expected: usize| {
+            if got == expected {
+                Ok(())
+            } else {
+                Err(Error::ShapeMismatch {
+                    what: what.to_string(),
+                    got,
+                    expected,
+                })
+            }
+        };
+        check("K batch", kb, batch)?;
+        check("V batch", vb, batch)?;
+        check("K head_dim", kd, head_dim)?;
+        check("V heads", vh, kv_heads)?;
+        check("V seq len", vs, kv_len)?;
+        Ok(Dims {
+            batch,
+            heads,
+            kv_heads,
+            q_len,
+            kv_len,
+            head_dim,
+            v_head_dim,
+        })
+    }
+
+    /// Physical shape of Q in `layout`.
+    pub fn q_shape(&self, layout: Layout) -> [usize; 4] {
+        layout.dims(self.batch, self.heads, self.q_len, self.head_dim)
+    }
+    /// Physical shape of K in `layout`.
+    pub fn k_shape(&self, layout: Layout) -> [usize; 4] {
+        layout.dims(self.batch, self.kv_heads, self.kv_len, self.head_dim)
+    }
+    /// Physical shape of V in `layout`.
+    pub fn v_shape(&self, layout: Layout) -> [usize; 4] {
+        layout.dims(self.batch, self.kv_heads, self.kv_len, self.v_head_dim)
+    }
+    /// Physical shape of O in `layout`.
+    pub fn o_shape(&self, layout: Layout) -> [usize; 4] {
+        layout.dims(self.batch, self.heads, self.q_len, self.v_head_dim)
+    }
+    /// Elements of Q.
+    pub fn q_elems(&self) -> usize {
+        self.batch * self.heads * self.q_len * self.head_dim
+    }
+    /// Elements of K.
+    pub fn k_elems(&self) -> usize {
+        self.batch * self.kv_heads * self.kv_len * self.head_dim
+    }
+    /// Elements of V.
+    pub fn v_elems(&self) -> usize {
+        self.batch * self.kv_heads * self.kv_len * self.v_head_dim
+    }
+    /// Elements of O.
+    pub fn o_elems(&self) -> usize {
+        self.batch * self.heads * self.q_len * self.v_head_dim
+    }
+    /// Elements of the log-sum-exp output `[batch, heads, q_len]`.
+    pub fn lse_elems(&self) -> usize {
+        self.batch * self.heads * self.q_len
+    }
+    /// Elements of the weights output `[batch, heads, q_len, kv_len]`.
+    pub fn weights_elems(&self) -> usize {
+        self.batch * self.heads * self.q_len * self.kv_len
+    }
+    /// Query heads per kv head.
+    pub fn group(&self) -> usize {
+        self.heads / self.kv_heads
+    }
+    /// `[batch, heads, q_len, kv_len]`, the shape masks and biases broadcast to.
+    pub fn score_shape(&self) -> [usize; 4] {
+        [self.batch, self.heads, self.q_len, self.kv_len]
+    }
+
+    /// FLOPs by the convention of DESIGN.md: two products of `2 * q_len * kv_len` multiply-adds
+    /// per head (`head_dim` for QK^T, `v_head_dim` for PV), halved for causal self-attention.
+    pub fn flops(&self, causal: bool) -> f64 {
+        let per_row = 2.0 * self.kv_len as f64 * (self.head_dim + self.v_head_dim) as f64;
+        let full = self.batch as f64 * self.heads as f64 * self.q_len as f64 * per_row;
+        if causal && self.q_len == self.kv_len {
+            full / 2.0
+        } else {
+            full
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        for (what, value) in [
+            ("batch", self.batch),
+            ("heads", self.heads),
+            ("kv_heads", self.kv_heads),
+            ("q_len", self.q_len),
+            ("kv_len", self.kv_len),
+            ("head_dim", self.head_dim),
+            ("v_head_dim", self.v_head_dim),
+        ] {
+            if value == 0 {
+                return Err(Error::ZeroSize { what });
+            }
+        }
+        if self.heads % self.kv_heads != 0 {
+            return Err(Error::HeadsNotDivisible {
+                heads: self.heads,
+                kv_heads: self.kv_heads,
+            });
+        }
+        for (what, got) in [("head_dim", self.head_dim), ("v_head_dim", self.v_head_dim)] {
+            if got > MAX_HEAD_DIM {
+                return Err(Error::HeadDimTooLarge {
+                    what,
+                    got,
+                    max: MAX_HEAD_DIM,
+                });
+            }
+        }
+        // Indices are u32 in the kernels; keep every tensor addressable.
+        for (what, elems) in [
+            ("Q", self.q_elems()),
+            ("K", self.k_elems()),
+            ("V", self.v_elems()),
+            ("O", self.o_elems()),
+        ] {
+            if elems as u64 > u32::MAX as u64 {
+                return Err(Error::TooLarge {
+                    what,
+                    requested: elems as u64,
+                    max: u32::MAX as u64,
+                    hint: " elements; indices are 32-bit",
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A boolean mask broadcastable to `[batch, heads, q_len, kv_len]`; `true` means attend
+/// (PyTorch's convention for boolean `attn_mask`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct BoolMask {
+    /// Shape; each dim is 1 (broadcast) or the full size.
+    pub shape: [usize; 4],
+    /// Row-major values.
+    pub data: Vec<bool>,
+}
+
+/// An additive float bias broadcastable to `[batch, heads, q_len, kv_len]`, added to the scores
+/// after scaling and softcap. Values must be finite: remove keys with a [`BoolMask`] instead of
+/// a `-inf` bias.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Bias {
+    /// Shape; each dim is 1 (broadcast) or the full size.
+    pub shape: [usize; 4],
+    /// Row-major values.
+    pub data: Vec<f32>,
+}
+
+/// Element strides of a broadcast `[b, h, i, j]` tensor: 0 where the dim is broadcast.
+pub(crate) fn broadcast_strides(shape: [usize; 4]) -> [usize; 4] {
+    let mut strides = [0; 4];
+    let mut step = 1;
+    for d in (0..4).rev() {
+        strides[d] = if shape[d] == 1 { 0 } else { step };
+        step *= shape[d];
+    }
+    strides
+}
+
+/// The options of one attention call; `Attention::new()` is plain `softmax(QK^T / sqrt(d)) V`.
+///
+/// The builder is backend-neutral: [`Attention::run`](crate::Attention::run) runs it on a
+/// [`Gpu`](crate::Gpu), [`cpu::reference`](crate::cpu::reference) on the CPU.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Attention {
+    pub(crate) layout: Layout,
+    pub(crate) scale: Option<f32>,
+    pub(crate) causal: Option<Causal>,
+    pub(crate) softcap: Option<f32>,
+    pub(crate) mask: Option<BoolMask>,
+    pub(crate) bias: Option<Bias>,
+    pub(crate) kv_lens: Option<Vec<u32>>,
+    pub(crate) q_lens: Option<Vec<u32>>,
+    pub(crate) want_lse: bool,
+    pub(crate) want_weights: bool,
+}
+
+impl Attention {
+    /// Default options: layout `Bhsd`, scale `1/sqrt(head_dim)`, no mask, only O returned.
+    pub fn new() -> Attention {
+        Attention::default()
+    }
+
+    /// Memory layout of Q, K, V and O.
+    pub fn layout(mut self, layout: Layout) -> Self {
+        self.layout = layout;
+        self
+    }
+
+    /// Multiplies `QK^T` by `scale` instead of `1/sqrt(head_dim)`; `scale(1.0)` is Luong's
+    /// unscaled dot-product attention.
+    pub fn scale(mut self, scale: f32) -> Self {
+        self.scale = Some(scale);
+        self
+    }
+
+    /// Causal masking with the given alignment of the diagonal.
+    pub fn causal(mut self, causal: Causal) -> Self {
+        self.causal = Some(causal);
+        self
+    }
+
+    /// Caps scores smoothly: `s = cap * tanh(s / cap)` (Gemma 2, Grok); `cap > 0`.
+    pub fn softcap(mut self, cap: f32) -> Self {
+        self.softcap = Some(cap);
+        self
+    }
+
+    /// A boolean mask (`true` = attend) of shape `shape`, broadcastable to
+    /// `[batch, heads, q_len, kv_len]`.
+    pub fn mask(mut self, shape: [usize; 4], data: Vec<bool>) -> Self {
+        self.mask = Some(BoolMask { shape, data });
+        self
+    }
+
+    /// An additive bias of shape `shape`, broadcastable to `[batch, heads, q_len, kv_len]`.
+    pub fn bias(mut self, shape: [usize; 4], data: Vec<f32>) -> Self {
+        self.bias = Some(Bias { shape, data });
+        self
+    }
+
+    /// Per-sequence key lengths: sequence `b` attends only to keys `j < kv_lens[b]`.
+    /// A length of 0 gives zero output and a log-sum-exp of `-inf` for the whole sequence.
+    pub fn kv_lens(mut self, lens: Vec<u32>) -> Self {
+        self.kv_lens = Some(lens);
+        self
+    }
+
+    /// Per-sequence query lengths: rows `i >= q_lens[b]` of sequence `b` output zeros.
+    pub fn q_lens(mut self, lens: Vec<u32>) -> Self {
+        self.q_lens = Some(lens);
+        self
+    }
+
+    /// Also return the natural log-sum-exp of each row's scores, `[batch, heads, q_len]`.
+    pub fn return_lse(mut self, yes: bool) -> Self {
+        self.want_lse = yes;
+        self
+    }
+
+    /// Also return the attention weights, `[batch, heads, q_len, kv_len]`.
+    pub fn return_weights(mut self, yes: bool) -> Self {
+        self.want_weights = yes;
+        self
+    }
+
+    /// The layout set on these options.
+    pub fn get_layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The causal alignment set on these options, if any.
+    pub fn get_causal(&self) -> Option<Causal> {
+        self.causal
+    }
+
+    /// Checks the options against `dims` and resolves defaults. Every backend calls this first.
+    pub fn validate(&self, dims: Dims) -> Result<Spec<'_>> {
+        dims.validate()?;
+        let scale = self.scale.unwrap_or(1.0 / (dims.head_dim as f32).sqrt());
+        if !scale.is_finite() {
+            return Err(Error::InvalidOption {
+                what: "scale",
+                value: scale.to_string(),
+                why: "must be finite",
+            });
+        }
+        if let Some(cap) = self.softcap
+            && !(cap.is_finite() && cap > 0.0)
+        {
+            return Err(Error::InvalidOption {
+                what: "softcap",
+                value: cap.to_string(),
+                why: "must be finite and > 0",
+            });
+        }
+        let target = dims.score_shape();
+        let check_shape = |what: &'static str, shape: [usize; 4], len: usize| -> Result<()> {
+            if (0..4).any(|d| shape[d] != 1 && shape[d] != target[d]) {
+                return Err(Error::BroadcastShape {
+                    what,
+                    got: shape,
+                    target,
+                });
+            }
+            let expected: usize = shape.iter().product();
+            if len != expected {
+                return Err(Error::DataLength {
+                    what,
+                    dims: shape.to_vec(),
+                    expected,
+                    got: len,
+                });
+            }
+            Ok(())
+        };
+        if let Some(mask) = &self.mask {
+            check_shape("mask", mask.shape, mask.data.len())?;
+        }
+        if let Some(bias) = &self.bias {
+            check_shape("bias", bias.shape, bias.data.len())?;
+            if let Some(bad) = bias.data.iter().position(|x| !x.is_finite()) {
+                return Err(Error::InvalidOption {
+                    what: "bias",
+                    value: format!("{} at index {bad}", bias.data[bad]),
+                    why: "bias values must be finite; remove keys with a boolean mask",
+                });
+            }
+        }
+        let check_lens = |what: &'static str, lens: &[u32], max: usize| -> Result<()> {
+            if lens.len() != dims.batch {
+                return Err(Error::ShapeMismatch {
+                    what: format!("{what} length"),
+                    got: lens.len(),
+                    expected: dims.batch,
+                });
+            }
+            if let Some((index, &value)) = lens.iter().enumerate().find(|(_, l)| **l as usize > max)
+            {
+                return Err(Error::LengthOutOfRange {
+                    what,
+                    index,
+                    value: value as usize,
+                    max,
+                });
+            }
+            Ok(())
+        };
+        if let Some(lens) = &self.kv_lens {
+            check_lens("kv_lens", lens, dims.kv_len)?;
+        }
+        if let Some(lens) = &self.q_lens {
+            check_lens("q_lens", lens, dims.q_len)?;
+        }
+        Ok(Spec {
+            dims,
+            opts: self,
+            scale,
+        })
+    }
+}
+
+/// Options checked against dims, with defaults resolved: what every backend executes.
+#[derive(Debug, Clone, Copy)]
+pub struct Spec<'a> {
+    /// The problem's sizes.
+    pub dims: Dims,
+    /// The options, as given.
+    pub opts: &'a Attention,
+    /// The resolved score scale.
+    pub scale: f32,
+}
+
+impl Spec<'_> {
+    /// The half-open range of keys `lo..hi` that causal alignment and `kv_lens` leave to query
+    /// row `i` of batch entry `b`, before the boolean mask; empty when the row has no key or is
+    /// past `q_lens[b]`.
+    pub fn key_range(&self, b: usize, i: usize) -> (usize, usize) {
+        let d = &self.dims;
+        let o = self.opts;
+        if let Some(q_lens) = &o.q_lens
+            && i >= q_lens[b] as usize
+        {
+            return (0, 0);
+        }
+        let mut hi = d.kv_len;
+        if let Some(kv_lens) = &o.kv_lens {
+            hi = hi.min(kv_lens[b] as usize);
+        }
+        match o.causal {
+            Some(Causal::TopLeft) => hi = hi.min(i + 1),
+            Some(Causal::BottomRight) => {
+                // allowed: j <= i + kv_len - q_len
+                let last = (i + d.kv_len) as isize - d.q_len as isize;
+                hi = hi.min((last + 1).max(0) as usize);
+            }
+            None => {}
+        }
+        (0, hi)
+    }
+}
+
+/// Storage type of a tensor on the device. Accumulation is always f32.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum DType {
+    /// IEEE binary32.
+    #[default]
+    F32,
+}
+
+impl DType {
+    /// Bytes per element.
+    pub fn size(self) -> usize {
+        match self {
+            DType::F32 => 4,
+        }
+    }
+}
