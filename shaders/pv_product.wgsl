@@ -59,25 +59,34 @@ fn main(
 
     var acc: array<vec4<f32>, 4>;
     for (var k0 = 0u; k0 < params.kv_len; k0 += BK) {
-        for (var e = 0u; e < 4u; e++) {
-            let idx = li + e * 256u;
-            // P: 64 rows x 16 keys, consecutive invocations along a row of P.
-            let m = idx / BK;
-            let kk = idx % BK;
-            var pv = 0.0;
-            if r0 + m < params.rows && k0 + kk < params.kv_len {
-                pv = probs[p_base + (r0 + m) * params.kv_len + k0 + kk];
+        // P: 64 rows x 16 keys; each invocation loads four rows of one key, and the 16
+        // invocations sharing those rows read 16 consecutive keys of each.
+        let kk = li % BK;
+        let mq = li / BK;
+        var pv = vec4<f32>();
+        if k0 + kk < params.kv_len {
+            for (var e = 0u; e < 4u; e++) {
+                let m = mq * 4u + e;
+                if r0 + m < params.rows {
+                    pv[e] = probs[p_base + (r0 + m) * params.kv_len + k0 + kk];
+                }
             }
-            p_tile[kk][m / 4u][m % 4u] = pv;
-            // V: 16 keys x 64 columns, consecutive invocations along a row of V.
-            let vk = idx / TILE;
-            let n = idx % TILE;
-            var vv = 0.0;
-            if k0 + vk < params.kv_len && c0 + n < params.v_head_dim {
-                vv = load_v(v_base + (k0 + vk) * params.v_stride_s + c0 + n);
-            }
-            v_tile[vk][n / 4u][n % 4u] = vv;
         }
+        p_tile[kk][mq] = pv;
+        // V: 16 keys x 64 columns; each invocation loads four consecutive columns of one key.
+        let vk = li / 16u;
+        let nq = li % 16u;
+        var vv = vec4<f32>();
+        if k0 + vk < params.kv_len {
+            let row = v_base + (k0 + vk) * params.v_stride_s;
+            for (var e = 0u; e < 4u; e++) {
+                let n = c0 + nq * 4u + e;
+                if n < params.v_head_dim {
+                    vv[e] = load_v(row + n);
+                }
+            }
+        }
+        v_tile[vk][nq] = vv;
         workgroupBarrier();
         for (var kk = 0u; kk < BK; kk++) {
             let a = p_tile[kk][lid.y];

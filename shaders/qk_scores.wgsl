@@ -63,24 +63,27 @@ fn main(
 
     var acc: array<vec4<f32>, 4>;
     for (var k0 = 0u; k0 < params.head_dim; k0 += BK) {
-        // 64 x 16 elements of each operand, 4 per invocation; consecutive invocations read
-        // consecutive elements of a row, so global reads coalesce.
-        for (var e = 0u; e < 4u; e++) {
-            let idx = li + e * 256u;
-            let m = idx / BK;
-            let kk = idx % BK;
-            let d = k0 + kk;
-            var qv = 0.0;
-            if r0 + m < params.rows && d < params.head_dim {
-                qv = load_q(q_base + (params.row_start + r0 + m) * params.q_stride_s + d);
+        // 64 x 16 elements of each operand: each invocation loads four rows of one column
+        // and stores them as one vec4. The 16 invocations that share those rows read 16
+        // consecutive elements of each, so global reads coalesce.
+        let kk = li % BK;
+        let mq = li / BK;
+        let d = k0 + kk;
+        var qv = vec4<f32>();
+        var kv = vec4<f32>();
+        if d < params.head_dim {
+            for (var e = 0u; e < 4u; e++) {
+                let m = mq * 4u + e;
+                if r0 + m < params.rows {
+                    qv[e] = load_q(q_base + (params.row_start + r0 + m) * params.q_stride_s + d);
+                }
+                if c0 + m < params.kv_len {
+                    kv[e] = load_k(k_base + (c0 + m) * params.k_stride_s + d);
+                }
             }
-            q_tile[kk][m / 4u][m % 4u] = qv;
-            var kv = 0.0;
-            if c0 + m < params.kv_len && d < params.head_dim {
-                kv = load_k(k_base + (c0 + m) * params.k_stride_s + d);
-            }
-            k_tile[kk][m / 4u][m % 4u] = kv;
         }
+        q_tile[kk][mq] = qv;
+        k_tile[kk][mq] = kv;
         workgroupBarrier();
         for (var kk = 0u; kk < BK; kk++) {
             let a = q_tile[kk][lid.y];

@@ -159,6 +159,9 @@ pub(crate) struct Kernels {
     cache: RwLock<HashMap<KernelKey, Arc<Compiled>>>,
     /// Bound where a kernel's optional input is absent (bindings cannot be left empty).
     pub(crate) placeholder: wgpu::Buffer,
+    /// Bound where a kernel's optional output is absent: a buffer bound read-write may not also
+    /// be bound read-only in the same dispatch, so inputs and outputs need one each.
+    pub(crate) placeholder_out: wgpu::Buffer,
     /// Workgroup size of the row-reduction kernels, a power of two the device supports.
     pub(crate) row_workgroup: u32,
 }
@@ -184,15 +187,18 @@ impl Kernels {
                 available: limits.max_workgroup_storage as u64,
             });
         }
-        let placeholder = device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("wgpu-attention placeholder"),
-            size: 16,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        });
+        let placeholder = |label| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: 16,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        };
         Ok(Kernels {
             cache: RwLock::new(HashMap::new()),
-            placeholder,
+            placeholder: placeholder("wgpu-attention placeholder input"),
+            placeholder_out: placeholder("wgpu-attention placeholder output"),
             row_workgroup: 256,
         })
     }

@@ -415,7 +415,7 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &ThreePassPlan, io: &Io<'_>)
                 bias_buf.as_ref().unwrap_or(placeholder),
                 mask_buf.as_ref().unwrap_or(placeholder),
                 lens_buf.as_ref().unwrap_or(placeholder),
-                io.lse.map_or(placeholder, |t| t.buffer()),
+                io.lse.map_or(&gpu.kernels.placeholder_out, |t| t.buffer()),
             ],
         );
         let pv_bind = pv.bind(device, &[&pv_params, scores, io.v.buffer(), io.o.buffer()]);

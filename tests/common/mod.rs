@@ -110,3 +110,102 @@ pub fn check(gpu: &Gpu, dims: Dims, opts: &Attention, seed: u64, logit_amp: f32)
     assert_close(&format!("lse of {ctx}"), &lse, &want.lse, 2e-5, 2e-5);
     assert_close(&format!("weights of {ctx}"), &w, &want.weights, 1e-6, 1e-4);
 }
+
+/// One test problem: dims, options, and how hard to push the logits.
+#[derive(Debug, Clone)]
+pub struct Case {
+    pub dims: Dims,
+    pub opts: Attention,
+    pub amp: f32,
+}
+
+pub fn dims(batch: usize, heads: usize, kv_heads: usize, q_len: usize, kv_len: usize, d: usize, dv: usize) -> Dims {
+    Dims { batch, heads, kv_heads, q_len, kv_len, head_dim: d, v_head_dim: dv }
+}
+
+/// The shape of a mask or bias broadcast by `pattern`: bit k set means dim k is kept full.
+pub fn broadcast_shape(dims: Dims, pattern: usize) -> [usize; 4] {
+    let full = dims.score_shape();
+    std::array::from_fn(|k| if pattern & (1 << (3 - k)) != 0 { full[k] } else { 1 })
+}
+
+pub const LENGTHS: [usize; 5] = [1, 7, 33, 100, 257];
+pub const HEAD_DIMS: [usize; 6] = [1, 8, 40, 64, 128, 256];
+
+/// Every (q_len, kv_len) pair of LENGTHS, alternating layout and causal alignment.
+pub fn grid_lengths() -> Vec<Case> {
+    use wgpu_attention::{Causal, Layout};
+    let mut cases = Vec::new();
+    for (n, &l) in LENGTHS.iter().enumerate() {
+        for (m, &s) in LENGTHS.iter().enumerate() {
+            let mut opts = Attention::new().layout(if (n + m) % 2 == 0 { Layout::Bhsd } else { Layout::Bshd });
+            opts = match (n + 2 * m) % 3 {
+                0 => opts,
+                1 => opts.causal(Causal::TopLeft),
+                _ => opts.causal(Causal::BottomRight),
+            };
+            cases.push(Case { dims: dims(1 + (n + m) % 2, 2, 1, l, s, 40, 24), opts, amp: 1.0 });
+        }
+    }
+    cases
+}
+
+/// Every head dim, with v_head_dim equal and different.
+pub fn grid_head_dims() -> Vec<Case> {
+    let mut cases = Vec::new();
+    for (n, &d) in HEAD_DIMS.iter().enumerate() {
+        for dv in [d, HEAD_DIMS[(n + 3) % HEAD_DIMS.len()]] {
+            cases.push(Case { dims: dims(2, 2, 2, 33, 100, d, dv), opts: Attention::new(), amp: 1.0 });
+        }
+    }
+    cases
+}
+
+/// Batch 1 to 3; heads 1 to 8 in groups of 1, 2 and 4 and multi-query; both layouts.
+pub fn grid_heads() -> Vec<Case> {
+    use wgpu_attention::Layout;
+    let heads = [(1, 1), (2, 2), (8, 8), (4, 2), (8, 4), (8, 2), (6, 3), (4, 1), (8, 1), (3, 1)];
+    let mut cases = Vec::new();
+    for (n, &(h, hkv)) in heads.iter().enumerate() {
+        let layout = if n % 2 == 0 { Layout::Bshd } else { Layout::Bhsd };
+        cases.push(Case {
+            dims: dims(1 + n % 3, h, hkv, 7 + 13 * (n % 3), 33 + 17 * (n % 4), 8 * (1 + n % 5), 16),
+            opts: Attention::new().layout(layout),
+            amp: 1.0,
+        });
+    }
+    cases
+}
+
+/// Both causal alignments with q_len below, equal to and above kv_len, in both layouts.
+pub fn grid_causal() -> Vec<Case> {
+    use wgpu_attention::{Causal, Layout};
+    let mut cases = Vec::new();
+    for causal in [Causal::TopLeft, Causal::BottomRight] {
+        for (l, s) in [(7, 100), (33, 33), (100, 7), (257, 33), (1, 257)] {
+            for layout in [Layout::Bhsd, Layout::Bshd] {
+                cases.push(Case {
+                    dims: dims(2, 4, 2, l, s, 40, 40),
+                    opts: Attention::new().causal(causal).layout(layout),
+                    amp: 1.0,
+                });
+            }
+        }
+    }
+    cases
+}
+
+/// Masks and biases broadcast every way (each of the 16 patterns of kept and broadcast dims).
+/// Dims are pairwise different so a wrong broadcast stride cannot pass by accident.
+pub fn grid_broadcast(seed: u64) -> Vec<Case> {
+    let mut r = rng(seed);
+    let d = dims(2, 3, 3, 7, 33, 8, 8);
+    let mut cases = Vec::new();
+    for pattern in 0..16 {
+        let shape = broadcast_shape(d, pattern);
+        let n: usize = shape.iter().product();
+        cases.push(Case { dims: d, opts: Attention::new().mask(shape, random_mask(&mut r, n, 0.7)), amp: 1.0 });
+        cases.push(Case { dims: d, opts: Attention::new().bias(shape, random(&mut r, n, 3.0)), amp: 1.0 });
+    }
+    cases
+}

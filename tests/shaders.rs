@@ -1,0 +1,334 @@
+//! Every kernel, in every storage type, through naga's translators for every backend.
+//!
+//! This is the evidence that the kernels compile for Metal and DX12: naga is the shader
+//! translator wgpu itself uses on those backends (WGSL -> MSL on Metal, WGSL -> HLSL on DX12,
+//! WGSL -> SPIR-V on Vulkan), and its translators run without the hardware, so a kernel that
+//! fails to translate here would fail to build a pipeline there. Each key is compiled exactly as
+//! the crate compiles it: [`KernelKey::source`] (dtype prelude + kernel) with the override
+//! constants of [`KernelKey::constants`] resolved for the compute entry point `main`.
+//!
+//! What this cannot show is that the platform compilers downstream of naga (Metal's compiler,
+//! FXC/DXC) accept the output, nor that the results are right there; the GPU tests do that on
+//! whatever adapter runs them. No GPU is needed here.
+
+use std::borrow::Cow;
+use std::path::PathBuf;
+
+use naga::back::{PipelineConstants, hlsl, msl, pipeline_constants, spv};
+use naga::proc::{BoundsCheckPolicies, BoundsCheckPolicy};
+use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
+use naga::{Module, ShaderStage};
+use wgpu_attention::DType;
+use wgpu_attention::gpu::kernels::{Kernel, KernelKey};
+
+/// Every storage type. Add a new [`DType`] here (and its capabilities in [`capabilities`]).
+const DTYPES: &[DType] = &[DType::F32];
+
+/// Workgroup size the crate specialises the row kernels with.
+const ROW_WORKGROUP: u32 = 256;
+
+/// The name of every kernel's entry point.
+const ENTRY: &str = "main";
+
+/// The naga capabilities a device needs for kernels of `dtype`: what wgpu enables with the
+/// matching features. F32 needs none, so a kernel that used an optional capability by mistake
+/// fails validation here.
+fn capabilities(dtype: DType) -> Capabilities {
+    match dtype {
+        DType::F32 => Capabilities::empty(),
+        other => panic!("tests/shaders.rs: add the naga capabilities that {other:?} needs"),
+    }
+}
+
+/// Every key the crate can compile.
+fn keys() -> Vec<KernelKey> {
+    let mut keys = Vec::new();
+    for &dtype in DTYPES {
+        for kernel in Kernel::ALL {
+            let workgroup = match kernel {
+                Kernel::MaskedSoftmax => ROW_WORKGROUP,
+                _ => 0,
+            };
+            keys.push(KernelKey {
+                kernel,
+                dtype,
+                workgroup,
+            });
+        }
+    }
+    keys
+}
+
+fn describe(key: &KernelKey) -> String {
+    format!(
+        "kernel {} ({:?}), dtype {:?}, workgroup {}",
+        key.kernel.name(),
+        key.kernel,
+        key.dtype,
+        key.workgroup
+    )
+}
+
+/// One key parsed, validated and specialised: what a backend translator receives.
+struct Specialised {
+    key: KernelKey,
+    module: Module,
+    info: ModuleInfo,
+}
+
+/// Parses, validates and resolves the overrides of `key`, panicking with the kernel, the dtype,
+/// the stage that failed and naga's error.
+fn specialise(key: KernelKey) -> Specialised {
+    let what = describe(&key);
+    let source = key.source();
+    let module = naga::front::wgsl::parse_str(&source)
+        .unwrap_or_else(|e| panic!("{what}: WGSL parse failed:\n{}", e.emit_to_string(&source)));
+    let info = Validator::new(ValidationFlags::all(), capabilities(key.dtype))
+        .validate(&module)
+        .unwrap_or_else(|e| {
+            panic!(
+                "{what}: naga validation failed:\n{}",
+                e.emit_to_string(&source)
+            )
+        });
+    let entry = module
+        .entry_points
+        .iter()
+        .find(|ep| ep.name == ENTRY)
+        .unwrap_or_else(|| panic!("{what}: no entry point named {ENTRY:?}"));
+    assert_eq!(
+        entry.stage,
+        ShaderStage::Compute,
+        "{what}: entry point {ENTRY:?} is not a compute shader"
+    );
+    let constants: PipelineConstants = key
+        .constants()
+        .into_iter()
+        .map(|(name, value)| (name.to_string(), value))
+        .collect();
+    let (module, info) = pipeline_constants::process_overrides(
+        &module,
+        &info,
+        Some((ShaderStage::Compute, ENTRY)),
+        &constants,
+    )
+    .unwrap_or_else(|e| panic!("{what}: resolving override constants {constants:?} failed: {e}"));
+    // process_overrides keeps the (now unused) override declarations; what matters is that no
+    // expression and no workgroup size still refers to one.
+    let ep = module
+        .entry_points
+        .iter()
+        .find(|ep| ep.name == ENTRY)
+        .unwrap_or_else(|| panic!("{what}: process_overrides dropped the entry point"));
+    assert!(
+        ep.workgroup_size_overrides.is_none(),
+        "{what}: workgroup size still refers to an override after process_overrides"
+    );
+    let unresolved = module
+        .global_expressions
+        .iter()
+        .chain(
+            module
+                .functions
+                .iter()
+                .flat_map(|(_, f)| f.expressions.iter()),
+        )
+        .chain(ep.function.expressions.iter())
+        .any(|(_, e)| matches!(e, naga::Expression::Override(_)));
+    assert!(
+        !unresolved,
+        "{what}: an override expression is left after process_overrides"
+    );
+    if key.workgroup != 0 {
+        let size: u32 = ep.workgroup_size.iter().product();
+        assert_eq!(
+            size, key.workgroup,
+            "{what}: workgroup size {:?} after specialisation, expected {} invocations",
+            ep.workgroup_size, key.workgroup
+        );
+    }
+    Specialised {
+        key,
+        module: Cow::into_owned(module),
+        info: Cow::into_owned(info),
+    }
+}
+
+fn specialised() -> Vec<Specialised> {
+    keys().into_iter().map(specialise).collect()
+}
+
+/// Bounds checks as wgpu asks for them on a shader module with runtime checks (the default).
+fn bounds_checks() -> BoundsCheckPolicies {
+    BoundsCheckPolicies {
+        index: BoundsCheckPolicy::Restrict,
+        buffer: BoundsCheckPolicy::Restrict,
+        image_load: BoundsCheckPolicy::Restrict,
+        binding_array: BoundsCheckPolicy::Unchecked,
+    }
+}
+
+#[test]
+fn every_kernel_parses_validates_and_specialises() {
+    let all = specialised();
+    assert_eq!(all.len(), Kernel::ALL.len() * DTYPES.len());
+}
+
+/// The override really reaches the kernel: a size other than the WGSL default (256) changes
+/// the specialised workgroup size (checked in `specialise`) and still translates.
+#[test]
+fn row_workgroup_override_is_applied() {
+    for &dtype in DTYPES {
+        for workgroup in [64, 128] {
+            let s = specialise(KernelKey {
+                kernel: Kernel::MaskedSoftmax,
+                dtype,
+                workgroup,
+            });
+            let pipeline = spv::PipelineOptions {
+                shader_stage: ShaderStage::Compute,
+                entry_point: ENTRY.to_string(),
+            };
+            spv::write_vec(
+                &s.module,
+                &s.info,
+                &spv::Options::default(),
+                Some(&pipeline),
+            )
+            .unwrap_or_else(|e| panic!("{}: SPIR-V backend failed: {e}", describe(&s.key)));
+        }
+    }
+}
+
+#[test]
+fn every_kernel_translates_to_spirv() {
+    for s in specialised() {
+        let what = describe(&s.key);
+        for lang_version in [(1, 0), (1, 3)] {
+            let options = spv::Options {
+                lang_version,
+                bounds_check_policies: bounds_checks(),
+                zero_initialize_workgroup_memory: spv::ZeroInitializeWorkgroupMemoryMode::None,
+                ..spv::Options::default()
+            };
+            let pipeline = spv::PipelineOptions {
+                shader_stage: ShaderStage::Compute,
+                entry_point: ENTRY.to_string(),
+            };
+            let words = spv::write_vec(&s.module, &s.info, &options, Some(&pipeline))
+                .unwrap_or_else(|e| {
+                    panic!("{what}: SPIR-V {lang_version:?} (Vulkan) backend failed: {e} ({e:?})")
+                });
+            assert!(
+                words.len() > 5,
+                "{what}: SPIR-V {lang_version:?} backend wrote no code"
+            );
+            assert_eq!(
+                words[0], 0x0723_0203,
+                "{what}: SPIR-V output lacks the magic number"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_kernel_translates_to_msl() {
+    for s in specialised() {
+        let what = describe(&s.key);
+        // 2.0 is the oldest Metal Shading Language wgpu's Metal backend targets in practice;
+        // 3.0 is Apple silicon today.
+        for lang_version in [(2, 0), (3, 0)] {
+            let options = msl::Options {
+                lang_version,
+                bounds_check_policies: bounds_checks(),
+                zero_initialize_workgroup_memory: false,
+                ..msl::Options::default()
+            };
+            let pipeline = msl::PipelineOptions {
+                entry_point: Some((ShaderStage::Compute, ENTRY.to_string())),
+                ..msl::PipelineOptions::default()
+            };
+            let (text, _) = msl::write_string(&s.module, &s.info, &options, &pipeline)
+                .unwrap_or_else(|e| {
+                    panic!("{what}: MSL {lang_version:?} (Metal) backend failed: {e} ({e:?})")
+                });
+            assert!(
+                text.contains("kernel"),
+                "{what}: MSL {lang_version:?} backend wrote no kernel function:\n{text}"
+            );
+        }
+    }
+}
+
+#[test]
+fn every_kernel_translates_to_hlsl() {
+    for s in specialised() {
+        let what = describe(&s.key);
+        // 5.1 is what FXC compiles; 6.0 the floor of DXC.
+        for shader_model in [hlsl::ShaderModel::V5_1, hlsl::ShaderModel::V6_0] {
+            let options = hlsl::Options {
+                shader_model,
+                zero_initialize_workgroup_memory: false,
+                ..hlsl::Options::default()
+            };
+            let pipeline = hlsl::PipelineOptions {
+                entry_point: Some((ShaderStage::Compute, ENTRY.to_string())),
+            };
+            let mut text = String::new();
+            hlsl::Writer::new(&mut text, &options, &pipeline)
+                .write(&s.module, &s.info, None)
+                .unwrap_or_else(|e| {
+                    panic!("{what}: HLSL {shader_model:?} (DX12) backend failed: {e} ({e:?})")
+                });
+            assert!(
+                text.contains("[numthreads("),
+                "{what}: HLSL {shader_model:?} backend wrote no compute entry point:\n{text}"
+            );
+        }
+    }
+}
+
+fn shader_files() -> Vec<(PathBuf, String)> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("shaders");
+    let mut files: Vec<(PathBuf, String)> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+        .map(|entry| entry.expect("directory entry").path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "wgsl"))
+        .map(|path| {
+            let text = std::fs::read_to_string(&path)
+                .unwrap_or_else(|e| panic!("reading {}: {e}", path.display()));
+            (path, text)
+        })
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "no .wgsl files under {}", dir.display());
+    files
+}
+
+/// A shader file no kernel compiles would never be tested on any backend.
+#[test]
+fn every_shader_file_is_used_by_a_kernel() {
+    let sources: Vec<String> = keys().iter().map(KernelKey::source).collect();
+    for (path, text) in shader_files() {
+        assert!(
+            sources.iter().any(|src| src.contains(text.as_str())),
+            "{} is not compiled by any kernel: register it in src/gpu/kernels.rs",
+            path.display()
+        );
+    }
+}
+
+/// And the other way round: every kernel compiles one of the files (no inline WGSL that
+/// escaped the `shaders/` directory).
+#[test]
+fn every_kernel_compiles_a_shader_file() {
+    let files = shader_files();
+    for key in keys() {
+        let source = key.source();
+        assert!(
+            files.iter().any(|(_, text)| source.contains(text.as_str())),
+            "{}: its source contains none of the files under shaders/",
+            describe(&key)
+        );
+    }
+}
