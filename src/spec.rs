@@ -89,7 +89,12 @@ impl Dims {
     }
 
     /// Reads the dims from the physical shapes of Q, K and V, checking that they agree.
-    pub fn from_shapes(layout: Layout, q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> Result<Dims> {
+    pub fn from_shapes(
+        layout: Layout,
+        q: [usize; 4],
+        k: [usize; 4],
+        v: [usize; 4],
+    ) -> Result<Dims> {
         let (batch, heads, q_len, head_dim) = layout.split(q);
         let (kb, kv_heads, kv_len, kd) = layout.split(k);
         let (vb, vh, vs, v_head_dim) = layout.split(v);
@@ -195,7 +200,7 @@ impl Dims {
                 return Err(Error::ZeroSize { what });
             }
         }
-        if self.heads % self.kv_heads != 0 {
+        if !self.heads.is_multiple_of(self.kv_heads) {
             return Err(Error::HeadsNotDivisible {
                 heads: self.heads,
                 kv_heads: self.kv_heads,
@@ -210,17 +215,25 @@ impl Dims {
                 });
             }
         }
-        // Indices are u32 in the kernels; keep every tensor addressable.
+        // Indices are u32 in the kernels; keep every tensor addressable. Counted with checked
+        // arithmetic: the `*_elems` helpers are only safe to call once this has passed.
+        let count = |dims: [usize; 4]| {
+            dims.iter()
+                .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+                .unwrap_or(u64::MAX)
+        };
+        let (b, h, hkv) = (self.batch, self.heads, self.kv_heads);
+        let (l, s) = (self.q_len, self.kv_len);
         for (what, elems) in [
-            ("Q", self.q_elems()),
-            ("K", self.k_elems()),
-            ("V", self.v_elems()),
-            ("O", self.o_elems()),
+            ("Q", count([b, h, l, self.head_dim])),
+            ("K", count([b, hkv, s, self.head_dim])),
+            ("V", count([b, hkv, s, self.v_head_dim])),
+            ("O", count([b, h, l, self.v_head_dim])),
         ] {
-            if elems as u64 > u32::MAX as u64 {
+            if elems > u32::MAX as u64 {
                 return Err(Error::TooLarge {
                     what,
-                    requested: elems as u64,
+                    requested: elems,
                     max: u32::MAX as u64,
                     hint: " elements; indices are 32-bit",
                 });

@@ -5,9 +5,9 @@ mod common;
 
 use common::{Case, check, dims, gpu, random, random_mask, rng};
 use proptest::prelude::*;
-use rand::Rng;
 use proptest::test_runner::{Config, RngSeed, TestRunner};
-use wgpu_attention::{Attention, Causal, Dims, LimitCaps, Layout, Output, Plan, cpu};
+use rand::Rng;
+use wgpu_attention::{Attention, Causal, Dims, Layout, LimitCaps, Output, Plan, cpu};
 
 fn run_cases(cases: &[Case], seed: u64) {
     let Some(gpu) = gpu() else { return };
@@ -59,7 +59,13 @@ fn mask_bias_causal_softcap_together() {
 fn kv_lens_including_zero_and_q_lens() {
     let Some(gpu) = gpu() else { return };
     let d = dims(3, 2, 1, 33, 100, 40, 40);
-    check(gpu, d, &Attention::new().kv_lens(vec![0, 57, 100]), 700, 1.0);
+    check(
+        gpu,
+        d,
+        &Attention::new().kv_lens(vec![0, 57, 100]),
+        700,
+        1.0,
+    );
     check(gpu, d, &Attention::new().q_lens(vec![33, 0, 17]), 701, 1.0);
     check(
         gpu,
@@ -72,23 +78,53 @@ fn kv_lens_including_zero_and_q_lens() {
         1.0,
     );
     let d = dims(2, 2, 2, 100, 7, 8, 8);
-    check(gpu, d, &Attention::new().kv_lens(vec![3, 0]).causal(Causal::TopLeft), 703, 1.0);
+    check(
+        gpu,
+        d,
+        &Attention::new().kv_lens(vec![3, 0]).causal(Causal::TopLeft),
+        703,
+        1.0,
+    );
 }
 
 #[test]
 fn softcap() {
     let Some(gpu) = gpu() else { return };
     for (n, cap) in [1.0f32, 5.0, 50.0].into_iter().enumerate() {
-        check(gpu, dims(1, 2, 2, 33, 257, 64, 64), &Attention::new().softcap(cap), 800 + n as u64, 30.0);
+        check(
+            gpu,
+            dims(1, 2, 2, 33, 257, 64, 64),
+            &Attention::new().softcap(cap),
+            800 + n as u64,
+            30.0,
+        );
     }
 }
 
 #[test]
 fn logits_scaled_30x() {
     let Some(gpu) = gpu() else { return };
-    check(gpu, dims(2, 4, 4, 100, 257, 128, 64), &Attention::new(), 900, 30.0);
-    check(gpu, dims(1, 8, 2, 257, 100, 256, 32), &Attention::new().causal(Causal::TopLeft), 901, 30.0);
-    check(gpu, dims(1, 2, 2, 7, 33, 40, 40), &Attention::new().scale(1.0), 902, 30.0);
+    check(
+        gpu,
+        dims(2, 4, 4, 100, 257, 128, 64),
+        &Attention::new(),
+        900,
+        30.0,
+    );
+    check(
+        gpu,
+        dims(1, 8, 2, 257, 100, 256, 32),
+        &Attention::new().causal(Causal::TopLeft),
+        901,
+        30.0,
+    );
+    check(
+        gpu,
+        dims(1, 2, 2, 7, 33, 40, 40),
+        &Attention::new().scale(1.0),
+        902,
+        30.0,
+    );
 }
 
 #[test]
@@ -101,9 +137,21 @@ fn fully_masked_rows_give_zeros_and_minus_inf() {
     for i in [0, 3, 6] {
         mask[i * 33..(i + 1) * 33].fill(false);
     }
-    check(gpu, d, &Attention::new().mask([1, 1, 7, 33], mask.clone()), 1000, 1.0);
+    check(
+        gpu,
+        d,
+        &Attention::new().mask([1, 1, 7, 33], mask.clone()),
+        1000,
+        1.0,
+    );
     // Bottom-right causal with q_len > kv_len leaves the first q_len - kv_len rows empty.
-    check(gpu, dims(1, 2, 2, 100, 33, 8, 8), &Attention::new().causal(Causal::BottomRight), 1001, 1.0);
+    check(
+        gpu,
+        dims(1, 2, 2, 100, 33, 8, 8),
+        &Attention::new().causal(Causal::BottomRight),
+        1001,
+        1.0,
+    );
     // And the reference agrees on what that means.
     let q = random(&mut r, 2 * 7 * 8, 1.0);
     let k = random(&mut r, 2 * 33 * 8, 1.0);
@@ -118,12 +166,27 @@ fn optional_outputs() {
     let Some(gpu) = gpu() else { return };
     let d = dims(2, 2, 1, 33, 100, 40, 24);
     let mut r = rng(11);
-    let (q, k, v) = (random(&mut r, d.q_elems(), 1.0), random(&mut r, d.k_elems(), 1.0), random(&mut r, d.v_elems(), 1.0));
-    let (tq, tk, tv) = (gpu.upload(&q, d.q_shape(Layout::Bhsd)).unwrap(), gpu.upload(&k, d.k_shape(Layout::Bhsd)).unwrap(), gpu.upload(&v, d.v_shape(Layout::Bhsd)).unwrap());
-    let opts = Attention::new().causal(Causal::TopLeft).kv_lens(vec![50, 100]);
+    let (q, k, v) = (
+        random(&mut r, d.q_elems(), 1.0),
+        random(&mut r, d.k_elems(), 1.0),
+        random(&mut r, d.v_elems(), 1.0),
+    );
+    let (tq, tk, tv) = (
+        gpu.upload(&q, d.q_shape(Layout::Bhsd)).unwrap(),
+        gpu.upload(&k, d.k_shape(Layout::Bhsd)).unwrap(),
+        gpu.upload(&v, d.v_shape(Layout::Bhsd)).unwrap(),
+    );
+    let opts = Attention::new()
+        .causal(Causal::TopLeft)
+        .kv_lens(vec![50, 100]);
     let want = cpu::reference(&q, &k, &v, d, &opts).unwrap();
     for (lse, weights) in [(false, false), (true, false), (false, true), (true, true)] {
-        let out = opts.clone().return_lse(lse).return_weights(weights).run(gpu, &tq, &tk, &tv).unwrap();
+        let out = opts
+            .clone()
+            .return_lse(lse)
+            .return_weights(weights)
+            .run(gpu, &tq, &tk, &tv)
+            .unwrap();
         assert_eq!(out.lse.is_some(), lse);
         assert_eq!(out.weights.is_some(), weights);
         let o = out.o.download(gpu).unwrap();
@@ -132,13 +195,21 @@ fn optional_outputs() {
             common::assert_close("lse", &t.download(gpu).unwrap(), &want.lse, 2e-5, 2e-5);
         }
         if let Some(t) = out.weights {
-            common::assert_close("weights", &t.download(gpu).unwrap(), &want.weights, 1e-6, 1e-4);
+            common::assert_close(
+                "weights",
+                &t.download(gpu).unwrap(),
+                &want.weights,
+                1e-6,
+                1e-4,
+            );
         }
     }
 }
 
 fn chunks(gpu: &wgpu_attention::Gpu, d: Dims, opts: &Attention) -> usize {
-    let Plan::ThreePass(plan) = opts.plan(gpu, d).unwrap() else { unreachable!() };
+    let Plan::ThreePass(plan) = opts.plan(gpu, d).unwrap() else {
+        unreachable!()
+    };
     plan.chunks.len()
 }
 
@@ -148,17 +219,27 @@ fn chunked_under_a_small_storage_binding() {
     let Some(gpu) = gpu() else { return };
     let d = dims(2, 3, 1, 100, 257, 40, 24);
     // One (batch, head) of scores is 100 * 257 * 4 = 102800 bytes.
-    let two_heads = gpu.with_caps(LimitCaps { max_storage_binding: Some(2 * 102_800 + 100), ..Default::default() });
-    let opts = Attention::new().causal(Causal::BottomRight).layout(Layout::Bshd);
+    let two_heads = gpu.with_caps(LimitCaps {
+        max_storage_binding: Some(2 * 102_800 + 100),
+        ..Default::default()
+    });
+    let opts = Attention::new()
+        .causal(Causal::BottomRight)
+        .layout(Layout::Bshd);
     assert_eq!(chunks(&two_heads, d, &opts), 3);
     check(&two_heads, d, &opts, 1100, 1.0);
     // Less than one (batch, head): chunks of 9 query rows each (9 * 257 * 4 = 9252 bytes);
     // the inputs, mask included, must still fit one binding, so keep them small.
     let d = dims(2, 2, 1, 100, 257, 2, 3);
-    let rows9 = gpu.with_caps(LimitCaps { max_storage_binding: Some(9300), ..Default::default() });
+    let rows9 = gpu.with_caps(LimitCaps {
+        max_storage_binding: Some(9300),
+        ..Default::default()
+    });
     assert_eq!(chunks(&rows9, d, &Attention::new()), 4 * 12);
     let mut r = rng(12);
-    let opts = Attention::new().mask([2, 1, 1, 257], random_mask(&mut r, 2 * 257, 0.6)).causal(Causal::TopLeft);
+    let opts = Attention::new()
+        .mask([2, 1, 1, 257], random_mask(&mut r, 2 * 257, 0.6))
+        .causal(Causal::TopLeft);
     check(&rows9, d, &opts, 1101, 30.0);
 }
 
@@ -168,17 +249,38 @@ fn spilled_and_chunked_under_a_small_workgroup_limit() {
     let Some(gpu) = gpu() else { return };
     let d = dims(2, 4, 2, 100, 130, 40, 72);
     // 8 (batch, head) x 100 rows = 800 softmax workgroups: 10^3 allows one chunk, spilled to z.
-    let spill = gpu.with_caps(LimitCaps { max_workgroups_per_dim: Some(10), ..Default::default() });
+    let spill = gpu.with_caps(LimitCaps {
+        max_workgroups_per_dim: Some(10),
+        ..Default::default()
+    });
     assert_eq!(chunks(&spill, d, &Attention::new()), 1);
-    check(&spill, d, &Attention::new().causal(Causal::TopLeft), 1200, 1.0);
+    check(
+        &spill,
+        d,
+        &Attention::new().causal(Causal::TopLeft),
+        1200,
+        1.0,
+    );
     // 5^3 = 125 workgroups: chunks of one (batch, head) and up to 125 rows... 100 rows fit.
-    let tiny = gpu.with_caps(LimitCaps { max_workgroups_per_dim: Some(5), ..Default::default() });
+    let tiny = gpu.with_caps(LimitCaps {
+        max_workgroups_per_dim: Some(5),
+        ..Default::default()
+    });
     assert_eq!(chunks(&tiny, d, &Attention::new()), 8);
     check(&tiny, d, &Attention::new(), 1201, 1.0);
     // 4^3 = 64 workgroups: fewer than 100 rows per chunk.
-    let tinier = gpu.with_caps(LimitCaps { max_workgroups_per_dim: Some(4), ..Default::default() });
+    let tinier = gpu.with_caps(LimitCaps {
+        max_workgroups_per_dim: Some(4),
+        ..Default::default()
+    });
     assert_eq!(chunks(&tinier, d, &Attention::new()), 16);
-    check(&tinier, d, &Attention::new().return_weights(true), 1202, 1.0);
+    check(
+        &tinier,
+        d,
+        &Attention::new().return_weights(true),
+        1202,
+        1.0,
+    );
 }
 
 /// Weights larger than one binding are still returned, copied chunk by chunk.
@@ -186,16 +288,28 @@ fn spilled_and_chunked_under_a_small_workgroup_limit() {
 fn weights_bigger_than_a_binding() {
     let Some(gpu) = gpu() else { return };
     let d = dims(1, 4, 4, 33, 100, 8, 8);
-    let capped = gpu.with_caps(LimitCaps { max_storage_binding: Some(33 * 100 * 4), ..Default::default() });
+    let capped = gpu.with_caps(LimitCaps {
+        max_storage_binding: Some(33 * 100 * 4),
+        ..Default::default()
+    });
     assert_eq!(chunks(&capped, d, &Attention::new()), 4);
-    check(&capped, d, &Attention::new().causal(Causal::TopLeft), 1300, 1.0);
+    check(
+        &capped,
+        d,
+        &Attention::new().causal(Causal::TopLeft),
+        1300,
+        1.0,
+    );
 }
 
 /// Random configurations: every option, sizes that are not multiples of the tiles.
 #[test]
 fn proptest_random_configurations() {
     let Some(gpu) = gpu() else { return };
-    let cases: u32 = std::env::var("PROPTEST_CASES").ok().and_then(|s| s.parse().ok()).unwrap_or(200);
+    let cases: u32 = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(200);
     let mut runner = TestRunner::new(Config {
         cases,
         rng_seed: RngSeed::Fixed(0x5eed_a77e),
@@ -205,40 +319,69 @@ fn proptest_random_configurations() {
     let groups = prop_oneof![Just(1usize), Just(2), Just(4)];
     let strategy = (
         (1usize..=3, 1usize..=4, groups, 1usize..=80, 1usize..=120),
-        (1usize..=96, 1usize..=96, any::<bool>(), 0usize..3, 0usize..16),
-        (0usize..16, any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>(), any::<u64>()),
+        (
+            1usize..=96,
+            1usize..=96,
+            any::<bool>(),
+            0usize..3,
+            0usize..16,
+        ),
+        (
+            0usize..16,
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            any::<bool>(),
+            any::<u64>(),
+        ),
     );
     runner
-        .run(&strategy, |((b, hkv, g, l, s), (dd, dv, bshd, causal, mask_pat), (bias_pat, softcap, kv_lens, q_lens, big, seed))| {
-            let d = Dims { batch: b, heads: hkv * g, kv_heads: hkv, q_len: l, kv_len: s, head_dim: dd, v_head_dim: dv };
-            let mut r = rng(seed);
-            let mut opts = Attention::new().layout(if bshd { Layout::Bshd } else { Layout::Bhsd });
-            opts = match causal {
-                1 => opts.causal(Causal::TopLeft),
-                2 => opts.causal(Causal::BottomRight),
-                _ => opts,
-            };
-            // Pattern 0 (all broadcast) stands for "no mask" / "no bias".
-            if mask_pat != 0 {
-                let shape = common::broadcast_shape(d, mask_pat);
-                opts = opts.mask(shape, random_mask(&mut r, shape.iter().product(), 0.75));
-            }
-            if bias_pat != 0 {
-                let shape = common::broadcast_shape(d, bias_pat);
-                opts = opts.bias(shape, random(&mut r, shape.iter().product(), 2.0));
-            }
-            if softcap {
-                opts = opts.softcap(10.0);
-            }
-            if kv_lens {
-                opts = opts.kv_lens((0..b).map(|_| r.random_range(0..=s as u32)).collect());
-            }
-            if q_lens {
-                opts = opts.q_lens((0..b).map(|_| r.random_range(0..=l as u32)).collect());
-            }
-            check(gpu, d, &opts, seed, if big { 30.0 } else { 1.0 });
-            Ok(())
-        })
+        .run(
+            &strategy,
+            |(
+                (b, hkv, g, l, s),
+                (dd, dv, bshd, causal, mask_pat),
+                (bias_pat, softcap, kv_lens, q_lens, big, seed),
+            )| {
+                let d = Dims {
+                    batch: b,
+                    heads: hkv * g,
+                    kv_heads: hkv,
+                    q_len: l,
+                    kv_len: s,
+                    head_dim: dd,
+                    v_head_dim: dv,
+                };
+                let mut r = rng(seed);
+                let mut opts =
+                    Attention::new().layout(if bshd { Layout::Bshd } else { Layout::Bhsd });
+                opts = match causal {
+                    1 => opts.causal(Causal::TopLeft),
+                    2 => opts.causal(Causal::BottomRight),
+                    _ => opts,
+                };
+                // Pattern 0 (all broadcast) stands for "no mask" / "no bias".
+                if mask_pat != 0 {
+                    let shape = common::broadcast_shape(d, mask_pat);
+                    opts = opts.mask(shape, random_mask(&mut r, shape.iter().product(), 0.75));
+                }
+                if bias_pat != 0 {
+                    let shape = common::broadcast_shape(d, bias_pat);
+                    opts = opts.bias(shape, random(&mut r, shape.iter().product(), 2.0));
+                }
+                if softcap {
+                    opts = opts.softcap(10.0);
+                }
+                if kv_lens {
+                    opts = opts.kv_lens((0..b).map(|_| r.random_range(0..=s as u32)).collect());
+                }
+                if q_lens {
+                    opts = opts.q_lens((0..b).map(|_| r.random_range(0..=l as u32)).collect());
+                }
+                check(gpu, d, &opts, seed, if big { 30.0 } else { 1.0 });
+                Ok(())
+            },
+        )
         .unwrap();
 }
 
@@ -257,9 +400,24 @@ fn tensors_wrap_application_buffers() {
             usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
         },
     );
-    let t = wgpu_attention::Tensor::from_buffer(buffer, d.q_shape(Layout::Bhsd), wgpu_attention::DType::F32).unwrap();
-    let out = Output { o: common::poisoned(gpu, d.o_shape(Layout::Bhsd)), lse: None, weights: None };
+    let t = wgpu_attention::Tensor::from_buffer(
+        buffer,
+        d.q_shape(Layout::Bhsd),
+        wgpu_attention::DType::F32,
+    )
+    .unwrap();
+    let out = Output {
+        o: common::poisoned(gpu, d.o_shape(Layout::Bhsd)),
+        lse: None,
+        weights: None,
+    };
     Attention::new().run_into(gpu, &t, &t, &t, &out).unwrap();
     let want = cpu::reference(&x, &x, &x, d, &Attention::new()).unwrap();
-    common::assert_close("O", &out.o.download(gpu).unwrap(), &want.o, common::O_ATOL, common::O_RTOL);
+    common::assert_close(
+        "O",
+        &out.o.download(gpu).unwrap(),
+        &want.o,
+        common::O_ATOL,
+        common::O_RTOL,
+    );
 }

@@ -190,7 +190,10 @@ fn run(args: &Args) -> Result<(), wgpu_attention::Error> {
     } else {
         format!("b=0, heads 0..{}", d.group())
     };
-    println!("{:<22} {:>12} {:>10} {:>12}  error checked on", "path", "median ms", "GFLOP/s", "max |err|");
+    println!(
+        "{:<22} {:>12} {:>10} {:>12}  error checked on",
+        "path", "median ms", "GFLOP/s", "max |err|"
+    );
     let ref_flops = check_dims.flops(args.causal);
     println!(
         "{:<22} {:>12.3} {:>10.3} {:>12}  (oracle, 1 run on {scope})",
@@ -206,6 +209,10 @@ fn run(args: &Args) -> Result<(), wgpu_attention::Error> {
         flops / (gpu_ms / 1e3) / 1e9,
         max_err
     );
-    println!("plan: {}; GPU time is wall clock from submit to completion, median of {} runs", plan.reason(), args.reps);
+    println!(
+        "plan: {}; GPU time is wall clock from submit to completion, median of {} runs",
+        plan.reason(),
+        args.reps
+    );
     Ok(())
 }

@@ -43,7 +43,13 @@ fn check_len(what: &'static str, data: &[f32], dims: [usize; 4]) -> Result<()> {
 /// assert!((r.o[0] - x[0]).abs() < 1e-6);
 /// # Ok::<(), wgpu_attention::Error>(())
 /// ```
-pub fn reference(q: &[f32], k: &[f32], v: &[f32], dims: Dims, opts: &Attention) -> Result<Reference> {
+pub fn reference(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dims: Dims,
+    opts: &Attention,
+) -> Result<Reference> {
     let spec = opts.validate(dims)?;
     let layout = opts.layout;
     check_len("Q", q, dims.q_shape(layout))?;
@@ -90,9 +96,8 @@ pub fn reference(q: &[f32], k: &[f32], v: &[f32], dims: Dims, opts: &Attention) 
                 let q_row = &q[b * qs[0] + h * qs[1] + i * qs[2]..][..head_dim];
                 let mut max = f64::NEG_INFINITY;
                 for j in 0..kv_len {
-                    allowed[j] = j >= lo
-                        && j < hi
-                        && mask.is_none_or(|(s, data)| data[at(s, b, h, i, j)]);
+                    allowed[j] =
+                        j >= lo && j < hi && mask.is_none_or(|(s, data)| data[at(s, b, h, i, j)]);
                     if !allowed[j] {
                         continue;
                     }

@@ -30,7 +30,7 @@ pub struct GpuLimits {
 impl GpuLimits {
     fn from_wgpu(l: &wgpu::Limits) -> GpuLimits {
         GpuLimits {
-            max_storage_binding: l.max_storage_buffer_binding_size as u64,
+            max_storage_binding: l.max_storage_buffer_binding_size,
             max_buffer_size: l.max_buffer_size,
             max_workgroups_per_dim: l.max_compute_workgroups_per_dimension,
             max_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
@@ -87,10 +87,13 @@ impl Gpu {
 
     /// [`Gpu::new`] as a future, for applications that already run an executor.
     pub async fn new_async() -> Result<Gpu> {
-        let instance = wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+        let instance =
+            wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
         let backends = wgpu::Backends::from_env().unwrap_or(wgpu::Backends::all());
         let mut adapters = instance.enumerate_adapters(backends).await;
-        let wanted = std::env::var("WGPU_ADAPTER_NAME").ok().map(|s| s.to_lowercase());
+        let wanted = std::env::var("WGPU_ADAPTER_NAME")
+            .ok()
+            .map(|s| s.to_lowercase());
         if let Some(name) = &wanted {
             let names: Vec<String> = adapters.iter().map(|a| a.get_info().name).collect();
             adapters.retain(|a| a.get_info().name.to_lowercase().contains(name.as_str()));
@@ -102,9 +105,12 @@ impl Gpu {
         }
         // Stable sort: among equals, keep the order wgpu enumerated them in.
         adapters.sort_by_key(|a| std::cmp::Reverse(device_rank(a.get_info().device_type)));
-        let adapter = adapters.into_iter().next().ok_or_else(|| Error::NoAdapter {
-            reason: format!("wgpu found no adapter for backends {backends:?}"),
-        })?;
+        let adapter = adapters
+            .into_iter()
+            .next()
+            .ok_or_else(|| Error::NoAdapter {
+                reason: format!("wgpu found no adapter for backends {backends:?}"),
+            })?;
         let info = adapter.get_info();
         log::info!(
             "wgpu-attention: adapter {:?} ({:?}, {:?}, driver {:?} {:?})",
@@ -117,7 +123,8 @@ impl Gpu {
         // Ask for the adapter's own limits: WebGPU's defaults would halve the workgroup memory
         // and cap storage bindings at 128 MiB on hardware that has far more.
         let limits = adapter.limits();
-        let optional = wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
+        let optional =
+            wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
         let features = adapter.features() & optional;
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
@@ -143,7 +150,11 @@ impl Gpu {
         Gpu::from_parts(device, queue, info)
     }
 
-    fn from_parts(device: wgpu::Device, queue: wgpu::Queue, info: wgpu::AdapterInfo) -> Result<Gpu> {
+    fn from_parts(
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+        info: wgpu::AdapterInfo,
+    ) -> Result<Gpu> {
         let limits = GpuLimits::from_wgpu(&device.limits());
         let features = device.features();
         let kernels = Arc::new(Kernels::new(&device, &limits)?);
@@ -208,6 +219,9 @@ impl Gpu {
 
     /// One-line description of the adapter, e.g. `llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan, Cpu)`.
     pub fn describe(&self) -> String {
-        format!("{} ({:?}, {:?})", self.info.name, self.info.backend, self.info.device_type)
+        format!(
+            "{} ({:?}, {:?})",
+            self.info.name, self.info.backend, self.info.device_type
+        )
     }
 }

@@ -42,9 +42,14 @@ pub enum Kernel {
 enum Slot {
     Uniform,
     /// A buffer the kernel declares itself.
-    Storage { read_only: bool },
+    Storage {
+        read_only: bool,
+    },
     /// A tensor the prelude declares, with accessors named after it.
-    Tensor { name: &'static str, read_only: bool },
+    Tensor {
+        name: &'static str,
+        read_only: bool,
+    },
 }
 
 const fn tensor(name: &'static str, read_only: bool) -> Slot {
@@ -103,7 +108,12 @@ pub struct KernelKey {
 
 impl KernelKey {
     fn label(&self) -> String {
-        format!("{}<{:?}, wg={}>", self.kernel.name(), self.dtype, self.workgroup)
+        format!(
+            "{}<{:?}, wg={}>",
+            self.kernel.name(),
+            self.dtype,
+            self.workgroup
+        )
     }
 
     /// The `override` constants this specialisation sets.
@@ -137,9 +147,15 @@ fn prelude(src: &mut String, name: &str, binding: usize, dtype: DType, read_only
                 "@group(0) @binding({binding}) var<storage, {access}> {name}_buf: array<f32>;"
             );
             if read_only {
-                let _ = writeln!(src, "fn load_{name}(i: u32) -> f32 {{ return {name}_buf[i]; }}");
+                let _ = writeln!(
+                    src,
+                    "fn load_{name}(i: u32) -> f32 {{ return {name}_buf[i]; }}"
+                );
             } else {
-                let _ = writeln!(src, "fn store_{name}(i: u32, x: f32) {{ {name}_buf[i] = x; }}");
+                let _ = writeln!(
+                    src,
+                    "fn store_{name}(i: u32, x: f32) {{ {name}_buf[i] = x; }}"
+                );
             }
         }
     }
@@ -205,7 +221,12 @@ impl Kernels {
 
     /// The pipeline for `key`, compiling it on first use.
     pub(crate) fn get(&self, device: &wgpu::Device, key: KernelKey) -> Result<Arc<Compiled>> {
-        if let Some(hit) = self.cache.read().expect("pipeline cache poisoned").get(&key) {
+        if let Some(hit) = self
+            .cache
+            .read()
+            .expect("pipeline cache poisoned")
+            .get(&key)
+        {
             return Ok(hit.clone());
         }
         let compiled = Arc::new(compile(device, key)?);

@@ -98,12 +98,23 @@ impl Attention {
     /// Runs attention on the GPU into outputs the caller allocated (reused across calls, or
     /// poisoned by a test). The log-sum-exp and weights are written when `out` has them,
     /// whatever [`return_lse`](Attention::return_lse) says.
-    pub fn run_into(&self, gpu: &Gpu, q: &Tensor, k: &Tensor, v: &Tensor, out: &Output) -> Result<()> {
+    pub fn run_into(
+        &self,
+        gpu: &Gpu,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Output,
+    ) -> Result<()> {
         let dims = Dims::from_shapes(self.layout, q.dims(), k.dims(), v.dims())?;
         let spec = self.validate(dims)?;
         expect_dims("O", out.o.dims(), dims.o_shape(self.layout))?;
         if let Some(lse) = &out.lse {
-            expect_dims("log-sum-exp", lse.dims(), [dims.batch, dims.heads, dims.q_len, 1])?;
+            expect_dims(
+                "log-sum-exp",
+                lse.dims(),
+                [dims.batch, dims.heads, dims.q_len, 1],
+            )?;
         }
         if let Some(w) = &out.weights {
             expect_dims("weights", w.dims(), dims.score_shape())?;

@@ -55,11 +55,13 @@ impl Gpu {
                 got: data.len(),
             });
         }
-        let buffer = self.device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("wgpu-attention tensor"),
-            contents: bytemuck::cast_slice(data),
-            usage: USAGE,
-        });
+        let buffer = self
+            .device
+            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("wgpu-attention tensor"),
+                contents: bytemuck::cast_slice(data),
+                usage: USAGE,
+            });
         Ok(Tensor {
             buffer,
             dims,
@@ -99,7 +101,10 @@ impl Tensor {
                 needed: "STORAGE",
             });
         }
-        let needed = dims.iter().map(|&d| d as u64).product::<u64>() * dtype.size() as u64;
+        let needed = dims
+            .iter()
+            .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64))
+            .unwrap_or(u64::MAX);
         if buffer.size() < needed {
             return Err(Error::BufferTooSmall {
                 what: "tensor",
@@ -160,7 +165,8 @@ impl Tensor {
                 needed: "COPY_DST",
             });
         }
-        gpu.queue.write_buffer(&self.buffer, 0, bytemuck::cast_slice(data));
+        gpu.queue
+            .write_buffer(&self.buffer, 0, bytemuck::cast_slice(data));
         Ok(())
     }
 
@@ -181,7 +187,9 @@ impl Tensor {
         });
         let mut encoder = gpu
             .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some("readback") });
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("readback"),
+            });
         encoder.copy_buffer_to_buffer(&self.buffer, 0, &staging, 0, size);
         let index = gpu.queue.submit([encoder.finish()]);
         let (tx, rx) = mpsc::channel();

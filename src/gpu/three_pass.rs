@@ -85,7 +85,8 @@ impl ThreePassPlan {
             ));
         }
         let fits = |bh: u64, rows: u64| {
-            bh * rows * kv_len <= max_elems && chunk_groups(bh, rows, kv_len, d.v_head_dim as u64) <= max_groups
+            bh * rows * kv_len <= max_elems
+                && chunk_groups(bh, rows, kv_len, d.v_head_dim as u64) <= max_groups
         };
         let (bh_per, rows_per) = if fits(1, q_len) {
             // Whole (batch, head) slabs; as many per chunk as fit.
@@ -93,7 +94,11 @@ impl ThreePassPlan {
             let mut hi = bh_total;
             while lo < hi {
                 let mid = (lo + hi).div_ceil(2);
-                if fits(mid, q_len) { lo = mid } else { hi = mid - 1 }
+                if fits(mid, q_len) {
+                    lo = mid
+                } else {
+                    hi = mid - 1
+                }
             }
             (lo, q_len)
         } else {
@@ -312,9 +317,10 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &ThreePassPlan, io: &Io<'_>)
         workgroup,
     };
     let qk = gpu.kernels.get(device, key(Kernel::QkScores, 0))?;
-    let softmax = gpu
-        .kernels
-        .get(device, key(Kernel::MaskedSoftmax, gpu.kernels.row_workgroup))?;
+    let softmax = gpu.kernels.get(
+        device,
+        key(Kernel::MaskedSoftmax, gpu.kernels.row_workgroup),
+    )?;
     let pv = gpu.kernels.get(device, key(Kernel::PvProduct, 0))?;
 
     let layout = opts.layout;
@@ -389,8 +395,14 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &ThreePassPlan, io: &Io<'_>)
             flags,
             softcap: opts.softcap.unwrap_or(1.0),
             _pad: 0,
-            bias_stride: opts.bias.as_ref().map_or([0; 4], |b| broadcast_u32(b.shape)),
-            mask_stride: opts.mask.as_ref().map_or([0; 4], |m| broadcast_u32(m.shape)),
+            bias_stride: opts
+                .bias
+                .as_ref()
+                .map_or([0; 4], |b| broadcast_u32(b.shape)),
+            mask_stride: opts
+                .mask
+                .as_ref()
+                .map_or([0; 4], |m| broadcast_u32(m.shape)),
         }));
         let pv_params = uniform(bytemuck::bytes_of(&PvParams {
             bh_start: chunk.bh_start as u32,
@@ -423,9 +435,21 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &ThreePassPlan, io: &Io<'_>)
         let sm_groups = bh_count as u64 * rows;
         let pv_groups = bh_count as u64 * tiles_i as u64 * tiles_n as u64;
         let dispatches = [
-            (&qk, &qk_bind, DispatchSize::linear(qk_groups, max_wg, "qk_scores dispatch")?),
-            (&softmax, &sm_bind, DispatchSize::linear(sm_groups, max_wg, "softmax dispatch")?),
-            (&pv, &pv_bind, DispatchSize::linear(pv_groups, max_wg, "pv_product dispatch")?),
+            (
+                &qk,
+                &qk_bind,
+                DispatchSize::linear(qk_groups, max_wg, "qk_scores dispatch")?,
+            ),
+            (
+                &softmax,
+                &sm_bind,
+                DispatchSize::linear(sm_groups, max_wg, "softmax dispatch")?,
+            ),
+            (
+                &pv,
+                &pv_bind,
+                DispatchSize::linear(pv_groups, max_wg, "pv_product dispatch")?,
+            ),
         ];
         {
             let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {

@@ -54,7 +54,10 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f32], atol: f32, rtol: f32)
         } else {
             g.is_finite() && (g - w).abs() <= atol + rtol * w.abs()
         };
-        assert!(ok, "{what}[{i}]: got {g}, want {w} (atol {atol}, rtol {rtol})");
+        assert!(
+            ok,
+            "{what}[{i}]: got {g}, want {w} (atol {atol}, rtol {rtol})"
+        );
     }
 }
 
@@ -67,12 +70,17 @@ pub fn rel_norm_error(got: &[f32], want: &[f32]) -> f64 {
             den += (w as f64).powi(2);
         }
     }
-    if den == 0.0 { num.sqrt() } else { (num / den).sqrt() }
+    if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    }
 }
 
 /// A poisoned tensor: NaN everywhere, so an element a kernel forgets to write fails the check.
 pub fn poisoned(gpu: &Gpu, dims: [usize; 4]) -> Tensor {
-    gpu.upload(&vec![f32::NAN; dims.iter().product()], dims).unwrap()
+    gpu.upload(&vec![f32::NAN; dims.iter().product()], dims)
+        .unwrap()
 }
 
 /// The f32 tolerance contract of DESIGN.md, plus element-wise bounds.
@@ -103,10 +111,17 @@ pub fn check(gpu: &Gpu, dims: Dims, opts: &Attention, seed: u64, logit_amp: f32)
     let lse = out.lse.unwrap().download(gpu).unwrap();
     let w = out.weights.unwrap().download(gpu).unwrap();
     let ctx = format!("{dims:?} {opts:?} seed {seed}");
-    let ctx = if ctx.len() > 400 { format!("{}...", &ctx[..400]) } else { ctx };
+    let ctx = if ctx.len() > 400 {
+        format!("{}...", &ctx[..400])
+    } else {
+        ctx
+    };
     assert_close(&format!("O of {ctx}"), &o, &want.o, O_ATOL, O_RTOL);
     let err = rel_norm_error(&o, &want.o);
-    assert!(err <= NORM_TOL, "O of {ctx}: relative norm error {err:e} > {NORM_TOL:e}");
+    assert!(
+        err <= NORM_TOL,
+        "O of {ctx}: relative norm error {err:e} > {NORM_TOL:e}"
+    );
     assert_close(&format!("lse of {ctx}"), &lse, &want.lse, 2e-5, 2e-5);
     assert_close(&format!("weights of {ctx}"), &w, &want.weights, 1e-6, 1e-4);
 }
@@ -119,14 +134,36 @@ pub struct Case {
     pub amp: f32,
 }
 
-pub fn dims(batch: usize, heads: usize, kv_heads: usize, q_len: usize, kv_len: usize, d: usize, dv: usize) -> Dims {
-    Dims { batch, heads, kv_heads, q_len, kv_len, head_dim: d, v_head_dim: dv }
+pub fn dims(
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    q_len: usize,
+    kv_len: usize,
+    d: usize,
+    dv: usize,
+) -> Dims {
+    Dims {
+        batch,
+        heads,
+        kv_heads,
+        q_len,
+        kv_len,
+        head_dim: d,
+        v_head_dim: dv,
+    }
 }
 
 /// The shape of a mask or bias broadcast by `pattern`: bit k set means dim k is kept full.
 pub fn broadcast_shape(dims: Dims, pattern: usize) -> [usize; 4] {
     let full = dims.score_shape();
-    std::array::from_fn(|k| if pattern & (1 << (3 - k)) != 0 { full[k] } else { 1 })
+    std::array::from_fn(|k| {
+        if pattern & (1 << (3 - k)) != 0 {
+            full[k]
+        } else {
+            1
+        }
+    })
 }
 
 pub const LENGTHS: [usize; 5] = [1, 7, 33, 100, 257];
@@ -138,13 +175,21 @@ pub fn grid_lengths() -> Vec<Case> {
     let mut cases = Vec::new();
     for (n, &l) in LENGTHS.iter().enumerate() {
         for (m, &s) in LENGTHS.iter().enumerate() {
-            let mut opts = Attention::new().layout(if (n + m) % 2 == 0 { Layout::Bhsd } else { Layout::Bshd });
+            let mut opts = Attention::new().layout(if (n + m) % 2 == 0 {
+                Layout::Bhsd
+            } else {
+                Layout::Bshd
+            });
             opts = match (n + 2 * m) % 3 {
                 0 => opts,
                 1 => opts.causal(Causal::TopLeft),
                 _ => opts.causal(Causal::BottomRight),
             };
-            cases.push(Case { dims: dims(1 + (n + m) % 2, 2, 1, l, s, 40, 24), opts, amp: 1.0 });
+            cases.push(Case {
+                dims: dims(1 + (n + m) % 2, 2, 1, l, s, 40, 24),
+                opts,
+                amp: 1.0,
+            });
         }
     }
     cases
@@ -155,7 +200,11 @@ pub fn grid_head_dims() -> Vec<Case> {
     let mut cases = Vec::new();
     for (n, &d) in HEAD_DIMS.iter().enumerate() {
         for dv in [d, HEAD_DIMS[(n + 3) % HEAD_DIMS.len()]] {
-            cases.push(Case { dims: dims(2, 2, 2, 33, 100, d, dv), opts: Attention::new(), amp: 1.0 });
+            cases.push(Case {
+                dims: dims(2, 2, 2, 33, 100, d, dv),
+                opts: Attention::new(),
+                amp: 1.0,
+            });
         }
     }
     cases
@@ -164,12 +213,35 @@ pub fn grid_head_dims() -> Vec<Case> {
 /// Batch 1 to 3; heads 1 to 8 in groups of 1, 2 and 4 and multi-query; both layouts.
 pub fn grid_heads() -> Vec<Case> {
     use wgpu_attention::Layout;
-    let heads = [(1, 1), (2, 2), (8, 8), (4, 2), (8, 4), (8, 2), (6, 3), (4, 1), (8, 1), (3, 1)];
+    let heads = [
+        (1, 1),
+        (2, 2),
+        (8, 8),
+        (4, 2),
+        (8, 4),
+        (8, 2),
+        (6, 3),
+        (4, 1),
+        (8, 1),
+        (3, 1),
+    ];
     let mut cases = Vec::new();
     for (n, &(h, hkv)) in heads.iter().enumerate() {
-        let layout = if n % 2 == 0 { Layout::Bshd } else { Layout::Bhsd };
+        let layout = if n % 2 == 0 {
+            Layout::Bshd
+        } else {
+            Layout::Bhsd
+        };
         cases.push(Case {
-            dims: dims(1 + n % 3, h, hkv, 7 + 13 * (n % 3), 33 + 17 * (n % 4), 8 * (1 + n % 5), 16),
+            dims: dims(
+                1 + n % 3,
+                h,
+                hkv,
+                7 + 13 * (n % 3),
+                33 + 17 * (n % 4),
+                8 * (1 + n % 5),
+                16,
+            ),
             opts: Attention::new().layout(layout),
             amp: 1.0,
         });
@@ -204,8 +276,16 @@ pub fn grid_broadcast(seed: u64) -> Vec<Case> {
     for pattern in 0..16 {
         let shape = broadcast_shape(d, pattern);
         let n: usize = shape.iter().product();
-        cases.push(Case { dims: d, opts: Attention::new().mask(shape, random_mask(&mut r, n, 0.7)), amp: 1.0 });
-        cases.push(Case { dims: d, opts: Attention::new().bias(shape, random(&mut r, n, 3.0)), amp: 1.0 });
+        cases.push(Case {
+            dims: d,
+            opts: Attention::new().mask(shape, random_mask(&mut r, n, 0.7)),
+            amp: 1.0,
+        });
+        cases.push(Case {
+            dims: d,
+            opts: Attention::new().bias(shape, random(&mut r, n, 3.0)),
+            amp: 1.0,
+        });
     }
     cases
 }
