@@ -25,3 +25,8 @@ mod spec;
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuLimits, LimitCaps, Output, Plan, Tensor};
 pub use spec::{Attention, Bias, BoolMask, Causal, DType, Dims, Layout, MAX_HEAD_DIM, Spec};
+
+/// The README's examples, compiled and run as doctests.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
