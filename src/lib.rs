@@ -24,7 +24,7 @@ mod spec;
 
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuLimits, LimitCaps, Output, Plan, Tensor};
-pub use spec::{Attention, Bias, BoolMask, Causal, DType, Dims, Layout, MAX_HEAD_DIM, Spec};
+pub use spec::{Attention, Bias, BoolMask, Causal, DType, Dims, Layout, MAX_HEAD_DIM, Path, Spec};
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

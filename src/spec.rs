@@ -289,8 +289,26 @@ pub struct Attention {
     pub(crate) bias: Option<Bias>,
     pub(crate) kv_lens: Option<Vec<u32>>,
     pub(crate) q_lens: Option<Vec<u32>>,
+    pub(crate) window: Option<(usize, usize)>,
+    pub(crate) window_align: Option<Causal>,
     pub(crate) want_lse: bool,
     pub(crate) want_weights: bool,
+    pub(crate) path: Path,
+}
+
+/// Which GPU path runs a call. [`Path::Auto`] chooses; the others force one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum Path {
+    /// Three-pass when the weights are asked for, decode for a few queries over many keys,
+    /// fused otherwise.
+    #[default]
+    Auto,
+    /// QK^T, masked softmax and P·V as three kernels, with the scores materialised
+    /// (memory grows with `q_len * kv_len`; the only path that returns the weights).
+    ThreePass,
+    /// One fused kernel with online softmax (flash attention): O(N) memory.
+    Fused,
 }
 
 impl Attention {
@@ -334,6 +352,28 @@ impl Attention {
     /// An additive bias of shape `shape`, broadcastable to `[batch, heads, q_len, kv_len]`.
     pub fn bias(mut self, shape: [usize; 4], data: Vec<f32>) -> Self {
         self.bias = Some(Bias { shape, data });
+        self
+    }
+
+    /// Sliding window: query `i` sees keys `i + off - left <= j <= i + off + right`, where `off`
+    /// is 0 for top-left alignment and `kv_len - q_len` for bottom-right. The alignment is the
+    /// causal one when [`causal`](Attention::causal) is set, else bottom-right
+    /// (FlashAttention's); [`window_align`](Attention::window_align) overrides it.
+    /// `window(w, 0)` with causal masking is the local attention of Mistral and Gemma.
+    pub fn window(mut self, left: usize, right: usize) -> Self {
+        self.window = Some((left, right));
+        self
+    }
+
+    /// Aligns the sliding window top-left or bottom-right, whatever the causal setting.
+    pub fn window_align(mut self, align: Causal) -> Self {
+        self.window_align = Some(align);
+        self
+    }
+
+    /// Forces a GPU path instead of letting the plan choose.
+    pub fn path(mut self, path: Path) -> Self {
+        self.path = path;
         self
     }
 
@@ -444,6 +484,14 @@ impl Attention {
             }
             Ok(())
         };
+        if self.want_weights && matches!(self.path, Path::Fused) {
+            return Err(Error::InvalidOption {
+                what: "path",
+                value: format!("{:?}", self.path),
+                why: "only the three-pass path materialises the weights; use Path::Auto or \
+                      Path::ThreePass with return_weights",
+            });
+        }
         if let Some(lens) = &self.kv_lens {
             check_lens("kv_lens", lens, dims.kv_len)?;
         }
@@ -470,9 +518,9 @@ pub struct Spec<'a> {
 }
 
 impl Spec<'_> {
-    /// The half-open range of keys `lo..hi` that causal alignment and `kv_lens` leave to query
-    /// row `i` of batch entry `b`, before the boolean mask; empty when the row has no key or is
-    /// past `q_lens[b]`.
+    /// The half-open range of keys `lo..hi` that causal alignment, the window and `kv_lens`
+    /// leave to query row `i` of batch entry `b`, before the boolean mask; empty (`hi <= lo`)
+    /// when the row has no key or is past `q_lens[b]`.
     pub fn key_range(&self, b: usize, i: usize) -> (usize, usize) {
         let d = &self.dims;
         let o = self.opts;
@@ -481,20 +529,38 @@ impl Spec<'_> {
         {
             return (0, 0);
         }
-        let mut hi = d.kv_len;
+        let i = i as i64;
+        let shift = d.kv_len as i64 - d.q_len as i64;
+        let mut lo = 0i64;
+        let mut hi = d.kv_len as i64;
         if let Some(kv_lens) = &o.kv_lens {
-            hi = hi.min(kv_lens[b] as usize);
+            hi = hi.min(kv_lens[b] as i64);
         }
         match o.causal {
             Some(Causal::TopLeft) => hi = hi.min(i + 1),
-            Some(Causal::BottomRight) => {
-                // allowed: j <= i + kv_len - q_len
-                let last = (i + d.kv_len) as isize - d.q_len as isize;
-                hi = hi.min((last + 1).max(0) as usize);
-            }
+            Some(Causal::BottomRight) => hi = hi.min(i + shift + 1),
             None => {}
         }
-        (0, hi)
+        if let Some((left, right)) = o.window {
+            let off = match self.window_align() {
+                Causal::TopLeft => 0,
+                Causal::BottomRight => shift,
+            };
+            lo = lo.max(i + off - left.min(i64::MAX as usize / 4) as i64);
+            hi = hi.min(i + off + right.min(i64::MAX as usize / 4) as i64 + 1);
+        }
+        if hi <= lo {
+            return (0, 0);
+        }
+        (lo as usize, hi as usize)
+    }
+
+    /// The alignment of the sliding window: explicit, else the causal one, else bottom-right.
+    pub fn window_align(&self) -> Causal {
+        self.opts
+            .window_align
+            .or(self.opts.causal)
+            .unwrap_or(Causal::BottomRight)
     }
 }
 

@@ -24,9 +24,6 @@ use wgpu_attention::gpu::kernels::{Kernel, KernelKey};
 /// Every storage type. Add a new [`DType`] here (and its capabilities in [`capabilities`]).
 const DTYPES: &[DType] = &[DType::F32];
 
-/// Workgroup size the crate specialises the row kernels with.
-const ROW_WORKGROUP: u32 = 256;
-
 /// The name of every kernel's entry point.
 const ENTRY: &str = "main";
 
@@ -45,15 +42,13 @@ fn keys() -> Vec<KernelKey> {
     let mut keys = Vec::new();
     for &dtype in DTYPES {
         for kernel in Kernel::ALL {
-            let workgroup = match kernel {
-                Kernel::MaskedSoftmax => ROW_WORKGROUP,
-                _ => 0,
-            };
-            keys.push(KernelKey {
-                kernel,
-                dtype,
-                workgroup,
-            });
+            for &variant in kernel.variants() {
+                keys.push(KernelKey {
+                    kernel,
+                    dtype,
+                    variant,
+                });
+            }
         }
     }
     keys
@@ -61,11 +56,11 @@ fn keys() -> Vec<KernelKey> {
 
 fn describe(key: &KernelKey) -> String {
     format!(
-        "kernel {} ({:?}), dtype {:?}, workgroup {}",
+        "kernel {} ({:?}), dtype {:?}, variant {}",
         key.kernel.name(),
         key.kernel,
         key.dtype,
-        key.workgroup
+        key.variant
     )
 }
 
@@ -139,12 +134,12 @@ fn specialise(key: KernelKey) -> Specialised {
         !unresolved,
         "{what}: an override expression is left after process_overrides"
     );
-    if key.workgroup != 0 {
+    if key.kernel == Kernel::MaskedSoftmax {
         let size: u32 = ep.workgroup_size.iter().product();
         assert_eq!(
-            size, key.workgroup,
+            size, key.variant,
             "{what}: workgroup size {:?} after specialisation, expected {} invocations",
-            ep.workgroup_size, key.workgroup
+            ep.workgroup_size, key.variant
         );
     }
     Specialised {
@@ -171,7 +166,8 @@ fn bounds_checks() -> BoundsCheckPolicies {
 #[test]
 fn every_kernel_parses_validates_and_specialises() {
     let all = specialised();
-    assert_eq!(all.len(), Kernel::ALL.len() * DTYPES.len());
+    let variants: usize = Kernel::ALL.iter().map(|k| k.variants().len()).sum();
+    assert_eq!(all.len(), variants * DTYPES.len());
 }
 
 /// The override really reaches the kernel: a size other than the WGSL default (256) changes
@@ -183,7 +179,7 @@ fn row_workgroup_override_is_applied() {
             let s = specialise(KernelKey {
                 kernel: Kernel::MaskedSoftmax,
                 dtype,
-                workgroup,
+                variant: workgroup,
             });
             let pipeline = spv::PipelineOptions {
                 shader_stage: ShaderStage::Compute,

@@ -25,6 +25,10 @@ pub const QK_SCORES: &str = include_str!("../../shaders/qk_scores.wgsl");
 pub const MASKED_SOFTMAX: &str = include_str!("../../shaders/masked_softmax.wgsl");
 /// WGSL source of the tiled `P V` kernel.
 pub const PV_PRODUCT: &str = include_str!("../../shaders/pv_product.wgsl");
+/// WGSL source of the fused flash-attention kernel.
+pub const FLASH_ATTENTION: &str = include_str!("../../shaders/flash_attention.wgsl");
+/// WGSL of the masking rules shared by every kernel that masks (not a kernel itself).
+pub const ATTENTION_MASK: &str = include_str!("../../shaders/attention_mask.wgsl");
 
 /// Every kernel of the crate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -35,6 +39,8 @@ pub enum Kernel {
     MaskedSoftmax,
     /// `O = P V`, tiled (three-pass path, pass 3).
     PvProduct,
+    /// Scores, online softmax and `P V` fused (flash attention).
+    FlashAttention,
 }
 
 /// What sits at one binding slot of a kernel.
@@ -58,13 +64,33 @@ const fn tensor(name: &'static str, read_only: bool) -> Slot {
 
 impl Kernel {
     /// All kernels, for tests that compile every one.
-    pub const ALL: [Kernel; 3] = [Kernel::QkScores, Kernel::MaskedSoftmax, Kernel::PvProduct];
+    pub const ALL: [Kernel; 4] = [
+        Kernel::QkScores,
+        Kernel::MaskedSoftmax,
+        Kernel::PvProduct,
+        Kernel::FlashAttention,
+    ];
 
     fn source(self) -> &'static str {
         match self {
             Kernel::QkScores => QK_SCORES,
             Kernel::MaskedSoftmax => MASKED_SOFTMAX,
             Kernel::PvProduct => PV_PRODUCT,
+            Kernel::FlashAttention => FLASH_ATTENTION,
+        }
+    }
+
+    /// Whether the kernel applies masks, and so needs the shared masking rules.
+    fn masks(self) -> bool {
+        matches!(self, Kernel::MaskedSoftmax | Kernel::FlashAttention)
+    }
+
+    /// The specialisations a test should compile: every variant the plans can choose.
+    pub fn variants(self) -> &'static [u32] {
+        match self {
+            Kernel::MaskedSoftmax => &[64, 128, 256],
+            Kernel::FlashAttention => &[1, 2, 3, 4],
+            Kernel::QkScores | Kernel::PvProduct => &[0],
         }
     }
 
@@ -77,7 +103,22 @@ impl Kernel {
                 const S: &[Slot] = &[Slot::Uniform, tensor("q", true), tensor("k", true), WRITE];
                 S
             }
-            Kernel::MaskedSoftmax => &[Slot::Uniform, WRITE, READ, READ, READ, WRITE],
+            Kernel::MaskedSoftmax => &[Slot::Uniform, WRITE, READ, READ, READ, WRITE, Slot::Uniform],
+            Kernel::FlashAttention => {
+                const S: &[Slot] = &[
+                    Slot::Uniform,
+                    tensor("q", true),
+                    tensor("k", true),
+                    tensor("v", true),
+                    tensor("o", false),
+                    READ,
+                    READ,
+                    READ,
+                    WRITE,
+                    Slot::Uniform,
+                ];
+                S
+            }
             Kernel::PvProduct => {
                 const S: &[Slot] = &[Slot::Uniform, READ, tensor("v", true), tensor("o", false)];
                 S
@@ -91,6 +132,7 @@ impl Kernel {
             Kernel::QkScores => "qk_scores",
             Kernel::MaskedSoftmax => "masked_softmax",
             Kernel::PvProduct => "pv_product",
+            Kernel::FlashAttention => "flash_attention",
         }
     }
 }
@@ -102,24 +144,30 @@ pub struct KernelKey {
     pub kernel: Kernel,
     /// Storage type of the prelude's tensors.
     pub dtype: DType,
-    /// Workgroup size, for kernels whose size is an `override` constant (0 otherwise).
-    pub workgroup: u32,
+    /// The kernel's specialisation (0 where it has none): the workgroup size of
+    /// `MaskedSoftmax`, `ceil(v_head_dim / 64)` for `FlashAttention`.
+    pub variant: u32,
 }
 
 impl KernelKey {
     fn label(&self) -> String {
-        format!(
-            "{}<{:?}, wg={}>",
-            self.kernel.name(),
-            self.dtype,
-            self.workgroup
-        )
+        format!("{}<{:?}, {}>", self.kernel.name(), self.dtype, self.variant)
     }
 
     /// The `override` constants this specialisation sets.
     pub fn constants(&self) -> Vec<(&'static str, f64)> {
         match self.kernel {
-            Kernel::MaskedSoftmax => vec![("WG", self.workgroup as f64)],
+            Kernel::MaskedSoftmax => vec![("WG", self.variant as f64)],
+            Kernel::FlashAttention => {
+                // The V slice holds BKV * 16 * O_CHUNKS vec4s <= 512, and BKV divides the
+                // 64-key tile.
+                let bkv = match self.variant {
+                    1 => 32,
+                    2 => 16,
+                    _ => 8,
+                };
+                vec![("O_CHUNKS", self.variant as f64), ("BKV", bkv as f64)]
+            }
             Kernel::QkScores | Kernel::PvProduct => Vec::new(),
         }
     }
@@ -131,6 +179,9 @@ impl KernelKey {
             if let Slot::Tensor { name, read_only } = *slot {
                 prelude(&mut src, name, binding, self.dtype, read_only);
             }
+        }
+        if self.kernel.masks() {
+            src.push_str(ATTENTION_MASK);
         }
         src.push_str(self.kernel.source());
         src
@@ -186,6 +237,9 @@ pub(crate) struct Kernels {
 const GEMM_INVOCATIONS: u32 = 256;
 /// Workgroup memory of the tiled product kernels: two 16 x 64 f32 tiles.
 const GEMM_WORKGROUP_BYTES: u32 = 2 * 16 * 64 * 4;
+/// Workgroup memory of the fused kernel: an 8 KiB stage, a 64 x 64 probability tile, a
+/// 64 x 16 reduction buffer and the tile bounds.
+pub(crate) const FLASH_WORKGROUP_BYTES: u32 = 8192 + 16384 + 4096 + 8;
 
 impl Kernels {
     pub(crate) fn new(device: &wgpu::Device, limits: &GpuLimits) -> Result<Kernels> {
@@ -239,10 +293,26 @@ fn compile(device: &wgpu::Device, key: KernelKey) -> Result<Compiled> {
     let label = key.label();
     log::debug!("wgpu-attention: compiling {label}");
     let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let module = device.create_shader_module(wgpu::ShaderModuleDescriptor {
-        label: Some(&label),
-        source: wgpu::ShaderSource::Wgsl(key.source().into()),
-    });
+    // naga's loop bounding adds a counter to every loop so that an infinite loop cannot be
+    // undefined behaviour. It also hides every loop's trip count from the driver, so no loop is
+    // unrolled: that costs speed everywhere, and on llvmpipe it breaks results, because
+    // llvmpipe stops an invocation's loops after 65535 iterations *in total* (over all loops
+    // and re-entries), so a long-enough kernel silently skips work (NOTES.md).
+    #[allow(unsafe_code)]
+    // SAFETY: every loop in these kernels is bounded by sizes from a uniform or a constant,
+    // which the plans validate; bounds checks on memory accesses stay on.
+    let module = unsafe {
+        device.create_shader_module_trusted(
+            wgpu::ShaderModuleDescriptor {
+                label: Some(&label),
+                source: wgpu::ShaderSource::Wgsl(key.source().into()),
+            },
+            wgpu::ShaderRuntimeChecks {
+                force_loop_bounding: false,
+                ..wgpu::ShaderRuntimeChecks::checked()
+            },
+        )
+    };
     let entries: Vec<wgpu::BindGroupLayoutEntry> = key
         .kernel
         .slots()

@@ -6,14 +6,17 @@
 mod context;
 pub mod kernels;
 mod tensor;
+mod masking;
 mod three_pass;
+mod flash;
 
 pub use context::{Gpu, GpuLimits, LimitCaps};
 pub use tensor::Tensor;
+pub use flash::FusedPlan;
 pub use three_pass::{Chunk, ThreePassPlan};
 
 use crate::error::{Error, Result};
-use crate::spec::{Attention, Dims};
+use crate::spec::{Attention, Dims, Path};
 
 /// The results of one call on the GPU.
 #[derive(Debug, Clone)]
@@ -32,19 +35,51 @@ pub struct Output {
 #[non_exhaustive]
 pub enum Plan {
     /// QK^T, masked softmax and P·V as three kernels, with the scores materialised.
-    ThreePass(ThreePassPlan),
+    ThreePass {
+        /// Chunking of the scores.
+        plan: ThreePassPlan,
+        /// Why this path.
+        why: &'static str,
+    },
+    /// One fused kernel, online softmax, O(N) memory.
+    Fused {
+        /// Dispatch and specialisation.
+        plan: FusedPlan,
+        /// Why this path.
+        why: &'static str,
+    },
 }
 
 impl Plan {
+    /// The path's name, as `attn-bench` prints it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Plan::ThreePass { .. } => "three-pass",
+            Plan::Fused { .. } => "fused",
+        }
+    }
+
     /// Why this path and this chunking were chosen.
     pub fn reason(&self) -> String {
         match self {
-            Plan::ThreePass(p) => format!(
-                "three-pass: {} chunk(s) of {} bytes of scores ({})",
-                p.chunks.len(),
-                p.scratch_bytes,
-                p.reason
+            Plan::ThreePass { plan, why } => format!(
+                "three-pass ({why}): {} chunk(s) of {} bytes of scores ({})",
+                plan.chunks.len(),
+                plan.scratch_bytes,
+                plan.reason
             ),
+            Plan::Fused { plan, why } => format!(
+                "fused ({why}): {} workgroups, {} output chunk(s) of 64 columns, no scratch",
+                plan.workgroups, plan.o_chunks
+            ),
+        }
+    }
+
+    /// Bytes of device memory the plan allocates besides inputs and outputs.
+    pub fn scratch_bytes(&self) -> u64 {
+        match self {
+            Plan::ThreePass { plan, .. } => plan.scratch_bytes,
+            Plan::Fused { plan, .. } => plan.scratch_bytes,
         }
     }
 }
@@ -65,9 +100,33 @@ fn expect_dims(what: &'static str, got: [usize; 4], expected: [usize; 4]) -> Res
 impl Attention {
     /// The plan a call with these options would run for `dims` on `gpu`, without running it.
     pub fn plan(&self, gpu: &Gpu, dims: Dims) -> Result<Plan> {
+        self.plan_for(gpu, dims, self.want_weights)
+    }
+
+    /// The plan, given whether the weights will be written.
+    fn plan_for(&self, gpu: &Gpu, dims: Dims, weights: bool) -> Result<Plan> {
         let spec = self.validate(dims)?;
-        let plan = ThreePassPlan::new(&spec, &gpu.limits)?;
-        let plan = Plan::ThreePass(plan);
+        let three_pass = |why| -> Result<Plan> {
+            Ok(Plan::ThreePass {
+                plan: ThreePassPlan::new(&spec, &gpu.limits)?,
+                why,
+            })
+        };
+        let fused = |why| -> Result<Plan> {
+            Ok(Plan::Fused {
+                plan: FusedPlan::new(&spec, &gpu.limits)?,
+                why,
+            })
+        };
+        let plan = match self.path {
+            Path::ThreePass => three_pass("forced")?,
+            Path::Fused => fused("forced")?,
+            Path::Auto if weights => three_pass("the weights were asked for")?,
+            Path::Auto => match flash::unsupported(&gpu.limits) {
+                Some(why) => three_pass(why)?,
+                None => fused("the default: O(N) memory, one pass")?,
+            },
+        };
         log::debug!("wgpu-attention: {dims:?}: {}", plan.reason());
         Ok(plan)
     }
@@ -97,7 +156,8 @@ impl Attention {
 
     /// Runs attention on the GPU into outputs the caller allocated (reused across calls, or
     /// poisoned by a test). The log-sum-exp and weights are written when `out` has them,
-    /// whatever [`return_lse`](Attention::return_lse) says.
+    /// whatever [`return_lse`](Attention::return_lse) says; weights in `out` make
+    /// [`Path::Auto`] choose the three-pass path.
     pub fn run_into(
         &self,
         gpu: &Gpu,
@@ -119,19 +179,27 @@ impl Attention {
         if let Some(w) = &out.weights {
             expect_dims("weights", w.dims(), dims.score_shape())?;
         }
-        let Plan::ThreePass(plan) = self.plan(gpu, dims)?;
-        three_pass::run(
-            gpu,
-            &spec,
-            &plan,
-            &three_pass::Io {
-                q,
-                k,
-                v,
-                o: &out.o,
-                lse: out.lse.as_ref(),
-                weights: out.weights.as_ref(),
-            },
-        )
+        let io = three_pass::Io {
+            q,
+            k,
+            v,
+            o: &out.o,
+            lse: out.lse.as_ref(),
+            weights: out.weights.as_ref(),
+        };
+        match self.plan_for(gpu, dims, out.weights.is_some())? {
+            Plan::ThreePass { plan, .. } => three_pass::run(gpu, &spec, &plan, &io),
+            Plan::Fused { plan, .. } => {
+                if out.weights.is_some() {
+                    return Err(Error::InvalidOption {
+                        what: "weights output",
+                        value: "Some".into(),
+                        why: "the fused path does not materialise the weights; ask for them \
+                              with return_weights(true) so the plan picks the three-pass path",
+                    });
+                }
+                flash::run(gpu, &spec, &plan, &io)
+            }
+        }
     }
 }

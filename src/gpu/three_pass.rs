@@ -16,7 +16,8 @@ use crate::error::{Error, Result};
 use crate::gpu::context::{Gpu, GpuLimits};
 use crate::gpu::kernels::{DispatchSize, Kernel, KernelKey};
 use crate::gpu::tensor::Tensor;
-use crate::spec::{Causal, DType, Spec, broadcast_strides};
+use crate::gpu::masking::{self, check_binding};
+use crate::spec::{DType, Spec};
 
 /// Rows and columns of one tile of the product kernels.
 const TILE: u64 = 64;
@@ -171,16 +172,9 @@ struct SoftmaxParams {
     bh_count: u32,
     row_start: u32,
     rows: u32,
-    batch: u32,
     heads: u32,
-    q_len: u32,
-    kv_len: u32,
-    causal: u32,
-    flags: u32,
-    softcap: f32,
-    _pad: u32,
-    bias_stride: [u32; 4],
-    mask_stride: [u32; 4],
+    write_lse: u32,
+    _pad: [u32; 2],
 }
 
 #[repr(C)]
@@ -204,10 +198,6 @@ fn strides_u32(s: [usize; 3]) -> [u32; 3] {
     s.map(|x| x as u32)
 }
 
-fn broadcast_u32(shape: [usize; 4]) -> [u32; 4] {
-    broadcast_strides(shape).map(|x| x as u32)
-}
-
 /// The buffers one call reads and writes.
 pub(crate) struct Io<'a> {
     pub(crate) q: &'a Tensor,
@@ -216,29 +206,6 @@ pub(crate) struct Io<'a> {
     pub(crate) o: &'a Tensor,
     pub(crate) lse: Option<&'a Tensor>,
     pub(crate) weights: Option<&'a Tensor>,
-}
-
-fn check_binding(limits: &GpuLimits, what: &'static str, bytes: u64) -> Result<()> {
-    if bytes > limits.max_storage_binding {
-        return Err(too_large(
-            what,
-            bytes,
-            limits.max_storage_binding,
-            " bytes (max_storage_buffer_binding_size)",
-        ));
-    }
-    Ok(())
-}
-
-/// Uploads the mask as one byte per element, four to a u32 word.
-fn pack_mask(data: &[bool]) -> Vec<u32> {
-    let mut words = vec![0u32; data.len().div_ceil(4).max(1)];
-    for (e, &allowed) in data.iter().enumerate() {
-        if allowed {
-            words[e / 4] |= 1 << ((e % 4) * 8);
-        }
-    }
-    words
 }
 
 /// Encodes and submits the three passes for every chunk of `plan`.
@@ -254,41 +221,7 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &ThreePassPlan, io: &Io<'_>)
         check_binding(limits, "log-sum-exp", lse.byte_len())?;
     }
 
-    let storage = |label: &str, contents: &[u8]| {
-        device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(label),
-            contents,
-            usage: wgpu::BufferUsages::STORAGE,
-        })
-    };
-    let placeholder = &gpu.kernels.placeholder;
-    let bias_buf = match &opts.bias {
-        Some(bias) => {
-            check_binding(limits, "bias", bias.data.len() as u64 * 4)?;
-            Some(storage("bias", bytemuck::cast_slice(&bias.data)))
-        }
-        None => None,
-    };
-    let mask_buf = match &opts.mask {
-        Some(mask) => {
-            let words = pack_mask(&mask.data);
-            check_binding(limits, "mask", words.len() as u64 * 4)?;
-            Some(storage("mask", bytemuck::cast_slice(&words)))
-        }
-        None => None,
-    };
-    let lens_buf = if opts.kv_lens.is_some() || opts.q_lens.is_some() {
-        let mut lens = vec![0u32; 2 * d.batch];
-        if let Some(kv) = &opts.kv_lens {
-            lens[..d.batch].copy_from_slice(kv);
-        }
-        if let Some(q) = &opts.q_lens {
-            lens[d.batch..].copy_from_slice(q);
-        }
-        Some(storage("lens", bytemuck::cast_slice(&lens)))
-    } else {
-        None
-    };
+    let masks = masking::upload(gpu, spec)?;
 
     // Scores go straight into the weights buffer when one chunk covers it and it is bindable.
     let weights_in_place = match io.weights {
@@ -311,10 +244,10 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &ThreePassPlan, io: &Io<'_>)
         (None, None) => unreachable!("scratch exists unless the weights buffer serves"),
     };
 
-    let key = |kernel, workgroup| KernelKey {
+    let key = |kernel, variant| KernelKey {
         kernel,
         dtype: DType::F32,
-        workgroup,
+        variant,
     };
     let qk = gpu.kernels.get(device, key(Kernel::QkScores, 0))?;
     let softmax = gpu.kernels.get(
@@ -328,25 +261,6 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &ThreePassPlan, io: &Io<'_>)
     let k_strides = strides_u32(layout.strides(d.kv_heads, d.kv_len, d.head_dim));
     let v_strides = strides_u32(layout.strides(d.kv_heads, d.kv_len, d.v_head_dim));
     let o_strides = strides_u32(layout.strides(d.heads, d.q_len, d.v_head_dim));
-    let mut flags = 0u32;
-    for (on, bit) in [
-        (opts.bias.is_some(), 1),
-        (opts.mask.is_some(), 2),
-        (opts.kv_lens.is_some(), 4),
-        (opts.q_lens.is_some(), 8),
-        (io.lse.is_some(), 16),
-        (opts.softcap.is_some(), 32),
-    ] {
-        if on {
-            flags |= bit;
-        }
-    }
-    let causal = match opts.causal {
-        None => 0,
-        Some(Causal::TopLeft) => 1,
-        Some(Causal::BottomRight) => 2,
-    };
-
     let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
     let oom_scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
     let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
@@ -387,22 +301,9 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &ThreePassPlan, io: &Io<'_>)
             bh_count,
             row_start: chunk.row_start as u32,
             rows: chunk.rows as u32,
-            batch: d.batch as u32,
             heads: d.heads as u32,
-            q_len: d.q_len as u32,
-            kv_len: d.kv_len as u32,
-            causal,
-            flags,
-            softcap: opts.softcap.unwrap_or(1.0),
-            _pad: 0,
-            bias_stride: opts
-                .bias
-                .as_ref()
-                .map_or([0; 4], |b| broadcast_u32(b.shape)),
-            mask_stride: opts
-                .mask
-                .as_ref()
-                .map_or([0; 4], |m| broadcast_u32(m.shape)),
+            write_lse: io.lse.is_some() as u32,
+            _pad: [0; 2],
         }));
         let pv_params = uniform(bytemuck::bytes_of(&PvParams {
             bh_start: chunk.bh_start as u32,
@@ -424,10 +325,11 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &ThreePassPlan, io: &Io<'_>)
             &[
                 &sm_params,
                 scores,
-                bias_buf.as_ref().unwrap_or(placeholder),
-                mask_buf.as_ref().unwrap_or(placeholder),
-                lens_buf.as_ref().unwrap_or(placeholder),
+                masks.bias(gpu),
+                masks.mask(gpu),
+                masks.lens(gpu),
                 io.lse.map_or(&gpu.kernels.placeholder_out, |t| t.buffer()),
+                &masks.params,
             ],
         );
         let pv_bind = pv.bind(device, &[&pv_params, scores, io.v.buffer(), io.o.buffer()]);

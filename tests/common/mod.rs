@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use wgpu_attention::{Attention, Dims, Gpu, Output, Tensor, cpu};
+use wgpu_attention::{Attention, Dims, Gpu, Output, Path, Tensor, cpu};
 
 /// The device shared by every test of a binary (pipelines compile once per binary).
 ///
@@ -88,42 +88,42 @@ pub const O_ATOL: f32 = 2e-5;
 pub const O_RTOL: f32 = 1e-4;
 pub const NORM_TOL: f64 = 1e-5;
 
-/// Runs one case on `gpu` (with the weights and log-sum-exp) and checks all three outputs
-/// against the reference. `logit_amp` scales Q to push the scores up (x30 in the grid).
-pub fn check(gpu: &Gpu, dims: Dims, opts: &Attention, seed: u64, logit_amp: f32) {
+/// Runs one case on `path` and checks every output it has against the reference: O and the
+/// log-sum-exp always, the weights on the three-pass path. Every output starts as NaN.
+/// `logit_amp` scales Q to push the scores up (x30 in the grid).
+pub fn check(gpu: &Gpu, path: Path, dims: Dims, opts: &Attention, seed: u64, logit_amp: f32) {
+    let opts = opts.clone().path(path);
     let layout = opts.get_layout();
     let mut r = rng(seed);
     let q = random(&mut r, dims.q_elems(), logit_amp);
     let k = random(&mut r, dims.k_elems(), 1.0);
     let v = random(&mut r, dims.v_elems(), 1.0);
-    let want = cpu::reference(&q, &k, &v, dims, opts).expect("reference");
+    let want = cpu::reference(&q, &k, &v, dims, &opts).expect("reference");
     let tq = gpu.upload(&q, dims.q_shape(layout)).unwrap();
     let tk = gpu.upload(&k, dims.k_shape(layout)).unwrap();
     let tv = gpu.upload(&v, dims.v_shape(layout)).unwrap();
+    let with_weights = path == Path::ThreePass;
     let out = Output {
         o: poisoned(gpu, dims.o_shape(layout)),
         lse: Some(poisoned(gpu, [dims.batch, dims.heads, dims.q_len, 1])),
-        weights: Some(poisoned(gpu, dims.score_shape())),
+        weights: with_weights.then(|| poisoned(gpu, dims.score_shape())),
     };
+    let plan = opts.plan(gpu, dims).unwrap_or_else(|e| panic!("{dims:?}: {e}"));
+    let ran = plan.name();
     opts.run_into(gpu, &tq, &tk, &tv, &out)
         .unwrap_or_else(|e| panic!("{dims:?}: {e}"));
     let o = out.o.download(gpu).unwrap();
     let lse = out.lse.unwrap().download(gpu).unwrap();
-    let w = out.weights.unwrap().download(gpu).unwrap();
-    let ctx = format!("{dims:?} {opts:?} seed {seed}");
-    let ctx = if ctx.len() > 400 {
-        format!("{}...", &ctx[..400])
-    } else {
-        ctx
-    };
+    let ctx = format!("[{ran}] {dims:?} {opts:?} seed {seed}");
+    let ctx = if ctx.len() > 400 { format!("{}...", &ctx[..400]) } else { ctx };
     assert_close(&format!("O of {ctx}"), &o, &want.o, O_ATOL, O_RTOL);
     let err = rel_norm_error(&o, &want.o);
-    assert!(
-        err <= NORM_TOL,
-        "O of {ctx}: relative norm error {err:e} > {NORM_TOL:e}"
-    );
+    assert!(err <= NORM_TOL, "O of {ctx}: relative norm error {err:e} > {NORM_TOL:e}");
     assert_close(&format!("lse of {ctx}"), &lse, &want.lse, 2e-5, 2e-5);
-    assert_close(&format!("weights of {ctx}"), &w, &want.weights, 1e-6, 1e-4);
+    if let Some(w) = out.weights {
+        let w = w.download(gpu).unwrap();
+        assert_close(&format!("weights of {ctx}"), &w, &want.weights, 1e-6, 1e-4);
+    }
 }
 
 /// One test problem: dims, options, and how hard to push the logits.
@@ -288,4 +288,205 @@ pub fn grid_broadcast(seed: u64) -> Vec<Case> {
         });
     }
     cases
+}
+
+/// Sliding windows of every shape: one-sided, two-sided, wider than the keys, zero-width;
+/// with and without causal masking, aligned both ways.
+pub fn grid_window() -> Vec<Case> {
+    use wgpu_attention::Causal;
+    let mut cases = Vec::new();
+    let windows = [(0, 0), (3, 0), (0, 5), (16, 16), (70, 3), (1000, 1000)];
+    for (n, &(left, right)) in windows.iter().enumerate() {
+        for (l, s) in [(100, 100), (33, 257), (100, 33)] {
+            let mut opts = Attention::new().window(left, right);
+            opts = match n % 3 {
+                0 => opts.causal(Causal::BottomRight),
+                1 => opts.causal(Causal::TopLeft),
+                _ => opts.window_align(if l == s { Causal::TopLeft } else { Causal::BottomRight }),
+            };
+            cases.push(Case { dims: dims(1, 2, 1, l, s, 40, 24), opts, amp: 1.0 });
+        }
+    }
+    cases
+}
+
+/// The grid and property tests every GPU path must pass, instantiated once per path so that a
+/// failure names its kernel.
+macro_rules! path_grid_tests {
+    ($path:expr) => {
+        use common::{Case, check, dims, gpu, random, random_mask, rng};
+        use proptest::prelude::*;
+        use proptest::test_runner::{Config, RngSeed, TestRunner};
+        use rand::Rng;
+        use wgpu_attention::{Attention, Causal, Dims, Layout, cpu};
+
+        fn run_cases(cases: &[Case], seed: u64) {
+            let Some(gpu) = gpu() else { return };
+            for (n, case) in cases.iter().enumerate() {
+                check(gpu, $path, case.dims, &case.opts, seed + n as u64, case.amp);
+            }
+        }
+
+        #[test]
+        fn lengths_every_pair() {
+            run_cases(&common::grid_lengths(), 100);
+        }
+
+        #[test]
+        fn head_dims_1_to_256_and_v_head_dim() {
+            run_cases(&common::grid_head_dims(), 200);
+        }
+
+        #[test]
+        fn batches_heads_gqa_mqa_layouts() {
+            run_cases(&common::grid_heads(), 300);
+        }
+
+        #[test]
+        fn causal_both_alignments() {
+            run_cases(&common::grid_causal(), 400);
+        }
+
+        #[test]
+        fn mask_and_bias_broadcast_every_way() {
+            run_cases(&common::grid_broadcast(5), 500);
+        }
+
+        #[test]
+        fn sliding_window() {
+            run_cases(&common::grid_window(), 550);
+        }
+
+        #[test]
+        fn mask_bias_causal_window_softcap_together() {
+            let Some(gpu) = gpu() else { return };
+            let d = dims(2, 4, 2, 33, 100, 64, 40);
+            let mut r = rng(6);
+            let opts = Attention::new()
+                .causal(Causal::BottomRight)
+                .window(40, 0)
+                .mask([2, 1, 33, 100], random_mask(&mut r, 2 * 33 * 100, 0.8))
+                .bias([1, 4, 1, 100], random(&mut r, 400, 2.0))
+                .softcap(20.0)
+                .layout(Layout::Bshd);
+            check(gpu, $path, d, &opts, 600, 30.0);
+        }
+
+        #[test]
+        fn kv_lens_including_zero_and_q_lens() {
+            let Some(gpu) = gpu() else { return };
+            let d = dims(3, 2, 1, 33, 100, 40, 40);
+            check(gpu, $path, d, &Attention::new().kv_lens(vec![0, 57, 100]), 700, 1.0);
+            check(gpu, $path, d, &Attention::new().q_lens(vec![33, 0, 17]), 701, 1.0);
+            let both = Attention::new()
+                .kv_lens(vec![1, 100, 64])
+                .q_lens(vec![5, 33, 20])
+                .causal(Causal::BottomRight);
+            check(gpu, $path, d, &both, 702, 1.0);
+            let d = dims(2, 2, 2, 100, 7, 8, 8);
+            let opts = Attention::new().kv_lens(vec![3, 0]).causal(Causal::TopLeft);
+            check(gpu, $path, d, &opts, 703, 1.0);
+        }
+
+        #[test]
+        fn softcap() {
+            let Some(gpu) = gpu() else { return };
+            for (n, cap) in [1.0f32, 5.0, 50.0].into_iter().enumerate() {
+                let d = dims(1, 2, 2, 33, 257, 64, 64);
+                check(gpu, $path, d, &Attention::new().softcap(cap), 800 + n as u64, 30.0);
+            }
+        }
+
+        #[test]
+        fn logits_scaled_30x() {
+            let Some(gpu) = gpu() else { return };
+            check(gpu, $path, dims(2, 4, 4, 100, 257, 128, 64), &Attention::new(), 900, 30.0);
+            let causal = Attention::new().causal(Causal::TopLeft);
+            check(gpu, $path, dims(1, 8, 2, 257, 100, 256, 32), &causal, 901, 30.0);
+            let luong = Attention::new().scale(1.0);
+            check(gpu, $path, dims(1, 2, 2, 7, 33, 40, 40), &luong, 902, 30.0);
+        }
+
+        #[test]
+        fn fully_masked_rows_give_zeros_and_minus_inf() {
+            let Some(gpu) = gpu() else { return };
+            // Rows 0, 3 and 6 have no allowed key; the others keep a random half.
+            let d = dims(1, 2, 2, 7, 33, 8, 8);
+            let mut r = rng(10);
+            let mut mask = random_mask(&mut r, 7 * 33, 0.5);
+            for i in [0, 3, 6] {
+                mask[i * 33..(i + 1) * 33].fill(false);
+            }
+            let masked = Attention::new().mask([1, 1, 7, 33], mask.clone());
+            check(gpu, $path, d, &masked, 1000, 1.0);
+            // Bottom-right causal with q_len > kv_len leaves the first rows without keys.
+            let br = Attention::new().causal(Causal::BottomRight);
+            check(gpu, $path, dims(1, 2, 2, 100, 33, 8, 8), &br, 1001, 1.0);
+            // And the reference agrees on what that means.
+            let q = random(&mut r, 2 * 7 * 8, 1.0);
+            let k = random(&mut r, 2 * 33 * 8, 1.0);
+            let want = cpu::reference(&q, &k, &k, d, &masked).unwrap();
+            assert!(want.o[..8].iter().all(|&x| x == 0.0));
+            assert_eq!(want.lse[0], f32::NEG_INFINITY);
+        }
+
+        /// Random configurations: every option, sizes that are not multiples of the tiles.
+        #[test]
+        fn proptest_random_configurations() {
+            let Some(gpu) = gpu() else { return };
+            let cases: u32 = std::env::var("PROPTEST_CASES")
+                .ok()
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(200);
+            let mut runner = TestRunner::new(Config {
+                cases,
+                rng_seed: RngSeed::Fixed(0x5eed_a77e),
+                failure_persistence: None,
+                ..Config::default()
+            });
+            let groups = prop_oneof![Just(1usize), Just(2), Just(4)];
+            let strategy = (
+                (1usize..=3, 1usize..=4, groups, 1usize..=80, 1usize..=120),
+                (1usize..=96, 1usize..=96, any::<bool>(), 0usize..3, 0usize..16),
+                (0usize..16, any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
+                (0usize..4, any::<u64>()),
+            );
+            runner
+                .run(&strategy, |((b, hkv, g, l, s), (dd, dv, bshd, causal, mask_pat), (bias_pat, softcap, kv_lens, q_lens, big), (window, seed))| {
+                    let d = Dims { batch: b, heads: hkv * g, kv_heads: hkv, q_len: l, kv_len: s, head_dim: dd, v_head_dim: dv };
+                    let mut r = rng(seed);
+                    let layout = if bshd { Layout::Bshd } else { Layout::Bhsd };
+                    let mut opts = Attention::new().layout(layout);
+                    opts = match causal {
+                        1 => opts.causal(Causal::TopLeft),
+                        2 => opts.causal(Causal::BottomRight),
+                        _ => opts,
+                    };
+                    // Pattern 0 (all broadcast) stands for "no mask" / "no bias".
+                    if mask_pat != 0 {
+                        let shape = common::broadcast_shape(d, mask_pat);
+                        opts = opts.mask(shape, random_mask(&mut r, shape.iter().product(), 0.75));
+                    }
+                    if bias_pat != 0 {
+                        let shape = common::broadcast_shape(d, bias_pat);
+                        opts = opts.bias(shape, random(&mut r, shape.iter().product(), 2.0));
+                    }
+                    if softcap {
+                        opts = opts.softcap(10.0);
+                    }
+                    if window != 0 {
+                        opts = opts.window(r.random_range(0..40), r.random_range(0..40));
+                    }
+                    if kv_lens {
+                        opts = opts.kv_lens((0..b).map(|_| r.random_range(0..=s as u32)).collect());
+                    }
+                    if q_lens {
+                        opts = opts.q_lens((0..b).map(|_| r.random_range(0..=l as u32)).collect());
+                    }
+                    check(gpu, $path, d, &opts, seed, if big { 30.0 } else { 1.0 });
+                    Ok(())
+                })
+                .unwrap();
+        }
+    };
 }

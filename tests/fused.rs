@@ -1,0 +1,74 @@
+//! The fused flash-attention path against the f64 reference: O and the log-sum-exp, element by
+//! element, every output poisoned with NaN first; plus what makes it the long-sequence path.
+
+#[macro_use]
+mod common;
+
+use wgpu_attention::{Output, Path, Plan};
+
+path_grid_tests!(Path::Fused);
+
+/// One query row over 262144 keys: the fused path allocates nothing of size q_len x kv_len.
+#[test]
+fn one_query_over_262144_keys() {
+    let Some(gpu) = gpu() else { return };
+    let d = dims(1, 1, 1, 1, 262_144, 16, 16);
+    let opts = Attention::new().causal(Causal::BottomRight);
+    let plan = opts.clone().path(Path::Fused).plan(gpu, d).unwrap();
+    assert_eq!(plan.scratch_bytes(), 0);
+    check(gpu, Path::Fused, d, &opts, 1400, 1.0);
+}
+
+/// The plan of a 65536 x 65536 problem: no buffer grows with q_len x kv_len (the three-pass
+/// plan of the same problem needs gigabytes of scores).
+#[test]
+fn fused_plan_memory_is_linear() {
+    let Some(gpu) = gpu() else { return };
+    let d = Dims::new(1, 8, 65_536, 64);
+    let opts = Attention::new().causal(Causal::TopLeft);
+    let fused = opts.plan(gpu, d).unwrap();
+    assert!(matches!(fused, Plan::Fused { .. }), "{}", fused.reason());
+    assert_eq!(fused.scratch_bytes(), 0);
+    let three = opts.clone().path(Path::ThreePass).plan(gpu, d).unwrap();
+    assert!(three.scratch_bytes() >= 65_536 * 4, "{}", three.reason());
+}
+
+/// Auto picks three-pass for the weights and fused otherwise, and says why.
+#[test]
+fn path_choice_is_visible() {
+    let Some(gpu) = gpu() else { return };
+    let d = Dims::new(1, 2, 100, 32);
+    let plan = Attention::new().plan(gpu, d).unwrap();
+    assert_eq!(plan.name(), "fused");
+    assert!(plan.reason().contains("default"), "{}", plan.reason());
+    let plan = Attention::new().return_weights(true).plan(gpu, d).unwrap();
+    assert_eq!(plan.name(), "three-pass");
+    assert!(plan.reason().contains("weights"), "{}", plan.reason());
+    let plan = Attention::new().path(Path::ThreePass).plan(gpu, d).unwrap();
+    assert!(plan.reason().contains("forced"), "{}", plan.reason());
+    // Asking the fused path for weights is an error, not a silent omission.
+    let err = Attention::new().path(Path::Fused).return_weights(true).plan(gpu, d);
+    assert!(matches!(err, Err(wgpu_attention::Error::InvalidOption { .. })));
+    let q = gpu.upload(&vec![0.5; d.q_elems()], d.q_shape(Layout::Bhsd)).unwrap();
+    let out = Output {
+        o: gpu.empty(d.o_shape(Layout::Bhsd)).unwrap(),
+        lse: None,
+        weights: Some(gpu.empty(d.score_shape()).unwrap()),
+    };
+    let err = Attention::new().path(Path::Fused).run_into(gpu, &q, &q, &q, &out);
+    assert!(matches!(err, Err(wgpu_attention::Error::InvalidOption { .. })));
+}
+
+/// A capped workgroup count spills the fused grid into y and z.
+#[test]
+fn spilled_dispatch() {
+    let Some(gpu) = gpu() else { return };
+    let capped = gpu.with_caps(wgpu_attention::LimitCaps { max_workgroups_per_dim: Some(3), ..Default::default() });
+    // 3 * 4 heads * 2 row tiles = 24 workgroups > 3: spills to (3, 3, 3).
+    let d = dims(3, 4, 2, 100, 70, 40, 72);
+    check(capped_ref(&capped), Path::Fused, d, &Attention::new().causal(Causal::TopLeft), 1500, 1.0);
+}
+
+fn capped_ref(g: &wgpu_attention::Gpu) -> &wgpu_attention::Gpu {
+    g
+}
