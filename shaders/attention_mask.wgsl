@@ -23,8 +23,8 @@ struct MaskParams {
     causal: u32,
     flags: u32,
     softcap: f32,
-    // Window bounds relative to the aligned diagonal: keys i + win_off - win_left ..=
-    // i + win_off + win_right.
+    // Window bounds relative to the aligned diagonal: keys i + off - win_left ..=
+    // i + off + win_right, off = win_off * (kv_len - q_len) of the sequence.
     win_left: i32,
     win_right: i32,
     win_off: i32,
@@ -44,21 +44,30 @@ fn mask_has(flag: u32) -> bool {
 // query row i of batch entry b; the boolean mask is checked per key on top.
 fn key_range(b: u32, i: u32) -> vec2<i32> {
     let row = i32(i);
-    var lo = 0;
-    var hi = i32(mparams.kv_len);
+    // Bottom-right alignment follows each sequence's own lengths.
+    var kv_len = i32(mparams.kv_len);
+    var q_len = i32(mparams.q_len);
     if mask_has(MASK_KV_LENS) {
-        hi = min(hi, i32(lens[b]));
+        kv_len = i32(lens[b]);
     }
+    if mask_has(MASK_Q_LENS) {
+        q_len = i32(lens[mparams.batch + b]);
+    }
+    let shift = kv_len - q_len;
+    var lo = 0;
+    var hi = kv_len;
     if mparams.causal == CAUSAL_TOP_LEFT {
         hi = min(hi, row + 1);
     } else if mparams.causal == CAUSAL_BOTTOM_RIGHT {
-        hi = min(hi, row + i32(mparams.kv_len) - i32(mparams.q_len) + 1);
+        hi = min(hi, row + shift + 1);
     }
     if mask_has(MASK_WINDOW) {
-        lo = max(lo, row + mparams.win_off - mparams.win_left);
-        hi = min(hi, row + mparams.win_off + mparams.win_right + 1);
+        // win_off is 0 for top-left alignment, or 1 for bottom-right: then the shift applies.
+        let off = mparams.win_off * shift;
+        lo = max(lo, row + off - mparams.win_left);
+        hi = min(hi, row + off + mparams.win_right + 1);
     }
-    if mask_has(MASK_Q_LENS) && i >= lens[mparams.batch + b] {
+    if row >= q_len {
         hi = 0;
     }
     return vec2<i32>(lo, max(hi, lo));

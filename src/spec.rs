@@ -309,6 +309,10 @@ pub enum Path {
     ThreePass,
     /// One fused kernel with online softmax (flash attention): O(N) memory.
     Fused,
+    /// The fused kernel with the keys split across workgroups and the partial results merged
+    /// by their log-sum-exp (flash-decoding), and the query heads of a GQA group packed into
+    /// one workgroup: for a few queries over many keys.
+    Decode,
 }
 
 impl Attention {
@@ -330,7 +334,9 @@ impl Attention {
         self
     }
 
-    /// Causal masking with the given alignment of the diagonal.
+    /// Causal masking with the given alignment of the diagonal. With `kv_lens` / `q_lens`,
+    /// bottom-right alignment uses each sequence's own lengths: query `i` of sequence `b` sees
+    /// keys `j <= i + kv_lens[b] - q_lens[b]`.
     pub fn causal(mut self, causal: Causal) -> Self {
         self.causal = Some(causal);
         self
@@ -484,7 +490,7 @@ impl Attention {
             }
             Ok(())
         };
-        if self.want_weights && matches!(self.path, Path::Fused) {
+        if self.want_weights && matches!(self.path, Path::Fused | Path::Decode) {
             return Err(Error::InvalidOption {
                 what: "path",
                 value: format!("{:?}", self.path),
@@ -530,12 +536,13 @@ impl Spec<'_> {
             return (0, 0);
         }
         let i = i as i64;
-        let shift = d.kv_len as i64 - d.q_len as i64;
+        // Bottom-right alignment follows each sequence's own lengths (FlashAttention's
+        // variable-length convention): the last query of a sequence sees its last key.
+        let kv_len = o.kv_lens.as_ref().map_or(d.kv_len, |l| l[b] as usize) as i64;
+        let q_len = o.q_lens.as_ref().map_or(d.q_len, |l| l[b] as usize) as i64;
+        let shift = kv_len - q_len;
         let mut lo = 0i64;
-        let mut hi = d.kv_len as i64;
-        if let Some(kv_lens) = &o.kv_lens {
-            hi = hi.min(kv_lens[b] as i64);
-        }
+        let mut hi = kv_len;
         match o.causal {
             Some(Causal::TopLeft) => hi = hi.min(i + 1),
             Some(Causal::BottomRight) => hi = hi.min(i + shift + 1),

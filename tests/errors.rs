@@ -842,7 +842,8 @@ fn too_large_for_the_device() {
         ..LimitCaps::default()
     });
     assert_eq!(gpu.limits().max_storage_binding, 256);
-    let opts = Attention::new();
+    // The three-pass path materialises rows of scores; the fused path never does.
+    let opts = Attention::new().path(wgpu_attention::Path::ThreePass);
 
     // One row of scores (kv_len * 4 bytes) does not fit a binding: no chunking can help.
     let dims = Dims {

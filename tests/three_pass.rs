@@ -55,7 +55,8 @@ fn optional_outputs() {
 }
 
 fn chunks(gpu: &wgpu_attention::Gpu, d: Dims, opts: &Attention) -> usize {
-    let Plan::ThreePass { plan, .. } = opts.clone().path(Path::ThreePass).plan(gpu, d).unwrap() else {
+    let Plan::ThreePass { plan, .. } = opts.clone().path(Path::ThreePass).plan(gpu, d).unwrap()
+    else {
         unreachable!()
     };
     plan.chunks.len()

@@ -25,10 +25,15 @@ pub struct GpuLimits {
     pub max_storage_buffers_per_stage: u32,
     /// Alignment of uniform buffer offsets, in bytes.
     pub min_uniform_offset_alignment: u32,
+    /// Key tiles (of 64 keys) one workgroup of the fused kernel streams in one dispatch;
+    /// longer key ranges take several dispatches (or splits). Not a wgpu limit: llvmpipe stops
+    /// an invocation's loops after 65535 iterations in total, so on CPU adapters it is 32
+    /// (2048 keys); elsewhere it is unbounded.
+    pub max_key_tiles_per_workgroup: u32,
 }
 
 impl GpuLimits {
-    fn from_wgpu(l: &wgpu::Limits) -> GpuLimits {
+    fn from_wgpu(l: &wgpu::Limits, info: &wgpu::AdapterInfo) -> GpuLimits {
         GpuLimits {
             max_storage_binding: l.max_storage_buffer_binding_size,
             max_buffer_size: l.max_buffer_size,
@@ -37,6 +42,11 @@ impl GpuLimits {
             max_workgroup_storage: l.max_compute_workgroup_storage_size,
             max_storage_buffers_per_stage: l.max_storage_buffers_per_shader_stage,
             min_uniform_offset_alignment: l.min_uniform_buffer_offset_alignment,
+            max_key_tiles_per_workgroup: if info.device_type == wgpu::DeviceType::Cpu {
+                32
+            } else {
+                u32::MAX
+            },
         }
     }
 }
@@ -49,6 +59,8 @@ pub struct LimitCaps {
     pub max_storage_binding: Option<u64>,
     /// Cap on [`GpuLimits::max_workgroups_per_dim`].
     pub max_workgroups_per_dim: Option<u32>,
+    /// Cap on [`GpuLimits::max_key_tiles_per_workgroup`].
+    pub max_key_tiles_per_workgroup: Option<u32>,
 }
 
 /// A device and queue, with the limits, features and compiled pipelines of this crate.
@@ -155,7 +167,7 @@ impl Gpu {
         queue: wgpu::Queue,
         info: wgpu::AdapterInfo,
     ) -> Result<Gpu> {
-        let limits = GpuLimits::from_wgpu(&device.limits());
+        let limits = GpuLimits::from_wgpu(&device.limits(), &info);
         let features = device.features();
         let kernels = Arc::new(Kernels::new(&device, &limits)?);
         Ok(Gpu {
@@ -177,6 +189,10 @@ impl Gpu {
         }
         if let Some(cap) = caps.max_workgroups_per_dim {
             gpu.limits.max_workgroups_per_dim = gpu.limits.max_workgroups_per_dim.min(cap.max(1));
+        }
+        if let Some(cap) = caps.max_key_tiles_per_workgroup {
+            let tiles = &mut gpu.limits.max_key_tiles_per_workgroup;
+            *tiles = (*tiles).min(cap.max(1));
         }
         gpu
     }

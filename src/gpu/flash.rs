@@ -7,6 +7,20 @@
 //! one query over 262144 keys. Key tiles that causal, window, `kv_lens` or `q_lens` masks
 //! remove for every row of a workgroup are not visited, so causal attention costs half.
 //!
+//! The rows of a workgroup are the (query head, query row) pairs that share one kv head, so
+//! under grouped-query attention every K/V tile is read once for the whole group; for decoding
+//! (a few query rows) the whole group fits one workgroup.
+//!
+//! On the decode path, when the grid is small, the keys are split across workgroups
+//! (flash-decoding): each split writes its normalised partial output and log-sum-exp to a
+//! scratch of `splits * batch * heads * q_len * (v_head_dim + 1)` floats, linear in the
+//! sequence length, and `combine_splits.wgsl` merges them in the same submit.
+//!
+//! Where the device caps the keys one workgroup may stream in one dispatch
+//! ([`GpuLimits::max_key_tiles_per_workgroup`]: llvmpipe's loop limit), the fused path runs the
+//! key range in several dispatches of one submit, each merging its result into the O and
+//! log-sum-exp the previous one wrote: still no buffer beyond `batch * heads * q_len` floats.
+//!
 //! The kernel is specialised on `ceil(v_head_dim / 64)` (`O_CHUNKS`, the output columns each
 //! invocation owns), which also fixes how many keys of V are staged at once.
 
@@ -20,17 +34,34 @@ use crate::gpu::masking::{self, check_binding};
 use crate::gpu::three_pass::Io;
 use crate::spec::{DType, Spec};
 
-/// Query rows per workgroup.
+/// Rows (query head, query row pairs) per workgroup.
 const BM: usize = 64;
+/// Keys per tile.
+const BN: usize = 64;
+/// Workgroups below which the decode path splits the keys to fill the device.
+const TARGET_WORKGROUPS: u64 = 256;
+/// The fewest key tiles a split gets when splitting only for parallelism.
+const MIN_TILES_PER_SPLIT: u64 = 4;
 
 /// How the fused path will run a problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct FusedPlan {
-    /// Workgroups: (batch * heads) * ceil(q_len / 64).
+    /// Workgroups of the fused kernel: batch * kv_heads * row tiles * splits.
     pub workgroups: u64,
     /// Output columns per invocation, in chunks of 64 (`ceil(v_head_dim / 64)`).
     pub o_chunks: u32,
-    /// Bytes of device memory the plan allocates besides the inputs and outputs: always 0.
+    /// Key splits merged by log-sum-exp (1: no split, no scratch).
+    pub splits: u32,
+    /// Dispatches over consecutive key ranges, each merged into the last (1 unless the device
+    /// caps the keys per workgroup).
+    pub passes: u32,
+    /// Key tiles of 64 per split or per pass.
+    pub tiles_per_split: u32,
+    /// Row tiles per (batch, kv head): `ceil(group * q_len / 64)`.
+    pub row_tiles: u32,
+    /// Bytes of device memory the plan allocates besides the inputs and outputs, at most: the
+    /// partial results of the splits, or the log-sum-exp that passes merge by when the caller
+    /// did not ask for it; linear in `q_len`, and 0 with one split and one pass.
     pub scratch_bytes: u64,
 }
 
@@ -46,8 +77,9 @@ pub(crate) fn unsupported(limits: &GpuLimits) -> Option<&'static str> {
 }
 
 impl FusedPlan {
-    /// Plans `spec` for a device with `limits`.
-    pub fn new(spec: &Spec<'_>, limits: &GpuLimits) -> Result<FusedPlan> {
+    /// Plans `spec` for a device with `limits`; `decode` also splits the keys to give a small
+    /// grid enough workgroups.
+    pub fn new(spec: &Spec<'_>, limits: &GpuLimits, decode: bool) -> Result<FusedPlan> {
         if let Some(why) = unsupported(limits) {
             return Err(Error::Unsupported {
                 what: why,
@@ -56,13 +88,62 @@ impl FusedPlan {
             });
         }
         let d = spec.dims;
-        let workgroups = (d.batch * d.heads) as u64 * d.q_len.div_ceil(BM) as u64;
+        let row_tiles = (d.group() * d.q_len).div_ceil(BM) as u64;
+        let key_tiles = d.kv_len.div_ceil(BN) as u64;
+        let grid = (d.batch * d.kv_heads) as u64 * row_tiles;
+        let cap = limits.max_key_tiles_per_workgroup.max(1) as u64;
+        let rows = d.lse_elems() as u64;
+        let (splits, passes) = if decode {
+            let mut splits = key_tiles.div_ceil(cap);
+            if grid < TARGET_WORKGROUPS {
+                let wanted = TARGET_WORKGROUPS.div_ceil(grid);
+                let most = (key_tiles / MIN_TILES_PER_SPLIT).max(1);
+                splits = splits.max(wanted.min(most));
+            }
+            (splits, 1)
+        } else {
+            (1, key_tiles.div_ceil(cap))
+        };
+        let tiles_per_split = key_tiles.div_ceil(splits * passes);
+        let splits = if splits > 1 {
+            key_tiles.div_ceil(tiles_per_split)
+        } else {
+            1
+        };
+        let passes = if passes > 1 {
+            key_tiles.div_ceil(tiles_per_split)
+        } else {
+            1
+        };
+        let workgroups = grid * splits;
         // Fails here, not at dispatch, if even spilling into y and z cannot hold the grid.
-        DispatchSize::linear(workgroups, limits.max_workgroups_per_dim, "flash_attention dispatch")?;
+        DispatchSize::linear(
+            workgroups,
+            limits.max_workgroups_per_dim,
+            "flash_attention dispatch",
+        )?;
+        let scratch_bytes = if splits > 1 {
+            let bytes = splits * rows * (d.v_head_dim as u64 + 1) * 4;
+            check_binding(limits, "partial results of the key splits", bytes)?;
+            DispatchSize::linear(
+                rows,
+                limits.max_workgroups_per_dim,
+                "combine_splits dispatch",
+            )?;
+            bytes
+        } else if passes > 1 {
+            rows * 4
+        } else {
+            0
+        };
         Ok(FusedPlan {
             workgroups,
             o_chunks: d.v_head_dim.div_ceil(64) as u32,
-            scratch_bytes: 0,
+            splits: splits as u32,
+            passes: passes as u32,
+            tiles_per_split: tiles_per_split as u32,
+            row_tiles: row_tiles as u32,
+            scratch_bytes,
         })
     }
 }
@@ -72,20 +153,95 @@ impl FusedPlan {
 #[derive(Clone, Copy, Pod, Zeroable)]
 struct FlashParams {
     heads: u32,
+    kv_heads: u32,
     group: u32,
+    packed_rows: u32,
     tiles_m: u32,
+    splits: u32,
+    tiles_per_split: u32,
     groups_total: u32,
     head_dim: u32,
     v_head_dim: u32,
     write_lse: u32,
     scale: f32,
+    parts_lse_offset: u32,
+    first_tile: u32,
+    resume: u32,
+    _pad: u32,
     q_strides: [u32; 3],
     k_strides: [u32; 3],
     v_strides: [u32; 3],
     o_strides: [u32; 3],
 }
 
-/// Encodes and submits the fused kernel.
+/// Mirrors `Params` of `combine_splits.wgsl`.
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+pub(crate) struct CombineParams {
+    pub(crate) splits: u32,
+    pub(crate) rows: u32,
+    pub(crate) heads: u32,
+    pub(crate) q_len: u32,
+    pub(crate) v_head_dim: u32,
+    pub(crate) write_lse: u32,
+    pub(crate) lse_offset: u32,
+    pub(crate) _pad0: u32,
+    pub(crate) part_stride: [u32; 4],
+    pub(crate) part_lse_stride: [u32; 4],
+    pub(crate) o_strides: [u32; 3],
+    pub(crate) _pad1: u32,
+}
+
+/// Records the combine kernel: `parts` (partial outputs and, from `params.lse_offset`, their
+/// log-sum-exps, all as f32 bits) merged into `o` and, if given, `lse`.
+pub(crate) fn encode_combine(
+    gpu: &Gpu,
+    encoder: &mut wgpu::CommandEncoder,
+    params: &CombineParams,
+    parts: &wgpu::Buffer,
+    o: &wgpu::Buffer,
+    lse: Option<&wgpu::Buffer>,
+) -> Result<()> {
+    let device = &gpu.device;
+    let kernel = gpu.kernels.get(
+        device,
+        KernelKey {
+            kernel: Kernel::CombineSplits,
+            dtype: DType::F32,
+            variant: 0,
+        },
+    )?;
+    let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some("wgpu-attention combine params"),
+        contents: bytemuck::bytes_of(params),
+        usage: wgpu::BufferUsages::UNIFORM,
+    });
+    let bind = kernel.bind(
+        device,
+        &[
+            &uniform,
+            parts,
+            o,
+            lse.unwrap_or(&gpu.kernels.placeholder_out),
+        ],
+    );
+    let size = DispatchSize::linear(
+        params.rows as u64,
+        gpu.limits.max_workgroups_per_dim,
+        "combine_splits dispatch",
+    )?;
+    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+        label: Some("wgpu-attention combine"),
+        timestamp_writes: None,
+    });
+    pass.set_pipeline(&kernel.pipeline);
+    pass.set_bind_group(0, &bind, &[]);
+    let [x, y, z] = size.counts;
+    pass.dispatch_workgroups(x, y, z);
+    Ok(())
+}
+
+/// Encodes and submits the fused kernel (and the combine of its splits).
 pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &FusedPlan, io: &Io<'_>) -> Result<()> {
     let d = spec.dims;
     let limits = &gpu.limits;
@@ -107,48 +263,90 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &FusedPlan, io: &Io<'_>) -> 
     )?;
     let layout = spec.opts.layout;
     let strides = |heads, seq, dim| layout.strides(heads, seq, dim).map(|x| x as u32);
-    let params = FlashParams {
-        heads: d.heads as u32,
-        group: d.group() as u32,
-        tiles_m: d.q_len.div_ceil(BM) as u32,
-        groups_total: plan.workgroups as u32,
-        head_dim: d.head_dim as u32,
-        v_head_dim: d.v_head_dim as u32,
-        write_lse: io.lse.is_some() as u32,
-        scale: spec.scale,
-        q_strides: strides(d.heads, d.q_len, d.head_dim),
-        k_strides: strides(d.kv_heads, d.kv_len, d.head_dim),
-        v_strides: strides(d.kv_heads, d.kv_len, d.v_head_dim),
-        o_strides: strides(d.heads, d.q_len, d.v_head_dim),
-    };
-    let params = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some("wgpu-attention flash params"),
-        contents: bytemuck::bytes_of(&params),
-        usage: wgpu::BufferUsages::UNIFORM,
+    let rows = d.lse_elems() as u64;
+    let parts_lse_offset = plan.splits as u64 * rows * d.v_head_dim as u64;
+    // Passes merge by log-sum-exp, so they need one even when the caller did not ask for it.
+    let lse_scratch = (plan.passes > 1 && io.lse.is_none()).then(|| {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgpu-attention pass log-sum-exp"),
+            size: rows * 4,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        })
     });
-    let size = DispatchSize::linear(plan.workgroups, limits.max_workgroups_per_dim, "flash_attention dispatch")?;
+    let lse_out = io.lse.map(|t| t.buffer()).or(lse_scratch.as_ref());
+    let pass_params: Vec<wgpu::Buffer> = (0..plan.passes)
+        .map(|pass| {
+            let params = FlashParams {
+                heads: d.heads as u32,
+                kv_heads: d.kv_heads as u32,
+                group: d.group() as u32,
+                packed_rows: (d.group() * d.q_len) as u32,
+                tiles_m: plan.row_tiles,
+                splits: plan.splits,
+                tiles_per_split: plan.tiles_per_split,
+                groups_total: plan.workgroups as u32,
+                head_dim: d.head_dim as u32,
+                v_head_dim: d.v_head_dim as u32,
+                write_lse: lse_out.is_some() as u32,
+                scale: spec.scale,
+                parts_lse_offset: parts_lse_offset as u32,
+                first_tile: pass * plan.tiles_per_split,
+                resume: (pass > 0) as u32,
+                _pad: 0,
+                q_strides: strides(d.heads, d.q_len, d.head_dim),
+                k_strides: strides(d.kv_heads, d.kv_len, d.head_dim),
+                v_strides: strides(d.kv_heads, d.kv_len, d.v_head_dim),
+                o_strides: strides(d.heads, d.q_len, d.v_head_dim),
+            };
+            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+                label: Some("wgpu-attention flash params"),
+                contents: bytemuck::bytes_of(&params),
+                usage: wgpu::BufferUsages::UNIFORM,
+            })
+        })
+        .collect();
+    let size = DispatchSize::linear(
+        plan.workgroups,
+        limits.max_workgroups_per_dim,
+        "flash_attention dispatch",
+    )?;
+    let parts = (plan.splits > 1).then(|| {
+        device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some("wgpu-attention split partials"),
+            size: plan.scratch_bytes,
+            usage: wgpu::BufferUsages::STORAGE,
+            mapped_at_creation: false,
+        })
+    });
 
     let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
     let oom_scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-    let bind = kernel.bind(
-        device,
-        &[
-            &params,
-            io.q.buffer(),
-            io.k.buffer(),
-            io.v.buffer(),
-            io.o.buffer(),
-            masks.bias(gpu),
-            masks.mask(gpu),
-            masks.lens(gpu),
-            io.lse.map_or(&gpu.kernels.placeholder_out, |t| t.buffer()),
-            &masks.params,
-        ],
-    );
+    let placeholder_out = &gpu.kernels.placeholder_out;
+    // With splits the kernel writes the partials, not O, whose binding is then a placeholder.
+    let (o_binding, aux_binding) = match &parts {
+        Some(parts) => (placeholder_out, parts),
+        None => (io.o.buffer(), lse_out.unwrap_or(placeholder_out)),
+    };
     let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
         label: Some("wgpu-attention fused"),
     });
-    {
+    for params in &pass_params {
+        let bind = kernel.bind(
+            device,
+            &[
+                params,
+                io.q.buffer(),
+                io.k.buffer(),
+                io.v.buffer(),
+                o_binding,
+                masks.bias(gpu),
+                masks.mask(gpu),
+                masks.lens(gpu),
+                aux_binding,
+                &masks.params,
+            ],
+        );
         let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
             label: Some("wgpu-attention flash"),
             timestamp_writes: None,
@@ -157,6 +355,39 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &FusedPlan, io: &Io<'_>) -> 
         pass.set_bind_group(0, &bind, &[]);
         let [x, y, z] = size.counts;
         pass.dispatch_workgroups(x, y, z);
+    }
+    if let Some(parts) = &parts {
+        // Partials are [split, batch, heads, q_len, v_head_dim], then [split, batch, heads, q_len].
+        let row = d.v_head_dim as u32;
+        let part_stride = [
+            (rows as u32) * row,
+            (d.heads * d.q_len) as u32 * row,
+            d.q_len as u32 * row,
+            row,
+        ];
+        let part_lse_stride = [rows as u32, (d.heads * d.q_len) as u32, d.q_len as u32, 1];
+        let combine = CombineParams {
+            splits: plan.splits,
+            rows: rows as u32,
+            heads: d.heads as u32,
+            q_len: d.q_len as u32,
+            v_head_dim: d.v_head_dim as u32,
+            write_lse: io.lse.is_some() as u32,
+            lse_offset: parts_lse_offset as u32,
+            _pad0: 0,
+            part_stride,
+            part_lse_stride,
+            o_strides: strides(d.heads, d.q_len, d.v_head_dim),
+            _pad1: 0,
+        };
+        encode_combine(
+            gpu,
+            &mut encoder,
+            &combine,
+            parts,
+            io.o.buffer(),
+            io.lse.map(|t| t.buffer()),
+        )?;
     }
     gpu.queue.submit([encoder.finish()]);
     let oom = pollster::block_on(oom_scope.pop());

@@ -2,7 +2,7 @@
 //!
 //! A kernel's WGSL file never declares the tensors it reads and writes in their storage type.
 //! The host prepends a *prelude* that declares each tensor binding and a `load_<name>(i) -> f32`
-//! (or `store_<name>(i, x)`) accessor for the tensor's [`DType`]; a new storage type is a new
+//! (and, when writable, `store_<name>(i, x)`) accessor for the tensor's [`DType`]; a new storage type is a new
 //! prelude, never a copy of a kernel. Everything else a kernel binds (uniforms, f32 scratch,
 //! masks) it declares itself.
 //!
@@ -27,6 +27,8 @@ pub const MASKED_SOFTMAX: &str = include_str!("../../shaders/masked_softmax.wgsl
 pub const PV_PRODUCT: &str = include_str!("../../shaders/pv_product.wgsl");
 /// WGSL source of the fused flash-attention kernel.
 pub const FLASH_ATTENTION: &str = include_str!("../../shaders/flash_attention.wgsl");
+/// WGSL source of the kernel that merges partial results by their log-sum-exp.
+pub const COMBINE_SPLITS: &str = include_str!("../../shaders/combine_splits.wgsl");
 /// WGSL of the masking rules shared by every kernel that masks (not a kernel itself).
 pub const ATTENTION_MASK: &str = include_str!("../../shaders/attention_mask.wgsl");
 
@@ -41,6 +43,8 @@ pub enum Kernel {
     PvProduct,
     /// Scores, online softmax and `P V` fused (flash attention).
     FlashAttention,
+    /// Merges partial results over disjoint key sets (flash-decoding splits, public merge).
+    CombineSplits,
 }
 
 /// What sits at one binding slot of a kernel.
@@ -64,11 +68,12 @@ const fn tensor(name: &'static str, read_only: bool) -> Slot {
 
 impl Kernel {
     /// All kernels, for tests that compile every one.
-    pub const ALL: [Kernel; 4] = [
+    pub const ALL: [Kernel; 5] = [
         Kernel::QkScores,
         Kernel::MaskedSoftmax,
         Kernel::PvProduct,
         Kernel::FlashAttention,
+        Kernel::CombineSplits,
     ];
 
     fn source(self) -> &'static str {
@@ -77,6 +82,7 @@ impl Kernel {
             Kernel::MaskedSoftmax => MASKED_SOFTMAX,
             Kernel::PvProduct => PV_PRODUCT,
             Kernel::FlashAttention => FLASH_ATTENTION,
+            Kernel::CombineSplits => COMBINE_SPLITS,
         }
     }
 
@@ -90,7 +96,7 @@ impl Kernel {
         match self {
             Kernel::MaskedSoftmax => &[64, 128, 256],
             Kernel::FlashAttention => &[1, 2, 3, 4],
-            Kernel::QkScores | Kernel::PvProduct => &[0],
+            Kernel::QkScores | Kernel::PvProduct | Kernel::CombineSplits => &[0],
         }
     }
 
@@ -103,7 +109,9 @@ impl Kernel {
                 const S: &[Slot] = &[Slot::Uniform, tensor("q", true), tensor("k", true), WRITE];
                 S
             }
-            Kernel::MaskedSoftmax => &[Slot::Uniform, WRITE, READ, READ, READ, WRITE, Slot::Uniform],
+            Kernel::MaskedSoftmax => {
+                &[Slot::Uniform, WRITE, READ, READ, READ, WRITE, Slot::Uniform]
+            }
             Kernel::FlashAttention => {
                 const S: &[Slot] = &[
                     Slot::Uniform,
@@ -117,6 +125,10 @@ impl Kernel {
                     WRITE,
                     Slot::Uniform,
                 ];
+                S
+            }
+            Kernel::CombineSplits => {
+                const S: &[Slot] = &[Slot::Uniform, READ, tensor("o", false), WRITE];
                 S
             }
             Kernel::PvProduct => {
@@ -133,6 +145,7 @@ impl Kernel {
             Kernel::MaskedSoftmax => "masked_softmax",
             Kernel::PvProduct => "pv_product",
             Kernel::FlashAttention => "flash_attention",
+            Kernel::CombineSplits => "combine_splits",
         }
     }
 }
@@ -168,7 +181,7 @@ impl KernelKey {
                 };
                 vec![("O_CHUNKS", self.variant as f64), ("BKV", bkv as f64)]
             }
-            Kernel::QkScores | Kernel::PvProduct => Vec::new(),
+            Kernel::QkScores | Kernel::PvProduct | Kernel::CombineSplits => Vec::new(),
         }
     }
 
@@ -197,12 +210,11 @@ fn prelude(src: &mut String, name: &str, binding: usize, dtype: DType, read_only
                 src,
                 "@group(0) @binding({binding}) var<storage, {access}> {name}_buf: array<f32>;"
             );
-            if read_only {
-                let _ = writeln!(
-                    src,
-                    "fn load_{name}(i: u32) -> f32 {{ return {name}_buf[i]; }}"
-                );
-            } else {
+            let _ = writeln!(
+                src,
+                "fn load_{name}(i: u32) -> f32 {{ return {name}_buf[i]; }}"
+            );
+            if !read_only {
                 let _ = writeln!(
                     src,
                     "fn store_{name}(i: u32, x: f32) {{ {name}_buf[i] = x; }}"

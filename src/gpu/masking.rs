@@ -91,7 +91,10 @@ pub(crate) fn upload(gpu: &Gpu, spec: &Spec<'_>) -> Result<MaskBuffers> {
     let bias = match &opts.bias {
         Some(bias) => {
             check_binding(&gpu.limits, "bias", bias.data.len() as u64 * 4)?;
-            Some(storage("wgpu-attention bias", bytemuck::cast_slice(&bias.data)))
+            Some(storage(
+                "wgpu-attention bias",
+                bytemuck::cast_slice(&bias.data),
+            ))
         }
         None => None,
     };
@@ -131,12 +134,13 @@ pub(crate) fn upload(gpu: &Gpu, spec: &Spec<'_>) -> Result<MaskBuffers> {
     }
     // Window sides past every key are unbounded; clamping keeps the kernel's i32 sums exact.
     let reach = (d.q_len + d.kv_len) as i32;
-    let (win_left, win_right) = opts
-        .window
-        .map_or((0, 0), |(l, r)| (l.min(reach as usize) as i32, r.min(reach as usize) as i32));
+    let (win_left, win_right) = opts.window.map_or((0, 0), |(l, r)| {
+        (l.min(reach as usize) as i32, r.min(reach as usize) as i32)
+    });
+    // 1 selects the bottom-right shift, which the kernel computes per sequence.
     let win_off = match spec.window_align() {
         Causal::TopLeft => 0,
-        Causal::BottomRight => d.kv_len as i32 - d.q_len as i32,
+        Causal::BottomRight => 1,
     };
     let params = MaskParams {
         batch: d.batch as u32,

@@ -4,15 +4,15 @@
 //! [`Attention::run`](crate::Attention::run) validates a call, plans it and submits it once.
 
 mod context;
-pub mod kernels;
-mod tensor;
-mod masking;
-mod three_pass;
 mod flash;
+pub mod kernels;
+mod masking;
+mod tensor;
+mod three_pass;
 
 pub use context::{Gpu, GpuLimits, LimitCaps};
-pub use tensor::Tensor;
 pub use flash::FusedPlan;
+pub use tensor::Tensor;
 pub use three_pass::{Chunk, ThreePassPlan};
 
 use crate::error::{Error, Result};
@@ -41,9 +41,18 @@ pub enum Plan {
         /// Why this path.
         why: &'static str,
     },
-    /// One fused kernel, online softmax, O(N) memory.
+    /// One fused kernel, online softmax, O(N) memory; its keys split across workgroups only
+    /// where the device caps the keys one workgroup may stream.
     Fused {
         /// Dispatch and specialisation.
+        plan: FusedPlan,
+        /// Why this path.
+        why: &'static str,
+    },
+    /// The fused kernel with the keys split to fill the device, GQA groups packed, and the
+    /// splits merged by log-sum-exp (flash-decoding).
+    Decode {
+        /// Dispatch, splits and specialisation.
         plan: FusedPlan,
         /// Why this path.
         why: &'static str,
@@ -56,6 +65,7 @@ impl Plan {
         match self {
             Plan::ThreePass { .. } => "three-pass",
             Plan::Fused { .. } => "fused",
+            Plan::Decode { .. } => "decode",
         }
     }
 
@@ -68,9 +78,16 @@ impl Plan {
                 plan.scratch_bytes,
                 plan.reason
             ),
-            Plan::Fused { plan, why } => format!(
-                "fused ({why}): {} workgroups, {} output chunk(s) of 64 columns, no scratch",
-                plan.workgroups, plan.o_chunks
+            Plan::Fused { plan, why } | Plan::Decode { plan, why } => format!(
+                "{} ({why}): {} workgroups, {} key split(s) x {} pass(es) of {} tiles, {} output \
+                 chunk(s) of 64 columns, {} bytes of scratch",
+                self.name(),
+                plan.workgroups,
+                plan.splits,
+                plan.passes,
+                plan.tiles_per_split,
+                plan.o_chunks,
+                plan.scratch_bytes
             ),
         }
     }
@@ -79,7 +96,7 @@ impl Plan {
     pub fn scratch_bytes(&self) -> u64 {
         match self {
             Plan::ThreePass { plan, .. } => plan.scratch_bytes,
-            Plan::Fused { plan, .. } => plan.scratch_bytes,
+            Plan::Fused { plan, .. } | Plan::Decode { plan, .. } => plan.scratch_bytes,
         }
     }
 }
@@ -114,16 +131,27 @@ impl Attention {
         };
         let fused = |why| -> Result<Plan> {
             Ok(Plan::Fused {
-                plan: FusedPlan::new(&spec, &gpu.limits)?,
+                plan: FusedPlan::new(&spec, &gpu.limits, false)?,
                 why,
             })
         };
+        let decode = |why| -> Result<Plan> {
+            Ok(Plan::Decode {
+                plan: FusedPlan::new(&spec, &gpu.limits, true)?,
+                why,
+            })
+        };
+        // A few query rows (a whole GQA group fits one workgroup) over many keys: the fused
+        // grid would be a handful of workgroups each streaming every key.
+        let short_queries = dims.group() * dims.q_len <= 64 && dims.kv_len >= 1024;
         let plan = match self.path {
             Path::ThreePass => three_pass("forced")?,
             Path::Fused => fused("forced")?,
+            Path::Decode => decode("forced")?,
             Path::Auto if weights => three_pass("the weights were asked for")?,
             Path::Auto => match flash::unsupported(&gpu.limits) {
                 Some(why) => three_pass(why)?,
+                None if short_queries => decode("a few queries over many keys")?,
                 None => fused("the default: O(N) memory, one pass")?,
             },
         };
@@ -189,7 +217,7 @@ impl Attention {
         };
         match self.plan_for(gpu, dims, out.weights.is_some())? {
             Plan::ThreePass { plan, .. } => three_pass::run(gpu, &spec, &plan, &io),
-            Plan::Fused { plan, .. } => {
+            Plan::Fused { plan, .. } | Plan::Decode { plan, .. } => {
                 if out.weights.is_some() {
                     return Err(Error::InvalidOption {
                         what: "weights output",

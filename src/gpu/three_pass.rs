@@ -15,8 +15,8 @@ use wgpu::util::DeviceExt;
 use crate::error::{Error, Result};
 use crate::gpu::context::{Gpu, GpuLimits};
 use crate::gpu::kernels::{DispatchSize, Kernel, KernelKey};
-use crate::gpu::tensor::Tensor;
 use crate::gpu::masking::{self, check_binding};
+use crate::gpu::tensor::Tensor;
 use crate::spec::{DType, Spec};
 
 /// Rows and columns of one tile of the product kernels.

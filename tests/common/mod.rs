@@ -108,17 +108,26 @@ pub fn check(gpu: &Gpu, path: Path, dims: Dims, opts: &Attention, seed: u64, log
         lse: Some(poisoned(gpu, [dims.batch, dims.heads, dims.q_len, 1])),
         weights: with_weights.then(|| poisoned(gpu, dims.score_shape())),
     };
-    let plan = opts.plan(gpu, dims).unwrap_or_else(|e| panic!("{dims:?}: {e}"));
+    let plan = opts
+        .plan(gpu, dims)
+        .unwrap_or_else(|e| panic!("{dims:?}: {e}"));
     let ran = plan.name();
     opts.run_into(gpu, &tq, &tk, &tv, &out)
         .unwrap_or_else(|e| panic!("{dims:?}: {e}"));
     let o = out.o.download(gpu).unwrap();
     let lse = out.lse.unwrap().download(gpu).unwrap();
     let ctx = format!("[{ran}] {dims:?} {opts:?} seed {seed}");
-    let ctx = if ctx.len() > 400 { format!("{}...", &ctx[..400]) } else { ctx };
+    let ctx = if ctx.len() > 400 {
+        format!("{}...", &ctx[..400])
+    } else {
+        ctx
+    };
     assert_close(&format!("O of {ctx}"), &o, &want.o, O_ATOL, O_RTOL);
     let err = rel_norm_error(&o, &want.o);
-    assert!(err <= NORM_TOL, "O of {ctx}: relative norm error {err:e} > {NORM_TOL:e}");
+    assert!(
+        err <= NORM_TOL,
+        "O of {ctx}: relative norm error {err:e} > {NORM_TOL:e}"
+    );
     assert_close(&format!("lse of {ctx}"), &lse, &want.lse, 2e-5, 2e-5);
     if let Some(w) = out.weights {
         let w = w.download(gpu).unwrap();
@@ -302,9 +311,17 @@ pub fn grid_window() -> Vec<Case> {
             opts = match n % 3 {
                 0 => opts.causal(Causal::BottomRight),
                 1 => opts.causal(Causal::TopLeft),
-                _ => opts.window_align(if l == s { Causal::TopLeft } else { Causal::BottomRight }),
+                _ => opts.window_align(if l == s {
+                    Causal::TopLeft
+                } else {
+                    Causal::BottomRight
+                }),
             };
-            cases.push(Case { dims: dims(1, 2, 1, l, s, 40, 24), opts, amp: 1.0 });
+            cases.push(Case {
+                dims: dims(1, 2, 1, l, s, 40, 24),
+                opts,
+                amp: 1.0,
+            });
         }
     }
     cases
@@ -376,8 +393,22 @@ macro_rules! path_grid_tests {
         fn kv_lens_including_zero_and_q_lens() {
             let Some(gpu) = gpu() else { return };
             let d = dims(3, 2, 1, 33, 100, 40, 40);
-            check(gpu, $path, d, &Attention::new().kv_lens(vec![0, 57, 100]), 700, 1.0);
-            check(gpu, $path, d, &Attention::new().q_lens(vec![33, 0, 17]), 701, 1.0);
+            check(
+                gpu,
+                $path,
+                d,
+                &Attention::new().kv_lens(vec![0, 57, 100]),
+                700,
+                1.0,
+            );
+            check(
+                gpu,
+                $path,
+                d,
+                &Attention::new().q_lens(vec![33, 0, 17]),
+                701,
+                1.0,
+            );
             let both = Attention::new()
                 .kv_lens(vec![1, 100, 64])
                 .q_lens(vec![5, 33, 20])
@@ -393,16 +424,37 @@ macro_rules! path_grid_tests {
             let Some(gpu) = gpu() else { return };
             for (n, cap) in [1.0f32, 5.0, 50.0].into_iter().enumerate() {
                 let d = dims(1, 2, 2, 33, 257, 64, 64);
-                check(gpu, $path, d, &Attention::new().softcap(cap), 800 + n as u64, 30.0);
+                check(
+                    gpu,
+                    $path,
+                    d,
+                    &Attention::new().softcap(cap),
+                    800 + n as u64,
+                    30.0,
+                );
             }
         }
 
         #[test]
         fn logits_scaled_30x() {
             let Some(gpu) = gpu() else { return };
-            check(gpu, $path, dims(2, 4, 4, 100, 257, 128, 64), &Attention::new(), 900, 30.0);
+            check(
+                gpu,
+                $path,
+                dims(2, 4, 4, 100, 257, 128, 64),
+                &Attention::new(),
+                900,
+                30.0,
+            );
             let causal = Attention::new().causal(Causal::TopLeft);
-            check(gpu, $path, dims(1, 8, 2, 257, 100, 256, 32), &causal, 901, 30.0);
+            check(
+                gpu,
+                $path,
+                dims(1, 8, 2, 257, 100, 256, 32),
+                &causal,
+                901,
+                30.0,
+            );
             let luong = Attention::new().scale(1.0);
             check(gpu, $path, dims(1, 2, 2, 7, 33, 40, 40), &luong, 902, 30.0);
         }
@@ -447,45 +499,76 @@ macro_rules! path_grid_tests {
             let groups = prop_oneof![Just(1usize), Just(2), Just(4)];
             let strategy = (
                 (1usize..=3, 1usize..=4, groups, 1usize..=80, 1usize..=120),
-                (1usize..=96, 1usize..=96, any::<bool>(), 0usize..3, 0usize..16),
-                (0usize..16, any::<bool>(), any::<bool>(), any::<bool>(), any::<bool>()),
+                (
+                    1usize..=96,
+                    1usize..=96,
+                    any::<bool>(),
+                    0usize..3,
+                    0usize..16,
+                ),
+                (
+                    0usize..16,
+                    any::<bool>(),
+                    any::<bool>(),
+                    any::<bool>(),
+                    any::<bool>(),
+                ),
                 (0usize..4, any::<u64>()),
             );
             runner
-                .run(&strategy, |((b, hkv, g, l, s), (dd, dv, bshd, causal, mask_pat), (bias_pat, softcap, kv_lens, q_lens, big), (window, seed))| {
-                    let d = Dims { batch: b, heads: hkv * g, kv_heads: hkv, q_len: l, kv_len: s, head_dim: dd, v_head_dim: dv };
-                    let mut r = rng(seed);
-                    let layout = if bshd { Layout::Bshd } else { Layout::Bhsd };
-                    let mut opts = Attention::new().layout(layout);
-                    opts = match causal {
-                        1 => opts.causal(Causal::TopLeft),
-                        2 => opts.causal(Causal::BottomRight),
-                        _ => opts,
-                    };
-                    // Pattern 0 (all broadcast) stands for "no mask" / "no bias".
-                    if mask_pat != 0 {
-                        let shape = common::broadcast_shape(d, mask_pat);
-                        opts = opts.mask(shape, random_mask(&mut r, shape.iter().product(), 0.75));
-                    }
-                    if bias_pat != 0 {
-                        let shape = common::broadcast_shape(d, bias_pat);
-                        opts = opts.bias(shape, random(&mut r, shape.iter().product(), 2.0));
-                    }
-                    if softcap {
-                        opts = opts.softcap(10.0);
-                    }
-                    if window != 0 {
-                        opts = opts.window(r.random_range(0..40), r.random_range(0..40));
-                    }
-                    if kv_lens {
-                        opts = opts.kv_lens((0..b).map(|_| r.random_range(0..=s as u32)).collect());
-                    }
-                    if q_lens {
-                        opts = opts.q_lens((0..b).map(|_| r.random_range(0..=l as u32)).collect());
-                    }
-                    check(gpu, $path, d, &opts, seed, if big { 30.0 } else { 1.0 });
-                    Ok(())
-                })
+                .run(
+                    &strategy,
+                    |(
+                        (b, hkv, g, l, s),
+                        (dd, dv, bshd, causal, mask_pat),
+                        (bias_pat, softcap, kv_lens, q_lens, big),
+                        (window, seed),
+                    )| {
+                        let d = Dims {
+                            batch: b,
+                            heads: hkv * g,
+                            kv_heads: hkv,
+                            q_len: l,
+                            kv_len: s,
+                            head_dim: dd,
+                            v_head_dim: dv,
+                        };
+                        let mut r = rng(seed);
+                        let layout = if bshd { Layout::Bshd } else { Layout::Bhsd };
+                        let mut opts = Attention::new().layout(layout);
+                        opts = match causal {
+                            1 => opts.causal(Causal::TopLeft),
+                            2 => opts.causal(Causal::BottomRight),
+                            _ => opts,
+                        };
+                        // Pattern 0 (all broadcast) stands for "no mask" / "no bias".
+                        if mask_pat != 0 {
+                            let shape = common::broadcast_shape(d, mask_pat);
+                            opts =
+                                opts.mask(shape, random_mask(&mut r, shape.iter().product(), 0.75));
+                        }
+                        if bias_pat != 0 {
+                            let shape = common::broadcast_shape(d, bias_pat);
+                            opts = opts.bias(shape, random(&mut r, shape.iter().product(), 2.0));
+                        }
+                        if softcap {
+                            opts = opts.softcap(10.0);
+                        }
+                        if window != 0 {
+                            opts = opts.window(r.random_range(0..40), r.random_range(0..40));
+                        }
+                        if kv_lens {
+                            opts = opts
+                                .kv_lens((0..b).map(|_| r.random_range(0..=s as u32)).collect());
+                        }
+                        if q_lens {
+                            opts =
+                                opts.q_lens((0..b).map(|_| r.random_range(0..=l as u32)).collect());
+                        }
+                        check(gpu, $path, d, &opts, seed, if big { 30.0 } else { 1.0 });
+                        Ok(())
+                    },
+                )
                 .unwrap();
         }
     };
