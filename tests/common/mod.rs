@@ -329,6 +329,7 @@ pub fn grid_window() -> Vec<Case> {
 
 /// The grid and property tests every GPU path must pass, instantiated once per path so that a
 /// failure names its kernel.
+#[allow(unused_macros)] // errors.rs shares this module but runs no grid
 macro_rules! path_grid_tests {
     ($path:expr) => {
         use common::{Case, check, dims, gpu, random, random_mask, rng};
