@@ -23,7 +23,7 @@ pub mod gpu;
 mod spec;
 
 pub use error::{Error, Result};
-pub use gpu::{Gpu, GpuLimits, LimitCaps, Output, Plan, Tensor};
+pub use gpu::{Gpu, GpuLimits, KvCache, LimitCaps, Output, Plan, Tensor};
 pub use spec::{Attention, Bias, BoolMask, Causal, DType, Dims, Layout, MAX_HEAD_DIM, Path, Spec};
 
 /// The README's examples, compiled and run as doctests.

@@ -4,6 +4,8 @@
 //! accumulation, the score matrix materialised, the same [`Spec`](crate::Spec) and semantics as
 //! the GPU paths.
 
+mod merge;
 mod reference;
 
+pub use merge::merge;
 pub use reference::{Reference, reference};

@@ -3,15 +3,19 @@
 //! [`Gpu`] holds the device and its pipeline cache, [`Tensor`] a device buffer with dims, and
 //! [`Attention::run`](crate::Attention::run) validates a call, plans it and submits it once.
 
+mod cache;
 mod context;
 mod flash;
 pub mod kernels;
 mod masking;
+mod merge;
 mod tensor;
 mod three_pass;
 
+pub use cache::KvCache;
 pub use context::{Gpu, GpuLimits, LimitCaps};
 pub use flash::FusedPlan;
+pub use merge::{Partial, merge};
 pub use tensor::Tensor;
 pub use three_pass::{Chunk, ThreePassPlan};
 

@@ -1,0 +1,246 @@
+//! A key/value cache on the device, for decoding.
+//!
+//! K and V live in `[batch, kv_heads, capacity, dim]` buffers (layout `Bhsd`) that never leave
+//! the device; `append` writes new tokens after each sequence's current length, and `attend`
+//! runs new queries against everything cached so far with bottom-right causal alignment per
+//! sequence (query `i` of sequence `b`, one of `n` new queries, sees keys
+//! `j <= i + len[b] - n`), through the decode path when the queries are few.
+
+use crate::error::{Error, Result};
+use crate::gpu::Output;
+use crate::gpu::context::Gpu;
+use crate::gpu::tensor::Tensor;
+use crate::spec::{Attention, Causal, Dims, Layout};
+
+/// Device K/V buffers with a capacity and per-sequence lengths.
+///
+/// ```no_run
+/// use wgpu_attention::{Attention, Gpu, KvCache};
+/// let gpu = Gpu::new()?;
+/// let (batch, kv_heads, heads, dim) = (1, 2, 8, 64);
+/// let mut cache = KvCache::new(&gpu, batch, kv_heads, 4096, dim, dim)?;
+/// // The prompt: 100 tokens of K and V, [batch, kv_heads, 100, dim].
+/// let k = vec![0.1f32; batch * kv_heads * 100 * dim];
+/// cache.append(&gpu, &k, &k, &[100])?;
+/// // Then one token at a time: append its K/V, attend with its query.
+/// let kv1 = vec![0.2f32; batch * kv_heads * dim];
+/// cache.append(&gpu, &kv1, &kv1, &[1])?;
+/// let q = gpu.upload(&vec![0.3; batch * heads * dim], [batch, heads, 1, dim])?;
+/// let out = cache.attend(&gpu, &q, &Attention::new())?;
+/// # Ok::<(), wgpu_attention::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct KvCache {
+    k: Tensor,
+    v: Tensor,
+    batch: usize,
+    kv_heads: usize,
+    capacity: usize,
+    head_dim: usize,
+    v_head_dim: usize,
+    lens: Vec<u32>,
+}
+
+impl KvCache {
+    /// An empty cache of `capacity` tokens per sequence.
+    pub fn new(
+        gpu: &Gpu,
+        batch: usize,
+        kv_heads: usize,
+        capacity: usize,
+        head_dim: usize,
+        v_head_dim: usize,
+    ) -> Result<KvCache> {
+        // Validates the sizes as attention would see them.
+        Attention::new().validate(Dims {
+            batch,
+            heads: kv_heads,
+            kv_heads,
+            q_len: 1,
+            kv_len: capacity,
+            head_dim,
+            v_head_dim,
+        })?;
+        Ok(KvCache {
+            k: gpu.empty([batch, kv_heads, capacity, head_dim])?,
+            v: gpu.empty([batch, kv_heads, capacity, v_head_dim])?,
+            batch,
+            kv_heads,
+            capacity,
+            head_dim,
+            v_head_dim,
+            lens: vec![0; batch],
+        })
+    }
+
+    /// Tokens cached per sequence.
+    pub fn lens(&self) -> &[u32] {
+        &self.lens
+    }
+
+    /// Tokens each sequence can hold.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// The K buffer, `[batch, kv_heads, capacity, head_dim]`; rows past `lens()` are unspecified.
+    pub fn k(&self) -> &Tensor {
+        &self.k
+    }
+
+    /// The V buffer, `[batch, kv_heads, capacity, v_head_dim]`.
+    pub fn v(&self) -> &Tensor {
+        &self.v
+    }
+
+    /// Empties every sequence (the buffers are kept).
+    pub fn clear(&mut self) {
+        self.lens.fill(0);
+    }
+
+    /// Appends `new[b]` tokens to sequence `b` from host data `k` and `v`, shaped
+    /// `[batch, kv_heads, t, head_dim]` and `[batch, kv_heads, t, v_head_dim]` with
+    /// `t = max(new)`; rows past `new[b]` of sequence `b` are ignored.
+    pub fn append(&mut self, gpu: &Gpu, k: &[f32], v: &[f32], new: &[usize]) -> Result<()> {
+        let t = self.check_append(new)?;
+        for (what, data, dim) in [("K", k, self.head_dim), ("V", v, self.v_head_dim)] {
+            let expected = self.batch * self.kv_heads * t * dim;
+            if data.len() != expected {
+                return Err(Error::DataLength {
+                    what,
+                    dims: vec![self.batch, self.kv_heads, t, dim],
+                    expected,
+                    got: data.len(),
+                });
+            }
+        }
+        for (dst, data, dim) in [(&self.k, k, self.head_dim), (&self.v, v, self.v_head_dim)] {
+            for (b, &n) in new.iter().enumerate() {
+                for h in 0..self.kv_heads {
+                    let src = &data[((b * self.kv_heads + h) * t) * dim..][..n * dim];
+                    let offset = self.row_offset(b, h, self.lens[b] as usize, dim);
+                    gpu.queue
+                        .write_buffer(dst.buffer(), offset, bytemuck::cast_slice(src));
+                }
+            }
+        }
+        self.grow(new);
+        Ok(())
+    }
+
+    /// [`append`](KvCache::append) from tensors already on the device (dims
+    /// `[batch, kv_heads, t, dim]`): copied buffer to buffer, never through the host.
+    pub fn append_tensors(
+        &mut self,
+        gpu: &Gpu,
+        k: &Tensor,
+        v: &Tensor,
+        new: &[usize],
+    ) -> Result<()> {
+        let t = self.check_append(new)?;
+        for (what, tensor, dim) in [("K", k, self.head_dim), ("V", v, self.v_head_dim)] {
+            let want = [self.batch, self.kv_heads, t, dim];
+            if let Some(axis) = (0..4).find(|&x| tensor.dims()[x] != want[x]) {
+                return Err(Error::ShapeMismatch {
+                    what: format!("appended {what} dim {axis} (expected dims {want:?})"),
+                    got: tensor.dims()[axis],
+                    expected: want[axis],
+                });
+            }
+            if !tensor
+                .buffer()
+                .usage()
+                .contains(wgpu::BufferUsages::COPY_SRC)
+            {
+                return Err(Error::BufferUsage {
+                    what: "appended tensor",
+                    needed: "COPY_SRC",
+                });
+            }
+        }
+        let mut encoder = gpu
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                label: Some("wgpu-attention cache append"),
+            });
+        for (dst, src, dim) in [(&self.k, k, self.head_dim), (&self.v, v, self.v_head_dim)] {
+            for (b, &n) in new.iter().enumerate() {
+                for h in 0..self.kv_heads {
+                    if n == 0 {
+                        continue;
+                    }
+                    let from = (((b * self.kv_heads + h) * t) * dim * 4) as u64;
+                    let to = self.row_offset(b, h, self.lens[b] as usize, dim);
+                    let size = (n * dim * 4) as u64;
+                    encoder.copy_buffer_to_buffer(src.buffer(), from, dst.buffer(), to, size);
+                }
+            }
+        }
+        gpu.queue.submit([encoder.finish()]);
+        self.grow(new);
+        Ok(())
+    }
+
+    /// Attention of new queries `q` (`[batch, heads, n, head_dim]`, layout `Bhsd`) against the
+    /// cache: `kv_lens` are the cached lengths and causal alignment is bottom-right per
+    /// sequence unless `opts` sets another. With `q_lens` in `opts`, sequence `b` has
+    /// `q_lens[b]` real queries (its last `q_lens[b]` appended tokens).
+    pub fn attend(&self, gpu: &Gpu, q: &Tensor, opts: &Attention) -> Result<Output> {
+        if opts.kv_lens.is_some() {
+            return Err(Error::InvalidOption {
+                what: "kv_lens",
+                value: "Some".into(),
+                why: "the cache sets kv_lens to its own lengths",
+            });
+        }
+        if opts.layout != Layout::Bhsd {
+            return Err(Error::InvalidOption {
+                what: "layout",
+                value: format!("{:?}", opts.layout),
+                why: "the cache holds K and V in the Bhsd layout",
+            });
+        }
+        let mut opts = opts.clone().kv_lens(self.lens.clone());
+        if opts.causal.is_none() {
+            opts = opts.causal(Causal::BottomRight);
+        }
+        opts.run(gpu, q, &self.k, &self.v)
+    }
+
+    fn check_append(&self, new: &[usize]) -> Result<usize> {
+        if new.len() != self.batch {
+            return Err(Error::ShapeMismatch {
+                what: "appended lengths".into(),
+                got: new.len(),
+                expected: self.batch,
+            });
+        }
+        for (index, (&n, &len)) in new.iter().zip(&self.lens).enumerate() {
+            if len as usize + n > self.capacity {
+                return Err(Error::LengthOutOfRange {
+                    what: "cache length after append",
+                    index,
+                    value: len as usize + n,
+                    max: self.capacity,
+                });
+            }
+        }
+        let t = new.iter().copied().max().unwrap_or(0);
+        if t == 0 {
+            return Err(Error::ZeroSize {
+                what: "appended tokens",
+            });
+        }
+        Ok(t)
+    }
+
+    fn row_offset(&self, b: usize, h: usize, row: usize, dim: usize) -> u64 {
+        ((((b * self.kv_heads + h) * self.capacity) + row) * dim * 4) as u64
+    }
+
+    fn grow(&mut self, new: &[usize]) {
+        for (len, &n) in self.lens.iter_mut().zip(new) {
+            *len += n as u32;
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! Merging attention results computed over disjoint key sets, by their log-sum-exp.
+//!
+//! Attention over keys `A ∪ B` equals the merge of attention over `A` and over `B`:
+//! `O = (e^{lse_A} O_A + e^{lse_B} O_B) / (e^{lse_A} + e^{lse_B})`, `lse = log(e^{lse_A} + e^{lse_B})`
+//! (computed relative to the larger log-sum-exp so nothing overflows). That is what lets a
+//! caller split the keys across chunks, devices or a paged cache. A side with log-sum-exp
+//! `-inf` (no allowed key) weighs nothing; if both have none the row is zeros and `-inf`.
+
+use crate::error::{Error, Result};
+use crate::gpu::Output;
+use crate::gpu::context::Gpu;
+use crate::gpu::flash::{CombineParams, encode_combine};
+use crate::gpu::masking::check_binding;
+use crate::gpu::tensor::Tensor;
+use crate::spec::Layout;
+
+/// One partial result: the output `o` (`[batch, heads, q_len, v_head_dim]` in `layout`) and its
+/// log-sum-exp `lse` (`[batch, heads, q_len, 1]`), as [`Attention::run`](crate::Attention::run)
+/// returns them with [`return_lse`](crate::Attention::return_lse).
+#[derive(Debug, Clone, Copy)]
+pub struct Partial<'a> {
+    /// The partial output.
+    pub o: &'a Tensor,
+    /// Its log-sum-exp.
+    pub lse: &'a Tensor,
+}
+
+/// Merges two partial results over disjoint key sets into one (O and log-sum-exp), on the GPU,
+/// in one submit.
+///
+/// ```no_run
+/// use wgpu_attention::{Attention, Gpu, Layout, gpu::{Partial, merge}};
+/// # fn demo(gpu: &Gpu, q: &wgpu_attention::Tensor, k1: &wgpu_attention::Tensor,
+/// #         v1: &wgpu_attention::Tensor, k2: &wgpu_attention::Tensor,
+/// #         v2: &wgpu_attention::Tensor) -> wgpu_attention::Result<()> {
+/// let opts = Attention::new().return_lse(true);
+/// let a = opts.run(gpu, q, k1, v1)?; // keys 0..n
+/// let b = opts.run(gpu, q, k2, v2)?; // keys n..
+/// let all = merge(
+///     gpu,
+///     Partial { o: &a.o, lse: a.lse.as_ref().unwrap() },
+///     Partial { o: &b.o, lse: b.lse.as_ref().unwrap() },
+///     Layout::Bhsd,
+/// )?;
+/// # Ok(()) }
+/// ```
+pub fn merge(gpu: &Gpu, a: Partial<'_>, b: Partial<'_>, layout: Layout) -> Result<Output> {
+    let dims = a.o.dims();
+    for (what, got, want) in [
+        ("second output", b.o.dims(), dims),
+        ("first log-sum-exp", a.lse.dims(), lse_dims(layout, dims)),
+        ("second log-sum-exp", b.lse.dims(), lse_dims(layout, dims)),
+    ] {
+        if let Some(axis) = (0..4).find(|&x| got[x] != want[x]) {
+            return Err(Error::ShapeMismatch {
+                what: format!("{what} dim {axis} (expected dims {want:?})"),
+                got: got[axis],
+                expected: want[axis],
+            });
+        }
+    }
+    let (batch, heads, q_len, v_head_dim) = layout.split(dims);
+    let o_bytes = a.o.byte_len();
+    let lse_bytes = a.lse.byte_len();
+    let rows = (batch * heads * q_len) as u32;
+    let bytes = 2 * (o_bytes + lse_bytes);
+    check_binding(&gpu.limits, "stacked partial results", bytes)?;
+    for t in [a.o, a.lse, b.o, b.lse] {
+        if !t.buffer().usage().contains(wgpu::BufferUsages::COPY_SRC) {
+            return Err(Error::BufferUsage {
+                what: "partial result",
+                needed: "COPY_SRC",
+            });
+        }
+    }
+
+    let device = &gpu.device;
+    let out = Output {
+        o: gpu.empty(dims)?,
+        lse: Some(gpu.empty([batch, heads, q_len, 1])?),
+        weights: None,
+    };
+    let stacked = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some("wgpu-attention merge inputs"),
+        size: bytes,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
+        label: Some("wgpu-attention merge"),
+    });
+    // [o_a | o_b | lse_a | lse_b]: the combine kernel reads them as two splits.
+    encoder.copy_buffer_to_buffer(a.o.buffer(), 0, &stacked, 0, o_bytes);
+    encoder.copy_buffer_to_buffer(b.o.buffer(), 0, &stacked, o_bytes, o_bytes);
+    encoder.copy_buffer_to_buffer(a.lse.buffer(), 0, &stacked, 2 * o_bytes, lse_bytes);
+    encoder.copy_buffer_to_buffer(
+        b.lse.buffer(),
+        0,
+        &stacked,
+        2 * o_bytes + lse_bytes,
+        lse_bytes,
+    );
+    let [sb, sh, ss] = layout.strides(heads, q_len, v_head_dim).map(|x| x as u32);
+    let o_elems = (o_bytes / 4) as u32;
+    let params = CombineParams {
+        splits: 2,
+        rows,
+        heads: heads as u32,
+        q_len: q_len as u32,
+        v_head_dim: v_head_dim as u32,
+        write_lse: 1,
+        lse_offset: 2 * o_elems,
+        _pad0: 0,
+        part_stride: [o_elems, sb, sh, ss],
+        part_lse_stride: [rows, (heads * q_len) as u32, q_len as u32, 1],
+        o_strides: [sb, sh, ss],
+        _pad1: 0,
+    };
+    encode_combine(
+        gpu,
+        &mut encoder,
+        &params,
+        &stacked,
+        out.o.buffer(),
+        out.lse.as_ref().map(|t| t.buffer()),
+    )?;
+    gpu.queue.submit([encoder.finish()]);
+    if let Some(err) = pollster::block_on(scope.pop()) {
+        return Err(Error::Gpu(format!("merge: {err}")));
+    }
+    Ok(out)
+}
+
+fn lse_dims(layout: Layout, o_dims: [usize; 4]) -> [usize; 4] {
+    let (batch, heads, q_len, _) = layout.split(o_dims);
+    [batch, heads, q_len, 1]
+}

@@ -1,0 +1,300 @@
+//! `KvCache` filled in several appends, and the merge of partial results over disjoint keys,
+//! on the GPU and the CPU, against the f64 reference on the whole problem.
+
+mod common;
+
+use common::{O_ATOL, O_RTOL, assert_close, dims, gpu, random, rng};
+use wgpu_attention::gpu::{Partial, merge};
+use wgpu_attention::{Attention, Causal, Dims, Error, KvCache, Layout, Path, cpu};
+
+/// Decoding: a prompt, then single tokens, then a ragged chunk, with two sequences of
+/// different lengths; every step checked against the reference on the host copy of the cache.
+#[test]
+fn cache_filled_in_several_appends() {
+    let Some(gpu) = gpu() else { return };
+    let (batch, heads, kv_heads, cap, d, dv) = (2, 8, 2, 1200, 40, 24);
+    let mut cache = KvCache::new(gpu, batch, kv_heads, cap, d, dv).unwrap();
+    let mut host_k = vec![0f32; batch * kv_heads * cap * d];
+    let mut host_v = vec![0f32; batch * kv_heads * cap * dv];
+    let mut r = rng(1900);
+    let steps: [[usize; 2]; 5] = [[1030, 700], [1, 1], [1, 0], [5, 3], [16, 16]];
+    for (step, new) in steps.iter().enumerate() {
+        let t = *new.iter().max().unwrap();
+        let k = random(&mut r, batch * kv_heads * t * d, 1.0);
+        let v = random(&mut r, batch * kv_heads * t * dv, 1.0);
+        let start: Vec<usize> = cache.lens().iter().map(|&l| l as usize).collect();
+        if step % 2 == 0 {
+            cache.append(gpu, &k, &v, new).unwrap();
+        } else {
+            let tk = gpu.upload(&k, [batch, kv_heads, t, d]).unwrap();
+            let tv = gpu.upload(&v, [batch, kv_heads, t, dv]).unwrap();
+            cache.append_tensors(gpu, &tk, &tv, new).unwrap();
+        }
+        for b in 0..batch {
+            for h in 0..kv_heads {
+                for row in 0..new[b] {
+                    let dst = ((b * kv_heads + h) * cap + start[b] + row) * d;
+                    host_k[dst..dst + d]
+                        .copy_from_slice(&k[((b * kv_heads + h) * t + row) * d..][..d]);
+                    let dst = ((b * kv_heads + h) * cap + start[b] + row) * dv;
+                    host_v[dst..dst + dv]
+                        .copy_from_slice(&v[((b * kv_heads + h) * t + row) * dv..][..dv]);
+                }
+            }
+        }
+        // The new tokens' queries; a sequence that appended fewer has fewer real queries.
+        let q = random(&mut r, batch * heads * t * d, 1.0);
+        let tq = gpu.upload(&q, [batch, heads, t, d]).unwrap();
+        let q_lens: Vec<u32> = new.iter().map(|&n| n as u32).collect();
+        let opts = Attention::new().q_lens(q_lens.clone()).return_lse(true);
+        let out = cache.attend(gpu, &tq, &opts).unwrap();
+        let lens = cache.lens().to_vec();
+        let full = Dims {
+            batch,
+            heads,
+            kv_heads,
+            q_len: t,
+            kv_len: cap,
+            head_dim: d,
+            v_head_dim: dv,
+        };
+        let want_opts = Attention::new()
+            .q_lens(q_lens)
+            .kv_lens(lens)
+            .causal(Causal::BottomRight);
+        let want = cpu::reference(&q, &host_k, &host_v, full, &want_opts).unwrap();
+        let ctx = format!("step {step}, appended {new:?}");
+        assert_close(
+            &format!("O, {ctx}"),
+            &out.o.download(gpu).unwrap(),
+            &want.o,
+            O_ATOL,
+            O_RTOL,
+        );
+        assert_close(
+            &format!("lse, {ctx}"),
+            &out.lse.unwrap().download(gpu).unwrap(),
+            &want.lse,
+            2e-5,
+            2e-5,
+        );
+    }
+    assert_eq!(cache.lens(), &[1053, 720]);
+    // Past the capacity: a typed error, and nothing changes.
+    let err = cache.append(
+        gpu,
+        &vec![0.5; batch * kv_heads * 200 * d],
+        &vec![0.5; batch * kv_heads * 200 * dv],
+        &[200, 0],
+    );
+    assert!(
+        matches!(
+            err,
+            Err(Error::LengthOutOfRange {
+                index: 0,
+                value: 1253,
+                max: 1200,
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    assert_eq!(cache.lens(), &[1053, 720]);
+    let err = cache.attend(
+        gpu,
+        &gpu.upload(&vec![0.5; 2 * 8 * d], [2, 8, 1, d]).unwrap(),
+        &Attention::new().kv_lens(vec![1, 1]),
+    );
+    assert!(
+        matches!(
+            err,
+            Err(Error::InvalidOption {
+                what: "kv_lens",
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+}
+
+/// Keys split in two, each half attended with its log-sum-exp, merged: equals the whole.
+#[test]
+fn merge_of_disjoint_key_sets() {
+    let Some(gpu) = gpu() else { return };
+    for (n, layout) in [Layout::Bhsd, Layout::Bshd].into_iter().enumerate() {
+        let whole = dims(2, 4, 2, 33, 150, 40, 24);
+        let split = 61;
+        let mut r = rng(2000 + n as u64);
+        let q = random(&mut r, whole.q_elems(), 3.0);
+        let k = random(&mut r, whole.k_elems(), 1.0);
+        let v = random(&mut r, whole.v_elems(), 1.0);
+        // The halves of K and V along the key axis, in the layout.
+        let take = |x: &[f32], dim: usize, lo: usize, hi: usize| -> Vec<f32> {
+            let mut out = Vec::new();
+            for b in 0..whole.batch {
+                match layout {
+                    Layout::Bhsd => {
+                        for h in 0..whole.kv_heads {
+                            let base = (b * whole.kv_heads + h) * whole.kv_len * dim;
+                            out.extend_from_slice(&x[base + lo * dim..base + hi * dim]);
+                        }
+                    }
+                    Layout::Bshd => {
+                        let row = whole.kv_heads * dim;
+                        let base = b * whole.kv_len * row;
+                        out.extend_from_slice(&x[base + lo * row..base + hi * row]);
+                    }
+                }
+            }
+            out
+        };
+        let opts = Attention::new().layout(layout).return_lse(true);
+        let mut parts = Vec::new();
+        let mut host_parts = Vec::new();
+        for (lo, hi) in [(0, split), (split, whole.kv_len)] {
+            let part = Dims {
+                kv_len: hi - lo,
+                ..whole
+            };
+            let (pk, pv) = (
+                take(&k, whole.head_dim, lo, hi),
+                take(&v, whole.v_head_dim, lo, hi),
+            );
+            let want = cpu::reference(&q, &pk, &pv, part, &opts).unwrap();
+            let out = opts
+                .run(
+                    gpu,
+                    &gpu.upload(&q, part.q_shape(layout)).unwrap(),
+                    &gpu.upload(&pk, part.k_shape(layout)).unwrap(),
+                    &gpu.upload(&pv, part.v_shape(layout)).unwrap(),
+                )
+                .unwrap();
+            parts.push(out);
+            host_parts.push(want);
+        }
+        let merged = merge(
+            gpu,
+            Partial {
+                o: &parts[0].o,
+                lse: parts[0].lse.as_ref().unwrap(),
+            },
+            Partial {
+                o: &parts[1].o,
+                lse: parts[1].lse.as_ref().unwrap(),
+            },
+            layout,
+        )
+        .unwrap();
+        let want = cpu::reference(&q, &k, &v, whole, &opts).unwrap();
+        let ctx = format!("{layout:?}");
+        assert_close(
+            &format!("merged O, {ctx}"),
+            &merged.o.download(gpu).unwrap(),
+            &want.o,
+            O_ATOL,
+            O_RTOL,
+        );
+        assert_close(
+            &format!("merged lse, {ctx}"),
+            &merged.lse.unwrap().download(gpu).unwrap(),
+            &want.lse,
+            2e-5,
+            2e-5,
+        );
+        // The CPU merge of the reference halves agrees too.
+        let (o, lse) = cpu::merge(
+            (&host_parts[0].o, &host_parts[0].lse),
+            (&host_parts[1].o, &host_parts[1].lse),
+            whole.o_shape(layout),
+            layout,
+        )
+        .unwrap();
+        assert_close(&format!("cpu merged O, {ctx}"), &o, &want.o, 1e-6, 1e-5);
+        assert_close(
+            &format!("cpu merged lse, {ctx}"),
+            &lse,
+            &want.lse,
+            1e-6,
+            1e-6,
+        );
+    }
+}
+
+/// A side with no allowed key (lse -inf) weighs nothing; both empty gives zeros and -inf.
+#[test]
+fn merge_with_empty_sides() {
+    let Some(gpu) = gpu() else { return };
+    let d = dims(2, 1, 1, 3, 20, 8, 8);
+    let mut r = rng(2100);
+    let q = random(&mut r, d.q_elems(), 1.0);
+    let k = random(&mut r, d.k_elems(), 1.0);
+    let v = random(&mut r, d.v_elems(), 1.0);
+    let up = |x: &[f32], s| gpu.upload(x, s).unwrap();
+    let (tq, tk, tv) = (
+        up(&q, d.q_shape(Layout::Bhsd)),
+        up(&k, d.k_shape(Layout::Bhsd)),
+        up(&v, d.v_shape(Layout::Bhsd)),
+    );
+    let run = |kv_lens: Vec<u32>| {
+        Attention::new()
+            .return_lse(true)
+            .kv_lens(kv_lens)
+            .path(Path::Fused)
+            .run(gpu, &tq, &tk, &tv)
+            .unwrap()
+    };
+    // Sequence 0: empty on one side; sequence 1: empty on both.
+    let a = run(vec![20, 0]);
+    let b = run(vec![0, 0]);
+    let merged = merge(
+        gpu,
+        Partial {
+            o: &a.o,
+            lse: a.lse.as_ref().unwrap(),
+        },
+        Partial {
+            o: &b.o,
+            lse: b.lse.as_ref().unwrap(),
+        },
+        Layout::Bhsd,
+    )
+    .unwrap();
+    let want = cpu::reference(&q, &k, &v, d, &Attention::new().kv_lens(vec![20, 0])).unwrap();
+    assert_close(
+        "O",
+        &merged.o.download(gpu).unwrap(),
+        &want.o,
+        O_ATOL,
+        O_RTOL,
+    );
+    assert_close(
+        "lse",
+        &merged.lse.unwrap().download(gpu).unwrap(),
+        &want.lse,
+        2e-5,
+        2e-5,
+    );
+    // Mismatched shapes are a typed error.
+    let c = Attention::new()
+        .return_lse(true)
+        .run(
+            gpu,
+            &up(&q[..24], [1, 1, 3, 8]),
+            &up(&k[..160], [1, 1, 20, 8]),
+            &up(&v[..160], [1, 1, 20, 8]),
+        )
+        .unwrap();
+    let err = merge(
+        gpu,
+        Partial {
+            o: &a.o,
+            lse: a.lse.as_ref().unwrap(),
+        },
+        Partial {
+            o: &c.o,
+            lse: c.lse.as_ref().unwrap(),
+        },
+        Layout::Bhsd,
+    );
+    assert!(matches!(err, Err(Error::ShapeMismatch { .. })), "{err:?}");
+}
