@@ -25,11 +25,12 @@ struct Params {
 }
 
 @group(0) @binding(0) var<uniform> params: Params;
-// Partial outputs and log-sum-exps, as f32 bits.
-@group(0) @binding(1) var<storage, read> parts: array<u32>;
-// @binding(2): O, declared by the prelude.
+// @binding(1): the partial outputs P, read through load_p of the prelude.
+// The partial log-sum-exps as f32 bits, from lse_offset (may be the same buffer as P).
+@group(0) @binding(2) var<storage, read> part_lses: array<u32>;
+// @binding(3): O, declared by the prelude.
 // The merged log-sum-exp as f32 bits, [batch, heads, q_len].
-@group(0) @binding(3) var<storage, read_write> lse: array<u32>;
+@group(0) @binding(4) var<storage, read_write> lse: array<u32>;
 
 const WG: u32 = 64u;
 const NEG_INF_BITS: u32 = 0xff800000u;
@@ -37,7 +38,7 @@ const NEG_INF_BITS: u32 = 0xff800000u;
 // The bits of the log-sum-exp of split s for row (b, h, i).
 fn part_lse(s: u32, b: u32, h: u32, i: u32) -> u32 {
     let st = params.part_lse_stride;
-    return parts[params.lse_offset + s * st.x + b * st.y + h * st.z + i * st.w];
+    return part_lses[params.lse_offset + s * st.x + b * st.y + h * st.z + i * st.w];
 }
 
 @compute @workgroup_size(WG)
@@ -82,7 +83,7 @@ fn main(
             let bits = part_lse(s, b, h, i);
             if bits != NEG_INF_BITS {
                 let w = exp(bitcast<f32>(bits) - top);
-                acc += w * bitcast<f32>(parts[s * st.x + b * st.y + h * st.z + i * st.w + n]);
+                acc += w * load_p(s * st.x + b * st.y + h * st.z + i * st.w + n);
             }
         }
         store_o(o_row + n, acc * inv);

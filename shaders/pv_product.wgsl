@@ -29,6 +29,7 @@ struct Params {
 
 const TILE: u32 = 64u;
 const BK: u32 = 16u;
+const BLOCK_STEPS: u32 = 16u;
 
 // [k][m / 4] and [k][n / 4]: four consecutive rows (columns) of one key of the tile.
 var<workgroup> p_tile: array<array<vec4<f32>, 16>, BK>;
@@ -57,7 +58,12 @@ fn main(
     let c0 = tn * TILE;
     let p_base = bh_local * params.rows * params.kv_len;
 
+    // Two-level accumulation: `block` sums up to BLOCK_STEPS slices of keys and is then folded
+    // into `acc`, so no f32 sum runs over more than 256 keys in a row (summing tens of
+    // thousands of equal weights into one f32 drifts by 1e-4 relative).
     var acc: array<vec4<f32>, 4>;
+    var block: array<vec4<f32>, 4>;
+    var steps = 0u;
     for (var k0 = 0u; k0 < params.kv_len; k0 += BK) {
         // P: 64 rows x 16 keys; each invocation loads four rows of one key, and the 16
         // invocations sharing those rows read 16 consecutive keys of each.
@@ -91,12 +97,23 @@ fn main(
         for (var kk = 0u; kk < BK; kk++) {
             let a = p_tile[kk][lid.y];
             let bv = v_tile[kk][lid.x];
-            acc[0] += a.x * bv;
-            acc[1] += a.y * bv;
-            acc[2] += a.z * bv;
-            acc[3] += a.w * bv;
+            block[0] += a.x * bv;
+            block[1] += a.y * bv;
+            block[2] += a.z * bv;
+            block[3] += a.w * bv;
+        }
+        steps += 1u;
+        if steps == BLOCK_STEPS {
+            for (var r = 0u; r < 4u; r++) {
+                acc[r] += block[r];
+                block[r] = vec4<f32>();
+            }
+            steps = 0u;
         }
         workgroupBarrier();
+    }
+    for (var r = 0u; r < 4u; r++) {
+        acc[r] += block[r];
     }
 
     for (var r = 0u; r < 4u; r++) {

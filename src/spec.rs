@@ -572,12 +572,21 @@ impl Spec<'_> {
 }
 
 /// Storage type of a tensor on the device. Accumulation is always f32.
+///
+/// Q, K, V and O may each have their own (a bf16 KV cache with f32 queries is the common
+/// decoding case). `F16` runs on every adapter: natively where it has `SHADER_F16`, packed two
+/// to a `u32` and converted on load elsewhere; `Bf16` is always packed and unpacked by bit
+/// shifts, and rounded to nearest even when written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum DType {
     /// IEEE binary32.
     #[default]
     F32,
+    /// IEEE binary16.
+    F16,
+    /// bfloat16: the top 16 bits of a binary32.
+    Bf16,
 }
 
 impl DType {
@@ -585,6 +594,21 @@ impl DType {
     pub fn size(self) -> usize {
         match self {
             DType::F32 => 4,
+            DType::F16 | DType::Bf16 => 2,
+        }
+    }
+
+    /// Bytes of a buffer holding `elems` elements (rounded up to whole 4-byte words).
+    pub fn buffer_bytes(self, elems: u64) -> u64 {
+        (elems * self.size() as u64).div_ceil(4) * 4
+    }
+
+    /// `x` rounded to this type and back (what storing it and loading it gives).
+    pub fn round(self, x: f32) -> f32 {
+        match self {
+            DType::F32 => x,
+            DType::F16 => half::f16::from_f32(x).to_f32(),
+            DType::Bf16 => half::bf16::from_f32(x).to_f32(),
         }
     }
 }

@@ -18,11 +18,16 @@ use naga::back::{PipelineConstants, hlsl, msl, pipeline_constants, spv};
 use naga::proc::{BoundsCheckPolicies, BoundsCheckPolicy};
 use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
 use naga::{Module, ShaderStage};
-use wgpu_attention::DType;
 use wgpu_attention::gpu::kernels::{Kernel, KernelKey};
+use wgpu_attention::gpu::kernels::{Storage, TensorStorage};
 
-/// Every storage type. Add a new [`DType`] here (and its capabilities in [`capabilities`]).
-const DTYPES: &[DType] = &[DType::F32];
+/// Every storage type. Add a new [`Storage`] here (and its capabilities in [`capabilities`]).
+const DTYPES: &[Storage] = &[
+    Storage::F32,
+    Storage::F16,
+    Storage::F16Packed,
+    Storage::Bf16,
+];
 
 /// The name of every kernel's entry point.
 const ENTRY: &str = "main";
@@ -30,10 +35,14 @@ const ENTRY: &str = "main";
 /// The naga capabilities a device needs for kernels of `dtype`: what wgpu enables with the
 /// matching features. F32 needs none, so a kernel that used an optional capability by mistake
 /// fails validation here.
-fn capabilities(dtype: DType) -> Capabilities {
+fn capabilities(dtype: Storage) -> Capabilities {
     match dtype {
-        DType::F32 => Capabilities::empty(),
-        other => panic!("tests/shaders.rs: add the naga capabilities that {other:?} needs"),
+        // bf16 uses only bit shifts and u32 atomics.
+        Storage::F32 | Storage::Bf16 => Capabilities::empty(),
+        // pack2x16float / unpack2x16float: wgpu grants this on Vulkan, Metal and DX12 (it is
+        // a downlevel flag, missing only on some GL targets), with or without SHADER_F16.
+        Storage::F16Packed => Capabilities::SHADER_FLOAT16_IN_FLOAT32,
+        Storage::F16 => Capabilities::SHADER_FLOAT16,
     }
 }
 
@@ -45,7 +54,7 @@ fn keys() -> Vec<KernelKey> {
             for &variant in kernel.variants() {
                 keys.push(KernelKey {
                     kernel,
-                    dtype,
+                    storage: TensorStorage::all(dtype),
                     variant,
                 });
             }
@@ -59,7 +68,7 @@ fn describe(key: &KernelKey) -> String {
         "kernel {} ({:?}), dtype {:?}, variant {}",
         key.kernel.name(),
         key.kernel,
-        key.dtype,
+        key.storage.o,
         key.variant
     )
 }
@@ -78,7 +87,7 @@ fn specialise(key: KernelKey) -> Specialised {
     let source = key.source();
     let module = naga::front::wgsl::parse_str(&source)
         .unwrap_or_else(|e| panic!("{what}: WGSL parse failed:\n{}", e.emit_to_string(&source)));
-    let info = Validator::new(ValidationFlags::all(), capabilities(key.dtype))
+    let info = Validator::new(ValidationFlags::all(), capabilities(key.storage.o))
         .validate(&module)
         .unwrap_or_else(|e| {
             panic!(
@@ -178,7 +187,7 @@ fn row_workgroup_override_is_applied() {
         for workgroup in [64, 128] {
             let s = specialise(KernelKey {
                 kernel: Kernel::MaskedSoftmax,
-                dtype,
+                storage: TensorStorage::all(dtype),
                 variant: workgroup,
             });
             let pipeline = spv::PipelineOptions {

@@ -1,73 +1,113 @@
-//! `attn-bench`: times attention on the CPU and the GPU side by side.
+//! `attn-bench`: attention on the CPU and on every GPU path, side by side, in one run.
 //!
-//! ```text
-//! attn-bench [--batch B] [--heads H] [--kv-heads HKV] [--q-len L] [--kv-len S]
-//!            [--head-dim D] [--causal] [--reps N] [--warmup N] [--check-all]
-//! ```
-//!
-//! Prints one row per path: median wall time over `--reps` runs (GPU: submit to completion, the
-//! inputs already on the device), GFLOP/s by the FLOP convention of DESIGN.md, and the largest
-//! absolute error against the f64 reference. For large problems the reference is computed on
-//! the first (batch, kv-head group) only, unless `--check-all`; the table says which.
+//! For each shape of a sweep and each path it prints the median, min and max time over
+//! `--reps` runs after `--warmup` runs, GFLOP/s (the FLOP convention of DESIGN.md), GB/s (the
+//! bytes the path moves by its own traffic model), the fraction of `--peak-gflops` when given,
+//! and the error against the f64 reference. GPU times come from timestamp queries when the
+//! adapter has them (the table says `gpu-ts`), wall clock from submit to completion otherwise
+//! (`wall`); the inputs are already on the device. `attn-bench --help` lists the flags; with
+//! none it sweeps a small problem in well under a minute on a 2-core machine with lavapipe.
 
+use std::fmt::Write as _;
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Instant;
 
-use wgpu_attention::{Attention, Causal, Dims, Gpu, Output, cpu};
+use clap::{Parser, ValueEnum};
+use wgpu_attention::{Attention, Causal, Dims, Gpu, Layout, Output, Path, Tensor, cpu};
 
+/// Times attention on the CPU and the GPU paths and compares each with the f64 reference.
+#[derive(Parser, Debug)]
+#[command(version, about)]
 struct Args {
+    /// Batch size.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Query heads.
+    #[arg(long, default_value_t = 8)]
+    heads: usize,
+    /// Key/value heads (default: heads).
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    /// Query lengths to sweep, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [256usize, 512])]
+    q_len: Vec<usize>,
+    /// Key lengths to sweep (default: equal to each query length); paired with --q-len when
+    /// both have the same count, else every combination.
+    #[arg(long, value_delimiter = ',')]
+    kv_len: Vec<usize>,
+    /// Head dim (Q, K and V).
+    #[arg(long, default_value_t = 64)]
+    head_dim: usize,
+    /// Causal masking (top-left, i.e. PyTorch's is_causal; bottom-right when q_len != kv_len
+    /// with --bottom-right).
+    #[arg(long)]
+    causal: bool,
+    /// Bottom-right causal alignment.
+    #[arg(long)]
+    bottom_right: bool,
+    /// Paths to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [PathName::CpuReference, PathName::GpuThreePass, PathName::GpuFused, PathName::GpuDecode])]
+    paths: Vec<PathName>,
+    /// Runs before timing.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Timed runs.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Check errors on the whole problem even when it is large (the f64 reference is slow).
+    #[arg(long)]
+    check_all: bool,
+    /// The device's peak in GFLOP/s, to print the fraction of it each path reaches.
+    #[arg(long)]
+    peak_gflops: Option<f64>,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Print CSV instead of a table.
+    #[arg(long)]
+    csv: bool,
+    /// Draw GFLOP/s against sequence length per path into this SVG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PathName {
+    /// The f64 oracle (materialised scores, one thread).
+    CpuReference,
+    /// Blocked online softmax, multi-threaded, f32.
+    CpuFast,
+    /// QK^T, masked softmax, P·V (scores materialised).
+    GpuThreePass,
+    /// Fused flash attention.
+    GpuFused,
+    /// Flash-decoding (keys split, GQA packed).
+    GpuDecode,
+}
+
+impl std::fmt::Display for PathName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = self.to_possible_value().expect("no skipped variants");
+        f.write_str(name.get_name())
+    }
+}
+
+/// One measured row.
+struct Row {
+    path: PathName,
     dims: Dims,
     causal: bool,
-    reps: usize,
-    warmup: usize,
-    check_all: bool,
-}
-
-const USAGE: &str = "usage: attn-bench [--batch B] [--heads H] [--kv-heads HKV] [--q-len L] \
-[--kv-len S] [--head-dim D] [--causal] [--reps N] [--warmup N] [--check-all]";
-
-fn parse() -> Result<Args, String> {
-    let mut dims = Dims::new(1, 8, 512, 64);
-    let mut kv_heads = None;
-    let mut kv_len = None;
-    let mut a = Args {
-        dims,
-        causal: false,
-        reps: 10,
-        warmup: 2,
-        check_all: false,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut num = |name: &str| -> Result<usize, String> {
-            let v = it.next().ok_or(format!("{name} needs a value"))?;
-            v.parse().map_err(|_| format!("{name}: not a number: {v}"))
-        };
-        match flag.as_str() {
-            "--batch" => dims.batch = num("--batch")?,
-            "--heads" => dims.heads = num("--heads")?,
-            "--kv-heads" => kv_heads = Some(num("--kv-heads")?),
-            "--q-len" => dims.q_len = num("--q-len")?,
-            "--kv-len" => kv_len = Some(num("--kv-len")?),
-            "--head-dim" => dims.head_dim = num("--head-dim")?,
-            "--reps" => a.reps = num("--reps")?.max(1),
-            "--warmup" => a.warmup = num("--warmup")?,
-            "--causal" => a.causal = true,
-            "--check-all" => a.check_all = true,
-            "-h" | "--help" => return Err(USAGE.to_string()),
-            other => return Err(format!("unknown flag {other}\n{USAGE}")),
-        }
-    }
-    dims.kv_heads = kv_heads.unwrap_or(dims.heads);
-    dims.kv_len = kv_len.unwrap_or(dims.q_len);
-    dims.v_head_dim = dims.head_dim;
-    a.dims = dims;
-    Ok(a)
-}
-
-fn median_ms(mut times: Vec<f64>) -> f64 {
-    times.sort_by(f64::total_cmp);
-    times[times.len() / 2] * 1e3
+    median_ms: f64,
+    min_ms: f64,
+    max_ms: f64,
+    gflops: f64,
+    gbps: f64,
+    max_abs_err: f64,
+    rel_err: f64,
+    timing: &'static str,
+    checked_on: String,
+    note: String,
 }
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -83,19 +123,33 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-/// The first (batch, kv-head) slice of a `Bhsd` tensor with `heads` heads of `per_head` elements.
-fn first_heads(x: &[f32], heads: usize, per_head: usize) -> Vec<f32> {
-    x[..heads * per_head].to_vec()
+fn stats(mut ms: Vec<f64>) -> (f64, f64, f64) {
+    ms.sort_by(f64::total_cmp);
+    (ms[ms.len() / 2], ms[0], ms[ms.len() - 1])
+}
+
+/// Bytes a path moves by its traffic model: Q, K, V read and O written once, plus what the
+/// path adds (the scores written and read twice by three-pass; K and V re-read by each row
+/// tile of the fused kernel; the partial outputs of decode's splits).
+fn bytes_moved(path: PathName, d: Dims, causal: bool) -> f64 {
+    let f = 4.0;
+    let min = f * (d.q_elems() + d.k_elems() + d.v_elems() + d.o_elems()) as f64;
+    let kv = f * (d.k_elems() + d.v_elems()) as f64;
+    let visited: f64 = if causal && d.q_len == d.kv_len {
+        0.5
+    } else {
+        1.0
+    };
+    let row_tiles = (d.group() * d.q_len).div_ceil(64) as f64;
+    match path {
+        PathName::GpuThreePass => min + 16.0 * d.weights_elems() as f64,
+        PathName::GpuFused | PathName::GpuDecode => min + kv * (row_tiles * visited - 1.0).max(0.0),
+        PathName::CpuReference | PathName::CpuFast => min,
+    }
 }
 
 fn main() -> ExitCode {
-    let args = match parse() {
-        Ok(a) => a,
-        Err(msg) => {
-            eprintln!("{msg}");
-            return ExitCode::from(2);
-        }
-    };
+    let args = Args::parse();
     match run(&args) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -105,114 +159,438 @@ fn main() -> ExitCode {
     }
 }
 
-fn run(args: &Args) -> Result<(), wgpu_attention::Error> {
-    let d = args.dims;
-    let mut opts = Attention::new();
-    if args.causal {
-        opts = opts.causal(Causal::TopLeft);
-    }
-    let q = values(d.q_elems(), 1);
-    let k = values(d.k_elems(), 2);
-    let v = values(d.v_elems(), 3);
-    let flops = d.flops(args.causal);
-
-    // The reference on all of it when cheap, else on batch 0 and the first kv-head group.
-    let full_check = args.check_all || flops < 2e9;
-    let check_dims = if full_check {
-        d
+fn shapes(args: &Args) -> Vec<(usize, usize)> {
+    if args.kv_len.is_empty() {
+        args.q_len.iter().map(|&l| (l, l)).collect()
+    } else if args.kv_len.len() == args.q_len.len() {
+        args.q_len
+            .iter()
+            .copied()
+            .zip(args.kv_len.iter().copied())
+            .collect()
     } else {
-        Dims {
-            batch: 1,
-            heads: d.group(),
-            kv_heads: 1,
-            ..d
+        let mut all = Vec::new();
+        for &l in &args.q_len {
+            for &s in &args.kv_len {
+                all.push((l, s));
+            }
         }
-    };
-    let (cq, ck, cv) = if full_check {
-        (q.clone(), k.clone(), v.clone())
-    } else {
-        (
-            first_heads(&q, d.group(), d.q_len * d.head_dim),
-            first_heads(&k, 1, d.kv_len * d.head_dim),
-            first_heads(&v, 1, d.kv_len * d.v_head_dim),
-        )
-    };
-    let start = Instant::now();
-    let want = cpu::reference(&cq, &ck, &cv, check_dims, &opts)?;
-    let ref_secs = start.elapsed().as_secs_f64();
+        all
+    }
+}
 
-    let gpu = Gpu::new()?;
-    println!(
-        "attn-bench: B={} H={} Hkv={} L={} S={} D={} causal={} | adapter: {} | driver: {} {}",
-        d.batch,
-        d.heads,
-        d.kv_heads,
-        d.q_len,
-        d.kv_len,
-        d.head_dim,
-        args.causal,
-        gpu.describe(),
-        gpu.adapter_info().driver,
-        gpu.adapter_info().driver_info
+fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let needs_gpu = args.paths.iter().any(|p| {
+        matches!(
+            p,
+            PathName::GpuThreePass | PathName::GpuFused | PathName::GpuDecode
+        )
+    });
+    let gpu = if needs_gpu { Some(Gpu::new()?) } else { None };
+    let timed = gpu.as_ref().and_then(Gpu::with_timer);
+    let device = gpu.as_ref().map_or("none".to_string(), |g| {
+        let info = g.adapter_info();
+        let soft = if info.device_type == wgpu::DeviceType::Cpu {
+            ", software driver"
+        } else {
+            ""
+        };
+        format!(
+            "{} ({:?}, driver {} {}{soft})",
+            info.name, info.backend, info.driver, info.driver_info
+        )
+    });
+    let shapes = shapes(args);
+    let progress = indicatif::ProgressBar::new((shapes.len() * args.paths.len()) as u64);
+    progress.set_style(
+        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
+            .expect("valid template"),
     );
-    let layout = opts.get_layout();
-    let tq = gpu.upload(&q, d.q_shape(layout))?;
-    let tk = gpu.upload(&k, d.k_shape(layout))?;
-    let tv = gpu.upload(&v, d.v_shape(layout))?;
+    let mut rows = Vec::new();
+    for &(q_len, kv_len) in &shapes {
+        let d = Dims {
+            batch: args.batch,
+            heads: args.heads,
+            kv_heads: args.kv_heads.unwrap_or(args.heads),
+            q_len,
+            kv_len,
+            head_dim: args.head_dim,
+            v_head_dim: args.head_dim,
+        };
+        let mut opts = Attention::new();
+        if args.causal || args.bottom_right {
+            opts = opts.causal(if args.bottom_right {
+                Causal::BottomRight
+            } else {
+                Causal::TopLeft
+            });
+        }
+        let causal = args.causal || args.bottom_right;
+        let q = values(d.q_elems(), 1);
+        let k = values(d.k_elems(), 2);
+        let v = values(d.v_elems(), 3);
+        let flops = d.flops(causal);
+
+        // The oracle on all of it when cheap, else on batch 0 and the first kv-head group.
+        let full_check = args.check_all || flops < 4e9;
+        let check = if full_check {
+            d
+        } else {
+            Dims {
+                batch: 1,
+                heads: d.group(),
+                kv_heads: 1,
+                ..d
+            }
+        };
+        let sub = |x: &[f32], n: usize| x[..n].to_vec();
+        let (cq, ck, cv) = if full_check {
+            (q.clone(), k.clone(), v.clone())
+        } else {
+            (
+                sub(&q, check.q_elems()),
+                sub(&k, check.k_elems()),
+                sub(&v, check.v_elems()),
+            )
+        };
+        let start = Instant::now();
+        let want = cpu::reference(&cq, &ck, &cv, check, &opts)?;
+        let ref_secs = start.elapsed().as_secs_f64();
+        let checked_on = if full_check {
+            "all".to_string()
+        } else {
+            format!("b=0,h<{}", d.group())
+        };
+        let errors = |o: &[f32]| {
+            let (mut max, mut num, mut den) = (0f64, 0f64, 0f64);
+            for (&g, &w) in o.iter().zip(&want.o) {
+                let e = (g as f64 - w as f64).abs();
+                max = max.max(e);
+                num += e * e;
+                den += (w as f64) * (w as f64);
+            }
+            (max, (num / den.max(f64::MIN_POSITIVE)).sqrt())
+        };
+
+        let device_inputs = match &gpu {
+            Some(g) => {
+                let layout = Layout::Bhsd;
+                Some((
+                    g.upload(&q, d.q_shape(layout))?,
+                    g.upload(&k, d.k_shape(layout))?,
+                    g.upload(&v, d.v_shape(layout))?,
+                ))
+            }
+            None => None,
+        };
+        for &path in &args.paths {
+            progress.set_message(format!("{path} L={q_len} S={kv_len}"));
+            let row = match path {
+                PathName::CpuReference => Row {
+                    path,
+                    dims: check,
+                    causal,
+                    median_ms: ref_secs * 1e3,
+                    min_ms: ref_secs * 1e3,
+                    max_ms: ref_secs * 1e3,
+                    gflops: check.flops(causal) / ref_secs / 1e9,
+                    gbps: bytes_moved(path, check, causal) / ref_secs / 1e9,
+                    max_abs_err: 0.0,
+                    rel_err: 0.0,
+                    timing: "wall",
+                    checked_on: checked_on.clone(),
+                    note: format!("oracle, one run on {checked_on}"),
+                },
+                PathName::CpuFast => {
+                    let mut ms = Vec::new();
+                    let mut o = Vec::new();
+                    for rep in 0..args.warmup + args.reps {
+                        let start = Instant::now();
+                        o = cpu::fast(&q, &k, &v, d, &opts)?.o;
+                        if rep >= args.warmup {
+                            ms.push(start.elapsed().as_secs_f64() * 1e3);
+                        }
+                    }
+                    let (median_ms, min_ms, max_ms) = stats(ms);
+                    let (max_abs_err, rel_err) = errors(&o[..want.o.len()]);
+                    Row {
+                        path,
+                        dims: d,
+                        causal,
+                        median_ms,
+                        min_ms,
+                        max_ms,
+                        gflops: flops / median_ms / 1e6,
+                        gbps: bytes_moved(path, d, causal) / median_ms / 1e6,
+                        max_abs_err,
+                        rel_err,
+                        timing: "wall",
+                        checked_on: checked_on.clone(),
+                        note: format!(
+                            "{} threads",
+                            std::thread::available_parallelism().map_or(1, |n| n.get())
+                        ),
+                    }
+                }
+                PathName::GpuThreePass | PathName::GpuFused | PathName::GpuDecode => {
+                    let g = timed.as_ref().or(gpu.as_ref()).expect("gpu for gpu paths");
+                    let (tq, tk, tv) = device_inputs.as_ref().expect("inputs on the device");
+                    let which = match path {
+                        PathName::GpuThreePass => Path::ThreePass,
+                        PathName::GpuFused => Path::Fused,
+                        _ => Path::Decode,
+                    };
+                    match time_gpu(g, &opts.clone().path(which), d, (tq, tk, tv), args) {
+                        Ok((ms, timing, o, note)) => {
+                            let (median_ms, min_ms, max_ms) = stats(ms);
+                            let (max_abs_err, rel_err) = errors(&o[..want.o.len()]);
+                            Row {
+                                path,
+                                dims: d,
+                                causal,
+                                median_ms,
+                                min_ms,
+                                max_ms,
+                                gflops: flops / median_ms / 1e6,
+                                gbps: bytes_moved(path, d, causal) / median_ms / 1e6,
+                                max_abs_err,
+                                rel_err,
+                                timing,
+                                checked_on: checked_on.clone(),
+                                note,
+                            }
+                        }
+                        Err(e) => {
+                            progress
+                                .suspend(|| eprintln!("{path} L={q_len} S={kv_len}: skipped: {e}"));
+                            progress.inc(1);
+                            continue;
+                        }
+                    }
+                }
+            };
+            rows.push(row);
+            progress.inc(1);
+        }
+    }
+    progress.finish_and_clear();
+    print_rows(args, &device, &rows);
+    if let Some(file) = &args.plot {
+        plot(file, &device, &rows)?;
+        eprintln!("attn-bench: wrote {}", file.display());
+    }
+    Ok(())
+}
+
+type Timed = (Vec<f64>, &'static str, Vec<f32>, String);
+
+fn time_gpu(
+    gpu: &Gpu,
+    opts: &Attention,
+    d: Dims,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    args: &Args,
+) -> Result<Timed, wgpu_attention::Error> {
     let out = Output {
-        o: gpu.empty(d.o_shape(layout))?,
+        o: gpu.empty(d.o_shape(Layout::Bhsd))?,
         lse: None,
         weights: None,
     };
-    let plan = opts.plan(&gpu, d)?;
-    for _ in 0..args.warmup {
-        opts.run_into(&gpu, &tq, &tk, &tv, &out)?;
-        gpu.wait()?;
-    }
-    let mut times = Vec::with_capacity(args.reps);
-    for _ in 0..args.reps {
+    let plan = opts.plan(gpu, d)?;
+    let mut ms = Vec::new();
+    let mut timing = "wall";
+    for rep in 0..args.warmup + args.reps {
         let start = Instant::now();
-        opts.run_into(&gpu, &tq, &tk, &tv, &out)?;
+        opts.run_into(gpu, q, k, v, &out)?;
         gpu.wait()?;
-        times.push(start.elapsed().as_secs_f64());
+        let wall = start.elapsed().as_secs_f64();
+        let secs = match gpu.last_gpu_seconds()? {
+            Some(s) if s > 0.0 => {
+                timing = "gpu-ts";
+                s
+            }
+            _ => wall,
+        };
+        if rep >= args.warmup {
+            ms.push(secs * 1e3);
+        }
     }
-    let o = out.o.download(&gpu)?;
-    let gpu_ms = median_ms(times);
-    let got = &o[..want.o.len()];
-    let max_err = got
-        .iter()
-        .zip(&want.o)
-        .map(|(g, w)| (g - w).abs())
-        .fold(0f32, f32::max);
+    let o = out.o.download(gpu)?;
+    Ok((ms, timing, o, plan.reason()))
+}
 
-    let scope = if full_check {
-        "all".to_string()
-    } else {
-        format!("b=0, heads 0..{}", d.group())
+fn print_rows(args: &Args, device: &str, rows: &[Row]) {
+    let fields = |r: &Row| {
+        let d = r.dims;
+        let peak = args
+            .peak_gflops
+            .map_or(String::new(), |p| format!("{:.3}", r.gflops / p));
+        (d, peak)
     };
-    println!(
-        "{:<22} {:>12} {:>10} {:>12}  error checked on",
-        "path", "median ms", "GFLOP/s", "max |err|"
+    if args.json {
+        for r in rows {
+            let (d, peak) = fields(r);
+            println!(
+                "{{\"path\": \"{}\", \"device\": {:?}, \"batch\": {}, \"heads\": {}, \"kv_heads\": {}, \"q_len\": {}, \"kv_len\": {}, \"head_dim\": {}, \"causal\": {}, \"median_ms\": {:.4}, \"min_ms\": {:.4}, \"max_ms\": {:.4}, \"gflops\": {:.2}, \"gbps\": {:.2}, \"peak_fraction\": {}, \"max_abs_err\": {:.3e}, \"rel_err\": {:.3e}, \"timing\": \"{}\", \"checked_on\": \"{}\", \"note\": {:?}}}",
+                r.path,
+                device,
+                d.batch,
+                d.heads,
+                d.kv_heads,
+                d.q_len,
+                d.kv_len,
+                d.head_dim,
+                r.causal,
+                r.median_ms,
+                r.min_ms,
+                r.max_ms,
+                r.gflops,
+                r.gbps,
+                if peak.is_empty() {
+                    "null".to_string()
+                } else {
+                    peak
+                },
+                r.max_abs_err,
+                r.rel_err,
+                r.timing,
+                r.checked_on,
+                r.note
+            );
+        }
+        return;
+    }
+    if args.csv {
+        println!(
+            "path,device,batch,heads,kv_heads,q_len,kv_len,head_dim,causal,median_ms,min_ms,max_ms,gflops,gbps,peak_fraction,max_abs_err,rel_err,timing,checked_on"
+        );
+        for r in rows {
+            let (d, peak) = fields(r);
+            println!(
+                "{},\"{}\",{},{},{},{},{},{},{},{:.4},{:.4},{:.4},{:.2},{:.2},{},{:.3e},{:.3e},{},{}",
+                r.path,
+                device,
+                d.batch,
+                d.heads,
+                d.kv_heads,
+                d.q_len,
+                d.kv_len,
+                d.head_dim,
+                r.causal,
+                r.median_ms,
+                r.min_ms,
+                r.max_ms,
+                r.gflops,
+                r.gbps,
+                peak,
+                r.max_abs_err,
+                r.rel_err,
+                r.timing,
+                r.checked_on
+            );
+        }
+        return;
+    }
+    println!("device: {device}");
+    let mut header = format!(
+        "{:<16} {:>5} {:>6} {:>6} {:>11} {:>11} {:>11} {:>9} {:>8}",
+        "path", "B*H", "L", "S", "median ms", "min ms", "max ms", "GFLOP/s", "GB/s"
     );
-    let ref_flops = check_dims.flops(args.causal);
-    println!(
-        "{:<22} {:>12.3} {:>10.3} {:>12}  (oracle, 1 run on {scope})",
-        "cpu-reference (f64)",
-        ref_secs * 1e3,
-        ref_flops / ref_secs / 1e9,
-        "-"
+    if args.peak_gflops.is_some() {
+        header.push_str(" of peak");
+    }
+    let _ = write!(
+        header,
+        " {:>10} {:>10}  timing  error on",
+        "max|err|", "rel err"
     );
-    println!(
-        "{:<22} {:>12.3} {:>10.1} {:>12.2e}  {scope}",
-        "gpu-three-pass",
-        gpu_ms,
-        flops / (gpu_ms / 1e3) / 1e9,
-        max_err
-    );
-    println!(
-        "plan: {}; GPU time is wall clock from submit to completion, median of {} runs",
-        plan.reason(),
-        args.reps
-    );
+    println!("{header}");
+    for r in rows {
+        let (d, peak) = fields(r);
+        let mut line = format!(
+            "{:<16} {:>5} {:>6} {:>6} {:>11.3} {:>11.3} {:>11.3} {:>9.2} {:>8.2}",
+            r.path.to_string(),
+            d.batch * d.heads,
+            d.q_len,
+            d.kv_len,
+            r.median_ms,
+            r.min_ms,
+            r.max_ms,
+            r.gflops,
+            r.gbps
+        );
+        if args.peak_gflops.is_some() {
+            let _ = write!(line, " {peak:>8}");
+        }
+        let _ = write!(
+            line,
+            " {:>10.2e} {:>10.2e}  {:<6}  {}",
+            r.max_abs_err, r.rel_err, r.timing, r.checked_on
+        );
+        println!("{line}");
+    }
+    for r in rows.iter().filter(|r| !r.note.is_empty()) {
+        println!(
+            "  {} L={} S={}: {}",
+            r.path, r.dims.q_len, r.dims.kv_len, r.note
+        );
+    }
+}
+
+fn plot(
+    file: &std::path::Path,
+    device: &str,
+    rows: &[Row],
+) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(file, (900, 560)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let max_x = rows.iter().map(|r| r.dims.kv_len).max().unwrap_or(1) as f64;
+    let max_y = rows.iter().map(|r| r.gflops).fold(0.0, f64::max).max(1e-3) * 1.1;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(format!("attention GFLOP/s on {device}"), ("sans-serif", 16))
+        .margin(12)
+        .x_label_area_size(40)
+        .y_label_area_size(60)
+        .build_cartesian_2d(0f64..max_x * 1.05, 0f64..max_y)?;
+    chart
+        .configure_mesh()
+        .x_desc("sequence length (kv_len)")
+        .y_desc("GFLOP/s")
+        .draw()?;
+    let paths: Vec<PathName> = {
+        let mut seen = Vec::new();
+        for r in rows {
+            if !seen.contains(&r.path) {
+                seen.push(r.path);
+            }
+        }
+        seen
+    };
+    for (n, path) in paths.iter().enumerate() {
+        let color = Palette99::pick(n).to_rgba();
+        let points: Vec<(f64, f64)> = rows
+            .iter()
+            .filter(|r| r.path == *path)
+            .map(|r| (r.dims.kv_len as f64, r.gflops))
+            .collect();
+        chart
+            .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))?
+            .label(path.to_string())
+            .legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        chart.draw_series(
+            points
+                .into_iter()
+                .map(|p| Circle::new(p, 3, color.filled())),
+        )?;
+    }
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE)
+        .draw()?;
+    root.present()?;
     Ok(())
 }

@@ -2,10 +2,13 @@
 //!
 //! [`reference()`] is the oracle every GPU result is checked against: plain loops, f64
 //! accumulation, the score matrix materialised, the same [`Spec`](crate::Spec) and semantics as
-//! the GPU paths.
+//! the GPU paths. [`fast()`] is the honest CPU baseline: f32, blocked like FlashAttention (online
+//! softmax, no `q_len x kv_len` buffer) and multi-threaded with rayon.
 
+mod fast;
 mod merge;
 mod reference;
 
+pub use fast::{FastOutput, fast};
 pub use merge::merge;
 pub use reference::{Reference, reference};

@@ -10,7 +10,7 @@ use crate::error::{Error, Result};
 use crate::gpu::Output;
 use crate::gpu::context::Gpu;
 use crate::gpu::tensor::Tensor;
-use crate::spec::{Attention, Causal, Dims, Layout};
+use crate::spec::{Attention, Causal, DType, Dims, Layout};
 
 /// Device K/V buffers with a capacity and per-sequence lengths.
 ///
@@ -38,11 +38,12 @@ pub struct KvCache {
     capacity: usize,
     head_dim: usize,
     v_head_dim: usize,
+    dtype: DType,
     lens: Vec<u32>,
 }
 
 impl KvCache {
-    /// An empty cache of `capacity` tokens per sequence.
+    /// An empty f32 cache of `capacity` tokens per sequence.
     pub fn new(
         gpu: &Gpu,
         batch: usize,
@@ -51,6 +52,36 @@ impl KvCache {
         head_dim: usize,
         v_head_dim: usize,
     ) -> Result<KvCache> {
+        KvCache::with_dtype(
+            gpu,
+            batch,
+            kv_heads,
+            capacity,
+            head_dim,
+            v_head_dim,
+            DType::F32,
+        )
+    }
+
+    /// An empty cache storing K and V as `dtype` (bf16 or f16 halve its memory); queries of
+    /// any dtype attend to it. Half-precision caches need even head dims, so every row starts
+    /// on a 4-byte boundary.
+    pub fn with_dtype(
+        gpu: &Gpu,
+        batch: usize,
+        kv_heads: usize,
+        capacity: usize,
+        head_dim: usize,
+        v_head_dim: usize,
+        dtype: DType,
+    ) -> Result<KvCache> {
+        if dtype.size() < 4 && !(head_dim.is_multiple_of(2) && v_head_dim.is_multiple_of(2)) {
+            return Err(Error::InvalidOption {
+                what: "cache head dims",
+                value: format!("{head_dim} and {v_head_dim} with {dtype:?}"),
+                why: "a half-precision cache needs even head_dim and v_head_dim",
+            });
+        }
         // Validates the sizes as attention would see them.
         Attention::new().validate(Dims {
             batch,
@@ -62,13 +93,14 @@ impl KvCache {
             v_head_dim,
         })?;
         Ok(KvCache {
-            k: gpu.empty([batch, kv_heads, capacity, head_dim])?,
-            v: gpu.empty([batch, kv_heads, capacity, v_head_dim])?,
+            k: gpu.empty_as([batch, kv_heads, capacity, head_dim], dtype)?,
+            v: gpu.empty_as([batch, kv_heads, capacity, v_head_dim], dtype)?,
             batch,
             kv_heads,
             capacity,
             head_dim,
             v_head_dim,
+            dtype,
             lens: vec![0; batch],
         })
     }
@@ -100,7 +132,8 @@ impl KvCache {
 
     /// Appends `new[b]` tokens to sequence `b` from host data `k` and `v`, shaped
     /// `[batch, kv_heads, t, head_dim]` and `[batch, kv_heads, t, v_head_dim]` with
-    /// `t = max(new)`; rows past `new[b]` of sequence `b` are ignored.
+    /// `t = max(new)`; rows past `new[b]` of sequence `b` are ignored. Values are rounded to
+    /// the cache's dtype.
     pub fn append(&mut self, gpu: &Gpu, k: &[f32], v: &[f32], new: &[usize]) -> Result<()> {
         let t = self.check_append(new)?;
         for (what, data, dim) in [("K", k, self.head_dim), ("V", v, self.v_head_dim)] {
@@ -169,9 +202,10 @@ impl KvCache {
                     if n == 0 {
                         continue;
                     }
-                    let from = (((b * self.kv_heads + h) * t) * dim * 4) as u64;
+                    let size = self.dtype.size();
+                    let from = (((b * self.kv_heads + h) * t) * dim * size) as u64;
                     let to = self.row_offset(b, h, self.lens[b] as usize, dim);
-                    let size = (n * dim * 4) as u64;
+                    let size = (n * dim * size) as u64;
                     encoder.copy_buffer_to_buffer(src.buffer(), from, dst.buffer(), to, size);
                 }
             }
@@ -235,7 +269,7 @@ impl KvCache {
     }
 
     fn row_offset(&self, b: usize, h: usize, row: usize, dim: usize) -> u64 {
-        ((((b * self.kv_heads + h) * self.capacity) + row) * dim * 4) as u64
+        ((((b * self.kv_heads + h) * self.capacity) + row) * dim * self.dtype.size()) as u64
     }
 
     fn grow(&mut self, new: &[usize]) {

@@ -75,6 +75,18 @@ pub struct Gpu {
     pub(crate) limits: GpuLimits,
     pub(crate) features: wgpu::Features,
     pub(crate) kernels: Arc<Kernels>,
+    pub(crate) timer: Option<Arc<Timer>>,
+    /// Whether f16 tensors are read as `array<f16>` (else packed in `u32`).
+    pub(crate) native_f16: bool,
+}
+
+/// GPU timestamps around each call's passes, for benchmarks (see [`Gpu::with_timer`]).
+#[derive(Debug)]
+pub(crate) struct Timer {
+    queries: wgpu::QuerySet,
+    resolved: wgpu::Buffer,
+    readback: wgpu::Buffer,
+    period_ns: f64,
 }
 
 fn device_rank(t: wgpu::DeviceType) -> u8 {
@@ -177,7 +189,105 @@ impl Gpu {
             limits,
             features,
             kernels,
+            timer: None,
+            native_f16: features.contains(wgpu::Features::SHADER_F16),
         })
+    }
+
+    /// A context on the same device that records GPU timestamps at the start of each call's
+    /// first pass and the end of its last, read with [`Gpu::last_gpu_seconds`]. `None` if the
+    /// adapter lacks `TIMESTAMP_QUERY`. Meant for benchmarks: calls from several threads on one
+    /// timing context overwrite each other's timestamps.
+    pub fn with_timer(&self) -> Option<Gpu> {
+        if !self.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
+            return None;
+        }
+        let queries = self.device.create_query_set(&wgpu::QuerySetDescriptor {
+            label: Some("wgpu-attention timestamps"),
+            ty: wgpu::QueryType::Timestamp,
+            count: 2,
+        });
+        let buffer = |label, usage| {
+            self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: 16,
+                usage,
+                mapped_at_creation: false,
+            })
+        };
+        let resolved = buffer(
+            "wgpu-attention timestamps resolved",
+            wgpu::BufferUsages::QUERY_RESOLVE | wgpu::BufferUsages::COPY_SRC,
+        );
+        let readback = buffer(
+            "wgpu-attention timestamps readback",
+            wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+        );
+        let mut gpu = self.clone();
+        gpu.timer = Some(Arc::new(Timer {
+            queries,
+            resolved,
+            readback,
+            period_ns: self.queue.get_timestamp_period() as f64,
+        }));
+        Some(gpu)
+    }
+
+    /// Begins a compute pass; on a timing context the first pass of a call writes the start
+    /// timestamp and the last the end one.
+    pub(crate) fn begin_pass<'e>(
+        &self,
+        encoder: &'e mut wgpu::CommandEncoder,
+        label: &str,
+        first: bool,
+        last: bool,
+    ) -> wgpu::ComputePass<'e> {
+        let timestamp_writes = self.timer.as_ref().and_then(|t| {
+            (first || last).then_some(wgpu::ComputePassTimestampWrites {
+                query_set: &t.queries,
+                beginning_of_pass_write_index: first.then_some(0),
+                end_of_pass_write_index: last.then_some(1),
+            })
+        });
+        encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
+            label: Some(label),
+            timestamp_writes,
+        })
+    }
+
+    /// On a timing context, records the copy of the call's timestamps for reading back.
+    pub(crate) fn resolve_timer(&self, encoder: &mut wgpu::CommandEncoder) {
+        if let Some(t) = &self.timer {
+            encoder.resolve_query_set(&t.queries, 0..2, &t.resolved, 0);
+            encoder.copy_buffer_to_buffer(&t.resolved, 0, &t.readback, 0, 16);
+        }
+    }
+
+    /// GPU seconds between the start of the last call's first pass and the end of its last,
+    /// waiting for it to finish; `None` on a context without a timer.
+    pub fn last_gpu_seconds(&self) -> Result<Option<f64>> {
+        let Some(t) = &self.timer else {
+            return Ok(None);
+        };
+        let (tx, rx) = std::sync::mpsc::channel();
+        t.readback.map_async(wgpu::MapMode::Read, .., move |r| {
+            let _ = tx.send(r);
+        });
+        self.wait()?;
+        rx.recv()
+            .map_err(|_| Error::Gpu("timestamp readback never completed".into()))?
+            .map_err(|e| Error::Gpu(format!("mapping timestamps: {e}")))?;
+        let ticks: [u64; 2] = {
+            let view = t
+                .readback
+                .get_mapped_range(..)
+                .map_err(|e| Error::Gpu(format!("reading timestamps: {e}")))?;
+            bytemuck::pod_read_unaligned(&view[..16])
+        };
+        t.readback.unmap();
+        Ok(Some(
+            ticks[1].wrapping_sub(ticks[0]) as f64 * t.period_ns * 1e-9,
+        ))
     }
 
     /// A context on the same device with lower limits (see [`LimitCaps`]). Plans made through it
@@ -195,6 +305,19 @@ impl Gpu {
             *tiles = (*tiles).min(cap.max(1));
         }
         gpu
+    }
+
+    /// A context on the same device that reads f16 tensors packed in `u32` even where the
+    /// adapter has `SHADER_F16`: the path adapters without it take, testable anywhere.
+    pub fn with_packed_f16(&self) -> Gpu {
+        let mut gpu = self.clone();
+        gpu.native_f16 = false;
+        gpu
+    }
+
+    /// How kernels on this context store tensors of `dtype`.
+    pub fn storage(&self, dtype: crate::DType) -> crate::gpu::kernels::Storage {
+        crate::gpu::kernels::Storage::of(dtype, self.native_f16)
     }
 
     /// The adapter the device was created on.

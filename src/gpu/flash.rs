@@ -29,10 +29,13 @@ use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
 use crate::gpu::context::{Gpu, GpuLimits};
-use crate::gpu::kernels::{DispatchSize, FLASH_WORKGROUP_BYTES, Kernel, KernelKey};
+use crate::gpu::kernels::{
+    DispatchSize, FLASH_WORKGROUP_BYTES, Kernel, KernelKey, Storage, TensorStorage,
+};
 use crate::gpu::masking::{self, check_binding};
+use crate::gpu::tensor::Tensor;
 use crate::gpu::three_pass::Io;
-use crate::spec::{DType, Spec};
+use crate::spec::Spec;
 
 /// Rows (query head, query row pairs) per workgroup.
 const BM: usize = 64;
@@ -194,20 +197,27 @@ pub(crate) struct CombineParams {
 
 /// Records the combine kernel: `parts` (partial outputs and, from `params.lse_offset`, their
 /// log-sum-exps, all as f32 bits) merged into `o` and, if given, `lse`.
+#[allow(clippy::too_many_arguments)] // one call site per caller; a struct would only rename them
 pub(crate) fn encode_combine(
     gpu: &Gpu,
     encoder: &mut wgpu::CommandEncoder,
     params: &CombineParams,
     parts: &wgpu::Buffer,
-    o: &wgpu::Buffer,
+    parts_storage: Storage,
+    o: &Tensor,
     lse: Option<&wgpu::Buffer>,
+    timed: bool,
 ) -> Result<()> {
     let device = &gpu.device;
     let kernel = gpu.kernels.get(
         device,
         KernelKey {
             kernel: Kernel::CombineSplits,
-            dtype: DType::F32,
+            storage: TensorStorage {
+                p: parts_storage,
+                o: gpu.storage(o.dtype()),
+                ..TensorStorage::default()
+            },
             variant: 0,
         },
     )?;
@@ -221,7 +231,8 @@ pub(crate) fn encode_combine(
         &[
             &uniform,
             parts,
-            o,
+            parts,
+            o.buffer(),
             lse.unwrap_or(&gpu.kernels.placeholder_out),
         ],
     );
@@ -230,10 +241,7 @@ pub(crate) fn encode_combine(
         gpu.limits.max_workgroups_per_dim,
         "combine_splits dispatch",
     )?;
-    let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-        label: Some("wgpu-attention combine"),
-        timestamp_writes: None,
-    });
+    let mut pass = gpu.begin_pass(encoder, "wgpu-attention combine", false, timed);
     pass.set_pipeline(&kernel.pipeline);
     pass.set_bind_group(0, &bind, &[]);
     let [x, y, z] = size.counts;
@@ -257,7 +265,7 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &FusedPlan, io: &Io<'_>) -> 
         device,
         KernelKey {
             kernel: Kernel::FlashAttention,
-            dtype: DType::F32,
+            storage: io.storage(gpu),
             variant: plan.o_chunks,
         },
     )?;
@@ -331,7 +339,8 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &FusedPlan, io: &Io<'_>) -> 
     let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
         label: Some("wgpu-attention fused"),
     });
-    for params in &pass_params {
+    let last_pass = pass_params.len() - 1;
+    for (index, params) in pass_params.iter().enumerate() {
         let bind = kernel.bind(
             device,
             &[
@@ -347,10 +356,8 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &FusedPlan, io: &Io<'_>) -> 
                 &masks.params,
             ],
         );
-        let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-            label: Some("wgpu-attention flash"),
-            timestamp_writes: None,
-        });
+        let last = index == last_pass && parts.is_none();
+        let mut pass = gpu.begin_pass(&mut encoder, "wgpu-attention flash", index == 0, last);
         pass.set_pipeline(&kernel.pipeline);
         pass.set_bind_group(0, &bind, &[]);
         let [x, y, z] = size.counts;
@@ -385,10 +392,13 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &FusedPlan, io: &Io<'_>) -> 
             &mut encoder,
             &combine,
             parts,
-            io.o.buffer(),
+            Storage::F32,
+            io.o,
             io.lse.map(|t| t.buffer()),
+            true,
         )?;
     }
+    gpu.resolve_timer(&mut encoder);
     gpu.queue.submit([encoder.finish()]);
     let oom = pollster::block_on(oom_scope.pop());
     let validation = pollster::block_on(scope.pop());

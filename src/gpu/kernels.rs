@@ -2,8 +2,8 @@
 //!
 //! A kernel's WGSL file never declares the tensors it reads and writes in their storage type.
 //! The host prepends a *prelude* that declares each tensor binding and a `load_<name>(i) -> f32`
-//! (and, when writable, `store_<name>(i, x)`) accessor for the tensor's [`DType`]; a new storage type is a new
-//! prelude, never a copy of a kernel. Everything else a kernel binds (uniforms, f32 scratch,
+//! (and, when writable, `store_<name>(i, x)`) accessor for the tensor's [`Storage`]; a new
+//! storage type is a new prelude, never a copy of a kernel. Everything else a kernel binds (uniforms, f32 scratch,
 //! masks) it declares itself.
 //!
 //! Pipelines are compiled on first use and cached per [`KernelKey`]; the key is also the
@@ -128,7 +128,13 @@ impl Kernel {
                 S
             }
             Kernel::CombineSplits => {
-                const S: &[Slot] = &[Slot::Uniform, READ, tensor("o", false), WRITE];
+                const S: &[Slot] = &[
+                    Slot::Uniform,
+                    tensor("p", true),
+                    READ,
+                    tensor("o", false),
+                    WRITE,
+                ];
                 S
             }
             Kernel::PvProduct => {
@@ -150,13 +156,79 @@ impl Kernel {
     }
 }
 
+/// How a tensor is stored, as a kernel sees it: the [`DType`] plus, for f16, whether the
+/// adapter reads it natively.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Storage {
+    /// `array<f32>`.
+    #[default]
+    F32,
+    /// `array<f16>` with `enable f16` (adapters with `SHADER_F16`).
+    F16,
+    /// f16 packed two to a `u32`, converted with `unpack2x16float` / `pack2x16float`.
+    F16Packed,
+    /// bf16 packed two to a `u32`, converted by bit shifts; rounded to nearest even on store.
+    Bf16,
+}
+
+impl Storage {
+    /// The storage of `dtype` on an adapter with (or without) native f16.
+    pub fn of(dtype: DType, native_f16: bool) -> Storage {
+        match dtype {
+            DType::F32 => Storage::F32,
+            DType::F16 if native_f16 => Storage::F16,
+            DType::F16 => Storage::F16Packed,
+            DType::Bf16 => Storage::Bf16,
+        }
+    }
+}
+
+/// The storage of each tensor a kernel may bind, by the names the kernels use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct TensorStorage {
+    /// Queries.
+    pub q: Storage,
+    /// Keys.
+    pub k: Storage,
+    /// Values.
+    pub v: Storage,
+    /// Output (and, for the combine kernel, its partial outputs `p`).
+    pub o: Storage,
+    /// Partial outputs merged by the combine kernel.
+    pub p: Storage,
+}
+
+impl TensorStorage {
+    /// Every tensor stored as `storage`.
+    pub fn all(storage: Storage) -> TensorStorage {
+        TensorStorage {
+            q: storage,
+            k: storage,
+            v: storage,
+            o: storage,
+            p: storage,
+        }
+    }
+
+    fn get(&self, name: &str) -> Storage {
+        match name {
+            "q" => self.q,
+            "k" => self.k,
+            "v" => self.v,
+            "o" => self.o,
+            "p" => self.p,
+            other => unreachable!("no tensor named {other}"),
+        }
+    }
+}
+
 /// One specialisation of a kernel: everything that changes the compiled pipeline.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct KernelKey {
     /// Which kernel.
     pub kernel: Kernel,
-    /// Storage type of the prelude's tensors.
-    pub dtype: DType,
+    /// Storage of the prelude's tensors.
+    pub storage: TensorStorage,
     /// The kernel's specialisation (0 where it has none): the workgroup size of
     /// `MaskedSoftmax`, `ceil(v_head_dim / 64)` for `FlashAttention`.
     pub variant: u32,
@@ -164,7 +236,26 @@ pub struct KernelKey {
 
 impl KernelKey {
     fn label(&self) -> String {
-        format!("{}<{:?}, {}>", self.kernel.name(), self.dtype, self.variant)
+        let s = &self.storage;
+        let mut names = Vec::new();
+        for (binding, slot) in self.kernel.slots().iter().enumerate() {
+            if let Slot::Tensor { name, .. } = slot {
+                names.push(format!("{name}@{binding}:{:?}", s.get(name)));
+            }
+        }
+        format!(
+            "{}<{}; {}>",
+            self.kernel.name(),
+            names.join(","),
+            self.variant
+        )
+    }
+
+    /// Whether a tensor of this key is stored as native f16 (the device needs `SHADER_F16`).
+    pub fn needs_f16(&self) -> bool {
+        self.kernel.slots().iter().any(|slot| {
+            matches!(slot, Slot::Tensor { name, .. } if self.storage.get(name) == Storage::F16)
+        })
     }
 
     /// The `override` constants this specialisation sets.
@@ -185,12 +276,16 @@ impl KernelKey {
         }
     }
 
-    /// The complete WGSL the crate compiles for this key: the dtype prelude, then the kernel.
+    /// The complete WGSL the crate compiles for this key: the storage preludes, the shared
+    /// masking rules where the kernel masks, then the kernel.
     pub fn source(&self) -> String {
         let mut src = String::new();
+        if self.needs_f16() {
+            src.push_str("enable f16;\n");
+        }
         for (binding, slot) in self.kernel.slots().iter().enumerate() {
             if let Slot::Tensor { name, read_only } = *slot {
-                prelude(&mut src, name, binding, self.dtype, read_only);
+                prelude(&mut src, name, binding, self.storage.get(name), read_only);
             }
         }
         if self.kernel.masks() {
@@ -201,15 +296,30 @@ impl KernelKey {
     }
 }
 
-/// Declares tensor `name` at `binding` in storage type `dtype`, with its f32 accessor.
-fn prelude(src: &mut String, name: &str, binding: usize, dtype: DType, read_only: bool) {
+/// Declares tensor `name` at `binding` in `storage`, with its f32 accessors: `load_<name>(i)`,
+/// and `store_<name>(i, x)` when writable. Packed types store through atomics on the word
+/// that holds the element, because the other half may belong to another invocation.
+fn prelude(src: &mut String, name: &str, binding: usize, storage: Storage, read_only: bool) {
     let access = if read_only { "read" } else { "read_write" };
-    match dtype {
-        DType::F32 => {
-            let _ = writeln!(
-                src,
-                "@group(0) @binding({binding}) var<storage, {access}> {name}_buf: array<f32>;"
-            );
+    let decl = |ty: &str| {
+        format!("@group(0) @binding({binding}) var<storage, {access}> {name}_buf: {ty};\n")
+    };
+    // The 32-bit word holding element i, as a value.
+    let word = if read_only {
+        format!("{name}_buf[i >> 1u]")
+    } else {
+        format!("atomicLoad(&{name}_buf[i >> 1u])")
+    };
+    let packed_store = |bits: &str| {
+        format!(
+            "fn store_{name}(i: u32, x: f32) {{\n    let bits = {bits};\n    let shift = (i & 1u) * 16u;\n    \
+             atomicAnd(&{name}_buf[i >> 1u], ~(0xffffu << shift));\n    \
+             atomicOr(&{name}_buf[i >> 1u], bits << shift);\n}}\n"
+        )
+    };
+    match storage {
+        Storage::F32 => {
+            src.push_str(&decl("array<f32>"));
             let _ = writeln!(
                 src,
                 "fn load_{name}(i: u32) -> f32 {{ return {name}_buf[i]; }}"
@@ -219,6 +329,55 @@ fn prelude(src: &mut String, name: &str, binding: usize, dtype: DType, read_only
                     src,
                     "fn store_{name}(i: u32, x: f32) {{ {name}_buf[i] = x; }}"
                 );
+            }
+        }
+        Storage::F16 => {
+            src.push_str(&decl("array<f16>"));
+            let _ = writeln!(
+                src,
+                "fn load_{name}(i: u32) -> f32 {{ return f32({name}_buf[i]); }}"
+            );
+            if !read_only {
+                let _ = writeln!(
+                    src,
+                    "fn store_{name}(i: u32, x: f32) {{ {name}_buf[i] = f16(x); }}"
+                );
+            }
+        }
+        Storage::F16Packed => {
+            src.push_str(&decl(if read_only {
+                "array<u32>"
+            } else {
+                "array<atomic<u32>>"
+            }));
+            let _ = writeln!(
+                src,
+                "fn load_{name}(i: u32) -> f32 {{\n    let pair = unpack2x16float({word});\n    \
+                 return select(pair.x, pair.y, (i & 1u) != 0u);\n}}"
+            );
+            if !read_only {
+                src.push_str(&packed_store("pack2x16float(vec2<f32>(x, 0.0)) & 0xffffu"));
+            }
+        }
+        Storage::Bf16 => {
+            src.push_str(&decl(if read_only {
+                "array<u32>"
+            } else {
+                "array<atomic<u32>>"
+            }));
+            let _ = writeln!(
+                src,
+                "fn load_{name}(i: u32) -> f32 {{ return bitcast<f32>((({word} >> ((i & 1u) * 16u)) & 0xffffu) << 16u); }}"
+            );
+            if !read_only {
+                // Round to nearest even; NaN stays a (quiet) NaN.
+                let _ = writeln!(
+                    src,
+                    "fn bf16_bits_{name}(x: f32) -> u32 {{\n    let u = bitcast<u32>(x);\n    \
+                     if (u & 0x7fffffffu) > 0x7f800000u {{ return 0x7fc0u; }}\n    \
+                     return (u + 0x7fffu + ((u >> 16u) & 1u)) >> 16u;\n}}"
+                );
+                src.push_str(&packed_store(&format!("bf16_bits_{name}(x)")));
             }
         }
     }

@@ -59,6 +59,22 @@ pub fn merge(gpu: &Gpu, a: Partial<'_>, b: Partial<'_>, layout: Layout) -> Resul
             });
         }
     }
+    if b.o.dtype() != a.o.dtype() {
+        return Err(Error::InvalidOption {
+            what: "merge inputs",
+            value: format!("{:?} and {:?}", a.o.dtype(), b.o.dtype()),
+            why: "both partial outputs must have the same dtype",
+        });
+    }
+    for t in [a.lse, b.lse] {
+        if t.dtype() != crate::DType::F32 {
+            return Err(Error::InvalidOption {
+                what: "log-sum-exp dtype",
+                value: format!("{:?}", t.dtype()),
+                why: "log-sum-exps are f32",
+            });
+        }
+    }
     let (batch, heads, q_len, v_head_dim) = layout.split(dims);
     let o_bytes = a.o.byte_len();
     let lse_bytes = a.lse.byte_len();
@@ -76,7 +92,7 @@ pub fn merge(gpu: &Gpu, a: Partial<'_>, b: Partial<'_>, layout: Layout) -> Resul
 
     let device = &gpu.device;
     let out = Output {
-        o: gpu.empty(dims)?,
+        o: gpu.empty_as(dims, a.o.dtype())?,
         lse: Some(gpu.empty([batch, heads, q_len, 1])?),
         weights: None,
     };
@@ -102,7 +118,9 @@ pub fn merge(gpu: &Gpu, a: Partial<'_>, b: Partial<'_>, layout: Layout) -> Resul
         lse_bytes,
     );
     let [sb, sh, ss] = layout.strides(heads, q_len, v_head_dim).map(|x| x as u32);
-    let o_elems = (o_bytes / 4) as u32;
+    // Elements from one partial's start to the next (its bytes are padded to whole words).
+    let o_elems = (o_bytes / a.o.dtype().size() as u64) as u32;
+    let lse_offset = (2 * o_bytes / 4) as u32;
     let params = CombineParams {
         splits: 2,
         rows,
@@ -110,7 +128,7 @@ pub fn merge(gpu: &Gpu, a: Partial<'_>, b: Partial<'_>, layout: Layout) -> Resul
         q_len: q_len as u32,
         v_head_dim: v_head_dim as u32,
         write_lse: 1,
-        lse_offset: 2 * o_elems,
+        lse_offset,
         _pad0: 0,
         part_stride: [o_elems, sb, sh, ss],
         part_lse_stride: [rows, (heads * q_len) as u32, q_len as u32, 1],
@@ -122,8 +140,10 @@ pub fn merge(gpu: &Gpu, a: Partial<'_>, b: Partial<'_>, layout: Layout) -> Resul
         &mut encoder,
         &params,
         &stacked,
-        out.o.buffer(),
+        gpu.storage(a.o.dtype()),
+        &out.o,
         out.lse.as_ref().map(|t| t.buffer()),
+        false,
     )?;
     gpu.queue.submit([encoder.finish()]);
     if let Some(err) = pollster::block_on(scope.pop()) {

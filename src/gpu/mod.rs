@@ -9,7 +9,7 @@ mod flash;
 pub mod kernels;
 mod masking;
 mod merge;
-mod tensor;
+pub(crate) mod tensor;
 mod three_pass;
 
 pub use cache::KvCache;
@@ -163,7 +163,7 @@ impl Attention {
         Ok(plan)
     }
 
-    /// Runs attention on the GPU, allocating the outputs.
+    /// Runs attention on the GPU, allocating the outputs (O in the queries' dtype).
     ///
     /// Dims are read from the tensors in the layout of the options; the log-sum-exp and the
     /// weights are returned when [`return_lse`](Attention::return_lse) and
@@ -174,8 +174,9 @@ impl Attention {
         let dims = Dims::from_shapes(self.layout, q.dims(), k.dims(), v.dims())?;
         self.validate(dims)?;
         let lse_dims = [dims.batch, dims.heads, dims.q_len, 1];
+        // O takes the queries' dtype: f32 queries over a bf16 cache give an f32 output.
         let out = Output {
-            o: gpu.empty(dims.o_shape(self.layout))?,
+            o: gpu.empty_as(dims.o_shape(self.layout), q.dtype())?,
             lse: self.want_lse.then(|| gpu.empty(lse_dims)).transpose()?,
             weights: self
                 .want_weights
@@ -210,6 +211,17 @@ impl Attention {
         }
         if let Some(w) = &out.weights {
             expect_dims("weights", w.dims(), dims.score_shape())?;
+        }
+        for (what, t) in [("log-sum-exp", &out.lse), ("weights", &out.weights)] {
+            if let Some(t) = t
+                && t.dtype() != crate::DType::F32
+            {
+                return Err(Error::InvalidOption {
+                    what,
+                    value: format!("{:?}", t.dtype()),
+                    why: "the log-sum-exp and the weights are always f32",
+                });
+            }
         }
         let io = three_pass::Io {
             q,

@@ -30,8 +30,11 @@ fn byte_len(gpu: &Gpu, what: &'static str, dims: [usize; 4], dtype: DType) -> Re
     }
     let bytes = dims
         .iter()
-        .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64))
-        .unwrap_or(u64::MAX);
+        .try_fold(1u64, |acc, &d| acc.checked_mul(d as u64))
+        .and_then(|elems| elems.checked_mul(dtype.size() as u64))
+        .map_or(u64::MAX, |_| {
+            dtype.buffer_bytes(dims.iter().map(|&d| d as u64).product())
+        });
     if bytes > gpu.limits.max_buffer_size {
         return Err(Error::TooLarge {
             what,
@@ -43,15 +46,53 @@ fn byte_len(gpu: &Gpu, what: &'static str, dims: [usize; 4], dtype: DType) -> Re
     Ok(bytes)
 }
 
+/// Host f32 values as the bytes of `dtype` (rounded to nearest even), padded to whole words.
+pub(crate) fn encode(data: &[f32], dtype: DType) -> Vec<u8> {
+    let mut bytes: Vec<u8> = match dtype {
+        DType::F32 => bytemuck::cast_slice(data).to_vec(),
+        DType::F16 => data
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect(),
+        DType::Bf16 => data
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+            .collect(),
+    };
+    bytes.resize(dtype.buffer_bytes(data.len() as u64) as usize, 0);
+    bytes
+}
+
+/// The first `n` elements of `dtype` in `bytes`, as f32.
+fn decode(bytes: &[u8], n: usize, dtype: DType) -> Vec<f32> {
+    match dtype {
+        DType::F32 => bytemuck::cast_slice::<u8, f32>(&bytes[..n * 4]).to_vec(),
+        DType::F16 => bytes[..n * 2]
+            .chunks_exact(2)
+            .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        DType::Bf16 => bytes[..n * 2]
+            .chunks_exact(2)
+            .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+    }
+}
+
 impl Gpu {
-    /// Uploads f32 host data as a tensor of `dims`.
+    /// Uploads f32 host data as an f32 tensor of `dims`.
     pub fn upload(&self, data: &[f32], dims: [usize; 4]) -> Result<Tensor> {
-        let bytes = byte_len(self, "tensor", dims, DType::F32)?;
-        if data.len() as u64 * 4 != bytes {
+        self.upload_as(data, dims, DType::F32)
+    }
+
+    /// Uploads f32 host data as a tensor of `dtype`, rounding to nearest even.
+    pub fn upload_as(&self, data: &[f32], dims: [usize; 4], dtype: DType) -> Result<Tensor> {
+        byte_len(self, "tensor", dims, dtype)?;
+        let expected: usize = dims.iter().product();
+        if data.len() != expected {
             return Err(Error::DataLength {
                 what: "upload",
                 dims: dims.to_vec(),
-                expected: (bytes / 4) as usize,
+                expected,
                 got: data.len(),
             });
         }
@@ -59,19 +100,36 @@ impl Gpu {
             .device
             .create_buffer_init(&wgpu::util::BufferInitDescriptor {
                 label: Some("wgpu-attention tensor"),
-                contents: bytemuck::cast_slice(data),
+                contents: &encode(data, dtype),
                 usage: USAGE,
             });
         Ok(Tensor {
             buffer,
             dims,
-            dtype: DType::F32,
+            dtype,
         })
+    }
+
+    /// Uploads f16 host data as an f16 tensor.
+    pub fn upload_f16(&self, data: &[half::f16], dims: [usize; 4]) -> Result<Tensor> {
+        let wide: Vec<f32> = data.iter().map(|x| x.to_f32()).collect();
+        self.upload_as(&wide, dims, DType::F16)
+    }
+
+    /// Uploads bf16 host data as a bf16 tensor.
+    pub fn upload_bf16(&self, data: &[half::bf16], dims: [usize; 4]) -> Result<Tensor> {
+        let wide: Vec<f32> = data.iter().map(|x| x.to_f32()).collect();
+        self.upload_as(&wide, dims, DType::Bf16)
     }
 
     /// A new f32 tensor of `dims` whose contents are unspecified until written.
     pub fn empty(&self, dims: [usize; 4]) -> Result<Tensor> {
-        let size = byte_len(self, "tensor", dims, DType::F32)?;
+        self.empty_as(dims, DType::F32)
+    }
+
+    /// A new tensor of `dims` and `dtype` whose contents are unspecified until written.
+    pub fn empty_as(&self, dims: [usize; 4], dtype: DType) -> Result<Tensor> {
+        let size = byte_len(self, "tensor", dims, dtype)?;
         let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
             label: Some("wgpu-attention tensor"),
             size,
@@ -81,7 +139,7 @@ impl Gpu {
         Ok(Tensor {
             buffer,
             dims,
-            dtype: DType::F32,
+            dtype,
         })
     }
 }
@@ -104,7 +162,7 @@ impl Tensor {
         let needed = dims
             .iter()
             .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64))
-            .unwrap_or(u64::MAX);
+            .map_or(u64::MAX, |bytes| bytes.div_ceil(4) * 4);
         if buffer.size() < needed {
             return Err(Error::BufferTooSmall {
                 what: "tensor",
@@ -139,9 +197,9 @@ impl Tensor {
         self.dtype
     }
 
-    /// Bytes the elements occupy (the buffer may be larger).
+    /// Bytes the elements occupy, rounded up to whole 4-byte words (the buffer may be larger).
     pub fn byte_len(&self) -> u64 {
-        self.len() as u64 * self.dtype.size() as u64
+        self.dtype.buffer_bytes(self.len() as u64)
     }
 
     /// The underlying buffer.
@@ -149,7 +207,8 @@ impl Tensor {
         &self.buffer
     }
 
-    /// Overwrites the tensor with host data (queued; visible to the next submission).
+    /// Overwrites the tensor with host data, converted to its dtype (queued; visible to the
+    /// next submission).
     pub fn write(&self, gpu: &Gpu, data: &[f32]) -> Result<()> {
         if data.len() != self.len() {
             return Err(Error::DataLength {
@@ -170,7 +229,8 @@ impl Tensor {
         Ok(())
     }
 
-    /// Copies the tensor back to the host, waiting for all work submitted before.
+    /// Copies the tensor back to the host as f32 (exact for every dtype), waiting for all work
+    /// submitted before.
     pub fn download(&self, gpu: &Gpu) -> Result<Vec<f32>> {
         if !self.buffer.usage().contains(wgpu::BufferUsages::COPY_SRC) {
             return Err(Error::BufferUsage {
@@ -208,9 +268,7 @@ impl Tensor {
         let view = staging
             .get_mapped_range(..)
             .map_err(|e| Error::Gpu(format!("reading mapped buffer: {e}")))?;
-        let out = match self.dtype {
-            DType::F32 => bytemuck::cast_slice::<u8, f32>(&view).to_vec(),
-        };
+        let out = decode(&view, self.len(), self.dtype);
         drop(view);
         staging.unmap();
         Ok(out)

@@ -14,10 +14,10 @@ use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
 use crate::gpu::context::{Gpu, GpuLimits};
-use crate::gpu::kernels::{DispatchSize, Kernel, KernelKey};
+use crate::gpu::kernels::{DispatchSize, Kernel, KernelKey, Storage, TensorStorage};
 use crate::gpu::masking::{self, check_binding};
 use crate::gpu::tensor::Tensor;
-use crate::spec::{DType, Spec};
+use crate::spec::Spec;
 
 /// Rows and columns of one tile of the product kernels.
 const TILE: u64 = 64;
@@ -208,6 +208,19 @@ pub(crate) struct Io<'a> {
     pub(crate) weights: Option<&'a Tensor>,
 }
 
+impl Io<'_> {
+    /// How the kernels see Q, K, V and O on `gpu`.
+    pub(crate) fn storage(&self, gpu: &Gpu) -> TensorStorage {
+        TensorStorage {
+            q: gpu.storage(self.q.dtype()),
+            k: gpu.storage(self.k.dtype()),
+            v: gpu.storage(self.v.dtype()),
+            o: gpu.storage(self.o.dtype()),
+            p: Storage::F32,
+        }
+    }
+}
+
 /// Encodes and submits the three passes for every chunk of `plan`.
 pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &ThreePassPlan, io: &Io<'_>) -> Result<()> {
     let d = spec.dims;
@@ -244,9 +257,10 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &ThreePassPlan, io: &Io<'_>)
         (None, None) => unreachable!("scratch exists unless the weights buffer serves"),
     };
 
+    let storage = io.storage(gpu);
     let key = |kernel, variant| KernelKey {
         kernel,
-        dtype: DType::F32,
+        storage,
         variant,
     };
     let qk = gpu.kernels.get(device, key(Kernel::QkScores, 0))?;
@@ -274,7 +288,8 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &ThreePassPlan, io: &Io<'_>)
         })
     };
     let max_wg = limits.max_workgroups_per_dim;
-    for chunk in &plan.chunks {
+    let last_chunk = plan.chunks.len() - 1;
+    for (index, chunk) in plan.chunks.iter().enumerate() {
         let rows = chunk.rows as u64;
         let tiles_i = rows.div_ceil(TILE) as u32;
         let tiles_j = (d.kv_len as u64).div_ceil(TILE) as u32;
@@ -354,10 +369,12 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &ThreePassPlan, io: &Io<'_>)
             ),
         ];
         {
-            let mut pass = encoder.begin_compute_pass(&wgpu::ComputePassDescriptor {
-                label: Some("wgpu-attention three-pass chunk"),
-                timestamp_writes: None,
-            });
+            let mut pass = gpu.begin_pass(
+                &mut encoder,
+                "wgpu-attention three-pass chunk",
+                index == 0,
+                index == last_chunk,
+            );
             for (kernel, bind, size) in dispatches {
                 pass.set_pipeline(&kernel.pipeline);
                 pass.set_bind_group(0, bind, &[]);
@@ -371,6 +388,7 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &ThreePassPlan, io: &Io<'_>)
             encoder.copy_buffer_to_buffer(scratch, 0, weights.buffer(), offset, size);
         }
     }
+    gpu.resolve_timer(&mut encoder);
     gpu.queue.submit([encoder.finish()]);
     let oom = pollster::block_on(oom_scope.pop());
     let validation = pollster::block_on(scope.pop());

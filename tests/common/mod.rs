@@ -6,7 +6,7 @@ use std::sync::OnceLock;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use wgpu_attention::{Attention, Dims, Gpu, Output, Path, Tensor, cpu};
+use wgpu_attention::{Attention, DType, Dims, Gpu, Output, Path, Tensor, cpu};
 
 /// The device shared by every test of a binary (pipelines compile once per binary).
 ///
@@ -92,19 +92,49 @@ pub const NORM_TOL: f64 = 1e-5;
 /// log-sum-exp always, the weights on the three-pass path. Every output starts as NaN.
 /// `logit_amp` scales Q to push the scores up (x30 in the grid).
 pub fn check(gpu: &Gpu, path: Path, dims: Dims, opts: &Attention, seed: u64, logit_amp: f32) {
+    check_dtypes(gpu, path, dims, opts, seed, logit_amp, [DType::F32; 4]);
+}
+
+/// Tolerance of O elements, relative, for an output stored as `dtype`: one unit in the last
+/// place of that type (the kernel and the reference may round to neighbours), f32's contract
+/// otherwise.
+fn o_rtol(dtype: DType) -> f32 {
+    match dtype {
+        DType::Bf16 => 1.0 / 128.0,
+        DType::F16 => 1.0 / 1024.0,
+        _ => O_RTOL,
+    }
+}
+
+/// [`check`] with Q, K, V and O stored as `types`. The reference runs on the same rounded
+/// inputs; the relative norm error bound is DESIGN.md's 3e-3 when anything is half precision.
+pub fn check_dtypes(
+    gpu: &Gpu,
+    path: Path,
+    dims: Dims,
+    opts: &Attention,
+    seed: u64,
+    logit_amp: f32,
+    types: [DType; 4],
+) {
+    let [tq_t, tk_t, tv_t, to_t] = types;
     let opts = opts.clone().path(path);
     let layout = opts.get_layout();
     let mut r = rng(seed);
-    let q = random(&mut r, dims.q_elems(), logit_amp);
-    let k = random(&mut r, dims.k_elems(), 1.0);
-    let v = random(&mut r, dims.v_elems(), 1.0);
+    let round = |x: Vec<f32>, t: DType| -> Vec<f32> { x.into_iter().map(|v| t.round(v)).collect() };
+    let q = round(random(&mut r, dims.q_elems(), logit_amp), tq_t);
+    let k = round(random(&mut r, dims.k_elems(), 1.0), tk_t);
+    let v = round(random(&mut r, dims.v_elems(), 1.0), tv_t);
     let want = cpu::reference(&q, &k, &v, dims, &opts).expect("reference");
-    let tq = gpu.upload(&q, dims.q_shape(layout)).unwrap();
-    let tk = gpu.upload(&k, dims.k_shape(layout)).unwrap();
-    let tv = gpu.upload(&v, dims.v_shape(layout)).unwrap();
+    let tq = gpu.upload_as(&q, dims.q_shape(layout), tq_t).unwrap();
+    let tk = gpu.upload_as(&k, dims.k_shape(layout), tk_t).unwrap();
+    let tv = gpu.upload_as(&v, dims.v_shape(layout), tv_t).unwrap();
     let with_weights = path == Path::ThreePass;
+    let o_shape = dims.o_shape(layout);
     let out = Output {
-        o: poisoned(gpu, dims.o_shape(layout)),
+        o: gpu
+            .upload_as(&vec![f32::NAN; o_shape.iter().product()], o_shape, to_t)
+            .unwrap(),
         lse: Some(poisoned(gpu, [dims.batch, dims.heads, dims.q_len, 1])),
         weights: with_weights.then(|| poisoned(gpu, dims.score_shape())),
     };
@@ -116,17 +146,22 @@ pub fn check(gpu: &Gpu, path: Path, dims: Dims, opts: &Attention, seed: u64, log
         .unwrap_or_else(|e| panic!("{dims:?}: {e}"));
     let o = out.o.download(gpu).unwrap();
     let lse = out.lse.unwrap().download(gpu).unwrap();
-    let ctx = format!("[{ran}] {dims:?} {opts:?} seed {seed}");
+    let ctx = format!("[{ran}, {types:?}] {dims:?} {opts:?} seed {seed}");
     let ctx = if ctx.len() > 400 {
         format!("{}...", &ctx[..400])
     } else {
         ctx
     };
-    assert_close(&format!("O of {ctx}"), &o, &want.o, O_ATOL, O_RTOL);
+    assert_close(&format!("O of {ctx}"), &o, &want.o, O_ATOL, o_rtol(to_t));
+    let norm_tol = if types.iter().all(|&t| t == DType::F32) {
+        NORM_TOL
+    } else {
+        3e-3
+    };
     let err = rel_norm_error(&o, &want.o);
     assert!(
-        err <= NORM_TOL,
-        "O of {ctx}: relative norm error {err:e} > {NORM_TOL:e}"
+        err <= norm_tol,
+        "O of {ctx}: relative norm error {err:e} > {norm_tol:e}"
     );
     assert_close(&format!("lse of {ctx}"), &lse, &want.lse, 2e-5, 2e-5);
     if let Some(w) = out.weights {
@@ -481,6 +516,139 @@ macro_rules! path_grid_tests {
             let want = cpu::reference(&q, &k, &k, d, &masked).unwrap();
             assert!(want.o[..8].iter().all(|&x| x == 0.0));
             assert_eq!(want.lse[0], f32::NEG_INFINITY);
+        }
+
+        /// 40000 keys with equal scores: the worst case for f32 summation (every weight is the
+        /// same, so rounding errors do not cancel), and more loop iterations than llvmpipe's
+        /// per-invocation limit would allow a kernel that streamed them in one loop.
+        #[test]
+        fn long_key_range_with_equal_weights() {
+            let Some(gpu) = gpu() else { return };
+            let d = dims(1, 2, 1, 3, 40_000, 16, 8);
+            let mut r = rng(1450);
+            let q = random(&mut r, d.q_elems(), 1.0);
+            let k = vec![0.25f32; d.k_elems()];
+            for v in [vec![1.0f32; d.v_elems()], random(&mut r, d.v_elems(), 1.0)] {
+                let opts = Attention::new().path($path);
+                let want = cpu::reference(&q, &k, &v, d, &opts).unwrap();
+                let up = |x: &[f32], s| gpu.upload(x, s).unwrap();
+                let out = opts
+                    .run(
+                        gpu,
+                        &up(&q, d.q_shape(Layout::Bhsd)),
+                        &up(&k, d.k_shape(Layout::Bhsd)),
+                        &up(&v, d.v_shape(Layout::Bhsd)),
+                    )
+                    .unwrap();
+                let o = out.o.download(gpu).unwrap();
+                common::assert_close("O", &o, &want.o, common::O_ATOL, common::O_RTOL);
+                let err = common::rel_norm_error(&o, &want.o);
+                assert!(err <= common::NORM_TOL, "relative norm error {err:e}");
+            }
+        }
+
+        /// Half-precision storage: all f16, all bf16, f32 queries over a bf16 or f16 cache, and
+        /// half outputs; natively and through the packed-f16 fallback.
+        #[test]
+        fn half_precision_dtypes() {
+            use wgpu_attention::DType::{Bf16, F16, F32};
+            let Some(gpu) = gpu() else { return };
+            let packed = gpu.with_packed_f16();
+            let combos = [
+                [F16; 4],
+                [Bf16; 4],
+                [F32, Bf16, Bf16, F32],
+                [F32, F16, F16, F32],
+                [Bf16, Bf16, Bf16, F32],
+                [F16, F32, F16, Bf16],
+            ];
+            let mut r = rng(1460);
+            for (n, types) in combos.into_iter().enumerate() {
+                for (m, g) in [gpu, &packed].into_iter().enumerate() {
+                    let d = dims(2, 4, 2, 33 + 7 * m, 70 + 31 * n, 40, 24 + 2 * n);
+                    let opts = Attention::new()
+                        .causal(if n % 2 == 0 {
+                            Causal::BottomRight
+                        } else {
+                            Causal::TopLeft
+                        })
+                        .mask([2, 1, 1, d.kv_len], random_mask(&mut r, 2 * d.kv_len, 0.8))
+                        .layout(if m == 0 { Layout::Bhsd } else { Layout::Bshd });
+                    common::check_dtypes(g, $path, d, &opts, 1470 + (2 * n + m) as u64, 1.0, types);
+                }
+            }
+            // Odd sizes everywhere: packed halves share words across rows and invocations.
+            let d = dims(1, 3, 1, 7, 33, 7, 5);
+            for types in [[F16; 4], [Bf16; 4]] {
+                common::check_dtypes(&packed, $path, d, &Attention::new(), 1490, 1.0, types);
+                common::check_dtypes(
+                    gpu,
+                    $path,
+                    d,
+                    &Attention::new().softcap(5.0),
+                    1491,
+                    30.0,
+                    types,
+                );
+            }
+        }
+
+        /// Random configurations in random storage types.
+        #[test]
+        fn proptest_random_dtypes() {
+            use wgpu_attention::DType;
+            let Some(gpu) = gpu() else { return };
+            let packed = gpu.with_packed_f16();
+            let mut runner = TestRunner::new(Config {
+                cases: 40,
+                rng_seed: RngSeed::Fixed(0xd7_9e5),
+                failure_persistence: None,
+                ..Config::default()
+            });
+            // A few storage combinations, so that the cases do not spend the run compiling
+            // a pipeline for each of the 81 possible ones (0.2-0.4 s each on lavapipe).
+            let combos = [
+                [DType::F16; 4],
+                [DType::Bf16; 4],
+                [DType::F32, DType::Bf16, DType::Bf16, DType::F32],
+                [DType::Bf16, DType::F16, DType::F32, DType::F16],
+            ];
+            let strategy = (
+                (1usize..=2, 1usize..=3, 1usize..=3, 1usize..=70, 1usize..=90),
+                (
+                    1usize..=72,
+                    1usize..=72,
+                    0usize..3,
+                    any::<bool>(),
+                    any::<u64>(),
+                ),
+                0..combos.len(),
+            );
+            runner
+                .run(
+                    &strategy,
+                    |((b, hkv, g, l, s), (dd, dv, causal, use_packed, seed), combo)| {
+                        let [tq, tk, tv, to] = combos[combo];
+                        let d = Dims {
+                            batch: b,
+                            heads: hkv * g,
+                            kv_heads: hkv,
+                            q_len: l,
+                            kv_len: s,
+                            head_dim: dd,
+                            v_head_dim: dv,
+                        };
+                        let opts = match causal {
+                            1 => Attention::new().causal(Causal::TopLeft),
+                            2 => Attention::new().causal(Causal::BottomRight),
+                            _ => Attention::new(),
+                        };
+                        let g = if use_packed { &packed } else { gpu };
+                        common::check_dtypes(g, $path, d, &opts, seed, 1.0, [tq, tk, tv, to]);
+                        Ok(())
+                    },
+                )
+                .unwrap();
         }
 
         /// Random configurations: every option, sizes that are not multiples of the tiles.

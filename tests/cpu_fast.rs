@@ -1,0 +1,565 @@
+//! `cpu::fast` against the f64 reference, element by element, on shapes that are not multiples
+//! of its blocks (4-row strips, 8-key panels, 64-key blocks, 64-row tasks), with every option.
+//! No GPU needed.
+
+use proptest::prelude::*;
+use proptest::test_runner::{Config, RngSeed};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use wgpu_attention::{Attention, Causal, Dims, Error, Layout, cpu};
+
+/// Uniform values in `[-amp, amp)`, never exactly zero.
+fn random(rng: &mut StdRng, n: usize, amp: f32) -> Vec<f32> {
+    (0..n)
+        .map(|_| {
+            loop {
+                let x = rng.random_range(-amp..amp);
+                if x != 0.0 {
+                    break x;
+                }
+            }
+        })
+        .collect()
+}
+
+/// Random booleans, `true` with probability `p`.
+fn random_mask(rng: &mut StdRng, n: usize, p: f64) -> Vec<bool> {
+    (0..n).map(|_| rng.random_bool(p)).collect()
+}
+
+fn dims(
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    l: usize,
+    s: usize,
+    d: usize,
+    dv: usize,
+) -> Dims {
+    Dims {
+        batch,
+        heads,
+        kv_heads,
+        q_len: l,
+        kv_len: s,
+        head_dim: d,
+        v_head_dim: dv,
+    }
+}
+
+/// Runs `fast` and the reference on fresh random Q, K, V (Q multiplied by `q_amp`) and checks
+/// O element by element (`2e-5 + 1e-4 |want|`), O's relative norm error (`1e-5`) and the
+/// log-sum-exp (`2e-5` absolute plus relative, `-inf` only where the reference has it).
+fn check(what: &str, seed: u64, dims: Dims, opts: &Attention, q_amp: f32) {
+    let mut rng = StdRng::seed_from_u64(seed);
+    let q = random(&mut rng, dims.q_elems(), q_amp);
+    let k = random(&mut rng, dims.k_elems(), 1.0);
+    let v = random(&mut rng, dims.v_elems(), 1.0);
+    let want = cpu::reference(&q, &k, &v, dims, opts).unwrap();
+    let got = cpu::fast(&q, &k, &v, dims, opts).unwrap();
+    let ctx = format!("{what}: {dims:?}, {opts:?}");
+
+    assert_eq!(got.o.len(), want.o.len(), "{ctx}: O length");
+    for (i, (&g, &w)) in got.o.iter().zip(&want.o).enumerate() {
+        assert!(
+            g.is_finite() && (g - w).abs() <= 2e-5 + 1e-4 * w.abs(),
+            "{ctx}: O[{i}] is {g}, want {w}"
+        );
+    }
+    let (mut num, mut den) = (0f64, 0f64);
+    for (&g, &w) in got.o.iter().zip(&want.o) {
+        num += (g as f64 - w as f64).powi(2);
+        den += (w as f64).powi(2);
+    }
+    let rel = if den == 0.0 {
+        num.sqrt()
+    } else {
+        (num / den).sqrt()
+    };
+    assert!(rel <= 1e-5, "{ctx}: relative norm error {rel:e}");
+
+    assert_eq!(got.lse.len(), want.lse.len(), "{ctx}: lse length");
+    for (i, (&g, &w)) in got.lse.iter().zip(&want.lse).enumerate() {
+        let ok = if w == f32::NEG_INFINITY {
+            g == w
+        } else {
+            g.is_finite() && (g - w).abs() <= 2e-5 + 2e-5 * w.abs()
+        };
+        assert!(ok, "{ctx}: lse[{i}] is {g}, want {w}");
+    }
+}
+
+const LENS: [usize; 5] = [1, 7, 33, 100, 257];
+
+#[test]
+fn every_length_pair_and_head_dim() {
+    // (head_dim, v_head_dim): every head_dim asked for, each with a different v_head_dim.
+    let widths = [(1, 3), (8, 5), (40, 64), (64, 40), (128, 72), (256, 129)];
+    let aligns = [None, Some(Causal::TopLeft), Some(Causal::BottomRight)];
+    let mut seed = 0;
+    for (n, &l) in LENS.iter().enumerate() {
+        for (m, &s) in LENS.iter().enumerate() {
+            for (w, &(d, dv)) in widths.iter().enumerate() {
+                seed += 1;
+                // Every width meets every causal setting as the length pair changes.
+                let mut opts = Attention::new().return_lse(true);
+                if let Some(c) = aligns[(n + m + w) % 3] {
+                    opts = opts.causal(c);
+                }
+                check("lengths", seed, dims(1, 1, 1, l, s, d, dv), &opts, 1.0);
+            }
+        }
+    }
+}
+
+#[test]
+fn grouped_and_multi_query_in_both_layouts() {
+    let mut seed = 100;
+    for layout in [Layout::Bhsd, Layout::Bshd] {
+        // (heads, kv_heads): plain, groups of 2 and 4, multi-query.
+        for (heads, kv_heads) in [(3, 3), (4, 2), (8, 2), (6, 1)] {
+            for causal in [None, Some(Causal::TopLeft), Some(Causal::BottomRight)] {
+                for (l, s) in [(33, 100), (100, 33), (7, 257)] {
+                    if kv_heads > 1 && l == 7 {
+                        continue; // the long, thin shape only with multi-query attention
+                    }
+                    seed += 1;
+                    let mut opts = Attention::new().layout(layout);
+                    if let Some(c) = causal {
+                        opts = opts.causal(c);
+                    }
+                    let d = dims(2, heads, kv_heads, l, s, 40, 24);
+                    check("gqa", seed, d, &opts, 1.0);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn causal_alignments_leave_rows_without_keys() {
+    // q_len > kv_len bottom-right: the first q_len - kv_len rows see nothing (zeros, -inf).
+    for (seed, (l, s)) in [(100, 33), (257, 7), (33, 1), (7, 100), (257, 257)]
+        .into_iter()
+        .enumerate()
+    {
+        for causal in [Causal::TopLeft, Causal::BottomRight] {
+            for layout in [Layout::Bhsd, Layout::Bshd] {
+                let opts = Attention::new().layout(layout).causal(causal);
+                check(
+                    "causal",
+                    200 + seed as u64,
+                    dims(2, 2, 2, l, s, 64, 64),
+                    &opts,
+                    1.0,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn sliding_windows() {
+    let mut seed = 300;
+    for (l, s) in [(100, 100), (33, 257), (257, 33), (1, 100)] {
+        for (left, right) in [(0, 0), (5, 0), (16, 3), (63, 64), (0, 200), (1000, 1)] {
+            for (causal, align) in [
+                (None, None),
+                (Some(Causal::TopLeft), None),
+                (Some(Causal::BottomRight), None),
+                (None, Some(Causal::TopLeft)),
+                (Some(Causal::BottomRight), Some(Causal::TopLeft)),
+            ] {
+                seed += 1;
+                let mut opts = Attention::new().window(left, right);
+                if let Some(c) = causal {
+                    opts = opts.causal(c);
+                }
+                if let Some(a) = align {
+                    opts = opts.window_align(a);
+                }
+                check("window", seed, dims(1, 2, 1, l, s, 8, 16), &opts, 1.0);
+            }
+        }
+    }
+}
+
+#[test]
+fn masks_and_biases_broadcast() {
+    let (b, h, l, s) = (2, 2, 33, 100);
+    let shapes = [
+        [1, 1, 1, s],
+        [1, 1, l, s],
+        [b, 1, 1, s],
+        [1, h, l, 1],
+        [b, h, 1, 1],
+        [b, h, l, s],
+        [1, 1, 1, 1],
+    ];
+    let mut rng = StdRng::seed_from_u64(400);
+    for (n, shape) in shapes.into_iter().enumerate() {
+        let len: usize = shape.iter().product();
+        for layout in [Layout::Bhsd, Layout::Bshd] {
+            let seed = 400 + n as u64 * 2 + (layout == Layout::Bshd) as u64;
+            let d = dims(b, h, 1, l, s, 64, 48);
+            let mask = random_mask(&mut rng, len, 0.7);
+            let bias = random(&mut rng, len, 3.0);
+            let with_mask = Attention::new().layout(layout).mask(shape, mask.clone());
+            check("mask", seed, d, &with_mask, 1.0);
+            let with_bias = Attention::new().layout(layout).bias(shape, bias.clone());
+            check("bias", seed, d, &with_bias, 1.0);
+            let both = Attention::new()
+                .layout(layout)
+                .mask(shape, mask)
+                .bias(shape, bias)
+                .causal(Causal::BottomRight);
+            check("mask+bias+causal", seed, d, &both, 1.0);
+        }
+    }
+}
+
+#[test]
+fn fully_masked_rows_and_sequences() {
+    let (b, h, l, s) = (2, 2, 100, 257);
+    let d = dims(b, h, h, l, s, 40, 40);
+    // Every third row masked out entirely, every other key of the rest.
+    let mask: Vec<bool> = (0..b * h * l * s)
+        .map(|x| {
+            let (i, j) = ((x / s) % l, x % s);
+            i % 3 != 0 && j % 2 == 0
+        })
+        .collect();
+    check(
+        "mask rows",
+        500,
+        d,
+        &Attention::new().mask([b, h, l, s], mask),
+        1.0,
+    );
+    // Everything masked: zeros and -inf everywhere.
+    let none = Attention::new().mask([1, 1, 1, 1], vec![false]);
+    check("all masked", 501, d, &none, 1.0);
+    // A window that lies past the last key for every row.
+    let away = Attention::new()
+        .window(0, 10)
+        .window_align(Causal::TopLeft)
+        .kv_lens(vec![0, 3]);
+    check("window past the keys", 502, d, &away, 1.0);
+}
+
+#[test]
+fn sequence_lengths() {
+    let (l, s) = (100, 257);
+    let mut seed = 600;
+    for (kv_lens, q_lens) in [
+        (Some(vec![0, 257, 64, 1]), None),
+        (None, Some(vec![0, 100, 37, 1])),
+        (Some(vec![257, 0, 65, 3]), Some(vec![100, 100, 7, 100])),
+        (Some(vec![5, 200, 100, 257]), Some(vec![7, 33, 100, 1])),
+    ] {
+        for causal in [None, Some(Causal::TopLeft), Some(Causal::BottomRight)] {
+            for layout in [Layout::Bhsd, Layout::Bshd] {
+                seed += 1;
+                let mut opts = Attention::new().layout(layout);
+                if let Some(c) = causal {
+                    opts = opts.causal(c);
+                }
+                if let Some(lens) = &kv_lens {
+                    opts = opts.kv_lens(lens.clone());
+                }
+                if let Some(lens) = &q_lens {
+                    opts = opts.q_lens(lens.clone());
+                }
+                check("lens", seed, dims(4, 2, 1, l, s, 8, 12), &opts, 1.0);
+                check(
+                    "lens+window",
+                    seed,
+                    dims(4, 2, 1, l, s, 8, 12),
+                    &opts.window(20, 3),
+                    1.0,
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn softcap_scale_and_large_logits() {
+    let d = dims(2, 4, 2, 100, 257, 64, 40);
+    check("softcap", 700, d, &Attention::new().softcap(2.0), 30.0);
+    check("softcap 50", 701, d, &Attention::new().softcap(50.0), 30.0);
+    check("scale", 702, d, &Attention::new().scale(1.0), 1.0);
+    check(
+        "luong x30",
+        703,
+        dims(1, 2, 2, 33, 100, 16, 16),
+        &Attention::new().scale(1.0),
+        30.0,
+    );
+    for (n, head_dim) in [1, 8, 64, 128, 256].into_iter().enumerate() {
+        let d = dims(1, 2, 1, 33, 257, head_dim, 32);
+        check("logits x30", 710 + n as u64, d, &Attention::new(), 30.0);
+        let all = Attention::new()
+            .softcap(20.0)
+            .bias(
+                [1, 1, 33, 257],
+                random(&mut StdRng::seed_from_u64(n as u64), 33 * 257, 2.0),
+            )
+            .causal(Causal::BottomRight)
+            .window(40, 0);
+        check("logits x30, everything", 720 + n as u64, d, &all, 30.0);
+    }
+}
+
+#[test]
+fn many_tasks_and_blocks() {
+    // Several 64-row tasks and 64-key blocks per head, with partial last ones.
+    let d = dims(2, 2, 2, 150, 201, 64, 64);
+    check("big", 800, d, &Attention::new(), 1.0);
+    check(
+        "big causal",
+        801,
+        d,
+        &Attention::new().causal(Causal::TopLeft),
+        1.0,
+    );
+    let d = dims(1, 2, 1, 257, 600, 32, 32);
+    let opts = Attention::new()
+        .causal(Causal::BottomRight)
+        .window(100, 0)
+        .layout(Layout::Bshd);
+    check("big window", 802, d, &opts, 1.0);
+}
+
+#[test]
+fn overflowing_scores_give_no_nan() {
+    // Finite inputs whose dot products overflow f32 (to inf, and to inf - inf = NaN).
+    let d = dims(1, 1, 1, 7, 33, 4, 4);
+    let q: Vec<f32> = (0..d.q_elems())
+        .map(|i| if i % 2 == 0 { 3e38 } else { -3e38 })
+        .collect();
+    let k: Vec<f32> = (0..d.k_elems())
+        .map(|i| if i % 3 == 0 { 3e38 } else { 1.0 })
+        .collect();
+    let v: Vec<f32> = (0..d.v_elems()).map(|i| (i as f32 * 0.1).sin()).collect();
+    for opts in [
+        Attention::new(),
+        Attention::new().softcap(5.0),
+        Attention::new().scale(1e-30),
+    ] {
+        let got = cpu::fast(&q, &k, &v, d, &opts).unwrap();
+        assert!(got.o.iter().all(|x| x.is_finite()), "{opts:?}: {:?}", got.o);
+        assert!(
+            got.lse.iter().all(|x| !x.is_nan()),
+            "{opts:?}: {:?}",
+            got.lse
+        );
+    }
+}
+
+#[test]
+fn weights_are_never_returned_but_the_call_succeeds() {
+    let d = dims(1, 2, 2, 7, 9, 8, 8);
+    let x = random(
+        &mut StdRng::seed_from_u64(900),
+        d.q_elems().max(d.k_elems()),
+        1.0,
+    );
+    let (q, k) = (&x[..d.q_elems()], &x[..d.k_elems()]);
+    let opts = Attention::new().return_weights(true);
+    let fast = cpu::fast(q, k, k, d, &opts).unwrap();
+    let exact = cpu::reference(q, k, k, d, &opts).unwrap();
+    assert_eq!(fast.o.len(), exact.o.len());
+}
+
+#[test]
+fn errors_match_the_reference() {
+    let d = dims(1, 2, 2, 7, 9, 8, 8);
+    let q = vec![0.5; d.q_elems()];
+    let k = vec![0.5; d.k_elems()];
+    let both = |q: &[f32], k: &[f32], v: &[f32], d: Dims, opts: &Attention| {
+        let fast = cpu::fast(q, k, v, d, opts).unwrap_err();
+        let exact = cpu::reference(q, k, v, d, opts).unwrap_err();
+        assert_eq!(fast, exact);
+        fast
+    };
+    let e = both(&q[1..], &k, &k, d, &Attention::new());
+    assert!(matches!(e, Error::DataLength { what: "Q", .. }), "{e}");
+    let e = both(&q, &k[1..], &k, d, &Attention::new());
+    assert!(matches!(e, Error::DataLength { what: "K", .. }), "{e}");
+    let e = both(&q, &k, &k[1..], d, &Attention::new());
+    assert!(matches!(e, Error::DataLength { what: "V", .. }), "{e}");
+    let e = both(&q, &k, &k, dims(1, 3, 2, 7, 9, 8, 8), &Attention::new());
+    assert!(matches!(e, Error::HeadsNotDivisible { .. }), "{e}");
+    let e = both(
+        &q,
+        &k,
+        &k,
+        d,
+        &Attention::new().mask([1, 1, 2, 9], vec![true; 18]),
+    );
+    assert!(matches!(e, Error::BroadcastShape { .. }), "{e}");
+    let e = both(&q, &k, &k, d, &Attention::new().kv_lens(vec![10]));
+    assert!(matches!(e, Error::LengthOutOfRange { .. }), "{e}");
+    let e = both(&q, &k, &k, d, &Attention::new().softcap(0.0));
+    assert!(matches!(e, Error::InvalidOption { .. }), "{e}");
+}
+
+/// A random problem: sizes, options and which of them are set.
+#[derive(Debug, Clone)]
+struct Case {
+    batch: usize,
+    kv_heads: usize,
+    group: usize,
+    q_len: usize,
+    kv_len: usize,
+    head_dim: usize,
+    v_head_dim: usize,
+    bshd: bool,
+    causal: Option<bool>,
+    window: Option<(usize, usize, Option<bool>)>,
+    softcap: Option<f32>,
+    scale: Option<f32>,
+    mask: Option<(u8, f64)>,
+    bias: Option<u8>,
+    kv_lens: bool,
+    q_lens: bool,
+    q_amp: f32,
+    seed: u64,
+}
+
+fn case() -> impl Strategy<Value = Case> {
+    let sizes = (
+        1..=2usize,
+        1..=2usize,
+        1..=3usize,
+        1..=80usize,
+        1..=90usize,
+        1..=72usize,
+        1..=72usize,
+    );
+    let options = (
+        any::<bool>(),
+        proptest::option::of(any::<bool>()),
+        proptest::option::of((0..40usize, 0..40usize, proptest::option::of(any::<bool>()))),
+        proptest::option::of(1.0f32..30.0),
+        proptest::option::of(0.05f32..2.0),
+        proptest::option::of((0..16u8, 0.0f64..1.0)),
+        proptest::option::of(0..16u8),
+        any::<bool>(),
+        any::<bool>(),
+        prop_oneof![Just(1.0f32), Just(4.0), Just(30.0)],
+        any::<u64>(),
+    );
+    (sizes, options).prop_map(
+        |(
+            (batch, kv_heads, group, q_len, kv_len, head_dim, v_head_dim),
+            (bshd, causal, window, softcap, scale, mask, bias, kv_lens, q_lens, q_amp, seed),
+        )| Case {
+            batch,
+            kv_heads,
+            group,
+            q_len,
+            kv_len,
+            head_dim,
+            v_head_dim,
+            bshd,
+            causal,
+            window,
+            softcap,
+            scale,
+            mask,
+            bias,
+            kv_lens,
+            q_lens,
+            q_amp,
+            seed,
+        },
+    )
+}
+
+impl Case {
+    fn dims(&self) -> Dims {
+        dims(
+            self.batch,
+            self.kv_heads * self.group,
+            self.kv_heads,
+            self.q_len,
+            self.kv_len,
+            self.head_dim,
+            self.v_head_dim,
+        )
+    }
+
+    /// The options; a broadcast shape picks, bit by bit, which dims of the score shape are 1.
+    fn opts(&self) -> Attention {
+        let d = self.dims();
+        let mut rng = StdRng::seed_from_u64(self.seed ^ 0x5eed);
+        let full = d.score_shape();
+        let shape = |bits: u8| -> [usize; 4] {
+            std::array::from_fn(|i| if bits >> i & 1 == 1 { 1 } else { full[i] })
+        };
+        let align = |right: bool| {
+            if right {
+                Causal::BottomRight
+            } else {
+                Causal::TopLeft
+            }
+        };
+        let mut opts = Attention::new().layout(if self.bshd {
+            Layout::Bshd
+        } else {
+            Layout::Bhsd
+        });
+        if let Some(c) = self.causal {
+            opts = opts.causal(align(c));
+        }
+        if let Some((left, right, a)) = self.window {
+            opts = opts.window(left, right);
+            if let Some(a) = a {
+                opts = opts.window_align(align(a));
+            }
+        }
+        if let Some(cap) = self.softcap {
+            opts = opts.softcap(cap);
+        }
+        if let Some(scale) = self.scale {
+            opts = opts.scale(scale);
+        }
+        if let Some((bits, p)) = self.mask {
+            let shape = shape(bits);
+            opts = opts.mask(shape, random_mask(&mut rng, shape.iter().product(), p));
+        }
+        if let Some(bits) = self.bias {
+            let shape = shape(bits);
+            opts = opts.bias(shape, random(&mut rng, shape.iter().product(), 2.0));
+        }
+        if self.kv_lens {
+            let lens = (0..d.batch)
+                .map(|_| rng.random_range(0..=d.kv_len as u32))
+                .collect();
+            opts = opts.kv_lens(lens);
+        }
+        if self.q_lens {
+            let lens = (0..d.batch)
+                .map(|_| rng.random_range(0..=d.q_len as u32))
+                .collect();
+            opts = opts.q_lens(lens);
+        }
+        opts
+    }
+}
+
+proptest! {
+    #![proptest_config(Config {
+        cases: 200,
+        rng_seed: RngSeed::Fixed(0xfa57_a77e),
+        failure_persistence: None,
+        ..Config::default()
+    })]
+
+    #[test]
+    fn random_configs_match_the_reference(c in case()) {
+        check("proptest", c.seed, c.dims(), &c.opts(), c.q_amp);
+    }
+}
