@@ -298,3 +298,62 @@ fn merge_with_empty_sides() {
     );
     assert!(matches!(err, Err(Error::ShapeMismatch { .. })), "{err:?}");
 }
+
+/// The common decoding case: a bf16 (or f16) cache attended by f32 queries, appended in steps.
+#[test]
+fn half_precision_cache_with_f32_queries() {
+    use wgpu_attention::DType;
+    let Some(gpu) = gpu() else { return };
+    for dtype in [DType::Bf16, DType::F16] {
+        let (batch, heads, kv_heads, cap, d) = (1, 4, 1, 3000, 32);
+        let mut cache = KvCache::with_dtype(gpu, batch, kv_heads, cap, d, d, dtype).unwrap();
+        let mut host_k = Vec::new();
+        let mut host_v = Vec::new();
+        let mut r = rng(2200);
+        for (step, n) in [2100usize, 1, 3].into_iter().enumerate() {
+            let k = random(&mut r, kv_heads * n * d, 1.0);
+            let v = random(&mut r, kv_heads * n * d, 1.0);
+            cache.append(gpu, &k, &v, &[n]).unwrap();
+            // The host copy holds the values as the cache rounded them.
+            host_k.extend(k.iter().map(|&x| dtype.round(x)));
+            host_v.extend(v.iter().map(|&x| dtype.round(x)));
+            let q = random(&mut r, batch * heads * n * d, 1.0);
+            let out = cache
+                .attend(
+                    gpu,
+                    &gpu.upload(&q, [batch, heads, n, d]).unwrap(),
+                    &Attention::new(),
+                )
+                .unwrap();
+            assert_eq!(out.o.dtype(), DType::F32);
+            let total = cache.lens()[0] as usize;
+            let dims = Dims {
+                batch,
+                heads,
+                kv_heads,
+                q_len: n,
+                kv_len: total,
+                head_dim: d,
+                v_head_dim: d,
+            };
+            let want = cpu::reference(
+                &q,
+                &host_k,
+                &host_v,
+                dims,
+                &Attention::new().causal(Causal::BottomRight),
+            )
+            .unwrap();
+            assert_close(
+                &format!("{dtype:?} cache, step {step}"),
+                &out.o.download(gpu).unwrap(),
+                &want.o,
+                O_ATOL,
+                O_RTOL,
+            );
+        }
+    }
+    // Half caches need even head dims (rows must start on 4-byte boundaries).
+    let err = KvCache::with_dtype(gpu, 1, 1, 10, 7, 8, DType::Bf16);
+    assert!(matches!(err, Err(Error::InvalidOption { .. })), "{err:?}");
+}

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use std::time::Instant;
 
 use clap::{Parser, ValueEnum};
-use wgpu_attention::{Attention, Causal, Dims, Gpu, Layout, Output, Path, Tensor, cpu};
+use wgpu_attention::{Attention, Causal, DType, Dims, Gpu, Layout, Output, Path, Tensor, cpu};
 
 /// Times attention on the CPU and the GPU paths and compares each with the f64 reference.
 #[derive(Parser, Debug)]
@@ -46,6 +46,9 @@ struct Args {
     /// Bottom-right causal alignment.
     #[arg(long)]
     bottom_right: bool,
+    /// Storage types of Q, K, V and O to sweep, comma-separated (accumulation is f32).
+    #[arg(long, value_delimiter = ',', default_values_t = [DTypeName::F32])]
+    dtype: Vec<DTypeName>,
     /// Paths to run, comma-separated.
     #[arg(long, value_delimiter = ',', default_values_t = [PathName::CpuReference, PathName::GpuThreePass, PathName::GpuFused, PathName::GpuDecode])]
     paths: Vec<PathName>,
@@ -86,6 +89,30 @@ enum PathName {
     GpuDecode,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DTypeName {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl DTypeName {
+    fn dtype(self) -> DType {
+        match self {
+            DTypeName::F32 => DType::F32,
+            DTypeName::F16 => DType::F16,
+            DTypeName::Bf16 => DType::Bf16,
+        }
+    }
+}
+
+impl std::fmt::Display for DTypeName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = self.to_possible_value().expect("no skipped variants");
+        f.write_str(name.get_name())
+    }
+}
+
 impl std::fmt::Display for PathName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let name = self.to_possible_value().expect("no skipped variants");
@@ -96,6 +123,7 @@ impl std::fmt::Display for PathName {
 /// One measured row.
 struct Row {
     path: PathName,
+    dtype: DTypeName,
     dims: Dims,
     causal: bool,
     median_ms: f64,
@@ -108,6 +136,16 @@ struct Row {
     timing: &'static str,
     checked_on: String,
     note: String,
+}
+
+impl Row {
+    /// The path, with the storage type when it is not f32: `gpu-fused[bf16]`.
+    fn label(&self) -> String {
+        match self.dtype {
+            DTypeName::F32 => self.path.to_string(),
+            other => format!("{}[{other}]", self.path),
+        }
+    }
 }
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -131,8 +169,8 @@ fn stats(mut ms: Vec<f64>) -> (f64, f64, f64) {
 /// Bytes a path moves by its traffic model: Q, K, V read and O written once, plus what the
 /// path adds (the scores written and read twice by three-pass; K and V re-read by each row
 /// tile of the fused kernel; the partial outputs of decode's splits).
-fn bytes_moved(path: PathName, d: Dims, causal: bool) -> f64 {
-    let f = 4.0;
+fn bytes_moved(path: PathName, d: Dims, causal: bool, dtype: DType) -> f64 {
+    let f = dtype.size() as f64;
     let min = f * (d.q_elems() + d.k_elems() + d.v_elems() + d.o_elems()) as f64;
     let kv = f * (d.k_elems() + d.v_elems()) as f64;
     let visited: f64 = if causal && d.q_len == d.kv_len {
@@ -201,13 +239,20 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         )
     });
     let shapes = shapes(args);
-    let progress = indicatif::ProgressBar::new((shapes.len() * args.paths.len()) as u64);
+    let mut cases = Vec::new();
+    for &dtype in &args.dtype {
+        for &shape in &shapes {
+            cases.push((dtype, shape));
+        }
+    }
+    let progress = indicatif::ProgressBar::new((cases.len() * args.paths.len()) as u64);
     progress.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
             .expect("valid template"),
     );
     let mut rows = Vec::new();
-    for &(q_len, kv_len) in &shapes {
+    for &(dtype_name, (q_len, kv_len)) in &cases {
+        let dtype = dtype_name.dtype();
         let d = Dims {
             batch: args.batch,
             heads: args.heads,
@@ -226,9 +271,16 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             });
         }
         let causal = args.causal || args.bottom_right;
-        let q = values(d.q_elems(), 1);
-        let k = values(d.k_elems(), 2);
-        let v = values(d.v_elems(), 3);
+        // Values as the dtype stores them, so every path and the oracle see the same inputs.
+        let rounded = |n, seed| -> Vec<f32> {
+            values(n, seed)
+                .into_iter()
+                .map(|x| dtype.round(x))
+                .collect()
+        };
+        let q = rounded(d.q_elems(), 1);
+        let k = rounded(d.k_elems(), 2);
+        let v = rounded(d.v_elems(), 3);
         let flops = d.flops(causal);
 
         // The oracle on all of it when cheap, else on batch 0 and the first kv-head group.
@@ -276,9 +328,9 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             Some(g) => {
                 let layout = Layout::Bhsd;
                 Some((
-                    g.upload(&q, d.q_shape(layout))?,
-                    g.upload(&k, d.k_shape(layout))?,
-                    g.upload(&v, d.v_shape(layout))?,
+                    g.upload_as(&q, d.q_shape(layout), dtype)?,
+                    g.upload_as(&k, d.k_shape(layout), dtype)?,
+                    g.upload_as(&v, d.v_shape(layout), dtype)?,
                 ))
             }
             None => None,
@@ -288,13 +340,14 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             let row = match path {
                 PathName::CpuReference => Row {
                     path,
+                    dtype: dtype_name,
                     dims: check,
                     causal,
                     median_ms: ref_secs * 1e3,
                     min_ms: ref_secs * 1e3,
                     max_ms: ref_secs * 1e3,
                     gflops: check.flops(causal) / ref_secs / 1e9,
-                    gbps: bytes_moved(path, check, causal) / ref_secs / 1e9,
+                    gbps: bytes_moved(path, check, causal, dtype) / ref_secs / 1e9,
                     max_abs_err: 0.0,
                     rel_err: 0.0,
                     timing: "wall",
@@ -315,13 +368,14 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                     let (max_abs_err, rel_err) = errors(&o[..want.o.len()]);
                     Row {
                         path,
+                        dtype: dtype_name,
                         dims: d,
                         causal,
                         median_ms,
                         min_ms,
                         max_ms,
                         gflops: flops / median_ms / 1e6,
-                        gbps: bytes_moved(path, d, causal) / median_ms / 1e6,
+                        gbps: bytes_moved(path, d, causal, dtype) / median_ms / 1e6,
                         max_abs_err,
                         rel_err,
                         timing: "wall",
@@ -346,13 +400,14 @@ fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                             let (max_abs_err, rel_err) = errors(&o[..want.o.len()]);
                             Row {
                                 path,
+                                dtype: dtype_name,
                                 dims: d,
                                 causal,
                                 median_ms,
                                 min_ms,
                                 max_ms,
                                 gflops: flops / median_ms / 1e6,
-                                gbps: bytes_moved(path, d, causal) / median_ms / 1e6,
+                                gbps: bytes_moved(path, d, causal, dtype) / median_ms / 1e6,
                                 max_abs_err,
                                 rel_err,
                                 timing,
@@ -392,7 +447,7 @@ fn time_gpu(
     args: &Args,
 ) -> Result<Timed, wgpu_attention::Error> {
     let out = Output {
-        o: gpu.empty(d.o_shape(Layout::Bhsd))?,
+        o: gpu.empty_as(d.o_shape(Layout::Bhsd), q.dtype())?,
         lse: None,
         weights: None,
     };
@@ -432,7 +487,7 @@ fn print_rows(args: &Args, device: &str, rows: &[Row]) {
             let (d, peak) = fields(r);
             println!(
                 "{{\"path\": \"{}\", \"device\": {:?}, \"batch\": {}, \"heads\": {}, \"kv_heads\": {}, \"q_len\": {}, \"kv_len\": {}, \"head_dim\": {}, \"causal\": {}, \"median_ms\": {:.4}, \"min_ms\": {:.4}, \"max_ms\": {:.4}, \"gflops\": {:.2}, \"gbps\": {:.2}, \"peak_fraction\": {}, \"max_abs_err\": {:.3e}, \"rel_err\": {:.3e}, \"timing\": \"{}\", \"checked_on\": \"{}\", \"note\": {:?}}}",
-                r.path,
+                r.label(),
                 device,
                 d.batch,
                 d.heads,
@@ -468,7 +523,7 @@ fn print_rows(args: &Args, device: &str, rows: &[Row]) {
             let (d, peak) = fields(r);
             println!(
                 "{},\"{}\",{},{},{},{},{},{},{},{:.4},{:.4},{:.4},{:.2},{:.2},{},{:.3e},{:.3e},{},{}",
-                r.path,
+                r.label(),
                 device,
                 d.batch,
                 d.heads,
@@ -493,7 +548,7 @@ fn print_rows(args: &Args, device: &str, rows: &[Row]) {
     }
     println!("device: {device}");
     let mut header = format!(
-        "{:<16} {:>5} {:>6} {:>6} {:>11} {:>11} {:>11} {:>9} {:>8}",
+        "{:<22} {:>5} {:>6} {:>6} {:>11} {:>11} {:>11} {:>9} {:>8}",
         "path", "B*H", "L", "S", "median ms", "min ms", "max ms", "GFLOP/s", "GB/s"
     );
     if args.peak_gflops.is_some() {
@@ -508,8 +563,8 @@ fn print_rows(args: &Args, device: &str, rows: &[Row]) {
     for r in rows {
         let (d, peak) = fields(r);
         let mut line = format!(
-            "{:<16} {:>5} {:>6} {:>6} {:>11.3} {:>11.3} {:>11.3} {:>9.2} {:>8.2}",
-            r.path.to_string(),
+            "{:<22} {:>5} {:>6} {:>6} {:>11.3} {:>11.3} {:>11.3} {:>9.2} {:>8.2}",
+            r.label(),
             d.batch * d.heads,
             d.q_len,
             d.kv_len,
@@ -532,7 +587,10 @@ fn print_rows(args: &Args, device: &str, rows: &[Row]) {
     for r in rows.iter().filter(|r| !r.note.is_empty()) {
         println!(
             "  {} L={} S={}: {}",
-            r.path, r.dims.q_len, r.dims.kv_len, r.note
+            r.label(),
+            r.dims.q_len,
+            r.dims.kv_len,
+            r.note
         );
     }
 }
@@ -571,7 +629,7 @@ fn plot(
         let color = Palette99::pick(n).to_rgba();
         let points: Vec<(f64, f64)> = rows
             .iter()
-            .filter(|r| r.path == *path)
+            .filter(|r| r.path == *path && r.dtype == rows[0].dtype)
             .map(|r| (r.dims.kv_len as f64, r.gflops))
             .collect();
         chart

@@ -15,7 +15,11 @@ pub struct Reference {
     pub weights: Vec<f32>,
 }
 
-fn check_len(what: &'static str, data: &[f32], dims: [usize; 4]) -> Result<()> {
+fn widen<T: Copy + Into<f64>>(x: &[T]) -> Vec<f64> {
+    x.iter().map(|&e| e.into()).collect()
+}
+
+fn check_len<T>(what: &'static str, data: &[T], dims: [usize; 4]) -> Result<()> {
     let expected: usize = dims.iter().product();
     if data.len() != expected {
         return Err(Error::DataLength {
@@ -30,7 +34,9 @@ fn check_len(what: &'static str, data: &[f32], dims: [usize; 4]) -> Result<()> {
 
 /// Computes attention on the CPU in f64 with the score matrix materialised.
 ///
-/// `q`, `k` and `v` are row-major in the layout of `opts` (see [`Dims::q_shape`] and friends).
+/// `q`, `k` and `v` are row-major in the layout of `opts` (see [`Dims::q_shape`] and friends),
+/// each `f32`, `half::f16` or `half::bf16` (any type that widens to `f64` exactly): pass
+/// half-precision data as it is stored and the reference sees the same rounded values.
 /// Validation is the same as on the GPU, so bad input gets the same [`Error`].
 ///
 /// ```
@@ -43,18 +49,25 @@ fn check_len(what: &'static str, data: &[f32], dims: [usize; 4]) -> Result<()> {
 /// assert!((r.o[0] - x[0]).abs() < 1e-6);
 /// # Ok::<(), wgpu_attention::Error>(())
 /// ```
-pub fn reference(
-    q: &[f32],
-    k: &[f32],
-    v: &[f32],
+pub fn reference<Q, K, V>(
+    q: &[Q],
+    k: &[K],
+    v: &[V],
     dims: Dims,
     opts: &Attention,
-) -> Result<Reference> {
+) -> Result<Reference>
+where
+    Q: Copy + Into<f64>,
+    K: Copy + Into<f64>,
+    V: Copy + Into<f64>,
+{
     let spec = opts.validate(dims)?;
     let layout = opts.layout;
     check_len("Q", q, dims.q_shape(layout))?;
     check_len("K", k, dims.k_shape(layout))?;
     check_len("V", v, dims.v_shape(layout))?;
+    // Every input type (f32, half::f16, half::bf16) widens to f64 exactly.
+    let (q, k, v) = (widen(q), widen(k), widen(v));
 
     let Dims {
         batch,

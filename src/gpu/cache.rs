@@ -150,10 +150,13 @@ impl KvCache {
         for (dst, data, dim) in [(&self.k, k, self.head_dim), (&self.v, v, self.v_head_dim)] {
             for (b, &n) in new.iter().enumerate() {
                 for h in 0..self.kv_heads {
+                    if n == 0 {
+                        continue;
+                    }
                     let src = &data[((b * self.kv_heads + h) * t) * dim..][..n * dim];
                     let offset = self.row_offset(b, h, self.lens[b] as usize, dim);
-                    gpu.queue
-                        .write_buffer(dst.buffer(), offset, bytemuck::cast_slice(src));
+                    let bytes = crate::gpu::tensor::encode(src, self.dtype);
+                    gpu.queue.write_buffer(dst.buffer(), offset, &bytes);
                 }
             }
         }
@@ -178,6 +181,13 @@ impl KvCache {
                     what: format!("appended {what} dim {axis} (expected dims {want:?})"),
                     got: tensor.dims()[axis],
                     expected: want[axis],
+                });
+            }
+            if tensor.dtype() != self.dtype {
+                return Err(Error::InvalidOption {
+                    what: "appended tensor dtype",
+                    value: format!("{:?}", tensor.dtype()),
+                    why: "device appends copy bytes: the tensor must have the cache's dtype",
                 });
             }
             if !tensor

@@ -225,7 +225,7 @@ impl Tensor {
             });
         }
         gpu.queue
-            .write_buffer(&self.buffer, 0, bytemuck::cast_slice(data));
+            .write_buffer(&self.buffer, 0, &encode(data, self.dtype));
         Ok(())
     }
 
