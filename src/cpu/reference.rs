@@ -118,7 +118,7 @@ where
                     let dot: f64 = q_row
                         .iter()
                         .zip(k_row)
-                        .map(|(&a, &c)| a as f64 * c as f64)
+                        .map(|(&a, &c)| a * c)
                         .sum();
                     let mut s = scale * dot;
                     if let Some(c) = cap {
@@ -145,7 +145,7 @@ where
                     weights[row * kv_len + j] = p as f32;
                     let v_row = &v[b * vs[0] + kvh * vs[1] + j * vs[2]..][..v_head_dim];
                     for (a, &x) in acc.iter_mut().zip(v_row) {
-                        *a += p * x as f64;
+                        *a += p * x;
                     }
                 }
                 let o_row = &mut o[b * os[0] + h * os[1] + i * os[2]..][..v_head_dim];
