@@ -591,7 +591,7 @@ fn dims_too_large_for_indices() {
     };
     expect_err(
         "Q of 2^33 elements",
-        cpu::reference(&[], &[], &[], huge, &Attention::new()),
+        cpu::reference::<f32, f32, f32>(&[], &[], &[], huge, &Attention::new()),
         |e| matches!(e, Error::TooLarge { what: "Q", requested, max, .. } if *requested == 1 << 33 && *max == u32::MAX as u64),
         &["Q", &(1u64 << 33).to_string(), &u32::MAX.to_string()],
     );
@@ -620,7 +620,7 @@ fn dims_overflowing_usize() {
     };
     expect_err(
         "batch * heads = 2^64",
-        cpu::reference(&[], &[], &[], huge, &Attention::new()),
+        cpu::reference::<f32, f32, f32>(&[], &[], &[], huge, &Attention::new()),
         |e| matches!(e, Error::TooLarge { .. }),
         &[],
     );
