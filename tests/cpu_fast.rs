@@ -1,6 +1,6 @@
 //! `cpu::fast` against the f64 reference, element by element, on shapes that are not multiples
-//! of its blocks (4-row strips, 8-key panels, 64-key blocks, 64-row tasks), with every option.
-//! No GPU needed.
+//! of its blocks (4-row strips, 8- or 16-key panels, 128-key blocks, 64-row tasks), with every
+//! option. No GPU needed.
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
@@ -313,7 +313,7 @@ fn softcap_scale_and_large_logits() {
 
 #[test]
 fn many_tasks_and_blocks() {
-    // Several 64-row tasks and 64-key blocks per head, with partial last ones.
+    // Several 64-row tasks and 128-key blocks per head, with partial last ones.
     let d = dims(2, 2, 2, 150, 201, 64, 64);
     check("big", 800, d, &Attention::new(), 1.0);
     check(

@@ -4,11 +4,11 @@
 //! # How it is blocked
 //!
 //! Like FlashAttention: one task computes up to 64 query rows of one (batch, head). It walks the
-//! keys in blocks of 64, and for each block and each strip of 4 query rows computes the 4 x 64
+//! keys in blocks of 128, and for each block and each strip of 4 query rows computes the 4 x 128
 //! scores, applies softcap, bias and masks, updates the running row maximum and sum (online
 //! softmax, in base 2 with `log2(e)` folded into the scale of Q), rescales the output
 //! accumulator and adds `P V`. Nothing grows with `q_len * kv_len`: a task's scratch is its
-//! packed Q, its output accumulator and a 4 x 64 block of scores. Key blocks outside the union
+//! packed Q, its output accumulator and a 4 x 128 block of scores. Key blocks outside the union
 //! of the task's key ranges ([`Spec::key_range`]: causal, window, lengths) are never visited,
 //! nor are key panels outside the union of a strip's ranges; the boolean mask is applied per
 //! key on top.
@@ -52,7 +52,7 @@
 //! Accumulation is f32, so results agree with the f64 reference to about `1e-6` relative (more
 //! for large logits: the scores' rounding error grows with their magnitude). The attention
 //! weights are never returned, even when the options ask for them: `fast` only ever holds
-//! 4 x 64 scores at a time. A score that overflows f32 (inputs near `f32::MAX`) is saturated to
+//! 4 x 128 scores at a time. A score that overflows f32 (inputs near `f32::MAX`) is saturated to
 //! `f32::MAX`, or dropped when it is NaN (`inf - inf` inside the dot product), so no output is
 //! NaN.
 
@@ -69,8 +69,8 @@ const MR: usize = 4;
 /// Keys (for `Q K^T`) or output columns (for `P V`) per micro-tile: two vectors, so the
 /// micro-kernel keeps `2 * MR` independent accumulators in flight.
 const NR: usize = 2 * LANES;
-/// Keys per block.
-const BC: usize = 64;
+/// Keys per block (128 measured a few percent faster than 64, full and causal).
+const BC: usize = 128;
 /// Query rows per task, at most.
 const BR: usize = 64;
 
