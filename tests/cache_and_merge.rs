@@ -357,3 +357,63 @@ fn half_precision_cache_with_f32_queries() {
     let err = KvCache::with_dtype(gpu, 1, 1, 10, 7, 8, DType::Bf16);
     assert!(matches!(err, Err(Error::InvalidOption { .. })), "{err:?}");
 }
+
+/// Partial outputs stored in half precision merge like f32 ones (the merged O keeps their
+/// dtype; the log-sum-exps stay f32).
+#[test]
+fn merge_of_half_precision_partials() {
+    use wgpu_attention::DType;
+    let Some(gpu) = gpu() else { return };
+    for dtype in [DType::F16, DType::Bf16] {
+        let d = dims(1, 2, 2, 9, 40, 16, 10);
+        let mut r = rng(2300);
+        let round = |x: Vec<f32>| -> Vec<f32> { x.into_iter().map(|v| dtype.round(v)).collect() };
+        let q = round(random(&mut r, d.q_elems(), 1.0));
+        let k = round(random(&mut r, d.k_elems(), 1.0));
+        let v = round(random(&mut r, d.v_elems(), 1.0));
+        let (tq, tk, tv) = (
+            gpu.upload_as(&q, d.q_shape(Layout::Bhsd), dtype).unwrap(),
+            gpu.upload_as(&k, d.k_shape(Layout::Bhsd), dtype).unwrap(),
+            gpu.upload_as(&v, d.v_shape(Layout::Bhsd), dtype).unwrap(),
+        );
+        // Two disjoint key sets: keys < 17 (kv_lens) and keys >= 17 (a mask).
+        let first = Attention::new().return_lse(true).kv_lens(vec![17]);
+        let mask: Vec<bool> = (0..d.kv_len).map(|j| j >= 17).collect();
+        let second = Attention::new()
+            .return_lse(true)
+            .mask([1, 1, 1, d.kv_len], mask);
+        let a = first.run(gpu, &tq, &tk, &tv).unwrap();
+        let b = second.run(gpu, &tq, &tk, &tv).unwrap();
+        assert_eq!(a.o.dtype(), dtype);
+        let merged = merge(
+            gpu,
+            Partial {
+                o: &a.o,
+                lse: a.lse.as_ref().unwrap(),
+            },
+            Partial {
+                o: &b.o,
+                lse: b.lse.as_ref().unwrap(),
+            },
+            Layout::Bhsd,
+        )
+        .unwrap();
+        assert_eq!(merged.o.dtype(), dtype);
+        let want = cpu::reference(&q, &k, &v, d, &Attention::new()).unwrap();
+        let o = merged.o.download(gpu).unwrap();
+        // Each partial and the merge round O to the dtype: two roundings.
+        let rtol = if dtype == DType::Bf16 {
+            2.0 / 128.0
+        } else {
+            2.0 / 1024.0
+        };
+        assert_close(&format!("{dtype:?} merged O"), &o, &want.o, 1e-3, rtol);
+        assert_close(
+            &format!("{dtype:?} merged lse"),
+            &merged.lse.unwrap().download(gpu).unwrap(),
+            &want.lse,
+            1e-4,
+            1e-4,
+        );
+    }
+}

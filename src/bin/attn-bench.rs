@@ -50,7 +50,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_values_t = [DTypeName::F32])]
     dtype: Vec<DTypeName>,
     /// Paths to run, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = [PathName::CpuReference, PathName::GpuThreePass, PathName::GpuFused, PathName::GpuDecode])]
+    #[arg(long, value_delimiter = ',', default_values_t = [PathName::CpuReference, PathName::CpuFast, PathName::GpuThreePass, PathName::GpuFused, PathName::GpuDecode])]
     paths: Vec<PathName>,
     /// Runs before timing.
     #[arg(long, default_value_t = 1)]

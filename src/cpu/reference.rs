@@ -115,11 +115,7 @@ where
                         continue;
                     }
                     let k_row = &k[b * ks[0] + kvh * ks[1] + j * ks[2]..][..head_dim];
-                    let dot: f64 = q_row
-                        .iter()
-                        .zip(k_row)
-                        .map(|(&a, &c)| a * c)
-                        .sum();
+                    let dot: f64 = q_row.iter().zip(k_row).map(|(&a, &c)| a * c).sum();
                     let mut s = scale * dot;
                     if let Some(c) = cap {
                         s = c * (s / c).tanh();
