@@ -255,6 +255,33 @@ impl Gpu {
         })
     }
 
+    /// Encodes one call with `encode` into one command buffer and submits it once. wgpu's
+    /// validation and out-of-memory errors raised meanwhile come back as [`Error::Gpu`]
+    /// instead of reaching the device's uncaptured-error handler (which panics by default).
+    pub(crate) fn submit_with(
+        &self,
+        what: &str,
+        encode: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
+    ) -> Result<()> {
+        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
+        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let mut encoder = self
+            .device
+            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(what) });
+        let encoded = encode(&mut encoder);
+        if encoded.is_ok() {
+            self.resolve_timer(&mut encoder);
+            self.queue.submit([encoder.finish()]);
+        }
+        let oom = pollster::block_on(oom.pop());
+        let validation = pollster::block_on(validation.pop());
+        encoded?;
+        match validation.or(oom) {
+            Some(err) => Err(Error::Gpu(format!("{what}: {err}"))),
+            None => Ok(()),
+        }
+    }
+
     /// On a timing context, records the copy of the call's timestamps for reading back.
     pub(crate) fn resolve_timer(&self, encoder: &mut wgpu::CommandEncoder) {
         if let Some(t) = &self.timer {

@@ -249,8 +249,14 @@ pub(crate) fn encode_combine(
     Ok(())
 }
 
-/// Encodes and submits the fused kernel (and the combine of its splits).
-pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &FusedPlan, io: &Io<'_>) -> Result<()> {
+/// Encodes the fused kernel (and the combine of its splits) into `encoder`.
+pub(crate) fn encode(
+    gpu: &Gpu,
+    spec: &Spec<'_>,
+    plan: &FusedPlan,
+    io: &Io<'_>,
+    encoder: &mut wgpu::CommandEncoder,
+) -> Result<()> {
     let d = spec.dims;
     let limits = &gpu.limits;
     let device = &gpu.device;
@@ -328,17 +334,12 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &FusedPlan, io: &Io<'_>) -> 
         })
     });
 
-    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let oom_scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
     let placeholder_out = &gpu.kernels.placeholder_out;
     // With splits the kernel writes the partials, not O, whose binding is then a placeholder.
     let (o_binding, aux_binding) = match &parts {
         Some(parts) => (placeholder_out, parts),
         None => (io.o.buffer(), lse_out.unwrap_or(placeholder_out)),
     };
-    let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-        label: Some("wgpu-attention fused"),
-    });
     let last_pass = pass_params.len() - 1;
     for (index, params) in pass_params.iter().enumerate() {
         let bind = kernel.bind(
@@ -357,7 +358,7 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &FusedPlan, io: &Io<'_>) -> 
             ],
         );
         let last = index == last_pass && parts.is_none();
-        let mut pass = gpu.begin_pass(&mut encoder, "wgpu-attention flash", index == 0, last);
+        let mut pass = gpu.begin_pass(encoder, "wgpu-attention flash", index == 0, last);
         pass.set_pipeline(&kernel.pipeline);
         pass.set_bind_group(0, &bind, &[]);
         let [x, y, z] = size.counts;
@@ -389,7 +390,7 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &FusedPlan, io: &Io<'_>) -> 
         };
         encode_combine(
             gpu,
-            &mut encoder,
+            encoder,
             &combine,
             parts,
             Storage::F32,
@@ -397,13 +398,6 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &FusedPlan, io: &Io<'_>) -> 
             io.lse.map(|t| t.buffer()),
             true,
         )?;
-    }
-    gpu.resolve_timer(&mut encoder);
-    gpu.queue.submit([encoder.finish()]);
-    let oom = pollster::block_on(oom_scope.pop());
-    let validation = pollster::block_on(scope.pop());
-    if let Some(err) = validation.or(oom) {
-        return Err(Error::Gpu(format!("fused attention: {err}")));
     }
     Ok(())
 }

@@ -153,6 +153,9 @@ impl Attention {
             Path::Fused => fused("forced")?,
             Path::Decode => decode("forced")?,
             Path::Auto if weights => three_pass("the weights were asked for")?,
+            Path::Auto if self.additive.is_some() => {
+                three_pass("additive scores need the three-pass path")?
+            }
             Path::Auto => match flash::unsupported(&gpu.limits) {
                 Some(why) => three_pass(why)?,
                 None if short_queries => decode("a few queries over many keys")?,
@@ -232,7 +235,9 @@ impl Attention {
             weights: out.weights.as_ref(),
         };
         match self.plan_for(gpu, dims, out.weights.is_some())? {
-            Plan::ThreePass { plan, .. } => three_pass::run(gpu, &spec, &plan, &io),
+            Plan::ThreePass { plan, .. } => gpu.submit_with("three-pass attention", |encoder| {
+                three_pass::encode(gpu, &spec, &plan, &io, encoder)
+            }),
             Plan::Fused { plan, .. } | Plan::Decode { plan, .. } => {
                 if out.weights.is_some() {
                     return Err(Error::InvalidOption {
@@ -242,7 +247,9 @@ impl Attention {
                               with return_weights(true) so the plan picks the three-pass path",
                     });
                 }
-                flash::run(gpu, &spec, &plan, &io)
+                gpu.submit_with("fused attention", |encoder| {
+                    flash::encode(gpu, &spec, &plan, &io, encoder)
+                })
             }
         }
     }

@@ -221,8 +221,14 @@ impl Io<'_> {
     }
 }
 
-/// Encodes and submits the three passes for every chunk of `plan`.
-pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &ThreePassPlan, io: &Io<'_>) -> Result<()> {
+/// Encodes the three passes for every chunk of `plan` into `encoder`.
+pub(crate) fn encode(
+    gpu: &Gpu,
+    spec: &Spec<'_>,
+    plan: &ThreePassPlan,
+    io: &Io<'_>,
+    encoder: &mut wgpu::CommandEncoder,
+) -> Result<()> {
     let d = spec.dims;
     let opts = spec.opts;
     let limits = &gpu.limits;
@@ -263,7 +269,21 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &ThreePassPlan, io: &Io<'_>)
         storage,
         variant,
     };
-    let qk = gpu.kernels.get(device, key(Kernel::QkScores, 0))?;
+    // Additive (Bahdanau) scores replace QK^T in pass 1: same params and dispatch, plus the
+    // weight vector at binding 4.
+    let additive = opts.additive.as_ref().map(|w| {
+        device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+            label: Some("wgpu-attention additive weights"),
+            contents: bytemuck::cast_slice(w),
+            usage: wgpu::BufferUsages::STORAGE,
+        })
+    });
+    let scores_kernel = if additive.is_some() {
+        Kernel::AdditiveScores
+    } else {
+        Kernel::QkScores
+    };
+    let qk = gpu.kernels.get(device, key(scores_kernel, 0))?;
     let softmax = gpu.kernels.get(
         device,
         key(Kernel::MaskedSoftmax, gpu.kernels.row_workgroup),
@@ -275,11 +295,6 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &ThreePassPlan, io: &Io<'_>)
     let k_strides = strides_u32(layout.strides(d.kv_heads, d.kv_len, d.head_dim));
     let v_strides = strides_u32(layout.strides(d.kv_heads, d.kv_len, d.v_head_dim));
     let o_strides = strides_u32(layout.strides(d.heads, d.q_len, d.v_head_dim));
-    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let oom_scope = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-    let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-        label: Some("wgpu-attention three-pass"),
-    });
     let uniform = |contents: &[u8]| {
         device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("wgpu-attention params"),
@@ -334,7 +349,13 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &ThreePassPlan, io: &Io<'_>)
             v_strides,
             o_strides,
         }));
-        let qk_bind = qk.bind(device, &[&qk_params, io.q.buffer(), io.k.buffer(), scores]);
+        let qk_bind = match &additive {
+            Some(w) => qk.bind(
+                device,
+                &[&qk_params, io.q.buffer(), io.k.buffer(), scores, w],
+            ),
+            None => qk.bind(device, &[&qk_params, io.q.buffer(), io.k.buffer(), scores]),
+        };
         let sm_bind = softmax.bind(
             device,
             &[
@@ -370,7 +391,7 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &ThreePassPlan, io: &Io<'_>)
         ];
         {
             let mut pass = gpu.begin_pass(
-                &mut encoder,
+                encoder,
                 "wgpu-attention three-pass chunk",
                 index == 0,
                 index == last_chunk,
@@ -387,13 +408,6 @@ pub(crate) fn run(gpu: &Gpu, spec: &Spec<'_>, plan: &ThreePassPlan, io: &Io<'_>)
             let size = (chunk.bh_count * chunk.rows * d.kv_len * 4) as u64;
             encoder.copy_buffer_to_buffer(scratch, 0, weights.buffer(), offset, size);
         }
-    }
-    gpu.resolve_timer(&mut encoder);
-    gpu.queue.submit([encoder.finish()]);
-    let oom = pollster::block_on(oom_scope.pop());
-    let validation = pollster::block_on(scope.pop());
-    if let Some(err) = validation.or(oom) {
-        return Err(Error::Gpu(format!("three-pass attention: {err}")));
     }
     Ok(())
 }
