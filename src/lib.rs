@@ -20,9 +20,11 @@
 pub mod cpu;
 mod error;
 pub mod gpu;
+pub mod mha;
 mod spec;
 
 pub use error::{Error, Result};
+pub use mha::{MhaConfig, MhaOutput, MhaWeights, MultiHeadAttention};
 pub use gpu::{Gpu, GpuLimits, KvCache, LimitCaps, Output, Plan, Tensor};
 pub use spec::{Attention, Bias, BoolMask, Causal, DType, Dims, Layout, MAX_HEAD_DIM, Path, Spec};
 

@@ -294,6 +294,7 @@ pub struct Attention {
     pub(crate) want_lse: bool,
     pub(crate) want_weights: bool,
     pub(crate) path: Path,
+    pub(crate) additive: Option<Vec<f32>>,
 }
 
 /// Which GPU path runs a call. [`Path::Auto`] chooses; the others force one.
@@ -328,9 +329,21 @@ impl Attention {
     }
 
     /// Multiplies `QK^T` by `scale` instead of `1/sqrt(head_dim)`; `scale(1.0)` is Luong's
-    /// unscaled dot-product attention.
+    /// unscaled dot-product attention. The scale does not apply to
+    /// [`additive`](Attention::additive) scores.
     pub fn scale(mut self, scale: f32) -> Self {
         self.scale = Some(scale);
+        self
+    }
+
+    /// Additive (Bahdanau) scores instead of dot products, in the convention of Keras'
+    /// `AdditiveAttention`: `s_ij = sum_d w[d] * tanh(q_id + k_jd)`, with Q and K already
+    /// projected and `w` of length `head_dim`. The [`scale`](Attention::scale) is not applied;
+    /// softcap, bias, masks, causal masking, the window and the lengths apply as they do to
+    /// dot-product scores. Only the three-pass path computes additive scores: [`Path::Auto`]
+    /// chooses it, and forcing [`Path::Fused`] or [`Path::Decode`] is an error.
+    pub fn additive(mut self, w: Vec<f32>) -> Self {
+        self.additive = Some(w);
         self
     }
 
@@ -497,6 +510,31 @@ impl Attention {
                 why: "only the three-pass path materialises the weights; use Path::Auto or \
                       Path::ThreePass with return_weights",
             });
+        }
+        if let Some(w) = &self.additive {
+            if w.len() != dims.head_dim {
+                return Err(Error::DataLength {
+                    what: "additive weights",
+                    dims: vec![dims.head_dim],
+                    expected: dims.head_dim,
+                    got: w.len(),
+                });
+            }
+            if let Some(bad) = w.iter().position(|x| !x.is_finite()) {
+                return Err(Error::InvalidOption {
+                    what: "additive weights",
+                    value: format!("{} at index {bad}", w[bad]),
+                    why: "must be finite",
+                });
+            }
+            if matches!(self.path, Path::Fused | Path::Decode) {
+                return Err(Error::InvalidOption {
+                    what: "path",
+                    value: format!("{:?}", self.path),
+                    why: "only the three-pass path computes additive scores; use Path::Auto \
+                          or Path::ThreePass with additive",
+                });
+            }
         }
         if let Some(lens) = &self.kv_lens {
             check_lens("kv_lens", lens, dims.kv_len)?;

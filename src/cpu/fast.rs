@@ -137,6 +137,13 @@ fn check_len(what: &'static str, data: &[f32], dims: [usize; 4]) -> Result<()> {
 /// ```
 pub fn fast(q: &[f32], k: &[f32], v: &[f32], dims: Dims, opts: &Attention) -> Result<FastOutput> {
     let spec = opts.validate(dims)?;
+    if opts.additive.is_some() {
+        return Err(Error::InvalidOption {
+            what: "additive",
+            value: "Some".into(),
+            why: "cpu::fast computes dot-product scores only; use cpu::reference",
+        });
+    }
     let layout = opts.layout;
     check_len("Q", q, dims.q_shape(layout))?;
     check_len("K", k, dims.k_shape(layout))?;

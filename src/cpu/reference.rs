@@ -95,6 +95,7 @@ where
     };
     let scale = spec.scale as f64;
     let cap = opts.softcap.map(|c| c as f64);
+    let additive = opts.additive.as_ref().map(|w| widen(w));
 
     let mut o = vec![0f32; dims.o_elems()];
     let mut lse = vec![f32::NEG_INFINITY; dims.lse_elems()];
@@ -115,8 +116,13 @@ where
                         continue;
                     }
                     let k_row = &k[b * ks[0] + kvh * ks[1] + j * ks[2]..][..head_dim];
-                    let dot: f64 = q_row.iter().zip(k_row).map(|(&a, &c)| a * c).sum();
-                    let mut s = scale * dot;
+                    let mut s = match &additive {
+                        // Bahdanau: sum_d w_d * tanh(q_d + k_d), unscaled.
+                        Some(w) => (q_row.iter().zip(k_row).zip(w))
+                            .map(|((&a, &c), &wd)| wd * (a + c).tanh())
+                            .sum(),
+                        None => scale * q_row.iter().zip(k_row).map(|(&a, &c)| a * c).sum::<f64>(),
+                    };
                     if let Some(c) = cap {
                         s = c * (s / c).tanh();
                     }

@@ -21,6 +21,8 @@ use crate::spec::DType;
 
 /// WGSL source of the tiled `QK^T` kernel.
 pub const QK_SCORES: &str = include_str!("../../shaders/qk_scores.wgsl");
+/// WGSL source of the tiled additive (Bahdanau) scores kernel.
+pub const ADDITIVE_SCORES: &str = include_str!("../../shaders/additive_scores.wgsl");
 /// WGSL source of the masked row-softmax kernel.
 pub const MASKED_SOFTMAX: &str = include_str!("../../shaders/masked_softmax.wgsl");
 /// WGSL source of the tiled `P V` kernel.
@@ -29,6 +31,8 @@ pub const PV_PRODUCT: &str = include_str!("../../shaders/pv_product.wgsl");
 pub const FLASH_ATTENTION: &str = include_str!("../../shaders/flash_attention.wgsl");
 /// WGSL source of the kernel that merges partial results by their log-sum-exp.
 pub const COMBINE_SPLITS: &str = include_str!("../../shaders/combine_splits.wgsl");
+/// WGSL source of the batched matrix product with bias (the layer's projections).
+pub const MATMUL: &str = include_str!("../../shaders/matmul.wgsl");
 /// WGSL of the masking rules shared by every kernel that masks (not a kernel itself).
 pub const ATTENTION_MASK: &str = include_str!("../../shaders/attention_mask.wgsl");
 
@@ -37,6 +41,8 @@ pub const ATTENTION_MASK: &str = include_str!("../../shaders/attention_mask.wgsl
 pub enum Kernel {
     /// `S = scale * Q K^T`, tiled (three-pass path, pass 1).
     QkScores,
+    /// `S = sum_d w_d tanh(q_d + k_d)`, tiled (three-pass path, pass 1 with additive scores).
+    AdditiveScores,
     /// Masked softmax of S in place, with log-sum-exp (three-pass path, pass 2).
     MaskedSoftmax,
     /// `O = P V`, tiled (three-pass path, pass 3).
@@ -45,6 +51,8 @@ pub enum Kernel {
     FlashAttention,
     /// Merges partial results over disjoint key sets (flash-decoding splits, public merge).
     CombineSplits,
+    /// Batched `C = alpha A B^T + bias` with any strides (projections, head averages).
+    Matmul,
 }
 
 /// What sits at one binding slot of a kernel.
@@ -68,21 +76,25 @@ const fn tensor(name: &'static str, read_only: bool) -> Slot {
 
 impl Kernel {
     /// All kernels, for tests that compile every one.
-    pub const ALL: [Kernel; 5] = [
+    pub const ALL: [Kernel; 7] = [
         Kernel::QkScores,
+        Kernel::AdditiveScores,
         Kernel::MaskedSoftmax,
         Kernel::PvProduct,
         Kernel::FlashAttention,
         Kernel::CombineSplits,
+        Kernel::Matmul,
     ];
 
     fn source(self) -> &'static str {
         match self {
             Kernel::QkScores => QK_SCORES,
+            Kernel::AdditiveScores => ADDITIVE_SCORES,
             Kernel::MaskedSoftmax => MASKED_SOFTMAX,
             Kernel::PvProduct => PV_PRODUCT,
             Kernel::FlashAttention => FLASH_ATTENTION,
             Kernel::CombineSplits => COMBINE_SPLITS,
+            Kernel::Matmul => MATMUL,
         }
     }
 
@@ -96,7 +108,11 @@ impl Kernel {
         match self {
             Kernel::MaskedSoftmax => &[64, 128, 256],
             Kernel::FlashAttention => &[1, 2, 3, 4],
-            Kernel::QkScores | Kernel::PvProduct | Kernel::CombineSplits => &[0],
+            Kernel::QkScores
+            | Kernel::AdditiveScores
+            | Kernel::PvProduct
+            | Kernel::CombineSplits
+            | Kernel::Matmul => &[0],
         }
     }
 
@@ -107,6 +123,16 @@ impl Kernel {
         match self {
             Kernel::QkScores => {
                 const S: &[Slot] = &[Slot::Uniform, tensor("q", true), tensor("k", true), WRITE];
+                S
+            }
+            Kernel::AdditiveScores => {
+                const S: &[Slot] = &[
+                    Slot::Uniform,
+                    tensor("q", true),
+                    tensor("k", true),
+                    WRITE,
+                    READ,
+                ];
                 S
             }
             Kernel::MaskedSoftmax => {
@@ -137,6 +163,16 @@ impl Kernel {
                 ];
                 S
             }
+            Kernel::Matmul => {
+                const S: &[Slot] = &[
+                    Slot::Uniform,
+                    tensor("a", true),
+                    tensor("b", true),
+                    tensor("c", false),
+                    READ,
+                ];
+                S
+            }
             Kernel::PvProduct => {
                 const S: &[Slot] = &[Slot::Uniform, READ, tensor("v", true), tensor("o", false)];
                 S
@@ -148,10 +184,12 @@ impl Kernel {
     pub fn name(self) -> &'static str {
         match self {
             Kernel::QkScores => "qk_scores",
+            Kernel::AdditiveScores => "additive_scores",
             Kernel::MaskedSoftmax => "masked_softmax",
             Kernel::PvProduct => "pv_product",
             Kernel::FlashAttention => "flash_attention",
             Kernel::CombineSplits => "combine_splits",
+            Kernel::Matmul => "matmul",
         }
     }
 }
@@ -196,6 +234,12 @@ pub struct TensorStorage {
     pub o: Storage,
     /// Partial outputs merged by the combine kernel.
     pub p: Storage,
+    /// The matrix product's left operand.
+    pub a: Storage,
+    /// The matrix product's right operand.
+    pub b: Storage,
+    /// The matrix product's result.
+    pub c: Storage,
 }
 
 impl TensorStorage {
@@ -207,6 +251,9 @@ impl TensorStorage {
             v: storage,
             o: storage,
             p: storage,
+            a: storage,
+            b: storage,
+            c: storage,
         }
     }
 
@@ -217,6 +264,9 @@ impl TensorStorage {
             "v" => self.v,
             "o" => self.o,
             "p" => self.p,
+            "a" => self.a,
+            "b" => self.b,
+            "c" => self.c,
             other => unreachable!("no tensor named {other}"),
         }
     }
@@ -272,7 +322,11 @@ impl KernelKey {
                 };
                 vec![("O_CHUNKS", self.variant as f64), ("BKV", bkv as f64)]
             }
-            Kernel::QkScores | Kernel::PvProduct | Kernel::CombineSplits => Vec::new(),
+            Kernel::QkScores
+            | Kernel::AdditiveScores
+            | Kernel::PvProduct
+            | Kernel::CombineSplits
+            | Kernel::Matmul => Vec::new(),
         }
     }
 

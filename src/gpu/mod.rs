@@ -8,6 +8,7 @@ mod context;
 mod flash;
 pub mod kernels;
 mod masking;
+pub(crate) mod matmul;
 mod merge;
 pub(crate) mod tensor;
 mod three_pass;
@@ -15,6 +16,7 @@ mod three_pass;
 pub use cache::KvCache;
 pub use context::{Gpu, GpuLimits, LimitCaps};
 pub use flash::FusedPlan;
+pub use matmul::{MatView, MatmulShape, matmul};
 pub use merge::{Partial, merge};
 pub use tensor::Tensor;
 pub use three_pass::{Chunk, ThreePassPlan};
@@ -226,6 +228,51 @@ impl Attention {
                 });
             }
         }
+        let plan = self.plan_for(gpu, dims, out.weights.is_some())?;
+        if out.weights.is_some() && !matches!(plan, Plan::ThreePass { .. }) {
+            return Err(Error::InvalidOption {
+                what: "weights output",
+                value: "Some".into(),
+                why: "the fused path does not materialise the weights; ask for them with \
+                      return_weights(true) so the plan picks the three-pass path",
+            });
+        }
+        gpu.submit_with(plan.name(), |encoder| {
+            self.encode_planned(gpu, &spec, &plan, q, k, v, out, encoder)
+        })
+    }
+
+    /// Validates and plans a call and records it into `encoder` without submitting, for
+    /// callers that put more work in the same command buffer (the multi-head layer).
+    pub(crate) fn encode_into(
+        &self,
+        gpu: &Gpu,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        out: &Output,
+        encoder: &mut wgpu::CommandEncoder,
+    ) -> Result<()> {
+        let dims = Dims::from_shapes(self.layout, q.dims(), k.dims(), v.dims())?;
+        let spec = self.validate(dims)?;
+        expect_dims("O", out.o.dims(), dims.o_shape(self.layout))?;
+        if let Some(w) = &out.weights {
+            expect_dims("weights", w.dims(), dims.score_shape())?;
+        }
+        let plan = self.plan_for(gpu, dims, out.weights.is_some())?;
+        self.encode_planned(gpu, &spec, &plan, q, k, v, out, encoder)
+    }
+
+    #[allow(clippy::too_many_arguments)] // the private step both entry points share
+    fn encode_planned(
+        &self,
+        gpu: &Gpu,
+        spec: &crate::Spec<'_>,
+        plan: &Plan,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Output,
+        encoder: &mut wgpu::CommandEncoder,
+    ) -> Result<()> {
         let io = three_pass::Io {
             q,
             k,
@@ -234,22 +281,10 @@ impl Attention {
             lse: out.lse.as_ref(),
             weights: out.weights.as_ref(),
         };
-        match self.plan_for(gpu, dims, out.weights.is_some())? {
-            Plan::ThreePass { plan, .. } => gpu.submit_with("three-pass attention", |encoder| {
-                three_pass::encode(gpu, &spec, &plan, &io, encoder)
-            }),
+        match plan {
+            Plan::ThreePass { plan, .. } => three_pass::encode(gpu, spec, plan, &io, encoder),
             Plan::Fused { plan, .. } | Plan::Decode { plan, .. } => {
-                if out.weights.is_some() {
-                    return Err(Error::InvalidOption {
-                        what: "weights output",
-                        value: "Some".into(),
-                        why: "the fused path does not materialise the weights; ask for them \
-                              with return_weights(true) so the plan picks the three-pass path",
-                    });
-                }
-                gpu.submit_with("fused attention", |encoder| {
-                    flash::encode(gpu, &spec, &plan, &io, encoder)
-                })
+                flash::encode(gpu, spec, plan, &io, encoder)
             }
         }
     }

@@ -14,7 +14,7 @@ use wgpu::util::DeviceExt;
 
 use crate::error::{Error, Result};
 use crate::gpu::context::{Gpu, GpuLimits};
-use crate::gpu::kernels::{DispatchSize, Kernel, KernelKey, Storage, TensorStorage};
+use crate::gpu::kernels::{DispatchSize, Kernel, KernelKey, TensorStorage};
 use crate::gpu::masking::{self, check_binding};
 use crate::gpu::tensor::Tensor;
 use crate::spec::Spec;
@@ -216,7 +216,7 @@ impl Io<'_> {
             k: gpu.storage(self.k.dtype()),
             v: gpu.storage(self.v.dtype()),
             o: gpu.storage(self.o.dtype()),
-            p: Storage::F32,
+            ..TensorStorage::default()
         }
     }
 }

@@ -1,0 +1,192 @@
+//! Batched matrix products on the device: the projections of a multi-head layer.
+//!
+//! `C[z, m, n] = alpha * sum_k A[z, m, k] * B[z, n, k] + bias[n]`, with B indexed `[n, k]` as
+//! PyTorch's `Linear` stores its weight `[out_features, in_features]`, so `X W^T + b` needs no
+//! transpose. Every operand is a [`MatView`]: a tensor and the element strides of its three
+//! axes, so one kernel also serves strided views (a sum over heads, a transposed operand).
+
+use bytemuck::{Pod, Zeroable};
+use wgpu::util::DeviceExt;
+
+use crate::error::{Error, Result};
+use crate::gpu::context::Gpu;
+use crate::gpu::kernels::{DispatchSize, Kernel, KernelKey, TensorStorage};
+use crate::gpu::masking::check_binding;
+use crate::gpu::tensor::Tensor;
+
+/// A matrix (or a batch of them) inside a tensor: element `(z, row, col)` is at
+/// `z * strides[0] + row * strides[1] + col * strides[2]`.
+#[derive(Debug, Clone, Copy)]
+pub struct MatView<'a> {
+    /// The tensor holding the elements.
+    pub tensor: &'a Tensor,
+    /// Element strides of the batch, row and column axes.
+    pub strides: [usize; 3],
+}
+
+impl<'a> MatView<'a> {
+    /// A contiguous `[batches, rows, cols]` view.
+    pub fn contiguous(tensor: &'a Tensor, rows: usize, cols: usize) -> MatView<'a> {
+        MatView {
+            tensor,
+            strides: [rows * cols, cols, 1],
+        }
+    }
+}
+
+/// The sizes of a batched product: `batches` products of `[m, k] x [n, k]^T`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct MatmulShape {
+    /// Rows of A and C.
+    pub m: usize,
+    /// Rows of B, columns of C.
+    pub n: usize,
+    /// The summed axis.
+    pub k: usize,
+    /// Independent products.
+    pub batches: usize,
+    /// Factor on the product (not on the bias).
+    pub alpha: f32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Pod, Zeroable)]
+struct MatmulParams {
+    m: u32,
+    n: u32,
+    k: u32,
+    batches: u32,
+    tiles_m: u32,
+    tiles_n: u32,
+    has_bias: u32,
+    alpha: f32,
+    a_strides: [u32; 3],
+    b_strides: [u32; 3],
+    c_strides: [u32; 3],
+    _pad: [u32; 3],
+}
+
+/// Checks that every element a view reaches lies inside its tensor.
+fn check_view(what: &'static str, view: &MatView<'_>, dims: [usize; 3]) -> Result<()> {
+    if dims.contains(&0) {
+        return Err(Error::ZeroSize { what });
+    }
+    let last: usize = (0..3).map(|a| (dims[a] - 1) * view.strides[a]).sum();
+    if last >= view.tensor.len() {
+        return Err(Error::BufferTooSmall {
+            what,
+            needed: (last as u64 + 1) * view.tensor.dtype().size() as u64,
+            got: view.tensor.byte_len(),
+        });
+    }
+    if last > u32::MAX as usize {
+        return Err(Error::TooLarge {
+            what,
+            requested: last as u64,
+            max: u32::MAX as u64,
+            hint: " elements; indices are 32-bit",
+        });
+    }
+    Ok(())
+}
+
+/// Records `C = alpha A B^T + bias` into `encoder`.
+pub(crate) fn encode_matmul(
+    gpu: &Gpu,
+    encoder: &mut wgpu::CommandEncoder,
+    shape: MatmulShape,
+    a: MatView<'_>,
+    b: MatView<'_>,
+    c: MatView<'_>,
+    bias: Option<&Tensor>,
+) -> Result<()> {
+    let MatmulShape { m, n, k, batches, alpha } = shape;
+    check_view("matmul A", &a, [batches, m, k])?;
+    check_view("matmul B", &b, [batches, n, k])?;
+    check_view("matmul C", &c, [batches, m, n])?;
+    if let Some(bias) = bias {
+        if bias.len() != n {
+            return Err(Error::ShapeMismatch {
+                what: "matmul bias length".into(),
+                got: bias.len(),
+                expected: n,
+            });
+        }
+        if bias.dtype() != crate::DType::F32 {
+            return Err(Error::InvalidOption {
+                what: "matmul bias dtype",
+                value: format!("{:?}", bias.dtype()),
+                why: "biases are f32",
+            });
+        }
+    }
+    for (what, t) in [("matmul A", a.tensor), ("matmul B", b.tensor), ("matmul C", c.tensor)] {
+        check_binding(&gpu.limits, what, t.byte_len())?;
+    }
+    let device = &gpu.device;
+    let kernel = gpu.kernels.get(
+        device,
+        KernelKey {
+            kernel: Kernel::Matmul,
+            storage: TensorStorage {
+                a: gpu.storage(a.tensor.dtype()),
+                b: gpu.storage(b.tensor.dtype()),
+                c: gpu.storage(c.tensor.dtype()),
+                ..TensorStorage::default()
+            },
+            variant: 0,
+        },
+    )?;
+    let tiles_m = m.div_ceil(64) as u32;
+    let tiles_n = n.div_ceil(64) as u32;
+    let s32 = |s: [usize; 3]| s.map(|x| x as u32);
+    let params = MatmulParams {
+        m: m as u32,
+        n: n as u32,
+        k: k as u32,
+        batches: batches as u32,
+        tiles_m,
+        tiles_n,
+        has_bias: bias.is_some() as u32,
+        alpha,
+        a_strides: s32(a.strides),
+        b_strides: s32(b.strides),
+        c_strides: s32(c.strides),
+        _pad: [0; 3],
+    };
+    let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some("wgpu-attention matmul params"),
+        contents: bytemuck::bytes_of(&params),
+        usage: wgpu::BufferUsages::UNIFORM,
+    });
+    let bind = kernel.bind(
+        device,
+        &[
+            &uniform,
+            a.tensor.buffer(),
+            b.tensor.buffer(),
+            c.tensor.buffer(),
+            bias.map_or(&gpu.kernels.placeholder, |t| t.buffer()),
+        ],
+    );
+    let groups = batches as u64 * tiles_m as u64 * tiles_n as u64;
+    let size = DispatchSize::linear(groups, gpu.limits.max_workgroups_per_dim, "matmul dispatch")?;
+    let mut pass = gpu.begin_pass(encoder, "wgpu-attention matmul", false, false);
+    pass.set_pipeline(&kernel.pipeline);
+    pass.set_bind_group(0, &bind, &[]);
+    let [x, y, z] = size.counts;
+    pass.dispatch_workgroups(x, y, z);
+    Ok(())
+}
+
+/// `C = alpha A B^T + bias` on the device, in one submit. Any M, N, K; `bias` has N elements.
+pub fn matmul(
+    gpu: &Gpu,
+    shape: MatmulShape,
+    a: MatView<'_>,
+    b: MatView<'_>,
+    c: MatView<'_>,
+    bias: Option<&Tensor>,
+) -> Result<()> {
+    gpu.submit_with("matmul", |encoder| encode_matmul(gpu, encoder, shape, a, b, c, bias))
+}
