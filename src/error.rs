@@ -155,6 +155,10 @@ pub enum Error {
         needed: &'static str,
     },
 
+    /// A weights file could not be read, or lacks a tensor the layer needs.
+    #[error("weights: {0}")]
+    Weights(String),
+
     /// wgpu reported an error while encoding or running (validation, out of memory, device lost).
     #[error("GPU error: {0}")]
     Gpu(String),

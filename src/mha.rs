@@ -153,6 +153,90 @@ impl MhaWeights {
         })
     }
 
+    /// From a `.safetensors` file's bytes with PyTorch's state-dict names for
+    /// `nn.MultiheadAttention`, under `prefix` (e.g. `"layers.0.self_attn."`, or `""`):
+    /// `in_proj_weight` / `in_proj_bias`, or `q_proj_weight`, `k_proj_weight`,
+    /// `v_proj_weight` (PyTorch's names when `kdim` or `vdim` differ from `embed_dim`), then
+    /// `out_proj.weight` and `out_proj.bias`. Biases are optional; f32, f16 and bf16 tensors
+    /// are read (half precision converted to f32).
+    pub fn from_safetensors(config: &MhaConfig, bytes: &[u8], prefix: &str) -> Result<MhaWeights> {
+        let file = safetensors::SafeTensors::deserialize(bytes)
+            .map_err(|e| Error::Weights(format!("not a safetensors file: {e}")))?;
+        let read = |name: &str| -> Result<Option<Vec<f32>>> {
+            let full = format!("{prefix}{name}");
+            let view = match file.tensor(&full) {
+                Ok(view) => view,
+                Err(safetensors::SafeTensorError::TensorNotFound(_)) => return Ok(None),
+                Err(e) => return Err(Error::Weights(format!("{full}: {e}"))),
+            };
+            let data = view.data();
+            let values = match view.dtype() {
+                safetensors::Dtype::F32 => data
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                    .collect(),
+                safetensors::Dtype::F16 => data
+                    .chunks_exact(2)
+                    .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                safetensors::Dtype::BF16 => data
+                    .chunks_exact(2)
+                    .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                    .collect(),
+                other => {
+                    return Err(Error::Weights(format!(
+                        "{full} is {other:?}; f32, f16 and bf16 are supported"
+                    )));
+                }
+            };
+            Ok(Some(values))
+        };
+        let need = |name: &str| -> Result<Vec<f32>> {
+            read(name)?.ok_or_else(|| Error::Weights(format!("no tensor named {prefix}{name}")))
+        };
+        let out_weight = need("out_proj.weight")?;
+        let out_bias = read("out_proj.bias")?;
+        let weights = match read("in_proj_weight")? {
+            Some(packed) => {
+                let bias = read("in_proj_bias")?;
+                MhaWeights::from_in_proj(config, &packed, bias.as_deref(), out_weight, out_bias)?
+            }
+            None => {
+                let (q_bias, k_bias, v_bias) = match read("in_proj_bias")? {
+                    Some(b) => {
+                        let (e, kv) = (config.embed_dim, config.kv_width());
+                        if b.len() != e + 2 * kv {
+                            return Err(Error::DataLength {
+                                what: "in_proj_bias",
+                                dims: vec![e + 2 * kv],
+                                expected: e + 2 * kv,
+                                got: b.len(),
+                            });
+                        }
+                        (
+                            Some(b[..e].to_vec()),
+                            Some(b[e..e + kv].to_vec()),
+                            Some(b[e + kv..].to_vec()),
+                        )
+                    }
+                    None => (None, None, None),
+                };
+                MhaWeights {
+                    q_weight: need("q_proj_weight")?,
+                    k_weight: need("k_proj_weight")?,
+                    v_weight: need("v_proj_weight")?,
+                    out_weight,
+                    q_bias,
+                    k_bias,
+                    v_bias,
+                    out_bias,
+                }
+            }
+        };
+        weights.validate(config)?;
+        Ok(weights)
+    }
+
     fn validate(&self, c: &MhaConfig) -> Result<()> {
         let (e, kv) = (c.embed_dim, c.kv_width());
         let check = |what: &'static str, got: usize, dims: Vec<usize>| -> Result<()> {

@@ -343,7 +343,8 @@ fn validation_errors() {
         vec![0.25f32; d.k_elems()],
         vec![1f32; d.v_elems()],
     );
-    let cases: Vec<(Attention, fn(&Error) -> bool)> = vec![
+    type Expect = fn(&Error) -> bool;
+    let cases: Vec<(Attention, Expect)> = vec![
         (Attention::new().additive(vec![1.0; 3]), |e| {
             matches!(
                 e,
