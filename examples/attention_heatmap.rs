@@ -36,7 +36,11 @@ fn glyph(img: &mut RgbImage, rows: &[u8; 5], x: u32, y: u32) {
             if bits & (0b100 >> c) != 0 {
                 for dy in 0..SCALE {
                     for dx in 0..SCALE {
-                        img.put_pixel(x + c * SCALE + dx, y + r as u32 * SCALE + dy, Rgb([20, 20, 20]));
+                        img.put_pixel(
+                            x + c * SCALE + dx,
+                            y + r as u32 * SCALE + dy,
+                            Rgb([20, 20, 20]),
+                        );
                     }
                 }
             }
@@ -48,23 +52,38 @@ fn glyph(img: &mut RgbImage, rows: &[u8; 5], x: u32, y: u32) {
 fn number(img: &mut RgbImage, n: usize, x: u32, y: u32) -> u32 {
     let text = n.to_string();
     for (i, ch) in text.bytes().enumerate() {
-        glyph(img, &DIGITS[(ch - b'0') as usize], x + i as u32 * 4 * SCALE, y);
+        glyph(
+            img,
+            &DIGITS[(ch - b'0') as usize],
+            x + i as u32 * 4 * SCALE,
+            y,
+        );
     }
     text.len() as u32 * 4 * SCALE
 }
 
 /// A viridis-like ramp: dark violet (0) through teal to yellow (1).
 fn color(t: f32) -> Rgb<u8> {
-    let stops = [(68.0, 1.0, 84.0), (33.0, 145.0, 140.0), (253.0, 231.0, 37.0)];
+    let stops = [
+        (68.0, 1.0, 84.0),
+        (33.0, 145.0, 140.0),
+        (253.0, 231.0, 37.0),
+    ];
     let t = t.clamp(0.0, 1.0) * 2.0;
-    let (i, f) = if t >= 2.0 { (1, 1.0) } else { (t as usize, t.fract()) };
+    let (i, f) = if t >= 2.0 {
+        (1, 1.0)
+    } else {
+        (t as usize, t.fract())
+    };
     let (a, b) = (stops[i], stops[i + 1]);
     let mix = |x: f32, y: f32| (x + (y - x) * f).round() as u8;
     Rgb([mix(a.0, b.0), mix(a.1, b.1), mix(a.2, b.2)])
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let path = std::env::args().nth(1).unwrap_or_else(|| "attention_heatmap.png".into());
+    let path = std::env::args()
+        .nth(1)
+        .unwrap_or_else(|| "attention_heatmap.png".into());
     let gpu = Gpu::new()?;
     let dims = Dims::new(1, 2, 16, 16);
     // Queries and keys with a little structure: each position's vector rotates slowly, so
@@ -77,8 +96,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             })
             .collect()
     };
-    let (q, k, v) = (vec_at(dims.q_elems(), 0.0), vec_at(dims.k_elems(), 0.1), vec_at(dims.v_elems(), 0.7));
-    let opts = Attention::new().causal(Causal::TopLeft).window(8, 0).return_weights(true);
+    let (q, k, v) = (
+        vec_at(dims.q_elems(), 0.0),
+        vec_at(dims.k_elems(), 0.1),
+        vec_at(dims.v_elems(), 0.7),
+    );
+    let opts = Attention::new()
+        .causal(Causal::TopLeft)
+        .window(8, 0)
+        .return_weights(true);
     let layout = opts.get_layout();
     let out = opts.run(
         &gpu,
@@ -90,18 +116,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let (rows, cols) = (dims.q_len, dims.kv_len);
     let head0 = &weights[..rows * cols];
 
-    let (w, h) = (MARGIN + cols as u32 * CELL + 8, MARGIN + rows as u32 * CELL + 8);
+    let (w, h) = (
+        MARGIN + cols as u32 * CELL + 8,
+        MARGIN + rows as u32 * CELL + 8,
+    );
     let mut img = RgbImage::from_pixel(w, h, Rgb([255, 255, 255]));
     for i in 0..rows {
         // Each row scaled to its own maximum: early rows spread over few keys would otherwise
         // wash out the rest.
         let row = &head0[i * cols..(i + 1) * cols];
         let top = row.iter().copied().fold(f32::MIN_POSITIVE, f32::max);
-        for j in 0..cols {
-            let c = color(row[j] / top);
+        for (j, &weight) in row.iter().enumerate() {
+            let c = color(weight / top);
             for y in 0..CELL - 1 {
                 for x in 0..CELL - 1 {
-                    img.put_pixel(MARGIN + j as u32 * CELL + x, MARGIN + i as u32 * CELL + y, c);
+                    img.put_pixel(
+                        MARGIN + j as u32 * CELL + x,
+                        MARGIN + i as u32 * CELL + y,
+                        c,
+                    );
                 }
             }
         }
@@ -111,12 +144,25 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     glyph(&mut img, &LETTER_Q, 4, MARGIN - 14);
     for j in 0..cols {
         let digits = j.to_string().len() as u32;
-        number(&mut img, j, MARGIN + j as u32 * CELL + (CELL - digits * 4 * SCALE) / 2, MARGIN - 16);
+        number(
+            &mut img,
+            j,
+            MARGIN + j as u32 * CELL + (CELL - digits * 4 * SCALE) / 2,
+            MARGIN - 16,
+        );
     }
     for i in 0..rows {
-        number(&mut img, i, 14, MARGIN + i as u32 * CELL + (CELL - 5 * SCALE) / 2);
+        number(
+            &mut img,
+            i,
+            14,
+            MARGIN + i as u32 * CELL + (CELL - 5 * SCALE) / 2,
+        );
     }
     img.save(&path)?;
-    println!("wrote {path}: head 0 of {rows} queries x {cols} keys on {}", gpu.describe());
+    println!(
+        "wrote {path}: head 0 of {rows} queries x {cols} keys on {}",
+        gpu.describe()
+    );
     Ok(())
 }

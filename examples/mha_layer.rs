@@ -25,26 +25,55 @@ fn pseudo_random(n: usize, seed: u32, scale: f32) -> Vec<f32> {
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     // Grouped-query self-attention: 128 wide, 8 query heads over 2 kv heads.
-    let config = MhaConfig { kv_heads: 2, ..MhaConfig::new(128, 8) };
+    let config = MhaConfig {
+        kv_heads: 2,
+        ..MhaConfig::new(128, 8)
+    };
     let (e, kv) = (config.embed_dim, config.kv_width());
     let scale = 1.0 / (e as f32).sqrt();
 
     // The state dict PyTorch would save: in_proj packs W_q, W_k, W_v by rows.
     let tensors: Vec<(&str, Vec<f32>, Vec<usize>)> = vec![
-        ("in_proj_weight", pseudo_random((e + 2 * kv) * e, 1, scale), vec![e + 2 * kv, e]),
-        ("in_proj_bias", pseudo_random(e + 2 * kv, 2, 0.1), vec![e + 2 * kv]),
-        ("out_proj.weight", pseudo_random(e * e, 3, scale), vec![e, e]),
+        (
+            "in_proj_weight",
+            pseudo_random((e + 2 * kv) * e, 1, scale),
+            vec![e + 2 * kv, e],
+        ),
+        (
+            "in_proj_bias",
+            pseudo_random(e + 2 * kv, 2, 0.1),
+            vec![e + 2 * kv],
+        ),
+        (
+            "out_proj.weight",
+            pseudo_random(e * e, 3, scale),
+            vec![e, e],
+        ),
         ("out_proj.bias", pseudo_random(e, 4, 0.1), vec![e]),
     ];
     let bytes: Vec<(String, Vec<u8>, Vec<usize>)> = tensors
         .iter()
-        .map(|(name, data, shape)| (format!("attn.{name}"), bytemuck::cast_slice(data).to_vec(), shape.clone()))
+        .map(|(name, data, shape)| {
+            (
+                format!("attn.{name}"),
+                bytemuck::cast_slice(data).to_vec(),
+                shape.clone(),
+            )
+        })
         .collect();
     let views: Vec<(String, TensorView<'_>)> = bytes
         .iter()
-        .map(|(name, data, shape)| Ok((name.clone(), TensorView::new(safetensors::Dtype::F32, shape.clone(), data)?)))
+        .map(|(name, data, shape)| {
+            Ok((
+                name.clone(),
+                TensorView::new(safetensors::Dtype::F32, shape.clone(), data)?,
+            ))
+        })
         .collect::<Result<_, safetensors::SafeTensorError>>()?;
-    let file = std::env::temp_dir().join(format!("wgpu-attention-mha-{}.safetensors", std::process::id()));
+    let file = std::env::temp_dir().join(format!(
+        "wgpu-attention-mha-{}.safetensors",
+        std::process::id()
+    ));
     safetensors::serialize_to_file(views, None::<HashMap<String, String>>, &file)?;
     println!("wrote {}", file.display());
 
@@ -61,10 +90,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let got = out.out.download(&gpu)?;
     let averaged = out.weights.expect("asked for").download(&gpu)?;
 
-    let (want, want_w) = mha_reference(&config, &weights, &x, &x, &x, (batch, seq, seq), &opts, true)?;
-    let err = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-    let werr = averaged.iter().zip(want_w.as_deref().unwrap_or(&[])).map(|(a, b)| (a - b).abs()).fold(0.0, f32::max);
-    println!("layer on {}: out [{batch}, {seq}, {e}], max |GPU - CPU| = {err:.2e}; head-averaged weights max error {werr:.2e}", gpu.describe());
+    let (want, want_w) = mha_reference(
+        &config,
+        &weights,
+        &x,
+        &x,
+        &x,
+        (batch, seq, seq),
+        &opts,
+        true,
+    )?;
+    let err = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    let werr = averaged
+        .iter()
+        .zip(want_w.as_deref().unwrap_or(&[]))
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f32::max);
+    println!(
+        "layer on {}: out [{batch}, {seq}, {e}], max |GPU - CPU| = {err:.2e}; head-averaged weights max error {werr:.2e}",
+        gpu.describe()
+    );
     assert!(err < 1e-4 && werr < 1e-5);
     Ok(())
 }

@@ -24,8 +24,8 @@ pub mod mha;
 mod spec;
 
 pub use error::{Error, Result};
-pub use mha::{MhaConfig, MhaOutput, MhaWeights, MultiHeadAttention};
 pub use gpu::{Gpu, GpuLimits, KvCache, LimitCaps, Output, Plan, Tensor};
+pub use mha::{MhaConfig, MhaOutput, MhaWeights, MultiHeadAttention};
 pub use spec::{Attention, Bias, BoolMask, Causal, DType, Dims, Layout, MAX_HEAD_DIM, Path, Spec};
 
 /// The README's examples, compiled and run as doctests.

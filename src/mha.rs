@@ -63,7 +63,10 @@ impl MhaConfig {
         }
         if !self.embed_dim.is_multiple_of(self.num_heads) {
             return Err(Error::ShapeMismatch {
-                what: format!("embed_dim {} modulo num_heads {}", self.embed_dim, self.num_heads),
+                what: format!(
+                    "embed_dim {} modulo num_heads {}",
+                    self.embed_dim, self.num_heads
+                ),
                 got: self.embed_dim % self.num_heads,
                 expected: 0,
             });
@@ -300,7 +303,9 @@ impl MultiHeadAttention {
         let (e, kv) = (config.embed_dim, config.kv_width());
         let up = |x: &[f32], rows: usize, cols: usize| gpu.upload(x, [1, 1, rows, cols]);
         let bias = |b: &Option<Vec<f32>>| -> Result<Option<Tensor>> {
-            b.as_ref().map(|b| gpu.upload(b, [1, 1, 1, b.len()])).transpose()
+            b.as_ref()
+                .map(|b| gpu.upload(b, [1, 1, 1, b.len()]))
+                .transpose()
         };
         Ok(MultiHeadAttention {
             config,
@@ -354,7 +359,10 @@ impl MultiHeadAttention {
             head_dim: hd,
             v_head_dim: hd,
         };
-        let opts = opts.clone().layout(Layout::Bshd).return_weights(need_weights);
+        let opts = opts
+            .clone()
+            .layout(Layout::Bshd)
+            .return_weights(need_weights);
         opts.validate(dims)?;
         let q = gpu.empty(dims.q_shape(Layout::Bshd))?;
         let k = gpu.empty(dims.k_shape(Layout::Bshd))?;
@@ -385,8 +393,24 @@ impl MultiHeadAttention {
             use crate::gpu::matmul::encode_matmul;
             let projections = [
                 (query, &self.q_weight, &self.q_bias, &q, batch * q_len, e, e),
-                (key, &self.k_weight, &self.k_bias, &k, batch * kv_len, kv, c.kdim),
-                (value, &self.v_weight, &self.v_bias, &v, batch * kv_len, kv, c.vdim),
+                (
+                    key,
+                    &self.k_weight,
+                    &self.k_bias,
+                    &k,
+                    batch * kv_len,
+                    kv,
+                    c.kdim,
+                ),
+                (
+                    value,
+                    &self.v_weight,
+                    &self.v_bias,
+                    &v,
+                    batch * kv_len,
+                    kv,
+                    c.vdim,
+                ),
             ];
             for (x, w, b, y, rows, n, width) in projections {
                 encode_matmul(
@@ -513,9 +537,30 @@ pub fn mha_reference(
             });
         }
     }
-    let q = linear(query, batch * q_len, &weights.q_weight, &weights.q_bias, e, e);
-    let k = linear(key, batch * kv_len, &weights.k_weight, &weights.k_bias, kv, c.kdim);
-    let v = linear(value, batch * kv_len, &weights.v_weight, &weights.v_bias, kv, c.vdim);
+    let q = linear(
+        query,
+        batch * q_len,
+        &weights.q_weight,
+        &weights.q_bias,
+        e,
+        e,
+    );
+    let k = linear(
+        key,
+        batch * kv_len,
+        &weights.k_weight,
+        &weights.k_bias,
+        kv,
+        c.kdim,
+    );
+    let v = linear(
+        value,
+        batch * kv_len,
+        &weights.v_weight,
+        &weights.v_bias,
+        kv,
+        c.vdim,
+    );
     let dims = Dims {
         batch,
         heads: c.num_heads,
@@ -527,7 +572,14 @@ pub fn mha_reference(
     };
     let opts = opts.clone().layout(Layout::Bshd);
     let r = crate::cpu::reference(&q, &k, &v, dims, &opts)?;
-    let out = linear(&r.o, batch * q_len, &weights.out_weight, &weights.out_bias, e, e);
+    let out = linear(
+        &r.o,
+        batch * q_len,
+        &weights.out_weight,
+        &weights.out_bias,
+        e,
+        e,
+    );
     let averaged = need_weights.then(|| {
         let plane = q_len * kv_len;
         let mut avg = vec![0f32; batch * plane];

@@ -13,29 +13,66 @@ use wgpu_attention::{Attention, Causal, DType, Error, MhaConfig, MhaWeights, Mul
 fn gemm_against_cpu_product() {
     let Some(gpu) = gpu() else { return };
     let mut r = rng(3000);
-    for (n_case, &(batches, m, n, k)) in [(1, 1, 1, 1), (1, 7, 33, 5), (2, 65, 130, 17), (3, 100, 3, 257), (1, 129, 64, 64)].iter().enumerate() {
+    for (n_case, &(batches, m, n, k)) in [
+        (1, 1, 1, 1),
+        (1, 7, 33, 5),
+        (2, 65, 130, 17),
+        (3, 100, 3, 257),
+        (1, 129, 64, 64),
+    ]
+    .iter()
+    .enumerate()
+    {
         for dtype in [DType::F32, DType::Bf16] {
-            let a: Vec<f32> = random(&mut r, batches * m * k, 1.0).into_iter().map(|x| dtype.round(x)).collect();
-            let b: Vec<f32> = random(&mut r, batches * n * k, 1.0).into_iter().map(|x| dtype.round(x)).collect();
+            let a: Vec<f32> = random(&mut r, batches * m * k, 1.0)
+                .into_iter()
+                .map(|x| dtype.round(x))
+                .collect();
+            let b: Vec<f32> = random(&mut r, batches * n * k, 1.0)
+                .into_iter()
+                .map(|x| dtype.round(x))
+                .collect();
             let bias = random(&mut r, n, 1.0);
             let alpha = 0.5 + n_case as f32;
             let ta = gpu.upload_as(&a, [1, batches, m, k], dtype).unwrap();
             let tb = gpu.upload_as(&b, [1, batches, n, k], dtype).unwrap();
             let tc = common::poisoned(gpu, [1, batches, m, n]);
             let tbias = gpu.upload(&bias, [1, 1, 1, n]).unwrap();
-            let shape = MatmulShape { m, n, k, batches, alpha };
-            matmul(gpu, shape, MatView::contiguous(&ta, m, k), MatView::contiguous(&tb, n, k), MatView::contiguous(&tc, m, n), Some(&tbias)).unwrap();
+            let shape = MatmulShape {
+                m,
+                n,
+                k,
+                batches,
+                alpha,
+            };
+            matmul(
+                gpu,
+                shape,
+                MatView::contiguous(&ta, m, k),
+                MatView::contiguous(&tb, n, k),
+                MatView::contiguous(&tc, m, n),
+                Some(&tbias),
+            )
+            .unwrap();
             let mut want = vec![0f32; batches * m * n];
             for z in 0..batches {
                 for i in 0..m {
                     for j in 0..n {
-                        let dot: f64 = (0..k).map(|x| a[(z * m + i) * k + x] as f64 * b[(z * n + j) * k + x] as f64).sum();
+                        let dot: f64 = (0..k)
+                            .map(|x| a[(z * m + i) * k + x] as f64 * b[(z * n + j) * k + x] as f64)
+                            .sum();
                         want[(z * m + i) * n + j] = (alpha as f64 * dot + bias[j] as f64) as f32;
                     }
                 }
             }
             let got = tc.download(gpu).unwrap();
-            assert_close(&format!("C {batches}x{m}x{n}x{k} {dtype:?}"), &got, &want, 1e-5, 1e-4);
+            assert_close(
+                &format!("C {batches}x{m}x{n}x{k} {dtype:?}"),
+                &got,
+                &want,
+                1e-5,
+                1e-4,
+            );
         }
     }
     // A transposed view: C = A^T-as-rows, i.e. A read with swapped strides.
@@ -45,18 +82,59 @@ fn gemm_against_cpu_product() {
     let ta = gpu.upload(&a, [1, 1, k, m]).unwrap();
     let tb = gpu.upload(&b, [1, 1, n, k]).unwrap();
     let tc = common::poisoned(gpu, [1, 1, m, n]);
-    let shape = MatmulShape { m, n, k, batches: 1, alpha: 1.0 };
-    matmul(gpu, shape, MatView { tensor: &ta, strides: [0, 1, m] }, MatView::contiguous(&tb, n, k), MatView::contiguous(&tc, m, n), None).unwrap();
-    let want: Vec<f32> = (0..m * n).map(|e| (0..k).map(|x| a[x * m + e / n] as f64 * b[(e % n) * k + x] as f64).sum::<f64>() as f32).collect();
-    assert_close("C from a strided A", &tc.download(gpu).unwrap(), &want, 1e-5, 1e-4);
+    let shape = MatmulShape {
+        m,
+        n,
+        k,
+        batches: 1,
+        alpha: 1.0,
+    };
+    matmul(
+        gpu,
+        shape,
+        MatView {
+            tensor: &ta,
+            strides: [0, 1, m],
+        },
+        MatView::contiguous(&tb, n, k),
+        MatView::contiguous(&tc, m, n),
+        None,
+    )
+    .unwrap();
+    let want: Vec<f32> = (0..m * n)
+        .map(|e| {
+            (0..k)
+                .map(|x| a[x * m + e / n] as f64 * b[(e % n) * k + x] as f64)
+                .sum::<f64>() as f32
+        })
+        .collect();
+    assert_close(
+        "C from a strided A",
+        &tc.download(gpu).unwrap(),
+        &want,
+        1e-5,
+        1e-4,
+    );
     // A view past the end of its tensor is a typed error.
-    let err = matmul(gpu, MatmulShape { m: m + 1, ..shape }, MatView { tensor: &ta, strides: [0, 1, m] }, MatView::contiguous(&tb, n, k), MatView::contiguous(&tc, m, n), None);
+    let err = matmul(
+        gpu,
+        MatmulShape { m: m + 1, ..shape },
+        MatView {
+            tensor: &ta,
+            strides: [0, 1, m],
+        },
+        MatView::contiguous(&tb, n, k),
+        MatView::contiguous(&tc, m, n),
+        None,
+    );
     assert!(matches!(err, Err(Error::BufferTooSmall { .. })), "{err:?}");
 }
 
 fn weights(r: &mut rand::rngs::StdRng, c: &MhaConfig, with_bias: bool) -> MhaWeights {
     let (e, kv) = (c.embed_dim, c.kv_width());
-    let s = |r: &mut rand::rngs::StdRng, n: usize, fan_in: usize| random(r, n, 1.0 / (fan_in as f32).sqrt());
+    let s = |r: &mut rand::rngs::StdRng, n: usize, fan_in: usize| {
+        random(r, n, 1.0 / (fan_in as f32).sqrt())
+    };
     let bias = |r: &mut rand::rngs::StdRng, n: usize| with_bias.then(|| random(r, n, 0.1));
     MhaWeights {
         q_weight: s(r, e * e, e),
@@ -70,19 +148,44 @@ fn weights(r: &mut rand::rngs::StdRng, c: &MhaConfig, with_bias: bool) -> MhaWei
     }
 }
 
-fn run_layer(config: MhaConfig, batch: usize, q_len: usize, kv_len: usize, opts: Attention, need_weights: bool, seed: u64) {
+fn run_layer(
+    config: MhaConfig,
+    batch: usize,
+    q_len: usize,
+    kv_len: usize,
+    opts: Attention,
+    need_weights: bool,
+    seed: u64,
+) {
     let Some(gpu) = gpu() else { return };
     let mut r = rng(seed);
-    let w = weights(&mut r, &config, seed % 2 == 0);
+    let w = weights(&mut r, &config, seed.is_multiple_of(2));
     let query = random(&mut r, batch * q_len * config.embed_dim, 1.0);
     let key = random(&mut r, batch * kv_len * config.kdim, 1.0);
     let value = random(&mut r, batch * kv_len * config.vdim, 1.0);
     let layer = MultiHeadAttention::new(gpu, config, &w).unwrap();
     let up = |x: &[f32], s: usize, width: usize| gpu.upload(x, [batch, s, 1, width]).unwrap();
     let got = layer
-        .forward(gpu, &up(&query, q_len, config.embed_dim), &up(&key, kv_len, config.kdim), &up(&value, kv_len, config.vdim), &opts, need_weights)
+        .forward(
+            gpu,
+            &up(&query, q_len, config.embed_dim),
+            &up(&key, kv_len, config.kdim),
+            &up(&value, kv_len, config.vdim),
+            &opts,
+            need_weights,
+        )
         .unwrap();
-    let (want, want_w) = mha_reference(&config, &w, &query, &key, &value, (batch, q_len, kv_len), &opts, need_weights).unwrap();
+    let (want, want_w) = mha_reference(
+        &config,
+        &w,
+        &query,
+        &key,
+        &value,
+        (batch, q_len, kv_len),
+        &opts,
+        need_weights,
+    )
+    .unwrap();
     let out = got.out.download(gpu).unwrap();
     let ctx = format!("{config:?} B={batch} L={q_len} S={kv_len} need_weights={need_weights}");
     assert_close(&format!("out of {ctx}"), &out, &want, 2e-5, 1e-4);
@@ -90,31 +193,75 @@ fn run_layer(config: MhaConfig, batch: usize, q_len: usize, kv_len: usize, opts:
     assert!(err <= 1e-5, "{ctx}: relative norm error {err:e}");
     assert_eq!(got.weights.is_some(), need_weights);
     if let (Some(gw), Some(ww)) = (got.weights, want_w) {
-        assert_close(&format!("averaged weights of {ctx}"), &gw.download(gpu).unwrap(), &ww, 1e-6, 1e-4);
+        assert_close(
+            &format!("averaged weights of {ctx}"),
+            &gw.download(gpu).unwrap(),
+            &ww,
+            1e-6,
+            1e-4,
+        );
     }
 }
 
 #[test]
 fn self_attention_layer() {
-    run_layer(MhaConfig::new(64, 4), 2, 33, 33, Attention::new(), false, 3100);
-    run_layer(MhaConfig::new(40, 5), 1, 7, 7, Attention::new().causal(Causal::TopLeft), true, 3101);
+    run_layer(
+        MhaConfig::new(64, 4),
+        2,
+        33,
+        33,
+        Attention::new(),
+        false,
+        3100,
+    );
+    run_layer(
+        MhaConfig::new(40, 5),
+        1,
+        7,
+        7,
+        Attention::new().causal(Causal::TopLeft),
+        true,
+        3101,
+    );
 }
 
 #[test]
 fn grouped_query_layer() {
-    let config = MhaConfig { kv_heads: 2, ..MhaConfig::new(96, 8) };
-    run_layer(config, 2, 20, 20, Attention::new().causal(Causal::BottomRight), true, 3200);
-    let mqa = MhaConfig { kv_heads: 1, ..MhaConfig::new(48, 6) };
+    let config = MhaConfig {
+        kv_heads: 2,
+        ..MhaConfig::new(96, 8)
+    };
+    run_layer(
+        config,
+        2,
+        20,
+        20,
+        Attention::new().causal(Causal::BottomRight),
+        true,
+        3200,
+    );
+    let mqa = MhaConfig {
+        kv_heads: 1,
+        ..MhaConfig::new(48, 6)
+    };
     run_layer(mqa, 1, 70, 70, Attention::new(), false, 3201);
 }
 
 #[test]
 fn cross_attention_with_other_widths_and_masks() {
     // kdim != vdim != embed_dim, and a key padding mask [B, 1, 1, S] plus kv_lens.
-    let config = MhaConfig { embed_dim: 32, num_heads: 4, kv_heads: 2, kdim: 24, vdim: 40 };
+    let config = MhaConfig {
+        embed_dim: 32,
+        num_heads: 4,
+        kv_heads: 2,
+        kdim: 24,
+        vdim: 40,
+    };
     let mut r = rng(3300);
     let pad = random_mask(&mut r, 2 * 50, 0.8);
-    let opts = Attention::new().mask([2, 1, 1, 50], pad).kv_lens(vec![50, 31]);
+    let opts = Attention::new()
+        .mask([2, 1, 1, 50], pad)
+        .kv_lens(vec![50, 31]);
     run_layer(config, 2, 13, 50, opts.clone(), true, 3300);
     run_layer(config, 2, 13, 50, opts, false, 3301);
 }
@@ -127,19 +274,54 @@ fn packed_in_proj_and_bad_weights() {
     let w = weights(&mut r, &config, true);
     // PyTorch's in_proj_weight is W_q, W_k, W_v stacked by rows.
     let packed: Vec<f32> = [w.q_weight.clone(), w.k_weight.clone(), w.v_weight.clone()].concat();
-    let packed_bias: Vec<f32> = [w.q_bias.clone().unwrap(), w.k_bias.clone().unwrap(), w.v_bias.clone().unwrap()].concat();
-    let from_packed = MhaWeights::from_in_proj(&config, &packed, Some(&packed_bias), w.out_weight.clone(), w.out_bias.clone()).unwrap();
+    let packed_bias: Vec<f32> = [
+        w.q_bias.clone().unwrap(),
+        w.k_bias.clone().unwrap(),
+        w.v_bias.clone().unwrap(),
+    ]
+    .concat();
+    let from_packed = MhaWeights::from_in_proj(
+        &config,
+        &packed,
+        Some(&packed_bias),
+        w.out_weight.clone(),
+        w.out_bias.clone(),
+    )
+    .unwrap();
     assert_eq!(from_packed, w);
     let err = MhaWeights::from_in_proj(&config, &packed[1..], None, w.out_weight.clone(), None);
-    assert!(matches!(err, Err(Error::DataLength { what: "in_proj_weight", .. })), "{err:?}");
-    let bad = MhaWeights { k_weight: vec![0.0; 3], ..w.clone() };
+    assert!(
+        matches!(
+            err,
+            Err(Error::DataLength {
+                what: "in_proj_weight",
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    let bad = MhaWeights {
+        k_weight: vec![0.0; 3],
+        ..w.clone()
+    };
     let err = MultiHeadAttention::new(gpu, config, &bad);
-    assert!(matches!(err, Err(Error::DataLength { what: "k_weight", .. })), "{err:?}");
+    assert!(
+        matches!(
+            err,
+            Err(Error::DataLength {
+                what: "k_weight",
+                ..
+            })
+        ),
+        "{err:?}"
+    );
     let err = MultiHeadAttention::new(gpu, MhaConfig::new(10, 3), &w);
     assert!(matches!(err, Err(Error::ShapeMismatch { .. })), "{err:?}");
     // An input of the wrong width.
     let layer = MultiHeadAttention::new(gpu, config, &w).unwrap();
-    let x = gpu.upload(&random(&mut r, 2 * 5 * 15, 1.0), [2, 5, 1, 15]).unwrap();
+    let x = gpu
+        .upload(&random(&mut r, 2 * 5 * 15, 1.0), [2, 5, 1, 15])
+        .unwrap();
     let err = layer.forward(gpu, &x, &x, &x, &Attention::new(), false);
     assert!(matches!(err, Err(Error::ShapeMismatch { .. })), "{err:?}");
 }

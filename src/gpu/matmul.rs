@@ -100,7 +100,13 @@ pub(crate) fn encode_matmul(
     c: MatView<'_>,
     bias: Option<&Tensor>,
 ) -> Result<()> {
-    let MatmulShape { m, n, k, batches, alpha } = shape;
+    let MatmulShape {
+        m,
+        n,
+        k,
+        batches,
+        alpha,
+    } = shape;
     check_view("matmul A", &a, [batches, m, k])?;
     check_view("matmul B", &b, [batches, n, k])?;
     check_view("matmul C", &c, [batches, m, n])?;
@@ -120,7 +126,11 @@ pub(crate) fn encode_matmul(
             });
         }
     }
-    for (what, t) in [("matmul A", a.tensor), ("matmul B", b.tensor), ("matmul C", c.tensor)] {
+    for (what, t) in [
+        ("matmul A", a.tensor),
+        ("matmul B", b.tensor),
+        ("matmul C", c.tensor),
+    ] {
         check_binding(&gpu.limits, what, t.byte_len())?;
     }
     let device = &gpu.device;
@@ -188,5 +198,7 @@ pub fn matmul(
     c: MatView<'_>,
     bias: Option<&Tensor>,
 ) -> Result<()> {
-    gpu.submit_with("matmul", |encoder| encode_matmul(gpu, encoder, shape, a, b, c, bias))
+    gpu.submit_with("matmul", |encoder| {
+        encode_matmul(gpu, encoder, shape, a, b, c, bias)
+    })
 }
