@@ -32,15 +32,18 @@
 //!
 //! # What it measured
 //!
-//! `B=1, H=8, L=S=2048, D=64` on a 2-core AMD EPYC (Zen 3) VM, median of 10 calls after 2,
-//! FLOPs `4 B H L S D` (halved for causal), `--release`; the VM's timings vary by 10-20% from
-//! run to run, as other work shares the host:
+//! `B=1, H=8, L=S=2048, D=64` on a 2-core AMD EPYC (Zen 3) VM, FLOPs `4 B H L S D` (halved for
+//! causal), median of 10 calls after 2 warm-up calls, `--release`. The VM is shared, so timings
+//! vary by up to 2x from run to run; these are the best medians of several back-to-back rounds,
+//! with JAX's `dot_product_attention` (XLA on the CPU, jitted, f32, from
+//! `benches/compare/jax_sdpa.py`) run in the same rounds:
 //!
-//! | build | full | causal |
+//! | GFLOP/s | full | causal |
 //! | --- | --- | --- |
-//! | default target (x86-64 baseline: SSE2, 4 lanes) | FULL_SSE GFLOP/s | CAUSAL_SSE GFLOP/s |
-//! | `RUSTFLAGS="-C target-cpu=native"` (AVX2, 8 lanes) | FULL_AVX GFLOP/s | CAUSAL_AVX GFLOP/s |
-//! | [`reference`](super::reference()) (f64, one thread) | REF_FULL GFLOP/s | |
+//! | `fast`, default target (x86-64 baseline: SSE2, 4 lanes) | 49-55 | 48-50 |
+//! | `fast`, `RUSTFLAGS="-C target-cpu=native"` (AVX2 and FMA, 8 lanes) | 100-110 | 87-98 |
+//! | [`reference`](super::reference()) (f64, one thread) | 2.6 | 2.4 |
+//! | `jax.nn.dot_product_attention` 0.10.2 | 26-31 | 16-19 |
 //!
 //! With SSE2 the micro-kernel alone peaks at about 35 GFLOP/s per core on that machine (two
 //! 4-lane multiplies and two adds per cycle), so about 80% of the time is in the kernel and the

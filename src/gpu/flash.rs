@@ -260,12 +260,7 @@ pub(crate) fn encode(
     let d = spec.dims;
     let limits = &gpu.limits;
     let device = &gpu.device;
-    for (what, t) in [("Q", io.q), ("K", io.k), ("V", io.v), ("O", io.o)] {
-        check_binding(limits, what, t.byte_len())?;
-    }
-    if let Some(lse) = io.lse {
-        check_binding(limits, "log-sum-exp", lse.byte_len())?;
-    }
+    io.check_bindings(limits)?;
     let masks = masking::upload(gpu, spec)?;
     let kernel = gpu.kernels.get(
         device,

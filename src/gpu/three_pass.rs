@@ -209,6 +209,17 @@ pub(crate) struct Io<'a> {
 }
 
 impl Io<'_> {
+    /// Every tensor a kernel binds whole must fit one storage binding.
+    pub(crate) fn check_bindings(&self, limits: &GpuLimits) -> Result<()> {
+        for (what, t) in [("Q", self.q), ("K", self.k), ("V", self.v), ("O", self.o)] {
+            check_binding(limits, what, t.byte_len())?;
+        }
+        if let Some(lse) = self.lse {
+            check_binding(limits, "log-sum-exp", lse.byte_len())?;
+        }
+        Ok(())
+    }
+
     /// How the kernels see Q, K, V and O on `gpu`.
     pub(crate) fn storage(&self, gpu: &Gpu) -> TensorStorage {
         TensorStorage {
@@ -233,12 +244,7 @@ pub(crate) fn encode(
     let opts = spec.opts;
     let limits = &gpu.limits;
     let device = &gpu.device;
-    for (what, t) in [("Q", io.q), ("K", io.k), ("V", io.v), ("O", io.o)] {
-        check_binding(limits, what, t.byte_len())?;
-    }
-    if let Some(lse) = io.lse {
-        check_binding(limits, "log-sum-exp", lse.byte_len())?;
-    }
+    io.check_bindings(limits)?;
 
     let masks = masking::upload(gpu, spec)?;
 
