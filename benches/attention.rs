@@ -93,9 +93,26 @@ fn cpu_reference(c: &mut Criterion) {
     group.finish();
 }
 
+/// The multi-threaded CPU path, the honest baseline.
+fn cpu_fast(c: &mut Criterion) {
+    let mut group = c.benchmark_group("cpu-fast");
+    group.sample_size(10);
+    for seq in sizes() {
+        let d = Dims::new(1, 8, seq, 64);
+        let x = values(d.q_elems());
+        let opts = Attention::new().causal(Causal::TopLeft);
+        group.throughput(Throughput::Elements(d.flops(true) as u64));
+        group.bench_function(format!("L=S={seq} causal"), |b| {
+            b.iter(|| cpu::fast(&x, &x, &x, d, &opts).unwrap())
+        });
+    }
+    group.finish();
+}
+
 fn main() {
     let mut c = Criterion::default().configure_from_args();
     gpu_paths(&mut c);
+    cpu_fast(&mut c);
     cpu_reference(&mut c);
     c.final_summary();
 }

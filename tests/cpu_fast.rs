@@ -563,3 +563,37 @@ proptest! {
         check("proptest", c.seed, c.dims(), &c.opts(), c.q_amp);
     }
 }
+
+/// Half-precision inputs, stored as `half::f16` / `half::bf16`, against the reference on the
+/// same values.
+#[test]
+fn half_precision_inputs() {
+    use wgpu_attention::{Attention, Causal, Dims, cpu};
+    let dims = Dims {
+        batch: 1,
+        heads: 4,
+        kv_heads: 2,
+        q_len: 33,
+        kv_len: 70,
+        head_dim: 40,
+        v_head_dim: 24,
+    };
+    let wave = |n: usize, f: f32| -> Vec<f32> { (0..n).map(|i| (i as f32 * f).sin()).collect() };
+    let (q, k, v) = (
+        wave(dims.q_elems(), 0.37),
+        wave(dims.k_elems(), 0.11),
+        wave(dims.v_elems(), 0.05),
+    );
+    let opts = Attention::new().causal(Causal::BottomRight);
+    let qh: Vec<half::f16> = q.iter().map(|&x| half::f16::from_f32(x)).collect();
+    let kb: Vec<half::bf16> = k.iter().map(|&x| half::bf16::from_f32(x)).collect();
+    let vb: Vec<half::bf16> = v.iter().map(|&x| half::bf16::from_f32(x)).collect();
+    let got = cpu::fast(&qh, &kb, &vb, dims, &opts).unwrap();
+    let want = cpu::reference(&qh, &kb, &vb, dims, &opts).unwrap();
+    for (i, (g, w)) in got.o.iter().zip(&want.o).enumerate() {
+        assert!(
+            (g - w).abs() <= 2e-5 + 1e-4 * w.abs(),
+            "O[{i}]: got {g}, want {w}"
+        );
+    }
+}

@@ -138,7 +138,43 @@ fn check_len(what: &'static str, data: &[f32], dims: [usize; 4]) -> Result<()> {
 /// }
 /// # Ok::<(), wgpu_attention::Error>(())
 /// ```
-pub fn fast(q: &[f32], k: &[f32], v: &[f32], dims: Dims, opts: &Attention) -> Result<FastOutput> {
+///
+/// Inputs may be `f32`, `half::f16` or `half::bf16` ([`HostElement`]); half precision is
+/// widened to f32 once (f32 inputs are not copied).
+pub fn fast<Q, K, V>(q: &[Q], k: &[K], v: &[V], dims: Dims, opts: &Attention) -> Result<FastOutput>
+where
+    Q: HostElement,
+    K: HostElement,
+    V: HostElement,
+{
+    fast_f32(&Q::widen(q), &K::widen(k), &V::widen(v), dims, opts)
+}
+
+/// A host element type the CPU paths read: f32, or half precision widened to f32.
+pub trait HostElement: Copy {
+    /// The values as f32, borrowed when they already are.
+    fn widen(x: &[Self]) -> std::borrow::Cow<'_, [f32]>;
+}
+
+impl HostElement for f32 {
+    fn widen(x: &[f32]) -> std::borrow::Cow<'_, [f32]> {
+        std::borrow::Cow::Borrowed(x)
+    }
+}
+
+impl HostElement for half::f16 {
+    fn widen(x: &[half::f16]) -> std::borrow::Cow<'_, [f32]> {
+        std::borrow::Cow::Owned(x.iter().map(|e| e.to_f32()).collect())
+    }
+}
+
+impl HostElement for half::bf16 {
+    fn widen(x: &[half::bf16]) -> std::borrow::Cow<'_, [f32]> {
+        std::borrow::Cow::Owned(x.iter().map(|e| e.to_f32()).collect())
+    }
+}
+
+fn fast_f32(q: &[f32], k: &[f32], v: &[f32], dims: Dims, opts: &Attention) -> Result<FastOutput> {
     let spec = opts.validate(dims)?;
     if opts.additive.is_some() {
         return Err(Error::InvalidOption {

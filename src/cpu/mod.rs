@@ -9,6 +9,6 @@ mod fast;
 mod merge;
 mod reference;
 
-pub use fast::{FastOutput, fast};
+pub use fast::{FastOutput, HostElement, fast};
 pub use merge::merge;
 pub use reference::{Reference, reference};
