@@ -15,6 +15,9 @@ const MASK_WINDOW: u32 = 32u;
 // -inf in arithmetic; kernels track "allowed" explicitly, and write -inf only as bits.
 const NEG_BIG: f32 = -3.0e38;
 const NEG_INF_BITS: u32 = 0xff800000u;
+// Adjusted scores never go below this (a bias of f32::MIN, PyTorch's finfo.min mask, would
+// otherwise sink under NEG_BIG and empty the row); Spec and the CPU paths clamp the same way.
+const SCORE_FLOOR: f32 = -1.0e38;
 
 struct MaskParams {
     batch: u32,
@@ -84,7 +87,7 @@ fn adjust_score(s: f32, b: u32, h: u32, i: u32, j: u32) -> f32 {
         let st = mparams.bias_stride;
         x += bias[b * st.x + h * st.y + i * st.z + j * st.w];
     }
-    return x;
+    return max(x, SCORE_FLOOR);
 }
 
 fn mask_allows(b: u32, h: u32, i: u32, j: u32) -> bool {

@@ -53,6 +53,8 @@ fn main(
     if lid == 0u {
         atomicStore(&any_allowed, 0u);
     }
+    // Workgroup memory is not zeroed: nobody may set the flag before it is cleared.
+    workgroupBarrier();
     var local_max = NEG_BIG;
     var local_any = false;
     for (var j = start + lid; j < end; j += WG) {

@@ -26,7 +26,9 @@ mod spec;
 pub use error::{Error, Result};
 pub use gpu::{Gpu, GpuLimits, KvCache, LimitCaps, Output, Plan, Tensor};
 pub use mha::{MhaConfig, MhaOutput, MhaWeights, MultiHeadAttention};
-pub use spec::{Attention, Bias, BoolMask, Causal, DType, Dims, Layout, MAX_HEAD_DIM, Path, Spec};
+pub use spec::{
+    Attention, Bias, BoolMask, Causal, DType, Dims, Layout, MAX_HEAD_DIM, Path, SCORE_FLOOR, Spec,
+};
 
 /// The README's examples, compiled and run as doctests.
 #[cfg(doctest)]

@@ -6,6 +6,11 @@
 
 use crate::error::{Error, Result};
 
+/// Scores (after scale, softcap and bias) below this are raised to it, on every path: a bias of
+/// `f32::MIN` (PyTorch's `finfo.min` mask idiom) then gives a row of equal weights, as in exact
+/// arithmetic, instead of an empty or NaN row.
+pub const SCORE_FLOOR: f32 = -1.0e38;
+
 /// The largest `head_dim` and `v_head_dim` the kernels support.
 pub const MAX_HEAD_DIM: usize = 256;
 

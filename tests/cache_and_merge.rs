@@ -100,6 +100,20 @@ fn cache_filled_in_several_appends() {
         "{err:?}"
     );
     assert_eq!(cache.lens(), &[1053, 720]);
+    // Appending the cache's own buffers is an error, not a wgpu panic.
+    let mut empty = KvCache::new(gpu, batch, kv_heads, cap, d, dv).unwrap();
+    let (ek, ev) = (empty.k().clone(), empty.v().clone());
+    let err = empty.append_tensors(gpu, &ek, &ev, &[cap, cap]);
+    assert!(
+        matches!(
+            err,
+            Err(Error::InvalidOption {
+                what: "appended tensor",
+                ..
+            })
+        ),
+        "{err:?}"
+    );
     let err = cache.attend(
         gpu,
         &gpu.upload(&vec![0.5; 2 * 8 * d], [2, 8, 1, d]).unwrap(),

@@ -97,6 +97,31 @@ fn spilled_dispatch() {
     );
 }
 
+/// Half-precision O over many passes: the passes merge in f32 and O is rounded once, so the
+/// error stays at one rounding of the output.
+#[test]
+fn half_output_over_many_passes() {
+    use wgpu_attention::DType::{Bf16, F16};
+    let Some(gpu) = gpu() else { return };
+    let capped = gpu.with_caps(wgpu_attention::LimitCaps {
+        max_key_tiles_per_workgroup: Some(1),
+        ..Default::default()
+    });
+    let d = dims(1, 2, 1, 70, 900, 16, 8);
+    for types in [[Bf16; 4], [F16; 4]] {
+        common::check_dtypes(&capped, Path::Fused, d, &Attention::new(), 1810, 1.0, types);
+        common::check_dtypes(
+            &capped,
+            Path::Fused,
+            d,
+            &Attention::new().causal(Causal::BottomRight),
+            1811,
+            30.0,
+            types,
+        );
+    }
+}
+
 /// Capping the keys per dispatch runs the key range in passes merged by log-sum-exp, with
 /// and without a log-sum-exp output of the caller's.
 #[test]

@@ -134,6 +134,35 @@ fn spilled_and_chunked_under_a_small_workgroup_limit() {
     );
 }
 
+/// On a device that caps loop iterations (llvmpipe), a key range the three-pass kernels cannot
+/// finish in one invocation is a typed error, not silently dropped keys.
+#[test]
+fn too_many_keys_for_a_capped_device() {
+    let Some(gpu) = gpu() else { return };
+    let capped = gpu.with_caps(LimitCaps {
+        max_key_tiles_per_workgroup: Some(32),
+        ..Default::default()
+    });
+    let opts = Attention::new().path(Path::ThreePass);
+    let ok = opts.plan(&capped, dims(1, 1, 1, 1, 524_288, 4, 4));
+    assert!(ok.is_ok(), "{ok:?}");
+    let err = opts.plan(&capped, dims(1, 1, 1, 1, 524_289, 4, 4));
+    assert!(
+        matches!(
+            err,
+            Err(wgpu_attention::Error::TooLarge { max: 524_288, .. })
+        ),
+        "{err:?}"
+    );
+    // The fused path has no such limit.
+    assert!(
+        Attention::new()
+            .path(Path::Fused)
+            .plan(&capped, dims(1, 1, 1, 1, 524_289, 4, 4))
+            .is_ok()
+    );
+}
+
 /// Weights larger than one binding are still returned, copied chunk by chunk.
 #[test]
 fn weights_bigger_than_a_binding() {

@@ -548,7 +548,7 @@ impl<'a> Problem<'a> {
         if let Some((st, data)) = self.bias {
             let base = b * st[0] + h * st[1] + i * st[2];
             for (t, x) in s.iter_mut().enumerate() {
-                *x += data[base + (j + t) * st[3]];
+                *x = (*x + data[base + (j + t) * st[3]]).max(crate::spec::SCORE_FLOOR);
             }
         }
         if self.transform {

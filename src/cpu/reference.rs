@@ -129,6 +129,7 @@ where
                     if let Some((st, data)) = bias {
                         s += data[at(st, b, h, i, j)] as f64;
                     }
+                    let s = s.max(crate::spec::SCORE_FLOOR as f64);
                     scores[j] = s;
                     max = max.max(s);
                 }

@@ -183,6 +183,13 @@ impl KvCache {
                     expected: want[axis],
                 });
             }
+            if tensor.buffer() == self.k.buffer() || tensor.buffer() == self.v.buffer() {
+                return Err(Error::InvalidOption {
+                    what: "appended tensor",
+                    value: "the cache's own buffer".into(),
+                    why: "a buffer cannot be copied into itself; append from another tensor",
+                });
+            }
             if tensor.dtype() != self.dtype {
                 return Err(Error::InvalidOption {
                     what: "appended tensor dtype",
@@ -201,26 +208,23 @@ impl KvCache {
                 });
             }
         }
-        let mut encoder = gpu
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("wgpu-attention cache append"),
-            });
-        for (dst, src, dim) in [(&self.k, k, self.head_dim), (&self.v, v, self.v_head_dim)] {
-            for (b, &n) in new.iter().enumerate() {
-                for h in 0..self.kv_heads {
-                    if n == 0 {
-                        continue;
+        gpu.submit_with("cache append", |encoder| {
+            for (dst, src, dim) in [(&self.k, k, self.head_dim), (&self.v, v, self.v_head_dim)] {
+                for (b, &n) in new.iter().enumerate() {
+                    for h in 0..self.kv_heads {
+                        if n == 0 {
+                            continue;
+                        }
+                        let size = self.dtype.size();
+                        let from = (((b * self.kv_heads + h) * t) * dim * size) as u64;
+                        let to = self.row_offset(b, h, self.lens[b] as usize, dim);
+                        let size = (n * dim * size) as u64;
+                        encoder.copy_buffer_to_buffer(src.buffer(), from, dst.buffer(), to, size);
                     }
-                    let size = self.dtype.size();
-                    let from = (((b * self.kv_heads + h) * t) * dim * size) as u64;
-                    let to = self.row_offset(b, h, self.lens[b] as usize, dim);
-                    let size = (n * dim * size) as u64;
-                    encoder.copy_buffer_to_buffer(src.buffer(), from, dst.buffer(), to, size);
                 }
             }
-        }
-        gpu.queue.submit([encoder.finish()]);
+            Ok(())
+        })?;
         self.grow(new);
         Ok(())
     }

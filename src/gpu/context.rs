@@ -265,6 +265,7 @@ impl Gpu {
     ) -> Result<()> {
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+        let internal = self.device.push_error_scope(wgpu::ErrorFilter::Internal);
         let mut encoder = self
             .device
             .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(what) });
@@ -273,10 +274,11 @@ impl Gpu {
             self.resolve_timer(&mut encoder);
             self.queue.submit([encoder.finish()]);
         }
+        let internal = pollster::block_on(internal.pop());
         let oom = pollster::block_on(oom.pop());
         let validation = pollster::block_on(validation.pop());
         encoded?;
-        match validation.or(oom) {
+        match validation.or(oom).or(internal) {
             Some(err) => Err(Error::Gpu(format!("{what}: {err}"))),
             None => Ok(()),
         }

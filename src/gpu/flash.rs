@@ -1,10 +1,10 @@
 //! The fused path: flash attention in one kernel, O(N) memory.
 //!
-//! One workgroup per 64 query rows of a (batch, head) streams the keys its rows may see in
-//! tiles of 64 through workgroup memory, keeping a running row maximum and sum (online
-//! softmax) and the output in registers. Nothing of size `q_len * kv_len` exists anywhere: the
-//! plan allocates no scratch at all, which is what lets it run 65536 x 65536 problems or
-//! one query over 262144 keys. Key tiles that causal, window, `kv_lens` or `q_lens` masks
+//! One workgroup per 64 rows of a (batch, kv head) -- the (query head, query row) pairs of its
+//! GQA group -- streams the keys its rows may see in tiles of 64 through workgroup memory,
+//! keeping a running row maximum and sum (online softmax) and the output in registers.
+//! Nothing of size `q_len * kv_len` exists anywhere: at most a few floats per query row (see
+//! below), which is what lets it run 65536 x 65536 problems or one query over 262144 keys. Key tiles that causal, window, `kv_lens` or `q_lens` masks
 //! remove for every row of a workgroup are not visited, so causal attention costs half.
 //!
 //! The rows of a workgroup are the (query head, query row) pairs that share one kv head, so
@@ -19,7 +19,8 @@
 //! Where the device caps the keys one workgroup may stream in one dispatch
 //! ([`GpuLimits::max_key_tiles_per_workgroup`]: llvmpipe's loop limit), the fused path runs the
 //! key range in several dispatches of one submit, each merging its result into the O and
-//! log-sum-exp the previous one wrote: still no buffer beyond `batch * heads * q_len` floats.
+//! log-sum-exp the previous one wrote: still no buffer beyond `batch * heads * q_len` floats
+//! (plus an f32 copy of O when O is half precision, so it is rounded once, not per pass).
 //!
 //! The kernel is specialised on `ceil(v_head_dim / 64)` (`O_CHUNKS`, the output columns each
 //! invocation owns), which also fixes how many keys of V are staged at once.
@@ -203,6 +204,7 @@ pub(crate) fn encode_combine(
     encoder: &mut wgpu::CommandEncoder,
     params: &CombineParams,
     parts: &wgpu::Buffer,
+    part_lses: &wgpu::Buffer,
     parts_storage: Storage,
     o: &Tensor,
     lse: Option<&wgpu::Buffer>,
@@ -231,7 +233,7 @@ pub(crate) fn encode_combine(
         &[
             &uniform,
             parts,
-            parts,
+            part_lses,
             o.buffer(),
             lse.unwrap_or(&gpu.kernels.placeholder_out),
         ],
@@ -262,11 +264,21 @@ pub(crate) fn encode(
     let device = &gpu.device;
     io.check_bindings(limits)?;
     let masks = masking::upload(gpu, spec)?;
+    // Passes merge into the O the previous pass wrote. A half-precision O would be rounded
+    // once per pass (bf16 drifted to 7e-3 relative over 32 passes), so the passes run on an
+    // f32 copy and one last dispatch converts it.
+    let o_running = (plan.passes > 1 && io.o.dtype() != crate::DType::F32)
+        .then(|| gpu.empty(io.o.dims()))
+        .transpose()?;
+    let mut storage = io.storage(gpu);
+    if o_running.is_some() {
+        storage.o = Storage::F32;
+    }
     let kernel = gpu.kernels.get(
         device,
         KernelKey {
             kernel: Kernel::FlashAttention,
-            storage: io.storage(gpu),
+            storage,
             variant: plan.o_chunks,
         },
     )?;
@@ -333,7 +345,10 @@ pub(crate) fn encode(
     // With splits the kernel writes the partials, not O, whose binding is then a placeholder.
     let (o_binding, aux_binding) = match &parts {
         Some(parts) => (placeholder_out, parts),
-        None => (io.o.buffer(), lse_out.unwrap_or(placeholder_out)),
+        None => (
+            o_running.as_ref().unwrap_or(io.o).buffer(),
+            lse_out.unwrap_or(placeholder_out),
+        ),
     };
     let last_pass = pass_params.len() - 1;
     for (index, params) in pass_params.iter().enumerate() {
@@ -352,7 +367,7 @@ pub(crate) fn encode(
                 &masks.params,
             ],
         );
-        let last = index == last_pass && parts.is_none();
+        let last = index == last_pass && parts.is_none() && o_running.is_none();
         let mut pass = gpu.begin_pass(encoder, "wgpu-attention flash", index == 0, last);
         pass.set_pipeline(&kernel.pipeline);
         pass.set_bind_group(0, &bind, &[]);
@@ -388,9 +403,40 @@ pub(crate) fn encode(
             encoder,
             &combine,
             parts,
+            parts,
             Storage::F32,
             io.o,
             io.lse.map(|t| t.buffer()),
+            true,
+        )?;
+    }
+    if let (Some(running), Some(lse)) = (&o_running, lse_out) {
+        // One "split": the combine kernel copies the f32 rows into O's dtype (zeros where the
+        // log-sum-exp says the row had no key).
+        let [sb, sh, ss] = strides(d.heads, d.q_len, d.v_head_dim);
+        let convert = CombineParams {
+            splits: 1,
+            rows: rows as u32,
+            heads: d.heads as u32,
+            q_len: d.q_len as u32,
+            v_head_dim: d.v_head_dim as u32,
+            write_lse: 0,
+            lse_offset: 0,
+            _pad0: 0,
+            part_stride: [0, sb, sh, ss],
+            part_lse_stride: [0, (d.heads * d.q_len) as u32, d.q_len as u32, 1],
+            o_strides: [sb, sh, ss],
+            _pad1: 0,
+        };
+        encode_combine(
+            gpu,
+            encoder,
+            &convert,
+            running.buffer(),
+            lse,
+            Storage::F32,
+            io.o,
+            None,
             true,
         )?;
     }

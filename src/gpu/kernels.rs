@@ -518,6 +518,9 @@ fn compile(device: &wgpu::Device, key: KernelKey) -> Result<Compiled> {
     let label = key.label();
     log::debug!("wgpu-attention: compiling {label}");
     let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    // A backend compiler (Metal's, DXC, a Vulkan driver) rejecting the translated shader is an
+    // internal error, not a validation one.
+    let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
     // naga's loop bounding adds a counter to every loop so that an infinite loop cannot be
     // undefined behaviour. It also hides every loop's trip count from the driver, so no loop is
     // unrolled: that costs speed everywhere, and on llvmpipe it breaks results, because
@@ -584,7 +587,8 @@ fn compile(device: &wgpu::Device, key: KernelKey) -> Result<Compiled> {
         },
         cache: None,
     });
-    if let Some(err) = pollster::block_on(scope.pop()) {
+    let internal = pollster::block_on(internal.pop());
+    if let Some(err) = pollster::block_on(scope.pop()).or(internal) {
         return Err(Error::Gpu(format!("compiling {label}: {err}")));
     }
     Ok(Compiled {

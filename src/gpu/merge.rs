@@ -102,53 +102,49 @@ pub fn merge(gpu: &Gpu, a: Partial<'_>, b: Partial<'_>, layout: Layout) -> Resul
         usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
         mapped_at_creation: false,
     });
-    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let mut encoder = device.create_command_encoder(&wgpu::CommandEncoderDescriptor {
-        label: Some("wgpu-attention merge"),
-    });
-    // [o_a | o_b | lse_a | lse_b]: the combine kernel reads them as two splits.
-    encoder.copy_buffer_to_buffer(a.o.buffer(), 0, &stacked, 0, o_bytes);
-    encoder.copy_buffer_to_buffer(b.o.buffer(), 0, &stacked, o_bytes, o_bytes);
-    encoder.copy_buffer_to_buffer(a.lse.buffer(), 0, &stacked, 2 * o_bytes, lse_bytes);
-    encoder.copy_buffer_to_buffer(
-        b.lse.buffer(),
-        0,
-        &stacked,
-        2 * o_bytes + lse_bytes,
-        lse_bytes,
-    );
-    let [sb, sh, ss] = layout.strides(heads, q_len, v_head_dim).map(|x| x as u32);
-    // Elements from one partial's start to the next (its bytes are padded to whole words).
-    let o_elems = (o_bytes / a.o.dtype().size() as u64) as u32;
-    let lse_offset = (2 * o_bytes / 4) as u32;
-    let params = CombineParams {
-        splits: 2,
-        rows,
-        heads: heads as u32,
-        q_len: q_len as u32,
-        v_head_dim: v_head_dim as u32,
-        write_lse: 1,
-        lse_offset,
-        _pad0: 0,
-        part_stride: [o_elems, sb, sh, ss],
-        part_lse_stride: [rows, (heads * q_len) as u32, q_len as u32, 1],
-        o_strides: [sb, sh, ss],
-        _pad1: 0,
-    };
-    encode_combine(
-        gpu,
-        &mut encoder,
-        &params,
-        &stacked,
-        gpu.storage(a.o.dtype()),
-        &out.o,
-        out.lse.as_ref().map(|t| t.buffer()),
-        false,
-    )?;
-    gpu.queue.submit([encoder.finish()]);
-    if let Some(err) = pollster::block_on(scope.pop()) {
-        return Err(Error::Gpu(format!("merge: {err}")));
-    }
+    gpu.submit_with("merge", |encoder| {
+        // [o_a | o_b | lse_a | lse_b]: the combine kernel reads them as two splits.
+        encoder.copy_buffer_to_buffer(a.o.buffer(), 0, &stacked, 0, o_bytes);
+        encoder.copy_buffer_to_buffer(b.o.buffer(), 0, &stacked, o_bytes, o_bytes);
+        encoder.copy_buffer_to_buffer(a.lse.buffer(), 0, &stacked, 2 * o_bytes, lse_bytes);
+        encoder.copy_buffer_to_buffer(
+            b.lse.buffer(),
+            0,
+            &stacked,
+            2 * o_bytes + lse_bytes,
+            lse_bytes,
+        );
+        let [sb, sh, ss] = layout.strides(heads, q_len, v_head_dim).map(|x| x as u32);
+        // Elements from one partial's start to the next (its bytes are padded to whole words).
+        let o_elems = (o_bytes / a.o.dtype().size() as u64) as u32;
+        let lse_offset = (2 * o_bytes / 4) as u32;
+        let params = CombineParams {
+            splits: 2,
+            rows,
+            heads: heads as u32,
+            q_len: q_len as u32,
+            v_head_dim: v_head_dim as u32,
+            write_lse: 1,
+            lse_offset,
+            _pad0: 0,
+            part_stride: [o_elems, sb, sh, ss],
+            part_lse_stride: [rows, (heads * q_len) as u32, q_len as u32, 1],
+            o_strides: [sb, sh, ss],
+            _pad1: 0,
+        };
+        encode_combine(
+            gpu,
+            encoder,
+            &params,
+            &stacked,
+            &stacked,
+            gpu.storage(a.o.dtype()),
+            &out.o,
+            out.lse.as_ref().map(|t| t.buffer()),
+            false,
+        )?;
+        Ok(())
+    })?;
     Ok(out)
 }
 

@@ -22,6 +22,11 @@ use crate::spec::Spec;
 /// Rows and columns of one tile of the product kernels.
 const TILE: u64 = 64;
 
+/// The longest key range on a device that caps loop iterations per invocation (llvmpipe,
+/// see [`GpuLimits::max_key_tiles_per_workgroup`]): `pv_product` loops `kv_len / 16` times
+/// plus a fold every 16 slices, and llvmpipe stops an invocation after 65535 iterations.
+const CAPPED_DEVICE_MAX_KV_LEN: u64 = 524_288;
+
 /// One slice of the problem that runs with one scratch buffer: query rows
 /// `row_start..row_start + rows` of (batch * head) entries `bh_start..bh_start + bh_count`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,6 +81,15 @@ impl ThreePassPlan {
         let (q_len, kv_len) = (d.q_len as u64, d.kv_len as u64);
         let max_elems = limits.max_storage_binding / 4;
         let max_groups = max_groups(limits);
+        if limits.max_key_tiles_per_workgroup != u32::MAX && kv_len > CAPPED_DEVICE_MAX_KV_LEN {
+            return Err(too_large(
+                "kv_len on the three-pass path",
+                kv_len,
+                CAPPED_DEVICE_MAX_KV_LEN,
+                " keys on a device that caps loop iterations (a CPU adapter); the fused path \
+                 (Path::Fused) has no such limit",
+            ));
+        }
         if kv_len > max_elems {
             return Err(too_large(
                 "one row of scores",

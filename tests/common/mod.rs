@@ -518,6 +518,27 @@ macro_rules! path_grid_tests {
             assert_eq!(want.lse[0], f32::NEG_INFINITY);
         }
 
+        /// A bias of f32::MIN (PyTorch's finfo.min mask) on whole rows and on some keys: the
+        /// scores sit at the floor, the row is uniform there, never empty and never NaN.
+        #[test]
+        fn bias_of_f32_min() {
+            let Some(gpu) = gpu() else { return };
+            let d = dims(1, 2, 2, 5, 9, 8, 8);
+            let mut bias = vec![0.0f32; 5 * 9];
+            bias[..9].fill(f32::MIN); // row 0: every key
+            for j in [1, 4, 7] {
+                bias[2 * 9 + j] = f32::MIN; // row 2: some keys
+            }
+            check(
+                gpu,
+                $path,
+                d,
+                &Attention::new().bias([1, 1, 5, 9], bias),
+                1455,
+                1.0,
+            );
+        }
+
         /// 40000 keys with equal scores: the worst case for f32 summation (every weight is the
         /// same, so rounding errors do not cancel), and more loop iterations than llvmpipe's
         /// per-invocation limit would allow a kernel that streamed them in one loop.
