@@ -1,4 +1,6 @@
-// Scaled scores S = scale * Q K^T for one chunk of (batch * head, query rows).
+// Scores of one chunk of (batch * head, query rows): S = scale * Q K^T, or with ADDITIVE the
+// additive (Bahdanau) scores S[i, j] = sum_d w[d] * tanh(Q[i, d] + K[j, d]) (Keras'
+// AdditiveAttention convention; the host passes scale 1 for them).
 // One workgroup: a 64 x 64 tile of S of one (batch, head), over head_dim in steps of 16.
 // One invocation: a 4 x 4 block of that tile, accumulated in registers.
 // Q and K are read through load_q / load_k, which the host's dtype prelude defines.
@@ -30,6 +32,11 @@ struct Params {
 // @binding(1): Q and @binding(2): K, declared by the prelude.
 // Scores of the chunk: [bh_count, rows, kv_len].
 @group(0) @binding(3) var<storage, read_write> scores: array<f32>;
+// The additive weight vector, [head_dim] (a placeholder for dot-product scores).
+@group(0) @binding(4) var<storage, read> w: array<f32>;
+
+// A pipeline constant: the branch it selects is resolved when the pipeline is built.
+override ADDITIVE: bool = false;
 
 const TILE: u32 = 64u;
 const BK: u32 = 16u;
@@ -37,6 +44,13 @@ const BK: u32 = 16u;
 // [k][m / 4]: one vec4 holds four consecutive rows of one column of the tile.
 var<workgroup> q_tile: array<array<vec4<f32>, 16>, BK>;
 var<workgroup> k_tile: array<array<vec4<f32>, 16>, BK>;
+// ADDITIVE: the 16 weights of the current slice; 0 past head_dim, so padded dims add nothing.
+var<workgroup> w_tile: array<f32, BK>;
+
+// Clamped: tanh(10) is 1 in f32, and some drivers overflow inside tanh for large inputs.
+fn tanh4(x: vec4<f32>) -> vec4<f32> {
+    return tanh(clamp(x, vec4<f32>(-10.0), vec4<f32>(10.0)));
+}
 
 @compute @workgroup_size(16, 16)
 fn main(
@@ -84,10 +98,25 @@ fn main(
         }
         q_tile[kk][mq] = qv;
         k_tile[kk][mq] = kv;
+        if ADDITIVE && li < BK {
+            var wv = 0.0;
+            if k0 + li < params.head_dim {
+                wv = w[k0 + li];
+            }
+            w_tile[li] = wv;
+        }
         workgroupBarrier();
         for (var kk = 0u; kk < BK; kk++) {
             let a = q_tile[kk][lid.y];
             let bv = k_tile[kk][lid.x];
+            if ADDITIVE {
+                let wd = w_tile[kk];
+                acc[0] += wd * tanh4(a.x + bv);
+                acc[1] += wd * tanh4(a.y + bv);
+                acc[2] += wd * tanh4(a.z + bv);
+                acc[3] += wd * tanh4(a.w + bv);
+                continue;
+            }
             acc[0] += a.x * bv;
             acc[1] += a.y * bv;
             acc[2] += a.z * bv;

@@ -19,10 +19,8 @@ use crate::error::{Error, Result};
 use crate::gpu::context::GpuLimits;
 use crate::spec::DType;
 
-/// WGSL source of the tiled `QK^T` kernel.
+/// WGSL source of the tiled `QK^T` kernel (and of additive scores, by a pipeline constant).
 pub const QK_SCORES: &str = include_str!("../../shaders/qk_scores.wgsl");
-/// WGSL source of the tiled additive (Bahdanau) scores kernel.
-pub const ADDITIVE_SCORES: &str = include_str!("../../shaders/additive_scores.wgsl");
 /// WGSL source of the masked row-softmax kernel.
 pub const MASKED_SOFTMAX: &str = include_str!("../../shaders/masked_softmax.wgsl");
 /// WGSL source of the tiled `P V` kernel.
@@ -41,8 +39,6 @@ pub const ATTENTION_MASK: &str = include_str!("../../shaders/attention_mask.wgsl
 pub enum Kernel {
     /// `S = scale * Q K^T`, tiled (three-pass path, pass 1).
     QkScores,
-    /// `S = sum_d w_d tanh(q_d + k_d)`, tiled (three-pass path, pass 1 with additive scores).
-    AdditiveScores,
     /// Masked softmax of S in place, with log-sum-exp (three-pass path, pass 2).
     MaskedSoftmax,
     /// `O = P V`, tiled (three-pass path, pass 3).
@@ -76,9 +72,8 @@ const fn tensor(name: &'static str, read_only: bool) -> Slot {
 
 impl Kernel {
     /// All kernels, for tests that compile every one.
-    pub const ALL: [Kernel; 7] = [
+    pub const ALL: [Kernel; 6] = [
         Kernel::QkScores,
-        Kernel::AdditiveScores,
         Kernel::MaskedSoftmax,
         Kernel::PvProduct,
         Kernel::FlashAttention,
@@ -89,7 +84,6 @@ impl Kernel {
     fn source(self) -> &'static str {
         match self {
             Kernel::QkScores => QK_SCORES,
-            Kernel::AdditiveScores => ADDITIVE_SCORES,
             Kernel::MaskedSoftmax => MASKED_SOFTMAX,
             Kernel::PvProduct => PV_PRODUCT,
             Kernel::FlashAttention => FLASH_ATTENTION,
@@ -108,11 +102,9 @@ impl Kernel {
         match self {
             Kernel::MaskedSoftmax => &[64, 128, 256],
             Kernel::FlashAttention => &[1, 2, 3, 4],
-            Kernel::QkScores
-            | Kernel::AdditiveScores
-            | Kernel::PvProduct
-            | Kernel::CombineSplits
-            | Kernel::Matmul => &[0],
+            // 1: additive scores.
+            Kernel::QkScores => &[0, 1],
+            Kernel::PvProduct | Kernel::CombineSplits | Kernel::Matmul => &[0],
         }
     }
 
@@ -122,10 +114,6 @@ impl Kernel {
         const WRITE: Slot = Slot::Storage { read_only: false };
         match self {
             Kernel::QkScores => {
-                const S: &[Slot] = &[Slot::Uniform, tensor("q", true), tensor("k", true), WRITE];
-                S
-            }
-            Kernel::AdditiveScores => {
                 const S: &[Slot] = &[
                     Slot::Uniform,
                     tensor("q", true),
@@ -184,7 +172,6 @@ impl Kernel {
     pub fn name(self) -> &'static str {
         match self {
             Kernel::QkScores => "qk_scores",
-            Kernel::AdditiveScores => "additive_scores",
             Kernel::MaskedSoftmax => "masked_softmax",
             Kernel::PvProduct => "pv_product",
             Kernel::FlashAttention => "flash_attention",
@@ -322,11 +309,8 @@ impl KernelKey {
                 };
                 vec![("O_CHUNKS", self.variant as f64), ("BKV", bkv as f64)]
             }
-            Kernel::QkScores
-            | Kernel::AdditiveScores
-            | Kernel::PvProduct
-            | Kernel::CombineSplits
-            | Kernel::Matmul => Vec::new(),
+            Kernel::QkScores => vec![("ADDITIVE", self.variant as f64)],
+            Kernel::PvProduct | Kernel::CombineSplits | Kernel::Matmul => Vec::new(),
         }
     }
 

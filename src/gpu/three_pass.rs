@@ -289,8 +289,8 @@ pub(crate) fn encode(
         storage,
         variant,
     };
-    // Additive (Bahdanau) scores replace QK^T in pass 1: same params and dispatch, plus the
-    // weight vector at binding 4.
+    // Additive (Bahdanau) scores replace QK^T in pass 1: the same kernel specialised by a
+    // pipeline constant, with the weight vector at binding 4 and no scale.
     let additive = opts.additive.as_ref().map(|w| {
         device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
             label: Some("wgpu-attention additive weights"),
@@ -298,12 +298,10 @@ pub(crate) fn encode(
             usage: wgpu::BufferUsages::STORAGE,
         })
     });
-    let scores_kernel = if additive.is_some() {
-        Kernel::AdditiveScores
-    } else {
-        Kernel::QkScores
-    };
-    let qk = gpu.kernels.get(device, key(scores_kernel, 0))?;
+    let qk = gpu
+        .kernels
+        .get(device, key(Kernel::QkScores, additive.is_some() as u32))?;
+    let score_scale = if additive.is_some() { 1.0 } else { spec.scale };
     let softmax = gpu.kernels.get(
         device,
         key(Kernel::MaskedSoftmax, gpu.kernels.row_workgroup),
@@ -343,7 +341,7 @@ pub(crate) fn encode(
             tiles_j,
             q_strides,
             k_strides,
-            scale: spec.scale,
+            scale: score_scale,
             _pad: [0; 3],
         }));
         let sm_params = uniform(bytemuck::bytes_of(&SoftmaxParams {
@@ -369,13 +367,11 @@ pub(crate) fn encode(
             v_strides,
             o_strides,
         }));
-        let qk_bind = match &additive {
-            Some(w) => qk.bind(
-                device,
-                &[&qk_params, io.q.buffer(), io.k.buffer(), scores, w],
-            ),
-            None => qk.bind(device, &[&qk_params, io.q.buffer(), io.k.buffer(), scores]),
-        };
+        let w = additive.as_ref().unwrap_or(&gpu.kernels.placeholder);
+        let qk_bind = qk.bind(
+            device,
+            &[&qk_params, io.q.buffer(), io.k.buffer(), scores, w],
+        );
         let sm_bind = softmax.bind(
             device,
             &[
