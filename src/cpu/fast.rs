@@ -213,7 +213,7 @@ fn fast_f32(q: &[f32], k: &[f32], v: &[f32], dims: Dims, opts: &Attention) -> Re
                 h: bh % heads,
                 i0,
             };
-            problem.run_block(task, o_blk, lse_blk, scratch);
+            problem.run_block_dispatch(task, o_blk, lse_blk, scratch);
         },
     );
     if layout == Layout::Bshd {
@@ -364,8 +364,39 @@ impl<'a> Problem<'a> {
         }
     }
 
+    /// [`Problem::run_block`] compiled for the best vector extension the CPU has: the default
+    /// x86-64 target only guarantees SSE2, so the AVX2 copy is chosen at run time.
+    /// `WGPU_ATTENTION_CPU_BASELINE=1` forces the baseline copy (CI tests both).
+    fn run_block_dispatch(&self, task: Task, o: &mut [f32], lse: &mut [f32], s: &mut Scratch) {
+        static BASELINE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let baseline = *BASELINE
+            .get_or_init(|| std::env::var("WGPU_ATTENTION_CPU_BASELINE").is_ok_and(|v| v != "0"));
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = baseline;
+        #[cfg(target_arch = "x86_64")]
+        if !baseline && std::arch::is_x86_feature_detected!("avx2") {
+            #[allow(unsafe_code)]
+            // SAFETY: the CPU has AVX2, checked just above; that is the only requirement of
+            // `run_block_avx2` beyond those of `run_block`, which is safe.
+            unsafe {
+                self.run_block_avx2(task, o, lse, s)
+            };
+            return;
+        }
+        self.run_block(task, o, lse, s);
+    }
+
+    /// `run_block`, inlined into a function LLVM may compile with AVX2: the panels of `NR`
+    /// floats then take one 256-bit register per row of the micro-kernel.
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn run_block_avx2(&self, task: Task, o: &mut [f32], lse: &mut [f32], s: &mut Scratch) {
+        self.run_block(task, o, lse, s);
+    }
+
     /// Computes the task's rows, as many as `lse` holds: `o` receives those rows of O,
     /// `v_head_dim` wide, and `lse` their log-sum-exp.
+    #[inline(always)]
     fn run_block(&self, task: Task, o: &mut [f32], lse: &mut [f32], s: &mut Scratch) {
         let dims = self.spec.dims;
         let (d, dv, np) = (dims.head_dim, dims.v_head_dim, self.v_panels);
@@ -448,6 +479,7 @@ impl<'a> Problem<'a> {
     }
 
     /// One strip of `MR` query rows against the keys `kv.j0..kv.j1`.
+    #[inline(always)]
     fn strip(&self, task: Task, st: usize, kv: &KvBlock<'_>, s: &mut Scratch) {
         let Task { b, h, i0 } = task;
         let dims = self.spec.dims;
@@ -539,6 +571,7 @@ impl<'a> Problem<'a> {
 
     /// Softcap and bias in natural units, then to base 2, and the boolean mask as `-inf`, for
     /// keys `j..j + s.len()` of row `i`.
+    #[inline(always)]
     fn transform_row(&self, b: usize, h: usize, i: usize, j: usize, s: &mut [f32]) {
         if let Some(cap) = self.softcap {
             for x in s.iter_mut() {
