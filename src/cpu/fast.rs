@@ -40,15 +40,17 @@
 //!
 //! | GFLOP/s | full | causal |
 //! | --- | --- | --- |
-//! | `fast`, default target (x86-64 baseline: SSE2, 4 lanes) | 49-55 | 48-50 |
+//! | `fast`, default target, AVX2 copy chosen at run time (BENCHMARKS.md) | 78-88 | 64-78 |
+//! | `fast`, default target forced to its SSE2 copy (`WGPU_ATTENTION_CPU_BASELINE=1`) | 49-55 | 48-50 |
 //! | `fast`, `RUSTFLAGS="-C target-cpu=native"` (AVX2 and FMA, 8 lanes) | 100-110 | 87-98 |
 //! | [`reference`](super::reference()) (f64, one thread) | 2.6 | 2.4 |
 //! | `jax.nn.dot_product_attention` 0.10.2 | 26-31 | 16-19 |
 //!
 //! With SSE2 the micro-kernel alone peaks at about 35 GFLOP/s per core on that machine (two
 //! 4-lane multiplies and two adds per cycle), so about 80% of the time is in the kernel and the
-//! rest in the softmax, the splats and the packing. Build with `-C target-cpu=native` where
-//! speed matters: the same code then runs on 8 lanes, with FMA where the CPU has it.
+//! rest in the softmax, the splats and the packing. On x86-64 the block kernel is compiled a
+//! second time with AVX2 enabled and picked at run time, so a default build gets most of the
+//! wide-vector speed; `-C target-cpu=native` adds FMA and 8-lane splats.
 //!
 //! # Differences from [`reference`](super::reference())
 //!
@@ -123,8 +125,8 @@ fn check_len(what: &'static str, data: &[f32], dims: [usize; 4]) -> Result<()> {
 /// Results agree with the reference to about `1e-6` relative; scores that overflow f32 are
 /// saturated, so finite input never gives NaN.
 ///
-/// It is built for the target the crate is compiled for: with the default x86-64 target it
-/// uses SSE2; `RUSTFLAGS="-C target-cpu=native"` lets it use AVX2 and FMA, about twice as fast.
+/// On x86-64 it runs an AVX2 copy of its block kernel where the CPU has AVX2 (chosen at run
+/// time), else the SSE2 one; `RUSTFLAGS="-C target-cpu=native"` adds FMA.
 ///
 /// ```
 /// use wgpu_attention::{Attention, Causal, Dims, cpu};
