@@ -149,6 +149,10 @@ fn main(
     let tiles = workgroupUniformLoad(&tile_bounds);
 
     let o_stride = 16u * O_CHUNKS;
+    // Whether any of this invocation's rows is real. A tile of 64 rows serving a GQA group of
+    // a few queries (decoding) is mostly padding: those invocations skip the products (no
+    // barrier inside them), so whole warps idle instead of computing rows nobody reads.
+    let rows_live = r0 + ty * 4u < params.packed_rows;
     var m_run = vec4<f32>(NEG_BIG);
     var l_run = vec4<f32>(0.0);
     var acc: array<vec4<f32>, 16>;
@@ -176,13 +180,15 @@ fn main(
             stage[kk * 16u + mq] = qv;
             stage[256u + kk * 16u + mq] = kv;
             workgroupBarrier();
-            for (var k = 0u; k < BK; k++) {
-                let a = stage[k * 16u + ty];
-                let bv = stage[256u + k * 16u + tx];
-                s[0] += a.x * bv;
-                s[1] += a.y * bv;
-                s[2] += a.z * bv;
-                s[3] += a.w * bv;
+            if rows_live {
+                for (var k = 0u; k < BK; k++) {
+                    let a = stage[k * 16u + ty];
+                    let bv = stage[256u + k * 16u + tx];
+                    s[0] += a.x * bv;
+                    s[1] += a.y * bv;
+                    s[2] += a.z * bv;
+                    s[3] += a.w * bv;
+                }
             }
             workgroupBarrier();
         }
@@ -253,14 +259,16 @@ fn main(
                 stage[idx] = vv;
             }
             workgroupBarrier();
-            for (var k = 0u; k < BKV; k++) {
-                let a = p_tile[kv0 + k][ty];
-                for (var c = 0u; c < O_CHUNKS; c++) {
-                    let bv = stage[k * o_stride + tx + 16u * c];
-                    acc[c] += a.x * bv;
-                    acc[4u + c] += a.y * bv;
-                    acc[8u + c] += a.z * bv;
-                    acc[12u + c] += a.w * bv;
+            if rows_live {
+                for (var k = 0u; k < BKV; k++) {
+                    let a = p_tile[kv0 + k][ty];
+                    for (var c = 0u; c < O_CHUNKS; c++) {
+                        let bv = stage[k * o_stride + tx + 16u * c];
+                        acc[c] += a.x * bv;
+                        acc[4u + c] += a.y * bv;
+                        acc[8u + c] += a.z * bv;
+                        acc[12u + c] += a.w * bv;
+                    }
                 }
             }
         }
