@@ -431,3 +431,22 @@ fn merge_of_half_precision_partials() {
         );
     }
 }
+
+/// Half-precision tensors round-trip bit for bit through upload and download.
+#[test]
+fn half_precision_round_trip() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = rng(2400);
+    // An odd count: the last word is half padding.
+    let x = random(&mut r, 3 * 5 * 7, 100.0);
+    let h: Vec<half::f16> = x.iter().map(|&v| half::f16::from_f32(v)).collect();
+    let b: Vec<half::bf16> = x.iter().map(|&v| half::bf16::from_f32(v)).collect();
+    let th = gpu.upload_f16(&h, [1, 3, 5, 7]).unwrap();
+    let tb = gpu.upload_bf16(&b, [1, 3, 5, 7]).unwrap();
+    assert_eq!(th.download_f16(gpu).unwrap(), h);
+    assert_eq!(tb.download_bf16(gpu).unwrap(), b);
+    assert!(matches!(
+        th.download_bf16(gpu),
+        Err(Error::InvalidOption { .. })
+    ));
+}

@@ -229,6 +229,37 @@ impl Tensor {
         Ok(())
     }
 
+    /// Copies an f16 tensor back to the host as `half::f16`, bit for bit.
+    pub fn download_f16(&self, gpu: &Gpu) -> Result<Vec<half::f16>> {
+        self.expect_dtype(DType::F16)?;
+        Ok(self
+            .download(gpu)?
+            .into_iter()
+            .map(half::f16::from_f32)
+            .collect())
+    }
+
+    /// Copies a bf16 tensor back to the host as `half::bf16`, bit for bit.
+    pub fn download_bf16(&self, gpu: &Gpu) -> Result<Vec<half::bf16>> {
+        self.expect_dtype(DType::Bf16)?;
+        Ok(self
+            .download(gpu)?
+            .into_iter()
+            .map(half::bf16::from_f32)
+            .collect())
+    }
+
+    fn expect_dtype(&self, dtype: DType) -> Result<()> {
+        if self.dtype != dtype {
+            return Err(Error::InvalidOption {
+                what: "download dtype",
+                value: format!("{dtype:?} from a {:?} tensor", self.dtype),
+                why: "download() converts any dtype to f32",
+            });
+        }
+        Ok(())
+    }
+
     /// Copies the tensor back to the host as f32 (exact for every dtype), waiting for all work
     /// submitted before.
     pub fn download(&self, gpu: &Gpu) -> Result<Vec<f32>> {
