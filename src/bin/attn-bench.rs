@@ -474,75 +474,67 @@ fn time_gpu(
     Ok((ms, timing, o, plan.reason()))
 }
 
+/// One row as named fields, the single source of the JSON and CSV outputs: `Ok` holds a number
+/// (written bare), `Err` a string (quoted).
+fn record(args: &Args, device: &str, r: &Row) -> Vec<(&'static str, Result<String, String>)> {
+    let d = r.dims;
+    let num = |x: String| Ok::<String, String>(x);
+    vec![
+        ("path", Err(r.label())),
+        ("device", Err(device.to_string())),
+        ("batch", num(d.batch.to_string())),
+        ("heads", num(d.heads.to_string())),
+        ("kv_heads", num(d.kv_heads.to_string())),
+        ("q_len", num(d.q_len.to_string())),
+        ("kv_len", num(d.kv_len.to_string())),
+        ("head_dim", num(d.head_dim.to_string())),
+        ("causal", num(r.causal.to_string())),
+        ("median_ms", num(format!("{:.4}", r.median_ms))),
+        ("min_ms", num(format!("{:.4}", r.min_ms))),
+        ("max_ms", num(format!("{:.4}", r.max_ms))),
+        ("gflops", num(format!("{:.2}", r.gflops))),
+        ("gbps", num(format!("{:.2}", r.gbps))),
+        (
+            "peak_fraction",
+            num(args
+                .peak_gflops
+                .map_or("null".into(), |p| format!("{:.3}", r.gflops / p))),
+        ),
+        ("max_abs_err", num(format!("{:.3e}", r.max_abs_err))),
+        ("rel_err", num(format!("{:.3e}", r.rel_err))),
+        ("timing", Err(r.timing.to_string())),
+        ("checked_on", Err(r.checked_on.clone())),
+        ("note", Err(r.note.clone())),
+    ]
+}
+
 fn print_rows(args: &Args, device: &str, rows: &[Row]) {
-    let fields = |r: &Row| {
-        let d = r.dims;
-        let peak = args
-            .peak_gflops
-            .map_or(String::new(), |p| format!("{:.3}", r.gflops / p));
-        (d, peak)
-    };
-    if args.json {
-        for r in rows {
-            let (d, peak) = fields(r);
-            println!(
-                "{{\"path\": \"{}\", \"device\": {:?}, \"batch\": {}, \"heads\": {}, \"kv_heads\": {}, \"q_len\": {}, \"kv_len\": {}, \"head_dim\": {}, \"causal\": {}, \"median_ms\": {:.4}, \"min_ms\": {:.4}, \"max_ms\": {:.4}, \"gflops\": {:.2}, \"gbps\": {:.2}, \"peak_fraction\": {}, \"max_abs_err\": {:.3e}, \"rel_err\": {:.3e}, \"timing\": \"{}\", \"checked_on\": \"{}\", \"note\": {:?}}}",
-                r.label(),
-                device,
-                d.batch,
-                d.heads,
-                d.kv_heads,
-                d.q_len,
-                d.kv_len,
-                d.head_dim,
-                r.causal,
-                r.median_ms,
-                r.min_ms,
-                r.max_ms,
-                r.gflops,
-                r.gbps,
-                if peak.is_empty() {
-                    "null".to_string()
-                } else {
-                    peak
-                },
-                r.max_abs_err,
-                r.rel_err,
-                r.timing,
-                r.checked_on,
-                r.note
-            );
-        }
-        return;
-    }
-    if args.csv {
-        println!(
-            "path,device,batch,heads,kv_heads,q_len,kv_len,head_dim,causal,median_ms,min_ms,max_ms,gflops,gbps,peak_fraction,max_abs_err,rel_err,timing,checked_on"
-        );
-        for r in rows {
-            let (d, peak) = fields(r);
-            println!(
-                "{},\"{}\",{},{},{},{},{},{},{},{:.4},{:.4},{:.4},{:.2},{:.2},{},{:.3e},{:.3e},{},{}",
-                r.label(),
-                device,
-                d.batch,
-                d.heads,
-                d.kv_heads,
-                d.q_len,
-                d.kv_len,
-                d.head_dim,
-                r.causal,
-                r.median_ms,
-                r.min_ms,
-                r.max_ms,
-                r.gflops,
-                r.gbps,
-                peak,
-                r.max_abs_err,
-                r.rel_err,
-                r.timing,
-                r.checked_on
-            );
+    if args.json || args.csv {
+        for (n, r) in rows.iter().enumerate() {
+            let fields = record(args, device, r);
+            if args.json {
+                let body: Vec<String> = fields
+                    .iter()
+                    .map(|(k, v)| match v {
+                        Ok(x) => format!("\"{k}\": {x}"),
+                        Err(text) => format!("\"{k}\": {text:?}"),
+                    })
+                    .collect();
+                println!("{{{}}}", body.join(", "));
+                continue;
+            }
+            if n == 0 {
+                let keys: Vec<&str> = fields.iter().map(|(k, _)| *k).collect();
+                println!("{}", keys.join(","));
+            }
+            let values: Vec<String> = fields
+                .iter()
+                .map(|(_, v)| match v {
+                    Ok(x) => x.clone(),
+                    Err(text) => format!("{:?}", text),
+                })
+                .collect();
+            println!("{}", values.join(","));
         }
         return;
     }
@@ -561,7 +553,7 @@ fn print_rows(args: &Args, device: &str, rows: &[Row]) {
     );
     println!("{header}");
     for r in rows {
-        let (d, peak) = fields(r);
+        let d = r.dims;
         let mut line = format!(
             "{:<22} {:>5} {:>6} {:>6} {:>11.3} {:>11.3} {:>11.3} {:>9.2} {:>8.2}",
             r.label(),
@@ -574,8 +566,8 @@ fn print_rows(args: &Args, device: &str, rows: &[Row]) {
             r.gflops,
             r.gbps
         );
-        if args.peak_gflops.is_some() {
-            let _ = write!(line, " {peak:>8}");
+        if let Some(peak) = args.peak_gflops {
+            let _ = write!(line, " {:>8.3}", r.gflops / peak);
         }
         let _ = write!(
             line,
