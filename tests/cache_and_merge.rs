@@ -4,7 +4,7 @@
 mod common;
 
 use common::{O_ATOL, O_RTOL, assert_close, dims, gpu, random, rng};
-use wgpu_attention::gpu::{Partial, merge};
+use wgpu_attention::gpu::merge;
 use wgpu_attention::{Attention, Causal, Dims, Error, KvCache, Layout, Path, cpu};
 
 /// Decoding: a prompt, then single tokens, then a ragged chunk, with two sequences of
@@ -188,14 +188,8 @@ fn merge_of_disjoint_key_sets() {
         }
         let merged = merge(
             gpu,
-            Partial {
-                o: &parts[0].o,
-                lse: parts[0].lse.as_ref().unwrap(),
-            },
-            Partial {
-                o: &parts[1].o,
-                lse: parts[1].lse.as_ref().unwrap(),
-            },
+            parts[0].as_partial().unwrap(),
+            parts[1].as_partial().unwrap(),
             layout,
         )
         .unwrap();
@@ -262,14 +256,8 @@ fn merge_with_empty_sides() {
     let b = run(vec![0, 0]);
     let merged = merge(
         gpu,
-        Partial {
-            o: &a.o,
-            lse: a.lse.as_ref().unwrap(),
-        },
-        Partial {
-            o: &b.o,
-            lse: b.lse.as_ref().unwrap(),
-        },
+        a.as_partial().unwrap(),
+        b.as_partial().unwrap(),
         Layout::Bhsd,
     )
     .unwrap();
@@ -300,14 +288,8 @@ fn merge_with_empty_sides() {
         .unwrap();
     let err = merge(
         gpu,
-        Partial {
-            o: &a.o,
-            lse: a.lse.as_ref().unwrap(),
-        },
-        Partial {
-            o: &c.o,
-            lse: c.lse.as_ref().unwrap(),
-        },
+        a.as_partial().unwrap(),
+        c.as_partial().unwrap(),
         Layout::Bhsd,
     );
     assert!(matches!(err, Err(Error::ShapeMismatch { .. })), "{err:?}");
@@ -401,14 +383,8 @@ fn merge_of_half_precision_partials() {
         assert_eq!(a.o.dtype(), dtype);
         let merged = merge(
             gpu,
-            Partial {
-                o: &a.o,
-                lse: a.lse.as_ref().unwrap(),
-            },
-            Partial {
-                o: &b.o,
-                lse: b.lse.as_ref().unwrap(),
-            },
+            a.as_partial().unwrap(),
+            b.as_partial().unwrap(),
             Layout::Bhsd,
         )
         .unwrap();
@@ -448,5 +424,22 @@ fn half_precision_round_trip() {
     assert!(matches!(
         th.download_bf16(gpu),
         Err(Error::InvalidOption { .. })
+    ));
+}
+
+/// A result without its log-sum-exp cannot be merged: a typed error says why.
+#[test]
+fn merge_needs_the_log_sum_exp() {
+    let Some(gpu) = gpu() else { return };
+    let x = gpu
+        .upload(&random(&mut rng(2500), 2 * 5 * 8, 1.0), [1, 2, 5, 8])
+        .unwrap();
+    let out = Attention::new().run(gpu, &x, &x, &x).unwrap();
+    assert!(matches!(
+        out.as_partial(),
+        Err(Error::InvalidOption {
+            what: "merge input",
+            ..
+        })
     ));
 }

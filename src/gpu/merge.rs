@@ -29,7 +29,7 @@ pub struct Partial<'a> {
 /// in one submit.
 ///
 /// ```no_run
-/// use wgpu_attention::{Attention, Gpu, Layout, gpu::{Partial, merge}};
+/// use wgpu_attention::{Attention, Gpu, Layout, gpu::merge};
 /// # fn demo(gpu: &Gpu, q: &wgpu_attention::Tensor, k1: &wgpu_attention::Tensor,
 /// #         v1: &wgpu_attention::Tensor, k2: &wgpu_attention::Tensor,
 /// #         v2: &wgpu_attention::Tensor) -> wgpu_attention::Result<()> {
@@ -38,8 +38,8 @@ pub struct Partial<'a> {
 /// let b = opts.run(gpu, q, k2, v2)?; // keys n..
 /// let all = merge(
 ///     gpu,
-///     Partial { o: &a.o, lse: a.lse.as_ref().unwrap() },
-///     Partial { o: &b.o, lse: b.lse.as_ref().unwrap() },
+///     a.as_partial()?,
+///     b.as_partial()?,
 ///     Layout::Bhsd,
 /// )?;
 /// # Ok(()) }

@@ -36,6 +36,19 @@ pub struct Output {
     pub weights: Option<Tensor>,
 }
 
+impl Output {
+    /// This result as one side of a [`merge`]; needs the log-sum-exp
+    /// ([`Attention::return_lse`]).
+    pub fn as_partial(&self) -> Result<Partial<'_>> {
+        let lse = self.lse.as_ref().ok_or(Error::InvalidOption {
+            what: "merge input",
+            value: "an output without log-sum-exp".into(),
+            why: "merging weighs each side by its log-sum-exp: run it with return_lse(true)",
+        })?;
+        Ok(Partial { o: &self.o, lse })
+    }
+}
+
 /// Which kernels a call runs on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
