@@ -2,87 +2,21 @@
 //! against the f64 reference: O, the weights and the log-sum-exp element by element, every
 //! output poisoned with NaN first; plus the path choice and the validation errors.
 
+#[macro_use]
 mod common;
 
-use common::{Case, check, dims, gpu, random, random_mask, rng};
-use rand::Rng;
-use wgpu_attention::{
-    Attention, Causal, DType, Dims, Error, Layout, LimitCaps, Output, Path, Plan, cpu,
-};
+use wgpu_attention::{Error, LimitCaps, Output, Path, Plan};
+
+// The whole grid and the property tests of every path, with additive scores: each case gets
+// weights drawn from its dims.
+path_grid_tests!(
+    Path::ThreePass,
+    |opts: wgpu_attention::Attention, d: wgpu_attention::Dims| { opts.additive(weights(d, 0xadd)) }
+);
 
 /// Random additive weights in `[-1, 1)`, one per dim of Q and K.
 fn weights(dims: Dims, seed: u64) -> Vec<f32> {
     random(&mut rng(seed), dims.head_dim, 1.0)
-}
-
-/// Runs every case with additive scores on the three-pass path.
-fn run_cases(cases: &[Case], seed: u64) {
-    let Some(gpu) = gpu() else { return };
-    for (n, case) in cases.iter().enumerate() {
-        let seed = seed + n as u64;
-        let opts = case.opts.clone().additive(weights(case.dims, seed ^ 0xadd));
-        check(gpu, Path::ThreePass, case.dims, &opts, seed, case.amp);
-    }
-}
-
-#[test]
-fn lengths_every_pair() {
-    run_cases(&common::grid_lengths(), 100);
-}
-
-/// head_dim 1 to 128 (a partial 16-dim slice, one slice, several), v_head_dim different.
-#[test]
-fn head_dims_with_v_head_dim_different() {
-    let mut cases = Vec::new();
-    for (d, dv) in [(1, 8), (8, 40), (40, 24), (64, 128), (128, 64)] {
-        for layout in [Layout::Bhsd, Layout::Bshd] {
-            cases.push(Case {
-                dims: dims(2, 2, 2, 33, 100, d, dv),
-                opts: Attention::new().layout(layout),
-                amp: 1.0,
-            });
-        }
-    }
-    run_cases(&cases, 200);
-}
-
-#[test]
-fn batches_heads_gqa_mqa_layouts() {
-    run_cases(&common::grid_heads(), 300);
-}
-
-#[test]
-fn causal_both_alignments() {
-    run_cases(&common::grid_causal(), 400);
-}
-
-#[test]
-fn mask_and_bias_broadcast_every_way() {
-    run_cases(&common::grid_broadcast(5), 500);
-}
-
-#[test]
-fn sliding_window() {
-    run_cases(&common::grid_window(), 550);
-}
-
-/// Softcap, bias, mask, causal masking and the window on additive scores, with large queries
-/// (saturated tanh) and a scale that must be ignored.
-#[test]
-fn mask_bias_causal_window_softcap_together() {
-    let Some(gpu) = gpu() else { return };
-    let d = dims(2, 4, 2, 33, 100, 64, 40);
-    let mut r = rng(6);
-    let opts = Attention::new()
-        .causal(Causal::BottomRight)
-        .window(40, 0)
-        .mask([2, 1, 33, 100], random_mask(&mut r, 2 * 33 * 100, 0.8))
-        .bias([1, 4, 1, 100], random(&mut r, 400, 2.0))
-        .softcap(20.0)
-        .scale(7.0)
-        .layout(Layout::Bshd)
-        .additive(weights(d, 601));
-    check(gpu, Path::ThreePass, d, &opts, 600, 30.0);
 }
 
 /// The scale does not apply to additive scores: the reference ignores it, and so does the GPU.
@@ -117,71 +51,6 @@ fn scale_is_not_applied() {
     );
 }
 
-#[test]
-fn kv_lens_including_zero_and_q_lens() {
-    let Some(gpu) = gpu() else { return };
-    let d = dims(3, 2, 1, 33, 100, 40, 40);
-    let w = weights(d, 7);
-    let additive = || Attention::new().additive(w.clone());
-    check(
-        gpu,
-        Path::ThreePass,
-        d,
-        &additive().kv_lens(vec![0, 57, 100]),
-        700,
-        1.0,
-    );
-    check(
-        gpu,
-        Path::ThreePass,
-        d,
-        &additive().q_lens(vec![33, 0, 17]),
-        701,
-        1.0,
-    );
-    let both = additive()
-        .kv_lens(vec![1, 100, 64])
-        .q_lens(vec![5, 33, 20])
-        .causal(Causal::BottomRight);
-    check(gpu, Path::ThreePass, d, &both, 702, 1.0);
-    let d = dims(2, 2, 2, 100, 7, 8, 8);
-    let opts = Attention::new()
-        .additive(weights(d, 8))
-        .kv_lens(vec![3, 0])
-        .causal(Causal::TopLeft);
-    check(gpu, Path::ThreePass, d, &opts, 703, 1.0);
-}
-
-/// Rows whose every key is masked output zeros and log-sum-exp `-inf`, never NaN.
-#[test]
-fn fully_masked_rows() {
-    let Some(gpu) = gpu() else { return };
-    let d = dims(2, 3, 1, 33, 100, 40, 24);
-    let mut r = rng(800);
-    // Every third row of each sequence masked out entirely; the rest at random.
-    let mut mask = random_mask(&mut r, 2 * 33 * 100, 0.5);
-    for (row, chunk) in mask.chunks_mut(100).enumerate() {
-        if row % 3 == 0 {
-            chunk.fill(false);
-        }
-    }
-    let opts = Attention::new()
-        .mask([2, 1, 33, 100], mask)
-        .additive(weights(d, 801));
-    check(gpu, Path::ThreePass, d, &opts, 802, 1.0);
-    // A window that leaves the first rows no key, and a mask that removes every key.
-    let opts = Attention::new()
-        .causal(Causal::TopLeft)
-        .window(0, 0)
-        .window_align(Causal::BottomRight)
-        .additive(weights(d, 803));
-    check(gpu, Path::ThreePass, d, &opts, 804, 1.0);
-    let opts = Attention::new()
-        .mask([1, 1, 1, 1], vec![false])
-        .additive(weights(d, 805));
-    check(gpu, Path::ThreePass, d, &opts, 806, 1.0);
-}
-
 /// Chunked over (batch, head) and query rows, and with the dispatch spilled into y and z.
 #[test]
 fn chunked_and_spilled() {
@@ -209,95 +78,6 @@ fn chunked_and_spilled() {
         .layout(Layout::Bshd)
         .additive(weights(d, 902));
     check(&spill, Path::ThreePass, d, &opts, 903, 1.0);
-}
-
-/// Half-precision Q and K reach the additive kernel through the same preludes.
-#[test]
-fn half_precision_storage() {
-    use DType::{Bf16, F16, F32};
-    let Some(gpu) = gpu() else { return };
-    let packed = gpu.with_packed_f16();
-    let d = dims(2, 4, 2, 33, 70, 40, 24);
-    for (n, types) in [[F16; 4], [Bf16; 4], [F32, Bf16, Bf16, F32]]
-        .into_iter()
-        .enumerate()
-    {
-        for (m, g) in [gpu, &packed].into_iter().enumerate() {
-            let opts = Attention::new()
-                .causal(Causal::BottomRight)
-                .additive(weights(d, 1000 + n as u64));
-            common::check_dtypes(
-                g,
-                Path::ThreePass,
-                d,
-                &opts,
-                1010 + (2 * n + m) as u64,
-                1.0,
-                types,
-            );
-        }
-    }
-}
-
-/// Random configurations: every option, sizes that are not multiples of the tiles.
-#[test]
-fn random_configurations() {
-    let Some(gpu) = gpu() else { return };
-    let mut r = rng(0xadd_1715e);
-    for case in 0..40u64 {
-        let (hkv, g) = (r.random_range(1..=3), [1, 2, 4][r.random_range(0..3)]);
-        let d = Dims {
-            batch: r.random_range(1..=3),
-            heads: hkv * g,
-            kv_heads: hkv,
-            q_len: r.random_range(1..=80),
-            kv_len: r.random_range(1..=120),
-            head_dim: r.random_range(1..=130),
-            v_head_dim: r.random_range(1..=96),
-        };
-        let mut opts = Attention::new()
-            .layout(if r.random_bool(0.5) {
-                Layout::Bshd
-            } else {
-                Layout::Bhsd
-            })
-            .additive(random(&mut r, d.head_dim, 1.0));
-        opts = match r.random_range(0..3) {
-            1 => opts.causal(Causal::TopLeft),
-            2 => opts.causal(Causal::BottomRight),
-            _ => opts,
-        };
-        if r.random_bool(0.5) {
-            let shape = common::broadcast_shape(d, r.random_range(1..16));
-            opts = opts.mask(shape, random_mask(&mut r, shape.iter().product(), 0.75));
-        }
-        if r.random_bool(0.5) {
-            let shape = common::broadcast_shape(d, r.random_range(1..16));
-            opts = opts.bias(shape, random(&mut r, shape.iter().product(), 2.0));
-        }
-        if r.random_bool(0.3) {
-            opts = opts.softcap(5.0);
-        }
-        if r.random_bool(0.3) {
-            opts = opts.window(r.random_range(0..40), r.random_range(0..40));
-        }
-        if r.random_bool(0.3) {
-            opts = opts.kv_lens(
-                (0..d.batch)
-                    .map(|_| r.random_range(0..=d.kv_len as u32))
-                    .collect(),
-            );
-        }
-        if r.random_bool(0.3) {
-            opts = opts.q_lens(
-                (0..d.batch)
-                    .map(|_| r.random_range(0..=d.q_len as u32))
-                    .collect(),
-            );
-        }
-        let amp = if r.random_bool(0.3) { 30.0 } else { 1.0 };
-        check(gpu, Path::ThreePass, d, &opts, 1100 + case, amp);
-    }
 }
 
 /// `Path::Auto` runs additive scores on the three-pass path, and says why, even where it would

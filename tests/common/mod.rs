@@ -367,11 +367,47 @@ pub fn grid_window() -> Vec<Case> {
 #[allow(unused_macros)] // errors.rs shares this module but runs no grid
 macro_rules! path_grid_tests {
     ($path:expr) => {
-        use common::{Case, check, dims, gpu, random, random_mask, rng};
+        path_grid_tests!($path, |opts: wgpu_attention::Attention,
+                                 _: wgpu_attention::Dims| {
+            opts
+        });
+    };
+    // `$adjust` rewrites every case's options (additive scores, for one).
+    ($path:expr, $adjust:expr) => {
+        use common::{Case, dims, gpu, random, random_mask, rng};
         use proptest::prelude::*;
         use proptest::test_runner::{Config, RngSeed, TestRunner};
         use rand::Rng;
         use wgpu_attention::{Attention, Causal, Dims, Layout, cpu};
+
+        /// The options every case of this file runs with.
+        fn adjust(opts: &Attention, d: Dims) -> Attention {
+            let adjust: fn(Attention, Dims) -> Attention = $adjust;
+            adjust(opts.clone(), d)
+        }
+
+        fn check(
+            gpu: &wgpu_attention::Gpu,
+            path: wgpu_attention::Path,
+            d: Dims,
+            opts: &Attention,
+            seed: u64,
+            amp: f32,
+        ) {
+            common::check(gpu, path, d, &adjust(opts, d), seed, amp);
+        }
+
+        fn check_dtypes(
+            gpu: &wgpu_attention::Gpu,
+            path: wgpu_attention::Path,
+            d: Dims,
+            opts: &Attention,
+            seed: u64,
+            amp: f32,
+            types: [wgpu_attention::DType; 4],
+        ) {
+            common::check_dtypes(gpu, path, d, &adjust(opts, d), seed, amp, types);
+        }
 
         fn run_cases(cases: &[Case], seed: u64) {
             let Some(gpu) = gpu() else { return };
@@ -550,7 +586,7 @@ macro_rules! path_grid_tests {
             let q = random(&mut r, d.q_elems(), 1.0);
             let k = vec![0.25f32; d.k_elems()];
             for v in [vec![1.0f32; d.v_elems()], random(&mut r, d.v_elems(), 1.0)] {
-                let opts = Attention::new().path($path);
+                let opts = adjust(&Attention::new().path($path), d);
                 let want = cpu::reference(&q, &k, &v, d, &opts).unwrap();
                 let up = |x: &[f32], s| gpu.upload(x, s).unwrap();
                 let out = opts
@@ -595,14 +631,14 @@ macro_rules! path_grid_tests {
                         })
                         .mask([2, 1, 1, d.kv_len], random_mask(&mut r, 2 * d.kv_len, 0.8))
                         .layout(if m == 0 { Layout::Bhsd } else { Layout::Bshd });
-                    common::check_dtypes(g, $path, d, &opts, 1470 + (2 * n + m) as u64, 1.0, types);
+                    check_dtypes(g, $path, d, &opts, 1470 + (2 * n + m) as u64, 1.0, types);
                 }
             }
             // Odd sizes everywhere: packed halves share words across rows and invocations.
             let d = dims(1, 3, 1, 7, 33, 7, 5);
             for types in [[F16; 4], [Bf16; 4]] {
-                common::check_dtypes(&packed, $path, d, &Attention::new(), 1490, 1.0, types);
-                common::check_dtypes(
+                check_dtypes(&packed, $path, d, &Attention::new(), 1490, 1.0, types);
+                check_dtypes(
                     gpu,
                     $path,
                     d,
@@ -665,7 +701,7 @@ macro_rules! path_grid_tests {
                             _ => Attention::new(),
                         };
                         let g = if use_packed { &packed } else { gpu };
-                        common::check_dtypes(g, $path, d, &opts, seed, 1.0, [tq, tk, tv, to]);
+                        check_dtypes(g, $path, d, &opts, seed, 1.0, [tq, tk, tv, to]);
                         Ok(())
                     },
                 )
