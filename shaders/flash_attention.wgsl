@@ -5,55 +5,21 @@
 // remove entirely are never visited). The rows are the (query head in the group, query row)
 // pairs of the kv head, query row fastest: for decoding, the whole GQA group shares each K/V
 // tile.
-// One invocation: a 4 x 4 block of each score tile, and 4 rows x 4 * O_CHUNKS columns of O,
-// accumulated in registers with the running row maximum and sum.
+// One invocation: a 4 x 4 block of each score tile (lib/tile_gemm.wgsl), and 4 rows x
+// 4 * O_CHUNKS columns of O, accumulated in registers with the running row maximum and sum.
+// The masking options are compiled in (lib/masking.wgsl); a key tile inside every row's key
+// range, on a call without per-key options, is only scaled.
 // With one split, O and the log-sum-exp are final. With several (flash-decoding), each split
-// writes its normalised partial O and log-sum-exp to `parts`, and combine_splits.wgsl merges.
-// Q, K, V and O go through the dtype prelude's load_* / store_o; masking through
-// attention_mask.wgsl.
+// writes its normalised partial O and log-sum-exp to `lse_or_partials`, and
+// combine_splits.wgsl merges them. Q, K, V and O go through the dtype prelude's load_* /
+// store_o. TILE (= rows = keys per tile) and TILE_K come from the host.
 
 // ceil(v_head_dim / 64): the columns of O each invocation owns are tx * 4 + 64 * c + 0..3.
 override O_CHUNKS: u32 = 1u;
 // Keys per slice of V staged at once: the slice holds BKV * 16 * O_CHUNKS vec4s <= 512.
 override BKV: u32 = 32u;
 
-struct Params {
-    heads: u32,
-    kv_heads: u32,
-    group: u32,
-    // group * q_len: the rows one kv head serves.
-    packed_rows: u32,
-    tiles_m: u32,
-    splits: u32,
-    tiles_per_split: u32,
-    groups_total: u32,
-    head_dim: u32,
-    v_head_dim: u32,
-    write_lse: u32,
-    scale: f32,
-    // Offset of the partial log-sum-exps in the aux buffer, in elements.
-    parts_lse_offset: u32,
-    // First key tile of this dispatch (of split 0).
-    first_tile: u32,
-    // Nonzero when an earlier dispatch covered earlier key tiles: merge with its O and
-    // log-sum-exp instead of overwriting them.
-    resume: u32,
-    _pad0: u32,
-    q_stride_b: u32,
-    q_stride_h: u32,
-    q_stride_s: u32,
-    k_stride_b: u32,
-    k_stride_h: u32,
-    k_stride_s: u32,
-    v_stride_b: u32,
-    v_stride_h: u32,
-    v_stride_s: u32,
-    o_stride_b: u32,
-    o_stride_h: u32,
-    o_stride_s: u32,
-}
-
-@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(0) var<uniform> params: FlashParams;
 // @binding(1..4): Q, K, V (read) and O (write), declared by the prelude.
 @group(0) @binding(5) var<storage, read> bias: array<f32>;
 @group(0) @binding(6) var<storage, read> mask: array<u32>;
@@ -61,20 +27,36 @@ struct Params {
 // One split: the log-sum-exp as f32 bits, [batch, heads, q_len]. Several: the partial outputs
 // as f32 bits, [split, batch, heads, q_len, v_head_dim], then from parts_lse_offset the
 // partial log-sum-exps, [split, batch, heads, q_len].
-@group(0) @binding(8) var<storage, read_write> lse: array<u32>;
+@group(0) @binding(8) var<storage, read_write> lse_or_partials: array<u32>;
 @group(0) @binding(9) var<uniform> mparams: MaskParams;
 
-const BM: u32 = 64u;
-const BN: u32 = 64u;
-const BK: u32 = 16u;
-
-// Q and K slices ([k][row / 4], 256 vec4s each) while scoring; a slice of V while summing.
-var<workgroup> stage: array<vec4<f32>, 512>;
 // The tile's probabilities, [key][row / 4].
-var<workgroup> p_tile: array<array<vec4<f32>, 16>, BN>;
+var<workgroup> p_tile: array<array<vec4<f32>, 16>, TILE>;
 // Row reductions across the 16 invocations that share rows: [row][tx].
 var<workgroup> red: array<f32, 1024>;
-var<workgroup> tile_bounds: vec2<u32>;
+// The key tiles this workgroup visits, and the keys every one of its rows may see.
+var<workgroup> tile_bounds: vec4<u32>;
+
+// The score tile's operands (lib/tile_gemm.wgsl): the Q rows this invocation stages (rows
+// 4 (li / 16) + e of the tile, e = row % 4) and the current key tile.
+var<private> q_row: array<u32, 4>;
+var<private> r0: u32;
+var<private> c0: u32;
+var<private> k_base: u32;
+
+fn tile_a(row: u32, d: u32) -> f32 {
+    if r0 + row < params.packed_rows && d < params.head_dim {
+        return load_q(q_row[row % 4u] + d);
+    }
+    return 0.0;
+}
+
+fn tile_b(col: u32, d: u32) -> f32 {
+    if c0 + col < mparams.kv_len && d < params.head_dim {
+        return load_k(k_base + (c0 + col) * params.k_stride_s + d);
+    }
+    return 0.0;
+}
 
 @compute @workgroup_size(16, 16)
 fn main(
@@ -83,7 +65,7 @@ fn main(
     @builtin(local_invocation_id) lid: vec3<u32>,
     @builtin(local_invocation_index) li: u32,
 ) {
-    let id = wg.x + num_wg.x * (wg.y + num_wg.y * wg.z);
+    let id = workgroup_index(wg, num_wg);
     if id >= params.groups_total {
         return;
     }
@@ -94,9 +76,9 @@ fn main(
     let bkv = id / (params.tiles_m * params.splits);
     let b = bkv / params.kv_heads;
     let kvh = bkv % params.kv_heads;
-    let k_base = b * params.k_stride_b + kvh * params.k_stride_h;
+    k_base = b * params.k_stride_b + kvh * params.k_stride_h;
     let v_base = b * params.v_stride_b + kvh * params.v_stride_h;
-    let r0 = tm * BM;
+    r0 = tm * TILE;
     let tx = lid.x;
     let ty = lid.y;
     let q_len = mparams.q_len;
@@ -107,9 +89,7 @@ fn main(
     var row_i: array<u32, 4>;
     var lo: array<i32, 4>;
     var hi: array<i32, 4>;
-    // The four rows this invocation stages Q for: rows mq * 4 + e of the tile.
-    var q_row: array<u32, 4>;
-    let mq = li / BK;
+    let mq = li / TILE_K;
     for (var r = 0u; r < 4u; r++) {
         let pr = r0 + ty * 4u + r;
         let g = pr / q_len;
@@ -126,27 +106,35 @@ fn main(
         q_row[r] = b * params.q_stride_b + sh * params.q_stride_h + (sr % q_len) * params.q_stride_s;
     }
     if li == 0u {
+        // The union of the rows' key ranges (the tiles to visit) and their intersection (the
+        // keys no range restriction touches).
         var t_lo = i32(kv_len);
         var t_hi = 0;
-        for (var m = 0u; m < BM && r0 + m < params.packed_rows; m++) {
+        var in_lo = 0;
+        var in_hi = i32(kv_len);
+        for (var m = 0u; m < TILE && r0 + m < params.packed_rows; m++) {
             let range = key_range(b, (r0 + m) % q_len);
             if range.y > range.x {
                 t_lo = min(t_lo, range.x);
                 t_hi = max(t_hi, range.y);
             }
+            in_lo = max(in_lo, range.x);
+            in_hi = min(in_hi, range.y);
         }
         // This split's (or this dispatch's) share of the key tiles.
         let first = params.first_tile + split * params.tiles_per_split;
-        var bounds = vec2<u32>(0u, 0u);
+        var bounds = vec4<u32>(0u, 0u, 0u, 0u);
         if t_hi > t_lo {
-            bounds = vec2<u32>(
-                max(u32(t_lo) / BN, first),
-                min((u32(t_hi) + BN - 1u) / BN, first + params.tiles_per_split),
-            );
+            bounds.x = max(u32(t_lo) / TILE, first);
+            bounds.y = min((u32(t_hi) + TILE - 1u) / TILE, first + params.tiles_per_split);
+        }
+        if in_hi > in_lo {
+            bounds.z = u32(in_lo);
+            bounds.w = u32(in_hi);
         }
         tile_bounds = bounds;
     }
-    let tiles = workgroupUniformLoad(&tile_bounds);
+    let bounds = workgroupUniformLoad(&tile_bounds);
 
     let o_stride = 16u * O_CHUNKS;
     // Whether any of this invocation's rows is real. A tile of 64 rows serving a GQA group of
@@ -155,59 +143,50 @@ fn main(
     let rows_live = r0 + ty * 4u < params.packed_rows;
     var m_run = vec4<f32>(NEG_BIG);
     var l_run = vec4<f32>(0.0);
-    var acc: array<vec4<f32>, 16>;
-    for (var t = tiles.x; t < tiles.y; t++) {
-        let c0 = t * BN;
+    // [chunk][row]: four columns of one row of each 64-column chunk of O.
+    var acc: array<Block, 4>;
+    for (var t = bounds.x; t < bounds.y; t++) {
+        c0 = t * TILE;
 
         // S = Q K^T for the 64 x 64 tile, over head_dim in slices of 16.
-        var s: array<vec4<f32>, 4>;
-        for (var k0 = 0u; k0 < params.head_dim; k0 += BK) {
-            let kk = li % BK;
-            let d = k0 + kk;
-            var qv = vec4<f32>();
-            var kv = vec4<f32>();
-            if d < params.head_dim {
-                for (var e = 0u; e < 4u; e++) {
-                    let m = mq * 4u + e;
-                    if r0 + m < params.packed_rows {
-                        qv[e] = load_q(q_row[e] + d);
-                    }
-                    if c0 + m < kv_len {
-                        kv[e] = load_k(k_base + (c0 + m) * params.k_stride_s + d);
-                    }
-                }
-            }
-            stage[kk * 16u + mq] = qv;
-            stage[256u + kk * 16u + mq] = kv;
+        var s: Block;
+        for (var k0 = 0u; k0 < params.head_dim; k0 += TILE_K) {
+            tile_stage_a(li, k0);
+            tile_stage_b(li, k0);
             workgroupBarrier();
             if rows_live {
-                for (var k = 0u; k < BK; k++) {
-                    let a = stage[k * 16u + ty];
-                    let bv = stage[256u + k * 16u + tx];
-                    s[0] += a.x * bv;
-                    s[1] += a.y * bv;
-                    s[2] += a.z * bv;
-                    s[3] += a.w * bv;
-                }
+                s = tile_fma(s, ty, tx);
             }
             workgroupBarrier();
         }
 
-        // Mask, adjust, and the tile's row maxima.
+        // Mask, adjust, and the tile's row maxima. A tile inside every row's key range, with
+        // no per-key option, is only scaled.
         var allowed = 0u;
         var tile_max = vec4<f32>(NEG_BIG);
-        for (var r = 0u; r < 4u; r++) {
-            let h = row_h[r];
-            let i = row_i[r];
-            for (var c = 0u; c < 4u; c++) {
-                let j = c0 + tx * 4u + c;
-                if i32(j) >= lo[r] && i32(j) < hi[r] && mask_allows(b, h, i, j) {
-                    let x = adjust_score(s[r][c] * params.scale, b, h, i, j);
-                    s[r][c] = x;
-                    tile_max[r] = max(tile_max[r], x);
-                    allowed |= 1u << (r * 4u + c);
+        let untouched = !per_key_options() && c0 >= bounds.z && c0 + TILE <= bounds.w;
+        if untouched {
+            allowed = 0xffffu;
+            for (var r = 0u; r < 4u; r++) {
+                s[r] = max(s[r] * params.scale, vec4<f32>(SCORE_FLOOR));
+                tile_max[r] = max(max(s[r].x, s[r].y), max(s[r].z, s[r].w));
+            }
+        } else {
+            for (var r = 0u; r < 4u; r++) {
+                let h = row_h[r];
+                let i = row_i[r];
+                for (var c = 0u; c < 4u; c++) {
+                    let j = c0 + tx * 4u + c;
+                    if i32(j) >= lo[r] && i32(j) < hi[r] && mask_allows(b, h, i, j) {
+                        let x = adjust_score(s[r][c] * params.scale, b, h, i, j);
+                        s[r][c] = x;
+                        tile_max[r] = max(tile_max[r], x);
+                        allowed |= 1u << (r * 4u + c);
+                    }
                 }
             }
+        }
+        for (var r = 0u; r < 4u; r++) {
             red[(ty * 4u + r) * 16u + tx] = tile_max[r];
         }
         workgroupBarrier();
@@ -222,7 +201,7 @@ fn main(
         m_run = m_new;
 
         // Probabilities: to registers for the row sums, to p_tile for P·V.
-        var p: array<vec4<f32>, 4>;
+        var p: Block;
         for (var r = 0u; r < 4u; r++) {
             for (var c = 0u; c < 4u; c++) {
                 if (allowed & (1u << (r * 4u + c))) != 0u {
@@ -231,15 +210,15 @@ fn main(
             }
             l_run[r] = l_run[r] * corr[r] + p[r].x + p[r].y + p[r].z + p[r].w;
             for (var c = 0u; c < O_CHUNKS; c++) {
-                acc[r * 4u + c] *= corr[r];
+                acc[c][r] *= corr[r];
             }
         }
         for (var c = 0u; c < 4u; c++) {
             p_tile[tx * 4u + c][ty] = vec4<f32>(p[0][c], p[1][c], p[2][c], p[3][c]);
         }
 
-        // O += P V over the tile's keys, in slices of BKV keys of V.
-        for (var kv0 = 0u; kv0 < BN; kv0 += BKV) {
+        // O += P V over the tile's keys, in slices of BKV keys of V (staged in tile_stage).
+        for (var kv0 = 0u; kv0 < TILE; kv0 += BKV) {
             workgroupBarrier();
             let slice = BKV * o_stride;
             for (var idx = li; idx < slice; idx += 256u) {
@@ -256,18 +235,14 @@ fn main(
                         }
                     }
                 }
-                stage[idx] = vv;
+                tile_stage[idx] = vv;
             }
             workgroupBarrier();
             if rows_live {
                 for (var k = 0u; k < BKV; k++) {
                     let a = p_tile[kv0 + k][ty];
                     for (var c = 0u; c < O_CHUNKS; c++) {
-                        let bv = stage[k * o_stride + tx + 16u * c];
-                        acc[c] += a.x * bv;
-                        acc[4u + c] += a.y * bv;
-                        acc[8u + c] += a.z * bv;
-                        acc[12u + c] += a.w * bv;
+                        acc[c] = block_fma(acc[c], a, tile_stage[k * o_stride + tx + 16u * c]);
                     }
                 }
             }
@@ -286,7 +261,7 @@ fn main(
     if params.resume != 0u {
         for (var r = 0u; r < 4u; r++) {
             if r0 + ty * 4u + r < params.packed_rows {
-                prev_lse[r] = lse[(b * params.heads + row_h[r]) * q_len + row_i[r]];
+                prev_lse[r] = lse_or_partials[(b * params.heads + row_h[r]) * q_len + row_i[r]];
             }
         }
     }
@@ -305,33 +280,15 @@ fn main(
             l += red[(ty * 4u + r) * 16u + x];
         }
         let inv = select(0.0, 1.0 / l, l > 0.0);
-        var lse_bits = NEG_INF_BITS;
-        if l > 0.0 {
-            lse_bits = bitcast<u32>(m_run[r] + log(l));
-        }
+        let new_lse = lse_of(m_run[r], l);
         if params.splits == 1u {
-            // Weights of the earlier dispatches' O and of this one's, by log-sum-exp.
-            var w_prev = 0.0;
-            var w_new = 1.0;
-            if prev_lse[r] != NEG_INF_BITS {
-                let lp = bitcast<f32>(prev_lse[r]);
-                if l > 0.0 {
-                    let ln = m_run[r] + log(l);
-                    let top = max(lp, ln);
-                    let ep = exp(lp - top);
-                    let en = exp(ln - top);
-                    w_prev = ep / (ep + en);
-                    w_new = en / (ep + en);
-                    lse_bits = bitcast<u32>(top + log(ep + en));
-                } else {
-                    w_prev = 1.0;
-                    w_new = 0.0;
-                    lse_bits = prev_lse[r];
-                }
-            }
+            // The earlier dispatches' O and this one's, weighted by their log-sum-exps.
+            let sum = lse_add(lse_add(LseSum(0.0, 0.0), prev_lse[r]), new_lse);
+            let w_prev = lse_weight(sum, prev_lse[r]);
+            let w_new = select(1.0, lse_weight(sum, new_lse), prev_lse[r] != NEG_INF_BITS);
             let row = b * params.o_stride_b + h * params.o_stride_h + i * params.o_stride_s;
             for (var c = 0u; c < O_CHUNKS; c++) {
-                let v = acc[r * 4u + c] * (inv * w_new);
+                let v = acc[c][r] * (inv * w_new);
                 for (var e = 0u; e < 4u; e++) {
                     let n = (tx + 16u * c) * 4u + e;
                     if n < params.v_head_dim {
@@ -345,22 +302,22 @@ fn main(
                 }
             }
             if tx == 0u && params.write_lse != 0u {
-                lse[bh * q_len + i] = lse_bits;
+                lse_or_partials[bh * q_len + i] = lse_total(sum);
             }
         } else {
             let part_row = (split * bh_count + bh) * q_len + i;
             let row = part_row * params.v_head_dim;
             for (var c = 0u; c < O_CHUNKS; c++) {
-                let v = acc[r * 4u + c] * inv;
+                let v = acc[c][r] * inv;
                 for (var e = 0u; e < 4u; e++) {
                     let n = (tx + 16u * c) * 4u + e;
                     if n < params.v_head_dim {
-                        lse[row + n] = bitcast<u32>(v[e]);
+                        lse_or_partials[row + n] = bitcast<u32>(v[e]);
                     }
                 }
             }
             if tx == 0u {
-                lse[params.parts_lse_offset + part_row] = lse_bits;
+                lse_or_partials[params.parts_lse_offset + part_row] = new_lse;
             }
         }
     }

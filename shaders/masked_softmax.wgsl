@@ -1,23 +1,12 @@
 // Masked, numerically stable softmax of one chunk of score rows, in place, plus each row's
 // log-sum-exp. Applies softcap, bias, boolean mask, causal alignment, window, kv_lens and
-// q_lens through the shared masking rules (attention_mask.wgsl).
+// q_lens through the shared masking rules (lib/masking.wgsl), the ones the call has compiled in.
 // One workgroup: one query row of one (batch, head). One invocation: every WG-th key of it.
 // A row with no allowed key becomes zeros, with log-sum-exp -inf.
 
 override WG: u32 = 256u;
 
-struct Params {
-    bh_start: u32,
-    bh_count: u32,
-    row_start: u32,
-    rows: u32,
-    heads: u32,
-    write_lse: u32,
-    _pad0: u32,
-    _pad1: u32,
-}
-
-@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(0) var<uniform> params: SoftmaxParams;
 // Scores of the chunk, [bh_count, rows, kv_len]; overwritten by the weights.
 @group(0) @binding(1) var<storage, read_write> scores: array<f32>;
 @group(0) @binding(2) var<storage, read> bias: array<f32>;
@@ -37,7 +26,7 @@ fn main(
     @builtin(num_workgroups) num_wg: vec3<u32>,
     @builtin(local_invocation_index) lid: u32,
 ) {
-    let row_id = wg.x + num_wg.x * (wg.y + num_wg.y * wg.z);
+    let row_id = workgroup_index(wg, num_wg);
     if row_id >= params.bh_count * params.rows {
         return;
     }
@@ -102,10 +91,6 @@ fn main(
         scores[base + j] = p;
     }
     if lid == 0u && params.write_lse != 0u {
-        var bits = NEG_INF_BITS;
-        if any {
-            bits = bitcast<u32>(row_max + log(row_sum));
-        }
-        lse[bh * mparams.q_len + i] = bits;
+        lse[bh * mparams.q_len + i] = lse_of(row_max, select(0.0, row_sum, any));
     }
 }

@@ -1,34 +1,11 @@
 // Scores of one chunk of (batch * head, query rows): S = scale * Q K^T, or with ADDITIVE the
 // additive (Bahdanau) scores S[i, j] = sum_d w[d] * tanh(Q[i, d] + K[j, d]) (Keras'
 // AdditiveAttention convention; the host passes scale 1 for them).
-// One workgroup: a 64 x 64 tile of S of one (batch, head), over head_dim in steps of 16.
-// One invocation: a 4 x 4 block of that tile, accumulated in registers.
+// One workgroup: a 64 x 64 tile of S of one (batch, head), over head_dim in slices of 16
+// (lib/tile_gemm.wgsl). One invocation: a 4 x 4 block of that tile, in registers.
 // Q and K are read through load_q / load_k, which the host's dtype prelude defines.
 
-struct Params {
-    bh_start: u32,
-    bh_count: u32,
-    row_start: u32,
-    rows: u32,
-    kv_len: u32,
-    head_dim: u32,
-    heads: u32,
-    group: u32,
-    tiles_i: u32,
-    tiles_j: u32,
-    q_stride_b: u32,
-    q_stride_h: u32,
-    q_stride_s: u32,
-    k_stride_b: u32,
-    k_stride_h: u32,
-    k_stride_s: u32,
-    scale: f32,
-    _pad0: u32,
-    _pad1: u32,
-    _pad2: u32,
-}
-
-@group(0) @binding(0) var<uniform> params: Params;
+@group(0) @binding(0) var<uniform> params: QkParams;
 // @binding(1): Q and @binding(2): K, declared by the prelude.
 // Scores of the chunk: [bh_count, rows, kv_len].
 @group(0) @binding(3) var<storage, read_write> scores: array<f32>;
@@ -38,18 +15,55 @@ struct Params {
 // A pipeline constant: the branch it selects is resolved when the pipeline is built.
 override ADDITIVE: bool = false;
 
-const TILE: u32 = 64u;
-const BK: u32 = 16u;
-
-// [k][m / 4]: one vec4 holds four consecutive rows of one column of the tile.
-var<workgroup> q_tile: array<array<vec4<f32>, 16>, BK>;
-var<workgroup> k_tile: array<array<vec4<f32>, 16>, BK>;
 // ADDITIVE: the 16 weights of the current slice; 0 past head_dim, so padded dims add nothing.
-var<workgroup> w_tile: array<f32, BK>;
+var<workgroup> w_tile: array<f32, TILE_K>;
+
+// This workgroup's tile: first query row and key of the tile, and the bases of its head.
+var<private> r0: u32;
+var<private> c0: u32;
+var<private> q_base: u32;
+var<private> k_base: u32;
+
+fn tile_a(row: u32, d: u32) -> f32 {
+    if r0 + row < params.rows && d < params.head_dim {
+        return load_q(q_base + (params.row_start + r0 + row) * params.q_stride_s + d);
+    }
+    return 0.0;
+}
+
+fn tile_b(col: u32, d: u32) -> f32 {
+    if c0 + col < params.kv_len && d < params.head_dim {
+        return load_k(k_base + (c0 + col) * params.k_stride_s + d);
+    }
+    return 0.0;
+}
+
+var<private> bh_local: u32;
+
+fn tile_out(row: u32, col: u32, x: f32) {
+    if r0 + row < params.rows && c0 + col < params.kv_len {
+        scores[(bh_local * params.rows + r0 + row) * params.kv_len + c0 + col] = x * params.scale;
+    }
+}
 
 // Clamped: tanh(10) is 1 in f32, and some drivers overflow inside tanh for large inputs.
 fn tanh4(x: vec4<f32>) -> vec4<f32> {
     return tanh(clamp(x, vec4<f32>(-10.0), vec4<f32>(10.0)));
+}
+
+// The staged slice's additive scores: acc[r] += w[d] * tanh(q[r, d] + k[:, d]).
+fn additive_fma(acc: Block, ty: u32, tx: u32) -> Block {
+    var out = acc;
+    for (var k = 0u; k < TILE_K; k++) {
+        let a = tile_stage[k * 16u + ty];
+        let b = tile_stage[256u + k * 16u + tx];
+        let wd = w_tile[k];
+        out[0] += wd * tanh4(a.x + b);
+        out[1] += wd * tanh4(a.y + b);
+        out[2] += wd * tanh4(a.z + b);
+        out[3] += wd * tanh4(a.w + b);
+    }
+    return out;
 }
 
 @compute @workgroup_size(16, 16)
@@ -59,46 +73,26 @@ fn main(
     @builtin(local_invocation_id) lid: vec3<u32>,
     @builtin(local_invocation_index) li: u32,
 ) {
-    // The dispatch may spill into y and z when x is full.
-    let tile = wg.x + num_wg.x * (wg.y + num_wg.y * wg.z);
+    let tile = workgroup_index(wg, num_wg);
     if tile >= params.tiles_i * params.tiles_j * params.bh_count {
         return;
     }
     let tj = tile % params.tiles_j;
     let ti = (tile / params.tiles_j) % params.tiles_i;
-    let bh_local = tile / (params.tiles_j * params.tiles_i);
+    bh_local = tile / (params.tiles_j * params.tiles_i);
     let bh = params.bh_start + bh_local;
     let b = bh / params.heads;
     let h = bh % params.heads;
-    let q_base = b * params.q_stride_b + h * params.q_stride_h;
-    let k_base = b * params.k_stride_b + (h / params.group) * params.k_stride_h;
-    let r0 = ti * TILE;
-    let c0 = tj * TILE;
+    q_base = b * params.q_stride_b + h * params.q_stride_h;
+    k_base = b * params.k_stride_b + (h / params.group) * params.k_stride_h;
+    r0 = ti * TILE;
+    c0 = tj * TILE;
 
-    var acc: array<vec4<f32>, 4>;
-    for (var k0 = 0u; k0 < params.head_dim; k0 += BK) {
-        // 64 x 16 elements of each operand: each invocation loads four rows of one column
-        // and stores them as one vec4. The 16 invocations that share those rows read 16
-        // consecutive elements of each, so global reads coalesce.
-        let kk = li % BK;
-        let mq = li / BK;
-        let d = k0 + kk;
-        var qv = vec4<f32>();
-        var kv = vec4<f32>();
-        if d < params.head_dim {
-            for (var e = 0u; e < 4u; e++) {
-                let m = mq * 4u + e;
-                if r0 + m < params.rows {
-                    qv[e] = load_q(q_base + (params.row_start + r0 + m) * params.q_stride_s + d);
-                }
-                if c0 + m < params.kv_len {
-                    kv[e] = load_k(k_base + (c0 + m) * params.k_stride_s + d);
-                }
-            }
-        }
-        q_tile[kk][mq] = qv;
-        k_tile[kk][mq] = kv;
-        if ADDITIVE && li < BK {
+    var acc: Block;
+    for (var k0 = 0u; k0 < params.head_dim; k0 += TILE_K) {
+        tile_stage_a(li, k0);
+        tile_stage_b(li, k0);
+        if ADDITIVE && li < TILE_K {
             var wv = 0.0;
             if k0 + li < params.head_dim {
                 wv = w[k0 + li];
@@ -106,36 +100,12 @@ fn main(
             w_tile[li] = wv;
         }
         workgroupBarrier();
-        for (var kk = 0u; kk < BK; kk++) {
-            let a = q_tile[kk][lid.y];
-            let bv = k_tile[kk][lid.x];
-            if ADDITIVE {
-                let wd = w_tile[kk];
-                acc[0] += wd * tanh4(a.x + bv);
-                acc[1] += wd * tanh4(a.y + bv);
-                acc[2] += wd * tanh4(a.z + bv);
-                acc[3] += wd * tanh4(a.w + bv);
-                continue;
-            }
-            acc[0] += a.x * bv;
-            acc[1] += a.y * bv;
-            acc[2] += a.z * bv;
-            acc[3] += a.w * bv;
+        if ADDITIVE {
+            acc = additive_fma(acc, lid.y, lid.x);
+        } else {
+            acc = tile_fma(acc, lid.y, lid.x);
         }
         workgroupBarrier();
     }
-
-    for (var r = 0u; r < 4u; r++) {
-        let row = r0 + lid.y * 4u + r;
-        if row >= params.rows {
-            break;
-        }
-        let base = (bh_local * params.rows + row) * params.kv_len;
-        for (var c = 0u; c < 4u; c++) {
-            let col = c0 + lid.x * 4u + c;
-            if col < params.kv_len {
-                scores[base + col] = acc[r][c] * params.scale;
-            }
-        }
-    }
+    tile_store(acc, lid.y, lid.x);
 }

@@ -390,7 +390,7 @@ impl MultiHeadAttention {
             alpha: 1.0,
         };
         gpu.submit_with("multi-head attention", |encoder| {
-            use crate::gpu::matmul::encode_matmul;
+            use crate::gpu::dispatch::gemm::encode_matmul;
             let projections = [
                 (query, &self.q_weight, &self.q_bias, &q, batch * q_len, e, e),
                 (

@@ -4,8 +4,9 @@
 //! translator wgpu itself uses on those backends (WGSL -> MSL on Metal, WGSL -> HLSL on DX12,
 //! WGSL -> SPIR-V on Vulkan), and its translators run without the hardware, so a kernel that
 //! fails to translate here would fail to build a pipeline there. Each key is compiled exactly as
-//! the crate compiles it: [`KernelKey::source`] (dtype prelude + kernel) with the override
-//! constants of [`KernelKey::constants`] resolved for the compute entry point `main`.
+//! the crate compiles it: [`KernelKey::source`] (shared constants, generated uniform structs,
+//! dtype preludes, `shaders/lib/` fragments, kernel) with the override constants of
+//! [`KernelKey::constants`] resolved for the compute entry point `main`.
 //!
 //! What this cannot show is that the platform compilers downstream of naga (Metal's compiler,
 //! FXC/DXC) accept the output, nor that the results are right there; the GPU tests do that on
@@ -18,16 +19,10 @@ use naga::back::{PipelineConstants, hlsl, msl, pipeline_constants, spv};
 use naga::proc::{BoundsCheckPolicies, BoundsCheckPolicy};
 use naga::valid::{Capabilities, ModuleInfo, ValidationFlags, Validator};
 use naga::{Module, ShaderStage};
-use wgpu_attention::gpu::kernels::{Kernel, KernelKey};
-use wgpu_attention::gpu::kernels::{Storage, TensorStorage};
+use wgpu_attention::gpu::kernels::{Fragment, Kernel, KernelKey, MaskOptions, Storage};
 
-/// Every storage type. Add a new [`Storage`] here (and its capabilities in [`capabilities`]).
-const DTYPES: &[Storage] = &[
-    Storage::F32,
-    Storage::F16,
-    Storage::F16Packed,
-    Storage::Bf16,
-];
+/// Every storage type (and its capabilities in [`capabilities`]).
+const DTYPES: &[Storage] = &Storage::ALL;
 
 /// The name of every kernel's entry point.
 const ENTRY: &str = "main";
@@ -46,31 +41,21 @@ fn capabilities(dtype: Storage) -> Capabilities {
     }
 }
 
-/// Every key the crate can compile.
+/// Every kernel in every storage type, over every tile configuration and a spread of options.
 fn keys() -> Vec<KernelKey> {
-    let mut keys = Vec::new();
-    for &dtype in DTYPES {
-        for kernel in Kernel::ALL {
-            for &variant in kernel.variants() {
-                keys.push(KernelKey {
-                    kernel,
-                    storage: TensorStorage::all(dtype),
-                    variant,
-                });
-            }
-        }
-    }
-    keys
+    DTYPES.iter().flat_map(|&s| KernelKey::samples(s)).collect()
 }
 
 fn describe(key: &KernelKey) -> String {
-    format!(
-        "kernel {} ({:?}), dtype {:?}, variant {}",
-        key.kernel.name(),
-        key.kernel,
-        key.storage.o,
-        key.variant
-    )
+    key.label()
+}
+
+/// The naga capabilities of a key: those of its widest storage.
+fn key_capabilities(key: &KernelKey) -> Capabilities {
+    DTYPES
+        .iter()
+        .filter(|&&s| key.label().contains(&format!(":{s:?}")))
+        .fold(Capabilities::empty(), |c, &s| c | capabilities(s))
 }
 
 /// One key parsed, validated and specialised: what a backend translator receives.
@@ -87,7 +72,7 @@ fn specialise(key: KernelKey) -> Specialised {
     let source = key.source();
     let module = naga::front::wgsl::parse_str(&source)
         .unwrap_or_else(|e| panic!("{what}: WGSL parse failed:\n{}", e.emit_to_string(&source)));
-    let info = Validator::new(ValidationFlags::all(), capabilities(key.storage.o))
+    let info = Validator::new(ValidationFlags::all(), key_capabilities(&key))
         .validate(&module)
         .unwrap_or_else(|e| {
             panic!(
@@ -143,12 +128,12 @@ fn specialise(key: KernelKey) -> Specialised {
         !unresolved,
         "{what}: an override expression is left after process_overrides"
     );
-    if key.kernel == Kernel::MaskedSoftmax {
+    if let KernelKey::MaskedSoftmax { workgroup, .. } = key {
         let size: u32 = ep.workgroup_size.iter().product();
         assert_eq!(
-            size, key.variant,
-            "{what}: workgroup size {:?} after specialisation, expected {} invocations",
-            ep.workgroup_size, key.variant
+            size, workgroup,
+            "{what}: workgroup size {:?} after specialisation, expected {workgroup} invocations",
+            ep.workgroup_size
         );
     }
     Specialised {
@@ -175,32 +160,107 @@ fn bounds_checks() -> BoundsCheckPolicies {
 #[test]
 fn every_kernel_parses_validates_and_specialises() {
     let all = specialised();
-    let variants: usize = Kernel::ALL.iter().map(|k| k.variants().len()).sum();
-    assert_eq!(all.len(), variants * DTYPES.len());
+    for kernel in Kernel::ALL {
+        assert!(
+            all.iter().any(|s| s.key.kernel() == kernel),
+            "no key of {kernel:?} was compiled"
+        );
+    }
 }
 
 /// The override really reaches the kernel: a size other than the WGSL default (256) changes
 /// the specialised workgroup size (checked in `specialise`) and still translates.
 #[test]
 fn row_workgroup_override_is_applied() {
-    for &dtype in DTYPES {
-        for workgroup in [64, 128] {
-            let s = specialise(KernelKey {
-                kernel: Kernel::MaskedSoftmax,
-                storage: TensorStorage::all(dtype),
-                variant: workgroup,
-            });
-            let pipeline = spv::PipelineOptions {
-                shader_stage: ShaderStage::Compute,
-                entry_point: ENTRY.to_string(),
-            };
-            spv::write_vec(
-                &s.module,
-                &s.info,
-                &spv::Options::default(),
-                Some(&pipeline),
-            )
-            .unwrap_or_else(|e| panic!("{}: SPIR-V backend failed: {e}", describe(&s.key)));
+    for workgroup in [64, 128] {
+        let s = specialise(KernelKey::MaskedSoftmax {
+            workgroup,
+            masks: MaskOptions::default(),
+        });
+        let pipeline = spv::PipelineOptions {
+            shader_stage: ShaderStage::Compute,
+            entry_point: ENTRY.to_string(),
+        };
+        spv::write_vec(
+            &s.module,
+            &s.info,
+            &spv::Options::default(),
+            Some(&pipeline),
+        )
+        .unwrap_or_else(|e| panic!("{}: SPIR-V backend failed: {e}", describe(&s.key)));
+    }
+}
+
+/// The workgroup memory the host plans with (computed from the tile sizes) is what the
+/// compiled module declares, for every kernel.
+#[test]
+fn workgroup_memory_matches_the_host_figure() {
+    for s in specialised() {
+        let mut layouter = naga::proc::Layouter::default();
+        layouter
+            .update(s.module.to_ctx())
+            .expect("naga lays out every type");
+        let bytes: u32 = s
+            .module
+            .global_variables
+            .iter()
+            .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
+            .map(|(_, g)| layouter[g.ty].size)
+            .sum();
+        let workgroup = match s.key {
+            KernelKey::MaskedSoftmax { workgroup, .. } => workgroup,
+            _ => 0,
+        };
+        assert_eq!(
+            bytes,
+            s.key.kernel().workgroup_bytes(workgroup),
+            "{}: workgroup memory of the module vs Kernel::workgroup_bytes",
+            describe(&s.key)
+        );
+    }
+}
+
+/// The options of a key reach the masking kernels as constants: after specialisation every
+/// `HAS_*` / `CAUSAL` override is a literal of the key's value, so the branches they guard
+/// are resolved when the pipeline is built and a call without an option runs none of its code.
+#[test]
+fn options_are_compiled_in() {
+    let flash = |masks| KernelKey::FlashAttention {
+        q: Storage::F32,
+        k: Storage::F32,
+        v: Storage::F32,
+        o: Storage::F32,
+        o_chunks: 1,
+        masks,
+    };
+    let softmax = |masks| KernelKey::MaskedSoftmax {
+        workgroup: 256,
+        masks,
+    };
+    for masks in MaskOptions::spread() {
+        for key in [flash(masks), softmax(masks)] {
+            let s = specialise(key);
+            let expected: Vec<(&str, f64)> = key
+                .constants()
+                .into_iter()
+                .filter(|(name, _)| name.starts_with("HAS_") || *name == "CAUSAL")
+                .collect();
+            assert_eq!(expected.len(), 7, "{}: constants {expected:?}", describe(&key));
+            for (name, value) in expected {
+                let (_, o) = s
+                    .module
+                    .overrides
+                    .iter()
+                    .find(|(_, o)| o.name.as_deref() == Some(name))
+                    .unwrap_or_else(|| panic!("{}: no override {name}", describe(&key)));
+                let init = o.init.expect("a specialised override has a value");
+                let got = match s.module.global_expressions[init] {
+                    naga::Expression::Literal(naga::Literal::Bool(b)) => b as u8 as f64,
+                    naga::Expression::Literal(naga::Literal::U32(x)) => x as f64,
+                    ref other => panic!("{}: {name} is {other:?}", describe(&key)),
+                };
+                assert_eq!(got, value, "{}: {name}", describe(&key));
+            }
         }
     }
 }
@@ -295,9 +355,15 @@ fn every_kernel_translates_to_hlsl() {
 
 fn shader_files() -> Vec<(PathBuf, String)> {
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("shaders");
-    let mut files: Vec<(PathBuf, String)> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
-        .map(|entry| entry.expect("directory entry").path())
+    let read = |dir: &PathBuf| {
+        std::fs::read_dir(dir)
+            .unwrap_or_else(|e| panic!("reading {}: {e}", dir.display()))
+            .map(|entry| entry.expect("directory entry").path())
+            .collect::<Vec<_>>()
+    };
+    let mut files: Vec<(PathBuf, String)> = read(&dir)
+        .into_iter()
+        .chain(read(&dir.join("lib")))
         .filter(|path| path.extension().is_some_and(|ext| ext == "wgsl"))
         .map(|path| {
             let text = std::fs::read_to_string(&path)
@@ -308,6 +374,18 @@ fn shader_files() -> Vec<(PathBuf, String)> {
     files.sort();
     assert!(!files.is_empty(), "no .wgsl files under {}", dir.display());
     files
+}
+
+/// Every fragment is a file under `shaders/lib/` that some kernel includes.
+#[test]
+fn every_fragment_is_included() {
+    let sources: Vec<String> = keys().iter().map(KernelKey::source).collect();
+    for fragment in Fragment::ALL {
+        assert!(
+            sources.iter().any(|src| src.contains(fragment.source())),
+            "{fragment:?} is included by no kernel"
+        );
+    }
 }
 
 /// A shader file no kernel compiles would never be tested on any backend.

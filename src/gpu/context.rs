@@ -4,64 +4,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::Kernels;
-
-/// The device limits the plans need, read once from the device.
-///
-/// Plans never hard-code a limit: they read it here, and an [`Error::TooLarge`] names the one
-/// they would break. [`Gpu::with_caps`] lowers them, so chunking can be tested on small data.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GpuLimits {
-    /// Largest storage buffer binding, in bytes.
-    pub max_storage_binding: u64,
-    /// Largest buffer, in bytes.
-    pub max_buffer_size: u64,
-    /// Workgroups per dispatch dimension.
-    pub max_workgroups_per_dim: u32,
-    /// Invocations per workgroup.
-    pub max_invocations_per_workgroup: u32,
-    /// Workgroup memory, in bytes.
-    pub max_workgroup_storage: u32,
-    /// Storage buffers per shader stage.
-    pub max_storage_buffers_per_stage: u32,
-    /// Alignment of uniform buffer offsets, in bytes.
-    pub min_uniform_offset_alignment: u32,
-    /// Key tiles (of 64 keys) one workgroup of the fused kernel streams in one dispatch;
-    /// longer key ranges take several dispatches (or splits). Not a wgpu limit: llvmpipe stops
-    /// an invocation's loops after 65535 iterations in total, so on CPU adapters it is 32
-    /// (2048 keys); elsewhere it is unbounded.
-    pub max_key_tiles_per_workgroup: u32,
-}
-
-impl GpuLimits {
-    fn from_wgpu(l: &wgpu::Limits, info: &wgpu::AdapterInfo) -> GpuLimits {
-        GpuLimits {
-            max_storage_binding: l.max_storage_buffer_binding_size,
-            max_buffer_size: l.max_buffer_size,
-            max_workgroups_per_dim: l.max_compute_workgroups_per_dimension,
-            max_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
-            max_workgroup_storage: l.max_compute_workgroup_storage_size,
-            max_storage_buffers_per_stage: l.max_storage_buffers_per_shader_stage,
-            min_uniform_offset_alignment: l.min_uniform_buffer_offset_alignment,
-            max_key_tiles_per_workgroup: if info.device_type == wgpu::DeviceType::Cpu {
-                32
-            } else {
-                u32::MAX
-            },
-        }
-    }
-}
-
-/// Lower limits to impose on a [`Gpu`], to exercise chunking and dispatch spilling on small
-/// problems. `None` keeps the device's own limit.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct LimitCaps {
-    /// Cap on [`GpuLimits::max_storage_binding`], in bytes.
-    pub max_storage_binding: Option<u64>,
-    /// Cap on [`GpuLimits::max_workgroups_per_dim`].
-    pub max_workgroups_per_dim: Option<u32>,
-    /// Cap on [`GpuLimits::max_key_tiles_per_workgroup`].
-    pub max_key_tiles_per_workgroup: Option<u32>,
-}
+use crate::gpu::limits::{GpuLimits, LimitCaps};
 
 /// A device and queue, with the limits, features and compiled pipelines of this crate.
 ///
@@ -179,7 +122,7 @@ impl Gpu {
         queue: wgpu::Queue,
         info: wgpu::AdapterInfo,
     ) -> Result<Gpu> {
-        let limits = GpuLimits::from_wgpu(&device.limits(), &info);
+        let limits = GpuLimits::from_wgpu(&device.limits(), info.device_type);
         let features = device.features();
         let kernels = Arc::new(Kernels::new(&device, &limits)?);
         Ok(Gpu {
@@ -323,16 +266,7 @@ impl Gpu {
     /// chunk and spill as they would on a device that small.
     pub fn with_caps(&self, caps: LimitCaps) -> Gpu {
         let mut gpu = self.clone();
-        if let Some(cap) = caps.max_storage_binding {
-            gpu.limits.max_storage_binding = gpu.limits.max_storage_binding.min(cap);
-        }
-        if let Some(cap) = caps.max_workgroups_per_dim {
-            gpu.limits.max_workgroups_per_dim = gpu.limits.max_workgroups_per_dim.min(cap.max(1));
-        }
-        if let Some(cap) = caps.max_key_tiles_per_workgroup {
-            let tiles = &mut gpu.limits.max_key_tiles_per_workgroup;
-            *tiles = (*tiles).min(cap.max(1));
-        }
+        gpu.limits = gpu.limits.capped(caps);
         gpu
     }
 
@@ -347,6 +281,14 @@ impl Gpu {
     /// How kernels on this context store tensors of `dtype`.
     pub fn storage(&self, dtype: crate::DType) -> crate::gpu::kernels::Storage {
         crate::gpu::kernels::Storage::of(dtype, self.native_f16)
+    }
+
+    /// How many pipelines this device has compiled so far (one per [`KernelKey`] used; shared
+    /// by every context on the same device).
+    ///
+    /// [`KernelKey`]: crate::gpu::kernels::KernelKey
+    pub fn pipelines_compiled(&self) -> usize {
+        self.kernels.compiled()
     }
 
     /// The adapter the device was created on.

@@ -9,8 +9,9 @@
 use crate::error::{Error, Result};
 use crate::gpu::Output;
 use crate::gpu::context::Gpu;
-use crate::gpu::flash::{CombineParams, encode_combine};
-use crate::gpu::masking::check_binding;
+use crate::gpu::dispatch::combine::{self, Combine};
+use crate::gpu::kernels::uniforms::CombineParams;
+use crate::gpu::limits::check_binding;
 use crate::gpu::tensor::Tensor;
 use crate::spec::Layout;
 
@@ -126,23 +127,28 @@ pub fn merge(gpu: &Gpu, a: Partial<'_>, b: Partial<'_>, layout: Layout) -> Resul
             v_head_dim: v_head_dim as u32,
             write_lse: 1,
             lse_offset,
-            _pad0: 0,
-            part_stride: [o_elems, sb, sh, ss],
-            part_lse_stride: [rows, (heads * q_len) as u32, q_len as u32, 1],
-            o_strides: [sb, sh, ss],
-            _pad1: 0,
+            part_stride_s: o_elems,
+            part_stride_b: sb,
+            part_stride_h: sh,
+            part_stride_i: ss,
+            part_lse_stride_s: rows,
+            part_lse_stride_b: (heads * q_len) as u32,
+            part_lse_stride_h: q_len as u32,
+            part_lse_stride_i: 1,
+            o_stride_b: sb,
+            o_stride_h: sh,
+            o_stride_s: ss,
         };
-        encode_combine(
-            gpu,
-            encoder,
-            &params,
-            &stacked,
-            &stacked,
-            gpu.storage(a.o.dtype()),
-            &out.o,
-            out.lse.as_ref().map(|t| t.buffer()),
-            false,
-        )?;
+        let merge = Combine {
+            params,
+            parts: &stacked,
+            part_lses: &stacked,
+            parts_storage: gpu.storage(a.o.dtype()),
+            o: &out.o,
+            lse: out.lse.as_ref().map(|t| t.buffer()),
+            last: false,
+        };
+        combine::encode(gpu, encoder, &merge)?;
         Ok(())
     })?;
     Ok(out)

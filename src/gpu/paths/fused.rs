@@ -25,23 +25,19 @@
 //! The kernel is specialised on `ceil(v_head_dim / 64)` (`O_CHUNKS`, the output columns each
 //! invocation owns), which also fixes how many keys of V are staged at once.
 
-use bytemuck::{Pod, Zeroable};
-use wgpu::util::DeviceExt;
-
+use super::{Io, masking};
 use crate::error::{Error, Result};
-use crate::gpu::context::{Gpu, GpuLimits};
-use crate::gpu::kernels::{
-    DispatchSize, FLASH_WORKGROUP_BYTES, Kernel, KernelKey, Storage, TensorStorage,
-};
-use crate::gpu::masking::{self, check_binding};
-use crate::gpu::tensor::Tensor;
-use crate::gpu::three_pass::Io;
+use crate::gpu::context::Gpu;
+use crate::gpu::dispatch::combine::{self, Combine};
+use crate::gpu::kernels::uniforms::{CombineParams, FlashParams, TILE, uniform_buffer};
+use crate::gpu::kernels::{FLASH_WORKGROUP_BYTES, KernelKey, MaskOptions, Storage};
+use crate::gpu::limits::{DispatchSize, GpuLimits, check_binding};
 use crate::spec::Spec;
 
-/// Rows (query head, query row pairs) per workgroup.
-const BM: usize = 64;
+/// Rows (query head, query row pairs) per workgroup: one tile of the tile product.
+const BM: usize = TILE as usize;
 /// Keys per tile.
-const BN: usize = 64;
+const BN: usize = TILE as usize;
 /// Workgroups below which the decode path splits the keys to fill the device.
 const TARGET_WORKGROUPS: u64 = 256;
 /// The fewest key tiles a split gets when splitting only for parallelism.
@@ -152,105 +148,6 @@ impl FusedPlan {
     }
 }
 
-/// Mirrors `Params` of `flash_attention.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct FlashParams {
-    heads: u32,
-    kv_heads: u32,
-    group: u32,
-    packed_rows: u32,
-    tiles_m: u32,
-    splits: u32,
-    tiles_per_split: u32,
-    groups_total: u32,
-    head_dim: u32,
-    v_head_dim: u32,
-    write_lse: u32,
-    scale: f32,
-    parts_lse_offset: u32,
-    first_tile: u32,
-    resume: u32,
-    _pad: u32,
-    q_strides: [u32; 3],
-    k_strides: [u32; 3],
-    v_strides: [u32; 3],
-    o_strides: [u32; 3],
-}
-
-/// Mirrors `Params` of `combine_splits.wgsl`.
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-pub(crate) struct CombineParams {
-    pub(crate) splits: u32,
-    pub(crate) rows: u32,
-    pub(crate) heads: u32,
-    pub(crate) q_len: u32,
-    pub(crate) v_head_dim: u32,
-    pub(crate) write_lse: u32,
-    pub(crate) lse_offset: u32,
-    pub(crate) _pad0: u32,
-    pub(crate) part_stride: [u32; 4],
-    pub(crate) part_lse_stride: [u32; 4],
-    pub(crate) o_strides: [u32; 3],
-    pub(crate) _pad1: u32,
-}
-
-/// Records the combine kernel: `parts` (partial outputs and, from `params.lse_offset`, their
-/// log-sum-exps, all as f32 bits) merged into `o` and, if given, `lse`.
-#[allow(clippy::too_many_arguments)] // one call site per caller; a struct would only rename them
-pub(crate) fn encode_combine(
-    gpu: &Gpu,
-    encoder: &mut wgpu::CommandEncoder,
-    params: &CombineParams,
-    parts: &wgpu::Buffer,
-    part_lses: &wgpu::Buffer,
-    parts_storage: Storage,
-    o: &Tensor,
-    lse: Option<&wgpu::Buffer>,
-    timed: bool,
-) -> Result<()> {
-    let device = &gpu.device;
-    let kernel = gpu.kernels.get(
-        device,
-        KernelKey {
-            kernel: Kernel::CombineSplits,
-            storage: TensorStorage {
-                p: parts_storage,
-                o: gpu.storage(o.dtype()),
-                ..TensorStorage::default()
-            },
-            variant: 0,
-        },
-    )?;
-    let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some("wgpu-attention combine params"),
-        contents: bytemuck::bytes_of(params),
-        usage: wgpu::BufferUsages::UNIFORM,
-    });
-    let bind = kernel.bind(
-        device,
-        &[
-            &uniform,
-            parts,
-            part_lses,
-            o.buffer(),
-            lse.unwrap_or(&gpu.kernels.placeholder_out),
-        ],
-    );
-    let size = DispatchSize::linear(
-        params.rows as u64,
-        gpu.limits.max_workgroups_per_dim,
-        "combine_splits dispatch",
-    )?;
-    let mut pass = gpu.begin_pass(encoder, "wgpu-attention combine", false, timed);
-    pass.set_pipeline(&kernel.pipeline);
-    pass.set_bind_group(0, &bind, &[]);
-    let [x, y, z] = size.counts;
-    pass.dispatch_workgroups(x, y, z);
-    Ok(())
-}
-
 /// Encodes the fused kernel (and the combine of its splits) into `encoder`.
 pub(crate) fn encode(
     gpu: &Gpu,
@@ -270,16 +167,19 @@ pub(crate) fn encode(
     let o_running = (plan.passes > 1 && io.o.dtype() != crate::DType::F32)
         .then(|| gpu.empty(io.o.dims()))
         .transpose()?;
-    let mut storage = io.storage(gpu);
+    let [q, k, v, mut o] = io.storage(gpu);
     if o_running.is_some() {
-        storage.o = Storage::F32;
+        o = Storage::F32;
     }
     let kernel = gpu.kernels.get(
         device,
-        KernelKey {
-            kernel: Kernel::FlashAttention,
-            storage,
-            variant: plan.o_chunks,
+        KernelKey::FlashAttention {
+            q,
+            k,
+            v,
+            o,
+            o_chunks: plan.o_chunks,
+            masks: MaskOptions::of(spec),
         },
     )?;
     let layout = spec.opts.layout;
@@ -296,6 +196,10 @@ pub(crate) fn encode(
         })
     });
     let lse_out = io.lse.map(|t| t.buffer()).or(lse_scratch.as_ref());
+    let [q_stride_b, q_stride_h, q_stride_s] = strides(d.heads, d.q_len, d.head_dim);
+    let [k_stride_b, k_stride_h, k_stride_s] = strides(d.kv_heads, d.kv_len, d.head_dim);
+    let [v_stride_b, v_stride_h, v_stride_s] = strides(d.kv_heads, d.kv_len, d.v_head_dim);
+    let [o_stride_b, o_stride_h, o_stride_s] = strides(d.heads, d.q_len, d.v_head_dim);
     let pass_params: Vec<wgpu::Buffer> = (0..plan.passes)
         .map(|pass| {
             let params = FlashParams {
@@ -314,17 +218,20 @@ pub(crate) fn encode(
                 parts_lse_offset: parts_lse_offset as u32,
                 first_tile: pass * plan.tiles_per_split,
                 resume: (pass > 0) as u32,
-                _pad: 0,
-                q_strides: strides(d.heads, d.q_len, d.head_dim),
-                k_strides: strides(d.kv_heads, d.kv_len, d.head_dim),
-                v_strides: strides(d.kv_heads, d.kv_len, d.v_head_dim),
-                o_strides: strides(d.heads, d.q_len, d.v_head_dim),
+                q_stride_b,
+                q_stride_h,
+                q_stride_s,
+                k_stride_b,
+                k_stride_h,
+                k_stride_s,
+                v_stride_b,
+                v_stride_h,
+                v_stride_s,
+                o_stride_b,
+                o_stride_h,
+                o_stride_s,
             };
-            device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("wgpu-attention flash params"),
-                contents: bytemuck::bytes_of(&params),
-                usage: wgpu::BufferUsages::UNIFORM,
-            })
+            uniform_buffer(device, &params)
         })
         .collect();
     let size = DispatchSize::linear(
@@ -343,7 +250,7 @@ pub(crate) fn encode(
 
     let placeholder_out = &gpu.kernels.placeholder_out;
     // With splits the kernel writes the partials, not O, whose binding is then a placeholder.
-    let (o_binding, aux_binding) = match &parts {
+    let (o_binding, lse_or_partials) = match &parts {
         Some(parts) => (placeholder_out, parts),
         None => (
             o_running.as_ref().unwrap_or(io.o).buffer(),
@@ -363,7 +270,7 @@ pub(crate) fn encode(
                 masks.bias(gpu),
                 masks.mask(gpu),
                 masks.lens(gpu),
-                aux_binding,
+                lse_or_partials,
                 &masks.params,
             ],
         );
@@ -377,14 +284,8 @@ pub(crate) fn encode(
     if let Some(parts) = &parts {
         // Partials are [split, batch, heads, q_len, v_head_dim], then [split, batch, heads, q_len].
         let row = d.v_head_dim as u32;
-        let part_stride = [
-            (rows as u32) * row,
-            (d.heads * d.q_len) as u32 * row,
-            d.q_len as u32 * row,
-            row,
-        ];
-        let part_lse_stride = [rows as u32, (d.heads * d.q_len) as u32, d.q_len as u32, 1];
-        let combine = CombineParams {
+        let heads_rows = (d.heads * d.q_len) as u32;
+        let params = CombineParams {
             splits: plan.splits,
             rows: rows as u32,
             heads: d.heads as u32,
@@ -392,29 +293,33 @@ pub(crate) fn encode(
             v_head_dim: d.v_head_dim as u32,
             write_lse: io.lse.is_some() as u32,
             lse_offset: parts_lse_offset as u32,
-            _pad0: 0,
-            part_stride,
-            part_lse_stride,
-            o_strides: strides(d.heads, d.q_len, d.v_head_dim),
-            _pad1: 0,
+            part_stride_s: rows as u32 * row,
+            part_stride_b: heads_rows * row,
+            part_stride_h: d.q_len as u32 * row,
+            part_stride_i: row,
+            part_lse_stride_s: rows as u32,
+            part_lse_stride_b: heads_rows,
+            part_lse_stride_h: d.q_len as u32,
+            part_lse_stride_i: 1,
+            o_stride_b,
+            o_stride_h,
+            o_stride_s,
         };
-        encode_combine(
-            gpu,
-            encoder,
-            &combine,
+        let merge = Combine {
+            params,
             parts,
-            parts,
-            Storage::F32,
-            io.o,
-            io.lse.map(|t| t.buffer()),
-            true,
-        )?;
+            part_lses: parts,
+            parts_storage: Storage::F32,
+            o: io.o,
+            lse: io.lse.map(|t| t.buffer()),
+            last: true,
+        };
+        combine::encode(gpu, encoder, &merge)?;
     }
     if let (Some(running), Some(lse)) = (&o_running, lse_out) {
         // One "split": the combine kernel copies the f32 rows into O's dtype (zeros where the
         // log-sum-exp says the row had no key).
-        let [sb, sh, ss] = strides(d.heads, d.q_len, d.v_head_dim);
-        let convert = CombineParams {
+        let params = CombineParams {
             splits: 1,
             rows: rows as u32,
             heads: d.heads as u32,
@@ -422,23 +327,28 @@ pub(crate) fn encode(
             v_head_dim: d.v_head_dim as u32,
             write_lse: 0,
             lse_offset: 0,
-            _pad0: 0,
-            part_stride: [0, sb, sh, ss],
-            part_lse_stride: [0, (d.heads * d.q_len) as u32, d.q_len as u32, 1],
-            o_strides: [sb, sh, ss],
-            _pad1: 0,
+            part_stride_s: 0,
+            part_stride_b: o_stride_b,
+            part_stride_h: o_stride_h,
+            part_stride_i: o_stride_s,
+            part_lse_stride_s: 0,
+            part_lse_stride_b: (d.heads * d.q_len) as u32,
+            part_lse_stride_h: d.q_len as u32,
+            part_lse_stride_i: 1,
+            o_stride_b,
+            o_stride_h,
+            o_stride_s,
         };
-        encode_combine(
-            gpu,
-            encoder,
-            &convert,
-            running.buffer(),
-            lse,
-            Storage::F32,
-            io.o,
-            None,
-            true,
-        )?;
+        let convert = Combine {
+            params,
+            parts: running.buffer(),
+            part_lses: lse,
+            parts_storage: Storage::F32,
+            o: io.o,
+            lse: None,
+            last: true,
+        };
+        combine::encode(gpu, encoder, &convert)?;
     }
     Ok(())
 }

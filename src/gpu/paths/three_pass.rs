@@ -9,18 +9,18 @@
 //! and a multi-chunk plan copies each chunk into the weights buffer, which only has to fit
 //! `max_buffer_size`, not a binding.
 
-use bytemuck::{Pod, Zeroable};
 use wgpu::util::DeviceExt;
 
+use super::{Io, masking};
 use crate::error::{Error, Result};
-use crate::gpu::context::{Gpu, GpuLimits};
-use crate::gpu::kernels::{DispatchSize, Kernel, KernelKey, TensorStorage};
-use crate::gpu::masking::{self, check_binding};
-use crate::gpu::tensor::Tensor;
+use crate::gpu::context::Gpu;
+use crate::gpu::kernels::uniforms::{PvParams, QkParams, SoftmaxParams, uniform_buffer};
+use crate::gpu::kernels::{KernelKey, MaskOptions};
+use crate::gpu::limits::{DispatchSize, GpuLimits};
 use crate::spec::Spec;
 
 /// Rows and columns of one tile of the product kernels.
-const TILE: u64 = 64;
+const TILE: u64 = crate::gpu::kernels::uniforms::TILE as u64;
 
 /// The longest key range on a device that caps loop iterations per invocation (llvmpipe,
 /// see [`GpuLimits::max_key_tiles_per_workgroup`]): `pv_product` loops `kv_len / 16` times
@@ -160,92 +160,6 @@ impl ThreePassPlan {
     }
 }
 
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct QkParams {
-    bh_start: u32,
-    bh_count: u32,
-    row_start: u32,
-    rows: u32,
-    kv_len: u32,
-    head_dim: u32,
-    heads: u32,
-    group: u32,
-    tiles_i: u32,
-    tiles_j: u32,
-    q_strides: [u32; 3],
-    k_strides: [u32; 3],
-    scale: f32,
-    _pad: [u32; 3],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct SoftmaxParams {
-    bh_start: u32,
-    bh_count: u32,
-    row_start: u32,
-    rows: u32,
-    heads: u32,
-    write_lse: u32,
-    _pad: [u32; 2],
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct PvParams {
-    bh_start: u32,
-    bh_count: u32,
-    row_start: u32,
-    rows: u32,
-    kv_len: u32,
-    v_head_dim: u32,
-    heads: u32,
-    group: u32,
-    tiles_i: u32,
-    tiles_n: u32,
-    v_strides: [u32; 3],
-    o_strides: [u32; 3],
-}
-
-fn strides_u32(s: [usize; 3]) -> [u32; 3] {
-    s.map(|x| x as u32)
-}
-
-/// The buffers one call reads and writes.
-pub(crate) struct Io<'a> {
-    pub(crate) q: &'a Tensor,
-    pub(crate) k: &'a Tensor,
-    pub(crate) v: &'a Tensor,
-    pub(crate) o: &'a Tensor,
-    pub(crate) lse: Option<&'a Tensor>,
-    pub(crate) weights: Option<&'a Tensor>,
-}
-
-impl Io<'_> {
-    /// Every tensor a kernel binds whole must fit one storage binding.
-    pub(crate) fn check_bindings(&self, limits: &GpuLimits) -> Result<()> {
-        for (what, t) in [("Q", self.q), ("K", self.k), ("V", self.v), ("O", self.o)] {
-            check_binding(limits, what, t.byte_len())?;
-        }
-        if let Some(lse) = self.lse {
-            check_binding(limits, "log-sum-exp", lse.byte_len())?;
-        }
-        Ok(())
-    }
-
-    /// How the kernels see Q, K, V and O on `gpu`.
-    pub(crate) fn storage(&self, gpu: &Gpu) -> TensorStorage {
-        TensorStorage {
-            q: gpu.storage(self.q.dtype()),
-            k: gpu.storage(self.k.dtype()),
-            v: gpu.storage(self.v.dtype()),
-            o: gpu.storage(self.o.dtype()),
-            ..TensorStorage::default()
-        }
-    }
-}
-
 /// Encodes the three passes for every chunk of `plan` into `encoder`.
 pub(crate) fn encode(
     gpu: &Gpu,
@@ -283,12 +197,7 @@ pub(crate) fn encode(
         (None, None) => unreachable!("scratch exists unless the weights buffer serves"),
     };
 
-    let storage = io.storage(gpu);
-    let key = |kernel, variant| KernelKey {
-        kernel,
-        storage,
-        variant,
-    };
+    let [q_storage, k_storage, v_storage, o_storage] = io.storage(gpu);
     // Additive (Bahdanau) scores replace QK^T in pass 1: the same kernel specialised by a
     // pipeline constant, with the weight vector at binding 4 and no scale.
     let additive = opts.additive.as_ref().map(|w| {
@@ -298,28 +207,36 @@ pub(crate) fn encode(
             usage: wgpu::BufferUsages::STORAGE,
         })
     });
-    let qk = gpu
-        .kernels
-        .get(device, key(Kernel::QkScores, additive.is_some() as u32))?;
+    let qk = gpu.kernels.get(
+        device,
+        KernelKey::QkScores {
+            q: q_storage,
+            k: k_storage,
+            additive: additive.is_some(),
+        },
+    )?;
     let score_scale = if additive.is_some() { 1.0 } else { spec.scale };
     let softmax = gpu.kernels.get(
         device,
-        key(Kernel::MaskedSoftmax, gpu.kernels.row_workgroup),
+        KernelKey::MaskedSoftmax {
+            workgroup: gpu.kernels.row_workgroup,
+            masks: MaskOptions::of(spec),
+        },
     )?;
-    let pv = gpu.kernels.get(device, key(Kernel::PvProduct, 0))?;
+    let pv = gpu.kernels.get(
+        device,
+        KernelKey::PvProduct {
+            v: v_storage,
+            o: o_storage,
+        },
+    )?;
 
     let layout = opts.layout;
-    let q_strides = strides_u32(layout.strides(d.heads, d.q_len, d.head_dim));
-    let k_strides = strides_u32(layout.strides(d.kv_heads, d.kv_len, d.head_dim));
-    let v_strides = strides_u32(layout.strides(d.kv_heads, d.kv_len, d.v_head_dim));
-    let o_strides = strides_u32(layout.strides(d.heads, d.q_len, d.v_head_dim));
-    let uniform = |contents: &[u8]| {
-        device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("wgpu-attention params"),
-            contents,
-            usage: wgpu::BufferUsages::UNIFORM,
-        })
-    };
+    let strides = |heads, seq, dim| layout.strides(heads, seq, dim).map(|x| x as u32);
+    let [q_stride_b, q_stride_h, q_stride_s] = strides(d.heads, d.q_len, d.head_dim);
+    let [k_stride_b, k_stride_h, k_stride_s] = strides(d.kv_heads, d.kv_len, d.head_dim);
+    let [v_stride_b, v_stride_h, v_stride_s] = strides(d.kv_heads, d.kv_len, d.v_head_dim);
+    let [o_stride_b, o_stride_h, o_stride_s] = strides(d.heads, d.q_len, d.v_head_dim);
     let max_wg = limits.max_workgroups_per_dim;
     let last_chunk = plan.chunks.len() - 1;
     for (index, chunk) in plan.chunks.iter().enumerate() {
@@ -328,7 +245,9 @@ pub(crate) fn encode(
         let tiles_j = (d.kv_len as u64).div_ceil(TILE) as u32;
         let tiles_n = (d.v_head_dim as u64).div_ceil(TILE) as u32;
         let bh_count = chunk.bh_count as u32;
-        let qk_params = uniform(bytemuck::bytes_of(&QkParams {
+        let qk_params = uniform_buffer(
+            device,
+            &QkParams {
             bh_start: chunk.bh_start as u32,
             bh_count,
             row_start: chunk.row_start as u32,
@@ -339,21 +258,29 @@ pub(crate) fn encode(
             group: d.group() as u32,
             tiles_i,
             tiles_j,
-            q_strides,
-            k_strides,
+            q_stride_b,
+            q_stride_h,
+            q_stride_s,
+            k_stride_b,
+            k_stride_h,
+            k_stride_s,
             scale: score_scale,
-            _pad: [0; 3],
-        }));
-        let sm_params = uniform(bytemuck::bytes_of(&SoftmaxParams {
+        },
+        );
+        let sm_params = uniform_buffer(
+            device,
+            &SoftmaxParams {
             bh_start: chunk.bh_start as u32,
             bh_count,
             row_start: chunk.row_start as u32,
             rows: chunk.rows as u32,
             heads: d.heads as u32,
             write_lse: io.lse.is_some() as u32,
-            _pad: [0; 2],
-        }));
-        let pv_params = uniform(bytemuck::bytes_of(&PvParams {
+        },
+        );
+        let pv_params = uniform_buffer(
+            device,
+            &PvParams {
             bh_start: chunk.bh_start as u32,
             bh_count,
             row_start: chunk.row_start as u32,
@@ -364,9 +291,14 @@ pub(crate) fn encode(
             group: d.group() as u32,
             tiles_i,
             tiles_n,
-            v_strides,
-            o_strides,
-        }));
+            v_stride_b,
+            v_stride_h,
+            v_stride_s,
+            o_stride_b,
+            o_stride_h,
+            o_stride_s,
+        },
+        );
         let w = additive.as_ref().unwrap_or(&gpu.kernels.placeholder);
         let qk_bind = qk.bind(
             device,

@@ -5,13 +5,11 @@
 //! transpose. Every operand is a [`MatView`]: a tensor and the element strides of its three
 //! axes, so one kernel also serves strided views (a sum over heads, a transposed operand).
 
-use bytemuck::{Pod, Zeroable};
-use wgpu::util::DeviceExt;
-
 use crate::error::{Error, Result};
 use crate::gpu::context::Gpu;
-use crate::gpu::kernels::{DispatchSize, Kernel, KernelKey, TensorStorage};
-use crate::gpu::masking::check_binding;
+use crate::gpu::kernels::KernelKey;
+use crate::gpu::kernels::uniforms::{MatmulParams, TILE, uniform_buffer};
+use crate::gpu::limits::{DispatchSize, check_binding};
 use crate::gpu::tensor::Tensor;
 
 /// A matrix (or a batch of them) inside a tensor: element `(z, row, col)` is at
@@ -47,23 +45,6 @@ pub struct MatmulShape {
     pub batches: usize,
     /// Factor on the product (not on the bias).
     pub alpha: f32,
-}
-
-#[repr(C)]
-#[derive(Clone, Copy, Pod, Zeroable)]
-struct MatmulParams {
-    m: u32,
-    n: u32,
-    k: u32,
-    batches: u32,
-    tiles_m: u32,
-    tiles_n: u32,
-    has_bias: u32,
-    alpha: f32,
-    a_strides: [u32; 3],
-    b_strides: [u32; 3],
-    c_strides: [u32; 3],
-    _pad: [u32; 3],
 }
 
 /// Checks that every element a view reaches lies inside its tensor.
@@ -136,20 +117,17 @@ pub(crate) fn encode_matmul(
     let device = &gpu.device;
     let kernel = gpu.kernels.get(
         device,
-        KernelKey {
-            kernel: Kernel::Matmul,
-            storage: TensorStorage {
-                a: gpu.storage(a.tensor.dtype()),
-                b: gpu.storage(b.tensor.dtype()),
-                c: gpu.storage(c.tensor.dtype()),
-                ..TensorStorage::default()
-            },
-            variant: 0,
+        KernelKey::Matmul {
+            a: gpu.storage(a.tensor.dtype()),
+            b: gpu.storage(b.tensor.dtype()),
+            c: gpu.storage(c.tensor.dtype()),
         },
     )?;
-    let tiles_m = m.div_ceil(64) as u32;
-    let tiles_n = n.div_ceil(64) as u32;
-    let s32 = |s: [usize; 3]| s.map(|x| x as u32);
+    let tiles_m = (m as u32).div_ceil(TILE);
+    let tiles_n = (n as u32).div_ceil(TILE);
+    let [a_stride_z, a_stride_m, a_stride_k] = a.strides.map(|x| x as u32);
+    let [b_stride_z, b_stride_n, b_stride_k] = b.strides.map(|x| x as u32);
+    let [c_stride_z, c_stride_m, c_stride_n] = c.strides.map(|x| x as u32);
     let params = MatmulParams {
         m: m as u32,
         n: n as u32,
@@ -159,16 +137,17 @@ pub(crate) fn encode_matmul(
         tiles_n,
         has_bias: bias.is_some() as u32,
         alpha,
-        a_strides: s32(a.strides),
-        b_strides: s32(b.strides),
-        c_strides: s32(c.strides),
-        _pad: [0; 3],
+        a_stride_z,
+        a_stride_m,
+        a_stride_k,
+        b_stride_z,
+        b_stride_n,
+        b_stride_k,
+        c_stride_z,
+        c_stride_m,
+        c_stride_n,
     };
-    let uniform = device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some("wgpu-attention matmul params"),
-        contents: bytemuck::bytes_of(&params),
-        usage: wgpu::BufferUsages::UNIFORM,
-    });
+    let uniform = uniform_buffer(device, &params);
     let bind = kernel.bind(
         device,
         &[

@@ -1,0 +1,79 @@
+// The register-blocked tile product behind every product kernel (matmul, qk_scores,
+// pv_product, and the scores of flash_attention): one TILE x TILE tile of C = A B^T, the summed
+// axis staged TILE_K at a time through workgroup memory.
+// One workgroup: 16 x 16 invocations. One invocation (tx, ty): the 4 x 4 block of rows
+// 4 ty .. 4 ty + 3 and columns 4 tx .. 4 tx + 3, in registers.
+//
+// A kernel that includes this fragment defines its operands, in tile coordinates and the
+// absolute index k of the summed axis, returning 0 outside the problem:
+//     fn tile_a(row: u32, k: u32) -> f32
+//     fn tile_b(col: u32, k: u32) -> f32
+// and runs, for each k0 in steps of TILE_K:
+//     tile_stage_a(li, k0); tile_stage_b(li, k0);   // or tile_stage_b_by_k
+//     workgroupBarrier();
+//     acc = tile_fma(acc, ty, tx);
+//     workgroupBarrier();
+// then writes acc (lib/tile_store.wgsl, or its own epilogue). TILE and TILE_K come from the
+// host's shared constants.
+
+// A 4 x 4 register block: one vec4 of four columns per row.
+alias Block = array<vec4<f32>, 4>;
+
+// A slice of A then a slice of B, each [k][row / 4]: one vec4 holds four consecutive rows of
+// one k. Flash attention reuses it to stage V.
+var<workgroup> tile_stage: array<vec4<f32>, 512>;
+
+// A's slice k0 .. k0 + TILE_K for operands contiguous in k: each invocation loads four rows of
+// one k, and the 16 invocations that share those rows read 16 consecutive k, so global reads
+// coalesce.
+fn tile_stage_a(li: u32, k0: u32) {
+    let kk = li % TILE_K;
+    let mq = li / TILE_K;
+    var a = vec4<f32>();
+    for (var e = 0u; e < 4u; e++) {
+        a[e] = tile_a(mq * 4u + e, k0 + kk);
+    }
+    tile_stage[kk * 16u + mq] = a;
+}
+
+// B's slice, for operands contiguous in k (K of QK^T, a Linear weight).
+fn tile_stage_b(li: u32, k0: u32) {
+    let kk = li % TILE_K;
+    let mq = li / TILE_K;
+    var b = vec4<f32>();
+    for (var e = 0u; e < 4u; e++) {
+        b[e] = tile_b(mq * 4u + e, k0 + kk);
+    }
+    tile_stage[256u + kk * 16u + mq] = b;
+}
+
+// B's slice, for operands contiguous in the column (V of P V): each invocation loads four
+// consecutive columns of one k.
+fn tile_stage_b_by_k(li: u32, k0: u32) {
+    let kk = li / 16u;
+    let nq = li % 16u;
+    var b = vec4<f32>();
+    for (var e = 0u; e < 4u; e++) {
+        b[e] = tile_b(nq * 4u + e, k0 + kk);
+    }
+    tile_stage[256u + kk * 16u + nq] = b;
+}
+
+// acc[r] += a[r] * b: one k of a 4 x 4 block.
+fn block_fma(acc: Block, a: vec4<f32>, b: vec4<f32>) -> Block {
+    var out = acc;
+    out[0] += a.x * b;
+    out[1] += a.y * b;
+    out[2] += a.z * b;
+    out[3] += a.w * b;
+    return out;
+}
+
+// The staged slice's contribution to this invocation's block.
+fn tile_fma(acc: Block, ty: u32, tx: u32) -> Block {
+    var out = acc;
+    for (var k = 0u; k < TILE_K; k++) {
+        out = block_fma(out, tile_stage[k * 16u + ty], tile_stage[256u + k * 16u + tx]);
+    }
+    return out;
+}

@@ -1,0 +1,166 @@
+//! [`Attention`]'s GPU entry points: [`plan`](Attention::plan), [`run`](Attention::run) and
+//! [`run_into`](Attention::run_into) (the type and its options live in `spec.rs`).
+//!
+//! A call is validated once ([`Attention::validate`] gives the [`Spec`] every later step
+//! takes), planned from the device's [`GpuLimits`] alone ([`paths::choose`]), encoded into one
+//! command buffer and submitted once.
+
+use crate::error::{Error, Result};
+use crate::gpu::context::Gpu;
+use crate::gpu::limits::GpuLimits;
+use crate::gpu::paths::{self, Io, Plan};
+use crate::gpu::tensor::Tensor;
+use crate::gpu::Output;
+use crate::spec::{Attention, DType, Dims, Spec};
+
+fn expect_dims(what: &'static str, got: [usize; 4], expected: [usize; 4]) -> Result<()> {
+    for (axis, (&g, &e)) in got.iter().zip(&expected).enumerate() {
+        if g != e {
+            return Err(Error::ShapeMismatch {
+                what: format!("{what} dim {axis} (expected dims {expected:?})"),
+                got: g,
+                expected: e,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Checks caller-allocated outputs against a validated call.
+fn check_outputs(spec: &Spec<'_>, out: &Output) -> Result<()> {
+    let dims = spec.dims;
+    expect_dims("O", out.o.dims(), dims.o_shape(spec.opts.layout))?;
+    if let Some(lse) = &out.lse {
+        expect_dims(
+            "log-sum-exp",
+            lse.dims(),
+            [dims.batch, dims.heads, dims.q_len, 1],
+        )?;
+    }
+    if let Some(w) = &out.weights {
+        expect_dims("weights", w.dims(), dims.score_shape())?;
+    }
+    for (what, t) in [("log-sum-exp", &out.lse), ("weights", &out.weights)] {
+        if let Some(t) = t
+            && t.dtype() != DType::F32
+        {
+            return Err(Error::InvalidOption {
+                what,
+                value: format!("{:?}", t.dtype()),
+                why: "the log-sum-exp and the weights are always f32",
+            });
+        }
+    }
+    Ok(())
+}
+
+impl Attention {
+    /// The plan a call with these options would run for `dims` on `gpu`, without running it.
+    pub fn plan(&self, gpu: &Gpu, dims: Dims) -> Result<Plan> {
+        self.plan_for_limits(&gpu.limits, dims)
+    }
+
+    /// The plan a call with these options would run for `dims` on a device with `limits`
+    /// (e.g. [`GpuLimits::from_wgpu`] of a device this program has not opened). Needs no
+    /// device: planning is arithmetic over the limits.
+    pub fn plan_for_limits(&self, limits: &GpuLimits, dims: Dims) -> Result<Plan> {
+        let spec = self.validate(dims)?;
+        paths::choose(&spec, limits, self.want_weights)
+    }
+
+    /// Runs attention on the GPU, allocating the outputs (O in the queries' dtype).
+    ///
+    /// Dims are read from the tensors in the layout of the options; the log-sum-exp and the
+    /// weights are returned when [`return_lse`](Attention::return_lse) and
+    /// [`return_weights`](Attention::return_weights) ask for them. Supported: `head_dim` and
+    /// `v_head_dim` 1 to 256, any lengths (problems larger than one storage binding are
+    /// chunked), every tensor within one storage binding.
+    pub fn run(&self, gpu: &Gpu, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Output> {
+        let dims = Dims::from_shapes(self.layout, q.dims(), k.dims(), v.dims())?;
+        let spec = self.validate(dims)?;
+        let lse_dims = [dims.batch, dims.heads, dims.q_len, 1];
+        // O takes the queries' dtype: f32 queries over a bf16 cache give an f32 output.
+        let out = Output {
+            o: gpu.empty_as(dims.o_shape(self.layout), q.dtype())?,
+            lse: self.want_lse.then(|| gpu.empty(lse_dims)).transpose()?,
+            weights: self
+                .want_weights
+                .then(|| gpu.empty(dims.score_shape()))
+                .transpose()?,
+        };
+        run_validated(gpu, &spec, (q, k, v), &out)?;
+        Ok(out)
+    }
+
+    /// Runs attention on the GPU into outputs the caller allocated (reused across calls, or
+    /// poisoned by a test). The log-sum-exp and weights are written when `out` has them,
+    /// whatever [`return_lse`](Attention::return_lse) says; weights in `out` make
+    /// [`Path::Auto`](crate::Path::Auto) choose the three-pass path.
+    pub fn run_into(
+        &self,
+        gpu: &Gpu,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        out: &Output,
+    ) -> Result<()> {
+        let dims = Dims::from_shapes(self.layout, q.dims(), k.dims(), v.dims())?;
+        let spec = self.validate(dims)?;
+        check_outputs(&spec, out)?;
+        run_validated(gpu, &spec, (q, k, v), out)
+    }
+
+    /// Validates and plans a call and records it into `encoder` without submitting, for
+    /// callers that put more work in the same command buffer (the multi-head layer).
+    pub(crate) fn encode_into(
+        &self,
+        gpu: &Gpu,
+        (q, k, v): (&Tensor, &Tensor, &Tensor),
+        out: &Output,
+        encoder: &mut wgpu::CommandEncoder,
+    ) -> Result<()> {
+        let dims = Dims::from_shapes(self.layout, q.dims(), k.dims(), v.dims())?;
+        let spec = self.validate(dims)?;
+        check_outputs(&spec, out)?;
+        let plan = plan_checked(gpu, &spec, out)?;
+        paths::encode(gpu, &spec, &plan, &io((q, k, v), out), encoder)
+    }
+}
+
+fn io<'a>((q, k, v): (&'a Tensor, &'a Tensor, &'a Tensor), out: &'a Output) -> Io<'a> {
+    Io {
+        q,
+        k,
+        v,
+        o: &out.o,
+        lse: out.lse.as_ref(),
+        weights: out.weights.as_ref(),
+    }
+}
+
+/// The plan for a validated call into `out`; weights in `out` need the three-pass path.
+fn plan_checked(gpu: &Gpu, spec: &Spec<'_>, out: &Output) -> Result<Plan> {
+    let plan = paths::choose(spec, &gpu.limits, out.weights.is_some())?;
+    if out.weights.is_some() && !matches!(plan, Plan::ThreePass { .. }) {
+        return Err(Error::InvalidOption {
+            what: "weights output",
+            value: "Some".into(),
+            why: "the fused path does not materialise the weights; ask for them with \
+                  return_weights(true) so the plan picks the three-pass path",
+        });
+    }
+    Ok(plan)
+}
+
+/// Plans, encodes and submits a validated call whose outputs have been checked.
+fn run_validated(
+    gpu: &Gpu,
+    spec: &Spec<'_>,
+    inputs: (&Tensor, &Tensor, &Tensor),
+    out: &Output,
+) -> Result<()> {
+    let plan = plan_checked(gpu, spec, out)?;
+    gpu.submit_with(plan.name(), |encoder| {
+        paths::encode(gpu, spec, &plan, &io(inputs, out), encoder)
+    })
+}

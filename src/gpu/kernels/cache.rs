@@ -1,0 +1,191 @@
+//! The per-device pipeline cache.
+//!
+//! The fast path takes a read lock; a miss compiles outside any lock and re-checks under the
+//! write lock, so two threads racing on the same key waste at most one compilation and never
+//! block each other's dispatches.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+
+use super::uniforms::{TILE_INVOCATIONS, TILE_STAGE_BYTES};
+use super::{KernelKey, Slot};
+use crate::error::{Error, Result};
+use crate::gpu::limits::GpuLimits;
+
+/// A compiled kernel and the layout its bind groups are made from.
+#[derive(Debug)]
+pub(crate) struct Compiled {
+    pub(crate) pipeline: wgpu::ComputePipeline,
+    pub(crate) layout: wgpu::BindGroupLayout,
+    pub(crate) label: String,
+}
+
+/// Per-device pipeline cache and shared small buffers.
+#[derive(Debug)]
+pub(crate) struct Kernels {
+    cache: RwLock<HashMap<KernelKey, Arc<Compiled>>>,
+    /// Bound where a kernel's optional input is absent (bindings cannot be left empty).
+    pub(crate) placeholder: wgpu::Buffer,
+    /// Bound where a kernel's optional output is absent: a buffer bound read-write may not also
+    /// be bound read-only in the same dispatch, so inputs and outputs need one each.
+    pub(crate) placeholder_out: wgpu::Buffer,
+    /// Workgroup size of the row-reduction kernels, a power of two the device supports.
+    pub(crate) row_workgroup: u32,
+}
+
+impl Kernels {
+    pub(crate) fn new(device: &wgpu::Device, limits: &GpuLimits) -> Result<Kernels> {
+        if limits.max_invocations_per_workgroup < TILE_INVOCATIONS {
+            return Err(Error::Unsupported {
+                what: "invocations per workgroup",
+                needed: TILE_INVOCATIONS as u64,
+                available: limits.max_invocations_per_workgroup as u64,
+            });
+        }
+        if limits.max_workgroup_storage < TILE_STAGE_BYTES {
+            return Err(Error::Unsupported {
+                what: "workgroup memory (bytes)",
+                needed: TILE_STAGE_BYTES as u64,
+                available: limits.max_workgroup_storage as u64,
+            });
+        }
+        let placeholder = |label| {
+            device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some(label),
+                size: 16,
+                usage: wgpu::BufferUsages::STORAGE,
+                mapped_at_creation: false,
+            })
+        };
+        Ok(Kernels {
+            cache: RwLock::new(HashMap::new()),
+            placeholder: placeholder("wgpu-attention placeholder input"),
+            placeholder_out: placeholder("wgpu-attention placeholder output"),
+            row_workgroup: 256,
+        })
+    }
+
+    /// How many pipelines have been compiled on this device.
+    pub(crate) fn compiled(&self) -> usize {
+        self.cache.read().expect("pipeline cache poisoned").len()
+    }
+
+    /// The pipeline for `key`, compiling it on first use.
+    pub(crate) fn get(&self, device: &wgpu::Device, key: KernelKey) -> Result<Arc<Compiled>> {
+        if let Some(hit) = self
+            .cache
+            .read()
+            .expect("pipeline cache poisoned")
+            .get(&key)
+        {
+            return Ok(hit.clone());
+        }
+        let compiled = Arc::new(compile(device, key)?);
+        let mut cache = self.cache.write().expect("pipeline cache poisoned");
+        Ok(cache.entry(key).or_insert(compiled).clone())
+    }
+}
+
+fn compile(device: &wgpu::Device, key: KernelKey) -> Result<Compiled> {
+    let label = key.label();
+    log::debug!("wgpu-attention: compiling {label}");
+    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    // A backend compiler (Metal's, DXC, a Vulkan driver) rejecting the translated shader is an
+    // internal error, not a validation one.
+    let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
+    // naga's loop bounding adds a counter to every loop so that an infinite loop cannot be
+    // undefined behaviour. It also hides every loop's trip count from the driver, so no loop is
+    // unrolled: that costs speed everywhere, and on llvmpipe it breaks results, because
+    // llvmpipe stops an invocation's loops after 65535 iterations *in total* (over all loops
+    // and re-entries), so a long-enough kernel silently skips work (NOTES.md).
+    #[allow(unsafe_code)]
+    // SAFETY: every loop in these kernels is bounded by sizes from a uniform or a constant,
+    // which the plans validate; bounds checks on memory accesses stay on.
+    let module = unsafe {
+        device.create_shader_module_trusted(
+            wgpu::ShaderModuleDescriptor {
+                label: Some(&label),
+                source: wgpu::ShaderSource::Wgsl(key.source().into()),
+            },
+            wgpu::ShaderRuntimeChecks {
+                force_loop_bounding: false,
+                ..wgpu::ShaderRuntimeChecks::checked()
+            },
+        )
+    };
+    let entries: Vec<wgpu::BindGroupLayoutEntry> = key
+        .kernel()
+        .slots()
+        .iter()
+        .enumerate()
+        .map(|(binding, slot)| {
+            let ty = match *slot {
+                Slot::Uniform => wgpu::BufferBindingType::Uniform,
+                Slot::Storage { read_only } | Slot::Tensor { read_only, .. } => {
+                    wgpu::BufferBindingType::Storage { read_only }
+                }
+            };
+            wgpu::BindGroupLayoutEntry {
+                binding: binding as u32,
+                visibility: wgpu::ShaderStages::COMPUTE,
+                ty: wgpu::BindingType::Buffer {
+                    ty,
+                    has_dynamic_offset: false,
+                    min_binding_size: None,
+                },
+                count: None,
+            }
+        })
+        .collect();
+    let layout = device.create_bind_group_layout(&wgpu::BindGroupLayoutDescriptor {
+        label: Some(&label),
+        entries: &entries,
+    });
+    let pipeline_layout = device.create_pipeline_layout(&wgpu::PipelineLayoutDescriptor {
+        label: Some(&label),
+        bind_group_layouts: &[Some(&layout)],
+        immediate_size: 0,
+    });
+    let constants = key.constants();
+    let pipeline = device.create_compute_pipeline(&wgpu::ComputePipelineDescriptor {
+        label: Some(&label),
+        layout: Some(&pipeline_layout),
+        module: &module,
+        entry_point: Some("main"),
+        compilation_options: wgpu::PipelineCompilationOptions {
+            constants: &constants,
+            // Every kernel writes its workgroup memory before reading it.
+            zero_initialize_workgroup_memory: false,
+        },
+        cache: None,
+    });
+    let internal = pollster::block_on(internal.pop());
+    if let Some(err) = pollster::block_on(scope.pop()).or(internal) {
+        return Err(Error::Gpu(format!("compiling {label}: {err}")));
+    }
+    Ok(Compiled {
+        pipeline,
+        layout,
+        label,
+    })
+}
+
+impl Compiled {
+    /// A bind group with `buffers[n]` at `@binding(n)`, each bound whole.
+    pub(crate) fn bind(&self, device: &wgpu::Device, buffers: &[&wgpu::Buffer]) -> wgpu::BindGroup {
+        let entries: Vec<wgpu::BindGroupEntry> = buffers
+            .iter()
+            .enumerate()
+            .map(|(binding, buffer)| wgpu::BindGroupEntry {
+                binding: binding as u32,
+                resource: buffer.as_entire_binding(),
+            })
+            .collect();
+        device.create_bind_group(&wgpu::BindGroupDescriptor {
+            label: Some(&self.label),
+            layout: &self.layout,
+            entries: &entries,
+        })
+    }
+}
+

@@ -1,0 +1,120 @@
+//! Composition of a kernel's complete WGSL from its key (the order is in the module docs of
+//! [`kernels`](super)).
+
+use std::fmt::Write as _;
+
+use super::{Kernel, KernelKey, Slot, Storage, uniforms};
+
+/// The complete source of `key`.
+pub(super) fn source(key: &KernelKey) -> String {
+    let kernel: Kernel = key.kernel();
+    let mut src = String::new();
+    if key.needs_f16() {
+        src.push_str("enable f16;\n");
+    }
+    src.push_str(&uniforms::shared_constants());
+    for decl in kernel.uniforms() {
+        src.push_str(decl);
+    }
+    let storages = key.tensors();
+    let mut next = storages.iter();
+    for (binding, slot) in kernel.slots().iter().enumerate() {
+        if let Slot::Tensor { name, read_only } = *slot {
+            let storage = *next.next().expect("a storage per tensor slot");
+            prelude(&mut src, name, binding, storage, read_only);
+        }
+    }
+    for fragment in kernel.fragments() {
+        src.push_str(fragment.source());
+    }
+    src.push_str(kernel.source());
+    src
+}
+
+/// Declares tensor `name` at `binding` in `storage`, with its f32 accessors: `load_<name>(i)`,
+/// and `store_<name>(i, x)` when writable. Packed types store through atomics on the word
+/// that holds the element, because the other half may belong to another invocation.
+fn prelude(src: &mut String, name: &str, binding: usize, storage: Storage, read_only: bool) {
+    let access = if read_only { "read" } else { "read_write" };
+    let decl = |ty: &str| {
+        format!("@group(0) @binding({binding}) var<storage, {access}> {name}_buf: {ty};\n")
+    };
+    // The 32-bit word holding element i, as a value.
+    let word = if read_only {
+        format!("{name}_buf[i >> 1u]")
+    } else {
+        format!("atomicLoad(&{name}_buf[i >> 1u])")
+    };
+    let packed_store = |bits: &str| {
+        format!(
+            "fn store_{name}(i: u32, x: f32) {{\n    let bits = {bits};\n    let shift = (i & 1u) * 16u;\n    \
+             atomicAnd(&{name}_buf[i >> 1u], ~(0xffffu << shift));\n    \
+             atomicOr(&{name}_buf[i >> 1u], bits << shift);\n}}\n"
+        )
+    };
+    match storage {
+        Storage::F32 => {
+            src.push_str(&decl("array<f32>"));
+            let _ = writeln!(
+                src,
+                "fn load_{name}(i: u32) -> f32 {{ return {name}_buf[i]; }}"
+            );
+            if !read_only {
+                let _ = writeln!(
+                    src,
+                    "fn store_{name}(i: u32, x: f32) {{ {name}_buf[i] = x; }}"
+                );
+            }
+        }
+        Storage::F16 => {
+            src.push_str(&decl("array<f16>"));
+            let _ = writeln!(
+                src,
+                "fn load_{name}(i: u32) -> f32 {{ return f32({name}_buf[i]); }}"
+            );
+            if !read_only {
+                let _ = writeln!(
+                    src,
+                    "fn store_{name}(i: u32, x: f32) {{ {name}_buf[i] = f16(x); }}"
+                );
+            }
+        }
+        Storage::F16Packed => {
+            src.push_str(&decl(if read_only {
+                "array<u32>"
+            } else {
+                "array<atomic<u32>>"
+            }));
+            let _ = writeln!(
+                src,
+                "fn load_{name}(i: u32) -> f32 {{\n    let pair = unpack2x16float({word});\n    \
+                 return select(pair.x, pair.y, (i & 1u) != 0u);\n}}"
+            );
+            if !read_only {
+                src.push_str(&packed_store("pack2x16float(vec2<f32>(x, 0.0)) & 0xffffu"));
+            }
+        }
+        Storage::Bf16 => {
+            src.push_str(&decl(if read_only {
+                "array<u32>"
+            } else {
+                "array<atomic<u32>>"
+            }));
+            let _ = writeln!(
+                src,
+                "fn load_{name}(i: u32) -> f32 {{ return bitcast<f32>((({word} >> ((i & 1u) * 16u)) & 0xffffu) << 16u); }}"
+            );
+            if !read_only {
+                // Round to nearest even; NaN stays a (quiet) NaN.
+                let _ = writeln!(
+                    src,
+                    "fn bf16_bits_{name}(x: f32) -> u32 {{\n    let u = bitcast<u32>(x);\n    \
+                     if (u & 0x7fffffffu) > 0x7f800000u {{ return 0x7fc0u; }}\n    \
+                     return (u + 0x7fffu + ((u >> 16u) & 1u)) >> 16u;\n}}"
+                );
+                src.push_str(&packed_store(&format!("bf16_bits_{name}(x)")));
+            }
+        }
+    }
+}
+

@@ -1,0 +1,616 @@
+//! The one place that names every kernel: its shader, its bindings, its specialisations.
+//!
+//! # How a kernel is put together
+//!
+//! A kernel is one file under `shaders/` holding its entry point `main`, composed by the host
+//! ([`KernelKey::source`]) with shared pieces, in this order:
+//!
+//! 1. `enable` lines for the features the key needs (`enable f16;` when a tensor is stored as
+//!    native f16). Subgroup builtins need no `enable` (naga 30 rejects `enable subgroups;`):
+//!    they work once the device has `Features::SUBGROUP`.
+//! 2. the shared constants ([`uniforms::shared_constants`]: `-inf` bits, tile sizes, ...) and
+//!    the WGSL structs of the parameter blocks the kernel binds, generated from their one Rust
+//!    definition ([`uniforms`]);
+//! 3. a *prelude* per tensor binding, declaring it in its [`Storage`] with a
+//!    `load_<name>(i) -> f32` (and, when writable, `store_<name>(i, x)`) accessor: a new
+//!    storage type is a new prelude, never a copy of a kernel;
+//! 4. the fragments of `shaders/lib/` the kernel uses ([`Kernel::fragments`]): the workgroup
+//!    grid, log-sum-exp merging, the register-blocked tile product and its store, the masking
+//!    rules;
+//! 5. the kernel file.
+//!
+//! A new product kernel defines `tile_a` / `tile_b` (its operands) and `tile_out` (its
+//! epilogue) and loops over `tile_stage_*` / `tile_fma` (see `shaders/lib/tile_gemm.wgsl`); a
+//! new masking kernel calls `key_range`, `mask_allows` and `adjust_score`.
+//!
+//! Everything that changes the compiled pipeline is in its [`KernelKey`], one variant per
+//! kernel: tensor storage, tile configuration, and the options compiled in as pipeline
+//! `override` constants ([`MaskOptions`], additive scores). Pipelines are compiled on first use
+//! and cached per key ([`cache`]); the key is also the pipeline's debug label.
+
+mod cache;
+mod compose;
+pub(crate) mod uniforms;
+
+pub(crate) use cache::Kernels;
+
+use uniforms::{
+    CAUSAL_BOTTOM_RIGHT, CAUSAL_TOP_LEFT, CombineParams, FlashParams, MaskParams, MatmulParams,
+    PvParams, QkParams, SoftmaxParams, TILE, TILE_STAGE_BYTES, Uniform,
+};
+
+use crate::spec::{Causal, DType, Spec};
+
+/// WGSL source of the tiled `QK^T` kernel (and of additive scores, by a pipeline constant).
+pub const QK_SCORES: &str = include_str!("../../../shaders/qk_scores.wgsl");
+/// WGSL source of the masked row-softmax kernel.
+pub const MASKED_SOFTMAX: &str = include_str!("../../../shaders/masked_softmax.wgsl");
+/// WGSL source of the tiled `P V` kernel.
+pub const PV_PRODUCT: &str = include_str!("../../../shaders/pv_product.wgsl");
+/// WGSL source of the fused flash-attention kernel.
+pub const FLASH_ATTENTION: &str = include_str!("../../../shaders/flash_attention.wgsl");
+/// WGSL source of the kernel that merges partial results by their log-sum-exp.
+pub const COMBINE_SPLITS: &str = include_str!("../../../shaders/combine_splits.wgsl");
+/// WGSL source of the batched matrix product with bias (the layer's projections).
+pub const MATMUL: &str = include_str!("../../../shaders/matmul.wgsl");
+
+/// A piece of WGSL under `shaders/lib/` that kernels include (not a kernel itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Fragment {
+    /// `workgroup_index`: the linear index of a spilled grid.
+    Grid,
+    /// Log-sum-exps as bits, and merging partial results by them.
+    Lse,
+    /// The register-blocked tile product (`tile_stage_*`, `tile_fma`).
+    TileGemm,
+    /// `tile_store`: the tile product's epilogue through the kernel's `tile_out`.
+    TileStore,
+    /// The masking rules, with the options as pipeline constants.
+    Masking,
+}
+
+impl Fragment {
+    /// Every fragment.
+    pub const ALL: [Fragment; 5] = [
+        Fragment::Grid,
+        Fragment::Lse,
+        Fragment::TileGemm,
+        Fragment::TileStore,
+        Fragment::Masking,
+    ];
+
+    /// Its WGSL.
+    pub fn source(self) -> &'static str {
+        match self {
+            Fragment::Grid => include_str!("../../../shaders/lib/grid.wgsl"),
+            Fragment::Lse => include_str!("../../../shaders/lib/lse.wgsl"),
+            Fragment::TileGemm => include_str!("../../../shaders/lib/tile_gemm.wgsl"),
+            Fragment::TileStore => include_str!("../../../shaders/lib/tile_store.wgsl"),
+            Fragment::Masking => include_str!("../../../shaders/lib/masking.wgsl"),
+        }
+    }
+}
+
+/// Every kernel of the crate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Kernel {
+    /// `S = scale * Q K^T`, tiled (three-pass path, pass 1).
+    QkScores,
+    /// Masked softmax of S in place, with log-sum-exp (three-pass path, pass 2).
+    MaskedSoftmax,
+    /// `O = P V`, tiled (three-pass path, pass 3).
+    PvProduct,
+    /// Scores, online softmax and `P V` fused (flash attention).
+    FlashAttention,
+    /// Merges partial results over disjoint key sets (flash-decoding splits, public merge).
+    CombineSplits,
+    /// Batched `C = alpha A B^T + bias` with any strides (projections, head averages).
+    Matmul,
+}
+
+/// What sits at one binding slot of a kernel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Slot {
+    Uniform,
+    /// A buffer the kernel declares itself.
+    Storage { read_only: bool },
+    /// A tensor the prelude declares, with accessors named after it.
+    Tensor {
+        name: &'static str,
+        read_only: bool,
+    },
+}
+
+const fn tensor(name: &'static str, read_only: bool) -> Slot {
+    Slot::Tensor { name, read_only }
+}
+
+impl Kernel {
+    /// All kernels, for tests that compile every one.
+    pub const ALL: [Kernel; 6] = [
+        Kernel::QkScores,
+        Kernel::MaskedSoftmax,
+        Kernel::PvProduct,
+        Kernel::FlashAttention,
+        Kernel::CombineSplits,
+        Kernel::Matmul,
+    ];
+
+    /// The kernel's own file.
+    pub fn source(self) -> &'static str {
+        match self {
+            Kernel::QkScores => QK_SCORES,
+            Kernel::MaskedSoftmax => MASKED_SOFTMAX,
+            Kernel::PvProduct => PV_PRODUCT,
+            Kernel::FlashAttention => FLASH_ATTENTION,
+            Kernel::CombineSplits => COMBINE_SPLITS,
+            Kernel::Matmul => MATMUL,
+        }
+    }
+
+    /// The fragments of `shaders/lib/` it includes, in order.
+    pub fn fragments(self) -> &'static [Fragment] {
+        use Fragment::*;
+        match self {
+            Kernel::QkScores | Kernel::PvProduct | Kernel::Matmul => &[Grid, TileGemm, TileStore],
+            Kernel::MaskedSoftmax => &[Grid, Lse, Masking],
+            Kernel::FlashAttention => &[Grid, Lse, TileGemm, Masking],
+            Kernel::CombineSplits => &[Grid, Lse],
+        }
+    }
+
+    /// The WGSL declarations of the parameter blocks it binds.
+    fn uniforms(self) -> &'static [&'static str] {
+        match self {
+            Kernel::QkScores => &[QkParams::WGSL],
+            Kernel::MaskedSoftmax => &[SoftmaxParams::WGSL, MaskParams::WGSL],
+            Kernel::PvProduct => &[PvParams::WGSL],
+            Kernel::FlashAttention => &[FlashParams::WGSL, MaskParams::WGSL],
+            Kernel::CombineSplits => &[CombineParams::WGSL],
+            Kernel::Matmul => &[MatmulParams::WGSL],
+        }
+    }
+
+    /// Slot `n` is `@binding(n)` of group 0.
+    pub(crate) fn slots(self) -> &'static [Slot] {
+        const READ: Slot = Slot::Storage { read_only: true };
+        const WRITE: Slot = Slot::Storage { read_only: false };
+        match self {
+            Kernel::QkScores => {
+                const S: &[Slot] = &[
+                    Slot::Uniform,
+                    tensor("q", true),
+                    tensor("k", true),
+                    WRITE,
+                    READ,
+                ];
+                S
+            }
+            Kernel::MaskedSoftmax => {
+                &[Slot::Uniform, WRITE, READ, READ, READ, WRITE, Slot::Uniform]
+            }
+            Kernel::FlashAttention => {
+                const S: &[Slot] = &[
+                    Slot::Uniform,
+                    tensor("q", true),
+                    tensor("k", true),
+                    tensor("v", true),
+                    tensor("o", false),
+                    READ,
+                    READ,
+                    READ,
+                    WRITE,
+                    Slot::Uniform,
+                ];
+                S
+            }
+            Kernel::CombineSplits => {
+                const S: &[Slot] = &[
+                    Slot::Uniform,
+                    tensor("p", true),
+                    READ,
+                    tensor("o", false),
+                    WRITE,
+                ];
+                S
+            }
+            Kernel::Matmul => {
+                const S: &[Slot] = &[
+                    Slot::Uniform,
+                    tensor("a", true),
+                    tensor("b", true),
+                    tensor("c", false),
+                    READ,
+                ];
+                S
+            }
+            Kernel::PvProduct => {
+                const S: &[Slot] = &[Slot::Uniform, READ, tensor("v", true), tensor("o", false)];
+                S
+            }
+        }
+    }
+
+    /// The name used in labels and errors.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernel::QkScores => "qk_scores",
+            Kernel::MaskedSoftmax => "masked_softmax",
+            Kernel::PvProduct => "pv_product",
+            Kernel::FlashAttention => "flash_attention",
+            Kernel::CombineSplits => "combine_splits",
+            Kernel::Matmul => "matmul",
+        }
+    }
+
+    /// Bytes of workgroup memory the kernel declares, computed from its tile sizes (a test
+    /// checks it against naga's layout of the compiled module).
+    pub fn workgroup_bytes(self, row_workgroup: u32) -> u32 {
+        match self {
+            Kernel::QkScores => TILE_STAGE_BYTES + uniforms::TILE_K * 4,
+            Kernel::PvProduct | Kernel::Matmul => TILE_STAGE_BYTES,
+            Kernel::FlashAttention => FLASH_WORKGROUP_BYTES,
+            // Two reductions of one f32 per invocation and a flag.
+            Kernel::MaskedSoftmax => 2 * row_workgroup * 4 + 4,
+            Kernel::CombineSplits => 0,
+        }
+    }
+}
+
+/// Workgroup memory of the fused kernel: the tile product's staging (also V's), the tile's
+/// probabilities (`TILE x TILE` f32), a row reduction (`TILE` rows x 16 invocations) and the
+/// tile bounds (`vec4<u32>`).
+pub(crate) const FLASH_WORKGROUP_BYTES: u32 = TILE_STAGE_BYTES + TILE * TILE * 4 + TILE * 16 * 4 + 16;
+
+/// How a tensor is stored, as a kernel sees it: the [`DType`] plus, for f16, whether the
+/// adapter reads it natively.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum Storage {
+    /// `array<f32>`.
+    #[default]
+    F32,
+    /// `array<f16>` with `enable f16` (adapters with `SHADER_F16`).
+    F16,
+    /// f16 packed two to a `u32`, converted with `unpack2x16float` / `pack2x16float`.
+    F16Packed,
+    /// bf16 packed two to a `u32`, converted by bit shifts; rounded to nearest even on store.
+    Bf16,
+}
+
+impl Storage {
+    /// Every storage type.
+    pub const ALL: [Storage; 4] = [
+        Storage::F32,
+        Storage::F16,
+        Storage::F16Packed,
+        Storage::Bf16,
+    ];
+
+    /// The storage of `dtype` on an adapter with (or without) native f16.
+    pub fn of(dtype: DType, native_f16: bool) -> Storage {
+        match dtype {
+            DType::F32 => Storage::F32,
+            DType::F16 if native_f16 => Storage::F16,
+            DType::F16 => Storage::F16Packed,
+            DType::Bf16 => Storage::Bf16,
+        }
+    }
+}
+
+/// The masking options a call has, compiled into the masking kernels as pipeline constants
+/// (`shaders/lib/masking.wgsl`): a call without an option runs none of its code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct MaskOptions {
+    /// Causal masking and its alignment.
+    pub causal: Option<Causal>,
+    /// An additive bias.
+    pub bias: bool,
+    /// A boolean mask.
+    pub mask: bool,
+    /// Per-sequence key lengths.
+    pub kv_lens: bool,
+    /// Per-sequence query lengths.
+    pub q_lens: bool,
+    /// A softcap.
+    pub softcap: bool,
+    /// A sliding window.
+    pub window: bool,
+}
+
+impl MaskOptions {
+    /// The options of a validated call.
+    pub(crate) fn of(spec: &Spec<'_>) -> MaskOptions {
+        let o = spec.opts;
+        MaskOptions {
+            causal: o.causal,
+            bias: o.bias.is_some(),
+            mask: o.mask.is_some(),
+            kv_lens: o.kv_lens.is_some(),
+            q_lens: o.q_lens.is_some(),
+            softcap: o.softcap.is_some(),
+            window: o.window.is_some(),
+        }
+    }
+
+    /// No option and every option, then each option alone: the spread the naga tests compile.
+    pub fn spread() -> Vec<MaskOptions> {
+        let none = MaskOptions::default();
+        let all = MaskOptions {
+            causal: Some(Causal::BottomRight),
+            bias: true,
+            mask: true,
+            kv_lens: true,
+            q_lens: true,
+            softcap: true,
+            window: true,
+        };
+        vec![
+            none,
+            all,
+            MaskOptions {
+                causal: Some(Causal::TopLeft),
+                ..none
+            },
+            MaskOptions {
+                causal: Some(Causal::BottomRight),
+                ..none
+            },
+            MaskOptions { bias: true, ..none },
+            MaskOptions { mask: true, ..none },
+            MaskOptions {
+                kv_lens: true,
+                ..none
+            },
+            MaskOptions {
+                q_lens: true,
+                ..none
+            },
+            MaskOptions {
+                softcap: true,
+                ..none
+            },
+            MaskOptions {
+                window: true,
+                ..none
+            },
+        ]
+    }
+
+    fn constants(&self, out: &mut Vec<(&'static str, f64)>) {
+        let causal = match self.causal {
+            None => 0,
+            Some(Causal::TopLeft) => CAUSAL_TOP_LEFT,
+            Some(Causal::BottomRight) => CAUSAL_BOTTOM_RIGHT,
+        };
+        out.push(("CAUSAL", causal as f64));
+        for (name, on) in [
+            ("HAS_BIAS", self.bias),
+            ("HAS_MASK", self.mask),
+            ("HAS_KV_LENS", self.kv_lens),
+            ("HAS_Q_LENS", self.q_lens),
+            ("HAS_SOFTCAP", self.softcap),
+            ("HAS_WINDOW", self.window),
+        ] {
+            out.push((name, on as u8 as f64));
+        }
+    }
+
+    fn label(&self) -> String {
+        let mut parts = Vec::new();
+        match self.causal {
+            Some(Causal::TopLeft) => parts.push("causal-tl"),
+            Some(Causal::BottomRight) => parts.push("causal-br"),
+            None => {}
+        }
+        for (name, on) in [
+            ("bias", self.bias),
+            ("mask", self.mask),
+            ("kv_lens", self.kv_lens),
+            ("q_lens", self.q_lens),
+            ("softcap", self.softcap),
+            ("window", self.window),
+        ] {
+            if on {
+                parts.push(name);
+            }
+        }
+        if parts.is_empty() {
+            "unmasked".into()
+        } else {
+            parts.join("+")
+        }
+    }
+}
+
+/// One specialisation of one kernel: everything that changes its compiled pipeline.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KernelKey {
+    /// [`Kernel::QkScores`].
+    QkScores {
+        /// Queries.
+        q: Storage,
+        /// Keys.
+        k: Storage,
+        /// Additive (Bahdanau) scores instead of the dot product.
+        additive: bool,
+    },
+    /// [`Kernel::MaskedSoftmax`].
+    MaskedSoftmax {
+        /// Invocations per workgroup (one row per workgroup): 64, 128 or 256.
+        workgroup: u32,
+        /// The options compiled in.
+        masks: MaskOptions,
+    },
+    /// [`Kernel::PvProduct`].
+    PvProduct {
+        /// Values.
+        v: Storage,
+        /// Output.
+        o: Storage,
+    },
+    /// [`Kernel::FlashAttention`].
+    FlashAttention {
+        /// Queries.
+        q: Storage,
+        /// Keys.
+        k: Storage,
+        /// Values.
+        v: Storage,
+        /// Output.
+        o: Storage,
+        /// `ceil(v_head_dim / 64)`, 1 to 4: the output columns each invocation owns.
+        o_chunks: u32,
+        /// The options compiled in.
+        masks: MaskOptions,
+    },
+    /// [`Kernel::CombineSplits`].
+    CombineSplits {
+        /// The partial outputs.
+        parts: Storage,
+        /// The merged output.
+        o: Storage,
+    },
+    /// [`Kernel::Matmul`].
+    Matmul {
+        /// Left operand.
+        a: Storage,
+        /// Right operand.
+        b: Storage,
+        /// Result.
+        c: Storage,
+    },
+}
+
+impl KernelKey {
+    /// Which kernel.
+    pub fn kernel(&self) -> Kernel {
+        match self {
+            KernelKey::QkScores { .. } => Kernel::QkScores,
+            KernelKey::MaskedSoftmax { .. } => Kernel::MaskedSoftmax,
+            KernelKey::PvProduct { .. } => Kernel::PvProduct,
+            KernelKey::FlashAttention { .. } => Kernel::FlashAttention,
+            KernelKey::CombineSplits { .. } => Kernel::CombineSplits,
+            KernelKey::Matmul { .. } => Kernel::Matmul,
+        }
+    }
+
+    /// The storage of the kernel's tensor bindings, in binding order.
+    fn tensors(&self) -> Vec<Storage> {
+        match *self {
+            KernelKey::QkScores { q, k, .. } => vec![q, k],
+            KernelKey::MaskedSoftmax { .. } => Vec::new(),
+            KernelKey::PvProduct { v, o } => vec![v, o],
+            KernelKey::FlashAttention { q, k, v, o, .. } => vec![q, k, v, o],
+            KernelKey::CombineSplits { parts, o } => vec![parts, o],
+            KernelKey::Matmul { a, b, c } => vec![a, b, c],
+        }
+    }
+
+    /// Every key with every tensor in `storage`, over every tile configuration and a spread of
+    /// options ([`MaskOptions::spread`]): what the naga tests compile.
+    pub fn samples(storage: Storage) -> Vec<KernelKey> {
+        let s = storage;
+        let mut keys = vec![
+            KernelKey::QkScores {
+                q: s,
+                k: s,
+                additive: false,
+            },
+            KernelKey::QkScores {
+                q: s,
+                k: s,
+                additive: true,
+            },
+            KernelKey::PvProduct { v: s, o: s },
+            KernelKey::CombineSplits { parts: s, o: s },
+            KernelKey::Matmul { a: s, b: s, c: s },
+        ];
+        for masks in MaskOptions::spread() {
+            for workgroup in [64, 128, 256] {
+                keys.push(KernelKey::MaskedSoftmax { workgroup, masks });
+            }
+            for o_chunks in 1..=4 {
+                keys.push(KernelKey::FlashAttention {
+                    q: s,
+                    k: s,
+                    v: s,
+                    o: s,
+                    o_chunks,
+                    masks,
+                });
+            }
+        }
+        keys
+    }
+
+    /// The key's debug label, e.g. `flash_attention<q:F32,k:F32,v:F32,o:F32; o_chunks=1; causal-br>`.
+    pub fn label(&self) -> String {
+        let mut tensors = Vec::new();
+        let storages = self.tensors();
+        let mut next = storages.iter();
+        for slot in self.kernel().slots() {
+            if let Slot::Tensor { name, .. } = slot
+                && let Some(s) = next.next()
+            {
+                tensors.push(format!("{name}:{s:?}"));
+            }
+        }
+        let extra = match self {
+            KernelKey::QkScores { additive, .. } => {
+                if *additive {
+                    "additive".to_string()
+                } else {
+                    "dot".to_string()
+                }
+            }
+            KernelKey::MaskedSoftmax { workgroup, masks } => {
+                format!("wg={workgroup}; {}", masks.label())
+            }
+            KernelKey::FlashAttention {
+                o_chunks, masks, ..
+            } => format!("o_chunks={o_chunks}; {}", masks.label()),
+            _ => String::new(),
+        };
+        format!("{}<{}; {extra}>", self.kernel().name(), tensors.join(","))
+    }
+
+    /// Whether a tensor of this key is stored as native f16 (the device needs `SHADER_F16`).
+    pub fn needs_f16(&self) -> bool {
+        self.tensors().contains(&Storage::F16)
+    }
+
+    /// The `override` constants this specialisation sets.
+    pub fn constants(&self) -> Vec<(&'static str, f64)> {
+        let mut out = Vec::new();
+        match *self {
+            KernelKey::MaskedSoftmax { workgroup, masks } => {
+                out.push(("WG", workgroup as f64));
+                masks.constants(&mut out);
+            }
+            KernelKey::FlashAttention {
+                o_chunks, masks, ..
+            } => {
+                // The V slice holds BKV * 16 * O_CHUNKS vec4s <= 512 (the tile staging), and
+                // BKV divides the 64-key tile.
+                let bkv = match o_chunks {
+                    1 => 32,
+                    2 => 16,
+                    _ => 8,
+                };
+                out.push(("O_CHUNKS", o_chunks as f64));
+                out.push(("BKV", bkv as f64));
+                masks.constants(&mut out);
+            }
+            KernelKey::QkScores { additive, .. } => out.push(("ADDITIVE", additive as u8 as f64)),
+            KernelKey::PvProduct { .. }
+            | KernelKey::CombineSplits { .. }
+            | KernelKey::Matmul { .. } => {}
+        }
+        out
+    }
+
+    /// The complete WGSL the crate compiles for this key (see the module docs for the order).
+    pub fn source(&self) -> String {
+        compose::source(self)
+    }
+}

@@ -1,0 +1,281 @@
+//! Every parameter block and shared constant the host and the kernels agree on, declared once.
+//!
+//! A parameter block is a Rust struct written with [`uniform!`]; the macro also generates the
+//! WGSL declaration of the same struct ([`Uniform::WGSL`]), which the host prepends to each
+//! kernel that binds it. A field added here is therefore added on both sides; a kernel that
+//! reads a field that is not here fails to compile (the naga tests catch it on any machine).
+//!
+//! Fields are 4-byte scalars only (`u32`, `i32`, `f32`), so the Rust `repr(C)` layout and the
+//! WGSL uniform layout are the same by construction: no alignment padding on either side, and
+//! no `_pad` fields to keep in step. Vectors of strides are spelled as one field per axis.
+//! [`uniform_buffer`] pads the bytes to 16 for the binding.
+//!
+//! The constants both sides use (`-inf` as bits, the masked-score sentinel, the score floor,
+//! the causal alignments, tile sizes) are generated the same way by [`shared_constants`].
+
+use wgpu::util::DeviceExt;
+
+use crate::spec::SCORE_FLOOR;
+
+/// A parameter block with one Rust definition and a generated WGSL declaration.
+pub(crate) trait Uniform: bytemuck::Pod {
+    /// The struct's name on both sides.
+    const NAME: &'static str;
+    /// `struct Name { field: type, ... }` in WGSL.
+    const WGSL: &'static str;
+}
+
+/// The WGSL scalar types a parameter field may have (same name, size and alignment in Rust).
+pub(crate) trait WgslScalar {}
+impl WgslScalar for u32 {}
+impl WgslScalar for i32 {}
+impl WgslScalar for f32 {}
+
+/// Declares a parameter block: a `repr(C)` Pod struct and its WGSL twin.
+macro_rules! uniform {
+    ($(#[$meta:meta])* struct $name:ident { $($(#[$fmeta:meta])* $field:ident: $ty:ident,)* }) => {
+        $(#[$meta])*
+        #[repr(C)]
+        #[derive(Clone, Copy, Debug, Default, PartialEq, bytemuck::Pod, bytemuck::Zeroable)]
+        pub(crate) struct $name {
+            $($(#[$fmeta])* pub(crate) $field: $ty,)*
+        }
+
+        impl $name {
+            /// Fails to compile if a field is not a WGSL scalar.
+            #[allow(dead_code)]
+            fn scalar_fields() {
+                fn scalar<T: WgslScalar>() {}
+                $(scalar::<$ty>();)*
+            }
+        }
+
+        impl Uniform for $name {
+            const NAME: &'static str = stringify!($name);
+            const WGSL: &'static str = concat!(
+                "struct ", stringify!($name), " {\n",
+                $("    ", stringify!($field), ": ", stringify!($ty), ",\n",)*
+                "}\n"
+            );
+        }
+    };
+}
+
+uniform! {
+    /// `flash_attention.wgsl`: one dispatch of the fused kernel (the masking options are in
+    /// [`MaskParams`]).
+    struct FlashParams {
+        heads: u32,
+        kv_heads: u32,
+        group: u32,
+        /// `group * q_len`: the rows one kv head serves.
+        packed_rows: u32,
+        tiles_m: u32,
+        splits: u32,
+        tiles_per_split: u32,
+        groups_total: u32,
+        head_dim: u32,
+        v_head_dim: u32,
+        write_lse: u32,
+        scale: f32,
+        /// Offset of the partial log-sum-exps in `lse_or_partials`, in elements.
+        parts_lse_offset: u32,
+        /// First key tile of this dispatch (of split 0).
+        first_tile: u32,
+        /// Nonzero when an earlier dispatch covered earlier key tiles: merge with its O and
+        /// log-sum-exp instead of overwriting them.
+        resume: u32,
+        q_stride_b: u32,
+        q_stride_h: u32,
+        q_stride_s: u32,
+        k_stride_b: u32,
+        k_stride_h: u32,
+        k_stride_s: u32,
+        v_stride_b: u32,
+        v_stride_h: u32,
+        v_stride_s: u32,
+        o_stride_b: u32,
+        o_stride_h: u32,
+        o_stride_s: u32,
+    }
+}
+
+uniform! {
+    /// `lib/masking.wgsl`: the sizes and values of the masking options. Which options are on
+    /// is compiled in ([`MaskOptions`](crate::gpu::kernels::MaskOptions)), not read from here.
+    struct MaskParams {
+        batch: u32,
+        q_len: u32,
+        kv_len: u32,
+        softcap: f32,
+        /// Window bounds relative to the aligned diagonal: keys `i + off - win_left ..=
+        /// i + off + win_right`, `off = win_off * (kv_len - q_len)` of the sequence.
+        win_left: i32,
+        win_right: i32,
+        win_off: i32,
+        /// Element strides of the bias over (b, h, i, j); 0 where broadcast.
+        bias_stride_b: u32,
+        bias_stride_h: u32,
+        bias_stride_i: u32,
+        bias_stride_j: u32,
+        /// Element strides of the boolean mask over (b, h, i, j); 0 where broadcast.
+        mask_stride_b: u32,
+        mask_stride_h: u32,
+        mask_stride_i: u32,
+        mask_stride_j: u32,
+    }
+}
+
+uniform! {
+    /// `qk_scores.wgsl`: one chunk of the three-pass path's first pass.
+    struct QkParams {
+        bh_start: u32,
+        bh_count: u32,
+        row_start: u32,
+        rows: u32,
+        kv_len: u32,
+        head_dim: u32,
+        heads: u32,
+        group: u32,
+        tiles_i: u32,
+        tiles_j: u32,
+        q_stride_b: u32,
+        q_stride_h: u32,
+        q_stride_s: u32,
+        k_stride_b: u32,
+        k_stride_h: u32,
+        k_stride_s: u32,
+        scale: f32,
+    }
+}
+
+uniform! {
+    /// `masked_softmax.wgsl`: one chunk of the three-pass path's second pass.
+    struct SoftmaxParams {
+        bh_start: u32,
+        bh_count: u32,
+        row_start: u32,
+        rows: u32,
+        heads: u32,
+        write_lse: u32,
+    }
+}
+
+uniform! {
+    /// `pv_product.wgsl`: one chunk of the three-pass path's third pass.
+    struct PvParams {
+        bh_start: u32,
+        bh_count: u32,
+        row_start: u32,
+        rows: u32,
+        kv_len: u32,
+        v_head_dim: u32,
+        heads: u32,
+        group: u32,
+        tiles_i: u32,
+        tiles_n: u32,
+        v_stride_b: u32,
+        v_stride_h: u32,
+        v_stride_s: u32,
+        o_stride_b: u32,
+        o_stride_h: u32,
+        o_stride_s: u32,
+    }
+}
+
+uniform! {
+    /// `combine_splits.wgsl`: partial results merged by their log-sum-exp.
+    struct CombineParams {
+        splits: u32,
+        rows: u32,
+        heads: u32,
+        q_len: u32,
+        v_head_dim: u32,
+        write_lse: u32,
+        /// Where the partial log-sum-exps start in their buffer, in elements.
+        lse_offset: u32,
+        /// Element strides of the partial outputs over (split, batch, head, row); the column
+        /// stride is 1.
+        part_stride_s: u32,
+        part_stride_b: u32,
+        part_stride_h: u32,
+        part_stride_i: u32,
+        /// Element strides of the partial log-sum-exps over (split, batch, head, row).
+        part_lse_stride_s: u32,
+        part_lse_stride_b: u32,
+        part_lse_stride_h: u32,
+        part_lse_stride_i: u32,
+        o_stride_b: u32,
+        o_stride_h: u32,
+        o_stride_s: u32,
+    }
+}
+
+uniform! {
+    /// `matmul.wgsl`: a batched `C = alpha A B^T + bias` with any element strides.
+    struct MatmulParams {
+        m: u32,
+        n: u32,
+        k: u32,
+        batches: u32,
+        tiles_m: u32,
+        tiles_n: u32,
+        has_bias: u32,
+        alpha: f32,
+        a_stride_z: u32,
+        a_stride_m: u32,
+        a_stride_k: u32,
+        b_stride_z: u32,
+        b_stride_n: u32,
+        b_stride_k: u32,
+        c_stride_z: u32,
+        c_stride_m: u32,
+        c_stride_n: u32,
+    }
+}
+
+/// `-inf` as f32 bits: the log-sum-exp of a row with no allowed key. WGSL may assume there are
+/// no infinities, so kernels only ever write it as this bit pattern.
+pub(crate) const NEG_INF_BITS: u32 = 0xff80_0000;
+/// The masked-score sentinel: below every adjusted score (which never go below
+/// [`SCORE_FLOOR`]), and finite.
+pub(crate) const NEG_BIG: f32 = -3.0e38;
+/// `causal` value of top-left alignment in the kernels (0 is no causal mask).
+pub(crate) const CAUSAL_TOP_LEFT: u32 = 1;
+/// `causal` value of bottom-right alignment.
+pub(crate) const CAUSAL_BOTTOM_RIGHT: u32 = 2;
+
+/// Rows and columns of one tile of the register-blocked product (`lib/tile_gemm.wgsl`).
+pub(crate) const TILE: u32 = 64;
+/// The summed axis of the tile product is staged `TILE_K` at a time.
+pub(crate) const TILE_K: u32 = 16;
+/// Invocations of a tile-product workgroup (16 x 16, each owning a 4 x 4 block).
+pub(crate) const TILE_INVOCATIONS: u32 = (TILE / 4) * (TILE / 4);
+/// Workgroup memory of the tile product's staging: one `TILE_K x TILE` slice of each operand.
+pub(crate) const TILE_STAGE_BYTES: u32 = 2 * TILE_K * TILE * 4;
+
+/// The constants every kernel sees, generated from the Rust ones.
+pub(crate) fn shared_constants() -> String {
+    debug_assert!(NEG_INF_BITS == f32::NEG_INFINITY.to_bits());
+    debug_assert!(NEG_BIG < SCORE_FLOOR);
+    format!(
+        "const NEG_INF_BITS: u32 = {NEG_INF_BITS}u;\n\
+         const NEG_BIG: f32 = {NEG_BIG:e};\n\
+         const SCORE_FLOOR: f32 = {SCORE_FLOOR:e};\n\
+         const CAUSAL_TOP_LEFT: u32 = {CAUSAL_TOP_LEFT}u;\n\
+         const CAUSAL_BOTTOM_RIGHT: u32 = {CAUSAL_BOTTOM_RIGHT}u;\n\
+         const TILE: u32 = {TILE}u;\n\
+         const TILE_K: u32 = {TILE_K}u;\n"
+    )
+}
+
+/// A uniform buffer holding `params`, its size rounded up to 16 bytes.
+pub(crate) fn uniform_buffer<U: Uniform>(device: &wgpu::Device, params: &U) -> wgpu::Buffer {
+    let mut bytes = bytemuck::bytes_of(params).to_vec();
+    bytes.resize(bytes.len().next_multiple_of(16), 0);
+    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
+        label: Some(U::NAME),
+        contents: &bytes,
+        usage: wgpu::BufferUsages::UNIFORM,
+    })
+}

@@ -1,0 +1,182 @@
+//! The attention paths: one file per path with its plan and its encoding, and the choice
+//! between them.
+//!
+//! Planning is pure arithmetic: [`choose`] and every plan it returns (chunks, splits, passes,
+//! workgroup counts, scratch sizes) depend on the validated call and the [`GpuLimits`] alone,
+//! so the tests below check them against the limits of real devices with no adapter.
+
+pub(crate) mod fused;
+pub(crate) mod masking;
+pub(crate) mod three_pass;
+
+pub use fused::FusedPlan;
+pub use three_pass::{Chunk, ThreePassPlan};
+
+use crate::error::Result;
+use crate::gpu::context::Gpu;
+use crate::gpu::kernels::Storage;
+use crate::gpu::limits::{GpuLimits, check_binding};
+use crate::gpu::tensor::Tensor;
+use crate::spec::{Path, Spec};
+
+/// Which kernels a call runs on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Plan {
+    /// QK^T, masked softmax and P·V as three kernels, with the scores materialised.
+    ThreePass {
+        /// Chunking of the scores.
+        plan: ThreePassPlan,
+        /// Why this path.
+        why: &'static str,
+    },
+    /// One fused kernel, online softmax, O(N) memory; its keys split across workgroups only
+    /// where the device caps the keys one workgroup may stream.
+    Fused {
+        /// Dispatch and specialisation.
+        plan: FusedPlan,
+        /// Why this path.
+        why: &'static str,
+    },
+    /// The fused kernel with the keys split to fill the device, GQA groups packed, and the
+    /// splits merged by log-sum-exp (flash-decoding).
+    Decode {
+        /// Dispatch, splits and specialisation.
+        plan: FusedPlan,
+        /// Why this path.
+        why: &'static str,
+    },
+}
+
+impl Plan {
+    /// The path's name, as `attn-bench` prints it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Plan::ThreePass { .. } => "three-pass",
+            Plan::Fused { .. } => "fused",
+            Plan::Decode { .. } => "decode",
+        }
+    }
+
+    /// Why this path and this chunking were chosen.
+    pub fn reason(&self) -> String {
+        match self {
+            Plan::ThreePass { plan, why } => format!(
+                "three-pass ({why}): {} chunk(s) of {} bytes of scores ({})",
+                plan.chunks.len(),
+                plan.scratch_bytes,
+                plan.reason
+            ),
+            Plan::Fused { plan, why } | Plan::Decode { plan, why } => format!(
+                "{} ({why}): {} workgroups, {} key split(s) x {} pass(es) of {} tiles, {} output \
+                 chunk(s) of 64 columns, {} bytes of scratch",
+                self.name(),
+                plan.workgroups,
+                plan.splits,
+                plan.passes,
+                plan.tiles_per_split,
+                plan.o_chunks,
+                plan.scratch_bytes
+            ),
+        }
+    }
+
+    /// Bytes of device memory the plan allocates besides inputs and outputs.
+    pub fn scratch_bytes(&self) -> u64 {
+        match self {
+            Plan::ThreePass { plan, .. } => plan.scratch_bytes,
+            Plan::Fused { plan, .. } | Plan::Decode { plan, .. } => plan.scratch_bytes,
+        }
+    }
+}
+
+/// The plan for a validated call on a device with `limits`; `weights` says whether the
+/// attention weights will be written (which only the three-pass path can do).
+pub(crate) fn choose(spec: &Spec<'_>, limits: &GpuLimits, weights: bool) -> Result<Plan> {
+    let dims = spec.dims;
+    let opts = spec.opts;
+    let three_pass = |why| -> Result<Plan> {
+        Ok(Plan::ThreePass {
+            plan: ThreePassPlan::new(spec, limits)?,
+            why,
+        })
+    };
+    let fused = |why| -> Result<Plan> {
+        Ok(Plan::Fused {
+            plan: FusedPlan::new(spec, limits, false)?,
+            why,
+        })
+    };
+    let decode = |why| -> Result<Plan> {
+        Ok(Plan::Decode {
+            plan: FusedPlan::new(spec, limits, true)?,
+            why,
+        })
+    };
+    // A few query rows (a whole GQA group fits one workgroup) over many keys: the fused grid
+    // would be a handful of workgroups each streaming every key.
+    let short_queries = dims.group() * dims.q_len <= 64 && dims.kv_len >= 1024;
+    let plan = match opts.path {
+        Path::ThreePass => three_pass("forced")?,
+        Path::Fused => fused("forced")?,
+        Path::Decode => decode("forced")?,
+        Path::Auto if weights => three_pass("the weights were asked for")?,
+        Path::Auto if opts.additive.is_some() => {
+            three_pass("additive scores need the three-pass path")?
+        }
+        Path::Auto => match fused::unsupported(limits) {
+            Some(why) => three_pass(why)?,
+            None if short_queries => decode("a few queries over many keys")?,
+            None => fused("the default: O(N) memory, one pass")?,
+        },
+    };
+    log::debug!("wgpu-attention: {dims:?}: {}", plan.reason());
+    Ok(plan)
+}
+
+/// The buffers one call reads and writes.
+pub(crate) struct Io<'a> {
+    pub(crate) q: &'a Tensor,
+    pub(crate) k: &'a Tensor,
+    pub(crate) v: &'a Tensor,
+    pub(crate) o: &'a Tensor,
+    pub(crate) lse: Option<&'a Tensor>,
+    pub(crate) weights: Option<&'a Tensor>,
+}
+
+impl Io<'_> {
+    /// Every tensor a kernel binds whole must fit one storage binding.
+    pub(crate) fn check_bindings(&self, limits: &GpuLimits) -> Result<()> {
+        for (what, t) in [("Q", self.q), ("K", self.k), ("V", self.v), ("O", self.o)] {
+            check_binding(limits, what, t.byte_len())?;
+        }
+        if let Some(lse) = self.lse {
+            check_binding(limits, "log-sum-exp", lse.byte_len())?;
+        }
+        Ok(())
+    }
+
+    /// How the kernels see Q, K, V and O on `gpu`.
+    pub(crate) fn storage(&self, gpu: &Gpu) -> [Storage; 4] {
+        [self.q, self.k, self.v, self.o].map(|t| gpu.storage(t.dtype()))
+    }
+}
+
+/// Encodes a planned call into `encoder`.
+pub(crate) fn encode(
+    gpu: &Gpu,
+    spec: &Spec<'_>,
+    plan: &Plan,
+    io: &Io<'_>,
+    encoder: &mut wgpu::CommandEncoder,
+) -> Result<()> {
+    match plan {
+        Plan::ThreePass { plan, .. } => three_pass::encode(gpu, spec, plan, io, encoder),
+        Plan::Fused { plan, .. } | Plan::Decode { plan, .. } => {
+            fused::encode(gpu, spec, plan, io, encoder)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;
