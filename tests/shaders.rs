@@ -221,7 +221,7 @@ fn workgroup_memory_matches_the_host_figure() {
 }
 
 /// The options of a key reach the masking kernels as constants: after specialisation every
-/// `HAS_*` / `CAUSAL` override is a literal of the key's value, so the branches they guard
+/// `HAS_*` override is a literal of the key's value, so the branches they guard
 /// are resolved when the pipeline is built and a call without an option runs none of its code.
 #[test]
 fn options_are_compiled_in() {
@@ -237,15 +237,20 @@ fn options_are_compiled_in() {
         workgroup: 256,
         masks,
     };
-    for masks in MaskOptions::spread() {
+    for masks in MaskOptions::all() {
         for key in [flash(masks), softmax(masks)] {
             let s = specialise(key);
             let expected: Vec<(&str, f64)> = key
                 .constants()
                 .into_iter()
-                .filter(|(name, _)| name.starts_with("HAS_") || *name == "CAUSAL")
+                .filter(|(name, _)| name.starts_with("HAS_"))
                 .collect();
-            assert_eq!(expected.len(), 7, "{}: constants {expected:?}", describe(&key));
+            assert_eq!(
+                expected.len(),
+                3,
+                "{}: constants {expected:?}",
+                describe(&key)
+            );
             for (name, value) in expected {
                 let (_, o) = s
                     .module
@@ -256,7 +261,6 @@ fn options_are_compiled_in() {
                 let init = o.init.expect("a specialised override has a value");
                 let got = match s.module.global_expressions[init] {
                     naga::Expression::Literal(naga::Literal::Bool(b)) => b as u8 as f64,
-                    naga::Expression::Literal(naga::Literal::U32(x)) => x as f64,
                     ref other => panic!("{}: {name} is {other:?}", describe(&key)),
                 };
                 assert_eq!(got, value, "{}: {name}", describe(&key));

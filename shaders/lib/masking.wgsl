@@ -4,18 +4,15 @@
 // element, four to a word) and `lens: array<u32>` (kv_lens[0..batch], then
 // q_lens[batch..2 * batch]).
 //
-// Which options a call has is compiled in: these pipeline constants are part of the kernel's
-// key, so a call without an option runs none of its code, and a key that no per-key option
-// (mask, bias, softcap) touches needs no call to mask_allows / adjust_score at all.
-
-// 0: none; CAUSAL_TOP_LEFT or CAUSAL_BOTTOM_RIGHT.
-override CAUSAL: u32 = 0u;
+// The options that act key by key (boolean mask, bias, softcap) are compiled in: these
+// pipeline constants are part of the kernel's key, so a call without them runs none of their
+// code. The options that only narrow each row's key range (causal, window, kv_lens, q_lens) are
+// read from mparams: they cost a few operations per row in key_range, and the fused kernel
+// only checks the range on key tiles that straddle a boundary, so compiling them in too would
+// multiply the pipelines by 24 for no work saved in the inner loop.
 override HAS_BIAS: bool = false;
 override HAS_MASK: bool = false;
-override HAS_KV_LENS: bool = false;
-override HAS_Q_LENS: bool = false;
 override HAS_SOFTCAP: bool = false;
-override HAS_WINDOW: bool = false;
 
 // Whether scores need work key by key beyond scaling (a boolean mask, a bias, a softcap).
 fn per_key_options() -> bool {
@@ -29,21 +26,21 @@ fn key_range(b: u32, i: u32) -> vec2<i32> {
     // Bottom-right alignment follows each sequence's own lengths.
     var kv_len = i32(mparams.kv_len);
     var q_len = i32(mparams.q_len);
-    if HAS_KV_LENS {
+    if mparams.has_kv_lens != 0u {
         kv_len = i32(lens[b]);
     }
-    if HAS_Q_LENS {
+    if mparams.has_q_lens != 0u {
         q_len = i32(lens[mparams.batch + b]);
     }
     let shift = kv_len - q_len;
     var lo = 0;
     var hi = kv_len;
-    if CAUSAL == CAUSAL_TOP_LEFT {
+    if mparams.causal == CAUSAL_TOP_LEFT {
         hi = min(hi, row + 1);
-    } else if CAUSAL == CAUSAL_BOTTOM_RIGHT {
+    } else if mparams.causal == CAUSAL_BOTTOM_RIGHT {
         hi = min(hi, row + shift + 1);
     }
-    if HAS_WINDOW {
+    if mparams.has_window != 0u {
         // win_off is 0 for top-left alignment, or 1 for bottom-right: then the shift applies.
         let off = mparams.win_off * shift;
         lo = max(lo, row + off - mparams.win_left);

@@ -6,11 +6,11 @@
 //! command buffer and submitted once.
 
 use crate::error::{Error, Result};
+use crate::gpu::Output;
 use crate::gpu::context::Gpu;
 use crate::gpu::limits::GpuLimits;
 use crate::gpu::paths::{self, Io, Plan};
 use crate::gpu::tensor::Tensor;
-use crate::gpu::Output;
 use crate::spec::{Attention, DType, Dims, Spec};
 
 fn expect_dims(what: &'static str, got: [usize; 4], expected: [usize; 4]) -> Result<()> {

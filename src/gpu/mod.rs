@@ -57,4 +57,3 @@ impl Output {
         Ok(Partial { o: &self.o, lse })
     }
 }
-

@@ -117,4 +117,3 @@ fn prelude(src: &mut String, name: &str, binding: usize, storage: Storage, read_
         }
     }
 }
-

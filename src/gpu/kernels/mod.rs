@@ -25,7 +25,7 @@
 //!
 //! Everything that changes the compiled pipeline is in its [`KernelKey`], one variant per
 //! kernel: tensor storage, tile configuration, and the options compiled in as pipeline
-//! `override` constants ([`MaskOptions`], additive scores). Pipelines are compiled on first use
+//! `override` constants (the per-key masking options of [`MaskOptions`], additive scores). Pipelines are compiled on first use
 //! and cached per key ([`cache`]); the key is also the pipeline's debug label.
 
 mod cache;
@@ -35,11 +35,11 @@ pub(crate) mod uniforms;
 pub(crate) use cache::Kernels;
 
 use uniforms::{
-    CAUSAL_BOTTOM_RIGHT, CAUSAL_TOP_LEFT, CombineParams, FlashParams, MaskParams, MatmulParams,
-    PvParams, QkParams, SoftmaxParams, TILE, TILE_STAGE_BYTES, Uniform,
+    CombineParams, FlashParams, MaskParams, MatmulParams, PvParams, QkParams, SoftmaxParams, TILE,
+    TILE_STAGE_BYTES, Uniform,
 };
 
-use crate::spec::{Causal, DType, Spec};
+use crate::spec::{DType, Spec};
 
 /// WGSL source of the tiled `QK^T` kernel (and of additive scores, by a pipeline constant).
 pub const QK_SCORES: &str = include_str!("../../../shaders/qk_scores.wgsl");
@@ -113,7 +113,9 @@ pub enum Kernel {
 pub(crate) enum Slot {
     Uniform,
     /// A buffer the kernel declares itself.
-    Storage { read_only: bool },
+    Storage {
+        read_only: bool,
+    },
     /// A tensor the prelude declares, with accessors named after it.
     Tensor {
         name: &'static str,
@@ -260,7 +262,8 @@ impl Kernel {
 /// Workgroup memory of the fused kernel: the tile product's staging (also V's), the tile's
 /// probabilities (`TILE x TILE` f32), a row reduction (`TILE` rows x 16 invocations) and the
 /// tile bounds (`vec4<u32>`).
-pub(crate) const FLASH_WORKGROUP_BYTES: u32 = TILE_STAGE_BYTES + TILE * TILE * 4 + TILE * 16 * 4 + 16;
+pub(crate) const FLASH_WORKGROUP_BYTES: u32 =
+    TILE_STAGE_BYTES + TILE * TILE * 4 + TILE * 16 * 4 + 16;
 
 /// How a tensor is stored, as a kernel sees it: the [`DType`] plus, for f16, whether the
 /// adapter reads it natively.
@@ -297,24 +300,18 @@ impl Storage {
     }
 }
 
-/// The masking options a call has, compiled into the masking kernels as pipeline constants
-/// (`shaders/lib/masking.wgsl`): a call without an option runs none of its code.
+/// The masking options that act key by key, compiled into the masking kernels as pipeline
+/// constants (`shaders/lib/masking.wgsl`): a call without them runs none of their code. The
+/// options that only narrow each row's key range (causal, window, lengths) are uniforms: they
+/// cost per row, not per key, and compiling them in would multiply the pipelines by 24.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub struct MaskOptions {
-    /// Causal masking and its alignment.
-    pub causal: Option<Causal>,
     /// An additive bias.
     pub bias: bool,
     /// A boolean mask.
     pub mask: bool,
-    /// Per-sequence key lengths.
-    pub kv_lens: bool,
-    /// Per-sequence query lengths.
-    pub q_lens: bool,
     /// A softcap.
     pub softcap: bool,
-    /// A sliding window.
-    pub window: bool,
 }
 
 impl MaskOptions {
@@ -322,100 +319,44 @@ impl MaskOptions {
     pub(crate) fn of(spec: &Spec<'_>) -> MaskOptions {
         let o = spec.opts;
         MaskOptions {
-            causal: o.causal,
             bias: o.bias.is_some(),
             mask: o.mask.is_some(),
-            kv_lens: o.kv_lens.is_some(),
-            q_lens: o.q_lens.is_some(),
             softcap: o.softcap.is_some(),
-            window: o.window.is_some(),
         }
     }
 
-    /// No option and every option, then each option alone: the spread the naga tests compile.
-    pub fn spread() -> Vec<MaskOptions> {
-        let none = MaskOptions::default();
-        let all = MaskOptions {
-            causal: Some(Causal::BottomRight),
-            bias: true,
-            mask: true,
-            kv_lens: true,
-            q_lens: true,
-            softcap: true,
-            window: true,
-        };
-        vec![
-            none,
-            all,
-            MaskOptions {
-                causal: Some(Causal::TopLeft),
-                ..none
-            },
-            MaskOptions {
-                causal: Some(Causal::BottomRight),
-                ..none
-            },
-            MaskOptions { bias: true, ..none },
-            MaskOptions { mask: true, ..none },
-            MaskOptions {
-                kv_lens: true,
-                ..none
-            },
-            MaskOptions {
-                q_lens: true,
-                ..none
-            },
-            MaskOptions {
-                softcap: true,
-                ..none
-            },
-            MaskOptions {
-                window: true,
-                ..none
-            },
-        ]
+    /// Every combination (8): what the naga tests compile.
+    pub fn all() -> Vec<MaskOptions> {
+        (0..8u8)
+            .map(|bits| MaskOptions {
+                bias: bits & 1 != 0,
+                mask: bits & 2 != 0,
+                softcap: bits & 4 != 0,
+            })
+            .collect()
     }
 
     fn constants(&self, out: &mut Vec<(&'static str, f64)>) {
-        let causal = match self.causal {
-            None => 0,
-            Some(Causal::TopLeft) => CAUSAL_TOP_LEFT,
-            Some(Causal::BottomRight) => CAUSAL_BOTTOM_RIGHT,
-        };
-        out.push(("CAUSAL", causal as f64));
         for (name, on) in [
             ("HAS_BIAS", self.bias),
             ("HAS_MASK", self.mask),
-            ("HAS_KV_LENS", self.kv_lens),
-            ("HAS_Q_LENS", self.q_lens),
             ("HAS_SOFTCAP", self.softcap),
-            ("HAS_WINDOW", self.window),
         ] {
             out.push((name, on as u8 as f64));
         }
     }
 
     fn label(&self) -> String {
-        let mut parts = Vec::new();
-        match self.causal {
-            Some(Causal::TopLeft) => parts.push("causal-tl"),
-            Some(Causal::BottomRight) => parts.push("causal-br"),
-            None => {}
-        }
-        for (name, on) in [
+        let parts: Vec<&str> = [
             ("bias", self.bias),
             ("mask", self.mask),
-            ("kv_lens", self.kv_lens),
-            ("q_lens", self.q_lens),
             ("softcap", self.softcap),
-            ("window", self.window),
-        ] {
-            if on {
-                parts.push(name);
-            }
-        }
+        ]
+        .into_iter()
+        .filter_map(|(name, on)| on.then_some(name))
+        .collect();
         if parts.is_empty() {
-            "unmasked".into()
+            "no per-key options".into()
         } else {
             parts.join("+")
         }
@@ -506,8 +447,8 @@ impl KernelKey {
         }
     }
 
-    /// Every key with every tensor in `storage`, over every tile configuration and a spread of
-    /// options ([`MaskOptions::spread`]): what the naga tests compile.
+    /// Every key with every tensor in `storage`, over every tile configuration and every combination of
+    /// options ([`MaskOptions::all`]): what the naga tests compile.
     pub fn samples(storage: Storage) -> Vec<KernelKey> {
         let s = storage;
         let mut keys = vec![
@@ -525,7 +466,7 @@ impl KernelKey {
             KernelKey::CombineSplits { parts: s, o: s },
             KernelKey::Matmul { a: s, b: s, c: s },
         ];
-        for masks in MaskOptions::spread() {
+        for masks in MaskOptions::all() {
             for workgroup in [64, 128, 256] {
                 keys.push(KernelKey::MaskedSoftmax { workgroup, masks });
             }
@@ -543,7 +484,7 @@ impl KernelKey {
         keys
     }
 
-    /// The key's debug label, e.g. `flash_attention<q:F32,k:F32,v:F32,o:F32; o_chunks=1; causal-br>`.
+    /// The key's debug label, e.g. `flash_attention<q:F32,k:F32,v:F32,o:F32; o_chunks=1; bias+mask>`.
     pub fn label(&self) -> String {
         let mut tensors = Vec::new();
         let storages = self.tensors();

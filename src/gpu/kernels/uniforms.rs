@@ -101,12 +101,19 @@ uniform! {
 }
 
 uniform! {
-    /// `lib/masking.wgsl`: the sizes and values of the masking options. Which options are on
-    /// is compiled in ([`MaskOptions`](crate::gpu::kernels::MaskOptions)), not read from here.
+    /// `lib/masking.wgsl`: the sizes and values of the masking options. Whether a call has a
+    /// boolean mask, a bias or a softcap is compiled in
+    /// ([`MaskOptions`](crate::gpu::kernels::MaskOptions)); the options that narrow key ranges
+    /// are read from here.
     struct MaskParams {
         batch: u32,
         q_len: u32,
         kv_len: u32,
+        /// 0, [`CAUSAL_TOP_LEFT`] or [`CAUSAL_BOTTOM_RIGHT`].
+        causal: u32,
+        has_kv_lens: u32,
+        has_q_lens: u32,
+        has_window: u32,
         softcap: f32,
         /// Window bounds relative to the aligned diagonal: keys `i + off - win_left ..=
         /// i + off + win_right`, `off = win_off * (kv_len - q_len)` of the sequence.
@@ -256,8 +263,10 @@ pub(crate) const TILE_STAGE_BYTES: u32 = 2 * TILE_K * TILE * 4;
 
 /// The constants every kernel sees, generated from the Rust ones.
 pub(crate) fn shared_constants() -> String {
-    debug_assert!(NEG_INF_BITS == f32::NEG_INFINITY.to_bits());
-    debug_assert!(NEG_BIG < SCORE_FLOOR);
+    const {
+        assert!(NEG_INF_BITS == f32::NEG_INFINITY.to_bits());
+        assert!(NEG_BIG < SCORE_FLOOR);
+    }
     format!(
         "const NEG_INF_BITS: u32 = {NEG_INF_BITS}u;\n\
          const NEG_BIG: f32 = {NEG_BIG:e};\n\
@@ -278,4 +287,57 @@ pub(crate) fn uniform_buffer<U: Uniform>(device: &wgpu::Device, params: &U) -> w
         contents: &bytes,
         usage: wgpu::BufferUsages::UNIFORM,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// naga's layout of each generated struct (what the kernels see) is the Rust layout: the
+    /// same size, and member `n` of 4 bytes at offset `4 n`, as `repr(C)` puts it.
+    fn check<U: Uniform>() {
+        let module = naga::front::wgsl::parse_str(U::WGSL)
+            .unwrap_or_else(|e| panic!("{}: {}", U::NAME, e.emit_to_string(U::WGSL)));
+        let mut layouter = naga::proc::Layouter::default();
+        layouter.update(module.to_ctx()).expect("layout");
+        let (handle, ty) = module
+            .types
+            .iter()
+            .find(|(_, t)| t.name.as_deref() == Some(U::NAME))
+            .expect("the struct is declared under its Rust name");
+        assert_eq!(
+            layouter[handle].size as usize,
+            std::mem::size_of::<U>(),
+            "{}: WGSL size vs Rust size",
+            U::NAME
+        );
+        let naga::TypeInner::Struct { members, .. } = &ty.inner else {
+            panic!("{} is not a struct", U::NAME)
+        };
+        assert_eq!(members.len() * 4, std::mem::size_of::<U>(), "{}", U::NAME);
+        for (n, m) in members.iter().enumerate() {
+            assert_eq!(m.offset as usize, 4 * n, "{}.{:?}", U::NAME, m.name);
+        }
+    }
+
+    #[test]
+    fn generated_structs_have_the_rust_layout() {
+        check::<FlashParams>();
+        check::<MaskParams>();
+        check::<QkParams>();
+        check::<SoftmaxParams>();
+        check::<PvParams>();
+        check::<CombineParams>();
+        check::<MatmulParams>();
+    }
+
+    #[test]
+    fn shared_constants_parse() {
+        let src = shared_constants();
+        naga::front::wgsl::parse_str(&src).unwrap_or_else(|e| panic!("{}", e.emit_to_string(&src)));
+        assert!(
+            src.contains("const NEG_INF_BITS: u32 = 4286578688u;"),
+            "{src}"
+        );
+    }
 }

@@ -1,13 +1,15 @@
 //! The device side of the masking options: one uniform and three small buffers that every
-//! masking kernel binds (see `shaders/lib/masking.wgsl`, which reads them). Which options are
-//! on is not uploaded: it is compiled into the kernel
+//! masking kernel binds (see `shaders/lib/masking.wgsl`, which reads them). Whether a call has
+//! per-key options (mask, bias, softcap) is not uploaded: it is compiled into the kernel
 //! ([`MaskOptions`](crate::gpu::kernels::MaskOptions)).
 
 use wgpu::util::DeviceExt;
 
 use crate::error::Result;
 use crate::gpu::context::Gpu;
-use crate::gpu::kernels::uniforms::{MaskParams, uniform_buffer};
+use crate::gpu::kernels::uniforms::{
+    CAUSAL_BOTTOM_RIGHT, CAUSAL_TOP_LEFT, MaskParams, uniform_buffer,
+};
 use crate::gpu::limits::check_binding;
 use crate::spec::{Causal, Spec, broadcast_strides};
 
@@ -109,6 +111,14 @@ pub(crate) fn upload(gpu: &Gpu, spec: &Spec<'_>) -> Result<MaskBuffers> {
             batch: d.batch as u32,
             q_len: d.q_len as u32,
             kv_len: d.kv_len as u32,
+            causal: match opts.causal {
+                None => 0,
+                Some(Causal::TopLeft) => CAUSAL_TOP_LEFT,
+                Some(Causal::BottomRight) => CAUSAL_BOTTOM_RIGHT,
+            },
+            has_kv_lens: opts.kv_lens.is_some() as u32,
+            has_q_lens: opts.q_lens.is_some() as u32,
+            has_window: opts.window.is_some() as u32,
             softcap: opts.softcap.unwrap_or(1.0),
             win_left,
             win_right,

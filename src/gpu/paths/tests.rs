@@ -1,0 +1,291 @@
+//! The planner against the limits of real devices, with no adapter: every figure here is
+//! arithmetic over [`GpuLimits`].
+
+use super::*;
+use crate::error::Error;
+use crate::gpu::limits::LimitCaps;
+use crate::spec::{Attention, Causal, Dims};
+
+/// Mesa's lavapipe (the CI adapter): 128 MiB bindings, 32 KiB workgroup memory, and the
+/// loop limit that caps the keys per workgroup.
+fn lavapipe() -> GpuLimits {
+    GpuLimits {
+        max_storage_binding: 128 << 20,
+        max_buffer_size: (2 << 30) - 1,
+        max_workgroups_per_dim: 65535,
+        max_invocations_per_workgroup: 1024,
+        max_workgroup_storage: 32 << 10,
+        max_storage_buffers_per_stage: 32,
+        min_uniform_offset_alignment: 16,
+        max_key_tiles_per_workgroup: 32,
+    }
+}
+
+/// An H100 / H200 on NVIDIA's Vulkan driver as wgpu reports it (NOTES.md): a storage binding
+/// just under 2 GiB, 48 KiB of workgroup memory, no loop limit.
+fn h100() -> GpuLimits {
+    GpuLimits {
+        max_storage_binding: (2 << 30) - 4,
+        max_buffer_size: 1 << 40,
+        max_workgroups_per_dim: 65535,
+        max_invocations_per_workgroup: 1024,
+        max_workgroup_storage: 48 << 10,
+        max_storage_buffers_per_stage: 1 << 20,
+        min_uniform_offset_alignment: 64,
+        max_key_tiles_per_workgroup: u32::MAX,
+    }
+}
+
+/// Apple M-series on Metal: 32 KiB of threadgroup memory, 1024 invocations, 31 buffers.
+fn apple_m() -> GpuLimits {
+    GpuLimits {
+        max_storage_binding: 1 << 30,
+        max_buffer_size: 1 << 32,
+        max_workgroups_per_dim: 65535,
+        max_invocations_per_workgroup: 1024,
+        max_workgroup_storage: 32 << 10,
+        max_storage_buffers_per_stage: 31,
+        min_uniform_offset_alignment: 256,
+        max_key_tiles_per_workgroup: u32::MAX,
+    }
+}
+
+/// WebGPU's defaults, exactly as wgpu writes them: 128 MiB bindings, 16 KiB workgroup memory,
+/// 8 storage buffers per stage, 256 invocations.
+fn webgpu() -> GpuLimits {
+    GpuLimits::from_wgpu(&wgpu::Limits::default(), wgpu::DeviceType::Other)
+}
+
+fn devices() -> [(&'static str, GpuLimits); 4] {
+    [
+        ("lavapipe", lavapipe()),
+        ("h100", h100()),
+        ("apple-m", apple_m()),
+        ("webgpu", webgpu()),
+    ]
+}
+
+fn dims(b: usize, h: usize, hkv: usize, l: usize, s: usize, d: usize) -> Dims {
+    Dims {
+        batch: b,
+        heads: h,
+        kv_heads: hkv,
+        q_len: l,
+        kv_len: s,
+        head_dim: d,
+        v_head_dim: d,
+    }
+}
+
+fn plan(opts: &Attention, limits: &GpuLimits, d: Dims) -> Result<Plan> {
+    opts.plan_for_limits(limits, d)
+}
+
+#[test]
+fn webgpu_defaults_are_what_the_issue_records() {
+    let w = webgpu();
+    assert_eq!(w.max_storage_binding, 128 << 20);
+    assert_eq!(w.max_workgroup_storage, 16 << 10);
+    assert_eq!(w.max_storage_buffers_per_stage, 8);
+    assert_eq!(w.max_invocations_per_workgroup, 256);
+    assert_eq!(w.max_key_tiles_per_workgroup, u32::MAX);
+}
+
+#[test]
+fn path_choice_per_device() {
+    let prefill = dims(1, 8, 8, 512, 512, 64);
+    let decoding = dims(1, 32, 8, 1, 4096, 64);
+    for (name, limits) in devices() {
+        let auto = plan(&Attention::new(), &limits, prefill).unwrap();
+        let dec = plan(&Attention::new(), &limits, decoding).unwrap();
+        let weights = plan(&Attention::new().return_weights(true), &limits, prefill).unwrap();
+        let additive = plan(&Attention::new().additive(vec![0.5; 64]), &limits, prefill).unwrap();
+        assert_eq!(weights.name(), "three-pass", "{name}");
+        assert_eq!(additive.name(), "three-pass", "{name}");
+        if name == "webgpu" {
+            // 16 KiB of workgroup memory is below the fused kernel's 28 KiB.
+            assert_eq!(auto.name(), "three-pass", "{name}: {}", auto.reason());
+            assert_eq!(dec.name(), "three-pass", "{name}: {}", dec.reason());
+        } else {
+            assert_eq!(auto.name(), "fused", "{name}: {}", auto.reason());
+            assert_eq!(dec.name(), "decode", "{name}: {}", dec.reason());
+        }
+    }
+}
+
+#[test]
+fn forcing_the_fused_path_where_it_cannot_run_is_a_typed_error() {
+    let err = plan(
+        &Attention::new().path(Path::Fused),
+        &webgpu(),
+        dims(1, 2, 2, 100, 100, 64),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(err, Error::Unsupported { needed, available: 16384, .. } if needed > 16384),
+        "{err:?}"
+    );
+}
+
+/// The figure NOTES.md records from the H100 (chunks of 2080374784 bytes of scores at B=4,
+/// H=16, L=S=4096): 31 (batch, head) slabs of 64 MiB per chunk; lavapipe takes two.
+#[test]
+fn three_pass_chunks_fit_one_binding() {
+    let d = dims(4, 16, 16, 4096, 4096, 64);
+    let opts = Attention::new().path(Path::ThreePass);
+    let Plan::ThreePass { plan: p, .. } = plan(&opts, &h100(), d).unwrap() else {
+        panic!("not three-pass")
+    };
+    assert_eq!(p.scratch_bytes, 2_080_374_784);
+    assert_eq!(p.chunks.len(), 64usize.div_ceil(31));
+    let Plan::ThreePass { plan: p, .. } = plan(&opts, &lavapipe(), d).unwrap() else {
+        panic!("not three-pass")
+    };
+    assert_eq!(p.scratch_bytes, 2 * 4096 * 4096 * 4);
+    assert_eq!(p.chunks.len(), 32);
+    // One row of 40M keys (160 MiB of scores) is more than a WebGPU binding holds.
+    let err = plan(&opts, &webgpu(), dims(1, 1, 1, 2, 40 << 20, 8)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::TooLarge {
+                what: "one row of scores",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+}
+
+#[test]
+fn three_pass_refuses_long_keys_only_where_loops_are_capped() {
+    let d = dims(1, 1, 1, 1, 600_000, 8);
+    let opts = Attention::new().path(Path::ThreePass);
+    let err = plan(&opts, &lavapipe(), d).unwrap_err();
+    assert!(
+        matches!(err, Error::TooLarge { max: 524_288, .. }),
+        "{err:?}"
+    );
+    assert!(plan(&opts, &h100(), d).is_ok());
+}
+
+/// Every chunk plan covers each (batch * head, query row) exactly once, on every device, over
+/// shapes that are not multiples of the tiles.
+#[test]
+fn three_pass_chunks_cover_the_problem_exactly_once() {
+    for (name, limits) in devices() {
+        for caps in [None, Some(1u64 << 20), Some(40_000)] {
+            let limits = limits.capped(LimitCaps {
+                max_storage_binding: caps,
+                ..LimitCaps::default()
+            });
+            for d in [
+                dims(3, 5, 5, 257, 100, 33),
+                dims(1, 2, 1, 1000, 1000, 64),
+                dims(2, 4, 2, 7, 3000, 16),
+            ] {
+                let opts = Attention::new().path(Path::ThreePass);
+                let Plan::ThreePass { plan: p, .. } = plan(&opts, &limits, d).unwrap() else {
+                    panic!("not three-pass")
+                };
+                assert!(p.scratch_bytes <= limits.max_storage_binding, "{name}");
+                let mut seen = vec![0u8; d.batch * d.heads * d.q_len];
+                for c in &p.chunks {
+                    assert!(
+                        (c.bh_count * c.rows * d.kv_len * 4) as u64 <= p.scratch_bytes,
+                        "{name}: {c:?}"
+                    );
+                    for bh in c.bh_start..c.bh_start + c.bh_count {
+                        for row in c.row_start..c.row_start + c.rows {
+                            seen[bh * d.q_len + row] += 1;
+                        }
+                    }
+                }
+                assert!(seen.iter().all(|&n| n == 1), "{name} {d:?}: {:?}", p.chunks);
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_passes_only_where_keys_per_workgroup_are_capped() {
+    let d = dims(1, 8, 8, 300, 8192, 64);
+    let opts = Attention::new().path(Path::Fused);
+    let Plan::Fused { plan: p, .. } = plan(&opts, &lavapipe(), d).unwrap() else {
+        panic!("not fused")
+    };
+    // 128 key tiles, 32 per dispatch; the passes merge by a log-sum-exp scratch.
+    assert_eq!((p.splits, p.passes, p.tiles_per_split), (1, 4, 32));
+    assert_eq!(p.workgroups, 8 * 300usize.div_ceil(64) as u64);
+    assert_eq!(p.scratch_bytes, 8 * 300 * 4);
+    assert_eq!(p.o_chunks, 1);
+    for limits in [h100(), apple_m()] {
+        let Plan::Fused { plan: p, .. } = plan(&opts, &limits, d).unwrap() else {
+            panic!("not fused")
+        };
+        assert_eq!((p.splits, p.passes, p.scratch_bytes), (1, 1, 0));
+    }
+}
+
+/// Flash-decoding fills about 256 workgroups: B=1, H=32, Hkv=8, one query over 4096 keys is 8
+/// row tiles, so 16 splits of 4 tiles (the fewest tiles a split gets).
+#[test]
+fn decode_splits_fill_the_device() {
+    let d = dims(1, 32, 8, 1, 4096, 128);
+    for limits in [lavapipe(), h100(), apple_m()] {
+        let Plan::Decode { plan: p, .. } = plan(&Attention::new(), &limits, d).unwrap() else {
+            panic!("not decode")
+        };
+        assert_eq!((p.splits, p.passes, p.tiles_per_split), (16, 1, 4));
+        assert_eq!(p.workgroups, 8 * 16);
+        assert_eq!(p.o_chunks, 2);
+        assert_eq!(p.scratch_bytes, 16 * 32 * (128 + 1) * 4);
+    }
+}
+
+#[test]
+fn decode_splits_respect_the_key_cap_on_long_caches() {
+    // 262144 keys = 4096 tiles; lavapipe streams at most 32 per workgroup.
+    let d = dims(1, 8, 2, 1, 262_144, 64);
+    let opts = Attention::new().causal(Causal::BottomRight);
+    let Plan::Decode { plan: p, .. } = plan(&opts, &lavapipe(), d).unwrap() else {
+        panic!("not decode")
+    };
+    assert!(p.tiles_per_split <= 32, "{p:?}");
+    assert!(p.splits as u64 * p.tiles_per_split as u64 >= 4096, "{p:?}");
+}
+
+#[test]
+fn grids_larger_than_the_dispatch_limit_are_typed_errors() {
+    let tiny = lavapipe().capped(LimitCaps {
+        max_workgroups_per_dim: Some(3),
+        ..LimitCaps::default()
+    });
+    // 1000 row tiles > 3^3 workgroups.
+    let err = plan(
+        &Attention::new().path(Path::Fused),
+        &tiny,
+        dims(1, 1, 1, 64_000, 64, 8),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::TooLarge {
+                what: "flash_attention dispatch",
+                max: 27,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    // Within x * y * z the grid spills instead.
+    let spilled = crate::gpu::limits::DispatchSize::linear(27, 3, "test").unwrap();
+    assert_eq!(spilled.counts, [3, 3, 3]);
+}
+
+#[test]
+fn invalid_calls_fail_before_planning() {
+    let err = plan(&Attention::new(), &h100(), dims(1, 3, 2, 4, 4, 8)).unwrap_err();
+    assert!(matches!(err, Error::HeadsNotDivisible { .. }), "{err:?}");
+}

@@ -1,0 +1,157 @@
+//! `attn-bench`: attention on the CPU and on every GPU path, side by side, in one run.
+//!
+//! For each shape of a sweep and each path it prints the median, min and max time over
+//! `--reps` runs after `--warmup` runs, GFLOP/s (the FLOP convention of DESIGN.md), GB/s (the
+//! bytes the path moves by its own traffic model), the fraction of `--peak-gflops` when given,
+//! and the error against the f64 reference. GPU times come from timestamp queries when the
+//! adapter has them (the table says `gpu-ts`), wall clock from submit to completion otherwise
+//! (`wall`); the inputs are already on the device. `attn-bench --help` lists the flags; with
+//! none it sweeps a small problem in well under a minute on a 2-core machine with lavapipe.
+
+//!
+//! `main.rs` holds the command line; `run.rs` times each path on each shape; `report.rs` prints
+//! the table, JSON or CSV and draws the plot.
+
+mod report;
+mod run;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, ValueEnum};
+use wgpu_attention::DType;
+
+/// Times attention on the CPU and the GPU paths and compares each with the f64 reference.
+#[derive(Parser, Debug)]
+#[command(version, about)]
+struct Args {
+    /// Batch size.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
+    /// Query heads.
+    #[arg(long, default_value_t = 8)]
+    heads: usize,
+    /// Key/value heads (default: heads).
+    #[arg(long)]
+    kv_heads: Option<usize>,
+    /// Query lengths to sweep, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [256usize, 512])]
+    q_len: Vec<usize>,
+    /// Key lengths to sweep (default: equal to each query length); paired with --q-len when
+    /// both have the same count, else every combination.
+    #[arg(long, value_delimiter = ',')]
+    kv_len: Vec<usize>,
+    /// Head dim (Q, K and V).
+    #[arg(long, default_value_t = 64)]
+    head_dim: usize,
+    /// Causal masking (top-left, i.e. PyTorch's is_causal; bottom-right when q_len != kv_len
+    /// with --bottom-right).
+    #[arg(long)]
+    causal: bool,
+    /// Bottom-right causal alignment.
+    #[arg(long)]
+    bottom_right: bool,
+    /// Storage types of Q, K, V and O to sweep, comma-separated (accumulation is f32).
+    #[arg(long, value_delimiter = ',', default_values_t = [DTypeName::F32])]
+    dtype: Vec<DTypeName>,
+    /// Paths to run, comma-separated.
+    #[arg(long, value_delimiter = ',', default_values_t = [PathName::CpuReference, PathName::CpuFast, PathName::GpuThreePass, PathName::GpuFused, PathName::GpuDecode])]
+    paths: Vec<PathName>,
+    /// Runs before timing.
+    #[arg(long, default_value_t = 1)]
+    warmup: usize,
+    /// Timed runs.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Check errors on the whole problem even when it is large (the f64 reference is slow).
+    #[arg(long)]
+    check_all: bool,
+    /// The device's peak in GFLOP/s, to print the fraction of it each path reaches.
+    #[arg(long)]
+    peak_gflops: Option<f64>,
+    /// Print JSON lines instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Print CSV instead of a table.
+    #[arg(long)]
+    csv: bool,
+    /// Draw GFLOP/s against sequence length per path into this SVG file.
+    #[arg(long)]
+    plot: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum PathName {
+    /// The f64 oracle (materialised scores, one thread).
+    CpuReference,
+    /// Blocked online softmax, multi-threaded, f32.
+    CpuFast,
+    /// QK^T, masked softmax, P·V (scores materialised).
+    GpuThreePass,
+    /// Fused flash attention.
+    GpuFused,
+    /// Flash-decoding (keys split, GQA packed).
+    GpuDecode,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum DTypeName {
+    F32,
+    F16,
+    Bf16,
+}
+
+impl DTypeName {
+    fn dtype(self) -> DType {
+        match self {
+            DTypeName::F32 => DType::F32,
+            DTypeName::F16 => DType::F16,
+            DTypeName::Bf16 => DType::Bf16,
+        }
+    }
+}
+
+impl std::fmt::Display for DTypeName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = self.to_possible_value().expect("no skipped variants");
+        f.write_str(name.get_name())
+    }
+}
+
+impl std::fmt::Display for PathName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let name = self.to_possible_value().expect("no skipped variants");
+        f.write_str(name.get_name())
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    match run::run(&args) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("attn-bench: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn shapes(args: &Args) -> Vec<(usize, usize)> {
+    if args.kv_len.is_empty() {
+        args.q_len.iter().map(|&l| (l, l)).collect()
+    } else if args.kv_len.len() == args.q_len.len() {
+        args.q_len
+            .iter()
+            .copied()
+            .zip(args.kv_len.iter().copied())
+            .collect()
+    } else {
+        let mut all = Vec::new();
+        for &l in &args.q_len {
+            for &s in &args.kv_len {
+                all.push((l, s));
+            }
+        }
+        all
+    }
+}

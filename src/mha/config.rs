@@ -1,0 +1,72 @@
+//! The layer's sizes.
+
+use crate::error::{Error, Result};
+
+/// Sizes of the layer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MhaConfig {
+    /// Model width `E`: the query input and the output.
+    pub embed_dim: usize,
+    /// Query heads; `embed_dim % num_heads == 0`, `head_dim = embed_dim / num_heads`.
+    pub num_heads: usize,
+    /// Key/value heads (grouped-query attention); `num_heads % kv_heads == 0`.
+    pub kv_heads: usize,
+    /// Width of the key input (PyTorch's `kdim`).
+    pub kdim: usize,
+    /// Width of the value input (PyTorch's `vdim`).
+    pub vdim: usize,
+}
+
+impl MhaConfig {
+    /// Self-attention sizes: `kv_heads = num_heads`, `kdim = vdim = embed_dim`.
+    pub fn new(embed_dim: usize, num_heads: usize) -> MhaConfig {
+        MhaConfig {
+            embed_dim,
+            num_heads,
+            kv_heads: num_heads,
+            kdim: embed_dim,
+            vdim: embed_dim,
+        }
+    }
+
+    /// Per-head width.
+    pub fn head_dim(&self) -> usize {
+        self.embed_dim / self.num_heads
+    }
+
+    /// Rows of the K and V projection weights: `kv_heads * head_dim`.
+    pub fn kv_width(&self) -> usize {
+        self.kv_heads * self.head_dim()
+    }
+
+    pub(crate) fn validate(&self) -> Result<()> {
+        for (what, v) in [
+            ("embed_dim", self.embed_dim),
+            ("num_heads", self.num_heads),
+            ("kv_heads", self.kv_heads),
+            ("kdim", self.kdim),
+            ("vdim", self.vdim),
+        ] {
+            if v == 0 {
+                return Err(Error::ZeroSize { what });
+            }
+        }
+        if !self.embed_dim.is_multiple_of(self.num_heads) {
+            return Err(Error::ShapeMismatch {
+                what: format!(
+                    "embed_dim {} modulo num_heads {}",
+                    self.embed_dim, self.num_heads
+                ),
+                got: self.embed_dim % self.num_heads,
+                expected: 0,
+            });
+        }
+        if !self.num_heads.is_multiple_of(self.kv_heads) {
+            return Err(Error::HeadsNotDivisible {
+                heads: self.num_heads,
+                kv_heads: self.kv_heads,
+            });
+        }
+        Ok(())
+    }
+}
