@@ -59,13 +59,10 @@ fn tile_b(col: u32, d: u32) -> f32 {
 }
 
 @compute @workgroup_size(16, 16)
-fn main(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(num_workgroups) num_wg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-    @builtin(local_invocation_index) li: u32,
-) {
-    let id = workgroup_index(wg, num_wg);
+fn main(inv: TileInvocation) {
+    let lid = inv.lid;
+    let li = inv.li;
+    let id = workgroup_index(inv.wg, inv.num_wg);
     if id >= params.groups_total {
         return;
     }

@@ -40,21 +40,16 @@ fn tile_out(row: u32, col: u32, x: f32) {
 }
 
 @compute @workgroup_size(16, 16)
-fn main(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(num_workgroups) num_wg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-    @builtin(local_invocation_index) li: u32,
-) {
-    let tile = workgroup_index(wg, num_wg);
-    if tile >= params.tiles_m * params.tiles_n * params.batches {
+fn main(inv: TileInvocation) {
+    let lid = inv.lid;
+    let li = inv.li;
+    let tile = tile_of(inv, params.tiles_m, params.tiles_n);
+    if tile.z >= params.batches {
         return;
     }
-    let tn = tile % params.tiles_n;
-    let tm = (tile / params.tiles_n) % params.tiles_m;
-    z = tile / (params.tiles_n * params.tiles_m);
-    r0 = tm * TILE;
-    c0 = tn * TILE;
+    z = tile.z;
+    r0 = tile.y * TILE;
+    c0 = tile.x * TILE;
 
     var acc: Block;
     for (var k0 = 0u; k0 < params.k; k0 += TILE_K) {

@@ -38,26 +38,21 @@ fn tile_out(row: u32, col: u32, x: f32) {
 }
 
 @compute @workgroup_size(16, 16)
-fn main(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(num_workgroups) num_wg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-    @builtin(local_invocation_index) li: u32,
-) {
-    let tile = workgroup_index(wg, num_wg);
-    if tile >= params.tiles_i * params.tiles_n * params.bh_count {
+fn main(inv: TileInvocation) {
+    let lid = inv.lid;
+    let li = inv.li;
+    let tile = tile_of(inv, params.tiles_i, params.tiles_n);
+    if tile.z >= params.bh_count {
         return;
     }
-    let tn = tile % params.tiles_n;
-    let ti = (tile / params.tiles_n) % params.tiles_i;
-    let bh_local = tile / (params.tiles_n * params.tiles_i);
+    let bh_local = tile.z;
     let bh = params.bh_start + bh_local;
     let b = bh / params.heads;
     let h = bh % params.heads;
     v_base = b * params.v_stride_b + (h / params.group) * params.v_stride_h;
     o_base = b * params.o_stride_b + h * params.o_stride_h;
-    r0 = ti * TILE;
-    c0 = tn * TILE;
+    r0 = tile.y * TILE;
+    c0 = tile.x * TILE;
     p_base = bh_local * params.rows * params.kv_len;
 
     // Two-level accumulation: `block` sums up to BLOCK_STEPS slices of keys and is then folded

@@ -67,26 +67,21 @@ fn additive_fma(acc: Block, ty: u32, tx: u32) -> Block {
 }
 
 @compute @workgroup_size(16, 16)
-fn main(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(num_workgroups) num_wg: vec3<u32>,
-    @builtin(local_invocation_id) lid: vec3<u32>,
-    @builtin(local_invocation_index) li: u32,
-) {
-    let tile = workgroup_index(wg, num_wg);
-    if tile >= params.tiles_i * params.tiles_j * params.bh_count {
+fn main(inv: TileInvocation) {
+    let lid = inv.lid;
+    let li = inv.li;
+    let tile = tile_of(inv, params.tiles_i, params.tiles_j);
+    if tile.z >= params.bh_count {
         return;
     }
-    let tj = tile % params.tiles_j;
-    let ti = (tile / params.tiles_j) % params.tiles_i;
-    bh_local = tile / (params.tiles_j * params.tiles_i);
+    bh_local = tile.z;
     let bh = params.bh_start + bh_local;
     let b = bh / params.heads;
     let h = bh % params.heads;
     q_base = b * params.q_stride_b + h * params.q_stride_h;
     k_base = b * params.k_stride_b + (h / params.group) * params.k_stride_h;
-    r0 = ti * TILE;
-    c0 = tj * TILE;
+    r0 = tile.y * TILE;
+    c0 = tile.x * TILE;
 
     var acc: Block;
     for (var k0 = 0u; k0 < params.head_dim; k0 += TILE_K) {

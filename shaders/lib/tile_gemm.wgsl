@@ -16,6 +16,22 @@
 // then writes acc (lib/tile_store.wgsl, or its own epilogue). TILE and TILE_K come from the
 // host's shared constants.
 
+// The builtins of a tile-product entry point: `fn main(inv: TileInvocation)`.
+struct TileInvocation {
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) num_wg: vec3<u32>,
+    // (tx, ty): the 4 x 4 block this invocation owns.
+    @builtin(local_invocation_id) lid: vec3<u32>,
+    @builtin(local_invocation_index) li: u32,
+}
+
+// The tile of a [batches, tiles_m, tiles_n] grid this workgroup computes, column tiles fastest:
+// (tn, tm, z); z >= batches past the grid.
+fn tile_of(inv: TileInvocation, tiles_m: u32, tiles_n: u32) -> vec3<u32> {
+    let index = workgroup_index(inv.wg, inv.num_wg);
+    return vec3<u32>(index % tiles_n, (index / tiles_n) % tiles_m, index / (tiles_n * tiles_m));
+}
+
 // A 4 x 4 register block: one vec4 of four columns per row.
 alias Block = array<vec4<f32>, 4>;
 

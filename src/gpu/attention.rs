@@ -109,22 +109,34 @@ impl Attention {
         check_outputs(&spec, out)?;
         run_validated(gpu, &spec, (q, k, v), out)
     }
+}
 
-    /// Validates and plans a call and records it into `encoder` without submitting, for
-    /// callers that put more work in the same command buffer (the multi-head layer).
-    pub(crate) fn encode_into(
-        &self,
-        gpu: &Gpu,
-        (q, k, v): (&Tensor, &Tensor, &Tensor),
-        out: &Output,
-        encoder: &mut wgpu::CommandEncoder,
-    ) -> Result<()> {
-        let dims = Dims::from_shapes(self.layout, q.dims(), k.dims(), v.dims())?;
-        let spec = self.validate(dims)?;
-        check_outputs(&spec, out)?;
-        let plan = plan_checked(gpu, &spec, out)?;
-        paths::encode(gpu, &spec, &plan, &io((q, k, v), out), encoder)
+/// Plans a validated call into checked outputs and records it into `encoder` without
+/// submitting, for callers that put more work in the same command buffer (the multi-head
+/// layer, which validates before it allocates).
+pub(crate) fn encode_validated(
+    gpu: &Gpu,
+    spec: &Spec<'_>,
+    inputs: (&Tensor, &Tensor, &Tensor),
+    out: &Output,
+    encoder: &mut wgpu::CommandEncoder,
+) -> Result<()> {
+    let dims = Dims::from_shapes(
+        spec.opts.layout,
+        inputs.0.dims(),
+        inputs.1.dims(),
+        inputs.2.dims(),
+    )?;
+    if dims != spec.dims {
+        return Err(Error::InvalidOption {
+            what: "encode_validated inputs",
+            value: format!("{dims:?}"),
+            why: "the tensors do not have the dims the call was validated for",
+        });
     }
+    check_outputs(spec, out)?;
+    let plan = plan_checked(gpu, spec, out)?;
+    paths::encode(gpu, spec, &plan, &io(inputs, out), encoder)
 }
 
 fn io<'a>((q, k, v): (&'a Tensor, &'a Tensor, &'a Tensor), out: &'a Output) -> Io<'a> {

@@ -23,6 +23,7 @@ mod merge;
 pub(crate) mod paths;
 pub(crate) mod tensor;
 
+pub(crate) use attention::encode_validated;
 pub use cache::KvCache;
 pub use context::Gpu;
 pub use dispatch::gemm::{MatView, MatmulShape, matmul};

@@ -96,7 +96,8 @@ impl MultiHeadAttention {
             .clone()
             .layout(Layout::Bshd)
             .return_weights(need_weights);
-        opts.validate(dims)?;
+        // Validated once, before anything is allocated; the attention step reuses it.
+        let spec = opts.validate(dims)?;
         let q = gpu.empty(dims.q_shape(Layout::Bshd))?;
         let k = gpu.empty(dims.k_shape(Layout::Bshd))?;
         let v = gpu.empty(dims.v_shape(Layout::Bshd))?;
@@ -156,7 +157,7 @@ impl MultiHeadAttention {
                     b.as_ref(),
                 )?;
             }
-            opts.encode_into(gpu, (&q, &k, &v), &attn, encoder)?;
+            crate::gpu::encode_validated(gpu, &spec, (&q, &k, &v), &attn, encoder)?;
             encode_matmul(
                 gpu,
                 encoder,
