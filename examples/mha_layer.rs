@@ -8,7 +8,7 @@
 use std::collections::HashMap;
 
 use safetensors::tensor::TensorView;
-use wgpu_attention::mha::mha_reference;
+use wgpu_attention::cpu::mha_reference;
 use wgpu_attention::{Attention, Causal, Gpu, MhaConfig, MhaWeights, MultiHeadAttention};
 
 fn pseudo_random(n: usize, seed: u32, scale: f32) -> Vec<f32> {

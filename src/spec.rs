@@ -283,7 +283,9 @@ pub(crate) fn broadcast_strides(shape: [usize; 4]) -> [usize; 4] {
 /// The options of one attention call; `Attention::new()` is plain `softmax(QK^T / sqrt(d)) V`.
 ///
 /// The builder is backend-neutral: [`Attention::run`](crate::Attention::run) runs it on a
-/// [`Gpu`](crate::Gpu), [`cpu::reference`](crate::cpu::reference) on the CPU.
+/// [`Gpu`](crate::Gpu), [`cpu::reference`](crate::cpu::reference) on the CPU. The GPU entry
+/// points (`plan`, `plan_for_limits`, `run`, `run_into`) are in `src/gpu/attention.rs`; they
+/// start from [`Attention::validate`], as the CPU paths do.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct Attention {
     pub(crate) layout: Layout,

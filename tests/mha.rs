@@ -4,8 +4,8 @@
 mod common;
 
 use common::{assert_close, gpu, random, random_mask, rel_norm_error, rng};
+use wgpu_attention::cpu::mha_reference;
 use wgpu_attention::gpu::{MatView, MatmulShape, matmul};
-use wgpu_attention::mha::mha_reference;
 use wgpu_attention::{Attention, Causal, DType, Error, MhaConfig, MhaWeights, MultiHeadAttention};
 
 /// C = alpha A B^T + bias on odd sizes, batched, contiguous and strided, f32 and half inputs.

@@ -6,7 +6,7 @@ use crate::mha::{MhaConfig, MhaWeights};
 use crate::spec::{Attention, Dims, Layout};
 
 /// The layer on the CPU, on the reference path (f64 projections and attention): the oracle of
-/// [`MultiHeadAttention::forward`]. Inputs are `[B, L, E]`, `[B, S, kdim]`, `[B, S, vdim]`
+/// [`MultiHeadAttention::forward`](crate::MultiHeadAttention::forward). Inputs are `[B, L, E]`, `[B, S, kdim]`, `[B, S, vdim]`
 /// row-major; returns the output `[B, L, E]` and, with `need_weights`, the head-averaged
 /// weights `[B, L, S]`.
 #[allow(clippy::too_many_arguments)] // mirrors forward(): config, weights, three inputs, sizes

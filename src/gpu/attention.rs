@@ -6,12 +6,23 @@
 //! command buffer and submitted once.
 
 use crate::error::{Error, Result};
-use crate::gpu::Output;
 use crate::gpu::context::Gpu;
 use crate::gpu::limits::GpuLimits;
 use crate::gpu::paths::{self, Io, Plan};
 use crate::gpu::tensor::Tensor;
 use crate::spec::{Attention, DType, Dims, Spec};
+
+/// The results of one call on the GPU.
+#[derive(Debug, Clone)]
+pub struct Output {
+    /// The attention output, in the layout of the options.
+    pub o: Tensor,
+    /// Log-sum-exp per row, dims `[batch, heads, q_len, 1]`, if asked for; `-inf` for a row
+    /// with no allowed key.
+    pub lse: Option<Tensor>,
+    /// Attention weights, dims `[batch, heads, q_len, kv_len]`, if asked for.
+    pub weights: Option<Tensor>,
+}
 
 fn expect_dims(what: &'static str, got: [usize; 4], expected: [usize; 4]) -> Result<()> {
     for (axis, (&g, &e)) in got.iter().zip(&expected).enumerate() {

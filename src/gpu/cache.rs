@@ -7,7 +7,7 @@
 //! `j <= i + len[b] - n`), through the decode path when the queries are few.
 
 use crate::error::{Error, Result};
-use crate::gpu::Output;
+use crate::gpu::attention::Output;
 use crate::gpu::context::Gpu;
 use crate::gpu::tensor::Tensor;
 use crate::spec::{Attention, Causal, DType, Dims, Layout};

@@ -7,7 +7,7 @@
 //! `-inf` (no allowed key) weighs nothing; if both have none the row is zeros and `-inf`.
 
 use crate::error::{Error, Result};
-use crate::gpu::Output;
+use crate::gpu::attention::Output;
 use crate::gpu::context::Gpu;
 use crate::gpu::dispatch::combine::{self, Combine};
 use crate::gpu::kernels::uniforms::CombineParams;
@@ -157,4 +157,17 @@ pub fn merge(gpu: &Gpu, a: Partial<'_>, b: Partial<'_>, layout: Layout) -> Resul
 fn lse_dims(layout: Layout, o_dims: [usize; 4]) -> [usize; 4] {
     let (batch, heads, q_len, _) = layout.split(o_dims);
     [batch, heads, q_len, 1]
+}
+
+impl Output {
+    /// This result as one side of a [`merge`]; needs the log-sum-exp
+    /// ([`Attention::return_lse`](crate::Attention::return_lse)).
+    pub fn as_partial(&self) -> Result<Partial<'_>> {
+        let lse = self.lse.as_ref().ok_or(Error::InvalidOption {
+            what: "merge input",
+            value: "an output without log-sum-exp".into(),
+            why: "merging weighs each side by its log-sum-exp: run it with return_lse(true)",
+        })?;
+        Ok(Partial { o: &self.o, lse })
+    }
 }

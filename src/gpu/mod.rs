@@ -23,6 +23,7 @@ mod merge;
 pub(crate) mod paths;
 pub(crate) mod tensor;
 
+pub use attention::Output;
 pub(crate) use attention::encode_validated;
 pub use cache::KvCache;
 pub use context::Gpu;
@@ -31,30 +32,3 @@ pub use limits::{DispatchSize, GpuLimits, LimitCaps};
 pub use merge::{Partial, merge};
 pub use paths::{Chunk, FusedPlan, Plan, ThreePassPlan};
 pub use tensor::Tensor;
-
-use crate::error::{Error, Result};
-
-/// The results of one call on the GPU.
-#[derive(Debug, Clone)]
-pub struct Output {
-    /// The attention output, in the layout of the options.
-    pub o: Tensor,
-    /// Log-sum-exp per row, dims `[batch, heads, q_len, 1]`, if asked for; `-inf` for a row
-    /// with no allowed key.
-    pub lse: Option<Tensor>,
-    /// Attention weights, dims `[batch, heads, q_len, kv_len]`, if asked for.
-    pub weights: Option<Tensor>,
-}
-
-impl Output {
-    /// This result as one side of a [`merge`]; needs the log-sum-exp
-    /// ([`Attention::return_lse`]).
-    pub fn as_partial(&self) -> Result<Partial<'_>> {
-        let lse = self.lse.as_ref().ok_or(Error::InvalidOption {
-            what: "merge input",
-            value: "an output without log-sum-exp".into(),
-            why: "merging weighs each side by its log-sum-exp: run it with return_lse(true)",
-        })?;
-        Ok(Partial { o: &self.o, lse })
-    }
-}

@@ -14,13 +14,12 @@
 //! | `weights` | [`MhaWeights`]: host parameters, PyTorch's packed `in_proj`, safetensors loading |
 //! | `layer` | [`MultiHeadAttention`] on the GPU: projections, attention, output projection in one submit |
 //!
-//! Its CPU oracle is [`cpu::mha_reference`](crate::cpu::mha_reference) (re-exported here).
+//! Its CPU oracle is [`cpu::mha_reference`](crate::cpu::mha_reference).
 
 mod config;
 mod layer;
 mod weights;
 
-pub use crate::cpu::mha_reference;
 pub use config::MhaConfig;
 pub use layer::{MhaOutput, MultiHeadAttention};
 pub use weights::MhaWeights;

@@ -9,8 +9,8 @@ use super::{Kernel, KernelKey, Slot, Storage, uniforms};
 pub(super) fn source(key: &KernelKey) -> String {
     let kernel: Kernel = key.kernel();
     let mut src = String::new();
-    if key.needs_f16() {
-        src.push_str("enable f16;\n");
+    for feature in key.enables() {
+        let _ = writeln!(src, "enable {feature};");
     }
     src.push_str(&uniforms::shared_constants());
     for decl in kernel.uniforms() {

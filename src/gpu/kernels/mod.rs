@@ -8,9 +8,9 @@
 //! 1. `enable` lines for the features the key needs (`enable f16;` when a tensor is stored as
 //!    native f16). Subgroup builtins need no `enable` (naga 30 rejects `enable subgroups;`):
 //!    they work once the device has `Features::SUBGROUP`.
-//! 2. the shared constants ([`uniforms::shared_constants`]: `-inf` bits, tile sizes, ...) and
+//! 2. the shared constants (`uniforms::shared_constants`: `-inf` bits, tile sizes, ...) and
 //!    the WGSL structs of the parameter blocks the kernel binds, generated from their one Rust
-//!    definition ([`uniforms`]);
+//!    definition (`uniforms.rs`);
 //! 3. a *prelude* per tensor binding, declaring it in its [`Storage`] with a
 //!    `load_<name>(i) -> f32` (and, when writable, `store_<name>(i, x)`) accessor: a new
 //!    storage type is a new prelude, never a copy of a kernel;
@@ -26,7 +26,7 @@
 //! Everything that changes the compiled pipeline is in its [`KernelKey`], one variant per
 //! kernel: tensor storage, tile configuration, and the options compiled in as pipeline
 //! `override` constants (the per-key masking options of [`MaskOptions`], additive scores). Pipelines are compiled on first use
-//! and cached per key ([`cache`]); the key is also the pipeline's debug label.
+//! and cached per key (`cache.rs`); the key is also the pipeline's debug label.
 
 mod cache;
 mod compose;
@@ -518,6 +518,17 @@ impl KernelKey {
     /// Whether a tensor of this key is stored as native f16 (the device needs `SHADER_F16`).
     pub fn needs_f16(&self) -> bool {
         self.tensors().contains(&Storage::F16)
+    }
+
+    /// The WGSL `enable` directives the key's source starts with: `f16` for native f16
+    /// storage. A cooperative-matrix kernel adds `wgpu_cooperative_matrix` here (and its
+    /// device feature); subgroup builtins need none (naga 30 rejects `enable subgroups;`).
+    pub fn enables(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.needs_f16() {
+            out.push("f16");
+        }
+        out
     }
 
     /// The `override` constants this specialisation sets.
