@@ -25,7 +25,7 @@
 //! The kernel is specialised on `ceil(v_head_dim / 64)` (`O_CHUNKS`, the output columns each
 //! invocation owns), which also fixes how many keys of V are staged at once.
 
-use super::{Io, masking};
+use super::{Io, masking, strides};
 use crate::error::{Error, Result};
 use crate::gpu::context::Gpu;
 use crate::gpu::dispatch::combine::{self, Combine};
@@ -148,6 +148,116 @@ impl FusedPlan {
     }
 }
 
+/// The uniforms of dispatch `pass` of `plan` (pure: tested without a device).
+fn flash_params(spec: &Spec<'_>, plan: &FusedPlan, pass: u32, write_lse: bool) -> FlashParams {
+    let d = spec.dims;
+    let [q_stride_b, q_stride_h, q_stride_s] = strides(spec, d.heads, d.q_len, d.head_dim);
+    let [k_stride_b, k_stride_h, k_stride_s] = strides(spec, d.kv_heads, d.kv_len, d.head_dim);
+    let [v_stride_b, v_stride_h, v_stride_s] = strides(spec, d.kv_heads, d.kv_len, d.v_head_dim);
+    let [o_stride_b, o_stride_h, o_stride_s] = strides(spec, d.heads, d.q_len, d.v_head_dim);
+    FlashParams {
+        heads: d.heads as u32,
+        kv_heads: d.kv_heads as u32,
+        group: d.group() as u32,
+        packed_rows: (d.group() * d.q_len) as u32,
+        tiles_m: plan.row_tiles,
+        splits: plan.splits,
+        tiles_per_split: plan.tiles_per_split,
+        groups_total: plan.workgroups as u32,
+        head_dim: d.head_dim as u32,
+        v_head_dim: d.v_head_dim as u32,
+        write_lse: write_lse as u32,
+        scale: spec.scale,
+        parts_lse_offset: parts_lse_offset(spec, plan) as u32,
+        first_tile: pass * plan.tiles_per_split,
+        resume: (pass > 0) as u32,
+        q_stride_b,
+        q_stride_h,
+        q_stride_s,
+        k_stride_b,
+        k_stride_h,
+        k_stride_s,
+        v_stride_b,
+        v_stride_h,
+        v_stride_s,
+        o_stride_b,
+        o_stride_h,
+        o_stride_s,
+    }
+}
+
+/// Where the partial log-sum-exps start in the split scratch, in elements: after the partial
+/// outputs `[split, batch, heads, q_len, v_head_dim]`.
+fn parts_lse_offset(spec: &Spec<'_>, plan: &FusedPlan) -> u64 {
+    plan.splits as u64 * spec.dims.lse_elems() as u64 * spec.dims.v_head_dim as u64
+}
+
+/// The merge of the splits' partials (`[split, batch, heads, q_len, v_head_dim]`, then their
+/// log-sum-exps `[split, batch, heads, q_len]`) into O and, with `write_lse`, the log-sum-exp.
+fn split_merge_params(spec: &Spec<'_>, plan: &FusedPlan, write_lse: bool) -> CombineParams {
+    let d = spec.dims;
+    let rows = d.lse_elems() as u32;
+    let row = d.v_head_dim as u32;
+    let heads_rows = (d.heads * d.q_len) as u32;
+    let [o_stride_b, o_stride_h, o_stride_s] = strides(spec, d.heads, d.q_len, d.v_head_dim);
+    CombineParams {
+        splits: plan.splits,
+        rows,
+        heads: d.heads as u32,
+        q_len: d.q_len as u32,
+        v_head_dim: row,
+        write_lse: write_lse as u32,
+        lse_offset: parts_lse_offset(spec, plan) as u32,
+        part_stride_s: rows * row,
+        part_stride_b: heads_rows * row,
+        part_stride_h: d.q_len as u32 * row,
+        part_stride_i: row,
+        part_lse_stride_s: rows,
+        part_lse_stride_b: heads_rows,
+        part_lse_stride_h: d.q_len as u32,
+        part_lse_stride_i: 1,
+        o_stride_b,
+        o_stride_h,
+        o_stride_s,
+    }
+}
+
+/// One "split": the combine kernel copies the passes' f32 O (in O's layout) into O's dtype,
+/// zeros where the log-sum-exp says the row had no key.
+fn convert_params(spec: &Spec<'_>) -> CombineParams {
+    let d = spec.dims;
+    let [o_stride_b, o_stride_h, o_stride_s] = strides(spec, d.heads, d.q_len, d.v_head_dim);
+    CombineParams {
+        splits: 1,
+        rows: d.lse_elems() as u32,
+        heads: d.heads as u32,
+        q_len: d.q_len as u32,
+        v_head_dim: d.v_head_dim as u32,
+        write_lse: 0,
+        lse_offset: 0,
+        part_stride_s: 0,
+        part_stride_b: o_stride_b,
+        part_stride_h: o_stride_h,
+        part_stride_i: o_stride_s,
+        part_lse_stride_s: 0,
+        part_lse_stride_b: (d.heads * d.q_len) as u32,
+        part_lse_stride_h: d.q_len as u32,
+        part_lse_stride_i: 1,
+        o_stride_b,
+        o_stride_h,
+        o_stride_s,
+    }
+}
+
+fn storage_buffer(gpu: &Gpu, label: &str, size: u64) -> wgpu::Buffer {
+    gpu.device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    })
+}
+
 /// Encodes the fused kernel (and the combine of its splits) into `encoder`.
 pub(crate) fn encode(
     gpu: &Gpu,
@@ -156,10 +266,8 @@ pub(crate) fn encode(
     io: &Io<'_>,
     encoder: &mut wgpu::CommandEncoder,
 ) -> Result<()> {
-    let d = spec.dims;
-    let limits = &gpu.limits;
-    let device = &gpu.device;
-    io.check_bindings(limits)?;
+    let rows = spec.dims.lse_elems() as u64;
+    io.check_bindings(&gpu.limits)?;
     let masks = masking::upload(gpu, spec)?;
     // Passes merge into the O the previous pass wrote. A half-precision O would be rounded
     // once per pass (bf16 drifted to 7e-3 relative over 32 passes), so the passes run on an
@@ -172,7 +280,7 @@ pub(crate) fn encode(
         o = Storage::F32;
     }
     let kernel = gpu.kernels.get(
-        device,
+        &gpu.device,
         KernelKey::FlashAttention {
             q,
             k,
@@ -182,71 +290,17 @@ pub(crate) fn encode(
             masks: MaskOptions::of(spec),
         },
     )?;
-    let layout = spec.opts.layout;
-    let strides = |heads, seq, dim| layout.strides(heads, seq, dim).map(|x| x as u32);
-    let rows = d.lse_elems() as u64;
-    let parts_lse_offset = plan.splits as u64 * rows * d.v_head_dim as u64;
     // Passes merge by log-sum-exp, so they need one even when the caller did not ask for it.
-    let lse_scratch = (plan.passes > 1 && io.lse.is_none()).then(|| {
-        device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("wgpu-attention pass log-sum-exp"),
-            size: rows * 4,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        })
-    });
+    let lse_scratch = (plan.passes > 1 && io.lse.is_none())
+        .then(|| storage_buffer(gpu, "wgpu-attention pass log-sum-exp", rows * 4));
     let lse_out = io.lse.map(|t| t.buffer()).or(lse_scratch.as_ref());
-    let [q_stride_b, q_stride_h, q_stride_s] = strides(d.heads, d.q_len, d.head_dim);
-    let [k_stride_b, k_stride_h, k_stride_s] = strides(d.kv_heads, d.kv_len, d.head_dim);
-    let [v_stride_b, v_stride_h, v_stride_s] = strides(d.kv_heads, d.kv_len, d.v_head_dim);
-    let [o_stride_b, o_stride_h, o_stride_s] = strides(d.heads, d.q_len, d.v_head_dim);
-    let pass_params: Vec<wgpu::Buffer> = (0..plan.passes)
-        .map(|pass| {
-            let params = FlashParams {
-                heads: d.heads as u32,
-                kv_heads: d.kv_heads as u32,
-                group: d.group() as u32,
-                packed_rows: (d.group() * d.q_len) as u32,
-                tiles_m: plan.row_tiles,
-                splits: plan.splits,
-                tiles_per_split: plan.tiles_per_split,
-                groups_total: plan.workgroups as u32,
-                head_dim: d.head_dim as u32,
-                v_head_dim: d.v_head_dim as u32,
-                write_lse: lse_out.is_some() as u32,
-                scale: spec.scale,
-                parts_lse_offset: parts_lse_offset as u32,
-                first_tile: pass * plan.tiles_per_split,
-                resume: (pass > 0) as u32,
-                q_stride_b,
-                q_stride_h,
-                q_stride_s,
-                k_stride_b,
-                k_stride_h,
-                k_stride_s,
-                v_stride_b,
-                v_stride_h,
-                v_stride_s,
-                o_stride_b,
-                o_stride_h,
-                o_stride_s,
-            };
-            uniform_buffer(device, &params)
-        })
-        .collect();
+    let parts = (plan.splits > 1)
+        .then(|| storage_buffer(gpu, "wgpu-attention split partials", plan.scratch_bytes));
     let size = DispatchSize::linear(
         plan.workgroups,
-        limits.max_workgroups_per_dim,
+        gpu.limits.max_workgroups_per_dim,
         "flash_attention dispatch",
     )?;
-    let parts = (plan.splits > 1).then(|| {
-        device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("wgpu-attention split partials"),
-            size: plan.scratch_bytes,
-            usage: wgpu::BufferUsages::STORAGE,
-            mapped_at_creation: false,
-        })
-    });
 
     let placeholder_out = &gpu.kernels.placeholder_out;
     // With splits the kernel writes the partials, not O, whose binding is then a placeholder.
@@ -257,12 +311,15 @@ pub(crate) fn encode(
             lse_out.unwrap_or(placeholder_out),
         ),
     };
-    let last_pass = pass_params.len() - 1;
-    for (index, params) in pass_params.iter().enumerate() {
+    for pass in 0..plan.passes {
+        let params = uniform_buffer(
+            &gpu.device,
+            &flash_params(spec, plan, pass, lse_out.is_some()),
+        );
         let bind = kernel.bind(
-            device,
+            &gpu.device,
             &[
-                params,
+                &params,
                 io.q.buffer(),
                 io.k.buffer(),
                 io.v.buffer(),
@@ -274,39 +331,16 @@ pub(crate) fn encode(
                 &masks.params,
             ],
         );
-        let last = index == last_pass && parts.is_none() && o_running.is_none();
-        let mut pass = gpu.begin_pass(encoder, "wgpu-attention flash", index == 0, last);
-        pass.set_pipeline(&kernel.pipeline);
-        pass.set_bind_group(0, &bind, &[]);
+        let last = pass + 1 == plan.passes && parts.is_none() && o_running.is_none();
+        let mut compute = gpu.begin_pass(encoder, "wgpu-attention flash", pass == 0, last);
+        compute.set_pipeline(&kernel.pipeline);
+        compute.set_bind_group(0, &bind, &[]);
         let [x, y, z] = size.counts;
-        pass.dispatch_workgroups(x, y, z);
+        compute.dispatch_workgroups(x, y, z);
     }
     if let Some(parts) = &parts {
-        // Partials are [split, batch, heads, q_len, v_head_dim], then [split, batch, heads, q_len].
-        let row = d.v_head_dim as u32;
-        let heads_rows = (d.heads * d.q_len) as u32;
-        let params = CombineParams {
-            splits: plan.splits,
-            rows: rows as u32,
-            heads: d.heads as u32,
-            q_len: d.q_len as u32,
-            v_head_dim: d.v_head_dim as u32,
-            write_lse: io.lse.is_some() as u32,
-            lse_offset: parts_lse_offset as u32,
-            part_stride_s: rows as u32 * row,
-            part_stride_b: heads_rows * row,
-            part_stride_h: d.q_len as u32 * row,
-            part_stride_i: row,
-            part_lse_stride_s: rows as u32,
-            part_lse_stride_b: heads_rows,
-            part_lse_stride_h: d.q_len as u32,
-            part_lse_stride_i: 1,
-            o_stride_b,
-            o_stride_h,
-            o_stride_s,
-        };
         let merge = Combine {
-            params,
+            params: split_merge_params(spec, plan, io.lse.is_some()),
             parts,
             part_lses: parts,
             parts_storage: Storage::F32,
@@ -317,30 +351,8 @@ pub(crate) fn encode(
         combine::encode(gpu, encoder, &merge)?;
     }
     if let (Some(running), Some(lse)) = (&o_running, lse_out) {
-        // One "split": the combine kernel copies the f32 rows into O's dtype (zeros where the
-        // log-sum-exp says the row had no key).
-        let params = CombineParams {
-            splits: 1,
-            rows: rows as u32,
-            heads: d.heads as u32,
-            q_len: d.q_len as u32,
-            v_head_dim: d.v_head_dim as u32,
-            write_lse: 0,
-            lse_offset: 0,
-            part_stride_s: 0,
-            part_stride_b: o_stride_b,
-            part_stride_h: o_stride_h,
-            part_stride_i: o_stride_s,
-            part_lse_stride_s: 0,
-            part_lse_stride_b: (d.heads * d.q_len) as u32,
-            part_lse_stride_h: d.q_len as u32,
-            part_lse_stride_i: 1,
-            o_stride_b,
-            o_stride_h,
-            o_stride_s,
-        };
         let convert = Combine {
-            params,
+            params: convert_params(spec),
             parts: running.buffer(),
             part_lses: lse,
             parts_storage: Storage::F32,
@@ -351,4 +363,75 @@ pub(crate) fn encode(
         combine::encode(gpu, encoder, &convert)?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Attention, Dims, Layout};
+
+    /// WebGPU's defaults with lavapipe's workgroup memory and its cap on keys per workgroup.
+    fn limits() -> GpuLimits {
+        let mut l = GpuLimits::from_wgpu(&wgpu::Limits::default(), wgpu::DeviceType::Cpu);
+        l.max_workgroup_storage = 32 << 10;
+        l
+    }
+
+    /// The split scratch holds exactly the partial outputs and then the partial log-sum-exps,
+    /// and the merge reads the last partial's last element at the scratch's last element.
+    #[test]
+    fn split_scratch_layout() {
+        let l = limits();
+        let d = Dims {
+            batch: 2,
+            heads: 6,
+            kv_heads: 2,
+            q_len: 3,
+            kv_len: 5000,
+            head_dim: 40,
+            v_head_dim: 72,
+        };
+        for layout in [Layout::Bhsd, Layout::Bshd] {
+            let opts = Attention::new().layout(layout);
+            let spec = opts.validate(d).unwrap();
+            let plan = FusedPlan::new(&spec, &l, true).unwrap();
+            assert!(plan.splits > 1, "{plan:?}");
+            let m = split_merge_params(&spec, &plan, true);
+            let rows = d.lse_elems() as u64;
+            assert_eq!(
+                (m.lse_offset as u64 + plan.splits as u64 * rows) * 4,
+                plan.scratch_bytes
+            );
+            let last_part = (plan.splits - 1) * m.part_stride_s
+                + (d.batch as u32 - 1) * m.part_stride_b
+                + (d.heads as u32 - 1) * m.part_stride_h
+                + (d.q_len as u32 - 1) * m.part_stride_i
+                + m.v_head_dim
+                - 1;
+            assert_eq!(last_part + 1, m.lse_offset);
+            let p = flash_params(&spec, &plan, 0, false);
+            assert_eq!(p.parts_lse_offset, m.lse_offset);
+            assert_eq!(p.packed_rows, 9);
+            assert_eq!((p.first_tile, p.resume), (0, 0));
+        }
+    }
+
+    /// 47 key tiles, at most 32 per dispatch: two passes of 24, the second resuming.
+    #[test]
+    fn passes_cover_the_keys_in_order() {
+        let d = Dims::new(1, 2, 3000, 16);
+        let l = limits();
+        let opts = Attention::new();
+        let spec = opts.validate(d).unwrap();
+        let plan = FusedPlan::new(&spec, &l, false).unwrap();
+        assert_eq!(plan.passes, 2, "{plan:?}");
+        let firsts: Vec<(u32, u32)> = (0..plan.passes)
+            .map(|p| {
+                let f = flash_params(&spec, &plan, p, true);
+                (f.first_tile, f.resume)
+            })
+            .collect();
+        assert_eq!(firsts, vec![(0, 0), (24, 1)]);
+        assert!(plan.passes * plan.tiles_per_split >= 3000u32.div_ceil(64));
+    }
 }

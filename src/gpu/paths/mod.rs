@@ -134,6 +134,12 @@ pub(crate) fn choose(spec: &Spec<'_>, limits: &GpuLimits, weights: bool) -> Resu
     Ok(plan)
 }
 
+/// Element strides (batch, head, row) of a tensor of `heads x seq x dim` rows in `spec`'s
+/// layout, as the kernels' uniforms take them.
+fn strides(spec: &Spec<'_>, heads: usize, seq: usize, dim: usize) -> [u32; 3] {
+    spec.opts.layout.strides(heads, seq, dim).map(|x| x as u32)
+}
+
 /// The buffers one call reads and writes.
 pub(crate) struct Io<'a> {
     pub(crate) q: &'a Tensor,

@@ -11,7 +11,7 @@
 
 use wgpu::util::DeviceExt;
 
-use super::{Io, masking};
+use super::{Io, masking, strides};
 use crate::error::{Error, Result};
 use crate::gpu::context::Gpu;
 use crate::gpu::kernels::uniforms::{PvParams, QkParams, SoftmaxParams, uniform_buffer};
@@ -160,6 +160,86 @@ impl ThreePassPlan {
     }
 }
 
+/// The three kernels' uniforms for one chunk, and their workgroup counts (pure: tested
+/// without a device).
+struct ChunkParams {
+    qk: QkParams,
+    softmax: SoftmaxParams,
+    pv: PvParams,
+    workgroups: [u64; 3],
+}
+
+fn chunk_params(spec: &Spec<'_>, chunk: &Chunk, write_lse: bool) -> ChunkParams {
+    let d = spec.dims;
+    let rows = chunk.rows as u64;
+    let tiles_i = rows.div_ceil(TILE) as u32;
+    let tiles_j = (d.kv_len as u64).div_ceil(TILE) as u32;
+    let tiles_n = (d.v_head_dim as u64).div_ceil(TILE) as u32;
+    let bh_count = chunk.bh_count as u32;
+    let [q_stride_b, q_stride_h, q_stride_s] = strides(spec, d.heads, d.q_len, d.head_dim);
+    let [k_stride_b, k_stride_h, k_stride_s] = strides(spec, d.kv_heads, d.kv_len, d.head_dim);
+    let [v_stride_b, v_stride_h, v_stride_s] = strides(spec, d.kv_heads, d.kv_len, d.v_head_dim);
+    let [o_stride_b, o_stride_h, o_stride_s] = strides(spec, d.heads, d.q_len, d.v_head_dim);
+    // Additive scores are not scaled.
+    let scale = if spec.opts.additive.is_some() {
+        1.0
+    } else {
+        spec.scale
+    };
+    ChunkParams {
+        qk: QkParams {
+            bh_start: chunk.bh_start as u32,
+            bh_count,
+            row_start: chunk.row_start as u32,
+            rows: chunk.rows as u32,
+            kv_len: d.kv_len as u32,
+            head_dim: d.head_dim as u32,
+            heads: d.heads as u32,
+            group: d.group() as u32,
+            tiles_i,
+            tiles_j,
+            q_stride_b,
+            q_stride_h,
+            q_stride_s,
+            k_stride_b,
+            k_stride_h,
+            k_stride_s,
+            scale,
+        },
+        softmax: SoftmaxParams {
+            bh_start: chunk.bh_start as u32,
+            bh_count,
+            row_start: chunk.row_start as u32,
+            rows: chunk.rows as u32,
+            heads: d.heads as u32,
+            write_lse: write_lse as u32,
+        },
+        pv: PvParams {
+            bh_start: chunk.bh_start as u32,
+            bh_count,
+            row_start: chunk.row_start as u32,
+            rows: chunk.rows as u32,
+            kv_len: d.kv_len as u32,
+            v_head_dim: d.v_head_dim as u32,
+            heads: d.heads as u32,
+            group: d.group() as u32,
+            tiles_i,
+            tiles_n,
+            v_stride_b,
+            v_stride_h,
+            v_stride_s,
+            o_stride_b,
+            o_stride_h,
+            o_stride_s,
+        },
+        workgroups: [
+            bh_count as u64 * tiles_i as u64 * tiles_j as u64,
+            bh_count as u64 * rows,
+            bh_count as u64 * tiles_i as u64 * tiles_n as u64,
+        ],
+    }
+}
+
 /// Encodes the three passes for every chunk of `plan` into `encoder`.
 pub(crate) fn encode(
     gpu: &Gpu,
@@ -215,7 +295,6 @@ pub(crate) fn encode(
             additive: additive.is_some(),
         },
     )?;
-    let score_scale = if additive.is_some() { 1.0 } else { spec.scale };
     let softmax = gpu.kernels.get(
         device,
         KernelKey::MaskedSoftmax {
@@ -231,74 +310,18 @@ pub(crate) fn encode(
         },
     )?;
 
-    let layout = opts.layout;
-    let strides = |heads, seq, dim| layout.strides(heads, seq, dim).map(|x| x as u32);
-    let [q_stride_b, q_stride_h, q_stride_s] = strides(d.heads, d.q_len, d.head_dim);
-    let [k_stride_b, k_stride_h, k_stride_s] = strides(d.kv_heads, d.kv_len, d.head_dim);
-    let [v_stride_b, v_stride_h, v_stride_s] = strides(d.kv_heads, d.kv_len, d.v_head_dim);
-    let [o_stride_b, o_stride_h, o_stride_s] = strides(d.heads, d.q_len, d.v_head_dim);
     let max_wg = limits.max_workgroups_per_dim;
     let last_chunk = plan.chunks.len() - 1;
     for (index, chunk) in plan.chunks.iter().enumerate() {
-        let rows = chunk.rows as u64;
-        let tiles_i = rows.div_ceil(TILE) as u32;
-        let tiles_j = (d.kv_len as u64).div_ceil(TILE) as u32;
-        let tiles_n = (d.v_head_dim as u64).div_ceil(TILE) as u32;
-        let bh_count = chunk.bh_count as u32;
-        let qk_params = uniform_buffer(
-            device,
-            &QkParams {
-                bh_start: chunk.bh_start as u32,
-                bh_count,
-                row_start: chunk.row_start as u32,
-                rows: chunk.rows as u32,
-                kv_len: d.kv_len as u32,
-                head_dim: d.head_dim as u32,
-                heads: d.heads as u32,
-                group: d.group() as u32,
-                tiles_i,
-                tiles_j,
-                q_stride_b,
-                q_stride_h,
-                q_stride_s,
-                k_stride_b,
-                k_stride_h,
-                k_stride_s,
-                scale: score_scale,
-            },
-        );
-        let sm_params = uniform_buffer(
-            device,
-            &SoftmaxParams {
-                bh_start: chunk.bh_start as u32,
-                bh_count,
-                row_start: chunk.row_start as u32,
-                rows: chunk.rows as u32,
-                heads: d.heads as u32,
-                write_lse: io.lse.is_some() as u32,
-            },
-        );
-        let pv_params = uniform_buffer(
-            device,
-            &PvParams {
-                bh_start: chunk.bh_start as u32,
-                bh_count,
-                row_start: chunk.row_start as u32,
-                rows: chunk.rows as u32,
-                kv_len: d.kv_len as u32,
-                v_head_dim: d.v_head_dim as u32,
-                heads: d.heads as u32,
-                group: d.group() as u32,
-                tiles_i,
-                tiles_n,
-                v_stride_b,
-                v_stride_h,
-                v_stride_s,
-                o_stride_b,
-                o_stride_h,
-                o_stride_s,
-            },
-        );
+        let ChunkParams {
+            qk: qk_params,
+            softmax: sm_params,
+            pv: pv_params,
+            workgroups: [qk_groups, sm_groups, pv_groups],
+        } = chunk_params(spec, chunk, io.lse.is_some());
+        let qk_params = uniform_buffer(device, &qk_params);
+        let sm_params = uniform_buffer(device, &sm_params);
+        let pv_params = uniform_buffer(device, &pv_params);
         let w = additive.as_ref().unwrap_or(&gpu.kernels.placeholder);
         let qk_bind = qk.bind(
             device,
@@ -317,9 +340,6 @@ pub(crate) fn encode(
             ],
         );
         let pv_bind = pv.bind(device, &[&pv_params, scores, io.v.buffer(), io.o.buffer()]);
-        let qk_groups = bh_count as u64 * tiles_i as u64 * tiles_j as u64;
-        let sm_groups = bh_count as u64 * rows;
-        let pv_groups = bh_count as u64 * tiles_i as u64 * tiles_n as u64;
         let dispatches = [
             (
                 &qk,
@@ -358,4 +378,41 @@ pub(crate) fn encode(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::{Attention, Dims};
+
+    /// A chunk's workgroup counts are what `chunk_groups` planned with, and additive scores
+    /// are not scaled.
+    #[test]
+    fn chunk_params_match_the_plan() {
+        let d = Dims {
+            batch: 2,
+            heads: 4,
+            kv_heads: 2,
+            q_len: 100,
+            kv_len: 130,
+            head_dim: 16,
+            v_head_dim: 70,
+        };
+        let chunk = Chunk {
+            bh_start: 3,
+            bh_count: 2,
+            row_start: 0,
+            rows: 100,
+        };
+        let opts = Attention::new().scale(0.5);
+        let spec = opts.validate(d).unwrap();
+        let p = chunk_params(&spec, &chunk, true);
+        let [qk, sm, pv] = p.workgroups;
+        assert_eq!(qk.max(sm).max(pv), chunk_groups(2, 100, 130, 70));
+        assert_eq!((p.qk.tiles_i, p.qk.tiles_j, p.pv.tiles_n), (2, 3, 2));
+        assert_eq!((p.qk.scale, p.softmax.write_lse, p.qk.group), (0.5, 1, 2));
+        let additive = Attention::new().additive(vec![1.0; 16]);
+        let spec = additive.validate(d).unwrap();
+        assert_eq!(chunk_params(&spec, &chunk, false).qk.scale, 1.0);
+    }
 }
