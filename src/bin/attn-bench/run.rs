@@ -5,7 +5,7 @@ use std::time::Instant;
 use wgpu_attention::{Attention, Causal, DType, Dims, Gpu, Layout, Output, Path, Tensor, cpu};
 
 use crate::report::{Row, plot, print_rows};
-use crate::{Args, PathName, shapes};
+use crate::{Args, DTypeName, PathName, shapes};
 
 fn values(n: usize, seed: u64) -> Vec<f32> {
     // A cheap deterministic generator: the benchmark needs varied values, not statistics.
@@ -45,16 +45,149 @@ fn bytes_moved(path: PathName, d: Dims, causal: bool, dtype: DType) -> f64 {
     }
 }
 
-pub(crate) fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
-    let needs_gpu = args.paths.iter().any(|p| {
-        matches!(
-            p,
-            PathName::GpuThreePass | PathName::GpuFused | PathName::GpuDecode
-        )
-    });
-    let gpu = if needs_gpu { Some(Gpu::new()?) } else { None };
-    let timed = gpu.as_ref().and_then(Gpu::with_timer);
-    let device = gpu.as_ref().map_or("none".to_string(), |g| {
+/// One shape and storage type of the sweep: its inputs (rounded to the dtype, so every path
+/// and the oracle see the same values) and the oracle's output on the checked part.
+struct Case {
+    dtype_name: DTypeName,
+    dims: Dims,
+    opts: Attention,
+    causal: bool,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    /// The part the oracle covers: all of it when cheap, else batch 0 and the first kv-head
+    /// group.
+    check: Dims,
+    checked_on: String,
+    want: Vec<f32>,
+    ref_secs: f64,
+}
+
+impl Case {
+    fn new(
+        args: &Args,
+        dtype_name: DTypeName,
+        q_len: usize,
+        kv_len: usize,
+    ) -> Result<Case, Box<dyn std::error::Error>> {
+        let dtype = dtype_name.dtype();
+        let dims = Dims {
+            batch: args.batch,
+            heads: args.heads,
+            kv_heads: args.kv_heads.unwrap_or(args.heads),
+            q_len,
+            kv_len,
+            head_dim: args.head_dim,
+            v_head_dim: args.head_dim,
+        };
+        let causal = args.causal || args.bottom_right;
+        let mut opts = Attention::new();
+        if causal {
+            opts = opts.causal(if args.bottom_right {
+                Causal::BottomRight
+            } else {
+                Causal::TopLeft
+            });
+        }
+        let rounded = |n, seed| -> Vec<f32> {
+            values(n, seed)
+                .into_iter()
+                .map(|x| dtype.round(x))
+                .collect()
+        };
+        let (q, k, v) = (
+            rounded(dims.q_elems(), 1),
+            rounded(dims.k_elems(), 2),
+            rounded(dims.v_elems(), 3),
+        );
+        let full_check = args.check_all || dims.flops(causal) < 4e9;
+        let check = if full_check {
+            dims
+        } else {
+            Dims {
+                batch: 1,
+                heads: dims.group(),
+                kv_heads: 1,
+                ..dims
+            }
+        };
+        let start = Instant::now();
+        let want = cpu::reference(
+            &q[..check.q_elems()],
+            &k[..check.k_elems()],
+            &v[..check.v_elems()],
+            check,
+            &opts,
+        )?
+        .o;
+        let ref_secs = start.elapsed().as_secs_f64();
+        let checked_on = if full_check {
+            "all".to_string()
+        } else {
+            format!("b=0,h<{}", dims.group())
+        };
+        Ok(Case {
+            dtype_name,
+            dims,
+            opts,
+            causal,
+            q,
+            k,
+            v,
+            check,
+            checked_on,
+            want,
+            ref_secs,
+        })
+    }
+
+    /// Largest absolute and relative norm error of `o` against the oracle, on the checked part.
+    fn errors(&self, o: &[f32]) -> (f64, f64) {
+        let (mut max, mut num, mut den) = (0f64, 0f64, 0f64);
+        for (&g, &w) in o.iter().zip(&self.want) {
+            let e = (g as f64 - w as f64).abs();
+            max = max.max(e);
+            num += e * e;
+            den += (w as f64) * (w as f64);
+        }
+        (max, (num / den.max(f64::MIN_POSITIVE)).sqrt())
+    }
+
+    /// The row of `path` timed at `ms` (one figure per timed run) over `dims`.
+    fn row(
+        &self,
+        path: PathName,
+        dims: Dims,
+        ms: Vec<f64>,
+        o: Option<&[f32]>,
+        timing: &'static str,
+        note: String,
+    ) -> Row {
+        let (median_ms, min_ms, max_ms) = stats(ms);
+        let (max_abs_err, rel_err) = o.map_or((0.0, 0.0), |o| self.errors(o));
+        let dtype = self.dtype_name.dtype();
+        Row {
+            path,
+            dtype: self.dtype_name,
+            dims,
+            causal: self.causal,
+            median_ms,
+            min_ms,
+            max_ms,
+            gflops: dims.flops(self.causal) / median_ms / 1e6,
+            gbps: bytes_moved(path, dims, self.causal, dtype) / median_ms / 1e6,
+            max_abs_err,
+            rel_err,
+            timing,
+            checked_on: self.checked_on.clone(),
+            note,
+        }
+    }
+}
+
+/// `name (backend, driver ..., software driver)` of the adapter, or `none`.
+fn describe_device(gpu: Option<&Gpu>) -> String {
+    gpu.map_or("none".to_string(), |g| {
         let info = g.adapter_info();
         let soft = if info.device_type == wgpu::DeviceType::Cpu {
             ", software driver"
@@ -65,195 +198,99 @@ pub(crate) fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             "{} ({:?}, driver {} {}{soft})",
             info.name, info.backend, info.driver, info.driver_info
         )
-    });
-    let shapes = shapes(args);
-    let mut cases = Vec::new();
-    for &dtype in &args.dtype {
-        for &shape in &shapes {
-            cases.push((dtype, shape));
+    })
+}
+
+/// Times `path` on `case`: `Ok(None)` when the path cannot run it (said on stderr).
+fn measure(
+    args: &Args,
+    case: &Case,
+    path: PathName,
+    gpu: Option<(&Gpu, &(Tensor, Tensor, Tensor))>,
+) -> Result<Result<Row, String>, Box<dyn std::error::Error>> {
+    let d = case.dims;
+    Ok(Ok(match path {
+        PathName::CpuReference => case.row(
+            path,
+            case.check,
+            vec![case.ref_secs * 1e3],
+            None,
+            "wall",
+            format!("oracle, one run on {}", case.checked_on),
+        ),
+        PathName::CpuFast => {
+            let mut ms = Vec::new();
+            let mut o = Vec::new();
+            for rep in 0..args.warmup + args.reps {
+                let start = Instant::now();
+                o = cpu::fast(&case.q, &case.k, &case.v, d, &case.opts)?.o;
+                if rep >= args.warmup {
+                    ms.push(start.elapsed().as_secs_f64() * 1e3);
+                }
+            }
+            let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+            case.row(path, d, ms, Some(&o), "wall", format!("{threads} threads"))
         }
-    }
-    let progress = indicatif::ProgressBar::new((cases.len() * args.paths.len()) as u64);
+        PathName::GpuThreePass | PathName::GpuFused | PathName::GpuDecode => {
+            let (g, (tq, tk, tv)) = gpu.expect("a device for the GPU paths");
+            let which = match path {
+                PathName::GpuThreePass => Path::ThreePass,
+                PathName::GpuFused => Path::Fused,
+                _ => Path::Decode,
+            };
+            match time_gpu(g, &case.opts.clone().path(which), d, (tq, tk, tv), args) {
+                Ok((ms, timing, o, note)) => case.row(path, d, ms, Some(&o), timing, note),
+                Err(e) => return Ok(Err(e.to_string())),
+            }
+        }
+    }))
+}
+
+pub(crate) fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let needs_gpu = args.paths.iter().any(|p| {
+        matches!(
+            p,
+            PathName::GpuThreePass | PathName::GpuFused | PathName::GpuDecode
+        )
+    });
+    let gpu = if needs_gpu { Some(Gpu::new()?) } else { None };
+    let timed = gpu.as_ref().and_then(Gpu::with_timer);
+    let device = describe_device(gpu.as_ref());
+    let shapes = shapes(args);
+    let progress =
+        indicatif::ProgressBar::new((args.dtype.len() * shapes.len() * args.paths.len()) as u64);
     progress.set_style(
         indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
             .expect("valid template"),
     );
     let mut rows = Vec::new();
-    for &(dtype_name, (q_len, kv_len)) in &cases {
-        let dtype = dtype_name.dtype();
-        let d = Dims {
-            batch: args.batch,
-            heads: args.heads,
-            kv_heads: args.kv_heads.unwrap_or(args.heads),
-            q_len,
-            kv_len,
-            head_dim: args.head_dim,
-            v_head_dim: args.head_dim,
-        };
-        let mut opts = Attention::new();
-        if args.causal || args.bottom_right {
-            opts = opts.causal(if args.bottom_right {
-                Causal::BottomRight
-            } else {
-                Causal::TopLeft
-            });
-        }
-        let causal = args.causal || args.bottom_right;
-        // Values as the dtype stores them, so every path and the oracle see the same inputs.
-        let rounded = |n, seed| -> Vec<f32> {
-            values(n, seed)
-                .into_iter()
-                .map(|x| dtype.round(x))
-                .collect()
-        };
-        let q = rounded(d.q_elems(), 1);
-        let k = rounded(d.k_elems(), 2);
-        let v = rounded(d.v_elems(), 3);
-        let flops = d.flops(causal);
-
-        // The oracle on all of it when cheap, else on batch 0 and the first kv-head group.
-        let full_check = args.check_all || flops < 4e9;
-        let check = if full_check {
-            d
-        } else {
-            Dims {
-                batch: 1,
-                heads: d.group(),
-                kv_heads: 1,
-                ..d
-            }
-        };
-        let sub = |x: &[f32], n: usize| x[..n].to_vec();
-        let (cq, ck, cv) = if full_check {
-            (q.clone(), k.clone(), v.clone())
-        } else {
-            (
-                sub(&q, check.q_elems()),
-                sub(&k, check.k_elems()),
-                sub(&v, check.v_elems()),
-            )
-        };
-        let start = Instant::now();
-        let want = cpu::reference(&cq, &ck, &cv, check, &opts)?;
-        let ref_secs = start.elapsed().as_secs_f64();
-        let checked_on = if full_check {
-            "all".to_string()
-        } else {
-            format!("b=0,h<{}", d.group())
-        };
-        let errors = |o: &[f32]| {
-            let (mut max, mut num, mut den) = (0f64, 0f64, 0f64);
-            for (&g, &w) in o.iter().zip(&want.o) {
-                let e = (g as f64 - w as f64).abs();
-                max = max.max(e);
-                num += e * e;
-                den += (w as f64) * (w as f64);
-            }
-            (max, (num / den.max(f64::MIN_POSITIVE)).sqrt())
-        };
-
-        let device_inputs = match &gpu {
-            Some(g) => {
-                let layout = Layout::Bhsd;
-                Some((
-                    g.upload_as(&q, d.q_shape(layout), dtype)?,
-                    g.upload_as(&k, d.k_shape(layout), dtype)?,
-                    g.upload_as(&v, d.v_shape(layout), dtype)?,
-                ))
-            }
-            None => None,
-        };
-        for &path in &args.paths {
-            progress.set_message(format!("{path} L={q_len} S={kv_len}"));
-            let row = match path {
-                PathName::CpuReference => Row {
-                    path,
-                    dtype: dtype_name,
-                    dims: check,
-                    causal,
-                    median_ms: ref_secs * 1e3,
-                    min_ms: ref_secs * 1e3,
-                    max_ms: ref_secs * 1e3,
-                    gflops: check.flops(causal) / ref_secs / 1e9,
-                    gbps: bytes_moved(path, check, causal, dtype) / ref_secs / 1e9,
-                    max_abs_err: 0.0,
-                    rel_err: 0.0,
-                    timing: "wall",
-                    checked_on: checked_on.clone(),
-                    note: format!("oracle, one run on {checked_on}"),
-                },
-                PathName::CpuFast => {
-                    let mut ms = Vec::new();
-                    let mut o = Vec::new();
-                    for rep in 0..args.warmup + args.reps {
-                        let start = Instant::now();
-                        o = cpu::fast(&q, &k, &v, d, &opts)?.o;
-                        if rep >= args.warmup {
-                            ms.push(start.elapsed().as_secs_f64() * 1e3);
-                        }
-                    }
-                    let (median_ms, min_ms, max_ms) = stats(ms);
-                    let (max_abs_err, rel_err) = errors(&o[..want.o.len()]);
-                    Row {
-                        path,
-                        dtype: dtype_name,
-                        dims: d,
-                        causal,
-                        median_ms,
-                        min_ms,
-                        max_ms,
-                        gflops: flops / median_ms / 1e6,
-                        gbps: bytes_moved(path, d, causal, dtype) / median_ms / 1e6,
-                        max_abs_err,
-                        rel_err,
-                        timing: "wall",
-                        checked_on: checked_on.clone(),
-                        note: format!(
-                            "{} threads",
-                            std::thread::available_parallelism().map_or(1, |n| n.get())
-                        ),
-                    }
+    for &dtype_name in &args.dtype {
+        for &(q_len, kv_len) in &shapes {
+            let case = Case::new(args, dtype_name, q_len, kv_len)?;
+            let dtype = dtype_name.dtype();
+            let d = case.dims;
+            let device_inputs = match &gpu {
+                Some(g) => {
+                    let layout = Layout::Bhsd;
+                    Some((
+                        g.upload_as(&case.q, d.q_shape(layout), dtype)?,
+                        g.upload_as(&case.k, d.k_shape(layout), dtype)?,
+                        g.upload_as(&case.v, d.v_shape(layout), dtype)?,
+                    ))
                 }
-                PathName::GpuThreePass | PathName::GpuFused | PathName::GpuDecode => {
-                    let g = timed.as_ref().or(gpu.as_ref()).expect("gpu for gpu paths");
-                    let (tq, tk, tv) = device_inputs.as_ref().expect("inputs on the device");
-                    let which = match path {
-                        PathName::GpuThreePass => Path::ThreePass,
-                        PathName::GpuFused => Path::Fused,
-                        _ => Path::Decode,
-                    };
-                    match time_gpu(g, &opts.clone().path(which), d, (tq, tk, tv), args) {
-                        Ok((ms, timing, o, note)) => {
-                            let (median_ms, min_ms, max_ms) = stats(ms);
-                            let (max_abs_err, rel_err) = errors(&o[..want.o.len()]);
-                            Row {
-                                path,
-                                dtype: dtype_name,
-                                dims: d,
-                                causal,
-                                median_ms,
-                                min_ms,
-                                max_ms,
-                                gflops: flops / median_ms / 1e6,
-                                gbps: bytes_moved(path, d, causal, dtype) / median_ms / 1e6,
-                                max_abs_err,
-                                rel_err,
-                                timing,
-                                checked_on: checked_on.clone(),
-                                note,
-                            }
-                        }
-                        Err(e) => {
-                            progress
-                                .suspend(|| eprintln!("{path} L={q_len} S={kv_len}: skipped: {e}"));
-                            progress.inc(1);
-                            continue;
-                        }
-                    }
-                }
+                None => None,
             };
-            rows.push(row);
-            progress.inc(1);
+            let on_device = timed.as_ref().or(gpu.as_ref()).zip(device_inputs.as_ref());
+            for &path in &args.paths {
+                progress.set_message(format!("{path} L={q_len} S={kv_len}"));
+                match measure(args, &case, path, on_device)? {
+                    Ok(row) => rows.push(row),
+                    Err(e) => {
+                        progress.suspend(|| eprintln!("{path} L={q_len} S={kv_len}: skipped: {e}"))
+                    }
+                }
+                progress.inc(1);
+            }
         }
     }
     progress.finish_and_clear();
