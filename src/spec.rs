@@ -438,9 +438,50 @@ impl Attention {
         self.causal
     }
 
-    /// Checks the options against `dims` and resolves defaults. Every backend calls this first.
+    /// Checks the options against `dims` and resolves defaults. Every backend calls this first,
+    /// once per call, and passes the [`Spec`] on.
     pub fn validate(&self, dims: Dims) -> Result<Spec<'_>> {
         dims.validate()?;
+        let scale = self.check_scalars(dims)?;
+        let target = dims.score_shape();
+        if let Some(mask) = &self.mask {
+            check_broadcast("mask", mask.shape, mask.data.len(), target)?;
+        }
+        if let Some(bias) = &self.bias {
+            check_broadcast("bias", bias.shape, bias.data.len(), target)?;
+            check_finite(
+                "bias",
+                &bias.data,
+                "bias values must be finite; remove keys with a boolean mask",
+            )?;
+        }
+        if let Some(w) = &self.additive {
+            if w.len() != dims.head_dim {
+                return Err(Error::DataLength {
+                    what: "additive weights",
+                    dims: vec![dims.head_dim],
+                    expected: dims.head_dim,
+                    got: w.len(),
+                });
+            }
+            check_finite("additive weights", w, "must be finite")?;
+        }
+        self.check_path()?;
+        if let Some(lens) = &self.kv_lens {
+            check_lens("kv_lens", lens, dims.batch, dims.kv_len)?;
+        }
+        if let Some(lens) = &self.q_lens {
+            check_lens("q_lens", lens, dims.batch, dims.q_len)?;
+        }
+        Ok(Spec {
+            dims,
+            opts: self,
+            scale,
+        })
+    }
+
+    /// The scale (default `1 / sqrt(head_dim)`), checked with the softcap.
+    fn check_scalars(&self, dims: Dims) -> Result<f32> {
         let scale = self.scale.unwrap_or(1.0 / (dims.head_dim as f32).sqrt());
         if !scale.is_finite() {
             return Err(Error::InvalidOption {
@@ -458,103 +499,88 @@ impl Attention {
                 why: "must be finite and > 0",
             });
         }
-        let target = dims.score_shape();
-        let check_shape = |what: &'static str, shape: [usize; 4], len: usize| -> Result<()> {
-            if (0..4).any(|d| shape[d] != 1 && shape[d] != target[d]) {
-                return Err(Error::BroadcastShape {
-                    what,
-                    got: shape,
-                    target,
-                });
-            }
-            let expected: usize = shape.iter().product();
-            if len != expected {
-                return Err(Error::DataLength {
-                    what,
-                    dims: shape.to_vec(),
-                    expected,
-                    got: len,
-                });
-            }
-            Ok(())
+        Ok(scale)
+    }
+
+    /// Weights and additive scores exist only on the three-pass path: forcing another is an
+    /// error, never a silent omission.
+    fn check_path(&self) -> Result<()> {
+        if !matches!(self.path, Path::Fused | Path::Decode) {
+            return Ok(());
+        }
+        let why = if self.want_weights {
+            "only the three-pass path materialises the weights; use Path::Auto or \
+             Path::ThreePass with return_weights"
+        } else if self.additive.is_some() {
+            "only the three-pass path computes additive scores; use Path::Auto or \
+             Path::ThreePass with additive"
+        } else {
+            return Ok(());
         };
-        if let Some(mask) = &self.mask {
-            check_shape("mask", mask.shape, mask.data.len())?;
-        }
-        if let Some(bias) = &self.bias {
-            check_shape("bias", bias.shape, bias.data.len())?;
-            if let Some(bad) = bias.data.iter().position(|x| !x.is_finite()) {
-                return Err(Error::InvalidOption {
-                    what: "bias",
-                    value: format!("{} at index {bad}", bias.data[bad]),
-                    why: "bias values must be finite; remove keys with a boolean mask",
-                });
-            }
-        }
-        let check_lens = |what: &'static str, lens: &[u32], max: usize| -> Result<()> {
-            if lens.len() != dims.batch {
-                return Err(Error::ShapeMismatch {
-                    what: format!("{what} length"),
-                    got: lens.len(),
-                    expected: dims.batch,
-                });
-            }
-            if let Some((index, &value)) = lens.iter().enumerate().find(|(_, l)| **l as usize > max)
-            {
-                return Err(Error::LengthOutOfRange {
-                    what,
-                    index,
-                    value: value as usize,
-                    max,
-                });
-            }
-            Ok(())
-        };
-        if self.want_weights && matches!(self.path, Path::Fused | Path::Decode) {
-            return Err(Error::InvalidOption {
-                what: "path",
-                value: format!("{:?}", self.path),
-                why: "only the three-pass path materialises the weights; use Path::Auto or \
-                      Path::ThreePass with return_weights",
-            });
-        }
-        if let Some(w) = &self.additive {
-            if w.len() != dims.head_dim {
-                return Err(Error::DataLength {
-                    what: "additive weights",
-                    dims: vec![dims.head_dim],
-                    expected: dims.head_dim,
-                    got: w.len(),
-                });
-            }
-            if let Some(bad) = w.iter().position(|x| !x.is_finite()) {
-                return Err(Error::InvalidOption {
-                    what: "additive weights",
-                    value: format!("{} at index {bad}", w[bad]),
-                    why: "must be finite",
-                });
-            }
-            if matches!(self.path, Path::Fused | Path::Decode) {
-                return Err(Error::InvalidOption {
-                    what: "path",
-                    value: format!("{:?}", self.path),
-                    why: "only the three-pass path computes additive scores; use Path::Auto \
-                          or Path::ThreePass with additive",
-                });
-            }
-        }
-        if let Some(lens) = &self.kv_lens {
-            check_lens("kv_lens", lens, dims.kv_len)?;
-        }
-        if let Some(lens) = &self.q_lens {
-            check_lens("q_lens", lens, dims.q_len)?;
-        }
-        Ok(Spec {
-            dims,
-            opts: self,
-            scale,
+        Err(Error::InvalidOption {
+            what: "path",
+            value: format!("{:?}", self.path),
+            why,
         })
     }
+}
+
+/// A mask or bias of `shape` and `len` elements must broadcast to `target`.
+fn check_broadcast(
+    what: &'static str,
+    shape: [usize; 4],
+    len: usize,
+    target: [usize; 4],
+) -> Result<()> {
+    if (0..4).any(|d| shape[d] != 1 && shape[d] != target[d]) {
+        return Err(Error::BroadcastShape {
+            what,
+            got: shape,
+            target,
+        });
+    }
+    let expected: usize = shape.iter().product();
+    if len != expected {
+        return Err(Error::DataLength {
+            what,
+            dims: shape.to_vec(),
+            expected,
+            got: len,
+        });
+    }
+    Ok(())
+}
+
+/// Every value finite (WGSL may assume no infinities), else the first bad one's index.
+fn check_finite(what: &'static str, data: &[f32], why: &'static str) -> Result<()> {
+    match data.iter().position(|x| !x.is_finite()) {
+        Some(bad) => Err(Error::InvalidOption {
+            what,
+            value: format!("{} at index {bad}", data[bad]),
+            why,
+        }),
+        None => Ok(()),
+    }
+}
+
+/// Per-sequence lengths: one per batch entry, none above `max`.
+fn check_lens(what: &'static str, lens: &[u32], batch: usize, max: usize) -> Result<()> {
+    if lens.len() != batch {
+        return Err(Error::ShapeMismatch {
+            what: format!("{what} length"),
+            got: lens.len(),
+            expected: batch,
+        });
+    }
+    if let Some((index, &value)) = lens.iter().enumerate().find(|(_, l)| **l as usize > max) {
+        return Err(Error::LengthOutOfRange {
+            what,
+            index,
+            value: value as usize,
+            max,
+        });
+    }
+    Ok(())
 }
 
 /// Options checked against dims, with defaults resolved: what every backend executes.
