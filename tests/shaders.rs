@@ -399,7 +399,7 @@ fn every_shader_file_is_used_by_a_kernel() {
     for (path, text) in shader_files() {
         assert!(
             sources.iter().any(|src| src.contains(text.as_str())),
-            "{} is not compiled by any kernel: register it in src/gpu/kernels.rs",
+            "{} is not compiled by any kernel: register it in src/gpu/kernels/mod.rs (Kernel or Fragment)",
             path.display()
         );
     }

@@ -23,7 +23,12 @@
 //! (plus an f32 copy of O when O is half precision, so it is rounded once, not per pass).
 //!
 //! The kernel is specialised on `ceil(v_head_dim / 64)` (`O_CHUNKS`, the output columns each
-//! invocation owns), which also fixes how many keys of V are staged at once.
+//! invocation owns), which also fixes how many keys of V are staged at once, and on the
+//! per-key options (mask, bias, softcap: [`MaskOptions`]). A key tile inside every row's key
+//! range, on a call without per-key options, is only scaled: no range test, no mask lookup.
+//!
+//! The uniforms of each dispatch come from pure functions of the [`Spec`] and the plan
+//! (`flash_params`, `split_merge_params`, `convert_params`), unit-tested below without a device.
 
 use super::{Io, masking, strides};
 use crate::error::{Error, Result};
