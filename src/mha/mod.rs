@@ -16,6 +16,9 @@
 //!
 //! Its CPU oracle is [`cpu::mha_reference`](crate::cpu::mha_reference).
 
+/// The oracle's former home, kept so callers of `mha::mha_reference` still compile.
+pub use crate::cpu::mha_reference;
+
 mod config;
 mod layer;
 mod weights;

@@ -70,12 +70,24 @@ pub struct FusedPlan {
     pub scratch_bytes: u64,
 }
 
-/// Why the fused path cannot run on a device, if it cannot.
-pub(crate) fn unsupported(limits: &GpuLimits) -> Option<&'static str> {
+/// Storage buffers the fused kernel binds per stage.
+const FLASH_STORAGE_BUFFERS: u32 = 8;
+
+/// Why the fused path cannot run on a device, if it cannot: the limit it needs, as the
+/// [`Error::Unsupported`] that says so.
+pub(crate) fn unsupported(limits: &GpuLimits) -> Option<Error> {
     if limits.max_workgroup_storage < FLASH_WORKGROUP_BYTES {
-        Some("the device has less workgroup memory than the fused kernel needs (28 KiB)")
-    } else if limits.max_storage_buffers_per_stage < 8 {
-        Some("the device binds fewer than 8 storage buffers per stage")
+        Some(Error::Unsupported {
+            what: "the fused kernel needs more workgroup memory (bytes)",
+            needed: FLASH_WORKGROUP_BYTES as u64,
+            available: limits.max_workgroup_storage as u64,
+        })
+    } else if limits.max_storage_buffers_per_stage < FLASH_STORAGE_BUFFERS {
+        Some(Error::Unsupported {
+            what: "the fused kernel needs more storage buffers per stage",
+            needed: FLASH_STORAGE_BUFFERS as u64,
+            available: limits.max_storage_buffers_per_stage as u64,
+        })
     } else {
         None
     }
@@ -85,12 +97,8 @@ impl FusedPlan {
     /// Plans `spec` for a device with `limits`; `decode` also splits the keys to give a small
     /// grid enough workgroups.
     pub fn new(spec: &Spec<'_>, limits: &GpuLimits, decode: bool) -> Result<FusedPlan> {
-        if let Some(why) = unsupported(limits) {
-            return Err(Error::Unsupported {
-                what: why,
-                needed: FLASH_WORKGROUP_BYTES as u64,
-                available: limits.max_workgroup_storage as u64,
-            });
+        if let Some(err) = unsupported(limits) {
+            return Err(err);
         }
         let d = spec.dims;
         let row_tiles = (d.group() * d.q_len).div_ceil(BM) as u64;

@@ -125,6 +125,28 @@ fn forcing_the_fused_path_where_it_cannot_run_is_a_typed_error() {
         matches!(err, Error::Unsupported { needed, available: 16384, .. } if needed > 16384),
         "{err:?}"
     );
+    // Enough memory but too few storage buffers: the error names that limit.
+    let mut few = h100();
+    few.max_storage_buffers_per_stage = 4;
+    let err = plan(
+        &Attention::new().path(Path::Fused),
+        &few,
+        dims(1, 2, 2, 100, 100, 64),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::Unsupported {
+                needed: 8,
+                available: 4,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let auto = plan(&Attention::new(), &few, dims(1, 2, 2, 100, 100, 64)).unwrap();
+    assert_eq!(auto.name(), "three-pass", "{}", auto.reason());
 }
 
 /// The figure NOTES.md records from the H100 (chunks of 2080374784 bytes of scores at B=4,
