@@ -5,13 +5,10 @@
 // One workgroup: one query row of one (batch, head). One invocation: every 64th column of it.
 // Serves flash-decoding (the splits of the fused kernel) and the public merge.
 
-@group(0) @binding(0) var<uniform> params: CombineParams;
-// @binding(1): the partial outputs P, read through load_p of the prelude.
-// The partial log-sum-exps as f32 bits, from lse_offset (may be the same buffer as P).
-@group(0) @binding(2) var<storage, read> part_lses: array<u32>;
-// @binding(3): O, declared by the prelude.
-// The merged log-sum-exp as f32 bits, [batch, heads, q_len].
-@group(0) @binding(4) var<storage, read_write> lse: array<u32>;
+// Bindings (declared by the host from Kernel::slots): params (CombineParams); p, the partial
+// outputs (tensor, read through load_p); part_lses, the partial log-sum-exps as f32 bits from
+// lse_offset (may be the same buffer as p); o (tensor); lse, the merged log-sum-exp as f32
+// bits, [batch, heads, q_len].
 
 const WG: u32 = 64u;
 
@@ -23,12 +20,9 @@ fn part_lse(s: u32, b: u32, h: u32, i: u32) -> u32 {
 }
 
 @compute @workgroup_size(WG)
-fn main(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(num_workgroups) num_wg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let row = workgroup_index(wg, num_wg);
+fn main(inv: RowInvocation) {
+    let lid = inv.lid;
+    let row = workgroup_index(inv.wg, inv.num_wg);
     if row >= params.rows {
         return;
     }

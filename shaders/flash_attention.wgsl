@@ -19,16 +19,11 @@ override O_CHUNKS: u32 = 1u;
 // Keys per slice of V staged at once: the slice holds BKV * 16 * O_CHUNKS vec4s <= 512.
 override BKV: u32 = 32u;
 
-@group(0) @binding(0) var<uniform> params: FlashParams;
-// @binding(1..4): Q, K, V (read) and O (write), declared by the prelude.
-@group(0) @binding(5) var<storage, read> bias: array<f32>;
-@group(0) @binding(6) var<storage, read> mask: array<u32>;
-@group(0) @binding(7) var<storage, read> lens: array<u32>;
-// One split: the log-sum-exp as f32 bits, [batch, heads, q_len]. Several: the partial outputs
-// as f32 bits, [split, batch, heads, q_len, v_head_dim], then from parts_lse_offset the
-// partial log-sum-exps, [split, batch, heads, q_len].
-@group(0) @binding(8) var<storage, read_write> lse_or_partials: array<u32>;
-@group(0) @binding(9) var<uniform> mparams: MaskParams;
+// Bindings (declared by the host from Kernel::slots): params (FlashParams); q, k, v (read) and
+// o (write) tensors; bias, mask, lens and mparams (lib/masking.wgsl); lse_or_partials: with
+// one split, the log-sum-exp as f32 bits, [batch, heads, q_len]; with several, the partial
+// outputs as f32 bits, [split, batch, heads, q_len, v_head_dim], then from parts_lse_offset
+// the partial log-sum-exps, [split, batch, heads, q_len].
 
 // The tile's probabilities, [key][row / 4].
 var<workgroup> p_tile: array<array<vec4<f32>, 16>, TILE>;

@@ -6,27 +6,18 @@
 
 override WG: u32 = 256u;
 
-@group(0) @binding(0) var<uniform> params: SoftmaxParams;
-// Scores of the chunk, [bh_count, rows, kv_len]; overwritten by the weights.
-@group(0) @binding(1) var<storage, read_write> scores: array<f32>;
-@group(0) @binding(2) var<storage, read> bias: array<f32>;
-@group(0) @binding(3) var<storage, read> mask: array<u32>;
-@group(0) @binding(4) var<storage, read> lens: array<u32>;
-// Log-sum-exp as f32 bits, [batch, heads, q_len].
-@group(0) @binding(5) var<storage, read_write> lse: array<u32>;
-@group(0) @binding(6) var<uniform> mparams: MaskParams;
+// Bindings (declared by the host from Kernel::slots): params (SoftmaxParams); scores of the
+// chunk, [bh_count, rows, kv_len], overwritten by the weights; bias, mask, lens and mparams
+// (lib/masking.wgsl); lse, the log-sum-exp as f32 bits, [batch, heads, q_len].
 
 var<workgroup> red_max: array<f32, WG>;
 var<workgroup> red_sum: array<f32, WG>;
 var<workgroup> any_allowed: atomic<u32>;
 
 @compute @workgroup_size(WG)
-fn main(
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(num_workgroups) num_wg: vec3<u32>,
-    @builtin(local_invocation_index) lid: u32,
-) {
-    let row_id = workgroup_index(wg, num_wg);
+fn main(inv: RowInvocation) {
+    let lid = inv.lid;
+    let row_id = workgroup_index(inv.wg, inv.num_wg);
     if row_id >= params.bh_count * params.rows {
         return;
     }

@@ -5,9 +5,8 @@
 // (lib/tile_gemm.wgsl). One invocation: a 4 x 4 block of that tile, in registers.
 // A, B and C go through the dtype prelude's load_a / load_b / store_c.
 
-@group(0) @binding(0) var<uniform> params: MatmulParams;
-// @binding(1): A, @binding(2): B (read) and @binding(3): C (write), declared by the prelude.
-@group(0) @binding(4) var<storage, read> bias: array<f32>;
+// Bindings (declared by the host from Kernel::slots): params (MatmulParams); a, b (read) and c
+// (write) tensors; bias, [n] (a placeholder without one).
 
 var<private> r0: u32;
 var<private> c0: u32;
@@ -41,8 +40,6 @@ fn tile_out(row: u32, col: u32, x: f32) {
 
 @compute @workgroup_size(16, 16)
 fn main(inv: TileInvocation) {
-    let lid = inv.lid;
-    let li = inv.li;
     let tile = tile_of(inv, params.tiles_m, params.tiles_n);
     if tile.z >= params.batches {
         return;
@@ -53,11 +50,7 @@ fn main(inv: TileInvocation) {
 
     var acc: Block;
     for (var k0 = 0u; k0 < params.k; k0 += TILE_K) {
-        tile_stage_a(li, k0);
-        tile_stage_b(li, k0);
-        workgroupBarrier();
-        acc = tile_fma(acc, lid.y, lid.x);
-        workgroupBarrier();
+        acc = tile_slice(acc, inv, k0);
     }
-    tile_store(acc, lid.y, lid.x);
+    tile_store(acc, inv.lid.y, inv.lid.x);
 }

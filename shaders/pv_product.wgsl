@@ -3,10 +3,8 @@
 // 16 (lib/tile_gemm.wgsl). One invocation: a 4 x 4 block of that tile, in registers.
 // V is read through load_v and O written through store_o, from the host's dtype prelude.
 
-@group(0) @binding(0) var<uniform> params: PvParams;
-// Weights of the chunk: [bh_count, rows, kv_len].
-@group(0) @binding(1) var<storage, read> probs: array<f32>;
-// @binding(2): V and @binding(3): O, declared by the prelude.
+// Bindings (declared by the host from Kernel::slots): params (PvParams); probs, the weights of
+// the chunk, [bh_count, rows, kv_len]; v, o (tensors).
 
 // Slices of keys summed into a block accumulator before it is folded into the total.
 const BLOCK_STEPS: u32 = 16u;

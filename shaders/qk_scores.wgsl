@@ -5,12 +5,9 @@
 // (lib/tile_gemm.wgsl). One invocation: a 4 x 4 block of that tile, in registers.
 // Q and K are read through load_q / load_k, which the host's dtype prelude defines.
 
-@group(0) @binding(0) var<uniform> params: QkParams;
-// @binding(1): Q and @binding(2): K, declared by the prelude.
-// Scores of the chunk: [bh_count, rows, kv_len].
-@group(0) @binding(3) var<storage, read_write> scores: array<f32>;
-// The additive weight vector, [head_dim] (a placeholder for dot-product scores).
-@group(0) @binding(4) var<storage, read> w: array<f32>;
+// Bindings (declared by the host from Kernel::slots): params (QkParams); q, k (tensors); scores
+// of the chunk, [bh_count, rows, kv_len]; w, the additive weight vector [head_dim] (a
+// placeholder for dot-product scores).
 
 // A pipeline constant: the branch it selects is resolved when the pipeline is built.
 override ADDITIVE: bool = false;
@@ -85,22 +82,22 @@ fn main(inv: TileInvocation) {
 
     var acc: Block;
     for (var k0 = 0u; k0 < params.head_dim; k0 += TILE_K) {
-        tile_stage_a(li, k0);
-        tile_stage_b(li, k0);
-        if ADDITIVE && li < TILE_K {
-            var wv = 0.0;
-            if k0 + li < params.head_dim {
-                wv = w[k0 + li];
-            }
-            w_tile[li] = wv;
-        }
-        workgroupBarrier();
         if ADDITIVE {
+            tile_stage_a(li, k0);
+            tile_stage_b(li, k0);
+            if li < TILE_K {
+                var wv = 0.0;
+                if k0 + li < params.head_dim {
+                    wv = w[k0 + li];
+                }
+                w_tile[li] = wv;
+            }
+            workgroupBarrier();
             acc = additive_fma(acc, lid.y, lid.x);
+            workgroupBarrier();
         } else {
-            acc = tile_fma(acc, lid.y, lid.x);
+            acc = tile_slice(acc, inv, k0);
         }
-        workgroupBarrier();
     }
     tile_store(acc, lid.y, lid.x);
 }

@@ -1,7 +1,7 @@
 // The masking rules every attention kernel shares (DESIGN.md, steps 2 to 4), mirroring
-// `Spec::key_range` on the CPU: change one, change the other. A kernel that includes it binds
-// `mparams: MaskParams` (uniform), `bias: array<f32>`, `mask: array<u32>` (one byte per
-// element, four to a word) and `lens: array<u32>` (kv_lens[0..batch], then
+// `Spec::key_range` on the CPU: change one, change the other. A kernel that includes it lists
+// in its slots `mparams: MaskParams` (uniform), `bias: array<f32>`, `mask: array<u32>` (one
+// byte per element, four to a word) and `lens: array<u32>` (kv_lens[0..batch], then
 // q_lens[batch..2 * batch]).
 //
 // The options that act key by key (boolean mask, bias, softcap) are compiled in: these

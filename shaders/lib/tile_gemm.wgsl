@@ -8,12 +8,9 @@
 // absolute index k of the summed axis, returning 0 outside the problem:
 //     fn tile_a(row: u32, k: u32) -> f32
 //     fn tile_b(col: u32, k: u32) -> f32
-// and runs, for each k0 in steps of TILE_K:
-//     tile_stage_a(li, k0); tile_stage_b(li, k0);   // or tile_stage_b_by_k
-//     workgroupBarrier();
-//     acc = tile_fma(acc, ty, tx);
-//     workgroupBarrier();
-// then writes acc (lib/tile_store.wgsl, or its own epilogue). TILE and TILE_K come from the
+// and runs `acc = tile_slice(acc, inv, k0)` for each k0 in steps of TILE_K (or, for other
+// staging or arithmetic, the same steps written out: stage, barrier, tile_fma, barrier), then
+// writes acc (lib/tile_store.wgsl, or its own epilogue). TILE and TILE_K come from the
 // host's shared constants.
 
 // The builtins of a tile-product entry point: `fn main(inv: TileInvocation)`.
@@ -39,28 +36,31 @@ alias Block = array<vec4<f32>, 4>;
 // one k. Flash attention reuses it to stage V.
 var<workgroup> tile_stage: array<vec4<f32>, 512>;
 
-// A's slice k0 .. k0 + TILE_K for operands contiguous in k: each invocation loads four rows of
-// one k, and the 16 invocations that share those rows read 16 consecutive k, so global reads
-// coalesce.
-fn tile_stage_a(li: u32, k0: u32) {
+// Operand `side` (0: A, 1: B), slice k0 .. k0 + TILE_K, for operands contiguous in k: each
+// invocation loads four rows of one k, and the 16 invocations that share those rows read 16
+// consecutive k, so global reads coalesce.
+fn tile_stage_k_contiguous(li: u32, k0: u32, side: u32) {
     let kk = li % TILE_K;
     let mq = li / TILE_K;
-    var a = vec4<f32>();
+    var x = vec4<f32>();
     for (var e = 0u; e < 4u; e++) {
-        a[e] = tile_a(mq * 4u + e, k0 + kk);
+        if side == 0u {
+            x[e] = tile_a(mq * 4u + e, k0 + kk);
+        } else {
+            x[e] = tile_b(mq * 4u + e, k0 + kk);
+        }
     }
-    tile_stage[kk * 16u + mq] = a;
+    tile_stage[side * 256u + kk * 16u + mq] = x;
+}
+
+// A's slice (Q of QK^T, P of P V, an activation).
+fn tile_stage_a(li: u32, k0: u32) {
+    tile_stage_k_contiguous(li, k0, 0u);
 }
 
 // B's slice, for operands contiguous in k (K of QK^T, a Linear weight).
 fn tile_stage_b(li: u32, k0: u32) {
-    let kk = li % TILE_K;
-    let mq = li / TILE_K;
-    var b = vec4<f32>();
-    for (var e = 0u; e < 4u; e++) {
-        b[e] = tile_b(mq * 4u + e, k0 + kk);
-    }
-    tile_stage[256u + kk * 16u + mq] = b;
+    tile_stage_k_contiguous(li, k0, 1u);
 }
 
 // B's slice, for operands contiguous in the column (V of P V): each invocation loads four
@@ -91,5 +91,16 @@ fn tile_fma(acc: Block, ty: u32, tx: u32) -> Block {
     for (var k = 0u; k < TILE_K; k++) {
         out = block_fma(out, tile_stage[k * 16u + ty], tile_stage[256u + k * 16u + tx]);
     }
+    return out;
+}
+
+// One slice of the product for operands contiguous in k: stage A and B, then accumulate.
+// Every invocation of the workgroup must call it (it holds two barriers).
+fn tile_slice(acc: Block, inv: TileInvocation, k0: u32) -> Block {
+    tile_stage_a(inv.li, k0);
+    tile_stage_b(inv.li, k0);
+    workgroupBarrier();
+    let out = tile_fma(acc, inv.lid.y, inv.lid.x);
+    workgroupBarrier();
     return out;
 }

@@ -120,8 +120,8 @@ fn compile(device: &wgpu::Device, key: KernelKey) -> Result<Compiled> {
         .enumerate()
         .map(|(binding, slot)| {
             let ty = match *slot {
-                Slot::Uniform => wgpu::BufferBindingType::Uniform,
-                Slot::Storage { read_only } | Slot::Tensor { read_only, .. } => {
+                Slot::Uniform { .. } => wgpu::BufferBindingType::Uniform,
+                Slot::Storage { read_only, .. } | Slot::Tensor { read_only, .. } => {
                     wgpu::BufferBindingType::Storage { read_only }
                 }
             };

@@ -13,15 +13,41 @@ pub(super) fn source(key: &KernelKey) -> String {
         let _ = writeln!(src, "enable {feature};");
     }
     src.push_str(&uniforms::shared_constants());
-    for decl in kernel.uniforms() {
-        src.push_str(decl);
+    // Each parameter block's struct once, even when two slots bind the same type.
+    let mut declared = Vec::new();
+    for slot in kernel.slots() {
+        if let Slot::Uniform { ty, decl, .. } = *slot
+            && !declared.contains(&ty)
+        {
+            declared.push(ty);
+            src.push_str(decl);
+        }
     }
     let storages = key.tensors();
     let mut next = storages.iter();
     for (binding, slot) in kernel.slots().iter().enumerate() {
-        if let Slot::Tensor { name, read_only } = *slot {
-            let storage = *next.next().expect("a storage per tensor slot");
-            prelude(&mut src, name, binding, storage, read_only);
+        match *slot {
+            Slot::Uniform { name, ty, .. } => {
+                let _ = writeln!(
+                    src,
+                    "@group(0) @binding({binding}) var<uniform> {name}: {ty};"
+                );
+            }
+            Slot::Storage {
+                name,
+                ty,
+                read_only,
+            } => {
+                let access = if read_only { "read" } else { "read_write" };
+                let _ = writeln!(
+                    src,
+                    "@group(0) @binding({binding}) var<storage, {access}> {name}: {ty};"
+                );
+            }
+            Slot::Tensor { name, read_only } => {
+                let storage = *next.next().expect("a storage per tensor slot");
+                prelude(&mut src, name, binding, storage, read_only);
+            }
         }
     }
     for fragment in kernel.fragments() {

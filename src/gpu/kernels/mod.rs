@@ -11,9 +11,11 @@
 //! 2. the shared constants (`uniforms::shared_constants`: `-inf` bits, tile sizes, ...) and
 //!    the WGSL structs of the parameter blocks the kernel binds, generated from their one Rust
 //!    definition (`uniforms.rs`);
-//! 3. a *prelude* per tensor binding, declaring it in its [`Storage`] with a
-//!    `load_<name>(i) -> f32` (and, when writable, `store_<name>(i, x)`) accessor: a new
-//!    storage type is a new prelude, never a copy of a kernel;
+//! 3. every binding, declared from the kernel's slot list ([`Kernel::slots`]: name, type,
+//!    access, in binding order), so no kernel file writes a binding number; a tensor binding
+//!    gets a *prelude* declaring it in its [`Storage`] with a `load_<name>(i) -> f32` (and,
+//!    when writable, `store_<name>(i, x)`) accessor: a new storage type is a new prelude,
+//!    never a copy of a kernel;
 //! 4. the fragments of `shaders/lib/` the kernel uses ([`Kernel::fragments`]): the workgroup
 //!    grid, log-sum-exp merging, the register-blocked tile product and its store, the masking
 //!    rules;
@@ -108,23 +110,53 @@ pub enum Kernel {
     Matmul,
 }
 
-/// What sits at one binding slot of a kernel.
+/// What sits at one binding slot of a kernel. The host declares every binding from this list
+/// (`@group(0) @binding(n)`, in slot order), so binding numbers and access modes are written
+/// once, here, and the kernels only use the names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Slot {
-    Uniform,
-    /// A buffer the kernel declares itself.
-    Storage {
-        read_only: bool,
-    },
-    /// A tensor the prelude declares, with accessors named after it.
-    Tensor {
+    /// `var<uniform> name: U` for a parameter block `U` of [`uniforms`].
+    Uniform {
         name: &'static str,
+        ty: &'static str,
+        decl: &'static str,
+    },
+    /// `var<storage, ...> name: ty`, a buffer of a fixed element type.
+    Storage {
+        name: &'static str,
+        ty: &'static str,
         read_only: bool,
     },
+    /// A tensor the prelude declares in its storage type, with accessors named after it.
+    Tensor { name: &'static str, read_only: bool },
 }
 
 const fn tensor(name: &'static str, read_only: bool) -> Slot {
     Slot::Tensor { name, read_only }
+}
+
+const fn uniform<U: Uniform>(name: &'static str) -> Slot {
+    Slot::Uniform {
+        name,
+        ty: U::NAME,
+        decl: U::WGSL,
+    }
+}
+
+const fn read(name: &'static str, ty: &'static str) -> Slot {
+    Slot::Storage {
+        name,
+        ty,
+        read_only: true,
+    }
+}
+
+const fn write(name: &'static str, ty: &'static str) -> Slot {
+    Slot::Storage {
+        name,
+        ty,
+        read_only: false,
+    }
 }
 
 impl Kernel {
@@ -161,73 +193,78 @@ impl Kernel {
         }
     }
 
-    /// The WGSL declarations of the parameter blocks it binds.
-    fn uniforms(self) -> &'static [&'static str] {
-        match self {
-            Kernel::QkScores => &[QkParams::WGSL],
-            Kernel::MaskedSoftmax => &[SoftmaxParams::WGSL, MaskParams::WGSL],
-            Kernel::PvProduct => &[PvParams::WGSL],
-            Kernel::FlashAttention => &[FlashParams::WGSL, MaskParams::WGSL],
-            Kernel::CombineSplits => &[CombineParams::WGSL],
-            Kernel::Matmul => &[MatmulParams::WGSL],
-        }
-    }
-
     /// Slot `n` is `@binding(n)` of group 0.
     pub(crate) fn slots(self) -> &'static [Slot] {
-        const READ: Slot = Slot::Storage { read_only: true };
-        const WRITE: Slot = Slot::Storage { read_only: false };
+        const F32: &str = "array<f32>";
+        // f32 bits, so that -inf is only ever written as a bit pattern.
+        const BITS: &str = "array<u32>";
+        // One byte per element, four to a word.
+        const BYTES: &str = "array<u32>";
         match self {
             Kernel::QkScores => {
                 const S: &[Slot] = &[
-                    Slot::Uniform,
+                    uniform::<QkParams>("params"),
                     tensor("q", true),
                     tensor("k", true),
-                    WRITE,
-                    READ,
+                    write("scores", F32),
+                    read("w", F32),
                 ];
                 S
             }
             Kernel::MaskedSoftmax => {
-                &[Slot::Uniform, WRITE, READ, READ, READ, WRITE, Slot::Uniform]
+                const S: &[Slot] = &[
+                    uniform::<SoftmaxParams>("params"),
+                    write("scores", F32),
+                    read("bias", F32),
+                    read("mask", BYTES),
+                    read("lens", "array<u32>"),
+                    write("lse", BITS),
+                    uniform::<MaskParams>("mparams"),
+                ];
+                S
             }
             Kernel::FlashAttention => {
                 const S: &[Slot] = &[
-                    Slot::Uniform,
+                    uniform::<FlashParams>("params"),
                     tensor("q", true),
                     tensor("k", true),
                     tensor("v", true),
                     tensor("o", false),
-                    READ,
-                    READ,
-                    READ,
-                    WRITE,
-                    Slot::Uniform,
+                    read("bias", F32),
+                    read("mask", BYTES),
+                    read("lens", "array<u32>"),
+                    write("lse_or_partials", BITS),
+                    uniform::<MaskParams>("mparams"),
                 ];
                 S
             }
             Kernel::CombineSplits => {
                 const S: &[Slot] = &[
-                    Slot::Uniform,
+                    uniform::<CombineParams>("params"),
                     tensor("p", true),
-                    READ,
+                    read("part_lses", BITS),
                     tensor("o", false),
-                    WRITE,
+                    write("lse", BITS),
                 ];
                 S
             }
             Kernel::Matmul => {
                 const S: &[Slot] = &[
-                    Slot::Uniform,
+                    uniform::<MatmulParams>("params"),
                     tensor("a", true),
                     tensor("b", true),
                     tensor("c", false),
-                    READ,
+                    read("bias", F32),
                 ];
                 S
             }
             Kernel::PvProduct => {
-                const S: &[Slot] = &[Slot::Uniform, READ, tensor("v", true), tensor("o", false)];
+                const S: &[Slot] = &[
+                    uniform::<PvParams>("params"),
+                    read("probs", F32),
+                    tensor("v", true),
+                    tensor("o", false),
+                ];
                 S
             }
         }
