@@ -1,6 +1,7 @@
 // Fused attention (flash attention, forward): scores, masked online softmax and P·V in one
 // pass; the score matrix never leaves the workgroup.
-// One workgroup: 64 query rows that share one kv head of one batch entry, streaming the keys
+// One workgroup: TILE_M query rows (64; 16 or 32 when decoding a few rows) that share one kv
+// head of one batch entry, streaming the keys
 // of its split that its rows may see in tiles of 64 (tiles that causal, window or length masks
 // remove entirely are never visited). The rows are the (query head in the group, query row)
 // pairs of the kv head, query row fastest: for decoding, the whole GQA group shares each K/V
@@ -12,7 +13,7 @@
 // With one split, O and the log-sum-exp are final. With several (flash-decoding), each split
 // writes its normalised partial O and log-sum-exp to `lse_or_partials`, and
 // combine_splits.wgsl merges them. Q, K, V and O go through the dtype prelude's load_* /
-// store_o. TILE (= rows = keys per tile) and TILE_K come from the host.
+// store_o. TILE (keys per tile) and TILE_K come from the host; TILE_M is a pipeline constant.
 
 // ceil(v_head_dim / 64): the columns of O each invocation owns are tx * 4 + 64 * c + 0..3.
 override O_CHUNKS: u32 = 1u;
@@ -53,7 +54,7 @@ fn tile_b(col: u32, d: u32) -> f32 {
     return 0.0;
 }
 
-@compute @workgroup_size(16, 16)
+@compute @workgroup_size(16, TILE_M / 4u)
 fn main(inv: TileInvocation) {
     let lid = inv.lid;
     let li = inv.li;
@@ -70,7 +71,7 @@ fn main(inv: TileInvocation) {
     let kvh = bkv % params.kv_heads;
     k_base = b * params.k_stride_b + kvh * params.k_stride_h;
     let v_base = b * params.v_stride_b + kvh * params.v_stride_h;
-    r0 = tm * TILE;
+    r0 = tm * TILE_M;
     let tx = lid.x;
     let ty = lid.y;
     let q_len = mparams.q_len;
@@ -104,7 +105,7 @@ fn main(inv: TileInvocation) {
         var t_hi = 0;
         var in_lo = 0;
         var in_hi = i32(kv_len);
-        for (var m = 0u; m < TILE && r0 + m < params.packed_rows; m++) {
+        for (var m = 0u; m < TILE_M && r0 + m < params.packed_rows; m++) {
             let range = key_range(b, (r0 + m) % q_len);
             if range.y > range.x {
                 t_lo = min(t_lo, range.x);
@@ -213,7 +214,7 @@ fn main(inv: TileInvocation) {
         for (var kv0 = 0u; kv0 < TILE; kv0 += BKV) {
             workgroupBarrier();
             let slice = BKV * o_stride;
-            for (var idx = li; idx < slice; idx += 256u) {
+            for (var idx = li; idx < slice; idx += TILE_M * 4u) {
                 let vk = idx / o_stride;
                 let nq = idx % o_stride;
                 let key = c0 + kv0 + vk;

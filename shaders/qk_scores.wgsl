@@ -63,7 +63,7 @@ fn additive_fma(acc: Block, ty: u32, tx: u32) -> Block {
     return out;
 }
 
-@compute @workgroup_size(16, 16)
+@compute @workgroup_size(16, TILE_M / 4u)
 fn main(inv: TileInvocation) {
     let lid = inv.lid;
     let li = inv.li;

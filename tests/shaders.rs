@@ -231,6 +231,7 @@ fn options_are_compiled_in() {
         v: Storage::F32,
         o: Storage::F32,
         o_chunks: 1,
+        rows: 64,
         masks,
     };
     let softmax = |masks| KernelKey::MaskedSoftmax {

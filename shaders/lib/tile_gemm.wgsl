@@ -1,8 +1,9 @@
 // The register-blocked tile product behind every product kernel (matmul, qk_scores,
-// pv_product, and the scores of flash_attention): one TILE x TILE tile of C = A B^T, the summed
-// axis staged TILE_K at a time through workgroup memory.
-// One workgroup: 16 x 16 invocations. One invocation (tx, ty): the 4 x 4 block of rows
-// 4 ty .. 4 ty + 3 and columns 4 tx .. 4 tx + 3, in registers.
+// pv_product, and the scores of flash_attention): one TILE_M x TILE tile of C = A B^T, the
+// summed axis staged TILE_K at a time through workgroup memory.
+// One workgroup: 16 x (TILE_M / 4) invocations (declare `@workgroup_size(16, TILE_M / 4u)`).
+// One invocation (tx, ty): the 4 x 4 block of rows 4 ty .. 4 ty + 3 and columns
+// 4 tx .. 4 tx + 3, in registers.
 //
 // A kernel that includes this fragment defines its operands, in tile coordinates and the
 // absolute index k of the summed axis, returning 0 outside the problem:
@@ -12,6 +13,10 @@
 // staging or arithmetic, the same steps written out: stage, barrier, tile_fma, barrier), then
 // writes acc (lib/tile_store.wgsl, or its own epilogue). TILE and TILE_K come from the
 // host's shared constants.
+
+// Rows of the tile: 64, or 16 or 32 for the fused kernel serving a few rows (decoding), so
+// that a GQA group of 4 query rows does not occupy a 64-row workgroup.
+override TILE_M: u32 = 64u;
 
 // The builtins of a tile-product entry point: `fn main(inv: TileInvocation)`.
 struct TileInvocation {
@@ -36,21 +41,25 @@ alias Block = array<vec4<f32>, 4>;
 // one k. Flash attention reuses it to stage V.
 var<workgroup> tile_stage: array<vec4<f32>, 512>;
 
-// Operand `side` (0: A, 1: B), slice k0 .. k0 + TILE_K, for operands contiguous in k: each
-// invocation loads four rows of one k, and the 16 invocations that share those rows read 16
-// consecutive k, so global reads coalesce.
+// Operand `side` (0: A, TILE_M rows; 1: B, TILE columns), slice k0 .. k0 + TILE_K, for
+// operands contiguous in k: each item is four rows of one k, and the 16 invocations that
+// share those rows read 16 consecutive k, so global reads coalesce. With TILE_M = 64 each
+// invocation stages one item of each operand; smaller workgroups stage several of B.
 fn tile_stage_k_contiguous(li: u32, k0: u32, side: u32) {
-    let kk = li % TILE_K;
-    let mq = li / TILE_K;
-    var x = vec4<f32>();
-    for (var e = 0u; e < 4u; e++) {
-        if side == 0u {
-            x[e] = tile_a(mq * 4u + e, k0 + kk);
-        } else {
-            x[e] = tile_b(mq * 4u + e, k0 + kk);
+    let items = TILE_K * select(TILE, TILE_M, side == 0u) / 4u;
+    for (var idx = li; idx < items; idx += TILE_M * 4u) {
+        let kk = idx % TILE_K;
+        let mq = idx / TILE_K;
+        var x = vec4<f32>();
+        for (var e = 0u; e < 4u; e++) {
+            if side == 0u {
+                x[e] = tile_a(mq * 4u + e, k0 + kk);
+            } else {
+                x[e] = tile_b(mq * 4u + e, k0 + kk);
+            }
         }
+        tile_stage[side * 256u + kk * 16u + mq] = x;
     }
-    tile_stage[side * 256u + kk * 16u + mq] = x;
 }
 
 // A's slice (Q of QK^T, P of P V, an activation).
@@ -63,16 +72,18 @@ fn tile_stage_b(li: u32, k0: u32) {
     tile_stage_k_contiguous(li, k0, 1u);
 }
 
-// B's slice, for operands contiguous in the column (V of P V): each invocation loads four
+// B's slice, for operands contiguous in the column (V of P V): each item is four
 // consecutive columns of one k.
 fn tile_stage_b_by_k(li: u32, k0: u32) {
-    let kk = li / 16u;
-    let nq = li % 16u;
-    var b = vec4<f32>();
-    for (var e = 0u; e < 4u; e++) {
-        b[e] = tile_b(nq * 4u + e, k0 + kk);
+    for (var idx = li; idx < TILE_K * 16u; idx += TILE_M * 4u) {
+        let kk = idx / 16u;
+        let nq = idx % 16u;
+        var b = vec4<f32>();
+        for (var e = 0u; e < 4u; e++) {
+            b[e] = tile_b(nq * 4u + e, k0 + kk);
+        }
+        tile_stage[256u + kk * 16u + nq] = b;
     }
-    tile_stage[256u + kk * 16u + nq] = b;
 }
 
 // acc[r] += a[r] * b: one k of a 4 x 4 block.

@@ -296,6 +296,9 @@ impl Kernel {
     }
 }
 
+/// The rows per workgroup the fused kernel is compiled for (`TILE_M`).
+pub const FLASH_ROWS: [u32; 3] = [16, 32, 64];
+
 /// Workgroup memory of the fused kernel: the tile product's staging (also V's), the tile's
 /// probabilities (`TILE x TILE` f32), a row reduction (`TILE` rows x 16 invocations) and the
 /// tile bounds (`vec4<u32>`).
@@ -438,6 +441,9 @@ pub enum KernelKey {
         o: Storage,
         /// `ceil(v_head_dim / 64)`, 1 to 4: the output columns each invocation owns.
         o_chunks: u32,
+        /// Rows per workgroup: 64, or 16 or 32 when decoding a few rows
+        /// ([`FusedPlan::rows_per_workgroup`](crate::gpu::FusedPlan::rows_per_workgroup)).
+        rows: u32,
         /// The options compiled in.
         masks: MaskOptions,
     },
@@ -508,14 +514,17 @@ impl KernelKey {
                 keys.push(KernelKey::MaskedSoftmax { workgroup, masks });
             }
             for o_chunks in 1..=4 {
-                keys.push(KernelKey::FlashAttention {
-                    q: s,
-                    k: s,
-                    v: s,
-                    o: s,
-                    o_chunks,
-                    masks,
-                });
+                for rows in FLASH_ROWS {
+                    keys.push(KernelKey::FlashAttention {
+                        q: s,
+                        k: s,
+                        v: s,
+                        o: s,
+                        o_chunks,
+                        rows,
+                        masks,
+                    });
+                }
             }
         }
         keys
@@ -545,8 +554,11 @@ impl KernelKey {
                 format!("wg={workgroup}; {}", masks.label())
             }
             KernelKey::FlashAttention {
-                o_chunks, masks, ..
-            } => format!("o_chunks={o_chunks}; {}", masks.label()),
+                o_chunks,
+                rows,
+                masks,
+                ..
+            } => format!("o_chunks={o_chunks}; rows={rows}; {}", masks.label()),
             _ => String::new(),
         };
         format!("{}<{}; {extra}>", self.kernel().name(), tensors.join(","))
@@ -577,8 +589,12 @@ impl KernelKey {
                 masks.constants(&mut out);
             }
             KernelKey::FlashAttention {
-                o_chunks, masks, ..
+                o_chunks,
+                rows,
+                masks,
+                ..
             } => {
+                out.push(("TILE_M", rows as f64));
                 // The V slice holds BKV * 16 * O_CHUNKS vec4s <= 512 (the tile staging), and
                 // BKV divides the 64-key tile.
                 let bkv = match o_chunks {

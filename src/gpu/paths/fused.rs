@@ -35,7 +35,7 @@ use crate::error::{Error, Result};
 use crate::gpu::context::Gpu;
 use crate::gpu::dispatch::combine::{self, Combine};
 use crate::gpu::kernels::uniforms::{CombineParams, FlashParams, TILE, uniform_buffer};
-use crate::gpu::kernels::{FLASH_WORKGROUP_BYTES, KernelKey, MaskOptions, Storage};
+use crate::gpu::kernels::{FLASH_ROWS, FLASH_WORKGROUP_BYTES, KernelKey, MaskOptions, Storage};
 use crate::gpu::limits::{DispatchSize, GpuLimits, check_binding};
 use crate::spec::Spec;
 
@@ -62,7 +62,10 @@ pub struct FusedPlan {
     pub passes: u32,
     /// Key tiles of 64 per split or per pass.
     pub tiles_per_split: u32,
-    /// Row tiles per (batch, kv head): `ceil(group * q_len / 64)`.
+    /// Rows per workgroup: 64, or on the decode path the fewest of 16 and 32 that hold the
+    /// `group * q_len` rows of a kv head (fewer idle invocations per key tile).
+    pub rows_per_workgroup: u32,
+    /// Row tiles per (batch, kv head): `ceil(group * q_len / rows_per_workgroup)`.
     pub row_tiles: u32,
     /// Bytes of device memory the plan allocates besides the inputs and outputs, at most: the
     /// partial results of the splits, or the log-sum-exp that passes merge by when the caller
@@ -101,7 +104,16 @@ impl FusedPlan {
             return Err(err);
         }
         let d = spec.dims;
-        let row_tiles = (d.group() * d.q_len).div_ceil(BM) as u64;
+        let packed = d.group() * d.q_len;
+        let rows_per_workgroup = if decode {
+            FLASH_ROWS
+                .into_iter()
+                .find(|&r| r as usize >= packed)
+                .unwrap_or(BM as u32)
+        } else {
+            BM as u32
+        };
+        let row_tiles = packed.div_ceil(rows_per_workgroup as usize) as u64;
         let key_tiles = d.kv_len.div_ceil(BN) as u64;
         let grid = (d.batch * d.kv_heads) as u64 * row_tiles;
         let cap = limits.max_key_tiles_per_workgroup.max(1) as u64;
@@ -152,6 +164,7 @@ impl FusedPlan {
         Ok(FusedPlan {
             workgroups,
             o_chunks: d.v_head_dim.div_ceil(64) as u32,
+            rows_per_workgroup,
             splits: splits as u32,
             passes: passes as u32,
             tiles_per_split: tiles_per_split as u32,
@@ -300,6 +313,7 @@ pub(crate) fn encode(
             v,
             o,
             o_chunks: plan.o_chunks,
+            rows: plan.rows_per_workgroup,
             masks: MaskOptions::of(spec),
         },
     )?;

@@ -68,10 +68,11 @@ impl Plan {
                 plan.reason
             ),
             Plan::Fused { plan, why } | Plan::Decode { plan, why } => format!(
-                "{} ({why}): {} workgroups, {} key split(s) x {} pass(es) of {} tiles, {} output \
-                 chunk(s) of 64 columns, {} bytes of scratch",
+                "{} ({why}): {} workgroups of {} rows, {} key split(s) x {} pass(es) of {} tiles, \
+                 {} output chunk(s) of 64 columns, {} bytes of scratch",
                 self.name(),
                 plan.workgroups,
+                plan.rows_per_workgroup,
                 plan.splits,
                 plan.passes,
                 plan.tiles_per_split,
