@@ -41,24 +41,34 @@ alias Block = array<vec4<f32>, 4>;
 // one k. Flash attention reuses it to stage V.
 var<workgroup> tile_stage: array<vec4<f32>, 512>;
 
-// Operand `side` (0: A, TILE_M rows; 1: B, TILE columns), slice k0 .. k0 + TILE_K, for
-// operands contiguous in k: each item is four rows of one k, and the 16 invocations that
-// share those rows read 16 consecutive k, so global reads coalesce. With TILE_M = 64 each
-// invocation stages one item of each operand; smaller workgroups stage several of B.
+// Item `idx` of operand `side` (0: A, TILE_M rows; 1: B, TILE columns), slice
+// k0 .. k0 + TILE_K, for operands contiguous in k: four rows of one k. The 16 invocations that
+// share those rows read 16 consecutive k, so global reads coalesce.
+fn tile_stage_item(idx: u32, k0: u32, side: u32) {
+    let kk = idx % TILE_K;
+    let mq = idx / TILE_K;
+    var x = vec4<f32>();
+    for (var e = 0u; e < 4u; e++) {
+        if side == 0u {
+            x[e] = tile_a(mq * 4u + e, k0 + kk);
+        } else {
+            x[e] = tile_b(mq * 4u + e, k0 + kk);
+        }
+    }
+    tile_stage[side * 256u + kk * 16u + mq] = x;
+}
+
+// The whole slice of operand `side`: one item per invocation, or with fewer invocations than
+// items (TILE_M < 64, operand B) several. The branch is on constants, resolved when the
+// pipeline is built (a loop here cost the 64-row kernels 15% on llvmpipe).
 fn tile_stage_k_contiguous(li: u32, k0: u32, side: u32) {
     let items = TILE_K * select(TILE, TILE_M, side == 0u) / 4u;
-    for (var idx = li; idx < items; idx += TILE_M * 4u) {
-        let kk = idx % TILE_K;
-        let mq = idx / TILE_K;
-        var x = vec4<f32>();
-        for (var e = 0u; e < 4u; e++) {
-            if side == 0u {
-                x[e] = tile_a(mq * 4u + e, k0 + kk);
-            } else {
-                x[e] = tile_b(mq * 4u + e, k0 + kk);
-            }
+    if items == TILE_M * 4u {
+        tile_stage_item(li, k0, side);
+    } else {
+        for (var idx = li; idx < items; idx += TILE_M * 4u) {
+            tile_stage_item(idx, k0, side);
         }
-        tile_stage[side * 256u + kk * 16u + mq] = x;
     }
 }
 
@@ -72,17 +82,26 @@ fn tile_stage_b(li: u32, k0: u32) {
     tile_stage_k_contiguous(li, k0, 1u);
 }
 
-// B's slice, for operands contiguous in the column (V of P V): each item is four
+// Item `idx` of B's slice for operands contiguous in the column (V of P V): four
 // consecutive columns of one k.
+fn tile_stage_item_by_k(idx: u32, k0: u32) {
+    let kk = idx / 16u;
+    let nq = idx % 16u;
+    var b = vec4<f32>();
+    for (var e = 0u; e < 4u; e++) {
+        b[e] = tile_b(nq * 4u + e, k0 + kk);
+    }
+    tile_stage[256u + kk * 16u + nq] = b;
+}
+
+// B's slice, for operands contiguous in the column.
 fn tile_stage_b_by_k(li: u32, k0: u32) {
-    for (var idx = li; idx < TILE_K * 16u; idx += TILE_M * 4u) {
-        let kk = idx / 16u;
-        let nq = idx % 16u;
-        var b = vec4<f32>();
-        for (var e = 0u; e < 4u; e++) {
-            b[e] = tile_b(nq * 4u + e, k0 + kk);
+    if TILE_M == TILE {
+        tile_stage_item_by_k(li, k0);
+    } else {
+        for (var idx = li; idx < TILE_K * 16u; idx += TILE_M * 4u) {
+            tile_stage_item_by_k(idx, k0);
         }
-        tile_stage[256u + kk * 16u + nq] = b;
     }
 }
 
