@@ -1,7 +1,8 @@
 //! The fused path: flash attention in one kernel, O(N) memory.
 //!
-//! One workgroup per 64 rows of a (batch, kv head) -- the (query head, query row) pairs of its
-//! GQA group -- streams the keys its rows may see in tiles of 64 through workgroup memory,
+//! One workgroup per 64 rows (16 or 32 on the decode path for small GQA groups) of a (batch,
+//! kv head) -- the (query head, query row) pairs of its GQA group -- streams the keys its rows
+//! may see in tiles of 64 through workgroup memory,
 //! keeping a running row maximum and sum (online softmax) and the output in registers.
 //! Nothing of size `q_len * kv_len` exists anywhere: at most a few floats per query row (see
 //! below), which is what lets it run 65536 x 65536 problems or one query over 262144 keys. Key tiles that causal, window, `kv_lens` or `q_lens` masks
