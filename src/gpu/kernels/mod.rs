@@ -11,7 +11,7 @@
 //! 2. the shared constants (`uniforms::shared_constants`: `-inf` bits, tile sizes, ...) and
 //!    the WGSL structs of the parameter blocks the kernel binds, generated from their one Rust
 //!    definition (`uniforms.rs`);
-//! 3. every binding, declared from the kernel's slot list ([`Kernel::slots`]: name, type,
+//! 3. every binding, declared from the kernel's slot list (`Kernel::slots`: name, type,
 //!    access, in binding order), so no kernel file writes a binding number; a tensor binding
 //!    gets a *prelude* declaring it in its [`Storage`] with a `load_<name>(i) -> f32` (and,
 //!    when writable, `store_<name>(i, x)`) accessor: a new storage type is a new prelude,
