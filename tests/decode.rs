@@ -50,33 +50,44 @@ fn splits_with_no_allowed_key() {
     );
 }
 
-/// Each rows-per-workgroup configuration of the decode path (16, 32, 64) on shapes that fill
-/// none of them exactly, with masks and with the keys split and capped, against the reference.
+/// Each rows-per-workgroup configuration of the decode path (4 to 64) on shapes that fill
+/// none of them exactly, with masks and with the keys split and capped, against the reference;
+/// under this adapter's minimum and under the GPUs' (16).
 #[test]
 fn every_row_configuration() {
     let Some(gpu) = gpu() else { return };
-    let capped = gpu.with_caps(wgpu_attention::LimitCaps {
-        max_key_tiles_per_workgroup: Some(2),
-        ..Default::default()
-    });
-    // (heads, kv_heads, q_len) -> group * q_len rows per kv head, and the configuration.
-    for (n, &(h, hkv, l, rows)) in [(6, 2, 5, 16), (8, 2, 7, 32), (4, 2, 40, 64), (3, 3, 1, 16)]
+    let gpu_like = gpu.with_decode_rows(16).unwrap();
+    assert!(gpu.with_decode_rows(12).is_err());
+    // (heads, kv_heads, q_len) -> group * q_len rows per kv head.
+    for (n, &(h, hkv, l)) in [(3, 3, 1), (6, 2, 2), (6, 2, 5), (8, 2, 7), (4, 2, 40)]
         .iter()
         .enumerate()
     {
         let d = dims(2, h, hkv, l, 700, 40, 72);
+        let rows = (h / hkv) * l;
         let opts = Attention::new()
             .causal(Causal::BottomRight)
             .kv_lens(vec![700, 333]);
-        for (g, name) in [(gpu, "device"), (&capped, "capped")] {
-            let plan = opts.clone().path(Path::Decode).plan(g, d).unwrap();
-            let Plan::Decode { plan: p, .. } = &plan else {
-                panic!("{}", plan.reason())
-            };
-            assert_eq!(p.rows_per_workgroup, rows, "{name}: {}", plan.reason());
-            check(g, Path::Decode, d, &opts, 1800 + n as u64, 1.0);
-            let masked = opts.clone().softcap(20.0).window(100, 0);
-            check(g, Path::Decode, d, &masked, 1810 + n as u64, 3.0);
+        for base in [gpu, &gpu_like] {
+            let capped = base.with_caps(wgpu_attention::LimitCaps {
+                max_key_tiles_per_workgroup: Some(2),
+                ..Default::default()
+            });
+            let min = base.limits().min_decode_rows;
+            let want = [4, 8, 16, 32, 64]
+                .into_iter()
+                .find(|&r| r >= min && r as usize >= rows)
+                .unwrap_or(64);
+            for g in [base, &capped] {
+                let plan = opts.clone().path(Path::Decode).plan(g, d).unwrap();
+                let Plan::Decode { plan: p, .. } = &plan else {
+                    panic!("{}", plan.reason())
+                };
+                assert_eq!(p.rows_per_workgroup, want, "{}", plan.reason());
+                check(g, Path::Decode, d, &opts, 1800 + n as u64, 1.0);
+                let masked = opts.clone().softcap(20.0).window(100, 0);
+                check(g, Path::Decode, d, &masked, 1810 + n as u64, 3.0);
+            }
         }
     }
 }

@@ -32,6 +32,18 @@ pub(crate) struct Timer {
     period_ns: f64,
 }
 
+/// A rows-per-workgroup value of the fused kernel, from the API or `WGPU_ATTENTION_DECODE_ROWS`.
+fn decode_rows(value: &str) -> Result<u32> {
+    match value.trim().parse::<u32>() {
+        Ok(rows) if crate::gpu::kernels::FLASH_ROWS.contains(&rows) => Ok(rows),
+        _ => Err(Error::InvalidOption {
+            what: "decode rows per workgroup (WGPU_ATTENTION_DECODE_ROWS)",
+            value: value.to_string(),
+            why: "must be one of 4, 8, 16, 32, 64",
+        }),
+    }
+}
+
 fn device_rank(t: wgpu::DeviceType) -> u8 {
     match t {
         wgpu::DeviceType::DiscreteGpu => 4,
@@ -122,7 +134,10 @@ impl Gpu {
         queue: wgpu::Queue,
         info: wgpu::AdapterInfo,
     ) -> Result<Gpu> {
-        let limits = GpuLimits::from_wgpu(&device.limits(), info.device_type);
+        let mut limits = GpuLimits::from_wgpu(&device.limits(), info.device_type);
+        if let Ok(value) = std::env::var("WGPU_ATTENTION_DECODE_ROWS") {
+            limits.min_decode_rows = decode_rows(&value)?;
+        }
         let features = device.features();
         let kernels = Arc::new(Kernels::new(&device, &limits)?);
         Ok(Gpu {
@@ -268,6 +283,15 @@ impl Gpu {
         let mut gpu = self.clone();
         gpu.limits = gpu.limits.capped(caps);
         gpu
+    }
+
+    /// A context on the same device whose decode path uses at least `rows` rows per fused
+    /// workgroup (4, 8, 16, 32 or 64; see [`GpuLimits::min_decode_rows`]): the tile choice,
+    /// for tuning and for tests that cover every configuration on one adapter.
+    pub fn with_decode_rows(&self, rows: u32) -> Result<Gpu> {
+        let mut gpu = self.clone();
+        gpu.limits.min_decode_rows = decode_rows(&rows.to_string())?;
+        Ok(gpu)
     }
 
     /// A context on the same device that reads f16 tensors packed in `u32` even where the

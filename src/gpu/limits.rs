@@ -31,6 +31,13 @@ pub struct GpuLimits {
     /// an invocation's loops after 65535 iterations in total, so on CPU adapters it is 32
     /// (2048 keys); elsewhere it is unbounded.
     pub max_key_tiles_per_workgroup: u32,
+    /// The fewest rows per workgroup of the fused kernel on the decode path (4, 8, 16, 32 or
+    /// 64; the plan takes the fewest of those, at least this, that hold a kv head's rows). Not
+    /// a wgpu limit but a tile choice per adapter: 16 on GPUs (64 invocations, at least a warp
+    /// or wavefront), 4 on CPU adapters (measured 1.1-1.35x faster than 16 on llvmpipe).
+    /// `WGPU_ATTENTION_DECODE_ROWS` or [`Gpu::with_decode_rows`](crate::Gpu::with_decode_rows)
+    /// overrides it.
+    pub min_decode_rows: u32,
 }
 
 impl GpuLimits {
@@ -50,6 +57,11 @@ impl GpuLimits {
                 32
             } else {
                 u32::MAX
+            },
+            min_decode_rows: if device_type == wgpu::DeviceType::Cpu {
+                4
+            } else {
+                16
             },
         }
     }

@@ -297,7 +297,7 @@ impl Kernel {
 }
 
 /// The rows per workgroup the fused kernel is compiled for (`TILE_M`).
-pub const FLASH_ROWS: [u32; 3] = [16, 32, 64];
+pub const FLASH_ROWS: [u32; 5] = [4, 8, 16, 32, 64];
 
 /// Workgroup memory of the fused kernel: the tile product's staging (also V's), the tile's
 /// probabilities (`TILE x TILE` f32), a row reduction (`TILE` rows x 16 invocations) and the
@@ -441,7 +441,7 @@ pub enum KernelKey {
         o: Storage,
         /// `ceil(v_head_dim / 64)`, 1 to 4: the output columns each invocation owns.
         o_chunks: u32,
-        /// Rows per workgroup: 64, or 16 or 32 when decoding a few rows
+        /// Rows per workgroup: 64, or 4 to 32 when decoding a few rows
         /// ([`FusedPlan::rows_per_workgroup`](crate::gpu::FusedPlan::rows_per_workgroup)).
         rows: u32,
         /// The options compiled in.

@@ -63,8 +63,9 @@ pub struct FusedPlan {
     pub passes: u32,
     /// Key tiles of 64 per split or per pass.
     pub tiles_per_split: u32,
-    /// Rows per workgroup: 64, or on the decode path the fewest of 16 and 32 that hold the
-    /// `group * q_len` rows of a kv head (fewer idle invocations per key tile).
+    /// Rows per workgroup: 64, or on the decode path the fewest of 4, 8, 16 and 32, at least
+    /// [`GpuLimits::min_decode_rows`], that hold the `group * q_len` rows of a kv head (fewer
+    /// idle invocations per key tile).
     pub rows_per_workgroup: u32,
     /// Row tiles per (batch, kv head): `ceil(group * q_len / rows_per_workgroup)`.
     pub row_tiles: u32,
@@ -109,7 +110,7 @@ impl FusedPlan {
         let rows_per_workgroup = if decode {
             FLASH_ROWS
                 .into_iter()
-                .find(|&r| r as usize >= packed)
+                .find(|&r| r >= limits.min_decode_rows && r as usize >= packed)
                 .unwrap_or(BM as u32)
         } else {
             BM as u32

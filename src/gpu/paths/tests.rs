@@ -18,6 +18,7 @@ fn lavapipe() -> GpuLimits {
         max_storage_buffers_per_stage: 32,
         min_uniform_offset_alignment: 16,
         max_key_tiles_per_workgroup: 32,
+        min_decode_rows: 4,
     }
 }
 
@@ -33,6 +34,7 @@ fn h100() -> GpuLimits {
         max_storage_buffers_per_stage: 1 << 20,
         min_uniform_offset_alignment: 64,
         max_key_tiles_per_workgroup: u32::MAX,
+        min_decode_rows: 16,
     }
 }
 
@@ -47,6 +49,7 @@ fn apple_m() -> GpuLimits {
         max_storage_buffers_per_stage: 31,
         min_uniform_offset_alignment: 256,
         max_key_tiles_per_workgroup: u32::MAX,
+        min_decode_rows: 16,
     }
 }
 
@@ -310,4 +313,41 @@ fn grids_larger_than_the_dispatch_limit_are_typed_errors() {
 fn invalid_calls_fail_before_planning() {
     let err = plan(&Attention::new(), &h100(), dims(1, 3, 2, 4, 4, 8)).unwrap_err();
     assert!(matches!(err, Error::HeadsNotDivisible { .. }), "{err:?}");
+}
+
+/// Decode rows per workgroup: the fewest configuration that holds a kv head's rows, no fewer
+/// than the adapter's minimum (4 on lavapipe, 16 on GPUs).
+#[test]
+fn decode_rows_per_workgroup() {
+    for (group_rows, lavapipe_rows, gpu_rows) in [
+        ((4, 1), 4, 16),
+        ((2, 3), 8, 16),
+        ((8, 1), 8, 16),
+        ((4, 4), 16, 16),
+        ((4, 7), 32, 32),
+        ((8, 8), 64, 64),
+    ] {
+        let (group, q_len) = group_rows;
+        let d = dims(1, 8 * group, 8, q_len, 4096, 64);
+        let opts = Attention::new().path(Path::Decode);
+        for (limits, rows) in [(lavapipe(), lavapipe_rows), (h100(), gpu_rows)] {
+            let Plan::Decode { plan: p, .. } = plan(&opts, &limits, d).unwrap() else {
+                panic!("not decode")
+            };
+            assert_eq!(p.rows_per_workgroup, rows, "{group_rows:?}: {p:?}");
+            assert_eq!(
+                p.row_tiles as usize,
+                (group * q_len).div_ceil(rows as usize),
+                "{p:?}"
+            );
+        }
+    }
+    // The fused path keeps 64 rows whatever the minimum.
+    let d = dims(1, 32, 8, 1, 4096, 64);
+    let Plan::Fused { plan: p, .. } =
+        plan(&Attention::new().path(Path::Fused), &lavapipe(), d).unwrap()
+    else {
+        panic!("not fused")
+    };
+    assert_eq!(p.rows_per_workgroup, 64);
 }
