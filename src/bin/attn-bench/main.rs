@@ -10,10 +10,12 @@
 
 //!
 //! `main.rs` holds the command line; `run.rs` times each path on each shape; `report.rs` prints
-//! the table, JSON or CSV and draws the plot.
+//! the table, JSON or CSV and draws the plot; `tune.rs` times the tile configurations
+//! (`--tune`).
 
 mod report;
 mod run;
+mod tune;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -78,6 +80,14 @@ struct Args {
     /// Draw GFLOP/s against sequence length per path into this SVG file.
     #[arg(long)]
     plot: Option<PathBuf>,
+    /// Instead of the sweep: time the decode path under every rows-per-workgroup configuration
+    /// (4 to 64) on two decode shapes (B=1, H=32, 8 kv heads, D=128, S=16384, 1 and 4 queries),
+    /// within --tune-seconds, and print the best as the adapter's `min_decode_rows`.
+    #[arg(long)]
+    tune: bool,
+    /// Time bound of --tune, in seconds; configurations not reached are reported as skipped.
+    #[arg(long, default_value_t = 60)]
+    tune_seconds: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -127,7 +137,12 @@ impl std::fmt::Display for PathName {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    match run::run(&args) {
+    let result = if args.tune {
+        tune::tune(&args)
+    } else {
+        run::run(&args)
+    };
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("attn-bench: {e}");

@@ -7,7 +7,7 @@ use wgpu_attention::{Attention, Causal, DType, Dims, Gpu, Layout, Output, Path, 
 use crate::report::{Row, plot, print_rows};
 use crate::{Args, DTypeName, PathName, shapes};
 
-fn values(n: usize, seed: u64) -> Vec<f32> {
+pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
     // A cheap deterministic generator: the benchmark needs varied values, not statistics.
     let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
     (0..n)
@@ -20,7 +20,7 @@ fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
-fn stats(mut ms: Vec<f64>) -> (f64, f64, f64) {
+pub(crate) fn stats(mut ms: Vec<f64>) -> (f64, f64, f64) {
     ms.sort_by(f64::total_cmp);
     (ms[ms.len() / 2], ms[0], ms[ms.len() - 1])
 }
@@ -302,9 +302,9 @@ pub(crate) fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     Ok(())
 }
 
-type Timed = (Vec<f64>, &'static str, Vec<f32>, String);
+pub(crate) type Timed = (Vec<f64>, &'static str, Vec<f32>, String);
 
-fn time_gpu(
+pub(crate) fn time_gpu(
     gpu: &Gpu,
     opts: &Attention,
     d: Dims,
