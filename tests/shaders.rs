@@ -52,10 +52,9 @@ fn describe(key: &KernelKey) -> String {
 
 /// The naga capabilities of a key: those of its widest storage.
 fn key_capabilities(key: &KernelKey) -> Capabilities {
-    DTYPES
-        .iter()
-        .filter(|&&s| key.label().contains(&format!(":{s:?}")))
-        .fold(Capabilities::empty(), |c, &s| c | capabilities(s))
+    key.storages()
+        .into_iter()
+        .fold(Capabilities::empty(), |c, s| c | capabilities(s))
 }
 
 /// One key parsed, validated and specialised: what a backend translator receives.
@@ -207,14 +206,10 @@ fn workgroup_memory_matches_the_host_figure() {
             .filter(|(_, g)| g.space == naga::AddressSpace::WorkGroup)
             .map(|(_, g)| layouter[g.ty].size)
             .sum();
-        let workgroup = match s.key {
-            KernelKey::MaskedSoftmax { workgroup, .. } => workgroup,
-            _ => 0,
-        };
         assert_eq!(
             bytes,
-            s.key.kernel().workgroup_bytes(workgroup),
-            "{}: workgroup memory of the module vs Kernel::workgroup_bytes",
+            s.key.workgroup_bytes(),
+            "{}: workgroup memory of the module vs KernelKey::workgroup_bytes",
             describe(&s.key)
         );
     }

@@ -54,9 +54,6 @@ pub(crate) fn encode(
         "combine_splits dispatch",
     )?;
     let mut pass = gpu.begin_pass(encoder, "wgpu-attention combine", false, combine.last);
-    pass.set_pipeline(&kernel.pipeline);
-    pass.set_bind_group(0, &bind, &[]);
-    let [x, y, z] = size.counts;
-    pass.dispatch_workgroups(x, y, z);
+    kernel.dispatch(&mut pass, &bind, size);
     Ok(())
 }

@@ -161,10 +161,7 @@ pub(crate) fn encode_matmul(
     let groups = batches as u64 * tiles_m as u64 * tiles_n as u64;
     let size = DispatchSize::linear(groups, gpu.limits.max_workgroups_per_dim, "matmul dispatch")?;
     let mut pass = gpu.begin_pass(encoder, "wgpu-attention matmul", false, false);
-    pass.set_pipeline(&kernel.pipeline);
-    pass.set_bind_group(0, &bind, &[]);
-    let [x, y, z] = size.counts;
-    pass.dispatch_workgroups(x, y, z);
+    kernel.dispatch(&mut pass, &bind, size);
     Ok(())
 }
 

@@ -10,7 +10,7 @@ use std::sync::{Arc, RwLock};
 use super::uniforms::{TILE_INVOCATIONS, TILE_STAGE_BYTES};
 use super::{KernelKey, Slot};
 use crate::error::{Error, Result};
-use crate::gpu::limits::GpuLimits;
+use crate::gpu::limits::{DispatchSize, GpuLimits};
 
 /// A compiled kernel and the layout its bind groups are made from.
 #[derive(Debug)]
@@ -171,6 +171,19 @@ fn compile(device: &wgpu::Device, key: KernelKey) -> Result<Compiled> {
 }
 
 impl Compiled {
+    /// Records one dispatch of this pipeline with `bind` over `size` workgroups.
+    pub(crate) fn dispatch(
+        &self,
+        pass: &mut wgpu::ComputePass<'_>,
+        bind: &wgpu::BindGroup,
+        size: DispatchSize,
+    ) {
+        pass.set_pipeline(&self.pipeline);
+        pass.set_bind_group(0, bind, &[]);
+        let [x, y, z] = size.counts;
+        pass.dispatch_workgroups(x, y, z);
+    }
+
     /// A bind group with `buffers[n]` at `@binding(n)`, each bound whole.
     pub(crate) fn bind(&self, device: &wgpu::Device, buffers: &[&wgpu::Buffer]) -> wgpu::BindGroup {
         let entries: Vec<wgpu::BindGroupEntry> = buffers

@@ -3,11 +3,11 @@
 
 use std::fmt::Write as _;
 
-use super::{Kernel, KernelKey, Slot, Storage, uniforms};
+use super::{KernelKey, Slot, Storage, uniforms};
 
 /// The complete source of `key`.
 pub(super) fn source(key: &KernelKey) -> String {
-    let kernel: Kernel = key.kernel();
+    let kernel = key.kernel();
     let mut src = String::new();
     for feature in key.enables() {
         let _ = writeln!(src, "enable {feature};");
@@ -23,7 +23,7 @@ pub(super) fn source(key: &KernelKey) -> String {
             src.push_str(decl);
         }
     }
-    let storages = key.tensors();
+    let storages = key.storages();
     let mut next = storages.iter();
     for (binding, slot) in kernel.slots().iter().enumerate() {
         match *slot {

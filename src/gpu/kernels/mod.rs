@@ -281,19 +281,6 @@ impl Kernel {
             Kernel::Matmul => "matmul",
         }
     }
-
-    /// Bytes of workgroup memory the kernel declares, computed from its tile sizes (a test
-    /// checks it against naga's layout of the compiled module).
-    pub fn workgroup_bytes(self, row_workgroup: u32) -> u32 {
-        match self {
-            Kernel::QkScores => TILE_STAGE_BYTES + uniforms::TILE_K * 4,
-            Kernel::PvProduct | Kernel::Matmul => TILE_STAGE_BYTES,
-            Kernel::FlashAttention => FLASH_WORKGROUP_BYTES,
-            // Two reductions of one f32 per invocation and a flag.
-            Kernel::MaskedSoftmax => 2 * row_workgroup * 4 + 4,
-            Kernel::CombineSplits => 0,
-        }
-    }
 }
 
 /// The rows per workgroup the fused kernel is compiled for (`TILE_M`).
@@ -479,7 +466,7 @@ impl KernelKey {
     }
 
     /// The storage of the kernel's tensor bindings, in binding order.
-    fn tensors(&self) -> Vec<Storage> {
+    pub fn storages(&self) -> Vec<Storage> {
         match *self {
             KernelKey::QkScores { q, k, .. } => vec![q, k],
             KernelKey::MaskedSoftmax { .. } => Vec::new(),
@@ -533,7 +520,7 @@ impl KernelKey {
     /// The key's debug label, e.g. `flash_attention<q:F32,k:F32,v:F32,o:F32; o_chunks=1; bias+mask>`.
     pub fn label(&self) -> String {
         let mut tensors = Vec::new();
-        let storages = self.tensors();
+        let storages = self.storages();
         let mut next = storages.iter();
         for slot in self.kernel().slots() {
             if let Slot::Tensor { name, .. } = slot
@@ -564,9 +551,22 @@ impl KernelKey {
         format!("{}<{}; {extra}>", self.kernel().name(), tensors.join(","))
     }
 
+    /// Bytes of workgroup memory the key's kernel declares, computed from its tile sizes (a
+    /// test checks it against naga's layout of the compiled module).
+    pub fn workgroup_bytes(&self) -> u32 {
+        match *self {
+            KernelKey::QkScores { .. } => TILE_STAGE_BYTES + uniforms::TILE_K * 4,
+            KernelKey::PvProduct { .. } | KernelKey::Matmul { .. } => TILE_STAGE_BYTES,
+            KernelKey::FlashAttention { .. } => FLASH_WORKGROUP_BYTES,
+            // Two reductions of one f32 per invocation and a flag.
+            KernelKey::MaskedSoftmax { workgroup, .. } => 2 * workgroup * 4 + 4,
+            KernelKey::CombineSplits { .. } => 0,
+        }
+    }
+
     /// Whether a tensor of this key is stored as native f16 (the device needs `SHADER_F16`).
     pub fn needs_f16(&self) -> bool {
-        self.tensors().contains(&Storage::F16)
+        self.storages().contains(&Storage::F16)
     }
 
     /// The WGSL `enable` directives the key's source starts with: `f16` for native f16

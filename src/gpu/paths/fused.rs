@@ -362,10 +362,7 @@ pub(crate) fn encode(
         );
         let last = pass + 1 == plan.passes && parts.is_none() && o_running.is_none();
         let mut compute = gpu.begin_pass(encoder, "wgpu-attention flash", pass == 0, last);
-        compute.set_pipeline(&kernel.pipeline);
-        compute.set_bind_group(0, &bind, &[]);
-        let [x, y, z] = size.counts;
-        compute.dispatch_workgroups(x, y, z);
+        kernel.dispatch(&mut compute, &bind, size);
     }
     if let Some(parts) = &parts {
         let merge = Combine {

@@ -365,10 +365,7 @@ pub(crate) fn encode(
                 index == last_chunk,
             );
             for (kernel, bind, size) in dispatches {
-                pass.set_pipeline(&kernel.pipeline);
-                pass.set_bind_group(0, bind, &[]);
-                let [x, y, z] = size.counts;
-                pass.dispatch_workgroups(x, y, z);
+                kernel.dispatch(&mut pass, bind, size);
             }
         }
         if let (Some(scratch), Some(weights)) = (&scratch, io.weights) {
