@@ -17,7 +17,8 @@
 
 // ceil(v_head_dim / 64): the columns of O each invocation owns are tx * 4 + 64 * c + 0..3.
 override O_CHUNKS: u32 = 1u;
-// Keys per slice of V staged at once: the slice holds BKV * 16 * O_CHUNKS vec4s <= 512.
+// Keys per slice of V staged at once: the slice holds BKV * TILE_X * O_CHUNKS vec4s, at most
+// the 2 * STAGE_B of tile_stage.
 override BKV: u32 = 32u;
 
 // Bindings (declared by the host from Kernel::slots): params (FlashParams); q, k, v (read) and
@@ -27,9 +28,9 @@ override BKV: u32 = 32u;
 // the partial log-sum-exps, [split, batch, heads, q_len].
 
 // The tile's probabilities, [key][row / 4].
-var<workgroup> p_tile: array<array<vec4<f32>, 16>, TILE>;
-// Row reductions across the 16 invocations that share rows: [row][tx].
-var<workgroup> red: array<f32, 1024>;
+var<workgroup> p_tile: array<array<vec4<f32>, TILE_X>, TILE>;
+// Row reductions across the TILE_X invocations that share rows: [row][tx].
+var<workgroup> red: array<f32, TILE * TILE_X>;
 // The key tiles this workgroup visits, and the keys every one of its rows may see.
 var<workgroup> tile_bounds: vec4<u32>;
 
@@ -54,7 +55,7 @@ fn tile_b(col: u32, d: u32) -> f32 {
     return 0.0;
 }
 
-@compute @workgroup_size(16, TILE_M / 4u)
+@compute @workgroup_size(TILE_X, TILE_M / 4u)
 fn main(inv: TileInvocation) {
     let lid = inv.lid;
     let li = inv.li;
@@ -129,7 +130,7 @@ fn main(inv: TileInvocation) {
     }
     let bounds = workgroupUniformLoad(&tile_bounds);
 
-    let o_stride = 16u * O_CHUNKS;
+    let o_stride = TILE_X * O_CHUNKS;
     // Whether any of this invocation's rows is real. A tile of 64 rows serving a GQA group of
     // a few queries (decoding) is mostly padding: those invocations skip the products (no
     // barrier inside them), so whole warps idle instead of computing rows nobody reads.
@@ -180,13 +181,13 @@ fn main(inv: TileInvocation) {
             }
         }
         for (var r = 0u; r < 4u; r++) {
-            red[(ty * 4u + r) * 16u + tx] = tile_max[r];
+            red[(ty * 4u + r) * TILE_X + tx] = tile_max[r];
         }
         workgroupBarrier();
         var m_new = m_run;
         for (var r = 0u; r < 4u; r++) {
-            let row = (ty * 4u + r) * 16u;
-            for (var x = 0u; x < 16u; x++) {
+            let row = (ty * 4u + r) * TILE_X;
+            for (var x = 0u; x < TILE_X; x++) {
                 m_new[r] = max(m_new[r], red[row + x]);
             }
         }
@@ -235,7 +236,7 @@ fn main(inv: TileInvocation) {
                 for (var k = 0u; k < BKV; k++) {
                     let a = p_tile[kv0 + k][ty];
                     for (var c = 0u; c < O_CHUNKS; c++) {
-                        acc[c] = block_fma(acc[c], a, tile_stage[k * o_stride + tx + 16u * c]);
+                        acc[c] = block_fma(acc[c], a, tile_stage[k * o_stride + tx + TILE_X * c]);
                     }
                 }
             }
@@ -245,7 +246,7 @@ fn main(inv: TileInvocation) {
 
     // Row sums across the 16 invocations of each row, then normalise and write.
     for (var r = 0u; r < 4u; r++) {
-        red[(ty * 4u + r) * 16u + tx] = l_run[r];
+        red[(ty * 4u + r) * TILE_X + tx] = l_run[r];
     }
     workgroupBarrier();
     // Resuming: the log-sum-exp of the earlier dispatches, read by every invocation of a row
@@ -269,8 +270,8 @@ fn main(inv: TileInvocation) {
         let i = row_i[r];
         let bh = b * params.heads + h;
         var l = 0.0;
-        for (var x = 0u; x < 16u; x++) {
-            l += red[(ty * 4u + r) * 16u + x];
+        for (var x = 0u; x < TILE_X; x++) {
+            l += red[(ty * 4u + r) * TILE_X + x];
         }
         let inv = select(0.0, 1.0 / l, l > 0.0);
         let new_lse = lse_of(m_run[r], l);
@@ -283,7 +284,7 @@ fn main(inv: TileInvocation) {
             for (var c = 0u; c < O_CHUNKS; c++) {
                 let v = acc[c][r] * (inv * w_new);
                 for (var e = 0u; e < 4u; e++) {
-                    let n = (tx + 16u * c) * 4u + e;
+                    let n = (tx + TILE_X * c) * 4u + e;
                     if n < params.v_head_dim {
                         var x = v[e];
                         // Never read O unless it was written: a fresh output may hold anything.
@@ -303,7 +304,7 @@ fn main(inv: TileInvocation) {
             for (var c = 0u; c < O_CHUNKS; c++) {
                 let v = acc[c][r] * inv;
                 for (var e = 0u; e < 4u; e++) {
-                    let n = (tx + 16u * c) * 4u + e;
+                    let n = (tx + TILE_X * c) * 4u + e;
                     if n < params.v_head_dim {
                         lse_or_partials[row + n] = bitcast<u32>(v[e]);
                     }

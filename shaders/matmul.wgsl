@@ -38,7 +38,7 @@ fn tile_out(row: u32, col: u32, x: f32) {
     }
 }
 
-@compute @workgroup_size(16, TILE_M / 4u)
+@compute @workgroup_size(TILE_X, TILE_M / 4u)
 fn main(inv: TileInvocation) {
     let tile = tile_of(inv, params.tiles_m, params.tiles_n);
     if tile.z >= params.batches {

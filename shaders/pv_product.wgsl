@@ -35,7 +35,7 @@ fn tile_out(row: u32, col: u32, x: f32) {
     }
 }
 
-@compute @workgroup_size(16, TILE_M / 4u)
+@compute @workgroup_size(TILE_X, TILE_M / 4u)
 fn main(inv: TileInvocation) {
     let lid = inv.lid;
     let li = inv.li;

@@ -52,8 +52,8 @@ fn tanh4(x: vec4<f32>) -> vec4<f32> {
 fn additive_fma(acc: Block, ty: u32, tx: u32) -> Block {
     var out = acc;
     for (var k = 0u; k < TILE_K; k++) {
-        let a = tile_stage[k * 16u + ty];
-        let b = tile_stage[256u + k * 16u + tx];
+        let a = tile_stage[k * TILE_X + ty];
+        let b = tile_stage[STAGE_B + k * TILE_X + tx];
         let wd = w_tile[k];
         out[0] += wd * tanh4(a.x + b);
         out[1] += wd * tanh4(a.y + b);
@@ -63,7 +63,7 @@ fn additive_fma(acc: Block, ty: u32, tx: u32) -> Block {
     return out;
 }
 
-@compute @workgroup_size(16, TILE_M / 4u)
+@compute @workgroup_size(TILE_X, TILE_M / 4u)
 fn main(inv: TileInvocation) {
     let lid = inv.lid;
     let li = inv.li;

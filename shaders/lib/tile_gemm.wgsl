@@ -1,7 +1,8 @@
 // The register-blocked tile product behind every product kernel (matmul, qk_scores,
 // pv_product, and the scores of flash_attention): one TILE_M x TILE tile of C = A B^T, the
 // summed axis staged TILE_K at a time through workgroup memory.
-// One workgroup: 16 x (TILE_M / 4) invocations (declare `@workgroup_size(16, TILE_M / 4u)`).
+// One workgroup: TILE_X x (TILE_M / 4) invocations (declare
+// `@workgroup_size(TILE_X, TILE_M / 4u)`); TILE_X = TILE / 4 = TILE_K (the host checks it).
 // One invocation (tx, ty): the 4 x 4 block of rows 4 ty .. 4 ty + 3 and columns
 // 4 tx .. 4 tx + 3, in registers.
 //
@@ -37,9 +38,15 @@ fn tile_of(inv: TileInvocation, tiles_m: u32, tiles_n: u32) -> vec3<u32> {
 // A 4 x 4 register block: one vec4 of four columns per row.
 alias Block = array<vec4<f32>, 4>;
 
+// Invocations across the tile's columns, each owning four (also the vec4s across a staged
+// row of the tile).
+const TILE_X: u32 = TILE / 4u;
+// Where B's slice starts in tile_stage: after A's, at most TILE_K x TILE_X vec4s.
+const STAGE_B: u32 = TILE_K * TILE_X;
+
 // A slice of A then a slice of B, each [k][row / 4]: one vec4 holds four consecutive rows of
 // one k. Flash attention reuses it to stage V.
-var<workgroup> tile_stage: array<vec4<f32>, 512>;
+var<workgroup> tile_stage: array<vec4<f32>, 2u * STAGE_B>;
 
 // Item `idx` of operand `side` (0: A, TILE_M rows; 1: B, TILE columns), slice
 // k0 .. k0 + TILE_K, for operands contiguous in k: four rows of one k. The 16 invocations that
@@ -55,7 +62,7 @@ fn tile_stage_item(idx: u32, k0: u32, side: u32) {
             x[e] = tile_b(mq * 4u + e, k0 + kk);
         }
     }
-    tile_stage[side * 256u + kk * 16u + mq] = x;
+    tile_stage[side * STAGE_B + kk * TILE_X + mq] = x;
 }
 
 // The whole slice of operand `side`: one item per invocation, or with fewer invocations than
@@ -85,13 +92,13 @@ fn tile_stage_b(li: u32, k0: u32) {
 // Item `idx` of B's slice for operands contiguous in the column (V of P V): four
 // consecutive columns of one k.
 fn tile_stage_item_by_k(idx: u32, k0: u32) {
-    let kk = idx / 16u;
-    let nq = idx % 16u;
+    let kk = idx / TILE_X;
+    let nq = idx % TILE_X;
     var b = vec4<f32>();
     for (var e = 0u; e < 4u; e++) {
         b[e] = tile_b(nq * 4u + e, k0 + kk);
     }
-    tile_stage[256u + kk * 16u + nq] = b;
+    tile_stage[STAGE_B + kk * TILE_X + nq] = b;
 }
 
 // B's slice, for operands contiguous in the column.
@@ -99,7 +106,7 @@ fn tile_stage_b_by_k(li: u32, k0: u32) {
     if TILE_M == TILE {
         tile_stage_item_by_k(li, k0);
     } else {
-        for (var idx = li; idx < TILE_K * 16u; idx += TILE_M * 4u) {
+        for (var idx = li; idx < TILE_K * TILE_X; idx += TILE_M * 4u) {
             tile_stage_item_by_k(idx, k0);
         }
     }
@@ -119,7 +126,7 @@ fn block_fma(acc: Block, a: vec4<f32>, b: vec4<f32>) -> Block {
 fn tile_fma(acc: Block, ty: u32, tx: u32) -> Block {
     var out = acc;
     for (var k = 0u; k < TILE_K; k++) {
-        out = block_fma(out, tile_stage[k * 16u + ty], tile_stage[256u + k * 16u + tx]);
+        out = block_fma(out, tile_stage[k * TILE_X + ty], tile_stage[STAGE_B + k * TILE_X + tx]);
     }
     return out;
 }

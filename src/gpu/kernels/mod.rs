@@ -287,10 +287,10 @@ impl Kernel {
 pub const FLASH_ROWS: [u32; 5] = [4, 8, 16, 32, 64];
 
 /// Workgroup memory of the fused kernel: the tile product's staging (also V's), the tile's
-/// probabilities (`TILE x TILE` f32), a row reduction (`TILE` rows x 16 invocations) and the
+/// probabilities (`TILE x TILE` f32), a row reduction (`TILE` rows x `TILE / 4` invocations) and the
 /// tile bounds (`vec4<u32>`).
 pub(crate) const FLASH_WORKGROUP_BYTES: u32 =
-    TILE_STAGE_BYTES + TILE * TILE * 4 + TILE * 16 * 4 + 16;
+    TILE_STAGE_BYTES + TILE * TILE * 4 + TILE * (TILE / 4) * 4 + 16;
 
 /// How a tensor is stored, as a kernel sees it: the [`DType`] plus, for f16, whether the
 /// adapter reads it natively.

@@ -266,6 +266,9 @@ pub(crate) fn shared_constants() -> String {
     const {
         assert!(NEG_INF_BITS == f32::NEG_INFINITY.to_bits());
         assert!(NEG_BIG < SCORE_FLOOR);
+        // tile_gemm.wgsl stages TILE_K x (rows / 4) items with TILE / 4 x (rows / 4)
+        // invocations, one item each.
+        assert!(TILE_K == TILE / 4);
     }
     format!(
         "const NEG_INF_BITS: u32 = {NEG_INF_BITS}u;\n\
