@@ -3,7 +3,7 @@
 
 use crate::error::{Error, Result};
 use crate::mha::{MhaConfig, MhaWeights};
-use crate::spec::{Attention, Dims, Layout};
+use crate::spec::{Attention, Layout};
 
 /// The layer on the CPU, on the reference path (f64 projections and attention): the oracle of
 /// [`MultiHeadAttention::forward`](crate::MultiHeadAttention::forward). Inputs are `[B, L, E]`, `[B, S, kdim]`, `[B, S, vdim]`
@@ -23,7 +23,7 @@ pub fn mha_reference(
     config.validate()?;
     weights.validate(config)?;
     let c = config;
-    let (e, kv, hd) = (c.embed_dim, c.kv_width(), c.head_dim());
+    let (e, kv) = (c.embed_dim, c.kv_width());
     let linear = |x: &[f32], rows: usize, w: &[f32], b: &Option<Vec<f32>>, n: usize, k: usize| {
         let mut y = vec![0f32; rows * n];
         for r in 0..rows {
@@ -75,15 +75,7 @@ pub fn mha_reference(
         kv,
         c.vdim,
     );
-    let dims = Dims {
-        batch,
-        heads: c.num_heads,
-        kv_heads: c.kv_heads,
-        q_len,
-        kv_len,
-        head_dim: hd,
-        v_head_dim: hd,
-    };
+    let dims = c.attention_dims(batch, q_len, kv_len);
     let opts = opts.clone().layout(Layout::Bshd);
     let r = crate::cpu::reference(&q, &k, &v, dims, &opts)?;
     let out = linear(

@@ -32,15 +32,17 @@ pub(crate) struct Timer {
     period_ns: f64,
 }
 
-/// A rows-per-workgroup value of the fused kernel, from the API or `WGPU_ATTENTION_DECODE_ROWS`.
-fn decode_rows(value: &str) -> Result<u32> {
-    match value.trim().parse::<u32>() {
-        Ok(rows) if crate::gpu::kernels::FLASH_ROWS.contains(&rows) => Ok(rows),
-        _ => Err(Error::InvalidOption {
-            what: "decode rows per workgroup (WGPU_ATTENTION_DECODE_ROWS)",
+/// A rows-per-workgroup value of the fused kernel: one it is compiled for, else a typed error
+/// naming `what` set it.
+fn decode_rows(rows: u32, what: &'static str, value: &str) -> Result<u32> {
+    if crate::gpu::kernels::FLASH_ROWS.contains(&rows) {
+        Ok(rows)
+    } else {
+        Err(Error::InvalidOption {
+            what,
             value: value.to_string(),
             why: "must be one of 4, 8, 16, 32, 64",
-        }),
+        })
     }
 }
 
@@ -136,7 +138,9 @@ impl Gpu {
     ) -> Result<Gpu> {
         let mut limits = GpuLimits::from_wgpu(&device.limits(), info.device_type);
         if let Ok(value) = std::env::var("WGPU_ATTENTION_DECODE_ROWS") {
-            limits.min_decode_rows = decode_rows(&value)?;
+            const WHAT: &str = "WGPU_ATTENTION_DECODE_ROWS";
+            let rows = value.trim().parse().unwrap_or(0);
+            limits.min_decode_rows = decode_rows(rows, WHAT, &value)?;
         }
         let features = device.features();
         let kernels = Arc::new(Kernels::new(&device, &limits)?);
@@ -290,7 +294,8 @@ impl Gpu {
     /// for tuning and for tests that cover every configuration on one adapter.
     pub fn with_decode_rows(&self, rows: u32) -> Result<Gpu> {
         let mut gpu = self.clone();
-        gpu.limits.min_decode_rows = decode_rows(&rows.to_string())?;
+        gpu.limits.min_decode_rows =
+            decode_rows(rows, "decode rows per workgroup", &rows.to_string())?;
         Ok(gpu)
     }
 

@@ -1,6 +1,7 @@
 //! The layer's sizes.
 
 use crate::error::{Error, Result};
+use crate::spec::Dims;
 
 /// Sizes of the layer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +38,21 @@ impl MhaConfig {
     /// Rows of the K and V projection weights: `kv_heads * head_dim`.
     pub fn kv_width(&self) -> usize {
         self.kv_heads * self.head_dim()
+    }
+
+    /// The attention problem of a batch of `q_len` queries over `kv_len` keys: query and kv
+    /// heads of this layer, `head_dim` for Q, K and V.
+    pub(crate) fn attention_dims(&self, batch: usize, q_len: usize, kv_len: usize) -> Dims {
+        let hd = self.head_dim();
+        Dims {
+            batch,
+            heads: self.num_heads,
+            kv_heads: self.kv_heads,
+            q_len,
+            kv_len,
+            head_dim: hd,
+            v_head_dim: hd,
+        }
     }
 
     pub(crate) fn validate(&self) -> Result<()> {

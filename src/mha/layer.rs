@@ -3,7 +3,7 @@
 use super::{MhaConfig, MhaWeights};
 use crate::error::{Error, Result};
 use crate::gpu::{Gpu, MatView, MatmulShape, Output, Tensor};
-use crate::spec::{Attention, Dims, Layout};
+use crate::spec::{Attention, Layout};
 
 /// What `forward` returns.
 #[derive(Debug)]
@@ -82,16 +82,7 @@ impl MultiHeadAttention {
                 expected: kv_len,
             });
         }
-        let hd = c.head_dim();
-        let dims = Dims {
-            batch,
-            heads: c.num_heads,
-            kv_heads: c.kv_heads,
-            q_len,
-            kv_len,
-            head_dim: hd,
-            v_head_dim: hd,
-        };
+        let dims = c.attention_dims(batch, q_len, kv_len);
         let opts = opts
             .clone()
             .layout(Layout::Bshd)

@@ -79,29 +79,21 @@ fn prelude(src: &mut String, name: &str, binding: usize, storage: Storage, read_
         )
     };
     match storage {
-        Storage::F32 => {
-            src.push_str(&decl("array<f32>"));
+        // Unpacked: the element type and its conversions to and from f32.
+        Storage::F32 | Storage::F16 => {
+            let (ty, to_f32, from_f32) = match storage {
+                Storage::F32 => ("f32", "", ""),
+                _ => ("f16", "f32", "f16"),
+            };
+            src.push_str(&decl(&format!("array<{ty}>")));
             let _ = writeln!(
                 src,
-                "fn load_{name}(i: u32) -> f32 {{ return {name}_buf[i]; }}"
+                "fn load_{name}(i: u32) -> f32 {{ return {to_f32}({name}_buf[i]); }}"
             );
             if !read_only {
                 let _ = writeln!(
                     src,
-                    "fn store_{name}(i: u32, x: f32) {{ {name}_buf[i] = x; }}"
-                );
-            }
-        }
-        Storage::F16 => {
-            src.push_str(&decl("array<f16>"));
-            let _ = writeln!(
-                src,
-                "fn load_{name}(i: u32) -> f32 {{ return f32({name}_buf[i]); }}"
-            );
-            if !read_only {
-                let _ = writeln!(
-                    src,
-                    "fn store_{name}(i: u32, x: f32) {{ {name}_buf[i] = f16(x); }}"
+                    "fn store_{name}(i: u32, x: f32) {{ {name}_buf[i] = {from_f32}(x); }}"
                 );
             }
         }

@@ -78,20 +78,36 @@ pub struct FusedPlan {
 /// Storage buffers the fused kernel binds per stage.
 const FLASH_STORAGE_BUFFERS: u32 = 8;
 
-/// Why the fused path cannot run on a device, if it cannot: the limit it needs, as the
-/// [`Error::Unsupported`] that says so.
-pub(crate) fn unsupported(limits: &GpuLimits) -> Option<Error> {
+/// A device limit the fused kernel needs more of: what it is, what it needs, what the device has.
+pub(crate) struct Shortfall {
+    pub(crate) what: &'static str,
+    needed: u32,
+    available: u32,
+}
+
+impl From<Shortfall> for Error {
+    fn from(s: Shortfall) -> Error {
+        Error::Unsupported {
+            what: s.what,
+            needed: s.needed as u64,
+            available: s.available as u64,
+        }
+    }
+}
+
+/// The limit the fused kernel lacks on a device, if any.
+pub(crate) fn unsupported(limits: &GpuLimits) -> Option<Shortfall> {
     if limits.max_workgroup_storage < FLASH_WORKGROUP_BYTES {
-        Some(Error::Unsupported {
+        Some(Shortfall {
             what: "the fused kernel needs more workgroup memory (bytes)",
-            needed: FLASH_WORKGROUP_BYTES as u64,
-            available: limits.max_workgroup_storage as u64,
+            needed: FLASH_WORKGROUP_BYTES,
+            available: limits.max_workgroup_storage,
         })
     } else if limits.max_storage_buffers_per_stage < FLASH_STORAGE_BUFFERS {
-        Some(Error::Unsupported {
+        Some(Shortfall {
             what: "the fused kernel needs more storage buffers per stage",
-            needed: FLASH_STORAGE_BUFFERS as u64,
-            available: limits.max_storage_buffers_per_stage as u64,
+            needed: FLASH_STORAGE_BUFFERS,
+            available: limits.max_storage_buffers_per_stage,
         })
     } else {
         None
@@ -102,8 +118,8 @@ impl FusedPlan {
     /// Plans `spec` for a device with `limits`; `decode` also splits the keys to give a small
     /// grid enough workgroups.
     pub fn new(spec: &Spec<'_>, limits: &GpuLimits, decode: bool) -> Result<FusedPlan> {
-        if let Some(err) = unsupported(limits) {
-            return Err(err);
+        if let Some(short) = unsupported(limits) {
+            return Err(short.into());
         }
         let d = spec.dims;
         let packed = d.group() * d.q_len;

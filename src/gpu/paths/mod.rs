@@ -12,7 +12,7 @@ pub(crate) mod three_pass;
 pub use fused::FusedPlan;
 pub use three_pass::{Chunk, ThreePassPlan};
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::gpu::context::Gpu;
 use crate::gpu::kernels::Storage;
 use crate::gpu::limits::{GpuLimits, check_binding};
@@ -127,8 +127,7 @@ pub(crate) fn choose(spec: &Spec<'_>, limits: &GpuLimits, weights: bool) -> Resu
         }
         Path::Auto => match fused::unsupported(limits) {
             // The fused kernel needs more of a limit than the device has; the limit is the why.
-            Some(Error::Unsupported { what, .. }) => three_pass(what)?,
-            Some(_) => three_pass("the fused kernel cannot run on this device")?,
+            Some(short) => three_pass(short.what)?,
             None if short_queries => decode("a few queries over many keys")?,
             None => fused("the default: O(N) memory, one pass")?,
         },
