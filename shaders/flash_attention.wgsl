@@ -1,9 +1,8 @@
 // Fused attention (flash attention, forward): scores, masked online softmax and P·V in one
 // pass; the score matrix never leaves the workgroup.
-// One workgroup: TILE_M query rows (64; 16 or 32 when decoding a few rows) that share one kv
-// head of one batch entry, streaming the keys
-// of its split that its rows may see in tiles of 64 (tiles that causal, window or length masks
-// remove entirely are never visited). The rows are the (query head in the group, query row)
+// One workgroup: TILE_M query rows (64; 4 to 32 when decoding a few rows) that share one kv
+// head of one batch entry, streaming the keys of its split that its rows may see in tiles of
+// TILE (tiles that causal, window or length masks remove entirely are never visited). The rows are the (query head in the group, query row)
 // pairs of the kv head, query row fastest: for decoding, the whole GQA group shares each K/V
 // tile.
 // One invocation: a 4 x 4 block of each score tile (lib/tile_gemm.wgsl), and 4 rows x

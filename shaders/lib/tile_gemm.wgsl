@@ -15,7 +15,7 @@
 // writes acc (lib/tile_store.wgsl, or its own epilogue). TILE and TILE_K come from the
 // host's shared constants.
 
-// Rows of the tile: 64, or 16 or 32 for the fused kernel serving a few rows (decoding), so
+// Rows of the tile: 64, or 4 to 32 for the fused kernel serving a few rows (decoding), so
 // that a GQA group of 4 query rows does not occupy a 64-row workgroup.
 override TILE_M: u32 = 64u;
 

@@ -1,6 +1,6 @@
 //! The fused path: flash attention in one kernel, O(N) memory.
 //!
-//! One workgroup per 64 rows (16 or 32 on the decode path for small GQA groups) of a (batch,
+//! One workgroup per 64 rows (4 to 32 on the decode path for small GQA groups) of a (batch,
 //! kv head) -- the (query head, query row) pairs of its GQA group -- streams the keys its rows
 //! may see in tiles of 64 through workgroup memory,
 //! keeping a running row maximum and sum (online softmax) and the output in registers.
