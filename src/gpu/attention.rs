@@ -9,7 +9,7 @@ use crate::error::{Error, Result};
 use crate::gpu::context::Gpu;
 use crate::gpu::limits::GpuLimits;
 use crate::gpu::paths::{self, Io, Plan};
-use crate::gpu::tensor::Tensor;
+use crate::gpu::tensor::{Tensor, expect_dims};
 use crate::spec::{Attention, DType, Dims, Spec};
 
 /// The results of one call on the GPU.
@@ -22,19 +22,6 @@ pub struct Output {
     pub lse: Option<Tensor>,
     /// Attention weights, dims `[batch, heads, q_len, kv_len]`, if asked for.
     pub weights: Option<Tensor>,
-}
-
-fn expect_dims(what: &'static str, got: [usize; 4], expected: [usize; 4]) -> Result<()> {
-    for (axis, (&g, &e)) in got.iter().zip(&expected).enumerate() {
-        if g != e {
-            return Err(Error::ShapeMismatch {
-                what: format!("{what} dim {axis} (expected dims {expected:?})"),
-                got: g,
-                expected: e,
-            });
-        }
-    }
-    Ok(())
 }
 
 /// Checks caller-allocated outputs against a validated call.

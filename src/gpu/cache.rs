@@ -9,7 +9,7 @@
 use crate::error::{Error, Result};
 use crate::gpu::attention::Output;
 use crate::gpu::context::Gpu;
-use crate::gpu::tensor::Tensor;
+use crate::gpu::tensor::{Tensor, expect_dims};
 use crate::spec::{Attention, Causal, DType, Dims, Layout};
 
 /// Device K/V buffers with a capacity and per-sequence lengths.
@@ -176,13 +176,7 @@ impl KvCache {
         let t = self.check_append(new)?;
         for (what, tensor, dim) in [("K", k, self.head_dim), ("V", v, self.v_head_dim)] {
             let want = [self.batch, self.kv_heads, t, dim];
-            if let Some(axis) = (0..4).find(|&x| tensor.dims()[x] != want[x]) {
-                return Err(Error::ShapeMismatch {
-                    what: format!("appended {what} dim {axis} (expected dims {want:?})"),
-                    got: tensor.dims()[axis],
-                    expected: want[axis],
-                });
-            }
+            expect_dims(&format!("appended {what}"), tensor.dims(), want)?;
             if tensor.buffer() == self.k.buffer() || tensor.buffer() == self.v.buffer() {
                 return Err(Error::InvalidOption {
                     what: "appended tensor",

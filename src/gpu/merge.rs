@@ -12,7 +12,7 @@ use crate::gpu::context::Gpu;
 use crate::gpu::dispatch::combine::{self, Combine};
 use crate::gpu::kernels::uniforms::CombineParams;
 use crate::gpu::limits::check_binding;
-use crate::gpu::tensor::Tensor;
+use crate::gpu::tensor::{Tensor, expect_dims};
 use crate::spec::Layout;
 
 /// One partial result: the output `o` (`[batch, heads, q_len, v_head_dim]` in `layout`) and its
@@ -52,13 +52,7 @@ pub fn merge(gpu: &Gpu, a: Partial<'_>, b: Partial<'_>, layout: Layout) -> Resul
         ("first log-sum-exp", a.lse.dims(), lse_dims(layout, dims)),
         ("second log-sum-exp", b.lse.dims(), lse_dims(layout, dims)),
     ] {
-        if let Some(axis) = (0..4).find(|&x| got[x] != want[x]) {
-            return Err(Error::ShapeMismatch {
-                what: format!("{what} dim {axis} (expected dims {want:?})"),
-                got: got[axis],
-                expected: want[axis],
-            });
-        }
+        expect_dims(what, got, want)?;
     }
     if b.o.dtype() != a.o.dtype() {
         return Err(Error::InvalidOption {

@@ -144,6 +144,19 @@ impl Gpu {
     }
 }
 
+/// [`Error::ShapeMismatch`] on the first axis where `got` differs from `expected`, naming
+/// `what` and the whole expected shape.
+pub(crate) fn expect_dims(what: &str, got: [usize; 4], expected: [usize; 4]) -> Result<()> {
+    match (0..4).find(|&axis| got[axis] != expected[axis]) {
+        Some(axis) => Err(Error::ShapeMismatch {
+            what: format!("{what} dim {axis} (expected dims {expected:?})"),
+            got: got[axis],
+            expected: expected[axis],
+        }),
+        None => Ok(()),
+    }
+}
+
 impl Tensor {
     /// Wraps an existing buffer holding a `dims` tensor of `dtype` from byte 0.
     ///
