@@ -34,10 +34,8 @@ var<workgroup> red: array<f32, TILE * TILE_X>;
 var<workgroup> tile_bounds: vec4<u32>;
 
 // The score tile's operands (lib/tile_gemm.wgsl): the Q rows this invocation stages (rows
-// 4 (li / 16) + e of the tile, e = row % 4) and the current key tile.
+// 4 (li / TILE_K) + e of the tile, e = row % 4); k_base, the kv head's first key.
 var<private> q_row: array<u32, 4>;
-var<private> r0: u32;
-var<private> c0: u32;
 var<private> k_base: u32;
 
 fn tile_a(row: u32, d: u32) -> f32 {

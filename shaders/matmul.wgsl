@@ -8,8 +8,6 @@
 // Bindings (declared by the host from Kernel::slots): params (MatmulParams); a, b (read) and c
 // (write) tensors; bias, [n] (a placeholder without one).
 
-var<private> r0: u32;
-var<private> c0: u32;
 var<private> z: u32;
 
 fn tile_a(row: u32, k: u32) -> f32 {

@@ -9,8 +9,6 @@
 // Slices of keys summed into a block accumulator before it is folded into the total.
 const BLOCK_STEPS: u32 = 16u;
 
-var<private> r0: u32;
-var<private> c0: u32;
 var<private> p_base: u32;
 var<private> v_base: u32;
 var<private> o_base: u32;

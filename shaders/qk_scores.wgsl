@@ -15,9 +15,7 @@ override ADDITIVE: bool = false;
 // ADDITIVE: the 16 weights of the current slice; 0 past head_dim, so padded dims add nothing.
 var<workgroup> w_tile: array<f32, TILE_K>;
 
-// This workgroup's tile: first query row and key of the tile, and the bases of its head.
-var<private> r0: u32;
-var<private> c0: u32;
+// The bases of this workgroup's head (its tile origin is r0, c0 of lib/tile_gemm.wgsl).
 var<private> q_base: u32;
 var<private> k_base: u32;
 

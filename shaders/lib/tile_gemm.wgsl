@@ -35,6 +35,11 @@ fn tile_of(inv: TileInvocation, tiles_m: u32, tiles_n: u32) -> vec3<u32> {
     return vec3<u32>(index % tiles_n, (index / tiles_n) % tiles_m, index / (tiles_n * tiles_m));
 }
 
+// This workgroup's tile origin, set by the kernel's main before the first slice: the tile's
+// first row (of A) and first column (of B), for the kernel's tile_a / tile_b / tile_out.
+var<private> r0: u32;
+var<private> c0: u32;
+
 // A 4 x 4 register block: one vec4 of four columns per row.
 alias Block = array<vec4<f32>, 4>;
 
