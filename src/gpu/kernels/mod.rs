@@ -21,9 +21,12 @@
 //!    rules;
 //! 5. the kernel file.
 //!
-//! A new product kernel defines `tile_a` / `tile_b` (its operands) and `tile_out` (its
-//! epilogue) and loops over `tile_stage_*` / `tile_fma` (see `shaders/lib/tile_gemm.wgsl`); a
-//! new masking kernel calls `key_range`, `mask_allows` and `adjust_score`.
+//! A new product kernel lists its bindings in `Kernel::slots` (private to the crate),
+//! defines `tile_a` / `tile_b` (its operands) and `tile_out` (its epilogue), sets the tile
+//! origin `r0`, `c0` in `main` and loops over `tile_slice` (or `tile_stage_*` / `tile_fma`;
+//! see `shaders/lib/tile_gemm.wgsl`); a new masking kernel calls `key_range`, `mask_allows`
+//! and `adjust_score`. Its key gets a [`KernelKey`] variant, and `KernelKey::samples` a
+//! sample, so the naga tests compile it for every backend.
 //!
 //! Everything that changes the compiled pipeline is in its [`KernelKey`], one variant per
 //! kernel: tensor storage, tile configuration, and the options compiled in as pipeline
