@@ -4,7 +4,7 @@
 #[macro_use]
 mod common;
 
-use wgpu_attention::{Path, Plan};
+use wgpu_attention::{DType, DecodeKernel, Path, Plan};
 
 path_grid_tests!(Path::Decode);
 
@@ -50,12 +50,15 @@ fn splits_with_no_allowed_key() {
     );
 }
 
-/// Each rows-per-workgroup configuration of the decode path (4 to 64) on shapes that fill
-/// none of them exactly, with masks and with the keys split and capped, against the reference;
-/// under this adapter's minimum and under the GPUs' (16).
+/// Each rows-per-workgroup configuration of the row-tiled decode kernel (4 to 64) on shapes
+/// that fill none of them exactly, with masks and with the keys split and capped, against the
+/// reference; under this adapter's minimum and under the GPUs' (16).
 #[test]
 fn every_row_configuration() {
     let Some(gpu) = gpu() else { return };
+    let gpu = &gpu
+        .with_decode_kernel(DecodeKernel::RowTiles, gpu.limits().subgroups)
+        .unwrap();
     let gpu_like = gpu.with_decode_rows(16).unwrap();
     assert!(gpu.with_decode_rows(12).is_err());
     // (heads, kv_heads, q_len) -> group * q_len rows per kv head.
@@ -89,5 +92,116 @@ fn every_row_configuration() {
                 check(g, Path::Decode, d, &masked, 1810 + n as u64, 3.0);
             }
         }
+    }
+}
+
+/// The contexts that run each configuration of the decode-shaped kernel on this adapter: with
+/// subgroup operations (required where the adapter has them) and with workgroup-memory
+/// reductions only (what WebGPU gets).
+fn keys_kernel_contexts(gpu: &wgpu_attention::Gpu) -> Vec<(wgpu_attention::Gpu, &'static str)> {
+    let keys = DecodeKernel::KeysAcrossInvocations;
+    let mut out = vec![(
+        gpu.with_decode_kernel(keys, false).unwrap(),
+        "workgroup reduce",
+    )];
+    if gpu.limits().subgroups {
+        out.push((gpu.with_decode_kernel(keys, true).unwrap(), "subgroups"));
+    } else {
+        assert!(gpu.with_decode_kernel(keys, true).is_err());
+    }
+    out
+}
+
+/// Every row count (1 to 16) and head-dim chunking of the decode-shaped kernel, with both
+/// reductions, the keys split and capped, masks and half-precision storage, on shapes that fill
+/// no tile exactly; and a group too large for it, which runs the row-tiled kernel.
+#[test]
+fn keys_kernel_every_configuration() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = rng(19);
+    // (heads, kv_heads, q_len, head_dim, v_head_dim) -> group * q_len rows per kv head.
+    let shapes = [
+        (3, 3, 1, 40, 72),
+        (4, 2, 1, 1, 3),
+        (6, 2, 1, 7, 130),
+        (5, 1, 1, 128, 128),
+        (8, 2, 4, 256, 256),
+        (6, 2, 5, 130, 7),
+        (4, 1, 3, 64, 200),
+    ];
+    for (contexts, (base, what)) in keys_kernel_contexts(gpu).iter().enumerate() {
+        let capped = base.with_caps(wgpu_attention::LimitCaps {
+            max_key_tiles_per_workgroup: Some(2),
+            ..Default::default()
+        });
+        for (n, &(h, hkv, l, d, dv)) in shapes.iter().enumerate() {
+            let seed = 1900 + 100 * contexts as u64 + 10 * n as u64;
+            let dm = dims(2, h, hkv, l, 700, d, dv);
+            let rows = (h / hkv) * l;
+            let want_rows = [1u32, 2, 4, 8, 16]
+                .into_iter()
+                .find(|&x| x as usize >= rows)
+                .unwrap();
+            let opts = Attention::new()
+                .causal(Causal::BottomRight)
+                .kv_lens(vec![700, 333]);
+            for g in [base, &capped] {
+                let plan = opts.clone().path(Path::Decode).plan(g, dm).unwrap();
+                let Plan::Decode { plan: p, .. } = &plan else {
+                    panic!("{}", plan.reason())
+                };
+                assert!(p.keys_across_invocations, "{what}: {}", plan.reason());
+                assert_eq!(p.rows_per_workgroup, want_rows, "{}", plan.reason());
+                check(g, Path::Decode, dm, &opts, seed, 1.0);
+            }
+            let masked = Attention::new()
+                .window(150, 3)
+                .softcap(20.0)
+                .mask([2, 1, l, 700], random_mask(&mut r, 2 * l * 700, 0.7))
+                .bias([1, h, 1, 700], random(&mut r, h * 700, 2.0))
+                .layout(Layout::Bshd);
+            check(&capped, Path::Decode, dm, &masked, seed + 1, 3.0);
+            let types = [DType::F32, DType::F16, DType::Bf16, DType::F16];
+            check_dtypes(base, Path::Decode, dm, &opts, seed + 2, 1.0, types);
+            check_dtypes(
+                &base.with_packed_f16(),
+                Path::Decode,
+                dm,
+                &opts,
+                seed + 3,
+                1.0,
+                [DType::F16; 4],
+            );
+        }
+        // 20 rows per kv head: more than the kernel holds.
+        let dm = dims(1, 4, 1, 5, 300, 16, 16);
+        let plan = Attention::new().path(Path::Decode).plan(base, dm).unwrap();
+        let Plan::Decode { plan: p, .. } = &plan else {
+            panic!("{}", plan.reason())
+        };
+        assert!(!p.keys_across_invocations, "{}", plan.reason());
+    }
+}
+
+/// The decode-shaped kernel at its most loop iterations per invocation on a CPU adapter (16
+/// rows, head_dim 256, 32 key tiles in one split): llvmpipe silently stops an invocation's
+/// loops after 65535 iterations in total (NOTES.md), so a kernel over the limit drops keys.
+#[test]
+fn keys_kernel_longest_split() {
+    let Some(gpu) = gpu() else { return };
+    for (base, what) in keys_kernel_contexts(gpu) {
+        let dm = dims(8, 128, 8, 1, 2048, 256, 256);
+        let opts = Attention::new().path(Path::Decode);
+        let plan = opts.plan(&base, dm).unwrap();
+        let Plan::Decode { plan: p, .. } = &plan else {
+            panic!("{}", plan.reason())
+        };
+        assert!(p.keys_across_invocations, "{what}: {}", plan.reason());
+        assert_eq!(p.rows_per_workgroup, 16, "{}", plan.reason());
+        if base.limits().max_key_tiles_per_workgroup == 32 {
+            assert_eq!(p.tiles_per_split, 32, "{}", plan.reason());
+        }
+        let types = [DType::F16; 4];
+        check_dtypes(&base, Path::Decode, dm, &opts, 2000, 1.0, types);
     }
 }

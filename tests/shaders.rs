@@ -52,9 +52,15 @@ fn describe(key: &KernelKey) -> String {
 
 /// The naga capabilities of a key: those of its widest storage.
 fn key_capabilities(key: &KernelKey) -> Capabilities {
+    let subgroups = if key.needs_subgroups() {
+        // What wgpu grants with Features::SUBGROUP.
+        Capabilities::SUBGROUP
+    } else {
+        Capabilities::empty()
+    };
     key.storages()
         .into_iter()
-        .fold(Capabilities::empty(), |c, s| c | capabilities(s))
+        .fold(subgroups, |c, s| c | capabilities(s))
 }
 
 /// One key parsed, validated and specialised: what a backend translator receives.

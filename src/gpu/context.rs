@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::Kernels;
-use crate::gpu::limits::{GpuLimits, LimitCaps};
+use crate::gpu::limits::{DecodeKernel, GpuLimits, LimitCaps};
 
 /// A device and queue, with the limits, features and compiled pipelines of this crate.
 ///
@@ -42,6 +42,19 @@ fn decode_rows(rows: u32, what: &'static str, value: &str) -> Result<u32> {
             what,
             value: value.to_string(),
             why: "must be one of 4, 8, 16, 32, 64",
+        })
+    }
+}
+
+/// `true` if the device has subgroup operations, else the error saying it lacks them.
+fn subgroups_on(features: wgpu::Features) -> Result<bool> {
+    if features.contains(wgpu::Features::SUBGROUP) {
+        Ok(true)
+    } else {
+        Err(Error::Unsupported {
+            what: "subgroup operations (Features::SUBGROUP)",
+            needed: 1,
+            available: 0,
         })
     }
 }
@@ -143,6 +156,33 @@ impl Gpu {
             limits.min_decode_rows = decode_rows(rows, WHAT, &value)?;
         }
         let features = device.features();
+        limits.subgroups = features.contains(wgpu::Features::SUBGROUP);
+        if let Ok(value) = std::env::var("WGPU_ATTENTION_SUBGROUPS") {
+            limits.subgroups = match value.trim() {
+                "0" => false,
+                "1" => subgroups_on(features)?,
+                _ => {
+                    return Err(Error::InvalidOption {
+                        what: "WGPU_ATTENTION_SUBGROUPS",
+                        value,
+                        why: "must be 0 (workgroup-memory reductions) or 1 (subgroup operations)",
+                    });
+                }
+            };
+        }
+        if let Ok(value) = std::env::var("WGPU_ATTENTION_DECODE_KERNEL") {
+            limits.decode_kernel = match value.trim() {
+                "keys" => DecodeKernel::KeysAcrossInvocations,
+                "tiles" => DecodeKernel::RowTiles,
+                _ => {
+                    return Err(Error::InvalidOption {
+                        what: "WGPU_ATTENTION_DECODE_KERNEL",
+                        value,
+                        why: "must be keys (the decode-shaped kernel) or tiles (the row-tiled fused kernel)",
+                    });
+                }
+            };
+        }
         let kernels = Arc::new(Kernels::new(&device, &limits)?);
         Ok(Gpu {
             device,
@@ -296,6 +336,17 @@ impl Gpu {
         let mut gpu = self.clone();
         gpu.limits.min_decode_rows =
             decode_rows(rows, "decode rows per workgroup", &rows.to_string())?;
+        Ok(gpu)
+    }
+
+    /// A context on the same device whose decode path runs `kernel` (see [`DecodeKernel`]),
+    /// with subgroup operations where `subgroups` (an error if the device lacks
+    /// `Features::SUBGROUP`) or workgroup-memory reductions only: the configurations, for
+    /// tuning and for tests that cover every one on one adapter.
+    pub fn with_decode_kernel(&self, kernel: DecodeKernel, subgroups: bool) -> Result<Gpu> {
+        let mut gpu = self.clone();
+        gpu.limits.decode_kernel = kernel;
+        gpu.limits.subgroups = subgroups && subgroups_on(gpu.features)?;
         Ok(gpu)
     }
 

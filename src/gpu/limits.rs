@@ -38,6 +38,33 @@ pub struct GpuLimits {
     /// `WGPU_ATTENTION_DECODE_ROWS` or [`Gpu::with_decode_rows`](crate::Gpu::with_decode_rows)
     /// overrides it.
     pub min_decode_rows: u32,
+    /// Whether kernels may use subgroup operations: the device was created with
+    /// `Features::SUBGROUP` (wgpu guarantees subgroups of at least 4 invocations). `false` from
+    /// [`GpuLimits::from_wgpu`], which sees no features; [`Gpu`](crate::Gpu) sets it from its
+    /// device, and `WGPU_ATTENTION_SUBGROUPS=0` or
+    /// [`Gpu::with_decode_kernel`](crate::Gpu::with_decode_kernel) turns it off.
+    pub subgroups: bool,
+    /// Which kernel the decode path runs for the few rows it fits (see [`DecodeKernel`]).
+    pub decode_kernel: DecodeKernel,
+    /// Workgroups the decode path aims for when it splits the keys (flash-decoding), from the
+    /// device type since wgpu does not report a core count: 1024 on discrete GPUs (a few
+    /// workgroups per core of a large card), 256 on integrated and other GPUs, 64 on CPU
+    /// adapters (a few per thread).
+    pub decode_target_workgroups: u32,
+}
+
+/// The kernel of the decode path, a tile choice per adapter
+/// ([`GpuLimits::decode_kernel`]; `WGPU_ATTENTION_DECODE_KERNEL=keys` or `tiles` overrides it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum DecodeKernel {
+    /// `flash_decode.wgsl` where a kv head's `group * q_len` rows are at most 16 and its
+    /// workgroup memory fits: 64 invocations spread over the keys of each tile, the rows'
+    /// scores and outputs in registers; the row-tiled fused kernel otherwise.
+    #[default]
+    KeysAcrossInvocations,
+    /// Always the row-tiled fused kernel (`flash_attention.wgsl` with
+    /// [`GpuLimits::min_decode_rows`] rows or more).
+    RowTiles,
 }
 
 impl GpuLimits {
@@ -62,6 +89,13 @@ impl GpuLimits {
                 4
             } else {
                 16
+            },
+            subgroups: false,
+            decode_kernel: DecodeKernel::default(),
+            decode_target_workgroups: match device_type {
+                wgpu::DeviceType::DiscreteGpu => 1024,
+                wgpu::DeviceType::Cpu => 64,
+                _ => 256,
             },
         }
     }

@@ -13,6 +13,9 @@ pub(super) fn source(key: &KernelKey) -> String {
         let _ = writeln!(src, "enable {feature};");
     }
     src.push_str(&uniforms::shared_constants());
+    for (name, value) in key.source_constants() {
+        let _ = writeln!(src, "const {name}: u32 = {value}u;");
+    }
     // Each parameter block's struct once, even when two slots bind the same type.
     let mut declared = Vec::new();
     for slot in kernel.slots() {
@@ -50,7 +53,7 @@ pub(super) fn source(key: &KernelKey) -> String {
             }
         }
     }
-    for fragment in kernel.fragments() {
+    for fragment in key.fragments() {
         src.push_str(fragment.source());
     }
     src.push_str(kernel.source());
@@ -58,7 +61,8 @@ pub(super) fn source(key: &KernelKey) -> String {
 }
 
 /// Declares tensor `name` at `binding` in `storage`, with its f32 accessors: `load_<name>(i)`,
-/// and `store_<name>(i, x)` when writable. Packed types store through atomics on the word
+/// and `store_<name>(i, x)` when writable; a read-only tensor also gets `load4_<name>(i)`,
+/// elements `i .. i + 3` as a `vec4<f32>` (packed types read two words when `i` is even). Packed types store through atomics on the word
 /// that holds the element, because the other half may belong to another invocation.
 fn prelude(src: &mut String, name: &str, binding: usize, storage: Storage, read_only: bool) {
     let access = if read_only { "read" } else { "read_write" };
@@ -90,7 +94,13 @@ fn prelude(src: &mut String, name: &str, binding: usize, storage: Storage, read_
                 src,
                 "fn load_{name}(i: u32) -> f32 {{ return {to_f32}({name}_buf[i]); }}"
             );
-            if !read_only {
+            if read_only {
+                let _ = writeln!(
+                    src,
+                    "fn load4_{name}(i: u32) -> vec4<f32> {{\n    return vec4<f32>({to_f32}({name}_buf[i]), \
+                     {to_f32}({name}_buf[i + 1u]), {to_f32}({name}_buf[i + 2u]), {to_f32}({name}_buf[i + 3u]));\n}}"
+                );
+            } else {
                 let _ = writeln!(
                     src,
                     "fn store_{name}(i: u32, x: f32) {{ {name}_buf[i] = {from_f32}(x); }}"
@@ -108,7 +118,9 @@ fn prelude(src: &mut String, name: &str, binding: usize, storage: Storage, read_
                 "fn load_{name}(i: u32) -> f32 {{\n    let pair = unpack2x16float({word});\n    \
                  return select(pair.x, pair.y, (i & 1u) != 0u);\n}}"
             );
-            if !read_only {
+            if read_only {
+                load4_packed(src, name, "unpack2x16float(w0), unpack2x16float(w1)");
+            } else {
                 src.push_str(&packed_store("pack2x16float(vec2<f32>(x, 0.0)) & 0xffffu"));
             }
         }
@@ -122,7 +134,14 @@ fn prelude(src: &mut String, name: &str, binding: usize, storage: Storage, read_
                 src,
                 "fn load_{name}(i: u32) -> f32 {{ return bitcast<f32>((({word} >> ((i & 1u) * 16u)) & 0xffffu) << 16u); }}"
             );
-            if !read_only {
+            if read_only {
+                load4_packed(
+                    src,
+                    name,
+                    "bitcast<f32>(w0 << 16u), bitcast<f32>(w0 & 0xffff0000u), \
+                     bitcast<f32>(w1 << 16u), bitcast<f32>(w1 & 0xffff0000u)",
+                );
+            } else {
                 // Round to nearest even; NaN stays a (quiet) NaN.
                 let _ = writeln!(
                     src,
@@ -134,4 +153,16 @@ fn prelude(src: &mut String, name: &str, binding: usize, storage: Storage, read_
             }
         }
     }
+}
+
+/// `load4_<name>` of a type packed two to a word: from words `w0`, `w1` when `i` is even
+/// (`unpack` builds the four elements from them), else element by element.
+fn load4_packed(src: &mut String, name: &str, unpack: &str) {
+    let _ = writeln!(
+        src,
+        "fn load4_{name}(i: u32) -> vec4<f32> {{\n    if (i & 1u) == 0u {{\n        \
+         let w0 = {name}_buf[i >> 1u];\n        let w1 = {name}_buf[(i >> 1u) + 1u];\n        \
+         return vec4<f32>({unpack});\n    }}\n    \
+         return vec4<f32>(load_{name}(i), load_{name}(i + 1u), load_{name}(i + 2u), load_{name}(i + 3u));\n}}"
+    );
 }

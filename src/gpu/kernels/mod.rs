@@ -54,6 +54,8 @@ pub const MASKED_SOFTMAX: &str = include_str!("../../../shaders/masked_softmax.w
 pub const PV_PRODUCT: &str = include_str!("../../../shaders/pv_product.wgsl");
 /// WGSL source of the fused flash-attention kernel.
 pub const FLASH_ATTENTION: &str = include_str!("../../../shaders/flash_attention.wgsl");
+/// WGSL source of the decode-shaped fused kernel (keys across invocations).
+pub const FLASH_DECODE: &str = include_str!("../../../shaders/flash_decode.wgsl");
 /// WGSL source of the kernel that merges partial results by their log-sum-exp.
 pub const COMBINE_SPLITS: &str = include_str!("../../../shaders/combine_splits.wgsl");
 /// WGSL source of the batched matrix product with bias (the layer's projections).
@@ -72,16 +74,22 @@ pub enum Fragment {
     TileStore,
     /// The masking rules, with the options as pipeline constants.
     Masking,
+    /// `rows_max` of the decode kernel with subgroup operations.
+    ReduceSubgroup,
+    /// `rows_max` of the decode kernel through workgroup memory only.
+    ReduceWorkgroup,
 }
 
 impl Fragment {
     /// Every fragment.
-    pub const ALL: [Fragment; 5] = [
+    pub const ALL: [Fragment; 7] = [
         Fragment::Grid,
         Fragment::Lse,
         Fragment::TileGemm,
         Fragment::TileStore,
         Fragment::Masking,
+        Fragment::ReduceSubgroup,
+        Fragment::ReduceWorkgroup,
     ];
 
     /// Its WGSL.
@@ -92,6 +100,10 @@ impl Fragment {
             Fragment::TileGemm => include_str!("../../../shaders/lib/tile_gemm.wgsl"),
             Fragment::TileStore => include_str!("../../../shaders/lib/tile_store.wgsl"),
             Fragment::Masking => include_str!("../../../shaders/lib/masking.wgsl"),
+            Fragment::ReduceSubgroup => include_str!("../../../shaders/lib/reduce_subgroup.wgsl"),
+            Fragment::ReduceWorkgroup => {
+                include_str!("../../../shaders/lib/reduce_workgroup.wgsl")
+            }
         }
     }
 }
@@ -107,6 +119,8 @@ pub enum Kernel {
     PvProduct,
     /// Scores, online softmax and `P V` fused (flash attention).
     FlashAttention,
+    /// The same for a few rows over many keys, the keys spread over the invocations.
+    FlashDecode,
     /// Merges partial results over disjoint key sets (flash-decoding splits, public merge).
     CombineSplits,
     /// Batched `C = alpha A B^T + bias` with any strides (projections, head averages).
@@ -164,11 +178,12 @@ const fn write(name: &'static str, ty: &'static str) -> Slot {
 
 impl Kernel {
     /// All kernels, for tests that compile every one.
-    pub const ALL: [Kernel; 6] = [
+    pub const ALL: [Kernel; 7] = [
         Kernel::QkScores,
         Kernel::MaskedSoftmax,
         Kernel::PvProduct,
         Kernel::FlashAttention,
+        Kernel::FlashDecode,
         Kernel::CombineSplits,
         Kernel::Matmul,
     ];
@@ -180,18 +195,21 @@ impl Kernel {
             Kernel::MaskedSoftmax => MASKED_SOFTMAX,
             Kernel::PvProduct => PV_PRODUCT,
             Kernel::FlashAttention => FLASH_ATTENTION,
+            Kernel::FlashDecode => FLASH_DECODE,
             Kernel::CombineSplits => COMBINE_SPLITS,
             Kernel::Matmul => MATMUL,
         }
     }
 
-    /// The fragments of `shaders/lib/` it includes, in order.
+    /// The fragments of `shaders/lib/` it includes, in order (a key may add one:
+    /// [`KernelKey::fragments`]).
     pub fn fragments(self) -> &'static [Fragment] {
         use Fragment::*;
         match self {
             Kernel::QkScores | Kernel::PvProduct | Kernel::Matmul => &[Grid, TileGemm, TileStore],
             Kernel::MaskedSoftmax => &[Grid, Lse, Masking],
             Kernel::FlashAttention => &[Grid, Lse, TileGemm, Masking],
+            Kernel::FlashDecode => &[Grid, Lse, Masking],
             Kernel::CombineSplits => &[Grid, Lse],
         }
     }
@@ -226,7 +244,9 @@ impl Kernel {
                 ];
                 S
             }
-            Kernel::FlashAttention => {
+            // The decode kernel binds exactly what the fused kernel binds, so one encoder serves
+            // both.
+            Kernel::FlashAttention | Kernel::FlashDecode => {
                 const S: &[Slot] = &[
                     uniform::<FlashParams>("params"),
                     tensor("q", true),
@@ -280,6 +300,7 @@ impl Kernel {
             Kernel::MaskedSoftmax => "masked_softmax",
             Kernel::PvProduct => "pv_product",
             Kernel::FlashAttention => "flash_attention",
+            Kernel::FlashDecode => "flash_decode",
             Kernel::CombineSplits => "combine_splits",
             Kernel::Matmul => "matmul",
         }
@@ -294,6 +315,33 @@ pub const FLASH_ROWS: [u32; 5] = [4, 8, 16, 32, 64];
 /// tile bounds (`vec4<u32>`).
 pub(crate) const FLASH_WORKGROUP_BYTES: u32 =
     TILE_STAGE_BYTES + TILE * TILE * 4 + TILE * (TILE / 4) * 4 + 16;
+
+/// The rows the decode kernel is compiled for (`ROWS`): the fewest of these that hold a kv
+/// head's `group * q_len` rows.
+pub const DECODE_ROWS: [u32; 5] = [1, 2, 4, 8, 16];
+
+/// Invocations of the decode kernel (`WG`), one per key of a tile.
+const DECODE_WORKGROUP: u32 = TILE;
+
+/// The decode kernel's sizes, as written into its source: (`Q4`, vec4s of Q per row;
+/// `V_LANES`, invocations per key in P·V; `SH4`, vec4s of its row buffer).
+fn decode_sizes(rows: u32, q_chunks: u32, o_chunks: u32) -> (u32, u32, u32) {
+    let q4 = 16 * q_chunks;
+    // 4 * V_LANES columns >= v_head_dim, and V_LANES divides the workgroup.
+    let v_lanes = 16 * o_chunks.next_power_of_two().min(4);
+    // Q during the key loop; the partial outputs of all but the first key group after it.
+    let sh4 = rows * q4.max(DECODE_WORKGROUP - v_lanes);
+    (q4, v_lanes, sh4)
+}
+
+/// Bytes of workgroup memory of the decode kernel for `rows` rows, `ceil(head_dim / 64)` and
+/// `ceil(v_head_dim / 64)` chunks, with or without subgroup operations.
+pub fn decode_workgroup_bytes(rows: u32, q_chunks: u32, o_chunks: u32, subgroups: bool) -> u32 {
+    let (_, _, sh4) = decode_sizes(rows, q_chunks, o_chunks);
+    // rows_sh, p_sh (two tiles), row_info, tile_bounds, and the reduction's partials.
+    let parts = if subgroups { DECODE_WORKGROUP / 4 } else { 8 };
+    sh4 * 16 + 2 * TILE * rows * 4 + rows * 16 + 16 + 2 * rows * parts * 4
+}
 
 /// How a tensor is stored, as a kernel sees it: the [`DType`] plus, for f16, whether the
 /// adapter reads it natively.
@@ -437,6 +485,28 @@ pub enum KernelKey {
         /// The options compiled in.
         masks: MaskOptions,
     },
+    /// [`Kernel::FlashDecode`].
+    FlashDecode {
+        /// Queries.
+        q: Storage,
+        /// Keys.
+        k: Storage,
+        /// Values.
+        v: Storage,
+        /// Output.
+        o: Storage,
+        /// Rows per workgroup, one of [`DECODE_ROWS`].
+        rows: u32,
+        /// `ceil(head_dim / 64)`, 1 to 4.
+        q_chunks: u32,
+        /// `ceil(v_head_dim / 64)`, 1 to 4.
+        o_chunks: u32,
+        /// Row maxima by subgroup operations (the device has `Features::SUBGROUP`), or through
+        /// workgroup memory only.
+        subgroups: bool,
+        /// The options compiled in.
+        masks: MaskOptions,
+    },
     /// [`Kernel::CombineSplits`].
     CombineSplits {
         /// The partial outputs.
@@ -463,6 +533,7 @@ impl KernelKey {
             KernelKey::MaskedSoftmax { .. } => Kernel::MaskedSoftmax,
             KernelKey::PvProduct { .. } => Kernel::PvProduct,
             KernelKey::FlashAttention { .. } => Kernel::FlashAttention,
+            KernelKey::FlashDecode { .. } => Kernel::FlashDecode,
             KernelKey::CombineSplits { .. } => Kernel::CombineSplits,
             KernelKey::Matmul { .. } => Kernel::Matmul,
         }
@@ -474,7 +545,8 @@ impl KernelKey {
             KernelKey::QkScores { q, k, .. } => vec![q, k],
             KernelKey::MaskedSoftmax { .. } => Vec::new(),
             KernelKey::PvProduct { v, o } => vec![v, o],
-            KernelKey::FlashAttention { q, k, v, o, .. } => vec![q, k, v, o],
+            KernelKey::FlashAttention { q, k, v, o, .. }
+            | KernelKey::FlashDecode { q, k, v, o, .. } => vec![q, k, v, o],
             KernelKey::CombineSplits { parts, o } => vec![parts, o],
             KernelKey::Matmul { a, b, c } => vec![a, b, c],
         }
@@ -517,6 +589,38 @@ impl KernelKey {
                 }
             }
         }
+        // The decode kernel: every size and reduction without options, and every option
+        // combination on a few sizes (each key is a full compile per backend in the naga tests).
+        for subgroups in [false, true] {
+            for rows in DECODE_ROWS {
+                for chunks in 1..=4 {
+                    keys.push(KernelKey::FlashDecode {
+                        q: s,
+                        k: s,
+                        v: s,
+                        o: s,
+                        rows,
+                        q_chunks: chunks,
+                        o_chunks: 5 - chunks,
+                        subgroups,
+                        masks: MaskOptions::default(),
+                    });
+                }
+            }
+            for masks in MaskOptions::all() {
+                keys.push(KernelKey::FlashDecode {
+                    q: s,
+                    k: s,
+                    v: s,
+                    o: s,
+                    rows: 4,
+                    q_chunks: 2,
+                    o_chunks: 1,
+                    subgroups,
+                    masks,
+                });
+            }
+        }
         keys
     }
 
@@ -549,6 +653,22 @@ impl KernelKey {
                 masks,
                 ..
             } => format!("o_chunks={o_chunks}; rows={rows}; {}", masks.label()),
+            KernelKey::FlashDecode {
+                rows,
+                q_chunks,
+                o_chunks,
+                subgroups,
+                masks,
+                ..
+            } => format!(
+                "rows={rows}; q_chunks={q_chunks}; o_chunks={o_chunks}; {}; {}",
+                if *subgroups {
+                    "subgroups"
+                } else {
+                    "workgroup reduce"
+                },
+                masks.label()
+            ),
             _ => String::new(),
         };
         format!("{}<{}; {extra}>", self.kernel().name(), tensors.join(","))
@@ -561,10 +681,63 @@ impl KernelKey {
             KernelKey::QkScores { .. } => TILE_STAGE_BYTES + uniforms::TILE_K * 4,
             KernelKey::PvProduct { .. } | KernelKey::Matmul { .. } => TILE_STAGE_BYTES,
             KernelKey::FlashAttention { .. } => FLASH_WORKGROUP_BYTES,
+            KernelKey::FlashDecode {
+                rows,
+                q_chunks,
+                o_chunks,
+                subgroups,
+                ..
+            } => decode_workgroup_bytes(rows, q_chunks, o_chunks, subgroups),
             // Two reductions of one f32 per invocation and a flag.
             KernelKey::MaskedSoftmax { workgroup, .. } => 2 * workgroup * 4 + 4,
             KernelKey::CombineSplits { .. } => 0,
         }
+    }
+
+    /// The fragments of `shaders/lib/` its source includes, in order.
+    pub fn fragments(&self) -> Vec<Fragment> {
+        let mut out = self.kernel().fragments().to_vec();
+        if let KernelKey::FlashDecode { subgroups, .. } = *self {
+            out.push(if subgroups {
+                Fragment::ReduceSubgroup
+            } else {
+                Fragment::ReduceWorkgroup
+            });
+        }
+        out
+    }
+
+    /// The `const` declarations the key writes into its source: sizes that fix the length of
+    /// function-scope arrays, which a pipeline `override` cannot.
+    pub fn source_constants(&self) -> Vec<(&'static str, u32)> {
+        match *self {
+            KernelKey::FlashDecode {
+                rows,
+                q_chunks,
+                o_chunks,
+                ..
+            } => {
+                let (q4, v_lanes, sh4) = decode_sizes(rows, q_chunks, o_chunks);
+                vec![
+                    ("ROWS", rows),
+                    ("Q4", q4),
+                    ("V_LANES", v_lanes),
+                    ("SH4", sh4),
+                ]
+            }
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether the key's kernel uses subgroup operations (the device needs `SUBGROUP`).
+    pub fn needs_subgroups(&self) -> bool {
+        matches!(
+            self,
+            KernelKey::FlashDecode {
+                subgroups: true,
+                ..
+            }
+        )
     }
 
     /// Whether a tensor of this key is stored as native f16 (the device needs `SHADER_F16`).
@@ -609,6 +782,7 @@ impl KernelKey {
                 out.push(("BKV", bkv as f64));
                 masks.constants(&mut out);
             }
+            KernelKey::FlashDecode { masks, .. } => masks.constants(&mut out),
             KernelKey::QkScores { additive, .. } => out.push(("ADDITIVE", additive as u8 as f64)),
             KernelKey::PvProduct { .. }
             | KernelKey::CombineSplits { .. }

@@ -36,18 +36,19 @@ use crate::error::{Error, Result};
 use crate::gpu::context::Gpu;
 use crate::gpu::dispatch::combine::{self, Combine};
 use crate::gpu::kernels::uniforms::{CombineParams, FlashParams, TILE, uniform_buffer};
-use crate::gpu::kernels::{FLASH_ROWS, FLASH_WORKGROUP_BYTES, KernelKey, MaskOptions, Storage};
-use crate::gpu::limits::{DispatchSize, GpuLimits, check_binding};
+use crate::gpu::kernels::{
+    DECODE_ROWS, FLASH_ROWS, FLASH_WORKGROUP_BYTES, KernelKey, MaskOptions, Storage,
+    decode_workgroup_bytes,
+};
+use crate::gpu::limits::{DecodeKernel, DispatchSize, GpuLimits, check_binding};
 use crate::spec::Spec;
 
 /// Rows (query head, query row pairs) per workgroup: one tile of the tile product.
 const BM: usize = TILE as usize;
 /// Keys per tile.
 const BN: usize = TILE as usize;
-/// Workgroups below which the decode path splits the keys to fill the device.
-const TARGET_WORKGROUPS: u64 = 256;
 /// The fewest key tiles a split gets when splitting only for parallelism.
-const MIN_TILES_PER_SPLIT: u64 = 4;
+const MIN_TILES_PER_SPLIT: u64 = 2;
 
 /// How the fused path will run a problem.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -67,6 +68,10 @@ pub struct FusedPlan {
     /// [`GpuLimits::min_decode_rows`], that hold the `group * q_len` rows of a kv head (fewer
     /// idle invocations per key tile).
     pub rows_per_workgroup: u32,
+    /// Whether the decode-shaped kernel runs (`flash_decode.wgsl`, keys across invocations;
+    /// [`DecodeKernel::KeysAcrossInvocations`]); `rows_per_workgroup` is then one of
+    /// [`DECODE_ROWS`] (1 to 16).
+    pub keys_across_invocations: bool,
     /// Row tiles per (batch, kv head): `ceil(group * q_len / rows_per_workgroup)`.
     pub row_tiles: u32,
     /// Bytes of device memory the plan allocates besides the inputs and outputs, at most: the
@@ -95,6 +100,22 @@ impl From<Shortfall> for Error {
     }
 }
 
+/// The rows the decode-shaped kernel would run `spec` with on a device with `limits`: a kv
+/// head's `group * q_len` rows rounded up to one of [`DECODE_ROWS`], if they are at most 16,
+/// the adapter's configuration picks that kernel, and its workgroup memory fits.
+pub(crate) fn keys_kernel_rows(spec: &Spec<'_>, limits: &GpuLimits) -> Option<u32> {
+    let d = spec.dims;
+    let packed = d.group() * d.q_len;
+    let rows = DECODE_ROWS.into_iter().find(|&r| r as usize >= packed)?;
+    let q_chunks = d.head_dim.div_ceil(64) as u32;
+    let o_chunks = d.v_head_dim.div_ceil(64) as u32;
+    let bytes = decode_workgroup_bytes(rows, q_chunks, o_chunks, limits.subgroups);
+    (limits.decode_kernel == DecodeKernel::KeysAcrossInvocations
+        && bytes <= limits.max_workgroup_storage
+        && limits.max_storage_buffers_per_stage >= FLASH_STORAGE_BUFFERS)
+        .then_some(rows)
+}
+
 /// The limit the fused kernel lacks on a device, if any.
 pub(crate) fn unsupported(limits: &GpuLimits) -> Option<Shortfall> {
     if limits.max_workgroup_storage < FLASH_WORKGROUP_BYTES {
@@ -118,12 +139,21 @@ impl FusedPlan {
     /// Plans `spec` for a device with `limits`; `decode` also splits the keys to give a small
     /// grid enough workgroups.
     pub fn new(spec: &Spec<'_>, limits: &GpuLimits, decode: bool) -> Result<FusedPlan> {
-        if let Some(short) = unsupported(limits) {
+        let decode_rows = if decode {
+            keys_kernel_rows(spec, limits)
+        } else {
+            None
+        };
+        let keys_kernel = decode_rows.is_some();
+        if !keys_kernel && let Some(short) = unsupported(limits) {
             return Err(short.into());
         }
         let d = spec.dims;
         let packed = d.group() * d.q_len;
-        let rows_per_workgroup = if decode {
+        let o_chunks = d.v_head_dim.div_ceil(64) as u32;
+        let rows_per_workgroup = if let Some(rows) = decode_rows {
+            rows
+        } else if decode {
             FLASH_ROWS
                 .into_iter()
                 .find(|&r| r >= limits.min_decode_rows && r as usize >= packed)
@@ -138,8 +168,9 @@ impl FusedPlan {
         let rows = d.lse_elems() as u64;
         let (splits, passes) = if decode {
             let mut splits = key_tiles.div_ceil(cap);
-            if grid < TARGET_WORKGROUPS {
-                let wanted = TARGET_WORKGROUPS.div_ceil(grid);
+            let target = limits.decode_target_workgroups.max(1) as u64;
+            if grid < target {
+                let wanted = target.div_ceil(grid);
                 let most = (key_tiles / MIN_TILES_PER_SPLIT).max(1);
                 splits = splits.max(wanted.min(most));
             }
@@ -181,8 +212,9 @@ impl FusedPlan {
         };
         Ok(FusedPlan {
             workgroups,
-            o_chunks: d.v_head_dim.div_ceil(64) as u32,
+            o_chunks,
             rows_per_workgroup,
+            keys_across_invocations: keys_kernel,
             splits: splits as u32,
             passes: passes as u32,
             tiles_per_split: tiles_per_split as u32,
@@ -323,8 +355,22 @@ pub(crate) fn encode(
     if o_running.is_some() {
         o = Storage::F32;
     }
-    let kernel = gpu.kernels.get(
-        &gpu.device,
+    let masks_on = MaskOptions::of(spec);
+    let key = if plan.keys_across_invocations {
+        // The decode kernel never resumes an earlier dispatch.
+        debug_assert_eq!(plan.passes, 1);
+        KernelKey::FlashDecode {
+            q,
+            k,
+            v,
+            o,
+            rows: plan.rows_per_workgroup,
+            q_chunks: spec.dims.head_dim.div_ceil(64) as u32,
+            o_chunks: plan.o_chunks,
+            subgroups: gpu.limits.subgroups,
+            masks: masks_on,
+        }
+    } else {
         KernelKey::FlashAttention {
             q,
             k,
@@ -332,9 +378,10 @@ pub(crate) fn encode(
             o,
             o_chunks: plan.o_chunks,
             rows: plan.rows_per_workgroup,
-            masks: MaskOptions::of(spec),
-        },
-    )?;
+            masks: masks_on,
+        }
+    };
+    let kernel = gpu.kernels.get(&gpu.device, key)?;
     // Passes merge by log-sum-exp, so they need one even when the caller did not ask for it.
     let lse_scratch = (plan.passes > 1 && io.lse.is_none())
         .then(|| storage_buffer(gpu, "wgpu-attention pass log-sum-exp", rows * 4));

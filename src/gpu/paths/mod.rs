@@ -68,9 +68,14 @@ impl Plan {
                 plan.reason
             ),
             Plan::Fused { plan, why } | Plan::Decode { plan, why } => format!(
-                "{} ({why}): {} workgroups of {} rows, {} key split(s) x {} pass(es) of {} tiles, \
+                "{} ({why}): {}, {} workgroups of {} rows, {} key split(s) x {} pass(es) of {} tiles, \
                  {} output chunk(s) of 64 columns, {} bytes of scratch",
                 self.name(),
+                if plan.keys_across_invocations {
+                    "flash_decode (keys across invocations)"
+                } else {
+                    "flash_attention (row tiles)"
+                },
                 plan.workgroups,
                 plan.rows_per_workgroup,
                 plan.splits,
@@ -126,6 +131,10 @@ pub(crate) fn choose(spec: &Spec<'_>, limits: &GpuLimits, weights: bool) -> Resu
             three_pass("additive scores need the three-pass path")?
         }
         Path::Auto => match fused::unsupported(limits) {
+            // The decode-shaped kernel needs less workgroup memory than the row-tiled one.
+            _ if short_queries && fused::keys_kernel_rows(spec, limits).is_some() => {
+                decode("a few queries over many keys")?
+            }
             // The fused kernel needs more of a limit than the device has; the limit is the why.
             Some(short) => three_pass(short.what)?,
             None if short_queries => decode("a few queries over many keys")?,

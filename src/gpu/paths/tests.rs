@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::error::Error;
-use crate::gpu::limits::LimitCaps;
+use crate::gpu::limits::{DecodeKernel, LimitCaps};
 use crate::spec::{Attention, Causal, Dims};
 
 /// Mesa's lavapipe (the CI adapter): 128 MiB bindings, 32 KiB workgroup memory, and the
@@ -19,6 +19,9 @@ fn lavapipe() -> GpuLimits {
         min_uniform_offset_alignment: 16,
         max_key_tiles_per_workgroup: 32,
         min_decode_rows: 4,
+        subgroups: true,
+        decode_kernel: DecodeKernel::KeysAcrossInvocations,
+        decode_target_workgroups: 64,
     }
 }
 
@@ -35,6 +38,9 @@ fn h100() -> GpuLimits {
         min_uniform_offset_alignment: 64,
         max_key_tiles_per_workgroup: u32::MAX,
         min_decode_rows: 16,
+        subgroups: true,
+        decode_kernel: DecodeKernel::KeysAcrossInvocations,
+        decode_target_workgroups: 1024,
     }
 }
 
@@ -50,6 +56,9 @@ fn apple_m() -> GpuLimits {
         min_uniform_offset_alignment: 256,
         max_key_tiles_per_workgroup: u32::MAX,
         min_decode_rows: 16,
+        subgroups: true,
+        decode_kernel: DecodeKernel::KeysAcrossInvocations,
+        decode_target_workgroups: 256,
     }
 }
 
@@ -106,9 +115,10 @@ fn path_choice_per_device() {
         assert_eq!(weights.name(), "three-pass", "{name}");
         assert_eq!(additive.name(), "three-pass", "{name}");
         if name == "webgpu" {
-            // 16 KiB of workgroup memory is below the fused kernel's 28 KiB.
+            // 16 KiB of workgroup memory is below the fused kernel's 28 KiB, not below the
+            // decode-shaped kernel's.
             assert_eq!(auto.name(), "three-pass", "{name}: {}", auto.reason());
-            assert_eq!(dec.name(), "three-pass", "{name}: {}", dec.reason());
+            assert_eq!(dec.name(), "decode", "{name}: {}", dec.reason());
         } else {
             assert_eq!(auto.name(), "fused", "{name}: {}", auto.reason());
             assert_eq!(dec.name(), "decode", "{name}: {}", dec.reason());
@@ -252,19 +262,24 @@ fn fused_passes_only_where_keys_per_workgroup_are_capped() {
     }
 }
 
-/// Flash-decoding fills about 256 workgroups: B=1, H=32, Hkv=8, one query over 4096 keys is 8
-/// row tiles, so 16 splits of 4 tiles (the fewest tiles a split gets).
+/// Flash-decoding aims for the adapter's `decode_target_workgroups`: B=1, H=32, Hkv=8, one
+/// query over 4096 keys (64 tiles) is 8 row tiles, so 8 splits of 8 tiles on lavapipe (64
+/// workgroups), and 32 splits of 2 tiles (the fewest a split gets) on the GPUs, whose targets
+/// (1024, 256) would want more.
 #[test]
 fn decode_splits_fill_the_device() {
     let d = dims(1, 32, 8, 1, 4096, 128);
-    for limits in [lavapipe(), h100(), apple_m()] {
+    for (limits, splits) in [(lavapipe(), 8), (h100(), 32), (apple_m(), 32)] {
         let Plan::Decode { plan: p, .. } = plan(&Attention::new(), &limits, d).unwrap() else {
             panic!("not decode")
         };
-        assert_eq!((p.splits, p.passes, p.tiles_per_split), (16, 1, 4));
-        assert_eq!(p.workgroups, 8 * 16);
+        assert_eq!(
+            (p.splits, p.passes, p.tiles_per_split),
+            (splits, 1, 64 / splits)
+        );
+        assert_eq!(p.workgroups, 8 * splits as u64);
         assert_eq!(p.o_chunks, 2);
-        assert_eq!(p.scratch_bytes, 16 * 32 * (128 + 1) * 4);
+        assert_eq!(p.scratch_bytes, splits as u64 * 32 * (128 + 1) * 4);
     }
 }
 
@@ -315,8 +330,55 @@ fn invalid_calls_fail_before_planning() {
     assert!(matches!(err, Error::HeadsNotDivisible { .. }), "{err:?}");
 }
 
-/// Decode rows per workgroup: the fewest configuration that holds a kv head's rows, no fewer
-/// than the adapter's minimum (4 on lavapipe, 16 on GPUs).
+/// The decode-shaped kernel takes a kv head's rows up to 16, rounded up to a power of two, where
+/// its workgroup memory fits; more rows, or too little memory (WebGPU's 16 KiB at 16 rows), run
+/// the row-tiled kernel.
+#[test]
+fn decode_kernel_rows() {
+    for (group_rows, keys_rows, tiled_webgpu) in [
+        ((1, 1), Some(1), false),
+        ((4, 1), Some(4), false),
+        ((2, 3), Some(8), false),
+        ((8, 1), Some(8), false),
+        ((4, 4), Some(16), true),
+        ((4, 7), None, true),
+        ((8, 8), None, true),
+    ] {
+        let (group, q_len) = group_rows;
+        let d = dims(1, 8 * group, 8, q_len, 4096, 64);
+        let opts = Attention::new().path(Path::Decode);
+        for limits in [lavapipe(), h100(), apple_m(), webgpu()] {
+            let webgpu = limits.max_workgroup_storage == 16 << 10;
+            let planned = plan(&opts, &limits, d);
+            if webgpu && tiled_webgpu {
+                // Nor does the row-tiled kernel fit there.
+                assert!(
+                    matches!(planned, Err(Error::Unsupported { .. })),
+                    "{planned:?}"
+                );
+                continue;
+            }
+            let Plan::Decode { plan: p, .. } = planned.unwrap() else {
+                panic!("not decode")
+            };
+            match keys_rows {
+                Some(rows) if !(webgpu && tiled_webgpu) => {
+                    assert!(p.keys_across_invocations, "{group_rows:?}: {p:?}");
+                    assert_eq!(p.rows_per_workgroup, rows, "{group_rows:?}: {p:?}");
+                }
+                _ => assert!(!p.keys_across_invocations, "{group_rows:?}: {p:?}"),
+            }
+            assert_eq!(
+                p.row_tiles as usize,
+                (group * q_len).div_ceil(p.rows_per_workgroup as usize),
+                "{p:?}"
+            );
+        }
+    }
+}
+
+/// Row-tiled decode rows per workgroup: the fewest configuration that holds a kv head's rows,
+/// no fewer than the adapter's minimum (4 on lavapipe, 16 on GPUs).
 #[test]
 fn decode_rows_per_workgroup() {
     for (group_rows, lavapipe_rows, gpu_rows) in [
@@ -330,7 +392,8 @@ fn decode_rows_per_workgroup() {
         let (group, q_len) = group_rows;
         let d = dims(1, 8 * group, 8, q_len, 4096, 64);
         let opts = Attention::new().path(Path::Decode);
-        for (limits, rows) in [(lavapipe(), lavapipe_rows), (h100(), gpu_rows)] {
+        for (mut limits, rows) in [(lavapipe(), lavapipe_rows), (h100(), gpu_rows)] {
+            limits.decode_kernel = DecodeKernel::RowTiles;
             let Plan::Decode { plan: p, .. } = plan(&opts, &limits, d).unwrap() else {
                 panic!("not decode")
             };
