@@ -1,26 +1,31 @@
 // Decode-shaped fused attention: a few query rows (a GQA group's heads x a few queries) over
 // many keys, the keys spread over the invocations.
-// One workgroup: WG = TILE invocations serving ROWS rows of one kv head of one batch entry (the
-// (query head, query row) pairs of its GQA group, query row fastest, as flash_attention.wgsl)
-// over the key tiles of one split. Q is staged once, pre-scaled by scale * log2(e), so the
-// softmax runs on exp2 throughout.
+// One workgroup: WG invocations (16, 32 or 64) serving ROWS rows of one kv head of one batch
+// entry (the (query head, query row) pairs of its GQA group, query row fastest, as
+// flash_attention.wgsl) over the key tiles of one split. Q is staged once, pre-scaled by
+// scale * log2(e), so the softmax runs on exp2 throughout.
 // Each key tile of TILE keys takes two steps and two barriers (three without subgroups):
-// 1. scores: invocation t computes key t's score against every row (its K row read once,
-//    vec4 at a time, Q broadcast from workgroup memory); the tile's row maxima come from
-//    rows_max (lib/reduce_subgroup.wgsl or lib/reduce_workgroup.wgsl); the invocation keeps
-//    its own running row sums and writes its probabilities to p_sh.
-// 2. P·V: invocation (kh, dq) owns columns 4 dq .. 4 dq + 3 of O for every row and adds the
-//    keys kh, kh + KH, ... of the tile (V read vec4 at a time, coalesced over dq).
+// 1. scores: invocation x computes the scores of keys x, x + WG, ... (KPT = TILE / WG keys)
+//    against every row, each K row read once, vec4 at a time, each vec4 of Q read from
+//    workgroup memory once for its KPT keys; the tile's row maxima come from rows_max
+//    (lib/reduce_subgroup.wgsl or lib/reduce_workgroup.wgsl); the invocation keeps its own
+//    running row sums and writes its probabilities to p_sh.
+// 2. P·V: invocation (kh, dq) owns the columns 4 (dq + V_LANES c) .. + 3 of O (c < CPL) for
+//    every row, and adds the keys kh, kh + KH, ... of the tile (V read vec4 at a time,
+//    coalesced over dq).
 // Row sums and the KH partial outputs are merged once, after the key loop.
 // Like flash_attention.wgsl it writes the final O and log-sum-exp with one split, or each
 // split's normalised partial and log-sum-exp (combine_splits.wgsl merges them); it never
 // resumes an earlier dispatch (the host plans decode with one pass).
-// ROWS, Q4 (vec4s of Q per row), V_LANES (invocations per key in P·V) and SH4 (vec4s of rows_sh)
-// are constants of the key, written by the host.
+// WG, ROWS, Q4 (vec4s of Q per row), V_LANES (invocations per key in P·V), CPL (vec4 columns
+// per invocation) and SH4 (vec4s of rows_sh) are constants of the key, written by the host.
 
-const WG: u32 = TILE;
+// Keys per invocation in the score step.
+const KPT: u32 = TILE / WG;
 // Key groups of P·V.
 const KH: u32 = WG / V_LANES;
+// Rows in vec4s.
+const R4: u32 = (ROWS + 3u) / 4u;
 const LOG2E: f32 = 1.4426950408889634;
 const LN2: f32 = 0.6931471805599453;
 // SCORE_FLOOR in log2 units.
@@ -29,18 +34,29 @@ const SCORE_FLOOR2: f32 = SCORE_FLOOR * LOG2E;
 // Bindings (declared by the host from Kernel::slots): as flash_attention.wgsl.
 
 // Q of the rows, pre-scaled, [row][vec4 of head_dim] (zero past head_dim and past the rows),
-// during the key loop; the partial outputs of key groups 1.. KH - 1, [kh - 1][row][dq], after it.
+// during the key loop; the partial outputs of key groups 1 .. KH - 1, [kh - 1][row][c][dq],
+// after it.
 var<workgroup> rows_sh: array<vec4<f32>, SH4>;
-// The tile's probabilities, [parity][key][row], double-buffered by tile parity so that the
+// The tile's probabilities, [parity][key][row / 4], double-buffered by tile parity so that the
 // next tile's scores never wait for this tile's P·V.
-var<workgroup> p_sh: array<f32, 2u * TILE * ROWS>;
+var<workgroup> p_sh: array<vec4<f32>, 2u * TILE * R4>;
 // Per row: key range lo, hi, query head, query row.
 var<workgroup> row_info: array<vec4<i32>, ROWS>;
 // The key tiles to visit, and the keys every row may see.
 var<workgroup> tile_bounds: vec4<u32>;
 
-fn p_index(par: u32, key: u32, r: u32) -> u32 {
-    return (par * TILE + key) * ROWS + r;
+// The vec4 of p_sh holding rows 4 q .. 4 q + 3 of `key`.
+fn p_index(par: u32, key: u32, q: u32) -> u32 {
+    return (par * TILE + key) * R4 + q;
+}
+
+// `v` of every row, as R4 vec4s (rows past ROWS are 0).
+fn rows_vec4(v: array<f32, ROWS>) -> array<vec4<f32>, R4> {
+    var out: array<vec4<f32>, R4>;
+    for (var r = 0u; r < ROWS; r++) {
+        out[r / 4u][r % 4u] = v[r];
+    }
+    return out;
 }
 
 @compute @workgroup_size(WG)
@@ -67,15 +83,15 @@ fn main(
     let head_dim = params.head_dim;
 
     // The rows: key range, head and query row; Q, pre-scaled.
-    if lid < ROWS {
-        let pr = r0 + lid;
+    for (var r = lid; r < ROWS; r += WG) {
+        let pr = r0 + r;
         let h = kvh * params.group + pr / q_len;
         let i = pr % q_len;
         var range = vec2<i32>(0, 0);
         if pr < params.packed_rows {
             range = key_range(b, i);
         }
-        row_info[lid] = vec4<i32>(range.x, range.y, i32(h), i32(i));
+        row_info[r] = vec4<i32>(range.x, range.y, i32(h), i32(i));
     }
     let q_scale = params.scale * LOG2E;
     for (var idx = lid; idx < ROWS * Q4; idx += WG) {
@@ -128,93 +144,138 @@ fn main(
     // P·V: this invocation's key group and columns.
     let kh = lid / V_LANES;
     let dq = lid % V_LANES;
-    let col = dq * 4u;
     let v_dim = params.v_head_dim;
     let full_quads = head_dim / 4u;
 
     var m_run: array<f32, ROWS>;
     var l_run: array<f32, ROWS>;
-    var acc: array<vec4<f32>, ROWS>;
+    // [c][row]: columns 4 (dq + V_LANES c) .. + 3 of each row.
+    var acc: array<array<vec4<f32>, ROWS>, CPL>;
     for (var r = 0u; r < ROWS; r++) {
         m_run[r] = NEG_BIG;
     }
     for (var t = bounds.x; t < bounds.y; t++) {
         let c0 = t * TILE;
         let par = t & 1u;
-        let j = c0 + lid;
 
-        // Scores of key j against every row (log2 units).
-        var s: array<f32, ROWS>;
-        if j < kv_len {
-            let krow = k_base + j * params.k_stride_s;
-            for (var d4 = 0u; d4 < full_quads; d4++) {
-                let kv = load4_k(krow + d4 * 4u);
-                for (var r = 0u; r < ROWS; r++) {
-                    s[r] += dot(rows_sh[r * Q4 + d4], kv);
-                }
+        // Scores of keys c0 + lid + WG k against every row (log2 units).
+        var s: array<array<f32, ROWS>, KPT>;
+        var krow: array<u32, KPT>;
+        for (var k = 0u; k < KPT; k++) {
+            // Keys past the end read key 0; their scores are masked below.
+            let j = c0 + lid + WG * k;
+            krow[k] = k_base + select(0u, j, j < kv_len) * params.k_stride_s;
+        }
+        for (var d4 = 0u; d4 < full_quads; d4++) {
+            var kv: array<vec4<f32>, KPT>;
+            for (var k = 0u; k < KPT; k++) {
+                kv[k] = load4_k(krow[k] + d4 * 4u);
             }
-            for (var d = full_quads * 4u; d < head_dim; d++) {
-                let kd = load_k(krow + d);
-                for (var r = 0u; r < ROWS; r++) {
-                    s[r] += rows_sh[r * Q4 + full_quads][d % 4u] * kd;
+            for (var r = 0u; r < ROWS; r++) {
+                let q = rows_sh[r * Q4 + d4];
+                for (var k = 0u; k < KPT; k++) {
+                    s[k][r] += dot(q, kv[k]);
                 }
             }
         }
-        // Mask and adjust. A tile inside every row's key range, with no per-key option, is
-        // only floored.
-        var allowed = 0u;
+        for (var d = full_quads * 4u; d < head_dim; d++) {
+            for (var k = 0u; k < KPT; k++) {
+                let kd = load_k(krow[k] + d);
+                for (var r = 0u; r < ROWS; r++) {
+                    s[k][r] += rows_sh[r * Q4 + full_quads][d % 4u] * kd;
+                }
+            }
+        }
+        // Mask and adjust, and this invocation's maxima. A tile inside every row's key range,
+        // with no per-key option, is only floored.
+        var allowed: array<u32, KPT>;
+        var own_max: array<f32, ROWS>;
+        for (var r = 0u; r < ROWS; r++) {
+            own_max[r] = NEG_BIG;
+        }
         let untouched = !per_key_options() && c0 >= bounds.z && c0 + TILE <= bounds.w;
-        if untouched {
-            allowed = (1u << ROWS) - 1u;
-            for (var r = 0u; r < ROWS; r++) {
-                s[r] = max(s[r], SCORE_FLOOR2);
-            }
-        } else {
-            for (var r = 0u; r < ROWS; r++) {
-                let info = row_info[r];
-                if i32(j) >= info.x && i32(j) < info.y && mask_allows(b, u32(info.z), u32(info.w), j) {
-                    if per_key_options() {
-                        s[r] = adjust_score(s[r] * LN2, b, u32(info.z), u32(info.w), j) * LOG2E;
+        for (var k = 0u; k < KPT; k++) {
+            let j = c0 + lid + WG * k;
+            if untouched {
+                allowed[k] = (1u << ROWS) - 1u;
+                for (var r = 0u; r < ROWS; r++) {
+                    s[k][r] = max(s[k][r], SCORE_FLOOR2);
+                }
+            } else {
+                for (var r = 0u; r < ROWS; r++) {
+                    let info = row_info[r];
+                    let h = u32(info.z);
+                    let i = u32(info.w);
+                    if i32(j) >= info.x && i32(j) < info.y && mask_allows(b, h, i, j) {
+                        if per_key_options() {
+                            s[k][r] = adjust_score(s[k][r] * LN2, b, h, i, j) * LOG2E;
+                        } else {
+                            s[k][r] = max(s[k][r], SCORE_FLOOR2);
+                        }
+                        allowed[k] |= 1u << r;
                     } else {
-                        s[r] = max(s[r], SCORE_FLOOR2);
+                        s[k][r] = NEG_BIG;
                     }
-                    allowed |= 1u << r;
-                } else {
-                    s[r] = NEG_BIG;
                 }
             }
+            for (var r = 0u; r < ROWS; r++) {
+                own_max[r] = max(own_max[r], s[k][r]);
+            }
         }
-        let tile_max = rows_max(s, par, inv);
+        let tile_max = rows_max(own_max, par, inv);
         var corr: array<f32, ROWS>;
         for (var r = 0u; r < ROWS; r++) {
             let m_new = max(m_run[r], tile_max[r]);
             corr[r] = exp2(m_run[r] - m_new);
             m_run[r] = m_new;
-            var p = 0.0;
-            if (allowed & (1u << r)) != 0u {
-                p = exp2(s[r] - m_new);
+            l_run[r] *= corr[r];
+        }
+        for (var k = 0u; k < KPT; k++) {
+            var p: array<f32, ROWS>;
+            for (var r = 0u; r < ROWS; r++) {
+                if (allowed[k] & (1u << r)) != 0u {
+                    p[r] = exp2(s[k][r] - m_run[r]);
+                }
+                l_run[r] += p[r];
             }
-            l_run[r] = l_run[r] * corr[r] + p;
-            p_sh[p_index(par, lid, r)] = p;
-            acc[r] *= corr[r];
+            let p4 = rows_vec4(p);
+            for (var q = 0u; q < R4; q++) {
+                p_sh[p_index(par, lid + WG * k, q)] = p4[q];
+            }
+        }
+        for (var c = 0u; c < CPL; c++) {
+            for (var r = 0u; r < ROWS; r++) {
+                acc[c][r] *= corr[r];
+            }
         }
         workgroupBarrier();
 
         // O += P V over this invocation's keys of the tile.
         let keys = min(TILE, kv_len - c0);
-        if col < v_dim {
-            for (var key = kh; key < keys; key += KH) {
-                let vrow = v_base + (c0 + key) * params.v_stride_s + col;
-                var vv: vec4<f32>;
+        for (var key = kh; key < keys; key += KH) {
+            var pk: array<vec4<f32>, R4>;
+            for (var q = 0u; q < R4; q++) {
+                pk[q] = p_sh[p_index(par, key, q)];
+            }
+            let vrow = v_base + (c0 + key) * params.v_stride_s;
+            for (var c = 0u; c < CPL; c++) {
+                let col = (dq + V_LANES * c) * 4u;
+                // No loop for the last partial vec4: a loop in this body would keep the loop
+                // over c from being unrolled, and acc from staying in registers.
+                var vv = vec4<f32>();
                 if col + 4u <= v_dim {
-                    vv = load4_v(vrow);
-                } else {
-                    for (var e = 0u; col + e < v_dim; e++) {
-                        vv[e] = load_v(vrow + e);
+                    vv = load4_v(vrow + col);
+                } else if col < v_dim {
+                    vv.x = load_v(vrow + col);
+                    if col + 1u < v_dim {
+                        vv.y = load_v(vrow + col + 1u);
+                    }
+                    if col + 2u < v_dim {
+                        vv.z = load_v(vrow + col + 2u);
                     }
                 }
                 for (var r = 0u; r < ROWS; r++) {
-                    acc[r] += p_sh[p_index(par, key, r)] * vv;
+                    acc[c][r] += pk[r / 4u][r % 4u] * vv;
                 }
             }
         }
@@ -222,14 +283,19 @@ fn main(
 
     // Merge the invocations: row sums through p_sh, partial outputs through rows_sh.
     workgroupBarrier();
-    for (var r = 0u; r < ROWS; r++) {
-        p_sh[p_index(0u, lid, r)] = l_run[r];
-        if kh > 0u {
-            rows_sh[((kh - 1u) * ROWS + r) * V_LANES + dq] = acc[r];
+    let l4 = rows_vec4(l_run);
+    for (var q = 0u; q < R4; q++) {
+        p_sh[p_index(0u, lid, q)] = l4[q];
+    }
+    if kh > 0u {
+        for (var c = 0u; c < CPL; c++) {
+            for (var r = 0u; r < ROWS; r++) {
+                rows_sh[(((kh - 1u) * ROWS + r) * CPL + c) * V_LANES + dq] = acc[c][r];
+            }
         }
     }
     workgroupBarrier();
-    if kh != 0u || col >= v_dim {
+    if kh != 0u {
         return;
     }
     let bh_count = mparams.batch * params.heads;
@@ -240,32 +306,36 @@ fn main(
         let bh = b * params.heads + h;
         var l = 0.0;
         for (var x = 0u; x < WG; x++) {
-            l += p_sh[p_index(0u, x, r)];
+            l += p_sh[p_index(0u, x, r / 4u)][r % 4u];
         }
-        var o = acc[r];
-        for (var g = 1u; g < KH; g++) {
-            o += rows_sh[((g - 1u) * ROWS + r) * V_LANES + dq];
-        }
-        o *= select(0.0, 1.0 / l, l > 0.0);
+        let norm = select(0.0, 1.0 / l, l > 0.0);
         let lse = lse_of(m_run[r] * LN2, l);
         var dst: u32;
         if params.splits == 1u {
-            dst = b * params.o_stride_b + h * params.o_stride_h + i * params.o_stride_s + col;
+            dst = b * params.o_stride_b + h * params.o_stride_h + i * params.o_stride_s;
             if dq == 0u && params.write_lse != 0u {
                 lse_or_partials[bh * q_len + i] = lse;
             }
         } else {
             let part_row = (split * bh_count + bh) * q_len + i;
-            dst = part_row * v_dim + col;
+            dst = part_row * v_dim;
             if dq == 0u {
                 lse_or_partials[params.parts_lse_offset + part_row] = lse;
             }
         }
-        for (var e = 0u; e < 4u && col + e < v_dim; e++) {
-            if params.splits == 1u {
-                store_o(dst + e, o[e]);
-            } else {
-                lse_or_partials[dst + e] = bitcast<u32>(o[e]);
+        for (var c = 0u; c < CPL; c++) {
+            let col = (dq + V_LANES * c) * 4u;
+            var o = acc[c][r];
+            for (var g = 1u; g < KH; g++) {
+                o += rows_sh[(((g - 1u) * ROWS + r) * CPL + c) * V_LANES + dq];
+            }
+            o *= norm;
+            for (var e = 0u; e < 4u && col + e < v_dim; e++) {
+                if params.splits == 1u {
+                    store_o(dst + col + e, o[e]);
+                } else {
+                    lse_or_partials[dst + col + e] = bitcast<u32>(o[e]);
+                }
             }
         }
     }

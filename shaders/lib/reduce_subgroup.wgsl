@@ -17,11 +17,11 @@ struct ReduceInvocation {
 // [parity][row][subgroup], double-buffered by tile parity like p_sh.
 var<workgroup> red: array<f32, 2u * ROWS * MAX_SUBGROUPS>;
 
-// The maximum of s[r] over the workgroup, for every row r. Called in uniform control flow;
+// The maximum of v[r] over the workgroup, for every row r. Called in uniform control flow;
 // par alternates between consecutive calls.
-fn rows_max(s: array<f32, ROWS>, par: u32, inv: ReduceInvocation) -> array<f32, ROWS> {
+fn rows_max(v: array<f32, ROWS>, par: u32, inv: ReduceInvocation) -> array<f32, ROWS> {
     for (var r = 0u; r < ROWS; r++) {
-        let m = subgroupMax(s[r]);
+        let m = subgroupMax(v[r]);
         if inv.lane == 0u {
             red[(par * ROWS + r) * MAX_SUBGROUPS + inv.sg] = m;
         }

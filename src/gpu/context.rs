@@ -171,17 +171,12 @@ impl Gpu {
             };
         }
         if let Ok(value) = std::env::var("WGPU_ATTENTION_DECODE_KERNEL") {
-            limits.decode_kernel = match value.trim() {
-                "keys" => DecodeKernel::KeysAcrossInvocations,
-                "tiles" => DecodeKernel::RowTiles,
-                _ => {
-                    return Err(Error::InvalidOption {
-                        what: "WGPU_ATTENTION_DECODE_KERNEL",
-                        value,
-                        why: "must be keys (the decode-shaped kernel) or tiles (the row-tiled fused kernel)",
-                    });
-                }
-            };
+            limits.decode_kernel = DecodeKernel::parse(&value).ok_or(Error::InvalidOption {
+                what: "WGPU_ATTENTION_DECODE_KERNEL",
+                value,
+                why: "must be keys16, keys32 or keys64 (the decode-shaped kernel with that many \
+                      invocations) or tiles (the row-tiled fused kernel)",
+            })?;
         }
         let kernels = Arc::new(Kernels::new(&device, &limits)?);
         Ok(Gpu {
@@ -344,6 +339,13 @@ impl Gpu {
     /// `Features::SUBGROUP`) or workgroup-memory reductions only: the configurations, for
     /// tuning and for tests that cover every one on one adapter.
     pub fn with_decode_kernel(&self, kernel: DecodeKernel, subgroups: bool) -> Result<Gpu> {
+        if DecodeKernel::parse(&kernel.name()) != Some(kernel) {
+            return Err(Error::InvalidOption {
+                what: "decode kernel",
+                value: format!("{kernel:?}"),
+                why: "workgroup must be one of 16, 32, 64",
+            });
+        }
         let mut gpu = self.clone();
         gpu.limits.decode_kernel = kernel;
         gpu.limits.subgroups = subgroups && subgroups_on(gpu.features)?;

@@ -53,18 +53,46 @@ pub struct GpuLimits {
     pub decode_target_workgroups: u32,
 }
 
-/// The kernel of the decode path, a tile choice per adapter
-/// ([`GpuLimits::decode_kernel`]; `WGPU_ATTENTION_DECODE_KERNEL=keys` or `tiles` overrides it).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+/// The kernel of the decode path, a tile choice per adapter ([`GpuLimits::decode_kernel`];
+/// `WGPU_ATTENTION_DECODE_KERNEL=keys16`, `keys32`, `keys64` or `tiles` overrides it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DecodeKernel {
     /// `flash_decode.wgsl` where a kv head's `group * q_len` rows are at most 16 and its
-    /// workgroup memory fits: 64 invocations spread over the keys of each tile, the rows'
-    /// scores and outputs in registers; the row-tiled fused kernel otherwise.
-    #[default]
-    KeysAcrossInvocations,
+    /// workgroup memory fits: `workgroup` invocations (16, 32 or 64) spread over the 64 keys of
+    /// each tile, the rows' scores and outputs in registers; the row-tiled fused kernel
+    /// otherwise. 64 on GPUs (two warps, one wavefront), 16 on CPU adapters.
+    KeysAcrossInvocations {
+        /// Invocations per workgroup, one of
+        /// [`DECODE_WORKGROUPS`](crate::gpu::kernels::DECODE_WORKGROUPS).
+        workgroup: u32,
+    },
     /// Always the row-tiled fused kernel (`flash_attention.wgsl` with
     /// [`GpuLimits::min_decode_rows`] rows or more).
     RowTiles,
+}
+
+impl DecodeKernel {
+    /// Parses the value of `WGPU_ATTENTION_DECODE_KERNEL`: `keys16`, `keys32`, `keys64` or
+    /// `tiles`.
+    pub fn parse(value: &str) -> Option<DecodeKernel> {
+        match value.trim() {
+            "tiles" => Some(DecodeKernel::RowTiles),
+            v => {
+                let workgroup: u32 = v.strip_prefix("keys")?.parse().ok()?;
+                crate::gpu::kernels::DECODE_WORKGROUPS
+                    .contains(&workgroup)
+                    .then_some(DecodeKernel::KeysAcrossInvocations { workgroup })
+            }
+        }
+    }
+
+    /// The name `parse` reads.
+    pub fn name(&self) -> String {
+        match self {
+            DecodeKernel::KeysAcrossInvocations { workgroup } => format!("keys{workgroup}"),
+            DecodeKernel::RowTiles => "tiles".into(),
+        }
+    }
 }
 
 impl GpuLimits {
@@ -91,7 +119,13 @@ impl GpuLimits {
                 16
             },
             subgroups: false,
-            decode_kernel: DecodeKernel::default(),
+            decode_kernel: DecodeKernel::KeysAcrossInvocations {
+                workgroup: if device_type == wgpu::DeviceType::Cpu {
+                    16
+                } else {
+                    64
+                },
+            },
             decode_target_workgroups: match device_type {
                 wgpu::DeviceType::DiscreteGpu => 1024,
                 wgpu::DeviceType::Cpu => 64,

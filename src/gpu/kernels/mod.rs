@@ -320,27 +320,43 @@ pub(crate) const FLASH_WORKGROUP_BYTES: u32 =
 /// head's `group * q_len` rows.
 pub const DECODE_ROWS: [u32; 5] = [1, 2, 4, 8, 16];
 
-/// Invocations of the decode kernel (`WG`), one per key of a tile.
-const DECODE_WORKGROUP: u32 = TILE;
+/// Invocations per workgroup the decode kernel is compiled for (`WG`): each computes the scores
+/// of `64 / WG` keys of a tile.
+pub const DECODE_WORKGROUPS: [u32; 3] = [16, 32, 64];
 
 /// The decode kernel's sizes, as written into its source: (`Q4`, vec4s of Q per row;
-/// `V_LANES`, invocations per key in P·V; `SH4`, vec4s of its row buffer).
-fn decode_sizes(rows: u32, q_chunks: u32, o_chunks: u32) -> (u32, u32, u32) {
+/// `V_LANES`, invocations per key in P·V; `CPL`, vec4 columns of O per invocation; `SH4`,
+/// vec4s of its row buffer).
+fn decode_sizes(workgroup: u32, rows: u32, q_chunks: u32, o_chunks: u32) -> [u32; 4] {
     let q4 = 16 * q_chunks;
-    // 4 * V_LANES columns >= v_head_dim, and V_LANES divides the workgroup.
-    let v_lanes = 16 * o_chunks.next_power_of_two().min(4);
+    // The vec4 columns of O, over V_LANES invocations (a power of two dividing the workgroup)
+    // of CPL columns each.
+    let columns = 16 * o_chunks;
+    let v_lanes = columns.next_power_of_two().min(workgroup);
+    let cpl = columns.div_ceil(v_lanes);
     // Q during the key loop; the partial outputs of all but the first key group after it.
-    let sh4 = rows * q4.max(DECODE_WORKGROUP - v_lanes);
-    (q4, v_lanes, sh4)
+    let sh4 = rows * q4.max((workgroup - v_lanes) * cpl);
+    [q4, v_lanes, cpl, sh4]
 }
 
-/// Bytes of workgroup memory of the decode kernel for `rows` rows, `ceil(head_dim / 64)` and
-/// `ceil(v_head_dim / 64)` chunks, with or without subgroup operations.
-pub fn decode_workgroup_bytes(rows: u32, q_chunks: u32, o_chunks: u32, subgroups: bool) -> u32 {
-    let (_, _, sh4) = decode_sizes(rows, q_chunks, o_chunks);
+/// Bytes of workgroup memory of the decode kernel for `workgroup` invocations, `rows` rows,
+/// `ceil(head_dim / 64)` and `ceil(v_head_dim / 64)` chunks, with or without subgroup
+/// operations.
+pub fn decode_workgroup_bytes(
+    workgroup: u32,
+    rows: u32,
+    q_chunks: u32,
+    o_chunks: u32,
+    subgroups: bool,
+) -> u32 {
+    let [_, _, _, sh4] = decode_sizes(workgroup, rows, q_chunks, o_chunks);
     // rows_sh, p_sh (two tiles), row_info, tile_bounds, and the reduction's partials.
-    let parts = if subgroups { DECODE_WORKGROUP / 4 } else { 8 };
-    sh4 * 16 + 2 * TILE * rows * 4 + rows * 16 + 16 + 2 * rows * parts * 4
+    let parts = if subgroups {
+        workgroup / 4
+    } else {
+        workgroup / 8
+    };
+    sh4 * 16 + 2 * TILE * rows.div_ceil(4) * 16 + rows * 16 + 16 + 2 * rows * parts * 4
 }
 
 /// How a tensor is stored, as a kernel sees it: the [`DType`] plus, for f16, whether the
@@ -495,6 +511,8 @@ pub enum KernelKey {
         v: Storage,
         /// Output.
         o: Storage,
+        /// Invocations per workgroup, one of [`DECODE_WORKGROUPS`].
+        workgroup: u32,
         /// Rows per workgroup, one of [`DECODE_ROWS`].
         rows: u32,
         /// `ceil(head_dim / 64)`, 1 to 4.
@@ -592,13 +610,14 @@ impl KernelKey {
         // The decode kernel: every size and reduction without options, and every option
         // combination on a few sizes (each key is a full compile per backend in the naga tests).
         for subgroups in [false, true] {
-            for rows in DECODE_ROWS {
+            for (n, rows) in DECODE_ROWS.into_iter().enumerate() {
                 for chunks in 1..=4 {
                     keys.push(KernelKey::FlashDecode {
                         q: s,
                         k: s,
                         v: s,
                         o: s,
+                        workgroup: DECODE_WORKGROUPS[(n + chunks as usize) % 3],
                         rows,
                         q_chunks: chunks,
                         o_chunks: 5 - chunks,
@@ -613,6 +632,7 @@ impl KernelKey {
                     k: s,
                     v: s,
                     o: s,
+                    workgroup: 64,
                     rows: 4,
                     q_chunks: 2,
                     o_chunks: 1,
@@ -654,6 +674,7 @@ impl KernelKey {
                 ..
             } => format!("o_chunks={o_chunks}; rows={rows}; {}", masks.label()),
             KernelKey::FlashDecode {
+                workgroup,
                 rows,
                 q_chunks,
                 o_chunks,
@@ -661,7 +682,7 @@ impl KernelKey {
                 masks,
                 ..
             } => format!(
-                "rows={rows}; q_chunks={q_chunks}; o_chunks={o_chunks}; {}; {}",
+                "wg={workgroup}; rows={rows}; q_chunks={q_chunks}; o_chunks={o_chunks}; {}; {}",
                 if *subgroups {
                     "subgroups"
                 } else {
@@ -682,12 +703,13 @@ impl KernelKey {
             KernelKey::PvProduct { .. } | KernelKey::Matmul { .. } => TILE_STAGE_BYTES,
             KernelKey::FlashAttention { .. } => FLASH_WORKGROUP_BYTES,
             KernelKey::FlashDecode {
+                workgroup,
                 rows,
                 q_chunks,
                 o_chunks,
                 subgroups,
                 ..
-            } => decode_workgroup_bytes(rows, q_chunks, o_chunks, subgroups),
+            } => decode_workgroup_bytes(workgroup, rows, q_chunks, o_chunks, subgroups),
             // Two reductions of one f32 per invocation and a flag.
             KernelKey::MaskedSoftmax { workgroup, .. } => 2 * workgroup * 4 + 4,
             KernelKey::CombineSplits { .. } => 0,
@@ -712,16 +734,19 @@ impl KernelKey {
     pub fn source_constants(&self) -> Vec<(&'static str, u32)> {
         match *self {
             KernelKey::FlashDecode {
+                workgroup,
                 rows,
                 q_chunks,
                 o_chunks,
                 ..
             } => {
-                let (q4, v_lanes, sh4) = decode_sizes(rows, q_chunks, o_chunks);
+                let [q4, v_lanes, cpl, sh4] = decode_sizes(workgroup, rows, q_chunks, o_chunks);
                 vec![
+                    ("WG", workgroup),
                     ("ROWS", rows),
                     ("Q4", q4),
                     ("V_LANES", v_lanes),
+                    ("CPL", cpl),
                     ("SH4", sh4),
                 ]
             }

@@ -72,6 +72,9 @@ pub struct FusedPlan {
     /// [`DecodeKernel::KeysAcrossInvocations`]); `rows_per_workgroup` is then one of
     /// [`DECODE_ROWS`] (1 to 16).
     pub keys_across_invocations: bool,
+    /// Invocations per workgroup: `16 * rows_per_workgroup / 4` for the row-tiled kernel, the
+    /// configured 16, 32 or 64 for the decode-shaped one.
+    pub invocations: u32,
     /// Row tiles per (batch, kv head): `ceil(group * q_len / rows_per_workgroup)`.
     pub row_tiles: u32,
     /// Bytes of device memory the plan allocates besides the inputs and outputs, at most: the
@@ -107,11 +110,14 @@ pub(crate) fn keys_kernel_rows(spec: &Spec<'_>, limits: &GpuLimits) -> Option<u3
     let d = spec.dims;
     let packed = d.group() * d.q_len;
     let rows = DECODE_ROWS.into_iter().find(|&r| r as usize >= packed)?;
+    let DecodeKernel::KeysAcrossInvocations { workgroup } = limits.decode_kernel else {
+        return None;
+    };
     let q_chunks = d.head_dim.div_ceil(64) as u32;
     let o_chunks = d.v_head_dim.div_ceil(64) as u32;
-    let bytes = decode_workgroup_bytes(rows, q_chunks, o_chunks, limits.subgroups);
-    (limits.decode_kernel == DecodeKernel::KeysAcrossInvocations
-        && bytes <= limits.max_workgroup_storage
+    let bytes = decode_workgroup_bytes(workgroup, rows, q_chunks, o_chunks, limits.subgroups);
+    (bytes <= limits.max_workgroup_storage
+        && workgroup <= limits.max_invocations_per_workgroup
         && limits.max_storage_buffers_per_stage >= FLASH_STORAGE_BUFFERS)
         .then_some(rows)
 }
@@ -215,6 +221,10 @@ impl FusedPlan {
             o_chunks,
             rows_per_workgroup,
             keys_across_invocations: keys_kernel,
+            invocations: match limits.decode_kernel {
+                DecodeKernel::KeysAcrossInvocations { workgroup } if keys_kernel => workgroup,
+                _ => 16 * rows_per_workgroup / 4,
+            },
             splits: splits as u32,
             passes: passes as u32,
             tiles_per_split: tiles_per_split as u32,
@@ -364,6 +374,7 @@ pub(crate) fn encode(
             k,
             v,
             o,
+            workgroup: plan.invocations,
             rows: plan.rows_per_workgroup,
             q_chunks: spec.dims.head_dim.div_ceil(64) as u32,
             o_chunks: plan.o_chunks,

@@ -68,8 +68,8 @@ impl Plan {
                 plan.reason
             ),
             Plan::Fused { plan, why } | Plan::Decode { plan, why } => format!(
-                "{} ({why}): {}, {} workgroups of {} rows, {} key split(s) x {} pass(es) of {} tiles, \
-                 {} output chunk(s) of 64 columns, {} bytes of scratch",
+                "{} ({why}): {}, {} workgroups of {} rows and {} invocations, {} key split(s) x \
+                 {} pass(es) of {} tiles, {} output chunk(s) of 64 columns, {} bytes of scratch",
                 self.name(),
                 if plan.keys_across_invocations {
                     "flash_decode (keys across invocations)"
@@ -78,6 +78,7 @@ impl Plan {
                 },
                 plan.workgroups,
                 plan.rows_per_workgroup,
+                plan.invocations,
                 plan.splits,
                 plan.passes,
                 plan.tiles_per_split,

@@ -20,7 +20,7 @@ fn lavapipe() -> GpuLimits {
         max_key_tiles_per_workgroup: 32,
         min_decode_rows: 4,
         subgroups: true,
-        decode_kernel: DecodeKernel::KeysAcrossInvocations,
+        decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup: 16 },
         decode_target_workgroups: 64,
     }
 }
@@ -39,7 +39,7 @@ fn h100() -> GpuLimits {
         max_key_tiles_per_workgroup: u32::MAX,
         min_decode_rows: 16,
         subgroups: true,
-        decode_kernel: DecodeKernel::KeysAcrossInvocations,
+        decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup: 64 },
         decode_target_workgroups: 1024,
     }
 }
@@ -57,7 +57,7 @@ fn apple_m() -> GpuLimits {
         max_key_tiles_per_workgroup: u32::MAX,
         min_decode_rows: 16,
         subgroups: true,
-        decode_kernel: DecodeKernel::KeysAcrossInvocations,
+        decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup: 64 },
         decode_target_workgroups: 256,
     }
 }
