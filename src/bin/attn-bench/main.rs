@@ -80,9 +80,10 @@ struct Args {
     /// Draw GFLOP/s against sequence length per path into this SVG file.
     #[arg(long)]
     plot: Option<PathBuf>,
-    /// Instead of the sweep: time the decode path under every rows-per-workgroup configuration
-    /// (4 to 64) on two decode shapes (B=1, H=32, 8 kv heads, D=128, S=16384, 1 and 4 queries),
-    /// within --tune-seconds, and print the best as the adapter's `min_decode_rows`.
+    /// Instead of the sweep: time the decode path under every tile configuration (the
+    /// decode-shaped kernel with 16, 32 or 64 invocations, with and without subgroups; the
+    /// row-tiled kernel with 4 to 64 rows) on two decode shapes (B=1, H=32, 8 kv heads, D=128,
+    /// S=16384, 1 and 4 queries), within --tune-seconds, and print the fastest.
     #[arg(long)]
     tune: bool,
     /// Time bound of --tune, in seconds; configurations not reached are reported as skipped.

@@ -1,35 +1,76 @@
-//! `--tune`: the decode path under every rows-per-workgroup configuration, on this adapter.
+//! `--tune`: the decode path under every tile configuration, on this adapter.
 //!
-//! The decode path runs the fused kernel with at least `GpuLimits::min_decode_rows` rows per
-//! workgroup (4 on CPU adapters, 16 on GPUs: a guess until measured). This times each
-//! configuration on two decode shapes and prints the fastest as the value to put in
-//! `GpuLimits::from_wgpu` for this kind of adapter (or to set with `WGPU_ATTENTION_DECODE_ROWS`).
+//! The decode path runs one of two kernels ([`DecodeKernel`]): the decode-shaped
+//! `flash_decode.wgsl` with 16, 32 or 64 invocations per workgroup, with subgroup operations
+//! or workgroup-memory reductions, or the row-tiled fused kernel with at least
+//! `GpuLimits::min_decode_rows` rows per workgroup. This times each configuration on two decode
+//! shapes (a GQA group of 4 heads with 1 and with 4 new tokens over 16384 keys) within
+//! `--tune-seconds`, and prints the fastest as the values to put in `GpuLimits::from_wgpu` for
+//! this kind of adapter (or to set with `WGPU_ATTENTION_DECODE_KERNEL`,
+//! `WGPU_ATTENTION_SUBGROUPS` and `WGPU_ATTENTION_DECODE_ROWS`).
 
 use std::time::Instant;
 
-use wgpu_attention::{Attention, Causal, Dims, Gpu, Layout, Path};
+use wgpu_attention::{Attention, Causal, DecodeKernel, Dims, Gpu, Layout, Path};
 
 use crate::Args;
 use crate::run::{stats, time_gpu, values};
 
-/// The rows-per-workgroup configurations of the fused kernel.
+/// The rows-per-workgroup configurations of the row-tiled kernel.
 const ROWS: [u32; 5] = [4, 8, 16, 32, 64];
+
+/// One configuration: its name (as the environment variables spell it) and its context.
+struct Config {
+    name: String,
+    gpu: Gpu,
+}
+
+/// Every configuration this adapter can run.
+fn configs(gpu: &Gpu) -> Result<Vec<Config>, Box<dyn std::error::Error>> {
+    let mut out = Vec::new();
+    let reductions: &[bool] = if gpu.limits().subgroups {
+        &[true, false]
+    } else {
+        &[false]
+    };
+    for workgroup in [16, 32, 64] {
+        let kernel = DecodeKernel::KeysAcrossInvocations { workgroup };
+        for &subgroups in reductions {
+            out.push(Config {
+                name: format!("{} subgroups={}", kernel.name(), subgroups as u8),
+                gpu: gpu.with_decode_kernel(kernel, subgroups)?,
+            });
+        }
+    }
+    let tiles = gpu.with_decode_kernel(DecodeKernel::RowTiles, gpu.limits().subgroups)?;
+    for rows in ROWS {
+        out.push(Config {
+            name: format!("tiles rows={rows}"),
+            gpu: tiles.with_decode_rows(rows)?,
+        });
+    }
+    Ok(out)
+}
 
 pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let start = Instant::now();
     let budget = args.tune_seconds as f64;
     let base = Gpu::new()?;
     let gpu = base.with_timer().unwrap_or_else(|| base.clone());
+    let l = gpu.limits();
     println!(
-        "tune: {} (default min_decode_rows {}), budget {budget} s",
+        "tune: {} (default decode kernel {}, subgroups {}, min_decode_rows {}), budget {budget} s",
         gpu.describe(),
-        gpu.limits().min_decode_rows
+        l.decode_kernel.name(),
+        l.subgroups as u8,
+        l.min_decode_rows
     );
+    let configs = configs(&gpu)?;
     let opts = Attention::new()
         .causal(Causal::BottomRight)
         .path(Path::Decode);
     // Per configuration, the sum over shapes of the median ms (None when not reached).
-    let mut totals: Vec<Option<f64>> = vec![Some(0.0); ROWS.len()];
+    let mut totals: Vec<Option<f64>> = vec![Some(0.0); configs.len()];
     for q_len in [1, 4] {
         let d = Dims {
             batch: 1,
@@ -44,37 +85,36 @@ pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         let q = gpu.upload(&values(d.q_elems(), 1), d.q_shape(layout))?;
         let k = gpu.upload(&values(d.k_elems(), 2), d.k_shape(layout))?;
         let v = gpu.upload(&values(d.v_elems(), 3), d.v_shape(layout))?;
-        let mut line = format!(
+        println!(
             "tune: q_len {q_len} ({} rows per kv head):",
             d.group() * q_len
         );
-        for (n, &rows) in ROWS.iter().enumerate() {
+        for (n, config) in configs.iter().enumerate() {
             if start.elapsed().as_secs_f64() > budget {
-                line.push_str(&format!(" {rows}: skipped (budget)"));
+                println!("tune:   {}: skipped (budget)", config.name);
                 totals[n] = None;
                 continue;
             }
-            let g = gpu.with_decode_rows(rows)?;
-            let (ms, timing, _, note) = time_gpu(&g, &opts, d, (&q, &k, &v), args)?;
+            let (ms, timing, _, note) = time_gpu(&config.gpu, &opts, d, (&q, &k, &v), args)?;
             let (median, _, _) = stats(ms);
             if let Some(t) = &mut totals[n] {
                 *t += median;
             }
-            line.push_str(&format!(" {rows}: {median:.3} ms ({timing})"));
-            log::debug!("tune: {rows} rows: {note}");
+            println!("tune:   {}: {median:.3} ms ({timing})", config.name);
+            log::debug!("tune: {}: {note}", config.name);
         }
-        println!("{line}");
     }
-    let best = ROWS
+    let best = configs
         .iter()
         .zip(&totals)
-        .filter_map(|(&rows, t)| t.map(|t| (rows, t)))
+        .filter_map(|(c, t)| t.map(|t| (c, t)))
         .min_by(|a, b| a.1.total_cmp(&b.1));
     match best {
-        Some((rows, total)) => println!(
-            "tune: best for {:?} adapters like {}: min_decode_rows = {rows} ({total:.3} ms over both shapes)",
+        Some((config, total)) => println!(
+            "tune: best for {:?} adapters like {}: {} ({total:.3} ms over both shapes)",
             gpu.adapter_info().device_type,
-            gpu.adapter_info().name
+            gpu.adapter_info().name,
+            config.name
         ),
         None => println!("tune: no configuration finished within the budget"),
     }
