@@ -49,7 +49,11 @@ pub(super) fn source(key: &KernelKey) -> String {
             }
             Slot::Tensor { name, read_only } => {
                 let storage = *next.next().expect("a storage per tensor slot");
-                prelude(&mut src, name, binding, storage, read_only);
+                if read_only && key.vec4_tensors().contains(&name) {
+                    prelude_vec4(&mut src, name, binding, storage);
+                } else {
+                    prelude(&mut src, name, binding, storage, read_only);
+                }
             }
         }
     }
@@ -164,5 +168,55 @@ fn load4_packed(src: &mut String, name: &str, unpack: &str) {
          let w0 = {name}_buf[i >> 1u];\n        let w1 = {name}_buf[(i >> 1u) + 1u];\n        \
          return vec4<f32>({unpack});\n    }}\n    \
          return vec4<f32>(load_{name}(i), load_{name}(i + 1u), load_{name}(i + 2u), load_{name}(i + 3u));\n}}"
+    );
+}
+
+/// Declares read-only tensor `name` at `binding` as an array of 4-element groups (16 bytes of
+/// f32, 8 of f16 or bf16), so that `load4_<name>(i)` is one load: for kernels whose every
+/// `load4` index is a multiple of 4 (the planner checks the head dims), on buffers whose length
+/// is a multiple of the group (every tensor whose rows are). `load_<name>(i)` reads one element
+/// of a group.
+fn prelude_vec4(src: &mut String, name: &str, binding: usize, storage: Storage) {
+    let (ty, load4, load) = match storage {
+        Storage::F32 => (
+            "vec4<f32>",
+            format!("{name}_buf[i >> 2u]"),
+            format!("{name}_buf[i >> 2u][i & 3u]"),
+        ),
+        Storage::F16 => (
+            "vec4<f16>",
+            format!("vec4<f32>({name}_buf[i >> 2u])"),
+            format!("f32({name}_buf[i >> 2u][i & 3u])"),
+        ),
+        Storage::F16Packed => (
+            "vec2<u32>",
+            format!(
+                "vec4<f32>(unpack2x16float({name}_buf[i >> 2u].x), unpack2x16float({name}_buf[i >> 2u].y))"
+            ),
+            format!("unpack2x16float({name}_buf[i >> 2u][(i >> 1u) & 1u])[i & 1u]"),
+        ),
+        Storage::Bf16 => (
+            "vec2<u32>",
+            format!("bf16x4_{name}({name}_buf[i >> 2u])"),
+            format!(
+                "bitcast<f32>((({name}_buf[i >> 2u][(i >> 1u) & 1u] >> ((i & 1u) * 16u)) & 0xffffu) << 16u)"
+            ),
+        ),
+    };
+    let _ = writeln!(
+        src,
+        "@group(0) @binding({binding}) var<storage, read> {name}_buf: array<{ty}>;"
+    );
+    if storage == Storage::Bf16 {
+        let _ = writeln!(
+            src,
+            "fn bf16x4_{name}(w: vec2<u32>) -> vec4<f32> {{\n    return vec4<f32>(bitcast<f32>(w.x << 16u), \
+             bitcast<f32>(w.x & 0xffff0000u), bitcast<f32>(w.y << 16u), bitcast<f32>(w.y & 0xffff0000u));\n}}"
+        );
+    }
+    let _ = writeln!(src, "fn load_{name}(i: u32) -> f32 {{ return {load}; }}");
+    let _ = writeln!(
+        src,
+        "fn load4_{name}(i: u32) -> vec4<f32> {{ return {load4}; }}"
     );
 }

@@ -522,6 +522,8 @@ pub enum KernelKey {
         /// Row maxima by subgroup operations (the device has `Features::SUBGROUP`), or through
         /// workgroup memory only.
         subgroups: bool,
+        /// K and V read four elements per load (both head dims are multiples of 4).
+        vec4_kv: bool,
         /// The options compiled in.
         masks: MaskOptions,
     },
@@ -622,6 +624,7 @@ impl KernelKey {
                         q_chunks: chunks,
                         o_chunks: 5 - chunks,
                         subgroups,
+                        vec4_kv: (n + chunks as usize) % 2 == 0,
                         masks: MaskOptions::default(),
                     });
                 }
@@ -637,6 +640,7 @@ impl KernelKey {
                     q_chunks: 2,
                     o_chunks: 1,
                     subgroups,
+                    vec4_kv: masks.bias,
                     masks,
                 });
             }
@@ -679,14 +683,20 @@ impl KernelKey {
                 q_chunks,
                 o_chunks,
                 subgroups,
+                vec4_kv,
                 masks,
                 ..
             } => format!(
-                "wg={workgroup}; rows={rows}; q_chunks={q_chunks}; o_chunks={o_chunks}; {}; {}",
+                "wg={workgroup}; rows={rows}; q_chunks={q_chunks}; o_chunks={o_chunks}; {}; {}; {}",
                 if *subgroups {
                     "subgroups"
                 } else {
                     "workgroup reduce"
+                },
+                if *vec4_kv {
+                    "k,v by vec4"
+                } else {
+                    "k,v by element"
                 },
                 masks.label()
             ),
@@ -751,6 +761,15 @@ impl KernelKey {
                 ]
             }
             _ => Vec::new(),
+        }
+    }
+
+    /// The read-only tensors the key declares as arrays of 4-element groups (see
+    /// `compose::prelude_vec4`).
+    pub fn vec4_tensors(&self) -> &'static [&'static str] {
+        match self {
+            KernelKey::FlashDecode { vec4_kv: true, .. } => &["k", "v"],
+            _ => &[],
         }
     }
 

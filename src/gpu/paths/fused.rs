@@ -379,6 +379,8 @@ pub(crate) fn encode(
             q_chunks: spec.dims.head_dim.div_ceil(64) as u32,
             o_chunks: plan.o_chunks,
             subgroups: gpu.limits.subgroups,
+            // Every K and V index the kernel reads four at a time is then a multiple of 4.
+            vec4_kv: spec.dims.head_dim % 4 == 0 && spec.dims.v_head_dim % 4 == 0,
             masks: masks_on,
         }
     } else {
