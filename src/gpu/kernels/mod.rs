@@ -624,7 +624,7 @@ impl KernelKey {
                         q_chunks: chunks,
                         o_chunks: 5 - chunks,
                         subgroups,
-                        vec4_kv: (n + chunks as usize) % 2 == 0,
+                        vec4_kv: (n + chunks as usize).is_multiple_of(2),
                         masks: MaskOptions::default(),
                     });
                 }

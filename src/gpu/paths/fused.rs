@@ -380,7 +380,7 @@ pub(crate) fn encode(
             o_chunks: plan.o_chunks,
             subgroups: gpu.limits.subgroups,
             // Every K and V index the kernel reads four at a time is then a multiple of 4.
-            vec4_kv: spec.dims.head_dim % 4 == 0 && spec.dims.v_head_dim % 4 == 0,
+            vec4_kv: spec.dims.head_dim.is_multiple_of(4) && spec.dims.v_head_dim.is_multiple_of(4),
             masks: masks_on,
         }
     } else {
