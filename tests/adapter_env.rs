@@ -1,6 +1,7 @@
 //! The environment variables `Gpu::new` reads: `WGPU_ADAPTER_NAME` naming no adapter is a typed
 //! error that says how to get one (wgpu's own helper panics there); `WGPU_ATTENTION_DECODE_ROWS`
-//! sets the decode tile rows, and a bad value is a typed error. One test in its own binary: it
+//! sets the decode tile rows, `WGPU_ATTENTION_DECODE_KERNEL` and `WGPU_ATTENTION_SUBGROUPS`
+//! the decode kernel, and a bad value of any is a typed error. One test in its own binary: it
 //! sets the environment of the process.
 
 use wgpu_attention::{Error, Gpu};
@@ -8,7 +9,55 @@ use wgpu_attention::{Error, Gpu};
 #[test]
 fn environment_variables() {
     decode_rows();
+    decode_kernel_and_subgroups();
     unknown_adapter_name_is_a_typed_error();
+}
+
+fn set_env(name: &str, value: Option<&str>) {
+    #[allow(unsafe_code)]
+    // SAFETY: this binary runs one test, so no other thread reads the environment.
+    unsafe {
+        match value {
+            Some(v) => std::env::set_var(name, v),
+            None => std::env::remove_var(name),
+        }
+    }
+}
+
+fn decode_kernel_and_subgroups() {
+    use wgpu_attention::DecodeKernel;
+    for (name, bad) in [
+        ("WGPU_ATTENTION_DECODE_KERNEL", "keys48"),
+        ("WGPU_ATTENTION_DECODE_KERNEL", "fast"),
+        ("WGPU_ATTENTION_SUBGROUPS", "yes"),
+    ] {
+        set_env(name, Some(bad));
+        match Gpu::new() {
+            Err(Error::InvalidOption { value, what, .. }) => {
+                assert_eq!((what, value.as_str()), (name, bad))
+            }
+            Err(Error::NoAdapter { .. }) if std::env::var("CI").as_deref() != Ok("true") => {
+                eprintln!("SKIPPED: no GPU adapter");
+                set_env(name, None);
+                return;
+            }
+            other => panic!("expected InvalidOption for {name}={bad}, got {other:?}"),
+        }
+        set_env(name, None);
+    }
+    set_env("WGPU_ATTENTION_DECODE_KERNEL", Some("keys32"));
+    set_env("WGPU_ATTENTION_SUBGROUPS", Some("0"));
+    let gpu = Gpu::new().expect("an adapter");
+    assert_eq!(
+        gpu.limits().decode_kernel,
+        DecodeKernel::KeysAcrossInvocations { workgroup: 32 }
+    );
+    assert!(!gpu.limits().subgroups);
+    set_env("WGPU_ATTENTION_DECODE_KERNEL", Some("tiles"));
+    set_env("WGPU_ATTENTION_SUBGROUPS", None);
+    let gpu = Gpu::new().expect("an adapter");
+    assert_eq!(gpu.limits().decode_kernel, DecodeKernel::RowTiles);
+    set_env("WGPU_ATTENTION_DECODE_KERNEL", None);
 }
 
 fn decode_rows() {

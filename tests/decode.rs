@@ -225,3 +225,37 @@ fn keys_kernel_longest_split() {
         check_dtypes(&base, Path::Decode, dm, &opts, 2000, 1.0, types);
     }
 }
+
+/// The tile configuration round-trips through the API, and bad ones are typed errors.
+#[test]
+fn tile_config_overrides() {
+    let Some(gpu) = gpu() else { return };
+    let mut config = gpu.tile_config();
+    config.decode_kernel = DecodeKernel::KeysAcrossInvocations { workgroup: 32 };
+    config.min_decode_rows = 8;
+    config.decode_target_workgroups = 7;
+    let tuned = gpu.with_tile_config(config).unwrap();
+    assert_eq!(tuned.tile_config(), config);
+    let d = dims(1, 8, 2, 1, 3000, 64, 64);
+    let plan = Attention::new().plan(&tuned, d).unwrap();
+    let Plan::Decode { plan: p, .. } = &plan else {
+        panic!("{}", plan.reason())
+    };
+    assert_eq!((p.invocations, p.splits), (32, 4), "{}", plan.reason());
+    for bad in [
+        wgpu_attention::gpu::tuning::TileConfig {
+            min_decode_rows: 12,
+            ..config
+        },
+        wgpu_attention::gpu::tuning::TileConfig {
+            decode_target_workgroups: 0,
+            ..config
+        },
+        wgpu_attention::gpu::tuning::TileConfig {
+            decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup: 8 },
+            ..config
+        },
+    ] {
+        assert!(gpu.with_tile_config(bad).is_err(), "{bad:?}");
+    }
+}

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gpu::kernels::Kernels;
 use crate::gpu::limits::{DecodeKernel, GpuLimits, LimitCaps};
+use crate::gpu::tuning::{TileConfig, table_entry};
 
 /// A device and queue, with the limits, features and compiled pipelines of this crate.
 ///
@@ -150,13 +151,16 @@ impl Gpu {
         info: wgpu::AdapterInfo,
     ) -> Result<Gpu> {
         let mut limits = GpuLimits::from_wgpu(&device.limits(), info.device_type);
+        let features = device.features();
+        // The adapter's tile configuration, then the environment's overrides.
+        table_entry(info.vendor, info.device_type)
+            .config
+            .apply(&mut limits, features.contains(wgpu::Features::SUBGROUP));
         if let Ok(value) = std::env::var("WGPU_ATTENTION_DECODE_ROWS") {
             const WHAT: &str = "WGPU_ATTENTION_DECODE_ROWS";
             let rows = value.trim().parse().unwrap_or(0);
             limits.min_decode_rows = decode_rows(rows, WHAT, &value)?;
         }
-        let features = device.features();
-        limits.subgroups = features.contains(wgpu::Features::SUBGROUP);
         if let Ok(value) = std::env::var("WGPU_ATTENTION_SUBGROUPS") {
             limits.subgroups = match value.trim() {
                 "0" => false,
@@ -331,6 +335,30 @@ impl Gpu {
         let mut gpu = self.clone();
         gpu.limits.min_decode_rows =
             decode_rows(rows, "decode rows per workgroup", &rows.to_string())?;
+        Ok(gpu)
+    }
+
+    /// The tile configuration this context runs (the adapter's entry of
+    /// [`TABLE`](crate::gpu::tuning::TABLE), after the environment's and the program's
+    /// overrides).
+    pub fn tile_config(&self) -> TileConfig {
+        TileConfig::of(&self.limits)
+    }
+
+    /// A context on the same device with tile configuration `config` (for instance a line
+    /// `attn-bench --tune` printed): an error if it names a workgroup or row count no kernel is
+    /// compiled for, no split target, or subgroups on a device without them.
+    pub fn with_tile_config(&self, config: TileConfig) -> Result<Gpu> {
+        let mut gpu = self.with_decode_kernel(config.decode_kernel, config.subgroups)?;
+        gpu = gpu.with_decode_rows(config.min_decode_rows)?;
+        if config.decode_target_workgroups == 0 {
+            return Err(Error::InvalidOption {
+                what: "decode_target_workgroups",
+                value: "0".into(),
+                why: "the key splits need a positive target",
+            });
+        }
+        gpu.limits.decode_target_workgroups = config.decode_target_workgroups;
         Ok(gpu)
     }
 

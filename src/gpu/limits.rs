@@ -44,12 +44,13 @@ pub struct GpuLimits {
     /// device, and `WGPU_ATTENTION_SUBGROUPS=0` or
     /// [`Gpu::with_decode_kernel`](crate::Gpu::with_decode_kernel) turns it off.
     pub subgroups: bool,
-    /// Which kernel the decode path runs for the few rows it fits (see [`DecodeKernel`]).
+    /// Which kernel the decode path runs for the few rows it fits (see [`DecodeKernel`]), from
+    /// the adapter's tile configuration ([`TABLE`](crate::gpu::tuning::TABLE)).
     pub decode_kernel: DecodeKernel,
     /// Workgroups the decode path aims for when it splits the keys (flash-decoding), from the
-    /// device type since wgpu does not report a core count: 1024 on discrete GPUs (a few
-    /// workgroups per core of a large card), 256 on integrated and other GPUs, 64 on CPU
-    /// adapters (a few per thread).
+    /// adapter's tile configuration since wgpu does not report a core count
+    /// ([`TABLE`](crate::gpu::tuning::TABLE)): 1024 on discrete GPUs (a few workgroups per core
+    /// of a large card), 256 on integrated and other GPUs, 64 on CPU adapters.
     pub decode_target_workgroups: u32,
 }
 
@@ -100,7 +101,7 @@ impl GpuLimits {
     /// [`Gpu`](crate::Gpu) reads from its device, and what a program can plan with for a
     /// device it does not have open.
     pub fn from_wgpu(l: &wgpu::Limits, device_type: wgpu::DeviceType) -> GpuLimits {
-        GpuLimits {
+        let mut limits = GpuLimits {
             max_storage_binding: l.max_storage_buffer_binding_size,
             max_buffer_size: l.max_buffer_size,
             max_workgroups_per_dim: l.max_compute_workgroups_per_dimension,
@@ -113,25 +114,17 @@ impl GpuLimits {
             } else {
                 u32::MAX
             },
-            min_decode_rows: if device_type == wgpu::DeviceType::Cpu {
-                4
-            } else {
-                16
-            },
+            // The tile configuration below overwrites these four.
+            min_decode_rows: 16,
             subgroups: false,
-            decode_kernel: DecodeKernel::KeysAcrossInvocations {
-                workgroup: if device_type == wgpu::DeviceType::Cpu {
-                    16
-                } else {
-                    64
-                },
-            },
-            decode_target_workgroups: match device_type {
-                wgpu::DeviceType::DiscreteGpu => 1024,
-                wgpu::DeviceType::Cpu => 64,
-                _ => 256,
-            },
-        }
+            decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup: 64 },
+            decode_target_workgroups: 256,
+        };
+        // No vendor and no features here: the device type's entry, without subgroups.
+        crate::gpu::tuning::table_entry(0, device_type)
+            .config
+            .apply(&mut limits, false);
+        limits
     }
 }
 

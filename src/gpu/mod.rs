@@ -22,6 +22,7 @@ pub(crate) mod limits;
 mod merge;
 pub(crate) mod paths;
 pub(crate) mod tensor;
+pub mod tuning;
 
 pub use attention::Output;
 pub(crate) use attention::encode_validated;

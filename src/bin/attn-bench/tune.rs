@@ -110,12 +110,24 @@ pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         .filter_map(|(c, t)| t.map(|t| (c, t)))
         .min_by(|a, b| a.1.total_cmp(&b.1));
     match best {
-        Some((config, total)) => println!(
-            "tune: best for {:?} adapters like {}: {} ({total:.3} ms over both shapes)",
-            gpu.adapter_info().device_type,
-            gpu.adapter_info().name,
-            config.name
-        ),
+        Some((config, total)) => {
+            let info = gpu.adapter_info();
+            println!(
+                "tune: best for {:?} adapters like {}: {} ({total:.3} ms over both shapes)",
+                info.device_type, info.name, config.name
+            );
+            // A line for wgpu_attention::gpu::tuning::TABLE.
+            println!(
+                "tune: table entry: TableEntry {{ adapters: {:?}, vendor: Some({:#x}), \
+                 device_type: Some(wgpu::DeviceType::{:?}), config: {}, source: \"measured: \
+                 attn-bench --tune, {} ms over both shapes\" }}",
+                info.name,
+                info.vendor,
+                info.device_type,
+                config.gpu.tile_config().as_rust(),
+                (total * 1000.0).round() / 1000.0
+            );
+        }
         None => println!("tune: no configuration finished within the budget"),
     }
     Ok(())

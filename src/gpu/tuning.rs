@@ -1,0 +1,175 @@
+//! Tile configurations as data: which kernel configuration the decode path runs on which
+//! adapter.
+//!
+//! [`TABLE`] lists configurations keyed by what wgpu reports of an adapter (PCI vendor ID,
+//! device type); the first entry that matches is taken when a [`Gpu`](crate::Gpu) is opened,
+//! and [`GpuLimits::from_wgpu`] applies the entry for a device type with no vendor. Each entry
+//! says whether it was measured (`attn-bench --tune` prints a line to paste here) or is a
+//! guess. A program overrides the choice with
+//! [`Gpu::with_tile_config`](crate::Gpu::with_tile_config) (or the finer
+//! `with_decode_kernel`, `with_decode_rows`), a user without a rebuild with
+//! `WGPU_ATTENTION_DECODE_KERNEL`, `WGPU_ATTENTION_SUBGROUPS` and `WGPU_ATTENTION_DECODE_ROWS`.
+//!
+//! The configuration's fields end up in [`GpuLimits`] (the plans read them from there, so the
+//! planner tests can set them without a device).
+
+use super::limits::{DecodeKernel, GpuLimits};
+
+/// One tile configuration of the decode path.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TileConfig {
+    /// The decode kernel and its workgroup ([`GpuLimits::decode_kernel`]).
+    pub decode_kernel: DecodeKernel,
+    /// Use subgroup operations where the device has them ([`GpuLimits::subgroups`]).
+    pub subgroups: bool,
+    /// Fewest rows of the row-tiled kernel on the decode path ([`GpuLimits::min_decode_rows`]).
+    pub min_decode_rows: u32,
+    /// Workgroups the key splits aim for ([`GpuLimits::decode_target_workgroups`]).
+    pub decode_target_workgroups: u32,
+}
+
+/// An entry of [`TABLE`]: which adapters it is for, and where its figures come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TableEntry {
+    /// What the entry is for, in words.
+    pub adapters: &'static str,
+    /// PCI vendor ID the adapter must report (`AdapterInfo::vendor`), or any.
+    pub vendor: Option<u32>,
+    /// Device type the adapter must report, or any.
+    pub device_type: Option<wgpu::DeviceType>,
+    /// The configuration.
+    pub config: TileConfig,
+    /// `attn-bench --tune` output it was taken from, with the date, or why it is a guess.
+    pub source: &'static str,
+}
+
+const fn keys(workgroup: u32, min_decode_rows: u32, decode_target_workgroups: u32) -> TileConfig {
+    TileConfig {
+        decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup },
+        subgroups: true,
+        min_decode_rows,
+        decode_target_workgroups,
+    }
+}
+
+/// The configurations, first match wins; the last entry matches every adapter.
+pub const TABLE: &[TableEntry] = &[
+    TableEntry {
+        adapters: "CPU adapters (Mesa's llvmpipe / lavapipe)",
+        vendor: None,
+        device_type: Some(wgpu::DeviceType::Cpu),
+        config: keys(16, 4, 64),
+        source: "measured: attn-bench --tune --reps 3 --warmup 1, llvmpipe (LLVM 15.0.6, 256 \
+                 bits), 2026-12-01: keys16 subgroups=1 fastest (303 ms over both shapes; \
+                 keys32 330, keys64 412, tiles rows=4 467)",
+    },
+    TableEntry {
+        adapters: "NVIDIA GPUs",
+        vendor: Some(0x10de),
+        device_type: None,
+        config: keys(64, 16, 1024),
+        source: "guess, never measured: 64 invocations are two warps; 1024 workgroups are \
+                 about 8 per SM of an H100 or H200",
+    },
+    TableEntry {
+        adapters: "discrete GPUs",
+        vendor: None,
+        device_type: Some(wgpu::DeviceType::DiscreteGpu),
+        config: keys(64, 16, 1024),
+        source: "guess, never measured: 64 invocations are one AMD wavefront or two warps",
+    },
+    TableEntry {
+        adapters: "every other adapter (integrated and virtual GPUs, WebGPU)",
+        vendor: None,
+        device_type: None,
+        config: keys(64, 16, 256),
+        source: "guess, never measured",
+    },
+];
+
+/// The entry of [`TABLE`] for an adapter of `vendor` and `device_type`.
+pub fn table_entry(vendor: u32, device_type: wgpu::DeviceType) -> &'static TableEntry {
+    TABLE
+        .iter()
+        .find(|e| {
+            e.vendor.is_none_or(|v| v == vendor) && e.device_type.is_none_or(|t| t == device_type)
+        })
+        .unwrap_or(&TABLE[TABLE.len() - 1])
+}
+
+impl TileConfig {
+    /// Writes this configuration into `limits`; subgroups only where `has_subgroups` (the
+    /// device's feature).
+    pub(crate) fn apply(&self, limits: &mut GpuLimits, has_subgroups: bool) {
+        limits.decode_kernel = self.decode_kernel;
+        limits.subgroups = self.subgroups && has_subgroups;
+        limits.min_decode_rows = self.min_decode_rows;
+        limits.decode_target_workgroups = self.decode_target_workgroups;
+    }
+
+    /// The configuration `limits` hold.
+    pub fn of(limits: &GpuLimits) -> TileConfig {
+        TileConfig {
+            decode_kernel: limits.decode_kernel,
+            subgroups: limits.subgroups,
+            min_decode_rows: limits.min_decode_rows,
+            decode_target_workgroups: limits.decode_target_workgroups,
+        }
+    }
+
+    /// The configuration as Rust, for a [`TABLE`] entry (what `attn-bench --tune` prints).
+    pub fn as_rust(&self) -> String {
+        let kernel = match self.decode_kernel {
+            DecodeKernel::KeysAcrossInvocations { workgroup } => {
+                format!("DecodeKernel::KeysAcrossInvocations {{ workgroup: {workgroup} }}")
+            }
+            DecodeKernel::RowTiles => "DecodeKernel::RowTiles".into(),
+        };
+        format!(
+            "TileConfig {{ decode_kernel: {kernel}, subgroups: {}, min_decode_rows: {}, \
+             decode_target_workgroups: {} }}",
+            self.subgroups, self.min_decode_rows, self.decode_target_workgroups
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_adapter_gets_an_entry_and_the_cpu_entry_is_the_measured_one() {
+        let cpu = table_entry(0x10005, wgpu::DeviceType::Cpu);
+        assert!(cpu.source.starts_with("measured"), "{cpu:?}");
+        assert_eq!(
+            cpu.config.decode_kernel,
+            DecodeKernel::KeysAcrossInvocations { workgroup: 16 }
+        );
+        let nvidia = table_entry(0x10de, wgpu::DeviceType::DiscreteGpu);
+        assert_eq!(nvidia.adapters, "NVIDIA GPUs");
+        let amd = table_entry(0x1002, wgpu::DeviceType::DiscreteGpu);
+        assert_eq!(amd.adapters, "discrete GPUs");
+        let other = table_entry(0x106b, wgpu::DeviceType::IntegratedGpu);
+        assert!(other.vendor.is_none() && other.device_type.is_none());
+        for e in TABLE {
+            let name = e.config.decode_kernel.name();
+            assert_eq!(
+                DecodeKernel::parse(&name),
+                Some(e.config.decode_kernel),
+                "{e:?}"
+            );
+            assert!(crate::gpu::kernels::FLASH_ROWS.contains(&e.config.min_decode_rows));
+            assert!(e.config.decode_target_workgroups > 0);
+        }
+    }
+
+    #[test]
+    fn as_rust_names_every_field() {
+        let s = TABLE[0].config.as_rust();
+        assert_eq!(
+            s,
+            "TileConfig { decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup: 16 }, \
+             subgroups: true, min_decode_rows: 4, decode_target_workgroups: 64 }"
+        );
+    }
+}
