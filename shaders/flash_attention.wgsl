@@ -8,7 +8,7 @@
 // One invocation: a 4 x 4 block of each score tile (lib/tile_gemm.wgsl), and 4 rows x
 // 4 * O_CHUNKS columns of O, accumulated in registers with the running row maximum and sum.
 // The masking options are compiled in (lib/masking.wgsl); a key tile inside every row's key
-// range, on a call without per-key options, is only scaled.
+// range, on a call without per-key options, is only floored (Q is pre-scaled by scale * log2(e); the softmax runs on exp2).
 // With one split, O and the log-sum-exp are final. With several (flash-decoding), each split
 // writes its normalised partial O and log-sum-exp to `lse_or_partials`, and
 // combine_splits.wgsl merges them. Q, K, V and O go through the dtype prelude's load_* /
@@ -38,9 +38,11 @@ var<workgroup> tile_bounds: vec4<u32>;
 var<private> q_row: array<u32, 4>;
 var<private> k_base: u32;
 
+// Q pre-scaled by scale * log2(e): the scores come out in log2 units, and the softmax runs on
+// exp2 (no multiply per score).
 fn tile_a(row: u32, d: u32) -> f32 {
     if r0 + row < params.packed_rows && d < params.head_dim {
-        return load_q(q_row[row % 4u] + d);
+        return load_q(q_row[row % 4u] + d) * (params.scale * LOG2E);
     }
     return 0.0;
 }
@@ -151,15 +153,15 @@ fn main(inv: TileInvocation) {
             workgroupBarrier();
         }
 
-        // Mask, adjust, and the tile's row maxima. A tile inside every row's key range, with
-        // no per-key option, is only scaled.
+        // Mask, adjust, and the tile's row maxima (log2 units). A tile inside every row's key
+        // range, with no per-key option, is only floored.
         var allowed = 0u;
         var tile_max = vec4<f32>(NEG_BIG);
         let untouched = !per_key_options() && c0 >= bounds.z && c0 + TILE <= bounds.w;
         if untouched {
             allowed = 0xffffu;
             for (var r = 0u; r < 4u; r++) {
-                s[r] = max(s[r] * params.scale, vec4<f32>(SCORE_FLOOR));
+                s[r] = max(s[r], vec4<f32>(SCORE_FLOOR2));
                 tile_max[r] = max(max(s[r].x, s[r].y), max(s[r].z, s[r].w));
             }
         } else {
@@ -169,7 +171,10 @@ fn main(inv: TileInvocation) {
                 for (var c = 0u; c < 4u; c++) {
                     let j = c0 + tx * 4u + c;
                     if i32(j) >= lo[r] && i32(j) < hi[r] && mask_allows(b, h, i, j) {
-                        let x = adjust_score(s[r][c] * params.scale, b, h, i, j);
+                        var x = max(s[r][c], SCORE_FLOOR2);
+                        if per_key_options() {
+                            x = adjust_score(s[r][c] * LN2, b, h, i, j) * LOG2E;
+                        }
                         s[r][c] = x;
                         tile_max[r] = max(tile_max[r], x);
                         allowed |= 1u << (r * 4u + c);
@@ -188,7 +193,7 @@ fn main(inv: TileInvocation) {
                 m_new[r] = max(m_new[r], red[row + x]);
             }
         }
-        let corr = exp(m_run - m_new);
+        let corr = exp2(m_run - m_new);
         m_run = m_new;
 
         // Probabilities: to registers for the row sums, to p_tile for P·V.
@@ -196,7 +201,7 @@ fn main(inv: TileInvocation) {
         for (var r = 0u; r < 4u; r++) {
             for (var c = 0u; c < 4u; c++) {
                 if (allowed & (1u << (r * 4u + c))) != 0u {
-                    p[r][c] = exp(s[r][c] - m_new[r]);
+                    p[r][c] = exp2(s[r][c] - m_new[r]);
                 }
             }
             l_run[r] = l_run[r] * corr[r] + p[r].x + p[r].y + p[r].z + p[r].w;
@@ -271,7 +276,7 @@ fn main(inv: TileInvocation) {
             l += red[(ty * 4u + r) * TILE_X + x];
         }
         let inv = select(0.0, 1.0 / l, l > 0.0);
-        let new_lse = lse_of(m_run[r], l);
+        let new_lse = lse_of(m_run[r] * LN2, l);
         if params.splits == 1u {
             // The earlier dispatches' O and this one's, weighted by their log-sum-exps.
             let sum = lse_add(lse_add(LseSum(0.0, 0.0), prev_lse[r]), new_lse);

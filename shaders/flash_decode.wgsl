@@ -26,10 +26,6 @@ const KPT: u32 = TILE / WG;
 const KH: u32 = WG / V_LANES;
 // Rows in vec4s.
 const R4: u32 = (ROWS + 3u) / 4u;
-const LOG2E: f32 = 1.4426950408889634;
-const LN2: f32 = 0.6931471805599453;
-// SCORE_FLOOR in log2 units.
-const SCORE_FLOOR2: f32 = SCORE_FLOOR * LOG2E;
 
 // Bindings (declared by the host from Kernel::slots): as flash_attention.wgsl.
 

@@ -264,6 +264,8 @@ pub(crate) const TILE_STAGE_BYTES: u32 = 2 * TILE_K * TILE * 4;
 
 /// The constants every kernel sees, generated from the Rust ones.
 pub(crate) fn shared_constants() -> String {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2: f32 = std::f32::consts::LN_2;
     const {
         assert!(NEG_INF_BITS == f32::NEG_INFINITY.to_bits());
         assert!(NEG_BIG < SCORE_FLOOR);
@@ -278,7 +280,11 @@ pub(crate) fn shared_constants() -> String {
          const CAUSAL_TOP_LEFT: u32 = {CAUSAL_TOP_LEFT}u;\n\
          const CAUSAL_BOTTOM_RIGHT: u32 = {CAUSAL_BOTTOM_RIGHT}u;\n\
          const TILE: u32 = {TILE}u;\n\
-         const TILE_K: u32 = {TILE_K}u;\n"
+         const TILE_K: u32 = {TILE_K}u;\n\
+         const LOG2E: f32 = {LOG2E:e};\n\
+         const LN2: f32 = {LN2:e};\n\
+         // SCORE_FLOOR in log2 units (scores pre-scaled by log2(e), softmax by exp2).\n\
+         const SCORE_FLOOR2: f32 = SCORE_FLOOR * LOG2E;\n"
     )
 }
 

@@ -26,7 +26,7 @@
 //! The kernel is specialised on `ceil(v_head_dim / 64)` (`O_CHUNKS`, the output columns each
 //! invocation owns), which also fixes how many keys of V are staged at once, and on the
 //! per-key options (mask, bias, softcap: [`MaskOptions`]). A key tile inside every row's key
-//! range, on a call without per-key options, is only scaled: no range test, no mask lookup.
+//! range, on a call without per-key options, is only floored: no range test, no mask lookup.
 //!
 //! The uniforms of each dispatch come from pure functions of the [`Spec`] and the plan
 //! (`flash_params`, `split_merge_params`, `convert_params`), unit-tested below without a device.
