@@ -12,10 +12,17 @@
 //! under grouped-query attention every K/V tile is read once for the whole group; for decoding
 //! (a few query rows) the whole group fits one workgroup.
 //!
+//! On the decode path, a kv head's rows up to 16 run `flash_decode.wgsl` instead
+//! ([`FusedPlan::keys_across_invocations`]): 16, 32 or 64 invocations per workgroup
+//! ([`DecodeKernel`], from the adapter's entry of [`TABLE`](crate::gpu::tuning::TABLE)) share
+//! each 64-key tile, each scoring its keys against every row, so a GQA group of 4 x 1 query
+//! does not occupy a 64-row tile product. Same bindings, same partials, same merge.
+//!
 //! On the decode path, when the grid is small, the keys are split across workgroups
 //! (flash-decoding): each split writes its normalised partial output and log-sum-exp to a
 //! scratch of `splits * batch * heads * q_len * (v_head_dim + 1)` floats, linear in the
-//! sequence length, and `combine_splits.wgsl` merges them in the same submit.
+//! sequence length, and `combine_splits.wgsl` merges them in the same submit. The splits aim
+//! for [`GpuLimits::decode_target_workgroups`] workgroups, with at least 2 key tiles each.
 //!
 //! Where the device caps the keys one workgroup may stream in one dispatch
 //! ([`GpuLimits::max_key_tiles_per_workgroup`]: llvmpipe's loop limit), the fused path runs the
