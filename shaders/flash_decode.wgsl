@@ -6,7 +6,7 @@
 // scale * log2(e), so the softmax runs on exp2 throughout.
 // Each key tile of TILE keys takes two steps and two barriers (three without subgroups):
 // 1. scores: invocation x computes the scores of keys x, x + WG, ... (KPT = TILE / WG keys)
-//    against every row, each K row read once, vec4 at a time, each vec4 of Q read from
+//    against every row, each K row read once, 4 or 8 elements a load, each vec4 of Q read from
 //    workgroup memory once for its KPT keys; the tile's row maxima come from rows_max
 //    (lib/reduce_subgroup.wgsl or lib/reduce_workgroup.wgsl); the invocation keeps its own
 //    running row sums and writes its probabilities to p_sh.
@@ -141,7 +141,8 @@ fn main(
     let kh = lid / V_LANES;
     let dq = lid % V_LANES;
     let v_dim = params.v_head_dim;
-    let full_quads = head_dim / 4u;
+    // K in groups of 4 K_G4 elements (one load each, lib prelude), then the last few alone.
+    let k_groups = head_dim / (4u * K_G4);
 
     var m_run: array<f32, ROWS>;
     var l_run: array<f32, ROWS>;
@@ -162,23 +163,25 @@ fn main(
             let j = c0 + lid + WG * k;
             krow[k] = k_base + select(0u, j, j < kv_len) * params.k_stride_s;
         }
-        for (var d4 = 0u; d4 < full_quads; d4++) {
-            var kv: array<vec4<f32>, KPT>;
+        for (var dg = 0u; dg < k_groups; dg++) {
+            var kv: array<array<vec4<f32>, K_G4>, KPT>;
             for (var k = 0u; k < KPT; k++) {
-                kv[k] = load4_k(krow[k] + d4 * 4u);
+                kv[k] = loadg_k(krow[k] + dg * 4u * K_G4);
             }
             for (var r = 0u; r < ROWS; r++) {
-                let q = rows_sh[r * Q4 + d4];
-                for (var k = 0u; k < KPT; k++) {
-                    s[k][r] += dot(q, kv[k]);
+                for (var g = 0u; g < K_G4; g++) {
+                    let q = rows_sh[r * Q4 + dg * K_G4 + g];
+                    for (var k = 0u; k < KPT; k++) {
+                        s[k][r] += dot(q, kv[k][g]);
+                    }
                 }
             }
         }
-        for (var d = full_quads * 4u; d < head_dim; d++) {
+        for (var d = k_groups * 4u * K_G4; d < head_dim; d++) {
             for (var k = 0u; k < KPT; k++) {
                 let kd = load_k(krow[k] + d);
                 for (var r = 0u; r < ROWS; r++) {
-                    s[k][r] += rows_sh[r * Q4 + full_quads][d % 4u] * kd;
+                    s[k][r] += rows_sh[r * Q4 + d / 4u][d % 4u] * kd;
                 }
             }
         }

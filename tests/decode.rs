@@ -122,8 +122,9 @@ fn keys_kernel_contexts(gpu: &wgpu_attention::Gpu) -> Vec<(wgpu_attention::Gpu, 
 }
 
 /// Every row count (1 to 16) and head-dim chunking of the decode-shaped kernel, with both
-/// reductions, the keys split and capped, masks and half-precision storage, on shapes that fill
-/// no tile exactly; and a group too large for it, which runs the row-tiled kernel.
+/// reductions, the keys split and capped, masks and half-precision storage, K read 8, 4 or 1
+/// elements per load and V 4 or 1, on shapes that fill no tile exactly; and a group too large
+/// for it, which runs the row-tiled kernel.
 #[test]
 fn keys_kernel_every_configuration() {
     let Some(gpu) = gpu() else { return };
@@ -135,7 +136,7 @@ fn keys_kernel_every_configuration() {
         (6, 2, 1, 7, 130),
         (5, 1, 1, 128, 128),
         (8, 2, 4, 256, 256),
-        (6, 2, 5, 130, 7),
+        (6, 2, 5, 132, 7),
         (4, 1, 3, 64, 200),
     ];
     // Six contexts (16, 32, 64 invocations, each with both reductions), ordered so that each
@@ -176,7 +177,12 @@ fn keys_kernel_every_configuration() {
                 .bias([1, h, 1, 700], random(&mut r, h * 700, 2.0))
                 .layout(Layout::Bshd);
             check(&capped, Path::Decode, dm, &masked, seed + 1, 3.0);
-            let types = [DType::F32, DType::F16, DType::Bf16, DType::F16];
+            // K grouped by 8, 4 or 1 in every storage type, over the shapes.
+            let types = if n % 2 == 0 {
+                [DType::F32, DType::F16, DType::Bf16, DType::F16]
+            } else {
+                [DType::Bf16, DType::Bf16, DType::F32, DType::F32]
+            };
             check_dtypes(base, Path::Decode, dm, &opts, seed + 2, 1.0, types);
             check_dtypes(
                 &base.with_packed_f16(),

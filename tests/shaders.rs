@@ -37,7 +37,8 @@ fn capabilities(dtype: Storage) -> Capabilities {
         // pack2x16float / unpack2x16float: wgpu grants this on Vulkan, Metal and DX12 (it is
         // a downlevel flag, missing only on some GL targets), with or without SHADER_F16.
         Storage::F16Packed => Capabilities::SHADER_FLOAT16_IN_FLOAT32,
-        Storage::F16 => Capabilities::SHADER_FLOAT16,
+        // The decode kernel reads native f16 K in 16-byte groups through unpack2x16float too.
+        Storage::F16 => Capabilities::SHADER_FLOAT16 | Capabilities::SHADER_FLOAT16_IN_FLOAT32,
     }
 }
 

@@ -49,10 +49,11 @@ pub(super) fn source(key: &KernelKey) -> String {
             }
             Slot::Tensor { name, read_only } => {
                 let storage = *next.next().expect("a storage per tensor slot");
-                if read_only && key.vec4_tensors().contains(&name) {
-                    prelude_vec4(&mut src, name, binding, storage);
-                } else {
-                    prelude(&mut src, name, binding, storage, read_only);
+                match key.grouped_tensors().iter().find(|(n, _)| *n == name) {
+                    Some(&(_, group)) if read_only => {
+                        prelude_grouped(&mut src, name, binding, storage, group)
+                    }
+                    _ => prelude(&mut src, name, binding, storage, read_only),
                 }
             }
         }
@@ -168,6 +169,61 @@ fn load4_packed(src: &mut String, name: &str, unpack: &str) {
          let w0 = {name}_buf[i >> 1u];\n        let w1 = {name}_buf[(i >> 1u) + 1u];\n        \
          return vec4<f32>({unpack});\n    }}\n    \
          return vec4<f32>(load_{name}(i), load_{name}(i + 1u), load_{name}(i + 2u), load_{name}(i + 3u));\n}}"
+    );
+}
+
+/// Declares read-only tensor `name` at `binding` for a kernel that reads it `group` elements at
+/// a time (1: element by element; 4 or 8: one load per group, see `prelude_vec4` and
+/// `prelude_vec8`), with `const <NAME>_G4` (vec4s per group: 1 or 2) and
+/// `loadg_<name>(i) -> array<vec4<f32>, <NAME>_G4>`, elements `i .. i + 4 * <NAME>_G4`.
+fn prelude_grouped(src: &mut String, name: &str, binding: usize, storage: Storage, group: u32) {
+    match group {
+        8 => prelude_vec8(src, name, binding, storage),
+        4 => prelude_vec4(src, name, binding, storage),
+        _ => prelude(src, name, binding, storage, true),
+    }
+    let upper = name.to_uppercase();
+    if group == 8 {
+        let _ = writeln!(src, "const {upper}_G4: u32 = 2u;");
+    } else {
+        let _ = writeln!(
+            src,
+            "const {upper}_G4: u32 = 1u;\n\
+             fn loadg_{name}(i: u32) -> array<vec4<f32>, 1> {{ return array<vec4<f32>, 1>(load4_{name}(i)); }}"
+        );
+    }
+}
+
+/// Declares read-only tensor `name` at `binding` as an array of 8-element groups where that
+/// is one 16-byte load (`vec4<u32>` of f16 or bf16 pairs), `loadg_<name>(i)` the elements
+/// `i .. i + 7` (`i` a multiple of 8), and `load_<name>` / `load4_<name>` from a group. For
+/// buffers whose length is a multiple of 16 bytes and kernels whose grouped indices are
+/// multiples of 8. An f32 tensor reads its 8 elements as two `vec4<f32>` (`prelude_vec4`).
+fn prelude_vec8(src: &mut String, name: &str, binding: usize, storage: Storage) {
+    let pair = match storage {
+        Storage::F32 => {
+            prelude_vec4(src, name, binding, storage);
+            let _ = writeln!(
+                src,
+                "fn loadg_{name}(i: u32) -> array<vec4<f32>, 2> {{\n    \
+                 return array<vec4<f32>, 2>({name}_buf[i >> 2u], {name}_buf[(i >> 2u) + 1u]);\n}}"
+            );
+            return;
+        }
+        Storage::F16 | Storage::F16Packed => "unpack2x16float(w)",
+        Storage::Bf16 => "vec2<f32>(bitcast<f32>(w << 16u), bitcast<f32>(w & 0xffff0000u))",
+    };
+    let _ = writeln!(
+        src,
+        "@group(0) @binding({binding}) var<storage, read> {name}_buf: array<vec4<u32>>;\n\
+         fn pair_{name}(w: u32) -> vec2<f32> {{ return {pair}; }}\n\
+         fn loadg_{name}(i: u32) -> array<vec4<f32>, 2> {{\n    let w = {name}_buf[i >> 3u];\n    \
+         return array<vec4<f32>, 2>(vec4<f32>(pair_{name}(w.x), pair_{name}(w.y)), \
+         vec4<f32>(pair_{name}(w.z), pair_{name}(w.w)));\n}}\n\
+         fn load_{name}(i: u32) -> f32 {{ return pair_{name}({name}_buf[i >> 3u][(i >> 1u) & 3u])[i & 1u]; }}\n\
+         fn load4_{name}(i: u32) -> vec4<f32> {{\n    let w = {name}_buf[i >> 3u];\n    \
+         return select(vec4<f32>(pair_{name}(w.x), pair_{name}(w.y)), \
+         vec4<f32>(pair_{name}(w.z), pair_{name}(w.w)), (i & 4u) != 0u);\n}}"
     );
 }
 

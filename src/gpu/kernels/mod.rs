@@ -522,8 +522,12 @@ pub enum KernelKey {
         /// Row maxima by subgroup operations (the device has `Features::SUBGROUP`), or through
         /// workgroup memory only.
         subgroups: bool,
-        /// K and V read four elements per load (both head dims are multiples of 4).
-        vec4_kv: bool,
+        /// K read this many elements per load: 8 (16 bytes of a 16-bit type, two loads of
+        /// f32) where head_dim is a multiple of 8, 4 where it is a multiple of 4, else 1
+        /// (element by element).
+        k_group: u32,
+        /// V read 4 elements per load (4) where v_head_dim is a multiple of 4, else 1.
+        v_group: u32,
         /// The options compiled in.
         masks: MaskOptions,
     },
@@ -624,7 +628,8 @@ impl KernelKey {
                         q_chunks: chunks,
                         o_chunks: 5 - chunks,
                         subgroups,
-                        vec4_kv: (n + chunks as usize).is_multiple_of(2),
+                        k_group: [1, 4, 8][(n + chunks as usize) % 3],
+                        v_group: [1, 4][(n + chunks as usize) % 2],
                         masks: MaskOptions::default(),
                     });
                 }
@@ -640,7 +645,8 @@ impl KernelKey {
                     q_chunks: 2,
                     o_chunks: 1,
                     subgroups,
-                    vec4_kv: masks.bias,
+                    k_group: if masks.bias { 8 } else { 4 },
+                    v_group: if masks.mask { 1 } else { 4 },
                     masks,
                 });
             }
@@ -683,7 +689,8 @@ impl KernelKey {
                 q_chunks,
                 o_chunks,
                 subgroups,
-                vec4_kv,
+                k_group,
+                v_group,
                 masks,
                 ..
             } => format!(
@@ -693,11 +700,7 @@ impl KernelKey {
                 } else {
                     "workgroup reduce"
                 },
-                if *vec4_kv {
-                    "k,v by vec4"
-                } else {
-                    "k,v by element"
-                },
+                format!("k by {k_group}, v by {v_group}"),
                 masks.label()
             ),
             _ => String::new(),
@@ -764,12 +767,14 @@ impl KernelKey {
         }
     }
 
-    /// The read-only tensors the key declares as arrays of 4-element groups (see
-    /// `compose::prelude_vec4`).
-    pub fn vec4_tensors(&self) -> &'static [&'static str] {
-        match self {
-            KernelKey::FlashDecode { vec4_kv: true, .. } => &["k", "v"],
-            _ => &[],
+    /// The read-only tensors the key reads in groups of elements, and the group (see
+    /// `compose::prelude_grouped`).
+    pub fn grouped_tensors(&self) -> Vec<(&'static str, u32)> {
+        match *self {
+            KernelKey::FlashDecode {
+                k_group, v_group, ..
+            } => vec![("k", k_group), ("v", v_group)],
+            _ => Vec::new(),
         }
     }
 

@@ -129,6 +129,15 @@ pub(crate) fn keys_kernel_rows(spec: &Spec<'_>, limits: &GpuLimits) -> Option<u3
         .then_some(rows)
 }
 
+/// The most elements, up to `most` (4 or 8), the decode kernel may read per load of a tensor
+/// whose rows are `dim` long: the largest group dividing `dim`, else 1.
+fn element_group(dim: usize, most: u32) -> u32 {
+    [8, 4]
+        .into_iter()
+        .find(|&g| g <= most && dim.is_multiple_of(g as usize))
+        .unwrap_or(1)
+}
+
 /// The limit the fused kernel lacks on a device, if any.
 pub(crate) fn unsupported(limits: &GpuLimits) -> Option<Shortfall> {
     if limits.max_workgroup_storage < FLASH_WORKGROUP_BYTES {
@@ -386,8 +395,10 @@ pub(crate) fn encode(
             q_chunks: spec.dims.head_dim.div_ceil(64) as u32,
             o_chunks: plan.o_chunks,
             subgroups: gpu.limits.subgroups,
-            // Every K and V index the kernel reads four at a time is then a multiple of 4.
-            vec4_kv: spec.dims.head_dim.is_multiple_of(4) && spec.dims.v_head_dim.is_multiple_of(4),
+            // Every K (V) index the kernel reads in groups is then a multiple of the group, and
+            // every K and V buffer a multiple of the group long.
+            k_group: element_group(spec.dims.head_dim, 8),
+            v_group: element_group(spec.dims.v_head_dim, 4),
             masks: masks_on,
         }
     } else {
