@@ -694,13 +694,13 @@ impl KernelKey {
                 masks,
                 ..
             } => format!(
-                "wg={workgroup}; rows={rows}; q_chunks={q_chunks}; o_chunks={o_chunks}; {}; {}; {}",
+                "wg={workgroup}; rows={rows}; q_chunks={q_chunks}; o_chunks={o_chunks}; {}; \
+                 k by {k_group}, v by {v_group}; {}",
                 if *subgroups {
                     "subgroups"
                 } else {
                     "workgroup reduce"
                 },
-                format!("k by {k_group}, v by {v_group}"),
                 masks.label()
             ),
             _ => String::new(),
