@@ -99,32 +99,14 @@ fn main(inv: TileInvocation) {
         q_row[r] = b * params.q_stride_b + sh * params.q_stride_h + (sr % q_len) * params.q_stride_s;
     }
     if li == 0u {
-        // The union of the rows' key ranges (the tiles to visit) and their intersection (the
-        // keys no range restriction touches).
-        var t_lo = i32(kv_len);
-        var t_hi = 0;
-        var in_lo = 0;
-        var in_hi = i32(kv_len);
+        // This split's (or this dispatch's) share of the key tiles, and the keys every row may
+        // see.
+        var hull = range_hull_new(kv_len);
         for (var m = 0u; m < TILE_M && r0 + m < params.packed_rows; m++) {
-            let range = key_range(b, (r0 + m) % q_len);
-            if range.y > range.x {
-                t_lo = min(t_lo, range.x);
-                t_hi = max(t_hi, range.y);
-            }
-            in_lo = max(in_lo, range.x);
-            in_hi = min(in_hi, range.y);
+            hull = range_hull_add(hull, key_range(b, (r0 + m) % q_len));
         }
-        // This split's (or this dispatch's) share of the key tiles.
         let first = params.first_tile + split * params.tiles_per_split;
-        var bounds = vec4<u32>(0u, 0u, 0u, 0u);
-        if t_hi > t_lo {
-            bounds.x = max(u32(t_lo) / TILE, first);
-            bounds.y = min((u32(t_hi) + TILE - 1u) / TILE, first + params.tiles_per_split);
-        }
-        if in_hi > in_lo {
-            bounds.z = u32(in_lo);
-            bounds.w = u32(in_hi);
-        }
+        let bounds = range_hull_bounds(hull, first, params.tiles_per_split);
         tile_bounds = bounds;
     }
     let bounds = workgroupUniformLoad(&tile_bounds);

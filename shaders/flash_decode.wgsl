@@ -40,6 +40,9 @@ var<workgroup> p_sh: array<vec4<f32>, 2u * TILE * R4>;
 var<workgroup> row_info: array<vec4<i32>, ROWS>;
 // The key tiles to visit, and the keys every row may see.
 var<workgroup> tile_bounds: vec4<u32>;
+// One past the last key any row may see: P·V stops there, so V rows past every row's range
+// (past kv_lens, say, which may hold anything) are never read.
+var<workgroup> key_end: u32;
 
 // The vec4 of p_sh holding rows 4 q .. 4 q + 3 of `key`.
 fn p_index(par: u32, key: u32, q: u32) -> u32 {
@@ -108,31 +111,14 @@ fn main(
     }
     workgroupBarrier();
     if lid == 0u {
-        // The union of the rows' key ranges (the tiles to visit) and their intersection (the
-        // keys no range restriction touches).
-        var t_lo = i32(kv_len);
-        var t_hi = 0;
-        var in_lo = 0;
-        var in_hi = i32(kv_len);
+        // This split's share of the key tiles, and the keys every row may see.
+        var hull = range_hull_new(kv_len);
         for (var r = 0u; r < ROWS && r0 + r < params.packed_rows; r++) {
-            let range = row_info[r].xy;
-            if range.y > range.x {
-                t_lo = min(t_lo, range.x);
-                t_hi = max(t_hi, range.y);
-            }
-            in_lo = max(in_lo, range.x);
-            in_hi = min(in_hi, range.y);
+            hull = range_hull_add(hull, row_info[r].xy);
         }
         let first = params.first_tile + split * params.tiles_per_split;
-        var bounds = vec4<u32>(0u, 0u, 0u, 0u);
-        if t_hi > t_lo {
-            bounds.x = max(u32(t_lo) / TILE, first);
-            bounds.y = min((u32(t_hi) + TILE - 1u) / TILE, first + params.tiles_per_split);
-        }
-        if in_hi > in_lo {
-            bounds.z = u32(in_lo);
-            bounds.w = u32(in_hi);
-        }
+        let bounds = range_hull_bounds(hull, first, params.tiles_per_split);
+        key_end = u32(max(hull.union_hi, 0));
         tile_bounds = bounds;
     }
     let bounds = workgroupUniformLoad(&tile_bounds);
@@ -250,7 +236,7 @@ fn main(
         workgroupBarrier();
 
         // O += P V over this invocation's keys of the tile.
-        let keys = min(TILE, kv_len - c0);
+        let keys = min(TILE, key_end - c0);
         for (var key = kh; key < keys; key += KH) {
             var pk: array<vec4<f32>, R4>;
             for (var q = 0u; q < R4; q++) {

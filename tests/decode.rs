@@ -265,3 +265,39 @@ fn tile_config_overrides() {
         assert!(gpu.with_tile_config(bad).is_err(), "{bad:?}");
     }
 }
+
+/// K and V rows past a sequence's `kv_lens` may hold anything (a cache's unwritten rows): the
+/// decode-shaped kernel never multiplies them, so NaNs there leave O and the log-sum-exp exact.
+#[test]
+fn keys_kernel_ignores_rows_past_kv_lens() {
+    let Some(gpu) = gpu() else { return };
+    let d = dims(2, 8, 2, 1, 700, 64, 64);
+    let opts = Attention::new().kv_lens(vec![700, 333]).path(Path::Decode);
+    let plan = opts.plan(gpu, d).unwrap();
+    let Plan::Decode { plan: p, .. } = &plan else {
+        panic!("{}", plan.reason())
+    };
+    assert!(p.keys_across_invocations, "{}", plan.reason());
+    let mut r = rng(2100);
+    let q = random(&mut r, d.q_elems(), 1.0);
+    let k = random(&mut r, d.k_elems(), 1.0);
+    let v = random(&mut r, d.v_elems(), 1.0);
+    let want = cpu::reference(&q, &k, &v, d, &opts).unwrap();
+    // Batch 1's rows 333.. of every kv head, in the Bhsd layout.
+    let poison = |x: &[f32]| -> Vec<f32> {
+        let mut x = x.to_vec();
+        for h in 0..d.kv_heads {
+            let start = ((d.kv_heads + h) * d.kv_len + 333) * d.head_dim;
+            let end = ((d.kv_heads + h) * d.kv_len + d.kv_len) * d.head_dim;
+            x[start..end].fill(f32::NAN);
+        }
+        x
+    };
+    let layout = Layout::Bhsd;
+    let tq = gpu.upload(&q, d.q_shape(layout)).unwrap();
+    let tk = gpu.upload(&poison(&k), d.k_shape(layout)).unwrap();
+    let tv = gpu.upload(&poison(&v), d.v_shape(layout)).unwrap();
+    let out = opts.run(gpu, &tq, &tk, &tv).unwrap();
+    let o = out.o.download(gpu).unwrap();
+    common::assert_close("O", &o, &want.o, common::O_ATOL, common::O_RTOL);
+}

@@ -74,3 +74,42 @@ fn mask_allows(b: u32, h: u32, i: u32, j: u32) -> bool {
     let e = b * p.mask_stride_b + h * p.mask_stride_h + i * p.mask_stride_i + j * p.mask_stride_j;
     return ((mask[e >> 2u] >> ((e & 3u) * 8u)) & 0xffu) != 0u;
 }
+
+// The key ranges of a workgroup's rows, gathered with range_hull_add: their union bounds the
+// key tiles to visit, their intersection the keys no range restriction touches.
+struct RangeHull {
+    union_lo: i32,
+    union_hi: i32,
+    common_lo: i32,
+    common_hi: i32,
+}
+
+fn range_hull_new(kv_len: u32) -> RangeHull {
+    return RangeHull(i32(kv_len), 0, 0, i32(kv_len));
+}
+
+fn range_hull_add(h: RangeHull, range: vec2<i32>) -> RangeHull {
+    var out = h;
+    if range.y > range.x {
+        out.union_lo = min(out.union_lo, range.x);
+        out.union_hi = max(out.union_hi, range.y);
+    }
+    out.common_lo = max(out.common_lo, range.x);
+    out.common_hi = min(out.common_hi, range.y);
+    return out;
+}
+
+// The key tiles (x .. y) of `first .. first + count` the rows see any key of, and the keys
+// (z .. w) every row may see (0, 0 when none).
+fn range_hull_bounds(h: RangeHull, first: u32, count: u32) -> vec4<u32> {
+    var bounds = vec4<u32>(0u, 0u, 0u, 0u);
+    if h.union_hi > h.union_lo {
+        bounds.x = max(u32(h.union_lo) / TILE, first);
+        bounds.y = min((u32(h.union_hi) + TILE - 1u) / TILE, first + count);
+    }
+    if h.common_hi > h.common_lo {
+        bounds.z = u32(h.common_lo);
+        bounds.w = u32(h.common_hi);
+    }
+    return bounds;
+}

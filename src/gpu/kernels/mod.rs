@@ -350,13 +350,13 @@ pub fn decode_workgroup_bytes(
     subgroups: bool,
 ) -> u32 {
     let [_, _, _, sh4] = decode_sizes(workgroup, rows, q_chunks, o_chunks);
-    // rows_sh, p_sh (two tiles), row_info, tile_bounds, and the reduction's partials.
+    // rows_sh, p_sh (two tiles), row_info, tile_bounds, key_end, and the reduction's partials.
     let parts = if subgroups {
         workgroup / 4
     } else {
         workgroup / 8
     };
-    sh4 * 16 + 2 * TILE * rows.div_ceil(4) * 16 + rows * 16 + 16 + 2 * rows * parts * 4
+    sh4 * 16 + 2 * TILE * rows.div_ceil(4) * 16 + rows * 16 + 16 + 4 + 2 * rows * parts * 4
 }
 
 /// How a tensor is stored, as a kernel sees it: the [`DType`] plus, for f16, whether the

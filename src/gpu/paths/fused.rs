@@ -44,8 +44,8 @@ use crate::gpu::context::Gpu;
 use crate::gpu::dispatch::combine::{self, Combine};
 use crate::gpu::kernels::uniforms::{CombineParams, FlashParams, TILE, uniform_buffer};
 use crate::gpu::kernels::{
-    DECODE_ROWS, FLASH_ROWS, FLASH_WORKGROUP_BYTES, KernelKey, MaskOptions, Storage,
-    decode_workgroup_bytes,
+    DECODE_ROWS, DECODE_WORKGROUPS, FLASH_ROWS, FLASH_WORKGROUP_BYTES, KernelKey, MaskOptions,
+    Storage, decode_workgroup_bytes,
 };
 use crate::gpu::limits::{DecodeKernel, DispatchSize, GpuLimits, check_binding};
 use crate::spec::Spec;
@@ -110,23 +110,35 @@ impl From<Shortfall> for Error {
     }
 }
 
-/// The rows the decode-shaped kernel would run `spec` with on a device with `limits`: a kv
-/// head's `group * q_len` rows rounded up to one of [`DECODE_ROWS`], if they are at most 16,
-/// the adapter's configuration picks that kernel, and its workgroup memory fits.
-pub(crate) fn keys_kernel_rows(spec: &Spec<'_>, limits: &GpuLimits) -> Option<u32> {
+/// The rows and invocations the decode-shaped kernel would run `spec` with on a device with
+/// `limits`: a kv head's `group * q_len` rows rounded up to one of [`DECODE_ROWS`], if they are
+/// at most 16 and the adapter's configuration picks that kernel; its configured workgroup, or
+/// the next smaller one of [`DECODE_WORKGROUPS`] whose workgroup memory fits (WebGPU's 16 KiB
+/// holds 16 rows at 16 invocations, not at 64). `None` for a workgroup no kernel is compiled
+/// for (a hand-written [`GpuLimits`]).
+pub(crate) fn keys_kernel(spec: &Spec<'_>, limits: &GpuLimits) -> Option<(u32, u32)> {
     let d = spec.dims;
     let packed = d.group() * d.q_len;
     let rows = DECODE_ROWS.into_iter().find(|&r| r as usize >= packed)?;
     let DecodeKernel::KeysAcrossInvocations { workgroup } = limits.decode_kernel else {
         return None;
     };
+    if !DECODE_WORKGROUPS.contains(&workgroup)
+        || limits.max_storage_buffers_per_stage < FLASH_STORAGE_BUFFERS
+    {
+        return None;
+    }
     let q_chunks = d.head_dim.div_ceil(64) as u32;
     let o_chunks = d.v_head_dim.div_ceil(64) as u32;
-    let bytes = decode_workgroup_bytes(workgroup, rows, q_chunks, o_chunks, limits.subgroups);
-    (bytes <= limits.max_workgroup_storage
-        && workgroup <= limits.max_invocations_per_workgroup
-        && limits.max_storage_buffers_per_stage >= FLASH_STORAGE_BUFFERS)
-        .then_some(rows)
+    DECODE_WORKGROUPS
+        .into_iter()
+        .rev()
+        .filter(|&wg| wg <= workgroup && wg <= limits.max_invocations_per_workgroup)
+        .find(|&wg| {
+            decode_workgroup_bytes(wg, rows, q_chunks, o_chunks, limits.subgroups)
+                <= limits.max_workgroup_storage
+        })
+        .map(|wg| (rows, wg))
 }
 
 /// The most elements, up to `most` (4 or 8), the decode kernel may read per load of a tensor
@@ -161,12 +173,13 @@ impl FusedPlan {
     /// Plans `spec` for a device with `limits`; `decode` also splits the keys to give a small
     /// grid enough workgroups.
     pub fn new(spec: &Spec<'_>, limits: &GpuLimits, decode: bool) -> Result<FusedPlan> {
-        let decode_rows = if decode {
-            keys_kernel_rows(spec, limits)
+        let decode_kernel = if decode {
+            keys_kernel(spec, limits)
         } else {
             None
         };
-        let keys_kernel = decode_rows.is_some();
+        let keys_kernel = decode_kernel.is_some();
+        let decode_rows = decode_kernel.map(|(rows, _)| rows);
         if !keys_kernel && let Some(short) = unsupported(limits) {
             return Err(short.into());
         }
@@ -237,9 +250,9 @@ impl FusedPlan {
             o_chunks,
             rows_per_workgroup,
             keys_across_invocations: keys_kernel,
-            invocations: match limits.decode_kernel {
-                DecodeKernel::KeysAcrossInvocations { workgroup } if keys_kernel => workgroup,
-                _ => 16 * rows_per_workgroup / 4,
+            invocations: match decode_kernel {
+                Some((_, workgroup)) => workgroup,
+                None => 16 * rows_per_workgroup / 4,
             },
             splits: splits as u32,
             passes: passes as u32,

@@ -133,7 +133,7 @@ pub(crate) fn choose(spec: &Spec<'_>, limits: &GpuLimits, weights: bool) -> Resu
         }
         Path::Auto => match fused::unsupported(limits) {
             // The decode-shaped kernel needs less workgroup memory than the row-tiled one.
-            _ if short_queries && fused::keys_kernel_rows(spec, limits).is_some() => {
+            _ if short_queries && fused::keys_kernel(spec, limits).is_some() => {
                 decode("a few queries over many keys")?
             }
             // The fused kernel needs more of a limit than the device has; the limit is the why.

@@ -330,9 +330,9 @@ fn invalid_calls_fail_before_planning() {
     assert!(matches!(err, Error::HeadsNotDivisible { .. }), "{err:?}");
 }
 
-/// The decode-shaped kernel takes a kv head's rows up to 16, rounded up to a power of two, where
-/// its workgroup memory fits; more rows, or too little memory (WebGPU's 16 KiB at 16 rows), run
-/// the row-tiled kernel.
+/// The decode-shaped kernel takes a kv head's rows up to 16, rounded up to a power of two, with
+/// the configured workgroup or the largest smaller one whose workgroup memory fits; more rows
+/// run the row-tiled kernel (which WebGPU's 16 KiB cannot hold).
 #[test]
 fn decode_kernel_rows() {
     for (group_rows, keys_rows, tiled_webgpu) in [
@@ -340,7 +340,7 @@ fn decode_kernel_rows() {
         ((4, 1), Some(4), false),
         ((2, 3), Some(8), false),
         ((8, 1), Some(8), false),
-        ((4, 4), Some(16), true),
+        ((4, 4), Some(16), false),
         ((4, 7), None, true),
         ((8, 8), None, true),
     ] {
@@ -365,6 +365,13 @@ fn decode_kernel_rows() {
                 Some(rows) if !(webgpu && tiled_webgpu) => {
                     assert!(p.keys_across_invocations, "{group_rows:?}: {p:?}");
                     assert_eq!(p.rows_per_workgroup, rows, "{group_rows:?}: {p:?}");
+                    // 16 rows at 64 invocations need 20 KiB: WebGPU's 16 KiB takes 32.
+                    let configured = match limits.decode_kernel {
+                        DecodeKernel::KeysAcrossInvocations { workgroup } => workgroup,
+                        DecodeKernel::RowTiles => unreachable!(),
+                    };
+                    let want = if webgpu && rows == 16 { 32 } else { configured };
+                    assert_eq!(p.invocations, want, "{group_rows:?}: {p:?}");
                 }
                 _ => assert!(!p.keys_across_invocations, "{group_rows:?}: {p:?}"),
             }
@@ -413,4 +420,21 @@ fn decode_rows_per_workgroup() {
         panic!("not fused")
     };
     assert_eq!(p.rows_per_workgroup, 64);
+}
+
+/// A hand-written configuration naming a workgroup no kernel is compiled for plans the row-tiled
+/// kernel instead of panicking or compiling a kernel that does not exist.
+#[test]
+fn decode_workgroups_outside_the_table_fall_back() {
+    let d = dims(1, 4, 1, 1, 4096, 64);
+    for workgroup in [0, 8, 48, 128] {
+        let mut limits = lavapipe();
+        limits.decode_kernel = DecodeKernel::KeysAcrossInvocations { workgroup };
+        let Plan::Decode { plan: p, .. } =
+            plan(&Attention::new().path(Path::Decode), &limits, d).unwrap()
+        else {
+            panic!("not decode")
+        };
+        assert!(!p.keys_across_invocations, "{workgroup}: {p:?}");
+    }
 }
