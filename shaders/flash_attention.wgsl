@@ -28,8 +28,19 @@ override BKV: u32 = 32u;
 
 // The tile's probabilities, [key][row / 4].
 var<workgroup> p_tile: array<array<vec4<f32>, TILE_X>, TILE>;
-// Row reductions across the TILE_X invocations that share rows: [row][tx].
-var<workgroup> red: array<f32, TILE * TILE_X>;
+// Row reductions across the TILE_X invocations that share rows: [row][tx / 4][tx % 4], read a
+// vec4 at a time (on llvmpipe every load costs about the same whatever its width).
+var<workgroup> red: array<vec4<f32>, TILE * TILE_X / 4u>;
+
+// The reduction slot of row `row` (of the tile) for invocation column tx.
+fn red_put(row: u32, tx: u32, x: f32) {
+    red[row * (TILE_X / 4u) + tx / 4u][tx % 4u] = x;
+}
+
+// The TILE_X values of row `row`, as vec4s.
+fn red_row(row: u32, q: u32) -> vec4<f32> {
+    return red[row * (TILE_X / 4u) + q];
+}
 // The key tiles this workgroup visits, and the keys every one of its rows may see.
 var<workgroup> tile_bounds: vec4<u32>;
 
@@ -165,14 +176,14 @@ fn main(inv: TileInvocation) {
             }
         }
         for (var r = 0u; r < 4u; r++) {
-            red[(ty * 4u + r) * TILE_X + tx] = tile_max[r];
+            red_put(ty * 4u + r, tx, tile_max[r]);
         }
         workgroupBarrier();
         var m_new = m_run;
         for (var r = 0u; r < 4u; r++) {
-            let row = (ty * 4u + r) * TILE_X;
-            for (var x = 0u; x < TILE_X; x++) {
-                m_new[r] = max(m_new[r], red[row + x]);
+            for (var q = 0u; q < TILE_X / 4u; q++) {
+                let part = red_row(ty * 4u + r, q);
+                m_new[r] = max(m_new[r], max(max(part.x, part.y), max(part.z, part.w)));
             }
         }
         let corr = exp2(m_run - m_new);
@@ -220,7 +231,10 @@ fn main(inv: TileInvocation) {
                 for (var k = 0u; k < BKV; k++) {
                     let a = p_tile[kv0 + k][ty];
                     for (var c = 0u; c < O_CHUNKS; c++) {
-                        acc[c] = block_fma(acc[c], a, tile_stage[k * o_stride + tx + TILE_X * c]);
+                        // Columns past v_head_dim (head dims not a multiple of 64) are skipped.
+                        if (tx + TILE_X * c) * 4u < params.v_head_dim {
+                            acc[c] = block_fma(acc[c], a, tile_stage[k * o_stride + tx + TILE_X * c]);
+                        }
                     }
                 }
             }
@@ -230,7 +244,7 @@ fn main(inv: TileInvocation) {
 
     // Row sums across the 16 invocations of each row, then normalise and write.
     for (var r = 0u; r < 4u; r++) {
-        red[(ty * 4u + r) * TILE_X + tx] = l_run[r];
+        red_put(ty * 4u + r, tx, l_run[r]);
     }
     workgroupBarrier();
     // Resuming: the log-sum-exp of the earlier dispatches, read by every invocation of a row
@@ -254,8 +268,9 @@ fn main(inv: TileInvocation) {
         let i = row_i[r];
         let bh = b * params.heads + h;
         var l = 0.0;
-        for (var x = 0u; x < TILE_X; x++) {
-            l += red[(ty * 4u + r) * TILE_X + x];
+        for (var q = 0u; q < TILE_X / 4u; q++) {
+            let part = red_row(ty * 4u + r, q);
+            l += (part.x + part.y) + (part.z + part.w);
         }
         let inv = select(0.0, 1.0 / l, l > 0.0);
         let new_lse = lse_of(m_run[r] * LN2, l);
