@@ -60,8 +60,8 @@ pub const TABLE: &[TableEntry] = &[
         device_type: Some(wgpu::DeviceType::Cpu),
         config: keys(16, 4, 64),
         source: "measured: attn-bench --tune --reps 3 --warmup 1, llvmpipe (LLVM 15.0.6, 256 \
-                 bits), 2026-12-01: keys16 subgroups=1 fastest (303 ms over both shapes; \
-                 keys32 330, keys64 412, tiles rows=4 467)",
+                 bits), Mesa 22.3.6, 2026-12-02: keys16 subgroups=1 fastest, 287 ms over both \
+                 shapes (keys32 subgroups=1 331, keys16 subgroups=0 380, tiles rows=4 506)",
     },
     TableEntry {
         adapters: "NVIDIA GPUs",
