@@ -43,6 +43,9 @@ fn red_row(row: u32, q: u32) -> vec4<f32> {
 }
 // The key tiles this workgroup visits, and the keys every one of its rows may see.
 var<workgroup> tile_bounds: vec4<u32>;
+// One past the last key any row may see: V rows from there on are staged as zeros, so rows
+// past kv_lens (which may hold anything, NaN included) never reach O.
+var<workgroup> key_end: u32;
 
 // The score tile's operands (lib/tile_gemm.wgsl): the Q rows this invocation stages (rows
 // 4 (li / TILE_K) + e of the tile, e = row % 4); k_base, the kv head's first key.
@@ -119,6 +122,7 @@ fn main(inv: TileInvocation) {
         let first = params.first_tile + split * params.tiles_per_split;
         let bounds = range_hull_bounds(hull, first, params.tiles_per_split);
         tile_bounds = bounds;
+        key_end = u32(max(hull.union_hi, 0));
     }
     let bounds = workgroupUniformLoad(&tile_bounds);
 
@@ -215,7 +219,7 @@ fn main(inv: TileInvocation) {
                 let nq = idx % o_stride;
                 let key = c0 + kv0 + vk;
                 var vv = vec4<f32>();
-                if key < kv_len {
+                if key < key_end {
                     let row = v_base + key * params.v_stride_s;
                     for (var e = 0u; e < 4u; e++) {
                         let n = nq * 4u + e;

@@ -266,18 +266,33 @@ fn tile_config_overrides() {
     }
 }
 
-/// K and V rows past a sequence's `kv_lens` may hold anything (a cache's unwritten rows): the
-/// decode-shaped kernel never multiplies them, so NaNs there leave O and the log-sum-exp exact.
+/// K and V rows past a sequence's `kv_lens` may hold anything (a cache's unwritten rows): no
+/// kernel multiplies them, so NaNs there leave O exact: the decode-shaped kernel, the row-tiled
+/// one on the decode path, and the fused path (one query row per tile row, 8 query rows).
 #[test]
-fn keys_kernel_ignores_rows_past_kv_lens() {
+fn rows_past_kv_lens_are_never_read() {
     let Some(gpu) = gpu() else { return };
-    let d = dims(2, 8, 2, 1, 700, 64, 64);
-    let opts = Attention::new().kv_lens(vec![700, 333]).path(Path::Decode);
+    let tiles = gpu
+        .with_decode_kernel(DecodeKernel::RowTiles, gpu.limits().subgroups)
+        .unwrap();
+    for (g, path, q_len, keys_kernel) in [
+        (gpu, Path::Decode, 1, true),
+        (&tiles, Path::Decode, 1, false),
+        (gpu, Path::Fused, 8, false),
+    ] {
+        nan_past_kv_lens(g, path, q_len, keys_kernel);
+    }
+}
+
+fn nan_past_kv_lens(gpu: &wgpu_attention::Gpu, path: Path, q_len: usize, keys_kernel: bool) {
+    let d = dims(2, 8, 2, q_len, 700, 64, 64);
+    let opts = Attention::new().kv_lens(vec![700, 333]).path(path);
     let plan = opts.plan(gpu, d).unwrap();
-    let Plan::Decode { plan: p, .. } = &plan else {
-        panic!("{}", plan.reason())
+    let used = match &plan {
+        Plan::Decode { plan: p, .. } | Plan::Fused { plan: p, .. } => p.keys_across_invocations,
+        _ => panic!("{}", plan.reason()),
     };
-    assert!(p.keys_across_invocations, "{}", plan.reason());
+    assert_eq!(used, keys_kernel, "{}", plan.reason());
     let mut r = rng(2100);
     let q = random(&mut r, d.q_elems(), 1.0);
     let k = random(&mut r, d.k_elems(), 1.0);
@@ -299,5 +314,11 @@ fn keys_kernel_ignores_rows_past_kv_lens() {
     let tv = gpu.upload(&poison(&v), d.v_shape(layout)).unwrap();
     let out = opts.run(gpu, &tq, &tk, &tv).unwrap();
     let o = out.o.download(gpu).unwrap();
-    common::assert_close("O", &o, &want.o, common::O_ATOL, common::O_RTOL);
+    common::assert_close(
+        &format!("O of {}", plan.reason()),
+        &o,
+        &want.o,
+        common::O_ATOL,
+        common::O_RTOL,
+    );
 }

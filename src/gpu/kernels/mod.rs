@@ -311,10 +311,10 @@ impl Kernel {
 pub const FLASH_ROWS: [u32; 5] = [4, 8, 16, 32, 64];
 
 /// Workgroup memory of the fused kernel: the tile product's staging (also V's), the tile's
-/// probabilities (`TILE x TILE` f32), a row reduction (`TILE` rows x `TILE / 4` invocations) and the
-/// tile bounds (`vec4<u32>`).
+/// probabilities (`TILE x TILE` f32), a row reduction (`TILE` rows x `TILE / 4` invocations),
+/// the tile bounds (`vec4<u32>`) and the last key any row sees (`u32`).
 pub(crate) const FLASH_WORKGROUP_BYTES: u32 =
-    TILE_STAGE_BYTES + TILE * TILE * 4 + TILE * (TILE / 4) * 4 + 16;
+    TILE_STAGE_BYTES + TILE * TILE * 4 + TILE * (TILE / 4) * 4 + 16 + 4;
 
 /// The rows the decode kernel is compiled for (`ROWS`): the fewest of these that hold a kv
 /// head's `group * q_len` rows.
