@@ -8,17 +8,21 @@
 //! 1. `enable` lines for the features the key needs (`enable f16;` when a tensor is stored as
 //!    native f16). Subgroup builtins need no `enable` (naga 30 rejects `enable subgroups;`):
 //!    they work once the device has `Features::SUBGROUP`.
-//! 2. the shared constants (`uniforms::shared_constants`: `-inf` bits, tile sizes, ...) and
-//!    the WGSL structs of the parameter blocks the kernel binds, generated from their one Rust
-//!    definition (`uniforms.rs`);
+//! 2. the shared constants (`uniforms::shared_constants`: `-inf` bits, tile sizes, `log2(e)`,
+//!    ...), the key's own `const`s ([`KernelKey::source_constants`]: sizes that fix the length
+//!    of function-scope arrays, which a pipeline `override` cannot, e.g. the decode kernel's
+//!    rows and workgroup) and the WGSL structs of the parameter blocks the kernel binds,
+//!    generated from their one Rust definition (`uniforms.rs`);
 //! 3. every binding, declared from the kernel's slot list (`Kernel::slots`: name, type,
 //!    access, in binding order), so no kernel file writes a binding number; a tensor binding
 //!    gets a *prelude* declaring it in its [`Storage`] with a `load_<name>(i) -> f32` (and,
 //!    when writable, `store_<name>(i, x)`) accessor: a new storage type is a new prelude,
-//!    never a copy of a kernel;
-//! 4. the fragments of `shaders/lib/` the kernel uses ([`Kernel::fragments`]): the workgroup
+//!    never a copy of a kernel. A read-only tensor also gets `load4_<name>(i)`; one the key
+//!    reads in groups ([`KernelKey::grouped_tensors`]) is declared as an array of 4- or
+//!    8-element vectors so that a group is one load, with `loadg_<name>(i)`;
+//! 4. the fragments of `shaders/lib/` the key uses ([`KernelKey::fragments`]): the workgroup
 //!    grid, log-sum-exp merging, the register-blocked tile product and its store, the masking
-//!    rules;
+//!    rules, the decode kernel's row reduction (subgroup or workgroup-memory variant);
 //! 5. the kernel file.
 //!
 //! A new product kernel lists its bindings in `Kernel::slots` (private to the crate),
