@@ -8,7 +8,8 @@ use wgpu_attention::gpu::merge;
 use wgpu_attention::{Attention, Causal, Dims, Error, KvCache, Layout, Path, cpu};
 
 /// Decoding: a prompt, then single tokens, then a ragged chunk, with two sequences of
-/// different lengths; every step checked against the reference on the host copy of the cache.
+/// different lengths; every step checked against the reference on the host copy of the cache,
+/// and on the kernel the decode path picks for it.
 #[test]
 fn cache_filled_in_several_appends() {
     let Some(gpu) = gpu() else { return };
@@ -62,6 +63,19 @@ fn cache_filled_in_several_appends() {
             .q_lens(q_lens)
             .kv_lens(lens)
             .causal(Causal::BottomRight);
+        // What attend ran: the fused path for the prompt, then the decode path, on the
+        // decode-shaped kernel for up to 16 rows per kv head (one token here), the row-tiled
+        // one past that.
+        let plan = want_opts.plan(gpu, full).unwrap();
+        let rows = heads / kv_heads * t;
+        match &plan {
+            wgpu_attention::Plan::Decode { plan: p, .. } => {
+                assert!(rows <= 64, "{}", plan.reason());
+                assert_eq!(p.keys_across_invocations, rows <= 16, "{}", plan.reason());
+            }
+            wgpu_attention::Plan::Fused { .. } => assert!(rows > 64, "{}", plan.reason()),
+            _ => panic!("{}", plan.reason()),
+        }
         let want = cpu::reference(&q, &host_k, &host_v, full, &want_opts).unwrap();
         let ctx = format!("step {step}, appended {new:?}");
         assert_close(
