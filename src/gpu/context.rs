@@ -5,7 +5,7 @@ use std::sync::Arc;
 use crate::error::{Error, Result};
 use crate::gpu::kernels::Kernels;
 use crate::gpu::limits::{DecodeKernel, GpuLimits, LimitCaps};
-use crate::gpu::tuning::{TileConfig, table_entry};
+use crate::gpu::tuning::{TileConfig, entry_for};
 
 /// A device and queue, with the limits, features and compiled pipelines of this crate.
 ///
@@ -153,7 +153,7 @@ impl Gpu {
         let mut limits = GpuLimits::from_wgpu(&device.limits(), info.device_type);
         let features = device.features();
         // The adapter's tile configuration, then the environment's overrides.
-        table_entry(info.vendor, info.device_type)
+        entry_for(&info)
             .config
             .apply(&mut limits, features.contains(wgpu::Features::SUBGROUP));
         if let Ok(value) = std::env::var("WGPU_ATTENTION_DECODE_ROWS") {

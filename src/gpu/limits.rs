@@ -121,7 +121,7 @@ impl GpuLimits {
             decode_target_workgroups: 256,
         };
         // No vendor and no features here: the device type's entry, without subgroups.
-        crate::gpu::tuning::table_entry(0, device_type)
+        crate::gpu::tuning::table_entry(0, device_type, 0)
             .config
             .apply(&mut limits, false);
         limits

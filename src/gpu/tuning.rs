@@ -2,7 +2,7 @@
 //! adapter.
 //!
 //! [`TABLE`] lists configurations keyed by what wgpu reports of an adapter (PCI vendor ID,
-//! device type); the first entry that matches is taken when a [`Gpu`](crate::Gpu) is opened,
+//! device type, smallest subgroup size); the first entry that matches is taken when a [`Gpu`](crate::Gpu) is opened,
 //! and [`GpuLimits::from_wgpu`] applies the entry for a device type with no vendor. Each entry
 //! says whether it was measured (`attn-bench --tune` prints a line to paste here) or is a
 //! guess. A program overrides the choice with
@@ -37,6 +37,9 @@ pub struct TableEntry {
     pub vendor: Option<u32>,
     /// Device type the adapter must report, or any.
     pub device_type: Option<wgpu::DeviceType>,
+    /// Smallest subgroup size the adapter must report (`AdapterInfo::subgroup_min_size`), or
+    /// any: AMD's wave64 and wave32 parts, say, may want different workgroups.
+    pub subgroup_size: Option<u32>,
     /// The configuration.
     pub config: TileConfig,
     /// `attn-bench --tune` output it was taken from, with the date, or why it is a guess.
@@ -58,6 +61,7 @@ pub const TABLE: &[TableEntry] = &[
         adapters: "CPU adapters (Mesa's llvmpipe / lavapipe)",
         vendor: None,
         device_type: Some(wgpu::DeviceType::Cpu),
+        subgroup_size: None,
         config: keys(16, 4, 64),
         source: "measured: attn-bench --tune --reps 3 --warmup 1, llvmpipe (LLVM 15.0.6, 256 \
                  bits), Mesa 22.3.6, 2026-12-02: keys16 subgroups=1 fastest, 287 ms over both \
@@ -67,6 +71,7 @@ pub const TABLE: &[TableEntry] = &[
         adapters: "NVIDIA GPUs",
         vendor: Some(0x10de),
         device_type: None,
+        subgroup_size: None,
         config: keys(64, 16, 1024),
         source: "guess, never measured: 64 invocations are two warps; 1024 workgroups are \
                  about 8 per SM of an H100 or H200",
@@ -75,6 +80,7 @@ pub const TABLE: &[TableEntry] = &[
         adapters: "discrete GPUs",
         vendor: None,
         device_type: Some(wgpu::DeviceType::DiscreteGpu),
+        subgroup_size: None,
         config: keys(64, 16, 1024),
         source: "guess, never measured: 64 invocations are one AMD wavefront or two warps",
     },
@@ -82,19 +88,32 @@ pub const TABLE: &[TableEntry] = &[
         adapters: "every other adapter (integrated and virtual GPUs, WebGPU)",
         vendor: None,
         device_type: None,
+        subgroup_size: None,
         config: keys(64, 16, 256),
         source: "guess, never measured",
     },
 ];
 
-/// The entry of [`TABLE`] for an adapter of `vendor` and `device_type`.
-pub fn table_entry(vendor: u32, device_type: wgpu::DeviceType) -> &'static TableEntry {
+/// The entry of [`TABLE`] for an adapter of `vendor`, `device_type` and smallest subgroup
+/// size `subgroup_size` (0 when unknown, which matches only entries that take any).
+pub fn table_entry(
+    vendor: u32,
+    device_type: wgpu::DeviceType,
+    subgroup_size: u32,
+) -> &'static TableEntry {
     TABLE
         .iter()
         .find(|e| {
-            e.vendor.is_none_or(|v| v == vendor) && e.device_type.is_none_or(|t| t == device_type)
+            e.vendor.is_none_or(|v| v == vendor)
+                && e.device_type.is_none_or(|t| t == device_type)
+                && e.subgroup_size.is_none_or(|n| n == subgroup_size)
         })
         .unwrap_or(&TABLE[TABLE.len() - 1])
+}
+
+/// The entry of [`TABLE`] for `info`'s adapter.
+pub fn entry_for(info: &wgpu::AdapterInfo) -> &'static TableEntry {
+    table_entry(info.vendor, info.device_type, info.subgroup_min_size)
 }
 
 impl TileConfig {
@@ -139,18 +158,19 @@ mod tests {
 
     #[test]
     fn every_adapter_gets_an_entry_and_the_cpu_entry_is_the_measured_one() {
-        let cpu = table_entry(0x10005, wgpu::DeviceType::Cpu);
+        let cpu = table_entry(0x10005, wgpu::DeviceType::Cpu, 8);
         assert!(cpu.source.starts_with("measured"), "{cpu:?}");
         assert_eq!(
             cpu.config.decode_kernel,
             DecodeKernel::KeysAcrossInvocations { workgroup: 16 }
         );
-        let nvidia = table_entry(0x10de, wgpu::DeviceType::DiscreteGpu);
+        let nvidia = table_entry(0x10de, wgpu::DeviceType::DiscreteGpu, 32);
         assert_eq!(nvidia.adapters, "NVIDIA GPUs");
-        let amd = table_entry(0x1002, wgpu::DeviceType::DiscreteGpu);
+        let amd = table_entry(0x1002, wgpu::DeviceType::DiscreteGpu, 64);
         assert_eq!(amd.adapters, "discrete GPUs");
-        let other = table_entry(0x106b, wgpu::DeviceType::IntegratedGpu);
+        let other = table_entry(0x106b, wgpu::DeviceType::IntegratedGpu, 32);
         assert!(other.vendor.is_none() && other.device_type.is_none());
+        assert!(TABLE[TABLE.len() - 1].subgroup_size.is_none());
         for e in TABLE {
             let name = e.config.decode_kernel.name();
             assert_eq!(

@@ -119,11 +119,12 @@ pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             // A line for wgpu_attention::gpu::tuning::TABLE.
             println!(
                 "tune: table entry: TableEntry {{ adapters: {:?}, vendor: Some({:#x}), \
-                 device_type: Some(wgpu::DeviceType::{:?}), config: {}, source: \"measured: \
-                 attn-bench --tune, {} ms over both shapes\" }}",
+                 device_type: Some(wgpu::DeviceType::{:?}), subgroup_size: Some({}), config: {}, \
+                 source: \"measured: attn-bench --tune, {} ms over both shapes\" }}",
                 info.name,
                 info.vendor,
                 info.device_type,
+                info.subgroup_min_size,
                 config.gpu.tile_config().as_rust(),
                 (total * 1000.0).round() / 1000.0
             );
