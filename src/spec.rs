@@ -317,9 +317,11 @@ pub enum Path {
     ThreePass,
     /// One fused kernel with online softmax (flash attention): O(N) memory.
     Fused,
-    /// The fused kernel with the keys split across workgroups and the partial results merged
-    /// by their log-sum-exp (flash-decoding), and the query heads of a GQA group packed into
-    /// one workgroup: for a few queries over many keys.
+    /// Fused attention shaped for decoding: the query heads of a GQA group packed into one
+    /// workgroup (for up to 16 rows per kv head, a kernel that spreads each key tile over the
+    /// invocations; past that, the fused kernel), the keys split across workgroups and the
+    /// partial results merged by their log-sum-exp (flash-decoding): for a few queries over
+    /// many keys.
     Decode,
 }
 

@@ -38,8 +38,9 @@ pub enum Plan {
         /// Why this path.
         why: &'static str,
     },
-    /// The fused kernel with the keys split to fill the device, GQA groups packed, and the
-    /// splits merged by log-sum-exp (flash-decoding).
+    /// The decode-shaped kernel (`flash_decode.wgsl`, up to 16 rows per kv head) or the
+    /// fused kernel, GQA groups packed, the keys split to fill the device and the splits
+    /// merged by log-sum-exp (flash-decoding).
     Decode {
         /// Dispatch, splits and specialisation.
         plan: FusedPlan,
