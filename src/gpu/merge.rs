@@ -85,18 +85,16 @@ pub fn merge(gpu: &Gpu, a: Partial<'_>, b: Partial<'_>, layout: Layout) -> Resul
         }
     }
 
-    let device = &gpu.device;
     let out = Output {
         o: gpu.empty_as(dims, a.o.dtype())?,
         lse: Some(gpu.empty([batch, heads, q_len, 1])?),
         weights: None,
     };
-    let stacked = device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some("wgpu-attention merge inputs"),
-        size: bytes,
-        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
-        mapped_at_creation: false,
-    });
+    let stacked = gpu.scratch(
+        "wgpu-attention merge inputs",
+        bytes,
+        wgpu::BufferUsages::COPY_DST,
+    );
     gpu.submit_with("merge", |encoder| {
         // [o_a | o_b | lse_a | lse_b]: the combine kernel reads them as two splits.
         encoder.copy_buffer_to_buffer(a.o.buffer(), 0, &stacked, 0, o_bytes);

@@ -127,6 +127,23 @@ impl Gpu {
         self.empty_as(dims, DType::F32)
     }
 
+    /// A scratch buffer of `size` bytes for one call's kernels (split partials, scores, merge
+    /// inputs): storage, plus `extra` usages. The one place calls allocate scratch, so a pool
+    /// can replace it.
+    pub(crate) fn scratch(
+        &self,
+        label: &str,
+        size: u64,
+        extra: wgpu::BufferUsages,
+    ) -> wgpu::Buffer {
+        self.device.create_buffer(&wgpu::BufferDescriptor {
+            label: Some(label),
+            size,
+            usage: wgpu::BufferUsages::STORAGE | extra,
+            mapped_at_creation: false,
+        })
+    }
+
     /// A new tensor of `dims` and `dtype` whose contents are unspecified until written.
     pub fn empty_as(&self, dims: [usize; 4], dtype: DType) -> Result<Tensor> {
         let size = byte_len(self, "tensor", dims, dtype)?;

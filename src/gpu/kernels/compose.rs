@@ -74,6 +74,12 @@ fn prelude(src: &mut String, name: &str, binding: usize, storage: Storage, read_
     let decl = |ty: &str| {
         format!("@group(0) @binding({binding}) var<storage, {access}> {name}_buf: {ty};\n")
     };
+    // Packed types: words, atomic where writable (see packed_store).
+    let packed_decl = decl(if read_only {
+        "array<u32>"
+    } else {
+        "array<atomic<u32>>"
+    });
     // The 32-bit word holding element i, as a value.
     let word = if read_only {
         format!("{name}_buf[i >> 1u]")
@@ -113,11 +119,7 @@ fn prelude(src: &mut String, name: &str, binding: usize, storage: Storage, read_
             }
         }
         Storage::F16Packed => {
-            src.push_str(&decl(if read_only {
-                "array<u32>"
-            } else {
-                "array<atomic<u32>>"
-            }));
+            src.push_str(&packed_decl);
             let _ = writeln!(
                 src,
                 "fn load_{name}(i: u32) -> f32 {{\n    let pair = unpack2x16float({word});\n    \
@@ -130,11 +132,7 @@ fn prelude(src: &mut String, name: &str, binding: usize, storage: Storage, read_
             }
         }
         Storage::Bf16 => {
-            src.push_str(&decl(if read_only {
-                "array<u32>"
-            } else {
-                "array<atomic<u32>>"
-            }));
+            src.push_str(&packed_decl);
             let _ = writeln!(
                 src,
                 "fn load_{name}(i: u32) -> f32 {{ return bitcast<f32>((({word} >> ((i & 1u) * 16u)) & 0xffffu) << 16u); }}"

@@ -364,15 +364,6 @@ fn convert_params(spec: &Spec<'_>) -> CombineParams {
     }
 }
 
-fn storage_buffer(gpu: &Gpu, label: &str, size: u64) -> wgpu::Buffer {
-    gpu.device.create_buffer(&wgpu::BufferDescriptor {
-        label: Some(label),
-        size,
-        usage: wgpu::BufferUsages::STORAGE,
-        mapped_at_creation: false,
-    })
-}
-
 /// Encodes the fused kernel (and the combine of its splits) into `encoder`.
 pub(crate) fn encode(
     gpu: &Gpu,
@@ -427,11 +418,21 @@ pub(crate) fn encode(
     };
     let kernel = gpu.kernels.get(&gpu.device, key)?;
     // Passes merge by log-sum-exp, so they need one even when the caller did not ask for it.
-    let lse_scratch = (plan.passes > 1 && io.lse.is_none())
-        .then(|| storage_buffer(gpu, "wgpu-attention pass log-sum-exp", rows * 4));
+    let lse_scratch = (plan.passes > 1 && io.lse.is_none()).then(|| {
+        gpu.scratch(
+            "wgpu-attention pass log-sum-exp",
+            rows * 4,
+            wgpu::BufferUsages::empty(),
+        )
+    });
     let lse_out = io.lse.map(|t| t.buffer()).or(lse_scratch.as_ref());
-    let parts = (plan.splits > 1)
-        .then(|| storage_buffer(gpu, "wgpu-attention split partials", plan.scratch_bytes));
+    let parts = (plan.splits > 1).then(|| {
+        gpu.scratch(
+            "wgpu-attention split partials",
+            plan.scratch_bytes,
+            wgpu::BufferUsages::empty(),
+        )
+    });
     let size = DispatchSize::linear(
         plan.workgroups,
         gpu.limits.max_workgroups_per_dim,

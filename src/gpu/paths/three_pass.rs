@@ -264,12 +264,11 @@ pub(crate) fn encode(
     let scratch = if weights_in_place {
         None
     } else {
-        Some(device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("wgpu-attention scores"),
-            size: plan.scratch_bytes,
-            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
-            mapped_at_creation: false,
-        }))
+        Some(gpu.scratch(
+            "wgpu-attention scores",
+            plan.scratch_bytes,
+            wgpu::BufferUsages::COPY_SRC,
+        ))
     };
     let scores: &wgpu::Buffer = match (&scratch, io.weights) {
         (Some(s), _) => s,
