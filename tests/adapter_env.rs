@@ -49,14 +49,14 @@ fn decode_kernel_and_subgroups() {
     set_env("WGPU_ATTENTION_SUBGROUPS", Some("0"));
     let gpu = Gpu::new().expect("an adapter");
     assert_eq!(
-        gpu.limits().decode_kernel,
+        gpu.limits().tile.decode_kernel,
         DecodeKernel::KeysAcrossInvocations { workgroup: 32 }
     );
-    assert!(!gpu.limits().subgroups);
+    assert!(!gpu.limits().tile.subgroups);
     set_env("WGPU_ATTENTION_DECODE_KERNEL", Some("tiles"));
     set_env("WGPU_ATTENTION_SUBGROUPS", None);
     let gpu = Gpu::new().expect("an adapter");
-    assert_eq!(gpu.limits().decode_kernel, DecodeKernel::RowTiles);
+    assert_eq!(gpu.limits().tile.decode_kernel, DecodeKernel::RowTiles);
     set_env("WGPU_ATTENTION_DECODE_KERNEL", None);
 }
 
@@ -79,7 +79,7 @@ fn decode_rows() {
     }
     set("8");
     let gpu = Gpu::new().expect("an adapter");
-    assert_eq!(gpu.limits().min_decode_rows, 8);
+    assert_eq!(gpu.limits().tile.min_decode_rows, 8);
     #[allow(unsafe_code)]
     // SAFETY: as above.
     unsafe {

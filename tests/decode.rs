@@ -57,7 +57,7 @@ fn splits_with_no_allowed_key() {
 fn every_row_configuration() {
     let Some(gpu) = gpu() else { return };
     let gpu = &gpu
-        .with_decode_kernel(DecodeKernel::RowTiles, gpu.limits().subgroups)
+        .with_decode_kernel(DecodeKernel::RowTiles, gpu.limits().tile.subgroups)
         .unwrap();
     let gpu_like = gpu.with_decode_rows(16).unwrap();
     assert!(gpu.with_decode_rows(12).is_err());
@@ -76,7 +76,7 @@ fn every_row_configuration() {
                 max_key_tiles_per_workgroup: Some(2),
                 ..Default::default()
             });
-            let min = base.limits().min_decode_rows;
+            let min = base.limits().tile.min_decode_rows;
             let want = [4, 8, 16, 32, 64]
                 .into_iter()
                 .find(|&r| r >= min && r as usize >= rows)
@@ -107,7 +107,7 @@ fn keys_kernel_contexts(gpu: &wgpu_attention::Gpu) -> Vec<(wgpu_attention::Gpu, 
             gpu.with_decode_kernel(keys, false).unwrap(),
             format!("{name}, workgroup reduce"),
         ));
-        if gpu.limits().subgroups {
+        if gpu.limits().tile.subgroups {
             out.push((
                 gpu.with_decode_kernel(keys, true).unwrap(),
                 format!("{name}, subgroups"),
@@ -273,7 +273,7 @@ fn tile_config_overrides() {
 fn rows_past_kv_lens_are_never_read() {
     let Some(gpu) = gpu() else { return };
     let tiles = gpu
-        .with_decode_kernel(DecodeKernel::RowTiles, gpu.limits().subgroups)
+        .with_decode_kernel(DecodeKernel::RowTiles, gpu.limits().tile.subgroups)
         .unwrap();
     for (g, path, q_len, keys_kernel) in [
         (gpu, Path::Decode, 1, true),

@@ -153,16 +153,19 @@ impl Gpu {
         let mut limits = GpuLimits::from_wgpu(&device.limits(), info.device_type);
         let features = device.features();
         // The adapter's tile configuration, then the environment's overrides.
-        entry_for(&info)
-            .config
-            .apply(&mut limits, features.contains(wgpu::Features::SUBGROUP));
+        let has_subgroups = features.contains(wgpu::Features::SUBGROUP);
+        let entry = entry_for(&info).config;
+        limits.tile = TileConfig {
+            subgroups: entry.subgroups && has_subgroups,
+            ..entry
+        };
         if let Ok(value) = std::env::var("WGPU_ATTENTION_DECODE_ROWS") {
             const WHAT: &str = "WGPU_ATTENTION_DECODE_ROWS";
             let rows = value.trim().parse().unwrap_or(0);
-            limits.min_decode_rows = decode_rows(rows, WHAT, &value)?;
+            limits.tile.min_decode_rows = decode_rows(rows, WHAT, &value)?;
         }
         if let Ok(value) = std::env::var("WGPU_ATTENTION_SUBGROUPS") {
-            limits.subgroups = match value.trim() {
+            limits.tile.subgroups = match value.trim() {
                 "0" => false,
                 "1" => subgroups_on(features)?,
                 _ => {
@@ -175,7 +178,7 @@ impl Gpu {
             };
         }
         if let Ok(value) = std::env::var("WGPU_ATTENTION_DECODE_KERNEL") {
-            limits.decode_kernel = DecodeKernel::parse(&value).ok_or(Error::InvalidOption {
+            limits.tile.decode_kernel = DecodeKernel::parse(&value).ok_or(Error::InvalidOption {
                 what: "WGPU_ATTENTION_DECODE_KERNEL",
                 value,
                 why: "must be keys16, keys32 or keys64 (the decode-shaped kernel with that many \
@@ -329,11 +332,11 @@ impl Gpu {
     }
 
     /// A context on the same device whose decode path uses at least `rows` rows per fused
-    /// workgroup (4, 8, 16, 32 or 64; see [`GpuLimits::min_decode_rows`]): the tile choice,
+    /// workgroup (4, 8, 16, 32 or 64; see [`TileConfig::min_decode_rows`](crate::gpu::tuning::TileConfig::min_decode_rows)): the tile choice,
     /// for tuning and for tests that cover every configuration on one adapter.
     pub fn with_decode_rows(&self, rows: u32) -> Result<Gpu> {
         let mut gpu = self.clone();
-        gpu.limits.min_decode_rows =
+        gpu.limits.tile.min_decode_rows =
             decode_rows(rows, "decode rows per workgroup", &rows.to_string())?;
         Ok(gpu)
     }
@@ -342,7 +345,7 @@ impl Gpu {
     /// [`TABLE`](crate::gpu::tuning::TABLE), after the environment's and the program's
     /// overrides).
     pub fn tile_config(&self) -> TileConfig {
-        TileConfig::of(&self.limits)
+        self.limits.tile
     }
 
     /// A context on the same device with tile configuration `config` (for instance a line
@@ -358,7 +361,7 @@ impl Gpu {
                 why: "the key splits need a positive target",
             });
         }
-        gpu.limits.decode_target_workgroups = config.decode_target_workgroups;
+        gpu.limits.tile.decode_target_workgroups = config.decode_target_workgroups;
         Ok(gpu)
     }
 
@@ -375,8 +378,8 @@ impl Gpu {
             });
         }
         let mut gpu = self.clone();
-        gpu.limits.decode_kernel = kernel;
-        gpu.limits.subgroups = subgroups && subgroups_on(gpu.features)?;
+        gpu.limits.tile.decode_kernel = kernel;
+        gpu.limits.tile.subgroups = subgroups && subgroups_on(gpu.features)?;
         Ok(gpu)
     }
 

@@ -5,6 +5,7 @@
 //! against the limits of real devices on a machine with no adapter at all.
 
 use crate::error::{Error, Result};
+use crate::gpu::tuning::{TileConfig, table_entry};
 
 /// The device limits the plans need, read once from the device.
 ///
@@ -31,30 +32,13 @@ pub struct GpuLimits {
     /// an invocation's loops after 65535 iterations in total, so on CPU adapters it is 32
     /// (2048 keys); elsewhere it is unbounded.
     pub max_key_tiles_per_workgroup: u32,
-    /// The fewest rows per workgroup of the fused kernel on the decode path (4, 8, 16, 32 or
-    /// 64; the plan takes the fewest of those, at least this, that hold a kv head's rows). Not
-    /// a wgpu limit but a tile choice per adapter: 16 on GPUs (64 invocations, at least a warp
-    /// or wavefront), 4 on CPU adapters (measured 1.1-1.35x faster than 16 on llvmpipe).
-    /// `WGPU_ATTENTION_DECODE_ROWS` or [`Gpu::with_decode_rows`](crate::Gpu::with_decode_rows)
-    /// overrides it.
-    pub min_decode_rows: u32,
-    /// Whether kernels may use subgroup operations: the device was created with
-    /// `Features::SUBGROUP` (wgpu guarantees subgroups of at least 4 invocations). `false` from
-    /// [`GpuLimits::from_wgpu`], which sees no features; [`Gpu`](crate::Gpu) sets it from its
-    /// device, and `WGPU_ATTENTION_SUBGROUPS=0` or
-    /// [`Gpu::with_decode_kernel`](crate::Gpu::with_decode_kernel) turns it off.
-    pub subgroups: bool,
-    /// Which kernel the decode path runs for the few rows it fits (see [`DecodeKernel`]), from
-    /// the adapter's tile configuration ([`TABLE`](crate::gpu::tuning::TABLE)).
-    pub decode_kernel: DecodeKernel,
-    /// Workgroups the decode path aims for when it splits the keys (flash-decoding), from the
-    /// adapter's tile configuration since wgpu does not report a core count
-    /// ([`TABLE`](crate::gpu::tuning::TABLE)): 1024 on discrete GPUs (a few workgroups per core
-    /// of a large card), 256 on integrated and other GPUs, 64 on CPU adapters.
-    pub decode_target_workgroups: u32,
+    /// The decode path's tile configuration: not a device limit but a choice per adapter
+    /// ([`TABLE`](crate::gpu::tuning::TABLE)), kept beside the limits because the planner
+    /// reads both.
+    pub tile: TileConfig,
 }
 
-/// The kernel of the decode path, a tile choice per adapter ([`GpuLimits::decode_kernel`];
+/// The kernel of the decode path, a tile choice per adapter ([`TileConfig::decode_kernel`];
 /// `WGPU_ATTENTION_DECODE_KERNEL=keys16`, `keys32`, `keys64` or `tiles` overrides it).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum DecodeKernel {
@@ -68,7 +52,7 @@ pub enum DecodeKernel {
         workgroup: u32,
     },
     /// Always the row-tiled fused kernel (`flash_attention.wgsl` with
-    /// [`GpuLimits::min_decode_rows`] rows or more).
+    /// [`TileConfig::min_decode_rows`] rows or more).
     RowTiles,
 }
 
@@ -101,7 +85,7 @@ impl GpuLimits {
     /// [`Gpu`](crate::Gpu) reads from its device, and what a program can plan with for a
     /// device it does not have open.
     pub fn from_wgpu(l: &wgpu::Limits, device_type: wgpu::DeviceType) -> GpuLimits {
-        let mut limits = GpuLimits {
+        GpuLimits {
             max_storage_binding: l.max_storage_buffer_binding_size,
             max_buffer_size: l.max_buffer_size,
             max_workgroups_per_dim: l.max_compute_workgroups_per_dimension,
@@ -114,17 +98,12 @@ impl GpuLimits {
             } else {
                 u32::MAX
             },
-            // The tile configuration below overwrites these four.
-            min_decode_rows: 16,
-            subgroups: false,
-            decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup: 64 },
-            decode_target_workgroups: 256,
-        };
-        // No vendor and no features here: the device type's entry, without subgroups.
-        crate::gpu::tuning::table_entry(0, device_type, 0)
-            .config
-            .apply(&mut limits, false);
-        limits
+            // No vendor and no features here: the device type's entry, without subgroups.
+            tile: TileConfig {
+                subgroups: false,
+                ..table_entry(0, device_type, 0).config
+            },
+        }
     }
 }
 

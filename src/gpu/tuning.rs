@@ -3,28 +3,39 @@
 //!
 //! [`TABLE`] lists configurations keyed by what wgpu reports of an adapter (PCI vendor ID,
 //! device type, smallest subgroup size); the first entry that matches is taken when a [`Gpu`](crate::Gpu) is opened,
-//! and [`GpuLimits::from_wgpu`] applies the entry for a device type with no vendor. Each entry
+//! and [`GpuLimits::from_wgpu`](crate::gpu::GpuLimits::from_wgpu) applies the entry for a device type with no vendor. Each entry
 //! says whether it was measured (`attn-bench --tune` prints a line to paste here) or is a
 //! guess. A program overrides the choice with
 //! [`Gpu::with_tile_config`](crate::Gpu::with_tile_config) (or the finer
 //! `with_decode_kernel`, `with_decode_rows`), a user without a rebuild with
 //! `WGPU_ATTENTION_DECODE_KERNEL`, `WGPU_ATTENTION_SUBGROUPS` and `WGPU_ATTENTION_DECODE_ROWS`.
 //!
-//! The configuration's fields end up in [`GpuLimits`] (the plans read them from there, so the
-//! planner tests can set them without a device).
+//! The configuration is [`GpuLimits::tile`](crate::gpu::GpuLimits::tile): the plans read it there, beside the device
+//! limits, so the planner tests set any configuration without a device.
 
-use super::limits::{DecodeKernel, GpuLimits};
+use super::limits::DecodeKernel;
 
-/// One tile configuration of the decode path.
+/// One tile configuration of the decode path ([`GpuLimits::tile`](crate::gpu::GpuLimits::tile)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TileConfig {
-    /// The decode kernel and its workgroup ([`GpuLimits::decode_kernel`]).
+    /// Which kernel the decode path runs for the few rows it fits, and its workgroup (see
+    /// [`DecodeKernel`]).
     pub decode_kernel: DecodeKernel,
-    /// Use subgroup operations where the device has them ([`GpuLimits::subgroups`]).
+    /// Whether kernels may use subgroup operations. A [`Gpu`](crate::Gpu) keeps it only where
+    /// its device has `Features::SUBGROUP` (wgpu guarantees subgroups of at least 4
+    /// invocations); [`GpuLimits::from_wgpu`](crate::gpu::GpuLimits::from_wgpu), which sees no features, sets it `false`;
+    /// `WGPU_ATTENTION_SUBGROUPS=0` or
+    /// [`Gpu::with_decode_kernel`](crate::Gpu::with_decode_kernel) turns it off.
     pub subgroups: bool,
-    /// Fewest rows of the row-tiled kernel on the decode path ([`GpuLimits::min_decode_rows`]).
+    /// The fewest rows per workgroup of the row-tiled fused kernel on the decode path (4, 8,
+    /// 16, 32 or 64; the plan takes the fewest of those, at least this, that hold a kv head's
+    /// rows): 16 on GPUs (64 invocations, at least a warp or wavefront), 4 on CPU adapters.
+    /// `WGPU_ATTENTION_DECODE_ROWS` or [`Gpu::with_decode_rows`](crate::Gpu::with_decode_rows)
+    /// overrides it.
     pub min_decode_rows: u32,
-    /// Workgroups the key splits aim for ([`GpuLimits::decode_target_workgroups`]).
+    /// Workgroups the decode path aims for when it splits the keys (flash-decoding); wgpu does
+    /// not report a core count: 1024 on discrete GPUs (a few workgroups per core of a large
+    /// card), 256 on integrated and other GPUs, 64 on CPU adapters.
     pub decode_target_workgroups: u32,
 }
 
@@ -117,25 +128,6 @@ pub fn entry_for(info: &wgpu::AdapterInfo) -> &'static TableEntry {
 }
 
 impl TileConfig {
-    /// Writes this configuration into `limits`; subgroups only where `has_subgroups` (the
-    /// device's feature).
-    pub(crate) fn apply(&self, limits: &mut GpuLimits, has_subgroups: bool) {
-        limits.decode_kernel = self.decode_kernel;
-        limits.subgroups = self.subgroups && has_subgroups;
-        limits.min_decode_rows = self.min_decode_rows;
-        limits.decode_target_workgroups = self.decode_target_workgroups;
-    }
-
-    /// The configuration `limits` hold.
-    pub fn of(limits: &GpuLimits) -> TileConfig {
-        TileConfig {
-            decode_kernel: limits.decode_kernel,
-            subgroups: limits.subgroups,
-            min_decode_rows: limits.min_decode_rows,
-            decode_target_workgroups: limits.decode_target_workgroups,
-        }
-    }
-
     /// The configuration as Rust, for a [`TABLE`] entry (what `attn-bench --tune` prints).
     pub fn as_rust(&self) -> String {
         let kernel = match self.decode_kernel {

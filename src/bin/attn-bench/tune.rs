@@ -3,7 +3,7 @@
 //! The decode path runs one of two kernels ([`DecodeKernel`]): the decode-shaped
 //! `flash_decode.wgsl` with 16, 32 or 64 invocations per workgroup, with subgroup operations
 //! or workgroup-memory reductions, or the row-tiled fused kernel with at least
-//! `GpuLimits::min_decode_rows` rows per workgroup. This times each configuration on two decode
+//! `TileConfig::min_decode_rows` rows per workgroup. This times each configuration on two decode
 //! shapes (a GQA group of 4 heads with 1 and with 4 new tokens over 16384 keys) within
 //! `--tune-seconds`, and prints the fastest as the values to put in `GpuLimits::from_wgpu` for
 //! this kind of adapter (or to set with `WGPU_ATTENTION_DECODE_KERNEL`,
@@ -28,7 +28,7 @@ struct Config {
 /// Every configuration this adapter can run.
 fn configs(gpu: &Gpu) -> Result<Vec<Config>, Box<dyn std::error::Error>> {
     let mut out = Vec::new();
-    let reductions: &[bool] = if gpu.limits().subgroups {
+    let reductions: &[bool] = if gpu.limits().tile.subgroups {
         &[true, false]
     } else {
         &[false]
@@ -42,7 +42,7 @@ fn configs(gpu: &Gpu) -> Result<Vec<Config>, Box<dyn std::error::Error>> {
             });
         }
     }
-    let tiles = gpu.with_decode_kernel(DecodeKernel::RowTiles, gpu.limits().subgroups)?;
+    let tiles = gpu.with_decode_kernel(DecodeKernel::RowTiles, gpu.limits().tile.subgroups)?;
     for rows in ROWS {
         out.push(Config {
             name: format!("tiles rows={rows}"),
@@ -61,9 +61,9 @@ pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "tune: {} (default decode kernel {}, subgroups {}, min_decode_rows {}), budget {budget} s",
         gpu.describe(),
-        l.decode_kernel.name(),
-        l.subgroups as u8,
-        l.min_decode_rows
+        l.tile.decode_kernel.name(),
+        l.tile.subgroups as u8,
+        l.tile.min_decode_rows
     );
     let configs = configs(&gpu)?;
     let opts = Attention::new()

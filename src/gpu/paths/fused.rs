@@ -22,7 +22,7 @@
 //! (flash-decoding): each split writes its normalised partial output and log-sum-exp to a
 //! scratch of `splits * batch * heads * q_len * (v_head_dim + 1)` floats, linear in the
 //! sequence length, and `combine_splits.wgsl` merges them in the same submit. The splits aim
-//! for [`GpuLimits::decode_target_workgroups`] workgroups, with at least 2 key tiles each.
+//! for [`TileConfig::decode_target_workgroups`](crate::gpu::tuning::TileConfig::decode_target_workgroups) workgroups, with at least 2 key tiles each.
 //!
 //! Where the device caps the keys one workgroup may stream in one dispatch
 //! ([`GpuLimits::max_key_tiles_per_workgroup`]: llvmpipe's loop limit), the fused path runs the
@@ -72,7 +72,7 @@ pub struct FusedPlan {
     /// Key tiles of 64 per split or per pass.
     pub tiles_per_split: u32,
     /// Rows per workgroup: 64, or on the decode path the fewest of 4, 8, 16 and 32, at least
-    /// [`GpuLimits::min_decode_rows`], that hold the `group * q_len` rows of a kv head (fewer
+    /// [`TileConfig::min_decode_rows`](crate::gpu::tuning::TileConfig::min_decode_rows), that hold the `group * q_len` rows of a kv head (fewer
     /// idle invocations per key tile).
     pub rows_per_workgroup: u32,
     /// Whether the decode-shaped kernel runs (`flash_decode.wgsl`, keys across invocations;
@@ -120,7 +120,7 @@ pub(crate) fn keys_kernel(spec: &Spec<'_>, limits: &GpuLimits) -> Option<(u32, u
     let d = spec.dims;
     let packed = d.group() * d.q_len;
     let rows = DECODE_ROWS.into_iter().find(|&r| r as usize >= packed)?;
-    let DecodeKernel::KeysAcrossInvocations { workgroup } = limits.decode_kernel else {
+    let DecodeKernel::KeysAcrossInvocations { workgroup } = limits.tile.decode_kernel else {
         return None;
     };
     if !DECODE_WORKGROUPS.contains(&workgroup)
@@ -135,7 +135,7 @@ pub(crate) fn keys_kernel(spec: &Spec<'_>, limits: &GpuLimits) -> Option<(u32, u
         .rev()
         .filter(|&wg| wg <= workgroup && wg <= limits.max_invocations_per_workgroup)
         .find(|&wg| {
-            decode_workgroup_bytes(wg, rows, q_chunks, o_chunks, limits.subgroups)
+            decode_workgroup_bytes(wg, rows, q_chunks, o_chunks, limits.tile.subgroups)
                 <= limits.max_workgroup_storage
         })
         .map(|wg| (rows, wg))
@@ -191,7 +191,7 @@ impl FusedPlan {
         } else if decode {
             FLASH_ROWS
                 .into_iter()
-                .find(|&r| r >= limits.min_decode_rows && r as usize >= packed)
+                .find(|&r| r >= limits.tile.min_decode_rows && r as usize >= packed)
                 .unwrap_or(BM as u32)
         } else {
             BM as u32
@@ -203,7 +203,7 @@ impl FusedPlan {
         let rows = d.lse_elems() as u64;
         let (splits, passes) = if decode {
             let mut splits = key_tiles.div_ceil(cap);
-            let target = limits.decode_target_workgroups.max(1) as u64;
+            let target = limits.tile.decode_target_workgroups.max(1) as u64;
             if grid < target {
                 let wanted = target.div_ceil(grid);
                 let most = (key_tiles / MIN_TILES_PER_SPLIT).max(1);
@@ -398,7 +398,7 @@ pub(crate) fn encode(
             rows: plan.rows_per_workgroup,
             q_chunks: spec.dims.head_dim.div_ceil(64) as u32,
             o_chunks: plan.o_chunks,
-            subgroups: gpu.limits.subgroups,
+            subgroups: gpu.limits.tile.subgroups,
             // Every K (V) index the kernel reads in groups is then a multiple of the group, and
             // every K and V buffer a multiple of the group long.
             k_group: element_group(spec.dims.head_dim, 8),

@@ -4,6 +4,7 @@
 use super::*;
 use crate::error::Error;
 use crate::gpu::limits::{DecodeKernel, LimitCaps};
+use crate::gpu::tuning::TileConfig;
 use crate::spec::{Attention, Causal, Dims};
 
 /// Mesa's lavapipe (the CI adapter): 128 MiB bindings, 32 KiB workgroup memory, and the
@@ -18,10 +19,12 @@ fn lavapipe() -> GpuLimits {
         max_storage_buffers_per_stage: 32,
         min_uniform_offset_alignment: 16,
         max_key_tiles_per_workgroup: 32,
-        min_decode_rows: 4,
-        subgroups: true,
-        decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup: 16 },
-        decode_target_workgroups: 64,
+        tile: TileConfig {
+            decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup: 16 },
+            subgroups: true,
+            min_decode_rows: 4,
+            decode_target_workgroups: 64,
+        },
     }
 }
 
@@ -37,10 +40,12 @@ fn h100() -> GpuLimits {
         max_storage_buffers_per_stage: 1 << 20,
         min_uniform_offset_alignment: 64,
         max_key_tiles_per_workgroup: u32::MAX,
-        min_decode_rows: 16,
-        subgroups: true,
-        decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup: 64 },
-        decode_target_workgroups: 1024,
+        tile: TileConfig {
+            decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup: 64 },
+            subgroups: true,
+            min_decode_rows: 16,
+            decode_target_workgroups: 1024,
+        },
     }
 }
 
@@ -55,10 +60,12 @@ fn apple_m() -> GpuLimits {
         max_storage_buffers_per_stage: 31,
         min_uniform_offset_alignment: 256,
         max_key_tiles_per_workgroup: u32::MAX,
-        min_decode_rows: 16,
-        subgroups: true,
-        decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup: 64 },
-        decode_target_workgroups: 256,
+        tile: TileConfig {
+            decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup: 64 },
+            subgroups: true,
+            min_decode_rows: 16,
+            decode_target_workgroups: 256,
+        },
     }
 }
 
@@ -366,7 +373,7 @@ fn decode_kernel_rows() {
                     assert!(p.keys_across_invocations, "{group_rows:?}: {p:?}");
                     assert_eq!(p.rows_per_workgroup, rows, "{group_rows:?}: {p:?}");
                     // 16 rows at 64 invocations need 20 KiB: WebGPU's 16 KiB takes 32.
-                    let configured = match limits.decode_kernel {
+                    let configured = match limits.tile.decode_kernel {
                         DecodeKernel::KeysAcrossInvocations { workgroup } => workgroup,
                         DecodeKernel::RowTiles => unreachable!(),
                     };
@@ -400,7 +407,7 @@ fn decode_rows_per_workgroup() {
         let d = dims(1, 8 * group, 8, q_len, 4096, 64);
         let opts = Attention::new().path(Path::Decode);
         for (mut limits, rows) in [(lavapipe(), lavapipe_rows), (h100(), gpu_rows)] {
-            limits.decode_kernel = DecodeKernel::RowTiles;
+            limits.tile.decode_kernel = DecodeKernel::RowTiles;
             let Plan::Decode { plan: p, .. } = plan(&opts, &limits, d).unwrap() else {
                 panic!("not decode")
             };
@@ -429,7 +436,7 @@ fn decode_workgroups_outside_the_table_fall_back() {
     let d = dims(1, 4, 1, 1, 4096, 64);
     for workgroup in [0, 8, 48, 128] {
         let mut limits = lavapipe();
-        limits.decode_kernel = DecodeKernel::KeysAcrossInvocations { workgroup };
+        limits.tile.decode_kernel = DecodeKernel::KeysAcrossInvocations { workgroup };
         let Plan::Decode { plan: p, .. } =
             plan(&Attention::new().path(Path::Decode), &limits, d).unwrap()
         else {
