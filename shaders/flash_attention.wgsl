@@ -1,24 +1,33 @@
 // Fused attention (flash attention, forward): scores, masked online softmax and P·V in one
 // pass; the score matrix never leaves the workgroup.
-// One workgroup: TILE_M query rows (64; 4 to 32 when decoding a few rows) that share one kv
+// One workgroup: TILE_M query rows (64; 8 to 32 when decoding a few rows) that share one kv
 // head of one batch entry, streaming the keys of its split that its rows may see in tiles of
-// TILE (tiles that causal, window or length masks remove entirely are never visited). The rows are the (query head in the group, query row)
-// pairs of the kv head, query row fastest: for decoding, the whole GQA group shares each K/V
-// tile.
-// One invocation: a 4 x 4 block of each score tile (lib/tile_gemm.wgsl), and 4 rows x
-// 4 * O_CHUNKS columns of O, accumulated in registers with the running row maximum and sum.
+// TILE (tiles that causal, window or length masks remove entirely are never visited). The
+// rows are the (query head in the group, query row) pairs of the kv head, query row fastest:
+// for decoding, the whole GQA group shares each K/V tile.
+// One invocation (tx, ty) of NX x NY: a BR x BC block of each score tile (lib/tile_gemm.wgsl:
+// rows block_row(ty, r), columns block_col(tx, c)), and the same BR rows x 4 * OC columns of
+// O, 4 (tx + NX c) .. + 3 for c < OC, accumulated in registers with the running row maximum
+// and sum. Q is pre-scaled by scale * log2(e) as it is staged; the softmax runs on exp2.
 // The masking options are compiled in (lib/masking.wgsl); a key tile inside every row's key
-// range, on a call without per-key options, is only floored (Q is pre-scaled by scale * log2(e); the softmax runs on exp2).
+// range, on a call without per-key options, is only floored.
 // With one split, O and the log-sum-exp are final. With several (flash-decoding), each split
 // writes its normalised partial O and log-sum-exp to `lse_or_partials`, and
 // combine_splits.wgsl merges them. Q, K, V and O go through the dtype prelude's load_* /
-// store_o. TILE (keys per tile) and TILE_K come from the host; TILE_M is a pipeline constant.
+// store_o. TILE and TILE_K come from the host's shared constants; BR, BC, OC (vec4 columns of
+// O per invocation) and BKV from the key; TILE_M is a pipeline constant.
+// Every loop over a register array (s, acc, the per-row state) is one flat loop with a small
+// body, never nested: llvmpipe keeps a private array in memory, read and written lane by lane,
+// as soon as one index into it is not a constant after unrolling, and it unrolls no loop that
+// holds another (NOTES.md).
 
-// ceil(v_head_dim / 64): the columns of O each invocation owns are tx * 4 + 64 * c + 0..3.
-override O_CHUNKS: u32 = 1u;
-// Keys per slice of V staged at once: the slice holds BKV * TILE_X * O_CHUNKS vec4s, at most
-// the 2 * STAGE_B of tile_stage.
-override BKV: u32 = 32u;
+// Keys per slice of V staged at once: the slice holds BKV x NX * OC vec4s, at most the
+// 2 * STAGE_B of tile_stage; BKV divides TILE.
+const O_STRIDE: u32 = NX * OC;
+// Items of Q's slice each invocation stages: TILE_K * TILE_M / 4 over NX * TILE_M / BR, exactly.
+const Q_ITEMS: u32 = BR * BC / 16u;
+// A row this invocation does not stage (past the packed rows).
+const NO_ROW: u32 = 0xffffffffu;
 
 // Bindings (declared by the host from Kernel::slots): params (FlashParams); q, k, v (read) and
 // o (write) tensors; bias, mask, lens and mparams (lib/masking.wgsl); lse_or_partials: with
@@ -28,36 +37,78 @@ override BKV: u32 = 32u;
 
 // The tile's probabilities, [key][row / 4].
 var<workgroup> p_tile: array<array<vec4<f32>, TILE_X>, TILE>;
-// Row reductions across the TILE_X invocations that share rows: [row][tx / 4][tx % 4], read a
+// Row reductions across the NX invocations that share rows: [row][tx / 4][tx % 4], read a
 // vec4 at a time (on llvmpipe every load costs about the same whatever its width).
-var<workgroup> red: array<vec4<f32>, TILE * TILE_X / 4u>;
+var<workgroup> red: array<vec4<f32>, TILE * NX / 4u>;
 
 // The reduction slot of row `row` (of the tile) for invocation column tx.
 fn red_put(row: u32, tx: u32, x: f32) {
-    red[row * (TILE_X / 4u) + tx / 4u][tx % 4u] = x;
+    red[row * (NX / 4u) + tx / 4u][tx % 4u] = x;
 }
 
-// The TILE_X values of row `row`, as vec4s.
+// The NX values of row `row`, as vec4s.
 fn red_row(row: u32, q: u32) -> vec4<f32> {
-    return red[row * (TILE_X / 4u) + q];
+    return red[row * (NX / 4u) + q];
 }
+
+// Row `row`'s NX values folded to four by `max` (NX is 8 or 16; no loop, see above).
+fn red_max4(row: u32) -> vec4<f32> {
+    var m = max(red_row(row, 0u), red_row(row, 1u));
+    if NX == 16u {
+        m = max(m, max(red_row(row, 2u), red_row(row, 3u)));
+    }
+    return m;
+}
+
+// Row `row`'s NX values folded to four by `+`.
+fn red_sum4(row: u32) -> vec4<f32> {
+    var m = red_row(row, 0u) + red_row(row, 1u);
+    if NX == 16u {
+        m += red_row(row, 2u) + red_row(row, 3u);
+    }
+    return m;
+}
+
+fn hmax(v: vec4<f32>) -> f32 {
+    return max(max(v.x, v.y), max(v.z, v.w));
+}
+
+fn hsum(v: vec4<f32>) -> f32 {
+    return (v.x + v.y) + (v.z + v.w);
+}
+
+// Element `d` of the Q row at `row` (NO_ROW: none), pre-scaled.
+fn q_elem(row: u32, d: u32, q_scale: f32) -> f32 {
+    if row != NO_ROW {
+        return load_q(row + d) * q_scale;
+    }
+    return 0.0;
+}
+
+// The score of key j for a row with key range lo..hi, of query head h and row i: NEG_BIG where
+// masked, else floored, or adjusted by the per-key options.
+fn masked_score(x: f32, b: u32, h: u32, i: u32, j: u32, lo: i32, hi: i32) -> f32 {
+    if i32(j) >= lo && i32(j) < hi && mask_allows(b, h, i, j) {
+        if per_key_options() {
+            return adjust_score(x * LN2, b, h, i, j) * LOG2E;
+        }
+        return max(x, SCORE_FLOOR2);
+    }
+    return NEG_BIG;
+}
+
 // The key tiles this workgroup visits, and the keys every one of its rows may see.
 var<workgroup> tile_bounds: vec4<u32>;
 // One past the last key any row may see: V rows from there on are staged as zeros, so rows
 // past kv_lens (which may hold anything, NaN included) never reach O.
 var<workgroup> key_end: u32;
 
-// The score tile's operands (lib/tile_gemm.wgsl): the Q rows this invocation stages (rows
-// 4 (li / TILE_K) + e of the tile, e = row % 4); k_base, the kv head's first key.
-var<private> q_row: array<u32, 4>;
+// k_base: the kv head's first key (tile_b).
 var<private> k_base: u32;
 
-// Q pre-scaled by scale * log2(e): the scores come out in log2 units, and the softmax runs on
-// exp2 (no multiply per score).
+// Q is staged by stage_q, not through tile_stage_a; the hook exists because tile_gemm's
+// generic staging names it.
 fn tile_a(row: u32, d: u32) -> f32 {
-    if r0 + row < params.packed_rows && d < params.head_dim {
-        return load_q(q_row[row % 4u] + d) * (params.scale * LOG2E);
-    }
     return 0.0;
 }
 
@@ -68,7 +119,47 @@ fn tile_b(col: u32, d: u32) -> f32 {
     return 0.0;
 }
 
-@compute @workgroup_size(TILE_X, TILE_M / 4u)
+// Q's slice k0 .. k0 + TILE_K, pre-scaled by scale * log2(e): item n of this invocation holds
+// the rows whose first elements are at q_row[4 n .. 4 n + 3] (NO_ROW past the rows).
+fn stage_q(li: u32, k0: u32, q_row: array<u32, 4u * Q_ITEMS>) {
+    let q_scale = params.scale * LOG2E;
+    for (var n = 0u; n < Q_ITEMS; n++) {
+        let idx = li + n * (NX * (TILE_M / BR));
+        let kk = idx % TILE_K;
+        let d = k0 + kk;
+        var x = vec4<f32>();
+        if d < params.head_dim {
+            x = vec4<f32>(
+                q_elem(q_row[4u * n], d, q_scale),
+                q_elem(q_row[4u * n + 1u], d, q_scale),
+                q_elem(q_row[4u * n + 2u], d, q_scale),
+                q_elem(q_row[4u * n + 3u], d, q_scale),
+            );
+        }
+        tile_stage[kk * TILE_X + idx / TILE_K] = x;
+    }
+}
+
+// Element n of the output row at `row`: O (one split), plus w_prev times what earlier
+// dispatches wrote there, or the split's partial output (several splits). Columns past
+// v_head_dim are not written.
+fn write_out(row: u32, n: u32, x: f32, w_prev: f32) {
+    if n >= params.v_head_dim {
+        return;
+    }
+    if params.splits == 1u {
+        var y = x;
+        // Never read O unless it was written: a fresh output may hold anything.
+        if w_prev > 0.0 {
+            y += w_prev * load_o(row + n);
+        }
+        store_o(row + n, y);
+    } else {
+        lse_or_partials[row + n] = bitcast<u32>(x);
+    }
+}
+
+@compute @workgroup_size(NX, TILE_M / BR)
 fn main(inv: TileInvocation) {
     let lid = inv.lid;
     let li = inv.li;
@@ -91,16 +182,14 @@ fn main(inv: TileInvocation) {
     let q_len = mparams.q_len;
     let kv_len = mparams.kv_len;
 
-    // This invocation's four rows: query head, query row, key range.
-    var row_h: array<u32, 4>;
-    var row_i: array<u32, 4>;
-    var lo: array<i32, 4>;
-    var hi: array<i32, 4>;
-    let mq = li / TILE_K;
-    for (var r = 0u; r < 4u; r++) {
-        let pr = r0 + ty * 4u + r;
-        let g = pr / q_len;
-        row_h[r] = kvh * params.group + g;
+    // This invocation's BR rows: query head, query row, key range.
+    var row_h: array<u32, BR>;
+    var row_i: array<u32, BR>;
+    var lo: array<i32, BR>;
+    var hi: array<i32, BR>;
+    for (var r = 0u; r < BR; r++) {
+        let pr = r0 + block_row(ty, r);
+        row_h[r] = kvh * params.group + pr / q_len;
         row_i[r] = pr % q_len;
         var range = vec2<i32>(0, 0);
         if pr < params.packed_rows {
@@ -108,9 +197,18 @@ fn main(inv: TileInvocation) {
         }
         lo[r] = range.x;
         hi[r] = range.y;
-        let sr = r0 + mq * 4u + r;
+    }
+    // The rows of Q this invocation stages.
+    var q_row: array<u32, 4u * Q_ITEMS>;
+    for (var x = 0u; x < 4u * Q_ITEMS; x++) {
+        let mq = (li + (x / 4u) * (NX * (TILE_M / BR))) / TILE_K;
+        let sr = r0 + mq * 4u + x % 4u;
         let sh = kvh * params.group + sr / q_len;
-        q_row[r] = b * params.q_stride_b + sh * params.q_stride_h + (sr % q_len) * params.q_stride_s;
+        q_row[x] = select(
+            NO_ROW,
+            b * params.q_stride_b + sh * params.q_stride_h + (sr % q_len) * params.q_stride_s,
+            sr < params.packed_rows
+        );
     }
     if li == 0u {
         // This split's (or this dispatch's) share of the key tiles, and the keys every row may
@@ -126,22 +224,25 @@ fn main(inv: TileInvocation) {
     }
     let bounds = workgroupUniformLoad(&tile_bounds);
 
-    let o_stride = TILE_X * O_CHUNKS;
-    // Whether any of this invocation's rows is real. A tile of 64 rows serving a GQA group of
-    // a few queries (decoding) is mostly padding: those invocations skip the products (no
-    // barrier inside them), so whole warps idle instead of computing rows nobody reads.
-    let rows_live = r0 + ty * 4u < params.packed_rows;
-    var m_run = vec4<f32>(NEG_BIG);
-    var l_run = vec4<f32>(0.0);
-    // [chunk][row]: four columns of one row of each 64-column chunk of O.
-    var acc: array<Block, 4>;
+    // Whether any of this invocation's rows is real (its first row is its smallest). A tile of
+    // 64 rows serving a GQA group of a few queries (decoding) is mostly padding: those
+    // invocations skip the products (no barrier inside them), so whole warps idle instead of
+    // computing rows nobody reads.
+    let rows_live = r0 + block_row(ty, 0u) < params.packed_rows;
+    var m_run: array<f32, BR>;
+    var l_run: array<f32, BR>;
+    for (var r = 0u; r < BR; r++) {
+        m_run[r] = NEG_BIG;
+    }
+    // [c * BR + r]: columns 4 (tx + NX c) .. + 3 of block row r.
+    var acc: array<vec4<f32>, OC * BR>;
     for (var t = bounds.x; t < bounds.y; t++) {
         c0 = t * TILE;
 
         // S = Q K^T for the 64 x 64 tile, over head_dim in slices of 16.
         var s: Block;
         for (var k0 = 0u; k0 < params.head_dim; k0 += TILE_K) {
-            tile_stage_a(li, k0);
+            stage_q(li, k0, q_row);
             tile_stage_b(li, k0);
             workgroupBarrier();
             if rows_live {
@@ -150,73 +251,76 @@ fn main(inv: TileInvocation) {
             workgroupBarrier();
         }
 
-        // Mask, adjust, and the tile's row maxima (log2 units). A tile inside every row's key
-        // range, with no per-key option, is only floored.
-        var allowed = 0u;
-        var tile_max = vec4<f32>(NEG_BIG);
+        // Mask, adjust, and the tile's row maxima (log2 units); masked scores are NEG_BIG
+        // (every allowed one is at least SCORE_FLOOR2). A tile inside every row's key range,
+        // with no per-key option, is only floored. Block row x / BC4's columns
+        // 4 (tx + NX (x % BC4)) .. + 3 are four consecutive keys.
         let untouched = !per_key_options() && c0 >= bounds.z && c0 + TILE <= bounds.w;
         if untouched {
-            allowed = 0xffffu;
-            for (var r = 0u; r < 4u; r++) {
-                s[r] = max(s[r], vec4<f32>(SCORE_FLOOR2));
-                tile_max[r] = max(max(s[r].x, s[r].y), max(s[r].z, s[r].w));
+            for (var x = 0u; x < BR * BC4; x++) {
+                s[x] = max(s[x], vec4<f32>(SCORE_FLOOR2));
             }
         } else {
-            for (var r = 0u; r < 4u; r++) {
+            for (var x = 0u; x < BR * BC4; x++) {
+                let r = x / BC4;
+                let j = c0 + block_col(tx, 4u * (x % BC4));
                 let h = row_h[r];
                 let i = row_i[r];
-                for (var c = 0u; c < 4u; c++) {
-                    let j = c0 + tx * 4u + c;
-                    if i32(j) >= lo[r] && i32(j) < hi[r] && mask_allows(b, h, i, j) {
-                        var x = max(s[r][c], SCORE_FLOOR2);
-                        if per_key_options() {
-                            x = adjust_score(s[r][c] * LN2, b, h, i, j) * LOG2E;
-                        }
-                        s[r][c] = x;
-                        tile_max[r] = max(tile_max[r], x);
-                        allowed |= 1u << (r * 4u + c);
-                    }
-                }
+                s[x] = vec4<f32>(
+                    masked_score(s[x].x, b, h, i, j, lo[r], hi[r]),
+                    masked_score(s[x].y, b, h, i, j + 1u, lo[r], hi[r]),
+                    masked_score(s[x].z, b, h, i, j + 2u, lo[r], hi[r]),
+                    masked_score(s[x].w, b, h, i, j + 3u, lo[r], hi[r]),
+                );
             }
         }
-        for (var r = 0u; r < 4u; r++) {
-            red_put(ty * 4u + r, tx, tile_max[r]);
+        var tile_max: array<f32, BR>;
+        for (var r = 0u; r < BR; r++) {
+            tile_max[r] = NEG_BIG;
+        }
+        for (var x = 0u; x < BR * BC4; x++) {
+            tile_max[x / BC4] = max(tile_max[x / BC4], hmax(s[x]));
+        }
+        for (var r = 0u; r < BR; r++) {
+            red_put(block_row(ty, r), tx, tile_max[r]);
         }
         workgroupBarrier();
-        var m_new = m_run;
-        for (var r = 0u; r < 4u; r++) {
-            for (var q = 0u; q < TILE_X / 4u; q++) {
-                let part = red_row(ty * 4u + r, q);
-                m_new[r] = max(m_new[r], max(max(part.x, part.y), max(part.z, part.w)));
-            }
-        }
-        let corr = exp2(m_run - m_new);
-        m_run = m_new;
 
         // Probabilities: to registers for the row sums, to p_tile for P·V.
-        var p: Block;
-        for (var r = 0u; r < 4u; r++) {
-            for (var c = 0u; c < 4u; c++) {
-                if (allowed & (1u << (r * 4u + c))) != 0u {
-                    p[r][c] = exp2(s[r][c] - m_new[r]);
-                }
-            }
-            l_run[r] = l_run[r] * corr[r] + p[r].x + p[r].y + p[r].z + p[r].w;
-            for (var c = 0u; c < O_CHUNKS; c++) {
-                acc[c][r] *= corr[r];
-            }
+        var corr: array<f32, BR>;
+        for (var r = 0u; r < BR; r++) {
+            let m_new = max(m_run[r], hmax(red_max4(block_row(ty, r))));
+            corr[r] = exp2(m_run[r] - m_new);
+            m_run[r] = m_new;
+            l_run[r] *= corr[r];
         }
-        for (var c = 0u; c < 4u; c++) {
-            p_tile[tx * 4u + c][ty] = vec4<f32>(p[0][c], p[1][c], p[2][c], p[3][c]);
+        for (var x = 0u; x < BR * BC4; x++) {
+            let p = select(vec4<f32>(), exp2(s[x] - m_run[x / BC4]), s[x] > vec4<f32>(NEG_BIG));
+            s[x] = p;
+            l_run[x / BC4] += hsum(p);
+        }
+        for (var x = 0u; x < OC * BR; x++) {
+            acc[x] *= corr[x % BR];
+        }
+        // Key block_col(tx, c)'s probabilities of rows 4 (ty + NY g) .. + 3.
+        for (var x = 0u; x < BC * BR4; x++) {
+            let c = x / BR4;
+            let g = x % BR4;
+            p_tile[block_col(tx, c)][ty + (TILE_M / BR) * g] = vec4<f32>(
+                s[(4u * g) * BC4 + c / 4u][c % 4u],
+                s[(4u * g + 1u) * BC4 + c / 4u][c % 4u],
+                s[(4u * g + 2u) * BC4 + c / 4u][c % 4u],
+                s[(4u * g + 3u) * BC4 + c / 4u][c % 4u],
+            );
         }
 
         // O += P V over the tile's keys, in slices of BKV keys of V (staged in tile_stage).
         for (var kv0 = 0u; kv0 < TILE; kv0 += BKV) {
             workgroupBarrier();
-            let slice = BKV * o_stride;
-            for (var idx = li; idx < slice; idx += TILE_M * 4u) {
-                let vk = idx / o_stride;
-                let nq = idx % o_stride;
+            let slice = BKV * O_STRIDE;
+            for (var idx = li; idx < slice; idx += NX * (TILE_M / BR)) {
+                let vk = idx / O_STRIDE;
+                let nq = idx % O_STRIDE;
                 let key = c0 + kv0 + vk;
                 var vv = vec4<f32>();
                 if key < key_end {
@@ -233,12 +337,23 @@ fn main(inv: TileInvocation) {
             workgroupBarrier();
             if rows_live {
                 for (var k = 0u; k < BKV; k++) {
-                    let a = p_tile[kv0 + k][ty];
-                    for (var c = 0u; c < O_CHUNKS; c++) {
-                        // Columns past v_head_dim (head dims not a multiple of 64) are skipped.
-                        if (tx + TILE_X * c) * 4u < params.v_head_dim {
-                            acc[c] = block_fma(acc[c], a, tile_stage[k * o_stride + tx + TILE_X * c]);
-                        }
+                    var a: array<vec4<f32>, BR4>;
+                    for (var g = 0u; g < BR4; g++) {
+                        a[g] = p_tile[kv0 + k][ty + (TILE_M / BR) * g];
+                    }
+                    // Columns past v_head_dim are staged as zeros and never written: no
+                    // branch here, which llvmpipe would run as masked updates of acc.
+                    var vv: array<vec4<f32>, OC>;
+                    for (var c = 0u; c < OC; c++) {
+                        vv[c] = tile_stage[k * O_STRIDE + tx + NX * c];
+                    }
+                    for (var x = 0u; x < OC * BR4; x++) {
+                        let c = x / BR4;
+                        let g = x % BR4;
+                        acc[c * BR + 4u * g] += a[g].x * vv[c];
+                        acc[c * BR + 4u * g + 1u] += a[g].y * vv[c];
+                        acc[c * BR + 4u * g + 2u] += a[g].z * vv[c];
+                        acc[c * BR + 4u * g + 3u] += a[g].w * vv[c];
                     }
                 }
             }
@@ -246,76 +361,66 @@ fn main(inv: TileInvocation) {
         workgroupBarrier();
     }
 
-    // Row sums across the 16 invocations of each row, then normalise and write.
-    for (var r = 0u; r < 4u; r++) {
-        red_put(ty * 4u + r, tx, l_run[r]);
+    // Row sums across the NX invocations of each row, then normalise and write.
+    for (var r = 0u; r < BR; r++) {
+        red_put(block_row(ty, r), tx, l_run[r]);
     }
     workgroupBarrier();
     // Resuming: the log-sum-exp of the earlier dispatches, read by every invocation of a row
     // before the barrier, after which one of them overwrites it.
-    var prev_lse = array<u32, 4>(NEG_INF_BITS, NEG_INF_BITS, NEG_INF_BITS, NEG_INF_BITS);
-    if params.resume != 0u {
-        for (var r = 0u; r < 4u; r++) {
-            if r0 + ty * 4u + r < params.packed_rows {
-                prev_lse[r] = lse_or_partials[(b * params.heads + row_h[r]) * q_len + row_i[r]];
-            }
+    var prev_lse: array<u32, BR>;
+    for (var r = 0u; r < BR; r++) {
+        prev_lse[r] = NEG_INF_BITS;
+        if params.resume != 0u && r0 + block_row(ty, r) < params.packed_rows {
+            prev_lse[r] = lse_or_partials[(b * params.heads + row_h[r]) * q_len + row_i[r]];
         }
     }
     workgroupBarrier();
 
+    // Per row: where its output goes (NO_ROW for padding rows), the factor of this dispatch's
+    // O and the weight of the O earlier dispatches wrote; then every element in one flat loop.
     let bh_count = mparams.batch * params.heads;
-    for (var r = 0u; r < 4u; r++) {
-        if r0 + ty * 4u + r >= params.packed_rows {
-            break;
-        }
-        let h = row_h[r];
-        let i = row_i[r];
-        let bh = b * params.heads + h;
-        var l = 0.0;
-        for (var q = 0u; q < TILE_X / 4u; q++) {
-            let part = red_row(ty * 4u + r, q);
-            l += (part.x + part.y) + (part.z + part.w);
-        }
-        let inv = select(0.0, 1.0 / l, l > 0.0);
-        let new_lse = lse_of(m_run[r] * LN2, l);
-        if params.splits == 1u {
-            // The earlier dispatches' O and this one's, weighted by their log-sum-exps.
-            let sum = lse_add(lse_add(LseSum(0.0, 0.0), prev_lse[r]), new_lse);
-            let w_prev = lse_weight(sum, prev_lse[r]);
-            let w_new = select(1.0, lse_weight(sum, new_lse), prev_lse[r] != NEG_INF_BITS);
-            let row = b * params.o_stride_b + h * params.o_stride_h + i * params.o_stride_s;
-            for (var c = 0u; c < O_CHUNKS; c++) {
-                let v = acc[c][r] * (inv * w_new);
-                for (var e = 0u; e < 4u; e++) {
-                    let n = (tx + TILE_X * c) * 4u + e;
-                    if n < params.v_head_dim {
-                        var x = v[e];
-                        // Never read O unless it was written: a fresh output may hold anything.
-                        if w_prev > 0.0 {
-                            x += w_prev * load_o(row + n);
-                        }
-                        store_o(row + n, x);
-                    }
+    var o_row: array<u32, BR>;
+    var o_scale: array<f32, BR>;
+    var o_prev: array<f32, BR>;
+    for (var r = 0u; r < BR; r++) {
+        o_row[r] = NO_ROW;
+        if r0 + block_row(ty, r) < params.packed_rows {
+            let h = row_h[r];
+            let i = row_i[r];
+            let bh = b * params.heads + h;
+            let l = hsum(red_sum4(block_row(ty, r)));
+            let inv = select(0.0, 1.0 / l, l > 0.0);
+            let new_lse = lse_of(m_run[r] * LN2, l);
+            if params.splits == 1u {
+                // The earlier dispatches' O and this one's, weighted by their log-sum-exps.
+                let sum = lse_add(lse_add(LseSum(0.0, 0.0), prev_lse[r]), new_lse);
+                let w_new = select(1.0, lse_weight(sum, new_lse), prev_lse[r] != NEG_INF_BITS);
+                o_row[r] = b * params.o_stride_b + h * params.o_stride_h + i * params.o_stride_s;
+                o_scale[r] = inv * w_new;
+                o_prev[r] = lse_weight(sum, prev_lse[r]);
+                if tx == 0u && params.write_lse != 0u {
+                    lse_or_partials[bh * q_len + i] = lse_total(sum);
+                }
+            } else {
+                let part_row = (split * bh_count + bh) * q_len + i;
+                o_row[r] = part_row * params.v_head_dim;
+                o_scale[r] = inv;
+                if tx == 0u {
+                    lse_or_partials[params.parts_lse_offset + part_row] = new_lse;
                 }
             }
-            if tx == 0u && params.write_lse != 0u {
-                lse_or_partials[bh * q_len + i] = lse_total(sum);
-            }
-        } else {
-            let part_row = (split * bh_count + bh) * q_len + i;
-            let row = part_row * params.v_head_dim;
-            for (var c = 0u; c < O_CHUNKS; c++) {
-                let v = acc[c][r] * inv;
-                for (var e = 0u; e < 4u; e++) {
-                    let n = (tx + TILE_X * c) * 4u + e;
-                    if n < params.v_head_dim {
-                        lse_or_partials[row + n] = bitcast<u32>(v[e]);
-                    }
-                }
-            }
-            if tx == 0u {
-                lse_or_partials[params.parts_lse_offset + part_row] = new_lse;
-            }
+        }
+    }
+    for (var x = 0u; x < OC * BR; x++) {
+        let r = x % BR;
+        if o_row[r] != NO_ROW {
+            let v = acc[x] * o_scale[r];
+            let n = (tx + NX * (x / BR)) * 4u;
+            write_out(o_row[r], n, v.x, o_prev[r]);
+            write_out(o_row[r], n + 1u, v.y, o_prev[r]);
+            write_out(o_row[r], n + 2u, v.z, o_prev[r]);
+            write_out(o_row[r], n + 3u, v.w, o_prev[r]);
         }
     }
 }

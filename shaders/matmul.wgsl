@@ -2,7 +2,7 @@
 // + bias[n] -- B indexed [n, k], as PyTorch's Linear stores its weight [out, in] -- with any
 // element strides, for the projections of a multi-head layer and for head averages.
 // One workgroup: a 64 x 64 tile of C of one batch entry, over k in slices of 16
-// (lib/tile_gemm.wgsl). One invocation: a 4 x 4 block of that tile, in registers.
+// (lib/tile_gemm.wgsl). One invocation: a BR x BC block of that tile, in registers.
 // A, B and C go through the dtype prelude's load_a / load_b / store_c.
 
 // Bindings (declared by the host from Kernel::slots): params (MatmulParams); a, b (read) and c
@@ -36,7 +36,7 @@ fn tile_out(row: u32, col: u32, x: f32) {
     }
 }
 
-@compute @workgroup_size(TILE_X, TILE_M / 4u)
+@compute @workgroup_size(NX, TILE_M / BR)
 fn main(inv: TileInvocation) {
     let tile = tile_of(inv, params.tiles_m, params.tiles_n);
     if tile.z >= params.batches {

@@ -1,6 +1,6 @@
 // O = P V for one chunk of (batch * head, query rows), P being the softmax weights.
 // One workgroup: a 64-row x 64-column tile of O of one (batch, head), over keys in slices of
-// 16 (lib/tile_gemm.wgsl). One invocation: a 4 x 4 block of that tile, in registers.
+// 16 (lib/tile_gemm.wgsl). One invocation: a BR x BC block of that tile, in registers.
 // V is read through load_v and O written through store_o, from the host's dtype prelude.
 
 // Bindings (declared by the host from Kernel::slots): params (PvParams); probs, the weights of
@@ -33,7 +33,7 @@ fn tile_out(row: u32, col: u32, x: f32) {
     }
 }
 
-@compute @workgroup_size(TILE_X, TILE_M / 4u)
+@compute @workgroup_size(NX, TILE_M / BR)
 fn main(inv: TileInvocation) {
     let lid = inv.lid;
     let li = inv.li;
@@ -64,7 +64,7 @@ fn main(inv: TileInvocation) {
         block = tile_fma(block, lid.y, lid.x);
         steps += 1u;
         if steps == BLOCK_STEPS {
-            for (var r = 0u; r < 4u; r++) {
+            for (var r = 0u; r < BR * BC4; r++) {
                 acc[r] += block[r];
                 block[r] = vec4<f32>();
             }
@@ -72,7 +72,7 @@ fn main(inv: TileInvocation) {
         }
         workgroupBarrier();
     }
-    for (var r = 0u; r < 4u; r++) {
+    for (var r = 0u; r < BR * BC4; r++) {
         acc[r] += block[r];
     }
     tile_store(acc, lid.y, lid.x);

@@ -2,7 +2,7 @@
 // additive (Bahdanau) scores S[i, j] = sum_d w[d] * tanh(Q[i, d] + K[j, d]) (Keras'
 // AdditiveAttention convention; the host passes scale 1 for them).
 // One workgroup: a 64 x 64 tile of S of one (batch, head), over head_dim in slices of 16
-// (lib/tile_gemm.wgsl). One invocation: a 4 x 4 block of that tile, in registers.
+// (lib/tile_gemm.wgsl). One invocation: a BR x BC block of that tile, in registers.
 // Q and K are read through load_q / load_k, which the host's dtype prelude defines.
 
 // Bindings (declared by the host from Kernel::slots): params (QkParams); q, k (tensors); scores
@@ -46,22 +46,26 @@ fn tanh4(x: vec4<f32>) -> vec4<f32> {
     return tanh(clamp(x, vec4<f32>(-10.0), vec4<f32>(10.0)));
 }
 
-// The staged slice's additive scores: acc[r] += w[d] * tanh(q[r, d] + k[:, d]).
+// The staged slice's additive scores: acc[r][c] += w[d] * tanh(q[r, d] + k[c, d]).
 fn additive_fma(acc: Block, ty: u32, tx: u32) -> Block {
     var out = acc;
     for (var k = 0u; k < TILE_K; k++) {
-        let a = tile_stage[k * TILE_X + ty];
-        let b = tile_stage[STAGE_B + k * TILE_X + tx];
+        let a = stage_rows(k, ty);
+        let b = stage_cols(k, tx);
         let wd = w_tile[k];
-        out[0] += wd * tanh4(a.x + b);
-        out[1] += wd * tanh4(a.y + b);
-        out[2] += wd * tanh4(a.z + b);
-        out[3] += wd * tanh4(a.w + b);
+        for (var g = 0u; g < BR4; g++) {
+            for (var j = 0u; j < BC4; j++) {
+                out[(4u * g) * BC4 + j] += wd * tanh4(a[g].x + b[j]);
+                out[(4u * g + 1u) * BC4 + j] += wd * tanh4(a[g].y + b[j]);
+                out[(4u * g + 2u) * BC4 + j] += wd * tanh4(a[g].z + b[j]);
+                out[(4u * g + 3u) * BC4 + j] += wd * tanh4(a[g].w + b[j]);
+            }
+        }
     }
     return out;
 }
 
-@compute @workgroup_size(TILE_X, TILE_M / 4u)
+@compute @workgroup_size(NX, TILE_M / BR)
 fn main(inv: TileInvocation) {
     let lid = inv.lid;
     let li = inv.li;

@@ -171,3 +171,81 @@ fn key_range_in_several_passes() {
         common::O_RTOL,
     );
 }
+
+/// Every invocation block of the row-tiled kernel (4 x 4, 8 x 4, 8 x 8) on shapes that fill no
+/// tile exactly: head dims that fall back to a smaller block (more than 128 output
+/// accumulators per invocation), key ranges run in several passes, every per-key option,
+/// half-precision storage, and the row-tiled kernel on the decode path with 16 rows (two rows
+/// of 8 x 8 blocks) and 8.
+#[test]
+fn every_block_configuration() {
+    use wgpu_attention::{DType, DecodeKernel, Layout, LimitCaps, TileBlock};
+    let Some(base) = gpu() else { return };
+    let mut r = rng(29);
+    // (heads, kv_heads, q_len, kv_len, head_dim, v_head_dim)
+    let shapes = [
+        (2, 2, 100, 150, 72, 72),
+        (4, 2, 70, 130, 40, 130),
+        (1, 1, 65, 70, 256, 256),
+        (3, 1, 33, 200, 7, 3),
+    ];
+    for block in TileBlock::ALL {
+        let g = base
+            .with_blocks(block, base.tile_config().gemm_block)
+            .unwrap();
+        let capped = g.with_caps(LimitCaps {
+            max_key_tiles_per_workgroup: Some(1),
+            ..Default::default()
+        });
+        for (n, &(h, hkv, l, s, d, dv)) in shapes.iter().enumerate() {
+            let seed = 2900 + 100 * block.rows as u64 + 10 * block.cols as u64 + n as u64;
+            let dm = dims(2, h, hkv, l, s, d, dv);
+            let opts = Attention::new()
+                .causal(Causal::BottomRight)
+                .kv_lens(vec![s as u32, s as u32 - 37]);
+            let plan = opts.clone().path(Path::Fused).plan(&g, dm).unwrap();
+            let Plan::Fused { plan: p, .. } = &plan else {
+                panic!("{}", plan.reason())
+            };
+            let accumulators =
+                |b: TileBlock| b.rows * 4 * (dv.div_ceil(4) as u32).div_ceil(64 / b.cols);
+            assert!(
+                p.block == block || accumulators(block) > 128,
+                "{block:?}: {}",
+                plan.reason()
+            );
+            assert!(accumulators(p.block) <= 128, "{}", plan.reason());
+            check(&g, Path::Fused, dm, &opts, seed, 1.0);
+            check(&capped, Path::Fused, dm, &opts, seed + 1, 1.0);
+            let masked = Attention::new()
+                .causal(Causal::TopLeft)
+                .window(40, 7)
+                .softcap(20.0)
+                .mask([2, 1, l, s], random_mask(&mut r, 2 * l * s, 0.8))
+                .bias([1, h, 1, s], random(&mut r, h * s, 2.0))
+                .layout(Layout::Bshd);
+            check(&g, Path::Fused, dm, &masked, seed + 2, 3.0);
+            let types = [DType::F16, DType::Bf16, DType::F16, DType::Bf16];
+            common::check_dtypes(&g, Path::Fused, dm, &opts, seed + 3, 1.0, types);
+        }
+        // The row-tiled kernel on the decode path: 12 rows per kv head take 16-row tiles, 6
+        // take 8.
+        let tiles = g.with_decode_kernel(DecodeKernel::RowTiles, false).unwrap();
+        for (rows, (h, hkv, l)) in [(16, (6, 1, 2)), (8, (3, 1, 2))] {
+            let tiles = tiles.with_decode_rows(8).unwrap();
+            let dm = dims(1, h, hkv, l, 900, 64, 40);
+            let opts = Attention::new().causal(Causal::BottomRight);
+            let plan = opts.clone().path(Path::Decode).plan(&tiles, dm).unwrap();
+            let Plan::Decode { plan: p, .. } = &plan else {
+                panic!("{}", plan.reason())
+            };
+            assert_eq!(
+                (p.rows_per_workgroup, p.block),
+                (rows, block),
+                "{}",
+                plan.reason()
+            );
+            check(&tiles, Path::Decode, dm, &opts, 2990 + rows as u64, 1.0);
+        }
+    }
+}

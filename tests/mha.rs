@@ -6,75 +6,91 @@ mod common;
 use common::{assert_close, gpu, random, random_mask, rel_norm_error, rng};
 use wgpu_attention::cpu::mha_reference;
 use wgpu_attention::gpu::{MatView, MatmulShape, matmul};
-use wgpu_attention::{Attention, Causal, DType, Error, MhaConfig, MhaWeights, MultiHeadAttention};
+use wgpu_attention::{
+    Attention, Causal, DType, Error, MhaConfig, MhaWeights, MultiHeadAttention, TileBlock,
+};
 
-/// C = alpha A B^T + bias on odd sizes, batched, contiguous and strided, f32 and half inputs.
+/// C = alpha A B^T + bias on odd sizes, batched, contiguous and strided, f32 and half inputs,
+/// with every invocation block of the tile product (4 x 4, 8 x 4, 8 x 8).
 #[test]
 fn gemm_against_cpu_product() {
-    let Some(gpu) = gpu() else { return };
+    let Some(base) = gpu() else { return };
     let mut r = rng(3000);
-    for (n_case, &(batches, m, n, k)) in [
-        (1, 1, 1, 1),
-        (1, 7, 33, 5),
-        (2, 65, 130, 17),
-        (3, 100, 3, 257),
-        (1, 129, 64, 64),
-    ]
-    .iter()
-    .enumerate()
-    {
-        for dtype in [DType::F32, DType::Bf16] {
-            let a: Vec<f32> = random(&mut r, batches * m * k, 1.0)
-                .into_iter()
-                .map(|x| dtype.round(x))
-                .collect();
-            let b: Vec<f32> = random(&mut r, batches * n * k, 1.0)
-                .into_iter()
-                .map(|x| dtype.round(x))
-                .collect();
-            let bias = random(&mut r, n, 1.0);
-            let alpha = 0.5 + n_case as f32;
-            let ta = gpu.upload_as(&a, [1, batches, m, k], dtype).unwrap();
-            let tb = gpu.upload_as(&b, [1, batches, n, k], dtype).unwrap();
-            let tc = common::poisoned(gpu, [1, batches, m, n]);
-            let tbias = gpu.upload(&bias, [1, 1, 1, n]).unwrap();
-            let shape = MatmulShape {
-                m,
-                n,
-                k,
-                batches,
-                alpha,
-            };
-            matmul(
-                gpu,
-                shape,
-                MatView::contiguous(&ta, m, k),
-                MatView::contiguous(&tb, n, k),
-                MatView::contiguous(&tc, m, n),
-                Some(&tbias),
-            )
-            .unwrap();
-            let mut want = vec![0f32; batches * m * n];
-            for z in 0..batches {
-                for i in 0..m {
-                    for j in 0..n {
-                        let dot: f64 = (0..k)
-                            .map(|x| a[(z * m + i) * k + x] as f64 * b[(z * n + j) * k + x] as f64)
-                            .sum();
-                        want[(z * m + i) * n + j] = (alpha as f64 * dot + bias[j] as f64) as f32;
+    let contexts: Vec<_> = TileBlock::ALL
+        .into_iter()
+        .map(|block| {
+            let g = base.with_blocks(base.tile_config().fused_block, block);
+            (block, g.unwrap())
+        })
+        .collect();
+    for (block, gpu) in &contexts {
+        for (n_case, &(batches, m, n, k)) in [
+            (1, 1, 1, 1),
+            (1, 7, 33, 5),
+            (2, 65, 130, 17),
+            (3, 100, 3, 257),
+            (1, 129, 64, 64),
+        ]
+        .iter()
+        .enumerate()
+        {
+            for dtype in [DType::F32, DType::Bf16] {
+                let a: Vec<f32> = random(&mut r, batches * m * k, 1.0)
+                    .into_iter()
+                    .map(|x| dtype.round(x))
+                    .collect();
+                let b: Vec<f32> = random(&mut r, batches * n * k, 1.0)
+                    .into_iter()
+                    .map(|x| dtype.round(x))
+                    .collect();
+                let bias = random(&mut r, n, 1.0);
+                let alpha = 0.5 + n_case as f32;
+                let ta = gpu.upload_as(&a, [1, batches, m, k], dtype).unwrap();
+                let tb = gpu.upload_as(&b, [1, batches, n, k], dtype).unwrap();
+                let tc = common::poisoned(gpu, [1, batches, m, n]);
+                let tbias = gpu.upload(&bias, [1, 1, 1, n]).unwrap();
+                let shape = MatmulShape {
+                    m,
+                    n,
+                    k,
+                    batches,
+                    alpha,
+                };
+                matmul(
+                    gpu,
+                    shape,
+                    MatView::contiguous(&ta, m, k),
+                    MatView::contiguous(&tb, n, k),
+                    MatView::contiguous(&tc, m, n),
+                    Some(&tbias),
+                )
+                .unwrap();
+                let mut want = vec![0f32; batches * m * n];
+                for z in 0..batches {
+                    for i in 0..m {
+                        for j in 0..n {
+                            let dot: f64 = (0..k)
+                                .map(|x| {
+                                    a[(z * m + i) * k + x] as f64 * b[(z * n + j) * k + x] as f64
+                                })
+                                .sum();
+                            want[(z * m + i) * n + j] =
+                                (alpha as f64 * dot + bias[j] as f64) as f32;
+                        }
                     }
                 }
+                let got = tc.download(gpu).unwrap();
+                assert_close(
+                    &format!("C {batches}x{m}x{n}x{k} {dtype:?}, block {block:?}"),
+                    &got,
+                    &want,
+                    1e-5,
+                    1e-4,
+                );
             }
-            let got = tc.download(gpu).unwrap();
-            assert_close(
-                &format!("C {batches}x{m}x{n}x{k} {dtype:?}"),
-                &got,
-                &want,
-                1e-5,
-                1e-4,
-            );
         }
     }
+    let gpu = base;
     // A transposed view: C = A^T-as-rows, i.e. A read with swapped strides.
     let (m, n, k) = (9, 5, 13);
     let a = random(&mut r, k * m, 1.0); // stored [k, m]

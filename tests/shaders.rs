@@ -232,7 +232,8 @@ fn options_are_compiled_in() {
         k: Storage::F32,
         v: Storage::F32,
         o: Storage::F32,
-        o_chunks: 1,
+        block: wgpu_attention::TileBlock::B8X8,
+        o_vec4s: 1,
         rows: 64,
         masks,
     };

@@ -219,3 +219,38 @@ fn tensors_wrap_application_buffers() {
         common::O_RTOL,
     );
 }
+
+/// Every invocation block of the tile products (4 x 4, 8 x 4, 8 x 8) on shapes that fill no
+/// tile exactly, O, weights and log-sum-exp checked, with a key range long enough for the
+/// `P·V` kernel's two-level sums and every per-key option.
+#[test]
+fn every_gemm_block() {
+    use wgpu_attention::TileBlock;
+    let Some(base) = gpu() else { return };
+    let mut r = rng(31);
+    // (heads, kv_heads, q_len, kv_len, head_dim, v_head_dim)
+    let shapes = [
+        (2, 2, 70, 130, 72, 72),
+        (2, 1, 65, 300, 40, 130),
+        (1, 1, 9, 5000, 7, 3),
+    ];
+    for block in TileBlock::ALL {
+        let g = base
+            .with_blocks(base.tile_config().fused_block, block)
+            .unwrap();
+        for (n, &(h, hkv, l, s, d, dv)) in shapes.iter().enumerate() {
+            let seed = 3100 + 100 * block.rows as u64 + 10 * block.cols as u64 + n as u64;
+            let dm = dims(2, h, hkv, l, s, d, dv);
+            let opts = Attention::new()
+                .causal(Causal::BottomRight)
+                .kv_lens(vec![s as u32, s as u32 - 37]);
+            check(&g, Path::ThreePass, dm, &opts, seed, 1.0);
+            let masked = Attention::new()
+                .window(40, 7)
+                .softcap(20.0)
+                .mask([2, 1, l, s], random_mask(&mut r, 2 * l * s, 0.8))
+                .bias([1, h, 1, s], random(&mut r, h * s, 2.0));
+            check(&g, Path::ThreePass, dm, &masked, seed + 1, 3.0);
+        }
+    }
+}

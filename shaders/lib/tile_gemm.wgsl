@@ -1,10 +1,14 @@
 // The register-blocked tile product behind every product kernel (matmul, qk_scores,
 // pv_product, and the scores of flash_attention): one TILE_M x TILE tile of C = A B^T, the
 // summed axis staged TILE_K at a time through workgroup memory.
-// One workgroup: TILE_X x (TILE_M / 4) invocations (declare
-// `@workgroup_size(TILE_X, TILE_M / 4u)`); TILE_X = TILE / 4 = TILE_K (the host checks it).
-// One invocation (tx, ty): the 4 x 4 block of rows 4 ty .. 4 ty + 3 and columns
-// 4 tx .. 4 tx + 3, in registers.
+// One workgroup: NX x NY invocations, NX = TILE / BC across the columns, NY = TILE_M / BR
+// across the rows (declare `@workgroup_size(NX, TILE_M / BR)`). One invocation (tx, ty): a
+// BR x BC block in registers (BR, BC: 4 or 8, constants of the key written by the host), its
+// rows and columns in groups of four spread over the tile so that neighbouring invocations
+// read neighbouring vec4s of workgroup memory: block row r is tile row `block_row(ty, r)`,
+// 4 (ty + NY (r / 4)) + r % 4, block column c is tile column `block_col(tx, c)`,
+// 4 (tx + NX (c / 4)) + c % 4. An 8 x 8 block reads 4 vec4s of workgroup memory per 64 FMAs,
+// a 4 x 4 block 2 per 16.
 //
 // A kernel that includes this fragment defines its operands, in tile coordinates and the
 // absolute index k of the summed axis, returning 0 outside the problem:
@@ -13,17 +17,17 @@
 // and runs `acc = tile_slice(acc, inv, k0)` for each k0 in steps of TILE_K (or, for other
 // staging or arithmetic, the same steps written out: stage, barrier, tile_fma, barrier), then
 // writes acc (lib/tile_store.wgsl, or its own epilogue). TILE and TILE_K come from the
-// host's shared constants.
+// host's shared constants, BR and BC from the key.
 
 // Rows of the tile: 64, or 4 to 32 for the fused kernel serving a few rows (decoding), so
-// that a GQA group of 4 query rows does not occupy a 64-row workgroup.
+// that a GQA group of 4 query rows does not occupy a 64-row workgroup. At least BR.
 override TILE_M: u32 = 64u;
 
 // The builtins of a tile-product entry point: `fn main(inv: TileInvocation)`.
 struct TileInvocation {
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) num_wg: vec3<u32>,
-    // (tx, ty): the 4 x 4 block this invocation owns.
+    // (tx, ty): the block this invocation owns.
     @builtin(local_invocation_id) lid: vec3<u32>,
     @builtin(local_invocation_index) li: u32,
 }
@@ -40,14 +44,28 @@ fn tile_of(inv: TileInvocation, tiles_m: u32, tiles_n: u32) -> vec3<u32> {
 var<private> r0: u32;
 var<private> c0: u32;
 
-// A 4 x 4 register block: one vec4 of four columns per row.
-alias Block = array<vec4<f32>, 4>;
-
-// Invocations across the tile's columns, each owning four (also the vec4s across a staged
-// row of the tile).
+// Vec4s across a staged row of the tile (also the row groups of four of a 64-row tile).
 const TILE_X: u32 = TILE / 4u;
+// Invocations across the tile's columns.
+const NX: u32 = TILE / BC;
+// Vec4s per block row, and groups of four rows per block.
+const BC4: u32 = BC / 4u;
+const BR4: u32 = BR / 4u;
 // Where B's slice starts in tile_stage: after A's, at most TILE_K x TILE_X vec4s.
 const STAGE_B: u32 = TILE_K * TILE_X;
+
+// A BR x BC register block: row r's columns 4 j .. 4 j + 3 (of the block) at [r * BC4 + j].
+alias Block = array<vec4<f32>, BR * BC4>;
+
+// The tile row of block row r of invocation row ty.
+fn block_row(ty: u32, r: u32) -> u32 {
+    return 4u * (ty + (TILE_M / BR) * (r / 4u)) + r % 4u;
+}
+
+// The tile column of block column c of invocation column tx.
+fn block_col(tx: u32, c: u32) -> u32 {
+    return 4u * (tx + NX * (c / 4u)) + c % 4u;
+}
 
 // A slice of A then a slice of B, each [k][row / 4]: one vec4 holds four consecutive rows of
 // one k. Flash attention reuses it to stage V.
@@ -71,14 +89,15 @@ fn tile_stage_item(idx: u32, k0: u32, side: u32) {
 }
 
 // The whole slice of operand `side`: one item per invocation, or with fewer invocations than
-// items (TILE_M < 64, operand B) several. The branch is on constants, resolved when the
-// pipeline is built (a loop here cost the 64-row kernels 15% on llvmpipe).
+// items several. The branch is on constants, resolved when the pipeline is built (a loop here
+// cost the 64-row 4 x 4 kernels 15% on llvmpipe).
 fn tile_stage_k_contiguous(li: u32, k0: u32, side: u32) {
     let items = TILE_K * select(TILE, TILE_M, side == 0u) / 4u;
-    if items == TILE_M * 4u {
+    let invocations = NX * (TILE_M / BR);
+    if items == invocations {
         tile_stage_item(li, k0, side);
     } else {
-        for (var idx = li; idx < items; idx += TILE_M * 4u) {
+        for (var idx = li; idx < items; idx += invocations) {
             tile_stage_item(idx, k0, side);
         }
     }
@@ -108,22 +127,48 @@ fn tile_stage_item_by_k(idx: u32, k0: u32) {
 
 // B's slice, for operands contiguous in the column.
 fn tile_stage_b_by_k(li: u32, k0: u32) {
-    if TILE_M == TILE {
+    let invocations = NX * (TILE_M / BR);
+    if invocations == TILE_K * TILE_X {
         tile_stage_item_by_k(li, k0);
     } else {
-        for (var idx = li; idx < TILE_K * TILE_X; idx += TILE_M * 4u) {
+        for (var idx = li; idx < TILE_K * TILE_X; idx += invocations) {
             tile_stage_item_by_k(idx, k0);
         }
     }
 }
 
-// acc[r] += a[r] * b: one k of a 4 x 4 block.
-fn block_fma(acc: Block, a: vec4<f32>, b: vec4<f32>) -> Block {
+// The block's rows of staged A at k (BR4 vec4s).
+fn stage_rows(k: u32, ty: u32) -> array<vec4<f32>, BR4> {
+    var a: array<vec4<f32>, BR4>;
+    for (var g = 0u; g < BR4; g++) {
+        a[g] = tile_stage[k * TILE_X + ty + (TILE_M / BR) * g];
+    }
+    return a;
+}
+
+// The block's columns of staged B at k (BC4 vec4s).
+fn stage_cols(k: u32, tx: u32) -> array<vec4<f32>, BC4> {
+    var b: array<vec4<f32>, BC4>;
+    for (var j = 0u; j < BC4; j++) {
+        b[j] = tile_stage[STAGE_B + k * TILE_X + tx + NX * j];
+    }
+    return b;
+}
+
+// acc[r][c] += a[r] * b[c]: one k of the block, a the block's rows, b its columns. One flat
+// loop with a small body, so that every driver unrolls it and the block's indices are
+// constants: llvmpipe keeps a private array in memory, read and written lane by lane, as soon
+// as one of its indices is not (nested loops stay rolled there).
+fn block_fma(acc: Block, a: array<vec4<f32>, BR4>, b: array<vec4<f32>, BC4>) -> Block {
     var out = acc;
-    out[0] += a.x * b;
-    out[1] += a.y * b;
-    out[2] += a.z * b;
-    out[3] += a.w * b;
+    for (var x = 0u; x < BR4 * BC4; x++) {
+        let g = x / BC4;
+        let j = x % BC4;
+        out[(4u * g) * BC4 + j] += a[g].x * b[j];
+        out[(4u * g + 1u) * BC4 + j] += a[g].y * b[j];
+        out[(4u * g + 2u) * BC4 + j] += a[g].z * b[j];
+        out[(4u * g + 3u) * BC4 + j] += a[g].w * b[j];
+    }
     return out;
 }
 
@@ -131,7 +176,7 @@ fn block_fma(acc: Block, a: vec4<f32>, b: vec4<f32>) -> Block {
 fn tile_fma(acc: Block, ty: u32, tx: u32) -> Block {
     var out = acc;
     for (var k = 0u; k < TILE_K; k++) {
-        out = block_fma(out, tile_stage[k * TILE_X + ty], tile_stage[STAGE_B + k * TILE_X + tx]);
+        out = block_fma(out, stage_rows(k, ty), stage_cols(k, tx));
     }
     return out;
 }

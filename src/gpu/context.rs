@@ -4,7 +4,7 @@ use std::sync::Arc;
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::Kernels;
-use crate::gpu::limits::{DecodeKernel, GpuLimits, LimitCaps};
+use crate::gpu::limits::{DecodeKernel, GpuLimits, LimitCaps, TileBlock};
 use crate::gpu::tuning::{TileConfig, entry_for};
 
 /// A device and queue, with the limits, features and compiled pipelines of this crate.
@@ -185,6 +185,18 @@ impl Gpu {
                       invocations) or tiles (the row-tiled fused kernel)",
             })?;
         }
+        for (what, slot) in [
+            ("WGPU_ATTENTION_FUSED_BLOCK", &mut limits.tile.fused_block),
+            ("WGPU_ATTENTION_GEMM_BLOCK", &mut limits.tile.gemm_block),
+        ] {
+            if let Ok(value) = std::env::var(what) {
+                *slot = TileBlock::parse(&value).ok_or(Error::InvalidOption {
+                    what,
+                    value,
+                    why: "must be 4x4, 8x4 or 8x8 (rows x columns of each invocation's block)",
+                })?;
+            }
+        }
         let kernels = Arc::new(Kernels::new(&device, &limits)?);
         Ok(Gpu {
             device,
@@ -362,6 +374,25 @@ impl Gpu {
             });
         }
         gpu.limits.tile.decode_target_workgroups = config.decode_target_workgroups;
+        gpu.with_blocks(config.fused_block, config.gemm_block)
+    }
+
+    /// A context on the same device whose fused kernel computes `fused` blocks per invocation
+    /// and whose tile products (three-pass, projections) `gemm` blocks: an error for a block no
+    /// kernel is compiled for ([`TileBlock::ALL`]).
+    pub fn with_blocks(&self, fused: TileBlock, gemm: TileBlock) -> Result<Gpu> {
+        for (what, block) in [("fused block", fused), ("gemm block", gemm)] {
+            if !TileBlock::ALL.contains(&block) {
+                return Err(Error::InvalidOption {
+                    what,
+                    value: format!("{block:?}"),
+                    why: "must be 4x4, 8x4 or 8x8",
+                });
+            }
+        }
+        let mut gpu = self.clone();
+        gpu.limits.tile.fused_block = fused;
+        gpu.limits.tile.gemm_block = gemm;
         Ok(gpu)
     }
 

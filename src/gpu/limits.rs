@@ -80,6 +80,59 @@ impl DecodeKernel {
     }
 }
 
+/// The register block of one invocation of the tile product (`shaders/lib/tile_gemm.wgsl`):
+/// `rows x cols` scores (or outputs) of a 64-column tile, a tile choice per adapter
+/// ([`TileConfig::fused_block`], [`TileConfig::gemm_block`];
+/// `WGPU_ATTENTION_FUSED_BLOCK=8x8`, say, overrides the first).
+///
+/// A larger block reads fewer vec4s of workgroup memory per multiply-add (an 8 x 8 block 4
+/// per 64, a 4 x 4 block 2 per 16) with fewer invocations per workgroup (64 instead of 256
+/// for 64 rows) and more registers per invocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TileBlock {
+    /// Rows per invocation: 4 or 8.
+    pub rows: u32,
+    /// Columns per invocation: 4 or 8.
+    pub cols: u32,
+}
+
+impl TileBlock {
+    /// 4 x 4: 256 invocations for a 64 x 64 tile.
+    pub const B4X4: TileBlock = TileBlock { rows: 4, cols: 4 };
+    /// 8 x 4: 128 invocations for a 64 x 64 tile.
+    pub const B8X4: TileBlock = TileBlock { rows: 8, cols: 4 };
+    /// 8 x 8: 64 invocations for a 64 x 64 tile.
+    pub const B8X8: TileBlock = TileBlock { rows: 8, cols: 8 };
+    /// Every block the kernels are compiled for.
+    pub const ALL: [TileBlock; 3] = [TileBlock::B4X4, TileBlock::B8X4, TileBlock::B8X8];
+
+    /// Invocations across the 64 columns of a tile.
+    pub const fn columns_invocations(self) -> u32 {
+        64 / self.cols
+    }
+
+    /// Invocations of a workgroup computing `tile_rows` rows (a multiple of `rows`) of a
+    /// 64-column tile.
+    pub const fn invocations(self, tile_rows: u32) -> u32 {
+        self.columns_invocations() * (tile_rows / self.rows)
+    }
+
+    /// Parses `4x4`, `8x4` or `8x8` (the name [`TileBlock::name`] writes).
+    pub fn parse(value: &str) -> Option<TileBlock> {
+        let (r, c) = value.trim().split_once('x')?;
+        let block = TileBlock {
+            rows: r.parse().ok()?,
+            cols: c.parse().ok()?,
+        };
+        TileBlock::ALL.contains(&block).then_some(block)
+    }
+
+    /// `rows x cols`, as `8x8`.
+    pub fn name(&self) -> String {
+        format!("{}x{}", self.rows, self.cols)
+    }
+}
+
 impl GpuLimits {
     /// The limits of a device with wgpu limits `l` and of type `device_type`: what
     /// [`Gpu`](crate::Gpu) reads from its device, and what a program can plan with for a

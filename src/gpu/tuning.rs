@@ -13,7 +13,7 @@
 //! The configuration is [`GpuLimits::tile`](crate::gpu::GpuLimits::tile): the plans read it there, beside the device
 //! limits, so the planner tests set any configuration without a device.
 
-use super::limits::DecodeKernel;
+use super::limits::{DecodeKernel, TileBlock};
 
 /// One tile configuration of the decode path ([`GpuLimits::tile`](crate::gpu::GpuLimits::tile)).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,6 +37,13 @@ pub struct TileConfig {
     /// not report a core count: 1024 on discrete GPUs (a few workgroups per core of a large
     /// card), 256 on integrated and other GPUs, 64 on CPU adapters.
     pub decode_target_workgroups: u32,
+    /// The register block of the fused kernel's invocations (`flash_attention.wgsl`), for
+    /// tiles of at least `fused_block.rows` rows (fewer rows take 4 x 4).
+    /// `WGPU_ATTENTION_FUSED_BLOCK` overrides it.
+    pub fused_block: TileBlock,
+    /// The register block of the three-pass path's products and the layer's projections
+    /// (`qk_scores`, `pv_product`, `matmul`). `WGPU_ATTENTION_GEMM_BLOCK` overrides it.
+    pub gemm_block: TileBlock,
 }
 
 /// An entry of [`TABLE`]: which adapters it is for, and where its figures come from.
@@ -57,12 +64,20 @@ pub struct TableEntry {
     pub source: &'static str,
 }
 
-const fn keys(workgroup: u32, min_decode_rows: u32, decode_target_workgroups: u32) -> TileConfig {
+const fn keys(
+    workgroup: u32,
+    min_decode_rows: u32,
+    decode_target_workgroups: u32,
+    fused_block: TileBlock,
+    gemm_block: TileBlock,
+) -> TileConfig {
     TileConfig {
         decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup },
         subgroups: true,
         min_decode_rows,
         decode_target_workgroups,
+        fused_block,
+        gemm_block,
     }
 }
 
@@ -73,7 +88,7 @@ pub const TABLE: &[TableEntry] = &[
         vendor: None,
         device_type: Some(wgpu::DeviceType::Cpu),
         subgroup_size: None,
-        config: keys(16, 4, 64),
+        config: keys(16, 4, 64, TileBlock::B8X8, TileBlock::B8X8),
         source: "measured: attn-bench --tune --reps 3 --warmup 1, llvmpipe (LLVM 15.0.6, 256 \
                  bits), Mesa 22.3.6, 2026-12-02: keys16 subgroups=1 fastest, 287 ms over both \
                  shapes (keys32 subgroups=1 331, keys16 subgroups=0 380, tiles rows=4 506)",
@@ -83,7 +98,7 @@ pub const TABLE: &[TableEntry] = &[
         vendor: Some(0x10de),
         device_type: None,
         subgroup_size: None,
-        config: keys(64, 16, 1024),
+        config: keys(64, 16, 1024, TileBlock::B8X4, TileBlock::B8X8),
         source: "guess, never measured: 64 invocations are two warps; 1024 workgroups are \
                  about 8 per SM of an H100 or H200",
     },
@@ -92,7 +107,7 @@ pub const TABLE: &[TableEntry] = &[
         vendor: None,
         device_type: Some(wgpu::DeviceType::DiscreteGpu),
         subgroup_size: None,
-        config: keys(64, 16, 1024),
+        config: keys(64, 16, 1024, TileBlock::B8X4, TileBlock::B8X8),
         source: "guess, never measured: 64 invocations are one AMD wavefront or two warps",
     },
     TableEntry {
@@ -100,7 +115,7 @@ pub const TABLE: &[TableEntry] = &[
         vendor: None,
         device_type: None,
         subgroup_size: None,
-        config: keys(64, 16, 256),
+        config: keys(64, 16, 256, TileBlock::B8X4, TileBlock::B8X8),
         source: "guess, never measured",
     },
 ];
@@ -136,10 +151,15 @@ impl TileConfig {
             }
             DecodeKernel::RowTiles => "DecodeKernel::RowTiles".into(),
         };
+        let block = |b: TileBlock| format!("TileBlock::B{}X{}", b.rows, b.cols);
         format!(
             "TileConfig {{ decode_kernel: {kernel}, subgroups: {}, min_decode_rows: {}, \
-             decode_target_workgroups: {} }}",
-            self.subgroups, self.min_decode_rows, self.decode_target_workgroups
+             decode_target_workgroups: {}, fused_block: {}, gemm_block: {} }}",
+            self.subgroups,
+            self.min_decode_rows,
+            self.decode_target_workgroups,
+            block(self.fused_block),
+            block(self.gemm_block)
         )
     }
 }
@@ -181,7 +201,8 @@ mod tests {
         assert_eq!(
             s,
             "TileConfig { decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup: 16 }, \
-             subgroups: true, min_decode_rows: 4, decode_target_workgroups: 64 }"
+             subgroups: true, min_decode_rows: 4, decode_target_workgroups: 64, \
+             fused_block: TileBlock::B8X8, gemm_block: TileBlock::B8X8 }"
         );
     }
 }

@@ -48,6 +48,7 @@ use uniforms::{
     TILE_STAGE_BYTES, Uniform,
 };
 
+use crate::gpu::limits::TileBlock;
 use crate::spec::{DType, Spec};
 
 /// WGSL source of the tiled `QK^T` kernel (and of additive scores, by a pipeline constant).
@@ -314,11 +315,28 @@ impl Kernel {
 /// The rows per workgroup the fused kernel is compiled for (`TILE_M`).
 pub const FLASH_ROWS: [u32; 5] = [4, 8, 16, 32, 64];
 
-/// Workgroup memory of the fused kernel: the tile product's staging (also V's), the tile's
-/// probabilities (`TILE x TILE` f32), a row reduction (`TILE` rows x `TILE / 4` invocations),
-/// the tile bounds (`vec4<u32>`) and the last key any row sees (`u32`).
-pub(crate) const FLASH_WORKGROUP_BYTES: u32 =
-    TILE_STAGE_BYTES + TILE * TILE * 4 + TILE * (TILE / 4) * 4 + 16 + 4;
+/// Workgroup memory of the fused kernel with invocation block `block`: the tile product's
+/// staging (also V's), the tile's probabilities (`TILE x TILE` f32), a row reduction (`TILE`
+/// rows x `TILE / block.cols` invocations), the tile bounds (`vec4<u32>`) and the last key any
+/// row sees (`u32`).
+pub(crate) const fn flash_workgroup_bytes(block: TileBlock) -> u32 {
+    TILE_STAGE_BYTES + TILE * TILE * 4 + TILE * block.columns_invocations() * 4 + 16 + 4
+}
+
+/// The fused kernel's vec4 columns of O per invocation for `v_head_dim` and `block`
+/// (`OC`): the `ceil(v_head_dim / 4)` vec4 columns over the block's `64 / cols` invocations
+/// across a row.
+pub(crate) fn flash_o_vec4s(v_head_dim: usize, block: TileBlock) -> u32 {
+    (v_head_dim.div_ceil(4) as u32).div_ceil(block.columns_invocations())
+}
+
+/// Keys of V the fused kernel stages at once (`BKV`): a power of two dividing the 64-key
+/// tile whose slice of `64 / cols * o_vec4s` vec4s per key fits the tile staging.
+fn flash_bkv(block: TileBlock, o_vec4s: u32) -> u32 {
+    let per_key = block.columns_invocations() * o_vec4s;
+    let most = (TILE_STAGE_BYTES / 16 / per_key).clamp(1, TILE);
+    1 << most.ilog2()
+}
 
 /// The rows the decode kernel is compiled for (`ROWS`): the fewest of these that hold a kv
 /// head's `group * q_len` rows.
@@ -472,6 +490,8 @@ pub enum KernelKey {
         k: Storage,
         /// Additive (Bahdanau) scores instead of the dot product.
         additive: bool,
+        /// Each invocation's block of the tile.
+        block: TileBlock,
     },
     /// [`Kernel::MaskedSoftmax`].
     MaskedSoftmax {
@@ -486,6 +506,8 @@ pub enum KernelKey {
         v: Storage,
         /// Output.
         o: Storage,
+        /// Each invocation's block of the tile.
+        block: TileBlock,
     },
     /// [`Kernel::FlashAttention`].
     FlashAttention {
@@ -497,8 +519,11 @@ pub enum KernelKey {
         v: Storage,
         /// Output.
         o: Storage,
-        /// `ceil(v_head_dim / 64)`, 1 to 4: the output columns each invocation owns.
-        o_chunks: u32,
+        /// Each invocation's block of a score tile (`block.rows` at most `rows`).
+        block: TileBlock,
+        /// Vec4 columns of O each invocation owns, `ceil(ceil(v_head_dim / 4) / (64 /
+        /// block.cols))`: 1 to 4 with 4 columns per block, 1 to 8 with 8.
+        o_vec4s: u32,
         /// Rows per workgroup: 64, or 4 to 32 when decoding a few rows
         /// ([`FusedPlan::rows_per_workgroup`](crate::gpu::FusedPlan::rows_per_workgroup)).
         rows: u32,
@@ -550,6 +575,8 @@ pub enum KernelKey {
         b: Storage,
         /// Result.
         c: Storage,
+        /// Each invocation's block of the tile.
+        block: TileBlock,
     },
 }
 
@@ -572,11 +599,11 @@ impl KernelKey {
         match *self {
             KernelKey::QkScores { q, k, .. } => vec![q, k],
             KernelKey::MaskedSoftmax { .. } => Vec::new(),
-            KernelKey::PvProduct { v, o } => vec![v, o],
+            KernelKey::PvProduct { v, o, .. } => vec![v, o],
             KernelKey::FlashAttention { q, k, v, o, .. }
             | KernelKey::FlashDecode { q, k, v, o, .. } => vec![q, k, v, o],
             KernelKey::CombineSplits { parts, o } => vec![parts, o],
-            KernelKey::Matmul { a, b, c } => vec![a, b, c],
+            KernelKey::Matmul { a, b, c, .. } => vec![a, b, c],
         }
     }
 
@@ -584,37 +611,63 @@ impl KernelKey {
     /// options ([`MaskOptions::all`]): what the naga tests compile.
     pub fn samples(storage: Storage) -> Vec<KernelKey> {
         let s = storage;
-        let mut keys = vec![
-            KernelKey::QkScores {
-                q: s,
-                k: s,
-                additive: false,
-            },
-            KernelKey::QkScores {
-                q: s,
-                k: s,
-                additive: true,
-            },
-            KernelKey::PvProduct { v: s, o: s },
-            KernelKey::CombineSplits { parts: s, o: s },
-            KernelKey::Matmul { a: s, b: s, c: s },
-        ];
-        for masks in MaskOptions::all() {
-            for workgroup in [64, 128, 256] {
-                keys.push(KernelKey::MaskedSoftmax { workgroup, masks });
-            }
-            for o_chunks in 1..=4 {
-                for rows in FLASH_ROWS {
+        let mut keys = vec![KernelKey::CombineSplits { parts: s, o: s }];
+        for block in TileBlock::ALL {
+            keys.extend([
+                KernelKey::QkScores {
+                    q: s,
+                    k: s,
+                    additive: false,
+                    block,
+                },
+                KernelKey::QkScores {
+                    q: s,
+                    k: s,
+                    additive: true,
+                    block,
+                },
+                KernelKey::PvProduct { v: s, o: s, block },
+                KernelKey::Matmul {
+                    a: s,
+                    b: s,
+                    c: s,
+                    block,
+                },
+            ]);
+        }
+        // The fused kernel: every block, size and row count without options, and every option
+        // combination on a few of them.
+        for block in TileBlock::ALL {
+            for o_vec4s in 1..=64 / block.columns_invocations() {
+                for rows in FLASH_ROWS.into_iter().filter(|&r| r >= block.rows) {
                     keys.push(KernelKey::FlashAttention {
                         q: s,
                         k: s,
                         v: s,
                         o: s,
-                        o_chunks,
+                        block,
+                        o_vec4s,
                         rows,
-                        masks,
+                        masks: MaskOptions::default(),
                     });
                 }
+            }
+        }
+        for masks in MaskOptions::all() {
+            for workgroup in [64, 128, 256] {
+                keys.push(KernelKey::MaskedSoftmax { workgroup, masks });
+            }
+            for (n, block) in TileBlock::ALL.into_iter().enumerate() {
+                keys.push(KernelKey::FlashAttention {
+                    q: s,
+                    k: s,
+                    v: s,
+                    o: s,
+                    block,
+                    o_vec4s: 1 + n as u32,
+                    rows: [64, 16, 32][n],
+                    masks,
+                });
             }
         }
         // The decode kernel: every size and reduction without options, and every option
@@ -671,22 +724,29 @@ impl KernelKey {
             }
         }
         let extra = match self {
-            KernelKey::QkScores { additive, .. } => {
-                if *additive {
-                    "additive".to_string()
-                } else {
-                    "dot".to_string()
-                }
+            KernelKey::QkScores {
+                additive, block, ..
+            } => {
+                let kind = if *additive { "additive" } else { "dot" };
+                format!("{kind}; block {}", block.name())
+            }
+            KernelKey::PvProduct { block, .. } | KernelKey::Matmul { block, .. } => {
+                format!("block {}", block.name())
             }
             KernelKey::MaskedSoftmax { workgroup, masks } => {
                 format!("wg={workgroup}; {}", masks.label())
             }
             KernelKey::FlashAttention {
-                o_chunks,
+                block,
+                o_vec4s,
                 rows,
                 masks,
                 ..
-            } => format!("o_chunks={o_chunks}; rows={rows}; {}", masks.label()),
+            } => format!(
+                "block {}; o_vec4s={o_vec4s}; rows={rows}; {}",
+                block.name(),
+                masks.label()
+            ),
             KernelKey::FlashDecode {
                 workgroup,
                 rows,
@@ -718,7 +778,7 @@ impl KernelKey {
         match *self {
             KernelKey::QkScores { .. } => TILE_STAGE_BYTES + uniforms::TILE_K * 4,
             KernelKey::PvProduct { .. } | KernelKey::Matmul { .. } => TILE_STAGE_BYTES,
-            KernelKey::FlashAttention { .. } => FLASH_WORKGROUP_BYTES,
+            KernelKey::FlashAttention { block, .. } => flash_workgroup_bytes(block),
             KernelKey::FlashDecode {
                 workgroup,
                 rows,
@@ -750,6 +810,15 @@ impl KernelKey {
     /// function-scope arrays, which a pipeline `override` cannot.
     pub fn source_constants(&self) -> Vec<(&'static str, u32)> {
         match *self {
+            KernelKey::QkScores { block, .. }
+            | KernelKey::PvProduct { block, .. }
+            | KernelKey::Matmul { block, .. } => vec![("BR", block.rows), ("BC", block.cols)],
+            KernelKey::FlashAttention { block, o_vec4s, .. } => vec![
+                ("BR", block.rows),
+                ("BC", block.cols),
+                ("OC", o_vec4s),
+                ("BKV", flash_bkv(block, o_vec4s)),
+            ],
             KernelKey::FlashDecode {
                 workgroup,
                 rows,
@@ -817,22 +886,8 @@ impl KernelKey {
                 out.push(("WG", workgroup as f64));
                 masks.constants(&mut out);
             }
-            KernelKey::FlashAttention {
-                o_chunks,
-                rows,
-                masks,
-                ..
-            } => {
+            KernelKey::FlashAttention { rows, masks, .. } => {
                 out.push(("TILE_M", rows as f64));
-                // The V slice holds BKV * 16 * O_CHUNKS vec4s <= 512 (the tile staging), and
-                // BKV divides the 64-key tile.
-                let bkv = match o_chunks {
-                    1 => 32,
-                    2 => 16,
-                    _ => 8,
-                };
-                out.push(("O_CHUNKS", o_chunks as f64));
-                out.push(("BKV", bkv as f64));
                 masks.constants(&mut out);
             }
             KernelKey::FlashDecode { masks, .. } => masks.constants(&mut out),

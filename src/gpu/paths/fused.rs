@@ -44,10 +44,10 @@ use crate::gpu::context::Gpu;
 use crate::gpu::dispatch::combine::{self, Combine};
 use crate::gpu::kernels::uniforms::{CombineParams, FlashParams, TILE, uniform_buffer};
 use crate::gpu::kernels::{
-    DECODE_ROWS, DECODE_WORKGROUPS, FLASH_ROWS, FLASH_WORKGROUP_BYTES, KernelKey, MaskOptions,
-    Storage, decode_workgroup_bytes,
+    DECODE_ROWS, DECODE_WORKGROUPS, FLASH_ROWS, KernelKey, MaskOptions, Storage,
+    decode_workgroup_bytes, flash_o_vec4s, flash_workgroup_bytes,
 };
-use crate::gpu::limits::{DecodeKernel, DispatchSize, GpuLimits, check_binding};
+use crate::gpu::limits::{DecodeKernel, DispatchSize, GpuLimits, TileBlock, check_binding};
 use crate::spec::Spec;
 
 /// Rows (query head, query row pairs) per workgroup: one tile of the tile product.
@@ -79,8 +79,14 @@ pub struct FusedPlan {
     /// [`DecodeKernel::KeysAcrossInvocations`]); `rows_per_workgroup` is then one of
     /// [`DECODE_ROWS`] (1 to 16).
     pub keys_across_invocations: bool,
-    /// Invocations per workgroup: `16 * rows_per_workgroup / 4` for the row-tiled kernel, the
-    /// configured 16, 32 or 64 for the decode-shaped one.
+    /// The register block of the row-tiled kernel's invocations:
+    /// [`TileConfig::fused_block`](crate::gpu::tuning::TileConfig::fused_block), or a smaller
+    /// one where the workgroup has fewer rows than the block or an invocation would hold
+    /// more than 128 output accumulators (`v_head_dim` past 128 with 8 x 8 blocks); unused by
+    /// the decode-shaped kernel.
+    pub block: TileBlock,
+    /// Invocations per workgroup: `(64 / block.cols) * (rows_per_workgroup / block.rows)` for
+    /// the row-tiled kernel, the configured 16, 32 or 64 for the decode-shaped one.
     pub invocations: u32,
     /// Row tiles per (batch, kv head): `ceil(group * q_len / rows_per_workgroup)`.
     pub row_tiles: u32,
@@ -150,12 +156,14 @@ fn element_group(dim: usize, most: u32) -> u32 {
         .unwrap_or(1)
 }
 
-/// The limit the fused kernel lacks on a device, if any.
-pub(crate) fn unsupported(limits: &GpuLimits) -> Option<Shortfall> {
-    if limits.max_workgroup_storage < FLASH_WORKGROUP_BYTES {
+/// The limit the row-tiled fused kernel with invocation block `block` lacks on a device, if
+/// any.
+fn unsupported_block(limits: &GpuLimits, block: TileBlock) -> Option<Shortfall> {
+    let bytes = flash_workgroup_bytes(block);
+    if limits.max_workgroup_storage < bytes {
         Some(Shortfall {
             what: "the fused kernel needs more workgroup memory (bytes)",
-            needed: FLASH_WORKGROUP_BYTES,
+            needed: bytes,
             available: limits.max_workgroup_storage,
         })
     } else if limits.max_storage_buffers_per_stage < FLASH_STORAGE_BUFFERS {
@@ -169,6 +177,36 @@ pub(crate) fn unsupported(limits: &GpuLimits) -> Option<Shortfall> {
     }
 }
 
+/// The limit the fused kernel, with the adapter's configured block, lacks on a device, if any.
+pub(crate) fn unsupported(limits: &GpuLimits) -> Option<Shortfall> {
+    unsupported_block(limits, limits.tile.fused_block)
+}
+
+/// Output accumulators (f32) one invocation of the fused kernel may hold: past it, the
+/// configured block falls back to a smaller one. On lavapipe an 8 x 8 block over
+/// `v_head_dim` 256 (256 accumulators) ran 35% more instructions than 8 x 4 (128), while
+/// 8 x 8 over 72 (96) ran 29% fewer (NOTES.md); on a GPU 128 is about what registers hold
+/// beside the scores.
+const MOST_ACCUMULATORS: u32 = 128;
+
+/// The register block for `rows` rows per workgroup and `v_head_dim`: the configured one, or
+/// the largest smaller one (of [`TileBlock::ALL`]) whose rows fit the tile, whose
+/// accumulators fit [`MOST_ACCUMULATORS`] and whose invocations the device allows; 4 x 4 at
+/// the least.
+fn block_for(limits: &GpuLimits, rows: u32, v_head_dim: usize) -> TileBlock {
+    let configured = limits.tile.fused_block;
+    TileBlock::ALL
+        .into_iter()
+        .rev()
+        .skip_while(|&b| b != configured)
+        .find(|&b| {
+            rows >= b.rows
+                && b.rows * 4 * flash_o_vec4s(v_head_dim, b) <= MOST_ACCUMULATORS
+                && b.invocations(rows) <= limits.max_invocations_per_workgroup
+        })
+        .unwrap_or(TileBlock::B4X4)
+}
+
 impl FusedPlan {
     /// Plans `spec` for a device with `limits`; `decode` also splits the keys to give a small
     /// grid enough workgroups.
@@ -180,9 +218,6 @@ impl FusedPlan {
         };
         let keys_kernel = decode_kernel.is_some();
         let decode_rows = decode_kernel.map(|(rows, _)| rows);
-        if !keys_kernel && let Some(short) = unsupported(limits) {
-            return Err(short.into());
-        }
         let d = spec.dims;
         let packed = d.group() * d.q_len;
         let o_chunks = d.v_head_dim.div_ceil(64) as u32;
@@ -196,6 +231,10 @@ impl FusedPlan {
         } else {
             BM as u32
         };
+        let block = block_for(limits, rows_per_workgroup, d.v_head_dim);
+        if !keys_kernel && let Some(short) = unsupported_block(limits, block) {
+            return Err(short.into());
+        }
         let row_tiles = packed.div_ceil(rows_per_workgroup as usize) as u64;
         let key_tiles = d.kv_len.div_ceil(BN) as u64;
         let grid = (d.batch * d.kv_heads) as u64 * row_tiles;
@@ -250,9 +289,10 @@ impl FusedPlan {
             o_chunks,
             rows_per_workgroup,
             keys_across_invocations: keys_kernel,
+            block,
             invocations: match decode_kernel {
                 Some((_, workgroup)) => workgroup,
-                None => 16 * rows_per_workgroup / 4,
+                None => block.invocations(rows_per_workgroup),
             },
             splits: splits as u32,
             passes: passes as u32,
@@ -411,7 +451,8 @@ pub(crate) fn encode(
             k,
             v,
             o,
-            o_chunks: plan.o_chunks,
+            block: plan.block,
+            o_vec4s: flash_o_vec4s(spec.dims.v_head_dim, plan.block),
             rows: plan.rows_per_workgroup,
             masks: masks_on,
         }

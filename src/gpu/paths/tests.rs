@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::error::Error;
-use crate::gpu::limits::{DecodeKernel, LimitCaps};
+use crate::gpu::limits::{DecodeKernel, LimitCaps, TileBlock};
 use crate::gpu::tuning::TileConfig;
 use crate::spec::{Attention, Causal, Dims};
 
@@ -24,6 +24,8 @@ fn lavapipe() -> GpuLimits {
             subgroups: true,
             min_decode_rows: 4,
             decode_target_workgroups: 64,
+            fused_block: TileBlock::B8X8,
+            gemm_block: TileBlock::B8X8,
         },
     }
 }
@@ -45,6 +47,8 @@ fn h100() -> GpuLimits {
             subgroups: true,
             min_decode_rows: 16,
             decode_target_workgroups: 1024,
+            fused_block: TileBlock::B8X4,
+            gemm_block: TileBlock::B8X8,
         },
     }
 }
@@ -65,6 +69,8 @@ fn apple_m() -> GpuLimits {
             subgroups: true,
             min_decode_rows: 16,
             decode_target_workgroups: 256,
+            fused_block: TileBlock::B8X4,
+            gemm_block: TileBlock::B8X8,
         },
     }
 }

@@ -292,6 +292,7 @@ pub(crate) fn encode(
             q: q_storage,
             k: k_storage,
             additive: additive.is_some(),
+            block: limits.tile.gemm_block,
         },
     )?;
     let softmax = gpu.kernels.get(
@@ -306,6 +307,7 @@ pub(crate) fn encode(
         KernelKey::PvProduct {
             v: v_storage,
             o: o_storage,
+            block: limits.tile.gemm_block,
         },
     )?;
 
