@@ -318,7 +318,13 @@ fn main(inv: TileInvocation) {
         for (var kv0 = 0u; kv0 < TILE; kv0 += BKV) {
             workgroupBarrier();
             let slice = BKV * O_STRIDE;
-            for (var idx = li; idx < slice; idx += NX * (TILE_M / BR)) {
+            let inv_count = NX * (TILE_M / BR);
+            // A constant trip count (see tile_gemm's staging).
+            for (var n = 0u; n < (slice + inv_count - 1u) / inv_count; n++) {
+                let idx = li + n * inv_count;
+                if idx >= slice {
+                    break;
+                }
                 let vk = idx / O_STRIDE;
                 let nq = idx % O_STRIDE;
                 let key = c0 + kv0 + vk;

@@ -88,18 +88,15 @@ fn tile_stage_item(idx: u32, k0: u32, side: u32) {
     tile_stage[side * STAGE_B + kk * TILE_X + mq] = x;
 }
 
-// The whole slice of operand `side`: one item per invocation, or with fewer invocations than
-// items several. The branch is on constants, resolved when the pipeline is built (a loop here
-// cost the 64-row 4 x 4 kernels 15% on llvmpipe).
+// The whole slice of operand `side`: items / invocations items per invocation (1, 2, 4, or
+// up to 32 for tiles of a few rows), a loop with a constant trip count that drivers unroll:
+// llvmpipe counts every iteration of a loop it does not unroll against its 65535-iteration
+// limit per invocation (NOTES.md), which long products would otherwise reach.
 fn tile_stage_k_contiguous(li: u32, k0: u32, side: u32) {
     let items = TILE_K * select(TILE, TILE_M, side == 0u) / 4u;
     let invocations = NX * (TILE_M / BR);
-    if items == invocations {
-        tile_stage_item(li, k0, side);
-    } else {
-        for (var idx = li; idx < items; idx += invocations) {
-            tile_stage_item(idx, k0, side);
-        }
+    for (var n = 0u; n < items / invocations; n++) {
+        tile_stage_item(li + n * invocations, k0, side);
     }
 }
 
@@ -125,15 +122,11 @@ fn tile_stage_item_by_k(idx: u32, k0: u32) {
     tile_stage[STAGE_B + kk * TILE_X + nq] = b;
 }
 
-// B's slice, for operands contiguous in the column.
+// B's slice, for operands contiguous in the column (constant trip count, as above).
 fn tile_stage_b_by_k(li: u32, k0: u32) {
     let invocations = NX * (TILE_M / BR);
-    if invocations == TILE_K * TILE_X {
-        tile_stage_item_by_k(li, k0);
-    } else {
-        for (var idx = li; idx < TILE_K * TILE_X; idx += invocations) {
-            tile_stage_item_by_k(idx, k0);
-        }
+    for (var n = 0u; n < TILE_K * TILE_X / invocations; n++) {
+        tile_stage_item_by_k(li + n * invocations, k0);
     }
 }
 

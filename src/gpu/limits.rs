@@ -161,6 +161,21 @@ impl GpuLimits {
 }
 
 impl GpuLimits {
+    /// The invocation block of a tile product summing over `sum_len` elements (keys for
+    /// `pv_product`, `k` for `matmul`): [`TileConfig::gemm_block`], except on a device that
+    /// caps loop iterations (llvmpipe, [`GpuLimits::max_key_tiles_per_workgroup`] finite) past
+    /// 16384 elements, where 4 x 4 runs instead. Measured on lavapipe:
+    /// 4 x 4 `pv_product` summed 520000 keys exactly, 8 x 8 stopped early past about 40000
+    /// (its staging and slice loops are not unrolled there, so each slice costs the limit
+    /// about 25 iterations instead of 1).
+    pub fn gemm_block_for(&self, sum_len: u64) -> TileBlock {
+        if self.max_key_tiles_per_workgroup != u32::MAX && sum_len > LOOP_CAPPED_MAX_BLOCK_SUM {
+            TileBlock::B4X4
+        } else {
+            self.tile.gemm_block
+        }
+    }
+
     /// These limits lowered by `caps`.
     pub fn capped(mut self, caps: LimitCaps) -> GpuLimits {
         if let Some(cap) = caps.max_storage_binding {
@@ -175,6 +190,10 @@ impl GpuLimits {
         self
     }
 }
+
+/// The longest summed axis a tile product runs with a block larger than 4 x 4 on a device that
+/// caps loop iterations ([`GpuLimits::gemm_block_for`]).
+pub(crate) const LOOP_CAPPED_MAX_BLOCK_SUM: u64 = 16384;
 
 /// Lower limits to impose on a [`Gpu`](crate::Gpu), to exercise chunking and dispatch spilling on small
 /// problems. `None` keeps the device's own limit.

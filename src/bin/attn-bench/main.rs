@@ -80,14 +80,16 @@ struct Args {
     /// Draw GFLOP/s against sequence length per path into this SVG file.
     #[arg(long)]
     plot: Option<PathBuf>,
-    /// Instead of the sweep: time the decode path under every tile configuration (the
-    /// decode-shaped kernel with 16, 32 or 64 invocations, with and without subgroups; the
-    /// row-tiled kernel with 4 to 64 rows) on two decode shapes (B=1, H=32, 8 kv heads, D=128,
-    /// S=16384, 1 and 4 queries), within --tune-seconds, and print the fastest.
+    /// Instead of the sweep: time every tile configuration, within --tune-seconds: the decode
+    /// path (the decode-shaped kernel with 16, 32 or 64 invocations, with and without
+    /// subgroups; the row-tiled kernel with 4 to 64 rows) on two decode shapes (B=1, H=32, 8 kv
+    /// heads, D=128, S=16384, 1 and 4 queries), then the fused kernel's and the three-pass
+    /// products' invocation blocks (4x4, 8x4, 8x8) on prefill shapes, and print the fastest as
+    /// a line for the tile configuration table.
     #[arg(long)]
     tune: bool,
     /// Time bound of --tune, in seconds; configurations not reached are reported as skipped.
-    #[arg(long, default_value_t = 60)]
+    #[arg(long, default_value_t = 90)]
     tune_seconds: u64,
 }
 

@@ -1,17 +1,21 @@
-//! `--tune`: the decode path under every tile configuration, on this adapter.
+//! `--tune`: every tile configuration, on this adapter, in three stages.
 //!
 //! The decode path runs one of two kernels ([`DecodeKernel`]): the decode-shaped
 //! `flash_decode.wgsl` with 16, 32 or 64 invocations per workgroup, with subgroup operations
 //! or workgroup-memory reductions, or the row-tiled fused kernel with at least
 //! `TileConfig::min_decode_rows` rows per workgroup. This times each configuration on two decode
 //! shapes (a GQA group of 4 heads with 1 and with 4 new tokens over 16384 keys) within
-//! `--tune-seconds`, and prints the fastest as the values to put in `GpuLimits::from_wgpu` for
-//! this kind of adapter (or to set with `WGPU_ATTENTION_DECODE_KERNEL`,
-//! `WGPU_ATTENTION_SUBGROUPS` and `WGPU_ATTENTION_DECODE_ROWS`).
+//! `--tune-seconds`. Then, on the best of those, the fused kernel with every invocation block
+//! (`TileBlock`: 4 x 4, 8 x 4, 8 x 8) on two prefill shapes (head dims 64 and 128), and the
+//! three-pass path with every block of its tile products on one. It prints the fastest of each
+//! stage and the whole configuration as a `TableEntry` line for `gpu::tuning::TABLE` (each
+//! part can also be set with `WGPU_ATTENTION_DECODE_KERNEL`, `WGPU_ATTENTION_SUBGROUPS`,
+//! `WGPU_ATTENTION_DECODE_ROWS`, `WGPU_ATTENTION_FUSED_BLOCK` and
+//! `WGPU_ATTENTION_GEMM_BLOCK`). Shapes are smaller on CPU adapters, so the bound holds there.
 
 use std::time::Instant;
 
-use wgpu_attention::{Attention, Causal, DecodeKernel, Dims, Gpu, Layout, Path};
+use wgpu_attention::{Attention, Causal, DecodeKernel, Dims, Gpu, Layout, Path, TileBlock};
 
 use crate::Args;
 use crate::run::{stats, time_gpu, values};
@@ -52,42 +56,33 @@ fn configs(gpu: &Gpu) -> Result<Vec<Config>, Box<dyn std::error::Error>> {
     Ok(out)
 }
 
-pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
-    let start = Instant::now();
-    let budget = args.tune_seconds as f64;
-    let base = Gpu::new()?;
-    let gpu = base.with_timer().unwrap_or_else(|| base.clone());
-    let l = gpu.limits();
-    println!(
-        "tune: {} (default decode kernel {}, subgroups {}, min_decode_rows {}), budget {budget} s",
-        gpu.describe(),
-        l.tile.decode_kernel.name(),
-        l.tile.subgroups as u8,
-        l.tile.min_decode_rows
-    );
-    let configs = configs(&gpu)?;
-    let opts = Attention::new()
-        .causal(Causal::BottomRight)
-        .path(Path::Decode);
-    // Per configuration, the sum over shapes of the median ms (None when not reached).
+/// Times every configuration of `configs` on every shape of `shapes` with `opts`, within the
+/// time left of `budget` seconds since `start`: per configuration, the sum of the median ms
+/// over the shapes (None when the budget ran out before it).
+fn time_configs(
+    stage: &str,
+    configs: &[Config],
+    shapes: &[Dims],
+    opts: &Attention,
+    (start, budget): (Instant, f64),
+    args: &Args,
+) -> Result<Vec<Option<f64>>, Box<dyn std::error::Error>> {
     let mut totals: Vec<Option<f64>> = vec![Some(0.0); configs.len()];
-    for q_len in [1, 4] {
-        let d = Dims {
-            batch: 1,
-            heads: 32,
-            kv_heads: 8,
-            q_len,
-            kv_len: 16384,
-            head_dim: 128,
-            v_head_dim: 128,
-        };
+    for d in shapes {
         let layout = Layout::Bhsd;
+        let gpu = &configs[0].gpu;
         let q = gpu.upload(&values(d.q_elems(), 1), d.q_shape(layout))?;
         let k = gpu.upload(&values(d.k_elems(), 2), d.k_shape(layout))?;
         let v = gpu.upload(&values(d.v_elems(), 3), d.v_shape(layout))?;
         println!(
-            "tune: q_len {q_len} ({} rows per kv head):",
-            d.group() * q_len
+            "tune: {stage}: B={} H={}/{} L={} S={} D={} ({} rows per kv head):",
+            d.batch,
+            d.heads,
+            d.kv_heads,
+            d.q_len,
+            d.kv_len,
+            d.head_dim,
+            d.group() * d.q_len
         );
         for (n, config) in configs.iter().enumerate() {
             if start.elapsed().as_secs_f64() > budget {
@@ -95,7 +90,7 @@ pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 totals[n] = None;
                 continue;
             }
-            let (ms, timing, _, note) = time_gpu(&config.gpu, &opts, d, (&q, &k, &v), args)?;
+            let (ms, timing, _, note) = time_gpu(&config.gpu, opts, *d, (&q, &k, &v), args)?;
             let (median, _, _) = stats(ms);
             if let Some(t) = &mut totals[n] {
                 *t += median;
@@ -104,32 +99,148 @@ pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             log::debug!("tune: {}: {note}", config.name);
         }
     }
-    let best = configs
+    Ok(totals)
+}
+
+/// The fastest configuration that finished, and its total.
+fn fastest<'a>(configs: &'a [Config], totals: &[Option<f64>]) -> Option<(&'a Config, f64)> {
+    configs
         .iter()
-        .zip(&totals)
+        .zip(totals)
         .filter_map(|(c, t)| t.map(|t| (c, t)))
-        .min_by(|a, b| a.1.total_cmp(&b.1));
-    match best {
-        Some((config, total)) => {
-            let info = gpu.adapter_info();
-            println!(
-                "tune: best for {:?} adapters like {}: {} ({total:.3} ms over both shapes)",
-                info.device_type, info.name, config.name
-            );
-            // A line for wgpu_attention::gpu::tuning::TABLE.
-            println!(
-                "tune: table entry: TableEntry {{ adapters: {:?}, vendor: Some({:#x}), \
-                 device_type: Some(wgpu::DeviceType::{:?}), subgroup_size: Some({}), config: {}, \
-                 source: \"measured: attn-bench --tune, {} ms over both shapes\" }}",
-                info.name,
-                info.vendor,
-                info.device_type,
-                info.subgroup_min_size,
-                config.gpu.tile_config().as_rust(),
-                (total * 1000.0).round() / 1000.0
-            );
-        }
-        None => println!("tune: no configuration finished within the budget"),
+        .min_by(|a, b| a.1.total_cmp(&b.1))
+}
+
+fn dims(
+    batch: usize,
+    heads: usize,
+    kv_heads: usize,
+    q_len: usize,
+    kv_len: usize,
+    d: usize,
+) -> Dims {
+    Dims {
+        batch,
+        heads,
+        kv_heads,
+        q_len,
+        kv_len,
+        head_dim: d,
+        v_head_dim: d,
     }
+}
+
+pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
+    let start = Instant::now();
+    let budget = args.tune_seconds as f64;
+    let base = Gpu::new()?;
+    let gpu = base.with_timer().unwrap_or_else(|| base.clone());
+    let l = gpu.limits();
+    println!(
+        "tune: {} (default decode kernel {}, subgroups {}, min_decode_rows {}, fused block {}, \
+         gemm block {}), budget {budget} s",
+        gpu.describe(),
+        l.tile.decode_kernel.name(),
+        l.tile.subgroups as u8,
+        l.tile.min_decode_rows,
+        l.tile.fused_block.name(),
+        l.tile.gemm_block.name()
+    );
+    let clock = (start, budget);
+    let info = gpu.adapter_info();
+    let cpu = info.device_type == wgpu::DeviceType::Cpu;
+
+    // 1. The decode path.
+    let configs = configs(&gpu)?;
+    let decode = Attention::new()
+        .causal(Causal::BottomRight)
+        .path(Path::Decode);
+    let shapes = [1, 4].map(|q_len| dims(1, 32, 8, q_len, 16384, 128));
+    let totals = time_configs("decode", &configs, &shapes, &decode, clock, args)?;
+    let Some((best, total)) = fastest(&configs, &totals) else {
+        println!("tune: no configuration finished within the budget");
+        return Ok(());
+    };
+    println!(
+        "tune: decode: best {} ({total:.3} ms over both shapes)",
+        best.name
+    );
+    let mut summary = vec![format!("decode {} {total:.3} ms", best.name)];
+    let best = best.gpu.clone();
+
+    // 2. The fused kernel's invocation block, on the best decode configuration.
+    let (fused_shapes, gemm_shape) = if cpu {
+        (
+            [dims(1, 8, 8, 512, 512, 64), dims(1, 4, 4, 512, 512, 128)],
+            dims(1, 8, 8, 512, 512, 64),
+        )
+    } else {
+        (
+            [
+                dims(4, 16, 16, 4096, 4096, 64),
+                dims(4, 16, 16, 4096, 4096, 128),
+            ],
+            dims(4, 16, 16, 2048, 2048, 64),
+        )
+    };
+    let gemm = best.tile_config().gemm_block;
+    let blocks = |f: &dyn Fn(TileBlock) -> (TileBlock, TileBlock)| {
+        TileBlock::ALL
+            .into_iter()
+            .map(|b| {
+                let (fused, gemm) = f(b);
+                Ok(Config {
+                    name: format!("block {}", b.name()),
+                    gpu: best.with_blocks(fused, gemm)?,
+                })
+            })
+            .collect::<Result<Vec<Config>, wgpu_attention::Error>>()
+    };
+    let configs = blocks(&|b| (b, gemm))?;
+    let fused = Attention::new().path(Path::Fused);
+    let totals = time_configs("fused", &configs, &fused_shapes, &fused, clock, args)?;
+    let fused_block = match fastest(&configs, &totals) {
+        Some((c, total)) => {
+            println!(
+                "tune: fused: best {} ({total:.3} ms over both shapes)",
+                c.name
+            );
+            summary.push(format!("fused {} {total:.3} ms", c.name));
+            c.gpu.tile_config().fused_block
+        }
+        None => best.tile_config().fused_block,
+    };
+
+    // 3. The tile products' block (three-pass), with the best fused block.
+    let configs = blocks(&|b| (fused_block, b))?;
+    let three = Attention::new().path(Path::ThreePass);
+    let totals = time_configs("three-pass", &configs, &[gemm_shape], &three, clock, args)?;
+    let config = match fastest(&configs, &totals) {
+        Some((c, total)) => {
+            println!("tune: three-pass: best {} ({total:.3} ms)", c.name);
+            summary.push(format!("three-pass {} {total:.3} ms", c.name));
+            c.gpu.tile_config()
+        }
+        None => best.with_blocks(fused_block, gemm)?.tile_config(),
+    };
+    println!(
+        "tune: best for {:?} adapters like {}: {} in {:.0} s",
+        info.device_type,
+        info.name,
+        summary.join(", "),
+        start.elapsed().as_secs_f64()
+    );
+    // A line for wgpu_attention::gpu::tuning::TABLE.
+    println!(
+        "tune: table entry: TableEntry {{ adapters: {:?}, vendor: Some({:#x}), \
+         device_type: Some(wgpu::DeviceType::{:?}), subgroup_size: Some({}), config: {}, \
+         source: \"measured: attn-bench --tune, {}\" }}",
+        info.name,
+        info.vendor,
+        info.device_type,
+        info.subgroup_min_size,
+        config.as_rust(),
+        summary.join(", ")
+    );
     Ok(())
 }

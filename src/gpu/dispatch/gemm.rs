@@ -121,7 +121,7 @@ pub(crate) fn encode_matmul(
             a: gpu.storage(a.tensor.dtype()),
             b: gpu.storage(b.tensor.dtype()),
             c: gpu.storage(c.tensor.dtype()),
-            block: gpu.limits.tile.gemm_block,
+            block: gpu.limits.gemm_block_for(k as u64),
         },
     )?;
     let tiles_m = (m as u32).div_ceil(TILE);

@@ -451,3 +451,15 @@ fn decode_workgroups_outside_the_table_fall_back() {
         assert!(!p.keys_across_invocations, "{workgroup}: {p:?}");
     }
 }
+
+/// Long sums on a loop-capped device take 4 x 4 blocks, whose loops llvmpipe unrolls; a GPU
+/// keeps its configured block at any length.
+#[test]
+fn long_sums_on_a_loop_capped_device_take_4x4_blocks() {
+    let l = lavapipe();
+    assert_eq!(l.tile.gemm_block, TileBlock::B8X8);
+    assert_eq!(l.gemm_block_for(16384), TileBlock::B8X8);
+    assert_eq!(l.gemm_block_for(16385), TileBlock::B4X4);
+    let h = h100();
+    assert_eq!(h.gemm_block_for(1 << 20), h.tile.gemm_block);
+}

@@ -292,7 +292,7 @@ pub(crate) fn encode(
             q: q_storage,
             k: k_storage,
             additive: additive.is_some(),
-            block: limits.tile.gemm_block,
+            block: limits.gemm_block_for(spec.dims.head_dim as u64),
         },
     )?;
     let softmax = gpu.kernels.get(
@@ -307,7 +307,7 @@ pub(crate) fn encode(
         KernelKey::PvProduct {
             v: v_storage,
             o: o_storage,
-            block: limits.tile.gemm_block,
+            block: limits.gemm_block_for(spec.dims.kv_len as u64),
         },
     )?;
 
