@@ -1,7 +1,8 @@
 //! The environment variables `Gpu::new` reads: `WGPU_ADAPTER_NAME` naming no adapter is a typed
 //! error that says how to get one (wgpu's own helper panics there); `WGPU_ATTENTION_DECODE_ROWS`
 //! sets the decode tile rows, `WGPU_ATTENTION_DECODE_KERNEL` and `WGPU_ATTENTION_SUBGROUPS`
-//! the decode kernel, and a bad value of any is a typed error. One test in its own binary: it
+//! the decode kernel, `WGPU_ATTENTION_FUSED_BLOCK` and `WGPU_ATTENTION_GEMM_BLOCK` the
+//! invocation blocks, and a bad value of any is a typed error. One test in its own binary: it
 //! sets the environment of the process.
 
 use wgpu_attention::{Error, Gpu};
@@ -10,7 +11,38 @@ use wgpu_attention::{Error, Gpu};
 fn environment_variables() {
     decode_rows();
     decode_kernel_and_subgroups();
+    blocks();
     unknown_adapter_name_is_a_typed_error();
+}
+
+fn blocks() {
+    use wgpu_attention::TileBlock;
+    for (name, bad) in [
+        ("WGPU_ATTENTION_FUSED_BLOCK", "4x8"),
+        ("WGPU_ATTENTION_GEMM_BLOCK", "16x16"),
+        ("WGPU_ATTENTION_GEMM_BLOCK", "big"),
+    ] {
+        set_env(name, Some(bad));
+        match Gpu::new() {
+            Err(Error::InvalidOption { value, what, .. }) => {
+                assert_eq!((what, value.as_str()), (name, bad))
+            }
+            Err(Error::NoAdapter { .. }) if std::env::var("CI").as_deref() != Ok("true") => {
+                eprintln!("SKIPPED: no GPU adapter");
+                set_env(name, None);
+                return;
+            }
+            other => panic!("expected InvalidOption for {name}={bad}, got {other:?}"),
+        }
+        set_env(name, None);
+    }
+    set_env("WGPU_ATTENTION_FUSED_BLOCK", Some("8x4"));
+    set_env("WGPU_ATTENTION_GEMM_BLOCK", Some(" 4x4"));
+    let gpu = Gpu::new().expect("an adapter");
+    assert_eq!(gpu.tile_config().fused_block, TileBlock::B8X4);
+    assert_eq!(gpu.tile_config().gemm_block, TileBlock::B4X4);
+    set_env("WGPU_ATTENTION_FUSED_BLOCK", None);
+    set_env("WGPU_ATTENTION_GEMM_BLOCK", None);
 }
 
 fn set_env(name: &str, value: Option<&str>) {

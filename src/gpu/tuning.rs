@@ -1,5 +1,5 @@
 //! Tile configurations as data: which kernel configuration the decode path runs on which
-//! adapter.
+//! adapter, and the invocation blocks of the fused kernel and of the tile products.
 //!
 //! [`TABLE`] lists configurations keyed by what wgpu reports of an adapter (PCI vendor ID,
 //! device type, smallest subgroup size); the first entry that matches is taken when a [`Gpu`](crate::Gpu) is opened,
@@ -7,15 +7,17 @@
 //! says whether it was measured (`attn-bench --tune` prints a line to paste here) or is a
 //! guess. A program overrides the choice with
 //! [`Gpu::with_tile_config`](crate::Gpu::with_tile_config) (or the finer
-//! `with_decode_kernel`, `with_decode_rows`), a user without a rebuild with
-//! `WGPU_ATTENTION_DECODE_KERNEL`, `WGPU_ATTENTION_SUBGROUPS` and `WGPU_ATTENTION_DECODE_ROWS`.
+//! `with_decode_kernel`, `with_decode_rows`, `with_blocks`), a user without a rebuild with
+//! `WGPU_ATTENTION_DECODE_KERNEL`, `WGPU_ATTENTION_SUBGROUPS`, `WGPU_ATTENTION_DECODE_ROWS`,
+//! `WGPU_ATTENTION_FUSED_BLOCK` and `WGPU_ATTENTION_GEMM_BLOCK`.
 //!
 //! The configuration is [`GpuLimits::tile`](crate::gpu::GpuLimits::tile): the plans read it there, beside the device
 //! limits, so the planner tests set any configuration without a device.
 
 use super::limits::{DecodeKernel, TileBlock};
 
-/// One tile configuration of the decode path ([`GpuLimits::tile`](crate::gpu::GpuLimits::tile)).
+/// One tile configuration ([`GpuLimits::tile`](crate::gpu::GpuLimits::tile)): the decode
+/// path's kernel and the invocation blocks of the tile products.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TileConfig {
     /// Which kernel the decode path runs for the few rows it fits, and its workgroup (see

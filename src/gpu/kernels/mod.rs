@@ -711,7 +711,8 @@ impl KernelKey {
         keys
     }
 
-    /// The key's debug label, e.g. `flash_attention<q:F32,k:F32,v:F32,o:F32; o_chunks=1; bias+mask>`.
+    /// The key's debug label, e.g.
+    /// `flash_attention<q:F32,k:F32,v:F32,o:F32; block 8x8; o_vec4s=2; rows=64; bias+mask>`.
     pub fn label(&self) -> String {
         let mut tensors = Vec::new();
         let storages = self.storages();

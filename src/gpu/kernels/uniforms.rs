@@ -256,7 +256,7 @@ pub(crate) const CAUSAL_BOTTOM_RIGHT: u32 = 2;
 pub(crate) const TILE: u32 = 64;
 /// The summed axis of the tile product is staged `TILE_K` at a time.
 pub(crate) const TILE_K: u32 = 16;
-/// Invocations of a 64-row tile-product workgroup (16 x 16, each owning a 4 x 4 block): the
+/// Invocations of a 64-row tile-product workgroup with 4 x 4 blocks (16 x 16): the
 /// most any kernel of the crate uses.
 pub(crate) const TILE_INVOCATIONS: u32 = (TILE / 4) * (TILE / 4);
 /// Workgroup memory of the tile product's staging: one `TILE_K x TILE` slice of each operand.

@@ -30,10 +30,13 @@
 //! log-sum-exp the previous one wrote: still no buffer beyond `batch * heads * q_len` floats
 //! (plus an f32 copy of O when O is half precision, so it is rounded once, not per pass).
 //!
-//! The kernel is specialised on `ceil(v_head_dim / 64)` (`O_CHUNKS`, the output columns each
-//! invocation owns), which also fixes how many keys of V are staged at once, and on the
-//! per-key options (mask, bias, softcap: [`MaskOptions`]). A key tile inside every row's key
-//! range, on a call without per-key options, is only floored: no range test, no mask lookup.
+//! The row-tiled kernel is specialised on its invocation block ([`TileBlock`]: 4 x 4, 8 x 4
+//! or 8 x 8 scores per invocation, [`TileConfig::fused_block`](crate::gpu::tuning::TileConfig::fused_block) from the adapter's table entry; a
+//! smaller one where the tile has fewer rows or an invocation would hold more than 128 output
+//! accumulators), on the vec4 columns of O each invocation owns (which also fix how many keys
+//! of V are staged at once), and on the per-key options (mask, bias, softcap:
+//! [`MaskOptions`]). A key tile inside every row's key range, on a call without per-key
+//! options, is only floored: no range test, no mask lookup.
 //!
 //! The uniforms of each dispatch come from pure functions of the [`Spec`] and the plan
 //! (`flash_params`, `split_merge_params`, `convert_params`), unit-tested below without a device.

@@ -73,9 +73,9 @@ impl Plan {
                  {} pass(es) of {} tiles, {} output chunk(s) of 64 columns, {} bytes of scratch",
                 self.name(),
                 if plan.keys_across_invocations {
-                    "flash_decode (keys across invocations)"
+                    "flash_decode (keys across invocations)".to_string()
                 } else {
-                    "flash_attention (row tiles)"
+                    format!("flash_attention (row tiles, {} blocks)", plan.block.name())
                 },
                 plan.workgroups,
                 plan.rows_per_workgroup,
