@@ -93,7 +93,10 @@ pub const TABLE: &[TableEntry] = &[
         config: keys(16, 4, 64, TileBlock::B8X8, TileBlock::B8X8),
         source: "measured: attn-bench --tune --reps 3 --warmup 1, llvmpipe (LLVM 15.0.6, 256 \
                  bits), Mesa 22.3.6, 2026-12-02: keys16 subgroups=1 fastest, 287 ms over both \
-                 shapes (keys32 subgroups=1 331, keys16 subgroups=0 380, tiles rows=4 506)",
+                 shapes (keys32 subgroups=1 331, keys16 subgroups=0 380, tiles rows=4 506); \
+                 fused block 8x8 133.7 ms over both prefill shapes (8x4 167.6, 4x4 202.9); \
+                 gemm block 8x8 126-151 ms against 4x4 149-156 in 3 alternating pairs of the \
+                 three-pass path (a single --tune pass favoured 4x4: this VM's slow mode)",
     },
     TableEntry {
         adapters: "NVIDIA GPUs",

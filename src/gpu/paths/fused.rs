@@ -187,9 +187,9 @@ pub(crate) fn unsupported(limits: &GpuLimits) -> Option<Shortfall> {
 
 /// Output accumulators (f32) one invocation of the fused kernel may hold: past it, the
 /// configured block falls back to a smaller one. On lavapipe an 8 x 8 block over
-/// `v_head_dim` 256 (256 accumulators) ran 35% more instructions than 8 x 4 (128), while
-/// 8 x 8 over 72 (96) ran 29% fewer (NOTES.md); on a GPU 128 is about what registers hold
-/// beside the scores.
+/// `v_head_dim` 256 (256 accumulators) ran 1.9x the instructions of 8 x 4 (128), over 160
+/// (160) 1.1x, while 8 x 8 over 72 (96) ran 29% fewer (NOTES.md); on a GPU 128 is about what
+/// registers hold beside the scores.
 const MOST_ACCUMULATORS: u32 = 128;
 
 /// The register block for `rows` rows per workgroup and `v_head_dim`: the configured one, or
