@@ -17,24 +17,12 @@ fn environment_variables() {
 
 fn blocks() {
     use wgpu_attention::TileBlock;
-    for (name, bad) in [
+    if !rejects(&[
         ("WGPU_ATTENTION_FUSED_BLOCK", "4x8"),
         ("WGPU_ATTENTION_GEMM_BLOCK", "16x16"),
         ("WGPU_ATTENTION_GEMM_BLOCK", "big"),
-    ] {
-        set_env(name, Some(bad));
-        match Gpu::new() {
-            Err(Error::InvalidOption { value, what, .. }) => {
-                assert_eq!((what, value.as_str()), (name, bad))
-            }
-            Err(Error::NoAdapter { .. }) if std::env::var("CI").as_deref() != Ok("true") => {
-                eprintln!("SKIPPED: no GPU adapter");
-                set_env(name, None);
-                return;
-            }
-            other => panic!("expected InvalidOption for {name}={bad}, got {other:?}"),
-        }
-        set_env(name, None);
+    ]) {
+        return;
     }
     set_env("WGPU_ATTENTION_FUSED_BLOCK", Some("8x4"));
     set_env("WGPU_ATTENTION_GEMM_BLOCK", Some(" 4x4"));
@@ -43,6 +31,27 @@ fn blocks() {
     assert_eq!(gpu.tile_config().gemm_block, TileBlock::B4X4);
     set_env("WGPU_ATTENTION_FUSED_BLOCK", None);
     set_env("WGPU_ATTENTION_GEMM_BLOCK", None);
+}
+
+/// Each `(variable, bad value)` makes `Gpu::new` fail with `InvalidOption` naming both; false
+/// (skipped) when there is no adapter outside CI.
+fn rejects(cases: &[(&'static str, &str)]) -> bool {
+    for &(name, bad) in cases {
+        set_env(name, Some(bad));
+        match Gpu::new() {
+            Err(Error::InvalidOption { value, what, .. }) => {
+                assert_eq!((what, value.as_str()), (name, bad))
+            }
+            Err(Error::NoAdapter { .. }) if std::env::var("CI").as_deref() != Ok("true") => {
+                eprintln!("SKIPPED: no GPU adapter");
+                set_env(name, None);
+                return false;
+            }
+            other => panic!("expected InvalidOption for {name}={bad}, got {other:?}"),
+        }
+        set_env(name, None);
+    }
+    true
 }
 
 fn set_env(name: &str, value: Option<&str>) {
@@ -58,24 +67,12 @@ fn set_env(name: &str, value: Option<&str>) {
 
 fn decode_kernel_and_subgroups() {
     use wgpu_attention::DecodeKernel;
-    for (name, bad) in [
+    if !rejects(&[
         ("WGPU_ATTENTION_DECODE_KERNEL", "keys48"),
         ("WGPU_ATTENTION_DECODE_KERNEL", "fast"),
         ("WGPU_ATTENTION_SUBGROUPS", "yes"),
-    ] {
-        set_env(name, Some(bad));
-        match Gpu::new() {
-            Err(Error::InvalidOption { value, what, .. }) => {
-                assert_eq!((what, value.as_str()), (name, bad))
-            }
-            Err(Error::NoAdapter { .. }) if std::env::var("CI").as_deref() != Ok("true") => {
-                eprintln!("SKIPPED: no GPU adapter");
-                set_env(name, None);
-                return;
-            }
-            other => panic!("expected InvalidOption for {name}={bad}, got {other:?}"),
-        }
-        set_env(name, None);
+    ]) {
+        return;
     }
     set_env("WGPU_ATTENTION_DECODE_KERNEL", Some("keys32"));
     set_env("WGPU_ATTENTION_SUBGROUPS", Some("0"));
