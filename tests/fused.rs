@@ -239,9 +239,17 @@ fn every_block_configuration() {
             let Plan::Decode { plan: p, .. } = &plan else {
                 panic!("{}", plan.reason())
             };
+            // A loop-capped device (llvmpipe) keeps 16 invocations per workgroup: 8 x 8 on 8
+            // rows (8 invocations) takes 8 x 4 there.
+            let capped = tiles.limits().max_key_tiles_per_workgroup != u32::MAX;
+            let want = if capped && rows == 8 && block == TileBlock::B8X8 {
+                TileBlock::B8X4
+            } else {
+                block
+            };
             assert_eq!(
                 (p.rows_per_workgroup, p.block),
-                (rows, block),
+                (rows, want),
                 "{}",
                 plan.reason()
             );

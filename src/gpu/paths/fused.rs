@@ -65,7 +65,8 @@ const MIN_TILES_PER_SPLIT: u64 = 2;
 pub struct FusedPlan {
     /// Workgroups of the fused kernel: batch * kv_heads * row tiles * splits.
     pub workgroups: u64,
-    /// Output columns per invocation, in chunks of 64 (`ceil(v_head_dim / 64)`).
+    /// `ceil(v_head_dim / 64)`: the output chunks of 64 columns the decode-shaped kernel is
+    /// specialised on (the row-tiled kernel's columns per invocation follow from its block).
     pub o_chunks: u32,
     /// Key splits merged by log-sum-exp (1: no split, no scratch).
     pub splits: u32,
@@ -180,9 +181,25 @@ fn unsupported_block(limits: &GpuLimits, block: TileBlock) -> Option<Shortfall> 
     }
 }
 
-/// The limit the fused kernel, with the adapter's configured block, lacks on a device, if any.
-pub(crate) fn unsupported(limits: &GpuLimits) -> Option<Shortfall> {
-    unsupported_block(limits, limits.tile.fused_block)
+/// The limit the row-tiled fused kernel lacks on a device for `spec`, with the block its plan
+/// would take (on the decode path with `decode`), if any.
+pub(crate) fn unsupported(spec: &Spec<'_>, limits: &GpuLimits, decode: bool) -> Option<Shortfall> {
+    let rows = row_tile_rows(spec, limits, decode);
+    unsupported_block(limits, block_for(limits, rows, spec.dims.v_head_dim))
+}
+
+/// Rows per workgroup of the row-tiled kernel: 64, or on the decode path the fewest of
+/// [`FLASH_ROWS`], at least `min_decode_rows`, that hold a kv head's rows.
+fn row_tile_rows(spec: &Spec<'_>, limits: &GpuLimits, decode: bool) -> u32 {
+    let packed = spec.dims.group() * spec.dims.q_len;
+    if decode {
+        FLASH_ROWS
+            .into_iter()
+            .find(|&r| r >= limits.tile.min_decode_rows && r as usize >= packed)
+            .unwrap_or(BM as u32)
+    } else {
+        BM as u32
+    }
 }
 
 /// Output accumulators (f32) one invocation of the fused kernel may hold: past it, the
@@ -192,10 +209,17 @@ pub(crate) fn unsupported(limits: &GpuLimits) -> Option<Shortfall> {
 /// registers hold beside the scores.
 const MOST_ACCUMULATORS: u32 = 128;
 
+/// The fewest invocations of a row-tiled workgroup on a device that caps loop iterations
+/// (llvmpipe): with fewer, each stages so many items per key tile (an 8 x 8 block on 8 rows:
+/// 8 invocations, 32 K items and 64 V items each per slice) that a dispatch's 32 key tiles
+/// came within 1.6x of the 65535-iteration limit (an independent review measured D=256
+/// failing at 56 tiles); at 16 or more the margin is at least 2x.
+const MIN_CAPPED_INVOCATIONS: u32 = 16;
+
 /// The register block for `rows` rows per workgroup and `v_head_dim`: the configured one, or
 /// the largest smaller one (of [`TileBlock::ALL`]) whose rows fit the tile, whose
-/// accumulators fit [`MOST_ACCUMULATORS`] and whose invocations the device allows; 4 x 4 at
-/// the least.
+/// accumulators fit [`MOST_ACCUMULATORS`], whose invocations the device allows and, on a
+/// loop-capped device, number at least [`MIN_CAPPED_INVOCATIONS`]; 4 x 4 at the least.
 fn block_for(limits: &GpuLimits, rows: u32, v_head_dim: usize) -> TileBlock {
     let configured = limits.tile.fused_block;
     TileBlock::ALL
@@ -206,6 +230,8 @@ fn block_for(limits: &GpuLimits, rows: u32, v_head_dim: usize) -> TileBlock {
             rows >= b.rows
                 && b.rows * 4 * flash_o_vec4s(v_head_dim, b) <= MOST_ACCUMULATORS
                 && b.invocations(rows) <= limits.max_invocations_per_workgroup
+                && (limits.max_key_tiles_per_workgroup == u32::MAX
+                    || b.invocations(rows) >= MIN_CAPPED_INVOCATIONS)
         })
         .unwrap_or(TileBlock::B4X4)
 }
@@ -224,15 +250,9 @@ impl FusedPlan {
         let d = spec.dims;
         let packed = d.group() * d.q_len;
         let o_chunks = d.v_head_dim.div_ceil(64) as u32;
-        let rows_per_workgroup = if let Some(rows) = decode_rows {
-            rows
-        } else if decode {
-            FLASH_ROWS
-                .into_iter()
-                .find(|&r| r >= limits.tile.min_decode_rows && r as usize >= packed)
-                .unwrap_or(BM as u32)
-        } else {
-            BM as u32
+        let rows_per_workgroup = match decode_rows {
+            Some(rows) => rows,
+            None => row_tile_rows(spec, limits, decode),
         };
         let block = block_for(limits, rows_per_workgroup, d.v_head_dim);
         if !keys_kernel && let Some(short) = unsupported_block(limits, block) {

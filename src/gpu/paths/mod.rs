@@ -70,7 +70,7 @@ impl Plan {
             ),
             Plan::Fused { plan, why } | Plan::Decode { plan, why } => format!(
                 "{} ({why}): {}, {} workgroups of {} rows and {} invocations, {} key split(s) x \
-                 {} pass(es) of {} tiles, {} output chunk(s) of 64 columns, {} bytes of scratch",
+                 {} pass(es) of {} tiles, v_head_dim in {} chunk(s) of 64, {} bytes of scratch",
                 self.name(),
                 if plan.keys_across_invocations {
                     "flash_decode (keys across invocations)".to_string()
@@ -132,7 +132,7 @@ pub(crate) fn choose(spec: &Spec<'_>, limits: &GpuLimits, weights: bool) -> Resu
         Path::Auto if opts.additive.is_some() => {
             three_pass("additive scores need the three-pass path")?
         }
-        Path::Auto => match fused::unsupported(limits) {
+        Path::Auto => match fused::unsupported(spec, limits, short_queries) {
             // The decode-shaped kernel needs less workgroup memory than the row-tiled one.
             _ if short_queries && fused::keys_kernel(spec, limits).is_some() => {
                 decode("a few queries over many keys")?

@@ -463,3 +463,48 @@ fn long_sums_on_a_loop_capped_device_take_4x4_blocks() {
     let h = h100();
     assert_eq!(h.gemm_block_for(1 << 20), h.tile.gemm_block);
 }
+
+/// `Path::Auto` checks the workgroup memory of the block the fused plan would take, not of the
+/// configured one: 4 x 4 and 8 x 4 need 2 KiB more than 8 x 8, so a device with room for 8 x 8
+/// only runs three-pass where the plan falls back (v_head_dim 256), fused where it does not.
+#[test]
+fn auto_checks_the_memory_of_the_block_it_would_take() {
+    let mut l = h100();
+    l.tile.fused_block = TileBlock::B8X8;
+    l.max_workgroup_storage = 27_000;
+    let mut d = dims(1, 2, 2, 100, 100, 64);
+    let opts = Attention::new();
+    let p = plan(&opts, &l, d).unwrap();
+    assert!(
+        matches!(&p, Plan::Fused { plan, .. } if plan.block == TileBlock::B8X8),
+        "{}",
+        p.reason()
+    );
+    d.v_head_dim = 256;
+    let p = plan(&opts, &l, d).unwrap();
+    assert!(matches!(p, Plan::ThreePass { .. }), "{}", p.reason());
+}
+
+/// On a loop-capped device a row-tiled workgroup keeps at least 16 invocations: an 8 x 8 block
+/// on 8 rows (8 invocations) takes 8 x 4 there; a GPU keeps 8 x 8.
+#[test]
+fn loop_capped_row_tiles_keep_16_invocations() {
+    let d = dims(1, 6, 1, 1, 4096, 64);
+    let opts = Attention::new().path(Path::Decode);
+    for (limits, want) in [(lavapipe(), TileBlock::B8X4), (h100(), TileBlock::B8X8)] {
+        let mut l = limits;
+        l.tile.decode_kernel = DecodeKernel::RowTiles;
+        l.tile.min_decode_rows = 8;
+        l.tile.fused_block = TileBlock::B8X8;
+        let p = plan(&opts, &l, d).unwrap();
+        let Plan::Decode { plan: f, .. } = &p else {
+            panic!("{}", p.reason())
+        };
+        assert_eq!((f.rows_per_workgroup, f.block), (8, want), "{}", p.reason());
+        assert!(
+            f.invocations >= 16 || l.max_key_tiles_per_workgroup == u32::MAX,
+            "{}",
+            p.reason()
+        );
+    }
+}
