@@ -124,7 +124,7 @@ fn tile_b(col: u32, d: u32) -> f32 {
 fn stage_q(li: u32, k0: u32, q_row: array<u32, 4u * Q_ITEMS>) {
     let q_scale = params.scale * LOG2E;
     for (var n = 0u; n < Q_ITEMS; n++) {
-        let idx = li + n * (NX * (TILE_M / BR));
+        let idx = li + n * tile_invocations();
         let kk = idx % TILE_K;
         let d = k0 + kk;
         var x = vec4<f32>();
@@ -201,7 +201,7 @@ fn main(inv: TileInvocation) {
     // The rows of Q this invocation stages.
     var q_row: array<u32, 4u * Q_ITEMS>;
     for (var x = 0u; x < 4u * Q_ITEMS; x++) {
-        let mq = (li + (x / 4u) * (NX * (TILE_M / BR))) / TILE_K;
+        let mq = (li + (x / 4u) * tile_invocations()) / TILE_K;
         let sr = r0 + mq * 4u + x % 4u;
         let sh = kvh * params.group + sr / q_len;
         q_row[x] = select(
@@ -306,7 +306,7 @@ fn main(inv: TileInvocation) {
         for (var x = 0u; x < BC * BR4; x++) {
             let c = x / BR4;
             let g = x % BR4;
-            p_tile[block_col(tx, c)][ty + (TILE_M / BR) * g] = vec4<f32>(
+            p_tile[block_col(tx, c)][block_row_group(ty, g)] = vec4<f32>(
                 s[(4u * g) * BC4 + c / 4u][c % 4u],
                 s[(4u * g + 1u) * BC4 + c / 4u][c % 4u],
                 s[(4u * g + 2u) * BC4 + c / 4u][c % 4u],
@@ -318,7 +318,7 @@ fn main(inv: TileInvocation) {
         for (var kv0 = 0u; kv0 < TILE; kv0 += BKV) {
             workgroupBarrier();
             let slice = BKV * O_STRIDE;
-            let inv_count = NX * (TILE_M / BR);
+            let inv_count = tile_invocations();
             // A constant trip count (see tile_gemm's staging).
             for (var n = 0u; n < (slice + inv_count - 1u) / inv_count; n++) {
                 let idx = li + n * inv_count;
@@ -345,7 +345,7 @@ fn main(inv: TileInvocation) {
                 for (var k = 0u; k < BKV; k++) {
                     var a: array<vec4<f32>, BR4>;
                     for (var g = 0u; g < BR4; g++) {
-                        a[g] = p_tile[kv0 + k][ty + (TILE_M / BR) * g];
+                        a[g] = p_tile[kv0 + k][block_row_group(ty, g)];
                     }
                     // Columns past v_head_dim are staged as zeros and never written: no
                     // branch here, which llvmpipe would run as masked updates of acc.

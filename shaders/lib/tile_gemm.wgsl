@@ -57,9 +57,20 @@ const STAGE_B: u32 = TILE_K * TILE_X;
 // A BR x BC register block: row r's columns 4 j .. 4 j + 3 (of the block) at [r * BC4 + j].
 alias Block = array<vec4<f32>, BR * BC4>;
 
+// Invocations of the workgroup: NX x NY, NY = TILE_M / BR (TILE_M is a pipeline constant, so
+// these are functions, folded when the pipeline is built).
+fn tile_invocations() -> u32 {
+    return NX * (TILE_M / BR);
+}
+
+// The vec4 of staged rows (of four) holding rows 4 g .. 4 g + 3 of invocation row ty's block.
+fn block_row_group(ty: u32, g: u32) -> u32 {
+    return ty + (TILE_M / BR) * g;
+}
+
 // The tile row of block row r of invocation row ty.
 fn block_row(ty: u32, r: u32) -> u32 {
-    return 4u * (ty + (TILE_M / BR) * (r / 4u)) + r % 4u;
+    return 4u * block_row_group(ty, r / 4u) + r % 4u;
 }
 
 // The tile column of block column c of invocation column tx.
@@ -94,7 +105,7 @@ fn tile_stage_item(idx: u32, k0: u32, side: u32) {
 // limit per invocation (NOTES.md), which long products would otherwise reach.
 fn tile_stage_k_contiguous(li: u32, k0: u32, side: u32) {
     let items = TILE_K * select(TILE, TILE_M, side == 0u) / 4u;
-    let invocations = NX * (TILE_M / BR);
+    let invocations = tile_invocations();
     for (var n = 0u; n < items / invocations; n++) {
         tile_stage_item(li + n * invocations, k0, side);
     }
@@ -124,7 +135,7 @@ fn tile_stage_item_by_k(idx: u32, k0: u32) {
 
 // B's slice, for operands contiguous in the column (constant trip count, as above).
 fn tile_stage_b_by_k(li: u32, k0: u32) {
-    let invocations = NX * (TILE_M / BR);
+    let invocations = tile_invocations();
     for (var n = 0u; n < TILE_K * TILE_X / invocations; n++) {
         tile_stage_item_by_k(li + n * invocations, k0);
     }
@@ -134,7 +145,7 @@ fn tile_stage_b_by_k(li: u32, k0: u32) {
 fn stage_rows(k: u32, ty: u32) -> array<vec4<f32>, BR4> {
     var a: array<vec4<f32>, BR4>;
     for (var g = 0u; g < BR4; g++) {
-        a[g] = tile_stage[k * TILE_X + ty + (TILE_M / BR) * g];
+        a[g] = tile_stage[k * TILE_X + block_row_group(ty, g)];
     }
     return a;
 }

@@ -32,7 +32,8 @@ pub struct GpuLimits {
     /// an invocation's loops after 65535 iterations in total, so on CPU adapters it is 32
     /// (2048 keys); elsewhere it is unbounded.
     pub max_key_tiles_per_workgroup: u32,
-    /// The decode path's tile configuration: not a device limit but a choice per adapter
+    /// The tile configuration (the decode path's kernel, the invocation blocks): not a device
+    /// limit but a choice per adapter
     /// ([`TABLE`](crate::gpu::tuning::TABLE)), kept beside the limits because the planner
     /// reads both.
     pub tile: TileConfig,

@@ -111,6 +111,8 @@ fn fastest<'a>(configs: &'a [Config], totals: &[Option<f64>]) -> Option<(&'a Con
         .min_by(|a, b| a.1.total_cmp(&b.1))
 }
 
+/// `batch` x `heads` query heads over `kv_heads`, `q_len` queries over `kv_len` keys, head dim
+/// `d` (Q, K and V).
 fn dims(
     batch: usize,
     heads: usize,
@@ -120,13 +122,10 @@ fn dims(
     d: usize,
 ) -> Dims {
     Dims {
-        batch,
-        heads,
         kv_heads,
         q_len,
         kv_len,
-        head_dim: d,
-        v_head_dim: d,
+        ..Dims::new(batch, heads, q_len, d)
     }
 }
 

@@ -613,19 +613,15 @@ impl KernelKey {
         let s = storage;
         let mut keys = vec![KernelKey::CombineSplits { parts: s, o: s }];
         for block in TileBlock::ALL {
+            for additive in [false, true] {
+                keys.push(KernelKey::QkScores {
+                    q: s,
+                    k: s,
+                    additive,
+                    block,
+                });
+            }
             keys.extend([
-                KernelKey::QkScores {
-                    q: s,
-                    k: s,
-                    additive: false,
-                    block,
-                },
-                KernelKey::QkScores {
-                    q: s,
-                    k: s,
-                    additive: true,
-                    block,
-                },
                 KernelKey::PvProduct { v: s, o: s, block },
                 KernelKey::Matmul {
                     a: s,

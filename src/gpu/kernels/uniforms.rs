@@ -269,8 +269,9 @@ pub(crate) fn shared_constants() -> String {
     const {
         assert!(NEG_INF_BITS == f32::NEG_INFINITY.to_bits());
         assert!(NEG_BIG < SCORE_FLOOR);
-        // tile_gemm.wgsl stages TILE_K x (rows / 4) items with TILE / 4 x (rows / 4)
-        // invocations, one item each.
+        // tile_gemm.wgsl stages a TILE_K x TILE slice as [k][column / 4] vec4s, TILE_X = TILE / 4
+        // of them per k, and its items (four rows of one k) divide evenly among the
+        // invocations of every block.
         assert!(TILE_K == TILE / 4);
     }
     format!(
