@@ -633,19 +633,20 @@ impl KernelKey {
         }
         // The fused kernel: every block, size and row count without options, and every option
         // combination on a few of them.
+        let flash = |block, o_vec4s, rows, masks| KernelKey::FlashAttention {
+            q: s,
+            k: s,
+            v: s,
+            o: s,
+            block,
+            o_vec4s,
+            rows,
+            masks,
+        };
         for block in TileBlock::ALL {
             for o_vec4s in 1..=64 / block.columns_invocations() {
                 for rows in FLASH_ROWS.into_iter().filter(|&r| r >= block.rows) {
-                    keys.push(KernelKey::FlashAttention {
-                        q: s,
-                        k: s,
-                        v: s,
-                        o: s,
-                        block,
-                        o_vec4s,
-                        rows,
-                        masks: MaskOptions::default(),
-                    });
+                    keys.push(flash(block, o_vec4s, rows, MaskOptions::default()));
                 }
             }
         }
@@ -654,16 +655,7 @@ impl KernelKey {
                 keys.push(KernelKey::MaskedSoftmax { workgroup, masks });
             }
             for (n, block) in TileBlock::ALL.into_iter().enumerate() {
-                keys.push(KernelKey::FlashAttention {
-                    q: s,
-                    k: s,
-                    v: s,
-                    o: s,
-                    block,
-                    o_vec4s: 1 + n as u32,
-                    rows: [64, 16, 32][n],
-                    masks,
-                });
+                keys.push(flash(block, 1 + n as u32, [64, 16, 32][n], masks));
             }
         }
         // The decode kernel: every size and reduction without options, and every option
