@@ -159,7 +159,39 @@ pub enum Error {
     #[error("weights: {0}")]
     Weights(String),
 
-    /// wgpu reported an error while encoding or running (validation, out of memory, device lost).
+    /// The device was lost (destroyed, reset by the driver, unplugged): this call and every
+    /// later call on any context of that device fail with this error; open a new [`Gpu`].
+    ///
+    /// [`Gpu`]: crate::Gpu
+    #[error("the GPU device was lost ({reason}); open a new Gpu")]
+    DeviceLost {
+        /// What wgpu said, e.g. `Destroyed`.
+        reason: String,
+    },
+
+    /// The device could not allocate memory for a buffer or a pipeline.
+    #[error("out of GPU memory during {what}: {detail}")]
+    OutOfMemory {
+        /// The call that allocated.
+        what: String,
+        /// What wgpu said.
+        detail: String,
+    },
+
+    /// A tensor was passed to a [`Gpu`] of another device than the one that made it (its
+    /// buffer would name another device's buffer).
+    ///
+    /// [`Gpu`]: crate::Gpu
+    #[error(
+        "{what} belongs to another device than this Gpu's; tensors work only with the Gpu that \
+         made them (and its clones and derived contexts)"
+    )]
+    WrongDevice {
+        /// Which tensor.
+        what: String,
+    },
+
+    /// wgpu reported a validation or internal error while encoding or running.
     #[error("GPU error: {0}")]
     Gpu(String),
 }

@@ -24,7 +24,9 @@ pub mod mha;
 mod spec;
 
 pub use error::{Error, Result};
-pub use gpu::{DecodeKernel, Gpu, GpuLimits, KvCache, LimitCaps, Output, Plan, Tensor, TileBlock};
+pub use gpu::{
+    DecodeKernel, Gpu, GpuLimits, KvCache, LimitCaps, Output, ParamsIn, Plan, Tensor, TileBlock,
+};
 pub use mha::{MhaConfig, MhaOutput, MhaWeights, MultiHeadAttention};
 pub use spec::{
     Attention, Bias, BoolMask, Causal, DType, Dims, Layout, MAX_HEAD_DIM, Path, SCORE_FLOOR, Spec,

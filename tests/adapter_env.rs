@@ -5,25 +5,30 @@
 //! invocation blocks, and a bad value of any is a typed error. One test in its own binary: it
 //! sets the environment of the process.
 
+mod common;
+
 use wgpu_attention::{Error, Gpu};
 
 #[test]
 fn environment_variables() {
+    // An adapter, or the suite's rule for having none (fail, or skip where allowed).
+    if common::gpu().is_none() {
+        return;
+    }
     decode_rows();
     decode_kernel_and_subgroups();
     blocks();
+    params();
     unknown_adapter_name_is_a_typed_error();
 }
 
 fn blocks() {
     use wgpu_attention::TileBlock;
-    if !rejects(&[
+    rejects(&[
         ("WGPU_ATTENTION_FUSED_BLOCK", "4x8"),
         ("WGPU_ATTENTION_GEMM_BLOCK", "16x16"),
         ("WGPU_ATTENTION_GEMM_BLOCK", "big"),
-    ]) {
-        return;
-    }
+    ]);
     set_env("WGPU_ATTENTION_FUSED_BLOCK", Some("8x4"));
     set_env("WGPU_ATTENTION_GEMM_BLOCK", Some(" 4x4"));
     let gpu = Gpu::new().expect("an adapter");
@@ -33,25 +38,31 @@ fn blocks() {
     set_env("WGPU_ATTENTION_GEMM_BLOCK", None);
 }
 
-/// Each `(variable, bad value)` makes `Gpu::new` fail with `InvalidOption` naming both; false
-/// (skipped) when there is no adapter outside CI.
-fn rejects(cases: &[(&'static str, &str)]) -> bool {
+fn params() {
+    use wgpu_attention::ParamsIn;
+    rejects(&[("WGPU_ATTENTION_PARAMS", "push")]);
+    for (value, want) in [
+        ("uniform", ParamsIn::Uniform),
+        ("storage ", ParamsIn::ReadOnlyStorage),
+    ] {
+        set_env("WGPU_ATTENTION_PARAMS", Some(value));
+        assert_eq!(Gpu::new().expect("an adapter").params_in(), want);
+    }
+    set_env("WGPU_ATTENTION_PARAMS", None);
+}
+
+/// Each `(variable, bad value)` makes `Gpu::new` fail with `InvalidOption` naming both.
+fn rejects(cases: &[(&'static str, &str)]) {
     for &(name, bad) in cases {
         set_env(name, Some(bad));
         match Gpu::new() {
             Err(Error::InvalidOption { value, what, .. }) => {
                 assert_eq!((what, value.as_str()), (name, bad))
             }
-            Err(Error::NoAdapter { .. }) if std::env::var("CI").as_deref() != Ok("true") => {
-                eprintln!("SKIPPED: no GPU adapter");
-                set_env(name, None);
-                return false;
-            }
             other => panic!("expected InvalidOption for {name}={bad}, got {other:?}"),
         }
         set_env(name, None);
     }
-    true
 }
 
 fn set_env(name: &str, value: Option<&str>) {
@@ -67,13 +78,11 @@ fn set_env(name: &str, value: Option<&str>) {
 
 fn decode_kernel_and_subgroups() {
     use wgpu_attention::DecodeKernel;
-    if !rejects(&[
+    rejects(&[
         ("WGPU_ATTENTION_DECODE_KERNEL", "keys48"),
         ("WGPU_ATTENTION_DECODE_KERNEL", "fast"),
         ("WGPU_ATTENTION_SUBGROUPS", "yes"),
-    ]) {
-        return;
-    }
+    ]);
     set_env("WGPU_ATTENTION_DECODE_KERNEL", Some("keys32"));
     set_env("WGPU_ATTENTION_SUBGROUPS", Some("0"));
     let gpu = Gpu::new().expect("an adapter");
@@ -100,10 +109,6 @@ fn decode_rows() {
     set("12");
     match Gpu::new() {
         Err(Error::InvalidOption { value, .. }) => assert_eq!(value, "12"),
-        Err(Error::NoAdapter { .. }) if std::env::var("CI").as_deref() != Ok("true") => {
-            eprintln!("SKIPPED: no GPU adapter");
-            return;
-        }
         other => panic!("expected InvalidOption for 12 rows, got {other:?}"),
     }
     set("8");

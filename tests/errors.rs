@@ -198,7 +198,7 @@ fn zero_sizes() {
         });
         expect_err(
             &format!("from_buffer {shape:?}"),
-            Tensor::from_buffer(buffer, shape, DType::F32),
+            Tensor::from_buffer(gpu, buffer, shape, DType::F32),
             |e| matches!(e, Error::ZeroSize { .. }),
             &["zero"],
         );
@@ -648,10 +648,10 @@ fn from_buffer_errors() {
     let Some(gpu) = common::gpu() else { return };
     let usage = wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC;
     let dims = [1, 2, 3, 4]; // 96 bytes
-    Tensor::from_buffer(storage_buffer(gpu, 96, usage), dims, DType::F32).unwrap();
+    Tensor::from_buffer(gpu, storage_buffer(gpu, 96, usage), dims, DType::F32).unwrap();
     expect_err(
         "92-byte buffer for 96 bytes",
-        Tensor::from_buffer(storage_buffer(gpu, 92, usage), dims, DType::F32),
+        Tensor::from_buffer(gpu, storage_buffer(gpu, 92, usage), dims, DType::F32),
         |e| {
             matches!(
                 e,
@@ -671,7 +671,7 @@ fn from_buffer_errors() {
     ] {
         expect_err(
             &format!("buffer with usage {usage:?}"),
-            Tensor::from_buffer(storage_buffer(gpu, 256, usage), dims, DType::F32),
+            Tensor::from_buffer(gpu, storage_buffer(gpu, 256, usage), dims, DType::F32),
             |e| {
                 matches!(
                     e,
@@ -686,6 +686,7 @@ fn from_buffer_errors() {
     }
     // Bindable but neither readable back nor writable from the host.
     let t = Tensor::from_buffer(
+        gpu,
         storage_buffer(gpu, 96, wgpu::BufferUsages::STORAGE),
         dims,
         DType::F32,
@@ -727,6 +728,7 @@ fn from_buffer_with_overflowing_dims() {
     let Some(gpu) = common::gpu() else { return };
     let dims = [1 << 32, 1 << 32, 1, 1];
     let result = Tensor::from_buffer(
+        gpu,
         storage_buffer(gpu, 16, wgpu::BufferUsages::STORAGE),
         dims,
         DType::F32,

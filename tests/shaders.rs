@@ -423,3 +423,28 @@ fn every_kernel_compiles_a_shader_file() {
         );
     }
 }
+
+/// Every key with its parameter blocks in read-only storage (lavapipe's binding, `ParamsIn`)
+/// parses and validates too.
+#[test]
+fn every_kernel_validates_with_parameter_blocks_in_storage() {
+    for key in keys() {
+        let what = describe(&key);
+        let source = key.source_with(wgpu_attention::ParamsIn::ReadOnlyStorage);
+        assert!(
+            !source.contains("var<uniform>"),
+            "{what}: a uniform is left"
+        );
+        let module = naga::front::wgsl::parse_str(&source).unwrap_or_else(|e| {
+            panic!("{what}: WGSL parse failed:\n{}", e.emit_to_string(&source))
+        });
+        Validator::new(ValidationFlags::all(), key_capabilities(&key))
+            .validate(&module)
+            .unwrap_or_else(|e| {
+                panic!(
+                    "{what}: naga validation failed:\n{}",
+                    e.emit_to_string(&source)
+                )
+            });
+    }
+}

@@ -199,6 +199,7 @@ fn tensors_wrap_application_buffers() {
         },
     );
     let t = wgpu_attention::Tensor::from_buffer(
+        gpu,
         buffer,
         d.q_shape(Layout::Bhsd),
         wgpu_attention::DType::F32,

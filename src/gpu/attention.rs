@@ -76,6 +76,9 @@ impl Attention {
     pub fn run(&self, gpu: &Gpu, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Output> {
         let dims = Dims::from_shapes(self.layout, q.dims(), k.dims(), v.dims())?;
         let spec = self.validate(dims)?;
+        for (what, t) in [("Q", q), ("K", k), ("V", v)] {
+            gpu.expect_own(what, t)?;
+        }
         let lse_dims = [dims.batch, dims.heads, dims.q_len, 1];
         // O takes the queries' dtype: f32 queries over a bf16 cache give an f32 output.
         let out = Output {
@@ -133,6 +136,7 @@ pub(crate) fn encode_validated(
         });
     }
     check_outputs(spec, out)?;
+    check_devices(gpu, inputs, out)?;
     let plan = plan_checked(gpu, spec, out)?;
     paths::encode(gpu, spec, &plan, &io(inputs, out), encoder)
 }
@@ -162,6 +166,26 @@ fn plan_checked(gpu: &Gpu, spec: &Spec<'_>, out: &Output) -> Result<Plan> {
     Ok(plan)
 }
 
+/// [`Error::WrongDevice`] unless every tensor of the call was made on `gpu`'s device.
+fn check_devices(gpu: &Gpu, (q, k, v): (&Tensor, &Tensor, &Tensor), out: &Output) -> Result<()> {
+    for (what, t) in [
+        ("Q", Some(q)),
+        ("K", Some(k)),
+        ("V", Some(v)),
+        ("O", Some(&out.o)),
+    ]
+    .into_iter()
+    .chain([
+        ("log-sum-exp", out.lse.as_ref()),
+        ("weights", out.weights.as_ref()),
+    ]) {
+        if let Some(t) = t {
+            gpu.expect_own(what, t)?;
+        }
+    }
+    Ok(())
+}
+
 /// Plans, encodes and submits a validated call whose outputs have been checked.
 fn run_validated(
     gpu: &Gpu,
@@ -169,6 +193,7 @@ fn run_validated(
     inputs: (&Tensor, &Tensor, &Tensor),
     out: &Output,
 ) -> Result<()> {
+    check_devices(gpu, inputs, out)?;
     let plan = plan_checked(gpu, spec, out)?;
     gpu.submit_with(plan.name(), |encoder| {
         paths::encode(gpu, spec, &plan, &io(inputs, out), encoder)

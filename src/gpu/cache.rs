@@ -135,6 +135,7 @@ impl KvCache {
     /// `t = max(new)`; rows past `new[b]` of sequence `b` are ignored. Values are rounded to
     /// the cache's dtype.
     pub fn append(&mut self, gpu: &Gpu, k: &[f32], v: &[f32], new: &[usize]) -> Result<()> {
+        gpu.expect_own("the cache", &self.k)?;
         let t = self.check_append(new)?;
         for (what, data, dim) in [("K", k, self.head_dim), ("V", v, self.v_head_dim)] {
             let expected = self.batch * self.kv_heads * t * dim;
@@ -147,19 +148,22 @@ impl KvCache {
                 });
             }
         }
-        for (dst, data, dim) in [(&self.k, k, self.head_dim), (&self.v, v, self.v_head_dim)] {
-            for (b, &n) in new.iter().enumerate() {
-                for h in 0..self.kv_heads {
-                    if n == 0 {
-                        continue;
+        gpu.guarded("cache append", || {
+            for (dst, data, dim) in [(&self.k, k, self.head_dim), (&self.v, v, self.v_head_dim)] {
+                for (b, &n) in new.iter().enumerate() {
+                    for h in 0..self.kv_heads {
+                        if n == 0 {
+                            continue;
+                        }
+                        let src = &data[((b * self.kv_heads + h) * t) * dim..][..n * dim];
+                        let offset = self.row_offset(b, h, self.lens[b] as usize, dim);
+                        let bytes = crate::gpu::tensor::encode(src, self.dtype);
+                        gpu.queue.write_buffer(dst.buffer(), offset, &bytes);
                     }
-                    let src = &data[((b * self.kv_heads + h) * t) * dim..][..n * dim];
-                    let offset = self.row_offset(b, h, self.lens[b] as usize, dim);
-                    let bytes = crate::gpu::tensor::encode(src, self.dtype);
-                    gpu.queue.write_buffer(dst.buffer(), offset, &bytes);
                 }
             }
-        }
+            Ok(())
+        })?;
         self.grow(new);
         Ok(())
     }
@@ -173,8 +177,10 @@ impl KvCache {
         v: &Tensor,
         new: &[usize],
     ) -> Result<()> {
+        gpu.expect_own("the cache", &self.k)?;
         let t = self.check_append(new)?;
         for (what, tensor, dim) in [("K", k, self.head_dim), ("V", v, self.v_head_dim)] {
+            gpu.expect_own(&format!("appended {what}"), tensor)?;
             let want = [self.batch, self.kv_heads, t, dim];
             expect_dims(&format!("appended {what}"), tensor.dims(), want)?;
             if tensor.buffer() == self.k.buffer() || tensor.buffer() == self.v.buffer() {

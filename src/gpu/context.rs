@@ -1,9 +1,10 @@
 //! The device context: adapter choice, device creation, the limits every plan is checked against.
 
-use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
-use crate::gpu::kernels::Kernels;
+use crate::gpu::kernels::{Kernels, ParamsIn};
 use crate::gpu::limits::{DecodeKernel, GpuLimits, LimitCaps, TileBlock};
 use crate::gpu::tuning::{TileConfig, entry_for};
 
@@ -22,6 +23,54 @@ pub struct Gpu {
     pub(crate) timer: Option<Arc<Timer>>,
     /// Whether f16 tensors are read as `array<f16>` (else packed in `u32`).
     pub(crate) native_f16: bool,
+    /// Shared by every context made from the same `Gpu::new` or `Gpu::from_wgpu`.
+    pub(crate) state: Arc<DeviceState>,
+}
+
+/// What every context on one device shares: an identity for its tensors, and whether the
+/// device was lost.
+pub(crate) struct DeviceState {
+    /// Unique in the process: tensors carry it, so a tensor of another device (whose buffer ids
+    /// may collide with this device's) is refused instead of naming the wrong buffer.
+    pub(crate) id: u64,
+    /// Why the device was lost, once wgpu said so.
+    lost: Mutex<Option<String>>,
+    /// The application's own device-lost callback ([`Gpu::on_device_lost`]).
+    hook: Mutex<Option<LostHook>>,
+}
+
+/// An application's device-lost callback.
+type LostHook = Box<dyn Fn(&str) + Send>;
+
+impl std::fmt::Debug for DeviceState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("DeviceState")
+            .field("id", &self.id)
+            .field("lost", &self.lost_reason())
+            .finish_non_exhaustive()
+    }
+}
+
+impl DeviceState {
+    fn new() -> DeviceState {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        DeviceState {
+            id: NEXT.fetch_add(1, Ordering::Relaxed),
+            lost: Mutex::new(None),
+            hook: Mutex::new(None),
+        }
+    }
+
+    fn lost_reason(&self) -> Option<String> {
+        self.lost.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    fn mark_lost(&self, reason: String) {
+        *self.lost.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.clone());
+        if let Some(hook) = &*self.hook.lock().unwrap_or_else(|e| e.into_inner()) {
+            hook(&reason);
+        }
+    }
 }
 
 /// GPU timestamps around each call's passes, for benchmarks (see [`Gpu::with_timer`]).
@@ -140,6 +189,12 @@ impl Gpu {
     ///
     /// The limits and features are the ones the device was created with; request the
     /// adapter's own limits when creating it, or large problems are chunked more than needed.
+    ///
+    /// Installs a device-lost callback on `device`, so that calls after a loss fail with
+    /// [`Error::DeviceLost`]. wgpu keeps one such callback per device, so this replaces any the
+    /// application set; register the application's with [`Gpu::on_device_lost`] instead.
+    /// Make one `Gpu` per device and clone it: tensors work only with the `Gpu` that made
+    /// them and its clones and derived contexts.
     pub fn from_wgpu(device: wgpu::Device, queue: wgpu::Queue) -> Result<Gpu> {
         let info = device.adapter_info();
         Gpu::from_parts(device, queue, info)
@@ -197,7 +252,26 @@ impl Gpu {
                 })?;
             }
         }
-        let kernels = Arc::new(Kernels::new(&device, &limits)?);
+        let params = match std::env::var("WGPU_ATTENTION_PARAMS") {
+            Ok(value) => ParamsIn::parse(&value).ok_or(Error::InvalidOption {
+                what: "WGPU_ATTENTION_PARAMS",
+                value,
+                why: "must be uniform or storage (how kernels bind their parameter blocks)",
+            })?,
+            Err(_) => ParamsIn::for_adapter(&info),
+        };
+        let kernels = Arc::new(Kernels::new(&device, &limits, params)?);
+        let state = Arc::new(DeviceState::new());
+        let on_lost = Arc::clone(&state);
+        device.set_device_lost_callback(move |reason, message| {
+            let reason = if message.is_empty() {
+                format!("{reason:?}")
+            } else {
+                format!("{reason:?}: {message}")
+            };
+            log::error!("wgpu-attention: device lost ({reason})");
+            on_lost.mark_lost(reason);
+        });
         Ok(Gpu {
             device,
             queue,
@@ -207,6 +281,7 @@ impl Gpu {
             kernels,
             timer: None,
             native_f16: features.contains(wgpu::Features::SHADER_F16),
+            state,
         })
     }
 
@@ -271,32 +346,87 @@ impl Gpu {
         })
     }
 
-    /// Encodes one call with `encode` into one command buffer and submits it once. wgpu's
-    /// validation and out-of-memory errors raised meanwhile come back as [`Error::Gpu`]
-    /// instead of reaching the device's uncaptured-error handler (which panics by default).
+    /// Encodes one call with `encode` into one command buffer and submits it once, inside
+    /// [`guarded`](Gpu::guarded).
     pub(crate) fn submit_with(
         &self,
         what: &str,
         encode: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
     ) -> Result<()> {
+        self.guarded(what, || {
+            let mut encoder = self
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(what) });
+            encode(&mut encoder)?;
+            self.resolve_timer(&mut encoder);
+            self.queue.submit([encoder.finish()]);
+            Ok(())
+        })
+    }
+
+    /// Runs `f`, which calls wgpu, so that nothing it does reaches wgpu's uncaptured-error
+    /// handler (which panics by default): a lost device is [`Error::DeviceLost`] (before `f`
+    /// and after it, every later call too), an allocation that failed [`Error::OutOfMemory`],
+    /// any other validation or internal error [`Error::Gpu`] naming `what`. wgpu's error
+    /// scopes are per thread, so calls from several threads each see their own errors.
+    pub(crate) fn guarded<T>(&self, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.alive()?;
         let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
         let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
         let internal = self.device.push_error_scope(wgpu::ErrorFilter::Internal);
-        let mut encoder = self
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(what) });
-        let encoded = encode(&mut encoder);
-        if encoded.is_ok() {
-            self.resolve_timer(&mut encoder);
-            self.queue.submit([encoder.finish()]);
-        }
+        let out = f();
         let internal = pollster::block_on(internal.pop());
         let oom = pollster::block_on(oom.pop());
         let validation = pollster::block_on(validation.pop());
-        encoded?;
-        match validation.or(oom).or(internal) {
-            Some(err) => Err(Error::Gpu(format!("{what}: {err}"))),
+        // A lost device explains whatever else went wrong: on a destroyed device wgpu reports
+        // the resources it could not create as invalid.
+        self.alive()?;
+        // wgpu's own error is the cause of any error `f` returned after it.
+        match (oom, validation.or(internal)) {
+            (Some(err), _) => Err(Error::OutOfMemory {
+                what: what.to_string(),
+                detail: err.to_string(),
+            }),
+            (None, Some(err)) => Err(Error::Gpu(format!("{what}: {err}"))),
+            (None, None) => out,
+        }
+    }
+
+    /// [`Error::DeviceLost`] once wgpu has said the device is lost. wgpu says so from
+    /// `poll`, so this polls first (without blocking).
+    pub(crate) fn alive(&self) -> Result<()> {
+        let _ = self.device.poll(wgpu::PollType::Poll);
+        self.check_lost()
+    }
+
+    fn check_lost(&self) -> Result<()> {
+        match self.state.lost_reason() {
+            Some(reason) => Err(Error::DeviceLost { reason }),
             None => Ok(()),
+        }
+    }
+
+    /// Whether the device was lost (destroyed, reset by the driver): every call on it then
+    /// fails with [`Error::DeviceLost`].
+    pub fn is_lost(&self) -> bool {
+        self.alive().is_err()
+    }
+
+    /// Calls `hook` with wgpu's reason when the device is lost, on whichever thread wgpu
+    /// reports it from. Replaces the previous hook; for applications that had their own
+    /// device-lost callback before [`Gpu::from_wgpu`] replaced it.
+    pub fn on_device_lost(&self, hook: impl Fn(&str) + Send + 'static) {
+        *self.state.hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(hook));
+    }
+
+    /// [`Error::WrongDevice`] unless `tensor` was made by a context of this device.
+    pub(crate) fn expect_own(&self, what: &str, tensor: &crate::Tensor) -> Result<()> {
+        if tensor.device_id() == self.state.id {
+            Ok(())
+        } else {
+            Err(Error::WrongDevice {
+                what: what.to_string(),
+            })
         }
     }
 
@@ -314,25 +444,27 @@ impl Gpu {
         let Some(t) = &self.timer else {
             return Ok(None);
         };
-        let (tx, rx) = std::sync::mpsc::channel();
-        t.readback.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
-        self.wait()?;
-        rx.recv()
-            .map_err(|_| Error::Gpu("timestamp readback never completed".into()))?
-            .map_err(|e| Error::Gpu(format!("mapping timestamps: {e}")))?;
-        let ticks: [u64; 2] = {
-            let view = t
-                .readback
-                .get_mapped_range(..)
-                .map_err(|e| Error::Gpu(format!("reading timestamps: {e}")))?;
-            bytemuck::pod_read_unaligned(&view[..16])
-        };
-        t.readback.unmap();
-        Ok(Some(
-            ticks[1].wrapping_sub(ticks[0]) as f64 * t.period_ns * 1e-9,
-        ))
+        self.guarded("reading timestamps", || {
+            let (tx, rx) = std::sync::mpsc::channel();
+            t.readback.map_async(wgpu::MapMode::Read, .., move |r| {
+                let _ = tx.send(r);
+            });
+            self.poll_wait(None)?;
+            rx.recv()
+                .map_err(|_| Error::Gpu("timestamp readback never completed".into()))?
+                .map_err(|e| Error::Gpu(format!("mapping timestamps: {e}")))?;
+            let ticks: [u64; 2] = {
+                let view = t
+                    .readback
+                    .get_mapped_range(..)
+                    .map_err(|e| Error::Gpu(format!("reading timestamps: {e}")))?;
+                bytemuck::pod_read_unaligned(&view[..16])
+            };
+            t.readback.unmap();
+            Ok(Some(
+                ticks[1].wrapping_sub(ticks[0]) as f64 * t.period_ns * 1e-9,
+            ))
+        })
     }
 
     /// A context on the same device with lower limits (see [`LimitCaps`]). Plans made through it
@@ -414,6 +546,20 @@ impl Gpu {
         Ok(gpu)
     }
 
+    /// A context on the same device whose kernels bind their parameter blocks as `params` says
+    /// (see [`ParamsIn`]), with a pipeline cache of its own: for tests that cover both
+    /// bindings on one adapter, and for drivers where the default is the wrong choice.
+    pub fn with_params_in(&self, params: ParamsIn) -> Result<Gpu> {
+        let mut gpu = self.clone();
+        gpu.kernels = Arc::new(Kernels::new(&self.device, &self.limits, params)?);
+        Ok(gpu)
+    }
+
+    /// How this context's kernels bind their parameter blocks.
+    pub fn params_in(&self) -> ParamsIn {
+        self.kernels.params
+    }
+
     /// A context on the same device that reads f16 tensors packed in `u32` even where the
     /// adapter has `SHADER_F16`: the path adapters without it take, testable anywhere.
     pub fn with_packed_f16(&self) -> Gpu {
@@ -460,15 +606,23 @@ impl Gpu {
         &self.queue
     }
 
-    /// Blocks until all submitted work has finished; errors if the device was lost.
+    /// Blocks until all submitted work has finished; [`Error::DeviceLost`] if the device was
+    /// lost.
     pub fn wait(&self) -> Result<()> {
-        self.device
-            .poll(wgpu::PollType::Wait {
-                submission_index: None,
-                timeout: None,
-            })
+        self.poll_wait(None)?;
+        self.alive()
+    }
+
+    /// Blocks until submission `index` (all work, for `None`) has finished.
+    pub(crate) fn poll_wait(&self, index: Option<wgpu::SubmissionIndex>) -> Result<()> {
+        let polled = self.device.poll(wgpu::PollType::Wait {
+            submission_index: index,
+            timeout: None,
+        });
+        self.check_lost()?;
+        polled
             .map(|_| ())
-            .map_err(|e| Error::Gpu(e.to_string()))
+            .map_err(|e| Error::Gpu(format!("waiting for the device: {e}")))
     }
 
     /// One-line description of the adapter, e.g. `llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan, Cpu)`.

@@ -46,6 +46,14 @@ pub struct Partial<'a> {
 /// # Ok(()) }
 /// ```
 pub fn merge(gpu: &Gpu, a: Partial<'_>, b: Partial<'_>, layout: Layout) -> Result<Output> {
+    for (what, t) in [
+        ("first partial output", a.o),
+        ("first log-sum-exp", a.lse),
+        ("second partial output", b.o),
+        ("second log-sum-exp", b.lse),
+    ] {
+        gpu.expect_own(what, t)?;
+    }
     let dims = a.o.dims();
     for (what, got, want) in [
         ("second output", b.o.dims(), dims),
@@ -90,12 +98,12 @@ pub fn merge(gpu: &Gpu, a: Partial<'_>, b: Partial<'_>, layout: Layout) -> Resul
         lse: Some(gpu.empty([batch, heads, q_len, 1])?),
         weights: None,
     };
-    let stacked = gpu.scratch(
-        "wgpu-attention merge inputs",
-        bytes,
-        wgpu::BufferUsages::COPY_DST,
-    );
     gpu.submit_with("merge", |encoder| {
+        let stacked = gpu.scratch(
+            "wgpu-attention merge inputs",
+            bytes,
+            wgpu::BufferUsages::COPY_DST,
+        );
         // [o_a | o_b | lse_a | lse_b]: the combine kernel reads them as two splits.
         encoder.copy_buffer_to_buffer(a.o.buffer(), 0, &stacked, 0, o_bytes);
         encoder.copy_buffer_to_buffer(b.o.buffer(), 0, &stacked, o_bytes, o_bytes);

@@ -29,6 +29,7 @@ pub(crate) use attention::encode_validated;
 pub use cache::KvCache;
 pub use context::Gpu;
 pub use dispatch::gemm::{MatView, MatmulShape, matmul};
+pub use kernels::ParamsIn;
 pub use limits::{DecodeKernel, DispatchSize, GpuLimits, LimitCaps, TileBlock};
 pub use merge::{Partial, merge};
 pub use paths::{Chunk, FusedPlan, Plan, ThreePassPlan};

@@ -2,8 +2,6 @@
 
 use std::sync::mpsc;
 
-use wgpu::util::DeviceExt;
-
 use crate::error::{Error, Result};
 use crate::gpu::context::Gpu;
 use crate::spec::DType;
@@ -11,12 +9,16 @@ use crate::spec::DType;
 /// A row-major tensor of four dims in a device buffer.
 ///
 /// Made by [`Gpu::upload`] / [`Gpu::empty`], or by [`Tensor::from_buffer`] around a buffer the
-/// application already has, so data on the GPU never round-trips through the host.
+/// application already has, so data on the GPU never round-trips through the host. A tensor
+/// belongs to the [`Gpu`] that made it (and that `Gpu`'s clones and derived contexts): passing
+/// it to another is [`Error::WrongDevice`].
 #[derive(Debug, Clone)]
 pub struct Tensor {
     buffer: wgpu::Buffer,
     dims: [usize; 4],
     dtype: DType,
+    /// The `DeviceState::id` of the context that made it.
+    device: u64,
 }
 
 /// Usages of the buffers this crate allocates: bindable, readable back, writable from the host.
@@ -44,6 +46,32 @@ fn byte_len(gpu: &Gpu, what: &'static str, dims: [usize; 4], dtype: DType) -> Re
         });
     }
     Ok(bytes)
+}
+
+/// A new buffer holding `contents` (a whole number of 4-byte words), without
+/// `create_buffer_init`, which panics where the buffer could not be created (a lost device,
+/// no memory). Call inside [`Gpu::guarded`].
+pub(crate) fn init_buffer(
+    device: &wgpu::Device,
+    label: &str,
+    contents: &[u8],
+    usage: wgpu::BufferUsages,
+) -> Result<wgpu::Buffer> {
+    let size = (contents.len() as u64).next_multiple_of(wgpu::COPY_BUFFER_ALIGNMENT);
+    let buffer = device.create_buffer(&wgpu::BufferDescriptor {
+        label: Some(label),
+        size: size.max(wgpu::COPY_BUFFER_ALIGNMENT),
+        usage,
+        mapped_at_creation: true,
+    });
+    {
+        let mut view = buffer
+            .get_mapped_range_mut(..)
+            .map_err(|e| Error::Gpu(format!("creating {label}: {e}")))?;
+        view.slice(..contents.len()).copy_from_slice(contents);
+    }
+    buffer.unmap();
+    Ok(buffer)
 }
 
 /// Host f32 values as the bytes of `dtype` (rounded to nearest even), padded to whole words.
@@ -96,17 +124,15 @@ impl Gpu {
                 got: data.len(),
             });
         }
-        let buffer = self
-            .device
-            .create_buffer_init(&wgpu::util::BufferInitDescriptor {
-                label: Some("wgpu-attention tensor"),
-                contents: &encode(data, dtype),
-                usage: USAGE,
-            });
+        let bytes = encode(data, dtype);
+        let buffer = self.guarded("upload", || {
+            init_buffer(&self.device, "wgpu-attention tensor", &bytes, USAGE)
+        })?;
         Ok(Tensor {
             buffer,
             dims,
             dtype,
+            device: self.state.id,
         })
     }
 
@@ -129,7 +155,7 @@ impl Gpu {
 
     /// A scratch buffer of `size` bytes for one call's kernels (split partials, scores, merge
     /// inputs): storage, plus `extra` usages. The one place calls allocate scratch, so a pool
-    /// can replace it.
+    /// can replace it. Call inside [`Gpu::guarded`] (as every encoder does).
     pub(crate) fn scratch(
         &self,
         label: &str,
@@ -147,16 +173,19 @@ impl Gpu {
     /// A new tensor of `dims` and `dtype` whose contents are unspecified until written.
     pub fn empty_as(&self, dims: [usize; 4], dtype: DType) -> Result<Tensor> {
         let size = byte_len(self, "tensor", dims, dtype)?;
-        let buffer = self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("wgpu-attention tensor"),
-            size,
-            usage: USAGE,
-            mapped_at_creation: false,
-        });
+        let buffer = self.guarded("allocating a tensor", || {
+            Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("wgpu-attention tensor"),
+                size,
+                usage: USAGE,
+                mapped_at_creation: false,
+            }))
+        })?;
         Ok(Tensor {
             buffer,
             dims,
             dtype,
+            device: self.state.id,
         })
     }
 }
@@ -175,11 +204,18 @@ pub(crate) fn expect_dims(what: &str, got: [usize; 4], expected: [usize; 4]) -> 
 }
 
 impl Tensor {
-    /// Wraps an existing buffer holding a `dims` tensor of `dtype` from byte 0.
+    /// Wraps an existing buffer holding a `dims` tensor of `dtype` from byte 0, as a tensor
+    /// of `gpu`.
     ///
-    /// The buffer needs `STORAGE` usage; [`Tensor::download`] also needs `COPY_SRC` and
-    /// [`Tensor::write`] `COPY_DST`.
-    pub fn from_buffer(buffer: wgpu::Buffer, dims: [usize; 4], dtype: DType) -> Result<Tensor> {
+    /// The buffer must have been created on `gpu`'s device (wgpu cannot tell which device a
+    /// buffer belongs to: that is the caller's promise). It needs `STORAGE` usage;
+    /// [`Tensor::download`] also needs `COPY_SRC` and [`Tensor::write`] `COPY_DST`.
+    pub fn from_buffer(
+        gpu: &Gpu,
+        buffer: wgpu::Buffer,
+        dims: [usize; 4],
+        dtype: DType,
+    ) -> Result<Tensor> {
         if dims.contains(&0) {
             return Err(Error::ZeroSize { what: "tensor" });
         }
@@ -204,6 +240,7 @@ impl Tensor {
             buffer,
             dims,
             dtype,
+            device: gpu.state.id,
         })
     }
 
@@ -237,9 +274,15 @@ impl Tensor {
         &self.buffer
     }
 
+    /// The identity of the device context family that made it.
+    pub(crate) fn device_id(&self) -> u64 {
+        self.device
+    }
+
     /// Overwrites the tensor with host data, converted to its dtype (queued; visible to the
     /// next submission).
     pub fn write(&self, gpu: &Gpu, data: &[f32]) -> Result<()> {
+        gpu.expect_own("the tensor written", self)?;
         if data.len() != self.len() {
             return Err(Error::DataLength {
                 what: "write",
@@ -254,9 +297,11 @@ impl Tensor {
                 needed: "COPY_DST",
             });
         }
-        gpu.queue
-            .write_buffer(&self.buffer, 0, &encode(data, self.dtype));
-        Ok(())
+        let bytes = encode(data, self.dtype);
+        gpu.guarded("write", || {
+            gpu.queue.write_buffer(&self.buffer, 0, &bytes);
+            Ok(())
+        })
     }
 
     /// Copies an f16 tensor back to the host as `half::f16`, bit for bit.
@@ -293,6 +338,7 @@ impl Tensor {
     /// Copies the tensor back to the host as f32 (exact for every dtype), waiting for all work
     /// submitted before.
     pub fn download(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        gpu.expect_own("the tensor downloaded", self)?;
         if !self.buffer.usage().contains(wgpu::BufferUsages::COPY_SRC) {
             return Err(Error::BufferUsage {
                 what: "tensor",
@@ -300,38 +346,35 @@ impl Tensor {
             });
         }
         let size = self.byte_len();
-        let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some("wgpu-attention readback"),
-            size,
-            usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-            mapped_at_creation: false,
-        });
-        let mut encoder = gpu
-            .device
-            .create_command_encoder(&wgpu::CommandEncoderDescriptor {
-                label: Some("readback"),
+        gpu.guarded("download", || {
+            let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
+                label: Some("wgpu-attention readback"),
+                size,
+                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+                mapped_at_creation: false,
             });
-        encoder.copy_buffer_to_buffer(&self.buffer, 0, &staging, 0, size);
-        let index = gpu.queue.submit([encoder.finish()]);
-        let (tx, rx) = mpsc::channel();
-        staging.map_async(wgpu::MapMode::Read, .., move |r| {
-            let _ = tx.send(r);
-        });
-        gpu.device
-            .poll(wgpu::PollType::Wait {
-                submission_index: Some(index),
-                timeout: None,
-            })
-            .map_err(|e| Error::Gpu(format!("waiting for readback: {e}")))?;
-        rx.recv()
-            .map_err(|_| Error::Gpu("readback callback never ran".into()))?
-            .map_err(|e| Error::Gpu(format!("mapping readback buffer: {e}")))?;
-        let view = staging
-            .get_mapped_range(..)
-            .map_err(|e| Error::Gpu(format!("reading mapped buffer: {e}")))?;
-        let out = decode(&view, self.len(), self.dtype);
-        drop(view);
-        staging.unmap();
-        Ok(out)
+            let mut encoder = gpu
+                .device
+                .create_command_encoder(&wgpu::CommandEncoderDescriptor {
+                    label: Some("readback"),
+                });
+            encoder.copy_buffer_to_buffer(&self.buffer, 0, &staging, 0, size);
+            let index = gpu.queue.submit([encoder.finish()]);
+            let (tx, rx) = mpsc::channel();
+            staging.map_async(wgpu::MapMode::Read, .., move |r| {
+                let _ = tx.send(r);
+            });
+            gpu.poll_wait(Some(index))?;
+            rx.recv()
+                .map_err(|_| Error::Gpu("readback callback never ran".into()))?
+                .map_err(|e| Error::Gpu(format!("mapping readback buffer: {e}")))?;
+            let view = staging
+                .get_mapped_range(..)
+                .map_err(|e| Error::Gpu(format!("reading mapped buffer: {e}")))?;
+            let out = decode(&view, self.len(), self.dtype);
+            drop(view);
+            staging.unmap();
+            Ok(out)
+        })
     }
 }

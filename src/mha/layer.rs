@@ -72,6 +72,11 @@ impl MultiHeadAttention {
         need_weights: bool,
     ) -> Result<MhaOutput> {
         let c = &self.config;
+        for (what, t) in [("query", query), ("key", key), ("value", value)] {
+            gpu.expect_own(what, t)?;
+        }
+        // The layer's weights were uploaded by one Gpu; a layer is used with that one.
+        gpu.expect_own("the layer's weights", &self.q_weight)?;
         let (batch, q_len) = input_dims("query", query, c.embed_dim, None)?;
         let (_, kv_len) = input_dims("key", key, c.kdim, Some(batch))?;
         let (_, v_len) = input_dims("value", value, c.vdim, Some(batch))?;

@@ -148,7 +148,7 @@ pub(crate) fn encode_matmul(
         c_stride_m,
         c_stride_n,
     };
-    let uniform = uniform_buffer(device, &params);
+    let uniform = uniform_buffer(device, &params)?;
     let bind = kernel.bind(
         device,
         &[
@@ -175,6 +175,16 @@ pub fn matmul(
     c: MatView<'_>,
     bias: Option<&Tensor>,
 ) -> Result<()> {
+    for (what, t) in [
+        ("A", Some(a.tensor)),
+        ("B", Some(b.tensor)),
+        ("C", Some(c.tensor)),
+        ("bias", bias),
+    ] {
+        if let Some(t) = t {
+            gpu.expect_own(what, t)?;
+        }
+    }
     gpu.submit_with("matmul", |encoder| {
         encode_matmul(gpu, encoder, shape, a, b, c, bias)
     })

@@ -8,7 +8,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use super::uniforms::{TILE_INVOCATIONS, TILE_STAGE_BYTES};
-use super::{KernelKey, Slot};
+use super::{KernelKey, ParamsIn, Slot};
 use crate::error::{Error, Result};
 use crate::gpu::limits::{DispatchSize, GpuLimits};
 
@@ -31,10 +31,16 @@ pub(crate) struct Kernels {
     pub(crate) placeholder_out: wgpu::Buffer,
     /// Workgroup size of the row-reduction kernels, a power of two the device supports.
     pub(crate) row_workgroup: u32,
+    /// How every kernel on this device binds its parameter blocks.
+    pub(crate) params: ParamsIn,
 }
 
 impl Kernels {
-    pub(crate) fn new(device: &wgpu::Device, limits: &GpuLimits) -> Result<Kernels> {
+    pub(crate) fn new(
+        device: &wgpu::Device,
+        limits: &GpuLimits,
+        params: ParamsIn,
+    ) -> Result<Kernels> {
         if limits.max_invocations_per_workgroup < TILE_INVOCATIONS {
             return Err(Error::Unsupported {
                 what: "invocations per workgroup",
@@ -62,6 +68,7 @@ impl Kernels {
             placeholder: placeholder("wgpu-attention placeholder input"),
             placeholder_out: placeholder("wgpu-attention placeholder output"),
             row_workgroup: 256,
+            params,
         })
     }
 
@@ -80,13 +87,13 @@ impl Kernels {
         {
             return Ok(hit.clone());
         }
-        let compiled = Arc::new(compile(device, key)?);
+        let compiled = Arc::new(compile(device, key, self.params)?);
         let mut cache = self.cache.write().expect("pipeline cache poisoned");
         Ok(cache.entry(key).or_insert(compiled).clone())
     }
 }
 
-fn compile(device: &wgpu::Device, key: KernelKey) -> Result<Compiled> {
+fn compile(device: &wgpu::Device, key: KernelKey, params: ParamsIn) -> Result<Compiled> {
     let label = key.label();
     log::debug!("wgpu-attention: compiling {label}");
     let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
@@ -105,7 +112,7 @@ fn compile(device: &wgpu::Device, key: KernelKey) -> Result<Compiled> {
         device.create_shader_module_trusted(
             wgpu::ShaderModuleDescriptor {
                 label: Some(&label),
-                source: wgpu::ShaderSource::Wgsl(key.source().into()),
+                source: wgpu::ShaderSource::Wgsl(key.source_with(params).into()),
             },
             wgpu::ShaderRuntimeChecks {
                 force_loop_bounding: false,
@@ -120,7 +127,12 @@ fn compile(device: &wgpu::Device, key: KernelKey) -> Result<Compiled> {
         .enumerate()
         .map(|(binding, slot)| {
             let ty = match *slot {
-                Slot::Uniform { .. } => wgpu::BufferBindingType::Uniform,
+                Slot::Uniform { .. } => match params {
+                    ParamsIn::Uniform => wgpu::BufferBindingType::Uniform,
+                    ParamsIn::ReadOnlyStorage => {
+                        wgpu::BufferBindingType::Storage { read_only: true }
+                    }
+                },
                 Slot::Storage { read_only, .. } | Slot::Tensor { read_only, .. } => {
                     wgpu::BufferBindingType::Storage { read_only }
                 }

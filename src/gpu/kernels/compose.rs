@@ -3,10 +3,10 @@
 
 use std::fmt::Write as _;
 
-use super::{KernelKey, Slot, Storage, uniforms};
+use super::{KernelKey, ParamsIn, Slot, Storage, uniforms};
 
-/// The complete source of `key`.
-pub(super) fn source(key: &KernelKey) -> String {
+/// The complete source of `key`, its parameter blocks bound as `params` says.
+pub(super) fn source(key: &KernelKey, params: ParamsIn) -> String {
     let kernel = key.kernel();
     let mut src = String::new();
     for feature in key.enables() {
@@ -31,9 +31,13 @@ pub(super) fn source(key: &KernelKey) -> String {
     for (binding, slot) in kernel.slots().iter().enumerate() {
         match *slot {
             Slot::Uniform { name, ty, .. } => {
+                let space = match params {
+                    ParamsIn::Uniform => "uniform",
+                    ParamsIn::ReadOnlyStorage => "storage, read",
+                };
                 let _ = writeln!(
                     src,
-                    "@group(0) @binding({binding}) var<uniform> {name}: {ty};"
+                    "@group(0) @binding({binding}) var<{space}> {name}: {ty};"
                 );
             }
             Slot::Storage {

@@ -153,6 +153,44 @@ pub(crate) enum Slot {
     Tensor { name: &'static str, read_only: bool },
 }
 
+/// How a kernel binds its parameter blocks (sizes, strides and flags of one call).
+///
+/// Uniform buffers everywhere but on Mesa's lavapipe, where they are read-only storage
+/// buffers. lavapipe (Mesa 22.3, Debian bookworm's) specialises a shader on the values of the
+/// uniforms its loop bounds and branches read ("inline uniforms") and, when that looks
+/// worthwhile, recompiles the shader on every dispatch without caching or freeing the
+/// variants: a kernel caught by that heuristic costs a JIT compilation per call and leaks its
+/// code (the split decode path's merge did: ~440 KiB and one executable mapping per call).
+/// Storage buffers are never inlined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ParamsIn {
+    /// `var<uniform>`: constant caches on GPUs.
+    Uniform,
+    /// `var<storage, read>`: immune to lavapipe's per-dispatch specialisation.
+    ReadOnlyStorage,
+}
+
+impl ParamsIn {
+    /// Parses the value of `WGPU_ATTENTION_PARAMS`: `uniform` or `storage`.
+    pub fn parse(value: &str) -> Option<ParamsIn> {
+        match value.trim() {
+            "uniform" => Some(ParamsIn::Uniform),
+            "storage" => Some(ParamsIn::ReadOnlyStorage),
+            _ => None,
+        }
+    }
+
+    /// The binding a device with adapter `info` uses unless `WGPU_ATTENTION_PARAMS` says
+    /// otherwise.
+    pub fn for_adapter(info: &wgpu::AdapterInfo) -> ParamsIn {
+        if info.name.contains("llvmpipe") {
+            ParamsIn::ReadOnlyStorage
+        } else {
+            ParamsIn::Uniform
+        }
+    }
+}
+
 const fn tensor(name: &'static str, read_only: bool) -> Slot {
     Slot::Tensor { name, read_only }
 }
@@ -888,8 +926,14 @@ impl KernelKey {
         out
     }
 
-    /// The complete WGSL the crate compiles for this key (see the module docs for the order).
+    /// The complete WGSL the crate compiles for this key (see the module docs for the order),
+    /// its parameter blocks bound as uniforms.
     pub fn source(&self) -> String {
-        compose::source(self)
+        compose::source(self, ParamsIn::Uniform)
+    }
+
+    /// [`source`](KernelKey::source) with the parameter blocks bound as `params` says.
+    pub fn source_with(&self, params: ParamsIn) -> String {
+        compose::source(self, params)
     }
 }

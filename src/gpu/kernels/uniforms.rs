@@ -13,8 +13,6 @@
 //! The constants both sides use (`-inf` as bits, the masked-score sentinel, the score floor,
 //! the causal alignments, tile sizes) are generated the same way by [`shared_constants`].
 
-use wgpu::util::DeviceExt;
-
 use crate::spec::SCORE_FLOOR;
 
 /// A parameter block with one Rust definition and a generated WGSL declaration.
@@ -289,15 +287,20 @@ pub(crate) fn shared_constants() -> String {
     )
 }
 
-/// A uniform buffer holding `params`, its size rounded up to 16 bytes.
-pub(crate) fn uniform_buffer<U: Uniform>(device: &wgpu::Device, params: &U) -> wgpu::Buffer {
+/// A buffer holding `params`, its size rounded up to 16 bytes, bindable as a uniform or a
+/// read-only storage buffer ([`ParamsIn`](super::ParamsIn)).
+pub(crate) fn uniform_buffer<U: Uniform>(
+    device: &wgpu::Device,
+    params: &U,
+) -> crate::Result<wgpu::Buffer> {
     let mut bytes = bytemuck::bytes_of(params).to_vec();
     bytes.resize(bytes.len().next_multiple_of(16), 0);
-    device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-        label: Some(U::NAME),
-        contents: &bytes,
-        usage: wgpu::BufferUsages::UNIFORM,
-    })
+    crate::gpu::tensor::init_buffer(
+        device,
+        U::NAME,
+        &bytes,
+        wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::STORAGE,
+    )
 }
 
 #[cfg(test)]

@@ -516,7 +516,7 @@ pub(crate) fn encode(
         let params = uniform_buffer(
             &gpu.device,
             &flash_params(spec, plan, pass, lse_out.is_some()),
-        );
+        )?;
         let bind = kernel.bind(
             &gpu.device,
             &[

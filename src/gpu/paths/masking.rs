@@ -3,8 +3,6 @@
 //! per-key options (mask, bias, softcap) is not uploaded: it is compiled into the kernel
 //! ([`MaskOptions`](crate::gpu::kernels::MaskOptions)).
 
-use wgpu::util::DeviceExt;
-
 use crate::error::Result;
 use crate::gpu::context::Gpu;
 use crate::gpu::kernels::uniforms::{
@@ -50,11 +48,7 @@ pub(crate) fn upload(gpu: &Gpu, spec: &Spec<'_>) -> Result<MaskBuffers> {
     let opts = spec.opts;
     let device = &gpu.device;
     let storage = |label: &str, contents: &[u8]| {
-        device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some(label),
-            contents,
-            usage: wgpu::BufferUsages::STORAGE,
-        })
+        crate::gpu::tensor::init_buffer(device, label, contents, wgpu::BufferUsages::STORAGE)
     };
     let bias = match &opts.bias {
         Some(bias) => {
@@ -62,7 +56,7 @@ pub(crate) fn upload(gpu: &Gpu, spec: &Spec<'_>) -> Result<MaskBuffers> {
             Some(storage(
                 "wgpu-attention bias",
                 bytemuck::cast_slice(&bias.data),
-            ))
+            )?)
         }
         None => None,
     };
@@ -70,7 +64,10 @@ pub(crate) fn upload(gpu: &Gpu, spec: &Spec<'_>) -> Result<MaskBuffers> {
         Some(mask) => {
             let words = pack_mask(&mask.data);
             check_binding(&gpu.limits, "mask", words.len() as u64 * 4)?;
-            Some(storage("wgpu-attention mask", bytemuck::cast_slice(&words)))
+            Some(storage(
+                "wgpu-attention mask",
+                bytemuck::cast_slice(&words),
+            )?)
         }
         None => None,
     };
@@ -82,7 +79,7 @@ pub(crate) fn upload(gpu: &Gpu, spec: &Spec<'_>) -> Result<MaskBuffers> {
         if let Some(q) = &opts.q_lens {
             lens[d.batch..].copy_from_slice(q);
         }
-        Some(storage("wgpu-attention lens", bytemuck::cast_slice(&lens)))
+        Some(storage("wgpu-attention lens", bytemuck::cast_slice(&lens))?)
     } else {
         None
     };
@@ -132,7 +129,7 @@ pub(crate) fn upload(gpu: &Gpu, spec: &Spec<'_>) -> Result<MaskBuffers> {
             mask_stride_i,
             mask_stride_j,
         },
-    );
+    )?;
     Ok(MaskBuffers {
         params,
         bias,

@@ -9,14 +9,13 @@
 //! and a multi-chunk plan copies each chunk into the weights buffer, which only has to fit
 //! `max_buffer_size`, not a binding.
 
-use wgpu::util::DeviceExt;
-
 use super::{Io, masking, strides};
 use crate::error::{Error, Result};
 use crate::gpu::context::Gpu;
 use crate::gpu::kernels::uniforms::{PvParams, QkParams, SoftmaxParams, uniform_buffer};
 use crate::gpu::kernels::{KernelKey, MaskOptions};
 use crate::gpu::limits::{DispatchSize, GpuLimits};
+use crate::gpu::tensor::init_buffer;
 use crate::spec::Spec;
 
 /// Rows and columns of one tile of the product kernels.
@@ -279,13 +278,18 @@ pub(crate) fn encode(
     let [q_storage, k_storage, v_storage, o_storage] = io.storage(gpu);
     // Additive (Bahdanau) scores replace QK^T in pass 1: the same kernel specialised by a
     // pipeline constant, with the weight vector at binding 4 and no scale.
-    let additive = opts.additive.as_ref().map(|w| {
-        device.create_buffer_init(&wgpu::util::BufferInitDescriptor {
-            label: Some("wgpu-attention additive weights"),
-            contents: bytemuck::cast_slice(w),
-            usage: wgpu::BufferUsages::STORAGE,
+    let additive = opts
+        .additive
+        .as_ref()
+        .map(|w| {
+            init_buffer(
+                device,
+                "wgpu-attention additive weights",
+                bytemuck::cast_slice(w),
+                wgpu::BufferUsages::STORAGE,
+            )
         })
-    });
+        .transpose()?;
     let qk = gpu.kernels.get(
         device,
         KernelKey::QkScores {
@@ -320,9 +324,9 @@ pub(crate) fn encode(
             pv: pv_params,
             workgroups: [qk_groups, sm_groups, pv_groups],
         } = chunk_params(spec, chunk, io.lse.is_some());
-        let qk_params = uniform_buffer(device, &qk_params);
-        let sm_params = uniform_buffer(device, &sm_params);
-        let pv_params = uniform_buffer(device, &pv_params);
+        let qk_params = uniform_buffer(device, &qk_params)?;
+        let sm_params = uniform_buffer(device, &sm_params)?;
+        let pv_params = uniform_buffer(device, &pv_params)?;
         let w = additive.as_ref().unwrap_or(&gpu.kernels.placeholder);
         let qk_bind = qk.bind(
             device,

@@ -1,0 +1,227 @@
+//! Faults a real program meets, through the public API only: a device destroyed under the crate
+//! (every later call is `Error::DeviceLost`, none panics, `wait` included), and tensors passed
+//! to a `Gpu` of another device (`Error::WrongDevice`, never another tensor's data).
+//!
+//! Each test opens devices of its own (a destroyed device cannot be shared), on the adapter
+//! `common::gpu()` found.
+
+mod common;
+
+use wgpu_attention::gpu::{MatView, MatmulShape, Partial};
+use wgpu_attention::{
+    Attention, Error, Gpu, KvCache, Layout, MhaConfig, MhaWeights, MultiHeadAttention, Path, Tensor,
+};
+
+/// A second device on the suite's adapter, or `None` (skipped) where the suite skips.
+fn fresh_gpu() -> Option<Gpu> {
+    common::gpu()?;
+    Some(Gpu::new().expect("the adapter the suite found opens again"))
+}
+
+fn qkv(gpu: &Gpu, seed: u64) -> (Vec<f32>, Tensor) {
+    let dims = [1, 2, 5, 8];
+    let data = common::random(&mut common::rng(seed), 80, 1.0);
+    let t = gpu.upload(&data, dims).unwrap();
+    (data, t)
+}
+
+fn weights(config: &MhaConfig) -> MhaWeights {
+    let e = config.embed_dim;
+    let mut r = common::rng(3);
+    MhaWeights {
+        q_weight: common::random(&mut r, e * e, 0.3),
+        k_weight: common::random(&mut r, e * e, 0.3),
+        v_weight: common::random(&mut r, e * e, 0.3),
+        out_weight: common::random(&mut r, e * e, 0.3),
+        q_bias: None,
+        k_bias: None,
+        v_bias: None,
+        out_bias: None,
+    }
+}
+
+fn lost<T: std::fmt::Debug>(what: &str, result: wgpu_attention::Result<T>) {
+    match result {
+        Err(Error::DeviceLost { reason }) => assert!(!reason.is_empty(), "{what}: empty reason"),
+        other => panic!("{what} on a destroyed device: expected DeviceLost, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_destroyed_device_fails_every_call_with_device_lost() {
+    let Some(gpu) = fresh_gpu() else { return };
+    let (_, t) = qkv(&gpu, 1);
+    let config = MhaConfig::new(8, 2);
+    let layer = MultiHeadAttention::new(&gpu, config, &weights(&config)).unwrap();
+    let mut cache = KvCache::new(&gpu, 1, 2, 16, 8, 8).unwrap();
+    let x = gpu.upload(&[0.5; 24], [1, 3, 1, 8]).unwrap();
+    let partial = Attention::new()
+        .return_lse(true)
+        .run(&gpu, &t, &t, &t)
+        .unwrap();
+    let heard = std::sync::Arc::new(std::sync::Mutex::new(None));
+    let sink = heard.clone();
+    gpu.on_device_lost(move |reason| *sink.lock().unwrap() = Some(reason.to_string()));
+    assert!(!gpu.is_lost());
+
+    gpu.device().destroy();
+
+    lost("wait", gpu.wait());
+    assert!(gpu.is_lost());
+    assert!(
+        heard.lock().unwrap().is_some(),
+        "the application's hook heard of the loss"
+    );
+    lost("upload", gpu.upload(&[1.0; 80], [1, 2, 5, 8]));
+    lost("empty", gpu.empty([1, 2, 5, 8]));
+    lost("download", t.download(&gpu));
+    lost("write", t.write(&gpu, &[1.0; 80]));
+    for path in [Path::Auto, Path::ThreePass, Path::Fused, Path::Decode] {
+        lost(
+            &format!("run on {path:?}"),
+            Attention::new().path(path).run(&gpu, &t, &t, &t),
+        );
+    }
+    lost(
+        "merge",
+        wgpu_attention::gpu::merge(
+            &gpu,
+            partial.as_partial().unwrap(),
+            Partial {
+                o: &partial.o,
+                lse: partial.lse.as_ref().unwrap(),
+            },
+            Layout::Bhsd,
+        ),
+    );
+    lost("cache new", KvCache::new(&gpu, 1, 2, 16, 8, 8));
+    lost(
+        "cache append",
+        cache.append(&gpu, &[0.5; 16], &[0.5; 16], &[1]),
+    );
+    let q = t.clone();
+    lost("cache attend", cache.attend(&gpu, &q, &Attention::new()));
+    lost(
+        "layer new",
+        MultiHeadAttention::new(&gpu, config, &weights(&config)),
+    );
+    lost(
+        "layer forward",
+        layer.forward(&gpu, &x, &x, &x, &Attention::new(), false),
+    );
+    let view = MatView::contiguous(&t, 10, 8);
+    let shape = MatmulShape {
+        m: 10,
+        n: 10,
+        k: 8,
+        batches: 1,
+        alpha: 1.0,
+    };
+    lost(
+        "matmul",
+        wgpu_attention::gpu::matmul(&gpu, shape, view, view, view, None),
+    );
+    // Derived contexts share the loss.
+    lost("a derived context", gpu.with_packed_f16().wait());
+    lost("a second wait", gpu.wait());
+}
+
+/// A device destroyed between two calls with no wait in between: the next call still reports
+/// the loss (wgpu reports it from the poll that call makes).
+#[test]
+fn a_loss_is_seen_by_the_next_call_without_a_wait() {
+    let Some(gpu) = fresh_gpu() else { return };
+    let (_, t) = qkv(&gpu, 2);
+    gpu.device().destroy();
+    lost(
+        "run right after destroy",
+        Attention::new().run(&gpu, &t, &t, &t),
+    );
+}
+
+fn wrong<T: std::fmt::Debug>(what: &str, result: wgpu_attention::Result<T>) {
+    match result {
+        Err(e @ Error::WrongDevice { .. }) => {
+            assert!(e.to_string().contains("another device"), "{what}: {e}")
+        }
+        other => panic!("{what}: expected WrongDevice, got {other:?}"),
+    }
+}
+
+#[test]
+fn tensors_of_another_device_are_refused() {
+    let Some(a) = fresh_gpu() else { return };
+    let b = Gpu::new().unwrap();
+    let (x, ta) = qkv(&a, 4);
+    let (y, tb) = qkv(&b, 5);
+    // Each device's first buffer: the ids wgpu gives them are the same in both instances.
+    wrong("download", ta.download(&b));
+    wrong("write", ta.write(&b, &[7.0; 80]));
+    assert_eq!(tb.download(&b).unwrap(), y, "b's tensor is untouched");
+    assert_eq!(ta.download(&a).unwrap(), x, "a's tensor is untouched");
+    for path in [Path::Auto, Path::ThreePass, Path::Fused, Path::Decode] {
+        wrong(
+            &format!("run on {path:?}"),
+            Attention::new().path(path).run(&b, &ta, &tb, &tb),
+        );
+        wrong(
+            &format!("run on {path:?} with V from a"),
+            Attention::new().path(path).run(&b, &tb, &tb, &ta),
+        );
+    }
+    let out = Attention::new().run(&a, &ta, &ta, &ta).unwrap();
+    wrong(
+        "run_into an output of a",
+        Attention::new().run_into(&b, &tb, &tb, &tb, &out),
+    );
+    let pa = Attention::new()
+        .return_lse(true)
+        .run(&a, &ta, &ta, &ta)
+        .unwrap();
+    let pb = Attention::new()
+        .return_lse(true)
+        .run(&b, &tb, &tb, &tb)
+        .unwrap();
+    wrong(
+        "merge",
+        wgpu_attention::gpu::merge(
+            &b,
+            pa.as_partial().unwrap(),
+            pb.as_partial().unwrap(),
+            Layout::Bhsd,
+        ),
+    );
+    let mut cache = KvCache::new(&a, 1, 2, 16, 8, 8).unwrap();
+    wrong(
+        "cache append on b",
+        cache.append(&b, &[0.5; 16], &[0.5; 16], &[1]),
+    );
+    cache.append(&a, &[0.5; 16], &[0.5; 16], &[1]).unwrap();
+    let kb = b.upload(&[0.5; 16], [1, 2, 1, 8]).unwrap();
+    wrong(
+        "cache append_tensors",
+        cache.append_tensors(&a, &kb, &kb, &[1]),
+    );
+    wrong(
+        "cache attend on b",
+        cache.attend(&b, &tb, &Attention::new()),
+    );
+    let config = MhaConfig::new(8, 2);
+    let layer = MultiHeadAttention::new(&a, config, &weights(&config)).unwrap();
+    let xb = b.upload(&[0.5; 24], [1, 3, 1, 8]).unwrap();
+    let xa = a.upload(&[0.5; 24], [1, 3, 1, 8]).unwrap();
+    wrong(
+        "forward with b's input",
+        layer.forward(&a, &xb, &xb, &xb, &Attention::new(), false),
+    );
+    wrong(
+        "forward on b",
+        layer.forward(&b, &xb, &xb, &xb, &Attention::new(), false),
+    );
+    layer
+        .forward(&a, &xa, &xa, &xa, &Attention::new(), false)
+        .unwrap();
+    // A derived context of the same device accepts the tensors of the one it came from.
+    let derived = a.with_packed_f16();
+    assert_eq!(ta.download(&derived).unwrap(), x);
+}
