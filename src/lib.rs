@@ -29,7 +29,8 @@ pub use gpu::{
 };
 pub use mha::{MhaConfig, MhaOutput, MhaWeights, MultiHeadAttention};
 pub use spec::{
-    Attention, Bias, BoolMask, Causal, DType, Dims, Layout, MAX_HEAD_DIM, Path, SCORE_FLOOR, Spec,
+    Attention, Bias, BoolMask, Causal, DType, Dims, Layout, MAX_HEAD_DIM, MAX_SCALE, Path,
+    SCORE_FLOOR, Spec,
 };
 
 /// The README's examples, compiled and run as doctests.

@@ -11,6 +11,15 @@ use crate::error::{Error, Result};
 /// arithmetic, instead of an empty or NaN row.
 pub const SCORE_FLOOR: f32 = -1.0e38;
 
+/// The largest scale magnitude [`Attention::scale`] accepts.
+///
+/// Scores are f32 and the GPU kernels multiply Q by `scale * log2(e)` before the dot product,
+/// so a huge scale overflows to infinity (and the softmax to NaN) however ordinary Q and K are:
+/// `scale(f32::MAX)` did, before this bound. Within it, the outputs are finite whenever every
+/// score `|scale| * sum_d |q_id k_jd|` stays below `1e38` (for example `|q|, |k| <= 1e13` at
+/// `head_dim` 256 and the largest scale); larger scores are outside the contract.
+pub const MAX_SCALE: f32 = 1.0e6;
+
 /// The largest `head_dim` and `v_head_dim` the kernels support.
 pub const MAX_HEAD_DIM: usize = 256;
 
@@ -339,7 +348,9 @@ impl Attention {
 
     /// Multiplies `QK^T` by `scale` instead of `1/sqrt(head_dim)`; `scale(1.0)` is Luong's
     /// unscaled dot-product attention. The scale does not apply to
-    /// [`additive`](Attention::additive) scores.
+    /// [`additive`](Attention::additive) scores. Finite scales of magnitude up to
+    /// [`MAX_SCALE`] are accepted; others are [`Error::InvalidOption`] when the call is
+    /// validated.
     pub fn scale(mut self, scale: f32) -> Self {
         self.scale = Some(scale);
         self
@@ -485,11 +496,12 @@ impl Attention {
     /// The scale (default `1 / sqrt(head_dim)`), checked with the softcap.
     fn check_scalars(&self, dims: Dims) -> Result<f32> {
         let scale = self.scale.unwrap_or(1.0 / (dims.head_dim as f32).sqrt());
-        if !scale.is_finite() {
+        if !(scale.is_finite() && scale.abs() <= MAX_SCALE) {
             return Err(Error::InvalidOption {
                 what: "scale",
                 value: scale.to_string(),
-                why: "must be finite",
+                why: "must be finite and at most 1e6 in magnitude (MAX_SCALE): larger scales \
+                      overflow f32 scores for inputs of ordinary size",
             });
         }
         if let Some(cap) = self.softcap
@@ -541,7 +553,15 @@ fn check_broadcast(
             target,
         });
     }
-    let expected: usize = shape.iter().product();
+    // Each dim is 1 or the target's; the target's product may still overflow.
+    let Some(expected) = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)) else {
+        return Err(Error::TooLarge {
+            what,
+            requested: u64::MAX,
+            max: usize::MAX as u64,
+            hint: " elements (its shape overflows)",
+        });
+    };
     if len != expected {
         return Err(Error::DataLength {
             what,

@@ -9,7 +9,8 @@ mod common;
 use std::fmt::Debug;
 
 use wgpu_attention::{
-    Attention, Causal, DType, Dims, Error, Gpu, Layout, LimitCaps, Output, Result, Tensor, cpu,
+    Attention, Causal, DType, Dims, Error, Gpu, Layout, LimitCaps, Output, Path, Result, Tensor,
+    cpu,
 };
 
 const LAYOUTS: [Layout; 2] = [Layout::Bhsd, Layout::Bshd];
@@ -556,13 +557,20 @@ fn per_sequence_lengths() {
 #[test]
 fn invalid_scale_and_softcap() {
     let d = base();
-    for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+    for bad in [
+        f32::NAN,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::MAX,
+        -f32::MAX,
+        wgpu_attention::MAX_SCALE * 1.01,
+    ] {
         both(
             &format!("scale {bad}"),
             d,
             &Attention::new().scale(bad),
             |e| matches!(e, Error::InvalidOption { what: "scale", value, .. } if *value == bad.to_string()),
-            &["scale", &bad.to_string(), "finite"],
+            &["scale", &bad.to_string(), "finite", "1e6"],
         );
     }
     for bad in [0.0, -0.0, -1.0, f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
@@ -574,6 +582,98 @@ fn invalid_scale_and_softcap() {
             &["softcap", &bad.to_string(), "> 0"],
         );
     }
+}
+
+/// The largest accepted scale, on inputs whose scores stay within the contract (below 1e38),
+/// gives finite outputs on every path, equal to the reference's.
+#[test]
+fn the_largest_scale_gives_finite_outputs() {
+    let d = common::dims(1, 2, 1, 7, 33, 16, 8);
+    let opts = Attention::new().scale(-wgpu_attention::MAX_SCALE);
+    let want = {
+        let mut r = common::rng(41);
+        let q = common::random(&mut r, d.q_elems(), 1e3);
+        let k = common::random(&mut r, d.k_elems(), 1e3);
+        let v = common::random(&mut r, d.v_elems(), 1.0);
+        cpu::reference(&q, &k, &v, d, &opts).unwrap().o
+    };
+    assert!(want.iter().all(|x| x.is_finite()));
+    let Some(gpu) = common::gpu() else { return };
+    for path in [Path::ThreePass, Path::Fused, Path::Decode] {
+        // Scores of ~1e12 in magnitude: the softmax is a max over each row's keys.
+        common::check(gpu, path, d, &opts, 41, 1e3);
+    }
+}
+
+/// Sizes from a user that overflow when multiplied are typed errors, never a panic, a wrap
+/// to a small number, or an out-of-bounds index.
+#[test]
+fn layer_and_cache_sizes_that_overflow() {
+    use wgpu_attention::{MhaConfig, MhaWeights};
+    let packed = vec![0.5f32; 48];
+    for (what, config) in [
+        ("zero heads", MhaConfig::new(16, 0)),
+        ("2^33 wide, one head", MhaConfig::new(1 << 33, 1)),
+        ("2^40 wide, 2^32 heads", MhaConfig::new(1 << 40, 1 << 32)),
+    ] {
+        let from_in_proj = MhaWeights::from_in_proj(&config, &packed, None, vec![0.5; 4], None);
+        assert!(
+            matches!(
+                from_in_proj,
+                Err(Error::ZeroSize { .. }
+                    | Error::HeadDimTooLarge { .. }
+                    | Error::TooLarge { .. })
+            ),
+            "{what}: from_in_proj gave {from_in_proj:?}"
+        );
+        let from_file = MhaWeights::from_safetensors(&config, b"not a file", "");
+        assert!(
+            !matches!(from_file, Err(Error::Weights(_)) | Ok(_)),
+            "{what}: the config is refused before the file is read: {from_file:?}"
+        );
+    }
+    // The CPU layer with sizes whose products overflow.
+    let config = MhaConfig::new(8, 2);
+    let w = MhaWeights {
+        q_weight: vec![0.1; 64],
+        k_weight: vec![0.1; 64],
+        v_weight: vec![0.1; 64],
+        out_weight: vec![0.1; 64],
+        q_bias: None,
+        k_bias: None,
+        v_bias: None,
+        out_bias: None,
+    };
+    let huge = wgpu_attention::cpu::mha_reference(
+        &config,
+        &w,
+        &[0.5; 8],
+        &[0.5; 8],
+        &[0.5; 8],
+        (1 << 62, 1 << 2, 1),
+        &Attention::new(),
+        false,
+    );
+    assert!(
+        matches!(huge, Err(Error::TooLarge { .. })),
+        "mha_reference with 2^64 rows: {huge:?}"
+    );
+    let Some(gpu) = common::gpu() else { return };
+    let mut cache = wgpu_attention::KvCache::new(gpu, 1, 1, 8, 4, 4).unwrap();
+    cache.append(gpu, &[0.5; 12], &[0.5; 12], &[3]).unwrap();
+    let absurd = cache.append(gpu, &[], &[], &[usize::MAX]);
+    assert!(
+        matches!(
+            absurd,
+            Err(Error::LengthOutOfRange {
+                max: 8,
+                value: usize::MAX,
+                ..
+            })
+        ),
+        "append of usize::MAX tokens after 3: {absurd:?}"
+    );
+    assert_eq!(cache.lens(), &[3], "a refused append changes nothing");
 }
 
 /// Dims whose element counts do not fit the kernels' 32-bit indices (or a `usize`): refused

@@ -37,10 +37,29 @@ pub fn mha_reference(
         }
         y
     };
+    // Validates the attention problem (zero sizes, sizes whose element counts overflow) before
+    // any size below is multiplied out.
+    let dims = c.attention_dims(batch, q_len, kv_len);
+    let opts = opts.clone().layout(Layout::Bshd);
+    opts.validate(dims)?;
+    let elems = |what: &'static str, dims: [usize; 3]| {
+        dims.iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .ok_or(Error::TooLarge {
+                what,
+                requested: u64::MAX,
+                max: usize::MAX as u64,
+                hint: " elements (the sizes overflow)",
+            })
+    };
     for (what, data, expected) in [
-        ("query", query.len(), batch * q_len * e),
-        ("key", key.len(), batch * kv_len * c.kdim),
-        ("value", value.len(), batch * kv_len * c.vdim),
+        ("query", query.len(), elems("query", [batch, q_len, e])?),
+        ("key", key.len(), elems("key", [batch, kv_len, c.kdim])?),
+        (
+            "value",
+            value.len(),
+            elems("value", [batch, kv_len, c.vdim])?,
+        ),
     ] {
         if data != expected {
             return Err(Error::DataLength {
@@ -75,8 +94,6 @@ pub fn mha_reference(
         kv,
         c.vdim,
     );
-    let dims = c.attention_dims(batch, q_len, kv_len);
-    let opts = opts.clone().layout(Layout::Bshd);
     let r = crate::cpu::reference(&q, &k, &v, dims, &opts)?;
     let out = linear(
         &r.o,

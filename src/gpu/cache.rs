@@ -138,6 +138,7 @@ impl KvCache {
         gpu.expect_own("the cache", &self.k)?;
         let t = self.check_append(new)?;
         for (what, data, dim) in [("K", k, self.head_dim), ("V", v, self.v_head_dim)] {
+            // t <= capacity (check_append), so this is within the cache's own size.
             let expected = self.batch * self.kv_heads * t * dim;
             if data.len() != expected {
                 return Err(Error::DataLength {
@@ -264,13 +265,16 @@ impl KvCache {
             });
         }
         for (index, (&n, &len)) in new.iter().zip(&self.lens).enumerate() {
-            if len as usize + n > self.capacity {
-                return Err(Error::LengthOutOfRange {
-                    what: "cache length after append",
-                    index,
-                    value: len as usize + n,
-                    max: self.capacity,
-                });
+            match (len as usize).checked_add(n) {
+                Some(total) if total <= self.capacity => {}
+                total => {
+                    return Err(Error::LengthOutOfRange {
+                        what: "cache length after append",
+                        index,
+                        value: total.unwrap_or(usize::MAX),
+                        max: self.capacity,
+                    });
+                }
             }
         }
         let t = new.iter().copied().max().unwrap_or(0);

@@ -30,14 +30,47 @@ impl MhaConfig {
         }
     }
 
-    /// Per-head width.
+    /// Per-head width (0 when `num_heads` is 0, which [`MultiHeadAttention::new`] refuses).
+    ///
+    /// [`MultiHeadAttention::new`]: crate::MultiHeadAttention::new
     pub fn head_dim(&self) -> usize {
-        self.embed_dim / self.num_heads
+        self.embed_dim.checked_div(self.num_heads).unwrap_or(0)
     }
 
-    /// Rows of the K and V projection weights: `kv_heads * head_dim`.
+    /// Rows of the K and V projection weights: `kv_heads * head_dim` (saturating; a config
+    /// whose sizes overflow is refused before any use).
     pub fn kv_width(&self) -> usize {
-        self.kv_heads * self.head_dim()
+        self.kv_heads.saturating_mul(self.head_dim())
+    }
+
+    /// Elements of `W_q`, `W_k`, `W_v`, `W_o` and of the packed `in_proj_weight`, computed
+    /// with checked arithmetic: [`Error::TooLarge`] where one overflows.
+    pub(crate) fn weight_elems(&self) -> Result<[usize; 5]> {
+        let (e, kv) = (self.embed_dim, self.kv_width());
+        let product = |what: &'static str, a: usize, b: usize| {
+            a.checked_mul(b).ok_or(Error::TooLarge {
+                what,
+                requested: u64::MAX,
+                max: usize::MAX as u64,
+                hint: " elements (the layer's sizes overflow)",
+            })
+        };
+        let rows = kv
+            .checked_mul(2)
+            .and_then(|x| x.checked_add(e))
+            .ok_or(Error::TooLarge {
+                what: "in_proj_weight rows",
+                requested: u64::MAX,
+                max: usize::MAX as u64,
+                hint: " (the layer's sizes overflow)",
+            })?;
+        Ok([
+            product("q_weight", e, e)?,
+            product("k_weight", kv, self.kdim)?,
+            product("v_weight", kv, self.vdim)?,
+            product("out_weight", e, e)?,
+            product("in_proj_weight", rows, e)?,
+        ])
     }
 
     /// The attention problem of a batch of `q_len` queries over `kv_len` keys: query and kv
@@ -83,6 +116,14 @@ impl MhaConfig {
                 kv_heads: self.kv_heads,
             });
         }
+        if self.head_dim() > crate::MAX_HEAD_DIM {
+            return Err(Error::HeadDimTooLarge {
+                what: "head_dim (embed_dim / num_heads)",
+                got: self.head_dim(),
+                max: crate::MAX_HEAD_DIM,
+            });
+        }
+        self.weight_elems()?;
         Ok(())
     }
 }

@@ -34,13 +34,15 @@ impl MhaWeights {
         out_weight: Vec<f32>,
         out_bias: Option<Vec<f32>>,
     ) -> Result<MhaWeights> {
+        config.validate()?;
         let (e, kv) = (config.embed_dim, config.kv_width());
         let rows = e + 2 * kv;
-        if in_proj_weight.len() != rows * e {
+        let packed = config.weight_elems()?[4];
+        if in_proj_weight.len() != packed {
             return Err(Error::DataLength {
                 what: "in_proj_weight",
                 dims: vec![rows, e],
-                expected: rows * e,
+                expected: packed,
                 got: in_proj_weight.len(),
             });
         }
@@ -85,6 +87,7 @@ impl MhaWeights {
     /// `out_proj.weight` and `out_proj.bias`. Biases are optional; f32, f16 and bf16 tensors
     /// are read (half precision converted to f32).
     pub fn from_safetensors(config: &MhaConfig, bytes: &[u8], prefix: &str) -> Result<MhaWeights> {
+        config.validate()?;
         let file = safetensors::SafeTensors::deserialize(bytes)
             .map_err(|e| Error::Weights(format!("not a safetensors file: {e}")))?;
         let read = |name: &str| -> Result<Option<Vec<f32>>> {
@@ -163,6 +166,7 @@ impl MhaWeights {
     }
 
     pub(crate) fn validate(&self, c: &MhaConfig) -> Result<()> {
+        c.validate()?;
         let (e, kv) = (c.embed_dim, c.kv_width());
         let check = |what: &'static str, got: usize, dims: Vec<usize>| -> Result<()> {
             let expected = dims.iter().product();

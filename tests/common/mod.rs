@@ -36,7 +36,7 @@ pub fn gpu() -> Option<&'static Gpu> {
             None
         }
         Err(e) => panic!(
-            "no GPU adapter: {e}\nThe GPU tests need one: `bash scripts/setup.sh` installs Mesa's \
+            "{e}\nThe GPU tests need one: `bash scripts/setup.sh` installs Mesa's \
              software Vulkan driver on Debian/Ubuntu, and WGPU_BACKEND / WGPU_ADAPTER_NAME pick \
              an adapter. To skip the GPU tests instead, set {SKIP_VAR}=1."
         ),
@@ -53,10 +53,14 @@ fn at_exit_report_skips() {
     extern "C" fn report() {
         let n = SKIPPED.load(Ordering::SeqCst);
         let exe = std::env::args().next().unwrap_or_default();
-        let name = std::path::Path::new(&exe)
+        let file = std::path::Path::new(&exe)
             .file_name()
             .map(|f| f.to_string_lossy().into_owned())
-            .unwrap_or(exe);
+            .unwrap_or_default();
+        // Cargo names test binaries `<name>-<hash>`.
+        let name = file
+            .rsplit_once('-')
+            .map_or(file.as_str(), |(name, _)| name);
         eprintln!("SKIPPED: {n} GPU test(s) of {name} did not run: no GPU adapter ({SKIP_VAR}=1)");
     }
     #[allow(unsafe_code)]
