@@ -19,6 +19,7 @@ fn environment_variables() {
     decode_kernel_and_subgroups();
     blocks();
     params();
+    pool();
     unknown_adapter_name_is_a_typed_error();
 }
 
@@ -49,6 +50,29 @@ fn params() {
         assert_eq!(Gpu::new().expect("an adapter").params_in(), want);
     }
     set_env("WGPU_ATTENTION_PARAMS", None);
+}
+
+fn pool() {
+    rejects(&[("WGPU_ATTENTION_POOL", "yes")]);
+    set_env("WGPU_ATTENTION_POOL", Some("0"));
+    let gpu = Gpu::new().expect("an adapter");
+    assert!(!gpu.pool_enabled());
+    let q = gpu.upload(&[0.5; 64], [1, 2, 4, 8]).unwrap();
+    let before = gpu.pool_stats();
+    for _ in 0..3 {
+        let out = wgpu_attention::Attention::new()
+            .run(&gpu, &q, &q, &q)
+            .unwrap();
+        out.o.download(&gpu).unwrap();
+    }
+    let after = gpu.pool_stats();
+    assert_eq!(after.reused, 0, "no reuse with the pool off");
+    assert!(
+        after.created >= before.created + 3 * 2,
+        "every call allocates its parameters and readback: {before:?} -> {after:?}"
+    );
+    set_env("WGPU_ATTENTION_POOL", None);
+    assert!(Gpu::new().expect("an adapter").pool_enabled());
 }
 
 /// Each `(variable, bad value)` makes `Gpu::new` fail with `InvalidOption` naming both.

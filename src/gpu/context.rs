@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 use crate::error::{Error, Result};
 use crate::gpu::kernels::{Kernels, ParamsIn};
 use crate::gpu::limits::{DecodeKernel, GpuLimits, LimitCaps, TileBlock};
+use crate::gpu::pool::{Pool, PoolStats};
 use crate::gpu::tuning::{TileConfig, entry_for};
 
 /// A device and queue, with the limits, features and compiled pipelines of this crate.
@@ -37,6 +38,8 @@ pub(crate) struct DeviceState {
     lost: Mutex<Option<String>>,
     /// The application's own device-lost callback ([`Gpu::on_device_lost`]).
     hook: Mutex<Option<LostHook>>,
+    /// Parameter, masking, scratch and readback buffers for reuse (`gpu::pool`).
+    pub(crate) pool: Arc<Pool>,
 }
 
 /// An application's device-lost callback.
@@ -52,12 +55,13 @@ impl std::fmt::Debug for DeviceState {
 }
 
 impl DeviceState {
-    fn new() -> DeviceState {
+    fn new(pool: bool) -> DeviceState {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         DeviceState {
             id: NEXT.fetch_add(1, Ordering::Relaxed),
             lost: Mutex::new(None),
             hook: Mutex::new(None),
+            pool: Arc::new(Pool::new(pool)),
         }
     }
 
@@ -261,7 +265,21 @@ impl Gpu {
             Err(_) => ParamsIn::for_adapter(&info),
         };
         let kernels = Arc::new(Kernels::new(&device, &limits, params)?);
-        let state = Arc::new(DeviceState::new());
+        let pool = match std::env::var("WGPU_ATTENTION_POOL") {
+            Ok(value) => match value.trim() {
+                "0" => false,
+                "1" => true,
+                _ => {
+                    return Err(Error::InvalidOption {
+                        what: "WGPU_ATTENTION_POOL",
+                        value,
+                        why: "must be 0 (a fresh buffer for everything) or 1 (reuse buffers)",
+                    });
+                }
+            },
+            Err(_) => true,
+        };
+        let state = Arc::new(DeviceState::new(pool));
         let on_lost = Arc::clone(&state);
         device.set_device_lost_callback(move |reason, message| {
             let reason = if message.is_empty() {
@@ -354,13 +372,18 @@ impl Gpu {
         encode: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
     ) -> Result<()> {
         self.guarded(what, || {
+            let pool = &self.state.pool;
+            pool.begin_submission();
             let mut encoder = self
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor { label: Some(what) });
-            encode(&mut encoder)?;
-            self.resolve_timer(&mut encoder);
-            self.queue.submit([encoder.finish()]);
-            Ok(())
+            let encoded = encode(&mut encoder);
+            if encoded.is_ok() {
+                self.resolve_timer(&mut encoder);
+                self.queue.submit([encoder.finish()]);
+            }
+            pool.end_submission(&self.queue, encoded.is_ok());
+            encoded
         })
     }
 
@@ -553,6 +576,17 @@ impl Gpu {
         let mut gpu = self.clone();
         gpu.kernels = Arc::new(Kernels::new(&self.device, &self.limits, params)?);
         Ok(gpu)
+    }
+
+    /// What the device's buffer pool has done so far (see `gpu::pool`); `created` counts every
+    /// buffer the crate allocated for parameters, masks, scratch and readback.
+    pub fn pool_stats(&self) -> PoolStats {
+        self.state.pool.stats()
+    }
+
+    /// Whether the device reuses buffers (`WGPU_ATTENTION_POOL=0` turns it off).
+    pub fn pool_enabled(&self) -> bool {
+        self.state.pool.enabled()
     }
 
     /// How this context's kernels bind their parameter blocks.

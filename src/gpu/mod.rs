@@ -12,6 +12,7 @@
 //! | `limits` | [`GpuLimits`], [`LimitCaps`], dispatch sizes: what every plan is checked against |
 //! | `context` | [`Gpu`]: adapter, device, queue, timestamps, submission |
 //! | `tensor`, `cache`, `merge` | [`Tensor`], [`KvCache`], [`merge`] |
+//! | `pool` | the per-device buffer pool and its reuse rule |
 
 mod attention;
 mod cache;
@@ -21,6 +22,7 @@ pub mod kernels;
 pub(crate) mod limits;
 mod merge;
 pub(crate) mod paths;
+pub(crate) mod pool;
 pub(crate) mod tensor;
 pub mod tuning;
 
@@ -33,4 +35,5 @@ pub use kernels::ParamsIn;
 pub use limits::{DecodeKernel, DispatchSize, GpuLimits, LimitCaps, TileBlock};
 pub use merge::{Partial, merge};
 pub use paths::{Chunk, FusedPlan, Plan, ThreePassPlan};
+pub use pool::PoolStats;
 pub use tensor::Tensor;

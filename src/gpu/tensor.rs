@@ -162,12 +162,34 @@ impl Gpu {
         size: u64,
         extra: wgpu::BufferUsages,
     ) -> wgpu::Buffer {
-        self.device.create_buffer(&wgpu::BufferDescriptor {
-            label: Some(label),
+        self.state.pool.for_submission(
+            &self.device,
+            label,
             size,
-            usage: wgpu::BufferUsages::STORAGE | extra,
-            mapped_at_creation: false,
-        })
+            wgpu::BufferUsages::STORAGE | extra,
+        )
+    }
+
+    /// A buffer holding `contents` (whole 4-byte words) for the submission being encoded, from
+    /// the pool (see [`scratch`](Gpu::scratch)); `usage` gains `COPY_DST`, the contents go in
+    /// with `write_buffer`, which lands before the submission's commands run.
+    pub(crate) fn submission_buffer(
+        &self,
+        label: &str,
+        contents: &[u8],
+        usage: wgpu::BufferUsages,
+    ) -> wgpu::Buffer {
+        let size = (contents.len() as u64).max(wgpu::COPY_BUFFER_ALIGNMENT);
+        let buffer = self.state.pool.for_submission(
+            &self.device,
+            label,
+            size,
+            usage | wgpu::BufferUsages::COPY_DST,
+        );
+        if !contents.is_empty() {
+            self.queue.write_buffer(&buffer, 0, contents);
+        }
+        buffer
     }
 
     /// A new tensor of `dims` and `dtype` whose contents are unspecified until written.
@@ -347,21 +369,22 @@ impl Tensor {
         }
         let size = self.byte_len();
         gpu.guarded("download", || {
-            let staging = gpu.device.create_buffer(&wgpu::BufferDescriptor {
-                label: Some("wgpu-attention readback"),
+            let borrowed = gpu.state.pool.borrow(
+                &gpu.device,
+                "wgpu-attention readback",
                 size,
-                usage: wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
-                mapped_at_creation: false,
-            });
+                wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
+            );
+            let staging = &borrowed.buffer;
             let mut encoder = gpu
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("readback"),
                 });
-            encoder.copy_buffer_to_buffer(&self.buffer, 0, &staging, 0, size);
+            encoder.copy_buffer_to_buffer(&self.buffer, 0, staging, 0, size);
             let index = gpu.queue.submit([encoder.finish()]);
             let (tx, rx) = mpsc::channel();
-            staging.map_async(wgpu::MapMode::Read, .., move |r| {
+            staging.map_async(wgpu::MapMode::Read, ..size, move |r| {
                 let _ = tx.send(r);
             });
             gpu.poll_wait(Some(index))?;
@@ -369,11 +392,12 @@ impl Tensor {
                 .map_err(|_| Error::Gpu("readback callback never ran".into()))?
                 .map_err(|e| Error::Gpu(format!("mapping readback buffer: {e}")))?;
             let view = staging
-                .get_mapped_range(..)
+                .get_mapped_range(..size)
                 .map_err(|e| Error::Gpu(format!("reading mapped buffer: {e}")))?;
             let out = decode(&view, self.len(), self.dtype);
             drop(view);
             staging.unmap();
+            gpu.state.pool.give_back(borrowed);
             Ok(out)
         })
     }

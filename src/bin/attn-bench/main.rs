@@ -11,8 +11,9 @@
 //!
 //! `main.rs` holds the command line; `run.rs` times each path on each shape; `report.rs` prints
 //! the table, JSON or CSV and draws the plot; `tune.rs` times the tile configurations
-//! (`--tune`).
+//! (`--tune`); `overhead.rs` the host's share of small calls (`--overhead`).
 
+mod overhead;
 mod report;
 mod run;
 mod tune;
@@ -91,6 +92,10 @@ struct Args {
     /// Time bound of --tune, in seconds; configurations not reached are reported as skipped.
     #[arg(long, default_value_t = 90)]
     tune_seconds: u64,
+    /// Instead of the sweep: the host's time per call (up to submission, GPU work not waited
+    /// for) and the end-to-end time, for a small prefill call and a decoding step.
+    #[arg(long)]
+    overhead: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -142,6 +147,8 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let result = if args.tune {
         tune::tune(&args)
+    } else if args.overhead {
+        overhead::overhead()
     } else {
         run::run(&args)
     };

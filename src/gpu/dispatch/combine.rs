@@ -37,7 +37,7 @@ pub(crate) fn encode(
             o: gpu.storage(combine.o.dtype()),
         },
     )?;
-    let uniform = uniform_buffer(device, &combine.params)?;
+    let uniform = uniform_buffer(gpu, &combine.params)?;
     let bind = kernel.bind(
         device,
         &[

@@ -148,7 +148,7 @@ pub(crate) fn encode_matmul(
         c_stride_m,
         c_stride_n,
     };
-    let uniform = uniform_buffer(device, &params)?;
+    let uniform = uniform_buffer(gpu, &params)?;
     let bind = kernel.bind(
         device,
         &[

@@ -287,20 +287,19 @@ pub(crate) fn shared_constants() -> String {
     )
 }
 
-/// A buffer holding `params`, its size rounded up to 16 bytes, bindable as a uniform or a
-/// read-only storage buffer ([`ParamsIn`](super::ParamsIn)).
+/// A buffer holding `params` for the submission being encoded (from the pool), bindable as a
+/// uniform or a read-only storage buffer ([`ParamsIn`](super::ParamsIn)).
 pub(crate) fn uniform_buffer<U: Uniform>(
-    device: &wgpu::Device,
+    gpu: &crate::Gpu,
     params: &U,
 ) -> crate::Result<wgpu::Buffer> {
     let mut bytes = bytemuck::bytes_of(params).to_vec();
     bytes.resize(bytes.len().next_multiple_of(16), 0);
-    crate::gpu::tensor::init_buffer(
-        device,
+    Ok(gpu.submission_buffer(
         U::NAME,
         &bytes,
         wgpu::BufferUsages::UNIFORM | wgpu::BufferUsages::STORAGE,
-    )
+    ))
 }
 
 #[cfg(test)]

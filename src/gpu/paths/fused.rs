@@ -513,10 +513,7 @@ pub(crate) fn encode(
         ),
     };
     for pass in 0..plan.passes {
-        let params = uniform_buffer(
-            &gpu.device,
-            &flash_params(spec, plan, pass, lse_out.is_some()),
-        )?;
+        let params = uniform_buffer(gpu, &flash_params(spec, plan, pass, lse_out.is_some()))?;
         let bind = kernel.bind(
             &gpu.device,
             &[

@@ -46,9 +46,8 @@ fn pack_mask(data: &[bool]) -> Vec<u32> {
 pub(crate) fn upload(gpu: &Gpu, spec: &Spec<'_>) -> Result<MaskBuffers> {
     let d = spec.dims;
     let opts = spec.opts;
-    let device = &gpu.device;
-    let storage = |label: &str, contents: &[u8]| {
-        crate::gpu::tensor::init_buffer(device, label, contents, wgpu::BufferUsages::STORAGE)
+    let storage = |label: &str, contents: &[u8]| -> Result<wgpu::Buffer> {
+        Ok(gpu.submission_buffer(label, contents, wgpu::BufferUsages::STORAGE))
     };
     let bias = match &opts.bias {
         Some(bias) => {
@@ -103,7 +102,7 @@ pub(crate) fn upload(gpu: &Gpu, spec: &Spec<'_>) -> Result<MaskBuffers> {
         .as_ref()
         .map_or([0; 4], |m| broadcast_strides(m.shape).map(|x| x as u32));
     let params = uniform_buffer(
-        device,
+        gpu,
         &MaskParams {
             batch: d.batch as u32,
             q_len: d.q_len as u32,

@@ -15,7 +15,6 @@ use crate::gpu::context::Gpu;
 use crate::gpu::kernels::uniforms::{PvParams, QkParams, SoftmaxParams, uniform_buffer};
 use crate::gpu::kernels::{KernelKey, MaskOptions};
 use crate::gpu::limits::{DispatchSize, GpuLimits};
-use crate::gpu::tensor::init_buffer;
 use crate::spec::Spec;
 
 /// Rows and columns of one tile of the product kernels.
@@ -278,18 +277,13 @@ pub(crate) fn encode(
     let [q_storage, k_storage, v_storage, o_storage] = io.storage(gpu);
     // Additive (Bahdanau) scores replace QK^T in pass 1: the same kernel specialised by a
     // pipeline constant, with the weight vector at binding 4 and no scale.
-    let additive = opts
-        .additive
-        .as_ref()
-        .map(|w| {
-            init_buffer(
-                device,
-                "wgpu-attention additive weights",
-                bytemuck::cast_slice(w),
-                wgpu::BufferUsages::STORAGE,
-            )
-        })
-        .transpose()?;
+    let additive = opts.additive.as_ref().map(|w| {
+        gpu.submission_buffer(
+            "wgpu-attention additive weights",
+            bytemuck::cast_slice(w),
+            wgpu::BufferUsages::STORAGE,
+        )
+    });
     let qk = gpu.kernels.get(
         device,
         KernelKey::QkScores {
@@ -324,9 +318,9 @@ pub(crate) fn encode(
             pv: pv_params,
             workgroups: [qk_groups, sm_groups, pv_groups],
         } = chunk_params(spec, chunk, io.lse.is_some());
-        let qk_params = uniform_buffer(device, &qk_params)?;
-        let sm_params = uniform_buffer(device, &sm_params)?;
-        let pv_params = uniform_buffer(device, &pv_params)?;
+        let qk_params = uniform_buffer(gpu, &qk_params)?;
+        let sm_params = uniform_buffer(gpu, &sm_params)?;
+        let pv_params = uniform_buffer(gpu, &pv_params)?;
         let w = additive.as_ref().unwrap_or(&gpu.kernels.placeholder);
         let qk_bind = qk.bind(
             device,
