@@ -139,6 +139,53 @@ fn a_loss_is_seen_by_the_next_call_without_a_wait() {
     );
 }
 
+/// A device destroyed while work is in flight. Through `Gpu::destroy` every later call is
+/// `DeviceLost` at once. Behind the crate's back (`device().destroy()`), wgpu reports the loss
+/// only once the queue is empty: until then a call may still return `Ok` (its work is
+/// dropped) or `DeviceLost`, never another error and never a panic; `wait` is `DeviceLost`.
+#[test]
+fn a_device_destroyed_with_work_in_flight() {
+    for through_the_crate in [true, false] {
+        let Some(gpu) = fresh_gpu() else { return };
+        let data = common::random(&mut common::rng(6), 8 * 2048 * 64, 1.0);
+        let big = gpu.upload(&data, [1, 8, 2048, 64]).unwrap();
+        let _o = Attention::new()
+            .path(Path::Fused)
+            .run(&gpu, &big, &big, &big)
+            .unwrap();
+        if through_the_crate {
+            gpu.destroy();
+        } else {
+            gpu.device().destroy();
+        }
+        let calls: [(&str, wgpu_attention::Result<()>); 5] = [
+            ("empty", gpu.empty([1, 2, 5, 8]).map(drop)),
+            ("upload", gpu.upload(&[1.0; 80], [1, 2, 5, 8]).map(drop)),
+            ("write", big.write(&gpu, &data)),
+            (
+                "run",
+                Attention::new().run(&gpu, &big, &big, &big).map(drop),
+            ),
+            ("download", big.download(&gpu).map(drop)),
+        ];
+        for (what, result) in calls {
+            match result {
+                Err(Error::DeviceLost { .. }) => {}
+                Ok(()) if !through_the_crate => {}
+                other => panic!(
+                    "{what} after destroy (through the crate: {through_the_crate}): {other:?}"
+                ),
+            }
+        }
+        lost("wait", gpu.wait());
+        assert!(gpu.is_lost());
+        lost(
+            "run after wait",
+            Attention::new().run(&gpu, &big, &big, &big),
+        );
+    }
+}
+
 fn wrong<T: std::fmt::Debug>(what: &str, result: wgpu_attention::Result<T>) {
     match result {
         Err(e @ Error::WrongDevice { .. }) => {
@@ -224,4 +271,29 @@ fn tensors_of_another_device_are_refused() {
     // A derived context of the same device accepts the tensors of the one it came from.
     let derived = a.with_packed_f16();
     assert_eq!(ta.download(&derived).unwrap(), x);
+}
+
+/// A timing context read from one thread while another runs calls on it: every call still
+/// runs (timestamps may belong to either call, as documented).
+#[test]
+fn a_timer_read_while_calls_run() {
+    let Some(gpu) = fresh_gpu() else { return };
+    let Some(timer) = gpu.with_timer().unwrap() else {
+        eprintln!("no TIMESTAMP_QUERY: nothing to check");
+        return;
+    };
+    let (_, t) = qkv(&timer, 8);
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                timer.last_gpu_seconds().unwrap();
+            }
+        });
+        for i in 0..60 {
+            let run = Attention::new().run(&timer, &t, &t, &t);
+            assert!(run.is_ok(), "call {i}: {run:?}");
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    });
 }

@@ -43,9 +43,63 @@ fn every_path_under_both_bindings() {
         for (seed, (path, case)) in cases.iter().enumerate() {
             check(&ctx, *path, case.dims, &case.opts, seed as u64, case.amp);
         }
-        assert!(
-            ctx.pipelines_compiled() >= 3,
-            "{params:?} compiled its own pipelines"
-        );
+    }
+}
+
+/// Executable mappings of this process (Linux), which grow when a driver compiles code.
+fn exec_maps() -> Option<usize> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    Some(
+        maps.lines()
+            .filter(|l| l.split_whitespace().nth(1).is_some_and(|p| p.contains('x')))
+            .count(),
+    )
+}
+
+/// On lavapipe the binding is observable: with uniforms, Mesa 22.3 compiles the split decode
+/// path's merge again on every call (one more executable mapping each time; NOTES.md), with
+/// storage it does not. Skipped on other adapters; where the driver caches its variants (a
+/// newer Mesa) uniforms show no growth either, which is said, not failed.
+#[test]
+fn the_binding_reaches_the_driver() {
+    let Some(gpu) = common::gpu() else { return };
+    if !gpu.adapter_info().name.contains("llvmpipe") || exec_maps().is_none() {
+        eprintln!("not lavapipe on Linux: nothing to observe");
+        return;
+    }
+    let d = dims(1, 8, 2, 1, 1100, 64, 64);
+    let growth = |params| {
+        let ctx = gpu.with_params_in(params).unwrap();
+        let q = ctx.upload(&vec![0.5; d.q_elems()], [1, 8, 1, 64]).unwrap();
+        let k = ctx
+            .upload(&vec![0.25; d.k_elems()], [1, 2, 1100, 64])
+            .unwrap();
+        let opts = Attention::new().path(Path::Decode);
+        let call = || {
+            opts.run(&ctx, &q, &k, &k)
+                .unwrap()
+                .o
+                .download(&ctx)
+                .unwrap()
+        };
+        for _ in 0..3 {
+            call();
+        }
+        let before = exec_maps().unwrap();
+        for _ in 0..40 {
+            call();
+        }
+        exec_maps().unwrap() - before
+    };
+    let uniform = growth(ParamsIn::Uniform);
+    let storage = growth(ParamsIn::ReadOnlyStorage);
+    eprintln!("executable mappings over 40 calls: uniforms +{uniform}, storage +{storage}");
+    // Not one per call (the driver maps a little code lazily now and then).
+    assert!(
+        storage <= 2,
+        "storage-bound parameters were recompiled: +{storage}"
+    );
+    if uniform == 0 {
+        eprintln!("this lavapipe caches inlined variants: the uniform binding is harmless here");
     }
 }

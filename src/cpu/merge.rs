@@ -14,10 +14,21 @@ pub fn merge(
     layout: Layout,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let (batch, heads, q_len, dv) = layout.split(o_dims);
-    let rows = batch * heads * q_len;
+    let elems = |dims: &[usize]| {
+        dims.iter()
+            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+            .ok_or(Error::TooLarge {
+                what: "merge inputs",
+                requested: u64::MAX,
+                max: usize::MAX as u64,
+                hint: " elements (their dims overflow)",
+            })
+    };
+    let rows = elems(&[batch, heads, q_len])?;
+    let o_elems = elems(&[rows, dv])?;
     for (what, got, expected) in [
-        ("first output", a.0.len(), rows * dv),
-        ("second output", b.0.len(), rows * dv),
+        ("first output", a.0.len(), o_elems),
+        ("second output", b.0.len(), o_elems),
         ("first log-sum-exp", a.1.len(), rows),
         ("second log-sum-exp", b.1.len(), rows),
     ] {
@@ -32,7 +43,7 @@ pub fn merge(
         }
     }
     let strides = layout.strides(heads, q_len, dv);
-    let mut o = vec![0f32; rows * dv];
+    let mut o = vec![0f32; o_elems];
     let mut lse = vec![f32::NEG_INFINITY; rows];
     for bb in 0..batch {
         for h in 0..heads {

@@ -71,7 +71,10 @@ impl DeviceState {
 
     fn mark_lost(&self, reason: String) {
         *self.lost.lock().unwrap_or_else(|e| e.into_inner()) = Some(reason.clone());
-        if let Some(hook) = &*self.hook.lock().unwrap_or_else(|e| e.into_inner()) {
+        // Taken out before the call: a device is lost once, and a hook that registers another
+        // must not find the lock held.
+        let hook = self.hook.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(hook) = hook {
             hook(&reason);
         }
     }
@@ -84,6 +87,10 @@ pub(crate) struct Timer {
     resolved: wgpu::Buffer,
     readback: wgpu::Buffer,
     period_ns: f64,
+    /// Held from resolving a call's timestamps to its submission, and while reading them
+    /// back: a submission that copies into the readback buffer while another thread has it
+    /// mapped would fail validation.
+    busy: Mutex<()>,
 }
 
 /// A rows-per-workgroup value of the fused kernel: one it is compiled for, else a typed error
@@ -110,6 +117,27 @@ fn subgroups_on(features: wgpu::Features) -> Result<bool> {
             needed: 1,
             available: 0,
         })
+    }
+}
+
+/// Runs `f` inside wgpu error scopes on `device`: an allocation that failed is
+/// [`Error::OutOfMemory`], any other validation or internal error [`Error::Gpu`] naming `what`;
+/// wgpu's error outranks one of ours that followed from it. The scopes are per thread.
+fn scoped<T>(device: &wgpu::Device, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
+    let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
+    let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
+    let out = f();
+    let internal = pollster::block_on(internal.pop());
+    let oom = pollster::block_on(oom.pop());
+    let validation = pollster::block_on(validation.pop());
+    match (oom, validation.or(internal)) {
+        (Some(err), _) => Err(Error::OutOfMemory {
+            what: what.to_string(),
+            detail: err.to_string(),
+        }),
+        (None, Some(err)) => Err(Error::Gpu(format!("{what}: {err}"))),
+        (None, None) => out,
     }
 }
 
@@ -264,7 +292,9 @@ impl Gpu {
             })?,
             Err(_) => ParamsIn::for_adapter(&info),
         };
-        let kernels = Arc::new(Kernels::new(&device, &limits, params)?);
+        let kernels = Arc::new(scoped(&device, "opening the device", || {
+            Kernels::new(&device, &limits, params)
+        })?);
         let pool = match std::env::var("WGPU_ATTENTION_POOL") {
             Ok(value) => match value.trim() {
                 "0" => false,
@@ -307,10 +337,14 @@ impl Gpu {
     /// first pass and the end of its last, read with [`Gpu::last_gpu_seconds`]. `None` if the
     /// adapter lacks `TIMESTAMP_QUERY`. Meant for benchmarks: calls from several threads on one
     /// timing context overwrite each other's timestamps.
-    pub fn with_timer(&self) -> Option<Gpu> {
+    pub fn with_timer(&self) -> Result<Option<Gpu>> {
         if !self.features.contains(wgpu::Features::TIMESTAMP_QUERY) {
-            return None;
+            return Ok(None);
         }
+        self.guarded("creating the timer", || Ok(Some(self.timer_context())))
+    }
+
+    fn timer_context(&self) -> Gpu {
         let queries = self.device.create_query_set(&wgpu::QuerySetDescriptor {
             label: Some("wgpu-attention timestamps"),
             ty: wgpu::QueryType::Timestamp,
@@ -338,8 +372,9 @@ impl Gpu {
             resolved,
             readback,
             period_ns: self.queue.get_timestamp_period() as f64,
+            busy: Mutex::new(()),
         }));
-        Some(gpu)
+        gpu
     }
 
     /// Begins a compute pass; on a timing context the first pass of a call writes the start
@@ -372,6 +407,10 @@ impl Gpu {
         encode: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
     ) -> Result<()> {
         self.guarded(what, || {
+            let _timer = self
+                .timer
+                .as_ref()
+                .map(|t| t.busy.lock().unwrap_or_else(|e| e.into_inner()));
             let pool = &self.state.pool;
             pool.begin_submission();
             let mut encoder = self
@@ -394,25 +433,18 @@ impl Gpu {
     /// scopes are per thread, so calls from several threads each see their own errors.
     pub(crate) fn guarded<T>(&self, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
         self.alive()?;
-        let validation = self.device.push_error_scope(wgpu::ErrorFilter::Validation);
-        let oom = self.device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-        let internal = self.device.push_error_scope(wgpu::ErrorFilter::Internal);
-        let out = f();
-        let internal = pollster::block_on(internal.pop());
-        let oom = pollster::block_on(oom.pop());
-        let validation = pollster::block_on(validation.pop());
+        let out = scoped(&self.device, what, f);
         // A lost device explains whatever else went wrong: on a destroyed device wgpu reports
-        // the resources it could not create as invalid.
-        self.alive()?;
-        // wgpu's own error is the cause of any error `f` returned after it.
-        match (oom, validation.or(internal)) {
-            (Some(err), _) => Err(Error::OutOfMemory {
-                what: what.to_string(),
-                detail: err.to_string(),
-            }),
-            (None, Some(err)) => Err(Error::Gpu(format!("{what}: {err}"))),
-            (None, None) => out,
+        // the resources it could not create as invalid. wgpu says the device is lost only
+        // once its queue is empty, so after an error wait for the queue before asking.
+        if out.is_err() {
+            let _ = self.device.poll(wgpu::PollType::Wait {
+                submission_index: None,
+                timeout: None,
+            });
         }
+        self.alive()?;
+        out
     }
 
     /// [`Error::DeviceLost`] once wgpu has said the device is lost. wgpu says so from
@@ -429,15 +461,26 @@ impl Gpu {
         }
     }
 
-    /// Whether the device was lost (destroyed, reset by the driver): every call on it then
-    /// fails with [`Error::DeviceLost`].
+    /// Whether the device is known to be lost (destroyed, reset by the driver): every call on
+    /// it then fails with [`Error::DeviceLost`]. wgpu reports a loss once the device's queue
+    /// is empty, so this can say `false` while work submitted before the loss is in flight;
+    /// [`Gpu::wait`] waits for that.
     pub fn is_lost(&self) -> bool {
         self.alive().is_err()
     }
 
+    /// Destroys the device (`wgpu::Device::destroy`) and marks it lost at once: every later
+    /// call on any context of it is [`Error::DeviceLost`], even while earlier work is still
+    /// in flight (a bare `device().destroy()` is reported only when wgpu reports it).
+    pub fn destroy(&self) {
+        self.state.mark_lost("Destroyed by Gpu::destroy".into());
+        self.device.destroy();
+    }
+
     /// Calls `hook` with wgpu's reason when the device is lost, on whichever thread wgpu
     /// reports it from. Replaces the previous hook; for applications that had their own
-    /// device-lost callback before [`Gpu::from_wgpu`] replaced it.
+    /// device-lost callback before [`Gpu::from_wgpu`] replaced it. The hook must not own a
+    /// clone of this `Gpu`: the device would then keep itself alive.
     pub fn on_device_lost(&self, hook: impl Fn(&str) + Send + 'static) {
         *self.state.hook.lock().unwrap_or_else(|e| e.into_inner()) = Some(Box::new(hook));
     }
@@ -468,6 +511,7 @@ impl Gpu {
             return Ok(None);
         };
         self.guarded("reading timestamps", || {
+            let _busy = t.busy.lock().unwrap_or_else(|e| e.into_inner());
             let (tx, rx) = std::sync::mpsc::channel();
             t.readback.map_async(wgpu::MapMode::Read, .., move |r| {
                 let _ = tx.send(r);
@@ -574,7 +618,9 @@ impl Gpu {
     /// bindings on one adapter, and for drivers where the default is the wrong choice.
     pub fn with_params_in(&self, params: ParamsIn) -> Result<Gpu> {
         let mut gpu = self.clone();
-        gpu.kernels = Arc::new(Kernels::new(&self.device, &self.limits, params)?);
+        gpu.kernels = Arc::new(self.guarded("a pipeline cache", || {
+            Kernels::new(&self.device, &self.limits, params)
+        })?);
         Ok(gpu)
     }
 

@@ -229,8 +229,10 @@ impl Tensor {
     /// Wraps an existing buffer holding a `dims` tensor of `dtype` from byte 0, as a tensor
     /// of `gpu`.
     ///
-    /// The buffer must have been created on `gpu`'s device (wgpu cannot tell which device a
-    /// buffer belongs to: that is the caller's promise). It needs `STORAGE` usage;
+    /// The buffer must have been created on `gpu`'s device: wgpu cannot tell which device a
+    /// buffer belongs to, so that is the caller's promise, and breaking it is not caught (a
+    /// buffer of another device may make wgpu panic, or name one of this device's buffers
+    /// whose id it shares). It needs `STORAGE` usage;
     /// [`Tensor::download`] also needs `COPY_SRC` and [`Tensor::write`] `COPY_DST`.
     pub fn from_buffer(
         gpu: &Gpu,

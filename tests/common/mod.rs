@@ -2,8 +2,8 @@
 //! element-by-element comparison against the CPU reference.
 #![allow(dead_code, unreachable_pub)] // each test binary uses a different part of this module
 
-use std::sync::OnceLock;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::BTreeSet;
+use std::sync::{Mutex, OnceLock};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -12,8 +12,9 @@ use wgpu_attention::{Attention, DType, Dims, Gpu, Output, Path, Tensor, cpu};
 /// The variable that lets GPU tests pass without running where there is no adapter.
 pub const SKIP_VAR: &str = "WGPU_ATTENTION_SKIP_GPU_TESTS";
 
-/// GPU tests skipped in this binary (no adapter, and `SKIP_VAR=1`).
-static SKIPPED: AtomicUsize = AtomicUsize::new(0);
+/// The GPU tests skipped in this binary (no adapter, and `SKIP_VAR=1`), by the name of the
+/// thread the harness ran each on (the test's name); a test may ask for the device twice.
+static SKIPPED: Mutex<BTreeSet<String>> = Mutex::new(BTreeSet::new());
 
 /// The device shared by every test of a binary (pipelines compile once per binary).
 ///
@@ -30,9 +31,12 @@ pub fn gpu() -> Option<&'static Gpu> {
     match gpu {
         Ok(gpu) => Some(gpu),
         Err(_) if skip_allowed() => {
-            if SKIPPED.fetch_add(1, Ordering::SeqCst) == 0 {
+            let test = std::thread::current().name().unwrap_or("main").to_string();
+            let mut skipped = SKIPPED.lock().unwrap_or_else(|e| e.into_inner());
+            if skipped.is_empty() {
                 at_exit_report_skips();
             }
+            skipped.insert(test);
             None
         }
         Err(e) => panic!(
@@ -51,7 +55,7 @@ pub fn skip_allowed() -> bool {
 /// Registers, once, a report of the skipped count for when the process exits.
 fn at_exit_report_skips() {
     extern "C" fn report() {
-        let n = SKIPPED.load(Ordering::SeqCst);
+        let n = SKIPPED.lock().map_or(0, |s| s.len());
         let exe = std::env::args().next().unwrap_or_default();
         let file = std::path::Path::new(&exe)
             .file_name()
@@ -61,11 +65,14 @@ fn at_exit_report_skips() {
         let name = file
             .rsplit_once('-')
             .map_or(file.as_str(), |(name, _)| name);
-        eprintln!("SKIPPED: {n} GPU test(s) of {name} did not run: no GPU adapter ({SKIP_VAR}=1)");
+        eprintln!(
+            "SKIPPED: the GPU part of {n} test(s) of {name} did not run: no GPU adapter \
+             ({SKIP_VAR}=1)"
+        );
     }
     #[allow(unsafe_code)]
     // SAFETY: `atexit` is the C runtime's, on every platform Rust's std supports; `report`
-    // touches only an atomic and stderr, both valid until the process ends.
+    // touches only a static mutex and stderr, both valid until the process ends.
     unsafe {
         unsafe extern "C" {
             fn atexit(f: extern "C" fn()) -> std::ffi::c_int;

@@ -254,7 +254,7 @@ pub(crate) fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         )
     });
     let gpu = if needs_gpu { Some(Gpu::new()?) } else { None };
-    let timed = gpu.as_ref().and_then(Gpu::with_timer);
+    let timed = gpu.as_ref().map(Gpu::with_timer).transpose()?.flatten();
     let device = describe_device(gpu.as_ref());
     let shapes = shapes(args);
     let progress =

@@ -133,7 +133,7 @@ pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let start = Instant::now();
     let budget = args.tune_seconds as f64;
     let base = Gpu::new()?;
-    let gpu = base.with_timer().unwrap_or_else(|| base.clone());
+    let gpu = base.with_timer()?.unwrap_or_else(|| base.clone());
     let l = gpu.limits();
     println!(
         "tune: {} (default decode kernel {}, subgroups {}, min_decode_rows {}, fused block {}, \

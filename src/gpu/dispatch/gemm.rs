@@ -27,7 +27,8 @@ impl<'a> MatView<'a> {
     pub fn contiguous(tensor: &'a Tensor, rows: usize, cols: usize) -> MatView<'a> {
         MatView {
             tensor,
-            strides: [rows * cols, cols, 1],
+            // Saturating: a product that overflows is refused when the view is checked.
+            strides: [rows.saturating_mul(cols), cols, 1],
         }
     }
 }
@@ -47,26 +48,40 @@ pub struct MatmulShape {
     pub alpha: f32,
 }
 
-/// Checks that every element a view reaches lies inside its tensor.
+/// Checks that every element a view reaches lies inside its tensor, and that its sizes and
+/// strides fit the kernel's 32-bit parameters (with checked arithmetic: a product that
+/// overflows is refused, never wrapped to a small offset).
 fn check_view(what: &'static str, view: &MatView<'_>, dims: [usize; 3]) -> Result<()> {
     if dims.contains(&0) {
         return Err(Error::ZeroSize { what });
     }
-    let last: usize = (0..3).map(|a| (dims[a] - 1) * view.strides[a]).sum();
-    if last >= view.tensor.len() {
+    let too_large = |requested: u64| Error::TooLarge {
+        what,
+        requested,
+        max: u32::MAX as u64,
+        hint: " (a size, stride or offset); indices are 32-bit",
+    };
+    for x in dims.iter().chain(&view.strides) {
+        if *x > u32::MAX as usize {
+            return Err(too_large(*x as u64));
+        }
+    }
+    let last = (0..3)
+        .try_fold(0u64, |acc, a| {
+            ((dims[a] - 1) as u64)
+                .checked_mul(view.strides[a] as u64)
+                .and_then(|x| x.checked_add(acc))
+        })
+        .ok_or_else(|| too_large(u64::MAX))?;
+    if last >= view.tensor.len() as u64 {
         return Err(Error::BufferTooSmall {
             what,
             needed: (last as u64 + 1) * view.tensor.dtype().size() as u64,
             got: view.tensor.byte_len(),
         });
     }
-    if last > u32::MAX as usize {
-        return Err(Error::TooLarge {
-            what,
-            requested: last as u64,
-            max: u32::MAX as u64,
-            hint: " elements; indices are 32-bit",
-        });
+    if last > u32::MAX as u64 {
+        return Err(too_large(last));
     }
     Ok(())
 }
