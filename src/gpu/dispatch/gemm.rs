@@ -76,7 +76,7 @@ fn check_view(what: &'static str, view: &MatView<'_>, dims: [usize; 3]) -> Resul
     if last >= view.tensor.len() as u64 {
         return Err(Error::BufferTooSmall {
             what,
-            needed: (last as u64 + 1) * view.tensor.dtype().size() as u64,
+            needed: (last + 1) * view.tensor.dtype().size() as u64,
             got: view.tensor.byte_len(),
         });
     }
