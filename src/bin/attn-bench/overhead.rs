@@ -12,11 +12,19 @@ use crate::run::{stats, values};
 /// Calls per measurement, after as many warm-up calls.
 const CALLS: usize = 300;
 
-/// Median host and end-to-end microseconds of `call` (which returns the tensor to read back).
+/// The median and the 10th percentile of `us`: on a shared machine the lower percentile says
+/// what a call costs when nothing preempts it.
+fn median_p10(mut us: Vec<f64>) -> (f64, f64) {
+    us.sort_by(f64::total_cmp);
+    (stats(us.clone()).0, us[us.len() / 10])
+}
+
+/// Host and end-to-end microseconds of `call` (which returns the tensor to read back): median
+/// and 10th percentile of each.
 fn time_calls(
     gpu: &Gpu,
     mut call: impl FnMut() -> wgpu_attention::Result<Tensor>,
-) -> wgpu_attention::Result<(f64, f64)> {
+) -> wgpu_attention::Result<[(f64, f64); 2]> {
     let (mut host, mut end_to_end) = (Vec::new(), Vec::new());
     for i in 0..2 * CALLS {
         gpu.wait()?;
@@ -30,26 +38,31 @@ fn time_calls(
             end_to_end.push(done.as_secs_f64() * 1e6);
         }
     }
-    Ok((stats(host).0, stats(end_to_end).0))
+    Ok([median_p10(host), median_p10(end_to_end)])
 }
 
 pub(crate) fn overhead() -> Result<(), Box<dyn std::error::Error>> {
     let gpu = Gpu::new()?;
     println!("# device: {}", gpu.describe());
     println!(
-        "# median of {CALLS} calls after {CALLS} warm-up calls; host = the call up to its \
-         submission, end-to-end = the call and reading O back"
+        "# median (and 10th percentile) of {CALLS} calls after {CALLS} warm-up calls; host = \
+         the call up to its submission, end-to-end = the call and reading O back"
     );
-    println!("{:<64} {:>10} {:>16}", "call", "host µs", "end-to-end µs");
+    println!(
+        "{:<64} {:>18} {:>22}",
+        "call", "host µs (p10)", "end-to-end µs (p10)"
+    );
+    let line = |what: &str, [(h, h10), (e, e10)]: [(f64, f64); 2]| {
+        println!("{what:<64} {h:>9.1} ({h10:>6.1}) {e:>12.1} ({e10:>7.1})");
+    };
 
     let upload = |dims: [usize; 4], seed| gpu.upload(&values(dims.iter().product(), seed), dims);
     let q = upload([1, 4, 64, 64], 1)?;
     let k = upload([1, 4, 64, 64], 2)?;
     let v = upload([1, 4, 64, 64], 3)?;
     let prefill = Attention::new().path(Path::Fused);
-    let (host, e2e) = time_calls(&gpu, || Ok(prefill.run(&gpu, &q, &k, &v)?.o))?;
-    let what = "prefill: fused, B=1 H=4 L=S=64 D=64, f32";
-    println!("{what:<64} {host:>10.1} {e2e:>16.1}");
+    let times = time_calls(&gpu, || Ok(prefill.run(&gpu, &q, &k, &v)?.o))?;
+    line("prefill: fused, B=1 H=4 L=S=64 D=64, f32", times);
 
     let (batch, kv_heads, heads, dim, prompt) = (1, 2, 8, 64, 1000);
     let mut cache = KvCache::new(&gpu, batch, kv_heads, prompt + 2 * CALLS + 1, dim, dim)?;
@@ -72,7 +85,7 @@ pub(crate) fn overhead() -> Result<(), Box<dyn std::error::Error>> {
                 v_head_dim: dim,
             },
         )?;
-    let (host, e2e) = time_calls(&gpu, || {
+    let times = time_calls(&gpu, || {
         cache.append(&gpu, &token, &token, &[1])?;
         Ok(cache.attend(&gpu, &q, &Attention::new())?.o)
     })?;
@@ -81,6 +94,6 @@ pub(crate) fn overhead() -> Result<(), Box<dyn std::error::Error>> {
         prompt + CALLS,
         plan.name()
     );
-    println!("{what:<64} {host:>10.1} {e2e:>16.1}");
+    line(&what, times);
     Ok(())
 }
