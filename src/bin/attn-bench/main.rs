@@ -37,28 +37,30 @@ struct Args {
     /// Key/value heads (default: heads).
     #[arg(long)]
     kv_heads: Option<usize>,
-    /// Query lengths to sweep, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = [256usize, 512])]
+    /// Query lengths to sweep, separated by commas or spaces.
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = [256usize, 512])]
     q_len: Vec<usize>,
     /// Key lengths to sweep (default: equal to each query length); paired with --q-len when
     /// both have the same count, else every combination.
-    #[arg(long, value_delimiter = ',')]
+    #[arg(long, value_delimiter = ',', num_args = 1..)]
     kv_len: Vec<usize>,
     /// Head dim (Q, K and V).
     #[arg(long, default_value_t = 64)]
     head_dim: usize,
-    /// Causal masking (top-left, i.e. PyTorch's is_causal; bottom-right when q_len != kv_len
-    /// with --bottom-right).
+    /// Causal masking, top-left aligned (PyTorch's is_causal) unless --bottom-right.
     #[arg(long)]
     causal: bool,
-    /// Bottom-right causal alignment.
-    #[arg(long)]
+    /// With --causal: bottom-right alignment (FlashAttention's; what a KV cache needs). The
+    /// two differ only when q_len != kv_len.
+    #[arg(long, requires = "causal")]
     bottom_right: bool,
-    /// Storage types of Q, K, V and O to sweep, comma-separated (accumulation is f32).
-    #[arg(long, value_delimiter = ',', default_values_t = [DTypeName::F32])]
+    /// Storage types of Q, K, V and O to sweep, separated by commas or spaces (accumulation is
+    /// f32).
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = [DTypeName::F32])]
     dtype: Vec<DTypeName>,
-    /// Paths to run, comma-separated.
-    #[arg(long, value_delimiter = ',', default_values_t = [PathName::CpuReference, PathName::CpuFast, PathName::GpuThreePass, PathName::GpuFused, PathName::GpuDecode])]
+    /// Paths to run, separated by commas or spaces; gpu-auto is whatever Path::Auto picks,
+    /// named in its row.
+    #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = [PathName::CpuReference, PathName::CpuFast, PathName::GpuThreePass, PathName::GpuFused, PathName::GpuDecode, PathName::GpuAuto])]
     paths: Vec<PathName>,
     /// Runs before timing.
     #[arg(long, default_value_t = 1)]
@@ -110,6 +112,24 @@ enum PathName {
     GpuFused,
     /// Flash-decoding (keys split, GQA packed).
     GpuDecode,
+    /// Whatever `Path::Auto` picks for the shape (its row names the choice).
+    GpuAuto,
+}
+
+impl PathName {
+    /// Every path, in the order of the table (and the plot's fixed colours).
+    const ALL: [PathName; 6] = [
+        PathName::CpuReference,
+        PathName::CpuFast,
+        PathName::GpuThreePass,
+        PathName::GpuFused,
+        PathName::GpuDecode,
+        PathName::GpuAuto,
+    ];
+
+    fn on_gpu(self) -> bool {
+        !matches!(self, PathName::CpuReference | PathName::CpuFast)
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -143,8 +163,42 @@ impl std::fmt::Display for PathName {
     }
 }
 
+/// Checks what clap cannot before anything runs: sizes, and that the plot can be written.
+fn check_args(args: &Args) -> Result<(), String> {
+    for (what, values) in [("--q-len", &args.q_len), ("--kv-len", &args.kv_len)] {
+        if values.contains(&0) {
+            return Err(format!("{what} must be at least 1"));
+        }
+    }
+    for (what, value) in [
+        ("--batch", args.batch),
+        ("--heads", args.heads),
+        ("--head-dim", args.head_dim),
+        ("--reps", args.reps),
+    ] {
+        if value == 0 {
+            return Err(format!("{what} must be at least 1"));
+        }
+    }
+    if let Some(file) = &args.plot {
+        if file.extension().and_then(|e| e.to_str()) != Some("svg") {
+            return Err(format!(
+                "--plot {}: the plot is an SVG file (.svg)",
+                file.display()
+            ));
+        }
+        std::fs::File::create(file)
+            .map_err(|e| format!("--plot {}: cannot write it: {e}", file.display()))?;
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let args = Args::parse();
+    if let Err(e) = check_args(&args) {
+        eprintln!("attn-bench: {e}");
+        return ExitCode::FAILURE;
+    }
     let result = if args.tune {
         tune::tune(&args)
     } else if args.overhead {
@@ -178,5 +232,44 @@ fn shapes(args: &Args) -> Vec<(usize, usize)> {
             }
         }
         all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lists_parse_with_commas_or_spaces() {
+        for argv in [
+            vec!["attn-bench", "--q-len", "64,128"],
+            vec!["attn-bench", "--q-len", "64", "128"],
+        ] {
+            let args = Args::try_parse_from(&argv).unwrap();
+            assert_eq!(args.q_len, [64, 128], "{argv:?}");
+        }
+        let args = Args::try_parse_from(["attn-bench", "--paths", "gpu-auto", "cpu-fast"]).unwrap();
+        assert_eq!(args.paths, [PathName::GpuAuto, PathName::CpuFast]);
+    }
+
+    #[test]
+    fn bottom_right_needs_causal() {
+        assert!(Args::try_parse_from(["attn-bench", "--bottom-right"]).is_err());
+        let args = Args::try_parse_from(["attn-bench", "--causal", "--bottom-right"]).unwrap();
+        assert!(args.causal && args.bottom_right);
+    }
+
+    #[test]
+    fn arguments_are_checked_before_running() {
+        let bad = [
+            vec!["attn-bench", "--q-len", "0"],
+            vec!["attn-bench", "--reps", "0"],
+            vec!["attn-bench", "--plot", "plot.png"],
+            vec!["attn-bench", "--plot", "/no/such/directory/plot.svg"],
+        ];
+        for argv in bad {
+            let args = Args::try_parse_from(&argv).unwrap();
+            assert!(check_args(&args).is_err(), "{argv:?} passed");
+        }
     }
 }

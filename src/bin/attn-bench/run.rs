@@ -40,9 +40,20 @@ fn bytes_moved(path: PathName, d: Dims, causal: bool, dtype: DType) -> f64 {
     let row_tiles = (d.group() * d.q_len).div_ceil(64) as f64;
     match path {
         PathName::GpuThreePass => min + 16.0 * d.weights_elems() as f64,
-        PathName::GpuFused | PathName::GpuDecode => min + kv * (row_tiles * visited - 1.0).max(0.0),
+        // gpu-auto's rows are modelled as the path it chose (`Case::row`).
+        PathName::GpuFused | PathName::GpuDecode | PathName::GpuAuto => {
+            min + kv * (row_tiles * visited - 1.0).max(0.0)
+        }
         PathName::CpuReference | PathName::CpuFast => min,
     }
+}
+
+/// How a row was measured: the timing source, the note under the table, and for `gpu-auto`
+/// the path it chose.
+struct How {
+    timing: &'static str,
+    note: String,
+    chose: Option<&'static str>,
 }
 
 /// One shape and storage type of the sweep: its inputs (rounded to the dtype, so every path
@@ -52,6 +63,7 @@ struct Case {
     dims: Dims,
     opts: Attention,
     causal: bool,
+    alignment: &'static str,
     q: Vec<f32>,
     k: Vec<f32>,
     v: Vec<f32>,
@@ -80,7 +92,12 @@ impl Case {
             head_dim: args.head_dim,
             v_head_dim: args.head_dim,
         };
-        let causal = args.causal || args.bottom_right;
+        let causal = args.causal;
+        let alignment = match (args.causal, args.bottom_right) {
+            (false, _) => "none",
+            (true, false) => "top-left",
+            (true, true) => "bottom-right",
+        };
         let mut opts = Attention::new();
         if causal {
             opts = opts.causal(if args.bottom_right {
@@ -131,6 +148,7 @@ impl Case {
             dims,
             opts,
             causal,
+            alignment,
             q,
             k,
             v,
@@ -154,28 +172,30 @@ impl Case {
     }
 
     /// The row of `path` timed at `ms` (one figure per timed run) over `dims`.
-    fn row(
-        &self,
-        path: PathName,
-        dims: Dims,
-        ms: Vec<f64>,
-        o: Option<&[f32]>,
-        timing: &'static str,
-        note: String,
-    ) -> Row {
+    fn row(&self, path: PathName, dims: Dims, ms: Vec<f64>, o: Option<&[f32]>, how: How) -> Row {
+        let How {
+            timing,
+            note,
+            chose,
+        } = how;
         let (median_ms, min_ms, max_ms) = stats(ms);
+        let model = match chose {
+            Some("three-pass") => PathName::GpuThreePass,
+            _ => path,
+        };
         let (max_abs_err, rel_err) = o.map_or((0.0, 0.0), |o| self.errors(o));
         let dtype = self.dtype_name.dtype();
         Row {
             path,
             dtype: self.dtype_name,
             dims,
-            causal: self.causal,
+            alignment: self.alignment,
+            chose,
             median_ms,
             min_ms,
             max_ms,
             gflops: dims.flops(self.causal) / median_ms / 1e6,
-            gbps: bytes_moved(path, dims, self.causal, dtype) / median_ms / 1e6,
+            gbps: bytes_moved(model, dims, self.causal, dtype) / median_ms / 1e6,
             max_abs_err,
             rel_err,
             timing,
@@ -201,23 +221,27 @@ fn describe_device(gpu: Option<&Gpu>) -> String {
     })
 }
 
-/// Times `path` on `case`: `Ok(None)` when the path cannot run it (said on stderr).
+/// Times `path` on `case`, moving `progress` on by one per run: `Ok(Err(why))` when the path
+/// cannot run it.
 fn measure(
     args: &Args,
     case: &Case,
     path: PathName,
     gpu: Option<(&Gpu, &(Tensor, Tensor, Tensor))>,
+    progress: &indicatif::ProgressBar,
 ) -> Result<Result<Row, String>, Box<dyn std::error::Error>> {
     let d = case.dims;
     Ok(Ok(match path {
-        PathName::CpuReference => case.row(
-            path,
-            case.check,
-            vec![case.ref_secs * 1e3],
-            None,
-            "wall",
-            format!("oracle, one run on {}", case.checked_on),
-        ),
+        PathName::CpuReference => {
+            // The oracle ran once, when the case was made.
+            progress.inc((args.warmup + args.reps) as u64);
+            let how = How {
+                timing: "wall",
+                note: format!("oracle, one run on {}", case.checked_on),
+                chose: None,
+            };
+            case.row(path, case.check, vec![case.ref_secs * 1e3], None, how)
+        }
         PathName::CpuFast => {
             let mut ms = Vec::new();
             let mut o = Vec::new();
@@ -227,41 +251,57 @@ fn measure(
                 if rep >= args.warmup {
                     ms.push(start.elapsed().as_secs_f64() * 1e3);
                 }
+                progress.inc(1);
             }
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-            case.row(path, d, ms, Some(&o), "wall", format!("{threads} threads"))
+            let how = How {
+                timing: "wall",
+                note: format!("{threads} threads"),
+                chose: None,
+            };
+            case.row(path, d, ms, Some(&o), how)
         }
-        PathName::GpuThreePass | PathName::GpuFused | PathName::GpuDecode => {
+        PathName::GpuThreePass | PathName::GpuFused | PathName::GpuDecode | PathName::GpuAuto => {
             let (g, (tq, tk, tv)) = gpu.expect("a device for the GPU paths");
             let which = match path {
                 PathName::GpuThreePass => Path::ThreePass,
                 PathName::GpuFused => Path::Fused,
-                _ => Path::Decode,
+                PathName::GpuDecode => Path::Decode,
+                _ => Path::Auto,
             };
-            match time_gpu(g, &case.opts.clone().path(which), d, (tq, tk, tv), args) {
-                Ok((ms, timing, o, note)) => case.row(path, d, ms, Some(&o), timing, note),
-                Err(e) => return Ok(Err(e.to_string())),
+            let opts = case.opts.clone().path(which);
+            match time_gpu(g, &opts, d, (tq, tk, tv), args, progress) {
+                Ok((ms, timing, o, plan)) => {
+                    let how = How {
+                        timing,
+                        note: plan.reason(),
+                        chose: (path == PathName::GpuAuto).then(|| plan.name()),
+                    };
+                    case.row(path, d, ms, Some(&o), how)
+                }
+                Err(e) => {
+                    progress.inc((args.warmup + args.reps) as u64);
+                    return Ok(Err(e.to_string()));
+                }
             }
         }
     }))
 }
 
 pub(crate) fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
-    let needs_gpu = args.paths.iter().any(|p| {
-        matches!(
-            p,
-            PathName::GpuThreePass | PathName::GpuFused | PathName::GpuDecode
-        )
-    });
+    let needs_gpu = args.paths.iter().any(|p| p.on_gpu());
     let gpu = if needs_gpu { Some(Gpu::new()?) } else { None };
     let timed = gpu.as_ref().map(Gpu::with_timer).transpose()?.flatten();
     let device = describe_device(gpu.as_ref());
     let shapes = shapes(args);
-    let progress =
-        indicatif::ProgressBar::new((args.dtype.len() * shapes.len() * args.paths.len()) as u64);
+    // One step per run of a path (warm-up runs included), so a long case still moves.
+    let runs = args.dtype.len() * shapes.len() * args.paths.len() * (args.warmup + args.reps);
+    let progress = indicatif::ProgressBar::new(runs as u64);
     progress.set_style(
-        indicatif::ProgressStyle::with_template("{bar:30} {pos}/{len} {msg}")
-            .expect("valid template"),
+        indicatif::ProgressStyle::with_template(
+            "{bar:30} {pos}/{len} runs, {elapsed} elapsed, ~{eta} left: {msg}",
+        )
+        .expect("valid template"),
     );
     let mut rows = Vec::new();
     for &dtype_name in &args.dtype {
@@ -282,27 +322,30 @@ pub(crate) fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             };
             let on_device = timed.as_ref().or(gpu.as_ref()).zip(device_inputs.as_ref());
             for &path in &args.paths {
-                progress.set_message(format!("{path} L={q_len} S={kv_len}"));
-                match measure(args, &case, path, on_device)? {
+                progress.set_message(format!("{path} [{dtype_name}] L={q_len} S={kv_len}"));
+                match measure(args, &case, path, on_device, &progress)? {
                     Ok(row) => rows.push(row),
                     Err(e) => {
                         progress.suspend(|| eprintln!("{path} L={q_len} S={kv_len}: skipped: {e}"))
                     }
                 }
-                progress.inc(1);
             }
         }
     }
     progress.finish_and_clear();
-    print_rows(args, &device, &rows);
+    let software = gpu
+        .as_ref()
+        .is_some_and(|g| g.adapter_info().device_type == wgpu::DeviceType::Cpu);
+    print_rows(args, &device, software, &rows);
     if let Some(file) = &args.plot {
-        plot(file, &device, &rows)?;
+        plot(args, file, &device, &rows)?;
         eprintln!("attn-bench: wrote {}", file.display());
     }
     Ok(())
 }
 
-pub(crate) type Timed = (Vec<f64>, &'static str, Vec<f32>, String);
+/// Per-run milliseconds, the timing source, O, and the plan that ran.
+pub(crate) type Timed = (Vec<f64>, &'static str, Vec<f32>, wgpu_attention::Plan);
 
 pub(crate) fn time_gpu(
     gpu: &Gpu,
@@ -310,6 +353,7 @@ pub(crate) fn time_gpu(
     d: Dims,
     (q, k, v): (&Tensor, &Tensor, &Tensor),
     args: &Args,
+    progress: &indicatif::ProgressBar,
 ) -> Result<Timed, wgpu_attention::Error> {
     let out = Output {
         o: gpu.empty_as(d.o_shape(Layout::Bhsd), q.dtype())?,
@@ -334,7 +378,8 @@ pub(crate) fn time_gpu(
         if rep >= args.warmup {
             ms.push(secs * 1e3);
         }
+        progress.inc(1);
     }
     let o = out.o.download(gpu)?;
-    Ok((ms, timing, o, plan.reason()))
+    Ok((ms, timing, o, plan))
 }

@@ -90,7 +90,10 @@ fn time_configs(
                 totals[n] = None;
                 continue;
             }
-            let (ms, timing, _, note) = time_gpu(&config.gpu, opts, *d, (&q, &k, &v), args)?;
+            let hidden = indicatif::ProgressBar::hidden();
+            let (ms, timing, _, plan) =
+                time_gpu(&config.gpu, opts, *d, (&q, &k, &v), args, &hidden)?;
+            let note = plan.reason();
             let (median, _, _) = stats(ms);
             if let Some(t) = &mut totals[n] {
                 *t += median;
