@@ -2,7 +2,7 @@
 //! across, both axes labelled by position.
 //!
 //! `cargo run --release --example attention_heatmap -- [OUT.png]` (default
-//! `attention_heatmap.png`). The weights come from the three-pass path (the one that
+//! `target/attention_heatmap.png` in the crate, never the source tree). The weights come from the three-pass path (the one that
 //! materialises them), for a small input with a causal mask and a sliding window, so the
 //! picture shows the band those masks leave and where inside it the head puts its weight.
 //! Colours run from dark (no weight) to yellow (the row's largest weight).
@@ -81,9 +81,14 @@ fn color(t: f32) -> Rgb<u8> {
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let path = std::env::args()
-        .nth(1)
-        .unwrap_or_else(|| "attention_heatmap.png".into());
+    let path = match std::env::args().nth(1) {
+        Some(path) => std::path::PathBuf::from(path),
+        None => {
+            let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+            std::fs::create_dir_all(&target)?;
+            target.join("attention_heatmap.png")
+        }
+    };
     let gpu = Gpu::new()?;
     let dims = Dims::new(1, 2, 16, 16);
     // Queries and keys with a little structure: each position's vector rotates slowly, so
@@ -161,7 +166,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     img.save(&path)?;
     println!(
-        "wrote {path}: head 0 of {rows} queries x {cols} keys on {}",
+        "wrote {}: head 0 of {rows} queries x {cols} keys on {}",
+        path.display(),
         gpu.describe()
     );
     Ok(())

@@ -86,7 +86,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let x = pseudo_random(batch * seq * e, 5, 1.0);
     let input = gpu.upload(&x, [batch, seq, 1, e])?;
     let opts = Attention::new().causal(Causal::TopLeft);
-    let out = layer.forward(&gpu, &input, &input, &input, &opts, true)?;
+    let out = layer.forward(
+        &gpu,
+        &input,
+        &input,
+        &input,
+        &opts.clone().return_weights(true),
+    )?;
     let got = out.out.download(&gpu)?;
     let averaged = out.weights.expect("asked for").download(&gpu)?;
 

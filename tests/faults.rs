@@ -107,7 +107,7 @@ fn a_destroyed_device_fails_every_call_with_device_lost() {
     );
     lost(
         "layer forward",
-        layer.forward(&gpu, &x, &x, &x, &Attention::new(), false),
+        layer.forward(&gpu, &x, &x, &x, &Attention::new()),
     );
     let view = MatView::contiguous(&t, 10, 8);
     let shape = MatmulShape {
@@ -259,15 +259,13 @@ fn tensors_of_another_device_are_refused() {
     let xa = a.upload(&[0.5; 24], [1, 3, 1, 8]).unwrap();
     wrong(
         "forward with b's input",
-        layer.forward(&a, &xb, &xb, &xb, &Attention::new(), false),
+        layer.forward(&a, &xb, &xb, &xb, &Attention::new()),
     );
     wrong(
         "forward on b",
-        layer.forward(&b, &xb, &xb, &xb, &Attention::new(), false),
+        layer.forward(&b, &xb, &xb, &xb, &Attention::new()),
     );
-    layer
-        .forward(&a, &xa, &xa, &xa, &Attention::new(), false)
-        .unwrap();
+    layer.forward(&a, &xa, &xa, &xa, &Attention::new()).unwrap();
     // A derived context of the same device accepts the tensors of the one it came from.
     let derived = a.with_packed_f16();
     assert_eq!(ta.download(&derived).unwrap(), x);

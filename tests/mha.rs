@@ -187,8 +187,7 @@ fn run_layer(
             &up(&query, q_len, config.embed_dim),
             &up(&key, kv_len, config.kdim),
             &up(&value, kv_len, config.vdim),
-            &opts,
-            need_weights,
+            &opts.clone().return_weights(need_weights),
         )
         .unwrap();
     let (want, want_w) = mha_reference(
@@ -338,6 +337,6 @@ fn packed_in_proj_and_bad_weights() {
     let x = gpu
         .upload(&random(&mut r, 2 * 5 * 15, 1.0), [2, 5, 1, 15])
         .unwrap();
-    let err = layer.forward(gpu, &x, &x, &x, &Attention::new(), false);
+    let err = layer.forward(gpu, &x, &x, &x, &Attention::new());
     assert!(matches!(err, Err(Error::ShapeMismatch { .. })), "{err:?}");
 }

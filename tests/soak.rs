@@ -201,9 +201,7 @@ fn mha_layer() {
     let layer = MultiHeadAttention::new(gpu, config, &weights).unwrap();
     let (_, x) = upload(gpu, 11, [2, 9, 1, e]);
     soak("multi-head layer", || {
-        let out = layer
-            .forward(gpu, &x, &x, &x, &Attention::new(), false)
-            .unwrap();
+        let out = layer.forward(gpu, &x, &x, &x, &Attention::new()).unwrap();
         out.out.download(gpu).unwrap();
     });
 }

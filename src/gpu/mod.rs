@@ -18,6 +18,7 @@ mod attention;
 mod cache;
 mod context;
 pub(crate) mod dispatch;
+#[doc(hidden)]
 pub mod kernels;
 pub(crate) mod limits;
 mod merge;
@@ -30,10 +31,13 @@ pub use attention::Output;
 pub(crate) use attention::encode_validated;
 pub use cache::KvCache;
 pub use context::Gpu;
+#[doc(hidden)]
 pub use dispatch::gemm::{MatView, MatmulShape, matmul};
 pub use kernels::ParamsIn;
 pub use limits::{DecodeKernel, DispatchSize, GpuLimits, LimitCaps, TileBlock};
 pub use merge::{Partial, merge};
-pub use paths::{Chunk, FusedPlan, Plan, ThreePassPlan};
+#[doc(hidden)]
+pub use paths::Chunk;
+pub use paths::{FusedPlan, Plan, ThreePassPlan};
 pub use pool::PoolStats;
 pub use tensor::Tensor;

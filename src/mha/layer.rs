@@ -60,8 +60,9 @@ impl MultiHeadAttention {
 
     /// The layer on `query` `[B, L, E]`, `key` `[B, S, kdim]` and `value` `[B, S, vdim]`
     /// (tensors of dims `[B, L, 1, E]` etc., `batch_first`), with the masks and options of
-    /// `opts` (its layout is ignored: the layer's own is `Bshd`). `need_weights` returns the
-    /// weights averaged over heads and runs attention on the three-pass path.
+    /// `opts` (its layout is ignored: the layer's own is `Bshd`). PyTorch's `need_weights` is
+    /// [`Attention::return_weights`]: with it, the output carries the weights averaged over
+    /// heads, and attention runs on the three-pass path.
     pub fn forward(
         &self,
         gpu: &Gpu,
@@ -69,8 +70,8 @@ impl MultiHeadAttention {
         key: &Tensor,
         value: &Tensor,
         opts: &Attention,
-        need_weights: bool,
     ) -> Result<MhaOutput> {
+        let need_weights = opts.want_weights;
         let c = &self.config;
         for (what, t) in [("query", query), ("key", key), ("value", value)] {
             gpu.expect_own(what, t)?;

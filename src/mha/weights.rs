@@ -4,7 +4,11 @@ use super::MhaConfig;
 use crate::error::{Error, Result};
 
 /// The layer's parameters on the host, in PyTorch's layout: weights `[out, in]` row-major.
-#[derive(Debug, Clone, PartialEq)]
+///
+/// [`MhaWeights::new`] takes the four projections without biases; the biases are fields to
+/// set after (`MhaWeights { q_bias: Some(..), ..MhaWeights::new(..) }`), and `Default` is
+/// every tensor empty, for filling field by field.
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct MhaWeights {
     /// `W_q`, `[embed_dim, embed_dim]`.
     pub q_weight: Vec<f32>,
@@ -25,6 +29,23 @@ pub struct MhaWeights {
 }
 
 impl MhaWeights {
+    /// The projections `W_q`, `W_k`, `W_v` and `W_o` (PyTorch's `[out, in]` layout), with no
+    /// biases (PyTorch's `bias=False`). Sizes are checked when the layer is made.
+    pub fn new(
+        q_weight: Vec<f32>,
+        k_weight: Vec<f32>,
+        v_weight: Vec<f32>,
+        out_weight: Vec<f32>,
+    ) -> MhaWeights {
+        MhaWeights {
+            q_weight,
+            k_weight,
+            v_weight,
+            out_weight,
+            ..MhaWeights::default()
+        }
+    }
+
     /// From PyTorch's packed `in_proj_weight` (`[E + 2 * kv_width, E]`: the rows of `W_q`, then
     /// `W_k`, then `W_v`) and `in_proj_bias`, used when `kdim == vdim == embed_dim`.
     pub fn from_in_proj(
