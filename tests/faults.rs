@@ -28,16 +28,8 @@ fn qkv(gpu: &Gpu, seed: u64) -> (Vec<f32>, Tensor) {
 fn weights(config: &MhaConfig) -> MhaWeights {
     let e = config.embed_dim;
     let mut r = common::rng(3);
-    MhaWeights {
-        q_weight: common::random(&mut r, e * e, 0.3),
-        k_weight: common::random(&mut r, e * e, 0.3),
-        v_weight: common::random(&mut r, e * e, 0.3),
-        out_weight: common::random(&mut r, e * e, 0.3),
-        q_bias: None,
-        k_bias: None,
-        v_bias: None,
-        out_bias: None,
-    }
+    let mut w = || common::random(&mut r, e * e, 0.3);
+    MhaWeights::new(w(), w(), w(), w())
 }
 
 fn lost<T: std::fmt::Debug>(what: &str, result: wgpu_attention::Result<T>) {

@@ -188,15 +188,9 @@ fn mha_layer() {
     let config = MhaConfig::new(32, 4);
     let mut r = common::rng(10);
     let e = config.embed_dim;
-    let weights = MhaWeights {
-        q_weight: common::random(&mut r, e * e, 0.2),
-        k_weight: common::random(&mut r, e * e, 0.2),
-        v_weight: common::random(&mut r, e * e, 0.2),
-        out_weight: common::random(&mut r, e * e, 0.2),
-        q_bias: None,
-        k_bias: None,
-        v_bias: None,
-        out_bias: None,
+    let weights = {
+        let mut w = || common::random(&mut r, e * e, 0.2);
+        MhaWeights::new(w(), w(), w(), w())
     };
     let layer = MultiHeadAttention::new(gpu, config, &weights).unwrap();
     let (_, x) = upload(gpu, 11, [2, 9, 1, e]);
