@@ -8,7 +8,8 @@ mod spec;
 
 pub use error::{Error, Result};
 pub use gpu::{
-    DecodeKernel, Gpu, GpuLimits, KvCache, LimitCaps, Output, ParamsIn, Plan, Tensor, TileBlock,
+    DecodeKernel, DeviceLens, DeviceMask, Gpu, GpuLimits, KvCache, LimitCaps, Output, ParamsIn,
+    Plan, Tensor, TileBlock,
 };
 pub use mha::{MhaConfig, MhaOutput, MhaWeights, MultiHeadAttention};
 pub use spec::{

@@ -311,6 +311,23 @@ pub struct Attention {
     pub(crate) want_weights: bool,
     pub(crate) path: Path,
     pub(crate) additive: Option<Vec<f32>>,
+    /// Masking options that live on the device (`gpu::options`).
+    pub(crate) device: DeviceOptions,
+}
+
+/// The device-resident forms of the masking options (each replaces its host form).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub(crate) struct DeviceOptions {
+    pub(crate) bias: Option<crate::Tensor>,
+    pub(crate) mask: Option<crate::gpu::DeviceMask>,
+    pub(crate) lens: Option<crate::gpu::DeviceLens>,
+}
+
+impl DeviceOptions {
+    /// Whether any option is on the device (the CPU paths cannot read it).
+    pub(crate) fn any(&self) -> bool {
+        self.bias.is_some() || self.mask.is_some() || self.lens.is_some()
+    }
 }
 
 /// Which GPU path runs a call. [`Path::Auto`] chooses; the others force one.
@@ -384,12 +401,14 @@ impl Attention {
     /// A boolean mask (`true` = attend) of shape `shape`, broadcastable to
     /// `[batch, heads, q_len, kv_len]`.
     pub fn mask(mut self, shape: [usize; 4], data: Vec<bool>) -> Self {
+        self.device.mask = None;
         self.mask = Some(BoolMask { shape, data });
         self
     }
 
     /// An additive bias of shape `shape`, broadcastable to `[batch, heads, q_len, kv_len]`.
     pub fn bias(mut self, shape: [usize; 4], data: Vec<f32>) -> Self {
+        self.device.bias = None;
         self.bias = Some(Bias { shape, data });
         self
     }
@@ -419,12 +438,14 @@ impl Attention {
     /// Per-sequence key lengths: sequence `b` attends only to keys `j < kv_lens[b]`.
     /// A length of 0 gives zero output and a log-sum-exp of `-inf` for the whole sequence.
     pub fn kv_lens(mut self, lens: Vec<u32>) -> Self {
+        self.device.lens = None;
         self.kv_lens = Some(lens);
         self
     }
 
     /// Per-sequence query lengths: rows `i >= q_lens[b]` of sequence `b` output zeros.
     pub fn q_lens(mut self, lens: Vec<u32>) -> Self {
+        self.device.lens = None;
         self.q_lens = Some(lens);
         self
     }
@@ -486,11 +507,60 @@ impl Attention {
         if let Some(lens) = &self.q_lens {
             check_lens("q_lens", lens, dims.batch, dims.q_len)?;
         }
+        self.check_device_options(dims)?;
         Ok(Spec {
             dims,
             opts: self,
             scale,
         })
+    }
+
+    /// The device forms' shapes and dtypes (their values stay on the device).
+    fn check_device_options(&self, dims: Dims) -> Result<()> {
+        let target = dims.score_shape();
+        let d = &self.device;
+        if let Some(bias) = &d.bias {
+            check_broadcast("bias tensor", bias.dims(), bias.len(), target)?;
+            if bias.dtype() != DType::F32 {
+                return Err(Error::InvalidOption {
+                    what: "bias tensor dtype",
+                    value: format!("{:?}", bias.dtype()),
+                    why: "a bias is f32",
+                });
+            }
+        }
+        if let Some(mask) = &d.mask {
+            let elems = mask.shape.iter().try_fold(1usize, |a, &x| a.checked_mul(x));
+            check_broadcast(
+                "mask tensor",
+                mask.shape,
+                elems.unwrap_or(usize::MAX),
+                target,
+            )?;
+        }
+        if let Some(lens) = &d.lens
+            && lens.batch != dims.batch
+        {
+            return Err(Error::ShapeMismatch {
+                what: "device lengths' batch".into(),
+                got: lens.batch,
+                expected: dims.batch,
+            });
+        }
+        Ok(())
+    }
+
+    /// [`Error::InvalidOption`] if an option lives on the device: for the CPU paths.
+    pub(crate) fn require_host_options(&self) -> Result<()> {
+        if self.device.any() {
+            return Err(Error::InvalidOption {
+                what: "device-resident option",
+                value: "a mask, bias or lengths on the device".into(),
+                why: "the CPU paths read host data: pass the host form (mask, bias, kv_lens, \
+                      q_lens)",
+            });
+        }
+        Ok(())
     }
 
     /// The scale (default `1 / sqrt(head_dim)`), checked with the softcap.

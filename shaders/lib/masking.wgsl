@@ -26,11 +26,12 @@ fn key_range(b: u32, i: u32) -> vec2<i32> {
     // Bottom-right alignment follows each sequence's own lengths.
     var kv_len = i32(mparams.kv_len);
     var q_len = i32(mparams.q_len);
+    // Clamped: lengths on the device are not checked on the host.
     if mparams.has_kv_lens != 0u {
-        kv_len = i32(lens[b]);
+        kv_len = i32(min(lens[b], mparams.kv_len));
     }
     if mparams.has_q_lens != 0u {
-        q_len = i32(lens[mparams.batch + b]);
+        q_len = i32(min(lens[mparams.batch + b], mparams.q_len));
     }
     let shift = kv_len - q_len;
     var lo = 0;

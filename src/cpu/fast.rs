@@ -178,6 +178,7 @@ impl HostElement for half::bf16 {
 
 fn fast_f32(q: &[f32], k: &[f32], v: &[f32], dims: Dims, opts: &Attention) -> Result<FastOutput> {
     let spec = opts.validate(dims)?;
+    opts.require_host_options()?;
     if opts.additive.is_some() {
         return Err(Error::InvalidOption {
             what: "additive",

@@ -42,6 +42,7 @@ pub fn mha_reference(
     let dims = c.attention_dims(batch, q_len, kv_len);
     let opts = opts.clone().layout(Layout::Bshd);
     opts.validate(dims)?;
+    opts.require_host_options()?;
     let elems = |what: &'static str, dims: [usize; 3]| {
         dims.iter()
             .try_fold(1usize, |acc, &d| acc.checked_mul(d))

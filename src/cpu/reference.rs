@@ -62,6 +62,7 @@ where
     V: Copy + Into<f64>,
 {
     let spec = opts.validate(dims)?;
+    opts.require_host_options()?;
     let layout = opts.layout;
     check_len("Q", q, dims.q_shape(layout))?;
     check_len("K", k, dims.k_shape(layout))?;

@@ -9,8 +9,10 @@
 use crate::error::{Error, Result};
 use crate::gpu::attention::Output;
 use crate::gpu::context::Gpu;
+use crate::gpu::options::DeviceLens;
 use crate::gpu::tensor::{Tensor, expect_dims};
 use crate::spec::{Attention, Causal, DType, Dims, Layout};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Device K/V buffers with a capacity and per-sequence lengths.
 ///
@@ -40,6 +42,11 @@ pub struct KvCache {
     v_head_dim: usize,
     dtype: DType,
     lens: Vec<u32>,
+    /// `lens` on the device, rewritten by each append (the K and V rows go up then anyway), so
+    /// that `attend` uploads nothing for them.
+    device_lens: DeviceLens,
+    /// Set by `clear`, which has no device to write with: the next `attend` writes them.
+    device_lens_stale: AtomicBool,
 }
 
 impl KvCache {
@@ -102,6 +109,8 @@ impl KvCache {
             v_head_dim,
             dtype,
             lens: vec![0; batch],
+            device_lens: gpu.upload_lens(Some(&vec![0; batch]), None)?,
+            device_lens_stale: AtomicBool::new(false),
         })
     }
 
@@ -128,6 +137,7 @@ impl KvCache {
     /// Empties every sequence (the buffers are kept).
     pub fn clear(&mut self) {
         self.lens.fill(0);
+        self.device_lens_stale.store(true, Ordering::Release);
     }
 
     /// Appends `new[b]` tokens to sequence `b` from host data `k` and `v`, shaped
@@ -165,7 +175,7 @@ impl KvCache {
             }
             Ok(())
         })?;
-        self.grow(new);
+        self.grow(gpu, new)?;
         Ok(())
     }
 
@@ -226,7 +236,7 @@ impl KvCache {
             }
             Ok(())
         })?;
-        self.grow(new);
+        self.grow(gpu, new)?;
         Ok(())
     }
 
@@ -235,11 +245,11 @@ impl KvCache {
     /// sequence unless `opts` sets another. With `q_lens` in `opts`, sequence `b` has
     /// `q_lens[b]` real queries (its last `q_lens[b]` appended tokens).
     pub fn attend(&self, gpu: &Gpu, q: &Tensor, opts: &Attention) -> Result<Output> {
-        if opts.kv_lens.is_some() {
+        if opts.kv_lens.is_some() || opts.device.lens.is_some() {
             return Err(Error::InvalidOption {
                 what: "kv_lens",
                 value: "Some".into(),
-                why: "the cache sets kv_lens to its own lengths",
+                why: "the cache sets kv_lens to its own lengths (give q_lens on the host)",
             });
         }
         if opts.layout != Layout::Bhsd {
@@ -249,7 +259,16 @@ impl KvCache {
                 why: "the cache holds K and V in the Bhsd layout",
             });
         }
-        let mut opts = opts.clone().kv_lens(self.lens.clone());
+        // The lengths on the device, unless the call brings per-sequence query lengths, which
+        // share their buffer (those calls upload both).
+        let mut opts = if opts.q_lens.is_none() {
+            if self.device_lens_stale.swap(false, Ordering::AcqRel) {
+                self.device_lens.write(gpu, Some(&self.lens), None)?;
+            }
+            opts.clone().lens_tensor(&self.device_lens)
+        } else {
+            opts.clone().kv_lens(self.lens.clone())
+        };
         if opts.causal.is_none() {
             opts = opts.causal(Causal::BottomRight);
         }
@@ -290,9 +309,13 @@ impl KvCache {
         ((((b * self.kv_heads + h) * self.capacity) + row) * dim * self.dtype.size()) as u64
     }
 
-    fn grow(&mut self, new: &[usize]) {
+    /// Adds the appended tokens to the lengths, here and on the device.
+    fn grow(&mut self, gpu: &Gpu, new: &[usize]) -> Result<()> {
         for (len, &n) in self.lens.iter_mut().zip(new) {
             *len += n as u32;
         }
+        self.device_lens.write(gpu, Some(&self.lens), None)?;
+        self.device_lens_stale.store(false, Ordering::Release);
+        Ok(())
     }
 }

@@ -487,7 +487,12 @@ impl Gpu {
 
     /// [`Error::WrongDevice`] unless `tensor` was made by a context of this device.
     pub(crate) fn expect_own(&self, what: &str, tensor: &crate::Tensor) -> Result<()> {
-        if tensor.device_id() == self.state.id {
+        self.expect_device(what, tensor.device_id())
+    }
+
+    /// [`Error::WrongDevice`] unless `device` is this context family's identity.
+    pub(crate) fn expect_device(&self, what: &str, device: u64) -> Result<()> {
+        if device == self.state.id {
             Ok(())
         } else {
             Err(Error::WrongDevice {

@@ -22,6 +22,7 @@ pub(crate) mod dispatch;
 pub mod kernels;
 pub(crate) mod limits;
 mod merge;
+mod options;
 pub(crate) mod paths;
 pub(crate) mod pool;
 pub(crate) mod tensor;
@@ -36,6 +37,7 @@ pub use dispatch::gemm::{MatView, MatmulShape, matmul};
 pub use kernels::ParamsIn;
 pub use limits::{DecodeKernel, DispatchSize, GpuLimits, LimitCaps, TileBlock};
 pub use merge::{Partial, merge};
+pub use options::{DeviceLens, DeviceMask};
 #[doc(hidden)]
 pub use paths::Chunk;
 pub use paths::{FusedPlan, Plan, ThreePassPlan};

@@ -12,7 +12,7 @@ use crate::spec::DType;
 /// application already has, so data on the GPU never round-trips through the host. A tensor
 /// belongs to the [`Gpu`] that made it (and that `Gpu`'s clones and derived contexts): passing
 /// it to another is [`Error::WrongDevice`].
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Tensor {
     buffer: wgpu::Buffer,
     dims: [usize; 4],

@@ -473,8 +473,8 @@ impl MaskOptions {
     pub(crate) fn of(spec: &Spec<'_>) -> MaskOptions {
         let o = spec.opts;
         MaskOptions {
-            bias: o.bias.is_some(),
-            mask: o.mask.is_some(),
+            bias: o.bias.is_some() || o.device.bias.is_some(),
+            mask: o.mask.is_some() || o.device.mask.is_some(),
             softcap: o.softcap.is_some(),
         }
     }

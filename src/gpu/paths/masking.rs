@@ -9,6 +9,7 @@ use crate::gpu::kernels::uniforms::{
     CAUSAL_BOTTOM_RIGHT, CAUSAL_TOP_LEFT, MaskParams, uniform_buffer,
 };
 use crate::gpu::limits::check_binding;
+use crate::gpu::options::pack_mask;
 use crate::spec::{Causal, Spec, broadcast_strides};
 
 /// The buffers of one call's masking options; absent ones are the shared placeholder.
@@ -31,21 +32,12 @@ impl MaskBuffers {
     }
 }
 
-/// The mask as one byte per element, four to a u32 word.
-fn pack_mask(data: &[bool]) -> Vec<u32> {
-    let mut words = vec![0u32; data.len().div_ceil(4).max(1)];
-    for (e, &allowed) in data.iter().enumerate() {
-        if allowed {
-            words[e / 4] |= 1 << ((e % 4) * 8);
-        }
-    }
-    words
-}
-
-/// Uploads the masking options of `spec`.
+/// Uploads the masking options of `spec`, or binds their device forms (which must be
+/// `gpu`'s).
 pub(crate) fn upload(gpu: &Gpu, spec: &Spec<'_>) -> Result<MaskBuffers> {
     let d = spec.dims;
     let opts = spec.opts;
+    let on_device = &opts.device;
     let storage = |label: &str, contents: &[u8]| -> Result<wgpu::Buffer> {
         Ok(gpu.submission_buffer(label, contents, wgpu::BufferUsages::STORAGE))
     };
@@ -57,7 +49,14 @@ pub(crate) fn upload(gpu: &Gpu, spec: &Spec<'_>) -> Result<MaskBuffers> {
                 bytemuck::cast_slice(&bias.data),
             )?)
         }
-        None => None,
+        None => match &on_device.bias {
+            Some(t) => {
+                gpu.expect_own("the bias tensor", t)?;
+                check_binding(&gpu.limits, "bias", t.byte_len())?;
+                Some(t.buffer().clone())
+            }
+            None => None,
+        },
     };
     let mask = match &opts.mask {
         Some(mask) => {
@@ -68,9 +67,23 @@ pub(crate) fn upload(gpu: &Gpu, spec: &Spec<'_>) -> Result<MaskBuffers> {
                 bytemuck::cast_slice(&words),
             )?)
         }
-        None => None,
+        None => match &on_device.mask {
+            Some(m) => {
+                gpu.expect_device("the mask tensor", m.device)?;
+                check_binding(&gpu.limits, "mask", m.buffer.size())?;
+                Some(m.buffer.clone())
+            }
+            None => None,
+        },
     };
-    let lens = if opts.kv_lens.is_some() || opts.q_lens.is_some() {
+    let (has_kv_lens, has_q_lens) = match &on_device.lens {
+        Some(l) => (l.has_kv, l.has_q),
+        None => (opts.kv_lens.is_some(), opts.q_lens.is_some()),
+    };
+    let lens = if let Some(l) = &on_device.lens {
+        gpu.expect_device("the device lengths", l.device)?;
+        Some(l.buffer.clone())
+    } else if opts.kv_lens.is_some() || opts.q_lens.is_some() {
         let mut lens = vec![0u32; 2 * d.batch];
         if let Some(kv) = &opts.kv_lens {
             lens[..d.batch].copy_from_slice(kv);
@@ -93,14 +106,14 @@ pub(crate) fn upload(gpu: &Gpu, spec: &Spec<'_>) -> Result<MaskBuffers> {
         Causal::TopLeft => 0,
         Causal::BottomRight => 1,
     };
-    let [bias_stride_b, bias_stride_h, bias_stride_i, bias_stride_j] = opts
-        .bias
-        .as_ref()
-        .map_or([0; 4], |b| broadcast_strides(b.shape).map(|x| x as u32));
-    let [mask_stride_b, mask_stride_h, mask_stride_i, mask_stride_j] = opts
-        .mask
-        .as_ref()
-        .map_or([0; 4], |m| broadcast_strides(m.shape).map(|x| x as u32));
+    let bias_shape =
+        (opts.bias.as_ref().map(|b| b.shape)).or(on_device.bias.as_ref().map(|t| t.dims()));
+    let mask_shape =
+        (opts.mask.as_ref().map(|m| m.shape)).or(on_device.mask.as_ref().map(|m| m.shape));
+    let [bias_stride_b, bias_stride_h, bias_stride_i, bias_stride_j] =
+        bias_shape.map_or([0; 4], |s| broadcast_strides(s).map(|x| x as u32));
+    let [mask_stride_b, mask_stride_h, mask_stride_i, mask_stride_j] =
+        mask_shape.map_or([0; 4], |s| broadcast_strides(s).map(|x| x as u32));
     let params = uniform_buffer(
         gpu,
         &MaskParams {
@@ -112,8 +125,8 @@ pub(crate) fn upload(gpu: &Gpu, spec: &Spec<'_>) -> Result<MaskBuffers> {
                 Some(Causal::TopLeft) => CAUSAL_TOP_LEFT,
                 Some(Causal::BottomRight) => CAUSAL_BOTTOM_RIGHT,
             },
-            has_kv_lens: opts.kv_lens.is_some() as u32,
-            has_q_lens: opts.q_lens.is_some() as u32,
+            has_kv_lens: has_kv_lens as u32,
+            has_q_lens: has_q_lens as u32,
             has_window: opts.window.is_some() as u32,
             softcap: opts.softcap.unwrap_or(1.0),
             win_left,
