@@ -84,7 +84,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let path = match std::env::args().nth(1) {
         Some(path) => std::path::PathBuf::from(path),
         None => {
-            let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target");
+            let target = std::env::var_os("CARGO_TARGET_DIR")
+                .map(std::path::PathBuf::from)
+                .unwrap_or_else(|| std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("target"));
             std::fs::create_dir_all(&target)?;
             target.join("attention_heatmap.png")
         }

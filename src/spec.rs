@@ -438,14 +438,12 @@ impl Attention {
     /// Per-sequence key lengths: sequence `b` attends only to keys `j < kv_lens[b]`.
     /// A length of 0 gives zero output and a log-sum-exp of `-inf` for the whole sequence.
     pub fn kv_lens(mut self, lens: Vec<u32>) -> Self {
-        self.device.lens = None;
         self.kv_lens = Some(lens);
         self
     }
 
     /// Per-sequence query lengths: rows `i >= q_lens[b]` of sequence `b` output zeros.
     pub fn q_lens(mut self, lens: Vec<u32>) -> Self {
-        self.device.lens = None;
         self.q_lens = Some(lens);
         self
     }
@@ -538,14 +536,22 @@ impl Attention {
                 target,
             )?;
         }
-        if let Some(lens) = &d.lens
-            && lens.batch != dims.batch
-        {
-            return Err(Error::ShapeMismatch {
-                what: "device lengths' batch".into(),
-                got: lens.batch,
-                expected: dims.batch,
-            });
+        if let Some(lens) = &d.lens {
+            if self.kv_lens.is_some() || self.q_lens.is_some() {
+                return Err(Error::InvalidOption {
+                    what: "lengths",
+                    value: "given both on the host and on the device".into(),
+                    why: "the device lengths hold kv_lens and q_lens together: upload both with \
+                          Gpu::upload_lens, or give both on the host",
+                });
+            }
+            if lens.batch != dims.batch {
+                return Err(Error::ShapeMismatch {
+                    what: "device lengths' batch".into(),
+                    got: lens.batch,
+                    expected: dims.batch,
+                });
+            }
         }
         Ok(())
     }

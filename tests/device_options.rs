@@ -274,3 +274,83 @@ fn kv_cache_lengths_on_the_device_stay_current() {
     );
     check(&mut cache, [3, 5], &mut r);
 }
+
+/// Several threads attending right after `clear`: none may submit before the cleared lengths
+/// are written (a thread that saw the stale flag cleared used to race the one writing them).
+#[test]
+fn concurrent_attends_after_clear_see_the_cleared_lengths() {
+    let Some(gpu) = common::gpu() else { return };
+    let (batch, kv_heads, heads, dim) = (1, 1, 2, 8);
+    let mut cache = KvCache::new(gpu, batch, kv_heads, 16, dim, dim).unwrap();
+    let q = gpu.upload(&[0.5; 16], [batch, heads, 1, dim]).unwrap();
+    let kv = vec![0.5; 8 * dim];
+    let threads = 6;
+    for round in 0..200 {
+        cache.append(gpu, &kv, &kv, &[8]).unwrap();
+        cache.clear();
+        let barrier = std::sync::Barrier::new(threads);
+        let cache = &cache;
+        std::thread::scope(|s| {
+            for _ in 0..threads {
+                s.spawn(|| {
+                    barrier.wait();
+                    let o = cache.attend(gpu, &q, &Attention::new()).unwrap().o;
+                    let o = o.download(gpu).unwrap();
+                    assert!(
+                        o.iter().all(|&x| x == 0.0),
+                        "round {round}: an attend saw the cleared tokens"
+                    );
+                });
+            }
+        });
+    }
+}
+
+#[test]
+fn lengths_on_the_host_and_the_device_together_are_refused() {
+    let Some(gpu) = common::gpu() else { return };
+    let d = dims(2, 2, 2, 4, 40, 8, 8);
+    let q = gpu
+        .upload(&vec![0.5; d.q_elems()], d.q_shape(Layout::Bhsd))
+        .unwrap();
+    let k = gpu
+        .upload(&vec![0.5; d.k_elems()], d.k_shape(Layout::Bhsd))
+        .unwrap();
+    let lens = gpu.upload_lens(Some(&[40, 5]), None).unwrap();
+    for opts in [
+        Attention::new().lens_tensor(&lens).q_lens(vec![4, 2]),
+        Attention::new().kv_lens(vec![40, 5]).lens_tensor(&lens),
+    ] {
+        let r = opts.run(gpu, &q, &k, &k).map(drop);
+        assert!(
+            matches!(
+                r,
+                Err(Error::InvalidOption {
+                    what: "lengths",
+                    ..
+                })
+            ),
+            "{r:?}"
+        );
+    }
+}
+
+/// Buffers are bound whole, so one whose size is not a whole number of words is refused when
+/// it is wrapped, not by wgpu at the call.
+#[test]
+fn wrapped_buffers_of_odd_sizes_are_refused() {
+    let Some(gpu) = common::gpu() else { return };
+    let buffer = |size| {
+        gpu.device().create_buffer(&wgpu::BufferDescriptor {
+            label: None,
+            size,
+            usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_SRC,
+            mapped_at_creation: false,
+        })
+    };
+    let r = wgpu_attention::DeviceMask::from_buffer(gpu, buffer(10), [1, 1, 1, 5]);
+    assert!(matches!(r, Err(Error::InvalidOption { .. })), "{r:?}");
+    let r = wgpu_attention::Tensor::from_buffer(gpu, buffer(22), [1, 1, 1, 5], DType::F32);
+    assert!(matches!(r, Err(Error::InvalidOption { .. })), "{r:?}");
+    wgpu_attention::DeviceMask::from_buffer(gpu, buffer(8), [1, 1, 1, 5]).unwrap();
+}

@@ -262,8 +262,11 @@ impl KvCache {
         // The lengths on the device, unless the call brings per-sequence query lengths, which
         // share their buffer (those calls upload both).
         let mut opts = if opts.q_lens.is_none() {
-            if self.device_lens_stale.swap(false, Ordering::AcqRel) {
+            // Cleared only once the write is queued: a thread that sees it cleared must not
+            // submit before the write (two threads writing the same values is harmless).
+            if self.device_lens_stale.load(Ordering::Acquire) {
                 self.device_lens.write(gpu, Some(&self.lens), None)?;
+                self.device_lens_stale.store(false, Ordering::Release);
             }
             opts.clone().lens_tensor(&self.device_lens)
         } else {

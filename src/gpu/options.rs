@@ -183,6 +183,7 @@ impl DeviceMask {
             });
         }
         let needed = (elems as u64).div_ceil(4) * 4;
+        crate::gpu::tensor::check_word_size("mask", &buffer)?;
         if buffer.size() < needed {
             return Err(Error::BufferTooSmall {
                 what: "mask",
@@ -252,11 +253,10 @@ impl Attention {
         self
     }
 
-    /// Per-sequence lengths on the device ([`Gpu::upload_lens`]). Replaces host
-    /// [`kv_lens`](Attention::kv_lens) and [`q_lens`](Attention::q_lens).
+    /// Per-sequence lengths on the device ([`Gpu::upload_lens`]), which hold `kv_lens` and
+    /// `q_lens` together: a call with them and host [`kv_lens`](Attention::kv_lens) or
+    /// [`q_lens`](Attention::q_lens) as well is an [`Error::InvalidOption`].
     pub fn lens_tensor(mut self, lens: &DeviceLens) -> Self {
-        self.kv_lens = None;
-        self.q_lens = None;
         self.device.lens = Some(lens.clone());
         self
     }

@@ -48,6 +48,19 @@ fn byte_len(gpu: &Gpu, what: &'static str, dims: [usize; 4], dtype: DType) -> Re
     Ok(bytes)
 }
 
+/// [`Error::InvalidOption`] unless `buffer` is a whole number of 4-byte words: kernels bind
+/// whole buffers, and a storage binding's size must be a multiple of 4.
+pub(crate) fn check_word_size(what: &'static str, buffer: &wgpu::Buffer) -> Result<()> {
+    if buffer.size() % 4 != 0 {
+        return Err(Error::InvalidOption {
+            what,
+            value: format!("a buffer of {} bytes", buffer.size()),
+            why: "buffers are bound whole, and a storage binding is a multiple of 4 bytes",
+        });
+    }
+    Ok(())
+}
+
 /// A new buffer holding `contents` (a whole number of 4-byte words), without
 /// `create_buffer_init`, which panics where the buffer could not be created (a lost device,
 /// no memory). Call inside [`Gpu::guarded`].
@@ -249,6 +262,7 @@ impl Tensor {
                 needed: "STORAGE",
             });
         }
+        check_word_size("tensor", &buffer)?;
         let needed = dims
             .iter()
             .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64))

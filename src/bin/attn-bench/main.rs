@@ -170,9 +170,11 @@ fn check_args(args: &Args) -> Result<(), String> {
             return Err(format!("{what} must be at least 1"));
         }
     }
+    let kv_heads = args.kv_heads.unwrap_or(args.heads);
     for (what, value) in [
         ("--batch", args.batch),
         ("--heads", args.heads),
+        ("--kv-heads", kv_heads),
         ("--head-dim", args.head_dim),
         ("--reps", args.reps),
     ] {
@@ -180,15 +182,31 @@ fn check_args(args: &Args) -> Result<(), String> {
             return Err(format!("{what} must be at least 1"));
         }
     }
+    if !args.heads.is_multiple_of(kv_heads) {
+        return Err(format!(
+            "--heads {} must be a multiple of --kv-heads {kv_heads}",
+            args.heads
+        ));
+    }
     if let Some(file) = &args.plot {
+        if args.tune || args.overhead {
+            return Err("--plot draws the sweep; --tune and --overhead draw nothing".into());
+        }
         if file.extension().and_then(|e| e.to_str()) != Some("svg") {
             return Err(format!(
                 "--plot {}: the plot is an SVG file (.svg)",
                 file.display()
             ));
         }
-        std::fs::File::create(file)
-            .map_err(|e| format!("--plot {}: cannot write it: {e}", file.display()))?;
+        // A probe beside it, so that an existing plot survives a run that fails.
+        let dir = match file.parent() {
+            Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+            _ => PathBuf::from("."),
+        };
+        let probe = dir.join(format!(".attn-bench-probe-{}", std::process::id()));
+        std::fs::write(&probe, b"")
+            .map_err(|e| format!("--plot {}: cannot write there: {e}", file.display()))?;
+        let _ = std::fs::remove_file(&probe);
     }
     Ok(())
 }
@@ -266,6 +284,9 @@ mod tests {
             vec!["attn-bench", "--reps", "0"],
             vec!["attn-bench", "--plot", "plot.png"],
             vec!["attn-bench", "--plot", "/no/such/directory/plot.svg"],
+            vec!["attn-bench", "--kv-heads", "0"],
+            vec!["attn-bench", "--heads", "8", "--kv-heads", "3"],
+            vec!["attn-bench", "--tune", "--plot", "plot.svg"],
         ];
         for argv in bad {
             let args = Args::try_parse_from(&argv).unwrap();

@@ -93,6 +93,23 @@ fn record(args: &Args, device: &str, r: &Row, rows: &[Row]) -> Vec<(&'static str
     ]
 }
 
+/// `text` as a JSON string: quotes, backslashes and control characters escaped.
+fn json_string(text: &str) -> String {
+    let mut out = String::from('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => {
+                let _ = write!(out, "\\u{:04x}", c as u32);
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
 /// The shape and options every row shares, for the table's header and the plot's title.
 pub(crate) fn describe_problem(args: &Args) -> String {
     let kv_heads = args.kv_heads.unwrap_or(args.heads);
@@ -121,7 +138,7 @@ pub(crate) fn print_rows(args: &Args, device: &str, software: bool, rows: &[Row]
                     .iter()
                     .map(|(k, v)| match v {
                         Field::Num(x) => format!("\"{k}\": {x}"),
-                        Field::Text(text) => format!("\"{k}\": {text:?}"),
+                        Field::Text(text) => format!("\"{k}\": {}", json_string(text)),
                         Field::Missing => format!("\"{k}\": null"),
                     })
                     .collect();
@@ -136,7 +153,7 @@ pub(crate) fn print_rows(args: &Args, device: &str, software: bool, rows: &[Row]
                 .iter()
                 .map(|(_, v)| match v {
                     Field::Num(x) => x.clone(),
-                    Field::Text(text) => format!("{text:?}"),
+                    Field::Text(text) => format!("\"{}\"", text.replace('"', "\"\"")),
                     Field::Missing => String::new(),
                 })
                 .collect();
@@ -197,7 +214,11 @@ pub(crate) fn print_rows(args: &Args, device: &str, software: bool, rows: &[Row]
             r.note
         );
     }
-    println!("vs cpu: times faster than cpu-fast on the same shape and dtype (higher is better).");
+    println!(
+        "vs cpu: times faster than cpu-fast on the same shape and dtype (higher is better); \
+         GPU rows timed by GPU timestamps (gpu-ts) leave out the host's submission time, which \
+         the CPU rows' wall clock includes."
+    );
     if software && rows.iter().any(|r| r.path.on_gpu()) {
         println!(
             "note: the GPU rows ran on a software driver (the CPU emulating a GPU): they compare \
@@ -341,5 +362,10 @@ mod tests {
             cpu.iter()
                 .any(|(k, v)| *k == "speedup_vs_cpu_fast" && matches!(v, Field::Missing))
         );
+    }
+
+    #[test]
+    fn json_strings_are_escaped() {
+        assert_eq!(json_string("a\"b\\c\u{1}é"), "\"a\\\"b\\\\c\\u0001é\"");
     }
 }
