@@ -51,7 +51,7 @@ fn byte_len(gpu: &Gpu, what: &'static str, dims: [usize; 4], dtype: DType) -> Re
 /// [`Error::InvalidOption`] unless `buffer` is a whole number of 4-byte words: kernels bind
 /// whole buffers, and a storage binding's size must be a multiple of 4.
 pub(crate) fn check_word_size(what: &'static str, buffer: &wgpu::Buffer) -> Result<()> {
-    if buffer.size() % 4 != 0 {
+    if !buffer.size().is_multiple_of(4) {
         return Err(Error::InvalidOption {
             what,
             value: format!("a buffer of {} bytes", buffer.size()),
