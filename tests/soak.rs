@@ -34,6 +34,13 @@ fn calls() -> usize {
         .unwrap_or(3000)
 }
 
+/// Held for the whole of each test: resident memory is the process's, so two soaks running at
+/// once (the harness runs tests in parallel) would count each other's allocations.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    LOCK.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Runs `call` `calls()` times and checks memory from the warm-up on.
 fn soak(what: &str, mut call: impl FnMut()) {
     let n = calls();
@@ -66,6 +73,7 @@ fn upload(gpu: &Gpu, seed: u64, dims: [usize; 4]) -> (Vec<f32>, Tensor) {
 
 /// One attention call shape on one path, checked once against the reference, then soaked.
 fn soak_path(what: &str, path: Path, d: Dims, opts: Attention) {
+    let _serial = serial();
     let Some(gpu) = common::gpu() else { return };
     let opts = opts.path(path);
     let (q, tq) = upload(gpu, 1, d.q_shape(Layout::Bhsd));
@@ -148,6 +156,7 @@ fn auto() {
 #[test]
 #[ignore = "soak: thousands of calls; run with --ignored"]
 fn merge() {
+    let _serial = serial();
     let Some(gpu) = common::gpu() else { return };
     let dims = [1, 4, 3, 16];
     let (_, oa) = upload(gpu, 4, dims);
@@ -165,6 +174,7 @@ fn merge() {
 #[test]
 #[ignore = "soak: thousands of calls; run with --ignored"]
 fn kv_cache() {
+    let _serial = serial();
     let Some(gpu) = common::gpu() else { return };
     let (kv_heads, heads, dim) = (2, 8, 64);
     let capacity = calls() + 64;
@@ -184,6 +194,7 @@ fn kv_cache() {
 #[test]
 #[ignore = "soak: thousands of calls; run with --ignored"]
 fn mha_layer() {
+    let _serial = serial();
     let Some(gpu) = common::gpu() else { return };
     let config = MhaConfig::new(32, 4);
     let mut r = common::rng(10);
