@@ -84,7 +84,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     let (batch, seq) = (2, 50);
     let x = pseudo_random(batch * seq * e, 5, 1.0);
-    let input = gpu.upload(&x, [batch, seq, 1, e])?;
+    let input = gpu.upload(&x, [batch, seq, e])?;
     let opts = Attention::new().causal(Causal::TopLeft);
     let out = layer.forward(
         &gpu,

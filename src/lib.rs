@@ -9,7 +9,7 @@ mod spec;
 pub use error::{Error, Result};
 pub use gpu::{
     DecodeKernel, DeviceLens, DeviceMask, Gpu, GpuLimits, KvCache, LimitCaps, Output, ParamsIn,
-    Plan, Tensor, TileBlock,
+    Plan, Shape, Tensor, TileBlock,
 };
 pub use mha::{MhaConfig, MhaOutput, MhaWeights, MultiHeadAttention};
 pub use spec::{

@@ -180,16 +180,6 @@ fn run_layer(
     let key = random(&mut r, batch * kv_len * config.kdim, 1.0);
     let value = random(&mut r, batch * kv_len * config.vdim, 1.0);
     let layer = MultiHeadAttention::new(gpu, config, &w).unwrap();
-    let up = |x: &[f32], s: usize, width: usize| gpu.upload(x, [batch, s, 1, width]).unwrap();
-    let got = layer
-        .forward(
-            gpu,
-            &up(&query, q_len, config.embed_dim),
-            &up(&key, kv_len, config.kdim),
-            &up(&value, kv_len, config.vdim),
-            &opts.clone().return_weights(need_weights),
-        )
-        .unwrap();
     let (want, want_w) = mha_reference(
         &config,
         &w,
@@ -201,20 +191,52 @@ fn run_layer(
         need_weights,
     )
     .unwrap();
-    let out = got.out.download(gpu).unwrap();
-    let ctx = format!("{config:?} B={batch} L={q_len} S={kv_len} need_weights={need_weights}");
-    assert_close(&format!("out of {ctx}"), &out, &want, 2e-5, 1e-4);
-    let err = rel_norm_error(&out, &want);
-    assert!(err <= 1e-5, "{ctx}: relative norm error {err:e}");
-    assert_eq!(got.weights.is_some(), need_weights);
-    if let (Some(gw), Some(ww)) = (got.weights, want_w) {
-        assert_close(
-            &format!("averaged weights of {ctx}"),
-            &gw.download(gpu).unwrap(),
-            &ww,
-            1e-6,
-            1e-4,
+    // PyTorch's [B, L, E] inputs, and the [B, L, 1, E] form.
+    for rank in [3, 4] {
+        let up = |x: &[f32], s: usize, width: usize| {
+            if rank == 3 {
+                gpu.upload(x, [batch, s, width]).unwrap()
+            } else {
+                gpu.upload(x, [batch, s, 1, width]).unwrap()
+            }
+        };
+        let got = layer
+            .forward(
+                gpu,
+                &up(&query, q_len, config.embed_dim),
+                &up(&key, kv_len, config.kdim),
+                &up(&value, kv_len, config.vdim),
+                &opts.clone().return_weights(need_weights),
+            )
+            .unwrap();
+        let e = config.embed_dim;
+        let want_shape: &[usize] = if rank == 3 {
+            &[batch, q_len, e]
+        } else {
+            &[batch, q_len, 1, e]
+        };
+        assert_eq!(
+            got.out.shape(),
+            want_shape,
+            "the output has the query's form"
         );
+        let out = got.out.download(gpu).unwrap();
+        let ctx = format!(
+            "{config:?} B={batch} L={q_len} S={kv_len} need_weights={need_weights} rank {rank}"
+        );
+        assert_close(&format!("out of {ctx}"), &out, &want, 2e-5, 1e-4);
+        let err = rel_norm_error(&out, &want);
+        assert!(err <= 1e-5, "{ctx}: relative norm error {err:e}");
+        assert_eq!(got.weights.is_some(), need_weights);
+        if let (Some(gw), Some(ww)) = (got.weights, want_w.as_ref()) {
+            assert_close(
+                &format!("averaged weights of {ctx}"),
+                &gw.download(gpu).unwrap(),
+                ww,
+                1e-6,
+                1e-4,
+            );
+        }
     }
 }
 
@@ -339,4 +361,21 @@ fn packed_in_proj_and_bad_weights() {
         .unwrap();
     let err = layer.forward(gpu, &x, &x, &x, &Attention::new());
     assert!(matches!(err, Err(Error::ShapeMismatch { .. })), "{err:?}");
+    let x = gpu
+        .upload(&random(&mut r, 2 * 5 * 15, 1.0), [2, 5, 15])
+        .unwrap();
+    let err = layer.forward(gpu, &x, &x, &x, &Attention::new());
+    assert!(
+        matches!(&err, Err(Error::ShapeMismatch { what, got: 15, .. }) if what.contains("[batch, seq, width]")),
+        "{err:?}"
+    );
+    // A 4-dim input whose third dim is not 1.
+    let x = gpu
+        .upload(&random(&mut r, 2 * 5 * 2 * 16, 1.0), [2, 5, 2, 16])
+        .unwrap();
+    let err = layer.forward(gpu, &x, &x, &x, &Attention::new());
+    assert!(
+        matches!(err, Err(Error::ShapeMismatch { got: 2, .. })),
+        "{err:?}"
+    );
 }

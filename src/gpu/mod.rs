@@ -42,4 +42,4 @@ pub use options::{DeviceLens, DeviceMask};
 pub use paths::Chunk;
 pub use paths::{FusedPlan, Plan, ThreePassPlan};
 pub use pool::PoolStats;
-pub use tensor::Tensor;
+pub use tensor::{Shape, Tensor};

@@ -16,9 +16,43 @@ use crate::spec::DType;
 pub struct Tensor {
     buffer: wgpu::Buffer,
     dims: [usize; 4],
+    /// 4, or 3 for a `[B, L, E]` tensor (kept as `[1, B, L, E]`).
+    rank: u8,
     dtype: DType,
     /// The `DeviceState::id` of the context that made it.
     device: u64,
+}
+
+/// A tensor's shape: four dims, or three (`[B, L, E]`, as PyTorch's layer takes its inputs),
+/// which a tensor keeps as four with a leading 1 (`[1, B, L, E]`): a rank-3 tensor is the
+/// rank-4 tensor with one batch wherever four dims are read. Made from `[usize; 4]` or
+/// `[usize; 3]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Shape {
+    dims: [usize; 4],
+    rank: u8,
+}
+
+impl From<[usize; 4]> for Shape {
+    fn from(dims: [usize; 4]) -> Shape {
+        Shape { dims, rank: 4 }
+    }
+}
+
+impl From<[usize; 3]> for Shape {
+    fn from([a, b, c]: [usize; 3]) -> Shape {
+        Shape {
+            dims: [1, a, b, c],
+            rank: 3,
+        }
+    }
+}
+
+impl Shape {
+    /// The dims as given (three or four).
+    pub fn as_slice(&self) -> &[usize] {
+        &self.dims[4 - self.rank as usize..]
+    }
 }
 
 /// Usages of the buffers this crate allocates: bindable, readable back, writable from the host.
@@ -121,18 +155,20 @@ fn decode(bytes: &[u8], n: usize, dtype: DType) -> Vec<f32> {
 
 impl Gpu {
     /// Uploads f32 host data as an f32 tensor of `dims`.
-    pub fn upload(&self, data: &[f32], dims: [usize; 4]) -> Result<Tensor> {
+    pub fn upload(&self, data: &[f32], dims: impl Into<Shape>) -> Result<Tensor> {
         self.upload_as(data, dims, DType::F32)
     }
 
     /// Uploads f32 host data as a tensor of `dtype`, rounding to nearest even.
-    pub fn upload_as(&self, data: &[f32], dims: [usize; 4], dtype: DType) -> Result<Tensor> {
+    pub fn upload_as(&self, data: &[f32], dims: impl Into<Shape>, dtype: DType) -> Result<Tensor> {
+        let shape = dims.into();
+        let dims = shape.dims;
         byte_len(self, "tensor", dims, dtype)?;
         let expected: usize = dims.iter().product();
         if data.len() != expected {
             return Err(Error::DataLength {
                 what: "upload",
-                dims: dims.to_vec(),
+                dims: shape.as_slice().to_vec(),
                 expected,
                 got: data.len(),
             });
@@ -144,25 +180,26 @@ impl Gpu {
         Ok(Tensor {
             buffer,
             dims,
+            rank: shape.rank,
             dtype,
             device: self.state.id,
         })
     }
 
     /// Uploads f16 host data as an f16 tensor.
-    pub fn upload_f16(&self, data: &[half::f16], dims: [usize; 4]) -> Result<Tensor> {
+    pub fn upload_f16(&self, data: &[half::f16], dims: impl Into<Shape>) -> Result<Tensor> {
         let wide: Vec<f32> = data.iter().map(|x| x.to_f32()).collect();
         self.upload_as(&wide, dims, DType::F16)
     }
 
     /// Uploads bf16 host data as a bf16 tensor.
-    pub fn upload_bf16(&self, data: &[half::bf16], dims: [usize; 4]) -> Result<Tensor> {
+    pub fn upload_bf16(&self, data: &[half::bf16], dims: impl Into<Shape>) -> Result<Tensor> {
         let wide: Vec<f32> = data.iter().map(|x| x.to_f32()).collect();
         self.upload_as(&wide, dims, DType::Bf16)
     }
 
     /// A new f32 tensor of `dims` whose contents are unspecified until written.
-    pub fn empty(&self, dims: [usize; 4]) -> Result<Tensor> {
+    pub fn empty(&self, dims: impl Into<Shape>) -> Result<Tensor> {
         self.empty_as(dims, DType::F32)
     }
 
@@ -206,7 +243,9 @@ impl Gpu {
     }
 
     /// A new tensor of `dims` and `dtype` whose contents are unspecified until written.
-    pub fn empty_as(&self, dims: [usize; 4], dtype: DType) -> Result<Tensor> {
+    pub fn empty_as(&self, dims: impl Into<Shape>, dtype: DType) -> Result<Tensor> {
+        let shape = dims.into();
+        let dims = shape.dims;
         let size = byte_len(self, "tensor", dims, dtype)?;
         let buffer = self.guarded("allocating a tensor", || {
             Ok(self.device.create_buffer(&wgpu::BufferDescriptor {
@@ -219,6 +258,7 @@ impl Gpu {
         Ok(Tensor {
             buffer,
             dims,
+            rank: shape.rank,
             dtype,
             device: self.state.id,
         })
@@ -250,9 +290,11 @@ impl Tensor {
     pub fn from_buffer(
         gpu: &Gpu,
         buffer: wgpu::Buffer,
-        dims: [usize; 4],
+        dims: impl Into<Shape>,
         dtype: DType,
     ) -> Result<Tensor> {
+        let shape = dims.into();
+        let dims = shape.dims;
         if dims.contains(&0) {
             return Err(Error::ZeroSize { what: "tensor" });
         }
@@ -277,14 +319,25 @@ impl Tensor {
         Ok(Tensor {
             buffer,
             dims,
+            rank: shape.rank,
             dtype,
             device: gpu.state.id,
         })
     }
 
-    /// The four dims.
+    /// The four dims (a rank-3 tensor's with a leading 1).
     pub fn dims(&self) -> [usize; 4] {
         self.dims
+    }
+
+    /// The dims as the tensor was made with: three or four.
+    pub fn shape(&self) -> &[usize] {
+        &self.dims[4 - self.rank as usize..]
+    }
+
+    /// 4, or 3 for a tensor made with `[B, L, E]`.
+    pub fn rank(&self) -> usize {
+        self.rank as usize
     }
 
     /// Number of elements.

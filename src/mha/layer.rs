@@ -59,7 +59,8 @@ impl MultiHeadAttention {
     }
 
     /// The layer on `query` `[B, L, E]`, `key` `[B, S, kdim]` and `value` `[B, S, vdim]`
-    /// (tensors of dims `[B, L, 1, E]` etc., `batch_first`), with the masks and options of
+    /// (`batch_first`; tensors of dims `[B, L, 1, E]` etc. are taken too, and the output has
+    /// the query's form), with the masks and options of
     /// `opts` (its layout is ignored: the layer's own is `Bshd`). PyTorch's `need_weights` is
     /// [`Attention::return_weights`]: with it, the output carries the weights averaged over
     /// heads, and attention runs on the three-pass path.
@@ -105,7 +106,12 @@ impl MultiHeadAttention {
                 .then(|| gpu.empty(dims.score_shape()))
                 .transpose()?,
         };
-        let out = gpu.empty([batch, q_len, 1, c.embed_dim])?;
+        // The output has the query's form: [B, L, E], or [B, L, 1, E].
+        let out = if query.rank() == 3 {
+            gpu.empty([batch, q_len, c.embed_dim])?
+        } else {
+            gpu.empty([batch, q_len, 1, c.embed_dim])?
+        };
         let averaged = need_weights
             .then(|| gpu.empty([batch, 1, q_len, kv_len]))
             .transpose()?;
@@ -202,18 +208,32 @@ impl MultiHeadAttention {
     }
 }
 
-/// `(batch, seq)` of a `[B, seq, 1, width]` input, checking its width (and batch).
+/// `(batch, seq)` of a `[B, seq, width]` input (or `[B, seq, 1, width]`), checking its width
+/// (and batch).
 fn input_dims(
     what: &'static str,
     t: &Tensor,
     width: usize,
     batch: Option<usize>,
 ) -> Result<(usize, usize)> {
-    let [b, s, one, w] = t.dims();
-    for (axis, got, expected) in [(2, one, 1), (3, w, width), (0, b, batch.unwrap_or(b))] {
+    let ([b, s, w], one) = match (t.rank(), t.dims()) {
+        (3, [_, b, s, w]) => ([b, s, w], None),
+        (_, [b, s, one, w]) => ([b, s, w], Some(one)),
+    };
+    let form = if one.is_some() {
+        "inputs are [batch, seq, 1, width]"
+    } else {
+        "inputs are [batch, seq, width]"
+    };
+    let axis_w = if one.is_some() { 3 } else { 2 };
+    for (axis, got, expected) in [
+        (2, one.unwrap_or(1), 1),
+        (axis_w, w, width),
+        (0, b, batch.unwrap_or(b)),
+    ] {
         if got != expected {
             return Err(Error::ShapeMismatch {
-                what: format!("{what} dim {axis} (inputs are [batch, seq, 1, width])"),
+                what: format!("{what} dim {axis} ({form})"),
                 got,
                 expected,
             });
