@@ -287,3 +287,27 @@ fn a_timer_read_while_calls_run() {
         stop.store(true, std::sync::atomic::Ordering::Relaxed);
     });
 }
+
+/// The timer's figure is the last call's: none before any call, none after a call with no
+/// compute pass (it used to repeat the previous call's), a figure after one with passes.
+#[test]
+fn timer_figures_belong_to_the_last_call() {
+    let Some(gpu) = fresh_gpu() else { return };
+    let Some(timer) = gpu.with_timer().unwrap() else {
+        eprintln!("no TIMESTAMP_QUERY: nothing to check");
+        return;
+    };
+    assert_eq!(timer.last_gpu_seconds().unwrap(), None, "before any call");
+    let (_, t) = qkv(&timer, 9);
+    Attention::new().run(&timer, &t, &t, &t).unwrap();
+    let after_run = timer.last_gpu_seconds().unwrap();
+    assert!(after_run.is_some_and(|s| s >= 0.0), "{after_run:?}");
+    let mut cache = KvCache::new(&timer, 1, 2, 16, 8, 8).unwrap();
+    let kv = timer.upload(&[0.5; 16], [1, 2, 1, 8]).unwrap();
+    cache.append_tensors(&timer, &kv, &kv, &[1]).unwrap();
+    assert_eq!(
+        timer.last_gpu_seconds().unwrap(),
+        None,
+        "after a copy-only call"
+    );
+}

@@ -91,6 +91,9 @@ pub(crate) struct Timer {
     /// back: a submission that copies into the readback buffer while another thread has it
     /// mapped would fail validation.
     busy: Mutex<()>,
+    /// Whether the submission being encoded wrote timestamps (set by `begin_pass`, read and
+    /// cleared by `resolve_timer`, both under `busy`).
+    stamped: std::sync::atomic::AtomicBool,
 }
 
 /// A rows-per-workgroup value of the fused kernel: one it is compiled for, else a typed error
@@ -373,6 +376,7 @@ impl Gpu {
             readback,
             period_ns: self.queue.get_timestamp_period() as f64,
             busy: Mutex::new(()),
+            stamped: std::sync::atomic::AtomicBool::new(false),
         }));
         gpu
     }
@@ -387,6 +391,9 @@ impl Gpu {
         last: bool,
     ) -> wgpu::ComputePass<'e> {
         let timestamp_writes = self.timer.as_ref().and_then(|t| {
+            if first || last {
+                t.stamped.store(true, Ordering::Relaxed);
+            }
             (first || last).then_some(wgpu::ComputePassTimestampWrites {
                 query_set: &t.queries,
                 beginning_of_pass_write_index: first.then_some(0),
@@ -504,13 +511,19 @@ impl Gpu {
     /// On a timing context, records the copy of the call's timestamps for reading back.
     pub(crate) fn resolve_timer(&self, encoder: &mut wgpu::CommandEncoder) {
         if let Some(t) = &self.timer {
-            encoder.resolve_query_set(&t.queries, 0..2, &t.resolved, 0);
-            encoder.copy_buffer_to_buffer(&t.resolved, 0, &t.readback, 0, 16);
+            if t.stamped.swap(false, Ordering::Relaxed) {
+                encoder.resolve_query_set(&t.queries, 0..2, &t.resolved, 0);
+                encoder.copy_buffer_to_buffer(&t.resolved, 0, &t.readback, 0, 16);
+            } else {
+                // A call with no compute pass (a copy): no figure, rather than the last one.
+                encoder.clear_buffer(&t.readback, 0, None);
+            }
         }
     }
 
     /// GPU seconds between the start of the last call's first pass and the end of its last,
-    /// waiting for it to finish; `None` on a context without a timer.
+    /// waiting for it to finish; `None` on a context without a timer, before any call, and
+    /// after a call that ran no compute pass.
     pub fn last_gpu_seconds(&self) -> Result<Option<f64>> {
         let Some(t) = &self.timer else {
             return Ok(None);
@@ -533,6 +546,9 @@ impl Gpu {
                 bytemuck::pod_read_unaligned(&view[..16])
             };
             t.readback.unmap();
+            if ticks == [0, 0] {
+                return Ok(None);
+            }
             Ok(Some(
                 ticks[1].wrapping_sub(ticks[0]) as f64 * t.period_ns * 1e-9,
             ))
