@@ -278,6 +278,19 @@ pub struct Bias {
     pub data: Vec<f32>,
 }
 
+/// The product of `dims` with checked arithmetic: [`Error::TooLarge`] naming `what` where it
+/// overflows `usize`. Every count of elements computed from a user's sizes goes through it.
+pub(crate) fn checked_elements(what: &'static str, dims: &[usize]) -> Result<usize> {
+    dims.iter()
+        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
+        .ok_or(Error::TooLarge {
+            what,
+            requested: u64::MAX,
+            max: usize::MAX as u64,
+            hint: " elements (the sizes overflow)",
+        })
+}
+
 /// Element strides of a broadcast `[b, h, i, j]` tensor: 0 where the dim is broadcast.
 pub(crate) fn broadcast_strides(shape: [usize; 4]) -> [usize; 4] {
     let mut strides = [0; 4];
@@ -528,13 +541,8 @@ impl Attention {
             }
         }
         if let Some(mask) = &d.mask {
-            let elems = mask.shape.iter().try_fold(1usize, |a, &x| a.checked_mul(x));
-            check_broadcast(
-                "mask tensor",
-                mask.shape,
-                elems.unwrap_or(usize::MAX),
-                target,
-            )?;
+            let elems = checked_elements("mask tensor", &mask.shape)?;
+            check_broadcast("mask tensor", mask.shape, elems, target)?;
         }
         if let Some(lens) = &d.lens {
             if self.kv_lens.is_some() || self.q_lens.is_some() {
@@ -630,14 +638,7 @@ fn check_broadcast(
         });
     }
     // Each dim is 1 or the target's; the target's product may still overflow.
-    let Some(expected) = shape.iter().try_fold(1usize, |acc, &d| acc.checked_mul(d)) else {
-        return Err(Error::TooLarge {
-            what,
-            requested: u64::MAX,
-            max: usize::MAX as u64,
-            hint: " elements (its shape overflows)",
-        });
-    };
+    let expected = checked_elements(what, &shape)?;
     if len != expected {
         return Err(Error::DataLength {
             what,

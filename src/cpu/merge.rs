@@ -14,16 +14,7 @@ pub fn merge(
     layout: Layout,
 ) -> Result<(Vec<f32>, Vec<f32>)> {
     let (batch, heads, q_len, dv) = layout.split(o_dims);
-    let elems = |dims: &[usize]| {
-        dims.iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .ok_or(Error::TooLarge {
-                what: "merge inputs",
-                requested: u64::MAX,
-                max: usize::MAX as u64,
-                hint: " elements (their dims overflow)",
-            })
-    };
+    let elems = |dims: &[usize]| crate::spec::checked_elements("merge inputs", dims);
     let rows = elems(&[batch, heads, q_len])?;
     let o_elems = elems(&[rows, dv])?;
     for (what, got, expected) in [

@@ -43,16 +43,7 @@ pub fn mha_reference(
     let opts = opts.clone().layout(Layout::Bshd);
     opts.validate(dims)?;
     opts.require_host_options()?;
-    let elems = |what: &'static str, dims: [usize; 3]| {
-        dims.iter()
-            .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-            .ok_or(Error::TooLarge {
-                what,
-                requested: u64::MAX,
-                max: usize::MAX as u64,
-                hint: " elements (the sizes overflow)",
-            })
-    };
+    let elems = |what, dims: [usize; 3]| crate::spec::checked_elements(what, &dims);
     for (what, data, expected) in [
         ("query", query.len(), elems("query", [batch, q_len, e])?),
         ("key", key.len(), elems("key", [batch, kv_len, c.kdim])?),

@@ -69,15 +69,7 @@ fn elements(what: &'static str, shape: [usize; 4]) -> Result<usize> {
     if shape.contains(&0) {
         return Err(Error::ZeroSize { what });
     }
-    shape
-        .iter()
-        .try_fold(1usize, |acc, &d| acc.checked_mul(d))
-        .ok_or(Error::TooLarge {
-            what,
-            requested: u64::MAX,
-            max: usize::MAX as u64,
-            hint: " elements (its shape overflows)",
-        })
+    crate::spec::checked_elements(what, &shape)
 }
 
 const USAGE: wgpu::BufferUsages = wgpu::BufferUsages::STORAGE
