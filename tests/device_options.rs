@@ -5,35 +5,10 @@
 
 mod common;
 
-use common::{O_ATOL, O_RTOL, assert_close, dims, poisoned, random, random_mask, rng};
-use wgpu_attention::{Attention, Causal, DType, Error, Gpu, KvCache, Layout, Output, Path, cpu};
-
-/// Runs `opts` on `path` into poisoned outputs and returns O and the log-sum-exp.
-fn run(
-    gpu: &Gpu,
-    path: Path,
-    d: wgpu_attention::Dims,
-    opts: &Attention,
-    qkv: (&[f32], &[f32], &[f32]),
-) -> (Vec<f32>, Vec<f32>) {
-    let layout = Layout::Bhsd;
-    let q = gpu.upload(qkv.0, d.q_shape(layout)).unwrap();
-    let k = gpu.upload(qkv.1, d.k_shape(layout)).unwrap();
-    let v = gpu.upload(qkv.2, d.v_shape(layout)).unwrap();
-    let out = Output {
-        o: poisoned(gpu, d.o_shape(layout)),
-        lse: Some(poisoned(gpu, [d.batch, d.heads, d.q_len, 1])),
-        weights: (path == Path::ThreePass).then(|| poisoned(gpu, d.score_shape())),
-    };
-    opts.clone()
-        .path(path)
-        .run_into(gpu, &q, &k, &v, &out)
-        .unwrap_or_else(|e| panic!("{path:?}: {e}"));
-    (
-        out.o.download(gpu).unwrap(),
-        out.lse.unwrap().download(gpu).unwrap(),
-    )
-}
+use common::{
+    O_ATOL, O_RTOL, assert_close, check_against_host_form, dims, random, random_mask, rng,
+};
+use wgpu_attention::{Attention, Causal, DType, Error, Gpu, KvCache, Layout, Path, cpu};
 
 #[test]
 fn device_forms_match_the_reference_on_every_path() {
@@ -46,12 +21,7 @@ fn device_forms_match_the_reference_on_every_path() {
     .into_iter()
     .enumerate()
     {
-        let mut r = rng(seed as u64);
-        let (q, k, v) = (
-            random(&mut r, d.q_elems(), 2.0),
-            random(&mut r, d.k_elems(), 1.0),
-            random(&mut r, d.v_elems(), 1.0),
-        );
+        let mut r = rng(100 + seed as u64);
         let bias_shape = [d.batch, 1, d.q_len, d.kv_len];
         let bias = random(&mut r, bias_shape.iter().product(), 3.0);
         let mask_shape = [1, d.heads, 1, d.kv_len];
@@ -65,7 +35,6 @@ fn device_forms_match_the_reference_on_every_path() {
             .mask(mask_shape, mask.clone())
             .kv_lens(kv_lens.clone())
             .q_lens(q_lens.clone());
-        let want = cpu::reference(&q, &k, &v, d, &host).unwrap();
         let bias_t = gpu.upload(&bias, bias_shape).unwrap();
         let mask_t = gpu.upload_mask(mask_shape, &mask).unwrap();
         let lens_t = gpu.upload_lens(Some(&kv_lens), Some(&q_lens)).unwrap();
@@ -73,10 +42,7 @@ fn device_forms_match_the_reference_on_every_path() {
             .bias_tensor(&bias_t)
             .mask_tensor(&mask_t)
             .lens_tensor(&lens_t);
-        let (o, lse) = run(gpu, path, d, &device, (&q, &k, &v));
-        let what = format!("{path:?} {d:?} with device options");
-        assert_close(&format!("O of {what}"), &o, &want.o, O_ATOL, O_RTOL);
-        assert_close(&format!("lse of {what}"), &lse, &want.lse, 2e-5, 2e-5);
+        check_against_host_form(gpu, path, d, &device, &host, seed as u64, 2.0);
     }
 }
 
@@ -85,25 +51,13 @@ fn device_forms_match_the_reference_on_every_path() {
 fn device_lengths_past_the_problem_act_as_the_full_length() {
     let Some(gpu) = common::gpu() else { return };
     let d = dims(2, 2, 2, 9, 70, 16, 16);
-    let mut r = rng(11);
-    let (q, k, v) = (
-        random(&mut r, d.q_elems(), 1.0),
-        random(&mut r, d.k_elems(), 1.0),
-        random(&mut r, d.v_elems(), 1.0),
-    );
-    let want = cpu::reference(&q, &k, &v, d, &Attention::new().kv_lens(vec![70, 33])).unwrap();
     let lens = gpu
         .upload_lens(Some(&[1000, 33]), Some(&[9, u32::MAX]))
         .unwrap();
+    let device = Attention::new().lens_tensor(&lens);
+    let host = Attention::new().kv_lens(vec![70, 33]);
     for path in [Path::ThreePass, Path::Fused, Path::Decode] {
-        let (o, _) = run(
-            gpu,
-            path,
-            d,
-            &Attention::new().lens_tensor(&lens),
-            (&q, &k, &v),
-        );
-        assert_close(&format!("{path:?}"), &o, &want.o, O_ATOL, O_RTOL);
+        check_against_host_form(gpu, path, d, &device, &host, 11, 1.0);
     }
 }
 
@@ -112,20 +66,12 @@ fn device_lengths_past_the_problem_act_as_the_full_length() {
 fn lengths_written_in_place_reach_the_next_call() {
     let Some(gpu) = common::gpu() else { return };
     let d = dims(2, 4, 2, 1, 300, 32, 32);
-    let mut r = rng(12);
-    let (q, k, v) = (
-        random(&mut r, d.q_elems(), 1.0),
-        random(&mut r, d.k_elems(), 1.0),
-        random(&mut r, d.v_elems(), 1.0),
-    );
     let lens = gpu.upload_lens(Some(&[300, 100]), None).unwrap();
     let opts = Attention::new().lens_tensor(&lens);
     for kv_lens in [[300, 100], [17, 299], [1, 1]] {
         lens.write(gpu, Some(&kv_lens), None).unwrap();
-        let want =
-            cpu::reference(&q, &k, &v, d, &Attention::new().kv_lens(kv_lens.to_vec())).unwrap();
-        let (o, _) = run(gpu, Path::Decode, d, &opts, (&q, &k, &v));
-        assert_close(&format!("kv_lens {kv_lens:?}"), &o, &want.o, O_ATOL, O_RTOL);
+        let host = Attention::new().kv_lens(kv_lens.to_vec());
+        check_against_host_form(gpu, Path::Decode, d, &opts, &host, 12, 1.0);
     }
     let wrong = lens.write(gpu, Some(&[1, 2]), Some(&[1, 1]));
     assert!(

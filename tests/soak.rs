@@ -5,8 +5,9 @@
 //! mapping appears after call 500. `WGPU_ATTENTION_SOAK_CALLS=n` changes the count (the first
 //! sixth are the warm-up); CI runs 600.
 //!
-//! Each case checks its first result against the CPU reference, so a path that stops
-//! computing does not pass by doing nothing.
+//! Each attention, merge and layer case checks its first result against the CPU reference, so
+//! a path that stops computing does not pass by doing nothing; the cache case's results are
+//! checked by `tests/device_options.rs` and `tests/cache_and_merge.rs`.
 
 mod common;
 
@@ -159,10 +160,16 @@ fn merge() {
     let _serial = serial();
     let Some(gpu) = common::gpu() else { return };
     let dims = [1, 4, 3, 16];
-    let (_, oa) = upload(gpu, 4, dims);
-    let (_, ob) = upload(gpu, 5, dims);
-    let (_, la) = upload(gpu, 6, [1, 4, 3, 1]);
-    let (_, lb) = upload(gpu, 7, [1, 4, 3, 1]);
+    let (oa_h, oa) = upload(gpu, 4, dims);
+    let (ob_h, ob) = upload(gpu, 5, dims);
+    let (la_h, la) = upload(gpu, 6, [1, 4, 3, 1]);
+    let (lb_h, lb) = upload(gpu, 7, [1, 4, 3, 1]);
+    let (want, _) = cpu::merge((&oa_h, &la_h), (&ob_h, &lb_h), dims, Layout::Bhsd).unwrap();
+    let a = Partial { o: &oa, lse: &la };
+    let b = Partial { o: &ob, lse: &lb };
+    let got = wgpu_attention::gpu::merge(gpu, a, b, Layout::Bhsd).unwrap();
+    let got = got.o.download(gpu).unwrap();
+    common::assert_close("merge", &got, &want, common::O_ATOL, common::O_RTOL);
     soak("merge", || {
         let a = Partial { o: &oa, lse: &la };
         let b = Partial { o: &ob, lse: &lb };
@@ -204,7 +211,13 @@ fn mha_layer() {
         MhaWeights::new(w(), w(), w(), w())
     };
     let layer = MultiHeadAttention::new(gpu, config, &weights).unwrap();
-    let (_, x) = upload(gpu, 11, [2, 9, 1, e]);
+    let (x_h, x) = upload(gpu, 11, [2, 9, 1, e]);
+    let opts = Attention::new();
+    let (want, _) =
+        cpu::mha_reference(&config, &weights, &x_h, &x_h, &x_h, (2, 9, 9), &opts, false).unwrap();
+    let got = layer.forward(gpu, &x, &x, &x, &opts).unwrap();
+    let got = got.out.download(gpu).unwrap();
+    common::assert_close("layer", &got, &want, 2e-5, common::O_RTOL);
     soak("multi-head layer", || {
         let out = layer.forward(gpu, &x, &x, &x, &Attention::new()).unwrap();
         out.out.download(gpu).unwrap();

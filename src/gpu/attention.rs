@@ -80,17 +80,21 @@ impl Attention {
             gpu.expect_own(what, t)?;
         }
         let lse_dims = [dims.batch, dims.heads, dims.q_len, 1];
-        // O takes the queries' dtype: f32 queries over a bf16 cache give an f32 output.
-        let out = Output {
-            o: gpu.empty_as(dims.o_shape(self.layout), q.dtype())?,
-            lse: self.want_lse.then(|| gpu.empty(lse_dims)).transpose()?,
-            weights: self
-                .want_weights
-                .then(|| gpu.empty(dims.score_shape()))
-                .transpose()?,
-        };
-        run_validated(gpu, &spec, (q, k, v), &out)?;
-        Ok(out)
+        // One guarded region for the allocations and the submission (one poll, one set of
+        // error scopes). O takes the queries' dtype: f32 queries over a bf16 cache give an
+        // f32 output.
+        gpu.guarded("attention", || {
+            let out = Output {
+                o: gpu.empty_as(dims.o_shape(self.layout), q.dtype())?,
+                lse: self.want_lse.then(|| gpu.empty(lse_dims)).transpose()?,
+                weights: self
+                    .want_weights
+                    .then(|| gpu.empty(dims.score_shape()))
+                    .transpose()?,
+            };
+            run_validated(gpu, &spec, (q, k, v), &out)?;
+            Ok(out)
+        })
     }
 
     /// Runs attention on the GPU into outputs the caller allocated (reused across calls, or

@@ -438,18 +438,42 @@ impl Gpu {
     /// and after it, every later call too), an allocation that failed [`Error::OutOfMemory`],
     /// any other validation or internal error [`Error::Gpu`] naming `what`. wgpu's error
     /// scopes are per thread, so calls from several threads each see their own errors.
+    ///
+    /// Inside another `guarded` of the same device family on the same thread it only runs
+    /// `f`: the outer one's scopes catch its errors and the outer one polls, so nesting costs
+    /// nothing. A successful call does not poll again at the end; a loss during it is seen by
+    /// the next call's poll.
     pub(crate) fn guarded<T>(&self, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        thread_local! {
+            /// The `DeviceState::id` whose `guarded` this thread is inside (0: none).
+            static ACTIVE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
+        }
+        struct Restore(u64);
+        impl Drop for Restore {
+            fn drop(&mut self) {
+                ACTIVE.with(|a| a.set(self.0));
+            }
+        }
+        let outer = ACTIVE.with(|a| a.get());
+        if outer == self.state.id {
+            return f();
+        }
         self.alive()?;
+        ACTIVE.with(|a| a.set(self.state.id));
+        let restore = Restore(outer);
         let out = scoped(&self.device, what, f);
+        drop(restore);
+        if out.is_ok() {
+            self.check_lost()?;
+            return out;
+        }
         // A lost device explains whatever else went wrong: on a destroyed device wgpu reports
         // the resources it could not create as invalid. wgpu says the device is lost only
         // once its queue is empty, so after an error wait for the queue before asking.
-        if out.is_err() {
-            let _ = self.device.poll(wgpu::PollType::Wait {
-                submission_index: None,
-                timeout: None,
-            });
-        }
+        let _ = self.device.poll(wgpu::PollType::Wait {
+            submission_index: None,
+            timeout: None,
+        });
         self.alive()?;
         out
     }

@@ -13,6 +13,7 @@
 //! | `context` | [`Gpu`]: adapter, device, queue, timestamps, submission |
 //! | `tensor`, `cache`, `merge` | [`Tensor`], [`KvCache`], [`merge`] |
 //! | `pool` | the per-device buffer pool and its reuse rule |
+//! | `options` | masking options on the device: [`DeviceMask`], [`DeviceLens`], bias tensors |
 
 mod attention;
 mod cache;

@@ -168,21 +168,8 @@ impl DeviceMask {
     /// needs `STORAGE` usage and `ceil(elements / 4) * 4` bytes.
     pub fn from_buffer(gpu: &Gpu, buffer: wgpu::Buffer, shape: [usize; 4]) -> Result<DeviceMask> {
         let elems = elements("mask", shape)?;
-        if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
-            return Err(Error::BufferUsage {
-                what: "mask",
-                needed: "STORAGE",
-            });
-        }
         let needed = (elems as u64).div_ceil(4) * 4;
-        crate::gpu::tensor::check_word_size("mask", &buffer)?;
-        if buffer.size() < needed {
-            return Err(Error::BufferTooSmall {
-                what: "mask",
-                needed,
-                got: buffer.size(),
-            });
-        }
+        crate::gpu::tensor::check_wrapped_buffer("mask", &buffer, needed)?;
         Ok(DeviceMask {
             buffer,
             shape,

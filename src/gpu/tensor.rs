@@ -82,14 +82,32 @@ fn byte_len(gpu: &Gpu, what: &'static str, dims: [usize; 4], dtype: DType) -> Re
     Ok(bytes)
 }
 
-/// [`Error::InvalidOption`] unless `buffer` is a whole number of 4-byte words: kernels bind
-/// whole buffers, and a storage binding's size must be a multiple of 4.
-pub(crate) fn check_word_size(what: &'static str, buffer: &wgpu::Buffer) -> Result<()> {
+/// Checks a buffer an application hands over (`Tensor::from_buffer`,
+/// `DeviceMask::from_buffer`): `STORAGE` usage, a whole number of 4-byte words (kernels bind
+/// whole buffers, and a storage binding is a multiple of 4 bytes), at least `needed` bytes.
+pub(crate) fn check_wrapped_buffer(
+    what: &'static str,
+    buffer: &wgpu::Buffer,
+    needed: u64,
+) -> Result<()> {
+    if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
+        return Err(Error::BufferUsage {
+            what,
+            needed: "STORAGE",
+        });
+    }
     if !buffer.size().is_multiple_of(4) {
         return Err(Error::InvalidOption {
             what,
             value: format!("a buffer of {} bytes", buffer.size()),
             why: "buffers are bound whole, and a storage binding is a multiple of 4 bytes",
+        });
+    }
+    if buffer.size() < needed {
+        return Err(Error::BufferTooSmall {
+            what,
+            needed,
+            got: buffer.size(),
         });
     }
     Ok(())
@@ -298,24 +316,11 @@ impl Tensor {
         if dims.contains(&0) {
             return Err(Error::ZeroSize { what: "tensor" });
         }
-        if !buffer.usage().contains(wgpu::BufferUsages::STORAGE) {
-            return Err(Error::BufferUsage {
-                what: "tensor",
-                needed: "STORAGE",
-            });
-        }
-        check_word_size("tensor", &buffer)?;
         let needed = dims
             .iter()
             .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d as u64))
             .map_or(u64::MAX, |bytes| bytes.div_ceil(4) * 4);
-        if buffer.size() < needed {
-            return Err(Error::BufferTooSmall {
-                what: "tensor",
-                needed,
-                got: buffer.size(),
-            });
-        }
+        check_wrapped_buffer("tensor", &buffer, needed)?;
         Ok(Tensor {
             buffer,
             dims,

@@ -168,6 +168,41 @@ pub fn check_dtypes(
     logit_amp: f32,
     types: [DType; 4],
 ) {
+    check_against(gpu, path, dims, (opts, opts), seed, logit_amp, types);
+}
+
+/// [`check`] of the GPU running `gpu_opts` against the reference running `ref_opts`: for
+/// options whose GPU form the CPU cannot read (masks, biases and lengths on the device), the
+/// reference takes their host form.
+pub fn check_against_host_form(
+    gpu: &Gpu,
+    path: Path,
+    dims: Dims,
+    gpu_opts: &Attention,
+    ref_opts: &Attention,
+    seed: u64,
+    logit_amp: f32,
+) {
+    check_against(
+        gpu,
+        path,
+        dims,
+        (gpu_opts, ref_opts),
+        seed,
+        logit_amp,
+        [DType::F32; 4],
+    );
+}
+
+fn check_against(
+    gpu: &Gpu,
+    path: Path,
+    dims: Dims,
+    (opts, ref_opts): (&Attention, &Attention),
+    seed: u64,
+    logit_amp: f32,
+    types: [DType; 4],
+) {
     let [tq_t, tk_t, tv_t, to_t] = types;
     let opts = opts.clone().path(path);
     let layout = opts.get_layout();
@@ -176,7 +211,7 @@ pub fn check_dtypes(
     let q = round(random(&mut r, dims.q_elems(), logit_amp), tq_t);
     let k = round(random(&mut r, dims.k_elems(), 1.0), tk_t);
     let v = round(random(&mut r, dims.v_elems(), 1.0), tv_t);
-    let want = cpu::reference(&q, &k, &v, dims, &opts).expect("reference");
+    let want = cpu::reference(&q, &k, &v, dims, &ref_opts.clone().path(path)).expect("reference");
     let tq = gpu.upload_as(&q, dims.q_shape(layout), tq_t).unwrap();
     let tk = gpu.upload_as(&k, dims.k_shape(layout), tk_t).unwrap();
     let tv = gpu.upload_as(&v, dims.v_shape(layout), tv_t).unwrap();
