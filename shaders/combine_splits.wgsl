@@ -1,14 +1,16 @@
 // Merges partial attention results over disjoint key sets by their log-sum-exp:
 // O = sum_s exp(lse_s - M) O_s / sum_s exp(lse_s - M), lse = M + log(sum_s exp(lse_s - M)),
 // M = max_s lse_s (lib/lse.wgsl). Splits with lse -inf (no allowed key) weigh nothing; a row
-// where every split has none becomes zeros with lse -inf.
+// where every split has none becomes zeros with lse -inf. A call with learnable sinks
+// (has_sinks) adds each head's sink logit as one more part, with no output.
 // One workgroup: one query row of one (batch, head). One invocation: every 64th column of it.
 // Serves flash-decoding (the splits of the fused kernel) and the public merge.
 
 // Bindings (declared by the host from Kernel::slots): params (CombineParams); p, the partial
 // outputs (tensor, read through load_p); part_lses, the partial log-sum-exps as f32 bits from
 // lse_offset (may be the same buffer as p); o (tensor); lse, the merged log-sum-exp as f32
-// bits, [batch, heads, q_len].
+// bits, [batch, heads, q_len]; sinks, the sink logits as f32 bits from sink_offset, one per
+// head (read only when has_sinks is set).
 
 const WG: u32 = 64u;
 
@@ -34,6 +36,9 @@ fn main(inv: RowInvocation) {
     var sum = LseSum(0.0, 0.0);
     for (var s = 0u; s < params.splits; s++) {
         sum = lse_add(sum, part_lse(s, b, h, i));
+    }
+    if params.has_sinks != 0u {
+        sum = lse_add(sum, sinks[params.sink_offset + h]);
     }
     let p = params;
     let part_row = b * p.part_stride_b + h * p.part_stride_h + i * p.part_stride_i;

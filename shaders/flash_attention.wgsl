@@ -85,12 +85,23 @@ fn q_elem(row: u32, d: u32, q_scale: f32) -> f32 {
     return 0.0;
 }
 
-// The score of key j for a row with key range lo..hi, of query head h and row i: NEG_BIG where
-// masked, else floored, or adjusted by the per-key options.
-fn masked_score(x: f32, b: u32, h: u32, i: u32, j: u32, lo: i32, hi: i32) -> f32 {
-    if i32(j) >= lo && i32(j) < hi && mask_allows(b, h, i, j) {
+// The score of key j for a row with key range lo..hi and sink keys 0..se, of query head h and
+// row i: NEG_BIG where masked, else floored, or adjusted by the per-key options.
+// `alibi` is the row's alibi_row.
+fn masked_score(
+    x: f32,
+    b: u32,
+    h: u32,
+    i: u32,
+    j: u32,
+    lo: i32,
+    hi: i32,
+    se: i32,
+    alibi: vec2<f32>
+) -> f32 {
+    if in_keys(j, lo, hi, se) && mask_allows(b, h, i, j) {
         if per_key_options() {
-            return adjust_score(x * LN2, b, h, i, j) * LOG2E;
+            return adjust_score_with(x * LN2, b, h, i, j, alibi) * LOG2E;
         }
         return max(x, SCORE_FLOOR2);
     }
@@ -99,6 +110,8 @@ fn masked_score(x: f32, b: u32, h: u32, i: u32, j: u32, lo: i32, hi: i32) -> f32
 
 // The key tiles this workgroup visits, and the keys every one of its rows may see.
 var<workgroup> tile_bounds: vec4<u32>;
+// Key tiles between every row's sink keys and its window, skipped (lib/masking.wgsl).
+var<workgroup> hole_tiles: vec2<u32>;
 // One past the last key any row may see: V rows from there on are staged as zeros, so rows
 // past kv_lens (which may hold anything, NaN included) never reach O.
 var<workgroup> key_end: u32;
@@ -187,6 +200,9 @@ fn main(inv: TileInvocation) {
     var row_i: array<u32, BR>;
     var lo: array<i32, BR>;
     var hi: array<i32, BR>;
+    // Sink keys 0..se (all 0 without HAS_SINK_KEYS), and ALiBi's per-row values.
+    var se: array<i32, BR>;
+    var alibi: array<vec2<f32>, BR>;
     for (var r = 0u; r < BR; r++) {
         let pr = r0 + block_row(ty, r);
         row_h[r] = kvh * params.group + pr / q_len;
@@ -194,6 +210,8 @@ fn main(inv: TileInvocation) {
         var range = vec2<i32>(0, 0);
         if pr < params.packed_rows {
             range = key_range(b, row_i[r]);
+            se[r] = sink_end(b, row_i[r]);
+            alibi[r] = alibi_row(b, row_h[r], row_i[r]);
         }
         lo[r] = range.x;
         hi[r] = range.y;
@@ -215,14 +233,20 @@ fn main(inv: TileInvocation) {
         // see.
         var hull = range_hull_new(kv_len);
         for (var m = 0u; m < TILE_M && r0 + m < params.packed_rows; m++) {
-            hull = range_hull_add(hull, key_range(b, (r0 + m) % q_len));
+            let i = (r0 + m) % q_len;
+            hull = range_hull_add(hull, key_range(b, i), sink_end(b, i));
         }
         let first = params.first_tile + split * params.tiles_per_split;
         let bounds = range_hull_bounds(hull, first, params.tiles_per_split);
         tile_bounds = bounds;
+        hole_tiles = range_hull_hole_tiles(hull);
         key_end = u32(max(hull.union_hi, 0));
     }
     let bounds = workgroupUniformLoad(&tile_bounds);
+    var hole = vec2<u32>(0u, 0u);
+    if HAS_SINK_KEYS {
+        hole = workgroupUniformLoad(&hole_tiles);
+    }
 
     // Whether any of this invocation's rows is real (its first row is its smallest). A tile of
     // 64 rows serving a GQA group of a few queries (decoding) is mostly padding: those
@@ -237,6 +261,13 @@ fn main(inv: TileInvocation) {
     // [c * BR + r]: columns 4 (tx + NX c) .. + 3 of block row r.
     var acc: array<vec4<f32>, OC * BR>;
     for (var t = bounds.x; t < bounds.y; t++) {
+        if HAS_SINK_KEYS && t >= hole.x && t < hole.y {
+            // No row sees these keys: on to the window.
+            t = hole.y;
+            if t >= bounds.y {
+                break;
+            }
+        }
         c0 = t * TILE;
 
         // S = Q K^T for the 64 x 64 tile, over head_dim in slices of 16.
@@ -266,11 +297,12 @@ fn main(inv: TileInvocation) {
                 let j = c0 + block_col(tx, 4u * (x % BC4));
                 let h = row_h[r];
                 let i = row_i[r];
+                let a = alibi[r];
                 s[x] = vec4<f32>(
-                    masked_score(s[x].x, b, h, i, j, lo[r], hi[r]),
-                    masked_score(s[x].y, b, h, i, j + 1u, lo[r], hi[r]),
-                    masked_score(s[x].z, b, h, i, j + 2u, lo[r], hi[r]),
-                    masked_score(s[x].w, b, h, i, j + 3u, lo[r], hi[r]),
+                    masked_score(s[x].x, b, h, i, j, lo[r], hi[r], se[r], a),
+                    masked_score(s[x].y, b, h, i, j + 1u, lo[r], hi[r], se[r], a),
+                    masked_score(s[x].z, b, h, i, j + 2u, lo[r], hi[r], se[r], a),
+                    masked_score(s[x].w, b, h, i, j + 3u, lo[r], hi[r], se[r], a),
                 );
             }
         }
@@ -399,9 +431,19 @@ fn main(inv: TileInvocation) {
             let inv = select(0.0, 1.0 / l, l > 0.0);
             let new_lse = lse_of(m_run[r] * LN2, l);
             if params.splits == 1u {
-                // The earlier dispatches' O and this one's, weighted by their log-sum-exps.
-                let sum = lse_add(lse_add(LseSum(0.0, 0.0), prev_lse[r]), new_lse);
-                let w_new = select(1.0, lse_weight(sum, new_lse), prev_lse[r] != NEG_INF_BITS);
+                // The earlier dispatches' O and this one's, weighted by their log-sum-exps; a
+                // sink joins the first dispatch as a part with no output.
+                var sum = lse_add(LseSum(0.0, 0.0), prev_lse[r]);
+                let sink = HAS_SINKS && params.resume == 0u;
+                if sink {
+                    sum = lse_add(sum, sink_bits(h));
+                }
+                sum = lse_add(sum, new_lse);
+                let w_new = select(
+                    1.0,
+                    lse_weight(sum, new_lse),
+                    prev_lse[r] != NEG_INF_BITS || sink
+                );
                 o_row[r] = b * params.o_stride_b + h * params.o_stride_h + i * params.o_stride_s;
                 o_scale[r] = inv * w_new;
                 o_prev[r] = lse_weight(sum, prev_lse[r]);

@@ -38,8 +38,12 @@ var<workgroup> rows_sh: array<vec4<f32>, SH4>;
 var<workgroup> p_sh: array<vec4<f32>, 2u * TILE * R4>;
 // Per row: key range lo, hi, query head, query row.
 var<workgroup> row_info: array<vec4<i32>, ROWS>;
+// Per row: the end of its sink keys (lib/masking.wgsl; 0 without HAS_SINK_KEYS).
+var<workgroup> row_sink: array<i32, ROWS>;
 // The key tiles to visit, and the keys every row may see.
 var<workgroup> tile_bounds: vec4<u32>;
+// Key tiles between every row's sink keys and its window, skipped.
+var<workgroup> hole_tiles: vec2<u32>;
 // One past the last key any row may see: P·V stops there, so V rows past every row's range
 // (past kv_lens, say, which may hold anything) are never read.
 var<workgroup> key_end: u32;
@@ -87,10 +91,13 @@ fn main(
         let h = kvh * params.group + pr / q_len;
         let i = pr % q_len;
         var range = vec2<i32>(0, 0);
+        var se = 0;
         if pr < params.packed_rows {
             range = key_range(b, i);
+            se = sink_end(b, i);
         }
         row_info[r] = vec4<i32>(range.x, range.y, i32(h), i32(i));
+        row_sink[r] = se;
     }
     let q_scale = params.scale * LOG2E;
     for (var idx = lid; idx < ROWS * Q4; idx += WG) {
@@ -114,14 +121,19 @@ fn main(
         // This split's share of the key tiles, and the keys every row may see.
         var hull = range_hull_new(kv_len);
         for (var r = 0u; r < ROWS && r0 + r < params.packed_rows; r++) {
-            hull = range_hull_add(hull, row_info[r].xy);
+            hull = range_hull_add(hull, row_info[r].xy, row_sink[r]);
         }
         let first = params.first_tile + split * params.tiles_per_split;
         let bounds = range_hull_bounds(hull, first, params.tiles_per_split);
         key_end = u32(max(hull.union_hi, 0));
         tile_bounds = bounds;
+        hole_tiles = range_hull_hole_tiles(hull);
     }
     let bounds = workgroupUniformLoad(&tile_bounds);
+    var hole = vec2<u32>(0u, 0u);
+    if HAS_SINK_KEYS {
+        hole = workgroupUniformLoad(&hole_tiles);
+    }
 
     // P·V: this invocation's key group and columns.
     let kh = lid / V_LANES;
@@ -130,6 +142,14 @@ fn main(
     // K in groups of 4 K_G4 elements (one load each, lib prelude), then the last few alone.
     let k_groups = head_dim / (4u * K_G4);
 
+    // ALiBi's per-row values (lib/masking.wgsl).
+    var alibi: array<vec2<f32>, ROWS>;
+    if HAS_ALIBI {
+        for (var r = 0u; r < ROWS; r++) {
+            let info = row_info[r];
+            alibi[r] = alibi_row(b, u32(info.z), u32(info.w));
+        }
+    }
     var m_run: array<f32, ROWS>;
     var l_run: array<f32, ROWS>;
     // [c][row]: columns 4 (dq + V_LANES c) .. + 3 of each row.
@@ -138,6 +158,13 @@ fn main(
         m_run[r] = NEG_BIG;
     }
     for (var t = bounds.x; t < bounds.y; t++) {
+        if HAS_SINK_KEYS && t >= hole.x && t < hole.y {
+            // No row sees these keys: on to the window.
+            t = hole.y;
+            if t >= bounds.y {
+                break;
+            }
+        }
         let c0 = t * TILE;
         let par = t & 1u;
 
@@ -191,9 +218,9 @@ fn main(
                     let info = row_info[r];
                     let h = u32(info.z);
                     let i = u32(info.w);
-                    if i32(j) >= info.x && i32(j) < info.y && mask_allows(b, h, i, j) {
+                    if in_keys(j, info.x, info.y, row_sink[r]) && mask_allows(b, h, i, j) {
                         if per_key_options() {
-                            s[k][r] = adjust_score(s[k][r] * LN2, b, h, i, j) * LOG2E;
+                            s[k][r] = adjust_score_with(s[k][r] * LN2, b, h, i, j, alibi[r]) * LOG2E;
                         } else {
                             s[k][r] = max(s[k][r], SCORE_FLOOR2);
                         }
@@ -293,8 +320,14 @@ fn main(
         for (var x = 0u; x < WG; x++) {
             l += p_sh[p_index(0u, x, r / 4u)][r % 4u];
         }
-        let norm = select(0.0, 1.0 / l, l > 0.0);
-        let lse = lse_of(m_run[r] * LN2, l);
+        var norm = select(0.0, 1.0 / l, l > 0.0);
+        var lse = lse_of(m_run[r] * LN2, l);
+        if HAS_SINKS && params.splits == 1u {
+            // The sink joins as a part with no output (with splits, the merge adds it).
+            let sum = lse_add(lse_add(LseSum(0.0, 0.0), lse), sink_bits(h));
+            norm *= lse_weight(sum, lse);
+            lse = lse_total(sum);
+        }
         var dst: u32;
         if params.splits == 1u {
             dst = b * params.o_stride_b + h * params.o_stride_h + i * params.o_stride_s;

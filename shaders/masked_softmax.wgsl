@@ -27,8 +27,11 @@ fn main(inv: RowInvocation) {
     let h = bh % params.heads;
     let base = row_id * mparams.kv_len;
     let range = key_range(b, i);
-    let start = u32(range.x);
-    let end = u32(range.y);
+    // The sink keys 0..se beside the window (HAS_SINK_KEYS): the loops then start at 0 and
+    // check each key.
+    let se = sink_end(b, i);
+    let start = select(u32(range.x), 0u, se > 0);
+    let end = u32(max(range.y, se));
 
     if lid == 0u {
         atomicStore(&any_allowed, 0u);
@@ -38,7 +41,7 @@ fn main(inv: RowInvocation) {
     var local_max = NEG_BIG;
     var local_any = false;
     for (var j = start + lid; j < end; j += WG) {
-        if mask_allows(b, h, i, j) {
+        if in_keys(j, range.x, range.y, se) && mask_allows(b, h, i, j) {
             local_max = max(local_max, adjust_score(scores[base + j], b, h, i, j));
             local_any = true;
         }
@@ -54,11 +57,15 @@ fn main(inv: RowInvocation) {
         }
         workgroupBarrier();
     }
-    let row_max = red_max[0];
+    var row_max = red_max[0];
+    if HAS_SINKS {
+        // The sink joins the maximum and the sum, and attends to nothing.
+        row_max = max(row_max, bitcast<f32>(sink_bits(h)));
+    }
 
     var local_sum = 0.0;
     for (var j = start + lid; j < end; j += WG) {
-        if mask_allows(b, h, i, j) {
+        if in_keys(j, range.x, range.y, se) && mask_allows(b, h, i, j) {
             local_sum += exp(adjust_score(scores[base + j], b, h, i, j) - row_max);
         }
     }
@@ -70,13 +77,16 @@ fn main(inv: RowInvocation) {
         }
         workgroupBarrier();
     }
-    let row_sum = red_sum[0];
-    let any = atomicLoad(&any_allowed) != 0u;
+    var row_sum = red_sum[0];
+    if HAS_SINKS {
+        row_sum += exp(bitcast<f32>(sink_bits(h)) - row_max);
+    }
+    let any = atomicLoad(&any_allowed) != 0u || HAS_SINKS;
     let inv_sum = select(0.0, 1.0 / row_sum, any);
 
     for (var j = lid; j < mparams.kv_len; j += WG) {
         var p = 0.0;
-        if j >= start && j < end && mask_allows(b, h, i, j) {
+        if j >= start && j < end && in_keys(j, range.x, range.y, se) && mask_allows(b, h, i, j) {
             p = exp(adjust_score(scores[base + j], b, h, i, j) - row_max) * inv_sum;
         }
         scores[base + j] = p;

@@ -13,6 +13,6 @@ pub use gpu::{
 };
 pub use mha::{MhaConfig, MhaOutput, MhaWeights, MultiHeadAttention};
 pub use spec::{
-    Attention, Bias, BoolMask, Causal, DType, Dims, Layout, MAX_HEAD_DIM, MAX_SCALE, Path,
-    SCORE_FLOOR, Spec,
+    Attention, Bias, BoolMask, Causal, DType, Dims, Layout, MAX_ALIBI_SLOPE, MAX_HEAD_DIM,
+    MAX_SCALE, Path, SCORE_FLOOR, Spec,
 };

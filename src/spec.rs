@@ -20,6 +20,10 @@ pub const SCORE_FLOOR: f32 = -1.0e38;
 /// `head_dim` 256 and the largest scale); larger scores are outside the contract.
 pub const MAX_SCALE: f32 = 1.0e6;
 
+/// The largest ALiBi slope magnitude [`Attention::alibi`] accepts: with key distances below
+/// 2^32 the bias stays far inside f32 (at most about 4e15).
+pub const MAX_ALIBI_SLOPE: f32 = 1.0e6;
+
 /// The largest `head_dim` and `v_head_dim` the kernels support.
 pub const MAX_HEAD_DIM: usize = 256;
 
@@ -324,6 +328,12 @@ pub struct Attention {
     pub(crate) want_weights: bool,
     pub(crate) path: Path,
     pub(crate) additive: Option<Vec<f32>>,
+    /// ALiBi slopes, `[heads]` or `[batch, heads]`.
+    pub(crate) alibi: Option<Vec<f32>>,
+    /// Learnable sink logits, `[heads]`.
+    pub(crate) sinks: Option<Vec<f32>>,
+    /// The first keys every row keeps beside its sliding window (StreamingLLM).
+    pub(crate) sink_keys: usize,
     /// Masking options that live on the device (`gpu::options`).
     pub(crate) device: DeviceOptions,
 }
@@ -442,6 +452,56 @@ impl Attention {
         self
     }
 
+    /// ALiBi (Press et al.): adds `-slope * |i + off - j|` to the score of query `i` and key
+    /// `j`, computed in the kernels (never materialised as a bias). `off` is the offset of the
+    /// aligned diagonal, the window's: 0 for top-left alignment, `kv_len - q_len` of the
+    /// sequence (per-sequence lengths included) for bottom-right, which is the default and
+    /// FlashAttention's `alibi_slopes` convention. Under causal masking every allowed key has
+    /// `j <= i + off`, so this is the causal form `slope * (j - i - off)`.
+    ///
+    /// `slopes` holds one slope per query head (`[heads]`), or one per batch entry and head
+    /// (`[batch, heads]`, row-major); each finite and at most [`MAX_ALIBI_SLOPE`] in magnitude.
+    /// The bias is added after the softcap, with any additive [`bias`](Attention::bias).
+    ///
+    /// ```
+    /// use wgpu_attention::{Attention, Causal, Dims, cpu};
+    /// let dims = Dims::new(1, 2, 3, 4);
+    /// let x: Vec<f32> = (0..24).map(|i| (i as f32 * 0.37).sin()).collect();
+    /// // The slopes of a 2-head model: 2^(-8/2) and 2^(-16/2).
+    /// let opts = Attention::new().causal(Causal::TopLeft).alibi(vec![1.0 / 16.0, 1.0 / 256.0]);
+    /// let r = cpu::reference(&x, &x, &x, dims, &opts)?;
+    /// assert_eq!(r.o.len(), 24);
+    /// # Ok::<(), wgpu_attention::Error>(())
+    /// ```
+    pub fn alibi(mut self, slopes: Vec<f32>) -> Self {
+        self.alibi = Some(slopes);
+        self
+    }
+
+    /// Learnable attention sinks (gpt-oss): a logit per query head that joins each row's
+    /// softmax denominator and attends to nothing. Row `i` of head `h` then has weights
+    /// `p_ij = exp(s_ij) / (exp(sink_h) + sum_j exp(s_ij))`, which sum to less than one, and
+    /// log-sum-exp `log(exp(sink_h) + sum_j exp(s_ij))`; a row with no allowed key outputs
+    /// zeros with log-sum-exp `sink_h`. `logits` has one value per query head (`[heads]`), in
+    /// natural-log units like the scores, each finite and at most `1e30` in magnitude.
+    ///
+    /// Partial results over disjoint key sets carry the sink once each, so merging two of them
+    /// ([`gpu::merge`](crate::gpu::merge)) counts it twice: give the sink to one part only.
+    pub fn sinks(mut self, logits: Vec<f32>) -> Self {
+        self.sinks = Some(logits);
+        self
+    }
+
+    /// StreamingLLM's attention sinks: the first `n` keys stay visible to every row beside its
+    /// sliding [`window`](Attention::window), still subject to causal masking, the lengths and
+    /// the boolean mask. Without a window every key the other options allow is visible anyway,
+    /// so this changes nothing. `sink_keys(4)` with `window(w, 0)` and causal masking is the
+    /// StreamingLLM pattern.
+    pub fn sink_keys(mut self, n: usize) -> Self {
+        self.sink_keys = n;
+        self
+    }
+
     /// Forces a GPU path instead of letting the plan choose.
     pub fn path(mut self, path: Path) -> Self {
         self.path = path;
@@ -510,6 +570,50 @@ impl Attention {
                 });
             }
             check_finite("additive weights", w, "must be finite")?;
+        }
+        if let Some(slopes) = &self.alibi {
+            let (h, bh) = (
+                dims.heads,
+                checked_elements("alibi slopes", &[dims.batch, dims.heads])?,
+            );
+            if slopes.len() != h && slopes.len() != bh {
+                return Err(Error::DataLength {
+                    what: "alibi slopes",
+                    dims: vec![dims.heads],
+                    expected: h,
+                    got: slopes.len(),
+                });
+            }
+            if let Some(bad) = slopes
+                .iter()
+                .position(|x| !(x.is_finite() && x.abs() <= MAX_ALIBI_SLOPE))
+            {
+                return Err(Error::InvalidOption {
+                    what: "alibi slopes",
+                    value: format!("{} at index {bad}", slopes[bad]),
+                    why: "slopes must be finite and at most 1e6 in magnitude (MAX_ALIBI_SLOPE)",
+                });
+            }
+        }
+        if let Some(sinks) = &self.sinks {
+            if sinks.len() != dims.heads {
+                return Err(Error::DataLength {
+                    what: "sink logits",
+                    dims: vec![dims.heads],
+                    expected: dims.heads,
+                    got: sinks.len(),
+                });
+            }
+            if let Some(bad) = sinks
+                .iter()
+                .position(|x| !(x.is_finite() && x.abs() <= 1e30))
+            {
+                return Err(Error::InvalidOption {
+                    what: "sink logits",
+                    value: format!("{} at index {bad}", sinks[bad]),
+                    why: "sink logits must be finite and at most 1e30 in magnitude",
+                });
+            }
         }
         self.check_path()?;
         if let Some(lens) = &self.kv_lens {
@@ -698,6 +802,11 @@ impl Spec<'_> {
     /// leave to query row `i` of batch entry `b`, before the boolean mask; empty (`hi <= lo`)
     /// when the row has no key or is past `q_lens[b]`.
     pub fn key_range(&self, b: usize, i: usize) -> (usize, usize) {
+        self.range(b, i, true)
+    }
+
+    /// [`Spec::key_range`], with the window or without it.
+    fn range(&self, b: usize, i: usize, with_window: bool) -> (usize, usize) {
         let d = &self.dims;
         let o = self.opts;
         if let Some(q_lens) = &o.q_lens
@@ -718,7 +827,7 @@ impl Spec<'_> {
             Some(Causal::BottomRight) => hi = hi.min(i + shift + 1),
             None => {}
         }
-        if let Some((left, right)) = o.window {
+        if let Some((left, right)) = o.window.filter(|_| with_window) {
             let off = match self.window_align() {
                 Causal::TopLeft => 0,
                 Causal::BottomRight => shift,
@@ -730,6 +839,48 @@ impl Spec<'_> {
             return (0, 0);
         }
         (lo as usize, hi as usize)
+    }
+
+    /// The keys `0..n` that row `i` of batch entry `b` sees beside [`Spec::key_range`]
+    /// (StreamingLLM's sink keys, [`Attention::sink_keys`]): the first keys, as far as causal
+    /// masking and `kv_lens` allow; 0 when there are none, or the row is past `q_lens[b]`.
+    /// Row `i` sees key `j` (before the boolean mask) when `j < n` or `lo <= j < hi`.
+    pub fn sink_end(&self, b: usize, i: usize) -> usize {
+        let o = self.opts;
+        if o.sink_keys == 0 || o.window.is_none() {
+            return 0;
+        }
+        // The row's range without the window: causal masking and the lengths only.
+        let (_, hi) = self.range(b, i, false);
+        o.sink_keys.min(hi)
+    }
+
+    /// The signed offset of the aligned diagonal for batch entry `b`: row `i`'s diagonal key
+    /// is `i + off`. 0 for top-left alignment, `kv_len - q_len` of the sequence for
+    /// bottom-right (the window's alignment, [`Spec::window_align`]). ALiBi measures distances
+    /// from it.
+    pub fn diagonal_offset(&self, b: usize) -> i64 {
+        let d = &self.dims;
+        let o = self.opts;
+        match self.window_align() {
+            Causal::TopLeft => 0,
+            Causal::BottomRight => {
+                let kv_len = o.kv_lens.as_ref().map_or(d.kv_len, |l| l[b] as usize) as i64;
+                let q_len = o.q_lens.as_ref().map_or(d.q_len, |l| l[b] as usize) as i64;
+                kv_len - q_len
+            }
+        }
+    }
+
+    /// The ALiBi slope of batch entry `b`, query head `h`, if the call has ALiBi.
+    pub fn alibi_slope(&self, b: usize, h: usize) -> Option<f32> {
+        let slopes = self.opts.alibi.as_ref()?;
+        let heads = self.dims.heads;
+        Some(if slopes.len() == heads {
+            slopes[h]
+        } else {
+            slopes[b * heads + h]
+        })
     }
 
     /// The alignment of the sliding window: explicit, else the causal one, else bottom-right.

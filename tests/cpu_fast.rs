@@ -184,6 +184,48 @@ fn sliding_windows() {
     }
 }
 
+/// ALiBi (per head and per batch entry and head), learnable sinks and StreamingLLM's sink keys,
+/// alone and with the options they interact with: both alignments (ALiBi's distances follow
+/// the window's), per-sequence lengths (the offset is per sequence), windows the sink keys
+/// overlap or not, and rows with no key (a sink's log-sum-exp is its logit).
+#[test]
+fn alibi_sinks_and_sink_keys() {
+    let mut rng = StdRng::seed_from_u64(77);
+    let mut seed = 900;
+    for (l, s) in [(33, 100), (100, 33), (1, 257), (57, 57)] {
+        let d = dims(2, 4, 2, l, s, 24, 16);
+        let slopes = random(&mut rng, 4, 0.5);
+        let per_batch = random(&mut rng, 8, 0.5);
+        let sinks = random(&mut rng, 4, 3.0);
+        let base = [
+            Attention::new(),
+            Attention::new().causal(Causal::TopLeft),
+            Attention::new().causal(Causal::BottomRight),
+            Attention::new().window_align(Causal::TopLeft).window(5, 5),
+            Attention::new()
+                .kv_lens(vec![0, (s as u32).min(40)])
+                .q_lens(vec![l as u32, 1]),
+        ];
+        for opts in base {
+            for with in [
+                opts.clone().alibi(slopes.clone()),
+                opts.clone().alibi(per_batch.clone()),
+                opts.clone().sinks(sinks.clone()),
+                opts.clone().alibi(slopes.clone()).sinks(sinks.clone()),
+                opts.clone().window(3, 0).sink_keys(4),
+                opts.clone()
+                    .window(20, 2)
+                    .sink_keys(30)
+                    .sinks(sinks.clone()),
+                opts.clone().window(0, 0).sink_keys(1).alibi(slopes.clone()),
+            ] {
+                seed += 1;
+                check("alibi/sinks", seed, d, &with, 4.0);
+            }
+        }
+    }
+}
+
 #[test]
 fn masks_and_biases_broadcast() {
     let (b, h, l, s) = (2, 2, 33, 100);
@@ -426,6 +468,11 @@ struct Case {
     q_lens: bool,
     q_amp: f32,
     seed: u64,
+    /// ALiBi: slopes per batch entry and head (else per head), and their size.
+    alibi: Option<(bool, f32)>,
+    /// Sink logits of this size.
+    sinks: Option<f32>,
+    sink_keys: usize,
 }
 
 fn case() -> impl Strategy<Value = Case> {
@@ -450,11 +497,29 @@ fn case() -> impl Strategy<Value = Case> {
         any::<bool>(),
         prop_oneof![Just(1.0f32), Just(4.0), Just(30.0)],
         any::<u64>(),
+        (
+            proptest::option::of((any::<bool>(), 0.01f32..1.0)),
+            proptest::option::of(0.1f32..8.0),
+            prop_oneof![Just(0usize), 1..12usize],
+        ),
     );
     (sizes, options).prop_map(
         |(
             (batch, kv_heads, group, q_len, kv_len, head_dim, v_head_dim),
-            (bshd, causal, window, softcap, scale, mask, bias, kv_lens, q_lens, q_amp, seed),
+            (
+                bshd,
+                causal,
+                window,
+                softcap,
+                scale,
+                mask,
+                bias,
+                kv_lens,
+                q_lens,
+                q_amp,
+                seed,
+                (alibi, sinks, sink_keys),
+            ),
         )| Case {
             batch,
             kv_heads,
@@ -474,6 +539,9 @@ fn case() -> impl Strategy<Value = Case> {
             q_lens,
             q_amp,
             seed,
+            alibi,
+            sinks,
+            sink_keys,
         },
     )
 }
@@ -546,7 +614,18 @@ impl Case {
                 .collect();
             opts = opts.q_lens(lens);
         }
-        opts
+        if let Some((per_batch, size)) = self.alibi {
+            let n = if per_batch {
+                d.batch * d.heads
+            } else {
+                d.heads
+            };
+            opts = opts.alibi(random(&mut rng, n, size));
+        }
+        if let Some(size) = self.sinks {
+            opts = opts.sinks(random(&mut rng, d.heads, size));
+        }
+        opts.sink_keys(self.sink_keys)
     }
 }
 

@@ -46,6 +46,66 @@ fn device_forms_match_the_reference_on_every_path() {
     }
 }
 
+/// Device lengths with ALiBi slopes and sinks, which live in the call's own buffer behind a
+/// copy of the device's lengths; and a cache attending with them.
+#[test]
+fn device_lengths_with_alibi_and_sinks() {
+    let Some(gpu) = common::gpu() else { return };
+    for (seed, (path, d)) in [
+        (Path::ThreePass, dims(2, 4, 2, 13, 37, 16, 12)),
+        (Path::Fused, dims(2, 3, 3, 70, 133, 24, 20)),
+        (Path::Decode, dims(2, 8, 2, 1, 1100, 64, 64)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let mut r = rng(200 + seed as u64);
+        let kv_lens = vec![(d.kv_len / 3) as u32, d.kv_len as u32];
+        let q_lens = vec![d.q_len as u32, (d.q_len as u32).div_ceil(2)];
+        let base = Attention::new()
+            .causal(Causal::BottomRight)
+            .alibi(random(&mut r, d.heads, 0.1))
+            .sinks(random(&mut r, d.heads, 3.0));
+        let host = base.clone().kv_lens(kv_lens.clone()).q_lens(q_lens.clone());
+        let lens_t = gpu.upload_lens(Some(&kv_lens), Some(&q_lens)).unwrap();
+        let device = base.lens_tensor(&lens_t);
+        check_against_host_form(gpu, path, d, &device, &host, 10 + seed as u64, 2.0);
+    }
+
+    let (batch, kv_heads, heads, dim) = (2, 2, 4, 16);
+    let mut cache = KvCache::new(gpu, batch, kv_heads, 64, dim, dim).unwrap();
+    let mut r = rng(14);
+    let k = random(&mut r, batch * kv_heads * 20 * dim, 1.0);
+    let v = random(&mut r, batch * kv_heads * 20 * dim, 1.0);
+    cache.append(gpu, &k, &v, &[20, 9]).unwrap();
+    let q = random(&mut r, batch * heads * dim, 1.0);
+    let tq = gpu.upload(&q, [batch, heads, 1, dim]).unwrap();
+    let extra = Attention::new()
+        .alibi(random(&mut r, heads, 0.3))
+        .sinks(random(&mut r, heads, 2.0));
+    let got = cache
+        .attend(gpu, &tq, &extra)
+        .unwrap()
+        .o
+        .download(gpu)
+        .unwrap();
+    let (kc, vc) = (
+        cache.k().download(gpu).unwrap(),
+        cache.v().download(gpu).unwrap(),
+    );
+    let want = cpu::reference(
+        &q,
+        &kc,
+        &vc,
+        dims(batch, heads, kv_heads, 1, 64, dim, dim),
+        &extra
+            .causal(Causal::BottomRight)
+            .kv_lens(cache.lens().to_vec()),
+    )
+    .unwrap();
+    assert_close("cache with alibi and sinks", &got, &want.o, O_ATOL, O_RTOL);
+}
+
 /// Lengths past `kv_len` / `q_len` (which the host form refuses) act as the full length.
 #[test]
 fn device_lengths_past_the_problem_act_as_the_full_length() {

@@ -584,6 +584,80 @@ fn invalid_scale_and_softcap() {
     }
 }
 
+#[test]
+fn alibi_slopes_and_sink_logits() {
+    let d = base(); // batch 2, heads 4
+    for n in [0, 3, 5, 7, 9] {
+        both(
+            &format!("{n} alibi slopes"),
+            d,
+            &Attention::new().alibi(vec![0.5; n]),
+            |e| matches!(e, Error::DataLength { what: "alibi slopes", expected: 4, got, .. } if *got == n),
+            &["alibi slopes", &n.to_string()],
+        );
+        both(
+            &format!("{n} sink logits"),
+            d,
+            &Attention::new().sinks(vec![0.5; n]),
+            |e| matches!(e, Error::DataLength { what: "sink logits", expected: 4, got, .. } if *got == n),
+            &["sink logits", &n.to_string()],
+        );
+    }
+    // One slope per batch entry and head is accepted too.
+    let ok = Attention::new().alibi(vec![0.25; 8]);
+    cpu::reference(
+        &data(d.q_elems()),
+        &data(d.k_elems()),
+        &data(d.v_elems()),
+        d,
+        &ok,
+    )
+    .unwrap();
+    for bad in [
+        f32::NAN,
+        f32::INFINITY,
+        -f32::INFINITY,
+        wgpu_attention::MAX_ALIBI_SLOPE * 2.0,
+    ] {
+        let mut slopes = vec![0.5; 4];
+        slopes[2] = bad;
+        both(
+            &format!("alibi slope {bad}"),
+            d,
+            &Attention::new().alibi(slopes),
+            |e| {
+                matches!(
+                    e,
+                    Error::InvalidOption {
+                        what: "alibi slopes",
+                        ..
+                    }
+                )
+            },
+            &["alibi slopes", "index 2", "finite"],
+        );
+    }
+    for bad in [f32::NAN, f32::INFINITY, -f32::INFINITY, -1e31, f32::MAX] {
+        let mut sinks = vec![0.5; 4];
+        sinks[3] = bad;
+        both(
+            &format!("sink logit {bad}"),
+            d,
+            &Attention::new().sinks(sinks),
+            |e| {
+                matches!(
+                    e,
+                    Error::InvalidOption {
+                        what: "sink logits",
+                        ..
+                    }
+                )
+            },
+            &["sink logits", "index 3", "finite"],
+        );
+    }
+}
+
 /// The largest accepted scale on inputs whose scores reach ~1e37, near the contract's 1e38:
 /// finite outputs on every path, equal to the reference's.
 #[test]

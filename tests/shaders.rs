@@ -251,7 +251,7 @@ fn options_are_compiled_in() {
                 .collect();
             assert_eq!(
                 expected.len(),
-                3,
+                6,
                 "{}: constants {expected:?}",
                 describe(&key)
             );

@@ -2,7 +2,8 @@
 // `Spec::key_range` on the CPU: change one, change the other. A kernel that includes it lists
 // in its slots `mparams: MaskParams` (uniform), `bias: array<f32>`, `mask: array<u32>` (one
 // byte per element, four to a word) and `lens: array<u32>` (kv_lens[0..batch], then
-// q_lens[batch..2 * batch]).
+// q_lens[batch..2 * batch], then from mparams.alibi_offset the ALiBi slopes and from
+// mparams.sink_offset the sink logits, both as f32 bits).
 //
 // The options that act key by key (boolean mask, bias, softcap) are compiled in: these
 // pipeline constants are part of the kernel's key, so a call without them runs none of their
@@ -13,15 +14,62 @@
 override HAS_BIAS: bool = false;
 override HAS_MASK: bool = false;
 override HAS_SOFTCAP: bool = false;
+// ALiBi, learnable sinks and StreamingLLM's sink keys: ALiBi acts key by key; a sink only at
+// the end of a row; sink keys widen key ranges (sink_end), which the kernels check per key
+// only where they hold such ranges.
+override HAS_ALIBI: bool = false;
+override HAS_SINKS: bool = false;
+override HAS_SINK_KEYS: bool = false;
 
-// Whether scores need work key by key beyond scaling (a boolean mask, a bias, a softcap).
+// Whether scores need work key by key beyond scaling (a boolean mask, a bias, a softcap,
+// ALiBi).
 fn per_key_options() -> bool {
-    return HAS_MASK || HAS_BIAS || HAS_SOFTCAP;
+    return HAS_MASK || HAS_BIAS || HAS_SOFTCAP || HAS_ALIBI;
 }
 
 // Keys lo..hi (half open) that kv_lens, causal alignment, the window and q_lens leave to
-// query row i of batch entry b; the boolean mask is checked per key on top.
+// query row i of batch entry b; the boolean mask is checked per key on top, and the sink keys
+// 0 .. sink_end(b, i) are allowed beside it.
 fn key_range(b: u32, i: u32) -> vec2<i32> {
+    return key_range_of(b, i, mparams.has_window != 0u);
+}
+
+// kv_len - q_len of sequence b (its own lengths where the call has them).
+fn sequence_shift(b: u32) -> i32 {
+    var kv_len = i32(mparams.kv_len);
+    var q_len = i32(mparams.q_len);
+    if mparams.has_kv_lens != 0u {
+        kv_len = i32(min(lens[b], mparams.kv_len));
+    }
+    if mparams.has_q_lens != 0u {
+        q_len = i32(min(lens[mparams.batch + b], mparams.q_len));
+    }
+    return kv_len - q_len;
+}
+
+// StreamingLLM: keys 0 .. sink_end(b, i) are visible to row i beside its window, as far as
+// causal masking and the lengths allow (Spec::sink_end on the CPU); 0 without sink keys.
+fn sink_end(b: u32, i: u32) -> i32 {
+    if !HAS_SINK_KEYS {
+        return 0;
+    }
+    return min(i32(mparams.sink_keys), key_range_of(b, i, false).y);
+}
+
+// Whether key j is in a row's keys: its range lo..hi, or its sink keys 0..se.
+fn in_keys(j: u32, lo: i32, hi: i32, se: i32) -> bool {
+    let k = i32(j);
+    return (k >= lo && k < hi) || (HAS_SINK_KEYS && k < se);
+}
+
+// The sink logit of query head h, as log-sum-exp bits (a part with no output that joins the
+// softmax denominator: lib/lse.wgsl's lse_add folds it in).
+fn sink_bits(h: u32) -> u32 {
+    return lens[mparams.sink_offset + h];
+}
+
+// key_range, with the window or without it.
+fn key_range_of(b: u32, i: u32, with_window: bool) -> vec2<i32> {
     let row = i32(i);
     // Bottom-right alignment follows each sequence's own lengths.
     var kv_len = i32(mparams.kv_len);
@@ -41,7 +89,7 @@ fn key_range(b: u32, i: u32) -> vec2<i32> {
     } else if mparams.causal == CAUSAL_BOTTOM_RIGHT {
         hi = min(hi, row + shift + 1);
     }
-    if mparams.has_window != 0u {
+    if with_window {
         // win_off is 0 for top-left alignment, or 1 for bottom-right: then the shift applies.
         let off = mparams.win_off * shift;
         lo = max(lo, row + off - mparams.win_left);
@@ -53,8 +101,25 @@ fn key_range(b: u32, i: u32) -> vec2<i32> {
     return vec2<i32>(lo, max(hi, lo));
 }
 
-// The score of (b, h, i, j) after softcap and bias, from the scaled dot product s.
+// The score of (b, h, i, j) after softcap, bias and ALiBi, from the scaled dot product s.
 fn adjust_score(s: f32, b: u32, h: u32, i: u32, j: u32) -> f32 {
+    return adjust_score_with(s, b, h, i, j, alibi_row(b, h, i));
+}
+
+// Row i of head h of batch entry b's ALiBi slope, and its aligned diagonal i + off as i32
+// bits (Spec::diagonal_offset): what the per-key ALiBi term needs, computed once per row by the
+// fused kernels. Zeros without ALiBi.
+fn alibi_row(b: u32, h: u32, i: u32) -> vec2<f32> {
+    if !HAS_ALIBI {
+        return vec2<f32>(0.0, 0.0);
+    }
+    let slope = bitcast<f32>(lens[mparams.alibi_offset + b * mparams.alibi_stride_b + h]);
+    let diagonal = i32(i) + mparams.win_off * sequence_shift(b);
+    return vec2<f32>(slope, bitcast<f32>(diagonal));
+}
+
+// adjust_score with the row's alibi_row.
+fn adjust_score_with(s: f32, b: u32, h: u32, i: u32, j: u32, alibi: vec2<f32>) -> f32 {
     var x = s;
     if HAS_SOFTCAP {
         // Clamped: tanh(10) is 1 in f32, and some drivers overflow inside tanh for large inputs.
@@ -63,6 +128,10 @@ fn adjust_score(s: f32, b: u32, h: u32, i: u32, j: u32) -> f32 {
     if HAS_BIAS {
         let p = mparams;
         x += bias[b * p.bias_stride_b + h * p.bias_stride_h + i * p.bias_stride_i + j * p.bias_stride_j];
+    }
+    if HAS_ALIBI {
+        // -slope * |i + off - j|; the distance in i32, exact at any length.
+        x -= alibi.x * f32(abs(bitcast<i32>(alibi.y) - i32(j)));
     }
     return max(x, SCORE_FLOOR);
 }
@@ -77,27 +146,48 @@ fn mask_allows(b: u32, h: u32, i: u32, j: u32) -> bool {
 }
 
 // The key ranges of a workgroup's rows, gathered with range_hull_add: their union bounds the
-// key tiles to visit, their intersection the keys no range restriction touches.
+// key tiles to visit, their intersection the keys no range restriction touches. With sink
+// keys, hole_lo .. hole_hi are keys between every row's sink keys and its window, which no
+// row sees.
 struct RangeHull {
     union_lo: i32,
     union_hi: i32,
     common_lo: i32,
     common_hi: i32,
+    hole_lo: i32,
+    hole_hi: i32,
 }
 
 fn range_hull_new(kv_len: u32) -> RangeHull {
-    return RangeHull(i32(kv_len), 0, 0, i32(kv_len));
+    return RangeHull(i32(kv_len), 0, 0, i32(kv_len), 0, i32(kv_len));
 }
 
-fn range_hull_add(h: RangeHull, range: vec2<i32>) -> RangeHull {
+// Adds a row's range lo..hi and its sink keys 0..se.
+fn range_hull_add(h: RangeHull, range: vec2<i32>, se: i32) -> RangeHull {
     var out = h;
     if range.y > range.x {
         out.union_lo = min(out.union_lo, range.x);
         out.union_hi = max(out.union_hi, range.y);
+        out.hole_hi = min(out.hole_hi, range.x);
+    }
+    if se > 0 {
+        out.union_lo = 0;
+        out.union_hi = max(out.union_hi, se);
+        out.hole_lo = max(out.hole_lo, se);
     }
     out.common_lo = max(out.common_lo, range.x);
     out.common_hi = min(out.common_hi, range.y);
     return out;
+}
+
+// The key tiles (x .. y) inside the hole of h, which no row sees (0, 0 when none).
+fn range_hull_hole_tiles(h: RangeHull) -> vec2<u32> {
+    if !HAS_SINK_KEYS || h.hole_hi <= h.hole_lo {
+        return vec2<u32>(0u, 0u);
+    }
+    let first = (u32(h.hole_lo) + TILE - 1u) / TILE;
+    let end = u32(h.hole_hi) / TILE;
+    return vec2<u32>(first, max(end, first));
 }
 
 // The key tiles (x .. y) of `first .. first + count` the rows see any key of, and the keys

@@ -283,6 +283,9 @@ struct Scratch {
     l: Vec<f32>,
     /// Key range of each row of the task.
     ranges: Vec<(usize, usize)>,
+    /// Keys inside each row's range that it does not see (between StreamingLLM's sink keys
+    /// and its window), masked in `transform_row`; empty for most rows.
+    holes: Vec<(usize, usize)>,
 }
 
 impl Scratch {
@@ -296,6 +299,7 @@ impl Scratch {
             m: vec![0.0; strips * MR],
             l: vec![0.0; strips * MR],
             ranges: vec![(0, 0); strips * MR],
+            holes: vec![(0, 0); strips * MR],
         }
     }
 }
@@ -338,7 +342,7 @@ impl<'a> Problem<'a> {
                 }
             });
 
-        let transform = opts.softcap.is_some() || opts.bias.is_some();
+        let transform = opts.softcap.is_some() || opts.bias.is_some() || opts.alibi.is_some();
         let q_scale = if transform {
             spec.scale
         } else {
@@ -408,20 +412,39 @@ impl<'a> Problem<'a> {
         let strips = rows.div_ceil(MR);
 
         let (mut lo_all, mut hi_all) = (usize::MAX, 0);
-        for (r, range) in s.ranges[..strips * MR].iter_mut().enumerate() {
+        let ranges = s.ranges[..strips * MR].iter_mut();
+        for (r, (range, hole)) in ranges.zip(&mut s.holes).enumerate() {
             *range = if r < rows {
                 self.spec.key_range(b, i0 + r)
             } else {
                 (0, 0)
             };
+            *hole = (0, 0);
+            let sink_end = if r < rows {
+                self.spec.sink_end(b, i0 + r)
+            } else {
+                0
+            };
+            if sink_end > 0 {
+                // Sink keys 0..sink_end and the window lo..hi, as one range with a hole.
+                if range.0 >= range.1 {
+                    *range = (0, sink_end);
+                } else {
+                    if sink_end < range.0 {
+                        *hole = (sink_end, range.0);
+                    }
+                    *range = (0, range.1.max(sink_end));
+                }
+            }
             if range.0 < range.1 {
                 lo_all = lo_all.min(range.0);
                 hi_all = hi_all.max(range.1);
             }
         }
+        let sink = self.spec.opts.sinks.as_ref().map(|s| s[h]);
         if lo_all >= hi_all {
             o.fill(0.0);
-            lse.fill(f32::NEG_INFINITY);
+            lse.fill(sink.unwrap_or(f32::NEG_INFINITY));
             return;
         }
 
@@ -466,13 +489,26 @@ impl<'a> Problem<'a> {
 
         for (r, (dst, row_lse)) in o.chunks_exact_mut(dv).zip(lse.iter_mut()).enumerate() {
             let (st, rr) = (r / MR, r % MR);
-            let (m, l) = (s.m[r], s.l[r]);
+            let (mut m, mut l) = (s.m[r], s.l[r]);
+            // A sink joins the sum (base-2 units here) and attends to nothing.
+            let mut o_scale = 1.0;
+            if let Some(sink) = sink {
+                let sink2 = sink * std::f32::consts::LOG2_E;
+                let top = m.max(sink2);
+                o_scale = if m == f32::NEG_INFINITY {
+                    0.0
+                } else {
+                    exp2(m - top)
+                };
+                l = l * o_scale + exp2(sink2 - top);
+                m = top;
+            }
             if m == f32::NEG_INFINITY {
                 dst.fill(0.0);
                 *row_lse = f32::NEG_INFINITY;
                 continue;
             }
-            let inv = 1.0 / l;
+            let inv = o_scale / l;
             let tiles = &s.acc[st * np..][..np];
             for (c, x) in dst.iter_mut().enumerate() {
                 *x = tiles[c / NR][rr][c % NR] * inv;
@@ -526,6 +562,11 @@ impl<'a> Problem<'a> {
             let pr = &mut probs[r][a..e];
             if self.transform || self.mask.is_some() {
                 self.transform_row(b, h, i0 + row, j0 + a, sr);
+            }
+            // Keys between the sink keys and the window.
+            let (ha, he) = s.holes[row];
+            for x in &mut sr[ha.clamp(j0 + a, j0 + e) - j0 - a..he.clamp(j0 + a, j0 + e) - j0 - a] {
+                *x = f32::NEG_INFINITY;
             }
             let mut m_blk = row_max(sr);
             if m_blk == f32::NEG_INFINITY {
@@ -584,8 +625,18 @@ impl<'a> Problem<'a> {
         if let Some((st, data)) = self.bias {
             let base = b * st[0] + h * st[1] + i * st[2];
             for (t, x) in s.iter_mut().enumerate() {
-                *x = (*x + data[base + (j + t) * st[3]]).max(crate::spec::SCORE_FLOOR);
+                *x += data[base + (j + t) * st[3]];
             }
+        }
+        if let Some(slope) = self.spec.alibi_slope(b, h) {
+            let diagonal = i as i64 + self.spec.diagonal_offset(b);
+            for (t, x) in s.iter_mut().enumerate() {
+                *x -= slope * (diagonal - (j + t) as i64).unsigned_abs() as f32;
+            }
+        }
+        if self.bias.is_some() || self.spec.opts.alibi.is_some() {
+            s.iter_mut()
+                .for_each(|x| *x = x.max(crate::spec::SCORE_FLOOR));
         }
         if self.transform {
             s.iter_mut().for_each(|x| *x *= std::f32::consts::LOG2_E);

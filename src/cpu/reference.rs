@@ -108,11 +108,14 @@ where
             let kvh = h / dims.group();
             for i in 0..q_len {
                 let (lo, hi) = spec.key_range(b, i);
+                let sink_end = spec.sink_end(b, i);
+                let alibi = spec.alibi_slope(b, h).map(|slope| slope as f64);
+                let diagonal = i as i64 + spec.diagonal_offset(b);
                 let q_row = &q[b * qs[0] + h * qs[1] + i * qs[2]..][..head_dim];
                 let mut max = f64::NEG_INFINITY;
                 for j in 0..kv_len {
-                    allowed[j] =
-                        j >= lo && j < hi && mask.is_none_or(|(s, data)| data[at(s, b, h, i, j)]);
+                    allowed[j] = ((j >= lo && j < hi) || j < sink_end)
+                        && mask.is_none_or(|(s, data)| data[at(s, b, h, i, j)]);
                     if !allowed[j] {
                         continue;
                     }
@@ -130,9 +133,18 @@ where
                     if let Some((st, data)) = bias {
                         s += data[at(st, b, h, i, j)] as f64;
                     }
+                    if let Some(slope) = alibi {
+                        s -= slope * (diagonal - j as i64).unsigned_abs() as f64;
+                    }
                     let s = s.max(crate::spec::SCORE_FLOOR as f64);
                     scores[j] = s;
                     max = max.max(s);
+                }
+                let row = (b * heads + h) * q_len + i;
+                // A sink joins the denominator (and the maximum) and attends to nothing.
+                let sink = opts.sinks.as_ref().map(|s| s[h] as f64);
+                if let Some(sink) = sink {
+                    max = max.max(sink);
                 }
                 if max == f64::NEG_INFINITY {
                     continue; // no allowed key: zeros and lse = -inf
@@ -140,8 +152,8 @@ where
                 let sum: f64 = (0..kv_len)
                     .filter(|&j| allowed[j])
                     .map(|j| (scores[j] - max).exp())
-                    .sum();
-                let row = (b * heads + h) * q_len + i;
+                    .sum::<f64>()
+                    + sink.map_or(0.0, |s| (s - max).exp());
                 lse[row] = (max + sum.ln()) as f32;
                 let mut acc = vec![0f64; v_head_dim];
                 for j in (0..kv_len).filter(|&j| allowed[j]) {

@@ -121,6 +121,8 @@ pub fn merge(gpu: &Gpu, a: Partial<'_>, b: Partial<'_>, layout: Layout) -> Resul
         let lse_offset = (2 * o_bytes / 4) as u32;
         let params = CombineParams {
             splits: 2,
+            has_sinks: 0,
+            sink_offset: 0,
             rows,
             heads: heads as u32,
             q_len: q_len as u32,
@@ -146,6 +148,7 @@ pub fn merge(gpu: &Gpu, a: Partial<'_>, b: Partial<'_>, layout: Layout) -> Resul
             parts_storage: gpu.storage(a.o.dtype()),
             o: &out.o,
             lse: out.lse.as_ref().map(|t| t.buffer()),
+            sinks: None,
             last: false,
         };
         combine::encode(gpu, encoder, &merge)?;

@@ -593,6 +593,76 @@ macro_rules! path_grid_tests {
             }
         }
 
+        /// ALiBi (per head, per batch entry and head), learnable sinks and StreamingLLM's sink
+        /// keys, alone and together with causal masking, both alignments, lengths and masks;
+        /// keys long enough to split on the decode path (the merge adds the sinks) and to
+        /// leave whole key tiles between the sink keys and the window (skipped).
+        #[test]
+        fn alibi_sinks_and_sink_keys() {
+            let Some(gpu) = gpu() else { return };
+            let mut r = rng(12);
+            let mut seed = 1100;
+            let d = dims(2, 4, 2, 37, 70, 24, 16);
+            let slopes = random(&mut r, 4, 0.5);
+            let per_batch = random(&mut r, 8, 0.5);
+            let sinks = random(&mut r, 4, 3.0);
+            let mask = random_mask(&mut r, 37 * 70, 0.7);
+            let cases = [
+                Attention::new().alibi(slopes.clone()),
+                Attention::new()
+                    .alibi(per_batch.clone())
+                    .causal(Causal::TopLeft),
+                Attention::new().sinks(sinks.clone()),
+                Attention::new()
+                    .sinks(sinks.clone())
+                    .alibi(slopes.clone())
+                    .causal(Causal::BottomRight)
+                    .kv_lens(vec![0, 50])
+                    .q_lens(vec![37, 9]),
+                Attention::new()
+                    .window(3, 0)
+                    .causal(Causal::BottomRight)
+                    .sink_keys(4)
+                    .layout(Layout::Bshd),
+                Attention::new()
+                    .window(5, 5)
+                    .window_align(Causal::TopLeft)
+                    .sink_keys(9)
+                    .sinks(sinks.clone())
+                    .mask([1, 1, 37, 70], mask),
+            ];
+            for opts in &cases {
+                seed += 1;
+                check(gpu, $path, d, opts, seed, 4.0);
+            }
+            // Decoding over many keys: splits on the decode path.
+            let long = dims(1, 8, 2, 1, 1100, 64, 64);
+            let sinks8 = random(&mut r, 8, 3.0);
+            let slopes8 = random(&mut r, 8, 0.02);
+            for opts in [
+                Attention::new().sinks(sinks8.clone()),
+                Attention::new()
+                    .alibi(slopes8)
+                    .sinks(sinks8.clone())
+                    .causal(Causal::BottomRight),
+                Attention::new()
+                    .window(100, 0)
+                    .causal(Causal::BottomRight)
+                    .sink_keys(4)
+                    .sinks(sinks8),
+            ] {
+                seed += 1;
+                check(gpu, $path, long, &opts, seed, 4.0);
+            }
+            // Whole tiles between the sink keys and the windows of a query tile.
+            let square = dims(1, 2, 1, 300, 300, 16, 16);
+            let opts = Attention::new()
+                .window(20, 0)
+                .causal(Causal::TopLeft)
+                .sink_keys(5);
+            check(gpu, $path, square, &opts, seed + 1, 4.0);
+        }
+
         #[test]
         fn logits_scaled_30x() {
             let Some(gpu) = gpu() else { return };
@@ -825,7 +895,9 @@ macro_rules! path_grid_tests {
                     any::<bool>(),
                     any::<bool>(),
                 ),
-                (0usize..4, any::<u64>()),
+                // llm: 1 ALiBi, 2 sinks, 3 sink keys (with a window), else none (each is a
+                // pipeline of its own per combination: kept to one at a time here).
+                (0usize..4, any::<u64>(), 0usize..16),
             );
             runner
                 .run(
@@ -834,7 +906,7 @@ macro_rules! path_grid_tests {
                         (b, hkv, g, l, s),
                         (dd, dv, bshd, causal, mask_pat),
                         (bias_pat, softcap, kv_lens, q_lens, big),
-                        (window, seed),
+                        (window, seed, llm),
                     )| {
                         let d = Dims {
                             batch: b,
@@ -866,9 +938,15 @@ macro_rules! path_grid_tests {
                         if softcap {
                             opts = opts.softcap(10.0);
                         }
-                        if window != 0 {
+                        if window != 0 || llm == 3 {
                             opts = opts.window(r.random_range(0..40), r.random_range(0..40));
                         }
+                        opts = match llm {
+                            1 => opts.alibi(random(&mut r, d.heads, 0.3)),
+                            2 => opts.sinks(random(&mut r, d.heads, 3.0)),
+                            3 => opts.sink_keys(r.random_range(1..20)),
+                            _ => opts,
+                        };
                         if kv_lens {
                             opts = opts
                                 .kv_lens((0..b).map(|_| r.random_range(0..=s as u32)).collect());

@@ -54,6 +54,18 @@ struct Args {
     /// two differ only when q_len != kv_len.
     #[arg(long, requires = "causal")]
     bottom_right: bool,
+    /// ALiBi with the slopes of Press et al., 2^(-8 (h + 1) / heads), computed in the kernels.
+    #[arg(long)]
+    alibi: bool,
+    /// Learnable attention sinks (gpt-oss): one logit per query head (fixed values near 0).
+    #[arg(long)]
+    sinks: bool,
+    /// A sliding window of this many keys before each query's diagonal (and none after).
+    #[arg(long)]
+    window: Option<usize>,
+    /// With --window: the first keys every query also sees (StreamingLLM's sink keys).
+    #[arg(long, requires = "window")]
+    sink_keys: Option<usize>,
     /// Storage types of Q, K, V and O to sweep, separated by commas or spaces (accumulation is
     /// f32).
     #[arg(long, value_delimiter = ',', num_args = 1.., default_values_t = [DTypeName::F32])]
@@ -98,6 +110,58 @@ struct Args {
     /// for) and the end-to-end time, for a small prefill call and a decoding step.
     #[arg(long)]
     overhead: bool,
+}
+
+impl Args {
+    /// The options of a run over the first `heads` query heads (fewer than `--heads` when the
+    /// reference checks part of the problem): causal masking and the LLM options asked for.
+    fn attention(&self, heads: usize) -> wgpu_attention::Attention {
+        use wgpu_attention::{Attention, Causal};
+        let mut opts = Attention::new();
+        if self.causal {
+            opts = opts.causal(if self.bottom_right {
+                Causal::BottomRight
+            } else {
+                Causal::TopLeft
+            });
+        }
+        let total = self.heads as f32;
+        if self.alibi {
+            opts = opts.alibi(
+                (0..heads)
+                    .map(|h| (-8.0 * (h + 1) as f32 / total).exp2())
+                    .collect(),
+            );
+        }
+        if self.sinks {
+            opts = opts.sinks((0..heads).map(|h| (h as f32 * 0.7).sin()).collect());
+        }
+        if let Some(left) = self.window {
+            opts = opts.window(left, 0);
+        }
+        if let Some(n) = self.sink_keys {
+            opts = opts.sink_keys(n);
+        }
+        opts
+    }
+
+    /// The LLM options of the run, in words ("" when none).
+    fn llm_options(&self) -> String {
+        let mut parts = Vec::new();
+        if self.alibi {
+            parts.push("ALiBi".to_string());
+        }
+        if self.sinks {
+            parts.push("sinks".to_string());
+        }
+        if let Some(w) = self.window {
+            parts.push(format!("window {w}"));
+        }
+        if let Some(n) = self.sink_keys {
+            parts.push(format!("{n} sink keys"));
+        }
+        parts.join(", ")
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]

@@ -71,6 +71,7 @@ fn record(args: &Args, device: &str, r: &Row, rows: &[Row]) -> Vec<(&'static str
         ("head_dim", num(d.head_dim)),
         ("v_head_dim", num(d.v_head_dim)),
         ("causal", Text(r.alignment.to_string())),
+        ("options", Text(args.llm_options())),
         ("median_ms", Num(format!("{:.4}", r.median_ms))),
         ("min_ms", Num(format!("{:.4}", r.min_ms))),
         ("max_ms", Num(format!("{:.4}", r.max_ms))),
@@ -119,8 +120,14 @@ pub(crate) fn describe_problem(args: &Args) -> String {
         (true, true) => "causal (bottom-right)",
     };
     let dtypes: Vec<String> = args.dtype.iter().map(|d| d.to_string()).collect();
+    let llm = args.llm_options();
+    let llm = if llm.is_empty() {
+        llm
+    } else {
+        format!(", {llm}")
+    };
     format!(
-        "B={} H={} kv_heads={} D={}, {causal}, {}",
+        "B={} H={} kv_heads={} D={}, {causal}{llm}, {}",
         args.batch,
         args.heads,
         kv_heads,

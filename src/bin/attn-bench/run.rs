@@ -2,7 +2,7 @@
 
 use std::time::Instant;
 
-use wgpu_attention::{Attention, Causal, DType, Dims, Gpu, Layout, Output, Path, Tensor, cpu};
+use wgpu_attention::{Attention, DType, Dims, Gpu, Layout, Output, Path, Tensor, cpu};
 
 use crate::report::{Row, plot, print_rows};
 use crate::{Args, DTypeName, PathName, shapes};
@@ -98,14 +98,7 @@ impl Case {
             (true, false) => "top-left",
             (true, true) => "bottom-right",
         };
-        let mut opts = Attention::new();
-        if causal {
-            opts = opts.causal(if args.bottom_right {
-                Causal::BottomRight
-            } else {
-                Causal::TopLeft
-            });
-        }
+        let opts = args.attention(dims.heads);
         let rounded = |n, seed| -> Vec<f32> {
             values(n, seed)
                 .into_iter()
@@ -134,7 +127,7 @@ impl Case {
             &k[..check.k_elems()],
             &v[..check.v_elems()],
             check,
-            &opts,
+            &args.attention(check.heads),
         )?
         .o;
         let ref_secs = start.elapsed().as_secs_f64();

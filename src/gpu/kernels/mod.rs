@@ -311,6 +311,7 @@ impl Kernel {
                     read("part_lses", BITS),
                     tensor("o", false),
                     write("lse", BITS),
+                    read("sinks", BITS),
                 ];
                 S
             }
@@ -358,7 +359,8 @@ pub const FLASH_ROWS: [u32; 5] = [4, 8, 16, 32, 64];
 /// rows x `TILE / block.cols` invocations), the tile bounds (`vec4<u32>`) and the last key any
 /// row sees (`u32`).
 pub(crate) const fn flash_workgroup_bytes(block: TileBlock) -> u32 {
-    TILE_STAGE_BYTES + TILE * TILE * 4 + TILE * block.columns_invocations() * 4 + 16 + 4
+    // Staging, p_tile, red, tile_bounds, key_end, hole_tiles.
+    TILE_STAGE_BYTES + TILE * TILE * 4 + TILE * block.columns_invocations() * 4 + 16 + 4 + 8
 }
 
 /// The fused kernel's vec4 columns of O per invocation for `v_head_dim` and `block`
@@ -410,13 +412,21 @@ pub fn decode_workgroup_bytes(
     subgroups: bool,
 ) -> u32 {
     let [_, _, _, sh4] = decode_sizes(workgroup, rows, q_chunks, o_chunks);
-    // rows_sh, p_sh (two tiles), row_info, tile_bounds, key_end, and the reduction's partials.
+    // rows_sh, p_sh (two tiles), row_info, row_sink, tile_bounds, hole_tiles, key_end, and the
+    // reduction's partials.
     let parts = if subgroups {
         workgroup / 4
     } else {
         workgroup / 8
     };
-    sh4 * 16 + 2 * TILE * rows.div_ceil(4) * 16 + rows * 16 + 16 + 4 + 2 * rows * parts * 4
+    sh4 * 16
+        + 2 * TILE * rows.div_ceil(4) * 16
+        + rows * 16
+        + rows * 4
+        + 16
+        + 8
+        + 4
+        + 2 * rows * parts * 4
 }
 
 /// How a tensor is stored, as a kernel sees it: the [`DType`] plus, for f16, whether the
@@ -466,6 +476,12 @@ pub struct MaskOptions {
     pub mask: bool,
     /// A softcap.
     pub softcap: bool,
+    /// ALiBi slopes.
+    pub alibi: bool,
+    /// Learnable sink logits.
+    pub sinks: bool,
+    /// StreamingLLM's sink keys beside a window.
+    pub sink_keys: bool,
 }
 
 impl MaskOptions {
@@ -476,16 +492,24 @@ impl MaskOptions {
             bias: o.bias.is_some() || o.device.bias.is_some(),
             mask: o.mask.is_some() || o.device.mask.is_some(),
             softcap: o.softcap.is_some(),
+            alibi: o.alibi.is_some(),
+            sinks: o.sinks.is_some(),
+            sink_keys: o.sink_keys > 0 && o.window.is_some(),
         }
     }
 
-    /// Every combination (8): what the naga tests compile.
+    /// Every combination of bias, mask and softcap (8), each with ALiBi, sinks and sink keys
+    /// all off or all on: what the naga tests compile (the last three share no code with each
+    /// other beyond what all-on compiles).
     pub fn all() -> Vec<MaskOptions> {
-        (0..8u8)
+        (0..16u8)
             .map(|bits| MaskOptions {
                 bias: bits & 1 != 0,
                 mask: bits & 2 != 0,
                 softcap: bits & 4 != 0,
+                alibi: bits & 8 != 0,
+                sinks: bits & 8 != 0,
+                sink_keys: bits & 8 != 0,
             })
             .collect()
     }
@@ -495,6 +519,9 @@ impl MaskOptions {
             ("HAS_BIAS", self.bias),
             ("HAS_MASK", self.mask),
             ("HAS_SOFTCAP", self.softcap),
+            ("HAS_ALIBI", self.alibi),
+            ("HAS_SINKS", self.sinks),
+            ("HAS_SINK_KEYS", self.sink_keys),
         ] {
             out.push((name, on as u8 as f64));
         }
@@ -505,6 +532,9 @@ impl MaskOptions {
             ("bias", self.bias),
             ("mask", self.mask),
             ("softcap", self.softcap),
+            ("alibi", self.alibi),
+            ("sinks", self.sinks),
+            ("sink keys", self.sink_keys),
         ]
         .into_iter()
         .filter_map(|(name, on)| on.then_some(name))

@@ -128,6 +128,14 @@ uniform! {
         mask_stride_h: u32,
         mask_stride_i: u32,
         mask_stride_j: u32,
+        /// Where the ALiBi slopes start in `lens` (words), and their stride over the batch (0
+        /// when one slope per head serves every batch entry).
+        alibi_offset: u32,
+        alibi_stride_b: u32,
+        /// Where the sink logits start in `lens` (words), one per query head.
+        sink_offset: u32,
+        /// StreamingLLM's sink keys (at most `kv_len`).
+        sink_keys: u32,
     }
 }
 
@@ -213,6 +221,10 @@ uniform! {
         o_stride_b: u32,
         o_stride_h: u32,
         o_stride_s: u32,
+        /// Nonzero when `sinks` holds a sink logit per head from `sink_offset`: each joins its
+        /// rows' merge as a part with no output (flash-decoding of a call with sinks).
+        has_sinks: u32,
+        sink_offset: u32,
     }
 }
 

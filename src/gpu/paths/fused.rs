@@ -372,7 +372,13 @@ fn parts_lse_offset(spec: &Spec<'_>, plan: &FusedPlan) -> u64 {
 
 /// The merge of the splits' partials (`[split, batch, heads, q_len, v_head_dim]`, then their
 /// log-sum-exps `[split, batch, heads, q_len]`) into O and, with `write_lse`, the log-sum-exp.
-fn split_merge_params(spec: &Spec<'_>, plan: &FusedPlan, write_lse: bool) -> CombineParams {
+/// `sink_offset`: where the call's sink logits are in the masking buffer `lens`, if it has any.
+fn split_merge_params(
+    spec: &Spec<'_>,
+    plan: &FusedPlan,
+    write_lse: bool,
+    sink_offset: Option<u32>,
+) -> CombineParams {
     let d = spec.dims;
     let rows = d.lse_elems() as u32;
     let row = d.v_head_dim as u32;
@@ -380,6 +386,8 @@ fn split_merge_params(spec: &Spec<'_>, plan: &FusedPlan, write_lse: bool) -> Com
     let [o_stride_b, o_stride_h, o_stride_s] = strides(spec, d.heads, d.q_len, d.v_head_dim);
     CombineParams {
         splits: plan.splits,
+        has_sinks: sink_offset.is_some() as u32,
+        sink_offset: sink_offset.unwrap_or(0),
         rows,
         heads: d.heads as u32,
         q_len: d.q_len as u32,
@@ -407,6 +415,9 @@ fn convert_params(spec: &Spec<'_>) -> CombineParams {
     let [o_stride_b, o_stride_h, o_stride_s] = strides(spec, d.heads, d.q_len, d.v_head_dim);
     CombineParams {
         splits: 1,
+        // The passes counted the sinks.
+        has_sinks: 0,
+        sink_offset: 0,
         rows: d.lse_elems() as u32,
         heads: d.heads as u32,
         q_len: d.q_len as u32,
@@ -437,7 +448,7 @@ pub(crate) fn encode(
 ) -> Result<()> {
     let rows = spec.dims.lse_elems() as u64;
     io.check_bindings(&gpu.limits)?;
-    let masks = masking::upload(gpu, spec)?;
+    let masks = masking::upload(gpu, spec, encoder)?;
     // Passes merge into the O the previous pass wrote. A half-precision O would be rounded
     // once per pass (bf16 drifted to 7e-3 relative over 32 passes), so the passes run on an
     // f32 copy and one last dispatch converts it.
@@ -535,12 +546,13 @@ pub(crate) fn encode(
     }
     if let Some(parts) = &parts {
         let merge = Combine {
-            params: split_merge_params(spec, plan, io.lse.is_some()),
+            params: split_merge_params(spec, plan, io.lse.is_some(), masks.sink_offset),
             parts,
             part_lses: parts,
             parts_storage: Storage::F32,
             o: io.o,
             lse: io.lse.map(|t| t.buffer()),
+            sinks: Some(masks.lens(gpu)),
             last: true,
         };
         combine::encode(gpu, encoder, &merge)?;
@@ -553,6 +565,7 @@ pub(crate) fn encode(
             parts_storage: Storage::F32,
             o: io.o,
             lse: None,
+            sinks: None,
             last: true,
         };
         combine::encode(gpu, encoder, &convert)?;
@@ -591,7 +604,7 @@ mod tests {
             let spec = opts.validate(d).unwrap();
             let plan = FusedPlan::new(&spec, &l, true).unwrap();
             assert!(plan.splits > 1, "{plan:?}");
-            let m = split_merge_params(&spec, &plan, true);
+            let m = split_merge_params(&spec, &plan, true, None);
             let rows = d.lse_elems() as u64;
             assert_eq!(
                 (m.lse_offset as u64 + plan.splits as u64 * rows) * 4,

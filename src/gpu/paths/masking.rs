@@ -18,6 +18,8 @@ pub(crate) struct MaskBuffers {
     bias: Option<wgpu::Buffer>,
     mask: Option<wgpu::Buffer>,
     lens: Option<wgpu::Buffer>,
+    /// Where the sink logits start in `lens`, if the call has sinks.
+    pub(crate) sink_offset: Option<u32>,
 }
 
 impl MaskBuffers {
@@ -33,8 +35,13 @@ impl MaskBuffers {
 }
 
 /// Uploads the masking options of `spec`, or binds their device forms (which must be
-/// `gpu`'s).
-pub(crate) fn upload(gpu: &Gpu, spec: &Spec<'_>) -> Result<MaskBuffers> {
+/// `gpu`'s). Device lengths with ALiBi slopes or sinks are copied (by `encoder`) into the
+/// call's own buffer, which holds the slopes and sinks behind them.
+pub(crate) fn upload(
+    gpu: &Gpu,
+    spec: &Spec<'_>,
+    encoder: &mut wgpu::CommandEncoder,
+) -> Result<MaskBuffers> {
     let d = spec.dims;
     let opts = spec.opts;
     let on_device = &opts.device;
@@ -80,18 +87,41 @@ pub(crate) fn upload(gpu: &Gpu, spec: &Spec<'_>) -> Result<MaskBuffers> {
         Some(l) => (l.has_kv, l.has_q),
         None => (opts.kv_lens.is_some(), opts.q_lens.is_some()),
     };
-    let lens = if let Some(l) = &on_device.lens {
+    // The lengths, then the ALiBi slopes and the sinks (as f32 bits).
+    let alibi = opts.alibi.as_deref().unwrap_or(&[]);
+    let sinks = opts.sinks.as_deref().unwrap_or(&[]);
+    let alibi_offset = 2 * d.batch;
+    let sink_offset = alibi_offset + alibi.len();
+    let per_head = !alibi.is_empty() || !sinks.is_empty();
+    let lens = if let Some(l) = on_device.lens.as_ref().filter(|_| !per_head) {
         gpu.expect_device("the device lengths", l.device)?;
         Some(l.buffer.clone())
-    } else if opts.kv_lens.is_some() || opts.q_lens.is_some() {
-        let mut lens = vec![0u32; 2 * d.batch];
+    } else if opts.kv_lens.is_some() || opts.q_lens.is_some() || per_head {
+        let mut lens = vec![0u32; sink_offset + sinks.len()];
         if let Some(kv) = &opts.kv_lens {
             lens[..d.batch].copy_from_slice(kv);
         }
         if let Some(q) = &opts.q_lens {
-            lens[d.batch..].copy_from_slice(q);
+            lens[d.batch..alibi_offset].copy_from_slice(q);
         }
-        Some(storage("wgpu-attention lens", bytemuck::cast_slice(&lens))?)
+        for (dst, x) in lens[alibi_offset..]
+            .iter_mut()
+            .zip(alibi.iter().chain(sinks))
+        {
+            *dst = x.to_bits();
+        }
+        check_binding(
+            &gpu.limits,
+            "lengths, slopes and sinks",
+            lens.len() as u64 * 4,
+        )?;
+        let buffer = storage("wgpu-attention lens", bytemuck::cast_slice(&lens))?;
+        if let Some(l) = &on_device.lens {
+            gpu.expect_device("the device lengths", l.device)?;
+            // After the queue's write of the slopes and sinks, the device's lengths.
+            encoder.copy_buffer_to_buffer(&l.buffer, 0, &buffer, 0, alibi_offset as u64 * 4);
+        }
+        Some(buffer)
     } else {
         None
     };
@@ -140,6 +170,14 @@ pub(crate) fn upload(gpu: &Gpu, spec: &Spec<'_>) -> Result<MaskBuffers> {
             mask_stride_h,
             mask_stride_i,
             mask_stride_j,
+            alibi_offset: alibi_offset as u32,
+            alibi_stride_b: if alibi.len() == d.heads {
+                0
+            } else {
+                d.heads as u32
+            },
+            sink_offset: sink_offset as u32,
+            sink_keys: opts.sink_keys.min(d.kv_len) as u32,
         },
     )?;
     Ok(MaskBuffers {
@@ -147,5 +185,6 @@ pub(crate) fn upload(gpu: &Gpu, spec: &Spec<'_>) -> Result<MaskBuffers> {
         bias,
         mask,
         lens,
+        sink_offset: opts.sinks.is_some().then_some(sink_offset as u32),
     })
 }

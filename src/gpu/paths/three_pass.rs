@@ -252,7 +252,7 @@ pub(crate) fn encode(
     let device = &gpu.device;
     io.check_bindings(limits)?;
 
-    let masks = masking::upload(gpu, spec)?;
+    let masks = masking::upload(gpu, spec, encoder)?;
 
     // Scores go straight into the weights buffer when one chunk covers it and it is bindable.
     let weights_in_place = match io.weights {
