@@ -118,6 +118,17 @@ var<workgroup> key_end: u32;
 
 // k_base: the kv head's first key (tile_b).
 var<private> k_base: u32;
+// Paged K/V: the pool rows of the tile's keys (lib/masking.wgsl's key_slot), looked up once
+// per key and tile, not once per element staged.
+var<workgroup> key_slots: array<u32, TILE>;
+
+// The K/V row of the tile's key `col`.
+fn tile_key_row(col: u32) -> u32 {
+    if HAS_PAGES {
+        return key_slots[col];
+    }
+    return c0 + col;
+}
 
 // Q is staged by stage_q, not through tile_stage_a; the hook exists because tile_gemm's
 // generic staging names it.
@@ -127,7 +138,7 @@ fn tile_a(row: u32, d: u32) -> f32 {
 
 fn tile_b(col: u32, d: u32) -> f32 {
     if c0 + col < mparams.kv_len && d < params.head_dim {
-        return load_k(k_base + (c0 + col) * params.k_stride_s + d);
+        return load_k(k_base + tile_key_row(col) * params.k_stride_s + d);
     }
     return 0.0;
 }
@@ -269,6 +280,13 @@ fn main(inv: TileInvocation) {
             }
         }
         c0 = t * TILE;
+        if HAS_PAGES {
+            // The previous tile's last barrier: nobody reads the old slots any more.
+            for (var n = li; n < TILE; n += tile_invocations()) {
+                key_slots[n] = key_slot(b, min(c0 + n, kv_len - 1u));
+            }
+            workgroupBarrier();
+        }
 
         // S = Q K^T for the 64 x 64 tile, over head_dim in slices of 16.
         var s: Block;
@@ -362,7 +380,7 @@ fn main(inv: TileInvocation) {
                 let key = c0 + kv0 + vk;
                 var vv = vec4<f32>();
                 if key < key_end {
-                    let row = v_base + key * params.v_stride_s;
+                    let row = v_base + tile_key_row(kv0 + vk) * params.v_stride_s;
                     for (var e = 0u; e < 4u; e++) {
                         let n = nq * 4u + e;
                         if n < params.v_head_dim {

@@ -40,6 +40,9 @@ var<workgroup> p_sh: array<vec4<f32>, 2u * TILE * R4>;
 var<workgroup> row_info: array<vec4<i32>, ROWS>;
 // Per row: the end of its sink keys (lib/masking.wgsl; 0 without HAS_SINK_KEYS).
 var<workgroup> row_sink: array<i32, ROWS>;
+// Paged K/V: the pool rows of the tile's keys, [parity][key], looked up once per key by the
+// score step for P·V (which would otherwise look each up once per column group).
+var<workgroup> slot_sh: array<u32, 2u * TILE>;
 // The key tiles to visit, and the keys every row may see.
 var<workgroup> tile_bounds: vec4<u32>;
 // Key tiles between every row's sink keys and its window, skipped.
@@ -174,7 +177,11 @@ fn main(
         for (var k = 0u; k < KPT; k++) {
             // Keys past the end read key 0; their scores are masked below.
             let j = c0 + lid + WG * k;
-            krow[k] = k_base + select(0u, j, j < kv_len) * params.k_stride_s;
+            let slot = key_slot(b, select(0u, j, j < kv_len));
+            krow[k] = k_base + slot * params.k_stride_s;
+            if HAS_PAGES {
+                slot_sh[par * TILE + lid + WG * k] = slot;
+            }
         }
         for (var dg = 0u; dg < k_groups; dg++) {
             var kv: array<array<vec4<f32>, K_G4>, KPT>;
@@ -269,7 +276,10 @@ fn main(
             for (var q = 0u; q < R4; q++) {
                 pk[q] = p_sh[p_index(par, key, q)];
             }
-            let vrow = v_base + (c0 + key) * params.v_stride_s;
+            var vrow = v_base + (c0 + key) * params.v_stride_s;
+            if HAS_PAGES {
+                vrow = v_base + slot_sh[par * TILE + key] * params.v_stride_s;
+            }
             for (var c = 0u; c < CPL; c++) {
                 let col = (dq + V_LANES * c) * 4u;
                 // No loop for the last partial vec4: a loop in this body would keep the loop

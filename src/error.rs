@@ -155,6 +155,25 @@ pub enum Error {
         needed: &'static str,
     },
 
+    /// A paged cache has fewer free pages than an append needs (nothing was written).
+    #[error(
+        "the paged cache is full: {needed} more page(s) needed, {free} free; free finished \
+         sequences or make a larger pool"
+    )]
+    CacheFull {
+        /// Pages the append needs.
+        needed: usize,
+        /// Pages free in the pool.
+        free: usize,
+    },
+
+    /// A sequence id that the paged cache does not hold (never added, or freed).
+    #[error("sequence {id} is not in the paged cache")]
+    UnknownSequence {
+        /// The id.
+        id: u64,
+    },
+
     /// A weights file could not be read, or lacks a tensor the layer needs.
     #[error("weights: {0}")]
     Weights(String),

@@ -8,11 +8,11 @@ mod spec;
 
 pub use error::{Error, Result};
 pub use gpu::{
-    DecodeKernel, DeviceLens, DeviceMask, Gpu, GpuLimits, KvCache, LimitCaps, Output, ParamsIn,
-    Plan, Shape, Tensor, TileBlock,
+    DecodeKernel, DeviceLens, DeviceMask, Gpu, GpuLimits, KvCache, LimitCaps, Output, PagedKvCache,
+    ParamsIn, Plan, SeqId, Shape, Tensor, TileBlock,
 };
 pub use mha::{MhaConfig, MhaOutput, MhaWeights, MultiHeadAttention};
 pub use spec::{
-    Attention, Bias, BoolMask, Causal, DType, Dims, Layout, MAX_ALIBI_SLOPE, MAX_HEAD_DIM,
-    MAX_SCALE, Path, SCORE_FLOOR, Spec,
+    Attention, Bias, BlockTable, BoolMask, Causal, DType, Dims, Layout, MAX_ALIBI_SLOPE,
+    MAX_HEAD_DIM, MAX_SCALE, Path, SCORE_FLOOR, Spec,
 };

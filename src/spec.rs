@@ -334,6 +334,8 @@ pub struct Attention {
     pub(crate) sinks: Option<Vec<f32>>,
     /// The first keys every row keeps beside its sliding window (StreamingLLM).
     pub(crate) sink_keys: usize,
+    /// K and V read through a block table from pools of pages (vLLM's layout).
+    pub(crate) pages: Option<BlockTable>,
     /// Masking options that live on the device (`gpu::options`).
     pub(crate) device: DeviceOptions,
 }
@@ -350,6 +352,107 @@ impl DeviceOptions {
     /// Whether any option is on the device (the CPU paths cannot read it).
     pub(crate) fn any(&self) -> bool {
         self.bias.is_some() || self.mask.is_some() || self.lens.is_some()
+    }
+}
+
+/// Where each sequence's keys live in a paged K/V pool: [`Attention::paged`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BlockTable {
+    /// Keys per page.
+    pub page_size: usize,
+    /// `[batch, pages_per_seq]`, row-major: the pool pages holding keys
+    /// `p * page_size .. (p + 1) * page_size` of each sequence, in order.
+    pub table: Vec<u32>,
+}
+
+impl BlockTable {
+    /// Pages per sequence in the table, for a call with `batch` sequences.
+    pub fn pages_per_seq(&self, batch: usize) -> usize {
+        self.table.len() / batch.max(1)
+    }
+
+    /// The pool row (`page * page_size + offset`) of key `j` of sequence `b`.
+    pub fn slot(&self, batch: usize, b: usize, j: usize) -> usize {
+        let page = self.table[b * self.pages_per_seq(batch) + j / self.page_size] as usize;
+        page * self.page_size + j % self.page_size
+    }
+
+    /// Checks every entry against a pool of `pages` pages.
+    pub(crate) fn check_pool(&self, pages: usize) -> Result<()> {
+        match self
+            .table
+            .iter()
+            .enumerate()
+            .find(|(_, p)| **p as usize >= pages)
+        {
+            Some((index, &value)) => Err(Error::LengthOutOfRange {
+                what: "block table entry (a page of the pool)",
+                index,
+                value: value as usize,
+                max: pages.saturating_sub(1),
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// K and V pools of a call with `dims` in host memory, checked and copied into
+    /// contiguous tensors in `layout` (what the CPU paths read).
+    pub(crate) fn unpage<T: Copy + Default>(
+        &self,
+        k: &[T],
+        v: &[T],
+        dims: Dims,
+        layout: Layout,
+    ) -> Result<(Vec<T>, Vec<T>)> {
+        let row = checked_elements("K pool", &[self.page_size, dims.kv_heads])?;
+        let k_page = checked_elements("K pool", &[row, dims.head_dim])?;
+        let pages = k.len() / k_page.max(1);
+        let pool = |what, width: usize, got: usize| -> Result<()> {
+            let expected = checked_elements(what, &[pages.max(1), row, width])?;
+            if got == expected {
+                Ok(())
+            } else {
+                Err(Error::DataLength {
+                    what,
+                    dims: vec![pages.max(1), self.page_size, dims.kv_heads, width],
+                    expected,
+                    got,
+                })
+            }
+        };
+        pool("K pool", dims.head_dim, k.len())?;
+        pool("V pool", dims.v_head_dim, v.len())?;
+        self.check_pool(pages)?;
+        Ok((
+            self.gather(k, dims, dims.head_dim, layout),
+            self.gather(v, dims, dims.v_head_dim, layout),
+        ))
+    }
+
+    /// Copies the keys (or values) of a paged pool, `[pages, page_size, kv_heads, width]`,
+    /// into a contiguous tensor of `dims`' K shape (or V's, with `width = v_head_dim`) in
+    /// `layout`: what the CPU paths read.
+    pub(crate) fn gather<T: Copy + Default>(
+        &self,
+        pool: &[T],
+        dims: Dims,
+        width: usize,
+        layout: Layout,
+    ) -> Vec<T> {
+        let (b_n, h_n, s_n) = (dims.batch, dims.kv_heads, dims.kv_len);
+        let st = layout.strides(h_n, s_n, width);
+        let mut out = vec![T::default(); b_n * h_n * s_n * width];
+        for b in 0..b_n {
+            for j in 0..s_n {
+                let row = self.slot(b_n, b, j);
+                for h in 0..h_n {
+                    let src = (row * h_n + h) * width;
+                    let dst = b * st[0] + h * st[1] + j * st[2];
+                    out[dst..dst + width].copy_from_slice(&pool[src..src + width]);
+                }
+            }
+        }
+        out
     }
 }
 
@@ -502,6 +605,26 @@ impl Attention {
         self
     }
 
+    /// K and V through a block table (vLLM's paged KV cache): the K and V of a call are pools
+    /// of pages, `[pages, page_size, kv_heads, head_dim]` and `[pages, page_size, kv_heads,
+    /// v_head_dim]` whatever the [`layout`](Attention::layout) (which Q and O keep), and key
+    /// `j` of sequence `b` is row `j % page_size` of page `table[b][j / page_size]`. `table`
+    /// is `[batch, pages_per_seq]`, row-major; the call's `kv_len` is
+    /// `pages_per_seq * page_size`, and [`kv_lens`](Attention::kv_lens) gives each sequence's
+    /// own length (keys past it are never read). Pages need not be contiguous, in order or
+    /// distinct (sequences may share a prefix's pages); every entry must be a page of the
+    /// pool.
+    ///
+    /// Only the fused and decode paths read paged K/V: the three-pass path, the weights and
+    /// additive scores are refused with [`Error::InvalidOption`]. [`PagedKvCache`] manages
+    /// the pages.
+    ///
+    /// [`PagedKvCache`]: crate::PagedKvCache
+    pub fn paged(mut self, page_size: usize, table: Vec<u32>) -> Self {
+        self.pages = Some(BlockTable { page_size, table });
+        self
+    }
+
     /// Forces a GPU path instead of letting the plan choose.
     pub fn path(mut self, path: Path) -> Self {
         self.path = path;
@@ -616,6 +739,9 @@ impl Attention {
             }
         }
         self.check_path()?;
+        if let Some(pages) = &self.pages {
+            self.check_paged(pages, dims)?;
+        }
         if let Some(lens) = &self.kv_lens {
             check_lens("kv_lens", lens, dims.batch, dims.kv_len)?;
         }
@@ -702,6 +828,80 @@ impl Attention {
             });
         }
         Ok(scale)
+    }
+
+    /// A block table's shape against `dims`; the entries are checked against the pool where
+    /// its size is known ([`BlockTable::check_pool`]).
+    fn check_paged(&self, pages: &BlockTable, dims: Dims) -> Result<()> {
+        let refuse = |value: String, why: &'static str| {
+            Err(Error::InvalidOption {
+                what: "paged K/V",
+                value,
+                why,
+            })
+        };
+        if pages.page_size == 0 {
+            return Err(Error::ZeroSize { what: "page_size" });
+        }
+        let pps = pages.pages_per_seq(dims.batch);
+        if pps == 0 || pages.table.len() != dims.batch * pps {
+            return Err(Error::DataLength {
+                what: "block table",
+                dims: vec![dims.batch, pps.max(1)],
+                expected: dims.batch * pps.max(1),
+                got: pages.table.len(),
+            });
+        }
+        if pps.checked_mul(pages.page_size) != Some(dims.kv_len) {
+            return Err(Error::ShapeMismatch {
+                what: "kv_len of a paged call (pages_per_seq * page_size)".into(),
+                got: dims.kv_len,
+                expected: pps.saturating_mul(pages.page_size),
+            });
+        }
+        if self.path == Path::ThreePass || self.want_weights || self.additive.is_some() {
+            return refuse(
+                format!("{:?}", self.path),
+                "paged K/V are read by the fused and decode paths only: no three-pass path,                  weights or additive scores",
+            );
+        }
+        Ok(())
+    }
+
+    /// The dims of a call on Q of `q` and paged K/V pools `k`, `v`
+    /// (`[pages, page_size, kv_heads, width]`), with the table's entries checked against the
+    /// pool; for a call without pages, [`Dims::from_shapes`].
+    pub fn dims_for(&self, q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> Result<Dims> {
+        let Some(pages) = &self.pages else {
+            return Dims::from_shapes(self.layout, q, k, v);
+        };
+        let (batch, heads, q_len, head_dim) = self.layout.split(q);
+        let check = |what: &str, got: usize, expected: usize| {
+            if got == expected {
+                Ok(())
+            } else {
+                Err(Error::ShapeMismatch {
+                    what: what.to_string(),
+                    got,
+                    expected,
+                })
+            }
+        };
+        check("K pool page size", k[1], pages.page_size)?;
+        check("V pool pages", v[0], k[0])?;
+        check("V pool page size", v[1], k[1])?;
+        check("V pool kv_heads", v[2], k[2])?;
+        check("K pool head_dim", k[3], head_dim)?;
+        pages.check_pool(k[0])?;
+        Ok(Dims {
+            batch,
+            heads,
+            kv_heads: k[2],
+            q_len,
+            kv_len: pages.pages_per_seq(batch).saturating_mul(pages.page_size),
+            head_dim,
+            v_head_dim: v[3],
+        })
     }
 
     /// Weights and additive scores exist only on the three-pass path: forcing another is an

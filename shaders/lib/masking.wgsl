@@ -3,7 +3,8 @@
 // in its slots `mparams: MaskParams` (uniform), `bias: array<f32>`, `mask: array<u32>` (one
 // byte per element, four to a word) and `lens: array<u32>` (kv_lens[0..batch], then
 // q_lens[batch..2 * batch], then from mparams.alibi_offset the ALiBi slopes and from
-// mparams.sink_offset the sink logits, both as f32 bits).
+// mparams.sink_offset the sink logits, both as f32 bits, then from mparams.page_offset the
+// block table of paged K/V).
 //
 // The options that act key by key (boolean mask, bias, softcap) are compiled in: these
 // pipeline constants are part of the kernel's key, so a call without them runs none of their
@@ -20,6 +21,22 @@ override HAS_SOFTCAP: bool = false;
 override HAS_ALIBI: bool = false;
 override HAS_SINKS: bool = false;
 override HAS_SINK_KEYS: bool = false;
+// Paged K/V (vLLM's layout): key j of sequence b is row key_slot(b, j) of the K and V pools.
+override HAS_PAGES: bool = false;
+// Keys per page, compiled in (a constant divisor is a multiply and a shift; a divisor read at
+// run time, and the branch that picked shifts for powers of two, cost paged decoding 40% on
+// llvmpipe).
+override PAGE_SIZE: u32 = 1u;
+
+// The row of key j of sequence b in K and V: j, or with pages, its page's row in the pool
+// (page * page_size + j % page_size, the page from the block table in `lens`).
+fn key_slot(b: u32, j: u32) -> u32 {
+    if !HAS_PAGES {
+        return j;
+    }
+    let page = lens[mparams.page_offset + b * mparams.pages_per_seq + j / PAGE_SIZE];
+    return page * PAGE_SIZE + j % PAGE_SIZE;
+}
 
 // Whether scores need work key by key beyond scaling (a boolean mask, a bias, a softcap,
 // ALiBi).

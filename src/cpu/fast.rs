@@ -179,6 +179,15 @@ impl HostElement for half::bf16 {
 fn fast_f32(q: &[f32], k: &[f32], v: &[f32], dims: Dims, opts: &Attention) -> Result<FastOutput> {
     let spec = opts.validate(dims)?;
     opts.require_host_options()?;
+    if let Some(pages) = &opts.pages {
+        // Paged K/V: gathered through the block table, then the contiguous computation.
+        let (k, v) = pages.unpage(k, v, dims, opts.layout)?;
+        let flat = Attention {
+            pages: None,
+            ..opts.clone()
+        };
+        return fast_f32(q, &k, &v, dims, &flat);
+    }
     if opts.additive.is_some() {
         return Err(Error::InvalidOption {
             what: "additive",

@@ -64,6 +64,15 @@ where
     let spec = opts.validate(dims)?;
     opts.require_host_options()?;
     let layout = opts.layout;
+    if let Some(pages) = &opts.pages {
+        // Paged K/V: the same computation on K and V gathered through the block table.
+        let (k, v) = pages.unpage(&widen(k), &widen(v), dims, layout)?;
+        let flat = Attention {
+            pages: None,
+            ..opts.clone()
+        };
+        return reference(q, &k, &v, dims, &flat);
+    }
     check_len("Q", q, dims.q_shape(layout))?;
     check_len("K", k, dims.k_shape(layout))?;
     check_len("V", v, dims.v_shape(layout))?;

@@ -74,7 +74,7 @@ impl Attention {
     /// `v_head_dim` 1 to 256, any lengths (problems larger than one storage binding are
     /// chunked), every tensor within one storage binding.
     pub fn run(&self, gpu: &Gpu, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Output> {
-        let dims = Dims::from_shapes(self.layout, q.dims(), k.dims(), v.dims())?;
+        let dims = self.dims_for(q.dims(), k.dims(), v.dims())?;
         let spec = self.validate(dims)?;
         for (what, t) in [("Q", q), ("K", k), ("V", v)] {
             gpu.expect_own(what, t)?;
@@ -109,7 +109,7 @@ impl Attention {
         v: &Tensor,
         out: &Output,
     ) -> Result<()> {
-        let dims = Dims::from_shapes(self.layout, q.dims(), k.dims(), v.dims())?;
+        let dims = self.dims_for(q.dims(), k.dims(), v.dims())?;
         let spec = self.validate(dims)?;
         check_outputs(&spec, out)?;
         run_validated(gpu, &spec, (q, k, v), out)
@@ -126,12 +126,9 @@ pub(crate) fn encode_validated(
     out: &Output,
     encoder: &mut wgpu::CommandEncoder,
 ) -> Result<()> {
-    let dims = Dims::from_shapes(
-        spec.opts.layout,
-        inputs.0.dims(),
-        inputs.1.dims(),
-        inputs.2.dims(),
-    )?;
+    let dims = spec
+        .opts
+        .dims_for(inputs.0.dims(), inputs.1.dims(), inputs.2.dims())?;
     if dims != spec.dims {
         return Err(Error::InvalidOption {
             what: "encode_validated inputs",

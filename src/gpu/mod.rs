@@ -11,7 +11,7 @@
 //! | [`kernels`] | the kernel registry: typed keys, WGSL composition from `shaders/lib/`, the uniforms declared once, the pipeline cache |
 //! | `limits` | [`GpuLimits`], [`LimitCaps`], dispatch sizes: what every plan is checked against |
 //! | `context` | [`Gpu`]: adapter, device, queue, timestamps, submission |
-//! | `tensor`, `cache`, `merge` | [`Tensor`], [`KvCache`], [`merge`] |
+//! | `tensor`, `cache`, `paged`, `merge` | [`Tensor`], [`KvCache`], [`PagedKvCache`], [`merge`] |
 //! | `pool` | the per-device buffer pool and its reuse rule |
 //! | `options` | masking options on the device: [`DeviceMask`], [`DeviceLens`], bias tensors |
 
@@ -24,6 +24,7 @@ pub mod kernels;
 pub(crate) mod limits;
 mod merge;
 mod options;
+mod paged;
 pub(crate) mod paths;
 pub(crate) mod pool;
 pub(crate) mod tensor;
@@ -39,6 +40,7 @@ pub use kernels::ParamsIn;
 pub use limits::{DecodeKernel, DispatchSize, GpuLimits, LimitCaps, TileBlock};
 pub use merge::{Partial, merge};
 pub use options::{DeviceLens, DeviceMask};
+pub use paged::{PagedKvCache, SeqId};
 #[doc(hidden)]
 pub use paths::Chunk;
 pub use paths::{FusedPlan, Plan, ThreePassPlan};

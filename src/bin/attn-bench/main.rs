@@ -63,6 +63,11 @@ struct Args {
     /// A sliding window of this many keys before each query's diagonal (and none after).
     #[arg(long)]
     window: Option<usize>,
+    /// The GPU paths read K and V through a block table from pools of pages of this many
+    /// tokens (vLLM's layout; pages shuffled), the CPU paths from contiguous K and V: the
+    /// cost of paging. Each --kv-len must be a multiple of it.
+    #[arg(long)]
+    page_size: Option<usize>,
     /// With --window: the first keys every query also sees (StreamingLLM's sink keys).
     #[arg(long, requires = "window")]
     sink_keys: Option<usize>,
@@ -160,6 +165,9 @@ impl Args {
         if let Some(n) = self.sink_keys {
             parts.push(format!("{n} sink keys"));
         }
+        if let Some(p) = self.page_size {
+            parts.push(format!("GPU K/V in pages of {p}"));
+        }
         parts.join(", ")
     }
 }
@@ -244,6 +252,18 @@ fn check_args(args: &Args) -> Result<(), String> {
     ] {
         if value == 0 {
             return Err(format!("{what} must be at least 1"));
+        }
+    }
+    if let Some(p) = args.page_size {
+        let lens = if args.kv_len.is_empty() {
+            &args.q_len
+        } else {
+            &args.kv_len
+        };
+        if p == 0 || lens.iter().any(|s| !s.is_multiple_of(p)) {
+            return Err(format!(
+                "--page-size {p}: every key length ({lens:?}) must be a positive multiple of it"
+            ));
         }
     }
     if !args.heads.is_multiple_of(kv_heads) {

@@ -214,6 +214,48 @@ fn describe_device(gpu: Option<&Gpu>) -> String {
     })
 }
 
+/// Where page `n` of the paged pools goes: pages in a fixed shuffled order (a multiplicative
+/// step coprime to the count), so no sequence's pages are contiguous.
+fn page_table(d: Dims, page: usize) -> Vec<u32> {
+    let pages = d.batch * d.kv_len / page;
+    let step = (1..)
+        .map(|s: usize| 7 + 2 * s)
+        .find(|s| gcd(*s, pages) == 1)
+        .unwrap_or(1);
+    (0..pages).map(|n| (n * step % pages) as u32).collect()
+}
+
+fn gcd(a: usize, b: usize) -> usize {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// The case's K and V as pools of pages (`[pages, page, kv_heads, width]`) in the order of
+/// [`page_table`], and the number of pages.
+fn paged_pools(case: &Case, page: usize) -> (Vec<f32>, Vec<f32>, usize) {
+    let d = case.dims;
+    let table = page_table(d, page);
+    let pps = d.kv_len / page;
+    let pool = |x: &[f32], w: usize| {
+        let mut out = vec![0f32; x.len()];
+        for b in 0..d.batch {
+            for h in 0..d.kv_heads {
+                for j in 0..d.kv_len {
+                    let slot = table[b * pps + j / page] as usize * page + j % page;
+                    let src = ((b * d.kv_heads + h) * d.kv_len + j) * w;
+                    let dst = (slot * d.kv_heads + h) * w;
+                    out[dst..dst + w].copy_from_slice(&x[src..src + w]);
+                }
+            }
+        }
+        out
+    };
+    (
+        pool(&case.k, d.head_dim),
+        pool(&case.v, d.v_head_dim),
+        table.len(),
+    )
+}
+
 /// Times `path` on `case`, moving `progress` on by one per run: `Ok(Err(why))` when the path
 /// cannot run it.
 fn measure(
@@ -262,7 +304,10 @@ fn measure(
                 PathName::GpuDecode => Path::Decode,
                 _ => Path::Auto,
             };
-            let opts = case.opts.clone().path(which);
+            let mut opts = case.opts.clone().path(which);
+            if let Some(p) = args.page_size {
+                opts = opts.paged(p, page_table(d, p));
+            }
             match time_gpu(g, &opts, d, (tq, tk, tv), args, progress) {
                 Ok((ms, timing, o, plan)) => {
                     let how = How {
@@ -305,11 +350,21 @@ pub(crate) fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             let device_inputs = match &gpu {
                 Some(g) => {
                     let layout = Layout::Bhsd;
-                    Some((
-                        g.upload_as(&case.q, d.q_shape(layout), dtype)?,
-                        g.upload_as(&case.k, d.k_shape(layout), dtype)?,
-                        g.upload_as(&case.v, d.v_shape(layout), dtype)?,
-                    ))
+                    let (k, v) = match args.page_size {
+                        Some(p) => {
+                            let (k_pool, v_pool, pages) = paged_pools(&case, p);
+                            let pool = |w| [pages, p, d.kv_heads, w];
+                            (
+                                g.upload_as(&k_pool, pool(d.head_dim), dtype)?,
+                                g.upload_as(&v_pool, pool(d.v_head_dim), dtype)?,
+                            )
+                        }
+                        None => (
+                            g.upload_as(&case.k, d.k_shape(layout), dtype)?,
+                            g.upload_as(&case.v, d.v_shape(layout), dtype)?,
+                        ),
+                    };
+                    Some((g.upload_as(&case.q, d.q_shape(layout), dtype)?, k, v))
                 }
                 None => None,
             };

@@ -359,8 +359,14 @@ pub const FLASH_ROWS: [u32; 5] = [4, 8, 16, 32, 64];
 /// rows x `TILE / block.cols` invocations), the tile bounds (`vec4<u32>`) and the last key any
 /// row sees (`u32`).
 pub(crate) const fn flash_workgroup_bytes(block: TileBlock) -> u32 {
-    // Staging, p_tile, red, tile_bounds, key_end, hole_tiles.
-    TILE_STAGE_BYTES + TILE * TILE * 4 + TILE * block.columns_invocations() * 4 + 16 + 4 + 8
+    // Staging, p_tile, red, tile_bounds, key_end, hole_tiles, key_slots.
+    TILE_STAGE_BYTES
+        + TILE * TILE * 4
+        + TILE * block.columns_invocations() * 4
+        + 16
+        + 4
+        + 8
+        + TILE * 4
 }
 
 /// The fused kernel's vec4 columns of O per invocation for `v_head_dim` and `block`
@@ -412,8 +418,8 @@ pub fn decode_workgroup_bytes(
     subgroups: bool,
 ) -> u32 {
     let [_, _, _, sh4] = decode_sizes(workgroup, rows, q_chunks, o_chunks);
-    // rows_sh, p_sh (two tiles), row_info, row_sink, tile_bounds, hole_tiles, key_end, and the
-    // reduction's partials.
+    // rows_sh, p_sh (two tiles), row_info, row_sink, slot_sh, tile_bounds, hole_tiles,
+    // key_end, and the reduction's partials.
     let parts = if subgroups {
         workgroup / 4
     } else {
@@ -423,6 +429,7 @@ pub fn decode_workgroup_bytes(
         + 2 * TILE * rows.div_ceil(4) * 16
         + rows * 16
         + rows * 4
+        + 2 * TILE * 4
         + 16
         + 8
         + 4
@@ -482,6 +489,8 @@ pub struct MaskOptions {
     pub sinks: bool,
     /// StreamingLLM's sink keys beside a window.
     pub sink_keys: bool,
+    /// Keys per page of K and V read through a block table; 0 without pages.
+    pub page_size: u32,
 }
 
 impl MaskOptions {
@@ -495,6 +504,7 @@ impl MaskOptions {
             alibi: o.alibi.is_some(),
             sinks: o.sinks.is_some(),
             sink_keys: o.sink_keys > 0 && o.window.is_some(),
+            page_size: o.pages.as_ref().map_or(0, |p| p.page_size as u32),
         }
     }
 
@@ -510,6 +520,7 @@ impl MaskOptions {
                 alibi: bits & 8 != 0,
                 sinks: bits & 8 != 0,
                 sink_keys: bits & 8 != 0,
+                page_size: if bits & 8 != 0 { 16 } else { 0 },
             })
             .collect()
     }
@@ -522,9 +533,11 @@ impl MaskOptions {
             ("HAS_ALIBI", self.alibi),
             ("HAS_SINKS", self.sinks),
             ("HAS_SINK_KEYS", self.sink_keys),
+            ("HAS_PAGES", self.page_size != 0),
         ] {
             out.push((name, on as u8 as f64));
         }
+        out.push(("PAGE_SIZE", self.page_size.max(1) as f64));
     }
 
     fn label(&self) -> String {
@@ -535,6 +548,7 @@ impl MaskOptions {
             ("alibi", self.alibi),
             ("sinks", self.sinks),
             ("sink keys", self.sink_keys),
+            ("paged", self.page_size != 0),
         ]
         .into_iter()
         .filter_map(|(name, on)| on.then_some(name))
@@ -942,6 +956,8 @@ impl KernelKey {
             KernelKey::MaskedSoftmax { workgroup, masks } => {
                 out.push(("WG", workgroup as f64));
                 masks.constants(&mut out);
+                // It reads scores, not K or V: pages mean nothing to it.
+                out.retain(|&(name, _)| name != "HAS_PAGES" && name != "PAGE_SIZE");
             }
             KernelKey::FlashAttention { rows, masks, .. } => {
                 out.push(("TILE_M", rows as f64));

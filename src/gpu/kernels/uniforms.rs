@@ -136,6 +136,10 @@ uniform! {
         sink_offset: u32,
         /// StreamingLLM's sink keys (at most `kv_len`).
         sink_keys: u32,
+        /// Paged K/V: where the block table starts in `lens` (words), and its pages per
+        /// sequence (the page size is compiled in: `MaskOptions::page_size`).
+        page_offset: u32,
+        pages_per_seq: u32,
     }
 }
 

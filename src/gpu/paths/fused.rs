@@ -330,8 +330,14 @@ impl FusedPlan {
 fn flash_params(spec: &Spec<'_>, plan: &FusedPlan, pass: u32, write_lse: bool) -> FlashParams {
     let d = spec.dims;
     let [q_stride_b, q_stride_h, q_stride_s] = strides(spec, d.heads, d.q_len, d.head_dim);
-    let [k_stride_b, k_stride_h, k_stride_s] = strides(spec, d.kv_heads, d.kv_len, d.head_dim);
-    let [v_stride_b, v_stride_h, v_stride_s] = strides(spec, d.kv_heads, d.kv_len, d.v_head_dim);
+    // Paged pools are [pages, page_size, kv_heads, width]: rows (pool slots, the kernels' key_slot)
+    // of kv_heads * width, no batch stride.
+    let kv_strides = |width: usize| match spec.opts.pages {
+        Some(_) => [0, width as u32, (d.kv_heads * width) as u32],
+        None => strides(spec, d.kv_heads, d.kv_len, width),
+    };
+    let [k_stride_b, k_stride_h, k_stride_s] = kv_strides(d.head_dim);
+    let [v_stride_b, v_stride_h, v_stride_s] = kv_strides(d.v_head_dim);
     let [o_stride_b, o_stride_h, o_stride_s] = strides(spec, d.heads, d.q_len, d.v_head_dim);
     FlashParams {
         heads: d.heads as u32,

@@ -92,12 +92,15 @@ pub(crate) fn upload(
     let sinks = opts.sinks.as_deref().unwrap_or(&[]);
     let alibi_offset = 2 * d.batch;
     let sink_offset = alibi_offset + alibi.len();
-    let per_head = !alibi.is_empty() || !sinks.is_empty();
-    let lens = if let Some(l) = on_device.lens.as_ref().filter(|_| !per_head) {
+    let table = opts.pages.as_ref().map_or(&[][..], |p| &p.table[..]);
+    let page_offset = sink_offset + sinks.len();
+    // Words behind the lengths: a device form of the lengths is then copied in front of them.
+    let extra = !alibi.is_empty() || !sinks.is_empty() || !table.is_empty();
+    let lens = if let Some(l) = on_device.lens.as_ref().filter(|_| !extra) {
         gpu.expect_device("the device lengths", l.device)?;
         Some(l.buffer.clone())
-    } else if opts.kv_lens.is_some() || opts.q_lens.is_some() || per_head {
-        let mut lens = vec![0u32; sink_offset + sinks.len()];
+    } else if opts.kv_lens.is_some() || opts.q_lens.is_some() || extra {
+        let mut lens = vec![0u32; page_offset + table.len()];
         if let Some(kv) = &opts.kv_lens {
             lens[..d.batch].copy_from_slice(kv);
         }
@@ -110,6 +113,7 @@ pub(crate) fn upload(
         {
             *dst = x.to_bits();
         }
+        lens[page_offset..].copy_from_slice(table);
         check_binding(
             &gpu.limits,
             "lengths, slopes and sinks",
@@ -178,6 +182,8 @@ pub(crate) fn upload(
             },
             sink_offset: sink_offset as u32,
             sink_keys: opts.sink_keys.min(d.kv_len) as u32,
+            page_offset: page_offset as u32,
+            pages_per_seq: opts.pages.as_ref().map_or(0, |p| p.pages_per_seq(d.batch)) as u32,
         },
     )?;
     Ok(MaskBuffers {

@@ -1,0 +1,397 @@
+//! A paged key/value cache (vLLM's layout): K and V live in pools of fixed-size pages, each
+//! sequence owns a list of pages (its block table), and attention reads K and V through the
+//! tables ([`Attention::paged`]) on the fused and decode paths.
+//!
+//! Pages come from a free list and go back when the last sequence holding them is freed.
+//! [`fork`](PagedKvCache::fork) shares every page of a sequence with a new one (a prompt's
+//! prefix served to several continuations); a page is copied only when a sequence appends into
+//! a page it shares (copy on write: only the last, partial page ever is). An append that needs
+//! more pages than are free is [`Error::CacheFull`] and changes nothing.
+
+use std::collections::BTreeMap;
+
+use crate::error::{Error, Result};
+use crate::gpu::attention::Output;
+use crate::gpu::context::Gpu;
+use crate::gpu::tensor::Tensor;
+use crate::spec::{Attention, Causal, DType, Dims, Layout};
+
+/// A sequence of a [`PagedKvCache`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct SeqId(u64);
+
+impl SeqId {
+    /// The id as a number (what [`Error::UnknownSequence`] reports).
+    pub fn get(self) -> u64 {
+        self.0
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Sequence {
+    pages: Vec<u32>,
+    len: usize,
+}
+
+/// K and V in pools of pages, `[pages, page_size, kv_heads, head_dim]` (and `v_head_dim`),
+/// shared by any number of sequences.
+///
+/// ```no_run
+/// use wgpu_attention::{Attention, Gpu, PagedKvCache};
+/// let gpu = Gpu::new()?;
+/// let (kv_heads, heads, dim) = (2, 8, 64);
+/// // 256 pages of 16 tokens: 4096 tokens shared by every sequence.
+/// let mut cache = PagedKvCache::new(&gpu, 256, 16, kv_heads, dim, dim)?;
+/// let a = cache.add_sequence();
+/// // A prompt of 100 tokens: K and V rows [100, kv_heads, dim].
+/// let kv = vec![0.1f32; 100 * kv_heads * dim];
+/// cache.append(&gpu, a, &kv, &kv)?;
+/// // A second continuation of the same prompt shares its pages.
+/// let b = cache.fork(a)?;
+/// let one = vec![0.2f32; kv_heads * dim];
+/// cache.append(&gpu, a, &one, &one)?;
+/// cache.append(&gpu, b, &one, &one)?; // copies the shared last page first
+/// // One query per sequence, [sequences, heads, 1, dim].
+/// let q = gpu.upload(&vec![0.3; 2 * heads * dim], [2, heads, 1, dim])?;
+/// let out = cache.attend(&gpu, &q, &[a, b], &Attention::new())?;
+/// cache.free_sequence(a)?;
+/// # Ok::<(), wgpu_attention::Error>(())
+/// ```
+#[derive(Debug)]
+pub struct PagedKvCache {
+    k: Tensor,
+    v: Tensor,
+    pages: usize,
+    page_size: usize,
+    kv_heads: usize,
+    head_dim: usize,
+    v_head_dim: usize,
+    dtype: DType,
+    /// Free pages, the next one last.
+    free: Vec<u32>,
+    /// Sequences holding each page.
+    refs: Vec<u32>,
+    seqs: BTreeMap<SeqId, Sequence>,
+    next_id: u64,
+}
+
+impl PagedKvCache {
+    /// An empty f32 cache of `pages` pages of `page_size` tokens.
+    pub fn new(
+        gpu: &Gpu,
+        pages: usize,
+        page_size: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        v_head_dim: usize,
+    ) -> Result<PagedKvCache> {
+        PagedKvCache::with_dtype(
+            gpu,
+            pages,
+            page_size,
+            kv_heads,
+            head_dim,
+            v_head_dim,
+            DType::F32,
+        )
+    }
+
+    /// An empty cache storing K and V as `dtype`. Half-precision pools need an even
+    /// `kv_heads * head_dim` and `kv_heads * v_head_dim`, so every token's row starts on a
+    /// 4-byte boundary.
+    pub fn with_dtype(
+        gpu: &Gpu,
+        pages: usize,
+        page_size: usize,
+        kv_heads: usize,
+        head_dim: usize,
+        v_head_dim: usize,
+        dtype: DType,
+    ) -> Result<PagedKvCache> {
+        for (what, n) in [
+            ("pages", pages),
+            ("page_size", page_size),
+            ("kv_heads", kv_heads),
+        ] {
+            if n == 0 {
+                return Err(Error::ZeroSize { what });
+            }
+        }
+        if pages > u32::MAX as usize {
+            return Err(Error::TooLarge {
+                what: "paged cache pages",
+                requested: pages as u64,
+                max: u32::MAX as u64,
+                hint: "; page numbers are 32-bit",
+            });
+        }
+        // The sizes as attention sees them: the pool as one sequence of every page.
+        let slots = crate::spec::checked_elements("paged cache tokens", &[pages, page_size])?;
+        Attention::new().validate(Dims {
+            batch: 1,
+            heads: kv_heads,
+            kv_heads,
+            q_len: 1,
+            kv_len: slots,
+            head_dim,
+            v_head_dim,
+        })?;
+        // Within u32 now (validated above).
+        let even = |dim: usize| (kv_heads * dim).is_multiple_of(2);
+        if dtype.size() < 4 && !(even(head_dim) && even(v_head_dim)) {
+            return Err(Error::InvalidOption {
+                what: "paged cache head dims",
+                value: format!("{kv_heads} x {head_dim} and {v_head_dim} with {dtype:?}"),
+                why: "a half-precision pool needs even kv_heads * head_dim and kv_heads * \
+                      v_head_dim",
+            });
+        }
+        Ok(PagedKvCache {
+            k: gpu.empty_as([pages, page_size, kv_heads, head_dim], dtype)?,
+            v: gpu.empty_as([pages, page_size, kv_heads, v_head_dim], dtype)?,
+            pages,
+            page_size,
+            kv_heads,
+            head_dim,
+            v_head_dim,
+            dtype,
+            free: (0..pages as u32).rev().collect(),
+            refs: vec![0; pages],
+            seqs: BTreeMap::new(),
+            next_id: 0,
+        })
+    }
+
+    /// A new, empty sequence.
+    pub fn add_sequence(&mut self) -> SeqId {
+        let id = SeqId(self.next_id);
+        self.next_id += 1;
+        self.seqs.insert(id, Sequence::default());
+        id
+    }
+
+    /// A new sequence holding the same tokens as `seq`, sharing its pages (nothing is copied
+    /// until one of them appends into a shared page).
+    pub fn fork(&mut self, seq: SeqId) -> Result<SeqId> {
+        let copy = self.seq(seq)?.clone();
+        for &p in &copy.pages {
+            self.refs[p as usize] += 1;
+        }
+        let id = SeqId(self.next_id);
+        self.next_id += 1;
+        self.seqs.insert(id, copy);
+        Ok(id)
+    }
+
+    /// Removes `seq`; its pages no other sequence holds go back to the free list.
+    pub fn free_sequence(&mut self, seq: SeqId) -> Result<()> {
+        let s = self
+            .seqs
+            .remove(&seq)
+            .ok_or(Error::UnknownSequence { id: seq.0 })?;
+        for p in s.pages {
+            self.release(p);
+        }
+        Ok(())
+    }
+
+    /// Tokens held by `seq`.
+    pub fn len(&self, seq: SeqId) -> Result<usize> {
+        Ok(self.seq(seq)?.len)
+    }
+
+    /// The pages of `seq`, in order (its block table).
+    pub fn pages_of(&self, seq: SeqId) -> Result<&[u32]> {
+        Ok(&self.seq(seq)?.pages)
+    }
+
+    /// The sequences held, in the order they were added.
+    pub fn sequences(&self) -> Vec<SeqId> {
+        self.seqs.keys().copied().collect()
+    }
+
+    /// Pages on the free list.
+    pub fn free_pages(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Pages in the pool.
+    pub fn pages(&self) -> usize {
+        self.pages
+    }
+
+    /// Tokens per page.
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    /// The K pool, `[pages, page_size, kv_heads, head_dim]`; rows no sequence holds are
+    /// unspecified.
+    pub fn k(&self) -> &Tensor {
+        &self.k
+    }
+
+    /// The V pool, `[pages, page_size, kv_heads, v_head_dim]`.
+    pub fn v(&self) -> &Tensor {
+        &self.v
+    }
+
+    fn seq(&self, seq: SeqId) -> Result<&Sequence> {
+        self.seqs
+            .get(&seq)
+            .ok_or(Error::UnknownSequence { id: seq.0 })
+    }
+
+    fn release(&mut self, page: u32) {
+        let r = &mut self.refs[page as usize];
+        *r -= 1;
+        if *r == 0 {
+            self.free.push(page);
+        }
+    }
+
+    fn take_page(&mut self) -> u32 {
+        let page = self.free.pop().expect("pages counted before taking");
+        self.refs[page as usize] = 1;
+        page
+    }
+
+    /// Appends `t` tokens to `seq` from host rows `k` (`[t, kv_heads, head_dim]`) and `v`
+    /// (`[t, kv_heads, v_head_dim]`), rounded to the cache's dtype. Takes pages from the free
+    /// list as the sequence needs them, and first copies its last page if another sequence
+    /// shares it; with too few free pages nothing changes and the error says how many were
+    /// needed.
+    pub fn append(&mut self, gpu: &Gpu, seq: SeqId, k: &[f32], v: &[f32]) -> Result<()> {
+        gpu.expect_own("the paged cache", &self.k)?;
+        let row_k = self.kv_heads * self.head_dim;
+        let row_v = self.kv_heads * self.v_head_dim;
+        let t = k.len() / row_k.max(1);
+        for (what, data, row) in [("K", k, row_k), ("V", v, row_v)] {
+            if data.len() != t * row || (row == 0 && !data.is_empty()) {
+                return Err(Error::DataLength {
+                    what,
+                    dims: vec![t, self.kv_heads, row / self.kv_heads],
+                    expected: t * row,
+                    got: data.len(),
+                });
+            }
+        }
+        if t == 0 {
+            return Err(Error::ZeroSize {
+                what: "appended tokens",
+            });
+        }
+        let s = self.seq(seq)?;
+        let (len, held) = (s.len, s.pages.len());
+        let total = len.checked_add(t).ok_or(Error::TooLarge {
+            what: "paged sequence length",
+            requested: u64::MAX,
+            max: usize::MAX as u64,
+            hint: "",
+        })?;
+        // Copy on write: the last page, partly filled and shared.
+        let shared_tail = len % self.page_size != 0 && self.refs[s.pages[held - 1] as usize] > 1;
+        let needed = total.div_ceil(self.page_size) - held + shared_tail as usize;
+        if needed > self.free.len() {
+            return Err(Error::CacheFull {
+                needed,
+                free: self.free.len(),
+            });
+        }
+        let size = self.dtype.size();
+        gpu.guarded("paged cache append", || {
+            let mut pages = self.seqs[&seq].pages.clone();
+            if shared_tail {
+                let old = pages[held - 1];
+                let new = self.take_page();
+                let rows = (len % self.page_size) as u64;
+                // Through a scratch buffer: wgpu copies between two distinct buffers only.
+                gpu.submit_with("paged cache copy on write", |encoder| {
+                    for (pool, row) in [(&self.k, row_k), (&self.v, row_v)] {
+                        let page_bytes = (self.page_size * row * size) as u64;
+                        let bytes = rows * (row * size) as u64;
+                        let scratch = gpu.scratch(
+                            "wgpu-attention page copy",
+                            bytes,
+                            wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                        );
+                        let (src, dst) = (old as u64 * page_bytes, new as u64 * page_bytes);
+                        encoder.copy_buffer_to_buffer(pool.buffer(), src, &scratch, 0, bytes);
+                        encoder.copy_buffer_to_buffer(&scratch, 0, pool.buffer(), dst, bytes);
+                    }
+                    Ok(())
+                })?;
+                self.release(old);
+                pages[held - 1] = new;
+            }
+            while pages.len() < total.div_ceil(self.page_size) {
+                let page = self.take_page();
+                pages.push(page);
+            }
+            // One write per page touched, for K and for V.
+            let mut done = 0;
+            while done < t {
+                let at = len + done;
+                let (page, offset) = (pages[at / self.page_size], at % self.page_size);
+                let n = (self.page_size - offset).min(t - done);
+                for (pool, data, row) in [(&self.k, k, row_k), (&self.v, v, row_v)] {
+                    let slot = page as usize * self.page_size + offset;
+                    let bytes =
+                        crate::gpu::tensor::encode(&data[done * row..][..n * row], self.dtype);
+                    gpu.queue
+                        .write_buffer(pool.buffer(), (slot * row * size) as u64, &bytes);
+                }
+                done += n;
+            }
+            let s = self.seqs.get_mut(&seq).expect("checked above");
+            s.pages = pages;
+            s.len = total;
+            Ok(())
+        })
+    }
+
+    /// Attention of queries `q` (`[seqs.len(), heads, q_len, head_dim]`, layout `Bhsd`) against
+    /// the sequences `seqs`, through their block tables: `kv_lens` are their lengths and causal
+    /// alignment is bottom-right per sequence unless `opts` sets another (as
+    /// [`KvCache::attend`](crate::KvCache::attend)). `opts` may carry every option but its own
+    /// `kv_lens`, a block table or another layout.
+    pub fn attend(
+        &self,
+        gpu: &Gpu,
+        q: &Tensor,
+        seqs: &[SeqId],
+        opts: &Attention,
+    ) -> Result<Output> {
+        if opts.kv_lens.is_some() || opts.device.lens.is_some() || opts.pages.is_some() {
+            return Err(Error::InvalidOption {
+                what: "paged cache options",
+                value: "kv_lens or a block table".into(),
+                why: "the cache sets the lengths and the block tables of its sequences",
+            });
+        }
+        if opts.layout != Layout::Bhsd {
+            return Err(Error::InvalidOption {
+                what: "layout",
+                value: format!("{:?}", opts.layout),
+                why: "the paged cache attends queries in the Bhsd layout",
+            });
+        }
+        if seqs.is_empty() {
+            return Err(Error::ZeroSize { what: "sequences" });
+        }
+        let held: Vec<&Sequence> = seqs.iter().map(|&s| self.seq(s)).collect::<Result<_>>()?;
+        // Tables padded to the longest with page 0, a page of the pool: keys past a sequence's
+        // length may be staged from it but are masked, and never reach the output.
+        let width = held.iter().map(|s| s.pages.len()).max().unwrap_or(0).max(1);
+        let mut table = vec![0u32; seqs.len() * width];
+        for (row, s) in table.chunks_mut(width).zip(&held) {
+            row[..s.pages.len()].copy_from_slice(&s.pages);
+        }
+        let lens = held.iter().map(|s| s.len as u32).collect();
+        let mut opts = opts.clone().kv_lens(lens).paged(self.page_size, table);
+        if opts.causal.is_none() {
+            opts = opts.causal(Causal::BottomRight);
+        }
+        opts.run(gpu, q, &self.k, &self.v)
+    }
+}

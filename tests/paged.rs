@@ -1,0 +1,626 @@
+//! Paged K/V (`Attention::paged`): keys and values read through a block table from pools of
+//! pages, on the fused and decode paths, against the reference, with shuffled pages, page sizes
+//! that divide no tile, empty and one-token sequences, shared pages and pools exactly full.
+//! The reference's own gather is checked against contiguous K/V built here.
+
+mod common;
+
+use common::{NORM_TOL, O_ATOL, O_RTOL, assert_close, poisoned, random, rel_norm_error, rng};
+use rand::seq::SliceRandom;
+use wgpu_attention::{Attention, Causal, DType, Dims, Error, Layout, Output, Path, cpu};
+
+/// A paged problem: pools of `pages` pages, each sequence's table a random choice of them.
+struct Paged {
+    dims: Dims,
+    page_size: usize,
+    pages: usize,
+    table: Vec<u32>,
+    k_pool: Vec<f32>,
+    v_pool: Vec<f32>,
+}
+
+/// `lens` keys per sequence in pages of `page_size` from a pool of `pages` pages (at least
+/// what the sequences need; exactly that when equal). The tables are shuffled pages, and with
+/// `share` every sequence's first page is the same one.
+fn paged(
+    seed: u64,
+    (batch, kv_heads, head_dim, v_head_dim): (usize, usize, usize, usize),
+    page_size: usize,
+    pages_per_seq: usize,
+    pages: usize,
+    share: bool,
+) -> Paged {
+    let mut r = rng(seed);
+    let mut order: Vec<u32> = (0..pages as u32).collect();
+    order.shuffle(&mut r);
+    let mut table = Vec::new();
+    let mut next = 0;
+    for b in 0..batch {
+        for p in 0..pages_per_seq {
+            let page = if share && p == 0 && b > 0 {
+                table[0]
+            } else {
+                let page = order[next % pages];
+                next += 1;
+                page
+            };
+            table.push(page);
+        }
+    }
+    let dims = Dims {
+        batch,
+        heads: 0,
+        kv_heads,
+        q_len: 0,
+        kv_len: pages_per_seq * page_size,
+        head_dim,
+        v_head_dim,
+    };
+    Paged {
+        dims,
+        page_size,
+        pages,
+        table,
+        k_pool: random(&mut r, pages * page_size * kv_heads * head_dim, 1.0),
+        v_pool: random(&mut r, pages * page_size * kv_heads * v_head_dim, 1.0),
+    }
+}
+
+/// Runs the paged call on the GPU (outputs poisoned) and checks O and the log-sum-exp against
+/// the reference.
+#[allow(clippy::too_many_arguments)]
+fn check(
+    p: &Paged,
+    heads: usize,
+    q_len: usize,
+    path: Path,
+    opts: &Attention,
+    kv_dtype: DType,
+    seed: u64,
+) {
+    let Some(gpu) = common::gpu() else { return };
+    let d = Dims {
+        heads,
+        q_len,
+        ..p.dims
+    };
+    let opts = opts.clone().paged(p.page_size, p.table.clone()).path(path);
+    let mut r = rng(seed);
+    let q = random(&mut r, d.q_elems(), 2.0);
+    let round = |x: &[f32]| -> Vec<f32> { x.iter().map(|&v| kv_dtype.round(v)).collect() };
+    let (k_pool, v_pool) = (round(&p.k_pool), round(&p.v_pool));
+    let want = cpu::reference(&q, &k_pool, &v_pool, d, &opts).expect("reference");
+    let layout = opts.get_layout();
+    let tq = gpu.upload(&q, d.q_shape(layout)).unwrap();
+    let pool = |width| [p.pages, p.page_size, d.kv_heads, width];
+    let tk = gpu.upload_as(&k_pool, pool(d.head_dim), kv_dtype).unwrap();
+    let tv = gpu
+        .upload_as(&v_pool, pool(d.v_head_dim), kv_dtype)
+        .unwrap();
+    let out = Output {
+        o: poisoned(gpu, d.o_shape(layout)),
+        lse: Some(poisoned(gpu, [d.batch, d.heads, d.q_len, 1])),
+        weights: None,
+    };
+    let ctx = format!(
+        "[{path:?}, {kv_dtype:?}] {d:?} page {} seed {seed}",
+        p.page_size
+    );
+    opts.run_into(gpu, &tq, &tk, &tv, &out)
+        .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+    let o = out.o.download(gpu).unwrap();
+    let lse = out.lse.unwrap().download(gpu).unwrap();
+    assert_close(&format!("O of {ctx}"), &o, &want.o, O_ATOL, O_RTOL);
+    let err = rel_norm_error(&o, &want.o);
+    assert!(err <= NORM_TOL, "O of {ctx}: relative norm error {err:e}");
+    assert_close(&format!("lse of {ctx}"), &lse, &want.lse, 2e-5, 2e-5);
+}
+
+#[test]
+fn the_reference_gathers_through_the_table() {
+    let p = paged(1, (2, 2, 8, 5), 7, 3, 9, false);
+    let d = Dims {
+        heads: 4,
+        q_len: 5,
+        ..p.dims
+    };
+    for layout in [Layout::Bhsd, Layout::Bshd] {
+        // Contiguous K and V, written here from the table.
+        let mut k = vec![0f32; d.k_elems()];
+        let mut v = vec![0f32; d.v_elems()];
+        let ks = layout.strides(d.kv_heads, d.kv_len, d.head_dim);
+        let vs = layout.strides(d.kv_heads, d.kv_len, d.v_head_dim);
+        for b in 0..d.batch {
+            for j in 0..d.kv_len {
+                let page = p.table[b * 3 + j / 7] as usize;
+                for h in 0..d.kv_heads {
+                    let row = (page * 7 + j % 7) * d.kv_heads + h;
+                    let kd = b * ks[0] + h * ks[1] + j * ks[2];
+                    k[kd..kd + 8].copy_from_slice(&p.k_pool[row * 8..row * 8 + 8]);
+                    let vd = b * vs[0] + h * vs[1] + j * vs[2];
+                    v[vd..vd + 5].copy_from_slice(&p.v_pool[row * 5..row * 5 + 5]);
+                }
+            }
+        }
+        let q = random(&mut rng(2), d.q_elems(), 1.0);
+        let opts = Attention::new()
+            .layout(layout)
+            .causal(Causal::BottomRight)
+            .kv_lens(vec![20, 9]);
+        let want = cpu::reference(&q, &k, &v, d, &opts).unwrap();
+        let paged_opts = opts.paged(7, p.table.clone());
+        let got = cpu::reference(&q, &p.k_pool, &p.v_pool, d, &paged_opts).unwrap();
+        assert_eq!(got, want, "{layout:?}");
+        let fast = cpu::fast(&q, &p.k_pool, &p.v_pool, d, &paged_opts).unwrap();
+        assert_close("cpu::fast, paged", &fast.o, &want.o, O_ATOL, O_RTOL);
+    }
+}
+
+#[test]
+fn decoding_over_shuffled_pages() {
+    let mut seed = 10;
+    // (page size, pages per sequence, lengths): sizes that divide no tile, a sequence of one
+    // token, an empty one, and one filling its pages exactly.
+    for (page_size, pps, lens) in [
+        (16, 70, vec![1100, 1, 0, 1120]),
+        (7, 20, vec![140, 3, 139, 77]),
+        (64, 3, vec![192, 65, 64, 1]),
+    ] {
+        // The pool exactly full: every page belongs to a sequence.
+        let p = paged(seed, (4, 2, 64, 64), page_size, pps, 4 * pps, false);
+        for path in [Path::Decode, Path::Fused, Path::Auto] {
+            seed += 1;
+            let opts = Attention::new()
+                .causal(Causal::BottomRight)
+                .kv_lens(lens.clone());
+            check(&p, 8, 1, path, &opts, DType::F32, seed);
+        }
+    }
+}
+
+#[test]
+fn prefill_and_options_over_pages() {
+    let p = paged(20, (2, 2, 24, 16), 5, 40, 100, true);
+    let mut r = rng(21);
+    let mask = common::random_mask(&mut r, 2 * 37 * 200, 0.8);
+    let cases = [
+        Attention::new(),
+        Attention::new()
+            .causal(Causal::BottomRight)
+            .kv_lens(vec![200, 57]),
+        Attention::new()
+            .causal(Causal::TopLeft)
+            .window(20, 3)
+            .layout(Layout::Bshd),
+        Attention::new()
+            .mask([2, 1, 37, 200], mask)
+            .alibi(random(&mut r, 4, 0.1))
+            .sinks(random(&mut r, 4, 2.0))
+            .softcap(10.0),
+        Attention::new()
+            .window(10, 0)
+            .causal(Causal::BottomRight)
+            .sink_keys(4)
+            .q_lens(vec![37, 12]),
+    ];
+    for (n, opts) in cases.iter().enumerate() {
+        for path in [Path::Fused, Path::Decode] {
+            check(&p, 4, 37, path, opts, DType::F32, 30 + n as u64);
+        }
+    }
+}
+
+#[test]
+fn half_precision_pools() {
+    let p = paged(40, (1, 2, 64, 64), 16, 80, 90, false);
+    for (n, dtype) in [DType::F16, DType::Bf16].into_iter().enumerate() {
+        let opts = Attention::new()
+            .causal(Causal::BottomRight)
+            .kv_lens(vec![1250]);
+        check(&p, 8, 1, Path::Decode, &opts, dtype, 41 + n as u64);
+        check(&p, 8, 3, Path::Fused, &opts, dtype, 43 + n as u64);
+    }
+}
+
+#[test]
+fn bad_tables_and_pools_are_typed_errors() {
+    let p = paged(50, (2, 1, 8, 8), 4, 3, 6, false);
+    let d = Dims {
+        heads: 2,
+        q_len: 1,
+        ..p.dims
+    };
+    let q = vec![0.5f32; d.q_elems()];
+    let run_cpu = |opts: &Attention| cpu::reference(&q, &p.k_pool, &p.v_pool, d, opts);
+    // An entry outside the pool.
+    let mut bad = p.table.clone();
+    bad[4] = 6;
+    let e = run_cpu(&Attention::new().paged(4, bad.clone())).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::LengthOutOfRange {
+                index: 4,
+                value: 6,
+                max: 5,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    // A table of the wrong length, a kv_len that is not pages * page_size, a zero page size.
+    let e = run_cpu(&Attention::new().paged(4, p.table[..5].to_vec())).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::DataLength {
+                what: "block table",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    let e = run_cpu(&Attention::new().paged(3, p.table.clone())).unwrap_err();
+    assert!(matches!(e, Error::ShapeMismatch { .. }), "{e:?}");
+    let e = run_cpu(&Attention::new().paged(0, p.table.clone())).unwrap_err();
+    assert!(matches!(e, Error::ZeroSize { what: "page_size" }), "{e:?}");
+    // A pool whose length is not whole pages.
+    let e = cpu::reference(
+        &q,
+        &p.k_pool[..p.k_pool.len() - 8],
+        &p.v_pool,
+        d,
+        &Attention::new().paged(4, p.table.clone()),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(e, Error::DataLength { what: "K pool", .. }),
+        "{e:?}"
+    );
+    // Lengths past the table.
+    let e = run_cpu(
+        &Attention::new()
+            .paged(4, p.table.clone())
+            .kv_lens(vec![13, 1]),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::LengthOutOfRange {
+                what: "kv_lens",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    // The three-pass path, the weights and additive scores do not read pages.
+    for opts in [
+        Attention::new().path(Path::ThreePass),
+        Attention::new().return_weights(true),
+        Attention::new().additive(vec![1.0; 8]),
+    ] {
+        let e = run_cpu(&opts.paged(4, p.table.clone())).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::InvalidOption {
+                    what: "paged K/V",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+    }
+
+    let Some(gpu) = common::gpu() else { return };
+    let tq = gpu.upload(&q, d.q_shape(Layout::Bhsd)).unwrap();
+    let tk = gpu.upload(&p.k_pool, [6, 4, 1, 8]).unwrap();
+    let tv = gpu.upload(&p.v_pool, [6, 4, 1, 8]).unwrap();
+    let e = Attention::new()
+        .paged(4, bad)
+        .run(gpu, &tq, &tk, &tv)
+        .unwrap_err();
+    assert!(
+        matches!(e, Error::LengthOutOfRange { value: 6, .. }),
+        "{e:?}"
+    );
+    let wrong_v = gpu.upload(&p.v_pool, [6, 2, 2, 8]).unwrap();
+    let e = Attention::new()
+        .paged(4, p.table.clone())
+        .run(gpu, &tq, &tk, &wrong_v)
+        .unwrap_err();
+    assert!(matches!(e, Error::ShapeMismatch { .. }), "{e:?}");
+    let e = Attention::new()
+        .paged(4, p.table.clone())
+        .path(Path::ThreePass)
+        .run(gpu, &tq, &tk, &tv)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidOption {
+                what: "paged K/V",
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+    // And a valid call on the same tensors runs.
+    Attention::new()
+        .paged(4, p.table.clone())
+        .run(gpu, &tq, &tk, &tv)
+        .unwrap();
+}
+
+/// A cache's sequences as the host wrote them: token rows `[len, kv_heads, dim]` of K and V.
+#[derive(Clone, Default)]
+struct Written {
+    k: Vec<f32>,
+    v: Vec<f32>,
+}
+
+/// Attends one query per sequence and checks O against the reference on contiguous K/V built
+/// from what was written (no page involved).
+fn check_cache(
+    gpu: &wgpu_attention::Gpu,
+    cache: &wgpu_attention::PagedKvCache,
+    seqs: &[wgpu_attention::SeqId],
+    written: &[Written],
+    (heads, kv_heads, dim): (usize, usize, usize),
+    opts: &Attention,
+    seed: u64,
+) {
+    let n = seqs.len();
+    let lens: Vec<usize> = written
+        .iter()
+        .map(|w| w.k.len() / (kv_heads * dim))
+        .collect();
+    for (s, &len) in seqs.iter().zip(&lens) {
+        assert_eq!(cache.len(*s).unwrap(), len);
+    }
+    let s_max = lens.iter().copied().max().unwrap().max(1);
+    let d = Dims {
+        batch: n,
+        heads,
+        kv_heads,
+        q_len: 1,
+        kv_len: s_max,
+        head_dim: dim,
+        v_head_dim: dim,
+    };
+    // Bhsd K and V, zero past each length.
+    let mut k = vec![0f32; d.k_elems()];
+    let mut v = vec![0f32; d.v_elems()];
+    for (b, w) in written.iter().enumerate() {
+        for j in 0..lens[b] {
+            for h in 0..kv_heads {
+                let src = (j * kv_heads + h) * dim;
+                let dst = ((b * kv_heads + h) * s_max + j) * dim;
+                k[dst..dst + dim].copy_from_slice(&w.k[src..src + dim]);
+                v[dst..dst + dim].copy_from_slice(&w.v[src..src + dim]);
+            }
+        }
+    }
+    let q = random(&mut rng(seed), d.q_elems(), 2.0);
+    let want = cpu::reference(
+        &q,
+        &k,
+        &v,
+        d,
+        &opts
+            .clone()
+            .causal(Causal::BottomRight)
+            .kv_lens(lens.iter().map(|&l| l as u32).collect()),
+    )
+    .unwrap();
+    let tq = gpu.upload(&q, [n, heads, 1, dim]).unwrap();
+    let got = cache
+        .attend(gpu, &tq, seqs, opts)
+        .unwrap()
+        .o
+        .download(gpu)
+        .unwrap();
+    assert_close(
+        &format!("paged cache at lens {lens:?}"),
+        &got,
+        &want.o,
+        O_ATOL,
+        O_RTOL,
+    );
+}
+
+#[test]
+fn a_paged_cache_appends_forks_and_frees() {
+    let Some(gpu) = common::gpu() else { return };
+    let (heads, kv_heads, dim, page) = (4, 2, 16, 5);
+    let pages = 40;
+    let mut cache =
+        wgpu_attention::PagedKvCache::new(gpu, pages, page, kv_heads, dim, dim).unwrap();
+    let mut r = rng(60);
+    let row = kv_heads * dim;
+    let mut append = |cache: &mut wgpu_attention::PagedKvCache,
+                      s: wgpu_attention::SeqId,
+                      w: &mut Written,
+                      t: usize| {
+        let k = random(&mut r, t * row, 1.0);
+        let v = random(&mut r, t * row, 1.0);
+        cache.append(gpu, s, &k, &v).unwrap();
+        w.k.extend_from_slice(&k);
+        w.v.extend_from_slice(&v);
+    };
+    let a = cache.add_sequence();
+    let b = cache.add_sequence();
+    let (mut wa, mut wb) = (Written::default(), Written::default());
+    // Interleaved appends of sizes that cross pages: the two sequences' pages interleave.
+    for (ta, tb) in [(7, 1), (1, 12), (3, 4), (9, 1)] {
+        append(&mut cache, a, &mut wa, ta);
+        append(&mut cache, b, &mut wb, tb);
+    }
+    check_cache(
+        gpu,
+        &cache,
+        &[a, b],
+        &[wa.clone(), wb.clone()],
+        (heads, kv_heads, dim),
+        &Attention::new(),
+        61,
+    );
+    // A fork shares every page: no page taken.
+    let free = cache.free_pages();
+    let c = cache.fork(a).unwrap();
+    assert_eq!(cache.free_pages(), free);
+    assert_eq!(cache.pages_of(c).unwrap(), cache.pages_of(a).unwrap());
+    let mut wc = wa.clone();
+    // a holds 20 tokens, four full pages: two more make its last page partial, and a fork of
+    // it then shares that partial page, which the fork's next append copies.
+    append(&mut cache, a, &mut wa, 2);
+    let c2 = cache.fork(a).unwrap();
+    let mut wc2 = wa.clone();
+    let before = cache.free_pages();
+    append(&mut cache, c2, &mut wc2, 1);
+    assert_eq!(
+        cache.free_pages(),
+        before - 1,
+        "copy on write takes one page"
+    );
+    assert_ne!(
+        cache.pages_of(c2).unwrap().last(),
+        cache.pages_of(a).unwrap().last()
+    );
+    append(&mut cache, c, &mut wc, 6);
+    append(&mut cache, a, &mut wa, 1);
+    let all = [a, b, c, c2];
+    let written = [wa.clone(), wb.clone(), wc.clone(), wc2.clone()];
+    let sinks = random(&mut rng(66), heads, 2.0);
+    check_cache(
+        gpu,
+        &cache,
+        &all,
+        &written,
+        (heads, kv_heads, dim),
+        &Attention::new(),
+        62,
+    );
+    check_cache(
+        gpu,
+        &cache,
+        &all,
+        &written,
+        (heads, kv_heads, dim),
+        &Attention::new().sinks(sinks).window(6, 0),
+        63,
+    );
+    // Freeing a returns only the pages nobody else holds; the others still read right.
+    let held_by_a = cache.pages_of(a).unwrap().len();
+    let free = cache.free_pages();
+    cache.free_sequence(a).unwrap();
+    assert!(cache.free_pages() > free && cache.free_pages() < free + held_by_a);
+    check_cache(
+        gpu,
+        &cache,
+        &[c, b, c2],
+        &[wc.clone(), wb.clone(), wc2.clone()],
+        (heads, kv_heads, dim),
+        &Attention::new(),
+        64,
+    );
+    // Unknown sequences are typed errors.
+    assert!(matches!(cache.len(a), Err(Error::UnknownSequence { .. })));
+    assert!(matches!(
+        cache.free_sequence(a),
+        Err(Error::UnknownSequence { .. })
+    ));
+    let q = gpu
+        .upload(&vec![0.1; heads * dim], [1, heads, 1, dim])
+        .unwrap();
+    assert!(matches!(
+        cache.attend(gpu, &q, &[a], &Attention::new()),
+        Err(Error::UnknownSequence { .. })
+    ));
+
+    // Fill the pool exactly; then one token more is CacheFull and changes nothing.
+    let d = cache.add_sequence();
+    let mut wd = Written::default();
+    let fill = cache.free_pages() * page;
+    append(&mut cache, d, &mut wd, fill);
+    assert_eq!(cache.free_pages(), 0);
+    let one = vec![0.5; row];
+    let e = cache.append(gpu, d, &one, &one).unwrap_err();
+    assert_eq!(e, Error::CacheFull { needed: 1, free: 0 });
+    assert_eq!(cache.len(d).unwrap(), fill);
+    check_cache(
+        gpu,
+        &cache,
+        &[d, b, c, c2],
+        &[wd, wb, wc, wc2],
+        (heads, kv_heads, dim),
+        &Attention::new(),
+        65,
+    );
+    // Bad appends.
+    let e = cache
+        .append(gpu, b, &one[..row - 1], &one[..row - 1])
+        .unwrap_err();
+    assert!(matches!(e, Error::DataLength { .. }), "{e:?}");
+    let e = cache.append(gpu, b, &[], &[]).unwrap_err();
+    assert!(matches!(e, Error::ZeroSize { .. }), "{e:?}");
+}
+
+#[test]
+fn a_half_precision_paged_cache() {
+    let Some(gpu) = common::gpu() else { return };
+    let (heads, kv_heads, dim) = (8, 2, 64);
+    for dtype in [DType::F16, DType::Bf16] {
+        let mut cache =
+            wgpu_attention::PagedKvCache::with_dtype(gpu, 100, 16, kv_heads, dim, dim, dtype)
+                .unwrap();
+        let mut r = rng(70);
+        let mut written = Vec::new();
+        let mut seqs = Vec::new();
+        for t in [1100usize, 37, 1] {
+            let s = cache.add_sequence();
+            let k: Vec<f32> = random(&mut r, t * kv_heads * dim, 1.0)
+                .into_iter()
+                .map(|x| dtype.round(x))
+                .collect();
+            let v: Vec<f32> = random(&mut r, t * kv_heads * dim, 1.0)
+                .into_iter()
+                .map(|x| dtype.round(x))
+                .collect();
+            cache.append(gpu, s, &k, &v).unwrap();
+            written.push(Written { k, v });
+            seqs.push(s);
+        }
+        check_cache(
+            gpu,
+            &cache,
+            &seqs,
+            &written,
+            (heads, kv_heads, dim),
+            &Attention::new(),
+            71,
+        );
+    }
+}
+
+#[test]
+fn paged_cache_construction_errors() {
+    let Some(gpu) = common::gpu() else { return };
+    use wgpu_attention::PagedKvCache;
+    for (pages, page, kvh) in [(0, 16, 2), (8, 0, 2), (8, 16, 0)] {
+        let e = PagedKvCache::new(gpu, pages, page, kvh, 8, 8).unwrap_err();
+        assert!(matches!(e, Error::ZeroSize { .. }), "{e:?}");
+    }
+    let e = PagedKvCache::with_dtype(gpu, 8, 16, 1, 7, 8, DType::F16).unwrap_err();
+    assert!(
+        matches!(e, Error::InvalidOption { what: "paged cache head dims", .. }),
+        "{e:?}"
+    );
+    // Odd head dims are fine when kv_heads makes each token's row even.
+    PagedKvCache::with_dtype(gpu, 8, 16, 2, 7, 7, DType::Bf16).unwrap();
+    let e = PagedKvCache::new(gpu, 8, 16, 1, 300, 8).unwrap_err();
+    assert!(matches!(e, Error::HeadDimTooLarge { .. }), "{e:?}");
+    let e = PagedKvCache::new(gpu, 1 << 40, 1 << 30, 1, 8, 8).unwrap_err();
+    assert!(matches!(e, Error::TooLarge { .. }), "{e:?}");
+}
