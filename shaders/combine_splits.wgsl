@@ -9,8 +9,9 @@
 // Bindings (declared by the host from Kernel::slots): params (CombineParams); p, the partial
 // outputs (tensor, read through load_p); part_lses, the partial log-sum-exps as f32 bits from
 // lse_offset (may be the same buffer as p); o (tensor); lse, the merged log-sum-exp as f32
-// bits, [batch, heads, q_len]; sinks, the sink logits as f32 bits from sink_offset, one per
-// head (read only when has_sinks is set).
+// bits, [batch, heads, q_len]; lens, the call's masking buffer (lib/masking.wgsl): the sink
+// logits as f32 bits from sink_offset, one per head (read only when has_sinks is set), and a
+// packed batch's offsets from varlen_offset (has_varlen).
 
 const WG: u32 = 64u;
 
@@ -38,12 +39,24 @@ fn main(inv: RowInvocation) {
         sum = lse_add(sum, part_lse(s, b, h, i));
     }
     if params.has_sinks != 0u {
-        sum = lse_add(sum, sinks[params.sink_offset + h]);
+        sum = lse_add(sum, lens[params.sink_offset + h]);
     }
     let p = params;
-    let part_row = b * p.part_stride_b + h * p.part_stride_h + i * p.part_stride_i;
-    let o_row = b * p.o_stride_b + h * p.o_stride_h + i * p.o_stride_s;
-    for (var n = lid; n < params.v_head_dim; n += WG) {
+    // A packed batch: the row's place among the packed rows, and no row past its sequence.
+    var i_o = i;
+    var i_p = i;
+    var real = true;
+    if p.has_varlen != 0u {
+        let start = lens[p.varlen_offset + b];
+        real = i < lens[p.varlen_offset + b + 1u] - start;
+        i_o = start + i;
+        if p.parts_packed != 0u {
+            i_p = start + i;
+        }
+    }
+    let part_row = b * p.part_stride_b + h * p.part_stride_h + i_p * p.part_stride_i;
+    let o_row = b * p.o_stride_b + h * p.o_stride_h + i_o * p.o_stride_s;
+    for (var n = lid; n < params.v_head_dim && real; n += WG) {
         var acc = 0.0;
         for (var s = 0u; s < params.splits; s++) {
             let w = lse_weight(sum, part_lse(s, b, h, i));

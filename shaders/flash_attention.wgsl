@@ -124,7 +124,7 @@ var<workgroup> key_slots: array<u32, TILE>;
 
 // The K/V row of the tile's key `col`.
 fn tile_key_row(col: u32) -> u32 {
-    if HAS_PAGES {
+    if HAS_PAGES || HAS_VARLEN {
         return key_slots[col];
     }
     return c0 + col;
@@ -233,10 +233,12 @@ fn main(inv: TileInvocation) {
         let mq = (li + (x / 4u) * tile_invocations()) / TILE_K;
         let sr = r0 + mq * 4u + x % 4u;
         let sh = kvh * params.group + sr / q_len;
+        let si = sr % q_len;
+        // Rows past a packed sequence are the next one's: never read (their keys are none).
         q_row[x] = select(
             NO_ROW,
-            b * params.q_stride_b + sh * params.q_stride_h + (sr % q_len) * params.q_stride_s,
-            sr < params.packed_rows
+            b * params.q_stride_b + sh * params.q_stride_h + q_slot(b, si) * params.q_stride_s,
+            sr < params.packed_rows && row_is_real(b, si)
         );
     }
     if li == 0u {
@@ -280,10 +282,13 @@ fn main(inv: TileInvocation) {
             }
         }
         c0 = t * TILE;
-        if HAS_PAGES {
-            // The previous tile's last barrier: nobody reads the old slots any more.
+        if HAS_PAGES || HAS_VARLEN {
+            // The previous tile's last barrier: nobody reads the old slots any more. Keys past
+            // the sequence stage its last key's row (their scores are masked): a packed
+            // sequence's next rows are another's, and past the last one's, none.
+            let last = max(seq_kv_len(b), 1u) - 1u;
             for (var n = li; n < TILE; n += tile_invocations()) {
-                key_slots[n] = key_slot(b, min(c0 + n, kv_len - 1u));
+                key_slots[n] = key_slot(b, min(c0 + n, last));
             }
             workgroupBarrier();
         }
@@ -462,7 +467,10 @@ fn main(inv: TileInvocation) {
                     lse_weight(sum, new_lse),
                     prev_lse[r] != NEG_INF_BITS || sink
                 );
-                o_row[r] = b * params.o_stride_b + h * params.o_stride_h + i * params.o_stride_s;
+                if row_is_real(b, i) {
+                    o_row[r] = b * params.o_stride_b + h * params.o_stride_h
+                        + q_slot(b, i) * params.o_stride_s;
+                }
                 o_scale[r] = inv * w_new;
                 o_prev[r] = lse_weight(sum, prev_lse[r]);
                 if tx == 0u && params.write_lse != 0u {

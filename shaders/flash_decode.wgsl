@@ -108,9 +108,10 @@ fn main(
         let d = (idx % Q4) * 4u;
         let pr = r0 + r;
         var x = vec4<f32>();
-        if pr < params.packed_rows {
+        if pr < params.packed_rows && row_is_real(b, pr % q_len) {
             let h = kvh * params.group + pr / q_len;
-            let row = b * params.q_stride_b + h * params.q_stride_h + (pr % q_len) * params.q_stride_s;
+            let row = b * params.q_stride_b + h * params.q_stride_h
+                + q_slot(b, pr % q_len) * params.q_stride_s;
             for (var e = 0u; e < 4u; e++) {
                 if d + e < head_dim {
                     x[e] = load_q(row + d + e) * q_scale;
@@ -177,9 +178,13 @@ fn main(
         for (var k = 0u; k < KPT; k++) {
             // Keys past the end read key 0; their scores are masked below.
             let j = c0 + lid + WG * k;
-            let slot = key_slot(b, select(0u, j, j < kv_len));
+            // Keys past the end read key 0 (a packed batch's: its own last key).
+            var slot = key_slot(b, select(0u, j, j < kv_len));
+            if HAS_VARLEN {
+                slot = key_slot(b, min(j, max(seq_kv_len(b), 1u) - 1u));
+            }
             krow[k] = k_base + slot * params.k_stride_s;
-            if HAS_PAGES {
+            if HAS_PAGES || HAS_VARLEN {
                 slot_sh[par * TILE + lid + WG * k] = slot;
             }
         }
@@ -277,7 +282,7 @@ fn main(
                 pk[q] = p_sh[p_index(par, key, q)];
             }
             var vrow = v_base + (c0 + key) * params.v_stride_s;
-            if HAS_PAGES {
+            if HAS_PAGES || HAS_VARLEN {
                 vrow = v_base + slot_sh[par * TILE + key] * params.v_stride_s;
             }
             for (var c = 0u; c < CPL; c++) {
@@ -340,7 +345,7 @@ fn main(
         }
         var dst: u32;
         if params.splits == 1u {
-            dst = b * params.o_stride_b + h * params.o_stride_h + i * params.o_stride_s;
+            dst = b * params.o_stride_b + h * params.o_stride_h + q_slot(b, i) * params.o_stride_s;
             if dq == 0u && params.write_lse != 0u {
                 lse_or_partials[bh * q_len + i] = lse;
             }
@@ -360,7 +365,10 @@ fn main(
             o *= norm;
             for (var e = 0u; e < 4u && col + e < v_dim; e++) {
                 if params.splits == 1u {
-                    store_o(dst + col + e, o[e]);
+                    // Not past a packed sequence's rows (the next sequence's).
+                    if row_is_real(b, i) {
+                        store_o(dst + col + e, o[e]);
+                    }
                 } else {
                     lse_or_partials[dst + col + e] = bitcast<u32>(o[e]);
                 }

@@ -336,6 +336,8 @@ pub struct Attention {
     pub(crate) sink_keys: usize,
     /// K and V read through a block table from pools of pages (vLLM's layout).
     pub(crate) pages: Option<BlockTable>,
+    /// Packed variable-length sequences: `cu_seqlens_q`, `cu_seqlens_k`.
+    pub(crate) varlen: Option<(Vec<u32>, Vec<u32>)>,
     /// Masking options that live on the device (`gpu::options`).
     pub(crate) device: DeviceOptions,
 }
@@ -453,6 +455,107 @@ impl BlockTable {
             }
         }
         out
+    }
+}
+
+/// A packed tensor of `heads` heads of rows of `width` (`[1, total, heads, width]` in `Bshd`,
+/// `[1, heads, total, width]` in `Bhsd`) between its padded form of `len` rows per sequence,
+/// `cu` the sequences' row offsets: what the CPU paths do with packed batches.
+pub(crate) struct Packing<'a> {
+    pub(crate) cu: &'a [u32],
+    pub(crate) heads: usize,
+    pub(crate) width: usize,
+    pub(crate) len: usize,
+    pub(crate) layout: Layout,
+}
+
+impl Packing<'_> {
+    fn total(&self) -> usize {
+        self.cu.last().copied().unwrap_or(0) as usize
+    }
+
+    /// The element offsets (packed, padded) of every row of every sequence, `width` each.
+    fn rows(&self) -> impl Iterator<Item = (usize, usize)> + '_ {
+        let total = self.total();
+        let padded = self.layout.strides(self.heads, self.len, self.width);
+        let packed = self.layout.strides(self.heads, total, self.width);
+        (0..self.cu.len().saturating_sub(1)).flat_map(move |b| {
+            let (start, end) = (self.cu[b] as usize, self.cu[b + 1] as usize);
+            (0..self.heads).flat_map(move |h| {
+                (start..end).map(move |t| {
+                    (
+                        h * packed[1] + t * packed[2],
+                        b * padded[0] + h * padded[1] + (t - start) * padded[2],
+                    )
+                })
+            })
+        })
+    }
+
+    /// The packed `x` (checked to hold every packed row) as padded rows, zero past each
+    /// sequence.
+    pub(crate) fn pad<T: Copy + Default>(&self, what: &'static str, x: &[T]) -> Result<Vec<T>> {
+        let expected = checked_elements(what, &[self.total(), self.heads, self.width])?;
+        if x.len() != expected {
+            return Err(Error::DataLength {
+                what,
+                dims: vec![1, self.total(), self.heads, self.width],
+                expected,
+                got: x.len(),
+            });
+        }
+        let b = self.cu.len().saturating_sub(1);
+        let mut out = vec![T::default(); b * self.heads * self.len * self.width];
+        for (src, dst) in self.rows() {
+            out[dst..dst + self.width].copy_from_slice(&x[src..src + self.width]);
+        }
+        Ok(out)
+    }
+
+    /// The padded `x` packed again.
+    pub(crate) fn pack<T: Copy + Default>(&self, x: &[T]) -> Vec<T> {
+        let mut out = vec![T::default(); self.total() * self.heads * self.width];
+        for (dst, src) in self.rows() {
+            out[dst..dst + self.width].copy_from_slice(&x[src..src + self.width]);
+        }
+        out
+    }
+}
+
+impl Attention {
+    /// For the CPU paths: a packed call's Q, K and V padded, and the options with the
+    /// lengths instead of the offsets (the [`Packing`] of Q and O first).
+    #[allow(clippy::type_complexity)]
+    pub(crate) fn unpack<'a, T: Copy + Default>(
+        &'a self,
+        (q, k, v): (&[T], &[T], &[T]),
+        dims: Dims,
+    ) -> Result<Option<(Packing<'a>, [Vec<T>; 3], Attention)>> {
+        let (Some((cq, ck)), Some((kv_lens, q_lens))) = (&self.varlen, self.varlen_lens()) else {
+            return Ok(None);
+        };
+        let packing = |cu, heads, width, len| Packing {
+            cu,
+            heads,
+            width,
+            len,
+            layout: self.layout,
+        };
+        let pq = packing(cq, dims.heads, dims.head_dim, dims.q_len);
+        let q = pq.pad("packed Q", q)?;
+        let k = packing(ck, dims.kv_heads, dims.head_dim, dims.kv_len).pad("packed K", k)?;
+        let v = packing(ck, dims.kv_heads, dims.v_head_dim, dims.kv_len).pad("packed V", v)?;
+        let flat = Attention {
+            varlen: None,
+            ..self.clone()
+        }
+        .kv_lens(kv_lens)
+        .q_lens(q_lens);
+        Ok(Some((
+            packing(cq, dims.heads, dims.v_head_dim, dims.q_len),
+            [q, k, v],
+            flat,
+        )))
     }
 }
 
@@ -625,6 +728,34 @@ impl Attention {
         self
     }
 
+    /// Packed variable-length batches (FlashAttention's `cu_seqlens_q` / `cu_seqlens_k`):
+    /// `batch` sequences of different lengths concatenated without padding. Sequence `b` has
+    /// the query rows `cu_seqlens_q[b] .. cu_seqlens_q[b + 1]` and the key rows
+    /// `cu_seqlens_k[b] .. cu_seqlens_k[b + 1]`; each vector has `batch + 1` entries, starts at
+    /// 0, never decreases and ends at the total. Q is `[1, total_q, heads, head_dim]` in the
+    /// `Bshd` layout (FlashAttention's `[total_q, heads, head_dim]`) or
+    /// `[1, heads, total_q, head_dim]` in `Bhsd`; K, V and O likewise. The call's `q_len` and
+    /// `kv_len` are the longest sequence's, and the lengths act as per-sequence
+    /// [`q_lens`](Attention::q_lens) and [`kv_lens`](Attention::kv_lens) (causal bottom-right
+    /// alignment per sequence, as FlashAttention's varlen calls): no row reads or writes
+    /// another sequence's rows. The log-sum-exp stays padded, `[batch, heads, q_len]` (`-inf`
+    /// past each sequence's rows).
+    ///
+    /// The fused and decode paths run packed batches; the three-pass path, the weights,
+    /// additive scores, explicit lengths and a block table are refused with
+    /// [`Error::InvalidOption`].
+    pub fn varlen(mut self, cu_seqlens_q: Vec<u32>, cu_seqlens_k: Vec<u32>) -> Self {
+        self.varlen = Some((cu_seqlens_q, cu_seqlens_k));
+        self
+    }
+
+    /// Per-sequence `(kv_lens, q_lens)` of a packed call, from its offsets.
+    pub(crate) fn varlen_lens(&self) -> Option<(Vec<u32>, Vec<u32>)> {
+        let (cq, ck) = self.varlen.as_ref()?;
+        let diff = |c: &[u32]| c.windows(2).map(|w| w[1].saturating_sub(w[0])).collect();
+        Some((diff(ck), diff(cq)))
+    }
+
     /// Forces a GPU path instead of letting the plan choose.
     pub fn path(mut self, path: Path) -> Self {
         self.path = path;
@@ -741,6 +872,9 @@ impl Attention {
         self.check_path()?;
         if let Some(pages) = &self.pages {
             self.check_paged(pages, dims)?;
+        }
+        if let Some((cq, ck)) = &self.varlen {
+            self.check_varlen(cq, ck, dims)?;
         }
         if let Some(lens) = &self.kv_lens {
             check_lens("kv_lens", lens, dims.batch, dims.kv_len)?;
@@ -868,10 +1002,79 @@ impl Attention {
         Ok(())
     }
 
+    /// Offsets of a packed call against `dims`: `batch + 1` of each, from 0, never
+    /// decreasing, no sequence longer than `q_len` / `kv_len`.
+    fn check_varlen(&self, cq: &[u32], ck: &[u32], dims: Dims) -> Result<()> {
+        for (what, cu, max) in [
+            ("cu_seqlens_q", cq, dims.q_len),
+            ("cu_seqlens_k", ck, dims.kv_len),
+        ] {
+            if cu.len() != dims.batch + 1 {
+                return Err(Error::ShapeMismatch {
+                    what: format!("{what} length (batch + 1)"),
+                    got: cu.len(),
+                    expected: dims.batch + 1,
+                });
+            }
+            if cu[0] != 0 {
+                return Err(Error::InvalidOption {
+                    what,
+                    value: format!("starts at {}", cu[0]),
+                    why: "the offsets start at 0",
+                });
+            }
+            if let Some(b) = cu.windows(2).position(|w| w[1] < w[0]) {
+                return Err(Error::InvalidOption {
+                    what,
+                    value: format!("{} at {} after {}", cu[b + 1], b + 1, cu[b]),
+                    why: "the offsets never decrease",
+                });
+            }
+            if let Some(b) = cu.windows(2).position(|w| (w[1] - w[0]) as usize > max) {
+                return Err(Error::LengthOutOfRange {
+                    what,
+                    index: b,
+                    value: (cu[b + 1] - cu[b]) as usize,
+                    max,
+                });
+            }
+        }
+        let why = if self.kv_lens.is_some() || self.q_lens.is_some() || self.device.lens.is_some() {
+            "a packed batch's lengths are its offsets: give no kv_lens or q_lens"
+        } else if self.pages.is_some() {
+            "a packed batch and a block table do not combine"
+        } else if self.path == Path::ThreePass || self.want_weights || self.additive.is_some() {
+            "packed batches run on the fused and decode paths only: no three-pass path, \
+             weights or additive scores"
+        } else {
+            return Ok(());
+        };
+        Err(Error::InvalidOption {
+            what: "varlen",
+            value: format!("{:?}", self.path),
+            why,
+        })
+    }
+
+    /// The physical shape of O for a call of `dims`: `dims.o_shape`, or for a packed batch
+    /// the packed rows.
+    pub fn o_shape_for(&self, dims: Dims) -> [usize; 4] {
+        match &self.varlen {
+            Some((cq, _)) => {
+                let total = *cq.last().unwrap_or(&0) as usize;
+                self.layout.dims(1, dims.heads, total, dims.v_head_dim)
+            }
+            None => dims.o_shape(self.layout),
+        }
+    }
+
     /// The dims of a call on Q of `q` and paged K/V pools `k`, `v`
     /// (`[pages, page_size, kv_heads, width]`), with the table's entries checked against the
     /// pool; for a call without pages, [`Dims::from_shapes`].
     pub fn dims_for(&self, q: [usize; 4], k: [usize; 4], v: [usize; 4]) -> Result<Dims> {
+        if let Some((cq, ck)) = &self.varlen {
+            return self.packed_dims(cq, ck, q, k, v);
+        }
         let Some(pages) = &self.pages else {
             return Dims::from_shapes(self.layout, q, k, v);
         };
@@ -901,6 +1104,41 @@ impl Attention {
             kv_len: pages.pages_per_seq(batch).saturating_mul(pages.page_size),
             head_dim,
             v_head_dim: v[3],
+        })
+    }
+
+    /// The dims of a packed call (see [`Attention::varlen`]) on tensors of one "batch" of the
+    /// packed rows.
+    fn packed_dims(
+        &self,
+        cq: &[u32],
+        ck: &[u32],
+        q: [usize; 4],
+        k: [usize; 4],
+        v: [usize; 4],
+    ) -> Result<Dims> {
+        let flat = Dims::from_shapes(self.layout, q, k, v)?;
+        let check = |what: &str, got: usize, expected: usize| {
+            if got == expected {
+                Ok(())
+            } else {
+                Err(Error::ShapeMismatch {
+                    what: what.to_string(),
+                    got,
+                    expected,
+                })
+            }
+        };
+        check("batch of packed Q, K and V", flat.batch, 1)?;
+        let last = |c: &[u32]| c.last().copied().unwrap_or(0) as usize;
+        check("packed Q rows (cu_seqlens_q's last)", flat.q_len, last(cq))?;
+        check("packed K rows (cu_seqlens_k's last)", flat.kv_len, last(ck))?;
+        let longest = |c: &[u32]| c.windows(2).map(|w| w[1].saturating_sub(w[0])).max();
+        Ok(Dims {
+            batch: cq.len().saturating_sub(1),
+            q_len: longest(cq).unwrap_or(0) as usize,
+            kv_len: longest(ck).unwrap_or(0) as usize,
+            ..flat
         })
     }
 

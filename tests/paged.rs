@@ -614,7 +614,13 @@ fn paged_cache_construction_errors() {
     }
     let e = PagedKvCache::with_dtype(gpu, 8, 16, 1, 7, 8, DType::F16).unwrap_err();
     assert!(
-        matches!(e, Error::InvalidOption { what: "paged cache head dims", .. }),
+        matches!(
+            e,
+            Error::InvalidOption {
+                what: "paged cache head dims",
+                ..
+            }
+        ),
         "{e:?}"
     );
     // Odd head dims are fine when kv_heads makes each token's row even.

@@ -249,11 +249,11 @@ fn options_are_compiled_in() {
                 .into_iter()
                 .filter(|(name, _)| name.starts_with("HAS_"))
                 .collect();
-            // The softmax reads no K or V, so has no HAS_PAGES.
+            // The softmax reads no Q, K, V or O, so has no HAS_PAGES or HAS_VARLEN.
             let count = if matches!(key, KernelKey::MaskedSoftmax { .. }) {
                 6
             } else {
-                7
+                8
             };
             assert_eq!(
                 expected.len(),

@@ -28,9 +28,43 @@ override HAS_PAGES: bool = false;
 // llvmpipe).
 override PAGE_SIZE: u32 = 1u;
 
-// The row of key j of sequence b in K and V: j, or with pages, its page's row in the pool
-// (page * page_size + j % page_size, the page from the block table in `lens`).
+// A packed batch (FlashAttention's varlen): every sequence's rows in one tensor, sequence b's
+// from lens[varlen_offset + b] (queries) and lens[varlen_offset + batch + 1 + b] (keys); the
+// lengths are in kv_lens and q_lens as usual.
+override HAS_VARLEN: bool = false;
+
+// The row of query row i of sequence b in Q and O: i, or its place among the packed rows.
+fn q_slot(b: u32, i: u32) -> u32 {
+    if !HAS_VARLEN {
+        return i;
+    }
+    return lens[mparams.varlen_offset + b] + i;
+}
+
+// Whether query row i of sequence b has a row of Q and O: always, but past a packed
+// sequence's rows (which belong to the next sequence).
+fn row_is_real(b: u32, i: u32) -> bool {
+    if !HAS_VARLEN {
+        return true;
+    }
+    return i < min(lens[mparams.batch + b], mparams.q_len);
+}
+
+// Keys of sequence b: kv_len, or its own length where the call has lengths.
+fn seq_kv_len(b: u32) -> u32 {
+    if mparams.has_kv_lens != 0u {
+        return min(lens[b], mparams.kv_len);
+    }
+    return mparams.kv_len;
+}
+
+// The row of key j of sequence b in K and V: j, its place among a packed batch's rows, or
+// with pages, its page's row in the pool (page * page_size + j % page_size, the page from the
+// block table in `lens`).
 fn key_slot(b: u32, j: u32) -> u32 {
+    if HAS_VARLEN {
+        return lens[mparams.varlen_offset + mparams.batch + 1u + b] + j;
+    }
     if !HAS_PAGES {
         return j;
     }

@@ -179,6 +179,14 @@ impl HostElement for half::bf16 {
 fn fast_f32(q: &[f32], k: &[f32], v: &[f32], dims: Dims, opts: &Attention) -> Result<FastOutput> {
     let spec = opts.validate(dims)?;
     opts.require_host_options()?;
+    if let Some((packing, [q, k, v], flat)) = opts.unpack((q, k, v), dims)? {
+        // A packed batch: the same computation padded, O packed again.
+        let padded = fast_f32(&q, &k, &v, dims, &flat)?;
+        return Ok(FastOutput {
+            o: packing.pack(&padded.o),
+            ..padded
+        });
+    }
     if let Some(pages) = &opts.pages {
         // Paged K/V: gathered through the block table, then the contiguous computation.
         let (k, v) = pages.unpage(k, v, dims, opts.layout)?;

@@ -64,6 +64,16 @@ where
     let spec = opts.validate(dims)?;
     opts.require_host_options()?;
     let layout = opts.layout;
+    if let Some((packing, [q, k, v], flat)) =
+        opts.unpack((&widen(q), &widen(k), &widen(v)), dims)?
+    {
+        // A packed batch: the same computation padded, O packed again.
+        let padded = reference(&q, &k, &v, dims, &flat)?;
+        return Ok(Reference {
+            o: packing.pack(&padded.o),
+            ..padded
+        });
+    }
     if let Some(pages) = &opts.pages {
         // Paged K/V: the same computation on K and V gathered through the block table.
         let (k, v) = pages.unpage(&widen(k), &widen(v), dims, layout)?;

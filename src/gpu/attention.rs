@@ -27,7 +27,7 @@ pub struct Output {
 /// Checks caller-allocated outputs against a validated call.
 fn check_outputs(spec: &Spec<'_>, out: &Output) -> Result<()> {
     let dims = spec.dims;
-    expect_dims("O", out.o.dims(), dims.o_shape(spec.opts.layout))?;
+    expect_dims("O", out.o.dims(), spec.opts.o_shape_for(dims))?;
     if let Some(lse) = &out.lse {
         expect_dims(
             "log-sum-exp",
@@ -85,7 +85,7 @@ impl Attention {
         // f32 output.
         gpu.guarded("attention", || {
             let out = Output {
-                o: gpu.empty_as(dims.o_shape(self.layout), q.dtype())?,
+                o: gpu.empty_as(self.o_shape_for(dims), q.dtype())?,
                 lse: self.want_lse.then(|| gpu.empty(lse_dims)).transpose()?,
                 weights: self
                     .want_weights

@@ -123,6 +123,9 @@ pub fn merge(gpu: &Gpu, a: Partial<'_>, b: Partial<'_>, layout: Layout) -> Resul
             splits: 2,
             has_sinks: 0,
             sink_offset: 0,
+            has_varlen: 0,
+            varlen_offset: 0,
+            parts_packed: 0,
             rows,
             heads: heads as u32,
             q_len: q_len as u32,
@@ -148,7 +151,7 @@ pub fn merge(gpu: &Gpu, a: Partial<'_>, b: Partial<'_>, layout: Layout) -> Resul
             parts_storage: gpu.storage(a.o.dtype()),
             o: &out.o,
             lse: out.lse.as_ref().map(|t| t.buffer()),
-            sinks: None,
+            lens: None,
             last: false,
         };
         combine::encode(gpu, encoder, &merge)?;

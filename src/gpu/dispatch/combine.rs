@@ -11,7 +11,7 @@ use crate::gpu::tensor::Tensor;
 
 /// One merge: `parts` (partial outputs, read in `parts_storage`) and `part_lses` (their
 /// log-sum-exps as f32 bits, from `params.lse_offset`; may be the same buffer) into `o` and,
-/// if given, `lse`. `sinks`, when given, holds the sink logits `params` points at.
+/// if given, `lse`. `lens`, when given, is the call's masking buffer, with the sink logits and packed offsets `params` points at.
 pub(crate) struct Combine<'a> {
     pub(crate) params: CombineParams,
     pub(crate) parts: &'a wgpu::Buffer,
@@ -19,7 +19,7 @@ pub(crate) struct Combine<'a> {
     pub(crate) parts_storage: Storage,
     pub(crate) o: &'a Tensor,
     pub(crate) lse: Option<&'a wgpu::Buffer>,
-    pub(crate) sinks: Option<&'a wgpu::Buffer>,
+    pub(crate) lens: Option<&'a wgpu::Buffer>,
     /// Whether the pass may write the call's end timestamp (it is the call's last).
     pub(crate) last: bool,
 }
@@ -47,7 +47,7 @@ pub(crate) fn encode(
             combine.part_lses,
             combine.o.buffer(),
             combine.lse.unwrap_or(&gpu.kernels.placeholder_out),
-            combine.sinks.unwrap_or(&gpu.kernels.placeholder),
+            combine.lens.unwrap_or(&gpu.kernels.placeholder),
         ],
     );
     let size = DispatchSize::linear(

@@ -311,7 +311,7 @@ impl Kernel {
                     read("part_lses", BITS),
                     tensor("o", false),
                     write("lse", BITS),
-                    read("sinks", BITS),
+                    read("lens", BITS),
                 ];
                 S
             }
@@ -491,6 +491,8 @@ pub struct MaskOptions {
     pub sink_keys: bool,
     /// Keys per page of K and V read through a block table; 0 without pages.
     pub page_size: u32,
+    /// A packed batch of variable-length sequences.
+    pub varlen: bool,
 }
 
 impl MaskOptions {
@@ -505,6 +507,7 @@ impl MaskOptions {
             sinks: o.sinks.is_some(),
             sink_keys: o.sink_keys > 0 && o.window.is_some(),
             page_size: o.pages.as_ref().map_or(0, |p| p.page_size as u32),
+            varlen: o.varlen.is_some(),
         }
     }
 
@@ -521,6 +524,7 @@ impl MaskOptions {
                 sinks: bits & 8 != 0,
                 sink_keys: bits & 8 != 0,
                 page_size: if bits & 8 != 0 { 16 } else { 0 },
+                varlen: bits & 8 != 0,
             })
             .collect()
     }
@@ -534,6 +538,7 @@ impl MaskOptions {
             ("HAS_SINKS", self.sinks),
             ("HAS_SINK_KEYS", self.sink_keys),
             ("HAS_PAGES", self.page_size != 0),
+            ("HAS_VARLEN", self.varlen),
         ] {
             out.push((name, on as u8 as f64));
         }
@@ -549,6 +554,7 @@ impl MaskOptions {
             ("sinks", self.sinks),
             ("sink keys", self.sink_keys),
             ("paged", self.page_size != 0),
+            ("packed", self.varlen),
         ]
         .into_iter()
         .filter_map(|(name, on)| on.then_some(name))
@@ -956,8 +962,8 @@ impl KernelKey {
             KernelKey::MaskedSoftmax { workgroup, masks } => {
                 out.push(("WG", workgroup as f64));
                 masks.constants(&mut out);
-                // It reads scores, not K or V: pages mean nothing to it.
-                out.retain(|&(name, _)| name != "HAS_PAGES" && name != "PAGE_SIZE");
+                // It reads scores, not Q, K, V or O: pages and packing mean nothing to it.
+                out.retain(|&(name, _)| !matches!(name, "HAS_PAGES" | "PAGE_SIZE" | "HAS_VARLEN"));
             }
             KernelKey::FlashAttention { rows, masks, .. } => {
                 out.push(("TILE_M", rows as f64));

@@ -140,6 +140,9 @@ uniform! {
         /// sequence (the page size is compiled in: `MaskOptions::page_size`).
         page_offset: u32,
         pages_per_seq: u32,
+        /// A packed batch: where its offsets start in `lens` (`cu_seqlens_q`, `batch + 1`
+        /// words, then `cu_seqlens_k`).
+        varlen_offset: u32,
     }
 }
 
@@ -229,6 +232,12 @@ uniform! {
         /// rows' merge as a part with no output (flash-decoding of a call with sinks).
         has_sinks: u32,
         sink_offset: u32,
+        /// A packed batch: rows go to `lens[varlen_offset + b] + i`, none past the sequence.
+        has_varlen: u32,
+        varlen_offset: u32,
+        /// With `has_varlen`: the partial outputs are packed like O (the f32 copy of several
+        /// passes), not padded (the splits' partials).
+        parts_packed: u32,
     }
 }
 

@@ -326,19 +326,30 @@ impl FusedPlan {
     }
 }
 
+/// Strides of Q or O (`queries`) or of K or V, `heads` heads of rows of `width`: a packed
+/// batch's tensors hold every sequence's rows in one "batch" (the kernels add each
+/// sequence's first row, `q_slot` and `key_slot`), paged pools `[pages, page_size, kv_heads,
+/// width]` rows (pool slots) of `kv_heads * width`; neither has a batch stride.
+fn io_strides(spec: &Spec<'_>, queries: bool, heads: usize, width: usize) -> [u32; 3] {
+    let d = spec.dims;
+    if let Some((cq, ck)) = &spec.opts.varlen {
+        let total = *if queries { cq } else { ck }.last().unwrap_or(&0) as usize;
+        let [_, h, s] = strides(spec, heads, total, width);
+        return [0, h, s];
+    }
+    match spec.opts.pages {
+        Some(_) if !queries => [0, width as u32, (heads * width) as u32],
+        _ => strides(spec, heads, if queries { d.q_len } else { d.kv_len }, width),
+    }
+}
+
 /// The uniforms of dispatch `pass` of `plan` (pure: tested without a device).
 fn flash_params(spec: &Spec<'_>, plan: &FusedPlan, pass: u32, write_lse: bool) -> FlashParams {
     let d = spec.dims;
-    let [q_stride_b, q_stride_h, q_stride_s] = strides(spec, d.heads, d.q_len, d.head_dim);
-    // Paged pools are [pages, page_size, kv_heads, width]: rows (pool slots, the kernels' key_slot)
-    // of kv_heads * width, no batch stride.
-    let kv_strides = |width: usize| match spec.opts.pages {
-        Some(_) => [0, width as u32, (d.kv_heads * width) as u32],
-        None => strides(spec, d.kv_heads, d.kv_len, width),
-    };
-    let [k_stride_b, k_stride_h, k_stride_s] = kv_strides(d.head_dim);
-    let [v_stride_b, v_stride_h, v_stride_s] = kv_strides(d.v_head_dim);
-    let [o_stride_b, o_stride_h, o_stride_s] = strides(spec, d.heads, d.q_len, d.v_head_dim);
+    let [q_stride_b, q_stride_h, q_stride_s] = io_strides(spec, true, d.heads, d.head_dim);
+    let [k_stride_b, k_stride_h, k_stride_s] = io_strides(spec, false, d.kv_heads, d.head_dim);
+    let [v_stride_b, v_stride_h, v_stride_s] = io_strides(spec, false, d.kv_heads, d.v_head_dim);
+    let [o_stride_b, o_stride_h, o_stride_s] = io_strides(spec, true, d.heads, d.v_head_dim);
     FlashParams {
         heads: d.heads as u32,
         kv_heads: d.kv_heads as u32,
@@ -378,22 +389,26 @@ fn parts_lse_offset(spec: &Spec<'_>, plan: &FusedPlan) -> u64 {
 
 /// The merge of the splits' partials (`[split, batch, heads, q_len, v_head_dim]`, then their
 /// log-sum-exps `[split, batch, heads, q_len]`) into O and, with `write_lse`, the log-sum-exp.
-/// `sink_offset`: where the call's sink logits are in the masking buffer `lens`, if it has any.
+/// `sink_offset` and `varlen_offset`: where the call's sink logits and a packed batch's offsets
+/// are in the masking buffer `lens`, if it has them.
 fn split_merge_params(
     spec: &Spec<'_>,
     plan: &FusedPlan,
     write_lse: bool,
-    sink_offset: Option<u32>,
+    (sink_offset, varlen_offset): (Option<u32>, Option<u32>),
 ) -> CombineParams {
     let d = spec.dims;
     let rows = d.lse_elems() as u32;
     let row = d.v_head_dim as u32;
     let heads_rows = (d.heads * d.q_len) as u32;
-    let [o_stride_b, o_stride_h, o_stride_s] = strides(spec, d.heads, d.q_len, d.v_head_dim);
+    let [o_stride_b, o_stride_h, o_stride_s] = io_strides(spec, true, d.heads, d.v_head_dim);
     CombineParams {
         splits: plan.splits,
         has_sinks: sink_offset.is_some() as u32,
         sink_offset: sink_offset.unwrap_or(0),
+        has_varlen: varlen_offset.is_some() as u32,
+        varlen_offset: varlen_offset.unwrap_or(0),
+        parts_packed: 0,
         rows,
         heads: d.heads as u32,
         q_len: d.q_len as u32,
@@ -416,14 +431,18 @@ fn split_merge_params(
 
 /// One "split": the combine kernel copies the passes' f32 O (in O's layout) into O's dtype,
 /// zeros where the log-sum-exp says the row had no key.
-fn convert_params(spec: &Spec<'_>) -> CombineParams {
+/// A packed batch's f32 copy is packed like O (`varlen_offset` as in `split_merge_params`).
+fn convert_params(spec: &Spec<'_>, varlen_offset: Option<u32>) -> CombineParams {
     let d = spec.dims;
-    let [o_stride_b, o_stride_h, o_stride_s] = strides(spec, d.heads, d.q_len, d.v_head_dim);
+    let [o_stride_b, o_stride_h, o_stride_s] = io_strides(spec, true, d.heads, d.v_head_dim);
     CombineParams {
         splits: 1,
         // The passes counted the sinks.
         has_sinks: 0,
         sink_offset: 0,
+        has_varlen: varlen_offset.is_some() as u32,
+        varlen_offset: varlen_offset.unwrap_or(0),
+        parts_packed: 1,
         rows: d.lse_elems() as u32,
         heads: d.heads as u32,
         q_len: d.q_len as u32,
@@ -552,26 +571,31 @@ pub(crate) fn encode(
     }
     if let Some(parts) = &parts {
         let merge = Combine {
-            params: split_merge_params(spec, plan, io.lse.is_some(), masks.sink_offset),
+            params: split_merge_params(
+                spec,
+                plan,
+                io.lse.is_some(),
+                (masks.sink_offset, masks.varlen_offset),
+            ),
             parts,
             part_lses: parts,
             parts_storage: Storage::F32,
             o: io.o,
             lse: io.lse.map(|t| t.buffer()),
-            sinks: Some(masks.lens(gpu)),
+            lens: Some(masks.lens(gpu)),
             last: true,
         };
         combine::encode(gpu, encoder, &merge)?;
     }
     if let (Some(running), Some(lse)) = (&o_running, lse_out) {
         let convert = Combine {
-            params: convert_params(spec),
+            params: convert_params(spec, masks.varlen_offset),
             parts: running.buffer(),
             part_lses: lse,
             parts_storage: Storage::F32,
             o: io.o,
             lse: None,
-            sinks: None,
+            lens: Some(masks.lens(gpu)),
             last: true,
         };
         combine::encode(gpu, encoder, &convert)?;
@@ -610,7 +634,7 @@ mod tests {
             let spec = opts.validate(d).unwrap();
             let plan = FusedPlan::new(&spec, &l, true).unwrap();
             assert!(plan.splits > 1, "{plan:?}");
-            let m = split_merge_params(&spec, &plan, true, None);
+            let m = split_merge_params(&spec, &plan, true, (None, None));
             let rows = d.lse_elems() as u64;
             assert_eq!(
                 (m.lse_offset as u64 + plan.splits as u64 * rows) * 4,

@@ -20,6 +20,8 @@ pub(crate) struct MaskBuffers {
     lens: Option<wgpu::Buffer>,
     /// Where the sink logits start in `lens`, if the call has sinks.
     pub(crate) sink_offset: Option<u32>,
+    /// Where a packed batch's offsets (`cu_seqlens_q`, then `cu_seqlens_k`) start in `lens`.
+    pub(crate) varlen_offset: Option<u32>,
 }
 
 impl MaskBuffers {
@@ -83,9 +85,15 @@ pub(crate) fn upload(
             None => None,
         },
     };
+    // A packed batch's lengths come from its offsets (which follow the block table).
+    let packed = opts.varlen_lens();
+    let (kv_lens, q_lens) = match &packed {
+        Some((kv, q)) => (Some(kv), Some(q)),
+        None => (opts.kv_lens.as_ref(), opts.q_lens.as_ref()),
+    };
     let (has_kv_lens, has_q_lens) = match &on_device.lens {
         Some(l) => (l.has_kv, l.has_q),
-        None => (opts.kv_lens.is_some(), opts.q_lens.is_some()),
+        None => (kv_lens.is_some(), q_lens.is_some()),
     };
     // The lengths, then the ALiBi slopes and the sinks (as f32 bits).
     let alibi = opts.alibi.as_deref().unwrap_or(&[]);
@@ -94,17 +102,22 @@ pub(crate) fn upload(
     let sink_offset = alibi_offset + alibi.len();
     let table = opts.pages.as_ref().map_or(&[][..], |p| &p.table[..]);
     let page_offset = sink_offset + sinks.len();
+    let offsets: Vec<u32> = match &opts.varlen {
+        Some((cq, ck)) => cq.iter().chain(ck).copied().collect(),
+        None => Vec::new(),
+    };
+    let varlen_offset = page_offset + table.len();
     // Words behind the lengths: a device form of the lengths is then copied in front of them.
     let extra = !alibi.is_empty() || !sinks.is_empty() || !table.is_empty();
     let lens = if let Some(l) = on_device.lens.as_ref().filter(|_| !extra) {
         gpu.expect_device("the device lengths", l.device)?;
         Some(l.buffer.clone())
-    } else if opts.kv_lens.is_some() || opts.q_lens.is_some() || extra {
-        let mut lens = vec![0u32; page_offset + table.len()];
-        if let Some(kv) = &opts.kv_lens {
+    } else if kv_lens.is_some() || q_lens.is_some() || extra {
+        let mut lens = vec![0u32; varlen_offset + offsets.len()];
+        if let Some(kv) = kv_lens {
             lens[..d.batch].copy_from_slice(kv);
         }
-        if let Some(q) = &opts.q_lens {
+        if let Some(q) = q_lens {
             lens[d.batch..alibi_offset].copy_from_slice(q);
         }
         for (dst, x) in lens[alibi_offset..]
@@ -113,7 +126,8 @@ pub(crate) fn upload(
         {
             *dst = x.to_bits();
         }
-        lens[page_offset..].copy_from_slice(table);
+        lens[page_offset..varlen_offset].copy_from_slice(table);
+        lens[varlen_offset..].copy_from_slice(&offsets);
         check_binding(
             &gpu.limits,
             "lengths, slopes and sinks",
@@ -183,6 +197,7 @@ pub(crate) fn upload(
             sink_offset: sink_offset as u32,
             sink_keys: opts.sink_keys.min(d.kv_len) as u32,
             page_offset: page_offset as u32,
+            varlen_offset: varlen_offset as u32,
             pages_per_seq: opts.pages.as_ref().map_or(0, |p| p.pages_per_seq(d.batch)) as u32,
         },
     )?;
@@ -192,5 +207,6 @@ pub(crate) fn upload(
         mask,
         lens,
         sink_offset: opts.sinks.is_some().then_some(sink_offset as u32),
+        varlen_offset: opts.varlen.is_some().then_some(varlen_offset as u32),
     })
 }

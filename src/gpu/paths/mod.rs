@@ -143,14 +143,18 @@ pub(crate) fn choose(spec: &Spec<'_>, limits: &GpuLimits, weights: bool) -> Resu
             None => fused("the default: O(N) memory, one pass")?,
         },
     };
-    if opts.pages.is_some()
+    if (opts.pages.is_some() || opts.varlen.is_some())
         && let Plan::ThreePass { why, .. } = &plan
     {
         return Err(crate::error::Error::InvalidOption {
-            what: "paged K/V",
+            what: if opts.pages.is_some() {
+                "paged K/V"
+            } else {
+                "varlen"
+            },
             value: format!("three-pass ({why})"),
-            why: "paged K/V are read by the fused and decode paths only, and neither can run \
-                  this call on this device",
+            why: "paged K/V and packed batches run on the fused and decode paths only, and \
+                  neither can run this call on this device",
         });
     }
     log::debug!("wgpu-attention: {dims:?}: {}", plan.reason());
