@@ -14,5 +14,5 @@ pub use gpu::{
 pub use mha::{MhaConfig, MhaOutput, MhaWeights, MultiHeadAttention};
 pub use spec::{
     Attention, Bias, BlockTable, BoolMask, Causal, DType, Dims, Layout, MAX_ALIBI_SLOPE,
-    MAX_HEAD_DIM, MAX_SCALE, Path, SCORE_FLOOR, Spec,
+    MAX_HEAD_DIM, MAX_SCALE, MAX_V_HEAD_DIM, Path, SCORE_FLOOR, Spec,
 };

@@ -17,15 +17,18 @@ pub const SCORE_FLOOR: f32 = -1.0e38;
 /// so a huge scale overflows to infinity (and the softmax to NaN) however ordinary Q and K are:
 /// `scale(f32::MAX)` did, before this bound. Within it, the outputs are finite whenever every
 /// score `|scale| * sum_d |q_id k_jd|` stays below `1e38` (for example `|q|, |k| <= 1e13` at
-/// `head_dim` 256 and the largest scale); larger scores are outside the contract.
+/// `head_dim` 576 and the largest scale); larger scores are outside the contract.
 pub const MAX_SCALE: f32 = 1.0e6;
 
 /// The largest ALiBi slope magnitude [`Attention::alibi`] accepts: with key distances below
 /// 2^32 the bias stays far inside f32 (at most about 4e15).
 pub const MAX_ALIBI_SLOPE: f32 = 1.0e6;
 
-/// The largest `head_dim` and `v_head_dim` the kernels support.
-pub const MAX_HEAD_DIM: usize = 256;
+/// The largest `head_dim` (Q and K) the kernels support: 576, DeepSeek's MLA shape.
+pub const MAX_HEAD_DIM: usize = 576;
+
+/// The largest `v_head_dim` (V and O) the kernels support: 512 (Gemma-class models; MLA's V).
+pub const MAX_V_HEAD_DIM: usize = 512;
 
 /// How the four dims of Q, K, V and O are ordered in memory (row-major, contiguous).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
@@ -224,13 +227,12 @@ impl Dims {
                 kv_heads: self.kv_heads,
             });
         }
-        for (what, got) in [("head_dim", self.head_dim), ("v_head_dim", self.v_head_dim)] {
-            if got > MAX_HEAD_DIM {
-                return Err(Error::HeadDimTooLarge {
-                    what,
-                    got,
-                    max: MAX_HEAD_DIM,
-                });
+        for (what, got, max) in [
+            ("head_dim", self.head_dim, MAX_HEAD_DIM),
+            ("v_head_dim", self.v_head_dim, MAX_V_HEAD_DIM),
+        ] {
+            if got > max {
+                return Err(Error::HeadDimTooLarge { what, got, max });
             }
         }
         // Indices are u32 in the kernels; keep every tensor addressable. Counted with checked

@@ -237,11 +237,11 @@ fn head_dim_too_large() {
     for layout in LAYOUTS {
         let opts = Attention::new().layout(layout);
         let dims = Dims {
-            head_dim: 257,
+            head_dim: 577,
             ..base()
         };
         both(
-            &format!("head_dim 257, {layout:?}"),
+            &format!("head_dim 577, {layout:?}"),
             dims,
             &opts,
             |e| {
@@ -249,19 +249,19 @@ fn head_dim_too_large() {
                     e,
                     Error::HeadDimTooLarge {
                         what: "head_dim",
-                        got: 257,
-                        max: 256
+                        got: 577,
+                        max: 576
                     }
                 )
             },
-            &["head_dim is 257", "256"],
+            &["head_dim is 577", "576"],
         );
         let dims = Dims {
-            v_head_dim: 257,
+            v_head_dim: 513,
             ..base()
         };
         both(
-            &format!("v_head_dim 257, {layout:?}"),
+            &format!("v_head_dim 513, {layout:?}"),
             dims,
             &opts,
             |e| {
@@ -269,12 +269,12 @@ fn head_dim_too_large() {
                     e,
                     Error::HeadDimTooLarge {
                         what: "v_head_dim",
-                        got: 257,
-                        max: 256
+                        got: 513,
+                        max: 512
                     }
                 )
             },
-            &["v_head_dim is 257", "256"],
+            &["v_head_dim is 513", "512"],
         );
     }
 }

@@ -625,7 +625,7 @@ fn paged_cache_construction_errors() {
     );
     // Odd head dims are fine when kv_heads makes each token's row even.
     PagedKvCache::with_dtype(gpu, 8, 16, 2, 7, 7, DType::Bf16).unwrap();
-    let e = PagedKvCache::new(gpu, 8, 16, 1, 300, 8).unwrap_err();
+    let e = PagedKvCache::new(gpu, 8, 16, 1, 600, 8).unwrap_err();
     assert!(matches!(e, Error::HeadDimTooLarge { .. }), "{e:?}");
     let e = PagedKvCache::new(gpu, 1 << 40, 1 << 30, 1, 8, 8).unwrap_err();
     assert!(matches!(e, Error::TooLarge { .. }), "{e:?}");

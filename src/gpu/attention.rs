@@ -71,7 +71,8 @@ impl Attention {
     /// Dims are read from the tensors in the layout of the options; the log-sum-exp and the
     /// weights are returned when [`return_lse`](Attention::return_lse) and
     /// [`return_weights`](Attention::return_weights) ask for them. Supported: `head_dim` and
-    /// `v_head_dim` 1 to 256, any lengths (problems larger than one storage binding are
+    /// `v_head_dim` up to [`MAX_HEAD_DIM`](crate::MAX_HEAD_DIM) and
+    /// [`MAX_V_HEAD_DIM`](crate::MAX_V_HEAD_DIM), any lengths (problems larger than one storage binding are
     /// chunked), every tensor within one storage binding.
     pub fn run(&self, gpu: &Gpu, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Output> {
         let dims = self.dims_for(q.dims(), k.dims(), v.dims())?;

@@ -116,11 +116,11 @@ impl MhaConfig {
                 kv_heads: self.kv_heads,
             });
         }
-        if self.head_dim() > crate::MAX_HEAD_DIM {
+        if self.head_dim() > crate::MAX_V_HEAD_DIM {
             return Err(Error::HeadDimTooLarge {
                 what: "head_dim (embed_dim / num_heads)",
                 got: self.head_dim(),
-                max: crate::MAX_HEAD_DIM,
+                max: crate::MAX_V_HEAD_DIM,
             });
         }
         self.weight_elems()?;

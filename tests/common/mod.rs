@@ -663,6 +663,29 @@ macro_rules! path_grid_tests {
             check(gpu, $path, square, &opts, seed + 1, 4.0);
         }
 
+        /// head_dim 512 (Gemma-class models) and DeepSeek's MLA shape (Q and K 576, V 512),
+        /// for prefill and for decoding over enough keys to split them, GQA, both layouts.
+        #[test]
+        fn head_dim_512_and_mla() {
+            let Some(gpu) = gpu() else { return };
+            let cases = [
+                (dims(1, 4, 1, 37, 70, 512, 512), Attention::new()),
+                (
+                    dims(1, 8, 2, 1, 1100, 576, 512),
+                    Attention::new().causal(Causal::BottomRight),
+                ),
+                (
+                    dims(2, 2, 2, 9, 33, 576, 512),
+                    Attention::new()
+                        .causal(Causal::TopLeft)
+                        .layout(Layout::Bshd),
+                ),
+            ];
+            for (n, (d, opts)) in cases.iter().enumerate() {
+                check(gpu, $path, *d, opts, 1200 + n as u64, 2.0);
+            }
+        }
+
         #[test]
         fn logits_scaled_30x() {
             let Some(gpu) = gpu() else { return };
