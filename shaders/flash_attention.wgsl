@@ -97,7 +97,7 @@ fn masked_score(
     lo: i32,
     hi: i32,
     se: i32,
-    alibi: vec2<f32>
+    alibi: AlibiRow
 ) -> f32 {
     if in_keys(j, lo, hi, se) && mask_allows(b, h, i, j) {
         if per_key_options() {
@@ -213,7 +213,7 @@ fn main(inv: TileInvocation) {
     var hi: array<i32, BR>;
     // Sink keys 0..se (all 0 without HAS_SINK_KEYS), and ALiBi's per-row values.
     var se: array<i32, BR>;
-    var alibi: array<vec2<f32>, BR>;
+    var alibi: array<AlibiRow, BR>;
     for (var r = 0u; r < BR; r++) {
         let pr = r0 + block_row(ty, r);
         row_h[r] = kvh * params.group + pr / q_len;

@@ -147,7 +147,7 @@ fn main(
     let k_groups = head_dim / (4u * K_G4);
 
     // ALiBi's per-row values (lib/masking.wgsl).
-    var alibi: array<vec2<f32>, ROWS>;
+    var alibi: array<AlibiRow, ROWS>;
     if HAS_ALIBI {
         for (var r = 0u; r < ROWS; r++) {
             let info = row_info[r];
@@ -161,6 +161,11 @@ fn main(
     for (var r = 0u; r < ROWS; r++) {
         m_run[r] = NEG_BIG;
     }
+    // Tiles visited so far: their parity double-buffers p_sh and slot_sh, which requires it to
+    // alternate from one visited tile to the next, also across the skipped hole (t's parity
+    // would not: two visited tiles could share it, and a fast invocation overwrite what a slow
+    // one still reads).
+    var visited = 0u;
     for (var t = bounds.x; t < bounds.y; t++) {
         if HAS_SINK_KEYS && t >= hole.x && t < hole.y {
             // No row sees these keys: on to the window.
@@ -170,7 +175,8 @@ fn main(
             }
         }
         let c0 = t * TILE;
-        let par = t & 1u;
+        let par = visited & 1u;
+        visited++;
 
         // Scores of keys c0 + lid + WG k against every row (log2 units).
         var s: array<array<f32, ROWS>, KPT>;

@@ -207,7 +207,9 @@ impl Dims {
         }
     }
 
-    fn validate(&self) -> Result<()> {
+    /// Checks the sizes; a packed batch (`Some((total_q, total_k))` rows, see
+    /// [`Attention::varlen`]) counts the elements of its packed tensors, not padded ones.
+    fn validate_packed(&self, packed: Option<(usize, usize)>) -> Result<()> {
         for (what, value) in [
             ("batch", self.batch),
             ("heads", self.heads),
@@ -244,11 +246,19 @@ impl Dims {
         };
         let (b, h, hkv) = (self.batch, self.heads, self.kv_heads);
         let (l, s) = (self.q_len, self.kv_len);
+        // The log-sum-exp stays padded, packed or not.
+        let lse = count([b, h, l, 1]);
+        // Packed: one "batch" of every sequence's rows.
+        let (b, l, s) = match packed {
+            Some((tq, tk)) => (1, tq, tk),
+            None => (b, l, s),
+        };
         for (what, elems) in [
             ("Q", count([b, h, l, self.head_dim])),
             ("K", count([b, hkv, s, self.head_dim])),
             ("V", count([b, hkv, s, self.v_head_dim])),
             ("O", count([b, h, l, self.v_head_dim])),
+            ("log-sum-exp", lse),
         ] {
             if elems > u32::MAX as u64 {
                 return Err(Error::TooLarge {
@@ -668,7 +678,9 @@ impl Attention {
     /// `j <= i + off`, so this is the causal form `slope * (j - i - off)`.
     ///
     /// `slopes` holds one slope per query head (`[heads]`), or one per batch entry and head
-    /// (`[batch, heads]`, row-major); each finite and at most [`MAX_ALIBI_SLOPE`] in magnitude.
+    /// (`[batch, heads]`, row-major); each finite, from 0 to [`MAX_ALIBI_SLOPE`] (ALiBi's
+    /// slopes are positive: a negative one would favour far keys, whose scores outgrow f32's
+    /// precision).
     /// The bias is added after the softcap, with any additive [`bias`](Attention::bias).
     ///
     /// ```
@@ -740,8 +752,10 @@ impl Attention {
     /// `kv_len` are the longest sequence's, and the lengths act as per-sequence
     /// [`q_lens`](Attention::q_lens) and [`kv_lens`](Attention::kv_lens) (causal bottom-right
     /// alignment per sequence, as FlashAttention's varlen calls): no row reads or writes
-    /// another sequence's rows. The log-sum-exp stays padded, `[batch, heads, q_len]` (`-inf`
-    /// past each sequence's rows).
+    /// another sequence's rows. The log-sum-exp stays padded, `[batch, heads, q_len]`: past
+    /// each sequence's rows it is that of a row with no key (`-inf`, or the sink logit with
+    /// [`sinks`](Attention::sinks)). Element counts are checked on the packed tensors, so a
+    /// batch of short sequences beside one long one is not refused for its padded size.
     ///
     /// The fused and decode paths run packed batches; the three-pass path, the weights,
     /// additive scores, explicit lengths and a block table are refused with
@@ -802,7 +816,10 @@ impl Attention {
     /// Checks the options against `dims` and resolves defaults. Every backend calls this first,
     /// once per call, and passes the [`Spec`] on.
     pub fn validate(&self, dims: Dims) -> Result<Spec<'_>> {
-        dims.validate()?;
+        dims.validate_packed(self.varlen.as_ref().map(|(cq, ck)| {
+            let last = |c: &[u32]| c.last().copied().unwrap_or(0) as usize;
+            (last(cq), last(ck))
+        }))?;
         let scale = self.check_scalars(dims)?;
         let target = dims.score_shape();
         if let Some(mask) = &self.mask {
@@ -842,12 +859,14 @@ impl Attention {
             }
             if let Some(bad) = slopes
                 .iter()
-                .position(|x| !(x.is_finite() && x.abs() <= MAX_ALIBI_SLOPE))
+                .position(|x| !(x.is_finite() && (0.0..=MAX_ALIBI_SLOPE).contains(x)))
             {
                 return Err(Error::InvalidOption {
                     what: "alibi slopes",
                     value: format!("{} at index {bad}", slopes[bad]),
-                    why: "slopes must be finite and at most 1e6 in magnitude (MAX_ALIBI_SLOPE)",
+                    why: "slopes must be finite, at least 0 and at most 1e6 (MAX_ALIBI_SLOPE): \
+                          a negative slope favours far keys, whose scores then outgrow f32's \
+                          precision",
                 });
             }
         }

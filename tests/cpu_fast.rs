@@ -23,6 +23,11 @@ fn random(rng: &mut StdRng, n: usize, amp: f32) -> Vec<f32> {
 }
 
 /// Random booleans, `true` with probability `p`.
+/// `x` with every value made non-negative (ALiBi slopes).
+fn positive(x: Vec<f32>) -> Vec<f32> {
+    x.into_iter().map(f32::abs).collect()
+}
+
 fn random_mask(rng: &mut StdRng, n: usize, p: f64) -> Vec<bool> {
     (0..n).map(|_| rng.random_bool(p)).collect()
 }
@@ -194,8 +199,8 @@ fn alibi_sinks_and_sink_keys() {
     let mut seed = 900;
     for (l, s) in [(33, 100), (100, 33), (1, 257), (57, 57)] {
         let d = dims(2, 4, 2, l, s, 24, 16);
-        let slopes = random(&mut rng, 4, 0.5);
-        let per_batch = random(&mut rng, 8, 0.5);
+        let slopes = positive(random(&mut rng, 4, 0.5));
+        let per_batch = positive(random(&mut rng, 8, 0.5));
         let sinks = random(&mut rng, 4, 3.0);
         let base = [
             Attention::new(),
@@ -620,7 +625,7 @@ impl Case {
             } else {
                 d.heads
             };
-            opts = opts.alibi(random(&mut rng, n, size));
+            opts = opts.alibi(positive(random(&mut rng, n, size)));
         }
         if let Some(size) = self.sinks {
             opts = opts.sinks(random(&mut rng, d.heads, size));

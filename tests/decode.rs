@@ -323,3 +323,58 @@ fn nan_past_kv_lens(gpu: &wgpu_attention::Gpu, path: Path, q_len: usize, keys_ke
         common::O_RTOL,
     );
 }
+
+/// Sink keys skip the key tiles between them and the window. The decode-shaped kernel
+/// double-buffers its tile state by the parity of the tiles it visits, so an odd number of
+/// skipped tiles must not make two visited tiles share a buffer: one split per kv head (each
+/// workgroup visits the sink tile, skips 13 tiles, then visits the window's), every workgroup
+/// size, both reductions, with paged and packed K/V too (whose key rows share that buffer).
+#[test]
+fn keys_kernel_across_skipped_tiles() {
+    let Some(gpu) = gpu() else { return };
+    let d = dims(1, 4, 1, 1, 1000, 32, 32);
+    let opts = Attention::new()
+        .causal(Causal::BottomRight)
+        .window(100, 0)
+        .sink_keys(4);
+    for (ctx, name) in keys_kernel_contexts(gpu) {
+        let mut tile = ctx.tile_config();
+        tile.decode_target_workgroups = 1;
+        let one_split = ctx.with_tile_config(tile).unwrap();
+        let plan = opts.clone().path(Path::Decode).plan(&one_split, d).unwrap();
+        assert!(
+            plan.reason().contains("1 key split"),
+            "{name}: {}",
+            plan.reason()
+        );
+        common::check(&one_split, Path::Decode, d, &opts, 1300, 2.0);
+        // Paged: one page per 8 keys, in reverse order; the reference reads the same pool.
+        let table: Vec<u32> = (0..125).rev().collect();
+        let paged = opts.clone().paged(8, table);
+        let mut r = rng(1301);
+        let q = common::random(&mut r, d.q_elems(), 2.0);
+        let k = common::random(&mut r, d.k_elems(), 1.0);
+        let v = common::random(&mut r, d.v_elems(), 1.0);
+        let want = wgpu_attention::cpu::reference(&q, &k, &v, d, &paged).unwrap();
+        let got = paged
+            .clone()
+            .path(Path::Decode)
+            .run(
+                &one_split,
+                &one_split.upload(&q, d.q_shape(Layout::Bhsd)).unwrap(),
+                &one_split.upload(&k, [125, 8, 1, 32]).unwrap(),
+                &one_split.upload(&v, [125, 8, 1, 32]).unwrap(),
+            )
+            .unwrap()
+            .o
+            .download(&one_split)
+            .unwrap();
+        common::assert_close(
+            &format!("paged, {name}"),
+            &got,
+            &want.o,
+            common::O_ATOL,
+            common::O_RTOL,
+        );
+    }
+}

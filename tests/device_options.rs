@@ -64,7 +64,7 @@ fn device_lengths_with_alibi_and_sinks() {
         let q_lens = vec![d.q_len as u32, (d.q_len as u32).div_ceil(2)];
         let base = Attention::new()
             .causal(Causal::BottomRight)
-            .alibi(random(&mut r, d.heads, 0.1))
+            .alibi(common::positive(random(&mut r, d.heads, 0.1)))
             .sinks(random(&mut r, d.heads, 3.0));
         let host = base.clone().kv_lens(kv_lens.clone()).q_lens(q_lens.clone());
         let lens_t = gpu.upload_lens(Some(&kv_lens), Some(&q_lens)).unwrap();
@@ -81,7 +81,7 @@ fn device_lengths_with_alibi_and_sinks() {
     let q = random(&mut r, batch * heads * dim, 1.0);
     let tq = gpu.upload(&q, [batch, heads, 1, dim]).unwrap();
     let extra = Attention::new()
-        .alibi(random(&mut r, heads, 0.3))
+        .alibi(common::positive(random(&mut r, heads, 0.3)))
         .sinks(random(&mut r, heads, 2.0));
     let got = cache
         .attend(gpu, &tq, &extra)

@@ -618,6 +618,7 @@ fn alibi_slopes_and_sink_logits() {
         f32::INFINITY,
         -f32::INFINITY,
         wgpu_attention::MAX_ALIBI_SLOPE * 2.0,
+        -0.5,
     ] {
         let mut slopes = vec![0.5; 4];
         slopes[2] = bad;

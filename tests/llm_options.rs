@@ -54,7 +54,10 @@ fn alibi_is_the_bias_of_its_formula() {
             random(&mut rng, d.k_elems(), 1.0),
             random(&mut rng, d.v_elems(), 1.0),
         );
-        let slopes = random(&mut rng, d.batch * d.heads, 0.7);
+        let slopes: Vec<f32> = random(&mut rng, d.batch * d.heads, 0.7)
+            .into_iter()
+            .map(f32::abs)
+            .collect();
         let mut base = Attention::new();
         if let Some(c) = causal {
             base = base.causal(c);

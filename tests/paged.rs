@@ -194,7 +194,7 @@ fn prefill_and_options_over_pages() {
             .layout(Layout::Bshd),
         Attention::new()
             .mask([2, 1, 37, 200], mask)
-            .alibi(random(&mut r, 4, 0.1))
+            .alibi(common::positive(random(&mut r, 4, 0.1)))
             .sinks(random(&mut r, 4, 2.0))
             .softcap(10.0),
         Attention::new()

@@ -196,7 +196,7 @@ fn packed_decoding_and_options() {
         Attention::new().causal(Causal::BottomRight),
         Attention::new()
             .sinks(random(&mut r, 8, 2.0))
-            .alibi(random(&mut r, 8, 0.01)),
+            .alibi(common::positive(random(&mut r, 8, 0.01))),
         Attention::new()
             .window(100, 0)
             .causal(Causal::BottomRight)
@@ -432,4 +432,29 @@ fn packed_passes_into_a_half_output() {
         1.0 / 512.0,
     );
     assert!(rel_norm_error(&o, &want.o) <= 3e-3);
+}
+
+/// A packed batch is checked at its packed size: 127 sequences of 100 tokens beside one of
+/// 8192 fit 32-bit indices packed (85.6M elements of Q) though not padded (4.3G).
+#[test]
+fn packed_sizes_are_checked_packed() {
+    let mut lens = vec![100usize; 127];
+    lens.push(8192);
+    let cu = offsets(&lens);
+    let d = Dims {
+        batch: 128,
+        heads: 32,
+        kv_heads: 8,
+        q_len: 8192,
+        kv_len: 8192,
+        head_dim: 128,
+        v_head_dim: 128,
+    };
+    let padded = Attention::new().layout(Layout::Bshd);
+    assert!(matches!(
+        padded.validate(d),
+        Err(Error::TooLarge { what: "Q", .. })
+    ));
+    let packed = padded.varlen(cu.clone(), cu);
+    packed.validate(d).unwrap();
 }

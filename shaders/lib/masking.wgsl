@@ -157,20 +157,24 @@ fn adjust_score(s: f32, b: u32, h: u32, i: u32, j: u32) -> f32 {
     return adjust_score_with(s, b, h, i, j, alibi_row(b, h, i));
 }
 
-// Row i of head h of batch entry b's ALiBi slope, and its aligned diagonal i + off as i32
-// bits (Spec::diagonal_offset): what the per-key ALiBi term needs, computed once per row by the
-// fused kernels. Zeros without ALiBi.
-fn alibi_row(b: u32, h: u32, i: u32) -> vec2<f32> {
+// What the per-key ALiBi term of a row needs: its slope and its aligned diagonal i + off
+// (Spec::diagonal_offset), computed once per row by the fused kernels.
+struct AlibiRow {
+    slope: f32,
+    diagonal: i32,
+}
+
+// Row i of head h of batch entry b's AlibiRow; zeros without ALiBi.
+fn alibi_row(b: u32, h: u32, i: u32) -> AlibiRow {
     if !HAS_ALIBI {
-        return vec2<f32>(0.0, 0.0);
+        return AlibiRow(0.0, 0);
     }
     let slope = bitcast<f32>(lens[mparams.alibi_offset + b * mparams.alibi_stride_b + h]);
-    let diagonal = i32(i) + mparams.win_off * sequence_shift(b);
-    return vec2<f32>(slope, bitcast<f32>(diagonal));
+    return AlibiRow(slope, i32(i) + mparams.win_off * sequence_shift(b));
 }
 
 // adjust_score with the row's alibi_row.
-fn adjust_score_with(s: f32, b: u32, h: u32, i: u32, j: u32, alibi: vec2<f32>) -> f32 {
+fn adjust_score_with(s: f32, b: u32, h: u32, i: u32, j: u32, alibi: AlibiRow) -> f32 {
     var x = s;
     if HAS_SOFTCAP {
         // Clamped: tanh(10) is 1 in f32, and some drivers overflow inside tanh for large inputs.
@@ -182,7 +186,7 @@ fn adjust_score_with(s: f32, b: u32, h: u32, i: u32, j: u32, alibi: vec2<f32>) -
     }
     if HAS_ALIBI {
         // -slope * |i + off - j|; the distance in i32, exact at any length.
-        x -= alibi.x * f32(abs(bitcast<i32>(alibi.y) - i32(j)));
+        x -= alibi.slope * f32(abs(alibi.diagonal - i32(j)));
     }
     return max(x, SCORE_FLOOR);
 }

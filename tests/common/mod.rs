@@ -82,6 +82,11 @@ fn at_exit_report_skips() {
 }
 
 /// Uniform values in `[-amp, amp)`; never all zeros.
+/// `x` with every value made non-negative (ALiBi slopes).
+pub fn positive(x: Vec<f32>) -> Vec<f32> {
+    x.into_iter().map(f32::abs).collect()
+}
+
 pub fn random(rng: &mut StdRng, n: usize, amp: f32) -> Vec<f32> {
     (0..n).map(|_| rng.random_range(-amp..amp)).collect()
 }
@@ -603,8 +608,8 @@ macro_rules! path_grid_tests {
             let mut r = rng(12);
             let mut seed = 1100;
             let d = dims(2, 4, 2, 37, 70, 24, 16);
-            let slopes = random(&mut r, 4, 0.5);
-            let per_batch = random(&mut r, 8, 0.5);
+            let slopes = common::positive(random(&mut r, 4, 0.5));
+            let per_batch = common::positive(random(&mut r, 8, 0.5));
             let sinks = random(&mut r, 4, 3.0);
             let mask = random_mask(&mut r, 37 * 70, 0.7);
             let cases = [
@@ -638,7 +643,7 @@ macro_rules! path_grid_tests {
             // Decoding over many keys: splits on the decode path.
             let long = dims(1, 8, 2, 1, 1100, 64, 64);
             let sinks8 = random(&mut r, 8, 3.0);
-            let slopes8 = random(&mut r, 8, 0.02);
+            let slopes8 = common::positive(random(&mut r, 8, 0.02));
             for opts in [
                 Attention::new().sinks(sinks8.clone()),
                 Attention::new()
@@ -965,7 +970,7 @@ macro_rules! path_grid_tests {
                             opts = opts.window(r.random_range(0..40), r.random_range(0..40));
                         }
                         opts = match llm {
-                            1 => opts.alibi(random(&mut r, d.heads, 0.3)),
+                            1 => opts.alibi(common::positive(random(&mut r, d.heads, 0.3))),
                             2 => opts.sinks(random(&mut r, d.heads, 3.0)),
                             3 => opts.sink_keys(r.random_range(1..20)),
                             _ => opts,
