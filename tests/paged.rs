@@ -5,9 +5,9 @@
 
 mod common;
 
-use common::{NORM_TOL, O_ATOL, O_RTOL, assert_close, poisoned, random, rel_norm_error, rng};
+use common::{O_ATOL, O_RTOL, assert_close, random, rng};
 use rand::seq::SliceRandom;
-use wgpu_attention::{Attention, Causal, DType, Dims, Error, Layout, Output, Path, cpu};
+use wgpu_attention::{Attention, Causal, DType, Dims, Error, Layout, Path, cpu};
 
 /// A paged problem: pools of `pages` pages, each sequence's table a random choice of them.
 struct Paged {
@@ -97,23 +97,12 @@ fn check(
     let tv = gpu
         .upload_as(&v_pool, pool(d.v_head_dim), kv_dtype)
         .unwrap();
-    let out = Output {
-        o: poisoned(gpu, d.o_shape(layout)),
-        lse: Some(poisoned(gpu, [d.batch, d.heads, d.q_len, 1])),
-        weights: None,
-    };
     let ctx = format!(
         "[{path:?}, {kv_dtype:?}] {d:?} page {} seed {seed}",
         p.page_size
     );
-    opts.run_into(gpu, &tq, &tk, &tv, &out)
-        .unwrap_or_else(|e| panic!("{ctx}: {e}"));
-    let o = out.o.download(gpu).unwrap();
-    let lse = out.lse.unwrap().download(gpu).unwrap();
-    assert_close(&format!("O of {ctx}"), &o, &want.o, O_ATOL, O_RTOL);
-    let err = rel_norm_error(&o, &want.o);
-    assert!(err <= NORM_TOL, "O of {ctx}: relative norm error {err:e}");
-    assert_close(&format!("lse of {ctx}"), &lse, &want.lse, 2e-5, 2e-5);
+    let shapes = (d.o_shape(layout), [d.batch, d.heads, d.q_len, 1]);
+    common::run_poisoned_and_check(gpu, &opts, (&tq, &tk, &tv), shapes, &want, &ctx);
 }
 
 #[test]

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{NORM_TOL, O_ATOL, O_RTOL, assert_close, poisoned, random, rel_norm_error, rng};
+use common::{O_ATOL, O_RTOL, assert_close, random, rel_norm_error, rng};
 use wgpu_attention::{Attention, Causal, DType, Dims, Error, Layout, Output, Path, cpu};
 
 /// Offsets of sequences of `lens` rows.
@@ -63,20 +63,12 @@ fn check(
     let gv = gpu
         .upload_as(&v, packed(layout, tk, kv_heads, d.v_head_dim), kv_dtype)
         .unwrap();
-    let out = Output {
-        o: poisoned(gpu, packed(layout, tq, heads, d.v_head_dim)),
-        lse: Some(poisoned(gpu, [d.batch, heads, d.q_len, 1])),
-        weights: None,
-    };
     let ctx = format!("[{path:?} {layout:?} {kv_dtype:?}] q {q_lens:?} k {k_lens:?} seed {seed}");
-    opts.run_into(gpu, &gq, &gk, &gv, &out)
-        .unwrap_or_else(|e| panic!("{ctx}: {e}"));
-    let o = out.o.download(gpu).unwrap();
-    let lse = out.lse.unwrap().download(gpu).unwrap();
-    assert_close(&format!("O of {ctx}"), &o, &want.o, O_ATOL, O_RTOL);
-    let err = rel_norm_error(&o, &want.o);
-    assert!(err <= NORM_TOL, "O of {ctx}: relative norm error {err:e}");
-    assert_close(&format!("lse of {ctx}"), &lse, &want.lse, 2e-5, 2e-5);
+    let shapes = (
+        packed(layout, tq, heads, d.v_head_dim),
+        [d.batch, heads, d.q_len, 1],
+    );
+    common::run_poisoned_and_check(gpu, &opts, (&gq, &gk, &gv), shapes, &want, &ctx);
 }
 
 #[test]

@@ -261,6 +261,33 @@ fn check_against(
     }
 }
 
+/// Runs `opts` on `q`, `k`, `v` into an O of `o_shape` and a log-sum-exp of `lse_dims`, both
+/// poisoned with NaN, and checks them against the reference's `want` with f32's tolerances
+/// (`ctx` names the call in a failure): for calls whose tensors `check` cannot build (paged
+/// pools, packed batches).
+pub fn run_poisoned_and_check(
+    gpu: &Gpu,
+    opts: &Attention,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    (o_shape, lse_dims): ([usize; 4], [usize; 4]),
+    want: &cpu::Reference,
+    ctx: &str,
+) {
+    let out = Output {
+        o: poisoned(gpu, o_shape),
+        lse: Some(poisoned(gpu, lse_dims)),
+        weights: None,
+    };
+    opts.run_into(gpu, q, k, v, &out)
+        .unwrap_or_else(|e| panic!("{ctx}: {e}"));
+    let o = out.o.download(gpu).unwrap();
+    let lse = out.lse.unwrap().download(gpu).unwrap();
+    assert_close(&format!("O of {ctx}"), &o, &want.o, O_ATOL, O_RTOL);
+    let err = rel_norm_error(&o, &want.o);
+    assert!(err <= NORM_TOL, "O of {ctx}: relative norm error {err:e}");
+    assert_close(&format!("lse of {ctx}"), &lse, &want.lse, 2e-5, 2e-5);
+}
+
 /// One test problem: dims, options, and how hard to push the logits.
 #[derive(Debug, Clone)]
 pub struct Case {
