@@ -619,3 +619,64 @@ fn paged_cache_construction_errors() {
     let e = PagedKvCache::new(gpu, 1 << 40, 1 << 30, 1, 8, 8).unwrap_err();
     assert!(matches!(e, Error::TooLarge { .. }), "{e:?}");
 }
+
+/// Random paged problems: page sizes 1 to 20, pools with spare pages, shuffled (and, half the
+/// time, shared first) pages, random lengths and options, on the fused and decode paths.
+#[test]
+fn proptest_random_paged_calls() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, RngSeed, TestRunner};
+    use rand::Rng;
+    if common::gpu().is_none() {
+        return;
+    }
+    let mut runner = TestRunner::new(Config {
+        cases: 24,
+        rng_seed: RngSeed::Fixed(0x9a9e),
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let strategy = (
+        (1usize..=3, 1usize..=2, 1usize..=3, 1usize..=20, 1usize..=12),
+        (
+            1usize..=5,
+            0usize..=3,
+            any::<bool>(),
+            any::<bool>(),
+            0usize..3,
+        ),
+        (any::<bool>(), any::<u64>()),
+    );
+    runner
+        .run(
+            &strategy,
+            |(
+                (batch, kv_heads, group, page, pps),
+                (q_len, spare, share, lens, causal),
+                (decode, seed),
+            )| {
+                let p = paged(
+                    seed,
+                    (batch, kv_heads, 16, 8),
+                    page,
+                    pps,
+                    batch * pps + spare,
+                    share,
+                );
+                let mut r = rng(seed ^ 1);
+                let mut opts = match causal {
+                    1 => Attention::new().causal(Causal::TopLeft),
+                    2 => Attention::new().causal(Causal::BottomRight),
+                    _ => Attention::new(),
+                };
+                if lens {
+                    let s = (page * pps) as u32;
+                    opts = opts.kv_lens((0..batch).map(|_| r.random_range(0..=s)).collect());
+                }
+                let path = if decode { Path::Decode } else { Path::Fused };
+                check(&p, kv_heads * group, q_len, path, &opts, DType::F32, seed);
+                Ok(())
+            },
+        )
+        .unwrap();
+}

@@ -450,3 +450,65 @@ fn packed_sizes_are_checked_packed() {
     let packed = padded.varlen(cu.clone(), cu);
     packed.validate(d).unwrap();
 }
+
+/// Random packed batches: 1 to 5 sequences of 0 to 40 query rows over 0 to 60 keys (at least
+/// one sequence non-empty), random options, both layouts, on the fused and decode paths.
+#[test]
+fn proptest_random_packed_batches() {
+    use proptest::prelude::*;
+    use proptest::test_runner::{Config, RngSeed, TestRunner};
+    if common::gpu().is_none() {
+        return;
+    }
+    let mut runner = TestRunner::new(Config {
+        cases: 24,
+        rng_seed: RngSeed::Fixed(0x7a41),
+        failure_persistence: None,
+        ..Config::default()
+    });
+    let strategy = (
+        proptest::collection::vec((0usize..=40, 0usize..=60), 1..=5),
+        (
+            1usize..=2,
+            1usize..=3,
+            any::<bool>(),
+            0usize..4,
+            any::<bool>(),
+        ),
+        any::<u64>(),
+    );
+    runner
+        .run(
+            &strategy,
+            |(mut seqs, (kv_heads, group, bshd, option, decode), seed)| {
+                seqs[0].0 = seqs[0].0.max(1);
+                seqs[0].1 = seqs[0].1.max(1);
+                let q_lens: Vec<usize> = seqs.iter().map(|s| s.0).collect();
+                let k_lens: Vec<usize> = seqs.iter().map(|s| s.1).collect();
+                let heads = kv_heads * group;
+                let mut r = rng(seed);
+                let opts = match option {
+                    0 => Attention::new().causal(Causal::BottomRight),
+                    1 => Attention::new().causal(Causal::TopLeft).window(5, 2),
+                    2 => Attention::new()
+                        .sinks(random(&mut r, heads, 2.0))
+                        .alibi(common::positive(random(&mut r, heads, 0.2))),
+                    _ => Attention::new(),
+                };
+                let layout = if bshd { Layout::Bshd } else { Layout::Bhsd };
+                let path = if decode { Path::Decode } else { Path::Fused };
+                check(
+                    &q_lens,
+                    &k_lens,
+                    (heads, kv_heads, 16),
+                    layout,
+                    path,
+                    &opts,
+                    DType::F32,
+                    seed,
+                );
+                Ok(())
+            },
+        )
+        .unwrap();
+}
