@@ -68,6 +68,12 @@ struct Args {
     /// cost of paging. Each --kv-len must be a multiple of it.
     #[arg(long)]
     page_size: Option<usize>,
+    /// Pack the batch (FlashAttention's varlen): sequence b of B has
+    /// `q_len * (1 - b / (2 B))` queries and `kv_len * (1 - b / (2 B))` keys, concatenated
+    /// without padding; every path but the three-pass one runs it packed, and GFLOP/s count
+    /// the real rows.
+    #[arg(long)]
+    varlen: bool,
     /// With --window: the first keys every query also sees (StreamingLLM's sink keys).
     #[arg(long, requires = "window")]
     sink_keys: Option<usize>,
@@ -168,6 +174,9 @@ impl Args {
         if let Some(p) = self.page_size {
             parts.push(format!("GPU K/V in pages of {p}"));
         }
+        if self.varlen {
+            parts.push("packed sequences of falling lengths".to_string());
+        }
         parts.join(", ")
     }
 }
@@ -253,6 +262,9 @@ fn check_args(args: &Args) -> Result<(), String> {
         if value == 0 {
             return Err(format!("{what} must be at least 1"));
         }
+    }
+    if args.varlen && args.page_size.is_some() {
+        return Err("--varlen and --page-size do not combine".into());
     }
     if let Some(p) = args.page_size {
         let lens = if args.kv_len.is_empty() {

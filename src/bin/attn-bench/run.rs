@@ -73,6 +73,26 @@ struct Case {
     checked_on: String,
     want: Vec<f32>,
     ref_secs: f64,
+    /// With --varlen: the shapes of the packed Q, K and V, and the real rows' share of the
+    /// padded problem's FLOPs and bytes.
+    packed: Option<([[usize; 4]; 3], f64, f64)>,
+}
+
+/// --varlen's lengths: sequence b of `batch` has `len * (1 - b / (2 batch))` rows, at least 1.
+fn falling_lengths(batch: usize, len: usize) -> Vec<usize> {
+    (0..batch)
+        .map(|b| (len - len * b / (2 * batch)).max(1))
+        .collect()
+}
+
+/// Row offsets of sequences of `lens` rows.
+fn offsets(lens: &[usize]) -> Vec<u32> {
+    std::iter::once(0)
+        .chain(lens.iter().scan(0u32, |at, &l| {
+            *at += l as u32;
+            Some(*at)
+        }))
+        .collect()
 }
 
 impl Case {
@@ -98,19 +118,33 @@ impl Case {
             (true, false) => "top-left",
             (true, true) => "bottom-right",
         };
-        let opts = args.attention(dims.heads);
+        let mut opts = args.attention(dims.heads);
+        let mut packed = None;
+        let (mut n_q, mut n_k, mut n_v) = (dims.q_elems(), dims.k_elems(), dims.v_elems());
+        if args.varlen {
+            let (ql, kl) = (
+                falling_lengths(dims.batch, q_len),
+                falling_lengths(dims.batch, kv_len),
+            );
+            let (tq, tk) = (ql.iter().sum::<usize>(), kl.iter().sum::<usize>());
+            let (h, hkv, d) = (dims.heads, dims.kv_heads, dims.head_dim);
+            let pairs: usize = ql.iter().zip(&kl).map(|(a, b)| a * b).sum();
+            let flops = pairs as f64 / (dims.batch * q_len * kv_len) as f64;
+            let rows = (tq + tk) as f64 / (dims.batch * (q_len + kv_len)) as f64;
+            let shapes = [[1, tq, h, d], [1, tk, hkv, d], [1, tk, hkv, d]];
+            packed = Some((shapes, flops, rows));
+            (n_q, n_k, n_v) = (tq * h * d, tk * hkv * d, tk * hkv * d);
+            opts = opts.layout(Layout::Bshd).varlen(offsets(&ql), offsets(&kl));
+        }
         let rounded = |n, seed| -> Vec<f32> {
             values(n, seed)
                 .into_iter()
                 .map(|x| dtype.round(x))
                 .collect()
         };
-        let (q, k, v) = (
-            rounded(dims.q_elems(), 1),
-            rounded(dims.k_elems(), 2),
-            rounded(dims.v_elems(), 3),
-        );
-        let full_check = args.check_all || dims.flops(causal) < 4e9;
+        let (q, k, v) = (rounded(n_q, 1), rounded(n_k, 2), rounded(n_v, 3));
+        // A packed batch is checked whole.
+        let full_check = args.check_all || args.varlen || dims.flops(causal) < 4e9;
         let check = if full_check {
             dims
         } else {
@@ -122,14 +156,18 @@ impl Case {
             }
         };
         let start = Instant::now();
-        let want = cpu::reference(
-            &q[..check.q_elems()],
-            &k[..check.k_elems()],
-            &v[..check.v_elems()],
-            check,
-            &args.attention(check.heads),
-        )?
-        .o;
+        let want = if args.varlen {
+            cpu::reference(&q, &k, &v, check, &opts)?.o
+        } else {
+            cpu::reference(
+                &q[..check.q_elems()],
+                &k[..check.k_elems()],
+                &v[..check.v_elems()],
+                check,
+                &args.attention(check.heads),
+            )?
+            .o
+        };
         let ref_secs = start.elapsed().as_secs_f64();
         let checked_on = if full_check {
             "all".to_string()
@@ -149,7 +187,21 @@ impl Case {
             checked_on,
             want,
             ref_secs,
+            packed,
         })
+    }
+
+    /// The physical shapes of Q, K and V as the GPU paths get them.
+    fn shapes(&self) -> [[usize; 4]; 3] {
+        let d = self.dims;
+        match &self.packed {
+            Some((shapes, _, _)) => *shapes,
+            None => [
+                d.q_shape(Layout::Bhsd),
+                d.k_shape(Layout::Bhsd),
+                d.v_shape(Layout::Bhsd),
+            ],
+        }
     }
 
     /// Largest absolute and relative norm error of `o` against the oracle, on the checked part.
@@ -178,6 +230,11 @@ impl Case {
         };
         let (max_abs_err, rel_err) = o.map_or((0.0, 0.0), |o| self.errors(o));
         let dtype = self.dtype_name.dtype();
+        // A packed batch's rows of the padded problem (the oracle row is timed unpacked).
+        let (flop_share, row_share) = match &self.packed {
+            Some((_, f, r)) if path != PathName::CpuReference => (*f, *r),
+            _ => (1.0, 1.0),
+        };
         Row {
             path,
             dtype: self.dtype_name,
@@ -187,8 +244,8 @@ impl Case {
             median_ms,
             min_ms,
             max_ms,
-            gflops: dims.flops(self.causal) / median_ms / 1e6,
-            gbps: bytes_moved(model, dims, self.causal, dtype) / median_ms / 1e6,
+            gflops: dims.flops(self.causal) * flop_share / median_ms / 1e6,
+            gbps: bytes_moved(model, dims, self.causal, dtype) * row_share / median_ms / 1e6,
             max_abs_err,
             rel_err,
             timing,
@@ -349,7 +406,7 @@ pub(crate) fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             let d = case.dims;
             let device_inputs = match &gpu {
                 Some(g) => {
-                    let layout = Layout::Bhsd;
+                    let [q_shape, k_shape, v_shape] = case.shapes();
                     let (k, v) = match args.page_size {
                         Some(p) => {
                             let (k_pool, v_pool, pages) = paged_pools(&case, p);
@@ -360,11 +417,11 @@ pub(crate) fn run(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                             )
                         }
                         None => (
-                            g.upload_as(&case.k, d.k_shape(layout), dtype)?,
-                            g.upload_as(&case.v, d.v_shape(layout), dtype)?,
+                            g.upload_as(&case.k, k_shape, dtype)?,
+                            g.upload_as(&case.v, v_shape, dtype)?,
                         ),
                     };
-                    Some((g.upload_as(&case.q, d.q_shape(layout), dtype)?, k, v))
+                    Some((g.upload_as(&case.q, q_shape, dtype)?, k, v))
                 }
                 None => None,
             };
@@ -404,7 +461,7 @@ pub(crate) fn time_gpu(
     progress: &indicatif::ProgressBar,
 ) -> Result<Timed, wgpu_attention::Error> {
     let out = Output {
-        o: gpu.empty_as(d.o_shape(Layout::Bhsd), q.dtype())?,
+        o: gpu.empty_as(opts.o_shape_for(d), q.dtype())?,
         lse: None,
         weights: None,
     };
