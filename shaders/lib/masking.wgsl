@@ -47,10 +47,11 @@ fn row_is_real(b: u32, i: u32) -> bool {
     if !HAS_VARLEN {
         return true;
     }
-    return i < min(lens[mparams.batch + b], mparams.q_len);
+    return i < seq_q_len(b);
 }
 
-// Keys of sequence b: kv_len, or its own length where the call has lengths.
+// Keys of sequence b: kv_len, or its own length where the call has lengths (clamped, as
+// seq_q_len).
 fn seq_kv_len(b: u32) -> u32 {
     if mparams.has_kv_lens != 0u {
         return min(lens[b], mparams.kv_len);
@@ -87,15 +88,16 @@ fn key_range(b: u32, i: u32) -> vec2<i32> {
 
 // kv_len - q_len of sequence b (its own lengths where the call has them).
 fn sequence_shift(b: u32) -> i32 {
-    var kv_len = i32(mparams.kv_len);
-    var q_len = i32(mparams.q_len);
-    if mparams.has_kv_lens != 0u {
-        kv_len = i32(min(lens[b], mparams.kv_len));
-    }
+    return i32(seq_kv_len(b)) - i32(seq_q_len(b));
+}
+
+// Query rows of sequence b: q_len, or its own length where the call has lengths (clamped:
+// lengths on the device are not checked on the host).
+fn seq_q_len(b: u32) -> u32 {
     if mparams.has_q_lens != 0u {
-        q_len = i32(min(lens[mparams.batch + b], mparams.q_len));
+        return min(lens[mparams.batch + b], mparams.q_len);
     }
-    return kv_len - q_len;
+    return mparams.q_len;
 }
 
 // StreamingLLM: keys 0 .. sink_end(b, i) are visible to row i beside its window, as far as
@@ -123,15 +125,8 @@ fn sink_bits(h: u32) -> u32 {
 fn key_range_of(b: u32, i: u32, with_window: bool) -> vec2<i32> {
     let row = i32(i);
     // Bottom-right alignment follows each sequence's own lengths.
-    var kv_len = i32(mparams.kv_len);
-    var q_len = i32(mparams.q_len);
-    // Clamped: lengths on the device are not checked on the host.
-    if mparams.has_kv_lens != 0u {
-        kv_len = i32(min(lens[b], mparams.kv_len));
-    }
-    if mparams.has_q_lens != 0u {
-        q_len = i32(min(lens[mparams.batch + b], mparams.q_len));
-    }
+    let kv_len = i32(seq_kv_len(b));
+    let q_len = i32(seq_q_len(b));
     let shift = kv_len - q_len;
     var lo = 0;
     var hi = kv_len;
