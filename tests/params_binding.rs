@@ -94,10 +94,12 @@ fn the_binding_reaches_the_driver() {
     let uniform = growth(ParamsIn::Uniform);
     let storage = growth(ParamsIn::ReadOnlyStorage);
     eprintln!("executable mappings over 40 calls: uniforms +{uniform}, storage +{storage}");
-    // Not one per call (the driver maps a little code lazily now and then).
+    // Not one per call: the driver maps a little code lazily now and then (CI saw +3 over 40
+    // calls once), so the bound is a quarter of the calls, far below the one-per-call growth
+    // of a recompiling binding.
     assert!(
-        storage <= 2,
-        "storage-bound parameters were recompiled: +{storage}"
+        storage < 40 / 4,
+        "storage-bound parameters were recompiled: +{storage} over 40 calls"
     );
     if uniform == 0 {
         eprintln!("this lavapipe caches inlined variants: the uniform binding is harmless here");
