@@ -23,9 +23,13 @@ fn part_lse(s: u32, b: u32, h: u32, i: u32) -> u32 {
 }
 
 @compute @workgroup_size(WG)
-fn main(inv: RowInvocation) {
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) num_wg: vec3<u32>,
+    inv: RowInvocation,
+) {
     let lid = inv.lid;
-    let row = workgroup_index(inv.wg, inv.num_wg);
+    let row = workgroup_index(wg, num_wg);
     if row >= params.rows {
         return;
     }

@@ -184,10 +184,14 @@ fn write_out(row: u32, n: u32, x: f32, w_prev: f32) {
 }
 
 @compute @workgroup_size(NX, TILE_M / BR)
-fn main(inv: TileInvocation) {
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) num_wg: vec3<u32>,
+    inv: TileInvocation,
+) {
     let lid = inv.lid;
     let li = inv.li;
-    let id = workgroup_index(inv.wg, inv.num_wg);
+    let id = workgroup_index(wg, num_wg);
     if id >= params.groups_total {
         return;
     }
@@ -207,13 +211,13 @@ fn main(inv: TileInvocation) {
     let kv_len = mparams.kv_len;
 
     // This invocation's BR rows: query head, query row, key range.
-    var row_h: array<u32, BR>;
-    var row_i: array<u32, BR>;
-    var lo: array<i32, BR>;
-    var hi: array<i32, BR>;
+    var row_h = array<u32, BR>();
+    var row_i = array<u32, BR>();
+    var lo = array<i32, BR>();
+    var hi = array<i32, BR>();
     // Sink keys 0..se (all 0 without HAS_SINK_KEYS), and ALiBi's per-row values.
-    var se: array<i32, BR>;
-    var alibi: array<AlibiRow, BR>;
+    var se = array<i32, BR>();
+    var alibi = array<AlibiRow, BR>();
     for (var r = 0u; r < BR; r++) {
         let pr = r0 + block_row(ty, r);
         row_h[r] = kvh * params.group + pr / q_len;
@@ -228,7 +232,7 @@ fn main(inv: TileInvocation) {
         hi[r] = range.y;
     }
     // The rows of Q this invocation stages.
-    var q_row: array<u32, 4u * Q_ITEMS>;
+    var q_row = array<u32, 4u * Q_ITEMS>();
     for (var x = 0u; x < 4u * Q_ITEMS; x++) {
         let mq = (li + (x / 4u) * tile_invocations()) / TILE_K;
         let sr = r0 + mq * 4u + x % 4u;
@@ -266,13 +270,13 @@ fn main(inv: TileInvocation) {
     // invocations skip the products (no barrier inside them), so whole warps idle instead of
     // computing rows nobody reads.
     let rows_live = r0 + block_row(ty, 0u) < params.packed_rows;
-    var m_run: array<f32, BR>;
-    var l_run: array<f32, BR>;
+    var m_run = array<f32, BR>();
+    var l_run = array<f32, BR>();
     for (var r = 0u; r < BR; r++) {
         m_run[r] = NEG_BIG;
     }
     // [c * BR + r]: columns 4 (tx + NX c) .. + 3 of block row r.
-    var acc: array<vec4<f32>, OC * BR>;
+    var acc = array<vec4<f32>, OC * BR>();
     for (var t = bounds.x; t < bounds.y; t++) {
         if HAS_SINK_KEYS && t >= hole.x && t < hole.y {
             // No row sees these keys: on to the window.
@@ -294,7 +298,7 @@ fn main(inv: TileInvocation) {
         }
 
         // S = Q K^T for the 64 x 64 tile, over head_dim in slices of 16.
-        var s: Block;
+        var s = Block();
         for (var k0 = 0u; k0 < params.head_dim; k0 += TILE_K) {
             stage_q(li, k0, q_row);
             tile_stage_b(li, k0);
@@ -329,7 +333,7 @@ fn main(inv: TileInvocation) {
                 );
             }
         }
-        var tile_max: array<f32, BR>;
+        var tile_max = array<f32, BR>();
         for (var r = 0u; r < BR; r++) {
             tile_max[r] = NEG_BIG;
         }
@@ -342,7 +346,7 @@ fn main(inv: TileInvocation) {
         workgroupBarrier();
 
         // Probabilities: to registers for the row sums, to p_tile for P·V.
-        var corr: array<f32, BR>;
+        var corr = array<f32, BR>();
         for (var r = 0u; r < BR; r++) {
             let m_new = max(m_run[r], hmax(red_max4(block_row(ty, r))));
             corr[r] = exp2(m_run[r] - m_new);
@@ -398,13 +402,13 @@ fn main(inv: TileInvocation) {
             workgroupBarrier();
             if rows_live {
                 for (var k = 0u; k < BKV; k++) {
-                    var a: array<vec4<f32>, BR4>;
+                    var a = array<vec4<f32>, BR4>();
                     for (var g = 0u; g < BR4; g++) {
                         a[g] = p_tile[kv0 + k][block_row_group(ty, g)];
                     }
                     // Columns past v_head_dim are staged as zeros and never written: no
                     // branch here, which llvmpipe would run as masked updates of acc.
-                    var vv: array<vec4<f32>, OC>;
+                    var vv = array<vec4<f32>, OC>();
                     for (var c = 0u; c < OC; c++) {
                         vv[c] = tile_stage[k * O_STRIDE + tx + NX * c];
                     }
@@ -429,7 +433,7 @@ fn main(inv: TileInvocation) {
     workgroupBarrier();
     // Resuming: the log-sum-exp of the earlier dispatches, read by every invocation of a row
     // before the barrier, after which one of them overwrites it.
-    var prev_lse: array<u32, BR>;
+    var prev_lse = array<u32, BR>();
     for (var r = 0u; r < BR; r++) {
         prev_lse[r] = NEG_INF_BITS;
         if params.resume != 0u && r0 + block_row(ty, r) < params.packed_rows {
@@ -441,9 +445,9 @@ fn main(inv: TileInvocation) {
     // Per row: where its output goes (NO_ROW for padding rows), the factor of this dispatch's
     // O and the weight of the O earlier dispatches wrote; then every element in one flat loop.
     let bh_count = mparams.batch * params.heads;
-    var o_row: array<u32, BR>;
-    var o_scale: array<f32, BR>;
-    var o_prev: array<f32, BR>;
+    var o_row = array<u32, BR>();
+    var o_scale = array<f32, BR>();
+    var o_prev = array<f32, BR>();
     for (var r = 0u; r < BR; r++) {
         o_row[r] = NO_ROW;
         if r0 + block_row(ty, r) < params.packed_rows {
@@ -489,7 +493,7 @@ fn main(inv: TileInvocation) {
     // Scaled into a copy first, in a loop small enough to unroll: the writing loop is not
     // unrolled on llvmpipe, and indexing acc there kept all of acc in memory for the whole
     // kernel (30% more instructions at D=72).
-    var out: array<vec4<f32>, OC * BR>;
+    var out = array<vec4<f32>, OC * BR>();
     for (var x = 0u; x < OC * BR; x++) {
         out[x] = acc[x] * o_scale[x % BR];
     }

@@ -58,7 +58,7 @@ fn p_index(par: u32, key: u32, q: u32) -> u32 {
 
 // `v` of every row, as R4 vec4s (rows past ROWS are 0).
 fn rows_vec4(v: array<f32, ROWS>) -> array<vec4<f32>, R4> {
-    var out: array<vec4<f32>, R4>;
+    var out = array<vec4<f32>, R4>();
     for (var r = 0u; r < ROWS; r++) {
         out[r / 4u][r % 4u] = v[r];
     }
@@ -147,17 +147,17 @@ fn main(
     let k_groups = head_dim / (4u * K_G4);
 
     // ALiBi's per-row values (lib/masking.wgsl).
-    var alibi: array<AlibiRow, ROWS>;
+    var alibi = array<AlibiRow, ROWS>();
     if HAS_ALIBI {
         for (var r = 0u; r < ROWS; r++) {
             let info = row_info[r];
             alibi[r] = alibi_row(b, u32(info.z), u32(info.w));
         }
     }
-    var m_run: array<f32, ROWS>;
-    var l_run: array<f32, ROWS>;
+    var m_run = array<f32, ROWS>();
+    var l_run = array<f32, ROWS>();
     // [c][row]: columns 4 (dq + V_LANES c) .. + 3 of each row.
-    var acc: array<array<vec4<f32>, ROWS>, CPL>;
+    var acc = array<array<vec4<f32>, ROWS>, CPL>();
     for (var r = 0u; r < ROWS; r++) {
         m_run[r] = NEG_BIG;
     }
@@ -179,8 +179,8 @@ fn main(
         visited++;
 
         // Scores of keys c0 + lid + WG k against every row (log2 units).
-        var s: array<array<f32, ROWS>, KPT>;
-        var krow: array<u32, KPT>;
+        var s = array<array<f32, ROWS>, KPT>();
+        var krow = array<u32, KPT>();
         for (var k = 0u; k < KPT; k++) {
             // Keys past the end read key 0; their scores are masked below.
             let j = c0 + lid + WG * k;
@@ -195,7 +195,7 @@ fn main(
             }
         }
         for (var dg = 0u; dg < k_groups; dg++) {
-            var kv: array<array<vec4<f32>, K_G4>, KPT>;
+            var kv = array<array<vec4<f32>, K_G4>, KPT>();
             for (var k = 0u; k < KPT; k++) {
                 kv[k] = loadg_k(krow[k] + dg * 4u * K_G4);
             }
@@ -218,8 +218,8 @@ fn main(
         }
         // Mask and adjust, and this invocation's maxima. A tile inside every row's key range,
         // with no per-key option, is only floored.
-        var allowed: array<u32, KPT>;
-        var own_max: array<f32, ROWS>;
+        var allowed = array<u32, KPT>();
+        var own_max = array<f32, ROWS>();
         for (var r = 0u; r < ROWS; r++) {
             own_max[r] = NEG_BIG;
         }
@@ -253,7 +253,7 @@ fn main(
             }
         }
         let tile_max = rows_max(own_max, par, inv);
-        var corr: array<f32, ROWS>;
+        var corr = array<f32, ROWS>();
         for (var r = 0u; r < ROWS; r++) {
             let m_new = max(m_run[r], tile_max[r]);
             corr[r] = exp2(m_run[r] - m_new);
@@ -261,7 +261,7 @@ fn main(
             l_run[r] *= corr[r];
         }
         for (var k = 0u; k < KPT; k++) {
-            var p: array<f32, ROWS>;
+            var p = array<f32, ROWS>();
             for (var r = 0u; r < ROWS; r++) {
                 if (allowed[k] & (1u << r)) != 0u {
                     p[r] = exp2(s[k][r] - m_run[r]);
@@ -283,7 +283,7 @@ fn main(
         // O += P V over this invocation's keys of the tile.
         let keys = min(TILE, key_end - c0);
         for (var key = kh; key < keys; key += KH) {
-            var pk: array<vec4<f32>, R4>;
+            var pk = array<vec4<f32>, R4>();
             for (var q = 0u; q < R4; q++) {
                 pk[q] = p_sh[p_index(par, key, q)];
             }
@@ -349,7 +349,7 @@ fn main(
             norm *= lse_weight(sum, lse);
             lse = lse_total(sum);
         }
-        var dst: u32;
+        var dst = 0u;
         if params.splits == 1u {
             dst = b * params.o_stride_b + h * params.o_stride_h + q_slot(b, i) * params.o_stride_s;
             if dq == 0u && params.write_lse != 0u {

@@ -15,9 +15,13 @@ var<workgroup> red_sum: array<f32, WG>;
 var<workgroup> any_allowed: atomic<u32>;
 
 @compute @workgroup_size(WG)
-fn main(inv: RowInvocation) {
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) num_wg: vec3<u32>,
+    inv: RowInvocation,
+) {
     let lid = inv.lid;
-    let row_id = workgroup_index(inv.wg, inv.num_wg);
+    let row_id = workgroup_index(wg, num_wg);
     if row_id >= params.bh_count * params.rows {
         return;
     }

@@ -37,8 +37,12 @@ fn tile_out(row: u32, col: u32, x: f32) {
 }
 
 @compute @workgroup_size(NX, TILE_M / BR)
-fn main(inv: TileInvocation) {
-    let tile = tile_of(inv, params.tiles_m, params.tiles_n);
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) num_wg: vec3<u32>,
+    inv: TileInvocation,
+) {
+    let tile = tile_of(wg, num_wg, params.tiles_m, params.tiles_n);
     if tile.z >= params.batches {
         return;
     }
@@ -46,7 +50,7 @@ fn main(inv: TileInvocation) {
     r0 = tile.y * TILE;
     c0 = tile.x * TILE;
 
-    var acc: Block;
+    var acc = Block();
     for (var k0 = 0u; k0 < params.k; k0 += TILE_K) {
         acc = tile_slice(acc, inv, k0);
     }

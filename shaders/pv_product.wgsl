@@ -34,10 +34,14 @@ fn tile_out(row: u32, col: u32, x: f32) {
 }
 
 @compute @workgroup_size(NX, TILE_M / BR)
-fn main(inv: TileInvocation) {
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) num_wg: vec3<u32>,
+    inv: TileInvocation,
+) {
     let lid = inv.lid;
     let li = inv.li;
-    let tile = tile_of(inv, params.tiles_i, params.tiles_n);
+    let tile = tile_of(wg, num_wg, params.tiles_i, params.tiles_n);
     if tile.z >= params.bh_count {
         return;
     }
@@ -54,8 +58,8 @@ fn main(inv: TileInvocation) {
     // Two-level accumulation: `block` sums up to BLOCK_STEPS slices of keys and is then folded
     // into `acc`, so no f32 sum runs over more than 256 keys in a row (summing tens of
     // thousands of equal weights into one f32 drifts by 1e-4 relative).
-    var acc: Block;
-    var block: Block;
+    var acc = Block();
+    var block = Block();
     var steps = 0u;
     for (var k0 = 0u; k0 < params.kv_len; k0 += TILE_K) {
         tile_stage_a(li, k0);

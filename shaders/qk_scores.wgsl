@@ -66,10 +66,14 @@ fn additive_fma(acc: Block, ty: u32, tx: u32) -> Block {
 }
 
 @compute @workgroup_size(NX, TILE_M / BR)
-fn main(inv: TileInvocation) {
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) num_wg: vec3<u32>,
+    inv: TileInvocation,
+) {
     let lid = inv.lid;
     let li = inv.li;
-    let tile = tile_of(inv, params.tiles_i, params.tiles_j);
+    let tile = tile_of(wg, num_wg, params.tiles_i, params.tiles_j);
     if tile.z >= params.bh_count {
         return;
     }
@@ -82,7 +86,7 @@ fn main(inv: TileInvocation) {
     r0 = tile.y * TILE;
     c0 = tile.x * TILE;
 
-    var acc: Block;
+    var acc = Block();
     for (var k0 = 0u; k0 < params.head_dim; k0 += TILE_K) {
         if ADDITIVE {
             tile_stage_a(li, k0);

@@ -210,7 +210,19 @@ pub enum Error {
         what: String,
     },
 
-    /// wgpu reported a validation or internal error while encoding or running.
+    /// A call that blocks until the GPU is done was made where blocking is impossible (the
+    /// browser's main thread, on `wasm32`); its `async` twin does the same without blocking.
+    #[error("{what} blocks until the GPU is done, which the browser cannot do: await {instead}")]
+    Blocking {
+        /// The blocking call.
+        what: &'static str,
+        /// The call to await instead.
+        instead: &'static str,
+    },
+
+    /// wgpu reported a validation or internal error while encoding or running. In the browser
+    /// such an error reaches the crate only after the call that caused it has returned, so it
+    /// is the error of the next call on that device, or of the next `async` call awaited.
     #[error("GPU error: {0}")]
     Gpu(String),
 }

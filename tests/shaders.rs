@@ -454,3 +454,26 @@ fn every_kernel_validates_with_parameter_blocks_in_storage() {
             });
     }
 }
+
+/// Every function-scope `var` has an initializer. WGSL zeroes a `var` declared without one
+/// each time its declaration runs, but Chromium's WebGPU (Dawn, SwiftShader adapter, Chromium
+/// 156) did not re-zero one declared in a loop body: scores of one key tile added to the next,
+/// masked keys kept the last key's probability (wrong outputs on the fused and decode paths;
+/// web/tests/browser.rs found it). naga does, so only the browser showed it. `var x = T();`
+/// means the same everywhere.
+#[test]
+fn every_function_var_is_initialised() {
+    for key in keys() {
+        let source = key.source();
+        for (n, line) in source.lines().enumerate() {
+            let code = line.split("//").next().unwrap_or("").trim();
+            if code.starts_with("var ") && !code.contains('=') {
+                panic!(
+                    "{}: line {}: `{code}` has no initializer (write `var x = T();`)",
+                    describe(&key),
+                    n + 1
+                );
+            }
+        }
+    }
+}

@@ -27,7 +27,7 @@ fn rows_max(v: array<f32, ROWS>, par: u32, inv: ReduceInvocation) -> array<f32, 
         }
     }
     workgroupBarrier();
-    var out: array<f32, ROWS>;
+    var out = array<f32, ROWS>();
     let groups = min(inv.sgs, MAX_SUBGROUPS);
     for (var r = 0u; r < ROWS; r++) {
         var m = NEG_BIG;

@@ -31,7 +31,7 @@ fn rows_max(m: array<f32, ROWS>, par: u32, inv: ReduceInvocation) -> array<f32, 
         red[(par * ROWS + r) * RED_PARTS + part] = top;
     }
     workgroupBarrier();
-    var out: array<f32, ROWS>;
+    var out = array<f32, ROWS>();
     for (var r = 0u; r < ROWS; r++) {
         var top = NEG_BIG;
         for (var g = 0u; g < RED_PARTS; g++) {

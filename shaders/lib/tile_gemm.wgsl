@@ -23,10 +23,10 @@
 // that a GQA group of 4 query rows does not occupy a 64-row workgroup. At least BR.
 override TILE_M: u32 = 64u;
 
-// The builtins of a tile-product entry point: `fn main(inv: TileInvocation)`.
+// The per-invocation builtins of a tile-product entry point: `fn main(@builtin(workgroup_id)
+// wg: vec3<u32>, @builtin(num_workgroups) num_wg: vec3<u32>, inv: TileInvocation)` (the
+// workgroup's builtins apart, for the uniformity analysis: see `RowInvocation`).
 struct TileInvocation {
-    @builtin(workgroup_id) wg: vec3<u32>,
-    @builtin(num_workgroups) num_wg: vec3<u32>,
     // (tx, ty): the block this invocation owns.
     @builtin(local_invocation_id) lid: vec3<u32>,
     @builtin(local_invocation_index) li: u32,
@@ -34,8 +34,8 @@ struct TileInvocation {
 
 // The tile of a [batches, tiles_m, tiles_n] grid this workgroup computes, column tiles fastest:
 // (tn, tm, z); z >= batches past the grid.
-fn tile_of(inv: TileInvocation, tiles_m: u32, tiles_n: u32) -> vec3<u32> {
-    let index = workgroup_index(inv.wg, inv.num_wg);
+fn tile_of(wg: vec3<u32>, num_wg: vec3<u32>, tiles_m: u32, tiles_n: u32) -> vec3<u32> {
+    let index = workgroup_index(wg, num_wg);
     return vec3<u32>(index % tiles_n, (index / tiles_n) % tiles_m, index / (tiles_n * tiles_m));
 }
 
@@ -143,7 +143,7 @@ fn tile_stage_b_by_k(li: u32, k0: u32) {
 
 // The block's rows of staged A at k (BR4 vec4s).
 fn stage_rows(k: u32, ty: u32) -> array<vec4<f32>, BR4> {
-    var a: array<vec4<f32>, BR4>;
+    var a = array<vec4<f32>, BR4>();
     for (var g = 0u; g < BR4; g++) {
         a[g] = tile_stage[k * TILE_X + block_row_group(ty, g)];
     }
@@ -152,7 +152,7 @@ fn stage_rows(k: u32, ty: u32) -> array<vec4<f32>, BR4> {
 
 // The block's columns of staged B at k (BC4 vec4s).
 fn stage_cols(k: u32, tx: u32) -> array<vec4<f32>, BC4> {
-    var b: array<vec4<f32>, BC4>;
+    var b = array<vec4<f32>, BC4>();
     for (var j = 0u; j < BC4; j++) {
         b[j] = tile_stage[STAGE_B + k * TILE_X + tx + NX * j];
     }

@@ -4,7 +4,7 @@
 // unroll the writing loop, and indexing acc there kept the caller's accumulators in memory
 // through the whole product (qk_scores 8 x 8 at L=S=512, D=64: 149M -> 125M instructions).
 fn tile_store(acc: Block, ty: u32, tx: u32) {
-    var out: Block;
+    var out = Block();
     for (var x = 0u; x < BR * BC4; x++) {
         out[x] = acc[x];
     }

@@ -7,6 +7,7 @@ use crate::error::{Error, Result};
 use crate::gpu::kernels::{Kernels, ParamsIn};
 use crate::gpu::limits::{DecodeKernel, GpuLimits, LimitCaps, TileBlock};
 use crate::gpu::pool::{Pool, PoolStats};
+use crate::gpu::scopes::{self, Scopes};
 use crate::gpu::tuning::{TileConfig, entry_for};
 
 /// A device and queue, with the limits, features and compiled pipelines of this crate.
@@ -123,25 +124,15 @@ fn subgroups_on(features: wgpu::Features) -> Result<bool> {
     }
 }
 
-/// Runs `f` inside wgpu error scopes on `device`: an allocation that failed is
-/// [`Error::OutOfMemory`], any other validation or internal error [`Error::Gpu`] naming `what`;
-/// wgpu's error outranks one of ours that followed from it. The scopes are per thread.
+/// Runs `f` inside wgpu error scopes on `device` (see `gpu::scopes`): an allocation that
+/// failed is [`Error::OutOfMemory`], any other validation or internal error [`Error::Gpu`]
+/// naming `what`; wgpu's error outranks one of ours that followed from it. The scopes are per
+/// thread.
 fn scoped<T>(device: &wgpu::Device, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    let validation = device.push_error_scope(wgpu::ErrorFilter::Validation);
-    let oom = device.push_error_scope(wgpu::ErrorFilter::OutOfMemory);
-    let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
+    let scopes = Scopes::push(device);
     let out = f();
-    let internal = pollster::block_on(internal.pop());
-    let oom = pollster::block_on(oom.pop());
-    let validation = pollster::block_on(validation.pop());
-    match (oom, validation.or(internal)) {
-        (Some(err), _) => Err(Error::OutOfMemory {
-            what: what.to_string(),
-            detail: err.to_string(),
-        }),
-        (None, Some(err)) => Err(Error::Gpu(format!("{what}: {err}"))),
-        (None, None) => out,
-    }
+    scopes.pop(device, what)?;
+    out
 }
 
 fn device_rank(t: wgpu::DeviceType) -> u8 {
@@ -160,11 +151,28 @@ impl Gpu {
     /// `WGPU_BACKEND` (e.g. `vulkan`, `metal`, `dx12`) restricts the backends searched and
     /// `WGPU_ADAPTER_NAME` picks the first adapter whose name contains it (case-insensitive).
     /// With no adapter this is [`Error::NoAdapter`], whose message says how to get one.
+    ///
+    /// In the browser (`wasm32`) this is [`Error::Blocking`]: await [`Gpu::new_async`].
     pub fn new() -> Result<Gpu> {
+        if cfg!(target_arch = "wasm32") {
+            return Err(Error::Blocking {
+                what: "Gpu::new",
+                instead: "Gpu::new_async",
+            });
+        }
         pollster::block_on(Gpu::new_async())
     }
 
-    /// [`Gpu::new`] as a future, for applications that already run an executor.
+    /// [`Gpu::new`] as a future: what a browser awaits (WebGPU's adapter, high-performance
+    /// preference), and what applications that already run an executor can use anywhere.
+    ///
+    /// ```no_run
+    /// # async fn demo() -> wgpu_attention::Result<()> {
+    /// let gpu = wgpu_attention::Gpu::new_async().await?;
+    /// println!("{}", gpu.describe());
+    /// # Ok(())
+    /// # }
+    /// ```
     pub async fn new_async() -> Result<Gpu> {
         let instance =
             wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
@@ -480,9 +488,13 @@ impl Gpu {
 
     /// [`Error::DeviceLost`] once wgpu has said the device is lost. wgpu says so from
     /// `poll`, so this polls first (without blocking).
+    ///
+    /// In the browser it also returns the first wgpu error of an earlier call that has
+    /// arrived since (`gpu::scopes`).
     pub(crate) fn alive(&self) -> Result<()> {
         let _ = self.device.poll(wgpu::PollType::Poll);
-        self.check_lost()
+        self.check_lost()?;
+        scopes::settled(&self.device)
     }
 
     fn check_lost(&self) -> Result<()> {
@@ -548,10 +560,18 @@ impl Gpu {
     /// GPU seconds between the start of the last call's first pass and the end of its last,
     /// waiting for it to finish; `None` on a context without a timer, before any call, and
     /// after a call that ran no compute pass.
+    ///
+    /// This blocks: in the browser (`wasm32`) it is [`Error::Blocking`].
     pub fn last_gpu_seconds(&self) -> Result<Option<f64>> {
         let Some(t) = &self.timer else {
             return Ok(None);
         };
+        if cfg!(target_arch = "wasm32") {
+            return Err(Error::Blocking {
+                what: "Gpu::last_gpu_seconds",
+                instead: "a download_async of the call's output, timed by the page",
+            });
+        }
         self.guarded("reading timestamps", || {
             let _busy = t.busy.lock().unwrap_or_else(|e| e.into_inner());
             let (tx, rx) = std::sync::mpsc::channel();
@@ -732,9 +752,35 @@ impl Gpu {
     }
 
     /// Blocks until all submitted work has finished; [`Error::DeviceLost`] if the device was
-    /// lost.
+    /// lost. In the browser (`wasm32`) this is [`Error::Blocking`]: await [`Gpu::wait_async`].
     pub fn wait(&self) -> Result<()> {
+        if cfg!(target_arch = "wasm32") {
+            return Err(Error::Blocking {
+                what: "Gpu::wait",
+                instead: "Gpu::wait_async",
+            });
+        }
         self.poll_wait(None)?;
+        self.alive()
+    }
+
+    /// [`Gpu::wait`] as a future, for the browser: resolves once the queue has finished all
+    /// work submitted before, with the first wgpu error any earlier call on this device caused
+    /// (in the browser such errors arrive after their calls return; see [`Error::Gpu`]).
+    pub async fn wait_async(&self) -> Result<()> {
+        self.alive()?;
+        let (tx, done) = crate::gpu::oneshot::channel();
+        self.guarded("waiting for the device", || {
+            self.queue.on_submitted_work_done(move || tx.send(()));
+            Ok(())
+        })?;
+        if cfg!(not(target_arch = "wasm32")) {
+            self.poll_wait(None)?;
+        }
+        // `None`: the callback was dropped unrun, which wgpu does when the device goes away;
+        // `alive` below says so.
+        let _ = done.await;
+        scopes::settle_all(&self.device).await?;
         self.alive()
     }
 

@@ -13,6 +13,8 @@
 //! | `context` | [`Gpu`]: adapter, device, queue, timestamps, submission |
 //! | `tensor`, `cache`, `paged`, `merge` | [`Tensor`], [`KvCache`], [`PagedKvCache`], [`merge`] |
 //! | `pool` | the per-device buffer pool and its reuse rule |
+//! | `scopes` | wgpu's error scopes around every call; in the browser, their verdicts kept for the next call or `await` |
+//! | `oneshot` | a value one callback hands to one future (readbacks, work done) |
 //! | `options` | masking options on the device: [`DeviceMask`], [`DeviceLens`], bias tensors |
 
 mod attention;
@@ -23,10 +25,12 @@ pub(crate) mod dispatch;
 pub mod kernels;
 pub(crate) mod limits;
 mod merge;
+mod oneshot;
 mod options;
 mod paged;
 pub(crate) mod paths;
 pub(crate) mod pool;
+pub(crate) mod scopes;
 pub(crate) mod tensor;
 pub mod tuning;
 

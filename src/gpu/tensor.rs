@@ -1,9 +1,8 @@
 //! Device tensors: a buffer with dims and a storage type.
 
-use std::sync::mpsc;
-
 use crate::error::{Error, Result};
 use crate::gpu::context::Gpu;
+use crate::gpu::oneshot;
 use crate::spec::DType;
 
 /// A row-major tensor of four dims in a device buffer.
@@ -433,7 +432,39 @@ impl Tensor {
 
     /// Copies the tensor back to the host as f32 (exact for every dtype), waiting for all work
     /// submitted before.
+    ///
+    /// This blocks, which a browser's main thread cannot do: on `wasm32` it is
+    /// [`Error::Blocking`]; use [`Tensor::download_async`] there.
     pub fn download(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        if cfg!(target_arch = "wasm32") {
+            return Err(Error::Blocking {
+                what: "Tensor::download",
+                instead: "Tensor::download_async",
+            });
+        }
+        let mut readback = self.start_download(gpu)?;
+        gpu.poll_wait(Some(readback.index.clone()))?;
+        // The copy is done, but the mapping callback may be running on another thread whose
+        // poll collected it: wait for it (it runs, or is dropped, soon after).
+        let mapped = pollster::block_on(&mut readback.mapped);
+        self.finish_download(gpu, readback, mapped)
+    }
+
+    /// [`Tensor::download`] as a future: what a browser awaits (on native it blocks inside its
+    /// first poll, as `download` does). It also reports any wgpu error of an earlier call
+    /// on this device that the browser delivered since (see [`Error::Gpu`]).
+    pub async fn download_async(&self, gpu: &Gpu) -> Result<Vec<f32>> {
+        let mut readback = self.start_download(gpu)?;
+        if cfg!(not(target_arch = "wasm32")) {
+            gpu.poll_wait(Some(readback.index.clone()))?;
+        }
+        let mapped = (&mut readback.mapped).await;
+        crate::gpu::scopes::settle_all(&gpu.device).await?;
+        self.finish_download(gpu, readback, mapped)
+    }
+
+    /// Checks the call, then submits the copy into a readback buffer and asks for it mapped.
+    fn start_download(&self, gpu: &Gpu) -> Result<Readback> {
         gpu.expect_own("the tensor downloaded", self)?;
         if !self.buffer.usage().contains(wgpu::BufferUsages::COPY_SRC) {
             return Err(Error::BufferUsage {
@@ -443,36 +474,61 @@ impl Tensor {
         }
         let size = self.byte_len();
         gpu.guarded("download", || {
-            let borrowed = gpu.state.pool.borrow(
+            let staging = gpu.state.pool.borrow(
                 &gpu.device,
                 "wgpu-attention readback",
                 size,
                 wgpu::BufferUsages::MAP_READ | wgpu::BufferUsages::COPY_DST,
             );
-            let staging = &borrowed.buffer;
             let mut encoder = gpu
                 .device
                 .create_command_encoder(&wgpu::CommandEncoderDescriptor {
                     label: Some("readback"),
                 });
-            encoder.copy_buffer_to_buffer(&self.buffer, 0, staging, 0, size);
+            encoder.copy_buffer_to_buffer(&self.buffer, 0, &staging.buffer, 0, size);
             let index = gpu.queue.submit([encoder.finish()]);
-            let (tx, rx) = mpsc::channel();
-            staging.map_async(wgpu::MapMode::Read, ..size, move |r| {
-                let _ = tx.send(r);
-            });
-            gpu.poll_wait(Some(index))?;
-            rx.recv()
-                .map_err(|_| Error::Gpu("readback callback never ran".into()))?
+            let (tx, mapped) = oneshot::channel();
+            staging
+                .buffer
+                .map_async(wgpu::MapMode::Read, ..size, move |r| tx.send(r));
+            Ok(Readback {
+                staging,
+                size,
+                index,
+                mapped,
+            })
+        })
+    }
+
+    /// Decodes the mapped readback buffer and returns it to the pool.
+    fn finish_download(
+        &self,
+        gpu: &Gpu,
+        readback: Readback,
+        mapped: Option<std::result::Result<(), wgpu::BufferAsyncError>>,
+    ) -> Result<Vec<f32>> {
+        gpu.guarded("download", || {
+            mapped
+                .ok_or_else(|| Error::Gpu("readback callback never ran".into()))?
                 .map_err(|e| Error::Gpu(format!("mapping readback buffer: {e}")))?;
+            let Readback { staging, size, .. } = readback;
             let view = staging
+                .buffer
                 .get_mapped_range(..size)
                 .map_err(|e| Error::Gpu(format!("reading mapped buffer: {e}")))?;
             let out = decode(&view, self.len(), self.dtype);
             drop(view);
-            staging.unmap();
-            gpu.state.pool.give_back(borrowed);
+            staging.buffer.unmap();
+            gpu.state.pool.give_back(staging);
             Ok(out)
         })
     }
+}
+
+/// A copy of a tensor on its way back to the host.
+struct Readback {
+    staging: crate::gpu::pool::Borrowed,
+    size: u64,
+    index: wgpu::SubmissionIndex,
+    mapped: oneshot::Receiver<std::result::Result<(), wgpu::BufferAsyncError>>,
 }

@@ -96,10 +96,9 @@ impl Kernels {
 fn compile(device: &wgpu::Device, key: KernelKey, params: ParamsIn) -> Result<Compiled> {
     let label = key.label();
     log::debug!("wgpu-attention: compiling {label}");
-    let scope = device.push_error_scope(wgpu::ErrorFilter::Validation);
     // A backend compiler (Metal's, DXC, a Vulkan driver) rejecting the translated shader is an
-    // internal error, not a validation one.
-    let internal = device.push_error_scope(wgpu::ErrorFilter::Internal);
+    // internal error, not a validation one; the scopes catch both.
+    let scopes = crate::gpu::scopes::Scopes::push(device);
     // naga's loop bounding adds a counter to every loop so that an infinite loop cannot be
     // undefined behaviour. It also hides every loop's trip count from the driver, so no loop is
     // unrolled: that costs speed everywhere, and on llvmpipe it breaks results, because
@@ -171,10 +170,7 @@ fn compile(device: &wgpu::Device, key: KernelKey, params: ParamsIn) -> Result<Co
         },
         cache: None,
     });
-    let internal = pollster::block_on(internal.pop());
-    if let Some(err) = pollster::block_on(scope.pop()).or(internal) {
-        return Err(Error::Gpu(format!("compiling {label}: {err}")));
-    }
+    scopes.pop(device, &format!("compiling {label}"))?;
     Ok(Compiled {
         pipeline,
         layout,

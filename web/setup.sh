@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what the browser build and tests need, where it is missing: the wasm32 target,
+# wasm-bindgen-cli of exactly the wasm-bindgen version in Cargo.lock, and Chromium with its
+# WebDriver (Debian/Ubuntu packages `chromium` and `chromium-driver`). Idempotent.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if ! rustup target list --installed | grep -qx wasm32-unknown-unknown; then
+  rustup target add wasm32-unknown-unknown
+fi
+
+want=$(awk '$0 == "name = \"wasm-bindgen\"" { getline; gsub(/version = |"/, ""); print; exit }' Cargo.lock)
+have=$(wasm-bindgen --version 2>/dev/null | awk '{ print $2 }' || true)
+if [ "$have" != "$want" ]; then
+  # A debug build: it compiles in about half the time, and the runner's speed does not matter.
+  cargo install --debug --force wasm-bindgen-cli --version "$want"
+fi
+
+if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  SUDO=""
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+      SUDO="sudo"
+    else
+      echo "web/setup: run as root: apt-get install -y --no-install-recommends chromium chromium-driver" >&2
+      exit 1
+    fi
+  fi
+  export DEBIAN_FRONTEND=noninteractive
+  $SUDO apt-get install -y --no-install-recommends chromium chromium-driver \
+    || { $SUDO apt-get update && $SUDO apt-get install -y --no-install-recommends chromium chromium-driver; }
+fi
+echo "web/setup: wasm32 target, wasm-bindgen $want, $(chromium --version 2>/dev/null | head -1)"

@@ -1,0 +1,307 @@
+//! The test grid in a browser: every GPU path, both layouts, GQA, causal, windows, masks,
+//! f16 and bf16 storage (packed in `u32`: the browser has no `shader-f16` here), the KV cache
+//! and the layer, through WebGPU, each against `cpu::reference` compiled to wasm, on shapes
+//! that are not multiples of the tiles. Run by `web/run-tests.sh` (headless Chromium); with no
+//! WebGPU adapter every test fails.
+
+use wasm_bindgen_test::*;
+use wgpu_attention::cpu::mha_reference;
+use wgpu_attention::{
+    Attention, Causal, DType, Dims, Error, Gpu, KvCache, Layout, MhaConfig, MhaWeights,
+    MultiHeadAttention, Path,
+};
+use wgpu_attention_web::{Rng, check, close};
+
+wasm_bindgen_test_configure!(run_in_browser);
+
+async fn gpu() -> Gpu {
+    match Gpu::new_async().await {
+        Ok(gpu) => gpu,
+        Err(e) => panic!("no WebGPU adapter in this browser: {e}"),
+    }
+}
+
+fn dims(b: usize, h: usize, hkv: usize, l: usize, s: usize, d: usize, dv: usize) -> Dims {
+    Dims {
+        batch: b,
+        heads: h,
+        kv_heads: hkv,
+        q_len: l,
+        kv_len: s,
+        head_dim: d,
+        v_head_dim: dv,
+    }
+}
+
+const F32: [DType; 4] = [DType::F32; 4];
+
+async fn run(gpu: &Gpu, cases: &[(Path, Dims, Attention, [DType; 4])]) {
+    for (seed, (path, dims, opts, types)) in cases.iter().enumerate() {
+        let checked = check(gpu, *path, *dims, opts, 700 + seed as u64, *types)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+        console_log!(
+            "{path:?} {dims:?} ran {} (max |diff| {:e})",
+            checked.plan,
+            checked.max_abs
+        );
+    }
+}
+
+#[wasm_bindgen_test]
+async fn adapter_and_limits() {
+    let gpu = gpu().await;
+    let info = gpu.adapter_info();
+    console_log!(
+        "adapter: {} ({:?}), vendor {:#x}",
+        gpu.describe(),
+        info.backend,
+        info.vendor
+    );
+    console_log!("tile config: {:?}", gpu.tile_config());
+    console_log!("limits: {:?}", gpu.limits());
+    console_log!("features: {:?}", gpu.features());
+    assert_eq!(format!("{:?}", info.backend), "BrowserWebGpu");
+    // The blocking calls say what to await instead.
+    assert!(matches!(Gpu::new(), Err(Error::Blocking { .. })));
+    assert!(matches!(gpu.wait(), Err(Error::Blocking { .. })));
+    let t = gpu.upload(&[1.0, 2.0], [1, 1, 1, 2]).unwrap();
+    assert!(matches!(t.download(&gpu), Err(Error::Blocking { .. })));
+    assert_eq!(t.download_async(&gpu).await.unwrap(), vec![1.0, 2.0]);
+    gpu.wait_async().await.unwrap();
+}
+
+#[wasm_bindgen_test]
+async fn every_path_and_layout() {
+    let gpu = gpu().await;
+    let mut cases = Vec::new();
+    for layout in [Layout::Bhsd, Layout::Bshd] {
+        let opts = Attention::new().layout(layout);
+        cases.push((
+            Path::ThreePass,
+            dims(2, 3, 3, 19, 45, 24, 20),
+            opts.clone(),
+            F32,
+        ));
+        cases.push((
+            Path::Fused,
+            dims(1, 4, 2, 70, 133, 40, 36),
+            opts.clone(),
+            F32,
+        ));
+        // One query per kv head's group: the decode-shaped kernel, split over the keys.
+        cases.push((
+            Path::Decode,
+            dims(1, 8, 2, 1, 1100, 64, 64),
+            opts.clone(),
+            F32,
+        ));
+    }
+    run(&gpu, &cases).await;
+}
+
+#[wasm_bindgen_test]
+async fn gqa_causal_window_softcap() {
+    let gpu = gpu().await;
+    let cases = [
+        (
+            Path::Fused,
+            dims(1, 6, 2, 37, 37, 32, 32),
+            Attention::new().causal(Causal::TopLeft),
+            F32,
+        ),
+        (
+            Path::ThreePass,
+            dims(1, 4, 1, 21, 50, 16, 16),
+            Attention::new().causal(Causal::BottomRight),
+            F32,
+        ),
+        (
+            Path::Fused,
+            dims(1, 3, 3, 70, 133, 40, 36),
+            Attention::new().window(20, 5).softcap(8.0),
+            F32,
+        ),
+        (
+            Path::Decode,
+            dims(2, 8, 2, 3, 300, 64, 64),
+            Attention::new()
+                .causal(Causal::BottomRight)
+                .kv_lens(vec![300, 171]),
+            F32,
+        ),
+    ];
+    run(&gpu, &cases).await;
+}
+
+#[wasm_bindgen_test]
+async fn masks_and_bias() {
+    let gpu = gpu().await;
+    let d = dims(2, 2, 2, 17, 29, 16, 16);
+    let mut r = Rng::new(5);
+    let mask: Vec<bool> = (0..2 * 17 * 29).map(|_| r.uniform() > -0.6).collect();
+    let bias = r.values(2 * 2 * 17 * 29, 1.5);
+    let opts = Attention::new()
+        .mask([2, 1, 17, 29], mask)
+        .bias([2, 2, 17, 29], bias);
+    let cases = [
+        (Path::ThreePass, d, opts.clone(), F32),
+        (Path::Fused, d, opts.clone(), F32),
+    ];
+    run(&gpu, &cases).await;
+}
+
+#[wasm_bindgen_test]
+async fn half_precision_packed() {
+    let gpu = gpu().await;
+    // Without `shader-f16`, f16 and bf16 tensors are packed two to a u32 word on every path.
+    for dtype in [DType::F16, DType::Bf16] {
+        let types = [dtype; 4];
+        let cases = [
+            (
+                Path::ThreePass,
+                dims(1, 2, 2, 13, 27, 24, 24),
+                Attention::new(),
+                types,
+            ),
+            (
+                Path::Fused,
+                dims(1, 4, 2, 33, 65, 40, 40),
+                Attention::new(),
+                types,
+            ),
+            (
+                Path::Decode,
+                dims(1, 8, 2, 1, 700, 64, 64),
+                Attention::new(),
+                types,
+            ),
+        ];
+        run(&gpu, &cases).await;
+    }
+}
+
+#[wasm_bindgen_test]
+async fn kv_cache_decoding() {
+    let gpu = gpu().await;
+    let (heads, kv_heads, cap, d) = (4, 2, 300, 32);
+    let mut cache = KvCache::new(&gpu, 1, kv_heads, cap, d, d).unwrap();
+    let mut host_k = vec![0f32; kv_heads * cap * d];
+    let mut host_v = vec![0f32; kv_heads * cap * d];
+    let mut r = Rng::new(9);
+    for (step, new) in [77usize, 1, 1, 5].into_iter().enumerate() {
+        let k = r.values(kv_heads * new * d, 1.0);
+        let v = r.values(kv_heads * new * d, 1.0);
+        let start = cache.lens()[0] as usize;
+        cache.append(&gpu, &k, &v, &[new]).unwrap();
+        for h in 0..kv_heads {
+            for row in 0..new {
+                let dst = (h * cap + start + row) * d;
+                let src = (h * new + row) * d;
+                host_k[dst..dst + d].copy_from_slice(&k[src..src + d]);
+                host_v[dst..dst + d].copy_from_slice(&v[src..src + d]);
+            }
+        }
+        let q = r.values(heads * new * d, 1.0);
+        let tq = gpu.upload(&q, [1, heads, new, d]).unwrap();
+        let out = cache.attend(&gpu, &tq, &Attention::new()).unwrap();
+        let want_opts = Attention::new()
+            .kv_lens(cache.lens().to_vec())
+            .causal(Causal::BottomRight);
+        let want = wgpu_attention::cpu::reference(
+            &q,
+            &host_k,
+            &host_v,
+            dims(1, heads, kv_heads, new, cap, d, d),
+            &want_opts,
+        )
+        .unwrap();
+        let o = out.o.download_async(&gpu).await.unwrap();
+        close(&format!("cache step {step}"), &o, &want.o, 2e-5, 1e-4).unwrap();
+    }
+}
+
+#[wasm_bindgen_test]
+async fn multi_head_layer() {
+    let gpu = gpu().await;
+    let config = MhaConfig::new(24, 3);
+    let (batch, l, s) = (2, 9, 13);
+    let mut r = Rng::new(11);
+    let e = config.embed_dim;
+    let w = MhaWeights::new(
+        r.values(e * e, 0.3),
+        r.values(e * e, 0.3),
+        r.values(e * e, 0.3),
+        r.values(e * e, 0.3),
+    );
+    let query = r.values(batch * l * e, 1.0);
+    let key = r.values(batch * s * e, 1.0);
+    let value = r.values(batch * s * e, 1.0);
+    let opts = Attention::new().causal(Causal::BottomRight);
+    let layer = MultiHeadAttention::new(&gpu, config, &w).unwrap();
+    let (want, _) = mha_reference(
+        &config,
+        &w,
+        &query,
+        &key,
+        &value,
+        (batch, l, s),
+        &opts,
+        false,
+    )
+    .unwrap();
+    let got = layer
+        .forward(
+            &gpu,
+            &gpu.upload(&query, [batch, l, e]).unwrap(),
+            &gpu.upload(&key, [batch, s, e]).unwrap(),
+            &gpu.upload(&value, [batch, s, e]).unwrap(),
+            &opts,
+        )
+        .unwrap();
+    let out = got.out.download_async(&gpu).await.unwrap();
+    close("layer output", &out, &want, 2e-5, 1e-4).unwrap();
+}
+
+/// Bad input is the same typed error as on native, before anything reaches the GPU.
+#[wasm_bindgen_test]
+async fn bad_input_is_a_typed_error() {
+    let gpu = gpu().await;
+    let q = gpu.upload(&[0.5; 12], [1, 3, 1, 4]).unwrap();
+    let k = gpu.upload(&[0.5; 8], [1, 2, 1, 4]).unwrap();
+    let err = Attention::new().run(&gpu, &q, &k, &k).unwrap_err();
+    assert!(matches!(err, Error::HeadsNotDivisible { .. }), "{err:?}");
+}
+
+#[wasm_bindgen_test]
+async fn probe() {
+    let gpu = gpu().await;
+    let tiles = gpu
+        .with_decode_kernel(wgpu_attention::DecodeKernel::RowTiles, false)
+        .unwrap();
+    let mut n = 0;
+    for (g, path, d) in [
+        (&gpu, Path::Fused, dims(1, 1, 1, 5, 70, 16, 16)),
+        (&gpu, Path::Fused, dims(1, 2, 2, 5, 70, 16, 16)),
+        (&gpu, Path::Fused, dims(1, 2, 1, 5, 70, 16, 16)),
+        (&gpu, Path::Fused, dims(1, 1, 1, 5, 64, 16, 16)),
+        (&gpu, Path::Fused, dims(1, 1, 1, 5, 65, 16, 16)),
+        (&gpu, Path::Fused, dims(1, 1, 1, 64, 65, 16, 16)),
+        (&gpu, Path::Fused, dims(1, 1, 1, 64, 200, 64, 64)),
+        (&gpu, Path::Decode, dims(1, 1, 1, 1, 7, 16, 16)),
+        (&gpu, Path::Decode, dims(1, 1, 1, 1, 64, 16, 16)),
+        (&gpu, Path::Decode, dims(1, 1, 1, 1, 1, 16, 16)),
+        (&gpu, Path::Decode, dims(1, 1, 1, 1, 7, 64, 64)),
+        (&tiles, Path::Decode, dims(1, 2, 1, 1, 7, 16, 16)),
+        (&tiles, Path::Decode, dims(1, 2, 1, 1, 70, 16, 16)),
+    ] {
+        match check(g, path, d, &Attention::new(), 1, F32).await {
+            Ok(c) => console_log!("PROBE ok {path:?} {d:?} {}", c.plan),
+            Err(e) => {
+                n += 1;
+                console_log!("PROBE FAIL {}", &e[..e.len().min(300)])
+            }
+        }
+    }
+    assert_eq!(n, 0);
+}
