@@ -273,35 +273,25 @@ async fn bad_input_is_a_typed_error() {
     assert!(matches!(err, Error::HeadsNotDivisible { .. }), "{err:?}");
 }
 
+/// Key lengths around the 64-key tile (one key, a partial tile, a full one, a full one and
+/// one key more), on the fused and decode kernels, both decode kernels: with a `var`
+/// declared in a loop and not re-zeroed (Dawn did not), scores of one tile leaked into the
+/// next and masked keys kept the last key's probability (outputs a quarter of the truth).
 #[wasm_bindgen_test]
-async fn probe() {
+async fn partial_key_tiles() {
     let gpu = gpu().await;
-    let tiles = gpu
+    let rows = gpu
         .with_decode_kernel(wgpu_attention::DecodeKernel::RowTiles, false)
         .unwrap();
-    let mut n = 0;
-    for (g, path, d) in [
-        (&gpu, Path::Fused, dims(1, 1, 1, 5, 70, 16, 16)),
-        (&gpu, Path::Fused, dims(1, 2, 2, 5, 70, 16, 16)),
-        (&gpu, Path::Fused, dims(1, 2, 1, 5, 70, 16, 16)),
-        (&gpu, Path::Fused, dims(1, 1, 1, 5, 64, 16, 16)),
-        (&gpu, Path::Fused, dims(1, 1, 1, 5, 65, 16, 16)),
-        (&gpu, Path::Fused, dims(1, 1, 1, 64, 65, 16, 16)),
-        (&gpu, Path::Fused, dims(1, 1, 1, 64, 200, 64, 64)),
-        (&gpu, Path::Decode, dims(1, 1, 1, 1, 7, 16, 16)),
-        (&gpu, Path::Decode, dims(1, 1, 1, 1, 64, 16, 16)),
-        (&gpu, Path::Decode, dims(1, 1, 1, 1, 1, 16, 16)),
-        (&gpu, Path::Decode, dims(1, 1, 1, 1, 7, 64, 64)),
-        (&tiles, Path::Decode, dims(1, 2, 1, 1, 7, 16, 16)),
-        (&tiles, Path::Decode, dims(1, 2, 1, 1, 70, 16, 16)),
-    ] {
-        match check(g, path, d, &Attention::new(), 1, F32).await {
-            Ok(c) => console_log!("PROBE ok {path:?} {d:?} {}", c.plan),
-            Err(e) => {
-                n += 1;
-                console_log!("PROBE FAIL {}", &e[..e.len().min(300)])
-            }
-        }
+    let mut cases = Vec::new();
+    for kv_len in [1, 7, 64, 65, 200] {
+        cases.push((&gpu, Path::Fused, dims(1, 2, 1, 5, kv_len, 16, 16)));
+        cases.push((&gpu, Path::Decode, dims(1, 2, 1, 1, kv_len, 64, 64)));
+        cases.push((&rows, Path::Decode, dims(1, 4, 2, 1, kv_len, 16, 16)));
     }
-    assert_eq!(n, 0);
+    for (seed, (g, path, d)) in cases.into_iter().enumerate() {
+        check(g, path, d, &Attention::new(), 900 + seed as u64, F32)
+            .await
+            .unwrap_or_else(|e| panic!("{e}"));
+    }
 }

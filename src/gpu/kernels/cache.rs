@@ -104,15 +104,21 @@ fn compile(device: &wgpu::Device, key: KernelKey, params: ParamsIn) -> Result<Co
     // unrolled: that costs speed everywhere, and on llvmpipe it breaks results, because
     // llvmpipe stops an invocation's loops after 65535 iterations *in total* (over all loops
     // and re-entries), so a long-enough kernel silently skips work (NOTES.md).
+    let source = wgpu::ShaderModuleDescriptor {
+        label: Some(&label),
+        source: wgpu::ShaderSource::Wgsl(key.source_with(params).into()),
+    };
+    // In the browser the module is the WGSL text itself, checked by the browser's compiler
+    // (which adds its own safeguards): no native-only options.
+    #[cfg(target_arch = "wasm32")]
+    let module = device.create_shader_module(source);
+    #[cfg(not(target_arch = "wasm32"))]
     #[allow(unsafe_code)]
     // SAFETY: every loop in these kernels is bounded by sizes from a uniform or a constant,
     // which the plans validate; bounds checks on memory accesses stay on.
     let module = unsafe {
         device.create_shader_module_trusted(
-            wgpu::ShaderModuleDescriptor {
-                label: Some(&label),
-                source: wgpu::ShaderSource::Wgsl(key.source_with(params).into()),
-            },
+            source,
             wgpu::ShaderRuntimeChecks {
                 force_loop_bounding: false,
                 ..wgpu::ShaderRuntimeChecks::checked()
