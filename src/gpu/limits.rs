@@ -188,6 +188,12 @@ impl GpuLimits {
         if let Some(cap) = caps.max_key_tiles_per_workgroup {
             self.max_key_tiles_per_workgroup = self.max_key_tiles_per_workgroup.min(cap.max(1));
         }
+        if let Some(cap) = caps.max_workgroup_storage {
+            self.max_workgroup_storage = self.max_workgroup_storage.min(cap);
+        }
+        if let Some(cap) = caps.max_storage_buffers_per_stage {
+            self.max_storage_buffers_per_stage = self.max_storage_buffers_per_stage.min(cap);
+        }
         self
     }
 }
@@ -206,6 +212,24 @@ pub struct LimitCaps {
     pub max_workgroups_per_dim: Option<u32>,
     /// Cap on [`GpuLimits::max_key_tiles_per_workgroup`].
     pub max_key_tiles_per_workgroup: Option<u32>,
+    /// Cap on [`GpuLimits::max_workgroup_storage`], in bytes: plans then pick the kernels that
+    /// fit (WebGPU's default is 16 KiB, below the fused kernel's need).
+    pub max_workgroup_storage: Option<u32>,
+    /// Cap on [`GpuLimits::max_storage_buffers_per_stage`] (WebGPU's default is 8).
+    pub max_storage_buffers_per_stage: Option<u32>,
+}
+
+impl LimitCaps {
+    /// WebGPU's default limits, which a browser grants when a page asks for nothing more:
+    /// 128 MiB storage bindings, 16 KiB of workgroup memory, 8 storage buffers per stage.
+    pub fn webgpu_defaults() -> LimitCaps {
+        LimitCaps {
+            max_storage_binding: Some(128 << 20),
+            max_workgroup_storage: Some(16 << 10),
+            max_storage_buffers_per_stage: Some(8),
+            ..LimitCaps::default()
+        }
+    }
 }
 
 /// Workgroup counts for a 1-D grid of `groups` workgroups, spilled into y and z when x is full.

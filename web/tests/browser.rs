@@ -263,6 +263,31 @@ async fn multi_head_layer() {
     close("layer output", &out, &want, 2e-5, 1e-4).unwrap();
 }
 
+/// Under WebGPU's default limits (what a page that asks for nothing more gets): the plans
+/// that fit 16 KiB of workgroup memory and 8 storage buffers, exact.
+#[wasm_bindgen_test]
+async fn webgpu_default_limits() {
+    let gpu = gpu()
+        .await
+        .with_caps(wgpu_attention::LimitCaps::webgpu_defaults());
+    let causal = Attention::new().causal(Causal::BottomRight);
+    let cases = [
+        (
+            Path::Auto,
+            dims(1, 4, 2, 70, 133, 40, 40),
+            causal.clone(),
+            F32,
+        ),
+        (
+            Path::Auto,
+            dims(1, 8, 2, 1, 1100, 64, 64),
+            causal.clone(),
+            F32,
+        ),
+    ];
+    run(&gpu, &cases).await;
+}
+
 /// Bad input is the same typed error as on native, before anything reaches the GPU.
 #[wasm_bindgen_test]
 async fn bad_input_is_a_typed_error() {
