@@ -68,7 +68,7 @@ async function run(event) {
   $("run").disabled = true;
   try {
     const r = await run_demo(
-      num("heads"), num("kv_heads"), num("q_len"), num("kv_len"), num("head_dim"),
+      $("path").value, num("heads"), num("kv_heads"), num("q_len"), num("kv_len"), num("head_dim"),
       $("causal").checked, optional("window", -1), optional("softcap", 0), num("seed"),
     );
     $("plan").textContent = r.plan;
@@ -88,7 +88,11 @@ async function run(event) {
 
 try {
   await init();
-  $("adapter").textContent = await adapter();
+  const name = await adapter();
+  // A software adapter (SwiftShader, lavapipe) runs WebGPU on the CPU: say so by the times.
+  $("adapter").textContent = name.endsWith("Cpu)")
+    ? `${name}: a software adapter, its GPU times say nothing about a GPU`
+    : name;
   $("form").addEventListener("submit", run);
   $("run").disabled = false;
   document.body.dataset.status = "ready";

@@ -201,13 +201,15 @@ pub struct DemoResult {
     pub cols: usize,
 }
 
-/// Runs attention of the shape and options the page chose on the GPU (the three-pass path,
-/// which returns the weights) and on `cpu::fast`, and returns both timings, their largest
-/// difference and one head's weights. `window` below zero means none, `softcap` zero none.
-/// Bad input is an exception with the crate's message.
+/// Runs attention of the shape and options the page chose on the GPU, on the path `path`
+/// (`auto`, `fused`, `decode` or `three-pass`), and on `cpu::fast`, and returns both timings,
+/// their largest difference and one head's weights (from a three-pass run, the path that
+/// returns them). `window` below zero means none, `softcap` zero none. Bad input is an
+/// exception with the crate's message.
 #[allow(clippy::too_many_arguments)]
 #[wasm_bindgen]
 pub async fn run_demo(
+    path: String,
     heads: usize,
     kv_heads: usize,
     q_len: usize,
@@ -218,6 +220,13 @@ pub async fn run_demo(
     softcap: f32,
     seed: u32,
 ) -> Result<DemoResult, JsError> {
+    let path = match path.as_str() {
+        "auto" => Path::Auto,
+        "fused" => Path::Fused,
+        "decode" => Path::Decode,
+        "three-pass" => Path::ThreePass,
+        other => return Err(JsError::new(&format!("unknown path {other:?}"))),
+    };
     let gpu = page_gpu().await?;
     let dims = Dims {
         batch: 1,
@@ -228,7 +237,7 @@ pub async fn run_demo(
         head_dim,
         v_head_dim: head_dim,
     };
-    let mut opts = Attention::new().return_weights(true);
+    let mut opts = Attention::new();
     if causal {
         opts = opts.causal(Causal::BottomRight);
     }
@@ -247,21 +256,22 @@ pub async fn run_demo(
     let tq = gpu.upload(&q, dims.q_shape(layout))?;
     let tk = gpu.upload(&k, dims.k_shape(layout))?;
     let tv = gpu.upload(&v, dims.v_shape(layout))?;
-    let opts = opts.path(Path::ThreePass);
-    let plan = opts.plan(&gpu, dims)?.name().to_string();
+    let timed = opts.clone().path(path);
+    let plan = timed.plan(&gpu, dims)?.name().to_string();
     // Once untimed: the first call compiles the pipelines.
-    let warm = opts.run(&gpu, &tq, &tk, &tv)?;
+    let warm = timed.run(&gpu, &tq, &tk, &tv)?;
     warm.o.download_async(&gpu).await?;
     let start = now_ms();
-    let out = opts.run(&gpu, &tq, &tk, &tv)?;
+    let out = timed.run(&gpu, &tq, &tk, &tv)?;
     let o = out.o.download_async(&gpu).await?;
     let gpu_ms = now_ms() - start;
-    let weights = match &out.weights {
+    let with_weights = opts.clone().path(Path::ThreePass).return_weights(true);
+    let weights = match &with_weights.run(&gpu, &tq, &tk, &tv)?.weights {
         Some(w) => w.download_async(&gpu).await?,
         None => return Err(JsError::new("the three-pass path returned no weights")),
     };
     let start = now_ms();
-    let want = cpu::fast(&q, &k, &v, dims, &opts.clone().return_weights(false))?;
+    let want = cpu::fast(&q, &k, &v, dims, &opts)?;
     let cpu_ms = now_ms() - start;
     Ok(DemoResult {
         plan,
