@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what the browser build and tests need, where it is missing: the wasm32 target,
 # wasm-bindgen-cli of exactly the wasm-bindgen version in Cargo.lock, and Chromium with its
-# WebDriver (Debian/Ubuntu packages `chromium` and `chromium-driver`). Idempotent.
+# WebDriver (Debian's packages `chromium` and `chromium-driver`; elsewhere install Chromium
+# and chromedriver yourself and put them on PATH, or set CHROMEDRIVER). Idempotent.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,12 +12,20 @@ fi
 
 want=$(awk '$0 == "name = \"wasm-bindgen\"" { getline; gsub(/version = |"/, ""); print; exit }' Cargo.lock)
 have=$(wasm-bindgen --version 2>/dev/null | awk '{ print $2 }' || true)
-if [ "$have" != "$want" ]; then
+runner=$(wasm-bindgen-test-runner --version 2>/dev/null | awk '{ print $2 }' || true)
+if [ "$have" != "$want" ] || [ "$runner" != "$want" ]; then
   # A debug build: it compiles in about half the time, and the runner's speed does not matter.
-  cargo install --debug --force wasm-bindgen-cli --version "$want"
+  # With the CLI's own lock file where the registry has every crate it names, else resolved
+  # afresh (a registry mirror may lack a version the lock file pins).
+  cargo install --debug --force --locked wasm-bindgen-cli --version "$want" \
+    || cargo install --debug --force wasm-bindgen-cli --version "$want"
 fi
 
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
+  if ! command -v apt-get >/dev/null; then
+    echo "web/setup: no chromium/chromedriver on PATH; install Chromium and its chromedriver" >&2
+    exit 1
+  fi
   SUDO=""
   if [ "$(id -u)" -ne 0 ]; then
     if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then

@@ -7,7 +7,7 @@ use crate::error::{Error, Result};
 use crate::gpu::kernels::{Kernels, ParamsIn};
 use crate::gpu::limits::{DecodeKernel, GpuLimits, LimitCaps, TileBlock};
 use crate::gpu::pool::{Pool, PoolStats};
-use crate::gpu::scopes::{self, Scopes};
+use crate::gpu::scopes::{Deferred, Scopes};
 use crate::gpu::tuning::{TileConfig, entry_for};
 
 /// A device and queue, with the limits, features and compiled pipelines of this crate.
@@ -41,6 +41,8 @@ pub(crate) struct DeviceState {
     hook: Mutex<Option<LostHook>>,
     /// Parameter, masking, scratch and readback buffers for reuse (`gpu::pool`).
     pub(crate) pool: Arc<Pool>,
+    /// wgpu's verdicts on calls that could not wait for them (the browser; `gpu::scopes`).
+    pub(crate) deferred: Arc<Deferred>,
 }
 
 /// An application's device-lost callback.
@@ -56,13 +58,14 @@ impl std::fmt::Debug for DeviceState {
 }
 
 impl DeviceState {
-    fn new(pool: bool) -> DeviceState {
+    fn new(pool: bool, deferred: Arc<Deferred>) -> DeviceState {
         static NEXT: AtomicU64 = AtomicU64::new(1);
         DeviceState {
             id: NEXT.fetch_add(1, Ordering::Relaxed),
             lost: Mutex::new(None),
             hook: Mutex::new(None),
             pool: Arc::new(Pool::new(pool)),
+            deferred,
         }
     }
 
@@ -128,10 +131,15 @@ fn subgroups_on(features: wgpu::Features) -> Result<bool> {
 /// failed is [`Error::OutOfMemory`], any other validation or internal error [`Error::Gpu`]
 /// naming `what`; wgpu's error outranks one of ours that followed from it. The scopes are per
 /// thread.
-fn scoped<T>(device: &wgpu::Device, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+fn scoped<T>(
+    device: &wgpu::Device,
+    deferred: &Arc<Deferred>,
+    what: &str,
+    f: impl FnOnce() -> Result<T>,
+) -> Result<T> {
     let scopes = Scopes::push(device);
     let out = f();
-    scopes.pop(device, what)?;
+    scopes.pop(deferred, what)?;
     out
 }
 
@@ -303,8 +311,9 @@ impl Gpu {
             })?,
             Err(_) => ParamsIn::for_adapter(&info),
         };
-        let kernels = Arc::new(scoped(&device, "opening the device", || {
-            Kernels::new(&device, &limits, params)
+        let deferred = Arc::new(Deferred::default());
+        let kernels = Arc::new(scoped(&device, &deferred, "opening the device", || {
+            Kernels::new(&device, &limits, params, Arc::clone(&deferred))
         })?);
         let pool = match std::env::var("WGPU_ATTENTION_POOL") {
             Ok(value) => match value.trim() {
@@ -320,7 +329,7 @@ impl Gpu {
             },
             Err(_) => true,
         };
-        let state = Arc::new(DeviceState::new(pool));
+        let state = Arc::new(DeviceState::new(pool, deferred));
         let on_lost = Arc::clone(&state);
         device.set_device_lost_callback(move |reason, message| {
             let reason = if message.is_empty() {
@@ -452,6 +461,22 @@ impl Gpu {
     /// nothing. A successful call does not poll again at the end; a loss during it is seen by
     /// the next call's poll.
     pub(crate) fn guarded<T>(&self, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.guarded_with(what, true, f)
+    }
+
+    /// [`guarded`](Gpu::guarded) for the last step of an `async` call, which has already
+    /// awaited the verdicts of its own past (`gpu::scopes`): it leaves a deferred error of a
+    /// call made since for that call's successors.
+    pub(crate) fn guarded_tail<T>(&self, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+        self.guarded_with(what, false, f)
+    }
+
+    fn guarded_with<T>(
+        &self,
+        what: &str,
+        take_deferred: bool,
+        f: impl FnOnce() -> Result<T>,
+    ) -> Result<T> {
         thread_local! {
             /// The `DeviceState::id` whose `guarded` this thread is inside (0: none).
             static ACTIVE: std::cell::Cell<u64> = const { std::cell::Cell::new(0) };
@@ -466,10 +491,14 @@ impl Gpu {
         if outer == self.state.id {
             return f();
         }
-        self.alive()?;
+        if take_deferred {
+            self.alive()?;
+        } else {
+            self.polled_lost()?;
+        }
         ACTIVE.with(|a| a.set(self.state.id));
         let restore = Restore(outer);
-        let out = scoped(&self.device, what, f);
+        let out = scoped(&self.device, &self.state.deferred, what, f);
         drop(restore);
         if out.is_ok() {
             self.check_lost()?;
@@ -482,7 +511,7 @@ impl Gpu {
             submission_index: None,
             timeout: None,
         });
-        self.alive()?;
+        self.check_lost()?;
         out
     }
 
@@ -492,9 +521,14 @@ impl Gpu {
     /// In the browser it also returns the first wgpu error of an earlier call that has
     /// arrived since (`gpu::scopes`).
     pub(crate) fn alive(&self) -> Result<()> {
+        self.polled_lost()?;
+        self.state.deferred.take_arrived()
+    }
+
+    /// [`Error::DeviceLost`] once wgpu has said so, after a poll that does not block.
+    fn polled_lost(&self) -> Result<()> {
         let _ = self.device.poll(wgpu::PollType::Poll);
-        self.check_lost()?;
-        scopes::settled(&self.device)
+        self.check_lost()
     }
 
     fn check_lost(&self) -> Result<()> {
@@ -509,7 +543,9 @@ impl Gpu {
     /// is empty, so this can say `false` while work submitted before the loss is in flight;
     /// [`Gpu::wait`] waits for that.
     pub fn is_lost(&self) -> bool {
-        self.alive().is_err()
+        // Not `alive`: that also hands out a deferred wgpu error (the browser), which is not a
+        // loss and belongs to the next call.
+        self.polled_lost().is_err()
     }
 
     /// Destroys the device (`wgpu::Device::destroy`) and marks it lost at once: every later
@@ -684,7 +720,12 @@ impl Gpu {
     pub fn with_params_in(&self, params: ParamsIn) -> Result<Gpu> {
         let mut gpu = self.clone();
         gpu.kernels = Arc::new(self.guarded("a pipeline cache", || {
-            Kernels::new(&self.device, &self.limits, params)
+            Kernels::new(
+                &self.device,
+                &self.limits,
+                params,
+                Arc::clone(&self.state.deferred),
+            )
         })?);
         Ok(gpu)
     }
@@ -774,14 +815,16 @@ impl Gpu {
             self.queue.on_submitted_work_done(move || tx.send(()));
             Ok(())
         })?;
+        // The verdicts of every call before this one, not of later ones.
+        let earlier = self.state.deferred.settle();
         if cfg!(not(target_arch = "wasm32")) {
             self.poll_wait(None)?;
         }
         // `None`: the callback was dropped unrun, which wgpu does when the device goes away;
         // `alive` below says so.
         let _ = done.await;
-        scopes::settle_all(&self.device).await?;
-        self.alive()
+        earlier.await?;
+        self.polled_lost()
     }
 
     /// Blocks until submission `index` (all work, for `None`) has finished.

@@ -447,7 +447,7 @@ impl Tensor {
         // The copy is done, but the mapping callback may be running on another thread whose
         // poll collected it: wait for it (it runs, or is dropped, soon after).
         let mapped = pollster::block_on(&mut readback.mapped);
-        self.finish_download(gpu, readback, mapped)
+        self.finish_download(gpu, readback, mapped, false)
     }
 
     /// [`Tensor::download`] as a future: what a browser awaits (on native it blocks inside its
@@ -455,12 +455,14 @@ impl Tensor {
     /// on this device that the browser delivered since (see [`Error::Gpu`]).
     pub async fn download_async(&self, gpu: &Gpu) -> Result<Vec<f32>> {
         let mut readback = self.start_download(gpu)?;
+        // The verdicts of every call before this one (its copy included), not of later ones.
+        let earlier = gpu.state.deferred.settle();
         if cfg!(not(target_arch = "wasm32")) {
             gpu.poll_wait(Some(readback.index.clone()))?;
         }
         let mapped = (&mut readback.mapped).await;
-        crate::gpu::scopes::settle_all(&gpu.device).await?;
-        self.finish_download(gpu, readback, mapped)
+        earlier.await?;
+        self.finish_download(gpu, readback, mapped, true)
     }
 
     /// Checks the call, then submits the copy into a readback buffer and asks for it mapped.
@@ -500,14 +502,16 @@ impl Tensor {
         })
     }
 
-    /// Decodes the mapped readback buffer and returns it to the pool.
+    /// Decodes the mapped readback buffer and returns it to the pool; `tail`: the last step of
+    /// `download_async` (see [`Gpu::guarded_tail`]).
     fn finish_download(
         &self,
         gpu: &Gpu,
         readback: Readback,
         mapped: Option<std::result::Result<(), wgpu::BufferAsyncError>>,
+        tail: bool,
     ) -> Result<Vec<f32>> {
-        gpu.guarded("download", || {
+        let finish = || {
             mapped
                 .ok_or_else(|| Error::Gpu("readback callback never ran".into()))?
                 .map_err(|e| Error::Gpu(format!("mapping readback buffer: {e}")))?;
@@ -521,7 +525,12 @@ impl Tensor {
             staging.buffer.unmap();
             gpu.state.pool.give_back(staging);
             Ok(out)
-        })
+        };
+        if tail {
+            gpu.guarded_tail("download", finish)
+        } else {
+            gpu.guarded("download", finish)
+        }
     }
 }
 

@@ -5,12 +5,12 @@
 //! with [`Gpu::new_async`] and results come back with [`Tensor::download_async`]. The checks
 //! compare every output against `cpu::reference`, compiled to wasm beside the kernels, with
 //! the tolerances of the native tests (DESIGN.md), on outputs poisoned with NaN first.
-//! `web/README.md` says how to build the page and run the tests.
+//! The README's "In the browser" section says how to build the page and run the tests.
 
 use std::cell::RefCell;
 
 use wasm_bindgen::prelude::*;
-use wgpu_attention::{Attention, Causal, DType, Dims, Gpu, Output, Path, Tensor, cpu};
+use wgpu_attention::{Attention, Causal, DType, Dims, Gpu, Layout, Output, Path, Tensor, cpu};
 
 /// A small deterministic generator (SplitMix64): fresh inputs per seed, with no dependency
 /// on the browser's entropy source.
@@ -106,6 +106,21 @@ pub async fn check(
     let layout = opts.get_layout();
     let ctx = format!("{path:?} {dims:?} {types:?} seed {seed}");
     let err = |e: wgpu_attention::Error| format!("{ctx}: {e}");
+    // The element counts below are plain products: refuse any that would not fit.
+    let fits = [
+        dims.q_shape(Layout::Bhsd),
+        dims.k_shape(Layout::Bhsd),
+        dims.v_shape(Layout::Bhsd),
+    ]
+    .iter()
+    .all(|s| {
+        s.iter()
+            .try_fold(1usize, |a, &b| a.checked_mul(b))
+            .is_some()
+    });
+    if !fits {
+        return Err(format!("{ctx}: too large for this machine's usize"));
+    }
     let mut r = Rng::new(seed);
     let round = |x: Vec<f32>, t: DType| -> Vec<f32> { x.into_iter().map(|v| t.round(v)).collect() };
     let q = round(r.values(dims.q_elems(), 2.0), tq_t);
@@ -165,9 +180,11 @@ thread_local! {
     static GPU: RefCell<Option<Gpu>> = const { RefCell::new(None) };
 }
 
-/// The page's device: opened on first use, then shared.
+/// The page's device: opened on first use, then shared; opened again after a loss.
 async fn page_gpu() -> Result<Gpu, JsError> {
-    if let Some(gpu) = GPU.with(|g| g.borrow().clone()) {
+    if let Some(gpu) = GPU.with(|g| g.borrow().clone())
+        && !gpu.is_lost()
+    {
         return Ok(gpu);
     }
     let gpu = Gpu::new_async().await?;
@@ -227,6 +244,36 @@ pub async fn run_demo(
         "three-pass" => Path::ThreePass,
         other => return Err(JsError::new(&format!("unknown path {other:?}"))),
     };
+    // Sizes checked before anything is allocated (wasm32's usize is 32 bits), and kept to
+    // what one page can compute on the CPU in a few seconds.
+    let elems = |x: [usize; 3]| x.iter().try_fold(1u64, |a, &b| a.checked_mul(b as u64));
+    let too_big = |what: &str, n: Option<u64>, max: u64| match n {
+        Some(n) if n <= max => Ok(()),
+        _ => Err(JsError::new(&format!(
+            "{what} is too large for this page (at most {max}); the library itself takes more"
+        ))),
+    };
+    too_big(
+        "heads x q_len x head_dim",
+        elems([heads, q_len, head_dim]),
+        1 << 24,
+    )?;
+    too_big(
+        "kv_heads x kv_len x head_dim",
+        elems([kv_heads, kv_len, head_dim]),
+        1 << 24,
+    )?;
+    too_big(
+        "the weights, heads x q_len x kv_len",
+        elems([heads, q_len, kv_len]),
+        1 << 24,
+    )?;
+    let flops = elems([heads, q_len, kv_len]).and_then(|n| n.checked_mul(4 * head_dim as u64));
+    too_big(
+        "4 x heads x q_len x kv_len x head_dim (FLOPs)",
+        flops,
+        20_000_000_000,
+    )?;
     let gpu = page_gpu().await?;
     let dims = Dims {
         batch: 1,

@@ -4,6 +4,8 @@
 //! that are not multiples of the tiles. Run by `web/run-tests.sh` (headless Chromium); with no
 //! WebGPU adapter every test fails.
 
+use std::future::Future;
+
 use wasm_bindgen_test::*;
 use wgpu_attention::cpu::mha_reference;
 use wgpu_attention::{
@@ -288,6 +290,72 @@ async fn webgpu_default_limits() {
     run(&gpu, &cases).await;
 }
 
+/// Lets the browser's event loop run for `ms` milliseconds (WebGPU's error verdicts arrive
+/// through it).
+async fn sleep(ms: i32) {
+    let promise = js_sys::Promise::new(&mut |resolve, _| {
+        let set_timeout: js_sys::Function =
+            js_sys::Reflect::get(&js_sys::global(), &"setTimeout".into())
+                .unwrap()
+                .into();
+        set_timeout
+            .call2(&wasm_bindgen::JsValue::NULL, &resolve, &ms.into())
+            .unwrap();
+    });
+    wasm_bindgen_futures::JsFuture::from(promise).await.unwrap();
+}
+
+/// A tensor over a destroyed buffer: writing it passes every check of the crate and is a
+/// wgpu validation error, which WebGPU reports only after the call has returned.
+fn destroyed(gpu: &Gpu) -> wgpu_attention::Tensor {
+    let buffer = gpu.device().create_buffer(&wgpu::BufferDescriptor {
+        label: Some("destroyed"),
+        size: 16,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    buffer.destroy();
+    wgpu_attention::Tensor::from_buffer(gpu, buffer, [1, 1, 1, 4], DType::F32).unwrap()
+}
+
+/// wgpu errors in the browser arrive after their call returned: each reaches a later call
+/// once, in the order of the calls; an await takes only errors of calls made before it
+/// began; asking whether the device is lost takes none; a dropped await loses none.
+#[wasm_bindgen_test]
+async fn deferred_wgpu_errors() {
+    let gpu = gpu().await;
+    let (bad1, bad2) = (destroyed(&gpu), destroyed(&gpu));
+    let good = gpu.upload(&[1.0, 2.0, 3.0, 4.0], [1, 1, 1, 4]).unwrap();
+    // Two bad calls; the next two awaits get one error each, then none.
+    bad1.write(&gpu, &[1.0; 4]).unwrap();
+    bad2.write(&gpu, &[2.0; 4]).unwrap();
+    sleep(50).await;
+    assert!(!gpu.is_lost(), "a validation error is not a loss");
+    for n in 0..2 {
+        let r = gpu.wait_async().await;
+        assert!(
+            matches!(&r, Err(Error::Gpu(m)) if m.contains("write")),
+            "error {n}: {r:?}"
+        );
+    }
+    assert_eq!(gpu.wait_async().await, Ok(()));
+    // An await that began (was first polled) before a bad call does not take its error; the
+    // next one does.
+    let mut earlier = Box::pin(good.download_async(&gpu));
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(earlier.as_mut().poll(&mut cx).is_pending());
+    bad1.write(&gpu, &[3.0; 4]).unwrap();
+    assert_eq!(earlier.await.unwrap(), vec![1.0, 2.0, 3.0, 4.0]);
+    assert!(matches!(gpu.wait_async().await, Err(Error::Gpu(_))));
+    // An await dropped while it waits leaves the error for the next one.
+    bad2.write(&gpu, &[4.0; 4]).unwrap();
+    let mut dropped = Box::pin(gpu.wait_async());
+    assert!(dropped.as_mut().poll(&mut cx).is_pending());
+    drop(dropped);
+    assert!(matches!(gpu.wait_async().await, Err(Error::Gpu(_))));
+    assert_eq!(gpu.wait_async().await, Ok(()));
+}
+
 /// Bad input is the same typed error as on native, before anything reaches the GPU.
 #[wasm_bindgen_test]
 async fn bad_input_is_a_typed_error() {
@@ -296,6 +364,29 @@ async fn bad_input_is_a_typed_error() {
     let k = gpu.upload(&[0.5; 8], [1, 2, 1, 4]).unwrap();
     let err = Attention::new().run(&gpu, &q, &k, &k).unwrap_err();
     assert!(matches!(err, Error::HeadsNotDivisible { .. }), "{err:?}");
+    // The page's entry point: sizes whose products overflow or exceed what the page computes
+    // are exceptions, not a trap; a bad path name too.
+    for (path, heads, q_len, head_dim) in [
+        ("auto", usize::MAX, 8, 16),
+        ("auto", 1, 1 << 23, 64),
+        ("auto", 64, 1024, 256),
+        ("sideways", 1, 8, 16),
+    ] {
+        let r = wgpu_attention_web::run_demo(
+            path.into(),
+            heads,
+            1,
+            q_len,
+            2048,
+            head_dim,
+            false,
+            -1,
+            0.0,
+            1,
+        )
+        .await;
+        assert!(r.is_err(), "{path} {heads} {q_len} {head_dim}");
+    }
 }
 
 /// Key lengths around the 64-key tile (one key, a partial tile, a full one, a full one and

@@ -11,6 +11,7 @@ use super::uniforms::{TILE_INVOCATIONS, TILE_STAGE_BYTES};
 use super::{KernelKey, ParamsIn, Slot};
 use crate::error::{Error, Result};
 use crate::gpu::limits::{DispatchSize, GpuLimits};
+use crate::gpu::scopes::{Deferred, Scopes};
 
 /// A compiled kernel and the layout its bind groups are made from.
 #[derive(Debug)]
@@ -33,6 +34,8 @@ pub(crate) struct Kernels {
     pub(crate) row_workgroup: u32,
     /// How every kernel on this device binds its parameter blocks.
     pub(crate) params: ParamsIn,
+    /// Where compile errors go when they cannot be waited for (the browser).
+    deferred: Arc<Deferred>,
 }
 
 impl Kernels {
@@ -40,6 +43,7 @@ impl Kernels {
         device: &wgpu::Device,
         limits: &GpuLimits,
         params: ParamsIn,
+        deferred: Arc<Deferred>,
     ) -> Result<Kernels> {
         if limits.max_invocations_per_workgroup < TILE_INVOCATIONS {
             return Err(Error::Unsupported {
@@ -69,6 +73,7 @@ impl Kernels {
             placeholder_out: placeholder("wgpu-attention placeholder output"),
             row_workgroup: 256,
             params,
+            deferred,
         })
     }
 
@@ -87,18 +92,23 @@ impl Kernels {
         {
             return Ok(hit.clone());
         }
-        let compiled = Arc::new(compile(device, key, self.params)?);
+        let compiled = Arc::new(compile(device, key, self.params, &self.deferred)?);
         let mut cache = self.cache.write().expect("pipeline cache poisoned");
         Ok(cache.entry(key).or_insert(compiled).clone())
     }
 }
 
-fn compile(device: &wgpu::Device, key: KernelKey, params: ParamsIn) -> Result<Compiled> {
+fn compile(
+    device: &wgpu::Device,
+    key: KernelKey,
+    params: ParamsIn,
+    deferred: &Arc<Deferred>,
+) -> Result<Compiled> {
     let label = key.label();
     log::debug!("wgpu-attention: compiling {label}");
     // A backend compiler (Metal's, DXC, a Vulkan driver) rejecting the translated shader is an
     // internal error, not a validation one; the scopes catch both.
-    let scopes = crate::gpu::scopes::Scopes::push(device);
+    let scopes = Scopes::push(device);
     // naga's loop bounding adds a counter to every loop so that an infinite loop cannot be
     // undefined behaviour. It also hides every loop's trip count from the driver, so no loop is
     // unrolled: that costs speed everywhere, and on llvmpipe it breaks results, because
@@ -176,7 +186,7 @@ fn compile(device: &wgpu::Device, key: KernelKey, params: ParamsIn) -> Result<Co
         },
         cache: None,
     });
-    scopes.pop(device, &format!("compiling {label}"))?;
+    scopes.pop(deferred, &format!("compiling {label}"))?;
     Ok(Compiled {
         pipeline,
         layout,
