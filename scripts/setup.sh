@@ -27,21 +27,6 @@ if ! command -v apt-get >/dev/null; then
   echo "setup: no Vulkan driver found; install your GPU's driver or Mesa's Vulkan drivers" >&2
   exit 1
 fi
-
-SUDO=""
-if [ "$(id -u)" -ne 0 ]; then
-  if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
-    SUDO="sudo"
-  else
-    echo "setup: no Vulkan driver found. Run as root: apt-get install -y --no-install-recommends mesa-vulkan-drivers" >&2
-    exit 1
-  fi
-fi
-
 echo "setup: no Vulkan driver found; installing Mesa's software driver (mesa-vulkan-drivers)" >&2
-export DEBIAN_FRONTEND=noninteractive
-if ! $SUDO apt-get install -y --no-install-recommends mesa-vulkan-drivers >/dev/null; then
-  $SUDO apt-get update >/dev/null
-  $SUDO apt-get install -y --no-install-recommends mesa-vulkan-drivers >/dev/null
-fi
+bash "$(dirname "$0")/apt-install.sh" "setup: no Vulkan driver found" mesa-vulkan-drivers
 have_vulkan || { echo "setup: mesa-vulkan-drivers installed but no Vulkan driver found" >&2; exit 1; }

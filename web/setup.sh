@@ -22,21 +22,6 @@ if [ "$have" != "$want" ] || [ "$runner" != "$want" ]; then
 fi
 
 if ! command -v chromium >/dev/null || ! command -v chromedriver >/dev/null; then
-  if ! command -v apt-get >/dev/null; then
-    echo "web/setup: no chromium/chromedriver on PATH; install Chromium and its chromedriver" >&2
-    exit 1
-  fi
-  SUDO=""
-  if [ "$(id -u)" -ne 0 ]; then
-    if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
-      SUDO="sudo"
-    else
-      echo "web/setup: run as root: apt-get install -y --no-install-recommends chromium chromium-driver" >&2
-      exit 1
-    fi
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  $SUDO apt-get install -y --no-install-recommends chromium chromium-driver \
-    || { $SUDO apt-get update && $SUDO apt-get install -y --no-install-recommends chromium chromium-driver; }
+  bash scripts/apt-install.sh "web/setup: no chromium or chromedriver" chromium chromium-driver
 fi
 echo "web/setup: wasm32 target, wasm-bindgen $want, $(chromium --version 2>/dev/null | head -1)"
