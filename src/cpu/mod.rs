@@ -2,16 +2,19 @@
 //!
 //! [`reference()`] is the oracle every GPU result is checked against: plain loops, f64
 //! accumulation, the score matrix materialised, the same [`Spec`](crate::Spec) and semantics as
-//! the GPU paths. [`fast()`] is the honest CPU baseline: f32, blocked like FlashAttention (online
+//! the GPU paths; [`reference_backward()`] is its backward (the gradients by Q, K, V, the
+//! bias, the sinks), from the same scorer. [`fast()`] is the honest CPU baseline: f32, blocked like FlashAttention (online
 //! softmax, no `q_len x kv_len` buffer) and multi-threaded with rayon. [`mha_reference`] is the
-//! multi-head layer on the reference path.
+//! multi-head layer on the reference path, [`mha_reference_backward`] its backward.
 
+mod backward;
 mod fast;
 mod merge;
 mod mha;
 mod reference;
 
+pub use backward::{Gradients, reference_backward};
 pub use fast::{FastOutput, HostElement, fast};
 pub use merge::merge;
-pub use mha::mha_reference;
+pub use mha::{MhaGradients, mha_reference, mha_reference_backward};
 pub use reference::{Reference, reference};
