@@ -26,7 +26,7 @@ use super::reference::{Problem, Row, at, check_len, widen};
 /// The gradients [`reference_backward`] returns, each in the layout and shape of what it is
 /// the gradient of.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Gradients {
+pub struct ReferenceGradients {
     /// The gradient by Q, in Q's layout.
     pub dq: Vec<f32>,
     /// The gradient by K, in K's layout (summed over each GQA group's query heads).
@@ -84,7 +84,7 @@ pub fn reference_backward<Q, K, V, G>(
     d_o: &[G],
     dims: Dims,
     opts: &Attention,
-) -> Result<Gradients>
+) -> Result<ReferenceGradients>
 where
     Q: Copy + Into<f64>,
     K: Copy + Into<f64>,
@@ -92,7 +92,7 @@ where
     G: Copy + Into<f64>,
 {
     let g = exact(q, k, v, d_o, dims, opts)?;
-    Ok(Gradients {
+    Ok(ReferenceGradients {
         dq: narrow(g.dq),
         dk: narrow(g.dk),
         dv: narrow(g.dv),

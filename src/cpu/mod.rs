@@ -13,7 +13,7 @@ mod merge;
 mod mha;
 mod reference;
 
-pub use backward::{Gradients, reference_backward};
+pub use backward::{ReferenceGradients, reference_backward};
 pub use fast::{FastOutput, HostElement, fast};
 pub use merge::merge;
 pub use mha::{MhaGradients, mha_reference, mha_reference_backward};

@@ -6,6 +6,7 @@
 //! | module | what it holds |
 //! | --- | --- |
 //! | `attention` | `Attention::{plan, run, run_into}`: validate once, plan, encode, submit |
+//! | `backward` | `Attention::backward`: dQ, dK, dV from the forward's log-sum-exp |
 //! | `paths` | the path choice, and one file per path (`three_pass`, `fused`) with its plan and encoding; the masking buffers |
 //! | `dispatch` | dispatches several callers record: the batched GEMM, the log-sum-exp combine |
 //! | [`kernels`] | the kernel registry: typed keys, WGSL composition from `shaders/lib/`, the uniforms declared once, the pipeline cache |
@@ -18,6 +19,7 @@
 //! | `options` | masking options on the device: [`DeviceMask`], [`DeviceLens`], bias tensors |
 
 mod attention;
+mod backward;
 mod cache;
 mod context;
 pub(crate) mod dispatch;
@@ -36,6 +38,7 @@ pub mod tuning;
 
 pub use attention::Output;
 pub(crate) use attention::encode_validated;
+pub use backward::Gradients;
 pub use cache::KvCache;
 pub use context::Gpu;
 #[doc(hidden)]

@@ -44,8 +44,8 @@ pub(crate) mod uniforms;
 pub(crate) use cache::Kernels;
 
 use uniforms::{
-    CombineParams, FlashParams, MaskParams, MatmulParams, PvParams, QkParams, SoftmaxParams, TILE,
-    TILE_STAGE_BYTES, Uniform,
+    BackwardParams, CombineParams, FlashParams, MaskParams, MatmulParams, PvParams, QkParams,
+    SoftmaxParams, TILE, TILE_STAGE_BYTES, Uniform,
 };
 
 use crate::gpu::limits::TileBlock;
@@ -63,6 +63,8 @@ pub const FLASH_ATTENTION: &str = include_str!("../../../shaders/flash_attention
 pub const FLASH_DECODE: &str = include_str!("../../../shaders/flash_decode.wgsl");
 /// WGSL source of the kernel that merges partial results by their log-sum-exp.
 pub const COMBINE_SPLITS: &str = include_str!("../../../shaders/combine_splits.wgsl");
+/// WGSL source of the backward of attention (three phases: D, dQ, dK and dV).
+pub const ATTENTION_BACKWARD: &str = include_str!("../../../shaders/attention_backward.wgsl");
 /// WGSL source of the batched matrix product with bias (the layer's projections).
 pub const MATMUL: &str = include_str!("../../../shaders/matmul.wgsl");
 
@@ -130,6 +132,8 @@ pub enum Kernel {
     CombineSplits,
     /// Batched `C = alpha A B^T + bias` with any strides (projections, head averages).
     Matmul,
+    /// The backward of attention: D, dQ, or dK and dV, one row per invocation.
+    AttentionBackward,
 }
 
 /// What sits at one binding slot of a kernel. The host declares every binding from this list
@@ -221,7 +225,7 @@ const fn write(name: &'static str, ty: &'static str) -> Slot {
 
 impl Kernel {
     /// All kernels, for tests that compile every one.
-    pub const ALL: [Kernel; 7] = [
+    pub const ALL: [Kernel; 8] = [
         Kernel::QkScores,
         Kernel::MaskedSoftmax,
         Kernel::PvProduct,
@@ -229,6 +233,7 @@ impl Kernel {
         Kernel::FlashDecode,
         Kernel::CombineSplits,
         Kernel::Matmul,
+        Kernel::AttentionBackward,
     ];
 
     /// The kernel's own file.
@@ -241,6 +246,7 @@ impl Kernel {
             Kernel::FlashDecode => FLASH_DECODE,
             Kernel::CombineSplits => COMBINE_SPLITS,
             Kernel::Matmul => MATMUL,
+            Kernel::AttentionBackward => ATTENTION_BACKWARD,
         }
     }
 
@@ -254,6 +260,7 @@ impl Kernel {
             Kernel::FlashAttention => &[Grid, Lse, TileGemm, Masking],
             Kernel::FlashDecode => &[Grid, Lse, Masking],
             Kernel::CombineSplits => &[Grid, Lse],
+            Kernel::AttentionBackward => &[Grid, Masking],
         }
     }
 
@@ -325,6 +332,25 @@ impl Kernel {
                 ];
                 S
             }
+            Kernel::AttentionBackward => {
+                const S: &[Slot] = &[
+                    uniform::<BackwardParams>("params"),
+                    tensor("q", true),
+                    tensor("k", true),
+                    tensor("v", true),
+                    tensor("o", true),
+                    tensor("d_o", true),
+                    read("lse", BITS),
+                    write("delta", F32),
+                    write("g_a", F32),
+                    write("g_b", F32),
+                    read("bias", F32),
+                    read("mask", BYTES),
+                    read("lens", "array<u32>"),
+                    uniform::<MaskParams>("mparams"),
+                ];
+                S
+            }
             Kernel::PvProduct => {
                 const S: &[Slot] = &[
                     uniform::<PvParams>("params"),
@@ -347,6 +373,7 @@ impl Kernel {
             Kernel::FlashDecode => "flash_decode",
             Kernel::CombineSplits => "combine_splits",
             Kernel::Matmul => "matmul",
+            Kernel::AttentionBackward => "attention_backward",
         }
     }
 }
@@ -655,6 +682,27 @@ pub enum KernelKey {
         /// The merged output.
         o: Storage,
     },
+    /// [`Kernel::AttentionBackward`].
+    AttentionBackward {
+        /// Queries.
+        q: Storage,
+        /// Keys.
+        k: Storage,
+        /// Values.
+        v: Storage,
+        /// The forward's output.
+        o: Storage,
+        /// The output's gradient.
+        d_o: Storage,
+        /// 0: `D = dO·O`; 1: dQ; 2: dK and dV.
+        phase: u32,
+        /// Vec4s of a Q or K row held per invocation: `ceil(head_dim / 16) * 4`.
+        d4: u32,
+        /// Vec4s of a V or O row: `ceil(v_head_dim / 16) * 4`.
+        v4: u32,
+        /// The options compiled in.
+        masks: MaskOptions,
+    },
     /// [`Kernel::Matmul`].
     Matmul {
         /// Left operand.
@@ -679,6 +727,7 @@ impl KernelKey {
             KernelKey::FlashDecode { .. } => Kernel::FlashDecode,
             KernelKey::CombineSplits { .. } => Kernel::CombineSplits,
             KernelKey::Matmul { .. } => Kernel::Matmul,
+            KernelKey::AttentionBackward { .. } => Kernel::AttentionBackward,
         }
     }
 
@@ -692,6 +741,9 @@ impl KernelKey {
             | KernelKey::FlashDecode { q, k, v, o, .. } => vec![q, k, v, o],
             KernelKey::CombineSplits { parts, o } => vec![parts, o],
             KernelKey::Matmul { a, b, c, .. } => vec![a, b, c],
+            KernelKey::AttentionBackward {
+                q, k, v, o, d_o, ..
+            } => vec![q, k, v, o, d_o],
         }
     }
 
@@ -784,6 +836,28 @@ impl KernelKey {
                 });
             }
         }
+        // The backward: each phase at a few widths without options, and every option
+        // combination on the two gradient phases.
+        let backward = |phase, d4, v4, masks| KernelKey::AttentionBackward {
+            q: s,
+            k: s,
+            v: s,
+            o: s,
+            d_o: s,
+            phase,
+            d4,
+            v4,
+            masks,
+        };
+        for phase in 0..3 {
+            for (d4, v4) in [(4, 4), (16, 32), (128, 128)] {
+                keys.push(backward(phase, d4, v4, MaskOptions::default()));
+            }
+        }
+        for masks in MaskOptions::all() {
+            keys.push(backward(1, 8, 4, masks));
+            keys.push(backward(2, 4, 8, masks));
+        }
         keys
     }
 
@@ -844,6 +918,13 @@ impl KernelKey {
                 },
                 masks.label()
             ),
+            KernelKey::AttentionBackward {
+                phase,
+                d4,
+                v4,
+                masks,
+                ..
+            } => format!("phase {phase}; d4={d4}; v4={v4}; {}", masks.label()),
             _ => String::new(),
         };
         format!("{}<{}; {extra}>", self.kernel().name(), tensors.join(","))
@@ -866,7 +947,7 @@ impl KernelKey {
             } => decode_workgroup_bytes(workgroup, rows, q_chunks, o_chunks, subgroups),
             // Two reductions of one f32 per invocation and a flag.
             KernelKey::MaskedSoftmax { workgroup, .. } => 2 * workgroup * 4 + 4,
-            KernelKey::CombineSplits { .. } => 0,
+            KernelKey::CombineSplits { .. } | KernelKey::AttentionBackward { .. } => 0,
         }
     }
 
@@ -913,6 +994,7 @@ impl KernelKey {
                     ("SH4", sh4),
                 ]
             }
+            KernelKey::AttentionBackward { d4, v4, .. } => vec![("D4", d4), ("V4", v4)],
             _ => Vec::new(),
         }
     }
@@ -970,6 +1052,10 @@ impl KernelKey {
                 masks.constants(&mut out);
             }
             KernelKey::FlashDecode { masks, .. } => masks.constants(&mut out),
+            KernelKey::AttentionBackward { phase, masks, .. } => {
+                out.push(("PHASE", phase as f64));
+                masks.constants(&mut out);
+            }
             KernelKey::QkScores { additive, .. } => out.push(("ADDITIVE", additive as u8 as f64)),
             KernelKey::PvProduct { .. }
             | KernelKey::CombineSplits { .. }

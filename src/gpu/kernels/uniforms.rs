@@ -242,6 +242,41 @@ uniform! {
 }
 
 uniform! {
+    /// `attention_backward.wgsl`: one dispatch of one phase of the backward (the masking
+    /// options are in [`MaskParams`]). `rows` counts the phase's invocations: query rows
+    /// `[batch, heads, q_len]` for the first two phases, key rows `[batch, kv_heads, kv_len]`
+    /// for the third; `first .. first + count` are the keys (phase 1) or query rows (phase 2)
+    /// this dispatch adds in.
+    struct BackwardParams {
+        heads: u32,
+        kv_heads: u32,
+        group: u32,
+        q_len: u32,
+        kv_len: u32,
+        head_dim: u32,
+        v_head_dim: u32,
+        rows: u32,
+        scale: f32,
+        first: u32,
+        count: u32,
+        /// 1 when an earlier dispatch of the phase wrote the gradients: add to them.
+        resume: u32,
+        q_stride_b: u32,
+        q_stride_h: u32,
+        q_stride_s: u32,
+        k_stride_b: u32,
+        k_stride_h: u32,
+        k_stride_s: u32,
+        v_stride_b: u32,
+        v_stride_h: u32,
+        v_stride_s: u32,
+        o_stride_b: u32,
+        o_stride_h: u32,
+        o_stride_s: u32,
+    }
+}
+
+uniform! {
     /// `matmul.wgsl`: a batched `C = alpha A B^T + bias` with any element strides.
     struct MatmulParams {
         m: u32,

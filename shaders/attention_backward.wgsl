@@ -1,0 +1,281 @@
+// The backward of attention (FlashAttention-2's algorithm, deterministic: no float atomics),
+// in three phases of one kernel, each a pipeline constant PHASE:
+//
+// 0. one invocation per query row: D = dO·O, into `delta`;
+// 1. one invocation per query row: dQ = scale · sum_j dS_j K_j over the keys first ..
+//    first + count, into `g_a` (f32, Q's layout);
+// 2. one invocation per key row: dV = sum_i P_ij dO_i and dK = scale · sum_i dS_ij Q_i over
+//    the query rows first .. first + count of every head of the key's GQA group, into `g_a`
+//    (dK, f32, K's layout) and `g_b` (dV, f32, V's layout).
+//
+// P_ij = exp(s_ij - lse_i) is recomputed from the forward's log-sum-exp (natural log, which
+// counts a learnable sink), dS_ij = P_ij (dO_i·V_j - D_i) times the score's derivative by the
+// dot product (1 - tanh² under a softcap, 0 where the score floor clipped it). Nothing of size
+// q_len x kv_len is stored. A dispatch with `resume` adds to what the previous one wrote: on
+// a device that caps loop iterations (llvmpipe) the host splits a phase's keys or rows over
+// dispatches, each well under the cap.
+//
+// Bindings (declared by the host from Kernel::slots): params (BackwardParams); q, k, v, o and
+// d_o (tensors, read); lse, the forward's log-sum-exp as f32 bits [batch, heads, q_len];
+// delta (f32, [batch, heads, q_len]); g_a, g_b (f32); bias, mask, lens, mparams: the masking
+// options (lib/masking.wgsl).
+
+override PHASE: u32 = 0u;
+const WG: u32 = 64u;
+
+fn q_at(b: u32, h: u32, i: u32) -> u32 {
+    return b * params.q_stride_b + h * params.q_stride_h + i * params.q_stride_s;
+}
+
+fn k_at(b: u32, kvh: u32, j: u32) -> u32 {
+    return b * params.k_stride_b + kvh * params.k_stride_h + j * params.k_stride_s;
+}
+
+fn v_at(b: u32, kvh: u32, j: u32) -> u32 {
+    return b * params.v_stride_b + kvh * params.v_stride_h + j * params.v_stride_s;
+}
+
+fn o_at(b: u32, h: u32, i: u32) -> u32 {
+    return b * params.o_stride_b + h * params.o_stride_h + i * params.o_stride_s;
+}
+
+// Elements 4c .. 4c + 3 of the row at `base` of Q, K, V, O or dO; zeros past its width.
+fn q4(base: u32, c: u32) -> vec4<f32> {
+    let d = 4u * c;
+    let w = params.head_dim;
+    return vec4<f32>(
+        select(0.0, load_q(base + d), d < w),
+        select(0.0, load_q(base + min(d + 1u, w - 1u)), d + 1u < w),
+        select(0.0, load_q(base + min(d + 2u, w - 1u)), d + 2u < w),
+        select(0.0, load_q(base + min(d + 3u, w - 1u)), d + 3u < w),
+    );
+}
+
+fn k4(base: u32, c: u32) -> vec4<f32> {
+    let d = 4u * c;
+    let w = params.head_dim;
+    return vec4<f32>(
+        select(0.0, load_k(base + d), d < w),
+        select(0.0, load_k(base + min(d + 1u, w - 1u)), d + 1u < w),
+        select(0.0, load_k(base + min(d + 2u, w - 1u)), d + 2u < w),
+        select(0.0, load_k(base + min(d + 3u, w - 1u)), d + 3u < w),
+    );
+}
+
+fn v4(base: u32, c: u32) -> vec4<f32> {
+    let d = 4u * c;
+    let w = params.v_head_dim;
+    return vec4<f32>(
+        select(0.0, load_v(base + d), d < w),
+        select(0.0, load_v(base + min(d + 1u, w - 1u)), d + 1u < w),
+        select(0.0, load_v(base + min(d + 2u, w - 1u)), d + 2u < w),
+        select(0.0, load_v(base + min(d + 3u, w - 1u)), d + 3u < w),
+    );
+}
+
+fn do4(base: u32, c: u32) -> vec4<f32> {
+    let d = 4u * c;
+    let w = params.v_head_dim;
+    return vec4<f32>(
+        select(0.0, load_d_o(base + d), d < w),
+        select(0.0, load_d_o(base + min(d + 1u, w - 1u)), d + 1u < w),
+        select(0.0, load_d_o(base + min(d + 2u, w - 1u)), d + 2u < w),
+        select(0.0, load_d_o(base + min(d + 3u, w - 1u)), d + 3u < w),
+    );
+}
+
+// The score of (b, h, i, j) from its scaled dot product s (as the forward computes it), and
+// its derivative by s.
+fn score_and_slope(s: f32, b: u32, h: u32, i: u32, j: u32, alibi: AlibiRow) -> vec2<f32> {
+    let x = adjust_score_with(s, b, h, i, j, alibi);
+    var slope = 1.0;
+    if HAS_SOFTCAP {
+        let t = tanh(clamp(s / mparams.softcap, -10.0, 10.0));
+        slope = 1.0 - t * t;
+    }
+    if x <= SCORE_FLOOR {
+        slope = 0.0;
+    }
+    return vec2<f32>(x, slope);
+}
+
+// Stores the f32 gradient `acc` (vec4 chunks, `width` elements) at `base` of `g_a` or `g_b`,
+// added to what is there when the dispatch resumes.
+fn store_grad_a(base: u32, c: u32, x: vec4<f32>, width: u32) {
+    for (var e = 0u; e < 4u; e++) {
+        let d = 4u * c + e;
+        if d < width {
+            var prev = 0.0;
+            if params.resume != 0u {
+                prev = g_a[base + d];
+            }
+            g_a[base + d] = prev + x[e];
+        }
+    }
+}
+
+fn store_grad_b(base: u32, c: u32, x: vec4<f32>, width: u32) {
+    for (var e = 0u; e < 4u; e++) {
+        let d = 4u * c + e;
+        if d < width {
+            var prev = 0.0;
+            if params.resume != 0u {
+                prev = g_b[base + d];
+            }
+            g_b[base + d] = prev + x[e];
+        }
+    }
+}
+
+// Phase 0: D_i = dO_i · O_i.
+fn row_delta(r: u32) {
+    let i = r % params.q_len;
+    let bh = r / params.q_len;
+    let base = o_at(bh / params.heads, bh % params.heads, i);
+    var acc = 0.0;
+    for (var d = 0u; d < params.v_head_dim; d++) {
+        acc += load_o(base + d) * load_d_o(base + d);
+    }
+    delta[r] = acc;
+}
+
+// Phase 1: dQ of query row r over this dispatch's keys.
+fn row_dq(r: u32) {
+    let i = r % params.q_len;
+    let bh = r / params.q_len;
+    let h = bh % params.heads;
+    let b = bh / params.heads;
+    let kvh = h / params.group;
+    let qa = q_at(b, h, i);
+    var acc = array<vec4<f32>, D4>();
+    for (var c = 0u; c < D4; c++) {
+        acc[c] = vec4<f32>(0.0);
+    }
+    let lse_bits = lse[r];
+    if lse_bits != NEG_INF_BITS {
+        let lse_v = bitcast<f32>(lse_bits);
+        let dv = delta[r];
+        var qr = array<vec4<f32>, D4>();
+        for (var c = 0u; c < D4; c++) {
+            qr[c] = q4(qa, c);
+        }
+        var dor = array<vec4<f32>, V4>();
+        let oa = o_at(b, h, i);
+        for (var c = 0u; c < V4; c++) {
+            dor[c] = do4(oa, c);
+        }
+        let range = key_range(b, i);
+        let se = sink_end(b, i);
+        let alibi = alibi_row(b, h, i);
+        // The keys of this dispatch the row may see: its range, and its sink keys.
+        var lo = max(params.first, u32(max(range.x, 0)));
+        if HAS_SINK_KEYS && se > 0 {
+            lo = params.first;
+        }
+        let hi = min(params.first + params.count, u32(max(max(range.y, se), 0)));
+        for (var j = lo; j < hi; j++) {
+            if !in_keys(j, range.x, range.y, se) || !mask_allows(b, h, i, j) {
+                continue;
+            }
+            let ka = k_at(b, kvh, j);
+            var s = 0.0;
+            for (var c = 0u; c < D4; c++) {
+                s += dot(qr[c], k4(ka, c));
+            }
+            let xs = score_and_slope(s * params.scale, b, h, i, j, alibi);
+            let p = exp(xs.x - lse_v);
+            let va = v_at(b, kvh, j);
+            var dp = 0.0;
+            for (var c = 0u; c < V4; c++) {
+                dp += dot(dor[c], v4(va, c));
+            }
+            let ds = p * (dp - dv) * xs.y * params.scale;
+            for (var c = 0u; c < D4; c++) {
+                acc[c] += ds * k4(ka, c);
+            }
+        }
+    }
+    for (var c = 0u; c < D4; c++) {
+        store_grad_a(qa, c, acc[c], params.head_dim);
+    }
+}
+
+// Phase 2: dK and dV of key row r over this dispatch's query rows of every head of its group.
+fn row_dkv(r: u32) {
+    let j = r % params.kv_len;
+    let bk = r / params.kv_len;
+    let kvh = bk % params.kv_heads;
+    let b = bk / params.kv_heads;
+    let ka = k_at(b, kvh, j);
+    let va = v_at(b, kvh, j);
+    var kr = array<vec4<f32>, D4>();
+    var dk = array<vec4<f32>, D4>();
+    for (var c = 0u; c < D4; c++) {
+        kr[c] = k4(ka, c);
+        dk[c] = vec4<f32>(0.0);
+    }
+    var vr = array<vec4<f32>, V4>();
+    var dv = array<vec4<f32>, V4>();
+    for (var c = 0u; c < V4; c++) {
+        vr[c] = v4(va, c);
+        dv[c] = vec4<f32>(0.0);
+    }
+    let end = min(params.first + params.count, params.q_len);
+    for (var hh = 0u; hh < params.group; hh++) {
+        let h = kvh * params.group + hh;
+        for (var i = params.first; i < end; i++) {
+            let range = key_range(b, i);
+            if !in_keys(j, range.x, range.y, sink_end(b, i)) || !mask_allows(b, h, i, j) {
+                continue;
+            }
+            let row = (b * params.heads + h) * params.q_len + i;
+            let lse_bits = lse[row];
+            if lse_bits == NEG_INF_BITS {
+                continue;
+            }
+            let qa = q_at(b, h, i);
+            var s = 0.0;
+            for (var c = 0u; c < D4; c++) {
+                s += dot(q4(qa, c), kr[c]);
+            }
+            let xs = score_and_slope(s * params.scale, b, h, i, j, alibi_row(b, h, i));
+            let p = exp(xs.x - bitcast<f32>(lse_bits));
+            let oa = o_at(b, h, i);
+            var dp = 0.0;
+            for (var c = 0u; c < V4; c++) {
+                let g = do4(oa, c);
+                dp += dot(g, vr[c]);
+                dv[c] += p * g;
+            }
+            let ds = p * (dp - delta[row]) * xs.y * params.scale;
+            for (var c = 0u; c < D4; c++) {
+                dk[c] += ds * q4(qa, c);
+            }
+        }
+    }
+    for (var c = 0u; c < D4; c++) {
+        store_grad_a(ka, c, dk[c], params.head_dim);
+    }
+    for (var c = 0u; c < V4; c++) {
+        store_grad_b(va, c, dv[c], params.v_head_dim);
+    }
+}
+
+@compute @workgroup_size(WG)
+fn main(
+    @builtin(workgroup_id) wg: vec3<u32>,
+    @builtin(num_workgroups) num_wg: vec3<u32>,
+    inv: RowInvocation,
+) {
+    let r = workgroup_index(wg, num_wg) * WG + inv.lid;
+    if r >= params.rows {
+        return;
+    }
+    if PHASE == 0u {
+        row_delta(r);
+    } else if PHASE == 1u {
+        row_dq(r);
+    } else {
+        row_dkv(r);
+    }
+}

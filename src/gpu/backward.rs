@@ -1,0 +1,462 @@
+//! [`Attention::backward`]: the gradients of attention by Q, K and V on the GPU
+//! (FlashAttention-2's algorithm: the weights recomputed from the forward's log-sum-exp, never
+//! stored, so memory is O(N)).
+//!
+//! **Design.** WGSL has no float atomics, so the gradients are summed by their owners, in a
+//! fixed order (deterministic, bit for bit from run to run): three phases of one kernel
+//! (`shaders/attention_backward.wgsl`), each one invocation per row:
+//!
+//! 1. `D_i = dO_i·O_i` per query row;
+//! 2. `dQ_i` per query row, over its keys;
+//! 3. `dK_j` and `dV_j` per key row, over the query rows of every head of its GQA group.
+//!
+//! Each score is computed twice (in phases 2 and 3), as in FlashAttention-2's two-kernel
+//! variant. On a device that caps loop iterations (llvmpipe, NOTES.md) phases 2 and 3 are
+//! split over several dispatches, each adding its share of keys (or query rows) to the f32
+//! gradients; elsewhere each phase is one dispatch.
+//!
+//! This is the first, exact backward: one row per invocation, operands read from memory
+//! rather than staged in tiles. The tiled kernel (K/V tiles in workgroup memory, register
+//! blocks as in the fused forward) is the next step for speed.
+
+use crate::error::{Error, Result};
+use crate::gpu::context::Gpu;
+use crate::gpu::kernels::uniforms::{BackwardParams, uniform_buffer};
+use crate::gpu::kernels::{KernelKey, MaskOptions};
+use crate::gpu::limits::{DispatchSize, GpuLimits, check_binding};
+use crate::gpu::paths::masking;
+use crate::gpu::tensor::{Tensor, expect_dims};
+use crate::spec::{Attention, DType, Spec};
+
+/// The gradients [`Attention::backward`] returns: f32 tensors (accumulated in f32 whatever
+/// the inputs' storage) in the dims and layout of Q, K and V.
+#[derive(Debug, Clone)]
+pub struct Gradients {
+    /// By Q.
+    pub dq: Tensor,
+    /// By K, summed over each GQA group's query heads.
+    pub dk: Tensor,
+    /// By V, summed over each GQA group's query heads.
+    pub dv: Tensor,
+}
+
+/// Storage buffers the backward kernel binds (its parameter blocks not counted).
+pub(crate) const BACKWARD_STORAGE_BUFFERS: u32 = 12;
+
+/// Loop iterations one invocation runs per dispatch, at most, on a device that caps them
+/// (llvmpipe stops at 65535; NOTES.md).
+const LOOP_BUDGET: u64 = 24_000;
+
+/// How the backward of a validated call is split into dispatches.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BackwardPlan {
+    /// Vec4s per Q/K row and per V/O row held by an invocation.
+    pub(crate) d4: u32,
+    pub(crate) v4: u32,
+    /// Keys per dispatch of the dQ phase.
+    pub(crate) keys_per_pass: u32,
+    /// Query rows per dispatch of the dK/dV phase.
+    pub(crate) rows_per_pass: u32,
+}
+
+impl BackwardPlan {
+    pub(crate) fn new(spec: &Spec<'_>, limits: &GpuLimits) -> BackwardPlan {
+        let d = spec.dims;
+        let d4 = d.head_dim.div_ceil(16) as u32 * 4;
+        let v4 = d.v_head_dim.div_ceil(16) as u32 * 4;
+        let capped = limits.max_key_tiles_per_workgroup != u32::MAX;
+        let per_pass = |cost: u64, total: usize| -> u32 {
+            let total = total.max(1) as u64;
+            if !capped {
+                return total.min(u32::MAX as u64) as u32;
+            }
+            let by_budget = (LOOP_BUDGET / cost).max(1);
+            let by_tiles = limits.max_key_tiles_per_workgroup as u64 * 64;
+            by_budget.min(by_tiles).min(total) as u32
+        };
+        let (d4w, v4w) = (d4 as u64, v4 as u64);
+        BackwardPlan {
+            d4,
+            v4,
+            keys_per_pass: per_pass(3 * d4w + v4w + 8, d.kv_len),
+            rows_per_pass: per_pass(d.group() as u64 * (3 * d4w + 2 * v4w + 8), d.q_len),
+        }
+    }
+}
+
+impl Attention {
+    /// The gradients of a loss by Q, K and V on the GPU, given the forward's inputs, its
+    /// output `o` and log-sum-exp `lse` (run the forward with
+    /// [`return_lse(true)`](Attention::return_lse)) and `d_o`, the loss's gradient by O (O's
+    /// dims and layout, any dtype). Every option of the forward applies (masks, bias and
+    /// mask broadcasts, both causal alignments, windows, lengths, softcap, scale, ALiBi,
+    /// sinks, sink keys, GQA, both layouts, f32/f16/bf16 storage), except additive scores,
+    /// packed batches and paged K/V, which are [`Error::InvalidOption`]. The bias and the
+    /// sinks are constants here: their gradients come from
+    /// [`cpu::reference_backward`](crate::cpu::reference_backward) for now.
+    ///
+    /// ```no_run
+    /// use wgpu_attention::{Attention, Causal, Gpu};
+    /// # fn main() -> Result<(), wgpu_attention::Error> {
+    /// let gpu = Gpu::new()?;
+    /// let dims = [1, 4, 100, 64]; // batch, heads, seq, head_dim (Bhsd)
+    /// let x: Vec<f32> = (0..4 * 100 * 64).map(|i| (i as f32 * 0.1).sin()).collect();
+    /// let (q, k, v) = (gpu.upload(&x, dims)?, gpu.upload(&x, dims)?, gpu.upload(&x, dims)?);
+    /// let opts = Attention::new().causal(Causal::TopLeft).return_lse(true);
+    /// let out = opts.run(&gpu, &q, &k, &v)?;
+    /// let d_o = gpu.upload(&x, dims)?; // the loss's gradient by O
+    /// let lse = out.lse.as_ref().expect("asked for");
+    /// let g = opts.backward(&gpu, &q, &k, &v, &out.o, lse, &d_o)?;
+    /// let dq: Vec<f32> = g.dq.download(&gpu)?;
+    /// # let _ = dq; Ok(()) }
+    /// ```
+    #[allow(clippy::too_many_arguments)] // the forward's inputs, its outputs, dO
+    pub fn backward(
+        &self,
+        gpu: &Gpu,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        lse: &Tensor,
+        d_o: &Tensor,
+    ) -> Result<Gradients> {
+        let (spec, plan) = self.backward_checked(gpu, [q, k, v, o, d_o, lse])?;
+        gpu.guarded("attention backward", || {
+            let grads = Gradients {
+                dq: gpu.empty(q.dims())?,
+                dk: gpu.empty(k.dims())?,
+                dv: gpu.empty(v.dims())?,
+            };
+            run_checked(gpu, &spec, &plan, [q, k, v, o, d_o, lse], &grads)?;
+            Ok(grads)
+        })
+    }
+
+    /// [`backward`](Attention::backward) into gradients the caller allocated (reused across
+    /// steps, or poisoned by a test): f32 tensors of Q's, K's and V's dims, every element of
+    /// which is written.
+    #[allow(clippy::too_many_arguments)] // the forward's inputs, its outputs, dO, the gradients
+    pub fn backward_into(
+        &self,
+        gpu: &Gpu,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        o: &Tensor,
+        lse: &Tensor,
+        d_o: &Tensor,
+        grads: &Gradients,
+    ) -> Result<()> {
+        let (spec, plan) = self.backward_checked(gpu, [q, k, v, o, d_o, lse])?;
+        for (what, t, dims) in [
+            ("dQ", &grads.dq, q.dims()),
+            ("dK", &grads.dk, k.dims()),
+            ("dV", &grads.dv, v.dims()),
+        ] {
+            expect_dims(what, t.dims(), dims)?;
+            if t.dtype() != DType::F32 {
+                return Err(Error::InvalidOption {
+                    what: "gradient",
+                    value: format!("{what} in {:?}", t.dtype()),
+                    why: "the backward's gradients are f32",
+                });
+            }
+            gpu.expect_own(what, t)?;
+        }
+        // A gradient sharing a buffer with another, or with an input, would be overwritten.
+        let outputs = [&grads.dq, &grads.dk, &grads.dv];
+        for (n, t) in outputs.iter().enumerate() {
+            let inputs = [q, k, v, o, d_o, lse];
+            if outputs[..n]
+                .iter()
+                .chain(&inputs)
+                .any(|u| u.buffer() == t.buffer())
+            {
+                return Err(Error::InvalidOption {
+                    what: "gradient",
+                    value: ["dQ", "dK", "dV"][n].into(),
+                    why: "each gradient needs a buffer of its own, shared with no other \
+                          gradient and no input",
+                });
+            }
+        }
+        run_checked(gpu, &spec, &plan, [q, k, v, o, d_o, lse], grads)
+    }
+
+    /// Validates a backward call: the options, every tensor's dims, dtype and device, the
+    /// limits; returns the spec and the plan.
+    fn backward_checked(
+        &self,
+        gpu: &Gpu,
+        [q, k, v, o, d_o, lse]: [&Tensor; 6],
+    ) -> Result<(Spec<'_>, BackwardPlan)> {
+        let dims = self.dims_for(q.dims(), k.dims(), v.dims())?;
+        let spec = self.validate(dims)?;
+        self.check_backward()?;
+        let o_dims = self.o_shape_for(dims);
+        expect_dims("O", o.dims(), o_dims)?;
+        expect_dims("dO", d_o.dims(), o_dims)?;
+        expect_dims(
+            "log-sum-exp",
+            lse.dims(),
+            [dims.batch, dims.heads, dims.q_len, 1],
+        )?;
+        if lse.dtype() != DType::F32 {
+            return Err(Error::InvalidOption {
+                what: "log-sum-exp",
+                value: format!("{:?}", lse.dtype()),
+                why: "the log-sum-exp is f32, as the forward returns it",
+            });
+        }
+        for (what, t) in [
+            ("Q", q),
+            ("K", k),
+            ("V", v),
+            ("O", o),
+            ("log-sum-exp", lse),
+            ("dO", d_o),
+        ] {
+            gpu.expect_own(what, t)?;
+            check_binding(&gpu.limits, what, t.byte_len())?;
+        }
+        let limits = &gpu.limits;
+        if limits.max_storage_buffers_per_stage < BACKWARD_STORAGE_BUFFERS {
+            return Err(Error::Unsupported {
+                what: "storage buffers per shader stage (the backward kernel)",
+                needed: BACKWARD_STORAGE_BUFFERS as u64,
+                available: limits.max_storage_buffers_per_stage as u64,
+            });
+        }
+        Ok((spec, BackwardPlan::new(&spec, limits)))
+    }
+
+    /// What the GPU backward refuses: the options its kernel does not have.
+    fn check_backward(&self) -> Result<()> {
+        let refuse = |value: &str, why| {
+            Err(Error::InvalidOption {
+                what: "backward",
+                value: value.into(),
+                why,
+            })
+        };
+        if self.additive.is_some() {
+            return refuse(
+                "additive scores",
+                "the GPU backward computes dot-product attention; cpu::reference_backward \
+                 has the additive form",
+            );
+        }
+        if self.varlen.is_some() {
+            return refuse(
+                "a packed variable-length batch",
+                "the backward takes padded batches: pad the sequences and pass q_lens and \
+                 kv_lens",
+            );
+        }
+        if self.pages.is_some() {
+            return refuse(
+                "paged K/V",
+                "the backward takes K and V contiguous: gather the pages first",
+            );
+        }
+        Ok(())
+    }
+}
+
+/// Checks the gradients' bindings, then encodes and submits the backward.
+fn run_checked(
+    gpu: &Gpu,
+    spec: &Spec<'_>,
+    plan: &BackwardPlan,
+    tensors: [&Tensor; 6],
+    grads: &Gradients,
+) -> Result<()> {
+    for (what, t) in [("dQ", &grads.dq), ("dK", &grads.dk), ("dV", &grads.dv)] {
+        check_binding(&gpu.limits, what, t.byte_len())?;
+    }
+    gpu.submit_with("attention backward", |encoder| {
+        encode(gpu, spec, plan, tensors, grads, encoder)
+    })
+}
+
+/// The parameters of one dispatch of `phase` over `rows` invocations, adding in
+/// `first .. first + count` (keys or query rows).
+fn params(
+    spec: &Spec<'_>,
+    rows: usize,
+    (first, count): (u32, u32),
+    resume: bool,
+) -> BackwardParams {
+    let d = spec.dims;
+    let layout = spec.opts.layout;
+    let s = |heads, len, width| layout.strides(heads, len, width).map(|x| x as u32);
+    let [q_stride_b, q_stride_h, q_stride_s] = s(d.heads, d.q_len, d.head_dim);
+    let [k_stride_b, k_stride_h, k_stride_s] = s(d.kv_heads, d.kv_len, d.head_dim);
+    let [v_stride_b, v_stride_h, v_stride_s] = s(d.kv_heads, d.kv_len, d.v_head_dim);
+    let [o_stride_b, o_stride_h, o_stride_s] = s(d.heads, d.q_len, d.v_head_dim);
+    BackwardParams {
+        heads: d.heads as u32,
+        kv_heads: d.kv_heads as u32,
+        group: d.group() as u32,
+        q_len: d.q_len as u32,
+        kv_len: d.kv_len as u32,
+        head_dim: d.head_dim as u32,
+        v_head_dim: d.v_head_dim as u32,
+        rows: rows as u32,
+        scale: spec.scale,
+        first,
+        count,
+        resume: resume as u32,
+        q_stride_b,
+        q_stride_h,
+        q_stride_s,
+        k_stride_b,
+        k_stride_h,
+        k_stride_s,
+        v_stride_b,
+        v_stride_h,
+        v_stride_s,
+        o_stride_b,
+        o_stride_h,
+        o_stride_s,
+    }
+}
+
+/// Encodes the three phases into `encoder`.
+fn encode(
+    gpu: &Gpu,
+    spec: &Spec<'_>,
+    plan: &BackwardPlan,
+    [q, k, v, o, d_o, lse]: [&Tensor; 6],
+    grads: &Gradients,
+    encoder: &mut wgpu::CommandEncoder,
+) -> Result<()> {
+    let d = spec.dims;
+    let masks = masking::upload(gpu, spec, encoder)?;
+    let query_rows = d.lse_elems();
+    let key_rows = d.batch * d.kv_heads * d.kv_len;
+    if u32::try_from(query_rows.max(key_rows)).is_err() {
+        return Err(Error::TooLarge {
+            what: "rows of the backward",
+            requested: query_rows.max(key_rows) as u64,
+            max: u32::MAX as u64,
+            hint: "",
+        });
+    }
+    let delta = gpu.scratch(
+        "wgpu-attention backward D",
+        query_rows as u64 * 4,
+        wgpu::BufferUsages::empty(),
+    );
+    let storage = |t: &Tensor| gpu.storage(t.dtype());
+    let key = |phase| KernelKey::AttentionBackward {
+        q: storage(q),
+        k: storage(k),
+        v: storage(v),
+        o: storage(o),
+        d_o: storage(d_o),
+        phase,
+        d4: plan.d4,
+        v4: plan.v4,
+        masks: MaskOptions::of(spec),
+    };
+    let out = &gpu.kernels.placeholder_out;
+    // (phase, invocations, the range each dispatch adds in, its step, g_a, g_b).
+    let phases = [
+        (0, query_rows, d.q_len, d.q_len, out, out),
+        (
+            1,
+            query_rows,
+            d.kv_len,
+            plan.keys_per_pass as usize,
+            grads.dq.buffer(),
+            out,
+        ),
+        (
+            2,
+            key_rows,
+            d.q_len,
+            plan.rows_per_pass as usize,
+            grads.dk.buffer(),
+            grads.dv.buffer(),
+        ),
+    ];
+    let passes: usize = phases
+        .iter()
+        .map(|&(_, _, len, step, ..)| len.div_ceil(step.max(1)))
+        .sum();
+    let mut n = 0;
+    for (phase, rows, len, step, g_a, g_b) in phases {
+        let kernel = gpu.kernels.get(&gpu.device, key(phase))?;
+        let size = DispatchSize::linear(
+            rows.div_ceil(64) as u64,
+            gpu.limits.max_workgroups_per_dim,
+            "attention backward dispatch",
+        )?;
+        let step = step.max(1);
+        for (pass, first) in (0..len.max(1)).step_by(step).enumerate() {
+            let count = step.min(len - first);
+            let p = params(spec, rows, (first as u32, count as u32), pass > 0);
+            let params = uniform_buffer(gpu, &p)?;
+            let bind = kernel.bind(
+                &gpu.device,
+                &[
+                    &params,
+                    q.buffer(),
+                    k.buffer(),
+                    v.buffer(),
+                    o.buffer(),
+                    d_o.buffer(),
+                    lse.buffer(),
+                    &delta,
+                    g_a,
+                    g_b,
+                    masks.bias(gpu),
+                    masks.mask(gpu),
+                    masks.lens(gpu),
+                    &masks.params,
+                ],
+            );
+            n += 1;
+            let mut compute =
+                gpu.begin_pass(encoder, "wgpu-attention backward", n == 1, n == passes);
+            kernel.dispatch(&mut compute, &bind, size);
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Dims;
+
+    /// On a loop-capped device the passes keep each invocation under the budget; elsewhere
+    /// each phase is one dispatch.
+    #[test]
+    fn passes_follow_the_loop_cap() {
+        let d = Dims {
+            batch: 1,
+            heads: 8,
+            kv_heads: 2,
+            q_len: 3000,
+            kv_len: 5000,
+            head_dim: 64,
+            v_head_dim: 40,
+        };
+        let opts = Attention::new();
+        let spec = opts.validate(d).unwrap();
+        let gpu = GpuLimits::from_wgpu(&wgpu::Limits::default(), wgpu::DeviceType::DiscreteGpu);
+        let p = BackwardPlan::new(&spec, &gpu);
+        assert_eq!((p.d4, p.v4), (16, 12));
+        assert_eq!((p.keys_per_pass, p.rows_per_pass), (5000, 3000));
+        let cpu = GpuLimits::from_wgpu(&wgpu::Limits::default(), wgpu::DeviceType::Cpu);
+        let p = BackwardPlan::new(&spec, &cpu);
+        let key_cost = 3 * 16 + 12 + 8;
+        let row_cost = 4 * (3 * 16 + 2 * 12 + 8);
+        assert!(p.keys_per_pass as u64 * key_cost <= LOOP_BUDGET, "{p:?}");
+        assert!(p.rows_per_pass as u64 * row_cost <= LOOP_BUDGET, "{p:?}");
+        assert!(p.keys_per_pass > 100 && p.rows_per_pass > 20, "{p:?}");
+    }
+}

@@ -1,0 +1,304 @@
+//! The GPU backward (`Attention::backward`) against the f64 reference backward, which the
+//! unit tests of `cpu::backward` check against finite differences: dQ, dK and dV on shapes
+//! that fill no tile, every masking option, GQA, both layouts, half-precision storage, the
+//! dispatches split under a loop cap, long key ranges, and bad input.
+
+#[macro_use]
+mod common;
+
+use common::*;
+use wgpu_attention::{Attention, Causal, DType, Dims, Error, Gpu, Gradients, Layout, cpu};
+
+/// Relative norm error of f32 gradients against the reference (DESIGN.md's contract), and of
+/// half-precision inputs (the rounding of O and of the inputs' products).
+const F32_TOL: f64 = 1e-5;
+const HALF_TOL: f64 = 3e-3;
+
+/// Runs the forward (for O and the log-sum-exp) and the backward into NaN-poisoned gradients
+/// on `gpu` in storage `dtype` (dO too), and checks dQ, dK and dV against the reference on the
+/// same rounded inputs: relative norm error within the contract, and every element within
+/// `1e-4` of the gradient's largest element (finite: a poisoned element fails).
+fn check_grads(gpu: &Gpu, d: Dims, opts: &Attention, seed: u64, dtype: DType) -> Gradients {
+    let layout = opts.get_layout();
+    let mut r = rng(seed);
+    let round = |x: Vec<f32>| -> Vec<f32> { x.into_iter().map(|v| dtype.round(v)).collect() };
+    let q = round(random(&mut r, d.q_elems(), 1.5));
+    let k = round(random(&mut r, d.k_elems(), 1.5));
+    let v = round(random(&mut r, d.v_elems(), 1.0));
+    let d_o = round(random(&mut r, d.o_elems(), 1.0));
+    let up = |x: &[f32], shape| gpu.upload_as(x, shape, dtype).unwrap();
+    let (tq, tk, tv) = (
+        up(&q, d.q_shape(layout)),
+        up(&k, d.k_shape(layout)),
+        up(&v, d.v_shape(layout)),
+    );
+    let t_do = up(&d_o, d.o_shape(layout));
+    let fwd = opts.clone().return_lse(true);
+    let out = fwd.run(gpu, &tq, &tk, &tv).unwrap();
+    let grads = Gradients {
+        dq: poisoned(gpu, d.q_shape(layout)),
+        dk: poisoned(gpu, d.k_shape(layout)),
+        dv: poisoned(gpu, d.v_shape(layout)),
+    };
+    opts.backward_into(
+        gpu,
+        &tq,
+        &tk,
+        &tv,
+        &out.o,
+        out.lse.as_ref().unwrap(),
+        &t_do,
+        &grads,
+    )
+    .unwrap_or_else(|e| panic!("{d:?} {opts:?}: {e}"));
+    let want = cpu::reference_backward(&q, &k, &v, &d_o, d, opts).unwrap();
+    let tol = if dtype == DType::F32 {
+        F32_TOL
+    } else {
+        HALF_TOL
+    };
+    for (what, t, w) in [
+        ("dQ", &grads.dq, &want.dq),
+        ("dK", &grads.dk, &want.dk),
+        ("dV", &grads.dv, &want.dv),
+    ] {
+        let got = t.download(gpu).unwrap();
+        let ctx = format!("{what} of {d:?} {dtype:?} seed {seed} {opts:?}");
+        let ctx = &ctx[..ctx.len().min(500)];
+        let err = rel_norm_error(&got, w);
+        assert!(err <= tol, "{ctx}: relative norm error {err:e} > {tol:e}");
+        let largest = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+        let atol = if dtype == DType::F32 { 1e-4 } else { 3e-2 } * largest.max(1e-3);
+        assert_close(ctx, &got, w, atol, 0.0);
+    }
+    grads
+}
+
+#[test]
+fn shapes_layouts_and_gqa() {
+    let Some(gpu) = gpu() else { return };
+    check_grads(
+        gpu,
+        dims(2, 4, 2, 37, 53, 40, 24),
+        &Attention::new(),
+        1,
+        DType::F32,
+    );
+    check_grads(
+        gpu,
+        dims(1, 6, 1, 19, 70, 33, 65),
+        &Attention::new().layout(Layout::Bshd).scale(0.3),
+        2,
+        DType::F32,
+    );
+    check_grads(
+        gpu,
+        dims(1, 2, 2, 5, 9, 1, 3),
+        &Attention::new(),
+        3,
+        DType::F32,
+    );
+    check_grads(
+        gpu,
+        dims(1, 2, 1, 9, 20, 256, 130),
+        &Attention::new(),
+        4,
+        DType::F32,
+    );
+}
+
+#[test]
+fn causal_window_and_lengths() {
+    let Some(gpu) = gpu() else { return };
+    let d = dims(2, 4, 2, 45, 30, 24, 16);
+    for (n, opts) in [
+        Attention::new().causal(Causal::TopLeft),
+        Attention::new().causal(Causal::BottomRight),
+        Attention::new().window(7, 3),
+        Attention::new()
+            .causal(Causal::BottomRight)
+            .window(5, 0)
+            .window_align(Causal::BottomRight),
+        // A sequence with no keys: zero gradients for it, no NaN.
+        Attention::new()
+            .causal(Causal::BottomRight)
+            .kv_lens(vec![0, 17])
+            .q_lens(vec![45, 11]),
+    ]
+    .iter()
+    .enumerate()
+    {
+        check_grads(gpu, d, opts, 10 + n as u64, DType::F32);
+    }
+}
+
+#[test]
+fn masks_bias_softcap_alibi_sinks() {
+    let Some(gpu) = gpu() else { return };
+    let d = dims(2, 4, 2, 21, 67, 32, 20);
+    let mut r = rng(20);
+    let mask = random_mask(&mut r, 2 * 21 * 67, 0.7);
+    // Whole rows masked out too.
+    let mut holes = mask.clone();
+    holes[..67].iter_mut().for_each(|m| *m = false);
+    for (n, opts) in [
+        Attention::new().mask([2, 1, 21, 67], holes),
+        Attention::new().bias([1, 4, 21, 67], random(&mut r, 4 * 21 * 67, 2.0)),
+        Attention::new()
+            .bias([2, 1, 1, 67], random(&mut r, 2 * 67, 2.0))
+            .mask([2, 1, 21, 67], mask.clone())
+            .softcap(1.5),
+        Attention::new().softcap(0.8).causal(Causal::TopLeft),
+        Attention::new().alibi(positive(random(&mut r, 4, 0.5))),
+        Attention::new().sinks(random(&mut r, 4, 2.0)).window(4, 4),
+        Attention::new()
+            .sinks(random(&mut r, 4, 2.0))
+            .causal(Causal::BottomRight)
+            .window(6, 0)
+            .sink_keys(3),
+    ]
+    .iter()
+    .enumerate()
+    {
+        check_grads(gpu, d, opts, 30 + n as u64, DType::F32);
+    }
+}
+
+#[test]
+fn half_precision_storage() {
+    let Some(gpu) = gpu() else { return };
+    let d = dims(1, 4, 2, 29, 41, 36, 20);
+    let opts = Attention::new().causal(Causal::BottomRight);
+    check_grads(gpu, d, &opts, 40, DType::F16);
+    check_grads(gpu, d, &opts, 41, DType::Bf16);
+    check_grads(&gpu.with_packed_f16(), d, &opts, 42, DType::F16);
+}
+
+/// Under a cap of one key tile per dispatch the keys (dQ) and query rows (dK, dV) are split
+/// over dispatches of 64 that add up; the sums match the single-dispatch ones.
+#[test]
+fn dispatches_split_under_a_loop_cap() {
+    let Some(gpu) = gpu() else { return };
+    let capped = gpu.with_caps(wgpu_attention::LimitCaps {
+        max_key_tiles_per_workgroup: Some(1),
+        ..Default::default()
+    });
+    let d = dims(1, 4, 2, 150, 300, 24, 16);
+    let opts = Attention::new().causal(Causal::BottomRight).window(100, 0);
+    check_grads(&capped, d, &opts, 50, DType::F32);
+    check_grads(&capped, d, &Attention::new().softcap(2.0), 51, DType::F32);
+}
+
+/// A long key range (8192 keys), and the same call twice gives the same bits.
+#[test]
+fn long_key_range_and_determinism() {
+    let Some(gpu) = gpu() else { return };
+    let d = dims(1, 2, 1, 12, 8192, 32, 32);
+    let opts = Attention::new();
+    let a = check_grads(gpu, d, &opts, 60, DType::F32);
+    let b = check_grads(gpu, d, &opts, 60, DType::F32);
+    for (x, y) in [(&a.dq, &b.dq), (&a.dk, &b.dk), (&a.dv, &b.dv)] {
+        assert_eq!(x.download(gpu).unwrap(), y.download(gpu).unwrap());
+    }
+}
+
+#[test]
+fn bad_input_is_a_typed_error() {
+    let Some(gpu) = gpu() else { return };
+    // q_len = kv_len, so that one buffer fits dQ and dK.
+    let d = dims(1, 2, 2, 6, 6, 8, 8);
+    let shape = |n: [usize; 4]| gpu.upload(&vec![0.5; n.iter().product()], n).unwrap();
+    let (q, k, v) = (
+        shape(d.q_shape(Layout::Bhsd)),
+        shape(d.k_shape(Layout::Bhsd)),
+        shape(d.v_shape(Layout::Bhsd)),
+    );
+    let opts = Attention::new().return_lse(true);
+    let out = opts.run(gpu, &q, &k, &v).unwrap();
+    let lse = out.lse.as_ref().unwrap();
+    let d_o = shape(d.o_shape(Layout::Bhsd));
+    let bad_do = shape([1, 2, 4, 8]);
+    let e = opts
+        .backward(gpu, &q, &k, &v, &out.o, lse, &bad_do)
+        .unwrap_err();
+    assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
+    let bad_lse = shape([1, 2, 4, 1]);
+    let e = opts
+        .backward(gpu, &q, &k, &v, &out.o, &bad_lse, &d_o)
+        .unwrap_err();
+    assert!(matches!(e, Error::ShapeMismatch { .. }), "{e}");
+    let half_lse = gpu.upload_as(&[0.0; 12], [1, 2, 6, 1], DType::F16).unwrap();
+    let e = opts
+        .backward(gpu, &q, &k, &v, &out.o, &half_lse, &d_o)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidOption {
+                what: "log-sum-exp",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let additive = Attention::new().additive(vec![0.1; 8]);
+    let e = additive
+        .backward(gpu, &q, &k, &v, &out.o, lse, &d_o)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidOption {
+                what: "backward",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // Gradients that share a buffer, or are not f32.
+    let dq = gpu.empty(d.q_shape(Layout::Bhsd)).unwrap();
+    let shared = Gradients {
+        dq: dq.clone(),
+        dk: dq.clone(),
+        dv: gpu.empty(d.v_shape(Layout::Bhsd)).unwrap(),
+    };
+    let e = opts
+        .backward_into(gpu, &q, &k, &v, &out.o, lse, &d_o, &shared)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidOption {
+                what: "gradient",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let half = Gradients {
+        dq: gpu.empty_as(d.q_shape(Layout::Bhsd), DType::F16).unwrap(),
+        ..shared
+    };
+    let e = opts
+        .backward_into(gpu, &q, &k, &v, &out.o, lse, &d_o, &half)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidOption {
+                what: "gradient",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // A loop-capped device with too few storage buffers for the kernel.
+    let few = gpu.with_caps(wgpu_attention::LimitCaps {
+        max_storage_buffers_per_stage: Some(8),
+        ..Default::default()
+    });
+    let e = opts
+        .backward(&few, &q, &k, &v, &out.o, lse, &d_o)
+        .unwrap_err();
+    assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+}
