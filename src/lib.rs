@@ -11,7 +11,7 @@ pub use gpu::{
     DecodeKernel, DeviceLens, DeviceMask, Gpu, GpuLimits, Gradients, KvCache, LimitCaps, Output,
     PagedKvCache, ParamsIn, Plan, SeqId, Shape, Tensor, TileBlock,
 };
-pub use mha::{MhaConfig, MhaOutput, MhaWeights, MultiHeadAttention};
+pub use mha::{MhaActivations, MhaConfig, MhaGradients, MhaOutput, MhaWeights, MultiHeadAttention};
 pub use spec::{
     Attention, Bias, BlockTable, BoolMask, Causal, DType, Dims, Layout, MAX_ALIBI_SLOPE,
     MAX_HEAD_DIM, MAX_SCALE, MAX_V_HEAD_DIM, Path, SCORE_FLOOR, Spec,

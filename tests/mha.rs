@@ -379,3 +379,105 @@ fn packed_in_proj_and_bad_weights() {
         "{err:?}"
     );
 }
+
+/// The layer's backward on the GPU against the f64 gradients of the CPU layer (which its unit
+/// tests check against finite differences): every input, weight and bias, poisoned nowhere
+/// (each gradient is a fresh tensor every element of which the products write), compared
+/// element by element and by relative norm error.
+fn check_layer_backward(
+    config: MhaConfig,
+    (batch, q_len, kv_len): (usize, usize, usize),
+    opts: Attention,
+    with_bias: bool,
+    seed: u64,
+) {
+    let Some(gpu) = gpu() else { return };
+    let mut r = rng(seed);
+    let w = weights(&mut r, &config, with_bias);
+    let layer = MultiHeadAttention::new(gpu, config, &w).unwrap();
+    let query = random(&mut r, batch * q_len * config.embed_dim, 1.0);
+    let key = random(&mut r, batch * kv_len * config.kdim, 1.0);
+    let value = random(&mut r, batch * kv_len * config.vdim, 1.0);
+    let d_out = random(&mut r, batch * q_len * config.embed_dim, 1.0);
+    let up = |x: &[f32], s: usize, width: usize| gpu.upload(x, [batch, s, width]).unwrap();
+    let (tq, tk, tv) = (
+        up(&query, q_len, config.embed_dim),
+        up(&key, kv_len, config.kdim),
+        up(&value, kv_len, config.vdim),
+    );
+    let (_, kept) = layer
+        .forward_for_backward(gpu, &tq, &tk, &tv, &opts)
+        .unwrap();
+    let g = layer
+        .backward(gpu, &kept, &up(&d_out, q_len, config.embed_dim))
+        .unwrap();
+    let sizes = (batch, q_len, kv_len);
+    let want = wgpu_attention::cpu::mha_reference_backward(
+        &config, &w, &query, &key, &value, sizes, &opts, &d_out,
+    )
+    .unwrap();
+    let ww = &want.weights;
+    let mut pairs = vec![
+        ("d query", &g.query, &want.query),
+        ("d key", &g.key, &want.key),
+        ("d value", &g.value, &want.value),
+        ("d q_weight", &g.q_weight, &ww.q_weight),
+        ("d k_weight", &g.k_weight, &ww.k_weight),
+        ("d v_weight", &g.v_weight, &ww.v_weight),
+        ("d out_weight", &g.out_weight, &ww.out_weight),
+    ];
+    for (what, got, want) in [
+        ("d q_bias", &g.q_bias, &ww.q_bias),
+        ("d k_bias", &g.k_bias, &ww.k_bias),
+        ("d v_bias", &g.v_bias, &ww.v_bias),
+        ("d out_bias", &g.out_bias, &ww.out_bias),
+    ] {
+        assert_eq!(got.is_some(), want.is_some(), "{what}");
+        if let (Some(got), Some(want)) = (got, want) {
+            pairs.push((what, got, want));
+        }
+    }
+    // The key bias's gradient is zero in exact arithmetic (it adds q_i·b_k to every score of
+    // row i: softmax ignores a shift of a whole row), so the GPU's is rounding noise of the
+    // sum over rows of dK: it is checked against the scale of d k_weight instead.
+    let k_weight_scale = want.weights.k_weight.iter().fold(0f32, |m, x| m.max(x.abs()));
+    if let Some(db) = &g.k_bias {
+        let db = db.download(gpu).unwrap();
+        let worst = db.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert!(worst <= 1e-5 * k_weight_scale, "d k_bias {worst:e} is not ~0");
+        pairs.retain(|(what, ..)| *what != "d k_bias");
+    }
+    for (what, got, want) in pairs {
+        let got = got.download(gpu).unwrap();
+        let err = rel_norm_error(&got, want);
+        assert!(err <= 1e-5, "{what}: relative norm error {err:e} ({opts:?})");
+        let largest = want.iter().fold(0f32, |m, x| m.max(x.abs()));
+        assert_close(what, &got, want, 1e-4 * largest.max(1e-3), 0.0);
+    }
+}
+
+#[test]
+fn layer_backward_against_the_reference() {
+    check_layer_backward(
+        MhaConfig::new(24, 3),
+        (2, 11, 11),
+        Attention::new().causal(Causal::TopLeft),
+        true,
+        3500,
+    );
+    let cross = MhaConfig {
+        embed_dim: 32,
+        num_heads: 4,
+        kv_heads: 2,
+        kdim: 24,
+        vdim: 40,
+    };
+    check_layer_backward(
+        cross,
+        (2, 13, 29),
+        Attention::new().kv_lens(vec![29, 17]).softcap(3.0),
+        false,
+        3501,
+    );
+    check_layer_backward(cross, (1, 7, 70), Attention::new(), true, 3502);
+}

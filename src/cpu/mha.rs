@@ -137,7 +137,7 @@ fn check_layer(
 /// self-attention, where one tensor feeds all three, the gradient by it is their sum) and by
 /// every weight and bias, each in the shape of what it is the gradient of.
 #[derive(Debug, Clone, PartialEq)]
-pub struct MhaGradients {
+pub struct MhaReferenceGradients {
     /// By the query input, `[B, L, E]`.
     pub query: Vec<f32>,
     /// By the key input, `[B, S, kdim]`.
@@ -287,7 +287,7 @@ pub fn mha_reference_backward(
     sizes: (usize, usize, usize),
     opts: &Attention,
     d_out: &[f32],
-) -> Result<MhaGradients> {
+) -> Result<MhaReferenceGradients> {
     let (dims, opts) = check_layer(config, weights, (query, key, value), sizes, opts)?;
     let (batch, q_len, kv_len) = sizes;
     let (e, kv) = (config.embed_dim, config.kv_width());
@@ -339,7 +339,7 @@ pub fn mha_reference_backward(
         w.v_bias.is_some(),
         (kv_rows, kv, config.vdim),
     );
-    Ok(MhaGradients {
+    Ok(MhaReferenceGradients {
         query: narrow64(d_query),
         key: narrow64(d_key),
         value: narrow64(d_value),

@@ -16,5 +16,5 @@ mod reference;
 pub use backward::{ReferenceGradients, reference_backward};
 pub use fast::{FastOutput, HostElement, fast};
 pub use merge::merge;
-pub use mha::{MhaGradients, mha_reference, mha_reference_backward};
+pub use mha::{MhaReferenceGradients, mha_reference, mha_reference_backward};
 pub use reference::{Reference, reference};

@@ -72,6 +72,34 @@ impl MultiHeadAttention {
         value: &Tensor,
         opts: &Attention,
     ) -> Result<MhaOutput> {
+        Ok(self.forward_keeping(gpu, query, key, value, opts, false)?.0)
+    }
+
+    /// [`forward`](MultiHeadAttention::forward), keeping what
+    /// [`backward`](MultiHeadAttention::backward) needs: the inputs, the projections, the
+    /// attention's output and its log-sum-exp (a few tensors of the inputs' size; nothing of
+    /// size `L x S` unless the weights are asked for).
+    pub fn forward_for_backward(
+        &self,
+        gpu: &Gpu,
+        query: &Tensor,
+        key: &Tensor,
+        value: &Tensor,
+        opts: &Attention,
+    ) -> Result<(MhaOutput, MhaActivations)> {
+        let (out, kept) = self.forward_keeping(gpu, query, key, value, opts, true)?;
+        Ok((out, kept.expect("kept when asked")))
+    }
+
+    fn forward_keeping(
+        &self,
+        gpu: &Gpu,
+        query: &Tensor,
+        key: &Tensor,
+        value: &Tensor,
+        opts: &Attention,
+        keep: bool,
+    ) -> Result<(MhaOutput, Option<MhaActivations>)> {
         let need_weights = opts.want_weights;
         let c = &self.config;
         for (what, t) in [("query", query), ("key", key), ("value", value)] {
@@ -101,7 +129,9 @@ impl MultiHeadAttention {
         let v = gpu.empty(dims.v_shape(Layout::Bshd))?;
         let attn = Output {
             o: gpu.empty(dims.o_shape(Layout::Bshd))?,
-            lse: None,
+            lse: keep
+                .then(|| gpu.empty([batch, c.num_heads, q_len, 1]))
+                .transpose()?,
             weights: need_weights
                 .then(|| gpu.empty(dims.score_shape()))
                 .transpose()?,
@@ -201,11 +231,247 @@ impl MultiHeadAttention {
             }
             Ok(())
         })?;
-        Ok(MhaOutput {
-            out,
-            weights: averaged,
-        })
+        let kept = keep.then(|| MhaActivations {
+            inputs: [query.clone(), key.clone(), value.clone()],
+            projected: [q, k, v],
+            lse: attn.lse.clone().expect("allocated when keeping"),
+            o: attn.o,
+            opts: opts.return_weights(false),
+            sizes: (batch, q_len, kv_len),
+        });
+        Ok((
+            MhaOutput {
+                out,
+                weights: averaged,
+            },
+            kept,
+        ))
     }
+
+    /// The gradients of a loss by the layer's inputs, weights and biases, given `d_out`, the
+    /// loss's gradient by the output of the forward that made `kept` (the output's dims).
+    /// On the GPU: the output projection's and the input projections' products, and the
+    /// attention's [`backward`](Attention::backward). All f32; for self-attention (one tensor
+    /// as query, key and value) the gradient by that tensor is the sum of the three. The CPU
+    /// oracle is [`cpu::mha_reference_backward`](crate::cpu::mha_reference_backward).
+    pub fn backward(
+        &self,
+        gpu: &Gpu,
+        kept: &MhaActivations,
+        d_out: &Tensor,
+    ) -> Result<MhaGradients> {
+        let c = &self.config;
+        let (batch, q_len, kv_len) = kept.sizes;
+        let [query, key, value] = &kept.inputs;
+        gpu.expect_own("d_out", d_out)?;
+        gpu.expect_own("the kept activations", &kept.o)?;
+        gpu.expect_own("the layer's weights", &self.q_weight)?;
+        crate::gpu::tensor::expect_dims("d_out", d_out.dims(), query.dims())?;
+        let (e, kv) = (c.embed_dim, c.kv_width());
+        let (rows, kv_rows) = (batch * q_len, batch * kv_len);
+        let d_attn = gpu.empty(kept.o.dims())?;
+        let grads = MhaGradients {
+            query: gpu.empty(query.dims())?,
+            key: gpu.empty(key.dims())?,
+            value: gpu.empty(value.dims())?,
+            q_weight: gpu.empty(self.q_weight.dims())?,
+            k_weight: gpu.empty(self.k_weight.dims())?,
+            v_weight: gpu.empty(self.v_weight.dims())?,
+            out_weight: gpu.empty(self.out_weight.dims())?,
+            q_bias: self
+                .q_bias
+                .as_ref()
+                .map(|b| gpu.empty(b.dims()))
+                .transpose()?,
+            k_bias: self
+                .k_bias
+                .as_ref()
+                .map(|b| gpu.empty(b.dims()))
+                .transpose()?,
+            v_bias: self
+                .v_bias
+                .as_ref()
+                .map(|b| gpu.empty(b.dims()))
+                .transpose()?,
+            out_bias: self
+                .out_bias
+                .as_ref()
+                .map(|b| gpu.empty(b.dims()))
+                .transpose()?,
+        };
+        let ones = gpu.upload(&vec![1.0; rows.max(kv_rows)], [1, 1, 1, rows.max(kv_rows)])?;
+        // The output projection: d_attn = d_out W_o, dW_o = d_out^T o, db_o = sum_rows d_out.
+        gpu.submit_with("multi-head attention backward (output)", |encoder| {
+            linear_backward(
+                gpu,
+                encoder,
+                (&kept.o, &self.out_weight, d_out, &ones),
+                (&d_attn, &grads.out_weight, grads.out_bias.as_ref()),
+                (rows, e, e),
+            )
+        })?;
+        let [q, k, v] = &kept.projected;
+        let attn_grads = crate::gpu::Gradients {
+            dq: gpu.empty(q.dims())?,
+            dk: gpu.empty(k.dims())?,
+            dv: gpu.empty(v.dims())?,
+        };
+        kept.opts
+            .backward_into(gpu, q, k, v, &kept.o, &kept.lse, &d_attn, &attn_grads)?;
+        gpu.submit_with("multi-head attention backward (inputs)", |encoder| {
+            for (x, w, dy, dx, dw, db, sizes) in [
+                (
+                    query,
+                    &self.q_weight,
+                    &attn_grads.dq,
+                    &grads.query,
+                    &grads.q_weight,
+                    &grads.q_bias,
+                    (rows, e, e),
+                ),
+                (
+                    key,
+                    &self.k_weight,
+                    &attn_grads.dk,
+                    &grads.key,
+                    &grads.k_weight,
+                    &grads.k_bias,
+                    (kv_rows, kv, c.kdim),
+                ),
+                (
+                    value,
+                    &self.v_weight,
+                    &attn_grads.dv,
+                    &grads.value,
+                    &grads.v_weight,
+                    &grads.v_bias,
+                    (kv_rows, kv, c.vdim),
+                ),
+            ] {
+                linear_backward(
+                    gpu,
+                    encoder,
+                    (x, w, dy, &ones),
+                    (dx, dw, db.as_ref()),
+                    sizes,
+                )?;
+            }
+            Ok(())
+        })?;
+        Ok(grads)
+    }
+}
+
+/// The backward of `y = x W^T + b` (`x` `[rows, width]`, `W` `[n, width]`, `dy` `[rows, n]`):
+/// `dx = dy W`, `dW = dy^T x`, `db = sum_rows dy` (with a row of `ones` at least `rows` long).
+#[allow(clippy::type_complexity)]
+fn linear_backward(
+    gpu: &Gpu,
+    encoder: &mut wgpu::CommandEncoder,
+    (x, w, dy, ones): (&Tensor, &Tensor, &Tensor, &Tensor),
+    (dx, dw, db): (&Tensor, &Tensor, Option<&Tensor>),
+    (rows, n, width): (usize, usize, usize),
+) -> Result<()> {
+    use crate::gpu::dispatch::gemm::encode_matmul;
+    let shape = |m, n, k| MatmulShape {
+        m,
+        n,
+        k,
+        batches: 1,
+        alpha: 1.0,
+    };
+    // dx[r, c] = sum_o dy[r, o] W[o, c]: B[c, o] = W[o, c].
+    encode_matmul(
+        gpu,
+        encoder,
+        shape(rows, width, n),
+        MatView::contiguous(dy, rows, n),
+        MatView {
+            tensor: w,
+            strides: [0, 1, width],
+        },
+        MatView::contiguous(dx, rows, width),
+        None,
+    )?;
+    // dW[o, c] = sum_r dy[r, o] x[r, c]: A[o, r] = dy[r, o], B[c, r] = x[r, c].
+    encode_matmul(
+        gpu,
+        encoder,
+        shape(n, width, rows),
+        MatView {
+            tensor: dy,
+            strides: [0, 1, n],
+        },
+        MatView {
+            tensor: x,
+            strides: [0, 1, width],
+        },
+        MatView::contiguous(dw, n, width),
+        None,
+    )?;
+    if let Some(db) = db {
+        // db[o] = sum_r 1 * dy[r, o].
+        encode_matmul(
+            gpu,
+            encoder,
+            shape(1, n, rows),
+            MatView {
+                tensor: ones,
+                strides: [0, 0, 1],
+            },
+            MatView {
+                tensor: dy,
+                strides: [0, 1, n],
+            },
+            MatView::contiguous(db, 1, n),
+            None,
+        )?;
+    }
+    Ok(())
+}
+
+/// What [`MultiHeadAttention::forward_for_backward`] keeps for the backward.
+#[derive(Debug, Clone)]
+pub struct MhaActivations {
+    /// The query, key and value inputs.
+    inputs: [Tensor; 3],
+    /// Their projections Q, K, V (`Bshd`).
+    projected: [Tensor; 3],
+    /// The attention's output (`Bshd`) and log-sum-exp.
+    o: Tensor,
+    lse: Tensor,
+    /// The attention options of the forward, in the layer's layout.
+    opts: Attention,
+    /// `(batch, q_len, kv_len)`.
+    sizes: (usize, usize, usize),
+}
+
+/// The gradients [`MultiHeadAttention::backward`] returns, f32 tensors in the dims of what
+/// they are the gradients of (the weights `[1, 1, out, in]`, the biases `[1, 1, 1, out]`).
+#[derive(Debug, Clone)]
+pub struct MhaGradients {
+    /// By the query input.
+    pub query: Tensor,
+    /// By the key input.
+    pub key: Tensor,
+    /// By the value input.
+    pub value: Tensor,
+    /// By `W_q`.
+    pub q_weight: Tensor,
+    /// By `W_k`.
+    pub k_weight: Tensor,
+    /// By `W_v`.
+    pub v_weight: Tensor,
+    /// By `W_o`.
+    pub out_weight: Tensor,
+    /// By the biases the layer has.
+    pub q_bias: Option<Tensor>,
+    /// By `b_k`.
+    pub k_bias: Option<Tensor>,
+    /// By `b_v`.
+    pub v_bias: Option<Tensor>,
+    /// By `b_o`.
+    pub out_bias: Option<Tensor>,
 }
 
 /// `(batch, seq)` of a `[B, seq, width]` input (or `[B, seq, 1, width]`), checking its width

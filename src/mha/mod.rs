@@ -24,5 +24,5 @@ mod layer;
 mod weights;
 
 pub use config::MhaConfig;
-pub use layer::{MhaOutput, MultiHeadAttention};
+pub use layer::{MhaActivations, MhaGradients, MhaOutput, MultiHeadAttention};
 pub use weights::MhaWeights;
