@@ -440,17 +440,27 @@ fn check_layer_backward(
     // The key bias's gradient is zero in exact arithmetic (it adds q_i·b_k to every score of
     // row i: softmax ignores a shift of a whole row), so the GPU's is rounding noise of the
     // sum over rows of dK: it is checked against the scale of d k_weight instead.
-    let k_weight_scale = want.weights.k_weight.iter().fold(0f32, |m, x| m.max(x.abs()));
+    let k_weight_scale = want
+        .weights
+        .k_weight
+        .iter()
+        .fold(0f32, |m, x| m.max(x.abs()));
     if let Some(db) = &g.k_bias {
         let db = db.download(gpu).unwrap();
         let worst = db.iter().fold(0f32, |m, x| m.max(x.abs()));
-        assert!(worst <= 1e-5 * k_weight_scale, "d k_bias {worst:e} is not ~0");
+        assert!(
+            worst <= 1e-5 * k_weight_scale,
+            "d k_bias {worst:e} is not ~0"
+        );
         pairs.retain(|(what, ..)| *what != "d k_bias");
     }
     for (what, got, want) in pairs {
         let got = got.download(gpu).unwrap();
         let err = rel_norm_error(&got, want);
-        assert!(err <= 1e-5, "{what}: relative norm error {err:e} ({opts:?})");
+        assert!(
+            err <= 1e-5,
+            "{what}: relative norm error {err:e} ({opts:?})"
+        );
         let largest = want.iter().fold(0f32, |m, x| m.max(x.abs()));
         assert_close(what, &got, want, 1e-4 * largest.max(1e-3), 0.0);
     }
