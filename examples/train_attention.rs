@@ -266,7 +266,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         started.elapsed().as_secs_f32(),
         100.0 * accuracy
     );
-    if !(loss < LOSS_TARGET) {
+    if loss.is_nan() || loss >= LOSS_TARGET {
         return Err(format!("the loss did not fall below {LOSS_TARGET}: {loss}").into());
     }
     Ok(())
