@@ -302,3 +302,22 @@ fn bad_input_is_a_typed_error() {
         .unwrap_err();
     assert!(matches!(e, Error::Unsupported { .. }), "{e}");
 }
+
+/// O(N) memory: at L = S = 4096 under a 1 MiB cap on every storage binding, where one
+/// `L x S` f32 buffer would take 64 MiB, the backward runs (and is exact).
+#[test]
+fn no_quadratic_buffer() {
+    let Some(gpu) = gpu() else { return };
+    let small = gpu.with_caps(wgpu_attention::LimitCaps {
+        max_storage_binding: Some(1 << 20),
+        ..Default::default()
+    });
+    let d = dims(1, 1, 1, 4096, 4096, 16, 16);
+    check_grads(
+        &small,
+        d,
+        &Attention::new().causal(Causal::TopLeft),
+        70,
+        DType::F32,
+    );
+}

@@ -11,8 +11,10 @@
 //!
 //! `main.rs` holds the command line; `run.rs` times each path on each shape; `report.rs` prints
 //! the table, JSON or CSV and draws the plot; `tune.rs` times the tile configurations
-//! (`--tune`); `overhead.rs` the host's share of small calls (`--overhead`).
+//! (`--tune`); `overhead.rs` the host's share of small calls (`--overhead`); `backward.rs`
+//! forward plus backward (`--backward`).
 
+mod backward;
 mod overhead;
 mod report;
 mod run;
@@ -121,6 +123,10 @@ struct Args {
     /// for) and the end-to-end time, for a small prefill call and a decoding step.
     #[arg(long)]
     overhead: bool,
+    /// Instead of the sweep: forward plus backward (dQ, dK, dV) on the GPU over the sweep's
+    /// shapes, beside the f64 reference where it is small enough, with the gradients' errors.
+    #[arg(long)]
+    backward: bool,
 }
 
 impl Args {
@@ -285,8 +291,10 @@ fn check_args(args: &Args) -> Result<(), String> {
         ));
     }
     if let Some(file) = &args.plot {
-        if args.tune || args.overhead {
-            return Err("--plot draws the sweep; --tune and --overhead draw nothing".into());
+        if args.tune || args.overhead || args.backward {
+            return Err(
+                "--plot draws the sweep; --tune, --overhead and --backward draw nothing".into(),
+            );
         }
         if file.extension().and_then(|e| e.to_str()) != Some("svg") {
             return Err(format!(
@@ -317,6 +325,8 @@ fn main() -> ExitCode {
         tune::tune(&args)
     } else if args.overhead {
         overhead::overhead()
+    } else if args.backward {
+        backward::backward(&args)
     } else {
         run::run(&args)
     };
