@@ -6,7 +6,12 @@
 //    first + count, into `g_a` (f32, Q's layout);
 // 2. one invocation per key row: dV = sum_i P_ij dO_i and dK = scale · sum_i dS_ij Q_i over
 //    the query rows first .. first + count of every head of the key's GQA group, into `g_a`
-//    (dK, f32, K's layout) and `g_b` (dV, f32, V's layout).
+//    (dK, f32, K's layout) and `g_b` (dV, f32, V's layout);
+// 3. (on request) one invocation per element of the bias, in the bias's own shape: dS summed
+//    over the dimensions the bias is broadcast along (their flattened indices first .. first +
+//    count), into `g_a`;
+// 4. (on request) one invocation per head: the sink logit's gradient -sum_i P_sink,i D_i over
+//    the rows (batch entry, query row) first .. first + count, into `g_a`.
 //
 // P_ij = exp(s_ij - lse_i) is recomputed from the forward's log-sum-exp (natural log, which
 // counts a learnable sink), dS_ij = P_ij (dO_i·V_j - D_i) times the score's derivative by the
@@ -261,6 +266,91 @@ fn row_dkv(r: u32) {
     }
 }
 
+// dS of (b, h, i, j) with respect to its final score (before the softcap's slope): 0 for a
+// key the row does not see, or a score the floor clipped.
+fn score_grad(b: u32, h: u32, i: u32, j: u32) -> f32 {
+    let range = key_range(b, i);
+    if !in_keys(j, range.x, range.y, sink_end(b, i)) || !mask_allows(b, h, i, j) {
+        return 0.0;
+    }
+    let row = (b * params.heads + h) * params.q_len + i;
+    let lse_bits = lse[row];
+    if lse_bits == NEG_INF_BITS {
+        return 0.0;
+    }
+    let qa = q_at(b, h, i);
+    let ka = k_at(b, h / params.group, j);
+    var s = 0.0;
+    for (var d = 0u; d < params.head_dim; d++) {
+        s += load_q(qa + d) * load_k(ka + d);
+    }
+    let x = adjust_score_with(s * params.scale, b, h, i, j, alibi_row(b, h, i));
+    if x <= SCORE_FLOOR {
+        return 0.0;
+    }
+    let oa = o_at(b, h, i);
+    let va = v_at(b, h / params.group, j);
+    var dp = 0.0;
+    for (var d = 0u; d < params.v_head_dim; d++) {
+        dp += load_d_o(oa + d) * load_v(va + d);
+    }
+    return exp(x - bitcast<f32>(lse_bits)) * (dp - delta[row]);
+}
+
+// Phase 3: the bias's gradient at element r of its shape.
+fn bias_grad(r: u32) {
+    let p = params;
+    var e = r;
+    let cj = e % p.bias_j;
+    e /= p.bias_j;
+    let ci = e % p.bias_i;
+    e /= p.bias_i;
+    let ch = e % p.bias_h;
+    let cb = e / p.bias_h;
+    // The extents the element is broadcast along (1 where the bias has the full size).
+    let eb = select(1u, p.batch, p.bias_b == 1u);
+    let eh = select(1u, p.heads, p.bias_h == 1u);
+    let ei = select(1u, p.q_len, p.bias_i == 1u);
+    let ej = select(1u, p.kv_len, p.bias_j == 1u);
+    let end = min(p.first + p.count, eb * eh * ei * ej);
+    var acc = 0.0;
+    for (var t = p.first; t < end; t++) {
+        var u = t;
+        let j = cj + u % ej;
+        u /= ej;
+        let i = ci + u % ei;
+        u /= ei;
+        let h = ch + u % eh;
+        let b = cb + u / eh;
+        acc += score_grad(b, h, i, j);
+    }
+    var prev = 0.0;
+    if p.resume != 0u {
+        prev = g_a[r];
+    }
+    g_a[r] = prev + acc;
+}
+
+// Phase 4: the sink logit's gradient of head h.
+fn sink_grad(h: u32) {
+    let p = params;
+    let sink = bitcast<f32>(sink_bits(h));
+    let end = min(p.first + p.count, p.batch * p.q_len);
+    var acc = 0.0;
+    for (var t = p.first; t < end; t++) {
+        let row = ((t / p.q_len) * p.heads + h) * p.q_len + t % p.q_len;
+        let lse_bits = lse[row];
+        if lse_bits != NEG_INF_BITS {
+            acc -= exp(sink - bitcast<f32>(lse_bits)) * delta[row];
+        }
+    }
+    var prev = 0.0;
+    if p.resume != 0u {
+        prev = g_a[h];
+    }
+    g_a[h] = prev + acc;
+}
+
 @compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -275,7 +365,11 @@ fn main(
         row_delta(r);
     } else if PHASE == 1u {
         row_dq(r);
-    } else {
+    } else if PHASE == 2u {
         row_dkv(r);
+    } else if PHASE == 3u {
+        bias_grad(r);
+    } else {
+        sink_grad(r);
     }
 }

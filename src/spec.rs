@@ -352,6 +352,9 @@ pub struct Attention {
     pub(crate) varlen: Option<(Vec<u32>, Vec<u32>)>,
     /// Masking options that live on the device (`gpu::options`).
     pub(crate) device: DeviceOptions,
+    /// The GPU backward also gives the bias's and the sinks' gradients.
+    pub(crate) want_bias_grad: bool,
+    pub(crate) want_sinks_grad: bool,
 }
 
 /// The device-resident forms of the masking options (each replaces its host form).
@@ -800,6 +803,20 @@ impl Attention {
     /// Also return the attention weights, `[batch, heads, q_len, kv_len]`.
     pub fn return_weights(mut self, yes: bool) -> Self {
         self.want_weights = yes;
+        self
+    }
+
+    /// [`Attention::backward`] also gives the gradient by the additive bias (in the bias's own
+    /// shape, summed over the dimensions it is broadcast along). The forward ignores it.
+    pub fn return_bias_grad(mut self, yes: bool) -> Self {
+        self.want_bias_grad = yes;
+        self
+    }
+
+    /// [`Attention::backward`] also gives the gradient by the learnable sink logits. The
+    /// forward ignores it.
+    pub fn return_sinks_grad(mut self, yes: bool) -> Self {
+        self.want_sinks_grad = yes;
         self
     }
 

@@ -19,6 +19,23 @@ const HALF_TOL: f64 = 3e-3;
 /// same rounded inputs: relative norm error within the contract, and every element within
 /// `1e-4` of the gradient's largest element (finite: a poisoned element fails).
 fn check_grads(gpu: &Gpu, d: Dims, opts: &Attention, seed: u64, dtype: DType) -> Gradients {
+    check_grads_with(gpu, d, opts, seed, dtype, (None, false))
+}
+
+/// [`check_grads`], with the bias's gradient (the bias of `bias_shape`) and the sinks' asked
+/// for where given, both checked against the reference too.
+fn check_grads_with(
+    gpu: &Gpu,
+    d: Dims,
+    opts: &Attention,
+    seed: u64,
+    dtype: DType,
+    (bias_shape, sinks): (Option<[usize; 4]>, bool),
+) -> Gradients {
+    let opts = &opts
+        .clone()
+        .return_bias_grad(bias_shape.is_some())
+        .return_sinks_grad(sinks);
     let layout = opts.get_layout();
     let mut r = rng(seed);
     let round = |x: Vec<f32>| -> Vec<f32> { x.into_iter().map(|v| dtype.round(v)).collect() };
@@ -39,6 +56,8 @@ fn check_grads(gpu: &Gpu, d: Dims, opts: &Attention, seed: u64, dtype: DType) ->
         dq: poisoned(gpu, d.q_shape(layout)),
         dk: poisoned(gpu, d.k_shape(layout)),
         dv: poisoned(gpu, d.v_shape(layout)),
+        dbias: bias_shape.map(|shape| poisoned(gpu, shape)),
+        dsinks: sinks.then(|| poisoned(gpu, [1, 1, 1, d.heads])),
     };
     opts.backward_into(
         gpu,
@@ -57,12 +76,37 @@ fn check_grads(gpu: &Gpu, d: Dims, opts: &Attention, seed: u64, dtype: DType) ->
     } else {
         HALF_TOL
     };
-    for (what, t, w) in [
+    let mut pairs = vec![
         ("dQ", &grads.dq, &want.dq),
         ("dK", &grads.dk, &want.dk),
         ("dV", &grads.dv, &want.dv),
-    ] {
+    ];
+    if let Some(t) = &grads.dbias {
+        pairs.push((
+            "dbias",
+            t,
+            want.dbias.as_ref().expect("the options have a bias"),
+        ));
+    }
+    if let Some(t) = &grads.dsinks {
+        pairs.push((
+            "dsinks",
+            t,
+            want.dsinks.as_ref().expect("the options have sinks"),
+        ));
+    }
+    for (what, t, w) in pairs {
         let got = t.download(gpu).unwrap();
+        if what == "dbias" && bias_shape.is_some_and(|s| s[3] == 1) {
+            // A bias broadcast along the keys shifts whole rows of scores, which softmax
+            // ignores: its gradient is zero in exact arithmetic, rounding noise here.
+            let worst = got.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert!(
+                worst <= 1e-4,
+                "dbias of a row-constant bias: {worst:e}, not ~0"
+            );
+            continue;
+        }
         let ctx = format!("{what} of {d:?} {dtype:?} seed {seed} {opts:?}");
         let ctx = &ctx[..ctx.len().min(500)];
         let err = rel_norm_error(&got, w);
@@ -261,6 +305,8 @@ fn bad_input_is_a_typed_error() {
         dq: dq.clone(),
         dk: dq.clone(),
         dv: gpu.empty(d.v_shape(Layout::Bhsd)).unwrap(),
+        dbias: None,
+        dsinks: None,
     };
     let e = opts
         .backward_into(gpu, &q, &k, &v, &out.o, lse, &d_o, &shared)
@@ -320,4 +366,99 @@ fn no_quadratic_buffer() {
         70,
         DType::F32,
     );
+}
+
+/// The bias's gradient in every broadcast shape (summed over the broadcast dimensions), with
+/// masks, a softcap and causal masking, and the sinks' gradient; under a loop cap too.
+#[test]
+fn bias_and_sink_gradients() {
+    let Some(gpu) = gpu() else { return };
+    let capped = gpu.with_caps(wgpu_attention::LimitCaps {
+        max_key_tiles_per_workgroup: Some(1),
+        ..Default::default()
+    });
+    let d = dims(2, 4, 2, 23, 70, 20, 12);
+    let mut r = rng(80);
+    let mask = random_mask(&mut r, 2 * 23 * 70, 0.8);
+    for (n, shape) in [
+        [2, 4, 23, 70],
+        [1, 4, 1, 70],
+        [2, 1, 23, 70],
+        [1, 1, 23, 70],
+        [2, 1, 23, 1],
+        [1, 1, 1, 1],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let bias = random(&mut r, shape.iter().product(), 1.5);
+        let opts = Attention::new().bias(shape, bias);
+        check_grads_with(
+            gpu,
+            d,
+            &opts,
+            81 + n as u64,
+            DType::F32,
+            (Some(shape), false),
+        );
+        let masked = opts
+            .mask([2, 1, 23, 70], mask.clone())
+            .softcap(2.0)
+            .causal(Causal::BottomRight);
+        check_grads_with(
+            &capped,
+            d,
+            &masked,
+            90 + n as u64,
+            DType::F32,
+            (Some(shape), false),
+        );
+    }
+    let sinks = Attention::new().sinks(random(&mut r, 4, 1.5)).window(9, 2);
+    check_grads_with(gpu, d, &sinks, 100, DType::F32, (None, true));
+    let both = sinks
+        .bias([1, 4, 1, 70], random(&mut r, 4 * 70, 1.0))
+        .kv_lens(vec![70, 0]);
+    check_grads_with(
+        &capped,
+        d,
+        &both,
+        101,
+        DType::F32,
+        (Some([1, 4, 1, 70]), true),
+    );
+    // Asked for without a bias or sinks: typed errors.
+    let e = check_backward_error(gpu, Attention::new().return_bias_grad(true));
+    assert!(
+        matches!(
+            e,
+            Error::InvalidOption {
+                what: "backward",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let e = check_backward_error(gpu, Attention::new().return_sinks_grad(true));
+    assert!(
+        matches!(
+            e,
+            Error::InvalidOption {
+                what: "backward",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
+/// The error of a backward with `opts` on a small problem.
+fn check_backward_error(gpu: &Gpu, opts: Attention) -> Error {
+    let x = gpu.upload(&[0.5; 2 * 3 * 4], [1, 2, 3, 4]).unwrap();
+    let out = Attention::new()
+        .return_lse(true)
+        .run(gpu, &x, &x, &x)
+        .unwrap();
+    opts.backward(gpu, &x, &x, &x, &out.o, out.lse.as_ref().unwrap(), &x)
+        .unwrap_err()
 }

@@ -38,6 +38,13 @@ pub struct Gradients {
     pub dk: Tensor,
     /// By V, summed over each GQA group's query heads.
     pub dv: Tensor,
+    /// By the additive bias, in the bias's dims (summed over the dimensions it is broadcast
+    /// along, as PyTorch gives it), when asked for with
+    /// [`return_bias_grad`](Attention::return_bias_grad).
+    pub dbias: Option<Tensor>,
+    /// By the learnable sink logits, `[1, 1, 1, heads]`, when asked for with
+    /// [`return_sinks_grad`](Attention::return_sinks_grad).
+    pub dsinks: Option<Tensor>,
 }
 
 /// Storage buffers the backward kernel binds (its parameter blocks not counted).
@@ -57,6 +64,9 @@ pub(crate) struct BackwardPlan {
     pub(crate) keys_per_pass: u32,
     /// Query rows per dispatch of the dK/dV phase.
     pub(crate) rows_per_pass: u32,
+    /// Broadcast elements per dispatch of the bias's gradient, and rows of the sinks'.
+    pub(crate) bias_per_pass: u32,
+    pub(crate) sinks_per_pass: u32,
 }
 
 impl BackwardPlan {
@@ -80,8 +90,31 @@ impl BackwardPlan {
             v4,
             keys_per_pass: per_pass(3 * d4w + v4w + 8, d.kv_len),
             rows_per_pass: per_pass(d.group() as u64 * (3 * d4w + 2 * v4w + 8), d.q_len),
+            bias_per_pass: per_pass(
+                (d.head_dim + d.v_head_dim) as u64 + 16,
+                bias_extent(spec).unwrap_or(1),
+            ),
+            sinks_per_pass: per_pass(4, d.batch * d.q_len),
         }
     }
+}
+
+/// The shape of the call's bias, host or device form.
+fn bias_shape(spec: &Spec<'_>) -> Option<[usize; 4]> {
+    let o = spec.opts;
+    (o.bias.as_ref().map(|b| b.shape)).or(o.device.bias.as_ref().map(|t| t.dims()))
+}
+
+/// How many score elements each element of the bias stands for: the product of the full
+/// sizes of the dimensions it is broadcast along.
+fn bias_extent(spec: &Spec<'_>) -> Option<usize> {
+    let shape = bias_shape(spec)?;
+    let full = spec.dims.score_shape();
+    Some(
+        (0..4)
+            .map(|a| if shape[a] == 1 { full[a] } else { 1 })
+            .product(),
+    )
 }
 
 impl Attention {
@@ -127,6 +160,12 @@ impl Attention {
                 dq: gpu.empty(q.dims())?,
                 dk: gpu.empty(k.dims())?,
                 dv: gpu.empty(v.dims())?,
+                dbias: (self.want_bias_grad)
+                    .then(|| gpu.empty(bias_shape(&spec).expect("checked")))
+                    .transpose()?,
+                dsinks: (self.want_sinks_grad)
+                    .then(|| gpu.empty([1, 1, 1, spec.dims.heads]))
+                    .transpose()?,
             };
             run_checked(gpu, &spec, &plan, [q, k, v, o, d_o, lse], &grads)?;
             Ok(grads)
@@ -149,11 +188,39 @@ impl Attention {
         grads: &Gradients,
     ) -> Result<()> {
         let (spec, plan) = self.backward_checked(gpu, [q, k, v, o, d_o, lse])?;
-        for (what, t, dims) in [
+        let mut outputs = vec![
             ("dQ", &grads.dq, q.dims()),
             ("dK", &grads.dk, k.dims()),
             ("dV", &grads.dv, v.dims()),
+        ];
+        for (what, asked, given, dims) in [
+            (
+                "dbias",
+                self.want_bias_grad,
+                &grads.dbias,
+                bias_shape(&spec).unwrap_or([0; 4]),
+            ),
+            (
+                "dsinks",
+                self.want_sinks_grad,
+                &grads.dsinks,
+                [1, 1, 1, spec.dims.heads],
+            ),
         ] {
+            match given {
+                Some(t) if asked => outputs.push((what, t, dims)),
+                None if !asked => {}
+                _ => {
+                    return Err(Error::InvalidOption {
+                        what: "gradient",
+                        value: format!("{what}: {}", if asked { "missing" } else { "given" }),
+                        why: "the gradients passed must be those the options ask for \
+                              (return_bias_grad, return_sinks_grad)",
+                    });
+                }
+            }
+        }
+        for &(what, t, dims) in &outputs {
             expect_dims(what, t.dims(), dims)?;
             if t.dtype() != DType::F32 {
                 return Err(Error::InvalidOption {
@@ -165,17 +232,13 @@ impl Attention {
             gpu.expect_own(what, t)?;
         }
         // A gradient sharing a buffer with another, or with an input, would be overwritten.
-        let outputs = [&grads.dq, &grads.dk, &grads.dv];
-        for (n, t) in outputs.iter().enumerate() {
+        for (n, &(what, t, _)) in outputs.iter().enumerate() {
             let inputs = [q, k, v, o, d_o, lse];
-            if outputs[..n]
-                .iter()
-                .chain(&inputs)
-                .any(|u| u.buffer() == t.buffer())
-            {
+            let earlier = outputs[..n].iter().map(|&(_, u, _)| u);
+            if earlier.chain(inputs).any(|u| u.buffer() == t.buffer()) {
                 return Err(Error::InvalidOption {
                     what: "gradient",
-                    value: ["dQ", "dK", "dV"][n].into(),
+                    value: what.into(),
                     why: "each gradient needs a buffer of its own, shared with no other \
                           gradient and no input",
                 });
@@ -260,6 +323,18 @@ impl Attention {
                 "the backward takes K and V contiguous: gather the pages first",
             );
         }
+        if self.want_bias_grad && self.bias.is_none() && self.device.bias.is_none() {
+            return refuse(
+                "return_bias_grad without a bias",
+                "there is no bias to give the gradient of",
+            );
+        }
+        if self.want_sinks_grad && self.sinks.is_none() {
+            return refuse(
+                "return_sinks_grad without sinks",
+                "there are no sink logits to give the gradient of",
+            );
+        }
         Ok(())
     }
 }
@@ -272,8 +347,16 @@ fn run_checked(
     tensors: [&Tensor; 6],
     grads: &Gradients,
 ) -> Result<()> {
-    for (what, t) in [("dQ", &grads.dq), ("dK", &grads.dk), ("dV", &grads.dv)] {
-        check_binding(&gpu.limits, what, t.byte_len())?;
+    for (what, t) in [
+        ("dQ", Some(&grads.dq)),
+        ("dK", Some(&grads.dk)),
+        ("dV", Some(&grads.dv)),
+        ("dbias", grads.dbias.as_ref()),
+        ("dsinks", grads.dsinks.as_ref()),
+    ] {
+        if let Some(t) = t {
+            check_binding(&gpu.limits, what, t.byte_len())?;
+        }
     }
     gpu.submit_with("attention backward", |encoder| {
         encode(gpu, spec, plan, tensors, grads, encoder)
@@ -295,6 +378,7 @@ fn params(
     let [k_stride_b, k_stride_h, k_stride_s] = s(d.kv_heads, d.kv_len, d.head_dim);
     let [v_stride_b, v_stride_h, v_stride_s] = s(d.kv_heads, d.kv_len, d.v_head_dim);
     let [o_stride_b, o_stride_h, o_stride_s] = s(d.heads, d.q_len, d.v_head_dim);
+    let [bias_b, bias_h, bias_i, bias_j] = bias_shape(spec).unwrap_or([1; 4]).map(|x| x as u32);
     BackwardParams {
         heads: d.heads as u32,
         kv_heads: d.kv_heads as u32,
@@ -320,6 +404,11 @@ fn params(
         o_stride_b,
         o_stride_h,
         o_stride_s,
+        bias_b,
+        bias_h,
+        bias_i,
+        bias_j,
+        batch: d.batch as u32,
     }
 }
 
@@ -382,6 +471,28 @@ fn encode(
             grads.dv.buffer(),
         ),
     ];
+    let mut phases = phases.to_vec();
+    if let Some(dbias) = &grads.dbias {
+        let extent = bias_extent(spec).expect("checked");
+        phases.push((
+            3,
+            dbias.len(),
+            extent,
+            plan.bias_per_pass as usize,
+            dbias.buffer(),
+            out,
+        ));
+    }
+    if let Some(dsinks) = &grads.dsinks {
+        phases.push((
+            4,
+            d.heads,
+            d.batch * d.q_len,
+            plan.sinks_per_pass as usize,
+            dsinks.buffer(),
+            out,
+        ));
+    }
     let passes: usize = phases
         .iter()
         .map(|&(_, _, len, step, ..)| len.div_ceil(step.max(1)))

@@ -236,7 +236,11 @@ impl MultiHeadAttention {
             projected: [q, k, v],
             lse: attn.lse.clone().expect("allocated when keeping"),
             o: attn.o,
-            opts: opts.return_weights(false),
+            // The layer gives no attention-bias or sink gradient.
+            opts: opts
+                .return_weights(false)
+                .return_bias_grad(false)
+                .return_sinks_grad(false),
             sizes: (batch, q_len, kv_len),
         });
         Ok((
@@ -315,6 +319,8 @@ impl MultiHeadAttention {
             dq: gpu.empty(q.dims())?,
             dk: gpu.empty(k.dims())?,
             dv: gpu.empty(v.dims())?,
+            dbias: None,
+            dsinks: None,
         };
         kept.opts
             .backward_into(gpu, q, k, v, &kept.o, &kept.lse, &d_attn, &attn_grads)?;

@@ -694,7 +694,7 @@ pub enum KernelKey {
         o: Storage,
         /// The output's gradient.
         d_o: Storage,
-        /// 0: `D = dO·O`; 1: dQ; 2: dK and dV.
+        /// 0: `D = dO·O`; 1: dQ; 2: dK and dV; 3: the bias's gradient; 4: the sinks'.
         phase: u32,
         /// Vec4s of a Q or K row held per invocation: `ceil(head_dim / 16) * 4`.
         d4: u32,
@@ -849,7 +849,7 @@ impl KernelKey {
             v4,
             masks,
         };
-        for phase in 0..3 {
+        for phase in 0..5 {
             for (d4, v4) in [(4, 4), (16, 32), (128, 128)] {
                 keys.push(backward(phase, d4, v4, MaskOptions::default()));
             }
@@ -857,6 +857,7 @@ impl KernelKey {
         for masks in MaskOptions::all() {
             keys.push(backward(1, 8, 4, masks));
             keys.push(backward(2, 4, 8, masks));
+            keys.push(backward(3, 4, 4, masks));
         }
         keys
     }

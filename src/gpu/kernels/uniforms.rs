@@ -273,6 +273,12 @@ uniform! {
         o_stride_b: u32,
         o_stride_h: u32,
         o_stride_s: u32,
+        /// The bias's shape (phase 3): each 1 (broadcast) or the full size.
+        bias_b: u32,
+        bias_h: u32,
+        bias_i: u32,
+        bias_j: u32,
+        batch: u32,
     }
 }
 
