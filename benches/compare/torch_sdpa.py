@@ -6,6 +6,9 @@ like for like. Prints one JSON object per shape: median milliseconds (CUDA event
 GPU, wall clock otherwise), GFLOP/s by the convention of DESIGN.md, and the backend used.
 
     python3 benches/compare/torch_sdpa.py --batch 4 --heads 16 --head-dim 64 --len 512,1024 --causal
+
+With --backward it times forward plus backward (the gradients by q, k and v of sum(dO * O)),
+counting 3.5 x the forward's FLOPs (FlashAttention-2's convention), as `attn-bench --backward`.
 """
 import argparse
 import json
@@ -54,6 +57,7 @@ def main():
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--reps", type=int, default=10)
     p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--backward", action="store_true", help="time forward + backward")
     a = p.parse_args()
 
     torch.backends.cuda.matmul.allow_tf32 = False
@@ -72,16 +76,29 @@ def main():
             # SDPA's enable_gqa needs torch >= 2.5; expanding is the portable equivalent.
             k = k.repeat_interleave(a.heads // hkv, dim=1)
             v = v.repeat_interleave(a.heads // hkv, dim=1)
-        with torch.no_grad():
-            ms = time_one(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=a.causal), a.reps, a.warmup, cuda)
+        if a.backward:
+            q.requires_grad_(True)
+            k.requires_grad_(True)
+            v.requires_grad_(True)
+            d_o = torch.rand(a.batch, a.heads, l, a.head_dim, device=dev, dtype=dtype, generator=g) * 2 - 1
+
+            def step():
+                o = F.scaled_dot_product_attention(q, k, v, is_causal=a.causal)
+                torch.autograd.grad(o, (q, k, v), d_o)
+
+            ms = time_one(step, a.reps, a.warmup, cuda)
+        else:
+            with torch.no_grad():
+                ms = time_one(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=a.causal), a.reps, a.warmup, cuda)
+        work = 3.5 if a.backward else 1.0
         print(json.dumps({
-            "path": f"torch-sdpa-{a.dtype}",
+            "path": f"torch-sdpa-{a.dtype}" + ("-backward" if a.backward else ""),
             "device": torch.cuda.get_device_name() if cuda else "cpu",
             "torch": torch.__version__,
             "batch": a.batch, "heads": a.heads, "kv_heads": hkv, "q_len": l, "kv_len": s,
             "head_dim": a.head_dim, "causal": a.causal,
             "median_ms": round(ms, 4),
-            "gflops": round(flops(a.batch, a.heads, l, s, a.head_dim, a.head_dim, a.causal) / ms / 1e6, 2),
+            "gflops": round(work * flops(a.batch, a.heads, l, s, a.head_dim, a.head_dim, a.causal) / ms / 1e6, 2),
         }))
 
 
