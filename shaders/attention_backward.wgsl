@@ -1,20 +1,23 @@
 // The backward of attention (FlashAttention-2's algorithm, deterministic: no float atomics),
-// in three phases of one kernel, each a pipeline constant PHASE:
+// in five phases of one kernel, each a pipeline constant PHASE:
 //
-// 0. one invocation per query row: D = dO·O, into `delta`;
+// 0. one invocation per query row: D = dO·O, into `delta`, and the row's shift (below) into
+//    `delta` after the rows;
 // 1. one invocation per query row: dQ = scale · sum_j dS_j K_j over the keys first ..
 //    first + count, into `g_a` (f32, Q's layout);
 // 2. one invocation per key row: dV = sum_i P_ij dO_i and dK = scale · sum_i dS_ij Q_i over
-//    the query rows first .. first + count of every head of the key's GQA group, into `g_a`
-//    (dK, f32, K's layout) and `g_b` (dV, f32, V's layout);
+//    the (head of the key's GQA group, query row) pairs first .. first + count, head major,
+//    into `g_a` (dK, f32, K's layout) and `g_b` (dV, f32, V's layout);
 // 3. (on request) one invocation per element of the bias, in the bias's own shape: dS summed
 //    over the dimensions the bias is broadcast along (their flattened indices first .. first +
 //    count), into `g_a`;
 // 4. (on request) one invocation per head: the sink logit's gradient -sum_i P_sink,i D_i over
 //    the rows (batch entry, query row) first .. first + count, into `g_a`.
 //
-// P_ij = exp(s_ij - lse_i) is recomputed from the forward's log-sum-exp (natural log, which
-// counts a learnable sink), dS_ij = P_ij (dO_i·V_j - D_i) times the score's derivative by the
+// P_ij = exp(s_ij - lse_i - shift_i) is recomputed from the forward's log-sum-exp (natural
+// log, which counts a learnable sink). shift_i is 0 but for a row whose every score is the
+// score floor (a bias of f32::MIN over the whole row): its f32 lse rounds to the floor itself,
+// losing the ln(n) of its n keys, so phase 0 counts them and shift_i = ln(n). dS_ij = P_ij (dO_i·V_j - D_i) times the score's derivative by the
 // dot product (1 - tanh² under a softcap, 0 where the score floor clipped it). Nothing of size
 // q_len x kv_len is stored. A dispatch with `resume` adds to what the previous one wrote: on
 // a device that caps loop iterations (llvmpipe) the host splits a phase's keys or rows over
@@ -132,16 +135,43 @@ fn store_grad_b(base: u32, c: u32, x: vec4<f32>, width: u32) {
     }
 }
 
-// Phase 0: D_i = dO_i · O_i.
+// Query rows of the call: where the shifts start in `delta`.
+fn query_rows() -> u32 {
+    return params.batch * params.heads * params.q_len;
+}
+
+// Row r's shift (see the header).
+fn row_shift(r: u32) -> f32 {
+    return delta[query_rows() + r];
+}
+
+// Phase 0: D_i = dO_i · O_i, and the row's shift.
 fn row_delta(r: u32) {
     let i = r % params.q_len;
     let bh = r / params.q_len;
-    let base = o_at(bh / params.heads, bh % params.heads, i);
+    let b = bh / params.heads;
+    let h = bh % params.heads;
+    let base = o_at(b, h, i);
     var acc = 0.0;
     for (var d = 0u; d < params.v_head_dim; d++) {
         acc += load_o(base + d) * load_d_o(base + d);
     }
     delta[r] = acc;
+    // Every score of a row is at least the floor, and the floor's neighbours in f32 are
+    // 1e31 away: an lse of exactly the floor means every key the row sees scored the floor.
+    var shift = 0.0;
+    if lse[r] == bitcast<u32>(SCORE_FLOOR) {
+        let range = key_range(b, i);
+        let se = sink_end(b, i);
+        var n = 0u;
+        for (var j = 0u; j < params.kv_len; j++) {
+            if in_keys(j, range.x, range.y, se) && mask_allows(b, h, i, j) {
+                n += 1u;
+            }
+        }
+        shift = log(f32(max(n, 1u)));
+    }
+    delta[query_rows() + r] = shift;
 }
 
 // Phase 1: dQ of query row r over this dispatch's keys.
@@ -159,6 +189,7 @@ fn row_dq(r: u32) {
     let lse_bits = lse[r];
     if lse_bits != NEG_INF_BITS {
         let lse_v = bitcast<f32>(lse_bits);
+        let shift = row_shift(r);
         let dv = delta[r];
         var qr = array<vec4<f32>, D4>();
         for (var c = 0u; c < D4; c++) {
@@ -188,7 +219,7 @@ fn row_dq(r: u32) {
                 s += dot(qr[c], k4(ka, c));
             }
             let xs = score_and_slope(s * params.scale, b, h, i, j, alibi);
-            let p = exp(xs.x - lse_v);
+            let p = exp(xs.x - lse_v - shift);
             let va = v_at(b, kvh, j);
             var dp = 0.0;
             for (var c = 0u; c < V4; c++) {
@@ -225,10 +256,12 @@ fn row_dkv(r: u32) {
         vr[c] = v4(va, c);
         dv[c] = vec4<f32>(0.0);
     }
-    let end = min(params.first + params.count, params.q_len);
-    for (var hh = 0u; hh < params.group; hh++) {
-        let h = kvh * params.group + hh;
-        for (var i = params.first; i < end; i++) {
+    // This dispatch's (head of the group, query row) pairs, head major.
+    let end = min(params.first + params.count, params.group * params.q_len);
+    for (var t = params.first; t < end; t++) {
+        let h = kvh * params.group + t / params.q_len;
+        let i = t % params.q_len;
+        {
             let range = key_range(b, i);
             if !in_keys(j, range.x, range.y, sink_end(b, i)) || !mask_allows(b, h, i, j) {
                 continue;
@@ -244,7 +277,7 @@ fn row_dkv(r: u32) {
                 s += dot(q4(qa, c), kr[c]);
             }
             let xs = score_and_slope(s * params.scale, b, h, i, j, alibi_row(b, h, i));
-            let p = exp(xs.x - bitcast<f32>(lse_bits));
+            let p = exp(xs.x - bitcast<f32>(lse_bits) - row_shift(row));
             let oa = o_at(b, h, i);
             var dp = 0.0;
             for (var c = 0u; c < V4; c++) {
@@ -294,7 +327,7 @@ fn score_grad(b: u32, h: u32, i: u32, j: u32) -> f32 {
     for (var d = 0u; d < params.v_head_dim; d++) {
         dp += load_d_o(oa + d) * load_v(va + d);
     }
-    return exp(x - bitcast<f32>(lse_bits)) * (dp - delta[row]);
+    return exp(x - bitcast<f32>(lse_bits) - row_shift(row)) * (dp - delta[row]);
 }
 
 // Phase 3: the bias's gradient at element r of its shape.

@@ -462,3 +462,94 @@ fn check_backward_error(gpu: &Gpu, opts: Attention) -> Error {
     opts.backward(gpu, &x, &x, &x, &out.o, out.lse.as_ref().unwrap(), &x)
         .unwrap_err()
 }
+
+/// A GQA group of 256 heads at head_dim 512: the dK/dV phase splits the group's (head, row)
+/// pairs over dispatches, so no invocation passes llvmpipe's loop cap (before, one row of
+/// the whole group was over it and dK, dV stayed unwritten).
+#[test]
+fn large_gqa_group_under_the_loop_cap() {
+    let Some(gpu) = gpu() else { return };
+    check_grads(
+        gpu,
+        dims(1, 256, 1, 1, 2, 512, 512),
+        &Attention::new(),
+        110,
+        DType::F32,
+    );
+    check_grads(
+        gpu,
+        dims(1, 96, 2, 3, 5, 128, 64),
+        &Attention::new(),
+        111,
+        DType::F32,
+    );
+}
+
+/// A row whose every score is clipped to the floor (a bias of f32::MIN, PyTorch's fill for a
+/// padded row): its f32 log-sum-exp is the floor itself, and P must still be 1/n, not 1.
+#[test]
+fn rows_clipped_to_the_score_floor() {
+    let Some(gpu) = gpu() else { return };
+    let d = dims(1, 2, 1, 3, 5, 8, 8);
+    let mut r = rng(120);
+    let mut bias = random(&mut r, 2 * 3 * 5, 1.0);
+    bias[..5].fill(f32::MIN); // head 0, row 0: every key
+    bias[17] = f32::MIN; // head 1, row 0, key 2
+    let opts = Attention::new().bias([1, 2, 3, 5], bias);
+    check_grads_with(gpu, d, &opts, 121, DType::F32, (Some([1, 2, 3, 5]), false));
+    let masked = opts.clone().mask(
+        [1, 1, 3, 5],
+        vec![
+            true, false, true, true, true, true, true, true, true, true, true, true, true, true,
+            true,
+        ],
+    );
+    check_grads_with(
+        gpu,
+        d,
+        &masked,
+        122,
+        DType::F32,
+        (Some([1, 2, 3, 5]), false),
+    );
+}
+
+/// A device-resident bias passed as its own gradient is the crate's typed aliasing error.
+#[test]
+fn device_bias_as_its_own_gradient() {
+    let Some(gpu) = gpu() else { return };
+    let d = dims(1, 2, 2, 4, 4, 8, 8);
+    let x = gpu.upload(&vec![0.5; 2 * 4 * 8], [1, 2, 4, 8]).unwrap();
+    let bias = gpu.upload(&vec![0.1; 2 * 4 * 4], [1, 2, 4, 4]).unwrap();
+    let opts = Attention::new().bias_tensor(&bias).return_bias_grad(true);
+    let out = opts.clone().return_lse(true).run(gpu, &x, &x, &x).unwrap();
+    let grads = Gradients {
+        dq: gpu.empty(d.q_shape(Layout::Bhsd)).unwrap(),
+        dk: gpu.empty(d.k_shape(Layout::Bhsd)).unwrap(),
+        dv: gpu.empty(d.v_shape(Layout::Bhsd)).unwrap(),
+        dbias: Some(bias.clone()),
+        dsinks: None,
+    };
+    let e = opts
+        .backward_into(
+            gpu,
+            &x,
+            &x,
+            &x,
+            &out.o,
+            out.lse.as_ref().unwrap(),
+            &x,
+            &grads,
+        )
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidOption {
+                what: "gradient",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}

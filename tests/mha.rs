@@ -381,9 +381,10 @@ fn packed_in_proj_and_bad_weights() {
 }
 
 /// The layer's backward on the GPU against the f64 gradients of the CPU layer (which its unit
-/// tests check against finite differences): every input, weight and bias, poisoned nowhere
-/// (each gradient is a fresh tensor every element of which the products write), compared
-/// element by element and by relative norm error.
+/// tests check against finite differences): every input, weight and bias, compared element by
+/// element and by relative norm error. `backward` allocates its gradients (zeroed by wgpu, not
+/// poisoned): an element left unwritten reads 0, which the element-wise check catches
+/// wherever the reference gradient is not near 0.
 fn check_layer_backward(
     config: MhaConfig,
     (batch, q_len, kv_len): (usize, usize, usize),

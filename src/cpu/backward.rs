@@ -7,8 +7,8 @@
 //!
 //! - `dV_j += P_j dO`, `dP_j = dO·V_j`, `D = dO·O`, `dS_j = P_j (dP_j - D)`;
 //! - the score's chain rule: `dS_j` is the bias's gradient at `[b, h, i, j]` (summed over the
-//!   bias's broadcast dimensions), times `1 - tanh²(s/cap)` under a softcap, zero where the
-//!   score floor clipped the score; ALiBi and the masks are constants;
+//!   bias's broadcast dimensions), times `1 - tanh²(s/cap)` under a softcap; everything is
+//!   zero where the score floor clipped the score; ALiBi and the masks are constants;
 //! - `dQ_i += scale · dRaw_j K_j`, `dK_j += scale · dRaw_j Q_i` (summed over a GQA group's
 //!   query heads), or the additive form's `w_d (1 - tanh²(q_d + k_d))` for both and
 //!   `tanh(q_d + k_d)` for its weights;
@@ -195,7 +195,9 @@ where
                         *g += p[j] * x;
                     }
                     let ds = p[j] * (dp - big_d);
-                    if let (Some(db), Some((st, _))) = (&mut dbias, problem.bias) {
+                    if let (Some(db), Some((st, _))) = (&mut dbias, problem.bias)
+                        && !row.clipped[j]
+                    {
                         db[at(st, b, h, i, j)] += ds;
                     }
                     let raw = ds * row.slope[j];
@@ -474,6 +476,41 @@ mod tests {
         for v in [&g.dq, &g.dk, &g.dv] {
             assert!(v.iter().all(|&e| e == 0.0), "{v:?}");
         }
+    }
+
+    /// A bias of `f32::MIN` clips its scores to the floor: no gradient reaches them (the
+    /// loss does not move with the bias there), and a row clipped whole averages V evenly.
+    #[test]
+    fn clipped_scores_have_no_gradient() {
+        let d = dims(1, 1, 1, 2, 3, 4, 2);
+        let mut r = Lcg(40);
+        let (q, k, v) = (r.vec(8, 1.0), r.vec(12, 1.0), r.vec(6, 1.0));
+        let d_o = r.vec(4, 1.0);
+        let mut bias = vec![f32::MIN; 6];
+        bias[3..].copy_from_slice(&r.vec32(3, 1.0));
+        let opts = Attention::new().bias([1, 1, 2, 3], bias.clone());
+        let g = exact(&q, &k, &v, &d_o, d, &opts).unwrap();
+        let db = g.dbias.unwrap();
+        assert!(db[..3].iter().all(|&x| x == 0.0), "{db:?}");
+        assert!(db[3..].iter().any(|&x| x != 0.0), "{db:?}");
+        // Row 0 weighs its three keys 1/3 each: dV_j gets dO_0 / 3 from it.
+        let mut only_row0 = d_o.clone();
+        only_row0[2..].fill(0.0);
+        let g0 = exact(&q, &k, &v, &only_row0, d, &opts).unwrap();
+        for j in 0..3 {
+            for c in 0..2 {
+                assert!(
+                    (g0.dv[j * 2 + c] - d_o[c] / 3.0).abs() < 1e-12,
+                    "{:?}",
+                    g0.dv
+                );
+            }
+        }
+        // Moving a clipped bias (to f32::MIN / 2, still clipped) leaves the loss alone.
+        let mut moved = bias.clone();
+        moved[0] = f32::MIN / 2.0;
+        let l = |b: Vec<f32>| loss(&q, &k, &v, &d_o, d, &opts.clone().bias([1, 1, 2, 3], b));
+        assert_eq!(l(bias), l(moved));
     }
 
     #[test]

@@ -124,11 +124,13 @@ where
 
 /// The scores of one query row, and (for the backward) the derivative of each final score by
 /// the raw score it came from (`q·k·scale`, or the additive sum): the softcap's `1 - tanh²`,
-/// zero where the score floor clipped it.
+/// zero where the score floor clipped it; and whether the floor clipped it (then no input of
+/// the score, the bias included, moves it).
 pub(super) struct Row {
     pub(super) scores: Vec<f64>,
     pub(super) allowed: Vec<bool>,
     pub(super) slope: Vec<f64>,
+    pub(super) clipped: Vec<bool>,
 }
 
 impl Row {
@@ -137,6 +139,7 @@ impl Row {
             scores: vec![0.0; kv_len],
             allowed: vec![false; kv_len],
             slope: vec![0.0; kv_len],
+            clipped: vec![false; kv_len],
         }
     }
 }
@@ -280,7 +283,8 @@ impl<'a> Problem<'a> {
                 s -= slope * (diagonal - j as i64).unsigned_abs() as f64;
             }
             let floor = crate::spec::SCORE_FLOOR as f64;
-            if s < floor {
+            row.clipped[j] = s < floor;
+            if row.clipped[j] {
                 slope = 0.0;
             }
             let s = s.max(floor);

@@ -8,12 +8,16 @@
 //!
 //! 1. `D_i = dO_i·O_i` per query row;
 //! 2. `dQ_i` per query row, over its keys;
-//! 3. `dK_j` and `dV_j` per key row, over the query rows of every head of its GQA group.
+//! 3. `dK_j` and `dV_j` per key row, over the query rows of every head of its GQA group;
+//! 4. on request the bias's gradient per element of the bias, over the dimensions it is
+//!    broadcast along, and the sinks' per head.
 //!
 //! Each score is computed twice (in phases 2 and 3), as in FlashAttention-2's two-kernel
-//! variant. On a device that caps loop iterations (llvmpipe, NOTES.md) phases 2 and 3 are
-//! split over several dispatches, each adding its share of keys (or query rows) to the f32
-//! gradients; elsewhere each phase is one dispatch.
+//! variant. On a device that caps loop iterations (llvmpipe, NOTES.md) every phase but the
+//! first is split over several dispatches, each adding its share of keys (or query rows, or
+//! broadcast elements) to the f32 gradients; elsewhere each phase is one dispatch. A bias
+//! broadcast along many dimensions (a `[1, 1, 1, S]` bias sums `B * H * L` scores per
+//! element) leaves few invocations with long loops: correct, and slow.
 //!
 //! This is the first, exact backward: one row per invocation, operands read from memory
 //! rather than staged in tiles. The tiled kernel (K/V tiles in workgroup memory, register
@@ -62,7 +66,7 @@ pub(crate) struct BackwardPlan {
     pub(crate) v4: u32,
     /// Keys per dispatch of the dQ phase.
     pub(crate) keys_per_pass: u32,
-    /// Query rows per dispatch of the dK/dV phase.
+    /// (Group head, query row) pairs per dispatch of the dK/dV phase.
     pub(crate) rows_per_pass: u32,
     /// Broadcast elements per dispatch of the bias's gradient, and rows of the sinks'.
     pub(crate) bias_per_pass: u32,
@@ -89,7 +93,7 @@ impl BackwardPlan {
             d4,
             v4,
             keys_per_pass: per_pass(3 * d4w + v4w + 8, d.kv_len),
-            rows_per_pass: per_pass(d.group() as u64 * (3 * d4w + 2 * v4w + 8), d.q_len),
+            rows_per_pass: per_pass(3 * d4w + 2 * v4w + 8, d.group() * d.q_len),
             bias_per_pass: per_pass(
                 (d.head_dim + d.v_head_dim) as u64 + 16,
                 bias_extent(spec).unwrap_or(1),
@@ -124,9 +128,11 @@ impl Attention {
     /// dims and layout, any dtype). Every option of the forward applies (masks, bias and
     /// mask broadcasts, both causal alignments, windows, lengths, softcap, scale, ALiBi,
     /// sinks, sink keys, GQA, both layouts, f32/f16/bf16 storage), except additive scores,
-    /// packed batches and paged K/V, which are [`Error::InvalidOption`]. The bias and the
-    /// sinks are constants here: their gradients come from
-    /// [`cpu::reference_backward`](crate::cpu::reference_backward) for now.
+    /// packed batches and paged K/V, which are [`Error::InvalidOption`]. With
+    /// [`return_bias_grad`](Attention::return_bias_grad) and
+    /// [`return_sinks_grad`](Attention::return_sinks_grad) it also gives the bias's and the
+    /// sinks' gradients. The f64 oracle is
+    /// [`cpu::reference_backward`](crate::cpu::reference_backward).
     ///
     /// ```no_run
     /// use wgpu_attention::{Attention, Causal, Gpu};
@@ -231,11 +237,19 @@ impl Attention {
             }
             gpu.expect_own(what, t)?;
         }
-        // A gradient sharing a buffer with another, or with an input, would be overwritten.
+        // A gradient sharing a buffer with another, or with an input (a device-resident
+        // option too), would be overwritten.
+        let dev = &self.device;
+        let mut inputs: Vec<&wgpu::Buffer> = [q, k, v, o, d_o, lse].map(Tensor::buffer).to_vec();
+        inputs.extend(dev.bias.as_ref().map(Tensor::buffer));
+        inputs.extend(dev.mask.as_ref().map(|m| &m.buffer));
+        inputs.extend(dev.lens.as_ref().map(|l| &l.buffer));
         for (n, &(what, t, _)) in outputs.iter().enumerate() {
-            let inputs = [q, k, v, o, d_o, lse];
-            let earlier = outputs[..n].iter().map(|&(_, u, _)| u);
-            if earlier.chain(inputs).any(|u| u.buffer() == t.buffer()) {
+            let earlier = outputs[..n].iter().map(|&(_, u, _)| u.buffer());
+            if earlier
+                .chain(inputs.iter().copied())
+                .any(|u| u == t.buffer())
+            {
                 return Err(Error::InvalidOption {
                     what: "gradient",
                     value: what.into(),
@@ -284,12 +298,38 @@ impl Attention {
             check_binding(&gpu.limits, what, t.byte_len())?;
         }
         let limits = &gpu.limits;
-        if limits.max_storage_buffers_per_stage < BACKWARD_STORAGE_BUFFERS {
+        // The parameter blocks are storage buffers too where they are bound as such.
+        let needed = BACKWARD_STORAGE_BUFFERS
+            + 2 * (gpu.kernels.params == crate::gpu::ParamsIn::ReadOnlyStorage) as u32;
+        if limits.max_storage_buffers_per_stage < needed {
             return Err(Error::Unsupported {
                 what: "storage buffers per shader stage (the backward kernel)",
-                needed: BACKWARD_STORAGE_BUFFERS as u64,
+                needed: needed as u64,
                 available: limits.max_storage_buffers_per_stage as u64,
             });
+        }
+        // Every count the kernel indexes or loops over is a u32 there.
+        let d = spec.dims;
+        for (what, n) in [
+            (
+                "query rows of the backward (twice)",
+                Some(2 * d.lse_elems()),
+            ),
+            (
+                "key rows of the backward",
+                Some(d.batch * d.kv_heads * d.kv_len),
+            ),
+            ("(group head, query row) pairs", Some(d.group() * d.q_len)),
+            ("score elements per bias element", bias_extent(&spec)),
+        ] {
+            if let Some(n) = n.filter(|&n| u32::try_from(n).is_err()) {
+                return Err(Error::TooLarge {
+                    what,
+                    requested: n as u64,
+                    max: u32::MAX as u64,
+                    hint: " (indices are 32-bit)",
+                });
+            }
         }
         Ok((spec, BackwardPlan::new(&spec, limits)))
     }
@@ -425,17 +465,10 @@ fn encode(
     let masks = masking::upload(gpu, spec, encoder)?;
     let query_rows = d.lse_elems();
     let key_rows = d.batch * d.kv_heads * d.kv_len;
-    if u32::try_from(query_rows.max(key_rows)).is_err() {
-        return Err(Error::TooLarge {
-            what: "rows of the backward",
-            requested: query_rows.max(key_rows) as u64,
-            max: u32::MAX as u64,
-            hint: "",
-        });
-    }
+    // D, then each row's shift (the kernel's header).
     let delta = gpu.scratch(
         "wgpu-attention backward D",
-        query_rows as u64 * 4,
+        2 * query_rows as u64 * 4,
         wgpu::BufferUsages::empty(),
     );
     let storage = |t: &Tensor| gpu.storage(t.dtype());
@@ -465,7 +498,7 @@ fn encode(
         (
             2,
             key_rows,
-            d.q_len,
+            d.group() * d.q_len,
             plan.rows_per_pass as usize,
             grads.dk.buffer(),
             grads.dv.buffer(),
@@ -561,13 +594,13 @@ mod tests {
         let gpu = GpuLimits::from_wgpu(&wgpu::Limits::default(), wgpu::DeviceType::DiscreteGpu);
         let p = BackwardPlan::new(&spec, &gpu);
         assert_eq!((p.d4, p.v4), (16, 12));
-        assert_eq!((p.keys_per_pass, p.rows_per_pass), (5000, 3000));
+        assert_eq!((p.keys_per_pass, p.rows_per_pass), (5000, 4 * 3000));
         let cpu = GpuLimits::from_wgpu(&wgpu::Limits::default(), wgpu::DeviceType::Cpu);
         let p = BackwardPlan::new(&spec, &cpu);
         let key_cost = 3 * 16 + 12 + 8;
-        let row_cost = 4 * (3 * 16 + 2 * 12 + 8);
+        let row_cost = 3 * 16 + 2 * 12 + 8;
         assert!(p.keys_per_pass as u64 * key_cost <= LOOP_BUDGET, "{p:?}");
         assert!(p.rows_per_pass as u64 * row_cost <= LOOP_BUDGET, "{p:?}");
-        assert!(p.keys_per_pass > 100 && p.rows_per_pass > 20, "{p:?}");
+        assert!(p.keys_per_pass > 100 && p.rows_per_pass > 100, "{p:?}");
     }
 }
