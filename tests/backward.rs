@@ -520,7 +520,7 @@ fn device_bias_as_its_own_gradient() {
     let Some(gpu) = gpu() else { return };
     let d = dims(1, 2, 2, 4, 4, 8, 8);
     let x = gpu.upload(&vec![0.5; 2 * 4 * 8], [1, 2, 4, 8]).unwrap();
-    let bias = gpu.upload(&vec![0.1; 2 * 4 * 4], [1, 2, 4, 4]).unwrap();
+    let bias = gpu.upload(&[0.1; 2 * 4 * 4], [1, 2, 4, 4]).unwrap();
     let opts = Attention::new().bias_tensor(&bias).return_bias_grad(true);
     let out = opts.clone().return_lse(true).run(gpu, &x, &x, &x).unwrap();
     let grads = Gradients {

@@ -497,13 +497,9 @@ mod tests {
         let mut only_row0 = d_o.clone();
         only_row0[2..].fill(0.0);
         let g0 = exact(&q, &k, &v, &only_row0, d, &opts).unwrap();
-        for j in 0..3 {
-            for c in 0..2 {
-                assert!(
-                    (g0.dv[j * 2 + c] - d_o[c] / 3.0).abs() < 1e-12,
-                    "{:?}",
-                    g0.dv
-                );
+        for dv_row in g0.dv[..6].chunks(2) {
+            for (g, x) in dv_row.iter().zip(&d_o) {
+                assert!((g - x / 3.0).abs() < 1e-12, "{:?}", g0.dv);
             }
         }
         // Moving a clipped bias (to f32::MIN / 2, still clipped) leaves the loss alone.
