@@ -163,11 +163,21 @@ fn row_delta(r: u32) {
     if lse[r] == bitcast<u32>(SCORE_FLOOR) {
         let range = key_range(b, i);
         let se = sink_end(b, i);
+        // Without a mask, the keys of range ∪ sink keys in closed form (no loop: a loop over
+        // every key would pass llvmpipe's loop cap on long rows); with one, counted.
         var n = 0u;
-        for (var j = 0u; j < params.kv_len; j++) {
-            if in_keys(j, range.x, range.y, se) && mask_allows(b, h, i, j) {
-                n += 1u;
+        if HAS_MASK {
+            for (var j = 0u; j < params.kv_len; j++) {
+                if in_keys(j, range.x, range.y, se) && mask_allows(b, h, i, j) {
+                    n += 1u;
+                }
             }
+        } else {
+            var keys = max(range.y - range.x, 0);
+            if HAS_SINK_KEYS && se > 0 {
+                keys += se - max(min(range.y, se) - max(range.x, 0), 0);
+            }
+            n = u32(keys);
         }
         shift = log(f32(max(n, 1u)));
     }

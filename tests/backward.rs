@@ -512,6 +512,15 @@ fn rows_clipped_to_the_score_floor() {
         DType::F32,
         (Some([1, 2, 3, 5]), false),
     );
+    // Every row clipped whole, with ranges that differ per row (a window and sink keys): the
+    // count of each row's keys in closed form.
+    let d = dims(1, 2, 1, 6, 9, 8, 8);
+    let all_min = Attention::new()
+        .bias([1, 1, 1, 9], vec![f32::MIN; 9])
+        .causal(Causal::BottomRight)
+        .window(2, 0)
+        .sink_keys(2);
+    check_grads(gpu, d, &all_min, 123, DType::F32);
 }
 
 /// A device-resident bias passed as its own gradient is the crate's typed aliasing error.
