@@ -7,20 +7,16 @@ use std::time::Instant;
 
 use wgpu_attention::{Dims, Gpu, Layout, cpu};
 
-use crate::run::{stats, values};
+use crate::run::{errors, stats, values};
 use crate::{Args, shapes};
 
 /// The reference's forward plus backward runs when the problem is at most this many forward
 /// FLOPs (it is single-threaded f64).
 const REFERENCE_MAX_FLOPS: f64 = 2e9;
 
+/// The relative norm error of `got` against `want`.
 fn rel_norm_error(got: &[f32], want: &[f32]) -> f64 {
-    let (mut num, mut den) = (0f64, 0f64);
-    for (&g, &w) in got.iter().zip(want) {
-        num += (g as f64 - w as f64).powi(2);
-        den += (w as f64).powi(2);
-    }
-    (num / den.max(f64::MIN_POSITIVE)).sqrt()
+    errors(got, want).1
 }
 
 pub(crate) fn backward(args: &Args) -> Result<(), Box<dyn std::error::Error>> {

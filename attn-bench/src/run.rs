@@ -20,6 +20,18 @@ pub(crate) fn values(n: usize, seed: u64) -> Vec<f32> {
         .collect()
 }
 
+/// Largest absolute and relative norm error of `got` against `want` (over `want`'s length).
+pub(crate) fn errors(got: &[f32], want: &[f32]) -> (f64, f64) {
+    let (mut max, mut num, mut den) = (0f64, 0f64, 0f64);
+    for (&g, &w) in got.iter().zip(want) {
+        let e = (g as f64 - w as f64).abs();
+        max = max.max(e);
+        num += e * e;
+        den += (w as f64) * (w as f64);
+    }
+    (max, (num / den.max(f64::MIN_POSITIVE)).sqrt())
+}
+
 pub(crate) fn stats(mut ms: Vec<f64>) -> (f64, f64, f64) {
     ms.sort_by(f64::total_cmp);
     (ms[ms.len() / 2], ms[0], ms[ms.len() - 1])
@@ -206,14 +218,7 @@ impl Case {
 
     /// Largest absolute and relative norm error of `o` against the oracle, on the checked part.
     fn errors(&self, o: &[f32]) -> (f64, f64) {
-        let (mut max, mut num, mut den) = (0f64, 0f64, 0f64);
-        for (&g, &w) in o.iter().zip(&self.want) {
-            let e = (g as f64 - w as f64).abs();
-            max = max.max(e);
-            num += e * e;
-            den += (w as f64) * (w as f64);
-        }
-        (max, (num / den.max(f64::MIN_POSITIVE)).sqrt())
+        errors(o, &self.want)
     }
 
     /// The row of `path` timed at `ms` (one figure per timed run) over `dims`.
