@@ -1,6 +1,8 @@
 //! `cpu::fast` against the f64 reference, element by element, on shapes that are not multiples
-//! of its blocks (4-row strips, 8- or 16-key panels, 128-key blocks, 64-row tasks), with every
-//! option. No GPU needed.
+//! of its blocks (4-row strips, 8-, 16- or 32-key panels, 128-key blocks, 64-row tasks), with
+//! every option, through every copy of its block kernel this CPU can run
+//! (`CpuKernel::available`: SSE2, AVX2, AVX2+FMA and AVX-512F on an AVX-512 machine). No GPU
+//! needed.
 
 use proptest::prelude::*;
 use proptest::test_runner::{Config, RngSeed};
@@ -61,9 +63,15 @@ fn check(what: &str, seed: u64, dims: Dims, opts: &Attention, q_amp: f32) {
     let k = random(&mut rng, dims.k_elems(), 1.0);
     let v = random(&mut rng, dims.v_elems(), 1.0);
     let want = cpu::reference(&q, &k, &v, dims, opts).unwrap();
-    let got = cpu::fast(&q, &k, &v, dims, opts).unwrap();
-    let ctx = format!("{what}: {dims:?}, {opts:?}");
+    for kernel in cpu::CpuKernel::available() {
+        let got = cpu::fast_with_kernel(kernel, &q, &k, &v, dims, opts).unwrap();
+        let ctx = format!("{what}, {kernel}: {dims:?}, {opts:?}");
+        compare(&ctx, &got, &want);
+    }
+}
 
+/// O element by element and by relative norm error, and the log-sum-exp (see [`check`]).
+fn compare(ctx: &str, got: &cpu::FastOutput, want: &cpu::Reference) {
     assert_eq!(got.o.len(), want.o.len(), "{ctx}: O length");
     for (i, (&g, &w)) in got.o.iter().zip(&want.o).enumerate() {
         assert!(
@@ -394,13 +402,12 @@ fn overflowing_scores_give_no_nan() {
         Attention::new().softcap(5.0),
         Attention::new().scale(1e-30),
     ] {
-        let got = cpu::fast(&q, &k, &v, d, &opts).unwrap();
-        assert!(got.o.iter().all(|x| x.is_finite()), "{opts:?}: {:?}", got.o);
-        assert!(
-            got.lse.iter().all(|x| !x.is_nan()),
-            "{opts:?}: {:?}",
-            got.lse
-        );
+        for kernel in cpu::CpuKernel::available() {
+            let got = cpu::fast_with_kernel(kernel, &q, &k, &v, d, &opts).unwrap();
+            let ctx = format!("{kernel}, {opts:?}");
+            assert!(got.o.iter().all(|x| x.is_finite()), "{ctx}: {:?}", got.o);
+            assert!(got.lse.iter().all(|x| !x.is_nan()), "{ctx}: {:?}", got.lse);
+        }
     }
 }
 
@@ -672,12 +679,56 @@ fn half_precision_inputs() {
     let qh: Vec<half::f16> = q.iter().map(|&x| half::f16::from_f32(x)).collect();
     let kb: Vec<half::bf16> = k.iter().map(|&x| half::bf16::from_f32(x)).collect();
     let vb: Vec<half::bf16> = v.iter().map(|&x| half::bf16::from_f32(x)).collect();
-    let got = cpu::fast(&qh, &kb, &vb, dims, &opts).unwrap();
     let want = cpu::reference(&qh, &kb, &vb, dims, &opts).unwrap();
-    for (i, (g, w)) in got.o.iter().zip(&want.o).enumerate() {
-        assert!(
-            (g - w).abs() <= 2e-5 + 1e-4 * w.abs(),
-            "O[{i}]: got {g}, want {w}"
+    for kernel in cpu::CpuKernel::available() {
+        let got = cpu::fast_with_kernel(kernel, &qh, &kb, &vb, dims, &opts).unwrap();
+        for (i, (g, w)) in got.o.iter().zip(&want.o).enumerate() {
+            assert!(
+                (g - w).abs() <= 2e-5 + 1e-4 * w.abs(),
+                "{kernel}: O[{i}]: got {g}, want {w}"
+            );
+        }
+    }
+}
+
+/// The copies of the block kernel: the chosen one is available, names round-trip, and one
+/// this CPU cannot run (or an unknown name) is a typed error, not a crash.
+#[test]
+fn kernel_copies_are_chosen_and_refused_by_name() {
+    use cpu::CpuKernel;
+    let available = CpuKernel::available();
+    eprintln!(
+        "cpu::fast copies on this CPU: {:?}, chosen {}",
+        available.iter().map(|k| k.name()).collect::<Vec<_>>(),
+        CpuKernel::chosen()
+    );
+    assert!(available.contains(&CpuKernel::Baseline));
+    assert!(available.contains(&CpuKernel::chosen()));
+    let forced = std::env::var("WGPU_ATTENTION_CPU_KERNEL").unwrap_or_default();
+    let baseline = std::env::var("WGPU_ATTENTION_CPU_BASELINE").is_ok_and(|v| v != "0");
+    if baseline {
+        assert_eq!(CpuKernel::chosen(), CpuKernel::Baseline);
+    } else if forced.is_empty() {
+        assert_eq!(
+            Some(&CpuKernel::chosen()),
+            available.last(),
+            "the fastest is chosen"
         );
     }
+    for k in CpuKernel::ALL {
+        match CpuKernel::from_name(k.name()) {
+            Ok(found) => assert_eq!(found, k),
+            Err(e) => {
+                assert!(!available.contains(&k), "{k} is available but refused: {e}");
+                assert!(matches!(e, Error::InvalidOption { .. }), "{e}");
+                let d = dims(1, 1, 1, 3, 5, 4, 4);
+                let x = vec![0.25f32; 20];
+                let e = cpu::fast_with_kernel(k, &x[..12], &x, &x, d, &Attention::new());
+                assert!(matches!(e, Err(Error::InvalidOption { .. })), "{e:?}");
+            }
+        }
+    }
+    assert_eq!(CpuKernel::from_name("baseline"), Ok(CpuKernel::Baseline));
+    let e = CpuKernel::from_name("avx1024").unwrap_err();
+    assert!(matches!(e, Error::InvalidOption { .. }), "{e}");
 }

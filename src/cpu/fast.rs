@@ -66,14 +66,13 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::spec::{Attention, Dims, Layout, Spec, broadcast_strides};
 
-/// f32 lanes of the widest vector the build targets: 8 with AVX (`-C target-cpu=native` on
-/// most x86-64 machines), else 4 (SSE2, the x86-64 baseline; NEON).
-const LANES: usize = if cfg!(target_feature = "avx") { 8 } else { 4 };
-/// Query rows per micro-tile.
-const MR: usize = 4;
-/// Keys (for `Q K^T`) or output columns (for `P V`) per micro-tile: two vectors, so the
-/// micro-kernel keeps `2 * MR` independent accumulators in flight.
-const NR: usize = 2 * LANES;
+mod kernels;
+
+pub use kernels::CpuKernel;
+#[cfg(target_arch = "x86_64")]
+use kernels::{Avx2, Avx2Fma, Avx512};
+use kernels::{Baseline, MR, MicroKernel, Panel};
+
 /// Keys per block (128 measured a few percent faster than 64, full and causal).
 const BC: usize = 128;
 /// Query rows per task, at most.
@@ -88,17 +87,6 @@ pub struct FastOutput {
     /// no allowed key.
     pub lse: Vec<f32>,
 }
-
-/// One f32 repeated over a vector, so the micro-kernel multiplies without shuffling.
-#[derive(Debug, Clone, Copy, Default)]
-#[cfg_attr(target_feature = "avx", repr(C, align(32)))]
-#[cfg_attr(not(target_feature = "avx"), repr(C, align(16)))]
-struct Splat([f32; LANES]);
-
-/// `NR` consecutive values of a packed K or V panel.
-#[derive(Debug, Clone, Copy, Default)]
-#[repr(C, align(32))]
-struct Panel([f32; NR]);
 
 fn check_len(what: &'static str, data: &[f32], dims: [usize; 4]) -> Result<()> {
     let expected: usize = dims.iter().product();
@@ -149,7 +137,48 @@ where
     K: HostElement,
     V: HostElement,
 {
-    fast_f32(&Q::widen(q), &K::widen(k), &V::widen(v), dims, opts)
+    fast_f32(
+        CpuKernel::chosen(),
+        &Q::widen(q),
+        &K::widen(k),
+        &V::widen(v),
+        dims,
+        opts,
+    )
+}
+
+/// [`fast`] with the copy of its block kernel named instead of chosen ([`CpuKernel`]): to
+/// compare the copies, or to test each one. The results of two copies differ by rounding
+/// (fused multiply-adds, the order of sums), within [`fast`]'s tolerance of the reference.
+///
+/// A kernel this CPU cannot run is a typed [`Error::InvalidOption`], never a crash.
+///
+/// ```
+/// use wgpu_attention::{Attention, Dims, cpu};
+/// let dims = Dims::new(1, 2, 5, 8);
+/// let x: Vec<f32> = (0..80).map(|i| (i as f32 * 0.37).sin()).collect();
+/// let opts = Attention::new();
+/// for kernel in cpu::CpuKernel::available() {
+///     let out = cpu::fast_with_kernel(kernel, &x, &x, &x, dims, &opts)?;
+///     assert_eq!(out.o.len(), 80);
+/// }
+/// # Ok::<(), wgpu_attention::Error>(())
+/// ```
+pub fn fast_with_kernel<Q, K, V>(
+    kernel: CpuKernel,
+    q: &[Q],
+    k: &[K],
+    v: &[V],
+    dims: Dims,
+    opts: &Attention,
+) -> Result<FastOutput>
+where
+    Q: HostElement,
+    K: HostElement,
+    V: HostElement,
+{
+    kernel.check()?;
+    fast_f32(kernel, &Q::widen(q), &K::widen(k), &V::widen(v), dims, opts)
 }
 
 /// A host element type the CPU paths read: f32, or half precision widened to f32.
@@ -164,24 +193,39 @@ impl HostElement for f32 {
     }
 }
 
+/// Through `half`'s slice conversion, which uses F16C where the CPU has it (detected at run
+/// time).
 impl HostElement for half::f16 {
     fn widen(x: &[half::f16]) -> std::borrow::Cow<'_, [f32]> {
-        std::borrow::Cow::Owned(x.iter().map(|e| e.to_f32()).collect())
+        use half::slice::HalfFloatSliceExt;
+        let mut out = vec![0f32; x.len()];
+        x.convert_to_f32_slice(&mut out);
+        std::borrow::Cow::Owned(out)
     }
 }
 
 impl HostElement for half::bf16 {
     fn widen(x: &[half::bf16]) -> std::borrow::Cow<'_, [f32]> {
-        std::borrow::Cow::Owned(x.iter().map(|e| e.to_f32()).collect())
+        use half::slice::HalfFloatSliceExt;
+        let mut out = vec![0f32; x.len()];
+        x.convert_to_f32_slice(&mut out);
+        std::borrow::Cow::Owned(out)
     }
 }
 
-fn fast_f32(q: &[f32], k: &[f32], v: &[f32], dims: Dims, opts: &Attention) -> Result<FastOutput> {
+fn fast_f32(
+    kernel: CpuKernel,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    dims: Dims,
+    opts: &Attention,
+) -> Result<FastOutput> {
     let spec = opts.validate(dims)?;
     opts.require_host_options()?;
     if let Some((packing, [q, k, v], flat)) = opts.unpack((q, k, v), dims)? {
         // A packed batch: the same computation padded, O packed again.
-        let padded = fast_f32(&q, &k, &v, dims, &flat)?;
+        let padded = fast_f32(kernel, &q, &k, &v, dims, &flat)?;
         return Ok(FastOutput {
             o: packing.pack(&padded.o),
             ..padded
@@ -194,7 +238,7 @@ fn fast_f32(q: &[f32], k: &[f32], v: &[f32], dims: Dims, opts: &Attention) -> Re
             pages: None,
             ..opts.clone()
         };
-        return fast_f32(q, &k, &v, dims, &flat);
+        return fast_f32(kernel, q, &k, &v, dims, &flat);
     }
     if opts.additive.is_some() {
         return Err(Error::InvalidOption {
@@ -208,7 +252,28 @@ fn fast_f32(q: &[f32], k: &[f32], v: &[f32], dims: Dims, opts: &Attention) -> Re
     check_len("K", k, dims.k_shape(layout))?;
     check_len("V", v, dims.v_shape(layout))?;
 
-    let problem = Problem::new(spec, q, k, v);
+    Ok(match kernel {
+        #[cfg(target_arch = "x86_64")]
+        CpuKernel::Avx512 => compute::<32, Avx512>(spec, q, k, v),
+        #[cfg(target_arch = "x86_64")]
+        CpuKernel::Avx2Fma => compute::<16, Avx2Fma>(spec, q, k, v),
+        #[cfg(target_arch = "x86_64")]
+        CpuKernel::Avx2 => compute::<16, Avx2>(spec, q, k, v),
+        _ => compute::<8, Baseline>(spec, q, k, v),
+    })
+}
+
+/// The computation of a validated call of plain (unpacked, unpaged) inputs with the copy `B`
+/// of the block kernel.
+fn compute<const NR: usize, B: Block<NR>>(
+    spec: Spec<'_>,
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+) -> FastOutput {
+    let dims = spec.dims;
+    let layout = spec.opts.layout;
+    let problem = Problem::<NR>::new(spec, q, k, v);
     let (heads, q_len, dv) = (dims.heads, dims.q_len, dims.v_head_dim);
     let br = problem.br;
     // Bhsd order: each (batch, head) owns `q_len` contiguous rows, each task `br` of them.
@@ -226,14 +291,14 @@ fn fast_f32(q: &[f32], k: &[f32], v: &[f32], dims: Dims, opts: &Attention) -> Re
         })
         .collect();
     tasks.into_par_iter().for_each_init(
-        || Scratch::new(&problem),
+        || Scratch::<NR, B>::new(&problem),
         |scratch, (bh, i0, o_blk, lse_blk)| {
             let task = Task {
                 b: bh / heads,
                 h: bh % heads,
                 i0,
             };
-            problem.run_block_dispatch(task, o_blk, lse_blk, scratch);
+            B::block(&problem, task, o_blk, lse_blk, scratch);
         },
     );
     if layout == Layout::Bshd {
@@ -248,21 +313,21 @@ fn fast_f32(q: &[f32], k: &[f32], v: &[f32], dims: Dims, opts: &Attention) -> Re
                 }
             });
     }
-    Ok(FastOutput { o, lse })
+    FastOutput { o, lse }
 }
 
 /// A validated call with everything a task needs, shared read-only between tasks.
-struct Problem<'a> {
+struct Problem<'a, const NR: usize> {
     spec: Spec<'a>,
     q: &'a [f32],
     /// `(batch, head, seq)` element strides of Q.
     qs: [usize; 3],
     /// K of each (batch, kv head), transposed into panels of `NR` keys:
     /// `[batch * kv_heads][key panel][head_dim]`, keys past `kv_len` zero.
-    kp: Vec<Panel>,
+    kp: Vec<Panel<NR>>,
     /// V of each (batch, kv head) in panels of `NR` columns:
     /// `[batch * kv_heads][column panel][kv_len rounded up to NR]`.
-    vp: Vec<Panel>,
+    vp: Vec<Panel<NR>>,
     mask: Option<([usize; 4], &'a [bool])>,
     bias: Option<([usize; 4], &'a [f32])>,
     softcap: Option<f32>,
@@ -287,12 +352,13 @@ struct Task {
     i0: usize,
 }
 
-/// Per-thread buffers, reused from task to task.
-struct Scratch {
-    /// Q of the task, scaled and splatted: `[strip][head_dim]` of `MR` splats.
-    qp: Vec<[Splat; MR]>,
-    /// Probabilities of one strip for the current key block, splatted: `[key]` of `MR` rows.
-    pp: Vec<[Splat; MR]>,
+/// Per-thread buffers of the copy `K` of the micro-kernel, reused from task to task.
+struct Scratch<const NR: usize, K: MicroKernel<NR>> {
+    /// Q of the task, scaled, in the kernel's form: `[strip][head_dim]` of `MR` rows.
+    qp: Vec<K::A>,
+    /// Probabilities of one strip for the current key block, in the kernel's form: `[key]` of
+    /// `MR` rows.
+    pp: Vec<K::A>,
     /// Unnormalised output: `[strip][column panel]` of `MR x NR` tiles.
     acc: Vec<[[f32; NR]; MR]>,
     /// Running row maximum (base-2 units) and sum.
@@ -305,13 +371,13 @@ struct Scratch {
     holes: Vec<(usize, usize)>,
 }
 
-impl Scratch {
-    fn new(p: &Problem<'_>) -> Scratch {
+impl<const NR: usize, K: MicroKernel<NR>> Scratch<NR, K> {
+    fn new(p: &Problem<'_, NR>) -> Self {
         let d = p.spec.dims.head_dim;
         let strips = p.br.div_ceil(MR);
         Scratch {
-            qp: vec![[Splat::default(); MR]; strips * d],
-            pp: vec![[Splat::default(); MR]; BC],
+            qp: vec![K::ZERO; strips * d],
+            pp: vec![K::ZERO; BC],
             acc: vec![[[0.0; NR]; MR]; strips * p.v_panels],
             m: vec![0.0; strips * MR],
             l: vec![0.0; strips * MR],
@@ -321,9 +387,9 @@ impl Scratch {
     }
 }
 
-impl<'a> Problem<'a> {
+impl<'a, const NR: usize> Problem<'a, NR> {
     /// Resolves the options and packs K and V (in parallel, one task per (batch, kv head)).
-    fn new(spec: Spec<'a>, q: &'a [f32], k: &'a [f32], v: &'a [f32]) -> Problem<'a> {
+    fn new(spec: Spec<'a>, q: &'a [f32], k: &'a [f32], v: &'a [f32]) -> Self {
         let dims = spec.dims;
         let opts = spec.opts;
         let layout = opts.layout;
@@ -388,40 +454,16 @@ impl<'a> Problem<'a> {
         }
     }
 
-    /// [`Problem::run_block`] compiled for the best vector extension the CPU has: the default
-    /// x86-64 target only guarantees SSE2, so the AVX2 copy is chosen at run time.
-    /// `WGPU_ATTENTION_CPU_BASELINE=1` forces the baseline copy (CI tests both).
-    fn run_block_dispatch(&self, task: Task, o: &mut [f32], lse: &mut [f32], s: &mut Scratch) {
-        static BASELINE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        let baseline = *BASELINE
-            .get_or_init(|| std::env::var("WGPU_ATTENTION_CPU_BASELINE").is_ok_and(|v| v != "0"));
-        #[cfg(not(target_arch = "x86_64"))]
-        let _ = baseline;
-        #[cfg(target_arch = "x86_64")]
-        if !baseline && std::arch::is_x86_feature_detected!("avx2") {
-            #[allow(unsafe_code)]
-            // SAFETY: the CPU has AVX2, checked just above; that is the only requirement of
-            // `run_block_avx2` beyond those of `run_block`, which is safe.
-            unsafe {
-                self.run_block_avx2(task, o, lse, s)
-            };
-            return;
-        }
-        self.run_block(task, o, lse, s);
-    }
-
-    /// `run_block`, inlined into a function LLVM may compile with AVX2: the panels of `NR`
-    /// floats then take one 256-bit register per row of the micro-kernel.
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn run_block_avx2(&self, task: Task, o: &mut [f32], lse: &mut [f32], s: &mut Scratch) {
-        self.run_block(task, o, lse, s);
-    }
-
     /// Computes the task's rows, as many as `lse` holds: `o` receives those rows of O,
     /// `v_head_dim` wide, and `lse` their log-sum-exp.
     #[inline(always)]
-    fn run_block(&self, task: Task, o: &mut [f32], lse: &mut [f32], s: &mut Scratch) {
+    fn run_block<K: MicroKernel<NR>>(
+        &self,
+        task: Task,
+        o: &mut [f32],
+        lse: &mut [f32],
+        s: &mut Scratch<NR, K>,
+    ) {
         let dims = self.spec.dims;
         let (d, dv, np) = (dims.head_dim, dims.v_head_dim, self.v_panels);
         let Task { b, h, i0 } = task;
@@ -465,20 +507,17 @@ impl<'a> Problem<'a> {
             return;
         }
 
-        // Q, scaled and splatted; rows past the end of the block are zero.
+        // Q, scaled, in the kernel's form; rows past the end of the block are zero.
         let q_base = b * self.qs[0] + h * self.qs[1];
         for st in 0..strips {
-            let dst = &mut s.qp[st * d..][..d];
-            for r in 0..MR {
+            let src: [Option<&[f32]>; MR] = std::array::from_fn(|r| {
                 let i = st * MR + r;
-                if i < rows {
-                    let src = &self.q[q_base + (i0 + i) * self.qs[2]..][..d];
-                    for (x, &y) in dst.iter_mut().zip(src) {
-                        x[r] = Splat([y * self.q_scale; LANES]);
-                    }
-                } else {
-                    dst.iter_mut().for_each(|x| x[r] = Splat::default());
-                }
+                (i < rows).then(|| &self.q[q_base + (i0 + i) * self.qs[2]..][..d])
+            });
+            for (c, x) in s.qp[st * d..][..d].iter_mut().enumerate() {
+                *x = K::a(std::array::from_fn(|r| {
+                    src[r].map_or(0.0, |row| row[c] * self.q_scale)
+                }));
             }
         }
         s.m[..strips * MR].fill(f32::NEG_INFINITY);
@@ -536,7 +575,13 @@ impl<'a> Problem<'a> {
 
     /// One strip of `MR` query rows against the keys `kv.j0..kv.j1`.
     #[inline(always)]
-    fn strip(&self, task: Task, st: usize, kv: &KvBlock<'_>, s: &mut Scratch) {
+    fn strip<K: MicroKernel<NR>>(
+        &self,
+        task: Task,
+        st: usize,
+        kv: &KvBlock<'_, NR>,
+        s: &mut Scratch<NR, K>,
+    ) {
         let Task { b, h, i0 } = task;
         let dims = self.spec.dims;
         let (d, np, kv_pad) = (dims.head_dim, self.v_panels, self.key_panels * NR);
@@ -560,7 +605,7 @@ impl<'a> Problem<'a> {
         let a = &s.qp[st * d..][..d];
         for p in lo / NR..hi.div_ceil(NR) {
             let mut c = [[0f32; NR]; MR];
-            tile(a, &kv.kp[(j0 / NR + p) * d..][..d], &mut c);
+            K::tile(a, &kv.kp[(j0 / NR + p) * d..][..d], &mut c);
             for (row, c) in scores.iter_mut().zip(&c) {
                 row[p * NR..][..NR].copy_from_slice(c);
             }
@@ -620,13 +665,11 @@ impl<'a> Problem<'a> {
         }
 
         for (j, dst) in s.pp[lo..hi].iter_mut().enumerate() {
-            for r in 0..MR {
-                dst[r] = Splat([probs[r][lo + j]; LANES]);
-            }
+            *dst = K::a(std::array::from_fn(|r| probs[r][lo + j]));
         }
         let pp = &s.pp[lo..hi];
         for (p, c) in s.acc[st * np..][..np].iter_mut().enumerate() {
-            tile(pp, &kv.vp[p * kv_pad + j0 + lo..p * kv_pad + j0 + hi], c);
+            K::tile(pp, &kv.vp[p * kv_pad + j0 + lo..p * kv_pad + j0 + hi], c);
         }
     }
 
@@ -672,60 +715,76 @@ impl<'a> Problem<'a> {
 /// The packed K and V of one (batch, kv head), and the keys `j0..j1` of the current block
 /// (`j0` a multiple of `BC`).
 #[derive(Clone, Copy)]
-struct KvBlock<'a> {
-    kp: &'a [Panel],
-    vp: &'a [Panel],
+struct KvBlock<'a, const NR: usize> {
+    kp: &'a [Panel<NR>],
+    vp: &'a [Panel<NR>],
     j0: usize,
     j1: usize,
 }
 
-/// Whether the micro-kernel takes two steps per iteration: 5% faster with SSE2, where the loop
-/// overhead is a fifth of the instructions, 5% slower with AVX (measured on Zen 3).
-const UNROLL: bool = LANES == 4;
+/// A copy of the micro-kernel with its entry: [`Problem::run_block`] inlined into a function
+/// compiled for the copy's target features, so the softmax and the splats around the
+/// micro-kernel get the same vectors.
+trait Block<const NR: usize>: MicroKernel<NR> {
+    fn block(
+        p: &Problem<'_, NR>,
+        task: Task,
+        o: &mut [f32],
+        lse: &mut [f32],
+        s: &mut Scratch<NR, Self>,
+    );
+}
 
-/// The micro-kernel: `c += a b` for `a` a `MR x kc` block (splatted, `kc` rows of `MR`) and `b`
-/// a `kc x NR` panel. Written so LLVM keeps `c` in registers and vectorises over `NR`.
-#[inline(always)]
-fn tile(a: &[[Splat; MR]], b: &[Panel], c: &mut [[f32; NR]; MR]) {
-    #[inline(always)]
-    fn step(x: &[Splat; MR], y: &Panel, acc: &mut [[f32; NR]; MR]) {
-        for (row, xr) in acc.iter_mut().zip(x) {
-            for (l, (c, &yl)) in row.iter_mut().zip(&y.0).enumerate() {
-                *c = mul_add(xr.0[l % LANES], yl, *c);
+impl Block<8> for Baseline {
+    fn block(
+        p: &Problem<'_, 8>,
+        task: Task,
+        o: &mut [f32],
+        lse: &mut [f32],
+        s: &mut Scratch<8, Self>,
+    ) {
+        p.run_block(task, o, lse, s);
+    }
+}
+
+/// The entry of an x86-64 copy: `$entry` compiled with `$features`, and `$kernel`'s `Block`.
+macro_rules! x86_block {
+    ($kernel:ident, $nr:literal, $features:literal, $entry:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        fn $entry(
+            p: &Problem<'_, $nr>,
+            task: Task,
+            o: &mut [f32],
+            lse: &mut [f32],
+            s: &mut Scratch<$nr, $kernel>,
+        ) {
+            p.run_block(task, o, lse, s);
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        impl Block<$nr> for $kernel {
+            fn block(
+                p: &Problem<'_, $nr>,
+                task: Task,
+                o: &mut [f32],
+                lse: &mut [f32],
+                s: &mut Scratch<$nr, Self>,
+            ) {
+                #[allow(unsafe_code)]
+                // SAFETY: `fast_f32` runs this copy only when `CpuKernel::chosen` or
+                // `CpuKernel::check` found the CPU has every feature of `$features`.
+                unsafe {
+                    $entry(p, task, o, lse, s)
+                };
             }
         }
-    }
-    let mut acc = *c;
-    let (a, b) = if UNROLL {
-        let (a2, a_rest) = a.as_chunks::<2>();
-        let (b2, b_rest) = b.as_chunks::<2>();
-        for (x, y) in a2.iter().zip(b2) {
-            step(&x[0], &y[0], &mut acc);
-            step(&x[1], &y[1], &mut acc);
-        }
-        (a_rest, b_rest)
-    } else {
-        (a, b)
     };
-    for (x, y) in a.iter().zip(b) {
-        step(x, y, &mut acc);
-    }
-    *c = acc;
 }
 
-/// `a * b + c`, fused where the build targets FMA (a separate multiply and add otherwise: a
-/// software `fma` would be far slower).
-#[inline(always)]
-fn mul_add(a: f32, b: f32, c: f32) -> f32 {
-    #[cfg(target_feature = "fma")]
-    {
-        a.mul_add(b, c)
-    }
-    #[cfg(not(target_feature = "fma"))]
-    {
-        a * b + c
-    }
-}
+x86_block!(Avx2, 16, "avx2", block_avx2);
+x86_block!(Avx2Fma, 16, "avx2,fma", block_avx2_fma);
+x86_block!(Avx512, 32, "avx512f,avx2,fma", block_avx512);
 
 /// The maximum of `s`, ignoring NaN; `-inf` for an empty or fully masked row.
 #[inline(always)]

@@ -14,7 +14,7 @@ mod mha;
 mod reference;
 
 pub use backward::{ReferenceGradients, reference_backward};
-pub use fast::{FastOutput, HostElement, fast};
+pub use fast::{CpuKernel, FastOutput, HostElement, fast, fast_with_kernel};
 pub use merge::merge;
 pub use mha::{MhaReferenceGradients, mha_reference, mha_reference_backward};
 pub use reference::{Reference, reference};
