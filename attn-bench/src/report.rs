@@ -169,6 +169,14 @@ pub(crate) fn print_rows(args: &Args, device: &str, software: bool, rows: &[Row]
         return;
     }
     println!("device: {device}");
+    println!(
+        "cpu-fast kernel: {} (of {:?} on this CPU; WGPU_ATTENTION_CPU_KERNEL picks another)",
+        wgpu_attention::cpu::CpuKernel::chosen(),
+        wgpu_attention::cpu::CpuKernel::available()
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+    );
     println!("problem: {}", describe_problem(args));
     let mut header = format!(
         "{:<26} {:<5} {:>6} {:>6} {:>11} {:>11} {:>11} {:>9} {:>8} {:>9}",

@@ -353,7 +353,7 @@ fn measure(
             let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
             let how = How {
                 timing: "wall",
-                note: format!("{threads} threads"),
+                note: format!("{threads} threads, {} kernel", cpu::CpuKernel::chosen()),
                 chose: None,
             };
             case.row(path, d, ms, Some(&o), how)
