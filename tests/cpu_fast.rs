@@ -239,6 +239,51 @@ fn alibi_sinks_and_sink_keys() {
     }
 }
 
+/// Decoding shapes: few tasks against many keys, so the keys are split across threads (at
+/// least 512 keys per split: 1100 keys give 2 splits, 4099 up to 8) and merged by log-sum-exp;
+/// and a kv head's group packed as the rows of one task (strips of 4 rows straddle heads at
+/// q_len 3 and 7). Every option whose terms differ per head or per key rides along: ALiBi,
+/// sinks (added once, at the merge), sink keys with a window (the hole falls inside one split
+/// or across two), lengths (a split with no allowed key), masks and biases per head.
+#[test]
+fn decoding_shapes_split_the_keys_and_pack_the_group() {
+    let mut rng = StdRng::seed_from_u64(4242);
+    let mut seed = 5000;
+    for (h, hkv, l, s) in [
+        (1, 1, 1, 1100),
+        (6, 2, 3, 2500),
+        (4, 1, 7, 4099),
+        (3, 3, 1, 1500),
+    ] {
+        let d = dims(1, h, hkv, l, s, 40, 24);
+        let slopes = positive(random(&mut rng, h, 0.05));
+        let sinks = random(&mut rng, h, 3.0);
+        let mask = random_mask(&mut rng, h * l * s, 0.2);
+        let bias = random(&mut rng, h * s, 2.0);
+        for opts in [
+            Attention::new(),
+            Attention::new().causal(Causal::BottomRight),
+            Attention::new().kv_lens(vec![(s as u32) / 3]),
+            Attention::new().kv_lens(vec![0]).sinks(sinks.clone()),
+            Attention::new().alibi(slopes.clone()),
+            Attention::new().sinks(sinks.clone()),
+            Attention::new()
+                .causal(Causal::BottomRight)
+                .window(700, 0)
+                .sink_keys(5)
+                .sinks(sinks.clone()),
+            Attention::new().window(30, 30).sink_keys(600),
+            Attention::new().mask([1, h, l, s], mask.clone()),
+            Attention::new()
+                .bias([1, h, 1, s], bias.clone())
+                .softcap(3.0),
+        ] {
+            seed += 1;
+            check("decoding", seed, d, &opts, 2.0);
+        }
+    }
+}
+
 #[test]
 fn masks_and_biases_broadcast() {
     let (b, h, l, s) = (2, 2, 33, 100);

@@ -77,6 +77,8 @@ use kernels::{Baseline, MR, MicroKernel, Panel};
 const BC: usize = 128;
 /// Query rows per task, at most.
 const BR: usize = 64;
+/// Keys per split, at least, when a shape with few tasks has its keys split across threads.
+const SPLIT_KEYS: usize = 512;
 
 /// The result of [`fast`].
 #[derive(Debug, Clone, PartialEq)]
@@ -274,33 +276,56 @@ fn compute<const NR: usize, B: Block<NR>>(
     let dims = spec.dims;
     let layout = spec.opts.layout;
     let problem = Problem::<NR>::new(spec, q, k, v);
-    let (heads, q_len, dv) = (dims.heads, dims.q_len, dims.v_head_dim);
-    let br = problem.br;
-    // Bhsd order: each (batch, head) owns `q_len` contiguous rows, each task `br` of them.
+    let (heads, q_len, dv, kv_len) = (dims.heads, dims.q_len, dims.v_head_dim, dims.kv_len);
     let mut o = vec![0f32; dims.o_elems()];
     let mut lse = vec![0f32; dims.lse_elems()];
-    let tasks: Vec<(usize, usize, &mut [f32], &mut [f32])> = o
-        .chunks_mut(q_len * dv)
-        .zip(lse.chunks_mut(q_len))
-        .enumerate()
-        .flat_map(|(bh, (o_bh, lse_bh))| {
-            o_bh.chunks_mut(br * dv)
-                .zip(lse_bh.chunks_mut(br))
-                .enumerate()
-                .map(move |(blk, (o_blk, lse_blk))| (bh, blk * br, o_blk, lse_blk))
-        })
-        .collect();
-    tasks.into_par_iter().for_each_init(
-        || Scratch::<NR, B>::new(&problem),
-        |scratch, (bh, i0, o_blk, lse_blk)| {
-            let task = Task {
-                b: bh / heads,
-                h: bh % heads,
-                i0,
-            };
-            B::block(&problem, task, o_blk, lse_blk, scratch);
-        },
-    );
+    let splits = problem.key_splits();
+    if splits == 1 {
+        problem.run_passes::<B>(vec![((0, kv_len), true, &mut o, &mut lse)]);
+    } else {
+        // Few tasks and many keys (decoding): each split of the keys into its own partial
+        // O and log-sum-exp, all splits in one parallel pass, then merged row by row.
+        let chunk = kv_len.div_ceil(splits).next_multiple_of(BC);
+        let splits = kv_len.div_ceil(chunk);
+        let mut part_o = vec![0f32; splits * o.len()];
+        let mut part_lse = vec![0f32; splits * lse.len()];
+        let passes = part_o
+            .chunks_mut(o.len())
+            .zip(part_lse.chunks_mut(lse.len()))
+            .enumerate()
+            .map(|(sp, (po, pl))| ((sp * chunk, kv_len.min((sp + 1) * chunk)), false, po, pl))
+            .collect();
+        problem.run_passes::<B>(passes);
+        let sinks = problem.spec.opts.sinks.as_deref();
+        let (part_o, part_lse) = (&part_o, &part_lse);
+        let rows = lse.len();
+        o.par_chunks_mut(dv)
+            .zip(lse.par_iter_mut())
+            .enumerate()
+            .for_each(|(row, (dst, row_lse))| {
+                let sink = sinks.map(|s| s[row / q_len % heads]);
+                let top = (0..splits)
+                    .map(|sp| part_lse[sp * rows + row])
+                    .chain(sink)
+                    .fold(f32::NEG_INFINITY, f32::max);
+                dst.fill(0.0);
+                if top == f32::NEG_INFINITY {
+                    *row_lse = f32::NEG_INFINITY;
+                    return;
+                }
+                let mut total = sink.map_or(0.0, |s| (s - top).exp());
+                for sp in 0..splits {
+                    let w = (part_lse[sp * rows + row] - top).exp();
+                    if w > 0.0 {
+                        total += w;
+                        let src = &part_o[(sp * rows + row) * dv..][..dv];
+                        dst.iter_mut().zip(src).for_each(|(x, &y)| *x += w * y);
+                    }
+                }
+                dst.iter_mut().for_each(|x| *x /= total);
+                *row_lse = top + total.ln();
+            });
+    }
     if layout == Layout::Bshd {
         let staged = o;
         o = vec![0f32; dims.o_elems()];
@@ -322,6 +347,19 @@ struct Problem<'a, const NR: usize> {
     q: &'a [f32],
     /// `(batch, head, seq)` element strides of Q.
     qs: [usize; 3],
+    k: &'a [f32],
+    /// `(batch, head, seq)` element strides of K.
+    ks: [usize; 3],
+    v: &'a [f32],
+    /// `(batch, head, seq)` element strides of V.
+    vs: [usize; 3],
+    /// Whether each task packs the K and V blocks it visits into its scratch
+    /// ([`Scratch::kb`], [`Scratch::vb`]) instead of the whole of K and V being packed once
+    /// up front ([`Problem::kp`], [`Problem::vp`], then empty). True when a unit's rows fit one
+    /// task (decoding), so that every block is used by one task anyway: packing as it goes
+    /// then costs the same moves without allocating and first touching a copy of all of K and
+    /// V (page faults were most of a decoding call's time).
+    pack_per_task: bool,
     /// K of each (batch, kv head), transposed into panels of `NR` keys:
     /// `[batch * kv_heads][key panel][head_dim]`, keys past `kv_len` zero.
     kp: Vec<Panel<NR>>,
@@ -336,7 +374,10 @@ struct Problem<'a, const NR: usize> {
     q_scale: f32,
     /// Whether scores come out of `Q K^T` in natural units and need `transform_row`.
     transform: bool,
-    /// Query rows per task.
+    /// Query heads whose rows one task may hold: the kv head's whole group when `q_len` is
+    /// below [`BR`] (decoding: the group's heads share every K and V panel), else 1.
+    heads_per_unit: usize,
+    /// Query rows per task: up to [`BR`] of a unit's `heads_per_unit * q_len`.
     br: usize,
     /// Key panels per (batch, kv head); `kv_len` rounded up to `NR` is `key_panels * NR`.
     key_panels: usize,
@@ -344,12 +385,17 @@ struct Problem<'a, const NR: usize> {
     v_panels: usize,
 }
 
-/// Which rows a task computes: `i0..i0 + rows` of head `h` of batch entry `b`.
+/// Which rows a task computes, against which keys: rows `t0..t0 + rows` of the unit of
+/// batch entry `b` whose first head is `h0`, in the order (head, query row), so row `t` is
+/// query row `t % q_len` of head `h0 + t / q_len`; only keys `keys.0..keys.1`, and the sink
+/// logit only if `with_sink` (a split of the keys leaves it to the merge).
 #[derive(Debug, Clone, Copy)]
 struct Task {
     b: usize,
-    h: usize,
-    i0: usize,
+    h0: usize,
+    t0: usize,
+    keys: (usize, usize),
+    with_sink: bool,
 }
 
 /// Per-thread buffers of the copy `K` of the micro-kernel, reused from task to task.
@@ -364,6 +410,12 @@ struct Scratch<const NR: usize, K: MicroKernel<NR>> {
     /// Running row maximum (base-2 units) and sum.
     m: Vec<f32>,
     l: Vec<f32>,
+    /// The task's K block when [`Problem::pack_per_task`]: `[key panel][head_dim]`.
+    kb: Vec<Panel<NR>>,
+    /// The task's V block when [`Problem::pack_per_task`]: `[column panel][BC keys]`.
+    vb: Vec<Panel<NR>>,
+    /// Head and query row of each row of the task.
+    rows: Vec<(usize, usize)>,
     /// Key range of each row of the task.
     ranges: Vec<(usize, usize)>,
     /// Keys inside each row's range that it does not see (between StreamingLLM's sink keys
@@ -381,6 +433,17 @@ impl<const NR: usize, K: MicroKernel<NR>> Scratch<NR, K> {
             acc: vec![[[0.0; NR]; MR]; strips * p.v_panels],
             m: vec![0.0; strips * MR],
             l: vec![0.0; strips * MR],
+            kb: if p.pack_per_task {
+                vec![Panel::default(); BC / NR * d]
+            } else {
+                Vec::new()
+            },
+            vb: if p.pack_per_task {
+                vec![Panel::default(); p.v_panels * BC]
+            } else {
+                Vec::new()
+            },
+            rows: vec![(0, 0); strips * MR],
             ranges: vec![(0, 0); strips * MR],
             holes: vec![(0, 0); strips * MR],
         }
@@ -398,45 +461,18 @@ impl<'a, const NR: usize> Problem<'a, NR> {
         let kv_pad = key_panels * NR;
         let v_panels = dv.div_ceil(NR);
 
-        let ks = layout.strides(dims.kv_heads, kv_len, d);
-        let mut kp = vec![Panel::default(); dims.batch * dims.kv_heads * key_panels * d];
-        kp.par_chunks_mut(key_panels * d)
-            .enumerate()
-            .for_each(|(bk, dst)| {
-                let base = bk / dims.kv_heads * ks[0] + bk % dims.kv_heads * ks[1];
-                for j in 0..kv_len {
-                    let src = &k[base + j * ks[2]..][..d];
-                    for (x, &y) in dst[j / NR * d..][..d].iter_mut().zip(src) {
-                        x.0[j % NR] = y;
-                    }
-                }
-            });
-        let vs = layout.strides(dims.kv_heads, kv_len, dv);
-        let mut vp = vec![Panel::default(); dims.batch * dims.kv_heads * v_panels * kv_pad];
-        vp.par_chunks_mut(v_panels * kv_pad)
-            .enumerate()
-            .for_each(|(bk, dst)| {
-                let base = bk / dims.kv_heads * vs[0] + bk % dims.kv_heads * vs[1];
-                for j in 0..kv_len {
-                    let src = &v[base + j * vs[2]..][..dv];
-                    for (p, cols) in src.chunks(NR).enumerate() {
-                        dst[p * kv_pad + j].0[..cols.len()].copy_from_slice(cols);
-                    }
-                }
-            });
-
-        let transform = opts.softcap.is_some() || opts.bias.is_some() || opts.alibi.is_some();
-        let q_scale = if transform {
-            spec.scale
-        } else {
-            spec.scale * std::f32::consts::LOG2_E
-        };
-        Problem {
+        let heads_per_unit = if dims.q_len < BR { dims.group() } else { 1 };
+        let mut problem = Problem {
             spec,
             q,
             qs: layout.strides(dims.heads, dims.q_len, d),
-            kp,
-            vp,
+            k,
+            ks: layout.strides(dims.kv_heads, kv_len, d),
+            v,
+            vs: layout.strides(dims.kv_heads, kv_len, dv),
+            kp: Vec::new(),
+            vp: Vec::new(),
+            pack_per_task: heads_per_unit * dims.q_len <= BR,
             mask: opts
                 .mask
                 .as_ref()
@@ -446,12 +482,116 @@ impl<'a, const NR: usize> Problem<'a, NR> {
                 .as_ref()
                 .map(|m| (broadcast_strides(m.shape), m.data.as_slice())),
             softcap: opts.softcap,
-            q_scale,
-            transform,
-            br: BR.min(dims.q_len.next_multiple_of(MR)),
+            q_scale: 0.0,
+            transform: false,
+            heads_per_unit,
+            br: BR.min((heads_per_unit * dims.q_len).next_multiple_of(MR)),
             key_panels,
             v_panels,
+        };
+        if !problem.pack_per_task {
+            let mut kp = vec![Panel::default(); dims.batch * dims.kv_heads * key_panels * d];
+            kp.par_chunks_mut(key_panels * d)
+                .enumerate()
+                .for_each(|(bk, dst)| problem.pack_k(bk, 0, kv_len, dst));
+            let mut vp = vec![Panel::default(); dims.batch * dims.kv_heads * v_panels * kv_pad];
+            vp.par_chunks_mut(v_panels * kv_pad)
+                .enumerate()
+                .for_each(|(bk, dst)| problem.pack_v(bk, 0, kv_len, dst, kv_pad));
+            (problem.kp, problem.vp) = (kp, vp);
         }
+
+        let transform = opts.softcap.is_some() || opts.bias.is_some() || opts.alibi.is_some();
+        problem.q_scale = if transform {
+            spec.scale
+        } else {
+            spec.scale * std::f32::consts::LOG2_E
+        };
+        problem.transform = transform;
+        problem
+    }
+
+    /// Writes keys `j0..j1` of (batch, kv head) `bk` into `dst` transposed, in panels of
+    /// `NR` keys from `j0` (`[panel][head_dim]`), leaving the lanes past `j1` as they were.
+    #[inline(always)]
+    fn pack_k(&self, bk: usize, j0: usize, j1: usize, dst: &mut [Panel<NR>]) {
+        let (d, ks) = (self.spec.dims.head_dim, self.ks);
+        let kv_heads = self.spec.dims.kv_heads;
+        let base = bk / kv_heads * ks[0] + bk % kv_heads * ks[1];
+        for j in j0..j1 {
+            let src = &self.k[base + j * ks[2]..][..d];
+            let (p, lane) = ((j - j0) / NR, (j - j0) % NR);
+            for (x, &y) in dst[p * d..][..d].iter_mut().zip(src) {
+                x.0[lane] = y;
+            }
+        }
+    }
+
+    /// Writes the values of keys `j0..j1` of (batch, kv head) `bk` into `dst` in panels of
+    /// `NR` columns, `stride` panels apart (`[column panel][key from j0]`); the columns past
+    /// `v_head_dim` are left as they were.
+    #[inline(always)]
+    fn pack_v(&self, bk: usize, j0: usize, j1: usize, dst: &mut [Panel<NR>], stride: usize) {
+        let (dv, vs) = (self.spec.dims.v_head_dim, self.vs);
+        let kv_heads = self.spec.dims.kv_heads;
+        let base = bk / kv_heads * vs[0] + bk % kv_heads * vs[1];
+        for j in j0..j1 {
+            let src = &self.v[base + j * vs[2]..][..dv];
+            for (p, cols) in src.chunks(NR).enumerate() {
+                dst[p * stride + j - j0].0[..cols.len()].copy_from_slice(cols);
+            }
+        }
+    }
+
+    /// How many parts to split the keys into: enough for about four tasks per thread when the
+    /// shape has fewer (decoding), each part at least [`SPLIT_KEYS`] keys.
+    fn key_splits(&self) -> usize {
+        let dims = self.spec.dims;
+        let units = dims.batch * dims.heads / self.heads_per_unit;
+        let tasks = units * (self.heads_per_unit * dims.q_len).div_ceil(self.br);
+        let want = (4 * rayon::current_num_threads()).div_ceil(tasks);
+        want.min(dims.kv_len / SPLIT_KEYS).max(1)
+    }
+
+    /// Runs every task of each pass `(keys, with_sink, o, lse)` in one parallel loop: the
+    /// whole of O and the log-sum-exp over the keys `keys.0..keys.1`, in `Bhsd` order.
+    fn run_passes<B: Block<NR>>(
+        &self,
+        passes: Vec<((usize, usize), bool, &mut [f32], &mut [f32])>,
+    ) {
+        let dims = self.spec.dims;
+        let (q_len, dv, br) = (dims.q_len, dims.v_head_dim, self.br);
+        let unit_rows = self.heads_per_unit * q_len;
+        let units_per_batch = dims.heads / self.heads_per_unit;
+        // Bhsd order: a unit's heads are consecutive, so it owns `unit_rows` contiguous rows,
+        // each task `br` of them.
+        let tasks: Vec<(Task, &mut [f32], &mut [f32])> = passes
+            .into_iter()
+            .flat_map(|(keys, with_sink, o, lse)| {
+                o.chunks_mut(unit_rows * dv)
+                    .zip(lse.chunks_mut(unit_rows))
+                    .enumerate()
+                    .flat_map(move |(u, (o_u, lse_u))| {
+                        o_u.chunks_mut(br * dv)
+                            .zip(lse_u.chunks_mut(br))
+                            .enumerate()
+                            .map(move |(blk, (o_blk, lse_blk))| {
+                                let task = Task {
+                                    b: u / units_per_batch,
+                                    h0: u % units_per_batch * self.heads_per_unit,
+                                    t0: blk * br,
+                                    keys,
+                                    with_sink,
+                                };
+                                (task, o_blk, lse_blk)
+                            })
+                    })
+            })
+            .collect();
+        tasks.into_par_iter().for_each_init(
+            || Scratch::<NR, B>::new(self),
+            |scratch, (task, o_blk, lse_blk)| B::block(self, task, o_blk, lse_blk, scratch),
+        );
     }
 
     /// Computes the task's rows, as many as `lse` holds: `o` receives those rows of O,
@@ -466,24 +606,22 @@ impl<'a, const NR: usize> Problem<'a, NR> {
     ) {
         let dims = self.spec.dims;
         let (d, dv, np) = (dims.head_dim, dims.v_head_dim, self.v_panels);
-        let Task { b, h, i0 } = task;
+        let Task { b, h0, t0, .. } = task;
+        let (k0, k1) = task.keys;
         let rows = lse.len();
         let strips = rows.div_ceil(MR);
+        let q_len = dims.q_len;
+        for (r, hi) in s.rows[..rows].iter_mut().enumerate() {
+            *hi = (h0 + (t0 + r) / q_len, (t0 + r) % q_len);
+        }
 
         let (mut lo_all, mut hi_all) = (usize::MAX, 0);
         let ranges = s.ranges[..strips * MR].iter_mut();
         for (r, (range, hole)) in ranges.zip(&mut s.holes).enumerate() {
-            *range = if r < rows {
-                self.spec.key_range(b, i0 + r)
-            } else {
-                (0, 0)
-            };
+            let i = s.rows.get(r).filter(|_| r < rows).map(|&(_, i)| i);
+            *range = i.map_or((0, 0), |i| self.spec.key_range(b, i));
             *hole = (0, 0);
-            let sink_end = if r < rows {
-                self.spec.sink_end(b, i0 + r)
-            } else {
-                0
-            };
+            let sink_end = i.map_or(0, |i| self.spec.sink_end(b, i));
             if sink_end > 0 {
                 // Sink keys 0..sink_end and the window lo..hi, as one range with a hole.
                 if range.0 >= range.1 {
@@ -495,24 +633,33 @@ impl<'a, const NR: usize> Problem<'a, NR> {
                     *range = (0, range.1.max(sink_end));
                 }
             }
+            // This task's share of the keys.
+            *range = (range.0.max(k0), range.1.min(k1));
+            if range.0 >= range.1 {
+                *range = (0, 0);
+            }
             if range.0 < range.1 {
                 lo_all = lo_all.min(range.0);
                 hi_all = hi_all.max(range.1);
             }
         }
-        let sink = self.spec.opts.sinks.as_ref().map(|s| s[h]);
+        let sinks = self.spec.opts.sinks.as_deref().filter(|_| task.with_sink);
         if lo_all >= hi_all {
             o.fill(0.0);
-            lse.fill(sink.unwrap_or(f32::NEG_INFINITY));
+            for (l, &(h, _)) in lse.iter_mut().zip(&s.rows) {
+                *l = sinks.map_or(f32::NEG_INFINITY, |s| s[h]);
+            }
             return;
         }
 
         // Q, scaled, in the kernel's form; rows past the end of the block are zero.
-        let q_base = b * self.qs[0] + h * self.qs[1];
         for st in 0..strips {
             let src: [Option<&[f32]>; MR] = std::array::from_fn(|r| {
-                let i = st * MR + r;
-                (i < rows).then(|| &self.q[q_base + (i0 + i) * self.qs[2]..][..d])
+                let r = st * MR + r;
+                (r < rows).then(|| {
+                    let (h, i) = s.rows[r];
+                    &self.q[b * self.qs[0] + h * self.qs[1] + i * self.qs[2]..][..d]
+                })
             });
             for (c, x) in s.qp[st * d..][..d].iter_mut().enumerate() {
                 *x = K::a(std::array::from_fn(|r| {
@@ -525,30 +672,45 @@ impl<'a, const NR: usize> Problem<'a, NR> {
         s.acc[..strips * np].fill([[0.0; NR]; MR]);
 
         // Key blocks aligned to BC, so they start on a panel of the packed K and V.
-        let bk = b * dims.kv_heads + h / dims.group();
-        let kv = KvBlock {
-            kp: &self.kp[bk * self.key_panels * d..][..self.key_panels * d],
-            vp: &self.vp[bk * np * self.key_panels * NR..][..np * self.key_panels * NR],
-            j0: 0,
-            j1: 0,
-        };
+        let bk = b * dims.kv_heads + h0 / dims.group();
+        let (mut kb, mut vb) = (std::mem::take(&mut s.kb), std::mem::take(&mut s.vb));
         for jb in lo_all / BC..hi_all.div_ceil(BC) {
-            let kv = KvBlock {
-                j0: jb * BC,
-                j1: hi_all.min((jb + 1) * BC),
-                ..kv
+            let (j0, j1) = (jb * BC, hi_all.min((jb + 1) * BC));
+            let kv = if self.pack_per_task {
+                // The block's keys only: this task is the one that reads them.
+                self.pack_k(bk, j0, j1, &mut kb);
+                self.pack_v(bk, j0, j1, &mut vb, BC);
+                KvBlock {
+                    kp: &kb,
+                    vp: &vb,
+                    base: j0,
+                    v_stride: BC,
+                    j0,
+                    j1,
+                }
+            } else {
+                let kv_pad = self.key_panels * NR;
+                KvBlock {
+                    kp: &self.kp[bk * self.key_panels * d..][..self.key_panels * d],
+                    vp: &self.vp[bk * np * kv_pad..][..np * kv_pad],
+                    base: 0,
+                    v_stride: kv_pad,
+                    j0,
+                    j1,
+                }
             };
             for st in 0..strips {
                 self.strip(task, st, &kv, s);
             }
         }
+        (s.kb, s.vb) = (kb, vb);
 
         for (r, (dst, row_lse)) in o.chunks_exact_mut(dv).zip(lse.iter_mut()).enumerate() {
             let (st, rr) = (r / MR, r % MR);
             let (mut m, mut l) = (s.m[r], s.l[r]);
             // A sink joins the sum (base-2 units here) and attends to nothing.
             let mut o_scale = 1.0;
-            if let Some(sink) = sink {
+            if let Some(sink) = sinks.map(|sinks| sinks[s.rows[r].0]) {
                 let sink2 = sink * std::f32::consts::LOG2_E;
                 let top = m.max(sink2);
                 o_scale = if m == f32::NEG_INFINITY {
@@ -582,10 +744,13 @@ impl<'a, const NR: usize> Problem<'a, NR> {
         kv: &KvBlock<'_, NR>,
         s: &mut Scratch<NR, K>,
     ) {
-        let Task { b, h, i0 } = task;
+        let b = task.b;
         let dims = self.spec.dims;
-        let (d, np, kv_pad) = (dims.head_dim, self.v_panels, self.key_panels * NR);
+        let (d, np) = (dims.head_dim, self.v_panels);
         let (j0, j1) = (kv.j0, kv.j1);
+        // Offsets into the packed K and V: the block's first panel and key.
+        let (k_off, vs) = ((j0 - kv.base) / NR, kv.v_stride);
+        let v_off = j0 - kv.base;
         // The strip's keys inside this block, relative to j0.
         let ranges = &s.ranges[st * MR..][..MR];
         let mut lo = usize::MAX;
@@ -605,7 +770,7 @@ impl<'a, const NR: usize> Problem<'a, NR> {
         let a = &s.qp[st * d..][..d];
         for p in lo / NR..hi.div_ceil(NR) {
             let mut c = [[0f32; NR]; MR];
-            K::tile(a, &kv.kp[(j0 / NR + p) * d..][..d], &mut c);
+            K::tile(a, &kv.kp[(k_off + p) * d..][..d], &mut c);
             for (row, c) in scores.iter_mut().zip(&c) {
                 row[p * NR..][..NR].copy_from_slice(c);
             }
@@ -623,7 +788,8 @@ impl<'a, const NR: usize> Problem<'a, NR> {
             let sr = &mut scores[r][a..e];
             let pr = &mut probs[r][a..e];
             if self.transform || self.mask.is_some() {
-                self.transform_row(b, h, i0 + row, j0 + a, sr);
+                let (h, i) = s.rows[row];
+                self.transform_row(b, h, i, j0 + a, sr);
             }
             // Keys between the sink keys and the window.
             let (ha, he) = s.holes[row];
@@ -669,7 +835,7 @@ impl<'a, const NR: usize> Problem<'a, NR> {
         }
         let pp = &s.pp[lo..hi];
         for (p, c) in s.acc[st * np..][..np].iter_mut().enumerate() {
-            K::tile(pp, &kv.vp[p * kv_pad + j0 + lo..p * kv_pad + j0 + hi], c);
+            K::tile(pp, &kv.vp[p * vs + v_off + lo..p * vs + v_off + hi], c);
         }
     }
 
@@ -712,12 +878,16 @@ impl<'a, const NR: usize> Problem<'a, NR> {
     }
 }
 
-/// The packed K and V of one (batch, kv head), and the keys `j0..j1` of the current block
-/// (`j0` a multiple of `BC`).
+/// The packed K and V of one (batch, kv head) (all of them, or the current block's), and the
+/// keys `j0..j1` of the current block (`j0` a multiple of `BC`).
 #[derive(Clone, Copy)]
 struct KvBlock<'a, const NR: usize> {
+    /// K from key `base` on, in panels of `NR` keys.
     kp: &'a [Panel<NR>],
+    /// V from key `base` on, `v_stride` panels per column panel.
     vp: &'a [Panel<NR>],
+    base: usize,
+    v_stride: usize,
     j0: usize,
     j1: usize,
 }
