@@ -385,6 +385,10 @@ struct Problem<'a, const NR: usize> {
     v_panels: usize,
 }
 
+/// One pass of [`Problem::run_passes`]: the keys, whether the sink logit joins, and the O and
+/// log-sum-exp it fills.
+type Pass<'o> = ((usize, usize), bool, &'o mut [f32], &'o mut [f32]);
+
 /// Which rows a task computes, against which keys: rows `t0..t0 + rows` of the unit of
 /// batch entry `b` whose first head is `h0`, in the order (head, query row), so row `t` is
 /// query row `t % q_len` of head `h0 + t / q_len`; only keys `keys.0..keys.1`, and the sink
@@ -555,10 +559,7 @@ impl<'a, const NR: usize> Problem<'a, NR> {
 
     /// Runs every task of each pass `(keys, with_sink, o, lse)` in one parallel loop: the
     /// whole of O and the log-sum-exp over the keys `keys.0..keys.1`, in `Bhsd` order.
-    fn run_passes<B: Block<NR>>(
-        &self,
-        passes: Vec<((usize, usize), bool, &mut [f32], &mut [f32])>,
-    ) {
+    fn run_passes<B: Block<NR>>(&self, passes: Vec<Pass<'_>>) {
         let dims = self.spec.dims;
         let (q_len, dv, br) = (dims.q_len, dims.v_head_dim, self.br);
         let unit_rows = self.heads_per_unit * q_len;
