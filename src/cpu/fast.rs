@@ -3,7 +3,8 @@
 //!
 //! # How it is blocked
 //!
-//! Like FlashAttention: one task computes up to 64 query rows of one (batch, head). It walks the
+//! Like FlashAttention: one task computes up to 64 query rows of one (batch, unit) (a unit is a
+//! head or a kv head's group, below). It walks the
 //! keys in blocks of 128, and for each block and each strip of 4 query rows computes the 4 x 128
 //! scores, applies softcap, bias and masks, updates the running row maximum and sum (online
 //! softmax, in base 2 with `log2(e)` folded into the scale of Q), rescales the output
@@ -15,42 +16,60 @@
 //!
 //! Both products run through one register-blocked micro-kernel, `C[4 x NR] += A B` with `NR`
 //! two vectors wide, over packed operands so that every load is contiguous: K transposed into
-//! panels of `NR` keys and V cut into panels of `NR` columns, both once per call and per
-//! (batch, kv head), in parallel; Q scaled and splatted (each value repeated across a vector,
-//! so the kernel needs no shuffles) once per task; the probabilities splatted like Q per strip.
-//! The kernel is plain loops over fixed-size arrays, which LLVM turns into SIMD code for the
-//! target the crate is built for: there is no `unsafe` and no runtime feature detection. For
-//! the same reason `exp2` is a polynomial in plain arithmetic (the libm call does not
+//! panels of `NR` keys and V cut into panels of `NR` columns, Q scaled (and, for the baseline
+//! copy, splatted: each value repeated across a vector, so its kernel needs no shuffles) once
+//! per task, the probabilities likewise per strip. K and V are packed once per call and per
+//! (batch, kv head) when several tasks read them (prefill), and block by block inside the one
+//! task that reads them otherwise (decoding): a copy of all of K and V, allocated and first
+//! touched per call, had made page faults most of a decoding call's time.
+//!
+//! # Which copy of the kernel runs
+//!
+//! The block code (scores, softmax, both products) exists in one copy per instruction set
+//! ([`CpuKernel`]), chosen at run time from what the CPU has (`is_x86_feature_detected!`):
+//! AVX-512F (`NR` = 32, fused multiply-adds), AVX2 with FMA (16), AVX2 (16), and the baseline
+//! (8: SSE2 on the default x86-64 target, NEON on aarch64). The x86-64 micro-kernels are
+//! written with `std::arch` intrinsics, and each copy's block code is compiled inside a
+//! `#[target_feature]` function so the softmax around the kernel gets the same vectors; the
+//! `unsafe` this takes is in `kernels.rs`, each block with its `SAFETY` note.
+//! `WGPU_ATTENTION_CPU_KERNEL` (`sse2`, `avx2`, `avx2+fma`, `avx512f`, `baseline`) or
+//! `WGPU_ATTENTION_CPU_BASELINE=1` picks another copy, [`fast_with_kernel`] one per call.
+//! Before the copies were written with intrinsics, the kernel was plain loops left to LLVM's
+//! vectoriser: built with `-C target-cpu=native` on an AVX-512 machine, LLVM vectorised them
+//! across the four rows with a gather and a scatter per multiply-add, 15x slower than the
+//! default build. `exp2` is a polynomial in plain arithmetic (the libm call does not
 //! vectorise), as are the row maximum and sum, kept in 8 lanes.
 //!
 //! # How it is threaded
 //!
-//! rayon, one task per (batch, head, block of 64 query rows), each writing its own disjoint
-//! chunk of a `Bhsd`-ordered output; for `Bshd` that output is then transposed in parallel.
-//! A few queries against many keys (decoding) therefore get only `batch * heads` tasks: the
-//! keys are not split across threads.
+//! rayon, one task per (batch, unit, block of 64 rows), each writing its own disjoint chunk of
+//! a `Bhsd`-ordered output; for `Bshd` that output is then transposed in parallel. A unit is
+//! one head when `q_len >= 64`, else a kv head's whole group, its rows in the order (head,
+//! query row), so a decoding step's query heads share each K and V panel. When that still
+//! makes fewer than four tasks per thread (decoding few sequences on many cores), the keys are
+//! split into parts of at least 512 keys, each part a task of its own with its own partial O
+//! and log-sum-exp, merged row by row afterwards (the sink logit joins once, at the merge).
 //!
 //! # What it measured
 //!
-//! `B=1, H=8, L=S=2048, D=64` on a 2-core AMD EPYC (Zen 3) VM, FLOPs `4 B H L S D` (halved for
-//! causal), median of 10 calls after 2 warm-up calls, `--release`. The VM is shared, so timings
-//! vary by up to 2x from run to run; these are the best medians of several back-to-back rounds,
-//! with JAX's `dot_product_attention` (XLA on the CPU, jitted, f32, from
-//! `benches/compare/jax_sdpa.py`) run in the same rounds:
+//! `B=1, H=8, D=64`, FLOPs `4 B H L S D` (halved for causal), median of 5 calls after 2
+//! warm-up calls, `--release`, the default target (no `-C target-cpu`), against numpy's and
+//! XLA's sgemm on a 2048^3 product and JAX's `dot_product_attention` (XLA, jitted, f32), all
+//! in one run of `benches/compare/cpu_roof.py` on a 2-vCPU AMD EPYC VM with AVX-512
+//! (2026-12-02, BENCHMARKS.md has every shape):
 //!
-//! | GFLOP/s | full | causal |
+//! | GFLOP/s, L = S = 2048 | full | causal |
 //! | --- | --- | --- |
-//! | `fast`, default target, AVX2 copy chosen at run time (BENCHMARKS.md) | 78-88 | 64-78 |
-//! | `fast`, default target forced to its SSE2 copy (`WGPU_ATTENTION_CPU_BASELINE=1`) | 49-55 | 48-50 |
-//! | `fast`, `RUSTFLAGS="-C target-cpu=native"` (AVX2 and FMA, 8 lanes) | 100-110 | 87-98 |
-//! | [`reference`](super::reference()) (f64, one thread) | 2.6 | 2.4 |
-//! | `jax.nn.dot_product_attention` 0.10.2 | 26-31 | 16-19 |
+//! | `fast`, AVX-512F copy (chosen) | 232 | 223 |
+//! | `fast` before the copies (AVX2 without FMA chosen at run time) | 80 | - |
+//! | `fast` before, built with `-C target-cpu=native` | 5.7 | - |
+//! | numpy sgemm (OpenBLAS, an AVX2 kernel on this CPU) | 229 | |
+//! | XLA sgemm (`jnp.dot`) | 383 | |
+//! | `jax.nn.dot_product_attention` 0.10.2 | 49 | 29 |
 //!
-//! With SSE2 the micro-kernel alone peaks at about 35 GFLOP/s per core on that machine (two
-//! 4-lane multiplies and two adds per cycle), so about 80% of the time is in the kernel and the
-//! rest in the softmax, the splats and the packing. On x86-64 the block kernel is compiled a
-//! second time with AVX2 enabled and picked at run time, so a default build gets most of the
-//! wide-vector speed; `-C target-cpu=native` adds FMA and 8-lane splats.
+//! The copies alone, same shape and session: SSE2 62, AVX2 116, AVX2+FMA 142, AVX-512F 224.
+//! A decoding step (B=1, 32 query heads over 8 kv heads, D=128, S=16384, one query) went from
+//! 72 ms to 10 ms (13.9 GB/s of K and V read), 5x JAX's 52 ms.
 //!
 //! # Differences from [`reference`](super::reference())
 //!
@@ -115,8 +134,9 @@ fn check_len(what: &'static str, data: &[f32], dims: [usize; 4]) -> Result<()> {
 /// Results agree with the reference to about `1e-6` relative; scores that overflow f32 are
 /// saturated, so finite input never gives NaN.
 ///
-/// On x86-64 it runs an AVX2 copy of its block kernel where the CPU has AVX2 (chosen at run
-/// time), else the SSE2 one; `RUSTFLAGS="-C target-cpu=native"` adds FMA.
+/// It runs the fastest copy of its block kernel the CPU has ([`CpuKernel::chosen`]: AVX-512F,
+/// AVX2 with FMA, AVX2 or the baseline), chosen at run time, so a default build and one with
+/// `-C target-cpu=native` run the same kernel.
 ///
 /// ```
 /// use wgpu_attention::{Attention, Causal, Dims, cpu};
