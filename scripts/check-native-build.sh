@@ -9,7 +9,8 @@
 # 0.8x the default build's (a margin for this kind of VM's noise; the cliff was 0.07x).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-native=(env RUSTFLAGS="-C target-cpu=native" CARGO_TARGET_DIR=target/native)
+target="${CARGO_TARGET_DIR:-target}"
+native=(env RUSTFLAGS="-C target-cpu=native" CARGO_TARGET_DIR="$target/native")
 "${native[@]}" cargo test --release --test cpu_fast
 cargo build --release --bin attn-bench
 "${native[@]}" cargo build --release --bin attn-bench
@@ -18,8 +19,8 @@ gflops() { "$1" "${shape[@]}" 2>/dev/null | python3 -c 'import json,sys; print(j
 best_default=0
 best_native=0
 for round in 1 2 3; do
-    d=$(gflops target/release/attn-bench)
-    n=$(gflops target/native/release/attn-bench)
+    d=$(gflops "$target/release/attn-bench")
+    n=$(gflops "$target/native/release/attn-bench")
     echo "round $round: default build $d GFLOP/s, native build $n GFLOP/s"
     best_default=$(python3 -c "print(max($best_default, $d))")
     best_native=$(python3 -c "print(max($best_native, $n))")
