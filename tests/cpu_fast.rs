@@ -1,5 +1,5 @@
 //! `cpu::fast` against the f64 reference, element by element, on shapes that are not multiples
-//! of its blocks (4-row strips, 8-, 16- or 32-key panels, 128-key blocks, 64-row tasks), with
+//! of its blocks (4-row strips, 8-, 16- or 64-key panels, 128-key blocks, 64-row tasks), with
 //! every option, through every copy of its block kernel this CPU can run
 //! (`CpuKernel::available`: SSE2, AVX2, AVX2+FMA and AVX-512F on an AVX-512 machine). No GPU
 //! needed.

@@ -27,7 +27,7 @@
 //!
 //! The block code (scores, softmax, both products) exists in one copy per instruction set
 //! ([`CpuKernel`]), chosen at run time from what the CPU has (`is_x86_feature_detected!`):
-//! AVX-512F (`NR` = 32, fused multiply-adds), AVX2 with FMA (16), AVX2 (16), and the baseline
+//! AVX-512F (`NR` = 64, fused multiply-adds), AVX2 with FMA (16), AVX2 (16), and the baseline
 //! (8: SSE2 on the default x86-64 target, NEON on aarch64). The x86-64 micro-kernels are
 //! written with `std::arch` intrinsics, and each copy's block code is compiled inside a
 //! `#[target_feature]` function so the softmax around the kernel gets the same vectors; the
@@ -276,7 +276,7 @@ fn fast_f32(
 
     Ok(match kernel {
         #[cfg(target_arch = "x86_64")]
-        CpuKernel::Avx512 => compute::<32, Avx512>(spec, q, k, v),
+        CpuKernel::Avx512 => compute::<64, Avx512>(spec, q, k, v),
         #[cfg(target_arch = "x86_64")]
         CpuKernel::Avx2Fma => compute::<16, Avx2Fma>(spec, q, k, v),
         #[cfg(target_arch = "x86_64")]
@@ -975,7 +975,7 @@ macro_rules! x86_block {
 
 x86_block!(Avx2, 16, "avx2", block_avx2);
 x86_block!(Avx2Fma, 16, "avx2,fma", block_avx2_fma);
-x86_block!(Avx512, 32, "avx512f,avx2,fma", block_avx512);
+x86_block!(Avx512, 64, "avx512f,avx2,fma", block_avx512);
 
 /// The maximum of `s`, ignoring NaN; `-inf` for an empty or fully masked row.
 #[inline(always)]

@@ -1,7 +1,8 @@
 //! The copies of `cpu::fast`'s micro-kernel, one per instruction set, and the choice among them.
 //!
 //! Every copy computes the same `C[MR x NR] += A B` over the same packed operands; they differ
-//! in `NR` (two vectors of the instruction set: 8, 16 or 32 floats), in how the left operand
+//! in `NR` (two vectors of the instruction set, four for AVX-512: 8, 16 or 64 floats), in how
+//! the left operand
 //! is stored, and in the target features the block code around them is compiled with. The
 //! portable copy is plain loops that LLVM vectorises for the compile-time target (SSE2 on the
 //! default x86-64 target, NEON on aarch64); the x86-64 copies are written with `std::arch`
@@ -264,7 +265,7 @@ mod x86 {
     /// AVX2 and FMA: `NR = 16`, two `__m256` per row.
     #[derive(Debug, Clone, Copy)]
     pub(in crate::cpu::fast) struct Avx2Fma;
-    /// AVX-512F: `NR = 32`, two `__m512` per row.
+    /// AVX-512F: `NR = 64`, four `__m512` per row.
     #[derive(Debug, Clone, Copy)]
     pub(in crate::cpu::fast) struct Avx512;
 
@@ -351,25 +352,32 @@ mod x86 {
         tile_avx2!(a, b, c, _mm256_fmadd_ps)
     }
 
-    /// The AVX-512 tile.
+    /// The AVX-512 tile: four vectors per row, so 16 accumulators are in flight (with two,
+    /// eight chains of 4-cycle FMAs kept the loop at the latency bound).
     #[inline]
     #[target_feature(enable = "avx512f")]
-    fn tile_avx512(a: &[[f32; MR]], b: &[Panel<32>], c: &mut [[f32; 32]; MR]) {
-        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    fn tile_avx512(a: &[[f32; MR]], b: &[Panel<64>], c: &mut [[f32; 64]; MR]) {
+        let mut acc = [[_mm512_setzero_ps(); 4]; MR];
         for (acc, row) in acc.iter_mut().zip(c.iter()) {
-            *acc = [load16(&row[..16]), load16(&row[16..])];
+            for (v, x) in acc.iter_mut().zip(row.chunks_exact(16)) {
+                *v = load16(x);
+            }
         }
         for (x, y) in a.iter().zip(b) {
-            let (y0, y1) = (load16(&y.0[..16]), load16(&y.0[16..]));
+            let (y0, y1) = (load16(&y.0[..16]), load16(&y.0[16..32]));
+            let (y2, y3) = (load16(&y.0[32..48]), load16(&y.0[48..]));
             for (acc, &xr) in acc.iter_mut().zip(x) {
                 let s = _mm512_set1_ps(xr);
                 acc[0] = _mm512_fmadd_ps(s, y0, acc[0]);
                 acc[1] = _mm512_fmadd_ps(s, y1, acc[1]);
+                acc[2] = _mm512_fmadd_ps(s, y2, acc[2]);
+                acc[3] = _mm512_fmadd_ps(s, y3, acc[3]);
             }
         }
         for (acc, row) in acc.iter().zip(c.iter_mut()) {
-            store16(&mut row[..16], acc[0]);
-            store16(&mut row[16..], acc[1]);
+            for (v, x) in acc.iter().zip(row.chunks_exact_mut(16)) {
+                store16(x, *v);
+            }
         }
     }
 
@@ -409,7 +417,7 @@ mod x86 {
         }
     }
 
-    impl MicroKernel<32> for Avx512 {
+    impl MicroKernel<64> for Avx512 {
         type A = [f32; MR];
         const ZERO: Self::A = [0.0; MR];
         #[inline(always)]
@@ -417,7 +425,7 @@ mod x86 {
             x
         }
         #[inline(always)]
-        fn tile(a: &[Self::A], b: &[Panel<32>], c: &mut [[f32; 32]; MR]) {
+        fn tile(a: &[Self::A], b: &[Panel<64>], c: &mut [[f32; 64]; MR]) {
             #[allow(unsafe_code)]
             // SAFETY: this copy runs only after `CpuKernel::Avx512.check()` passed: the CPU
             // has AVX-512F.
