@@ -60,16 +60,16 @@
 //!
 //! | GFLOP/s, L = S = 2048 | full | causal |
 //! | --- | --- | --- |
-//! | `fast`, AVX-512F copy (chosen) | 232 | 223 |
-//! | `fast` before the copies (AVX2 without FMA chosen at run time) | 80 | - |
-//! | `fast` before, built with `-C target-cpu=native` | 5.7 | - |
-//! | numpy sgemm (OpenBLAS, an AVX2 kernel on this CPU) | 229 | |
-//! | XLA sgemm (`jnp.dot`) | 383 | |
-//! | `jax.nn.dot_product_attention` 0.10.2 | 49 | 29 |
+//! | `fast`, AVX-512F copy (chosen) | 312-316 | 305-306 |
+//! | numpy sgemm (OpenBLAS, an AVX2 kernel on this CPU) | 259-261 | |
+//! | XLA sgemm (`jnp.dot`) | 492-498 | |
+//! | `jax.nn.dot_product_attention` 0.10.2 | 58-59 | 33-39 |
 //!
-//! The copies alone, same shape and session: SSE2 62, AVX2 116, AVX2+FMA 142, AVX-512F 224.
-//! A decoding step (B=1, 32 query heads over 8 kv heads, D=128, S=16384, one query) went from
-//! 72 ms to 10 ms (13.9 GB/s of K and V read), 5x JAX's 52 ms.
+//! Before the copies, on the same VM in its slower mode: 80 with the default build (the AVX2
+//! copy without FMA), 5.7 built with `-C target-cpu=native`. The copies alone, one slower
+//! session: SSE2 62, AVX2 116, AVX2+FMA 142, AVX-512F 224 (at `NR` = 32). A decoding step
+//! (B=1, 32 query heads over 8 kv heads, D=128, S=16384, one query) went from 72 ms to 7 ms
+//! (19.5 GB/s of K and V read), 6.6-6.9x JAX.
 //!
 //! # Differences from [`reference`](super::reference())
 //!
