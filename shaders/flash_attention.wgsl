@@ -5,7 +5,9 @@
 // TILE (tiles that causal, window or length masks remove entirely are never visited). The
 // rows are the (query head in the group, query row) pairs of the kv head, query row fastest:
 // for decoding, the whole GQA group shares each K/V tile.
-// One invocation (tx, ty) of NX x NY: a BR x BC block of each score tile (lib/tile_gemm.wgsl:
+// One invocation (tx, ty) of NX x NY (placed by lib/tile_rows_*.wgsl, which also reduce the
+// rows across the NX invocations that share them: subgroup shuffles or workgroup memory): a
+// BR x BC block of each score tile (lib/tile_gemm.wgsl:
 // rows block_row(ty, r), columns block_col(tx, c)), and the same BR rows x 4 * OC columns of
 // O, 4 (tx + NX c) .. + 3 for c < OC, accumulated in registers with the running row maximum
 // and sum. Q is pre-scaled by scale * log2(e) as it is staged; the softmax runs on exp2.
@@ -37,37 +39,6 @@ const NO_ROW: u32 = 0xffffffffu;
 
 // The tile's probabilities, [key][row / 4].
 var<workgroup> p_tile: array<array<vec4<f32>, TILE_X>, TILE>;
-// Row reductions across the NX invocations that share rows: [row][tx / 4][tx % 4], read a
-// vec4 at a time (on llvmpipe every load costs about the same whatever its width).
-var<workgroup> red: array<vec4<f32>, TILE * NX / 4u>;
-
-// The reduction slot of row `row` (of the tile) for invocation column tx.
-fn red_put(row: u32, tx: u32, x: f32) {
-    red[row * (NX / 4u) + tx / 4u][tx % 4u] = x;
-}
-
-// The NX values of row `row`, as vec4s.
-fn red_row(row: u32, q: u32) -> vec4<f32> {
-    return red[row * (NX / 4u) + q];
-}
-
-// Row `row`'s NX values folded to four by `max` (NX is 8 or 16; no loop, see above).
-fn red_max4(row: u32) -> vec4<f32> {
-    var m = max(red_row(row, 0u), red_row(row, 1u));
-    if NX == 16u {
-        m = max(m, max(red_row(row, 2u), red_row(row, 3u)));
-    }
-    return m;
-}
-
-// Row `row`'s NX values folded to four by `+`.
-fn red_sum4(row: u32) -> vec4<f32> {
-    var m = red_row(row, 0u) + red_row(row, 1u);
-    if NX == 16u {
-        m += red_row(row, 2u) + red_row(row, 3u);
-    }
-    return m;
-}
 
 fn hmax(v: vec4<f32>) -> f32 {
     return max(max(v.x, v.y), max(v.z, v.w));
@@ -183,18 +154,21 @@ fn write_out(row: u32, n: u32, x: f32, w_prev: f32) {
     }
 }
 
-@compute @workgroup_size(NX, TILE_M / BR)
+@compute @workgroup_size(NX * (TILE_M / BR))
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
     @builtin(num_workgroups) num_wg: vec3<u32>,
-    inv: TileInvocation,
+    inv: TileRowsInvocation,
 ) {
-    let lid = inv.lid;
-    let li = inv.li;
     let id = workgroup_index(wg, num_wg);
     if id >= params.groups_total {
         return;
     }
+    // (tx, ty) of this invocation's block, and its index for staging (lib/tile_rows_*.wgsl).
+    let place = tile_place(inv);
+    let tx = place.x;
+    let ty = place.y;
+    let li = place.z;
     // Query tiles fastest, so the workgroups reading the same keys run together; the heaviest
     // tiles (last under causal masking) first, for load balance.
     let tm = params.tiles_m - 1u - id % params.tiles_m;
@@ -205,8 +179,6 @@ fn main(
     k_base = b * params.k_stride_b + kvh * params.k_stride_h;
     let v_base = b * params.v_stride_b + kvh * params.v_stride_h;
     r0 = tm * TILE_M;
-    let tx = lid.x;
-    let ty = lid.y;
     let q_len = mparams.q_len;
     let kv_len = mparams.kv_len;
 
@@ -340,15 +312,12 @@ fn main(
         for (var x = 0u; x < BR * BC4; x++) {
             tile_max[x / BC4] = max(tile_max[x / BC4], hmax(s[x]));
         }
-        for (var r = 0u; r < BR; r++) {
-            red_put(block_row(ty, r), tx, tile_max[r]);
-        }
-        workgroupBarrier();
+        tile_max = rows_max(tile_max, ty, tx);
 
         // Probabilities: to registers for the row sums, to p_tile for P·V.
         var corr = array<f32, BR>();
         for (var r = 0u; r < BR; r++) {
-            let m_new = max(m_run[r], hmax(red_max4(block_row(ty, r))));
+            let m_new = max(m_run[r], tile_max[r]);
             corr[r] = exp2(m_run[r] - m_new);
             m_run[r] = m_new;
             l_run[r] *= corr[r];
@@ -427,10 +396,7 @@ fn main(
     }
 
     // Row sums across the NX invocations of each row, then normalise and write.
-    for (var r = 0u; r < BR; r++) {
-        red_put(block_row(ty, r), tx, l_run[r]);
-    }
-    workgroupBarrier();
+    let l_row = rows_sum(l_run, ty, tx);
     // Resuming: the log-sum-exp of the earlier dispatches, read by every invocation of a row
     // before the barrier, after which one of them overwrites it.
     var prev_lse = array<u32, BR>();
@@ -454,7 +420,7 @@ fn main(
             let h = row_h[r];
             let i = row_i[r];
             let bh = b * params.heads + h;
-            let l = hsum(red_sum4(block_row(ty, r)));
+            let l = l_row[r];
             let inv = select(0.0, 1.0 / l, l > 0.0);
             let new_lse = lse_of(m_run[r] * LN2, l);
             if params.splits == 1u {

@@ -8,6 +8,41 @@ use wgpu_attention::{Output, Path, Plan};
 
 path_grid_tests!(Path::Fused);
 
+/// The row maxima and sums of every block both ways: by subgroup shuffles (where the device
+/// has subgroups; on lavapipe, subgroups of 8 fit the 8 invocations of an 8 x 8 block's rows,
+/// while the 16 of 4 x 4 and 8 x 4 take the kernel's workgroup-memory fallback) and through
+/// workgroup memory only, in one and in several passes, on rows and keys that fill no tile.
+#[test]
+fn row_reductions_both_ways() {
+    use wgpu_attention::{LimitCaps, TileBlock};
+    let Some(base) = gpu() else { return };
+    let kernel = base.tile_config().decode_kernel;
+    let mut ways = vec![(false, base.with_decode_kernel(kernel, false).unwrap())];
+    if base.limits().tile.subgroups {
+        ways.push((true, base.with_decode_kernel(kernel, true).unwrap()));
+    } else {
+        assert!(!base.features().contains(wgpu::Features::SUBGROUP));
+    }
+    let dm = dims(2, 3, 1, 90, 150, 40, 72);
+    let opts = Attention::new()
+        .causal(Causal::BottomRight)
+        .softcap(15.0)
+        .kv_lens(vec![150, 101]);
+    for (subgroups, g) in ways {
+        assert_eq!(g.limits().tile.subgroups, subgroups);
+        for block in TileBlock::ALL {
+            let g = g.with_blocks(block, g.tile_config().gemm_block).unwrap();
+            let seed = 3300 + 10 * block.rows as u64 + block.cols as u64 + subgroups as u64;
+            check(&g, Path::Fused, dm, &opts, seed, 2.0);
+            let capped = g.with_caps(LimitCaps {
+                max_key_tiles_per_workgroup: Some(1),
+                ..Default::default()
+            });
+            check(&capped, Path::Fused, dm, &opts, seed + 100, 2.0);
+        }
+    }
+}
+
 /// One query row over 262144 keys: the fused path allocates nothing of size q_len x kv_len.
 #[test]
 fn one_query_over_262144_keys() {

@@ -85,11 +85,17 @@ pub enum Fragment {
     ReduceSubgroup,
     /// `rows_max` of the decode kernel through workgroup memory only.
     ReduceWorkgroup,
+    /// The fused kernel's row reductions through workgroup memory (both variants use it).
+    TileRows,
+    /// The fused kernel's placement and row reductions by subgroup shuffles.
+    TileRowsSubgroup,
+    /// The fused kernel's placement and row reductions through workgroup memory only.
+    TileRowsWorkgroup,
 }
 
 impl Fragment {
     /// Every fragment.
-    pub const ALL: [Fragment; 7] = [
+    pub const ALL: [Fragment; 10] = [
         Fragment::Grid,
         Fragment::Lse,
         Fragment::TileGemm,
@@ -97,6 +103,9 @@ impl Fragment {
         Fragment::Masking,
         Fragment::ReduceSubgroup,
         Fragment::ReduceWorkgroup,
+        Fragment::TileRows,
+        Fragment::TileRowsSubgroup,
+        Fragment::TileRowsWorkgroup,
     ];
 
     /// Its WGSL.
@@ -110,6 +119,13 @@ impl Fragment {
             Fragment::ReduceSubgroup => include_str!("../../../shaders/lib/reduce_subgroup.wgsl"),
             Fragment::ReduceWorkgroup => {
                 include_str!("../../../shaders/lib/reduce_workgroup.wgsl")
+            }
+            Fragment::TileRows => include_str!("../../../shaders/lib/tile_rows.wgsl"),
+            Fragment::TileRowsSubgroup => {
+                include_str!("../../../shaders/lib/tile_rows_subgroup.wgsl")
+            }
+            Fragment::TileRowsWorkgroup => {
+                include_str!("../../../shaders/lib/tile_rows_workgroup.wgsl")
             }
         }
     }
@@ -383,10 +399,11 @@ pub const FLASH_ROWS: [u32; 5] = [4, 8, 16, 32, 64];
 
 /// Workgroup memory of the fused kernel with invocation block `block`: the tile product's
 /// staging (also V's), the tile's probabilities (`TILE x TILE` f32), a row reduction (`TILE`
-/// rows x `TILE / block.cols` invocations), the tile bounds (`vec4<u32>`) and the last key any
-/// row sees (`u32`).
-pub(crate) const fn flash_workgroup_bytes(block: TileBlock) -> u32 {
-    // Staging, p_tile, red, tile_bounds, key_end, hole_tiles, key_slots.
+/// rows x `TILE / block.cols` invocations), the tile bounds (`vec4<u32>`), the last key any
+/// row sees (`u32`), the hole, the paged keys' slots, and with `subgroups` the flag saying
+/// whether they fit the rows.
+pub(crate) const fn flash_workgroup_bytes(block: TileBlock, subgroups: bool) -> u32 {
+    // Staging, p_tile, red, tile_bounds, key_end, hole_tiles, key_slots, rows_fit.
     TILE_STAGE_BYTES
         + TILE * TILE * 4
         + TILE * block.columns_invocations() * 4
@@ -394,6 +411,7 @@ pub(crate) const fn flash_workgroup_bytes(block: TileBlock) -> u32 {
         + 4
         + 8
         + TILE * 4
+        + if subgroups { 4 } else { 0 }
 }
 
 /// The fused kernel's vec4 columns of O per invocation for `v_head_dim` and `block`
@@ -642,6 +660,10 @@ pub enum KernelKey {
         /// Rows per workgroup: 64, or 4 to 32 when decoding a few rows
         /// ([`FusedPlan::rows_per_workgroup`](crate::gpu::FusedPlan::rows_per_workgroup)).
         rows: u32,
+        /// Row maxima and sums by subgroup shuffles (the device has `Features::SUBGROUP`;
+        /// the kernel falls back to workgroup memory where its subgroups are smaller than a
+        /// row's invocations or not full), or through workgroup memory only.
+        subgroups: bool,
         /// The options compiled in.
         masks: MaskOptions,
     },
@@ -773,7 +795,7 @@ impl KernelKey {
         }
         // The fused kernel: every block, size and row count without options, and every option
         // combination on a few of them.
-        let flash = |block, o_vec4s, rows, masks| KernelKey::FlashAttention {
+        let flash = |block, o_vec4s, rows, subgroups, masks| KernelKey::FlashAttention {
             q: s,
             k: s,
             v: s,
@@ -781,12 +803,24 @@ impl KernelKey {
             block,
             o_vec4s,
             rows,
+            subgroups,
             masks,
         };
         for block in TileBlock::ALL {
             for o_vec4s in 1..=64 / block.columns_invocations() {
-                for rows in FLASH_ROWS.into_iter().filter(|&r| r >= block.rows) {
-                    keys.push(flash(block, o_vec4s, rows, MaskOptions::default()));
+                for (n, rows) in FLASH_ROWS
+                    .into_iter()
+                    .filter(|&r| r >= block.rows)
+                    .enumerate()
+                {
+                    let subgroups = (n + o_vec4s as usize).is_multiple_of(2);
+                    keys.push(flash(
+                        block,
+                        o_vec4s,
+                        rows,
+                        subgroups,
+                        MaskOptions::default(),
+                    ));
                 }
             }
         }
@@ -795,7 +829,7 @@ impl KernelKey {
                 keys.push(KernelKey::MaskedSoftmax { workgroup, masks });
             }
             for (n, block) in TileBlock::ALL.into_iter().enumerate() {
-                keys.push(flash(block, 1 + n as u32, [64, 16, 32][n], masks));
+                keys.push(flash(block, 1 + n as u32, [64, 16, 32][n], n == 1, masks));
             }
         }
         // The decode kernel: every size and reduction without options, and every option
@@ -892,11 +926,17 @@ impl KernelKey {
                 block,
                 o_vec4s,
                 rows,
+                subgroups,
                 masks,
                 ..
             } => format!(
-                "block {}; o_vec4s={o_vec4s}; rows={rows}; {}",
+                "block {}; o_vec4s={o_vec4s}; rows={rows}; {}; {}",
                 block.name(),
+                if *subgroups {
+                    "subgroups"
+                } else {
+                    "workgroup reduce"
+                },
                 masks.label()
             ),
             KernelKey::FlashDecode {
@@ -937,7 +977,9 @@ impl KernelKey {
         match *self {
             KernelKey::QkScores { .. } => TILE_STAGE_BYTES + uniforms::TILE_K * 4,
             KernelKey::PvProduct { .. } | KernelKey::Matmul { .. } => TILE_STAGE_BYTES,
-            KernelKey::FlashAttention { block, .. } => flash_workgroup_bytes(block),
+            KernelKey::FlashAttention {
+                block, subgroups, ..
+            } => flash_workgroup_bytes(block, subgroups),
             KernelKey::FlashDecode {
                 workgroup,
                 rows,
@@ -955,12 +997,21 @@ impl KernelKey {
     /// The fragments of `shaders/lib/` its source includes, in order.
     pub fn fragments(&self) -> Vec<Fragment> {
         let mut out = self.kernel().fragments().to_vec();
-        if let KernelKey::FlashDecode { subgroups, .. } = *self {
-            out.push(if subgroups {
+        match *self {
+            KernelKey::FlashDecode { subgroups, .. } => out.push(if subgroups {
                 Fragment::ReduceSubgroup
             } else {
                 Fragment::ReduceWorkgroup
-            });
+            }),
+            KernelKey::FlashAttention { subgroups, .. } => out.extend([
+                Fragment::TileRows,
+                if subgroups {
+                    Fragment::TileRowsSubgroup
+                } else {
+                    Fragment::TileRowsWorkgroup
+                },
+            ]),
+            _ => {}
         }
         out
     }
@@ -1016,6 +1067,9 @@ impl KernelKey {
         matches!(
             self,
             KernelKey::FlashDecode {
+                subgroups: true,
+                ..
+            } | KernelKey::FlashAttention {
                 subgroups: true,
                 ..
             }

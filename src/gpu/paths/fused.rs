@@ -163,7 +163,7 @@ fn element_group(dim: usize, most: u32) -> u32 {
 /// The limit the row-tiled fused kernel with invocation block `block` lacks on a device, if
 /// any.
 fn unsupported_block(limits: &GpuLimits, block: TileBlock) -> Option<Shortfall> {
-    let bytes = flash_workgroup_bytes(block);
+    let bytes = flash_workgroup_bytes(block, limits.tile.subgroups);
     if limits.max_workgroup_storage < bytes {
         Some(Shortfall {
             what: "the fused kernel needs more workgroup memory (bytes)",
@@ -513,6 +513,7 @@ pub(crate) fn encode(
             block: plan.block,
             o_vec4s: flash_o_vec4s(spec.dims.v_head_dim, plan.block),
             rows: plan.rows_per_workgroup,
+            subgroups: gpu.limits.tile.subgroups,
             masks: masks_on,
         }
     };
