@@ -17,7 +17,8 @@
 // writes its normalised partial O and log-sum-exp to `lse_or_partials`, and
 // combine_splits.wgsl merges them. Q, K, V and O go through the dtype prelude's load_* /
 // store_o. TILE and TILE_K come from the host's shared constants; BR, BC, OC (vec4 columns of
-// O per invocation) and BKV from the key; TILE_M is a pipeline constant.
+// O per invocation), BKV, QR (slices of TILE_K dims of resident Q, 0 for none) and QR_VEC4S
+// (q_res's length, at least 1) from the key; TILE_M is a pipeline constant.
 // Every loop over a register array (s, acc, the per-row state) is one flat loop with a small
 // body, never nested: llvmpipe keeps a private array in memory, read and written lane by lane,
 // as soon as one index into it is not a constant after unrolling, and it unrolls no loop that
@@ -115,7 +116,8 @@ fn tile_b(col: u32, d: u32) -> f32 {
 }
 
 // Q's slice k0 .. k0 + TILE_K, pre-scaled by scale * log2(e): item n of this invocation holds
-// the rows whose first elements are at q_row[4 n .. 4 n + 3] (NO_ROW past the rows).
+// the rows whose first elements are at q_row[4 n .. 4 n + 3] (NO_ROW past the rows). Into
+// q_res where Q is resident (QR > 0), else into tile_stage's first half.
 fn stage_q(li: u32, k0: u32, q_row: array<u32, 4u * Q_ITEMS>) {
     let q_scale = params.scale * LOG2E;
     for (var n = 0u; n < Q_ITEMS; n++) {
@@ -131,8 +133,72 @@ fn stage_q(li: u32, k0: u32, q_row: array<u32, 4u * Q_ITEMS>) {
                 q_elem(q_row[4u * n + 3u], d, q_scale),
             );
         }
-        tile_stage[kk * TILE_X + idx / TILE_K] = x;
+        if QR > 0u {
+            q_res[d * (TILE_M / 4u) + idx / TILE_K] = x;
+        } else {
+            tile_stage[kk * TILE_X + idx / TILE_K] = x;
+        }
     }
+}
+
+// Resident Q (QR > 0): all QR * TILE_K dims of the workgroup's rows, pre-scaled, staged once
+// before the key loop, [d][row / 4]. Every key tile then stages only K, two slices of TILE_K
+// at a time (tile_stage's two halves), so a tile of head_dim 64 takes 4 barriers, not 8, and
+// no global reads of Q. Where workgroup memory is short (QR = 0), Q is staged with each
+// slice of K.
+var<workgroup> q_res: array<vec4<f32>, QR_VEC4S>;
+
+// The block's rows of resident Q at dim d (BR4 vec4s).
+fn q_rows(d: u32, ty: u32) -> array<vec4<f32>, BR4> {
+    var a = array<vec4<f32>, BR4>();
+    for (var g = 0u; g < BR4; g++) {
+        a[g] = q_res[d * (TILE_M / 4u) + block_row_group(ty, g)];
+    }
+    return a;
+}
+
+// The block's columns of K at dim k0 + kk of a pair of slices staged by stage_k_pair.
+fn k_cols(kk: u32, tx: u32) -> array<vec4<f32>, BC4> {
+    var b = array<vec4<f32>, BC4>();
+    for (var j = 0u; j < BC4; j++) {
+        b[j] = tile_stage[kk * TILE_X + tx + NX * j];
+    }
+    return b;
+}
+
+// K's dims k0 .. k0 + 2 TILE_K into all of tile_stage, [kk][key / 4]: four keys of one dim per
+// item, 16 consecutive dims to 16 consecutive invocations (coalesced reads). Only the first
+// slice where head_dim ends inside it. Each invocation stages 1 to 32 items (the workgroup
+// has 8 to 256 invocations; a slice is 256 items).
+fn stage_k_pair(li: u32, k0: u32) {
+    let half = TILE_K * TILE_X;
+    let invocations = tile_invocations();
+    let per_invocation = select(half, 2u * half, k0 + TILE_K < params.head_dim) / invocations;
+    for (var n = 0u; n < per_invocation; n++) {
+        let idx = li + n * invocations;
+        let kk = idx % TILE_K + TILE_K * (idx / half);
+        let mq = (idx % half) / TILE_K;
+        var x = vec4<f32>();
+        for (var e = 0u; e < 4u; e++) {
+            x[e] = tile_b(mq * 4u + e, k0 + kk);
+        }
+        tile_stage[kk * TILE_X + mq] = x;
+    }
+}
+
+// The scores of dims k0 .. k0 + 2 TILE_K (the second slice only where head_dim reaches it, so
+// that no dim past q_res is read).
+fn resident_fma(acc: Block, k0: u32, ty: u32, tx: u32) -> Block {
+    var out = acc;
+    for (var k = 0u; k < TILE_K; k++) {
+        out = block_fma(out, q_rows(k0 + k, ty), k_cols(k, tx));
+    }
+    if k0 + TILE_K < params.head_dim {
+        for (var k = TILE_K; k < 2u * TILE_K; k++) {
+            out = block_fma(out, q_rows(k0 + k, ty), k_cols(k, tx));
+        }
+    }
+    return out;
 }
 
 // Element n of the output row at `row`: O (one split), plus w_prev times what earlier
@@ -231,6 +297,12 @@ fn main(
         hole_tiles = range_hull_hole_tiles(hull);
         key_end = u32(max(hull.union_hi, 0));
     }
+    if QR > 0u {
+        // Resident Q, read after the barrier of workgroupUniformLoad below.
+        for (var k0 = 0u; k0 < QR * TILE_K; k0 += TILE_K) {
+            stage_q(li, k0, q_row);
+        }
+    }
     let bounds = workgroupUniformLoad(&tile_bounds);
     var hole = vec2<u32>(0u, 0u);
     if HAS_SINK_KEYS {
@@ -269,16 +341,28 @@ fn main(
             workgroupBarrier();
         }
 
-        // S = Q K^T for the 64 x 64 tile, over head_dim in slices of 16.
+        // S = Q K^T for the 64 x 64 tile, over head_dim in slices of 16 (pairs of slices of K
+        // where Q is resident).
         var s = Block();
-        for (var k0 = 0u; k0 < params.head_dim; k0 += TILE_K) {
-            stage_q(li, k0, q_row);
-            tile_stage_b(li, k0);
-            workgroupBarrier();
-            if rows_live {
-                s = tile_fma(s, ty, tx);
+        if QR > 0u {
+            for (var k0 = 0u; k0 < params.head_dim; k0 += 2u * TILE_K) {
+                stage_k_pair(li, k0);
+                workgroupBarrier();
+                if rows_live {
+                    s = resident_fma(s, k0, ty, tx);
+                }
+                workgroupBarrier();
             }
-            workgroupBarrier();
+        } else {
+            for (var k0 = 0u; k0 < params.head_dim; k0 += TILE_K) {
+                stage_q(li, k0, q_row);
+                tile_stage_b(li, k0);
+                workgroupBarrier();
+                if rows_live {
+                    s = tile_fma(s, ty, tx);
+                }
+                workgroupBarrier();
+            }
         }
 
         // Mask, adjust, and the tile's row maxima (log2 units); masked scores are NEG_BIG

@@ -2,7 +2,8 @@
 //! error that says how to get one (wgpu's own helper panics there); `WGPU_ATTENTION_DECODE_ROWS`
 //! sets the decode tile rows, `WGPU_ATTENTION_DECODE_KERNEL` and `WGPU_ATTENTION_SUBGROUPS`
 //! the decode kernel, `WGPU_ATTENTION_FUSED_BLOCK` and `WGPU_ATTENTION_GEMM_BLOCK` the
-//! invocation blocks, and a bad value of any is a typed error. One test in its own binary: it
+//! invocation blocks, `WGPU_ATTENTION_RESIDENT_Q` the fused kernel's resident Q, and a bad
+//! value of any is a typed error. One test in its own binary: it
 //! sets the environment of the process.
 
 mod common;
@@ -18,6 +19,7 @@ fn environment_variables() {
     decode_rows();
     decode_kernel_and_subgroups();
     blocks();
+    resident_q();
     params();
     pool();
     unknown_adapter_name_is_a_typed_error();
@@ -37,6 +39,17 @@ fn blocks() {
     assert_eq!(gpu.tile_config().gemm_block, TileBlock::B4X4);
     set_env("WGPU_ATTENTION_FUSED_BLOCK", None);
     set_env("WGPU_ATTENTION_GEMM_BLOCK", None);
+}
+
+fn resident_q() {
+    rejects(&[("WGPU_ATTENTION_RESIDENT_Q", "yes")]);
+    for (value, want) in [("0", false), (" 1", true)] {
+        set_env("WGPU_ATTENTION_RESIDENT_Q", Some(value));
+        let gpu = Gpu::new().expect("an adapter");
+        assert_eq!(gpu.tile_config().resident_q, want, "{value:?}");
+        assert_eq!(gpu.with_resident_q(!want).tile_config().resident_q, !want);
+    }
+    set_env("WGPU_ATTENTION_RESIDENT_Q", None);
 }
 
 fn params() {

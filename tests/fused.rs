@@ -43,6 +43,62 @@ fn row_reductions_both_ways() {
     }
 }
 
+/// Q resident in workgroup memory against Q staged per key tile, on the shapes lavapipe's 32
+/// KiB holds it for (64 rows up to head_dim 16; the decode path's 16-row tiles up to 80),
+/// with every per-key option, one and several passes, half storage, and head dims that are
+/// not multiples of the two 16-dim slices of K a step stages.
+#[test]
+fn resident_q_against_staged_q() {
+    use wgpu_attention::{DType, DecodeKernel, LimitCaps};
+    let Some(base) = gpu() else { return };
+    let mut r = rng(37);
+    let tiles = base
+        .with_decode_kernel(DecodeKernel::RowTiles, base.limits().tile.subgroups)
+        .unwrap()
+        .with_decode_rows(16)
+        .unwrap();
+    // (path, gpu, heads, kv_heads, q_len, kv_len, head_dim, v_head_dim)
+    let cases = [
+        (Path::Fused, base, 2, 1, 70, 150, 16, 24),
+        (Path::Fused, base, 3, 3, 65, 90, 9, 5),
+        (Path::Decode, &tiles, 12, 1, 1, 700, 80, 72),
+        (Path::Decode, &tiles, 6, 2, 2, 333, 40, 40),
+        (Path::Decode, &tiles, 5, 1, 3, 200, 33, 20),
+    ];
+    for (n, &(path, g, h, hkv, l, s, d, dv)) in cases.iter().enumerate() {
+        let dm = dims(2, h, hkv, l, s, d, dv);
+        let seed = 3700 + 10 * n as u64;
+        let opts = Attention::new()
+            .causal(Causal::BottomRight)
+            .kv_lens(vec![s as u32, s as u32 - 29]);
+        let masked = Attention::new()
+            .window(50, 3)
+            .softcap(12.0)
+            .mask([2, 1, l, s], random_mask(&mut r, 2 * l * s, 0.8))
+            .bias([1, h, 1, s], random(&mut r, h * s, 2.0));
+        for resident in [true, false] {
+            let g = g.with_resident_q(resident);
+            let plan = opts.clone().path(path).plan(&g, dm).unwrap();
+            let (Plan::Fused { plan: p, .. } | Plan::Decode { plan: p, .. }) = &plan else {
+                panic!("{}", plan.reason())
+            };
+            assert!(!p.keys_across_invocations, "{}", plan.reason());
+            let want = if resident { d.div_ceil(16) as u32 } else { 0 };
+            assert_eq!(p.resident_q, want, "{}", plan.reason());
+            let seed = seed + resident as u64;
+            check(&g, path, dm, &opts, seed, 2.0);
+            check(&g, path, dm, &masked, seed + 2, 2.0);
+            let capped = g.with_caps(LimitCaps {
+                max_key_tiles_per_workgroup: Some(1),
+                ..Default::default()
+            });
+            check(&capped, path, dm, &opts, seed + 4, 1.0);
+            let types = [DType::F16, DType::Bf16, DType::F16, DType::Bf16];
+            common::check_dtypes(&g, path, dm, &opts, seed + 6, 1.0, types);
+        }
+    }
+}
+
 /// One query row over 262144 keys: the fused path allocates nothing of size q_len x kv_len.
 #[test]
 fn one_query_over_262144_keys() {

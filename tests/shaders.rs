@@ -235,6 +235,7 @@ fn options_are_compiled_in() {
         block: wgpu_attention::TileBlock::B8X8,
         o_vec4s: 1,
         rows: 64,
+        resident_q: 0,
         subgroups: false,
         masks,
     };

@@ -6,12 +6,13 @@
 //! `TileConfig::min_decode_rows` rows per workgroup. This times each configuration on two decode
 //! shapes (a GQA group of 4 heads with 1 and with 4 new tokens over 16384 keys) within
 //! `--tune-seconds`. Then, on the best of those, the fused kernel with every invocation block
-//! (`TileBlock`: 4 x 4, 8 x 4, 8 x 8) on two prefill shapes (head dims 64 and 128), and the
+//! (`TileBlock`: 4 x 4, 8 x 4, 8 x 8), Q resident in workgroup memory (where it fits) or
+//! staged with every key tile, on two prefill shapes (head dims 64 and 128), and the
 //! three-pass path with every block of its tile products on one. It prints the fastest of each
 //! stage and the whole configuration as a `TableEntry` line for `gpu::tuning::TABLE` (each
 //! part can also be set with `WGPU_ATTENTION_DECODE_KERNEL`, `WGPU_ATTENTION_SUBGROUPS`,
-//! `WGPU_ATTENTION_DECODE_ROWS`, `WGPU_ATTENTION_FUSED_BLOCK` and
-//! `WGPU_ATTENTION_GEMM_BLOCK`). Shapes are smaller on CPU adapters, so the bound holds there.
+//! `WGPU_ATTENTION_DECODE_ROWS`, `WGPU_ATTENTION_FUSED_BLOCK`, `WGPU_ATTENTION_GEMM_BLOCK`
+//! and `WGPU_ATTENTION_RESIDENT_Q`). Shapes are smaller on CPU adapters, so the bound holds there.
 
 use std::time::Instant;
 
@@ -198,7 +199,16 @@ pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             })
             .collect::<Result<Vec<Config>, wgpu_attention::Error>>()
     };
-    let configs = blocks(&|b| (b, gemm))?;
+    // Every block with Q resident in workgroup memory (where it fits) and staged per tile.
+    let mut configs = Vec::new();
+    for resident in [true, false] {
+        for c in blocks(&|b| (b, gemm))? {
+            configs.push(Config {
+                name: format!("{} resident_q={}", c.name, resident as u8),
+                gpu: c.gpu.with_resident_q(resident),
+            });
+        }
+    }
     let fused = Attention::new().path(Path::Fused);
     let totals = time_configs("fused", &configs, &fused_shapes, &fused, clock, args)?;
     let fused_block = match fastest(&configs, &totals) {
@@ -208,13 +218,27 @@ pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
                 c.name
             );
             summary.push(format!("fused {} {total:.3} ms", c.name));
-            c.gpu.tile_config().fused_block
+            (
+                c.gpu.tile_config().fused_block,
+                c.gpu.tile_config().resident_q,
+            )
         }
-        None => best.tile_config().fused_block,
+        None => (
+            best.tile_config().fused_block,
+            best.tile_config().resident_q,
+        ),
     };
+    let (fused_block, resident_q) = fused_block;
+    let best = best.with_resident_q(resident_q);
 
     // 3. The tile products' block (three-pass), with the best fused block.
-    let configs = blocks(&|b| (fused_block, b))?;
+    let configs: Vec<Config> = blocks(&|b| (fused_block, b))?
+        .into_iter()
+        .map(|c| Config {
+            name: c.name,
+            gpu: c.gpu.with_resident_q(resident_q),
+        })
+        .collect();
     let three = Attention::new().path(Path::ThreePass);
     let totals = time_configs("three-pass", &configs, &[gemm_shape], &three, clock, args)?;
     let config = match fastest(&configs, &totals) {

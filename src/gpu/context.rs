@@ -303,6 +303,20 @@ impl Gpu {
                 })?;
             }
         }
+        if let Ok(value) = std::env::var("WGPU_ATTENTION_RESIDENT_Q") {
+            limits.tile.resident_q = match value.trim() {
+                "0" => false,
+                "1" => true,
+                _ => {
+                    return Err(Error::InvalidOption {
+                        what: "WGPU_ATTENTION_RESIDENT_Q",
+                        value,
+                        why: "must be 0 (Q staged with every key tile) or 1 (Q kept in workgroup \
+                              memory where it fits)",
+                    });
+                }
+            };
+        }
         let params = match std::env::var("WGPU_ATTENTION_PARAMS") {
             Ok(value) => ParamsIn::parse(&value).ok_or(Error::InvalidOption {
                 what: "WGPU_ATTENTION_PARAMS",
@@ -674,7 +688,17 @@ impl Gpu {
             });
         }
         gpu.limits.tile.decode_target_workgroups = config.decode_target_workgroups;
+        gpu.limits.tile.resident_q = config.resident_q;
         gpu.with_blocks(config.fused_block, config.gemm_block)
+    }
+
+    /// A context on the same device whose fused kernel keeps Q in workgroup memory where it
+    /// fits (`resident`), or stages it with every key tile (see
+    /// [`TileConfig::resident_q`](crate::gpu::tuning::TileConfig::resident_q)).
+    pub fn with_resident_q(&self, resident: bool) -> Gpu {
+        let mut gpu = self.clone();
+        gpu.limits.tile.resident_q = resident;
+        gpu
     }
 
     /// A context on the same device whose fused kernel computes `fused` blocks per invocation

@@ -9,7 +9,7 @@
 //! [`Gpu::with_tile_config`](crate::Gpu::with_tile_config) (or the finer
 //! `with_decode_kernel`, `with_decode_rows`, `with_blocks`), a user without a rebuild with
 //! `WGPU_ATTENTION_DECODE_KERNEL`, `WGPU_ATTENTION_SUBGROUPS`, `WGPU_ATTENTION_DECODE_ROWS`,
-//! `WGPU_ATTENTION_FUSED_BLOCK` and `WGPU_ATTENTION_GEMM_BLOCK`.
+//! `WGPU_ATTENTION_FUSED_BLOCK`, `WGPU_ATTENTION_GEMM_BLOCK` and `WGPU_ATTENTION_RESIDENT_Q`.
 //!
 //! The configuration is [`GpuLimits::tile`](crate::gpu::GpuLimits::tile): the plans read it there, beside the device
 //! limits, so the planner tests set any configuration without a device.
@@ -46,6 +46,14 @@ pub struct TileConfig {
     /// The register block of the three-pass path's products and the layer's projections
     /// (`qk_scores`, `pv_product`, `matmul`). `WGPU_ATTENTION_GEMM_BLOCK` overrides it.
     pub gemm_block: TileBlock,
+    /// Whether the fused kernel keeps its rows of Q in workgroup memory for the whole key
+    /// loop, where that memory holds them (`TILE_M * ceil(head_dim / 16) * 64` bytes beside
+    /// the rest: at 64 rows, head_dim up to 16 with 8 x 8 blocks on 32 KiB, 64 with 8 x 4 and
+    /// 80 with 8 x 8 on 48 KiB), and
+    /// stages only K per key tile; otherwise Q is staged again with every tile's K.
+    /// `WGPU_ATTENTION_RESIDENT_Q=0|1` or [`Gpu::with_resident_q`](crate::Gpu::with_resident_q)
+    /// overrides it.
+    pub resident_q: bool,
 }
 
 /// An entry of [`TABLE`]: which adapters it is for, and where its figures come from.
@@ -80,6 +88,7 @@ const fn keys(
         decode_target_workgroups,
         fused_block,
         gemm_block,
+        resident_q: true,
     }
 }
 
@@ -159,12 +168,13 @@ impl TileConfig {
         let block = |b: TileBlock| format!("TileBlock::B{}X{}", b.rows, b.cols);
         format!(
             "TileConfig {{ decode_kernel: {kernel}, subgroups: {}, min_decode_rows: {}, \
-             decode_target_workgroups: {}, fused_block: {}, gemm_block: {} }}",
+             decode_target_workgroups: {}, fused_block: {}, gemm_block: {}, resident_q: {} }}",
             self.subgroups,
             self.min_decode_rows,
             self.decode_target_workgroups,
             block(self.fused_block),
-            block(self.gemm_block)
+            block(self.gemm_block),
+            self.resident_q
         )
     }
 }
@@ -207,7 +217,7 @@ mod tests {
             s,
             "TileConfig { decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup: 16 }, \
              subgroups: true, min_decode_rows: 4, decode_target_workgroups: 64, \
-             fused_block: TileBlock::B8X8, gemm_block: TileBlock::B8X8 }"
+             fused_block: TileBlock::B8X8, gemm_block: TileBlock::B8X8, resident_q: true }"
         );
     }
 }

@@ -414,6 +414,14 @@ pub(crate) const fn flash_workgroup_bytes(block: TileBlock, subgroups: bool) -> 
         + if subgroups { 4 } else { 0 }
 }
 
+/// The length in vec4s of the fused kernel's resident Q (`q_res`) for `rows` rows and
+/// `resident_q` slices of 16 dims: `rows / 4` vec4s per dim, and 1 (unused) where Q is not
+/// resident, since WGSL has no empty arrays.
+pub(crate) const fn flash_q_vec4s(rows: u32, resident_q: u32) -> u32 {
+    let n = resident_q * uniforms::TILE_K * rows / 4;
+    if n == 0 { 1 } else { n }
+}
+
 /// The fused kernel's vec4 columns of O per invocation for `v_head_dim` and `block`
 /// (`OC`): the `ceil(v_head_dim / 4)` vec4 columns over the block's `64 / cols` invocations
 /// across a row.
@@ -660,6 +668,10 @@ pub enum KernelKey {
         /// Rows per workgroup: 64, or 4 to 32 when decoding a few rows
         /// ([`FusedPlan::rows_per_workgroup`](crate::gpu::FusedPlan::rows_per_workgroup)).
         rows: u32,
+        /// Slices of 16 dims of Q kept in workgroup memory for the whole key loop
+        /// (`ceil(head_dim / 16)`), or 0: Q staged with every key tile's K
+        /// ([`TileConfig::resident_q`](crate::gpu::tuning::TileConfig::resident_q)).
+        resident_q: u32,
         /// Row maxima and sums by subgroup shuffles (the device has `Features::SUBGROUP`;
         /// the kernel falls back to workgroup memory where its subgroups are smaller than a
         /// row's invocations or not full), or through workgroup memory only.
@@ -795,17 +807,19 @@ impl KernelKey {
         }
         // The fused kernel: every block, size and row count without options, and every option
         // combination on a few of them.
-        let flash = |block, o_vec4s, rows, subgroups, masks| KernelKey::FlashAttention {
-            q: s,
-            k: s,
-            v: s,
-            o: s,
-            block,
-            o_vec4s,
-            rows,
-            subgroups,
-            masks,
-        };
+        let flash =
+            |block, o_vec4s, rows, resident_q, subgroups, masks| KernelKey::FlashAttention {
+                q: s,
+                k: s,
+                v: s,
+                o: s,
+                block,
+                o_vec4s,
+                rows,
+                resident_q,
+                subgroups,
+                masks,
+            };
         for block in TileBlock::ALL {
             for o_vec4s in 1..=64 / block.columns_invocations() {
                 for (n, rows) in FLASH_ROWS
@@ -814,13 +828,10 @@ impl KernelKey {
                     .enumerate()
                 {
                     let subgroups = (n + o_vec4s as usize).is_multiple_of(2);
-                    keys.push(flash(
-                        block,
-                        o_vec4s,
-                        rows,
-                        subgroups,
-                        MaskOptions::default(),
-                    ));
+                    // Resident Q of 1 to 5 slices on every other key.
+                    let resident = (n as u32 + o_vec4s) % 6 * (n as u32 % 2);
+                    let masks = MaskOptions::default();
+                    keys.push(flash(block, o_vec4s, rows, resident, subgroups, masks));
                 }
             }
         }
@@ -829,7 +840,15 @@ impl KernelKey {
                 keys.push(KernelKey::MaskedSoftmax { workgroup, masks });
             }
             for (n, block) in TileBlock::ALL.into_iter().enumerate() {
-                keys.push(flash(block, 1 + n as u32, [64, 16, 32][n], n == 1, masks));
+                let resident = n as u32 % 2 * 3;
+                keys.push(flash(
+                    block,
+                    1 + n as u32,
+                    [64, 16, 32][n],
+                    resident,
+                    n == 1,
+                    masks,
+                ));
             }
         }
         // The decode kernel: every size and reduction without options, and every option
@@ -926,11 +945,12 @@ impl KernelKey {
                 block,
                 o_vec4s,
                 rows,
+                resident_q,
                 subgroups,
                 masks,
                 ..
             } => format!(
-                "block {}; o_vec4s={o_vec4s}; rows={rows}; {}; {}",
+                "block {}; o_vec4s={o_vec4s}; rows={rows}; resident_q={resident_q}; {}; {}",
                 block.name(),
                 if *subgroups {
                     "subgroups"
@@ -978,8 +998,12 @@ impl KernelKey {
             KernelKey::QkScores { .. } => TILE_STAGE_BYTES + uniforms::TILE_K * 4,
             KernelKey::PvProduct { .. } | KernelKey::Matmul { .. } => TILE_STAGE_BYTES,
             KernelKey::FlashAttention {
-                block, subgroups, ..
-            } => flash_workgroup_bytes(block, subgroups),
+                block,
+                subgroups,
+                rows,
+                resident_q,
+                ..
+            } => flash_workgroup_bytes(block, subgroups) + 16 * flash_q_vec4s(rows, resident_q),
             KernelKey::FlashDecode {
                 workgroup,
                 rows,
@@ -1023,11 +1047,19 @@ impl KernelKey {
             KernelKey::QkScores { block, .. }
             | KernelKey::PvProduct { block, .. }
             | KernelKey::Matmul { block, .. } => vec![("BR", block.rows), ("BC", block.cols)],
-            KernelKey::FlashAttention { block, o_vec4s, .. } => vec![
+            KernelKey::FlashAttention {
+                block,
+                o_vec4s,
+                rows,
+                resident_q,
+                ..
+            } => vec![
                 ("BR", block.rows),
                 ("BC", block.cols),
                 ("OC", o_vec4s),
                 ("BKV", flash_bkv(block, o_vec4s)),
+                ("QR", resident_q),
+                ("QR_VEC4S", flash_q_vec4s(rows, resident_q)),
             ],
             KernelKey::FlashDecode {
                 workgroup,

@@ -45,10 +45,10 @@ use super::{Io, masking, strides};
 use crate::error::{Error, Result};
 use crate::gpu::context::Gpu;
 use crate::gpu::dispatch::combine::{self, Combine};
-use crate::gpu::kernels::uniforms::{CombineParams, FlashParams, TILE, uniform_buffer};
+use crate::gpu::kernels::uniforms::{CombineParams, FlashParams, TILE, TILE_K, uniform_buffer};
 use crate::gpu::kernels::{
     DECODE_ROWS, DECODE_WORKGROUPS, FLASH_ROWS, KernelKey, MaskOptions, Storage,
-    decode_workgroup_bytes, flash_o_vec4s, flash_workgroup_bytes,
+    decode_workgroup_bytes, flash_o_vec4s, flash_q_vec4s, flash_workgroup_bytes,
 };
 use crate::gpu::limits::{DecodeKernel, DispatchSize, GpuLimits, TileBlock, check_binding};
 use crate::spec::Spec;
@@ -89,6 +89,12 @@ pub struct FusedPlan {
     /// more than 128 output accumulators (`v_head_dim` past 128 with 8 x 8 blocks); unused by
     /// the decode-shaped kernel.
     pub block: TileBlock,
+    /// Slices of 16 dims of Q the row-tiled kernel keeps in workgroup memory for the whole
+    /// key loop (`ceil(head_dim / 16)`), or 0 where the configuration says not to
+    /// ([`TileConfig::resident_q`](crate::gpu::tuning::TileConfig::resident_q)) or the device's
+    /// workgroup memory does not hold them beside the rest: Q is then staged with every key
+    /// tile.
+    pub resident_q: u32,
     /// Invocations per workgroup: `(64 / block.cols) * (rows_per_workgroup / block.rows)` for
     /// the row-tiled kernel, the configured 16, 32 or 64 for the decode-shaped one.
     pub invocations: u32,
@@ -186,6 +192,20 @@ fn unsupported_block(limits: &GpuLimits, block: TileBlock) -> Option<Shortfall> 
 pub(crate) fn unsupported(spec: &Spec<'_>, limits: &GpuLimits, decode: bool) -> Option<Shortfall> {
     let rows = row_tile_rows(spec, limits, decode);
     unsupported_block(limits, block_for(limits, rows, spec.dims.v_head_dim))
+}
+
+/// Slices of Q the row-tiled kernel keeps resident for `head_dim` on a device with `limits`,
+/// with `rows` rows per workgroup and invocation block `block` (see
+/// [`FusedPlan::resident_q`]).
+fn resident_q_for(limits: &GpuLimits, block: TileBlock, rows: u32, head_dim: usize) -> u32 {
+    let slices = head_dim.div_ceil(TILE_K as usize) as u32;
+    let bytes = flash_workgroup_bytes(block, limits.tile.subgroups) as u64
+        + 16 * flash_q_vec4s(rows, slices) as u64;
+    if limits.tile.resident_q && bytes <= limits.max_workgroup_storage as u64 {
+        slices
+    } else {
+        0
+    }
 }
 
 /// Rows per workgroup of the row-tiled kernel: 64, or on the decode path the fewest of
@@ -313,6 +333,11 @@ impl FusedPlan {
             rows_per_workgroup,
             keys_across_invocations: keys_kernel,
             block,
+            resident_q: if keys_kernel {
+                0
+            } else {
+                resident_q_for(limits, block, rows_per_workgroup, d.head_dim)
+            },
             invocations: match decode_kernel {
                 Some((_, workgroup)) => workgroup,
                 None => block.invocations(rows_per_workgroup),
@@ -513,6 +538,7 @@ pub(crate) fn encode(
             block: plan.block,
             o_vec4s: flash_o_vec4s(spec.dims.v_head_dim, plan.block),
             rows: plan.rows_per_workgroup,
+            resident_q: plan.resident_q,
             subgroups: gpu.limits.tile.subgroups,
             masks: masks_on,
         }

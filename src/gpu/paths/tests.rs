@@ -26,6 +26,7 @@ fn lavapipe() -> GpuLimits {
             decode_target_workgroups: 64,
             fused_block: TileBlock::B8X8,
             gemm_block: TileBlock::B8X8,
+            resident_q: true,
         },
     }
 }
@@ -49,6 +50,7 @@ fn h100() -> GpuLimits {
             decode_target_workgroups: 1024,
             fused_block: TileBlock::B8X4,
             gemm_block: TileBlock::B8X8,
+            resident_q: true,
         },
     }
 }
@@ -71,6 +73,7 @@ fn apple_m() -> GpuLimits {
             decode_target_workgroups: 256,
             fused_block: TileBlock::B8X4,
             gemm_block: TileBlock::B8X8,
+            resident_q: true,
         },
     }
 }
@@ -507,4 +510,55 @@ fn loop_capped_row_tiles_keep_16_invocations() {
             p.reason()
         );
     }
+}
+
+/// Q stays in workgroup memory where it fits beside the rest: on lavapipe's 32 KiB, 64 rows
+/// up to head_dim 16 and the decode path's 16-row tiles up to 80; on an H100's 48 KiB, 64 rows
+/// up to 64 with 8 x 4 blocks (its table entry). The configuration turns it off, and the
+/// decode-shaped kernel never has it.
+#[test]
+fn resident_q_where_workgroup_memory_holds_it() {
+    let fused = |l: &GpuLimits, d: Dims, opts: &Attention| -> FusedPlan {
+        match plan(opts, l, d).unwrap() {
+            Plan::Fused { plan, .. } | Plan::Decode { plan, .. } => plan,
+            p => panic!("{}", p.reason()),
+        }
+    };
+    let prefill = Attention::new().path(Path::Fused);
+    let lp = lavapipe();
+    for (head_dim, want) in [(1, 1), (16, 1), (17, 0), (64, 0)] {
+        let p = fused(&lp, dims(1, 2, 2, 300, 300, head_dim), &prefill);
+        assert_eq!(
+            (p.rows_per_workgroup, p.resident_q),
+            (64, want),
+            "D={head_dim}"
+        );
+    }
+    let mut tiles = lp;
+    tiles.tile.decode_kernel = DecodeKernel::RowTiles;
+    tiles.tile.min_decode_rows = 16;
+    let decode = Attention::new().path(Path::Decode);
+    for (head_dim, want) in [(64, 4), (80, 5), (96, 0)] {
+        let p = fused(&tiles, dims(1, 12, 1, 1, 5000, head_dim), &decode);
+        assert_eq!(
+            (p.rows_per_workgroup, p.resident_q),
+            (16, want),
+            "D={head_dim}"
+        );
+    }
+    let p = fused(&lp, dims(1, 4, 1, 1, 5000, 64), &decode);
+    assert!(p.keys_across_invocations && p.resident_q == 0, "{p:?}");
+    let h = h100();
+    for (head_dim, want) in [(64, 4), (72, 0), (128, 0)] {
+        let p = fused(&h, dims(4, 16, 16, 4096, 4096, head_dim), &prefill);
+        assert_eq!(
+            (p.block, p.resident_q),
+            (TileBlock::B8X4, want),
+            "D={head_dim}"
+        );
+    }
+    let mut off = h;
+    off.tile.resident_q = false;
+    let p = fused(&off, dims(4, 16, 16, 4096, 4096, 64), &prefill);
+    assert_eq!(p.resident_q, 0);
 }
