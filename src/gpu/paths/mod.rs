@@ -75,7 +75,14 @@ impl Plan {
                 if plan.keys_across_invocations {
                     "flash_decode (keys across invocations)".to_string()
                 } else {
-                    format!("flash_attention (row tiles, {} blocks)", plan.block.name())
+                    let q = match plan.resident_q {
+                        0 => "Q staged per key tile".to_string(),
+                        n => format!("Q resident ({} dims)", 16 * n),
+                    };
+                    format!(
+                        "flash_attention (row tiles, {} blocks, {q})",
+                        plan.block.name()
+                    )
                 },
                 plan.workgroups,
                 plan.rows_per_workgroup,
