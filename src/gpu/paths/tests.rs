@@ -562,3 +562,23 @@ fn resident_q_where_workgroup_memory_holds_it() {
     let p = fused(&off, dims(4, 16, 16, 4096, 4096, 64), &prefill);
     assert_eq!(p.resident_q, 0);
 }
+
+/// Up to 16 rows per kv head take the decode path over any number of keys; 17 to 64 only over
+/// 1024 keys or more; more rows the fused path.
+#[test]
+fn auto_decodes_up_to_16_rows_at_any_length() {
+    let l = lavapipe();
+    let opts = Attention::new();
+    for (d, want) in [
+        (dims(1, 8, 8, 1, 128, 64), "decode"),
+        (dims(1, 32, 8, 1, 64, 64), "decode"),
+        (dims(1, 8, 8, 16, 256, 64), "decode"),
+        (dims(1, 8, 8, 17, 256, 64), "fused"),
+        (dims(1, 8, 8, 17, 1024, 64), "decode"),
+        (dims(1, 8, 8, 64, 1024, 64), "decode"),
+        (dims(1, 8, 8, 65, 4096, 64), "fused"),
+    ] {
+        let p = plan(&opts, &l, d).unwrap();
+        assert_eq!(p.name(), want, "{d:?}: {}", p.reason());
+    }
+}
