@@ -578,8 +578,9 @@ impl Attention {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum Path {
-    /// Three-pass when the weights are asked for, decode for a few queries over many keys,
-    /// fused otherwise.
+    /// Three-pass when the weights are asked for (or additive scores), decode for up to 16 rows
+    /// per kv head (`group * q_len`) over any number of keys and up to 64 over 1024 keys or
+    /// more, fused otherwise.
     #[default]
     Auto,
     /// QK^T, masked softmax and P·V as three kernels, with the scores materialised

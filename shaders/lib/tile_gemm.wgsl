@@ -2,7 +2,9 @@
 // pv_product, and the scores of flash_attention): one TILE_M x TILE tile of C = A B^T, the
 // summed axis staged TILE_K at a time through workgroup memory.
 // One workgroup: NX x NY invocations, NX = TILE / BC across the columns, NY = TILE_M / BR
-// across the rows (declare `@workgroup_size(NX, TILE_M / BR)`). One invocation (tx, ty): a
+// across the rows (declare `@workgroup_size(NX, TILE_M / BR)` and take (tx, ty) from
+// local_invocation_id; flash_attention.wgsl is one-dimensional instead and takes (tx, ty)
+// from lib/tile_rows_*.wgsl, which may place by subgroup). One invocation (tx, ty): a
 // BR x BC block in registers (BR, BC: 4 or 8, constants of the key written by the host), its
 // rows and columns in groups of four spread over the tile so that neighbouring invocations
 // read neighbouring vec4s of workgroup memory: block row r is tile row `block_row(ty, r)`,

@@ -19,7 +19,9 @@ pub struct GpuLimits {
     pub max_buffer_size: u64,
     /// Workgroups per dispatch dimension.
     pub max_workgroups_per_dim: u32,
-    /// Invocations per workgroup.
+    /// Invocations per workgroup, of a one-dimensional workgroup: the device's invocation
+    /// limit or its limit on a workgroup's x size, whichever is smaller (the fused, decode and
+    /// softmax kernels lay their invocations along x).
     pub max_invocations_per_workgroup: u32,
     /// Workgroup memory, in bytes.
     pub max_workgroup_storage: u32,
@@ -143,7 +145,9 @@ impl GpuLimits {
             max_storage_binding: l.max_storage_buffer_binding_size,
             max_buffer_size: l.max_buffer_size,
             max_workgroups_per_dim: l.max_compute_workgroups_per_dimension,
-            max_invocations_per_workgroup: l.max_compute_invocations_per_workgroup,
+            max_invocations_per_workgroup: l
+                .max_compute_invocations_per_workgroup
+                .min(l.max_compute_workgroup_size_x),
             max_workgroup_storage: l.max_compute_workgroup_storage_size,
             max_storage_buffers_per_stage: l.max_storage_buffers_per_shader_stage,
             min_uniform_offset_alignment: l.min_uniform_buffer_offset_alignment,

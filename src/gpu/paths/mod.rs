@@ -135,6 +135,11 @@ pub(crate) fn choose(spec: &Spec<'_>, limits: &GpuLimits, weights: bool) -> Resu
     // one query over 128 and 512 keys, 1.2-1.5x at 16 queries over 256 and 512).
     let packed = dims.group() * dims.q_len;
     let short_queries = packed <= 16 || (packed <= 64 && dims.kv_len >= 1024);
+    let few_rows = if packed <= 16 {
+        "up to 16 rows per kv head: a workgroup sized to them, not a 64-row tile"
+    } else {
+        "a few queries over many keys"
+    };
     let plan = match opts.path {
         Path::ThreePass => three_pass("forced")?,
         Path::Fused => fused("forced")?,
@@ -145,12 +150,10 @@ pub(crate) fn choose(spec: &Spec<'_>, limits: &GpuLimits, weights: bool) -> Resu
         }
         Path::Auto => match fused::unsupported(spec, limits, short_queries) {
             // The decode-shaped kernel needs less workgroup memory than the row-tiled one.
-            _ if short_queries && fused::keys_kernel(spec, limits).is_some() => {
-                decode("a few queries over many keys")?
-            }
+            _ if short_queries && fused::keys_kernel(spec, limits).is_some() => decode(few_rows)?,
             // The fused kernel needs more of a limit than the device has; the limit is the why.
             Some(short) => three_pass(short.what)?,
-            None if short_queries => decode("a few queries over many keys")?,
+            None if short_queries => decode(few_rows)?,
             None => fused("the default: O(N) memory, one pass")?,
         },
     };
