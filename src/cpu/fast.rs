@@ -817,13 +817,13 @@ impl<'a, const NR: usize> Problem<'a, NR> {
             for x in &mut sr[ha.clamp(j0 + a, j0 + e) - j0 - a..he.clamp(j0 + a, j0 + e) - j0 - a] {
                 *x = f32::NEG_INFINITY;
             }
-            let mut m_blk = row_max(sr);
+            let mut m_blk = K::row_max(sr);
             if m_blk == f32::NEG_INFINITY {
                 continue;
             }
             let m_old = s.m[row];
             let mut m_new = m_old.max(m_blk);
-            let mut l_blk = exp2_rows(sr, m_new, pr);
+            let mut l_blk = K::exp2_rows(sr, m_new, pr);
             if !l_blk.is_finite() {
                 // A score overflowed f32: saturate it (NaN, from inf - inf, drops the key).
                 for x in sr.iter_mut() {
@@ -833,13 +833,13 @@ impl<'a, const NR: usize> Problem<'a, NR> {
                         *x = f32::MAX;
                     }
                 }
-                m_blk = row_max(sr);
+                m_blk = K::row_max(sr);
                 if m_blk == f32::NEG_INFINITY {
                     pr.fill(0.0);
                     continue;
                 }
                 m_new = m_old.max(m_blk);
-                l_blk = exp2_rows(sr, m_new, pr);
+                l_blk = K::exp2_rows(sr, m_new, pr);
             }
             let alpha = exp2(m_old - m_new);
             s.m[row] = m_new;

@@ -172,6 +172,17 @@ pub(super) trait MicroKernel<const NR: usize>: Copy + Send + Sync + 'static {
     fn a(x: [f32; MR]) -> Self::A;
     /// `c += a b` for `a` a `MR x kc` block (`kc` steps) and `b` a `kc x NR` panel.
     fn tile(a: &[Self::A], b: &[Panel<NR>], c: &mut [[f32; NR]; MR]);
+    /// The maximum of a row of scores, NaN ignored, `-inf` for none: the plain loops LLVM
+    /// vectorises, unless the copy has its own.
+    #[inline(always)]
+    fn row_max(s: &[f32]) -> f32 {
+        super::row_max(s)
+    }
+    /// `p = 2^(s - m)` for a row of scores, and the sum of `p`: likewise.
+    #[inline(always)]
+    fn exp2_rows(s: &[f32], m: f32, p: &mut [f32]) -> f32 {
+        super::exp2_rows(s, m, p)
+    }
 }
 
 /// Lanes of the baseline: 4, the width of SSE2 and NEON.
@@ -417,6 +428,78 @@ mod x86 {
         }
     }
 
+    /// Lanes `0 .. n` of a 16-lane mask (all 16 from n = 16 on).
+    fn lanes(n: usize) -> __mmask16 {
+        if n >= 16 { 0xffff } else { (1u16 << n) - 1 }
+    }
+
+    /// The row maximum in zmm: one `vmaxps` per 16 scores, the tail through a masked load,
+    /// one tree reduction at the end. `max(x, m)` returns `m` where `x` is NaN: NaN ignored,
+    /// as the plain loops do.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn row_max_avx512(s: &[f32]) -> f32 {
+        let mut m = _mm512_set1_ps(f32::NEG_INFINITY);
+        for i in (0..s.len()).step_by(16) {
+            #[allow(unsafe_code)]
+            // SAFETY: the mask covers only lanes i .. min(i + 16, len) of `s`; masked-off
+            // lanes are not read (they take m's values).
+            let x = unsafe { _mm512_mask_loadu_ps(m, lanes(s.len() - i), s.as_ptr().add(i)) };
+            m = _mm512_max_ps(x, m);
+        }
+        _mm512_reduce_max_ps(m)
+    }
+
+    /// `2^x` in zmm, as `fast::exp2` computes it (the same rounding to n and polynomial, in
+    /// fused multiply-adds; `vscalefps` for 2^n): 0 below -126, NaN stays NaN.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn exp2_avx512(x: __m512) -> __m512 {
+        let floor = _mm512_set1_ps(-126.0);
+        // max(floor, x) returns x where x is NaN.
+        let xc = _mm512_max_ps(floor, x);
+        let n = _mm512_roundscale_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(xc);
+        let f = _mm512_sub_ps(xc, n);
+        let mut p = _mm512_set1_ps(1.533_757_7e-4);
+        for c in [
+            1.339_986e-3,
+            9.618_52e-3,
+            5.550_329e-2,
+            2.402_264_6e-1,
+            6.931_472e-1,
+            1.0,
+        ] {
+            p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c));
+        }
+        let y = _mm512_scalef_ps(p, n);
+        let below = _mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, floor);
+        _mm512_mask_mov_ps(y, below, _mm512_setzero_ps())
+    }
+
+    /// `p = 2^(s - m)` and its sum in zmm: the tail through masked loads and stores, its
+    /// unused lanes zeroed before the sum.
+    #[inline]
+    #[target_feature(enable = "avx512f")]
+    fn exp2_rows_avx512(s: &[f32], m: f32, p: &mut [f32]) -> f32 {
+        assert_eq!(s.len(), p.len());
+        let mv = _mm512_set1_ps(m);
+        let mut sum = _mm512_setzero_ps();
+        for i in (0..s.len()).step_by(16) {
+            let k = lanes(s.len() - i);
+            #[allow(unsafe_code)]
+            // SAFETY: the mask covers only lanes i .. min(i + 16, len) of `s`.
+            let x = unsafe { _mm512_maskz_loadu_ps(k, s.as_ptr().add(i)) };
+            let y = _mm512_maskz_mov_ps(k, exp2_avx512(_mm512_sub_ps(x, mv)));
+            #[allow(unsafe_code)]
+            // SAFETY: the same lanes of `p`, which is as long as `s` (checked).
+            unsafe {
+                _mm512_mask_storeu_ps(p.as_mut_ptr().add(i), k, y)
+            };
+            sum = _mm512_add_ps(sum, y);
+        }
+        _mm512_reduce_add_ps(sum)
+    }
+
     impl MicroKernel<64> for Avx512 {
         type A = [f32; MR];
         const ZERO: Self::A = [0.0; MR];
@@ -425,12 +508,73 @@ mod x86 {
             x
         }
         #[inline(always)]
+        fn row_max(s: &[f32]) -> f32 {
+            #[allow(unsafe_code)]
+            // SAFETY: this copy runs only after `CpuKernel::Avx512.check()` passed: the CPU
+            // has AVX-512F.
+            unsafe {
+                row_max_avx512(s)
+            }
+        }
+        #[inline(always)]
+        fn exp2_rows(s: &[f32], m: f32, p: &mut [f32]) -> f32 {
+            #[allow(unsafe_code)]
+            // SAFETY: as above.
+            unsafe {
+                exp2_rows_avx512(s, m, p)
+            }
+        }
+        #[inline(always)]
         fn tile(a: &[Self::A], b: &[Panel<64>], c: &mut [[f32; 64]; MR]) {
             #[allow(unsafe_code)]
             // SAFETY: this copy runs only after `CpuKernel::Avx512.check()` passed: the CPU
             // has AVX-512F.
             unsafe {
                 tile_avx512(a, b, c)
+            }
+        }
+    }
+}
+
+#[cfg(all(test, target_arch = "x86_64"))]
+mod tests {
+    use super::{MicroKernel, x86::Avx512};
+
+    /// The AVX-512 row maximum and exponentials against the plain loops every other copy
+    /// runs, on rows of every tail length with NaN, -inf, f32::MAX and the exponent floor.
+    #[test]
+    fn avx512_softmax_matches_the_plain_loops() {
+        if !std::is_x86_feature_detected!("avx512f") {
+            eprintln!("no AVX-512F here: nothing to compare");
+            return;
+        }
+        for n in [0, 1, 5, 15, 16, 17, 31, 32, 33, 64, 128, 130] {
+            for special in [None, Some(f32::NAN), Some(f32::NEG_INFINITY), Some(-300.0)] {
+                let mut s: Vec<f32> = (0..n)
+                    .map(|i| ((i * 37) % 101) as f32 * 0.7 - 60.0)
+                    .collect();
+                if let Some(x) = special
+                    && n > 0
+                {
+                    s[n / 2] = x;
+                }
+                let want_m = super::super::row_max(&s);
+                let got_m = Avx512::row_max(&s);
+                assert_eq!(got_m.to_bits(), want_m.to_bits(), "max, n={n}, {special:?}");
+                let m = if want_m.is_finite() { want_m } else { 0.0 };
+                let (mut want_p, mut got_p) = (vec![f32::NAN; n], vec![f32::NAN; n]);
+                let want_l = super::super::exp2_rows(&s, m, &mut want_p);
+                let got_l = Avx512::exp2_rows(&s, m, &mut got_p);
+                for (j, (g, w)) in got_p.iter().zip(&want_p).enumerate() {
+                    assert!(
+                        (g.is_nan() && w.is_nan()) || (g - w).abs() <= 3e-7 * w.abs(),
+                        "p[{j}], n={n}, {special:?}: {g} against {w}"
+                    );
+                }
+                assert!(
+                    (got_l.is_nan() && want_l.is_nan()) || (got_l - want_l).abs() <= 1e-6 * want_l,
+                    "sum, n={n}, {special:?}: {got_l} against {want_l}"
+                );
             }
         }
     }
