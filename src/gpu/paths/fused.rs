@@ -38,6 +38,14 @@
 //! [`MaskOptions`]). A key tile inside every row's key range, on a call without per-key
 //! options, is only floored: no range test, no mask lookup.
 //!
+//! Two more choices of the row-tiled kernel. Its rows' maxima and sums are reduced by subgroup
+//! shuffles where the configuration allows subgroups ([`TileConfig::subgroups`](crate::gpu::tuning::TileConfig::subgroups)): the
+//! invocations then take their places from the subgroup builtins, and the kernel itself falls
+//! back to workgroup memory where its subgroups turn out narrower than a row's invocations or
+//! not full. And where workgroup memory holds the workgroup's rows of Q beside the rest
+//! ([`FusedPlan::resident_q`]), Q is staged once before the key loop and each key tile stages
+//! only K, two 16-dim slices per pair of barriers.
+//!
 //! The uniforms of each dispatch come from pure functions of the [`Spec`] and the plan
 //! (`flash_params`, `split_merge_params`, `convert_params`), unit-tested below without a device.
 
