@@ -45,8 +45,8 @@ fn row_reductions_both_ways() {
 
 /// Q resident in workgroup memory against Q staged per key tile, on the shapes lavapipe's 32
 /// KiB holds it for (64 rows up to head_dim 16; the decode path's 16-row tiles up to 80),
-/// with every per-key option, one and several passes, half storage, and head dims that are
-/// not multiples of the two 16-dim slices of K a step stages.
+/// with every per-key option, several passes (cases 0, 2, 4), half storage (cases 1, 3), and
+/// head dims that are not multiples of the two 16-dim slices of K a step stages.
 #[test]
 fn resident_q_against_staged_q() {
     use wgpu_attention::{DType, DecodeKernel, LimitCaps};
@@ -87,14 +87,23 @@ fn resident_q_against_staged_q() {
             assert_eq!(p.resident_q, want, "{}", plan.reason());
             let seed = seed + resident as u64;
             check(&g, path, dm, &opts, seed, 2.0);
+            // The rest on resident Q only (Q staged per tile is every other test's kernel),
+            // half of it on alternate cases: each key is a pipeline to compile on a cold
+            // shader cache in CI.
+            if !resident {
+                continue;
+            }
             check(&g, path, dm, &masked, seed + 2, 2.0);
-            let capped = g.with_caps(LimitCaps {
-                max_key_tiles_per_workgroup: Some(1),
-                ..Default::default()
-            });
-            check(&capped, path, dm, &opts, seed + 4, 1.0);
-            let types = [DType::F16, DType::Bf16, DType::F16, DType::Bf16];
-            common::check_dtypes(&g, path, dm, &opts, seed + 6, 1.0, types);
+            if n % 2 == 0 {
+                let capped = g.with_caps(LimitCaps {
+                    max_key_tiles_per_workgroup: Some(1),
+                    ..Default::default()
+                });
+                check(&capped, path, dm, &opts, seed + 4, 1.0);
+            } else {
+                let types = [DType::F16, DType::Bf16, DType::F16, DType::Bf16];
+                common::check_dtypes(&g, path, dm, &opts, seed + 6, 1.0, types);
+            }
         }
     }
 }
