@@ -169,7 +169,9 @@ fn k_cols(kk: u32, tx: u32) -> array<vec4<f32>, BC4> {
 // K's dims k0 .. k0 + 2 TILE_K into all of tile_stage, [kk][key / 4]: four keys of one dim per
 // item, 16 consecutive dims to 16 consecutive invocations (coalesced reads). Only the first
 // slice where head_dim ends inside it. Each invocation stages 1 to 64 items (the workgroup
-// has 8 to 256 invocations, a power of two; a slice is 256 items).
+// has 8 to 256 invocations, a power of two; a slice is 256 items). Not tile_gemm's
+// tile_stage_item with K behind tile_a: its operand branch on a run-time side cost 6-17% of
+// the kernel's instructions on lavapipe (callgrind, 2026-12-07).
 fn stage_k_pair(li: u32, k0: u32) {
     let half = TILE_K * TILE_X;
     let invocations = tile_invocations();

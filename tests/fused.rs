@@ -43,7 +43,8 @@ fn row_reductions_both_ways() {
     }
 }
 
-/// Q resident in workgroup memory against Q staged per key tile, on the shapes lavapipe's 32
+/// Q resident in workgroup memory and Q staged per key tile, each against the CPU reference
+/// (random inputs, NaN-poisoned outputs), on the shapes lavapipe's 32
 /// KiB holds it for (64 rows up to head_dim 16; the decode path's 16-row tiles up to 80),
 /// with every per-key option, several passes (cases 0, 2, 4), half storage (cases 1, 3), and
 /// head dims that are not multiples of the two 16-dim slices of K a step stages.

@@ -211,7 +211,7 @@ pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     }
     let fused = Attention::new().path(Path::Fused);
     let totals = time_configs("fused", &configs, &fused_shapes, &fused, clock, args)?;
-    let fused_block = match fastest(&configs, &totals) {
+    let (fused_block, resident_q) = match fastest(&configs, &totals) {
         Some((c, total)) => {
             println!(
                 "tune: fused: best {} ({total:.3} ms over both shapes)",
@@ -228,7 +228,6 @@ pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             best.tile_config().resident_q,
         ),
     };
-    let (fused_block, resident_q) = fused_block;
     let best = best.with_resident_q(resident_q);
 
     // 3. The tile products' block (three-pass), with the best fused block.

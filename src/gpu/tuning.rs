@@ -49,8 +49,8 @@ pub struct TileConfig {
     /// Whether the fused kernel keeps its rows of Q in workgroup memory for the whole key
     /// loop, where that memory holds them (`TILE_M * ceil(head_dim / 16) * 64` bytes beside
     /// the rest: at 64 rows, head_dim up to 16 with 8 x 8 blocks on 32 KiB, 64 with 8 x 4 and
-    /// 80 with 8 x 8 on 48 KiB), and
-    /// stages only K per key tile; otherwise Q is staged again with every tile's K.
+    /// 80 with 8 x 8 on 48 KiB), and stages only K per key tile; otherwise Q is staged again
+    /// with every tile's K.
     /// `WGPU_ATTENTION_RESIDENT_Q=0|1` or [`Gpu::with_resident_q`](crate::Gpu::with_resident_q)
     /// overrides it.
     pub resident_q: bool,

@@ -397,13 +397,20 @@ impl Kernel {
 /// The rows per workgroup the fused kernel is compiled for (`TILE_M`).
 pub const FLASH_ROWS: [u32; 5] = [4, 8, 16, 32, 64];
 
-/// Workgroup memory of the fused kernel with invocation block `block`: the tile product's
-/// staging (also V's), the tile's probabilities (`TILE x TILE` f32), a row reduction (`TILE`
-/// rows x `TILE / block.cols` invocations), the tile bounds (`vec4<u32>`), the last key any
-/// row sees (`u32`), the hole, the paged keys' slots, and with `subgroups` the flag saying
-/// whether they fit the rows.
-pub(crate) const fn flash_workgroup_bytes(block: TileBlock, subgroups: bool) -> u32 {
-    // Staging, p_tile, red, tile_bounds, key_end, hole_tiles, key_slots, rows_fit.
+/// Workgroup memory of the fused kernel with invocation block `block` on `rows` rows, with
+/// `resident_q` slices of resident Q: the tile product's staging (also V's), the tile's
+/// probabilities (`TILE x TILE` f32), a row reduction (`TILE` rows x `TILE / block.cols`
+/// invocations), the tile bounds (`vec4<u32>`), the last key any row sees (`u32`), the hole,
+/// the paged keys' slots, with `subgroups` the flag saying whether they fit the rows, and
+/// `q_res` ([`flash_q_vec4s`], one unused vec4 without resident Q). The one figure the
+/// planner and the key both use; a test checks it against naga's layout.
+pub(crate) const fn flash_workgroup_bytes(
+    block: TileBlock,
+    subgroups: bool,
+    rows: u32,
+    resident_q: u32,
+) -> u32 {
+    // Staging, p_tile, red, tile_bounds, key_end, hole_tiles, key_slots, rows_fit, q_res.
     TILE_STAGE_BYTES
         + TILE * TILE * 4
         + TILE * block.columns_invocations() * 4
@@ -412,6 +419,7 @@ pub(crate) const fn flash_workgroup_bytes(block: TileBlock, subgroups: bool) -> 
         + 8
         + TILE * 4
         + if subgroups { 4 } else { 0 }
+        + 16 * flash_q_vec4s(rows, resident_q)
 }
 
 /// The length in vec4s of the fused kernel's resident Q (`q_res`) for `rows` rows and
@@ -1003,7 +1011,7 @@ impl KernelKey {
                 rows,
                 resident_q,
                 ..
-            } => flash_workgroup_bytes(block, subgroups) + 16 * flash_q_vec4s(rows, resident_q),
+            } => flash_workgroup_bytes(block, subgroups, rows, resident_q),
             KernelKey::FlashDecode {
                 workgroup,
                 rows,

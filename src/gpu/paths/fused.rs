@@ -56,7 +56,7 @@ use crate::gpu::dispatch::combine::{self, Combine};
 use crate::gpu::kernels::uniforms::{CombineParams, FlashParams, TILE, TILE_K, uniform_buffer};
 use crate::gpu::kernels::{
     DECODE_ROWS, DECODE_WORKGROUPS, FLASH_ROWS, KernelKey, MaskOptions, Storage,
-    decode_workgroup_bytes, flash_o_vec4s, flash_q_vec4s, flash_workgroup_bytes,
+    decode_workgroup_bytes, flash_o_vec4s, flash_workgroup_bytes,
 };
 use crate::gpu::limits::{DecodeKernel, DispatchSize, GpuLimits, TileBlock, check_binding};
 use crate::spec::Spec;
@@ -174,10 +174,10 @@ fn element_group(dim: usize, most: u32) -> u32 {
         .unwrap_or(1)
 }
 
-/// The limit the row-tiled fused kernel with invocation block `block` lacks on a device, if
-/// any.
-fn unsupported_block(limits: &GpuLimits, block: TileBlock) -> Option<Shortfall> {
-    let bytes = flash_workgroup_bytes(block, limits.tile.subgroups);
+/// The limit the row-tiled fused kernel with invocation block `block` on `rows` rows (Q
+/// staged per tile) lacks on a device, if any.
+fn unsupported_block(limits: &GpuLimits, block: TileBlock, rows: u32) -> Option<Shortfall> {
+    let bytes = flash_workgroup_bytes(block, limits.tile.subgroups, rows, 0);
     if limits.max_workgroup_storage < bytes {
         Some(Shortfall {
             what: "the fused kernel needs more workgroup memory (bytes)",
@@ -199,7 +199,7 @@ fn unsupported_block(limits: &GpuLimits, block: TileBlock) -> Option<Shortfall> 
 /// would take (on the decode path with `decode`), if any.
 pub(crate) fn unsupported(spec: &Spec<'_>, limits: &GpuLimits, decode: bool) -> Option<Shortfall> {
     let rows = row_tile_rows(spec, limits, decode);
-    unsupported_block(limits, block_for(limits, rows, spec.dims.v_head_dim))
+    unsupported_block(limits, block_for(limits, rows, spec.dims.v_head_dim), rows)
 }
 
 /// Slices of Q the row-tiled kernel keeps resident for `head_dim` on a device with `limits`,
@@ -207,9 +207,8 @@ pub(crate) fn unsupported(spec: &Spec<'_>, limits: &GpuLimits, decode: bool) -> 
 /// [`FusedPlan::resident_q`]).
 fn resident_q_for(limits: &GpuLimits, block: TileBlock, rows: u32, head_dim: usize) -> u32 {
     let slices = head_dim.div_ceil(TILE_K as usize) as u32;
-    let bytes = flash_workgroup_bytes(block, limits.tile.subgroups) as u64
-        + 16 * flash_q_vec4s(rows, slices) as u64;
-    if limits.tile.resident_q && bytes <= limits.max_workgroup_storage as u64 {
+    let bytes = flash_workgroup_bytes(block, limits.tile.subgroups, rows, slices);
+    if limits.tile.resident_q && bytes <= limits.max_workgroup_storage {
         slices
     } else {
         0
@@ -283,7 +282,7 @@ impl FusedPlan {
             None => row_tile_rows(spec, limits, decode),
         };
         let block = block_for(limits, rows_per_workgroup, d.v_head_dim);
-        if !keys_kernel && let Some(short) = unsupported_block(limits, block) {
+        if !keys_kernel && let Some(short) = unsupported_block(limits, block, rows_per_workgroup) {
             return Err(short.into());
         }
         let row_tiles = packed.div_ceil(rows_per_workgroup as usize) as u64;
