@@ -31,22 +31,6 @@
 override PHASE: u32 = 0u;
 const WG: u32 = 64u;
 
-fn q_at(b: u32, h: u32, i: u32) -> u32 {
-    return b * params.q_stride_b + h * params.q_stride_h + i * params.q_stride_s;
-}
-
-fn k_at(b: u32, kvh: u32, j: u32) -> u32 {
-    return b * params.k_stride_b + kvh * params.k_stride_h + j * params.k_stride_s;
-}
-
-fn v_at(b: u32, kvh: u32, j: u32) -> u32 {
-    return b * params.v_stride_b + kvh * params.v_stride_h + j * params.v_stride_s;
-}
-
-fn o_at(b: u32, h: u32, i: u32) -> u32 {
-    return b * params.o_stride_b + h * params.o_stride_h + i * params.o_stride_s;
-}
-
 // Elements 4c .. 4c + 3 of the row at `base` of Q, K, V, O or dO; zeros past its width.
 fn q4(base: u32, c: u32) -> vec4<f32> {
     let d = 4u * c;
@@ -92,57 +76,22 @@ fn do4(base: u32, c: u32) -> vec4<f32> {
     );
 }
 
-// The score of (b, h, i, j) from its scaled dot product s (as the forward computes it), and
-// its derivative by s.
-fn score_and_slope(s: f32, b: u32, h: u32, i: u32, j: u32, alibi: AlibiRow) -> vec2<f32> {
-    let x = adjust_score_with(s, b, h, i, j, alibi);
-    var slope = 1.0;
-    if HAS_SOFTCAP {
-        let t = tanh(clamp(s / mparams.softcap, -10.0, 10.0));
-        slope = 1.0 - t * t;
-    }
-    if x <= SCORE_FLOOR {
-        slope = 0.0;
-    }
-    return vec2<f32>(x, slope);
-}
-
-// Stores the f32 gradient `acc` (vec4 chunks, `width` elements) at `base` of `g_a` or `g_b`,
-// added to what is there when the dispatch resumes.
+// Stores the f32 gradient chunk x (elements 4c .. 4c + 3 of a row of `width` at `base`) into
+// `g_a` or `g_b`, added to what is there when the dispatch resumes.
 fn store_grad_a(base: u32, c: u32, x: vec4<f32>, width: u32) {
     for (var e = 0u; e < 4u; e++) {
-        let d = 4u * c + e;
-        if d < width {
-            var prev = 0.0;
-            if params.resume != 0u {
-                prev = g_a[base + d];
-            }
-            g_a[base + d] = prev + x[e];
+        if 4u * c + e < width {
+            add_grad_a(base + 4u * c + e, x[e]);
         }
     }
 }
 
 fn store_grad_b(base: u32, c: u32, x: vec4<f32>, width: u32) {
     for (var e = 0u; e < 4u; e++) {
-        let d = 4u * c + e;
-        if d < width {
-            var prev = 0.0;
-            if params.resume != 0u {
-                prev = g_b[base + d];
-            }
-            g_b[base + d] = prev + x[e];
+        if 4u * c + e < width {
+            add_grad_b(base + 4u * c + e, x[e]);
         }
     }
-}
-
-// Query rows of the call: where the shifts start in `delta`.
-fn query_rows() -> u32 {
-    return params.batch * params.heads * params.q_len;
-}
-
-// Row r's shift (see the header).
-fn row_shift(r: u32) -> f32 {
-    return delta[query_rows() + r];
 }
 
 // Phase 0: D_i = dO_i · O_i, and the row's shift.

@@ -26,8 +26,8 @@
 use crate::error::{Error, Result};
 use crate::gpu::context::Gpu;
 use crate::gpu::kernels::uniforms::{BackwardParams, uniform_buffer};
-use crate::gpu::kernels::{KernelKey, MaskOptions};
-use crate::gpu::limits::{DispatchSize, GpuLimits, check_binding};
+use crate::gpu::kernels::{BACKWARD_TILED_WORKGROUP_BYTES, KernelKey, MaskOptions, flash_o_vec4s};
+use crate::gpu::limits::{DispatchSize, GpuLimits, TileBlock, check_binding};
 use crate::gpu::paths::masking;
 use crate::gpu::tensor::{Tensor, expect_dims};
 use crate::spec::{Attention, DType, Spec};
@@ -71,6 +71,67 @@ pub(crate) struct BackwardPlan {
     /// Broadcast elements per dispatch of the bias's gradient, and rows of the sinks'.
     pub(crate) bias_per_pass: u32,
     pub(crate) sinks_per_pass: u32,
+    /// The tiled kernel's configuration for dQ, dK and dV, where it runs.
+    pub(crate) tiled: Option<TiledBackward>,
+}
+
+/// How the tiled kernel (`attention_backward_tiled.wgsl`) runs a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct TiledBackward {
+    /// Each invocation's block of a 64 x 64 score tile.
+    pub(crate) block: TileBlock,
+    /// Vec4 columns per invocation of dQ's rows, and of dK's and dV's.
+    pub(crate) dq_vec4s: u32,
+    pub(crate) dkv_vec4s: u32,
+    /// Tiles one workgroup visits per dispatch: key tiles of the dQ kernel, (group head,
+    /// query tile) pairs of the dK/dV kernel.
+    pub(crate) tiles_per_pass: u32,
+}
+
+/// The widest head_dim (and v_head_dim) the tiled kernel takes: its accumulators, two rows of
+/// dK and dV per block row, grow with the width.
+pub(crate) const TILED_BACKWARD_MAX_DIM: usize = 128;
+
+/// Accumulators per invocation the tiled kernel may hold for dK and dV together (the fused
+/// forward allows 128 for O alone; the backward also holds two score blocks).
+const TILED_BACKWARD_MOST_ACCUMULATORS: u32 = 128;
+
+impl TiledBackward {
+    /// The tiled configuration for `spec` on `limits`, or `None` where the row kernel runs:
+    /// turned off, a width past [`TILED_BACKWARD_MAX_DIM`], or too little workgroup memory or
+    /// too few invocations. The block is the fused kernel's where its accumulators fit, else
+    /// the next smaller one.
+    pub(crate) fn new(spec: &Spec<'_>, limits: &GpuLimits) -> Option<TiledBackward> {
+        let d = spec.dims;
+        let widest = d.head_dim.max(d.v_head_dim);
+        if !limits.tile.tiled_backward
+            || widest > TILED_BACKWARD_MAX_DIM
+            || limits.max_workgroup_storage < BACKWARD_TILED_WORKGROUP_BYTES
+        {
+            return None;
+        }
+        let configured = limits.tile.fused_block;
+        let block = TileBlock::ALL
+            .into_iter()
+            .rev()
+            .skip_while(|&b| b != configured)
+            .find(|&b| {
+                2 * b.rows * 4 * flash_o_vec4s(widest, b) <= TILED_BACKWARD_MOST_ACCUMULATORS
+                    && b.invocations(64) <= limits.max_invocations_per_workgroup
+            })?;
+        let capped = limits.max_key_tiles_per_workgroup != u32::MAX;
+        Some(TiledBackward {
+            block,
+            dq_vec4s: flash_o_vec4s(d.head_dim, block),
+            dkv_vec4s: flash_o_vec4s(widest, block),
+            // A tile costs the loop cap about twice a fused forward tile's iterations.
+            tiles_per_pass: if capped {
+                (limits.max_key_tiles_per_workgroup / 2).max(1)
+            } else {
+                u32::MAX
+            },
+        })
+    }
 }
 
 impl BackwardPlan {
@@ -99,6 +160,7 @@ impl BackwardPlan {
                 bias_extent(spec).unwrap_or(1),
             ),
             sinks_per_pass: per_pass(4, d.batch * d.q_len),
+            tiled: TiledBackward::new(spec, limits),
         }
     }
 }
@@ -472,7 +534,7 @@ fn encode(
         wgpu::BufferUsages::empty(),
     );
     let storage = |t: &Tensor| gpu.storage(t.dtype());
-    let key = |phase| KernelKey::AttentionBackward {
+    let row_key = |phase| KernelKey::AttentionBackward {
         q: storage(q),
         k: storage(k),
         v: storage(v),
@@ -483,32 +545,66 @@ fn encode(
         v4: plan.v4,
         masks: MaskOptions::of(spec),
     };
+    let tiled_key = |tiled: &TiledBackward, dkv| KernelKey::AttentionBackwardTiled {
+        q: storage(q),
+        k: storage(k),
+        v: storage(v),
+        o: storage(o),
+        d_o: storage(d_o),
+        dkv,
+        block: tiled.block,
+        o_vec4s: if dkv { tiled.dkv_vec4s } else { tiled.dq_vec4s },
+        masks: MaskOptions::of(spec),
+    };
     let out = &gpu.kernels.placeholder_out;
-    // (phase, invocations, the range each dispatch adds in, its step, g_a, g_b).
-    let phases = [
-        (0, query_rows, d.q_len, d.q_len, out, out),
-        (
-            1,
-            query_rows,
-            d.kv_len,
-            plan.keys_per_pass as usize,
-            grads.dq.buffer(),
-            out,
-        ),
-        (
-            2,
-            key_rows,
-            d.group() * d.q_len,
-            plan.rows_per_pass as usize,
-            grads.dk.buffer(),
-            grads.dv.buffer(),
-        ),
-    ];
-    let mut phases = phases.to_vec();
+    // Each phase: (kernel, workgroups (the `rows` of its parameters), the range each dispatch
+    // adds in, its step, g_a, g_b). The row kernel runs 64 invocations per workgroup, one
+    // row each; the tiled one a workgroup per 64 query rows (dQ) or keys (dK, dV).
+    let mut phases = vec![(row_key(0), query_rows, d.q_len, d.q_len, out, out)];
+    let tiles = |len: usize| len.div_ceil(64);
+    match &plan.tiled {
+        Some(tiled) => {
+            let step = tiled.tiles_per_pass as usize;
+            phases.push((
+                tiled_key(tiled, false),
+                d.batch * d.heads * tiles(d.q_len),
+                tiles(d.kv_len),
+                step,
+                grads.dq.buffer(),
+                out,
+            ));
+            phases.push((
+                tiled_key(tiled, true),
+                d.batch * d.kv_heads * tiles(d.kv_len),
+                d.group() * tiles(d.q_len),
+                step,
+                grads.dk.buffer(),
+                grads.dv.buffer(),
+            ));
+        }
+        None => {
+            phases.push((
+                row_key(1),
+                query_rows,
+                d.kv_len,
+                plan.keys_per_pass as usize,
+                grads.dq.buffer(),
+                out,
+            ));
+            phases.push((
+                row_key(2),
+                key_rows,
+                d.group() * d.q_len,
+                plan.rows_per_pass as usize,
+                grads.dk.buffer(),
+                grads.dv.buffer(),
+            ));
+        }
+    }
     if let Some(dbias) = &grads.dbias {
         let extent = bias_extent(spec).expect("checked");
         phases.push((
-            3,
+            row_key(3),
             dbias.len(),
             extent,
             plan.bias_per_pass as usize,
@@ -518,7 +614,7 @@ fn encode(
     }
     if let Some(dsinks) = &grads.dsinks {
         phases.push((
-            4,
+            row_key(4),
             d.heads,
             d.batch * d.q_len,
             plan.sinks_per_pass as usize,
@@ -531,10 +627,14 @@ fn encode(
         .map(|&(_, _, len, step, ..)| len.div_ceil(step.max(1)))
         .sum();
     let mut n = 0;
-    for (phase, rows, len, step, g_a, g_b) in phases {
-        let kernel = gpu.kernels.get(&gpu.device, key(phase))?;
+    for (key, rows, len, step, g_a, g_b) in phases {
+        let kernel = gpu.kernels.get(&gpu.device, key)?;
+        let workgroups = match key {
+            KernelKey::AttentionBackwardTiled { .. } => rows,
+            _ => rows.div_ceil(64),
+        };
         let size = DispatchSize::linear(
-            rows.div_ceil(64) as u64,
+            workgroups as u64,
             gpu.limits.max_workgroups_per_dim,
             "attention backward dispatch",
         )?;

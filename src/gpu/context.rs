@@ -317,6 +317,20 @@ impl Gpu {
                 }
             };
         }
+        if let Ok(value) = std::env::var("WGPU_ATTENTION_TILED_BACKWARD") {
+            limits.tile.tiled_backward = match value.trim() {
+                "0" => false,
+                "1" => true,
+                _ => {
+                    return Err(Error::InvalidOption {
+                        what: "WGPU_ATTENTION_TILED_BACKWARD",
+                        value,
+                        why: "must be 0 (the backward one row per invocation) or 1 (in tiles \
+                              where head_dim and v_head_dim are at most 128)",
+                    });
+                }
+            };
+        }
         let params = match std::env::var("WGPU_ATTENTION_PARAMS") {
             Ok(value) => ParamsIn::parse(&value).ok_or(Error::InvalidOption {
                 what: "WGPU_ATTENTION_PARAMS",
@@ -689,6 +703,7 @@ impl Gpu {
         }
         gpu.limits.tile.decode_target_workgroups = config.decode_target_workgroups;
         gpu.limits.tile.resident_q = config.resident_q;
+        gpu.limits.tile.tiled_backward = config.tiled_backward;
         gpu.with_blocks(config.fused_block, config.gemm_block)
     }
 
@@ -698,6 +713,15 @@ impl Gpu {
     pub fn with_resident_q(&self, resident: bool) -> Gpu {
         let mut gpu = self.clone();
         gpu.limits.tile.resident_q = resident;
+        gpu
+    }
+
+    /// A context on the same device whose backward runs in tiles where it can (`tiled`), or
+    /// one row per invocation (see
+    /// [`TileConfig::tiled_backward`](crate::gpu::tuning::TileConfig::tiled_backward)).
+    pub fn with_tiled_backward(&self, tiled: bool) -> Gpu {
+        let mut gpu = self.clone();
+        gpu.limits.tile.tiled_backward = tiled;
         gpu
     }
 

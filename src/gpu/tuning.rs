@@ -9,7 +9,8 @@
 //! [`Gpu::with_tile_config`](crate::Gpu::with_tile_config) (or the finer
 //! `with_decode_kernel`, `with_decode_rows`, `with_blocks`), a user without a rebuild with
 //! `WGPU_ATTENTION_DECODE_KERNEL`, `WGPU_ATTENTION_SUBGROUPS`, `WGPU_ATTENTION_DECODE_ROWS`,
-//! `WGPU_ATTENTION_FUSED_BLOCK`, `WGPU_ATTENTION_GEMM_BLOCK` and `WGPU_ATTENTION_RESIDENT_Q`.
+//! `WGPU_ATTENTION_FUSED_BLOCK`, `WGPU_ATTENTION_GEMM_BLOCK`, `WGPU_ATTENTION_RESIDENT_Q` and
+//! `WGPU_ATTENTION_TILED_BACKWARD`.
 //!
 //! The configuration is [`GpuLimits::tile`](crate::gpu::GpuLimits::tile): the plans read it there, beside the device
 //! limits, so the planner tests set any configuration without a device.
@@ -54,6 +55,11 @@ pub struct TileConfig {
     /// `WGPU_ATTENTION_RESIDENT_Q=0|1` or [`Gpu::with_resident_q`](crate::Gpu::with_resident_q)
     /// overrides it.
     pub resident_q: bool,
+    /// Whether the backward computes dQ, dK and dV in 64 x 64 tiles with register blocks
+    /// (`attention_backward_tiled.wgsl`, for head_dim and v_head_dim up to 128), or one row
+    /// per invocation (`attention_backward.wgsl`, every width). `WGPU_ATTENTION_TILED_BACKWARD`
+    /// or [`Gpu::with_tiled_backward`](crate::Gpu::with_tiled_backward) overrides it.
+    pub tiled_backward: bool,
 }
 
 /// An entry of [`TABLE`]: which adapters it is for, and where its figures come from.
@@ -89,6 +95,7 @@ const fn keys(
         fused_block,
         gemm_block,
         resident_q: true,
+        tiled_backward: true,
     }
 }
 
@@ -168,13 +175,15 @@ impl TileConfig {
         let block = |b: TileBlock| format!("TileBlock::B{}X{}", b.rows, b.cols);
         format!(
             "TileConfig {{ decode_kernel: {kernel}, subgroups: {}, min_decode_rows: {}, \
-             decode_target_workgroups: {}, fused_block: {}, gemm_block: {}, resident_q: {} }}",
+             decode_target_workgroups: {}, fused_block: {}, gemm_block: {}, resident_q: {}, \
+             tiled_backward: {} }}",
             self.subgroups,
             self.min_decode_rows,
             self.decode_target_workgroups,
             block(self.fused_block),
             block(self.gemm_block),
-            self.resident_q
+            self.resident_q,
+            self.tiled_backward
         )
     }
 }
@@ -217,7 +226,8 @@ mod tests {
             s,
             "TileConfig { decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup: 16 }, \
              subgroups: true, min_decode_rows: 4, decode_target_workgroups: 64, \
-             fused_block: TileBlock::B8X8, gemm_block: TileBlock::B8X8, resident_q: true }"
+             fused_block: TileBlock::B8X8, gemm_block: TileBlock::B8X8, resident_q: true, \
+             tiled_backward: true }"
         );
     }
 }

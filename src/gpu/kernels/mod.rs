@@ -65,6 +65,9 @@ pub const FLASH_DECODE: &str = include_str!("../../../shaders/flash_decode.wgsl"
 pub const COMBINE_SPLITS: &str = include_str!("../../../shaders/combine_splits.wgsl");
 /// WGSL source of the backward of attention (three phases: D, dQ, dK and dV).
 pub const ATTENTION_BACKWARD: &str = include_str!("../../../shaders/attention_backward.wgsl");
+/// WGSL source of the backward's dQ and dK/dV phases in tiles.
+pub const ATTENTION_BACKWARD_TILED: &str =
+    include_str!("../../../shaders/attention_backward_tiled.wgsl");
 /// WGSL source of the batched matrix product with bias (the layer's projections).
 pub const MATMUL: &str = include_str!("../../../shaders/matmul.wgsl");
 
@@ -91,11 +94,13 @@ pub enum Fragment {
     TileRowsSubgroup,
     /// The fused kernel's placement and row reductions through workgroup memory only.
     TileRowsWorkgroup,
+    /// What the two backward kernels share: addresses, the score's derivative, the stores.
+    Backward,
 }
 
 impl Fragment {
     /// Every fragment.
-    pub const ALL: [Fragment; 10] = [
+    pub const ALL: [Fragment; 11] = [
         Fragment::Grid,
         Fragment::Lse,
         Fragment::TileGemm,
@@ -106,6 +111,7 @@ impl Fragment {
         Fragment::TileRows,
         Fragment::TileRowsSubgroup,
         Fragment::TileRowsWorkgroup,
+        Fragment::Backward,
     ];
 
     /// Its WGSL.
@@ -127,6 +133,7 @@ impl Fragment {
             Fragment::TileRowsWorkgroup => {
                 include_str!("../../../shaders/lib/tile_rows_workgroup.wgsl")
             }
+            Fragment::Backward => include_str!("../../../shaders/lib/backward.wgsl"),
         }
     }
 }
@@ -148,8 +155,11 @@ pub enum Kernel {
     CombineSplits,
     /// Batched `C = alpha A B^T + bias` with any strides (projections, head averages).
     Matmul,
-    /// The backward of attention: D, dQ, or dK and dV, one row per invocation.
+    /// The backward of attention: D, dQ, dK and dV, the bias's and the sinks' gradients,
+    /// one row per invocation.
     AttentionBackward,
+    /// The backward's dQ, or dK and dV, in 64 x 64 tiles with register blocks.
+    AttentionBackwardTiled,
 }
 
 /// What sits at one binding slot of a kernel. The host declares every binding from this list
@@ -241,7 +251,7 @@ const fn write(name: &'static str, ty: &'static str) -> Slot {
 
 impl Kernel {
     /// All kernels, for tests that compile every one.
-    pub const ALL: [Kernel; 8] = [
+    pub const ALL: [Kernel; 9] = [
         Kernel::QkScores,
         Kernel::MaskedSoftmax,
         Kernel::PvProduct,
@@ -250,6 +260,7 @@ impl Kernel {
         Kernel::CombineSplits,
         Kernel::Matmul,
         Kernel::AttentionBackward,
+        Kernel::AttentionBackwardTiled,
     ];
 
     /// The kernel's own file.
@@ -263,6 +274,7 @@ impl Kernel {
             Kernel::CombineSplits => COMBINE_SPLITS,
             Kernel::Matmul => MATMUL,
             Kernel::AttentionBackward => ATTENTION_BACKWARD,
+            Kernel::AttentionBackwardTiled => ATTENTION_BACKWARD_TILED,
         }
     }
 
@@ -276,7 +288,8 @@ impl Kernel {
             Kernel::FlashAttention => &[Grid, Lse, TileGemm, Masking],
             Kernel::FlashDecode => &[Grid, Lse, Masking],
             Kernel::CombineSplits => &[Grid, Lse],
-            Kernel::AttentionBackward => &[Grid, Masking],
+            Kernel::AttentionBackward => &[Grid, Masking, Backward],
+            Kernel::AttentionBackwardTiled => &[Grid, TileGemm, Masking, Backward],
         }
     }
 
@@ -348,7 +361,8 @@ impl Kernel {
                 ];
                 S
             }
-            Kernel::AttentionBackward => {
+            // The tiled phases bind what the row phases bind, so one encoder serves both.
+            Kernel::AttentionBackward | Kernel::AttentionBackwardTiled => {
                 const S: &[Slot] = &[
                     uniform::<BackwardParams>("params"),
                     tensor("q", true),
@@ -390,6 +404,7 @@ impl Kernel {
             Kernel::CombineSplits => "combine_splits",
             Kernel::Matmul => "matmul",
             Kernel::AttentionBackward => "attention_backward",
+            Kernel::AttentionBackwardTiled => "attention_backward_tiled",
         }
     }
 }
@@ -444,6 +459,10 @@ fn flash_bkv(block: TileBlock, o_vec4s: u32) -> u32 {
     let most = (TILE_STAGE_BYTES / 16 / per_key).clamp(1, TILE);
     1 << most.ilog2()
 }
+
+/// Workgroup memory of the tiled backward kernel: the tile product's staging (also the
+/// accumulating products'), a `TILE x TILE` f32 tile of P or dS, and the visited-tile flags.
+pub(crate) const BACKWARD_TILED_WORKGROUP_BYTES: u32 = TILE_STAGE_BYTES + TILE * TILE * 4 + 8;
 
 /// The rows the decode kernel is compiled for (`ROWS`): the fewest of these that hold a kv
 /// head's `group * q_len` rows.
@@ -745,6 +764,29 @@ pub enum KernelKey {
         /// The options compiled in.
         masks: MaskOptions,
     },
+    /// [`Kernel::AttentionBackwardTiled`].
+    AttentionBackwardTiled {
+        /// Queries.
+        q: Storage,
+        /// Keys.
+        k: Storage,
+        /// Values.
+        v: Storage,
+        /// The forward's output.
+        o: Storage,
+        /// The output's gradient.
+        d_o: Storage,
+        /// `false`: dQ, a workgroup per 64 query rows; `true`: dK and dV, a workgroup per
+        /// 64 keys.
+        dkv: bool,
+        /// Each invocation's block of a score tile.
+        block: TileBlock,
+        /// Vec4 columns of each gradient row per invocation: [`flash_o_vec4s`] of the wider
+        /// of head_dim and v_head_dim (dQ: of head_dim).
+        o_vec4s: u32,
+        /// The options compiled in.
+        masks: MaskOptions,
+    },
     /// [`Kernel::Matmul`].
     Matmul {
         /// Left operand.
@@ -770,6 +812,7 @@ impl KernelKey {
             KernelKey::CombineSplits { .. } => Kernel::CombineSplits,
             KernelKey::Matmul { .. } => Kernel::Matmul,
             KernelKey::AttentionBackward { .. } => Kernel::AttentionBackward,
+            KernelKey::AttentionBackwardTiled { .. } => Kernel::AttentionBackwardTiled,
         }
     }
 
@@ -784,6 +827,9 @@ impl KernelKey {
             KernelKey::CombineSplits { parts, o } => vec![parts, o],
             KernelKey::Matmul { a, b, c, .. } => vec![a, b, c],
             KernelKey::AttentionBackward {
+                q, k, v, o, d_o, ..
+            }
+            | KernelKey::AttentionBackwardTiled {
                 q, k, v, o, d_o, ..
             } => vec![q, k, v, o, d_o],
         }
@@ -915,6 +961,38 @@ impl KernelKey {
                 keys.push(backward(phase, d4, v4, MaskOptions::default()));
             }
         }
+        for block in TileBlock::ALL {
+            for o_vec4s in 1..=128 / 4 / block.columns_invocations() {
+                for dkv in [false, true] {
+                    keys.push(KernelKey::AttentionBackwardTiled {
+                        q: s,
+                        k: s,
+                        v: s,
+                        o: s,
+                        d_o: s,
+                        dkv,
+                        block,
+                        o_vec4s,
+                        masks: MaskOptions::default(),
+                    });
+                }
+            }
+        }
+        for masks in MaskOptions::all().into_iter().filter(|m| m.page_size == 0) {
+            for (n, block) in TileBlock::ALL.into_iter().enumerate() {
+                keys.push(KernelKey::AttentionBackwardTiled {
+                    q: s,
+                    k: s,
+                    v: s,
+                    o: s,
+                    d_o: s,
+                    dkv: n % 2 == 1,
+                    block,
+                    o_vec4s: 1,
+                    masks,
+                });
+            }
+        }
         for masks in MaskOptions::all() {
             keys.push(backward(1, 8, 4, masks));
             keys.push(backward(2, 4, 8, masks));
@@ -994,6 +1072,18 @@ impl KernelKey {
                 masks,
                 ..
             } => format!("phase {phase}; d4={d4}; v4={v4}; {}", masks.label()),
+            KernelKey::AttentionBackwardTiled {
+                dkv,
+                block,
+                o_vec4s,
+                masks,
+                ..
+            } => format!(
+                "{}; block {}; o_vec4s={o_vec4s}; {}",
+                if *dkv { "dK dV" } else { "dQ" },
+                block.name(),
+                masks.label()
+            ),
             _ => String::new(),
         };
         format!("{}<{}; {extra}>", self.kernel().name(), tensors.join(","))
@@ -1023,6 +1113,7 @@ impl KernelKey {
             // Two reductions of one f32 per invocation and a flag.
             KernelKey::MaskedSoftmax { workgroup, .. } => 2 * workgroup * 4 + 4,
             KernelKey::CombineSplits { .. } | KernelKey::AttentionBackward { .. } => 0,
+            KernelKey::AttentionBackwardTiled { .. } => BACKWARD_TILED_WORKGROUP_BYTES,
         }
     }
 
@@ -1087,6 +1178,19 @@ impl KernelKey {
                 ]
             }
             KernelKey::AttentionBackward { d4, v4, .. } => vec![("D4", d4), ("V4", v4)],
+            KernelKey::AttentionBackwardTiled {
+                dkv,
+                block,
+                o_vec4s,
+                ..
+            } => vec![
+                ("BR", block.rows),
+                ("BC", block.cols),
+                ("PHASE", if dkv { 2 } else { 1 }),
+                ("NQ", if dkv { block.cols } else { block.rows }),
+                ("OC", o_vec4s),
+                ("BKV", flash_bkv(block, o_vec4s)),
+            ],
             _ => Vec::new(),
         }
     }
@@ -1151,6 +1255,7 @@ impl KernelKey {
                 out.push(("PHASE", phase as f64));
                 masks.constants(&mut out);
             }
+            KernelKey::AttentionBackwardTiled { masks, .. } => masks.constants(&mut out),
             KernelKey::QkScores { additive, .. } => out.push(("ADDITIVE", additive as u8 as f64)),
             KernelKey::PvProduct { .. }
             | KernelKey::CombineSplits { .. }

@@ -27,6 +27,7 @@ fn lavapipe() -> GpuLimits {
             fused_block: TileBlock::B8X8,
             gemm_block: TileBlock::B8X8,
             resident_q: true,
+            tiled_backward: true,
         },
     }
 }
@@ -51,6 +52,7 @@ fn h100() -> GpuLimits {
             fused_block: TileBlock::B8X4,
             gemm_block: TileBlock::B8X8,
             resident_q: true,
+            tiled_backward: true,
         },
     }
 }
@@ -74,6 +76,7 @@ fn apple_m() -> GpuLimits {
             fused_block: TileBlock::B8X4,
             gemm_block: TileBlock::B8X8,
             resident_q: true,
+            tiled_backward: true,
         },
     }
 }

@@ -1,0 +1,62 @@
+// What the two backward kernels share (attention_backward.wgsl, one row per invocation, and
+// attention_backward_tiled.wgsl, tiles in workgroup memory): addresses, the score's
+// derivative, the row shifts phase 0 writes, and the stores that add to an earlier dispatch's
+// gradients. Bindings as in attention_backward.wgsl.
+
+fn q_at(b: u32, h: u32, i: u32) -> u32 {
+    return b * params.q_stride_b + h * params.q_stride_h + i * params.q_stride_s;
+}
+
+fn k_at(b: u32, kvh: u32, j: u32) -> u32 {
+    return b * params.k_stride_b + kvh * params.k_stride_h + j * params.k_stride_s;
+}
+
+fn v_at(b: u32, kvh: u32, j: u32) -> u32 {
+    return b * params.v_stride_b + kvh * params.v_stride_h + j * params.v_stride_s;
+}
+
+fn o_at(b: u32, h: u32, i: u32) -> u32 {
+    return b * params.o_stride_b + h * params.o_stride_h + i * params.o_stride_s;
+}
+
+// The score of (b, h, i, j) from its scaled dot product s (as the forward computes it), and
+// its derivative by s.
+fn score_and_slope(s: f32, b: u32, h: u32, i: u32, j: u32, alibi: AlibiRow) -> vec2<f32> {
+    let x = adjust_score_with(s, b, h, i, j, alibi);
+    var slope = 1.0;
+    if HAS_SOFTCAP {
+        let t = tanh(clamp(s / mparams.softcap, -10.0, 10.0));
+        slope = 1.0 - t * t;
+    }
+    if x <= SCORE_FLOOR {
+        slope = 0.0;
+    }
+    return vec2<f32>(x, slope);
+}
+
+// Element e of `g_a` or `g_b` set to x, added to what is there when the dispatch resumes.
+fn add_grad_a(e: u32, x: f32) {
+    var prev = 0.0;
+    if params.resume != 0u {
+        prev = g_a[e];
+    }
+    g_a[e] = prev + x;
+}
+
+fn add_grad_b(e: u32, x: f32) {
+    var prev = 0.0;
+    if params.resume != 0u {
+        prev = g_b[e];
+    }
+    g_b[e] = prev + x;
+}
+
+// Query rows of the call: where the shifts start in `delta`.
+fn query_rows() -> u32 {
+    return params.batch * params.heads * params.q_len;
+}
+
+// Row r's shift (attention_backward.wgsl's header).
+fn row_shift(r: u32) -> f32 {
+    return delta[query_rows() + r];
+}
