@@ -22,9 +22,6 @@
 // attention_backward.wgsl.
 
 const O_STRIDE: u32 = NX * OC;
-// A row past its sequence: staged as zeros, so that padding (which may hold anything, NaN
-// included) never reaches a gradient.
-const NO_ROW: u32 = 0xffffffffu;
 // The operands, by the tensor they are read from.
 const OP_Q: u32 = 0u;
 const OP_K: u32 = 1u;
@@ -33,9 +30,16 @@ const OP_DO: u32 = 3u;
 
 // P or dS of the tile, [column][row / 4]: the left operand of the accumulating products.
 var<workgroup> p_tile: array<array<vec4<f32>, TILE_X>, TILE>;
-// The last tile (plus one) any query row of the workgroup was seen to reach (tile_visible).
+// The last tile (plus one) that any query row of the workgroup was seen to reach, and that
+// any row was seen not to cover (tile_state).
 var<workgroup> seen: atomic<u32>;
+var<workgroup> partial: atomic<u32>;
 var<workgroup> visit: u32;
+
+// What tile_state says of a tile.
+const TILE_SKIPPED: u32 = 0u;
+const TILE_PARTIAL: u32 = 1u;
+const TILE_FULL: u32 = 2u;
 
 // The workgroup's batch entry and kv head, and the query head of its rows (PHASE 1) or of the
 // current pair (PHASE 2).
@@ -91,27 +95,6 @@ fn grad_of(s: f32, dp: f32, q: QueryRow, j: u32) -> vec2<f32> {
     return vec2<f32>(0.0, 0.0);
 }
 
-// The first element of row n of operand op (a query row of head wh for Q and dO, a key of kv
-// head wkvh for K and V), or NO_ROW past the sequence.
-fn row_base(op: u32, n: u32) -> u32 {
-    if op == OP_Q || op == OP_DO {
-        if n >= seq_q_len(wb) {
-            return NO_ROW;
-        }
-        if op == OP_Q {
-            return q_at(wb, wh, n);
-        }
-        return o_at(wb, wh, n);
-    }
-    if n >= seq_kv_len(wb) {
-        return NO_ROW;
-    }
-    if op == OP_K {
-        return k_at(wb, wkvh, n);
-    }
-    return v_at(wb, wkvh, n);
-}
-
 fn op_width(op: u32) -> u32 {
     return select(params.head_dim, params.v_head_dim, op == OP_V || op == OP_DO);
 }
@@ -133,45 +116,48 @@ fn op_load(op: u32, e: u32) -> f32 {
     }
 }
 
-// Dims d0 .. d0 + 3 of row n of op (zeros past its width or its sequence).
-fn op_vec4(op: u32, n: u32, d0: u32) -> vec4<f32> {
-    let base = row_base(op, n);
-    var x = vec4<f32>();
-    if base != NO_ROW {
-        let w = op_width(op);
-        for (var e = 0u; e < 4u; e++) {
-            if d0 + e < w {
-                x[e] = op_load(op, base + d0 + e);
-            }
+// The first element of row 0 of op's head (Q and dO: head wh; K and V: kv head wkvh), the
+// stride between its rows, and its rows in the sequence (rows past it are staged as zeros).
+fn op_rows(op: u32) -> vec3<u32> {
+    switch op {
+        case 0u: {
+            return vec3<u32>(q_at(wb, wh, 0u), params.q_stride_s, seq_q_len(wb));
+        }
+        case 1u: {
+            return vec3<u32>(k_at(wb, wkvh, 0u), params.k_stride_s, seq_kv_len(wb));
+        }
+        case 2u: {
+            return vec3<u32>(v_at(wb, wkvh, 0u), params.v_stride_s, seq_kv_len(wb));
+        }
+        default: {
+            return vec3<u32>(o_at(wb, wh, 0u), params.o_stride_s, seq_q_len(wb));
         }
     }
-    return x;
 }
 
-// The slice k0 .. k0 + TILE_K of op_a over the tile's rows (r0 + ..) and of op_b over its
-// columns (c0 + ..) into tile_stage, as tile_gemm lays it out ([k][row / 4]). 512 items of
-// four rows of one dim: 2 to 8 per invocation, a constant trip count.
-fn stage_pair(li: u32, k0: u32, op_a: u32, op_b: u32) {
+// The slice k0 .. k0 + TILE_K of op over rows first .. first + 63 into half `side` of
+// tile_stage, as tile_gemm lays it out ([k][row / 4]): 256 items of four rows of one dim,
+// 1 to 4 per invocation (a constant trip count). `op` is a constant at every call site, so
+// the loads compile to one tensor's.
+fn stage_side(li: u32, k0: u32, op: u32, side: u32, first: u32) {
     let half = TILE_K * TILE_X;
     let invocations = tile_invocations();
-    for (var n = 0u; n < 2u * half / invocations; n++) {
+    let rows = op_rows(op);
+    let width = op_width(op);
+    for (var n = 0u; n < half / invocations; n++) {
         let idx = li + n * invocations;
-        let side = idx / half;
         let kk = idx % TILE_K;
-        let mq = (idx % half) / TILE_K;
-        let op = select(op_a, op_b, side == 1u);
-        let first = select(r0, c0, side == 1u) + 4u * mq;
+        let row = first + 4u * (idx / TILE_K);
         let d = k0 + kk;
         var x = vec4<f32>();
-        if d < op_width(op) {
+        if d < width {
             for (var e = 0u; e < 4u; e++) {
-                let base = row_base(op, first + e);
-                if base != NO_ROW {
-                    x[e] = op_load(op, base + d);
+                if row + e < rows.z {
+                    x[e] = op_load(op, rows.x + (row + e) * rows.y + d);
                 }
             }
         }
-        tile_stage[side * STAGE_B + kk * TILE_X + mq] = x;
+        tile_stage[side * STAGE_B + kk * TILE_X + idx / TILE_K] = x;
     }
 }
 
@@ -179,7 +165,8 @@ fn stage_pair(li: u32, k0: u32, op_a: u32, op_b: u32) {
 fn tile_product(li: u32, tx: u32, ty: u32, op_a: u32, op_b: u32, width: u32) -> Block {
     var acc = Block();
     for (var k0 = 0u; k0 < width; k0 += TILE_K) {
-        stage_pair(li, k0, op_a, op_b);
+        stage_side(li, k0, op_a, 0u, r0);
+        stage_side(li, k0, op_b, 1u, c0);
         workgroupBarrier();
         acc = tile_fma(acc, ty, tx);
         workgroupBarrier();
@@ -204,7 +191,7 @@ fn store_p_tile(x: Block, tx: u32, ty: u32) {
 
 alias Acc = array<vec4<f32>, OC * BR>;
 
-// tile_gemm's generic staging names these; this kernel stages through stage_pair.
+// tile_gemm's generic staging names these; this kernel stages through stage_side.
 fn tile_a(row: u32, k: u32) -> f32 {
     return 0.0;
 }
@@ -219,6 +206,8 @@ fn accumulate(acc: Acc, li: u32, tx: u32, ty: u32, op: u32) -> Acc {
     var out = acc;
     let invocations = tile_invocations();
     let slice = BKV * O_STRIDE;
+    let rows = op_rows(op);
+    let width = op_width(op);
     for (var kv0 = 0u; kv0 < TILE; kv0 += BKV) {
         workgroupBarrier();
         for (var n = 0u; n < (slice + invocations - 1u) / invocations; n++) {
@@ -228,7 +217,18 @@ fn accumulate(acc: Acc, li: u32, tx: u32, ty: u32, op: u32) -> Acc {
             }
             let vk = idx / O_STRIDE;
             let nq = idx % O_STRIDE;
-            tile_stage[idx] = op_vec4(op, c0 + kv0 + vk, 4u * nq);
+            // Dims 4 nq .. 4 nq + 3 of row c0 + kv0 + vk (zeros past the width or the rows).
+            let row = c0 + kv0 + vk;
+            var x = vec4<f32>();
+            if row < rows.z {
+                let base = rows.x + row * rows.y;
+                for (var e = 0u; e < 4u; e++) {
+                    if 4u * nq + e < width {
+                        x[e] = op_load(op, base + 4u * nq + e);
+                    }
+                }
+            }
+            tile_stage[idx] = x;
         }
         workgroupBarrier();
         for (var k = 0u; k < BKV; k++) {
@@ -253,28 +253,43 @@ fn accumulate(acc: Acc, li: u32, tx: u32, ty: u32, op: u32) -> Acc {
     return out;
 }
 
-// Whether any query row of the tile pair t sees a key of it: the query rows are q0 .. q0 + 63
-// (of head wh), the keys k0 .. k0 + 63. The workgroup's first 64 invocations check a row
-// each; the answer is uniform. The boolean mask is not consulted (a tile it removes entirely
-// is computed, as zeros).
-fn tile_visible(li: u32, t: u32, q0: u32, k0: u32) -> bool {
+// Whether any query row of the tile pair t sees a key of it (else TILE_SKIPPED), and whether
+// every row sees every key (TILE_FULL: no mask code runs, as long as the call has no per-key
+// option) or not (TILE_PARTIAL). The query rows are q0 .. q0 + 63 (of head wh), the keys
+// k0 .. k0 + 63. The workgroup's first 64 invocations check a row each; the answer is
+// uniform. The boolean mask is not consulted here (a tile it removes entirely is computed, as
+// zeros; per_key_options covers it).
+fn tile_state(li: u32, t: u32, q0: u32, k0: u32) -> u32 {
     if li < TILE {
         let i = q0 + li;
+        let first = i32(k0);
+        let end = first + i32(TILE);
+        var covers = false;
         if i < params.q_len {
             let range = key_range(wb, i);
-            let first = i32(k0);
-            let end = first + i32(TILE);
             let in_range = range.y > range.x && range.x < end && range.y > first;
             if in_range || sink_end(wb, i) > first {
                 atomicMax(&seen, t + 1u);
             }
+            covers = range.x <= first && range.y >= end;
+        }
+        if !covers {
+            atomicMax(&partial, t + 1u);
         }
     }
     workgroupBarrier();
     if li == 0u {
-        visit = atomicLoad(&seen);
+        var state = TILE_SKIPPED;
+        if atomicLoad(&seen) == t + 1u {
+            state = select(TILE_FULL, TILE_PARTIAL, atomicLoad(&partial) == t + 1u);
+        }
+        visit = state;
     }
-    return workgroupUniformLoad(&visit) == t + 1u;
+    let state = workgroupUniformLoad(&visit);
+    if per_key_options() && state == TILE_FULL {
+        return TILE_PARTIAL;
+    }
+    return state;
 }
 
 // Adds the accumulated rows (PHASE 1: dQ of query rows; PHASE 2: dK and dV of keys) to the
@@ -330,6 +345,7 @@ fn main(
     // and llvmpipe, which runs workgroups one after another on a thread, keeps the last one's.
     if li == 0u {
         atomicStore(&seen, 0u);
+        atomicStore(&partial, 0u);
     }
     workgroupBarrier();
     let tiles_q = (params.q_len + TILE - 1u) / TILE;
@@ -356,15 +372,18 @@ fn main(
     var acc_a = Acc();
     var acc_b = Acc();
     for (var t = params.first; t < end; t++) {
+        var state = TILE_SKIPPED;
         if PHASE == 1u {
             c0 = t * TILE;
-            if !tile_visible(li, t, r0, c0) {
+            state = tile_state(li, t, r0, c0);
+            if state == TILE_SKIPPED {
                 continue;
             }
         } else {
             wh = wkvh * params.group + t / tiles_q;
             c0 = (t % tiles_q) * TILE;
-            if !tile_visible(li, t, c0, r0) {
+            state = tile_state(li, t, c0, r0);
+            if state == TILE_SKIPPED {
                 continue;
             }
             for (var c = 0u; c < NQ; c++) {
@@ -382,6 +401,30 @@ fn main(
             dp = tile_product(li, tx, ty, OP_V, OP_DO, params.v_head_dim);
         }
         // P into s, dS into dp. Block row x / BC4's columns 4 (tx + NX (x % BC4)) .. + 3.
+        if state == TILE_FULL {
+            // Every score seen, none adjusted: only floored. The query rows' values four
+            // columns at a time (one row's, or four rows').
+            for (var x = 0u; x < BR * BC4; x++) {
+                var lse4 = vec4<f32>();
+                var delta4 = vec4<f32>();
+                var shift4 = vec4<f32>();
+                if PHASE == 1u {
+                    let q = qrows[x / BC4];
+                    lse4 = vec4<f32>(q.lse);
+                    shift4 = vec4<f32>(q.shift);
+                    delta4 = vec4<f32>(q.delta);
+                } else {
+                    let c = 4u * (x % BC4);
+                    lse4 = vec4<f32>(qrows[c].lse, qrows[c + 1u].lse, qrows[c + 2u].lse, qrows[c + 3u].lse);
+                    shift4 = vec4<f32>(qrows[c].shift, qrows[c + 1u].shift, qrows[c + 2u].shift, qrows[c + 3u].shift);
+                    delta4 = vec4<f32>(qrows[c].delta, qrows[c + 1u].delta, qrows[c + 2u].delta, qrows[c + 3u].delta);
+                }
+                let y = max(s[x] * params.scale, vec4<f32>(SCORE_FLOOR));
+                let p = exp(y - lse4 - shift4);
+                s[x] = p;
+                dp[x] = select(p * (dp[x] - delta4) * params.scale, vec4<f32>(), y <= vec4<f32>(SCORE_FLOOR));
+            }
+        } else {
         for (var x = 0u; x < BR * BC4; x++) {
             let r = x / BC4;
             let c = 4u * (x % BC4);
@@ -402,6 +445,7 @@ fn main(
             }
             s[x] = vec4<f32>(g[0].x, g[1].x, g[2].x, g[3].x);
             dp[x] = vec4<f32>(g[0].y, g[1].y, g[2].y, g[3].y);
+        }
         }
         if PHASE == 1u {
             // dQ += dS K.

@@ -7,6 +7,7 @@
 mod common;
 
 use common::*;
+use wgpu_attention::gpu::TileBlock;
 use wgpu_attention::{Attention, Causal, DType, Dims, Error, Gpu, Gradients, Layout, cpu};
 
 /// Relative norm error of f32 gradients against the reference (DESIGN.md's contract), and of
@@ -216,6 +217,43 @@ fn half_precision_storage() {
     check_grads(gpu, d, &opts, 40, DType::F16);
     check_grads(gpu, d, &opts, 41, DType::Bf16);
     check_grads(&gpu.with_packed_f16(), d, &opts, 42, DType::F16);
+}
+
+/// Every configuration of the backward's dQ, dK and dV: the row kernel, and the tiled kernel
+/// with each invocation block, on a shape with full 64 x 64 tiles (the tiled kernel's path
+/// without mask code) and partial ones, plain, causal with lengths, and with per-key options.
+#[test]
+fn every_kernel_configuration() {
+    let Some(gpu) = gpu() else { return };
+    let d = dims(1, 4, 2, 130, 77, 40, 24);
+    let mut r = rng(45);
+    let mask = random_mask(&mut r, 130 * 77, 0.8);
+    let option_sets = [
+        Attention::new(),
+        Attention::new()
+            .causal(Causal::BottomRight)
+            .q_lens(vec![101])
+            .kv_lens(vec![70]),
+        Attention::new()
+            .mask([1, 1, 130, 77], mask)
+            .bias([1, 4, 1, 77], random(&mut r, 4 * 77, 1.0))
+            .softcap(2.0),
+    ];
+    let configurations = [
+        (false, TileBlock::B8X8),
+        (true, TileBlock::B4X4),
+        (true, TileBlock::B8X4),
+        (true, TileBlock::B8X8),
+    ];
+    for (n, (tiled, block)) in configurations.into_iter().enumerate() {
+        let g = gpu
+            .with_tiled_backward(tiled)
+            .with_blocks(block, gpu.tile_config().gemm_block)
+            .unwrap();
+        for (m, opts) in option_sets.iter().enumerate() {
+            check_grads(&g, d, opts, 46 + (3 * n + m) as u64, DType::F32);
+        }
+    }
 }
 
 /// Under a cap of one key tile per dispatch the keys (dQ) and query rows (dK, dV) are split

@@ -703,4 +703,47 @@ mod tests {
         assert!(p.rows_per_pass as u64 * row_cost <= LOOP_BUDGET, "{p:?}");
         assert!(p.keys_per_pass > 100 && p.rows_per_pass > 100, "{p:?}");
     }
+
+    /// The tiled kernel runs up to head_dim 128 with the configured block where its
+    /// accumulators fit (else a smaller one), and the row kernel past that, where turned off,
+    /// or where workgroup memory is short.
+    #[test]
+    fn tiled_where_it_fits() {
+        let dims = |head_dim, v_head_dim| Dims {
+            batch: 1,
+            heads: 4,
+            kv_heads: 2,
+            q_len: 100,
+            kv_len: 200,
+            head_dim,
+            v_head_dim,
+        };
+        let opts = Attention::new();
+        // lavapipe's 32 KiB of workgroup memory (WebGPU's default 16 KiB is too little).
+        let limits = wgpu::Limits {
+            max_compute_workgroup_storage_size: 32768,
+            ..Default::default()
+        };
+        let cpu = GpuLimits::from_wgpu(&limits, wgpu::DeviceType::Cpu);
+        assert_eq!(cpu.tile.fused_block, TileBlock::B8X8);
+        let plan =
+            |d, limits: &GpuLimits| BackwardPlan::new(&opts.validate(d).unwrap(), limits).tiled;
+        let t = plan(dims(64, 64), &cpu).expect("tiled at 64");
+        assert_eq!((t.block, t.dq_vec4s, t.dkv_vec4s), (TileBlock::B8X8, 2, 2));
+        assert_eq!(t.tiles_per_pass, 16);
+        // 8 x 8 at 128 would hold 2 * 8 * 16 accumulators: 8 x 4 instead.
+        let t = plan(dims(72, 128), &cpu).expect("tiled at 128");
+        assert_eq!((t.block, t.dq_vec4s, t.dkv_vec4s), (TileBlock::B8X4, 2, 2));
+        assert_eq!(plan(dims(136, 64), &cpu), None);
+        assert_eq!(plan(dims(64, 256), &cpu), None);
+        let mut off = cpu;
+        off.tile.tiled_backward = false;
+        assert_eq!(plan(dims(64, 64), &off), None);
+        let mut small = cpu;
+        small.max_workgroup_storage = 16384;
+        assert_eq!(plan(dims(64, 64), &small), None);
+        let gpu = GpuLimits::from_wgpu(&limits, wgpu::DeviceType::DiscreteGpu);
+        let t = plan(dims(64, 64), &gpu).expect("tiled on a GPU");
+        assert_eq!(t.tiles_per_pass, u32::MAX);
+    }
 }
