@@ -19,9 +19,16 @@
 //! broadcast along many dimensions (a `[1, 1, 1, S]` bias sums `B * H * L` scores per
 //! element) leaves few invocations with long loops: correct, and slow.
 //!
-//! This is the first, exact backward: one row per invocation, operands read from memory
-//! rather than staged in tiles. The tiled kernel (K/V tiles in workgroup memory, register
-//! blocks as in the fused forward) is the next step for speed.
+//! Where head_dim and v_head_dim are at most [`TILED_BACKWARD_MAX_DIM`] and workgroup memory
+//! holds its 24 KiB, phases 2 and 3 run in tiles instead
+//! (`shaders/attention_backward_tiled.wgsl`, [`TiledBackward`]): a workgroup per 64 query
+//! rows of a head walks the key tiles for dQ, a workgroup per 64 keys of a kv head walks the
+//! (group head, query tile) pairs for dK and dV, the scores and dP computed by the fused
+//! forward's register-blocked tile product and P or dS passed through a workgroup tile to the
+//! accumulating products. Tiles no row sees are skipped; tiles every row sees whole, on a call
+//! without per-key options, run no mask code. Each invocation's sums still run in a fixed
+//! order, so the gradients stay deterministic. `TileConfig::tiled_backward` (or
+//! `WGPU_ATTENTION_TILED_BACKWARD=0`) keeps the row kernel everywhere.
 
 use crate::error::{Error, Result};
 use crate::gpu::context::Gpu;
