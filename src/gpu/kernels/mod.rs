@@ -781,8 +781,8 @@ pub enum KernelKey {
         dkv: bool,
         /// Each invocation's block of a score tile.
         block: TileBlock,
-        /// Vec4 columns of each gradient row per invocation: [`flash_o_vec4s`] of the wider
-        /// of head_dim and v_head_dim (dQ: of head_dim).
+        /// Vec4 columns of each gradient row per invocation, `ceil(ceil(width / 4) / (64 /
+        /// block.cols))` for the wider of head_dim and v_head_dim (dQ: for head_dim).
         o_vec4s: u32,
         /// The options compiled in.
         masks: MaskOptions,
