@@ -1,8 +1,8 @@
 // The backward of attention (FlashAttention-2's algorithm, deterministic: no float atomics),
-// in five phases of one kernel, each a pipeline constant PHASE:
+// in five phases, each a pipeline constant PHASE of this kernel but the first:
 //
-// 0. one invocation per query row: D = dO·O, into `delta`, and the row's shift (below) into
-//    `delta` after the rows;
+// 0. (attention_backward_delta.wgsl) one invocation per query row: D = dO·O, and the row's
+//    shift (below), into `stats` (lib/backward.wgsl's layout);
 // 1. one invocation per query row: dQ = scale · sum_j dS_j K_j over the keys first ..
 //    first + count, into `g_a` (f32, Q's layout);
 // 2. one invocation per key row: dV = sum_i P_ij dO_i and dK = scale · sum_i dS_ij Q_i over
@@ -23,12 +23,16 @@
 // a device that caps loop iterations (llvmpipe) the host splits a phase's keys or rows over
 // dispatches, each well under the cap.
 //
-// Bindings (declared by the host from Kernel::slots): params (BackwardParams); q, k, v, o and
-// d_o (tensors, read); lse, the forward's log-sum-exp as f32 bits [batch, heads, q_len];
-// delta (f32, [batch, heads, q_len]); g_a, g_b (f32); bias, mask, lens, mparams: the masking
-// options (lib/masking.wgsl).
+// Phases 1 and 2 run in attention_backward_tiled.wgsl instead where head_dim and v_head_dim
+// are at most 128.
+//
+// Bindings (declared by the host from Kernel::slots): params (BackwardParams); q, k, v and
+// d_o (tensors, read); stats (u32: D, the shifts and the forward's log-sum-exp, as f32 bits;
+// lib/backward.wgsl); g_a, g_b (f32); lens, mparams: the masking options, the bias and the
+// mask packed into lens (lib/masking.wgsl, lib/options_packed.wgsl). Eight storage buffers:
+// WebGPU's default limit per stage.
 
-override PHASE: u32 = 0u;
+override PHASE: u32 = 1u;
 const WG: u32 = 64u;
 
 // Elements 4c .. 4c + 3 of the row at `base` of Q, K, V, O or dO; zeros past its width.
@@ -94,45 +98,6 @@ fn store_grad_b(base: u32, c: u32, x: vec4<f32>, width: u32) {
     }
 }
 
-// Phase 0: D_i = dO_i · O_i, and the row's shift.
-fn row_delta(r: u32) {
-    let i = r % params.q_len;
-    let bh = r / params.q_len;
-    let b = bh / params.heads;
-    let h = bh % params.heads;
-    let base = o_at(b, h, i);
-    var acc = 0.0;
-    for (var d = 0u; d < params.v_head_dim; d++) {
-        acc += load_o(base + d) * load_d_o(base + d);
-    }
-    delta[r] = acc;
-    // Every score of a row is at least the floor, and the floor's neighbours in f32 are
-    // 1e31 away: an lse of exactly the floor means every key the row sees scored the floor.
-    var shift = 0.0;
-    if lse[r] == bitcast<u32>(SCORE_FLOOR) {
-        let range = key_range(b, i);
-        let se = sink_end(b, i);
-        // Without a mask, the keys of range ∪ sink keys in closed form (no loop: a loop over
-        // every key would pass llvmpipe's loop cap on long rows); with one, counted.
-        var n = 0u;
-        if HAS_MASK {
-            for (var j = 0u; j < params.kv_len; j++) {
-                if in_keys(j, range.x, range.y, se) && mask_allows(b, h, i, j) {
-                    n += 1u;
-                }
-            }
-        } else {
-            var keys = max(range.y - range.x, 0);
-            if HAS_SINK_KEYS && se > 0 {
-                keys += se - max(min(range.y, se) - max(range.x, 0), 0);
-            }
-            n = u32(keys);
-        }
-        shift = log(f32(max(n, 1u)));
-    }
-    delta[query_rows() + r] = shift;
-}
-
 // Phase 1: dQ of query row r over this dispatch's keys.
 fn row_dq(r: u32) {
     let i = r % params.q_len;
@@ -145,11 +110,11 @@ fn row_dq(r: u32) {
     for (var c = 0u; c < D4; c++) {
         acc[c] = vec4<f32>(0.0);
     }
-    let lse_bits = lse[r];
-    if lse_bits != NEG_INF_BITS {
-        let lse_v = bitcast<f32>(lse_bits);
+    let bits = lse_bits(r);
+    if bits != NEG_INF_BITS {
+        let lse_v = bitcast<f32>(bits);
         let shift = row_shift(r);
-        let dv = delta[r];
+        let dv = row_delta(r);
         var qr = array<vec4<f32>, D4>();
         for (var c = 0u; c < D4; c++) {
             qr[c] = q4(qa, c);
@@ -226,8 +191,8 @@ fn row_dkv(r: u32) {
                 continue;
             }
             let row = (b * params.heads + h) * params.q_len + i;
-            let lse_bits = lse[row];
-            if lse_bits == NEG_INF_BITS {
+            let bits = lse_bits(row);
+            if bits == NEG_INF_BITS {
                 continue;
             }
             let qa = q_at(b, h, i);
@@ -236,7 +201,7 @@ fn row_dkv(r: u32) {
                 s += dot(q4(qa, c), kr[c]);
             }
             let xs = score_and_slope(s * params.scale, b, h, i, j, alibi_row(b, h, i));
-            let p = exp(xs.x - bitcast<f32>(lse_bits) - row_shift(row));
+            let p = exp(xs.x - bitcast<f32>(bits) - row_shift(row));
             let oa = o_at(b, h, i);
             var dp = 0.0;
             for (var c = 0u; c < V4; c++) {
@@ -244,7 +209,7 @@ fn row_dkv(r: u32) {
                 dp += dot(g, vr[c]);
                 dv[c] += p * g;
             }
-            let ds = p * (dp - delta[row]) * xs.y * params.scale;
+            let ds = p * (dp - row_delta(row)) * xs.y * params.scale;
             for (var c = 0u; c < D4; c++) {
                 dk[c] += ds * q4(qa, c);
             }
@@ -266,8 +231,8 @@ fn score_grad(b: u32, h: u32, i: u32, j: u32) -> f32 {
         return 0.0;
     }
     let row = (b * params.heads + h) * params.q_len + i;
-    let lse_bits = lse[row];
-    if lse_bits == NEG_INF_BITS {
+    let bits = lse_bits(row);
+    if bits == NEG_INF_BITS {
         return 0.0;
     }
     let qa = q_at(b, h, i);
@@ -286,7 +251,7 @@ fn score_grad(b: u32, h: u32, i: u32, j: u32) -> f32 {
     for (var d = 0u; d < params.v_head_dim; d++) {
         dp += load_d_o(oa + d) * load_v(va + d);
     }
-    return exp(x - bitcast<f32>(lse_bits) - row_shift(row)) * (dp - delta[row]);
+    return exp(x - bitcast<f32>(bits) - row_shift(row)) * (dp - row_delta(row));
 }
 
 // Phase 3: the bias's gradient at element r of its shape.
@@ -331,9 +296,9 @@ fn sink_grad(h: u32) {
     var acc = 0.0;
     for (var t = p.first; t < end; t++) {
         let row = ((t / p.q_len) * p.heads + h) * p.q_len + t % p.q_len;
-        let lse_bits = lse[row];
-        if lse_bits != NEG_INF_BITS {
-            acc -= exp(sink - bitcast<f32>(lse_bits)) * delta[row];
+        let bits = lse_bits(row);
+        if bits != NEG_INF_BITS {
+            acc -= exp(sink - bitcast<f32>(bits)) * row_delta(row);
         }
     }
     var prev = 0.0;
@@ -353,9 +318,7 @@ fn main(
     if r >= params.rows {
         return;
     }
-    if PHASE == 0u {
-        row_delta(r);
-    } else if PHASE == 1u {
+    if PHASE == 1u {
         row_dq(r);
     } else if PHASE == 2u {
         row_dkv(r);

@@ -68,7 +68,7 @@ fn query_row(h: u32, i: u32) -> QueryRow {
     var out = QueryRow(h, i, 0u, 0, 0, 0, AlibiRow(0.0, 0), 0.0, 0.0, 0.0);
     if i < params.q_len {
         let row = (wb * params.heads + h) * params.q_len + i;
-        let bits = lse[row];
+        let bits = lse_bits(row);
         let range = key_range(wb, i);
         out.lo = range.x;
         out.hi = range.y;
@@ -79,7 +79,7 @@ fn query_row(h: u32, i: u32) -> QueryRow {
             out.lse = bitcast<f32>(bits);
             out.shift = row_shift(row);
         }
-        out.delta = delta[row];
+        out.delta = row_delta(row);
     }
     return out;
 }

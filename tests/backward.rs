@@ -7,7 +7,7 @@
 mod common;
 
 use common::*;
-use wgpu_attention::gpu::TileBlock;
+use wgpu_attention::gpu::{ParamsIn, TileBlock};
 use wgpu_attention::{Attention, Causal, DType, Dims, Error, Gpu, Gradients, Layout, cpu};
 
 /// Relative norm error of f32 gradients against the reference (DESIGN.md's contract), and of
@@ -376,15 +376,112 @@ fn bad_input_is_a_typed_error() {
         ),
         "{e}"
     );
-    // A loop-capped device with too few storage buffers for the kernel.
+    // A device with too few storage buffers for the kernels (eight, as a browser's, are
+    // enough where the parameter blocks are uniforms: webgpu_storage_buffer_limit).
     let few = gpu.with_caps(wgpu_attention::LimitCaps {
-        max_storage_buffers_per_stage: Some(8),
+        max_storage_buffers_per_stage: Some(7),
         ..Default::default()
     });
     let e = opts
         .backward(&few, &q, &k, &v, &out.o, lse, &d_o)
         .unwrap_err();
     assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+}
+
+/// A browser's limits: eight storage buffers per stage, and the parameter blocks uniforms.
+/// The backward fits them (the bias and the mask packed into the lengths' buffer, the
+/// log-sum-exp copied beside D) and is exact, with every masking buffer in use.
+#[test]
+fn webgpu_storage_buffer_limit() {
+    let Some(gpu) = gpu() else { return };
+    let browser_like =
+        gpu.with_params_in(ParamsIn::Uniform)
+            .unwrap()
+            .with_caps(wgpu_attention::LimitCaps {
+                max_storage_buffers_per_stage: Some(8),
+                ..Default::default()
+            });
+    let d = dims(2, 4, 2, 70, 45, 24, 16);
+    let mut r = rng(80);
+    let opts = Attention::new()
+        .mask([2, 1, 70, 45], random_mask(&mut r, 2 * 70 * 45, 0.8))
+        .bias([1, 4, 70, 45], random(&mut r, 4 * 70 * 45, 1.0))
+        .causal(Causal::BottomRight)
+        .kv_lens(vec![45, 30])
+        .alibi(positive(random(&mut r, 4, 0.3)));
+    check_grads(&browser_like, d, &opts, 81, DType::F32);
+    check_grads_with(
+        &browser_like,
+        d,
+        &opts,
+        82,
+        DType::F32,
+        (Some([1, 4, 70, 45]), false),
+    );
+}
+
+/// Device-resident masks, biases and lengths (copied into the backward's one options buffer)
+/// give the host forms' gradients bit for bit; a device buffer the copy cannot read (no
+/// `COPY_SRC`) is a typed error.
+#[test]
+fn device_options_match_host_options() {
+    let Some(gpu) = gpu() else { return };
+    let d = dims(2, 2, 1, 20, 70, 16, 16);
+    let mut r = rng(90);
+    let mask = random_mask(&mut r, 20 * 70, 0.7);
+    let bias = random(&mut r, 2 * 2 * 20 * 70, 1.0);
+    let tensor = |seed, dims: [usize; 4]| {
+        let n = dims.iter().product();
+        gpu.upload(&random(&mut rng(seed), n, 1.0), dims).unwrap()
+    };
+    let (q, k, v) = (
+        tensor(91, d.q_shape(Layout::Bhsd)),
+        tensor(92, d.k_shape(Layout::Bhsd)),
+        tensor(93, d.v_shape(Layout::Bhsd)),
+    );
+    let d_o = tensor(94, d.o_shape(Layout::Bhsd));
+    let host = Attention::new()
+        .mask([1, 1, 20, 70], mask.clone())
+        .bias([2, 2, 20, 70], bias.clone())
+        .kv_lens(vec![70, 41])
+        .q_lens(vec![20, 13])
+        .return_bias_grad(true);
+    let dmask = gpu.upload_mask([1, 1, 20, 70], &mask).unwrap();
+    let dbias = gpu.upload(&bias, [2, 2, 20, 70]).unwrap();
+    let dlens = gpu.upload_lens(Some(&[70, 41]), Some(&[20, 13])).unwrap();
+    let device = Attention::new()
+        .mask_tensor(&dmask)
+        .bias_tensor(&dbias)
+        .lens_tensor(&dlens)
+        .return_bias_grad(true);
+    let out = host.clone().return_lse(true).run(gpu, &q, &k, &v).unwrap();
+    let lse = out.lse.as_ref().unwrap();
+    let a = host.backward(gpu, &q, &k, &v, &out.o, lse, &d_o).unwrap();
+    let b = device.backward(gpu, &q, &k, &v, &out.o, lse, &d_o).unwrap();
+    let pairs = [
+        (&a.dq, &b.dq),
+        (&a.dk, &b.dk),
+        (&a.dv, &b.dv),
+        (a.dbias.as_ref().unwrap(), b.dbias.as_ref().unwrap()),
+    ];
+    for (x, y) in pairs {
+        let (x, y) = (x.download(gpu).unwrap(), y.download(gpu).unwrap());
+        assert!(x.iter().all(|v| v.is_finite()) && x.iter().any(|&v| v != 0.0));
+        assert_eq!(x, y);
+    }
+    let storage_only = gpu.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: (20 * 70usize).div_ceil(4) as u64 * 4,
+        usage: wgpu::BufferUsages::STORAGE,
+        mapped_at_creation: false,
+    });
+    let unreadable =
+        wgpu_attention::DeviceMask::from_buffer(gpu, storage_only, [1, 1, 20, 70]).unwrap();
+    let e = Attention::new()
+        .mask_tensor(&unreadable)
+        .backward(gpu, &q, &k, &v, &out.o, lse, &d_o)
+        .unwrap_err();
+    assert!(matches!(e, Error::InvalidOption { .. }), "{e}");
 }
 
 /// O(N) memory: at L = S = 4096 under a 1 MiB cap on every storage binding, where one

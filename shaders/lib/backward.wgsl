@@ -1,7 +1,10 @@
 // What the two backward kernels share (attention_backward.wgsl, one row per invocation, and
 // attention_backward_tiled.wgsl, tiles in workgroup memory): addresses, the score's
 // derivative, the row shifts phase 0 writes, and the stores that add to an earlier dispatch's
-// gradients. Bindings as in attention_backward.wgsl.
+// gradients. Bindings as in attention_backward.wgsl; `stats` holds, per query row r of the
+// call ([batch, heads, q_len]), D_r at r, the row's shift at rows + r and the forward's
+// log-sum-exp at 2 rows + r, all as f32 bits (the host copies the log-sum-exp in, so that it
+// needs no binding of its own).
 
 fn q_at(b: u32, h: u32, i: u32) -> u32 {
     return b * params.q_stride_b + h * params.q_stride_h + i * params.q_stride_s;
@@ -51,12 +54,22 @@ fn add_grad_b(e: u32, x: f32) {
     g_b[e] = prev + x;
 }
 
-// Query rows of the call: where the shifts start in `delta`.
+// Query rows of the call: where the shifts start in `stats`.
 fn query_rows() -> u32 {
     return params.batch * params.heads * params.q_len;
 }
 
+// Row r's D = dO·O.
+fn row_delta(r: u32) -> f32 {
+    return bitcast<f32>(stats[r]);
+}
+
 // Row r's shift (attention_backward.wgsl's header).
 fn row_shift(r: u32) -> f32 {
-    return delta[query_rows() + r];
+    return bitcast<f32>(stats[query_rows() + r]);
+}
+
+// Row r's log-sum-exp, as bits.
+fn lse_bits(r: u32) -> u32 {
+    return stats[2u * query_rows() + r];
 }

@@ -1,10 +1,12 @@
 // The masking rules every attention kernel shares (DESIGN.md, steps 2 to 4), mirroring
 // `Spec::key_range` on the CPU: change one, change the other. A kernel that includes it lists
-// in its slots `mparams: MaskParams` (uniform), `bias: array<f32>`, `mask: array<u32>` (one
-// byte per element, four to a word) and `lens: array<u32>` (kv_lens[0..batch], then
+// in its slots `mparams: MaskParams` (uniform) and `lens: array<u32>` (kv_lens[0..batch], then
 // q_lens[batch..2 * batch], then from mparams.alibi_offset the ALiBi slopes and from
 // mparams.sink_offset the sink logits, both as f32 bits, then from mparams.page_offset the
-// block table of paged K/V).
+// block table of paged K/V), and reads the bias and the boolean mask (one byte per element,
+// four to a word) through `bias_at` and `mask_word`: lib/options_apart.wgsl (the kernel also
+// binds `bias: array<f32>` and `mask: array<u32>`) or lib/options_packed.wgsl (both in `lens`,
+// from mparams.mask_offset and mparams.bias_offset: two storage buffers fewer).
 //
 // The options that act key by key (boolean mask, bias, softcap) are compiled in: these
 // pipeline constants are part of the kernel's key, so a call without them runs none of their
@@ -177,7 +179,7 @@ fn adjust_score_with(s: f32, b: u32, h: u32, i: u32, j: u32, alibi: AlibiRow) ->
     }
     if HAS_BIAS {
         let p = mparams;
-        x += bias[b * p.bias_stride_b + h * p.bias_stride_h + i * p.bias_stride_i + j * p.bias_stride_j];
+        x += bias_at(b * p.bias_stride_b + h * p.bias_stride_h + i * p.bias_stride_i + j * p.bias_stride_j);
     }
     if HAS_ALIBI {
         // -slope * |i + off - j|; the distance in i32, exact at any length.
@@ -192,7 +194,7 @@ fn mask_allows(b: u32, h: u32, i: u32, j: u32) -> bool {
     }
     let p = mparams;
     let e = b * p.mask_stride_b + h * p.mask_stride_h + i * p.mask_stride_i + j * p.mask_stride_j;
-    return ((mask[e >> 2u] >> ((e & 3u) * 8u)) & 0xffu) != 0u;
+    return ((mask_word(e >> 2u) >> ((e & 3u) * 8u)) & 0xffu) != 0u;
 }
 
 // The key ranges of a workgroup's rows, gathered with range_hull_add: their union bounds the

@@ -58,8 +58,10 @@ pub struct Gradients {
     pub dsinks: Option<Tensor>,
 }
 
-/// Storage buffers the backward kernel binds (its parameter blocks not counted).
-pub(crate) const BACKWARD_STORAGE_BUFFERS: u32 = 12;
+/// Storage buffers the backward's kernels bind at most (their parameter blocks not counted):
+/// Q, K, V, dO, the statistics, two gradients and the masking options (the bias and the mask
+/// packed into the lengths' buffer), within WebGPU's default of 8 per stage.
+pub(crate) const BACKWARD_STORAGE_BUFFERS: u32 = 8;
 
 /// Loop iterations one invocation runs per dispatch, at most, on a device that caps them
 /// (llvmpipe stops at 65535; NOTES.md).
@@ -531,21 +533,23 @@ fn encode(
     encoder: &mut wgpu::CommandEncoder,
 ) -> Result<()> {
     let d = spec.dims;
-    let masks = masking::upload(gpu, spec, encoder)?;
+    let masks = masking::upload_packed(gpu, spec, encoder)?;
     let query_rows = d.lse_elems();
     let key_rows = d.batch * d.kv_heads * d.kv_len;
-    // D, then each row's shift (the kernel's header).
-    let delta = gpu.scratch(
-        "wgpu-attention backward D",
-        2 * query_rows as u64 * 4,
-        wgpu::BufferUsages::empty(),
+    // D, each row's shift, then the forward's log-sum-exp (lib/backward.wgsl), so that no
+    // kernel binds the log-sum-exp apart.
+    let row_bytes = query_rows as u64 * 4;
+    let stats = gpu.scratch(
+        "wgpu-attention backward statistics",
+        3 * row_bytes,
+        wgpu::BufferUsages::COPY_DST,
     );
+    encoder.copy_buffer_to_buffer(lse.buffer(), 0, &stats, 2 * row_bytes, row_bytes);
     let storage = |t: &Tensor| gpu.storage(t.dtype());
     let row_key = |phase| KernelKey::AttentionBackward {
         q: storage(q),
         k: storage(k),
         v: storage(v),
-        o: storage(o),
         d_o: storage(d_o),
         phase,
         d4: plan.d4,
@@ -556,7 +560,6 @@ fn encode(
         q: storage(q),
         k: storage(k),
         v: storage(v),
-        o: storage(o),
         d_o: storage(d_o),
         dkv,
         block: tiled.block,
@@ -567,7 +570,12 @@ fn encode(
     // Each phase: (kernel, workgroups (the `rows` of its parameters), the range each dispatch
     // adds in, its step, g_a, g_b). The row kernel runs 64 invocations per workgroup, one
     // row each; the tiled one a workgroup per 64 query rows (dQ) or keys (dK, dV).
-    let mut phases = vec![(row_key(0), query_rows, d.q_len, d.q_len, out, out)];
+    let delta_key = KernelKey::AttentionBackwardDelta {
+        o: storage(o),
+        d_o: storage(d_o),
+        masks: MaskOptions::of(spec),
+    };
+    let mut phases = vec![(delta_key, query_rows, d.q_len, d.q_len, out, out)];
     let tiles = |len: usize| len.div_ceil(64);
     match &plan.tiled {
         Some(tiled) => {
@@ -650,25 +658,34 @@ fn encode(
             let count = step.min(len - first);
             let p = params(spec, rows, (first as u32, count as u32), pass > 0);
             let params = uniform_buffer(gpu, &p)?;
-            let bind = kernel.bind(
-                &gpu.device,
-                &[
-                    &params,
-                    q.buffer(),
-                    k.buffer(),
-                    v.buffer(),
-                    o.buffer(),
-                    d_o.buffer(),
-                    lse.buffer(),
-                    &delta,
-                    g_a,
-                    g_b,
-                    masks.bias(gpu),
-                    masks.mask(gpu),
-                    masks.lens(gpu),
-                    &masks.params,
-                ],
-            );
+            let bind = match key {
+                KernelKey::AttentionBackwardDelta { .. } => kernel.bind(
+                    &gpu.device,
+                    &[
+                        &params,
+                        o.buffer(),
+                        d_o.buffer(),
+                        &stats,
+                        masks.lens(gpu),
+                        &masks.params,
+                    ],
+                ),
+                _ => kernel.bind(
+                    &gpu.device,
+                    &[
+                        &params,
+                        q.buffer(),
+                        k.buffer(),
+                        v.buffer(),
+                        d_o.buffer(),
+                        &stats,
+                        g_a,
+                        g_b,
+                        masks.lens(gpu),
+                        &masks.params,
+                    ],
+                ),
+            };
             n += 1;
             let mut compute =
                 gpu.begin_pass(encoder, "wgpu-attention backward", n == 1, n == passes);

@@ -65,6 +65,9 @@ pub const FLASH_DECODE: &str = include_str!("../../../shaders/flash_decode.wgsl"
 pub const COMBINE_SPLITS: &str = include_str!("../../../shaders/combine_splits.wgsl");
 /// WGSL source of the backward of attention (three phases: D, dQ, dK and dV).
 pub const ATTENTION_BACKWARD: &str = include_str!("../../../shaders/attention_backward.wgsl");
+/// WGSL source of the backward's first phase (D = dO·O and the row shifts).
+pub const ATTENTION_BACKWARD_DELTA: &str =
+    include_str!("../../../shaders/attention_backward_delta.wgsl");
 /// WGSL source of the backward's dQ and dK/dV phases in tiles.
 pub const ATTENTION_BACKWARD_TILED: &str =
     include_str!("../../../shaders/attention_backward_tiled.wgsl");
@@ -96,11 +99,15 @@ pub enum Fragment {
     TileRowsWorkgroup,
     /// What the two backward kernels share: addresses, the score's derivative, the stores.
     Backward,
+    /// `bias_at` and `mask_word` from buffers of their own.
+    OptionsApart,
+    /// `bias_at` and `mask_word` from inside `lens` (two storage buffers fewer).
+    OptionsPacked,
 }
 
 impl Fragment {
     /// Every fragment.
-    pub const ALL: [Fragment; 11] = [
+    pub const ALL: [Fragment; 13] = [
         Fragment::Grid,
         Fragment::Lse,
         Fragment::TileGemm,
@@ -112,6 +119,8 @@ impl Fragment {
         Fragment::TileRowsSubgroup,
         Fragment::TileRowsWorkgroup,
         Fragment::Backward,
+        Fragment::OptionsApart,
+        Fragment::OptionsPacked,
     ];
 
     /// Its WGSL.
@@ -134,6 +143,8 @@ impl Fragment {
                 include_str!("../../../shaders/lib/tile_rows_workgroup.wgsl")
             }
             Fragment::Backward => include_str!("../../../shaders/lib/backward.wgsl"),
+            Fragment::OptionsApart => include_str!("../../../shaders/lib/options_apart.wgsl"),
+            Fragment::OptionsPacked => include_str!("../../../shaders/lib/options_packed.wgsl"),
         }
     }
 }
@@ -155,8 +166,10 @@ pub enum Kernel {
     CombineSplits,
     /// Batched `C = alpha A B^T + bias` with any strides (projections, head averages).
     Matmul,
-    /// The backward of attention: D, dQ, dK and dV, the bias's and the sinks' gradients,
-    /// one row per invocation.
+    /// The backward's first phase: D = dO·O and the row shifts, one row per invocation.
+    AttentionBackwardDelta,
+    /// The backward of attention: dQ, dK and dV, the bias's and the sinks' gradients, one
+    /// row per invocation.
     AttentionBackward,
     /// The backward's dQ, or dK and dV, in 64 x 64 tiles with register blocks.
     AttentionBackwardTiled,
@@ -251,7 +264,7 @@ const fn write(name: &'static str, ty: &'static str) -> Slot {
 
 impl Kernel {
     /// All kernels, for tests that compile every one.
-    pub const ALL: [Kernel; 9] = [
+    pub const ALL: [Kernel; 10] = [
         Kernel::QkScores,
         Kernel::MaskedSoftmax,
         Kernel::PvProduct,
@@ -259,6 +272,7 @@ impl Kernel {
         Kernel::FlashDecode,
         Kernel::CombineSplits,
         Kernel::Matmul,
+        Kernel::AttentionBackwardDelta,
         Kernel::AttentionBackward,
         Kernel::AttentionBackwardTiled,
     ];
@@ -273,6 +287,7 @@ impl Kernel {
             Kernel::FlashDecode => FLASH_DECODE,
             Kernel::CombineSplits => COMBINE_SPLITS,
             Kernel::Matmul => MATMUL,
+            Kernel::AttentionBackwardDelta => ATTENTION_BACKWARD_DELTA,
             Kernel::AttentionBackward => ATTENTION_BACKWARD,
             Kernel::AttentionBackwardTiled => ATTENTION_BACKWARD_TILED,
         }
@@ -284,12 +299,13 @@ impl Kernel {
         use Fragment::*;
         match self {
             Kernel::QkScores | Kernel::PvProduct | Kernel::Matmul => &[Grid, TileGemm, TileStore],
-            Kernel::MaskedSoftmax => &[Grid, Lse, Masking],
-            Kernel::FlashAttention => &[Grid, Lse, TileGemm, Masking],
-            Kernel::FlashDecode => &[Grid, Lse, Masking],
+            Kernel::MaskedSoftmax => &[Grid, Lse, Masking, OptionsApart],
+            Kernel::FlashAttention => &[Grid, Lse, TileGemm, Masking, OptionsApart],
+            Kernel::FlashDecode => &[Grid, Lse, Masking, OptionsApart],
             Kernel::CombineSplits => &[Grid, Lse],
-            Kernel::AttentionBackward => &[Grid, Masking, Backward],
-            Kernel::AttentionBackwardTiled => &[Grid, TileGemm, Masking, Backward],
+            Kernel::AttentionBackwardDelta => &[Grid, Masking, OptionsPacked],
+            Kernel::AttentionBackward => &[Grid, Masking, OptionsPacked, Backward],
+            Kernel::AttentionBackwardTiled => &[Grid, TileGemm, Masking, OptionsPacked, Backward],
         }
     }
 
@@ -361,21 +377,31 @@ impl Kernel {
                 ];
                 S
             }
-            // The tiled phases bind what the row phases bind, so one encoder serves both.
+            // The backward's statistics (D, the row shifts and the log-sum-exp, as f32 bits)
+            // are one buffer, and the bias and the mask are packed into `lens`: eight storage
+            // buffers for the gradient phases, WebGPU's default limit per stage. The tiled
+            // phases bind what the row phases bind, so one encoder serves both.
+            Kernel::AttentionBackwardDelta => {
+                const S: &[Slot] = &[
+                    uniform::<BackwardParams>("params"),
+                    tensor("o", true),
+                    tensor("d_o", true),
+                    write("stats", BITS),
+                    read("lens", "array<u32>"),
+                    uniform::<MaskParams>("mparams"),
+                ];
+                S
+            }
             Kernel::AttentionBackward | Kernel::AttentionBackwardTiled => {
                 const S: &[Slot] = &[
                     uniform::<BackwardParams>("params"),
                     tensor("q", true),
                     tensor("k", true),
                     tensor("v", true),
-                    tensor("o", true),
                     tensor("d_o", true),
-                    read("lse", BITS),
-                    write("delta", F32),
+                    write("stats", BITS),
                     write("g_a", F32),
                     write("g_b", F32),
-                    read("bias", F32),
-                    read("mask", BYTES),
                     read("lens", "array<u32>"),
                     uniform::<MaskParams>("mparams"),
                 ];
@@ -403,6 +429,7 @@ impl Kernel {
             Kernel::FlashDecode => "flash_decode",
             Kernel::CombineSplits => "combine_splits",
             Kernel::Matmul => "matmul",
+            Kernel::AttentionBackwardDelta => "attention_backward_delta",
             Kernel::AttentionBackward => "attention_backward",
             Kernel::AttentionBackwardTiled => "attention_backward_tiled",
         }
@@ -461,8 +488,9 @@ fn flash_bkv(block: TileBlock, o_vec4s: u32) -> u32 {
 }
 
 /// Workgroup memory of the tiled backward kernel: the tile product's staging (also the
-/// accumulating products'), a `TILE x TILE` f32 tile of P or dS, and the visited-tile flags.
-pub(crate) const BACKWARD_TILED_WORKGROUP_BYTES: u32 = TILE_STAGE_BYTES + TILE * TILE * 4 + 8;
+/// accumulating products'), a `TILE x TILE` f32 tile of P or dS, and the tile's state (two
+/// atomics and their verdict).
+pub(crate) const BACKWARD_TILED_WORKGROUP_BYTES: u32 = TILE_STAGE_BYTES + TILE * TILE * 4 + 12;
 
 /// The rows the decode kernel is compiled for (`ROWS`): the fewest of these that hold a kv
 /// head's `group * q_len` rows.
@@ -743,6 +771,15 @@ pub enum KernelKey {
         /// The merged output.
         o: Storage,
     },
+    /// [`Kernel::AttentionBackwardDelta`].
+    AttentionBackwardDelta {
+        /// The forward's output.
+        o: Storage,
+        /// The output's gradient.
+        d_o: Storage,
+        /// The options compiled in.
+        masks: MaskOptions,
+    },
     /// [`Kernel::AttentionBackward`].
     AttentionBackward {
         /// Queries.
@@ -751,11 +788,9 @@ pub enum KernelKey {
         k: Storage,
         /// Values.
         v: Storage,
-        /// The forward's output.
-        o: Storage,
         /// The output's gradient.
         d_o: Storage,
-        /// 0: `D = dO·O`; 1: dQ; 2: dK and dV; 3: the bias's gradient; 4: the sinks'.
+        /// 1: dQ; 2: dK and dV; 3: the bias's gradient; 4: the sinks'.
         phase: u32,
         /// Vec4s of a Q or K row held per invocation: `ceil(head_dim / 16) * 4`.
         d4: u32,
@@ -772,8 +807,6 @@ pub enum KernelKey {
         k: Storage,
         /// Values.
         v: Storage,
-        /// The forward's output.
-        o: Storage,
         /// The output's gradient.
         d_o: Storage,
         /// `false`: dQ, a workgroup per 64 query rows; `true`: dK and dV, a workgroup per
@@ -811,6 +844,7 @@ impl KernelKey {
             KernelKey::FlashDecode { .. } => Kernel::FlashDecode,
             KernelKey::CombineSplits { .. } => Kernel::CombineSplits,
             KernelKey::Matmul { .. } => Kernel::Matmul,
+            KernelKey::AttentionBackwardDelta { .. } => Kernel::AttentionBackwardDelta,
             KernelKey::AttentionBackward { .. } => Kernel::AttentionBackward,
             KernelKey::AttentionBackwardTiled { .. } => Kernel::AttentionBackwardTiled,
         }
@@ -826,12 +860,9 @@ impl KernelKey {
             | KernelKey::FlashDecode { q, k, v, o, .. } => vec![q, k, v, o],
             KernelKey::CombineSplits { parts, o } => vec![parts, o],
             KernelKey::Matmul { a, b, c, .. } => vec![a, b, c],
-            KernelKey::AttentionBackward {
-                q, k, v, o, d_o, ..
-            }
-            | KernelKey::AttentionBackwardTiled {
-                q, k, v, o, d_o, ..
-            } => vec![q, k, v, o, d_o],
+            KernelKey::AttentionBackwardDelta { o, d_o, .. } => vec![o, d_o],
+            KernelKey::AttentionBackward { q, k, v, d_o, .. }
+            | KernelKey::AttentionBackwardTiled { q, k, v, d_o, .. } => vec![q, k, v, d_o],
         }
     }
 
@@ -949,14 +980,20 @@ impl KernelKey {
             q: s,
             k: s,
             v: s,
-            o: s,
             d_o: s,
             phase,
             d4,
             v4,
             masks,
         };
-        for phase in 0..5 {
+        for masks in MaskOptions::all().into_iter().filter(|m| m.page_size == 0) {
+            keys.push(KernelKey::AttentionBackwardDelta {
+                o: s,
+                d_o: s,
+                masks,
+            });
+        }
+        for phase in 1..5 {
             for (d4, v4) in [(4, 4), (16, 32), (128, 128)] {
                 keys.push(backward(phase, d4, v4, MaskOptions::default()));
             }
@@ -968,7 +1005,6 @@ impl KernelKey {
                         q: s,
                         k: s,
                         v: s,
-                        o: s,
                         d_o: s,
                         dkv,
                         block,
@@ -984,7 +1020,6 @@ impl KernelKey {
                     q: s,
                     k: s,
                     v: s,
-                    o: s,
                     d_o: s,
                     dkv: n % 2 == 1,
                     block,
@@ -1072,6 +1107,7 @@ impl KernelKey {
                 masks,
                 ..
             } => format!("phase {phase}; d4={d4}; v4={v4}; {}", masks.label()),
+            KernelKey::AttentionBackwardDelta { masks, .. } => masks.label(),
             KernelKey::AttentionBackwardTiled {
                 dkv,
                 block,
@@ -1112,7 +1148,9 @@ impl KernelKey {
             } => decode_workgroup_bytes(workgroup, rows, q_chunks, o_chunks, subgroups),
             // Two reductions of one f32 per invocation and a flag.
             KernelKey::MaskedSoftmax { workgroup, .. } => 2 * workgroup * 4 + 4,
-            KernelKey::CombineSplits { .. } | KernelKey::AttentionBackward { .. } => 0,
+            KernelKey::CombineSplits { .. }
+            | KernelKey::AttentionBackward { .. }
+            | KernelKey::AttentionBackwardDelta { .. } => 0,
             KernelKey::AttentionBackwardTiled { .. } => BACKWARD_TILED_WORKGROUP_BYTES,
         }
     }
@@ -1255,7 +1293,8 @@ impl KernelKey {
                 out.push(("PHASE", phase as f64));
                 masks.constants(&mut out);
             }
-            KernelKey::AttentionBackwardTiled { masks, .. } => masks.constants(&mut out),
+            KernelKey::AttentionBackwardTiled { masks, .. }
+            | KernelKey::AttentionBackwardDelta { masks, .. } => masks.constants(&mut out),
             KernelKey::QkScores { additive, .. } => out.push(("ADDITIVE", additive as u8 as f64)),
             KernelKey::PvProduct { .. }
             | KernelKey::CombineSplits { .. }

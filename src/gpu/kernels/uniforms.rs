@@ -143,6 +143,10 @@ uniform! {
         /// A packed batch: where its offsets start in `lens` (`cu_seqlens_q`, `batch + 1`
         /// words, then `cu_seqlens_k`).
         varlen_offset: u32,
+        /// Kernels with the options packed (`lib/options_packed.wgsl`): where the mask's
+        /// words and the bias's f32 bits start in `lens`.
+        mask_offset: u32,
+        bias_offset: u32,
     }
 }
 

@@ -1,9 +1,10 @@
 //! The device side of the masking options: one uniform and three small buffers that every
-//! masking kernel binds (see `shaders/lib/masking.wgsl`, which reads them). Whether a call has
-//! per-key options (mask, bias, softcap) is not uploaded: it is compiled into the kernel
-//! ([`MaskOptions`](crate::gpu::kernels::MaskOptions)).
+//! masking kernel binds (see `shaders/lib/masking.wgsl`, which reads them), or, for kernels
+//! short of storage buffers (the backward), one buffer holding all three
+//! ([`upload_packed`]). Whether a call has per-key options (mask, bias, softcap) is not
+//! uploaded: it is compiled into the kernel ([`MaskOptions`](crate::gpu::kernels::MaskOptions)).
 
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::gpu::context::Gpu;
 use crate::gpu::kernels::uniforms::{
     CAUSAL_BOTTOM_RIGHT, CAUSAL_TOP_LEFT, MaskParams, uniform_buffer,
@@ -36,6 +37,22 @@ impl MaskBuffers {
     }
 }
 
+/// The bias's f32 bits or the mask's words: the host's, or a device buffer and how many words
+/// of it they take.
+enum Words {
+    Host(Vec<u32>),
+    Device(wgpu::Buffer, usize),
+}
+
+impl Words {
+    fn len(&self) -> usize {
+        match self {
+            Words::Host(host) => host.len(),
+            Words::Device(_, n) => *n,
+        }
+    }
+}
+
 /// Uploads the masking options of `spec`, or binds their device forms (which must be
 /// `gpu`'s). Device lengths with ALiBi slopes or sinks are copied (by `encoder`) into the
 /// call's own buffer, which holds the slopes and sinks behind them.
@@ -44,25 +61,70 @@ pub(crate) fn upload(
     spec: &Spec<'_>,
     encoder: &mut wgpu::CommandEncoder,
 ) -> Result<MaskBuffers> {
+    upload_as(gpu, spec, encoder, false)
+}
+
+/// [`upload`] with the mask's words and the bias's f32 bits in `lens`, behind everything else
+/// (`shaders/lib/options_packed.wgsl`), so that a kernel binds one buffer for all three.
+/// Device forms are copied in by `encoder`: a device mask or bias (or lengths) needs
+/// `COPY_SRC` usage, as the crate's own buffers have.
+pub(crate) fn upload_packed(
+    gpu: &Gpu,
+    spec: &Spec<'_>,
+    encoder: &mut wgpu::CommandEncoder,
+) -> Result<MaskBuffers> {
+    upload_as(gpu, spec, encoder, true)
+}
+
+fn upload_as(
+    gpu: &Gpu,
+    spec: &Spec<'_>,
+    encoder: &mut wgpu::CommandEncoder,
+    packed: bool,
+) -> Result<MaskBuffers> {
     let d = spec.dims;
     let opts = spec.opts;
     let on_device = &opts.device;
     let storage = |label: &str, contents: &[u8]| -> Result<wgpu::Buffer> {
         Ok(gpu.submission_buffer(label, contents, wgpu::BufferUsages::STORAGE))
     };
+    if packed {
+        for (what, buffer) in [
+            (
+                "the bias tensor",
+                on_device.bias.as_ref().map(|t| t.buffer()),
+            ),
+            (
+                "the mask tensor",
+                on_device.mask.as_ref().map(|m| &m.buffer),
+            ),
+            (
+                "the device lengths",
+                on_device.lens.as_ref().map(|l| &l.buffer),
+            ),
+        ] {
+            if let Some(b) = buffer
+                && !b.usage().contains(wgpu::BufferUsages::COPY_SRC)
+            {
+                return Err(Error::InvalidOption {
+                    what: "device-resident option",
+                    value: what.into(),
+                    why: "the backward copies device masks, biases and lengths into one \
+                          buffer: their buffers need COPY_SRC usage",
+                });
+            }
+        }
+    }
     let bias = match &opts.bias {
         Some(bias) => {
             check_binding(&gpu.limits, "bias", bias.data.len() as u64 * 4)?;
-            Some(storage(
-                "wgpu-attention bias",
-                bytemuck::cast_slice(&bias.data),
-            )?)
+            Some(Words::Host(bytemuck::cast_slice(&bias.data).to_vec()))
         }
         None => match &on_device.bias {
             Some(t) => {
                 gpu.expect_own("the bias tensor", t)?;
                 check_binding(&gpu.limits, "bias", t.byte_len())?;
-                Some(t.buffer().clone())
+                Some(Words::Device(t.buffer().clone(), t.byte_len() as usize / 4))
             }
             None => None,
         },
@@ -71,20 +133,32 @@ pub(crate) fn upload(
         Some(mask) => {
             let words = pack_mask(&mask.data);
             check_binding(&gpu.limits, "mask", words.len() as u64 * 4)?;
-            Some(storage(
-                "wgpu-attention mask",
-                bytemuck::cast_slice(&words),
-            )?)
+            Some(Words::Host(words))
         }
         None => match &on_device.mask {
             Some(m) => {
                 gpu.expect_device("the mask tensor", m.device)?;
                 check_binding(&gpu.limits, "mask", m.buffer.size())?;
-                Some(m.buffer.clone())
+                let elems: usize = m.shape.iter().product();
+                Some(Words::Device(m.buffer.clone(), elems.div_ceil(4)))
             }
             None => None,
         },
     };
+    let len = |x: &Option<Words>| x.as_ref().map_or(0, Words::len);
+    let (mask_words, bias_words) = if packed {
+        (len(&mask), len(&bias))
+    } else {
+        (0, 0)
+    };
+    // Apart, each in a buffer of its own (the device's, or the host's uploaded).
+    let apart = |x: &Option<Words>, label| match x {
+        Some(Words::Host(host)) if !packed => storage(label, bytemuck::cast_slice(host)).map(Some),
+        Some(Words::Device(buffer, _)) if !packed => Ok(Some(buffer.clone())),
+        _ => Ok(None),
+    };
+    let bias_buffer = apart(&bias, "wgpu-attention bias")?;
+    let mask_buffer = apart(&mask, "wgpu-attention mask")?;
     // A packed batch's lengths come from its offsets (which follow the block table).
     let packed = opts.varlen_lens();
     let (kv_lens, q_lens) = match &packed {
@@ -107,13 +181,20 @@ pub(crate) fn upload(
         None => Vec::new(),
     };
     let varlen_offset = page_offset + table.len();
+    // Packed: the mask's words, then the bias's bits.
+    let mask_offset = varlen_offset + offsets.len();
+    let bias_offset = mask_offset + mask_words;
     // Words behind the lengths: a device form of the lengths is then copied in front of them.
-    let extra = !alibi.is_empty() || !sinks.is_empty() || !table.is_empty();
+    let extra = !alibi.is_empty()
+        || !sinks.is_empty()
+        || !table.is_empty()
+        || mask_words > 0
+        || bias_words > 0;
     let lens = if let Some(l) = on_device.lens.as_ref().filter(|_| !extra) {
         gpu.expect_device("the device lengths", l.device)?;
         Some(l.buffer.clone())
     } else if kv_lens.is_some() || q_lens.is_some() || extra {
-        let mut lens = vec![0u32; varlen_offset + offsets.len()];
+        let mut lens = vec![0u32; bias_offset + bias_words];
         if let Some(kv) = kv_lens {
             lens[..d.batch].copy_from_slice(kv);
         }
@@ -127,7 +208,15 @@ pub(crate) fn upload(
             *dst = x.to_bits();
         }
         lens[page_offset..varlen_offset].copy_from_slice(table);
-        lens[varlen_offset..].copy_from_slice(&offsets);
+        lens[varlen_offset..mask_offset].copy_from_slice(&offsets);
+        for (x, at, n) in [
+            (&mask, mask_offset, mask_words),
+            (&bias, bias_offset, bias_words),
+        ] {
+            if let Some(Words::Host(host)) = x.as_ref().filter(|_| n > 0) {
+                lens[at..at + n].copy_from_slice(host);
+            }
+        }
         check_binding(
             &gpu.limits,
             "lengths, slopes and sinks",
@@ -138,6 +227,15 @@ pub(crate) fn upload(
             gpu.expect_device("the device lengths", l.device)?;
             // After the queue's write of the slopes and sinks, the device's lengths.
             encoder.copy_buffer_to_buffer(&l.buffer, 0, &buffer, 0, alibi_offset as u64 * 4);
+        }
+        // After the queue's write, the device forms of the mask and the bias.
+        for (x, at, n) in [
+            (&mask, mask_offset, mask_words),
+            (&bias, bias_offset, bias_words),
+        ] {
+            if let Some(Words::Device(from, _)) = x.as_ref().filter(|_| n > 0) {
+                encoder.copy_buffer_to_buffer(from, 0, &buffer, at as u64 * 4, n as u64 * 4);
+            }
         }
         Some(buffer)
     } else {
@@ -199,12 +297,14 @@ pub(crate) fn upload(
             page_offset: page_offset as u32,
             varlen_offset: varlen_offset as u32,
             pages_per_seq: opts.pages.as_ref().map_or(0, |p| p.pages_per_seq(d.batch)) as u32,
+            mask_offset: mask_offset as u32,
+            bias_offset: bias_offset as u32,
         },
     )?;
     Ok(MaskBuffers {
         params,
-        bias,
-        mask,
+        bias: bias_buffer,
+        mask: mask_buffer,
         lens,
         sink_offset: opts.sinks.is_some().then_some(sink_offset as u32),
         varlen_offset: opts.varlen.is_some().then_some(varlen_offset as u32),
