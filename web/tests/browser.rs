@@ -290,6 +290,55 @@ async fn webgpu_default_limits() {
     run(&gpu, &cases).await;
 }
 
+/// The backward in the browser, within its 8 storage buffers: dQ, dK, dV and the bias's
+/// gradient against `cpu::reference_backward`, in tiles where the adapter's workgroup memory
+/// holds them, and one row per invocation under WebGPU's default 16 KiB.
+#[wasm_bindgen_test]
+async fn backward_against_the_reference() {
+    let gpu = gpu().await;
+    let d = dims(1, 4, 2, 70, 45, 24, 16);
+    let mut r = Rng::new(31);
+    let q = r.values(d.q_elems(), 1.5);
+    let k = r.values(d.k_elems(), 1.5);
+    let v = r.values(d.v_elems(), 1.0);
+    let d_o = r.values(d.o_elems(), 1.0);
+    let opts = Attention::new()
+        .causal(Causal::BottomRight)
+        .bias([1, 4, 70, 45], r.values(4 * 70 * 45, 1.0))
+        .return_bias_grad(true);
+    let want = wgpu_attention::cpu::reference_backward(&q, &k, &v, &d_o, d, &opts).unwrap();
+    for g in [
+        gpu.clone(),
+        gpu.with_caps(wgpu_attention::LimitCaps::webgpu_defaults()),
+    ] {
+        let up = |x: &[f32], dims| g.upload(x, dims).unwrap();
+        let layout = Layout::Bhsd;
+        let (tq, tk, tv) = (
+            up(&q, d.q_shape(layout)),
+            up(&k, d.k_shape(layout)),
+            up(&v, d.v_shape(layout)),
+        );
+        let t_do = up(&d_o, d.o_shape(layout));
+        let out = opts.clone().return_lse(true).run(&g, &tq, &tk, &tv).unwrap();
+        let lse = out.lse.as_ref().unwrap();
+        let grads = opts
+            .backward(&g, &tq, &tk, &tv, &out.o, lse, &t_do)
+            .unwrap_or_else(|e| panic!("the backward in the browser: {e}"));
+        let dbias = grads.dbias.as_ref().unwrap();
+        let want_dbias = want.dbias.as_ref().unwrap();
+        for (what, t, w) in [
+            ("dQ", &grads.dq, &want.dq),
+            ("dK", &grads.dk, &want.dk),
+            ("dV", &grads.dv, &want.dv),
+            ("dbias", dbias, want_dbias),
+        ] {
+            let got = t.download_async(&g).await.unwrap();
+            close(what, &got, w, 1e-5, 1e-4).unwrap();
+        }
+        console_log!("backward exact under limits {:?}", g.limits());
+    }
+}
+
 /// Lets the browser's event loop run for `ms` milliseconds (WebGPU's error verdicts arrive
 /// through it).
 async fn sleep(ms: i32) {
