@@ -26,12 +26,21 @@ pub(crate) fn backward(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     println!(
         "# forward (fused, with log-sum-exp) + backward (dQ, dK, dV), f32, wall clock from \
          submission to completion, median of {} after {} warm-up; GFLOP/s = 3.5 x the \
-         forward's FLOPs / time",
+         forward's FLOPs / time; `bwd ms`: the backward alone (same inputs, the forward's \
+         output reused), GFLOP/s = 2.5 x the forward's FLOPs / time",
         args.reps, args.warmup
     );
     println!(
-        "{:<44} {:<14} {:>10} {:>9} {:>24}",
-        "shape", "path", "ms", "GFLOP/s", "rel. error dQ dK dV"
+        "# backward kernels: {} (TileConfig::tiled_backward; in tiles up to head_dim 128)",
+        if gpu.tile_config().tiled_backward {
+            "tiled"
+        } else {
+            "one row per invocation"
+        }
+    );
+    println!(
+        "{:<44} {:<14} {:>10} {:>9} {:>10} {:>9} {:>24}",
+        "shape", "path", "ms", "GFLOP/s", "bwd ms", "GFLOP/s", "rel. error dQ dK dV"
     );
     let kv_heads = args.kv_heads.unwrap_or(args.heads);
     for (q_len, kv_len) in shapes(args) {
@@ -88,6 +97,21 @@ pub(crate) fn backward(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             last = Some(g);
         }
         let (median, _, _) = stats(times);
+        // The backward alone, on one forward's output.
+        let out = fwd.run(&gpu, &tq, &tk, &tv)?;
+        let lse = out.lse.as_ref().expect("asked for");
+        let mut bwd_times = Vec::new();
+        for rep in 0..args.warmup + args.reps {
+            gpu.wait()?;
+            let start = Instant::now();
+            let g = opts.backward(&gpu, &tq, &tk, &tv, &out.o, lse, &t_do)?;
+            gpu.wait()?;
+            if rep >= args.warmup {
+                bwd_times.push(start.elapsed().as_secs_f64() * 1e3);
+            }
+            drop(g);
+        }
+        let (bwd_median, _, _) = stats(bwd_times);
         let errors = match (&reference, &last) {
             (Some((Ok(want), _)), Some(g)) => {
                 let e = [
@@ -102,16 +126,20 @@ pub(crate) fn backward(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         };
         if let Some((Ok(_), ms)) = &reference {
             println!(
-                "{shape:<44} {:<14} {ms:>10.1} {:>9.2} {:>24}",
+                "{shape:<44} {:<14} {ms:>10.1} {:>9.2} {:>10} {:>9} {:>24}",
                 "cpu-reference",
                 flops / ms / 1e6,
+                "",
+                "",
                 ""
             );
         }
+        let bwd_flops = 2.5 * d.flops(args.causal);
         println!(
-            "{shape:<44} {:<14} {median:>10.2} {:>9.2} {errors:>24}",
+            "{shape:<44} {:<14} {median:>10.2} {:>9.2} {bwd_median:>10.2} {:>9.2} {errors:>24}",
             "gpu-backward",
-            flops / median / 1e6
+            flops / median / 1e6,
+            bwd_flops / bwd_median / 1e6
         );
     }
     if software {

@@ -319,7 +319,11 @@ async fn backward_against_the_reference() {
             up(&v, d.v_shape(layout)),
         );
         let t_do = up(&d_o, d.o_shape(layout));
-        let out = opts.clone().return_lse(true).run(&g, &tq, &tk, &tv).unwrap();
+        let out = opts
+            .clone()
+            .return_lse(true)
+            .run(&g, &tq, &tk, &tv)
+            .unwrap();
         let lse = out.lse.as_ref().unwrap();
         let grads = opts
             .backward(&g, &tq, &tk, &tv, &out.o, lse, &t_do)
