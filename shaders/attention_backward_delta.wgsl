@@ -1,6 +1,8 @@
 // Phase 0 of the backward (attention_backward.wgsl's header), one invocation per query row r
 // of the call ([batch, heads, q_len], params.rows of them): D_r = dO_r·O_r, and the row's
 // shift, into `stats` (lib/backward.wgsl's layout), whose log-sum-exps the host copied in.
+// Rows past their sequence's q_lens get D = 0 and no shift: their O is 0 but their dO may
+// hold anything (NaN included), and the sinks' gradient sums D over every row.
 //
 // Bindings (declared by the host from Kernel::slots): params (BackwardParams); o and d_o
 // (tensors, read); stats (u32, f32 bits); lens, mparams: the masking options with the bias
@@ -16,6 +18,11 @@ fn delta_and_shift(r: u32) {
     let h = bh % params.heads;
     let base = b * params.o_stride_b + h * params.o_stride_h + i * params.o_stride_s;
     var acc = 0.0;
+    if i >= seq_q_len(b) {
+        stats[r] = bitcast<u32>(acc);
+        stats[rows + r] = bitcast<u32>(0.0);
+        return;
+    }
     for (var d = 0u; d < params.v_head_dim; d++) {
         acc += load_o(base + d) * load_d_o(base + d);
     }

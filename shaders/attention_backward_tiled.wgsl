@@ -1,8 +1,8 @@
 // The backward's gradients by Q (PHASE 1) and by K and V (PHASE 2) in 64 x 64 tiles of
-// scores, the products register-blocked as in the fused forward (lib/tile_gemm.wgsl); phases
-// 0, 3 and 4 (D and the row shifts, the bias's and the sinks' gradients) stay in
-// attention_backward.wgsl, which also runs phases 1 and 2 where this kernel does not fit
-// (head_dim or v_head_dim past 128).
+// scores, the products register-blocked as in the fused forward (lib/tile_gemm.wgsl). Phase 0
+// (D and the row shifts) is attention_backward_delta.wgsl; phases 3 and 4 (the bias's and the
+// sinks' gradients) stay in attention_backward.wgsl, which also runs phases 1 and 2 where this
+// kernel does not fit (head_dim or v_head_dim past 128).
 //
 // PHASE 1, one workgroup per 64 query rows of one query head: rows are query rows, columns
 // keys. For each key tile of this dispatch (params.first .. + count, in tiles) that any of the

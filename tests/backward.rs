@@ -484,6 +484,134 @@ fn device_options_match_host_options() {
     assert!(matches!(e, Error::InvalidOption { .. }), "{e}");
 }
 
+/// A log-sum-exp whose buffer cannot be copied (the backward copies it beside D), and
+/// statistics (three f32 per query row) over the binding limit, are typed errors.
+#[test]
+fn statistics_buffer_errors() {
+    let Some(gpu) = gpu() else { return };
+    let x = gpu
+        .upload(&random(&mut rng(70), 2 * 6 * 8, 1.0), [1, 2, 6, 8])
+        .unwrap();
+    let out = Attention::new()
+        .return_lse(true)
+        .run(gpu, &x, &x, &x)
+        .unwrap();
+    let lse_host: Vec<f32> = out.lse.as_ref().unwrap().download(gpu).unwrap();
+    let buffer = gpu.device().create_buffer(&wgpu::BufferDescriptor {
+        label: None,
+        size: 12 * 4,
+        usage: wgpu::BufferUsages::STORAGE | wgpu::BufferUsages::COPY_DST,
+        mapped_at_creation: false,
+    });
+    gpu.queue()
+        .write_buffer(&buffer, 0, bytemuck::cast_slice(&lse_host));
+    let lse = wgpu_attention::Tensor::from_buffer(gpu, buffer, [1, 2, 6, 1], DType::F32).unwrap();
+    let e = Attention::new()
+        .backward(gpu, &x, &x, &x, &out.o, &lse, &x)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidOption {
+                what: "log-sum-exp",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // head_dim 2: Q and dO take 8 bytes per row, the log-sum-exp 4, the statistics 12.
+    let q = gpu
+        .upload(&random(&mut rng(71), 2000, 1.0), [1, 1, 1000, 2])
+        .unwrap();
+    let kv = gpu
+        .upload(&random(&mut rng(72), 20, 1.0), [1, 1, 10, 2])
+        .unwrap();
+    let out = Attention::new()
+        .return_lse(true)
+        .run(gpu, &q, &kv, &kv)
+        .unwrap();
+    let capped = gpu.with_caps(wgpu_attention::LimitCaps {
+        max_storage_binding: Some(8192),
+        ..Default::default()
+    });
+    let e = Attention::new()
+        .backward(&capped, &q, &kv, &kv, &out.o, out.lse.as_ref().unwrap(), &q)
+        .unwrap_err();
+    assert!(matches!(e, Error::TooLarge { .. }), "{e}");
+}
+
+/// Rows past `q_lens` may hold anything in Q and dO (NaN here): every gradient, the sinks'
+/// (which sums over all rows) too, matches the reference on zeroed padding, on both kernels.
+#[test]
+fn nan_in_padding_rows() {
+    let Some(gpu) = gpu() else { return };
+    let d = dims(2, 2, 1, 70, 9, 8, 8);
+    let (q_lens, kv_lens) = ([70u32, 4], [9u32, 6]);
+    let opts = Attention::new()
+        .sinks(vec![0.5, -1.0])
+        .q_lens(q_lens.to_vec())
+        .kv_lens(kv_lens.to_vec())
+        .return_sinks_grad(true);
+    let layout = Layout::Bhsd;
+    let mut r = rng(75);
+    let mut q = random(&mut r, d.q_elems(), 1.5);
+    let mut k = random(&mut r, d.k_elems(), 1.5);
+    let mut v = random(&mut r, d.v_elems(), 1.0);
+    let mut d_o = random(&mut r, d.o_elems(), 1.0);
+    // Rows past each sequence's length, [batch][head][row][width] (Bhsd).
+    let pad = |x: &mut [f32], heads: usize, len: usize, width: usize, lens: &[u32], y: f32| {
+        for (b, &n) in lens.iter().enumerate() {
+            for h in 0..heads {
+                for i in n as usize..len {
+                    let at = ((b * heads + h) * len + i) * width;
+                    x[at..at + width].fill(y);
+                }
+            }
+        }
+    };
+    pad(&mut q, 2, 70, 8, &q_lens, 0.0);
+    pad(&mut d_o, 2, 70, 8, &q_lens, 0.0);
+    pad(&mut k, 1, 9, 8, &kv_lens, 0.0);
+    pad(&mut v, 1, 9, 8, &kv_lens, 0.0);
+    let want = cpu::reference_backward(&q, &k, &v, &d_o, d, &opts).unwrap();
+    pad(&mut q, 2, 70, 8, &q_lens, f32::NAN);
+    pad(&mut d_o, 2, 70, 8, &q_lens, f32::NAN);
+    pad(&mut k, 1, 9, 8, &kv_lens, f32::NAN);
+    pad(&mut v, 1, 9, 8, &kv_lens, f32::NAN);
+    for tiled in [true, false] {
+        let g = gpu.with_tiled_backward(tiled);
+        let up = |x: &[f32], shape| g.upload(x, shape).unwrap();
+        let (tq, tk, tv) = (
+            up(&q, d.q_shape(layout)),
+            up(&k, d.k_shape(layout)),
+            up(&v, d.v_shape(layout)),
+        );
+        let t_do = up(&d_o, d.o_shape(layout));
+        let out = opts
+            .clone()
+            .return_lse(true)
+            .run(&g, &tq, &tk, &tv)
+            .unwrap();
+        let lse = out.lse.as_ref().unwrap();
+        let grads = opts
+            .backward(&g, &tq, &tk, &tv, &out.o, lse, &t_do)
+            .unwrap();
+        let dsinks = grads.dsinks.as_ref().unwrap();
+        for (what, t, w) in [
+            ("dQ", &grads.dq, &want.dq),
+            ("dK", &grads.dk, &want.dk),
+            ("dV", &grads.dv, &want.dv),
+            ("dsinks", dsinks, want.dsinks.as_ref().unwrap()),
+        ] {
+            let got = t.download(&g).unwrap();
+            // Padding rows of dQ are the reference's zeros: NaN there fails.
+            let err = rel_norm_error(&got, w);
+            assert!(err <= F32_TOL, "{what} (tiled {tiled}): {err:e}");
+            assert_close(what, &got, w, 1e-5, 0.0);
+        }
+    }
+}
+
 /// O(N) memory: at L = S = 4096 under a 1 MiB cap on every storage binding, where one
 /// `L x S` f32 buffer would take 64 MiB, the backward runs (and is exact).
 #[test]

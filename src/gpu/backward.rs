@@ -3,10 +3,11 @@
 //! stored, so memory is O(N)).
 //!
 //! **Design.** WGSL has no float atomics, so the gradients are summed by their owners, in a
-//! fixed order (deterministic, bit for bit from run to run): three phases of one kernel
-//! (`shaders/attention_backward.wgsl`), each one invocation per row:
+//! fixed order (deterministic, bit for bit from run to run), in phases of one invocation per
+//! row (`shaders/attention_backward_delta.wgsl` for the first, `shaders/attention_backward.wgsl`
+//! for the others):
 //!
-//! 1. `D_i = dO_i·O_i` per query row;
+//! 1. `D_i = dO_i·O_i` per query row (0 past a sequence's `q_lens`);
 //! 2. `dQ_i` per query row, over its keys;
 //! 3. `dK_j` and `dV_j` per key row, over the query rows of every head of its GQA group;
 //! 4. on request the bias's gradient per element of the bias, over the dimensions it is
@@ -101,6 +102,10 @@ pub(crate) struct TiledBackward {
 /// dK and dV per block row, grow with the width.
 pub(crate) const TILED_BACKWARD_MAX_DIM: usize = 128;
 
+/// The tiled kernel's workgroup memory as WebGPU's limit counts it: each variable rounded up
+/// to 16 bytes, so its three scalars take 48 bytes, not 12.
+const TILED_WORKGROUP_BYTES_ROUNDED: u32 = BACKWARD_TILED_WORKGROUP_BYTES - 12 + 3 * 16;
+
 /// Accumulators per invocation the tiled kernel may hold for dK and dV together (the fused
 /// forward allows 128 for O alone; the backward also holds two score blocks).
 const TILED_BACKWARD_MOST_ACCUMULATORS: u32 = 128;
@@ -115,7 +120,7 @@ impl TiledBackward {
         let widest = d.head_dim.max(d.v_head_dim);
         if !limits.tile.tiled_backward
             || widest > TILED_BACKWARD_MAX_DIM
-            || limits.max_workgroup_storage < BACKWARD_TILED_WORKGROUP_BYTES
+            || limits.max_workgroup_storage < TILED_WORKGROUP_BYTES_ROUNDED
         {
             return None;
         }
@@ -357,6 +362,14 @@ impl Attention {
                 why: "the log-sum-exp is f32, as the forward returns it",
             });
         }
+        if !lse.buffer().usage().contains(wgpu::BufferUsages::COPY_SRC) {
+            return Err(Error::InvalidOption {
+                what: "log-sum-exp",
+                value: "a buffer without COPY_SRC usage".into(),
+                why: "the backward copies the log-sum-exp beside D into one statistics buffer \
+                      (the forward's own has COPY_SRC)",
+            });
+        }
         for (what, t) in [
             ("Q", q),
             ("K", k),
@@ -368,6 +381,12 @@ impl Attention {
             gpu.expect_own(what, t)?;
             check_binding(&gpu.limits, what, t.byte_len())?;
         }
+        // D, the row shifts and the log-sum-exp, bound as one buffer.
+        check_binding(
+            &gpu.limits,
+            "the backward's statistics (three f32 per query row)",
+            3 * lse.byte_len(),
+        )?;
         let limits = &gpu.limits;
         // The parameter blocks are storage buffers too where they are bound as such.
         let needed = BACKWARD_STORAGE_BUFFERS
@@ -383,8 +402,8 @@ impl Attention {
         let d = spec.dims;
         for (what, n) in [
             (
-                "query rows of the backward (twice)",
-                Some(2 * d.lse_elems()),
+                "query rows of the backward (three statistics each)",
+                Some(3 * d.lse_elems()),
             ),
             (
                 "key rows of the backward",
@@ -523,7 +542,8 @@ fn params(
     }
 }
 
-/// Encodes the three phases into `encoder`.
+/// Encodes the phases into `encoder`: the log-sum-exp's copy into the statistics, D, then
+/// dQ, dK and dV (tiled or by rows), then the bias's and the sinks' gradients on request.
 fn encode(
     gpu: &Gpu,
     spec: &Spec<'_>,

@@ -63,7 +63,8 @@ pub const FLASH_ATTENTION: &str = include_str!("../../../shaders/flash_attention
 pub const FLASH_DECODE: &str = include_str!("../../../shaders/flash_decode.wgsl");
 /// WGSL source of the kernel that merges partial results by their log-sum-exp.
 pub const COMBINE_SPLITS: &str = include_str!("../../../shaders/combine_splits.wgsl");
-/// WGSL source of the backward of attention (three phases: D, dQ, dK and dV).
+/// WGSL source of the backward's gradient phases one row per invocation (dQ, dK and dV, the
+/// bias's and the sinks' gradients).
 pub const ATTENTION_BACKWARD: &str = include_str!("../../../shaders/attention_backward.wgsl");
 /// WGSL source of the backward's first phase (D = dO·O and the row shifts).
 pub const ATTENTION_BACKWARD_DELTA: &str =

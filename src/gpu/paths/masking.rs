@@ -80,7 +80,7 @@ fn upload_as(
     gpu: &Gpu,
     spec: &Spec<'_>,
     encoder: &mut wgpu::CommandEncoder,
-    packed: bool,
+    pack_options: bool,
 ) -> Result<MaskBuffers> {
     let d = spec.dims;
     let opts = spec.opts;
@@ -88,7 +88,7 @@ fn upload_as(
     let storage = |label: &str, contents: &[u8]| -> Result<wgpu::Buffer> {
         Ok(gpu.submission_buffer(label, contents, wgpu::BufferUsages::STORAGE))
     };
-    if packed {
+    if pack_options {
         for (what, buffer) in [
             (
                 "the bias tensor",
@@ -146,15 +146,17 @@ fn upload_as(
         },
     };
     let len = |x: &Option<Words>| x.as_ref().map_or(0, Words::len);
-    let (mask_words, bias_words) = if packed {
+    let (mask_words, bias_words) = if pack_options {
         (len(&mask), len(&bias))
     } else {
         (0, 0)
     };
     // Apart, each in a buffer of its own (the device's, or the host's uploaded).
     let apart = |x: &Option<Words>, label| match x {
-        Some(Words::Host(host)) if !packed => storage(label, bytemuck::cast_slice(host)).map(Some),
-        Some(Words::Device(buffer, _)) if !packed => Ok(Some(buffer.clone())),
+        Some(Words::Host(host)) if !pack_options => {
+            storage(label, bytemuck::cast_slice(host)).map(Some)
+        }
+        Some(Words::Device(buffer, _)) if !pack_options => Ok(Some(buffer.clone())),
         _ => Ok(None),
     };
     let bias_buffer = apart(&bias, "wgpu-attention bias")?;
@@ -219,7 +221,11 @@ fn upload_as(
         }
         check_binding(
             &gpu.limits,
-            "lengths, slopes and sinks",
+            if pack_options {
+                "lengths, slopes, sinks, mask and bias (packed into one buffer for the backward)"
+            } else {
+                "lengths, slopes and sinks"
+            },
             lens.len() as u64 * 4,
         )?;
         let buffer = storage("wgpu-attention lens", bytemuck::cast_slice(&lens))?;
