@@ -24,7 +24,7 @@
 // dispatches, each well under the cap.
 //
 // Phases 1 and 2 run in attention_backward_tiled.wgsl instead where head_dim and v_head_dim
-// are at most 128.
+// are at most 256.
 //
 // Bindings (declared by the host from Kernel::slots): params (BackwardParams); q, k, v and
 // d_o (tensors, read); stats (u32: D, the shifts and the forward's log-sum-exp, as f32 bits;

@@ -2,7 +2,7 @@
 // scores, the products register-blocked as in the fused forward (lib/tile_gemm.wgsl). Phase 0
 // (D and the row shifts) is attention_backward_delta.wgsl; phases 3 and 4 (the bias's and the
 // sinks' gradients) stay in attention_backward.wgsl, which also runs phases 1 and 2 where this
-// kernel does not fit (head_dim or v_head_dim past 128).
+// kernel does not fit (head_dim or v_head_dim past 256).
 //
 // PHASE 1, one workgroup per 64 query rows of one query head: rows are query rows, columns
 // keys. For each key tile of this dispatch (params.first .. + count, in tiles) that any of the

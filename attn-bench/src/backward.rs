@@ -31,7 +31,7 @@ pub(crate) fn backward(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         args.reps, args.warmup
     );
     println!(
-        "# backward kernels: {} (TileConfig::tiled_backward; in tiles up to head_dim 128)",
+        "# backward kernels: {} (TileConfig::tiled_backward; in tiles up to head_dim 256)",
         if gpu.tile_config().tiled_backward {
             "tiled"
         } else {

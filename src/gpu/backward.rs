@@ -98,9 +98,10 @@ pub(crate) struct TiledBackward {
     pub(crate) tiles_per_pass: u32,
 }
 
-/// The widest head_dim (and v_head_dim) the tiled kernel takes: its accumulators, two rows of
-/// dK and dV per block row, grow with the width.
-pub(crate) const TILED_BACKWARD_MAX_DIM: usize = 128;
+/// The widest head_dim (and v_head_dim) the tiled kernel takes: its accumulators, a row of dK
+/// and one of dV per block row, grow with the width, and past 128 only 4 x 4 blocks keep them
+/// within [`TILED_BACKWARD_MOST_ACCUMULATORS`] (at 256, 128 of them).
+pub(crate) const TILED_BACKWARD_MAX_DIM: usize = 256;
 
 /// The tiled kernel's workgroup memory as WebGPU's limit counts it: each variable rounded up
 /// to 16 bytes, so its three scalars take 48 bytes, not 12.
@@ -748,9 +749,9 @@ mod tests {
         assert!(p.keys_per_pass > 100 && p.rows_per_pass > 100, "{p:?}");
     }
 
-    /// The tiled kernel runs up to head_dim 128 with the configured block where its
-    /// accumulators fit (else a smaller one), and the row kernel past that, where turned off,
-    /// or where workgroup memory is short.
+    /// The tiled kernel runs up to head_dim 256 with the configured block where its
+    /// accumulators fit (else a smaller one: 4 x 4 past 128), and the row kernel past that,
+    /// where turned off, or where workgroup memory is short.
     #[test]
     fn tiled_where_it_fits() {
         let dims = |head_dim, v_head_dim| Dims {
@@ -778,8 +779,12 @@ mod tests {
         // 8 x 8 at 128 would hold 2 * 8 * 16 accumulators: 8 x 4 instead.
         let t = plan(dims(72, 128), &cpu).expect("tiled at 128");
         assert_eq!((t.block, t.dq_vec4s, t.dkv_vec4s), (TileBlock::B8X4, 2, 2));
-        assert_eq!(plan(dims(136, 64), &cpu), None);
-        assert_eq!(plan(dims(64, 256), &cpu), None);
+        let t = plan(dims(136, 64), &cpu).expect("tiled at 136");
+        assert_eq!((t.block, t.dq_vec4s, t.dkv_vec4s), (TileBlock::B4X4, 3, 3));
+        let t = plan(dims(64, 256), &cpu).expect("tiled at 256");
+        assert_eq!((t.block, t.dq_vec4s, t.dkv_vec4s), (TileBlock::B4X4, 1, 4));
+        assert_eq!(plan(dims(264, 64), &cpu), None);
+        assert_eq!(plan(dims(64, 257), &cpu), None);
         let mut off = cpu;
         off.tile.tiled_backward = false;
         assert_eq!(plan(dims(64, 64), &off), None);

@@ -326,7 +326,7 @@ impl Gpu {
                         what: "WGPU_ATTENTION_TILED_BACKWARD",
                         value,
                         why: "must be 0 (the backward one row per invocation) or 1 (in tiles \
-                              where head_dim and v_head_dim are at most 128)",
+                              where head_dim and v_head_dim are at most 256)",
                     });
                 }
             };

@@ -56,7 +56,7 @@ pub struct TileConfig {
     /// overrides it.
     pub resident_q: bool,
     /// Whether the backward computes dQ, dK and dV in 64 x 64 tiles with register blocks
-    /// (`attention_backward_tiled.wgsl`, for head_dim and v_head_dim up to 128), or one row
+    /// (`attention_backward_tiled.wgsl`, for head_dim and v_head_dim up to 256), or one row
     /// per invocation (`attention_backward.wgsl`, every width). `WGPU_ATTENTION_TILED_BACKWARD`
     /// or [`Gpu::with_tiled_backward`](crate::Gpu::with_tiled_backward) overrides it.
     pub tiled_backward: bool,
