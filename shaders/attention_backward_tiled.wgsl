@@ -19,7 +19,8 @@
 // Source constants from the key: BR, BC (the block), PHASE, NQ (query rows in a block: BR in
 // PHASE 1, BC in PHASE 2), OC (vec4 columns of the accumulators), BKV (columns of the
 // operand staged at once in the accumulating products). Bindings and formulas:
-// attention_backward.wgsl.
+// attention_backward.wgsl; params.rows is this kernel's workgroup count, params.first and
+// params.count its share of tiles (PHASE 1: key tiles; PHASE 2: pairs).
 
 const O_STRIDE: u32 = NX * OC;
 // The operands, by the tensor they are read from.
@@ -47,9 +48,9 @@ var<private> wb: u32;
 var<private> wkvh: u32;
 var<private> wh: u32;
 
-// What an element's gradient needs of its query row.
+// What an element's gradient needs of its query row (of head wh, the same for every row a
+// tile holds).
 struct QueryRow {
-    h: u32,
     i: u32,
     // 1 for a row of the call with a finite log-sum-exp.
     live: u32,
@@ -64,16 +65,16 @@ struct QueryRow {
     delta: f32,
 }
 
-fn query_row(h: u32, i: u32) -> QueryRow {
-    var out = QueryRow(h, i, 0u, 0, 0, 0, AlibiRow(0.0, 0), 0.0, 0.0, 0.0);
+fn query_row(i: u32) -> QueryRow {
+    var out = QueryRow(i, 0u, 0, 0, 0, AlibiRow(0.0, 0), 0.0, 0.0, 0.0);
     if i < params.q_len {
-        let row = (wb * params.heads + h) * params.q_len + i;
+        let row = (wb * params.heads + wh) * params.q_len + i;
         let bits = lse_bits(row);
         let range = key_range(wb, i);
         out.lo = range.x;
         out.hi = range.y;
         out.se = sink_end(wb, i);
-        out.alibi = alibi_row(wb, h, i);
+        out.alibi = alibi_row(wb, wh, i);
         if bits != NEG_INF_BITS {
             out.live = 1u;
             out.lse = bitcast<f32>(bits);
@@ -87,8 +88,8 @@ fn query_row(h: u32, i: u32) -> QueryRow {
 // (P, dS) of query row q and key j, from the scaled-down dot products s = q·k and dp = dO·v:
 // zeros for a key the row does not see.
 fn grad_of(s: f32, dp: f32, q: QueryRow, j: u32) -> vec2<f32> {
-    if q.live != 0u && in_keys(j, q.lo, q.hi, q.se) && mask_allows(wb, q.h, q.i, j) {
-        let xs = score_and_slope(s * params.scale, wb, q.h, q.i, j, q.alibi);
+    if q.live != 0u && in_keys(j, q.lo, q.hi, q.se) && mask_allows(wb, wh, q.i, j) {
+        let xs = score_and_slope(s * params.scale, wb, wh, q.i, j, q.alibi);
         let p = exp(xs.x - q.lse - q.shift);
         return vec2<f32>(p, p * (dp - q.delta) * xs.y * params.scale);
     }
@@ -359,7 +360,7 @@ fn main(
         wh = bh % params.heads;
         wkvh = wh / params.group;
         for (var r = 0u; r < NQ; r++) {
-            qrows[r] = query_row(wh, r0 + block_row(ty, r));
+            qrows[r] = query_row(r0 + block_row(ty, r));
         }
         end = min(params.first + params.count, tiles_k);
     } else {
@@ -387,7 +388,7 @@ fn main(
                 continue;
             }
             for (var c = 0u; c < NQ; c++) {
-                qrows[c] = query_row(wh, c0 + block_col(tx, c));
+                qrows[c] = query_row(c0 + block_col(tx, c));
             }
         }
         // The scores' and dP's blocks: PHASE 1 rows x keys, PHASE 2 keys x rows.

@@ -436,8 +436,8 @@ fn webgpu_storage_buffer_limit() {
 }
 
 /// Device-resident masks, biases and lengths (copied into the backward's one options buffer)
-/// give the host forms' gradients bit for bit; a device buffer the copy cannot read (no
-/// `COPY_SRC`) is a typed error.
+/// give the host forms' gradients bit for bit, and those match the reference; a device buffer
+/// the copy cannot read (no `COPY_SRC`) is a typed error.
 #[test]
 fn device_options_match_host_options() {
     let Some(gpu) = gpu() else { return };
@@ -445,16 +445,20 @@ fn device_options_match_host_options() {
     let mut r = rng(90);
     let mask = random_mask(&mut r, 20 * 70, 0.7);
     let bias = random(&mut r, 2 * 2 * 20 * 70, 1.0);
-    let tensor = |seed, dims: [usize; 4]| {
-        let n = dims.iter().product();
-        gpu.upload(&random(&mut rng(seed), n, 1.0), dims).unwrap()
-    };
+    let [xq, xk, xv, xo] = [
+        (91, d.q_elems()),
+        (92, d.k_elems()),
+        (93, d.v_elems()),
+        (94, d.o_elems()),
+    ]
+    .map(|(seed, n)| random(&mut rng(seed), n, 1.0));
+    let up = |x: &[f32], dims| gpu.upload(x, dims).unwrap();
     let (q, k, v) = (
-        tensor(91, d.q_shape(Layout::Bhsd)),
-        tensor(92, d.k_shape(Layout::Bhsd)),
-        tensor(93, d.v_shape(Layout::Bhsd)),
+        up(&xq, d.q_shape(Layout::Bhsd)),
+        up(&xk, d.k_shape(Layout::Bhsd)),
+        up(&xv, d.v_shape(Layout::Bhsd)),
     );
-    let d_o = tensor(94, d.o_shape(Layout::Bhsd));
+    let d_o = up(&xo, d.o_shape(Layout::Bhsd));
     let host = Attention::new()
         .mask([1, 1, 20, 70], mask.clone())
         .bias([2, 2, 20, 70], bias.clone())
@@ -473,15 +477,24 @@ fn device_options_match_host_options() {
     let lse = out.lse.as_ref().unwrap();
     let a = host.backward(gpu, &q, &k, &v, &out.o, lse, &d_o).unwrap();
     let b = device.backward(gpu, &q, &k, &v, &out.o, lse, &d_o).unwrap();
+    let want = cpu::reference_backward(&xq, &xk, &xv, &xo, d, &host).unwrap();
     let pairs = [
-        (&a.dq, &b.dq),
-        (&a.dk, &b.dk),
-        (&a.dv, &b.dv),
-        (a.dbias.as_ref().unwrap(), b.dbias.as_ref().unwrap()),
+        (&a.dq, &b.dq, &want.dq),
+        (&a.dk, &b.dk, &want.dk),
+        (&a.dv, &b.dv, &want.dv),
+        (
+            a.dbias.as_ref().unwrap(),
+            b.dbias.as_ref().unwrap(),
+            want.dbias.as_ref().unwrap(),
+        ),
     ];
-    for (x, y) in pairs {
+    for (x, y, w) in pairs {
         let (x, y) = (x.download(gpu).unwrap(), y.download(gpu).unwrap());
-        assert!(x.iter().all(|v| v.is_finite()) && x.iter().any(|&v| v != 0.0));
+        let err = rel_norm_error(&x, w);
+        assert!(
+            err <= F32_TOL,
+            "host options against the reference: {err:e}"
+        );
         assert_eq!(x, y);
     }
     let storage_only = gpu.device().create_buffer(&wgpu::BufferDescriptor {

@@ -208,7 +208,10 @@ impl Attention {
     /// packed batches and paged K/V, which are [`Error::InvalidOption`]. With
     /// [`return_bias_grad`](Attention::return_bias_grad) and
     /// [`return_sinks_grad`](Attention::return_sinks_grad) it also gives the bias's and the
-    /// sinks' gradients. The f64 oracle is
+    /// sinks' gradients. The log-sum-exp, and a device-resident mask, bias or lengths, are
+    /// copied into the backward's own buffers (so that it binds at most eight storage
+    /// buffers, as a browser allows): their buffers need `COPY_SRC` usage, as the crate's own
+    /// have, or the call is an [`Error::InvalidOption`]. The f64 oracle is
     /// [`cpu::reference_backward`](crate::cpu::reference_backward).
     ///
     /// ```no_run

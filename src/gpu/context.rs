@@ -303,33 +303,27 @@ impl Gpu {
                 })?;
             }
         }
-        if let Ok(value) = std::env::var("WGPU_ATTENTION_RESIDENT_Q") {
-            limits.tile.resident_q = match value.trim() {
-                "0" => false,
-                "1" => true,
-                _ => {
-                    return Err(Error::InvalidOption {
-                        what: "WGPU_ATTENTION_RESIDENT_Q",
-                        value,
-                        why: "must be 0 (Q staged with every key tile) or 1 (Q kept in workgroup \
-                              memory where it fits)",
-                    });
-                }
-            };
-        }
-        if let Ok(value) = std::env::var("WGPU_ATTENTION_TILED_BACKWARD") {
-            limits.tile.tiled_backward = match value.trim() {
-                "0" => false,
-                "1" => true,
-                _ => {
-                    return Err(Error::InvalidOption {
-                        what: "WGPU_ATTENTION_TILED_BACKWARD",
-                        value,
-                        why: "must be 0 (the backward one row per invocation) or 1 (in tiles \
-                              where head_dim and v_head_dim are at most 256)",
-                    });
-                }
-            };
+        for (what, slot, why) in [
+            (
+                "WGPU_ATTENTION_RESIDENT_Q",
+                &mut limits.tile.resident_q,
+                "must be 0 (Q staged with every key tile) or 1 (Q kept in workgroup memory \
+                 where it fits)",
+            ),
+            (
+                "WGPU_ATTENTION_TILED_BACKWARD",
+                &mut limits.tile.tiled_backward,
+                "must be 0 (the backward one row per invocation) or 1 (in tiles where head_dim \
+                 and v_head_dim are at most 256)",
+            ),
+        ] {
+            if let Ok(value) = std::env::var(what) {
+                *slot = match value.trim() {
+                    "0" => false,
+                    "1" => true,
+                    _ => return Err(Error::InvalidOption { what, value, why }),
+                };
+            }
         }
         let params = match std::env::var("WGPU_ATTENTION_PARAMS") {
             Ok(value) => ParamsIn::parse(&value).ok_or(Error::InvalidOption {

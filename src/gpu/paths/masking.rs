@@ -39,12 +39,14 @@ impl MaskBuffers {
 
 /// The bias's f32 bits or the mask's words: the host's, or a device buffer and how many words
 /// of it they take.
-enum Words {
-    Host(Vec<u32>),
+/// A host bias is borrowed, not copied: the forward uploads it from the call's own slice on
+/// every call.
+enum Words<'a> {
+    Host(std::borrow::Cow<'a, [u32]>),
     Device(wgpu::Buffer, usize),
 }
 
-impl Words {
+impl Words<'_> {
     fn len(&self) -> usize {
         match self {
             Words::Host(host) => host.len(),
@@ -118,7 +120,7 @@ fn upload_as(
     let bias = match &opts.bias {
         Some(bias) => {
             check_binding(&gpu.limits, "bias", bias.data.len() as u64 * 4)?;
-            Some(Words::Host(bytemuck::cast_slice(&bias.data).to_vec()))
+            Some(Words::Host(bytemuck::cast_slice(&bias.data).into()))
         }
         None => match &on_device.bias {
             Some(t) => {
@@ -133,7 +135,7 @@ fn upload_as(
         Some(mask) => {
             let words = pack_mask(&mask.data);
             check_binding(&gpu.limits, "mask", words.len() as u64 * 4)?;
-            Some(Words::Host(words))
+            Some(Words::Host(words.into()))
         }
         None => match &on_device.mask {
             Some(m) => {
