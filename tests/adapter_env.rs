@@ -2,7 +2,8 @@
 //! error that says how to get one (wgpu's own helper panics there); `WGPU_ATTENTION_DECODE_ROWS`
 //! sets the decode tile rows, `WGPU_ATTENTION_DECODE_KERNEL` and `WGPU_ATTENTION_SUBGROUPS`
 //! the decode kernel, `WGPU_ATTENTION_FUSED_BLOCK` and `WGPU_ATTENTION_GEMM_BLOCK` the
-//! invocation blocks, `WGPU_ATTENTION_RESIDENT_Q` the fused kernel's resident Q, and a bad
+//! invocation blocks, `WGPU_ATTENTION_RESIDENT_Q` the fused kernel's resident Q,
+//! `WGPU_ATTENTION_TILED_BACKWARD` the backward's kernels, and a bad
 //! value of any is a typed error. One test in its own binary: it
 //! sets the environment of the process.
 
@@ -20,6 +21,7 @@ fn environment_variables() {
     decode_kernel_and_subgroups();
     blocks();
     resident_q();
+    tiled_backward();
     params();
     pool();
     unknown_adapter_name_is_a_typed_error();
@@ -50,6 +52,18 @@ fn resident_q() {
         assert_eq!(gpu.with_resident_q(!want).tile_config().resident_q, !want);
     }
     set_env("WGPU_ATTENTION_RESIDENT_Q", None);
+}
+
+fn tiled_backward() {
+    rejects(&[("WGPU_ATTENTION_TILED_BACKWARD", "on")]);
+    for (value, want) in [("0", false), ("1 ", true)] {
+        set_env("WGPU_ATTENTION_TILED_BACKWARD", Some(value));
+        let gpu = Gpu::new().expect("an adapter");
+        assert_eq!(gpu.tile_config().tiled_backward, want, "{value:?}");
+        let flipped = gpu.with_tiled_backward(!want).tile_config();
+        assert_eq!(flipped.tiled_backward, !want);
+    }
+    set_env("WGPU_ATTENTION_TILED_BACKWARD", None);
 }
 
 fn params() {
