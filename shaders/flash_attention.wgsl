@@ -17,8 +17,15 @@
 // writes its normalised partial O and log-sum-exp to `lse_or_partials`, and
 // combine_splits.wgsl merges them. Q, K, V and O go through the dtype prelude's load_* /
 // store_o. TILE and TILE_K come from the host's shared constants; BR, BC, OC (vec4 columns of
-// O per invocation), BKV, QR (slices of TILE_K dims of resident Q, 0 for none) and QR_VEC4S
-// (q_res's length, at least 1) from the key; TILE_M is a pipeline constant.
+// O per invocation), BKV, QR (slices of TILE_K dims of resident Q, 0 for none), QR_VEC4S
+// (q_res's length, at least 1), ROWS4 (TILE_M / 4), INV (the workgroup's invocations) and
+// STAGES (staging buffers: 2 double-buffers them) from the key; TILE_M is a pipeline
+// constant, equal to 4 ROWS4.
+// Double buffering (STAGES = 2): each step of a key tile (a slice of Q and K, a pair of
+// slices of K with resident Q, a slice of V) reads its operands from one staging buffer while
+// the next step's are loaded from global memory into registers and then stored into the
+// other, so a step takes one barrier instead of two and the loads' latency hides behind the
+// FMAs; the first slice of V is loaded before the softmax.
 // Every loop over a register array (s, acc, the per-row state) is one flat loop with a small
 // body, never nested: llvmpipe keeps a private array in memory, read and written lane by lane,
 // as soon as one index into it is not a constant after unrolling, and it unrolls no loop that
@@ -31,6 +38,12 @@ const O_STRIDE: u32 = NX * OC;
 const Q_ITEMS: u32 = BR * BC / 16u;
 // A row this invocation does not stage (past the packed rows).
 const NO_ROW: u32 = 0xffffffffu;
+// Double-buffered staging, and the items of a slice of K and of V each invocation stages.
+const DB: bool = STAGES == 2u;
+const K_ITEMS: u32 = STAGE_B / INV;
+const V_ITEMS: u32 = (BKV * O_STRIDE + INV - 1u) / INV;
+// Dims of Q K^T per step of the key tile: a pair of slices of K where Q is resident.
+const QK_STEP: u32 = select(TILE_K, 2u * TILE_K, QR > 0u);
 
 // Bindings (declared by the host from Kernel::slots): params (FlashParams); q, k, v (read) and
 // o (write) tensors; bias, mask, lens and mparams (lib/masking.wgsl); lse_or_partials: with
@@ -39,7 +52,7 @@ const NO_ROW: u32 = 0xffffffffu;
 // the partial log-sum-exps, [split, batch, heads, q_len].
 
 // The tile's probabilities, [key][row / 4].
-var<workgroup> p_tile: array<array<vec4<f32>, TILE_X>, TILE>;
+var<workgroup> p_tile: array<array<vec4<f32>, ROWS4>, TILE>;
 
 fn hmax(v: vec4<f32>) -> f32 {
     return max(max(v.x, v.y), max(v.z, v.w));
@@ -115,30 +128,42 @@ fn tile_b(col: u32, d: u32) -> f32 {
     return 0.0;
 }
 
-// Q's slice k0 .. k0 + TILE_K, pre-scaled by scale * log2(e): item n of this invocation holds
-// the rows whose first elements are at q_row[4 n .. 4 n + 3] (NO_ROW past the rows). Into
-// q_res where Q is resident (QR > 0), else into tile_stage's first half.
-fn stage_q(li: u32, k0: u32, q_row: array<u32, 4u * Q_ITEMS>) {
+// This invocation's items of Q's slice k0 .. k0 + TILE_K, pre-scaled by scale * log2(e):
+// item n holds dim k0 + (li + n INV) % TILE_K of the rows whose first elements are at
+// q_row[4 n .. 4 n + 3] (NO_ROW past the rows).
+fn q_slice(li: u32, k0: u32, q_row: array<u32, 4u * Q_ITEMS>) -> array<vec4<f32>, Q_ITEMS> {
     let q_scale = params.scale * LOG2E;
+    var x = array<vec4<f32>, Q_ITEMS>();
     for (var n = 0u; n < Q_ITEMS; n++) {
-        let idx = li + n * tile_invocations();
-        let kk = idx % TILE_K;
-        let d = k0 + kk;
-        var x = vec4<f32>();
+        let d = k0 + (li + n * INV) % TILE_K;
         if d < params.head_dim {
-            x = vec4<f32>(
+            x[n] = vec4<f32>(
                 q_elem(q_row[4u * n], d, q_scale),
                 q_elem(q_row[4u * n + 1u], d, q_scale),
                 q_elem(q_row[4u * n + 2u], d, q_scale),
                 q_elem(q_row[4u * n + 3u], d, q_scale),
             );
         }
+    }
+    return x;
+}
+
+// Q's slice from q_slice: into q_res where Q is resident (QR > 0), else into the first half
+// of the staging buffer at `base`.
+fn put_q(li: u32, k0: u32, x: array<vec4<f32>, Q_ITEMS>, base: u32) {
+    for (var n = 0u; n < Q_ITEMS; n++) {
+        let idx = li + n * INV;
+        let kk = idx % TILE_K;
         if QR > 0u {
-            q_res[d * (TILE_M / 4u) + idx / TILE_K] = x;
+            q_res[(k0 + kk) * (TILE_M / 4u) + idx / TILE_K] = x[n];
         } else {
-            tile_stage[kk * TILE_X + idx / TILE_K] = x;
+            tile_stage[base + kk * TILE_X + idx / TILE_K] = x[n];
         }
     }
+}
+
+fn stage_q(li: u32, k0: u32, q_row: array<u32, 4u * Q_ITEMS>) {
+    put_q(li, k0, q_slice(li, k0, q_row), 0u);
 }
 
 // Resident Q (QR > 0): all QR * TILE_K dims of the workgroup's rows, pre-scaled, staged once
@@ -157,13 +182,41 @@ fn q_rows(d: u32, ty: u32) -> array<vec4<f32>, BR4> {
     return a;
 }
 
-// The block's columns of K at dim k0 + kk of a pair of slices staged by stage_k_pair.
-fn k_cols(kk: u32, tx: u32) -> array<vec4<f32>, BC4> {
+// The block's columns of K at dim k0 + kk of a pair of slices staged by stage_k_pair (or
+// put_k) into the buffer at `base`.
+fn k_cols(kk: u32, tx: u32, base: u32) -> array<vec4<f32>, BC4> {
     var b = array<vec4<f32>, BC4>();
     for (var j = 0u; j < BC4; j++) {
-        b[j] = tile_stage[kk * TILE_X + tx + NX * j];
+        b[j] = tile_stage[base + kk * TILE_X + tx + NX * j];
     }
     return b;
+}
+
+// This invocation's items of K's slice k0 .. k0 + TILE_K, as stage_k_pair lays them out:
+// item n is dim (li + n INV) % TILE_K of keys 4 ((li + n INV) / TILE_K) .. + 3.
+fn k_slice(li: u32, k0: u32) -> array<vec4<f32>, K_ITEMS> {
+    var x = array<vec4<f32>, K_ITEMS>();
+    for (var n = 0u; n < K_ITEMS; n++) {
+        let idx = li + n * INV;
+        let mq = idx / TILE_K;
+        let d = k0 + idx % TILE_K;
+        x[n] = vec4<f32>(
+            tile_b(mq * 4u, d),
+            tile_b(mq * 4u + 1u, d),
+            tile_b(mq * 4u + 2u, d),
+            tile_b(mq * 4u + 3u, d)
+        );
+    }
+    return x;
+}
+
+// K's slice from k_slice, [kk][key / 4], at `at`: a buffer's second half (Q K^T), or its
+// first or second half (a pair of slices for resident Q).
+fn put_k(li: u32, x: array<vec4<f32>, K_ITEMS>, at: u32) {
+    for (var n = 0u; n < K_ITEMS; n++) {
+        let idx = li + n * INV;
+        tile_stage[at + (idx % TILE_K) * TILE_X + idx / TILE_K] = x[n];
+    }
 }
 
 // K's dims k0 .. k0 + 2 TILE_K into all of tile_stage, [kk][key / 4]: four keys of one dim per
@@ -188,16 +241,161 @@ fn stage_k_pair(li: u32, k0: u32) {
     }
 }
 
-// The scores of dims k0 .. k0 + 2 TILE_K (the second slice only where head_dim reaches it, so
-// that no dim past q_res is read).
-fn resident_fma(acc: Block, k0: u32, ty: u32, tx: u32) -> Block {
+// The scores of dims k0 .. k0 + 2 TILE_K from the pair of slices of K in the buffer at
+// `base` (the second slice only where head_dim reaches it, so that no dim past q_res is
+// read).
+fn resident_fma(acc: Block, k0: u32, ty: u32, tx: u32, base: u32) -> Block {
     var out = acc;
     for (var k = 0u; k < TILE_K; k++) {
-        out = block_fma(out, q_rows(k0 + k, ty), k_cols(k, tx));
+        out = block_fma(out, q_rows(k0 + k, ty), k_cols(k, tx, base));
     }
     if k0 + TILE_K < params.head_dim {
         for (var k = TILE_K; k < 2u * TILE_K; k++) {
-            out = block_fma(out, q_rows(k0 + k, ty), k_cols(k, tx));
+            out = block_fma(out, q_rows(k0 + k, ty), k_cols(k, tx, base));
+        }
+    }
+    return out;
+}
+
+// One step of Q K^T (QK_STEP dims from k0) from the buffer at `base`.
+fn step_fma(acc: Block, k0: u32, ty: u32, tx: u32, base: u32) -> Block {
+    if QR > 0u {
+        return resident_fma(acc, k0, ty, tx, base);
+    }
+    return tile_fma_at(acc, ty, tx, base);
+}
+
+// The operands of one step of Q K^T, loaded but not yet staged (double buffering): Q's slice
+// (without resident Q) and one or two slices of K.
+struct QkStep {
+    q: array<vec4<f32>, Q_ITEMS>,
+    k: array<vec4<f32>, K_ITEMS>,
+    k2: array<vec4<f32>, K_ITEMS>,
+}
+
+// Loads the step at dims k0 .. k0 + QK_STEP.
+fn load_step(li: u32, k0: u32, q_row: array<u32, 4u * Q_ITEMS>) -> QkStep {
+    var x = QkStep();
+    x.k = k_slice(li, k0);
+    if QR > 0u {
+        if k0 + TILE_K < params.head_dim {
+            x.k2 = k_slice(li, k0 + TILE_K);
+        }
+    } else {
+        x.q = q_slice(li, k0, q_row);
+    }
+    return x;
+}
+
+// Stores a loaded step at dims k0 .. into the buffer at `base`.
+fn put_step(li: u32, k0: u32, x: QkStep, base: u32) {
+    if QR > 0u {
+        put_k(li, x.k, base);
+        if k0 + TILE_K < params.head_dim {
+            put_k(li, x.k2, base + STAGE_B);
+        }
+    } else {
+        put_q(li, k0, x.q, base);
+        put_k(li, x.k, base + STAGE_B);
+    }
+}
+
+// S = Q K^T for the key tile, double-buffered: the first step staged into buffer 0, then each
+// step's FMAs from one buffer while the next step goes from global memory through registers
+// into the other; one barrier per step. `live`: whether this invocation computes (see
+// rows_live in main). Every invocation calls it.
+fn scores_double_buffered(
+    li: u32,
+    ty: u32,
+    tx: u32,
+    live: bool,
+    q_row: array<u32, 4u * Q_ITEMS>
+) -> Block {
+    var s = Block();
+    put_step(li, 0u, load_step(li, 0u, q_row), 0u);
+    workgroupBarrier();
+    var base = 0u;
+    for (var k0 = 0u; k0 < params.head_dim; k0 += QK_STEP) {
+        let next = k0 + QK_STEP;
+        let more = next < params.head_dim;
+        var x = QkStep();
+        if more {
+            x = load_step(li, next, q_row);
+        }
+        if live {
+            s = step_fma(s, k0, ty, tx, base);
+        }
+        base = STAGE_SIZE - base;
+        if more {
+            put_step(li, next, x, base);
+        }
+        workgroupBarrier();
+    }
+    return s;
+}
+
+// Item idx of V's slice of BKV keys from the tile's key kv0: four consecutive columns of one
+// key, [key][column / 4] (zeros past key_end and v_head_dim).
+fn v_item(idx: u32, kv0: u32, v_base: u32) -> vec4<f32> {
+    let vk = idx / O_STRIDE;
+    let nq = idx % O_STRIDE;
+    var vv = vec4<f32>();
+    if c0 + kv0 + vk < key_end {
+        let row = v_base + tile_key_row(kv0 + vk) * params.v_stride_s;
+        for (var e = 0u; e < 4u; e++) {
+            let n = nq * 4u + e;
+            if n < params.v_head_dim {
+                vv[e] = load_v(row + n);
+            }
+        }
+    }
+    return vv;
+}
+
+// This invocation's items of V's slice from key kv0 (double buffering).
+fn v_slice(li: u32, kv0: u32, v_base: u32) -> array<vec4<f32>, V_ITEMS> {
+    var x = array<vec4<f32>, V_ITEMS>();
+    for (var n = 0u; n < V_ITEMS; n++) {
+        let idx = li + n * INV;
+        if idx < BKV * O_STRIDE {
+            x[n] = v_item(idx, kv0, v_base);
+        }
+    }
+    return x;
+}
+
+// V's slice from v_slice into the buffer at `base`.
+fn put_v(li: u32, x: array<vec4<f32>, V_ITEMS>, base: u32) {
+    for (var n = 0u; n < V_ITEMS; n++) {
+        let idx = li + n * INV;
+        if idx < BKV * O_STRIDE {
+            tile_stage[base + idx] = x[n];
+        }
+    }
+}
+
+// acc += P V over the BKV keys from the tile's key kv0, V staged in the buffer at `base`.
+fn pv_fma(acc: array<vec4<f32>, OC * BR>, kv0: u32, ty: u32, tx: u32, base: u32)
+    -> array<vec4<f32>, OC * BR> {
+    var out = acc;
+    for (var k = 0u; k < BKV; k++) {
+        var a = array<vec4<f32>, BR4>();
+        for (var g = 0u; g < BR4; g++) {
+            a[g] = p_tile[kv0 + k][block_row_group(ty, g)];
+        }
+        // Columns past v_head_dim are staged as zeros and never written: no branch here,
+        // which llvmpipe would run as masked updates of acc.
+        var vv = array<vec4<f32>, OC>();
+        for (var c = 0u; c < OC; c++) {
+            vv[c] = tile_stage[base + k * O_STRIDE + tx + NX * c];
+        }
+        for (var x = 0u; x < OC * BR4; x++) {
+            let c = x / BR4;
+            let g = x % BR4;
+            out[c * BR + 4u * g] += a[g].x * vv[c];
+            out[c * BR + 4u * g + 1u] += a[g].y * vv[c];
+            out[c * BR + 4u * g + 2u] += a[g].z * vv[c];
+            out[c * BR + 4u * g + 3u] += a[g].w * vv[c];
         }
     }
     return out;
@@ -323,6 +521,8 @@ fn main(
     }
     // [c * BR + r]: columns 4 (tx + NX c) .. + 3 of block row r.
     var acc = array<vec4<f32>, OC * BR>();
+    // Double buffering: the next slice of V, loaded and not yet staged.
+    var v_next = array<vec4<f32>, V_ITEMS>();
     for (var t = bounds.x; t < bounds.y; t++) {
         if HAS_SINK_KEYS && t >= hole.x && t < hole.y {
             // No row sees these keys: on to the window.
@@ -346,12 +546,16 @@ fn main(
         // S = Q K^T for the 64 x 64 tile, over head_dim in slices of 16 (pairs of slices of K
         // where Q is resident).
         var s = Block();
-        if QR > 0u {
+        if DB {
+            s = scores_double_buffered(li, ty, tx, rows_live, q_row);
+            // V's first slice, loaded now so that its latency hides behind the softmax.
+            v_next = v_slice(li, 0u, v_base);
+        } else if QR > 0u {
             for (var k0 = 0u; k0 < params.head_dim; k0 += 2u * TILE_K) {
                 stage_k_pair(li, k0);
                 workgroupBarrier();
                 if rows_live {
-                    s = resident_fma(s, k0, ty, tx);
+                    s = resident_fma(s, k0, ty, tx, 0u);
                 }
                 workgroupBarrier();
             }
@@ -429,56 +633,45 @@ fn main(
         }
 
         // O += P V over the tile's keys, in slices of BKV keys of V (staged in tile_stage).
-        for (var kv0 = 0u; kv0 < TILE; kv0 += BKV) {
+        if DB {
+            // The first slice into buffer 0 (free since the last step's barrier), then one
+            // barrier per slice, the next slice loaded during this one's FMAs.
+            put_v(li, v_next, 0u);
             workgroupBarrier();
-            let slice = BKV * O_STRIDE;
-            let inv_count = tile_invocations();
-            // A constant trip count (see tile_gemm's staging).
-            for (var n = 0u; n < (slice + inv_count - 1u) / inv_count; n++) {
-                let idx = li + n * inv_count;
-                if idx >= slice {
-                    break;
+            var base = 0u;
+            for (var kv0 = 0u; kv0 < TILE; kv0 += BKV) {
+                let more = kv0 + BKV < TILE;
+                if more {
+                    v_next = v_slice(li, kv0 + BKV, v_base);
                 }
-                let vk = idx / O_STRIDE;
-                let nq = idx % O_STRIDE;
-                let key = c0 + kv0 + vk;
-                var vv = vec4<f32>();
-                if key < key_end {
-                    let row = v_base + tile_key_row(kv0 + vk) * params.v_stride_s;
-                    for (var e = 0u; e < 4u; e++) {
-                        let n = nq * 4u + e;
-                        if n < params.v_head_dim {
-                            vv[e] = load_v(row + n);
-                        }
+                if rows_live {
+                    acc = pv_fma(acc, kv0, ty, tx, base);
+                }
+                base = STAGE_SIZE - base;
+                if more {
+                    put_v(li, v_next, base);
+                }
+                workgroupBarrier();
+            }
+        } else {
+            for (var kv0 = 0u; kv0 < TILE; kv0 += BKV) {
+                workgroupBarrier();
+                let slice = BKV * O_STRIDE;
+                // A constant trip count (see tile_gemm's staging).
+                for (var n = 0u; n < (slice + INV - 1u) / INV; n++) {
+                    let idx = li + n * INV;
+                    if idx >= slice {
+                        break;
                     }
+                    tile_stage[idx] = v_item(idx, kv0, v_base);
                 }
-                tile_stage[idx] = vv;
+                workgroupBarrier();
+                if rows_live {
+                    acc = pv_fma(acc, kv0, ty, tx, 0u);
+                }
             }
             workgroupBarrier();
-            if rows_live {
-                for (var k = 0u; k < BKV; k++) {
-                    var a = array<vec4<f32>, BR4>();
-                    for (var g = 0u; g < BR4; g++) {
-                        a[g] = p_tile[kv0 + k][block_row_group(ty, g)];
-                    }
-                    // Columns past v_head_dim are staged as zeros and never written: no
-                    // branch here, which llvmpipe would run as masked updates of acc.
-                    var vv = array<vec4<f32>, OC>();
-                    for (var c = 0u; c < OC; c++) {
-                        vv[c] = tile_stage[k * O_STRIDE + tx + NX * c];
-                    }
-                    for (var x = 0u; x < OC * BR4; x++) {
-                        let c = x / BR4;
-                        let g = x % BR4;
-                        acc[c * BR + 4u * g] += a[g].x * vv[c];
-                        acc[c * BR + 4u * g + 1u] += a[g].y * vv[c];
-                        acc[c * BR + 4u * g + 2u] += a[g].z * vv[c];
-                        acc[c * BR + 4u * g + 3u] += a[g].w * vv[c];
-                    }
-                }
-            }
         }
-        workgroupBarrier();
     }
 
     // Row sums across the NX invocations of each row, then normalise and write.

@@ -3,7 +3,7 @@
 //! sets the decode tile rows, `WGPU_ATTENTION_DECODE_KERNEL` and `WGPU_ATTENTION_SUBGROUPS`
 //! the decode kernel, `WGPU_ATTENTION_FUSED_BLOCK` and `WGPU_ATTENTION_GEMM_BLOCK` the
 //! invocation blocks, `WGPU_ATTENTION_RESIDENT_Q` the fused kernel's resident Q,
-//! `WGPU_ATTENTION_TILED_BACKWARD` the backward's kernels, and a bad
+//! `WGPU_ATTENTION_DOUBLE_BUFFER` its staging buffers, `WGPU_ATTENTION_TILED_BACKWARD` the backward's kernels, and a bad
 //! value of any is a typed error. One test in its own binary: it
 //! sets the environment of the process.
 
@@ -21,6 +21,7 @@ fn environment_variables() {
     decode_kernel_and_subgroups();
     blocks();
     resident_q();
+    double_buffer();
     tiled_backward();
     params();
     pool();
@@ -52,6 +53,18 @@ fn resident_q() {
         assert_eq!(gpu.with_resident_q(!want).tile_config().resident_q, !want);
     }
     set_env("WGPU_ATTENTION_RESIDENT_Q", None);
+}
+
+fn double_buffer() {
+    rejects(&[("WGPU_ATTENTION_DOUBLE_BUFFER", "2")]);
+    for (value, want) in [("1", true), ("0", false)] {
+        set_env("WGPU_ATTENTION_DOUBLE_BUFFER", Some(value));
+        let gpu = Gpu::new().expect("an adapter");
+        assert_eq!(gpu.tile_config().double_buffer, want, "{value:?}");
+        let flipped = gpu.with_double_buffer(!want).tile_config();
+        assert_eq!(flipped.double_buffer, !want);
+    }
+    set_env("WGPU_ATTENTION_DOUBLE_BUFFER", None);
 }
 
 fn tiled_backward() {

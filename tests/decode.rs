@@ -269,20 +269,41 @@ fn tile_config_overrides() {
 
 /// K and V rows past a sequence's `kv_lens` may hold anything (a cache's unwritten rows): no
 /// kernel multiplies them, so NaNs there leave O exact: the decode-shaped kernel, the row-tiled
-/// one on the decode path, and the fused path (one query row per tile row, 8 query rows).
+/// one on the decode path (one staging buffer and two), and the fused path (one query row per
+/// tile row, 8 query rows).
 #[test]
 fn rows_past_kv_lens_are_never_read() {
     let Some(gpu) = gpu() else { return };
     let tiles = gpu
         .with_decode_kernel(DecodeKernel::RowTiles, gpu.limits().tile.subgroups)
         .unwrap();
+    // The row-tiled kernel double-buffered (16 rows, 4 x 4 blocks: 64 invocations), whose
+    // staging loads V and the next slice of K ahead of their use.
+    let double = tiles
+        .with_decode_rows(16)
+        .unwrap()
+        .with_blocks(
+            wgpu_attention::TileBlock::B4X4,
+            gpu.tile_config().gemm_block,
+        )
+        .unwrap()
+        .with_double_buffer(true);
     for (g, path, q_len, keys_kernel) in [
         (gpu, Path::Decode, 1, true),
         (&tiles, Path::Decode, 1, false),
+        (&double, Path::Decode, 1, false),
         (gpu, Path::Fused, 8, false),
     ] {
         nan_past_kv_lens(g, path, q_len, keys_kernel);
     }
+    let plan = Attention::new()
+        .path(Path::Decode)
+        .plan(&double, dims(2, 8, 2, 1, 700, 64, 64))
+        .unwrap();
+    let Plan::Decode { plan: p, .. } = &plan else {
+        panic!("{}", plan.reason())
+    };
+    assert!(p.double_buffer, "{}", plan.reason());
 }
 
 fn nan_past_kv_lens(gpu: &wgpu_attention::Gpu, path: Path, q_len: usize, keys_kernel: bool) {

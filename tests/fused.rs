@@ -109,6 +109,79 @@ fn resident_q_against_staged_q() {
     }
 }
 
+/// The double-buffered staging against the CPU reference (random inputs, NaN-poisoned
+/// outputs) on the shapes lavapipe's 32 KiB holds a second buffer for: the decode path's
+/// row-tiled kernel on 32 rows with 8 x 4 and 4 x 4 blocks (64 and 128 invocations), Q staged
+/// with every slice (head_dim 40: three steps, so the buffers' parity changes from one key
+/// tile to the next) and resident (head_dim 16, and 16-row tiles up to head_dim 72: pairs of
+/// slices, the last one half), with every per-key option, several key splits and passes,
+/// half storage, and v_head_dim that fills no slice of V.
+#[test]
+fn double_buffer_against_the_reference() {
+    use wgpu_attention::{DType, DecodeKernel, LimitCaps, TileBlock};
+    let Some(base) = gpu() else { return };
+    let mut r = rng(41);
+    let tiles = |rows: u32, block: TileBlock, resident: bool| {
+        base.with_decode_kernel(DecodeKernel::RowTiles, base.limits().tile.subgroups)
+            .unwrap()
+            .with_decode_rows(rows)
+            .unwrap()
+            .with_blocks(block, base.tile_config().gemm_block)
+            .unwrap()
+            .with_resident_q(resident)
+    };
+    // (gpu, heads, kv_heads, q_len, kv_len, head_dim, v_head_dim, resident slices)
+    let cases = [
+        (tiles(32, TileBlock::B8X4, false), 24, 1, 1, 333, 40, 24, 0),
+        (tiles(32, TileBlock::B4X4, false), 10, 2, 3, 200, 33, 70, 0),
+        (tiles(32, TileBlock::B8X4, true), 6, 1, 4, 150, 16, 9, 1),
+        (tiles(16, TileBlock::B4X4, true), 12, 1, 1, 500, 72, 64, 5),
+        (tiles(16, TileBlock::B4X4, true), 3, 1, 5, 140, 40, 40, 3),
+    ];
+    for (n, (g, h, hkv, l, s, d, dv, resident)) in cases.into_iter().enumerate() {
+        let dm = dims(2, h, hkv, l, s, d, dv);
+        let seed = 4100 + 10 * n as u64;
+        let opts = Attention::new()
+            .causal(Causal::BottomRight)
+            .kv_lens(vec![s as u32, s as u32 - 37]);
+        let masked = Attention::new()
+            .window(60, 2)
+            .softcap(10.0)
+            .mask([2, 1, l, s], random_mask(&mut r, 2 * l * s, 0.8))
+            .bias([1, h, 1, s], random(&mut r, h * s, 2.0));
+        for double in [true, false] {
+            let g = g.with_double_buffer(double);
+            let plan = opts.clone().path(Path::Decode).plan(&g, dm).unwrap();
+            let Plan::Decode { plan: p, .. } = &plan else {
+                panic!("{}", plan.reason())
+            };
+            assert!(!p.keys_across_invocations, "{}", plan.reason());
+            assert_eq!(
+                (p.double_buffer, p.resident_q),
+                (double, resident),
+                "{}",
+                plan.reason()
+            );
+            check(&g, Path::Decode, dm, &opts, seed + double as u64, 2.0);
+            // The rest double-buffered only (one buffer is every other test's kernel).
+            if !double {
+                continue;
+            }
+            check(&g, Path::Decode, dm, &masked, seed + 2, 2.0);
+            if n % 2 == 0 {
+                let capped = g.with_caps(LimitCaps {
+                    max_key_tiles_per_workgroup: Some(1),
+                    ..Default::default()
+                });
+                check(&capped, Path::Decode, dm, &opts, seed + 4, 1.0);
+            } else {
+                let types = [DType::F16, DType::Bf16, DType::F16, DType::Bf16];
+                common::check_dtypes(&g, Path::Decode, dm, &opts, seed + 6, 1.0, types);
+            }
+        }
+    }
+}
+
 /// One query row over 262144 keys: the fused path allocates nothing of size q_len x kv_len.
 #[test]
 fn one_query_over_262144_keys() {

@@ -236,6 +236,7 @@ fn options_are_compiled_in() {
         o_vec4s: 1,
         rows: 64,
         resident_q: 0,
+        double_buffer: false,
         subgroups: false,
         masks,
     };

@@ -7,16 +7,17 @@
 //! shapes (a GQA group of 4 heads with 1 and with 4 new tokens over 16384 keys) within
 //! `--tune-seconds`. Then, on the best of those, the fused kernel with every invocation block
 //! (`TileBlock`: 4 x 4, 8 x 4, 8 x 8), Q resident in workgroup memory (where it fits) or
-//! staged with every key tile, on two prefill shapes (head dims 64 and 128), and the
+//! staged with every key tile, one staging buffer or two (where they fit), on two prefill
+//! shapes (head dims 64 and 128), and the
 //! three-pass path with every block of its tile products on one. It prints the fastest of each
 //! stage and the whole configuration as a `TableEntry` line for `gpu::tuning::TABLE` (each
 //! part can also be set with `WGPU_ATTENTION_DECODE_KERNEL`, `WGPU_ATTENTION_SUBGROUPS`,
-//! `WGPU_ATTENTION_DECODE_ROWS`, `WGPU_ATTENTION_FUSED_BLOCK`, `WGPU_ATTENTION_GEMM_BLOCK`
-//! and `WGPU_ATTENTION_RESIDENT_Q`). Shapes are smaller on CPU adapters, so the bound holds there.
+//! `WGPU_ATTENTION_DECODE_ROWS`, `WGPU_ATTENTION_FUSED_BLOCK`, `WGPU_ATTENTION_GEMM_BLOCK`,
+//! `WGPU_ATTENTION_RESIDENT_Q` and `WGPU_ATTENTION_DOUBLE_BUFFER`). Shapes are smaller on CPU adapters, so the bound holds there.
 
 use std::time::Instant;
 
-use wgpu_attention::{Attention, Causal, DecodeKernel, Dims, Gpu, Layout, Path, TileBlock};
+use wgpu_attention::{Attention, Causal, DecodeKernel, Dims, Gpu, Layout, Path, Plan, TileBlock};
 
 use crate::Args;
 use crate::run::{stats, time_gpu, values};
@@ -99,7 +100,23 @@ fn time_configs(
             if let Some(t) = &mut totals[n] {
                 *t += median;
             }
-            println!("tune:   {}: {median:.3} ms ({timing})", config.name);
+            // What the plan took of the configuration where the fused kernel runs in row tiles:
+            // resident Q and the second buffer only where they fit.
+            let took = match &plan {
+                Plan::Fused { plan: p, .. } | Plan::Decode { plan: p, .. }
+                    if !p.keys_across_invocations =>
+                {
+                    format!(
+                        " [ran: {} rows, block {}, resident_q={}, double_buffer={}]",
+                        p.rows_per_workgroup,
+                        p.block.name(),
+                        (p.resident_q > 0) as u8,
+                        p.double_buffer as u8
+                    )
+                }
+                _ => String::new(),
+            };
+            println!("tune:   {}: {median:.3} ms ({timing}){took}", config.name);
             log::debug!("tune: {}: {note}", config.name);
         }
     }
@@ -199,43 +216,51 @@ pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             })
             .collect::<Result<Vec<Config>, wgpu_attention::Error>>()
     };
-    // Every block with Q resident in workgroup memory (where it fits) and staged per tile.
+    // Every block with Q resident in workgroup memory (where it fits) and staged per tile,
+    // with one staging buffer and two (where they fit beside the rest).
     let mut configs = Vec::new();
-    for resident in [true, false] {
+    for (resident, double) in [(true, false), (true, true), (false, true), (false, false)] {
         for c in blocks(&|b| (b, gemm))? {
             configs.push(Config {
-                name: format!("{} resident_q={}", c.name, resident as u8),
-                gpu: c.gpu.with_resident_q(resident),
+                name: format!(
+                    "{} resident_q={} double_buffer={}",
+                    c.name, resident as u8, double as u8
+                ),
+                gpu: c.gpu.with_resident_q(resident).with_double_buffer(double),
             });
         }
     }
     let fused = Attention::new().path(Path::Fused);
     let totals = time_configs("fused", &configs, &fused_shapes, &fused, clock, args)?;
-    let (fused_block, resident_q) = match fastest(&configs, &totals) {
+    let fused_config = match fastest(&configs, &totals) {
         Some((c, total)) => {
             println!(
                 "tune: fused: best {} ({total:.3} ms over both shapes)",
                 c.name
             );
             summary.push(format!("fused {} {total:.3} ms", c.name));
-            (
-                c.gpu.tile_config().fused_block,
-                c.gpu.tile_config().resident_q,
-            )
+            c.gpu.tile_config()
         }
-        None => (
-            best.tile_config().fused_block,
-            best.tile_config().resident_q,
-        ),
+        None => best.tile_config(),
     };
-    let best = best.with_resident_q(resident_q);
+    let (fused_block, resident_q, double_buffer) = (
+        fused_config.fused_block,
+        fused_config.resident_q,
+        fused_config.double_buffer,
+    );
+    let best = best
+        .with_resident_q(resident_q)
+        .with_double_buffer(double_buffer);
 
     // 3. The tile products' block (three-pass), with the best fused block.
     let configs: Vec<Config> = blocks(&|b| (fused_block, b))?
         .into_iter()
         .map(|c| Config {
             name: c.name,
-            gpu: c.gpu.with_resident_q(resident_q),
+            gpu: c
+                .gpu
+                .with_resident_q(resident_q)
+                .with_double_buffer(double_buffer),
         })
         .collect();
     let three = Attention::new().path(Path::ThreePass);

@@ -80,9 +80,13 @@ fn block_col(tx: u32, c: u32) -> u32 {
     return 4u * (tx + NX * (c / 4u)) + c % 4u;
 }
 
-// A slice of A then a slice of B, each [k][row / 4]: one vec4 holds four consecutive rows of
-// one k. Flash attention reuses it to stage V.
-var<workgroup> tile_stage: array<vec4<f32>, 2u * STAGE_B>;
+// Vec4s of one staging buffer: a slice of A, then a slice of B.
+const STAGE_SIZE: u32 = 2u * STAGE_B;
+
+// STAGES (a constant of the key: 1, or 2 for flash_attention.wgsl's double buffering)
+// buffers, each a slice of A then a slice of B, [k][row / 4]: one vec4 holds four consecutive
+// rows of one k. Flash attention reuses it to stage V.
+var<workgroup> tile_stage: array<vec4<f32>, STAGES * STAGE_SIZE>;
 
 // Item `idx` of operand `side` (0: A, TILE_M rows; 1: B, TILE columns), slice
 // k0 .. k0 + TILE_K, for operands contiguous in k: four rows of one k. The 16 invocations that
@@ -143,22 +147,31 @@ fn tile_stage_b_by_k(li: u32, k0: u32) {
     }
 }
 
-// The block's rows of staged A at k (BR4 vec4s).
-fn stage_rows(k: u32, ty: u32) -> array<vec4<f32>, BR4> {
+// The block's rows of staged A at k (BR4 vec4s), of the buffer at `base`.
+fn stage_rows_at(k: u32, ty: u32, base: u32) -> array<vec4<f32>, BR4> {
     var a = array<vec4<f32>, BR4>();
     for (var g = 0u; g < BR4; g++) {
-        a[g] = tile_stage[k * TILE_X + block_row_group(ty, g)];
+        a[g] = tile_stage[base + k * TILE_X + block_row_group(ty, g)];
     }
     return a;
 }
 
-// The block's columns of staged B at k (BC4 vec4s).
-fn stage_cols(k: u32, tx: u32) -> array<vec4<f32>, BC4> {
+// The block's columns of staged B at k (BC4 vec4s), of the buffer at `base`.
+fn stage_cols_at(k: u32, tx: u32, base: u32) -> array<vec4<f32>, BC4> {
     var b = array<vec4<f32>, BC4>();
     for (var j = 0u; j < BC4; j++) {
-        b[j] = tile_stage[STAGE_B + k * TILE_X + tx + NX * j];
+        b[j] = tile_stage[base + STAGE_B + k * TILE_X + tx + NX * j];
     }
     return b;
+}
+
+// The same of the first buffer.
+fn stage_rows(k: u32, ty: u32) -> array<vec4<f32>, BR4> {
+    return stage_rows_at(k, ty, 0u);
+}
+
+fn stage_cols(k: u32, tx: u32) -> array<vec4<f32>, BC4> {
+    return stage_cols_at(k, tx, 0u);
 }
 
 // acc[r][c] += a[r] * b[c]: one k of the block, a the block's rows, b its columns. One flat
@@ -178,13 +191,18 @@ fn block_fma(acc: Block, a: array<vec4<f32>, BR4>, b: array<vec4<f32>, BC4>) -> 
     return out;
 }
 
-// The staged slice's contribution to this invocation's block.
-fn tile_fma(acc: Block, ty: u32, tx: u32) -> Block {
+// The slice staged in the buffer at `base`: its contribution to this invocation's block.
+fn tile_fma_at(acc: Block, ty: u32, tx: u32, base: u32) -> Block {
     var out = acc;
     for (var k = 0u; k < TILE_K; k++) {
-        out = block_fma(out, stage_rows(k, ty), stage_cols(k, tx));
+        out = block_fma(out, stage_rows_at(k, ty, base), stage_cols_at(k, tx, base));
     }
     return out;
+}
+
+// The same of the first buffer.
+fn tile_fma(acc: Block, ty: u32, tx: u32) -> Block {
+    return tile_fma_at(acc, ty, tx, 0u);
 }
 
 // One slice of the product for operands contiguous in k: stage A and B, then accumulate.

@@ -311,6 +311,12 @@ impl Gpu {
                  where it fits)",
             ),
             (
+                "WGPU_ATTENTION_DOUBLE_BUFFER",
+                &mut limits.tile.double_buffer,
+                "must be 0 (one staging buffer) or 1 (the fused kernel's staging double-buffered \
+                 where workgroup memory holds it)",
+            ),
+            (
                 "WGPU_ATTENTION_TILED_BACKWARD",
                 &mut limits.tile.tiled_backward,
                 "must be 0 (the backward one row per invocation) or 1 (in tiles where head_dim \
@@ -697,6 +703,7 @@ impl Gpu {
         }
         gpu.limits.tile.decode_target_workgroups = config.decode_target_workgroups;
         gpu.limits.tile.resident_q = config.resident_q;
+        gpu.limits.tile.double_buffer = config.double_buffer;
         gpu.limits.tile.tiled_backward = config.tiled_backward;
         gpu.with_blocks(config.fused_block, config.gemm_block)
     }
@@ -707,6 +714,15 @@ impl Gpu {
     pub fn with_resident_q(&self, resident: bool) -> Gpu {
         let mut gpu = self.clone();
         gpu.limits.tile.resident_q = resident;
+        gpu
+    }
+
+    /// A context on the same device whose fused kernel double-buffers its staging where it
+    /// can (`double`), or stages every step into one buffer (see
+    /// [`TileConfig::double_buffer`](crate::gpu::tuning::TileConfig::double_buffer)).
+    pub fn with_double_buffer(&self, double: bool) -> Gpu {
+        let mut gpu = self.clone();
+        gpu.limits.tile.double_buffer = double;
         gpu
     }
 

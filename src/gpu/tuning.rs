@@ -9,8 +9,8 @@
 //! [`Gpu::with_tile_config`](crate::Gpu::with_tile_config) (or the finer
 //! `with_decode_kernel`, `with_decode_rows`, `with_blocks`), a user without a rebuild with
 //! `WGPU_ATTENTION_DECODE_KERNEL`, `WGPU_ATTENTION_SUBGROUPS`, `WGPU_ATTENTION_DECODE_ROWS`,
-//! `WGPU_ATTENTION_FUSED_BLOCK`, `WGPU_ATTENTION_GEMM_BLOCK`, `WGPU_ATTENTION_RESIDENT_Q` and
-//! `WGPU_ATTENTION_TILED_BACKWARD`.
+//! `WGPU_ATTENTION_FUSED_BLOCK`, `WGPU_ATTENTION_GEMM_BLOCK`, `WGPU_ATTENTION_RESIDENT_Q`,
+//! `WGPU_ATTENTION_DOUBLE_BUFFER` and `WGPU_ATTENTION_TILED_BACKWARD`.
 //!
 //! The configuration is [`GpuLimits::tile`](crate::gpu::GpuLimits::tile): the plans read it there, beside the device
 //! limits, so the planner tests set any configuration without a device.
@@ -55,6 +55,15 @@ pub struct TileConfig {
     /// `WGPU_ATTENTION_RESIDENT_Q=0|1` or [`Gpu::with_resident_q`](crate::Gpu::with_resident_q)
     /// overrides it.
     pub resident_q: bool,
+    /// Whether the fused kernel double-buffers its staging where workgroup memory holds a
+    /// second 8 KiB buffer beside the rest (resident Q keeps priority) and the workgroup has
+    /// at least 64 invocations: each step of a key tile (a slice of Q and K, a pair of slices
+    /// of K, a slice of V) is loaded from global memory into registers during the previous
+    /// step's FMAs and then stored into the other buffer, one barrier per step instead of two.
+    /// At 64 rows that needs more than lavapipe's 32 KiB; GPUs report 48 KiB or more.
+    /// `WGPU_ATTENTION_DOUBLE_BUFFER=0|1` or
+    /// [`Gpu::with_double_buffer`](crate::Gpu::with_double_buffer) overrides it.
+    pub double_buffer: bool,
     /// Whether the backward computes dQ, dK and dV in 64 x 64 tiles with register blocks
     /// (`attention_backward_tiled.wgsl`, for head_dim and v_head_dim up to 256), or one row
     /// per invocation (`attention_backward.wgsl`, every width). `WGPU_ATTENTION_TILED_BACKWARD`
@@ -86,6 +95,7 @@ const fn keys(
     decode_target_workgroups: u32,
     fused_block: TileBlock,
     gemm_block: TileBlock,
+    double_buffer: bool,
 ) -> TileConfig {
     TileConfig {
         decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup },
@@ -95,6 +105,7 @@ const fn keys(
         fused_block,
         gemm_block,
         resident_q: true,
+        double_buffer,
         tiled_backward: true,
     }
 }
@@ -106,7 +117,7 @@ pub const TABLE: &[TableEntry] = &[
         vendor: None,
         device_type: Some(wgpu::DeviceType::Cpu),
         subgroup_size: None,
-        config: keys(16, 4, 64, TileBlock::B8X8, TileBlock::B8X8),
+        config: keys(16, 4, 64, TileBlock::B8X8, TileBlock::B8X8, false),
         source: "measured: attn-bench --tune --reps 3 --warmup 1, llvmpipe (LLVM 15.0.6, 256 \
                  bits), Mesa 22.3.6, 2026-12-02: keys16 subgroups=1 fastest, 287 ms over both \
                  shapes (keys32 subgroups=1 331, keys16 subgroups=0 380, tiles rows=4 506); \
@@ -119,7 +130,7 @@ pub const TABLE: &[TableEntry] = &[
         vendor: Some(0x10de),
         device_type: None,
         subgroup_size: None,
-        config: keys(64, 16, 1024, TileBlock::B8X4, TileBlock::B8X8),
+        config: keys(64, 16, 1024, TileBlock::B8X4, TileBlock::B8X8, true),
         source: "guess, never measured: 64 invocations are two warps; 1024 workgroups are \
                  about 8 per SM of an H100 or H200",
     },
@@ -128,7 +139,7 @@ pub const TABLE: &[TableEntry] = &[
         vendor: None,
         device_type: Some(wgpu::DeviceType::DiscreteGpu),
         subgroup_size: None,
-        config: keys(64, 16, 1024, TileBlock::B8X4, TileBlock::B8X8),
+        config: keys(64, 16, 1024, TileBlock::B8X4, TileBlock::B8X8, true),
         source: "guess, never measured: 64 invocations are one AMD wavefront or two warps",
     },
     TableEntry {
@@ -136,7 +147,7 @@ pub const TABLE: &[TableEntry] = &[
         vendor: None,
         device_type: None,
         subgroup_size: None,
-        config: keys(64, 16, 256, TileBlock::B8X4, TileBlock::B8X8),
+        config: keys(64, 16, 256, TileBlock::B8X4, TileBlock::B8X8, true),
         source: "guess, never measured",
     },
 ];
@@ -176,13 +187,14 @@ impl TileConfig {
         format!(
             "TileConfig {{ decode_kernel: {kernel}, subgroups: {}, min_decode_rows: {}, \
              decode_target_workgroups: {}, fused_block: {}, gemm_block: {}, resident_q: {}, \
-             tiled_backward: {} }}",
+             double_buffer: {}, tiled_backward: {} }}",
             self.subgroups,
             self.min_decode_rows,
             self.decode_target_workgroups,
             block(self.fused_block),
             block(self.gemm_block),
             self.resident_q,
+            self.double_buffer,
             self.tiled_backward
         )
     }
@@ -227,7 +239,7 @@ mod tests {
             "TileConfig { decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup: 16 }, \
              subgroups: true, min_decode_rows: 4, decode_target_workgroups: 64, \
              fused_block: TileBlock::B8X8, gemm_block: TileBlock::B8X8, resident_q: true, \
-             tiled_backward: true }"
+             double_buffer: false, tiled_backward: true }"
         );
     }
 }

@@ -441,21 +441,23 @@ impl Kernel {
 pub const FLASH_ROWS: [u32; 5] = [4, 8, 16, 32, 64];
 
 /// Workgroup memory of the fused kernel with invocation block `block` on `rows` rows, with
-/// `resident_q` slices of resident Q: the tile product's staging (also V's), the tile's
-/// probabilities (`TILE x TILE` f32), a row reduction (`TILE` rows x `TILE / block.cols`
-/// invocations), the tile bounds (`vec4<u32>`), the last key any row sees (`u32`), the hole,
-/// the paged keys' slots, with `subgroups` the flag saying whether they fit the rows, and
-/// `q_res` ([`flash_q_vec4s`], one unused vec4 without resident Q). The one figure the
-/// planner and the key both use; a test checks it against naga's layout.
+/// `resident_q` slices of resident Q, double-buffered or not: the tile product's staging
+/// (also V's; two buffers with `double_buffer`), the tile's probabilities (`TILE x rows`
+/// f32), a row reduction (`TILE` rows x `TILE / block.cols` invocations), the tile bounds
+/// (`vec4<u32>`), the last key any row sees (`u32`), the hole, the paged keys' slots, with
+/// `subgroups` the flag saying whether they fit the rows, and `q_res` ([`flash_q_vec4s`], one
+/// unused vec4 without resident Q). The one figure the planner and the key both use; a test
+/// checks it against naga's layout.
 pub(crate) const fn flash_workgroup_bytes(
     block: TileBlock,
     subgroups: bool,
     rows: u32,
     resident_q: u32,
+    double_buffer: bool,
 ) -> u32 {
     // Staging, p_tile, red, tile_bounds, key_end, hole_tiles, key_slots, rows_fit, q_res.
-    TILE_STAGE_BYTES
-        + TILE * TILE * 4
+    TILE_STAGE_BYTES * if double_buffer { 2 } else { 1 }
+        + TILE * rows * 4
         + TILE * block.columns_invocations() * 4
         + 16
         + 4
@@ -728,6 +730,9 @@ pub enum KernelKey {
         /// (`ceil(head_dim / 16)`), or 0: Q staged with every key tile's K
         /// ([`TileConfig::resident_q`](crate::gpu::tuning::TileConfig::resident_q)).
         resident_q: u32,
+        /// Two staging buffers, each step of a key tile loaded during the previous one's FMAs
+        /// ([`TileConfig::double_buffer`](crate::gpu::tuning::TileConfig::double_buffer)).
+        double_buffer: bool,
         /// Row maxima and sums by subgroup shuffles (the device has `Features::SUBGROUP`;
         /// the kernel falls back to workgroup memory where its subgroups are smaller than a
         /// row's invocations or not full), or through workgroup memory only.
@@ -893,8 +898,8 @@ impl KernelKey {
         }
         // The fused kernel: every block, size and row count without options, and every option
         // combination on a few of them.
-        let flash =
-            |block, o_vec4s, rows, resident_q, subgroups, masks| KernelKey::FlashAttention {
+        let flash = |block, o_vec4s, rows, resident_q, double_buffer, subgroups, masks| {
+            KernelKey::FlashAttention {
                 q: s,
                 k: s,
                 v: s,
@@ -903,9 +908,11 @@ impl KernelKey {
                 o_vec4s,
                 rows,
                 resident_q,
+                double_buffer,
                 subgroups,
                 masks,
-            };
+            }
+        };
         for block in TileBlock::ALL {
             for o_vec4s in 1..=64 / block.columns_invocations() {
                 for (n, rows) in FLASH_ROWS
@@ -914,10 +921,14 @@ impl KernelKey {
                     .enumerate()
                 {
                     let subgroups = (n + o_vec4s as usize).is_multiple_of(2);
-                    // Resident Q of 1 to 5 slices on every other key.
+                    // Resident Q of 1 to 5 slices on every other key, double buffers on every
+                    // third.
                     let resident = (n as u32 + o_vec4s) % 6 * (n as u32 % 2);
+                    let double = (n + o_vec4s as usize).is_multiple_of(3);
                     let masks = MaskOptions::default();
-                    keys.push(flash(block, o_vec4s, rows, resident, subgroups, masks));
+                    keys.push(flash(
+                        block, o_vec4s, rows, resident, double, subgroups, masks,
+                    ));
                 }
             }
         }
@@ -932,6 +943,7 @@ impl KernelKey {
                     1 + n as u32,
                     [64, 16, 32][n],
                     resident,
+                    n != 1,
                     n == 1,
                     masks,
                 ));
@@ -1068,12 +1080,15 @@ impl KernelKey {
                 o_vec4s,
                 rows,
                 resident_q,
+                double_buffer,
                 subgroups,
                 masks,
                 ..
             } => format!(
-                "block {}; o_vec4s={o_vec4s}; rows={rows}; resident_q={resident_q}; {}; {}",
+                "block {}; o_vec4s={o_vec4s}; rows={rows}; resident_q={resident_q}; \
+                 double_buffer={}; {}; {}",
                 block.name(),
+                *double_buffer as u8,
                 if *subgroups {
                     "subgroups"
                 } else {
@@ -1137,8 +1152,9 @@ impl KernelKey {
                 subgroups,
                 rows,
                 resident_q,
+                double_buffer,
                 ..
-            } => flash_workgroup_bytes(block, subgroups, rows, resident_q),
+            } => flash_workgroup_bytes(block, subgroups, rows, resident_q, double_buffer),
             KernelKey::FlashDecode {
                 workgroup,
                 rows,
@@ -1184,12 +1200,15 @@ impl KernelKey {
         match *self {
             KernelKey::QkScores { block, .. }
             | KernelKey::PvProduct { block, .. }
-            | KernelKey::Matmul { block, .. } => vec![("BR", block.rows), ("BC", block.cols)],
+            | KernelKey::Matmul { block, .. } => {
+                vec![("BR", block.rows), ("BC", block.cols), ("STAGES", 1)]
+            }
             KernelKey::FlashAttention {
                 block,
                 o_vec4s,
                 rows,
                 resident_q,
+                double_buffer,
                 ..
             } => vec![
                 ("BR", block.rows),
@@ -1198,6 +1217,9 @@ impl KernelKey {
                 ("BKV", flash_bkv(block, o_vec4s)),
                 ("QR", resident_q),
                 ("QR_VEC4S", flash_q_vec4s(rows, resident_q)),
+                ("ROWS4", rows / 4),
+                ("INV", block.invocations(rows)),
+                ("STAGES", if double_buffer { 2 } else { 1 }),
             ],
             KernelKey::FlashDecode {
                 workgroup,
@@ -1229,6 +1251,7 @@ impl KernelKey {
                 ("NQ", if dkv { block.cols } else { block.rows }),
                 ("OC", o_vec4s),
                 ("BKV", flash_bkv(block, o_vec4s)),
+                ("STAGES", 1),
             ],
             _ => Vec::new(),
         }

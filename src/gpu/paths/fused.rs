@@ -103,6 +103,12 @@ pub struct FusedPlan {
     /// workgroup memory does not hold them beside the rest: Q is then staged with every key
     /// tile.
     pub resident_q: u32,
+    /// Whether the row-tiled kernel double-buffers its staging
+    /// ([`TileConfig::double_buffer`](crate::gpu::tuning::TileConfig::double_buffer)): where
+    /// the configuration says so, the workgroup has at least 64 invocations (each stages at
+    /// most 8 vec4s per step in registers) and workgroup memory holds the second buffer
+    /// beside resident Q.
+    pub double_buffer: bool,
     /// Invocations per workgroup: `(64 / block.cols) * (rows_per_workgroup / block.rows)` for
     /// the row-tiled kernel, the configured 16, 32 or 64 for the decode-shaped one.
     pub invocations: u32,
@@ -177,7 +183,7 @@ fn element_group(dim: usize, most: u32) -> u32 {
 /// The limit the row-tiled fused kernel with invocation block `block` on `rows` rows (Q
 /// staged per tile) lacks on a device, if any.
 fn unsupported_block(limits: &GpuLimits, block: TileBlock, rows: u32) -> Option<Shortfall> {
-    let bytes = flash_workgroup_bytes(block, limits.tile.subgroups, rows, 0);
+    let bytes = flash_workgroup_bytes(block, limits.tile.subgroups, rows, 0, false);
     if limits.max_workgroup_storage < bytes {
         Some(Shortfall {
             what: "the fused kernel needs more workgroup memory (bytes)",
@@ -207,12 +213,26 @@ pub(crate) fn unsupported(spec: &Spec<'_>, limits: &GpuLimits, decode: bool) -> 
 /// [`FusedPlan::resident_q`]).
 fn resident_q_for(limits: &GpuLimits, block: TileBlock, rows: u32, head_dim: usize) -> u32 {
     let slices = head_dim.div_ceil(TILE_K as usize) as u32;
-    let bytes = flash_workgroup_bytes(block, limits.tile.subgroups, rows, slices);
+    let bytes = flash_workgroup_bytes(block, limits.tile.subgroups, rows, slices, false);
     if limits.tile.resident_q && bytes <= limits.max_workgroup_storage {
         slices
     } else {
         0
     }
+}
+
+/// The fewest invocations of a double-buffered workgroup: a step's slice of K, pair of slices
+/// or slice of V is at most 512 vec4s, so each invocation holds at most 8 of them (32 f32) in
+/// registers beside its block and accumulators.
+const MIN_DOUBLE_BUFFER_INVOCATIONS: u32 = 64;
+
+/// Whether the row-tiled kernel double-buffers, with `resident_q` slices of resident Q (see
+/// [`FusedPlan::double_buffer`]).
+fn double_buffer_for(limits: &GpuLimits, block: TileBlock, rows: u32, resident_q: u32) -> bool {
+    let bytes = flash_workgroup_bytes(block, limits.tile.subgroups, rows, resident_q, true);
+    limits.tile.double_buffer
+        && block.invocations(rows) >= MIN_DOUBLE_BUFFER_INVOCATIONS
+        && bytes <= limits.max_workgroup_storage
 }
 
 /// Rows per workgroup of the row-tiled kernel: 64, or on the decode path the fewest of
@@ -285,6 +305,13 @@ impl FusedPlan {
         if !keys_kernel && let Some(short) = unsupported_block(limits, block, rows_per_workgroup) {
             return Err(short.into());
         }
+        let resident_q = if keys_kernel {
+            0
+        } else {
+            resident_q_for(limits, block, rows_per_workgroup, d.head_dim)
+        };
+        let double_buffer =
+            !keys_kernel && double_buffer_for(limits, block, rows_per_workgroup, resident_q);
         let row_tiles = packed.div_ceil(rows_per_workgroup as usize) as u64;
         let key_tiles = d.kv_len.div_ceil(BN) as u64;
         let grid = (d.batch * d.kv_heads) as u64 * row_tiles;
@@ -340,11 +367,8 @@ impl FusedPlan {
             rows_per_workgroup,
             keys_across_invocations: keys_kernel,
             block,
-            resident_q: if keys_kernel {
-                0
-            } else {
-                resident_q_for(limits, block, rows_per_workgroup, d.head_dim)
-            },
+            resident_q,
+            double_buffer,
             invocations: match decode_kernel {
                 Some((_, workgroup)) => workgroup,
                 None => block.invocations(rows_per_workgroup),
@@ -546,6 +570,7 @@ pub(crate) fn encode(
             o_vec4s: flash_o_vec4s(spec.dims.v_head_dim, plan.block),
             rows: plan.rows_per_workgroup,
             resident_q: plan.resident_q,
+            double_buffer: plan.double_buffer,
             subgroups: gpu.limits.tile.subgroups,
             masks: masks_on,
         }

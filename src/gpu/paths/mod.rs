@@ -79,8 +79,13 @@ impl Plan {
                         0 => "Q staged per key tile".to_string(),
                         n => format!("Q resident ({} dims)", 16 * n),
                     };
+                    let stages = if plan.double_buffer {
+                        ", double-buffered"
+                    } else {
+                        ""
+                    };
                     format!(
-                        "flash_attention (row tiles, {} blocks, {q})",
+                        "flash_attention (row tiles, {} blocks, {q}{stages})",
                         plan.block.name()
                     )
                 },

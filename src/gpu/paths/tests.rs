@@ -27,6 +27,7 @@ fn lavapipe() -> GpuLimits {
             fused_block: TileBlock::B8X8,
             gemm_block: TileBlock::B8X8,
             resident_q: true,
+            double_buffer: false,
             tiled_backward: true,
         },
     }
@@ -52,6 +53,7 @@ fn h100() -> GpuLimits {
             fused_block: TileBlock::B8X4,
             gemm_block: TileBlock::B8X8,
             resident_q: true,
+            double_buffer: true,
             tiled_backward: true,
         },
     }
@@ -76,6 +78,7 @@ fn apple_m() -> GpuLimits {
             fused_block: TileBlock::B8X4,
             gemm_block: TileBlock::B8X8,
             resident_q: true,
+            double_buffer: true,
             tiled_backward: true,
         },
     }
@@ -516,7 +519,9 @@ fn loop_capped_row_tiles_keep_16_invocations() {
 }
 
 /// Q stays in workgroup memory where it fits beside the rest: on lavapipe's 32 KiB, 64 rows
-/// up to head_dim 16 and the decode path's 16-row tiles up to 80; on an H100's 48 KiB, 64 rows
+/// up to head_dim 16 and the decode path's 16-row tiles up to 128 (their tile of
+/// probabilities is 4 KiB; at 256 the 8 x 4 block's row reduction takes the room); on an
+/// H100's 48 KiB, 64 rows
 /// up to 64 with 8 x 4 blocks (its table entry). The configuration turns it off, and the
 /// decode-shaped kernel never has it.
 #[test]
@@ -541,7 +546,7 @@ fn resident_q_where_workgroup_memory_holds_it() {
     tiles.tile.decode_kernel = DecodeKernel::RowTiles;
     tiles.tile.min_decode_rows = 16;
     let decode = Attention::new().path(Path::Decode);
-    for (head_dim, want) in [(64, 4), (80, 5), (96, 0)] {
+    for (head_dim, want) in [(64, 4), (80, 5), (96, 6), (128, 8), (256, 0)] {
         let p = fused(&tiles, dims(1, 12, 1, 1, 5000, head_dim), &decode);
         assert_eq!(
             (p.rows_per_workgroup, p.resident_q),
@@ -584,4 +589,68 @@ fn auto_decodes_up_to_16_rows_at_any_length() {
         let p = plan(&opts, &l, d).unwrap();
         assert_eq!(p.name(), want, "{d:?}: {}", p.reason());
     }
+}
+
+/// The second staging buffer where the configuration asks for it, the workgroup has at least
+/// 64 invocations and workgroup memory holds it beside resident Q: never at 64 rows on
+/// lavapipe's 32 KiB; at 32 rows there with 8 x 4 blocks (64 invocations), not 8 x 8 (32), and
+/// beside resident Q only where head_dim is at most 16; on
+/// an H100's 48 KiB at 64 rows where Q is not resident (head_dim 128), not beside resident Q
+/// (head_dim 64); never on the decode-shaped kernel.
+#[test]
+fn double_buffer_where_it_fits() {
+    let fused = |l: &GpuLimits, d: Dims, opts: &Attention| -> FusedPlan {
+        match plan(opts, l, d).unwrap() {
+            Plan::Fused { plan, .. } | Plan::Decode { plan, .. } => plan,
+            p => panic!("{}", p.reason()),
+        }
+    };
+    let prefill = Attention::new().path(Path::Fused);
+    let decode = Attention::new().path(Path::Decode);
+    let mut lp = lavapipe();
+    lp.tile.double_buffer = true;
+    for head_dim in [16, 64] {
+        let p = fused(&lp, dims(1, 2, 2, 300, 300, head_dim), &prefill);
+        assert_eq!(
+            (p.rows_per_workgroup, p.double_buffer),
+            (64, false),
+            "{p:?}"
+        );
+    }
+    let mut tiles = lp;
+    tiles.tile.decode_kernel = DecodeKernel::RowTiles;
+    tiles.tile.fused_block = TileBlock::B8X4;
+    for (head_dim, resident, double) in [(16, 1, true), (32, 2, false)] {
+        let p = fused(&tiles, dims(1, 24, 1, 1, 5000, head_dim), &decode);
+        assert_eq!((p.resident_q, p.double_buffer), (resident, double), "{p:?}");
+    }
+    tiles.tile.resident_q = false;
+    for (block, want) in [
+        (TileBlock::B8X8, false),
+        (TileBlock::B8X4, true),
+        (TileBlock::B4X4, true),
+    ] {
+        tiles.tile.fused_block = block;
+        let p = fused(&tiles, dims(1, 24, 1, 1, 5000, 64), &decode);
+        assert_eq!(
+            (p.rows_per_workgroup, p.block, p.double_buffer),
+            (32, block, want),
+            "{p:?}"
+        );
+    }
+    let p = fused(&lp, dims(1, 4, 1, 1, 5000, 64), &decode);
+    assert!(p.keys_across_invocations && !p.double_buffer, "{p:?}");
+    let h = h100();
+    for (head_dim, resident, double) in [(64, 4, false), (128, 0, true)] {
+        let p = fused(&h, dims(4, 16, 16, 4096, 4096, head_dim), &prefill);
+        assert_eq!((p.resident_q, p.double_buffer), (resident, double), "{p:?}");
+    }
+    let mut not_resident = h;
+    not_resident.tile.resident_q = false;
+    let p = fused(&not_resident, dims(4, 16, 16, 4096, 4096, 64), &prefill);
+    assert_eq!((p.resident_q, p.double_buffer), (0, true), "{p:?}");
+    let mut off = h;
+    off.tile.double_buffer = false;
+    let p = fused(&off, dims(4, 16, 16, 4096, 4096, 128), &prefill);
+    assert!(!p.double_buffer, "{p:?}");
 }
