@@ -3,7 +3,8 @@
 //! sets the decode tile rows, `WGPU_ATTENTION_DECODE_KERNEL` and `WGPU_ATTENTION_SUBGROUPS`
 //! the decode kernel, `WGPU_ATTENTION_FUSED_BLOCK` and `WGPU_ATTENTION_GEMM_BLOCK` the
 //! invocation blocks, `WGPU_ATTENTION_RESIDENT_Q` the fused kernel's resident Q,
-//! `WGPU_ATTENTION_DOUBLE_BUFFER` its staging buffers, `WGPU_ATTENTION_TILED_BACKWARD` the backward's kernels, and a bad
+//! `WGPU_ATTENTION_DOUBLE_BUFFER` its staging buffers, `WGPU_ATTENTION_TILED_BACKWARD` the
+//! backward's kernels, `WGPU_ATTENTION_BACKWARD_BLOCK` the tiled backward's block, and a bad
 //! value of any is a typed error. One test in its own binary: it
 //! sets the environment of the process.
 
@@ -34,14 +35,26 @@ fn blocks() {
         ("WGPU_ATTENTION_FUSED_BLOCK", "4x8"),
         ("WGPU_ATTENTION_GEMM_BLOCK", "16x16"),
         ("WGPU_ATTENTION_GEMM_BLOCK", "big"),
+        ("WGPU_ATTENTION_BACKWARD_BLOCK", "8x2"),
     ]);
     set_env("WGPU_ATTENTION_FUSED_BLOCK", Some("8x4"));
     set_env("WGPU_ATTENTION_GEMM_BLOCK", Some(" 4x4"));
+    set_env("WGPU_ATTENTION_BACKWARD_BLOCK", Some("4x4"));
     let gpu = Gpu::new().expect("an adapter");
     assert_eq!(gpu.tile_config().fused_block, TileBlock::B8X4);
     assert_eq!(gpu.tile_config().gemm_block, TileBlock::B4X4);
+    assert_eq!(gpu.tile_config().backward_block, TileBlock::B4X4);
+    let other = gpu.with_backward_block(TileBlock::B8X8).unwrap();
+    assert_eq!(other.tile_config().backward_block, TileBlock::B8X8);
+    assert_eq!(other.tile_config().fused_block, TileBlock::B8X4);
+    let bad = TileBlock { rows: 2, cols: 8 };
+    assert!(matches!(
+        gpu.with_backward_block(bad),
+        Err(Error::InvalidOption { .. })
+    ));
     set_env("WGPU_ATTENTION_FUSED_BLOCK", None);
     set_env("WGPU_ATTENTION_GEMM_BLOCK", None);
+    set_env("WGPU_ATTENTION_BACKWARD_BLOCK", None);
 }
 
 fn resident_q() {

@@ -262,7 +262,7 @@ fn every_kernel_configuration() {
     for (n, (tiled, block)) in configurations.into_iter().enumerate() {
         let g = gpu
             .with_tiled_backward(tiled)
-            .with_blocks(block, gpu.tile_config().gemm_block)
+            .with_backward_block(block)
             .unwrap();
         for (m, opts) in option_sets.iter().enumerate() {
             let seed = 46 + (3 * n + m) as u64;

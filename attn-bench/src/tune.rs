@@ -9,11 +9,14 @@
 //! (`TileBlock`: 4 x 4, 8 x 4, 8 x 8), Q resident in workgroup memory (where it fits) or
 //! staged with every key tile, one staging buffer or two (where they fit), on two prefill
 //! shapes (head dims 64 and 128), and the
-//! three-pass path with every block of its tile products on one. It prints the fastest of each
+//! three-pass path with every block of its tile products on one; last, the backward, one row
+//! per invocation or in tiles with every block, on one shape. It prints the fastest of each
 //! stage and the whole configuration as a `TableEntry` line for `gpu::tuning::TABLE` (each
 //! part can also be set with `WGPU_ATTENTION_DECODE_KERNEL`, `WGPU_ATTENTION_SUBGROUPS`,
 //! `WGPU_ATTENTION_DECODE_ROWS`, `WGPU_ATTENTION_FUSED_BLOCK`, `WGPU_ATTENTION_GEMM_BLOCK`,
-//! `WGPU_ATTENTION_RESIDENT_Q` and `WGPU_ATTENTION_DOUBLE_BUFFER`). Shapes are smaller on CPU adapters, so the bound holds there.
+//! `WGPU_ATTENTION_RESIDENT_Q`, `WGPU_ATTENTION_DOUBLE_BUFFER`, `WGPU_ATTENTION_TILED_BACKWARD`
+//! and `WGPU_ATTENTION_BACKWARD_BLOCK`). Shapes are smaller on CPU adapters, so the bound holds
+//! there.
 
 use std::time::Instant;
 
@@ -132,6 +135,81 @@ fn fastest<'a>(configs: &'a [Config], totals: &[Option<f64>]) -> Option<(&'a Con
         .min_by(|a, b| a.1.total_cmp(&b.1))
 }
 
+/// Times the backward (dQ, dK and dV from one forward's output, wall clock from submission to
+/// completion) with `base`'s configuration and each of: one row per invocation, and in tiles
+/// with every block, within the budget. The fastest configuration and its median, or None
+/// when none finished.
+fn time_backward(
+    base: &Gpu,
+    cpu: bool,
+    (start, budget): (Instant, f64),
+    args: &Args,
+) -> Result<Option<(Config, f64)>, Box<dyn std::error::Error>> {
+    // The standard table's shape at L = S = 4096 on a GPU (`torch_sdpa.py --backward` times
+    // PyTorch's on it); one that ends in seconds on a CPU adapter.
+    let d = if cpu {
+        dims(1, 8, 8, 256, 256, 64)
+    } else {
+        dims(4, 16, 16, 4096, 4096, 64)
+    };
+    let mut configs = vec![Config {
+        name: "rows".into(),
+        gpu: base.with_tiled_backward(false),
+    }];
+    for b in TileBlock::ALL {
+        configs.push(Config {
+            name: format!("tiles block {}", b.name()),
+            gpu: base.with_tiled_backward(true).with_backward_block(b)?,
+        });
+    }
+    let layout = Layout::Bhsd;
+    let opts = Attention::new();
+    let up = |x: Vec<f32>, shape| base.upload(&x, shape);
+    let q = up(values(d.q_elems(), 1), d.q_shape(layout))?;
+    let k = up(values(d.k_elems(), 2), d.k_shape(layout))?;
+    let v = up(values(d.v_elems(), 3), d.v_shape(layout))?;
+    let d_o = up(values(d.o_elems(), 4), d.o_shape(layout))?;
+    let out = opts.clone().return_lse(true).run(base, &q, &k, &v)?;
+    let lse = out.lse.as_ref().expect("asked for");
+    let flops = 2.5 * d.flops(false);
+    println!(
+        "tune: backward: B={} H={} L={} S={} D={}, f32, wall clock ({:.1} GFLOP per call):",
+        d.batch,
+        d.heads,
+        d.q_len,
+        d.kv_len,
+        d.head_dim,
+        flops / 1e9
+    );
+    let mut best: Option<(Config, f64)> = None;
+    for config in configs {
+        if start.elapsed().as_secs_f64() > budget {
+            println!("tune:   {}: skipped (budget)", config.name);
+            continue;
+        }
+        let mut ms = Vec::new();
+        for rep in 0..args.warmup + args.reps {
+            let begin = Instant::now();
+            let g = opts.backward(&config.gpu, &q, &k, &v, &out.o, lse, &d_o)?;
+            config.gpu.wait()?;
+            if rep >= args.warmup {
+                ms.push(begin.elapsed().as_secs_f64() * 1e3);
+            }
+            drop(g);
+        }
+        let (median, _, _) = stats(ms);
+        println!(
+            "tune:   {}: {median:.3} ms ({:.1} GFLOP/s)",
+            config.name,
+            flops / median / 1e6
+        );
+        if best.as_ref().is_none_or(|(_, t)| median < *t) {
+            best = Some((config, median));
+        }
+    }
+    Ok(best)
+}
+
 /// `batch` x `heads` query heads over `kv_heads`, `q_len` queries over `kv_len` keys, head dim
 /// `d` (Q, K and V).
 fn dims(
@@ -158,13 +236,14 @@ pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let l = gpu.limits();
     println!(
         "tune: {} (default decode kernel {}, subgroups {}, min_decode_rows {}, fused block {}, \
-         gemm block {}), budget {budget} s",
+         gemm block {}, backward block {}), budget {budget} s",
         gpu.describe(),
         l.tile.decode_kernel.name(),
         l.tile.subgroups as u8,
         l.tile.min_decode_rows,
         l.tile.fused_block.name(),
-        l.tile.gemm_block.name()
+        l.tile.gemm_block.name(),
+        l.tile.backward_block.name()
     );
     let clock = (start, budget);
     let info = gpu.adapter_info();
@@ -272,6 +351,15 @@ pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             c.gpu.tile_config()
         }
         None => best.with_blocks(fused_block, gemm)?.tile_config(),
+    };
+    // 4. The backward: one row per invocation, or in tiles with each block.
+    let config = match time_backward(&gpu.with_tile_config(config)?, cpu, clock, args)? {
+        Some((c, ms)) => {
+            println!("tune: backward: best {} ({ms:.3} ms)", c.name);
+            summary.push(format!("backward {} {ms:.3} ms", c.name));
+            c.gpu.tile_config()
+        }
+        None => config,
     };
     println!(
         "tune: best for {:?} adapters like {}: {} in {:.0} s",

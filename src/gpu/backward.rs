@@ -114,8 +114,9 @@ const TILED_BACKWARD_MOST_ACCUMULATORS: u32 = 128;
 impl TiledBackward {
     /// The tiled configuration for `spec` on `limits`, or `None` where the row kernel runs:
     /// turned off, a width past [`TILED_BACKWARD_MAX_DIM`], or too little workgroup memory or
-    /// too few invocations. The block is the fused kernel's where its accumulators fit, else
-    /// the next smaller one.
+    /// too few invocations. The block is the configured one
+    /// ([`TileConfig::backward_block`](crate::gpu::tuning::TileConfig::backward_block)) where
+    /// its accumulators fit, else the next smaller one.
     pub(crate) fn new(spec: &Spec<'_>, limits: &GpuLimits) -> Option<TiledBackward> {
         let d = spec.dims;
         let widest = d.head_dim.max(d.v_head_dim);
@@ -125,7 +126,7 @@ impl TiledBackward {
         {
             return None;
         }
-        let configured = limits.tile.fused_block;
+        let configured = limits.tile.backward_block;
         let block = TileBlock::ALL
             .into_iter()
             .rev()
@@ -773,7 +774,7 @@ mod tests {
             ..Default::default()
         };
         let cpu = GpuLimits::from_wgpu(&limits, wgpu::DeviceType::Cpu);
-        assert_eq!(cpu.tile.fused_block, TileBlock::B8X8);
+        assert_eq!(cpu.tile.backward_block, TileBlock::B8X8);
         let plan =
             |d, limits: &GpuLimits| BackwardPlan::new(&opts.validate(d).unwrap(), limits).tiled;
         let t = plan(dims(64, 64), &cpu).expect("tiled at 64");
@@ -788,6 +789,13 @@ mod tests {
         assert_eq!((t.block, t.dq_vec4s, t.dkv_vec4s), (TileBlock::B4X4, 1, 4));
         assert_eq!(plan(dims(264, 64), &cpu), None);
         assert_eq!(plan(dims(64, 257), &cpu), None);
+        // The backward's block is its own, apart from the forward's.
+        let mut own = cpu;
+        own.tile.backward_block = TileBlock::B8X4;
+        let t = plan(dims(64, 64), &own).expect("tiled at 64, 8 x 4");
+        assert_eq!((t.block, t.dq_vec4s, t.dkv_vec4s), (TileBlock::B8X4, 1, 1));
+        own.tile.fused_block = TileBlock::B4X4;
+        assert_eq!(plan(dims(64, 64), &own).unwrap().block, TileBlock::B8X4);
         let mut off = cpu;
         off.tile.tiled_backward = false;
         assert_eq!(plan(dims(64, 64), &off), None);

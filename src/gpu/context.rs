@@ -294,6 +294,10 @@ impl Gpu {
         for (what, slot) in [
             ("WGPU_ATTENTION_FUSED_BLOCK", &mut limits.tile.fused_block),
             ("WGPU_ATTENTION_GEMM_BLOCK", &mut limits.tile.gemm_block),
+            (
+                "WGPU_ATTENTION_BACKWARD_BLOCK",
+                &mut limits.tile.backward_block,
+            ),
         ] {
             if let Ok(value) = std::env::var(what) {
                 *slot = TileBlock::parse(&value).ok_or(Error::InvalidOption {
@@ -705,7 +709,8 @@ impl Gpu {
         gpu.limits.tile.resident_q = config.resident_q;
         gpu.limits.tile.double_buffer = config.double_buffer;
         gpu.limits.tile.tiled_backward = config.tiled_backward;
-        gpu.with_blocks(config.fused_block, config.gemm_block)
+        gpu.with_blocks(config.fused_block, config.gemm_block)?
+            .with_backward_block(config.backward_block)
     }
 
     /// A context on the same device whose fused kernel keeps Q in workgroup memory where it
@@ -733,6 +738,23 @@ impl Gpu {
         let mut gpu = self.clone();
         gpu.limits.tile.tiled_backward = tiled;
         gpu
+    }
+
+    /// A context on the same device whose tiled backward computes `block` blocks per
+    /// invocation where its accumulators fit (see
+    /// [`TileConfig::backward_block`](crate::gpu::tuning::TileConfig::backward_block)): an
+    /// error for a block no kernel is compiled for ([`TileBlock::ALL`]).
+    pub fn with_backward_block(&self, block: TileBlock) -> Result<Gpu> {
+        if !TileBlock::ALL.contains(&block) {
+            return Err(Error::InvalidOption {
+                what: "backward block",
+                value: format!("{block:?}"),
+                why: "must be 4x4, 8x4 or 8x8",
+            });
+        }
+        let mut gpu = self.clone();
+        gpu.limits.tile.backward_block = block;
+        Ok(gpu)
     }
 
     /// A context on the same device whose fused kernel computes `fused` blocks per invocation

@@ -10,7 +10,8 @@
 //! `with_decode_kernel`, `with_decode_rows`, `with_blocks`), a user without a rebuild with
 //! `WGPU_ATTENTION_DECODE_KERNEL`, `WGPU_ATTENTION_SUBGROUPS`, `WGPU_ATTENTION_DECODE_ROWS`,
 //! `WGPU_ATTENTION_FUSED_BLOCK`, `WGPU_ATTENTION_GEMM_BLOCK`, `WGPU_ATTENTION_RESIDENT_Q`,
-//! `WGPU_ATTENTION_DOUBLE_BUFFER` and `WGPU_ATTENTION_TILED_BACKWARD`.
+//! `WGPU_ATTENTION_DOUBLE_BUFFER`, `WGPU_ATTENTION_TILED_BACKWARD` and
+//! `WGPU_ATTENTION_BACKWARD_BLOCK`.
 //!
 //! The configuration is [`GpuLimits::tile`](crate::gpu::GpuLimits::tile): the plans read it there, beside the device
 //! limits, so the planner tests set any configuration without a device.
@@ -69,6 +70,12 @@ pub struct TileConfig {
     /// per invocation (`attention_backward.wgsl`, every width). `WGPU_ATTENTION_TILED_BACKWARD`
     /// or [`Gpu::with_tiled_backward`](crate::Gpu::with_tiled_backward) overrides it.
     pub tiled_backward: bool,
+    /// The register block of the tiled backward's invocations, where its accumulators fit
+    /// (else the next smaller block): apart from the forward's, since each invocation holds
+    /// two score blocks (S and dP) and two rows of accumulators (dK and dV), which may spill
+    /// registers where the forward's block does not. `WGPU_ATTENTION_BACKWARD_BLOCK` or
+    /// [`Gpu::with_backward_block`](crate::Gpu::with_backward_block) overrides it.
+    pub backward_block: TileBlock,
 }
 
 /// An entry of [`TABLE`]: which adapters it is for, and where its figures come from.
@@ -89,13 +96,14 @@ pub struct TableEntry {
     pub source: &'static str,
 }
 
+/// A configuration with the decode-shaped kernel, subgroups, resident Q and the tiled
+/// backward; `[fused, gemm, backward]` are the three blocks.
 const fn keys(
     workgroup: u32,
     min_decode_rows: u32,
     decode_target_workgroups: u32,
-    fused_block: TileBlock,
-    gemm_block: TileBlock,
     double_buffer: bool,
+    [fused_block, gemm_block, backward_block]: [TileBlock; 3],
 ) -> TileConfig {
     TileConfig {
         decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup },
@@ -107,6 +115,7 @@ const fn keys(
         resident_q: true,
         double_buffer,
         tiled_backward: true,
+        backward_block,
     }
 }
 
@@ -117,7 +126,13 @@ pub const TABLE: &[TableEntry] = &[
         vendor: None,
         device_type: Some(wgpu::DeviceType::Cpu),
         subgroup_size: None,
-        config: keys(16, 4, 64, TileBlock::B8X8, TileBlock::B8X8, false),
+        config: keys(
+            16,
+            4,
+            64,
+            false,
+            [TileBlock::B8X8, TileBlock::B8X8, TileBlock::B8X8],
+        ),
         source: "measured: attn-bench --tune --reps 3 --warmup 1, llvmpipe (LLVM 15.0.6, 256 \
                  bits), Mesa 22.3.6, 2026-12-02: keys16 subgroups=1 fastest, 287 ms over both \
                  shapes (keys32 subgroups=1 331, keys16 subgroups=0 380, tiles rows=4 506); \
@@ -130,7 +145,13 @@ pub const TABLE: &[TableEntry] = &[
         vendor: Some(0x10de),
         device_type: None,
         subgroup_size: None,
-        config: keys(64, 16, 1024, TileBlock::B8X4, TileBlock::B8X8, true),
+        config: keys(
+            64,
+            16,
+            1024,
+            true,
+            [TileBlock::B8X4, TileBlock::B8X8, TileBlock::B8X4],
+        ),
         source: "guess, never measured: 64 invocations are two warps; 1024 workgroups are \
                  about 8 per SM of an H100 or H200",
     },
@@ -139,7 +160,13 @@ pub const TABLE: &[TableEntry] = &[
         vendor: None,
         device_type: Some(wgpu::DeviceType::DiscreteGpu),
         subgroup_size: None,
-        config: keys(64, 16, 1024, TileBlock::B8X4, TileBlock::B8X8, true),
+        config: keys(
+            64,
+            16,
+            1024,
+            true,
+            [TileBlock::B8X4, TileBlock::B8X8, TileBlock::B8X4],
+        ),
         source: "guess, never measured: 64 invocations are one AMD wavefront or two warps",
     },
     TableEntry {
@@ -147,7 +174,13 @@ pub const TABLE: &[TableEntry] = &[
         vendor: None,
         device_type: None,
         subgroup_size: None,
-        config: keys(64, 16, 256, TileBlock::B8X4, TileBlock::B8X8, true),
+        config: keys(
+            64,
+            16,
+            256,
+            true,
+            [TileBlock::B8X4, TileBlock::B8X8, TileBlock::B8X4],
+        ),
         source: "guess, never measured",
     },
 ];
@@ -187,7 +220,7 @@ impl TileConfig {
         format!(
             "TileConfig {{ decode_kernel: {kernel}, subgroups: {}, min_decode_rows: {}, \
              decode_target_workgroups: {}, fused_block: {}, gemm_block: {}, resident_q: {}, \
-             double_buffer: {}, tiled_backward: {} }}",
+             double_buffer: {}, tiled_backward: {}, backward_block: {} }}",
             self.subgroups,
             self.min_decode_rows,
             self.decode_target_workgroups,
@@ -195,7 +228,8 @@ impl TileConfig {
             block(self.gemm_block),
             self.resident_q,
             self.double_buffer,
-            self.tiled_backward
+            self.tiled_backward,
+            block(self.backward_block)
         )
     }
 }
@@ -239,7 +273,7 @@ mod tests {
             "TileConfig { decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup: 16 }, \
              subgroups: true, min_decode_rows: 4, decode_target_workgroups: 64, \
              fused_block: TileBlock::B8X8, gemm_block: TileBlock::B8X8, resident_q: true, \
-             double_buffer: false, tiled_backward: true }"
+             double_buffer: false, tiled_backward: true, backward_block: TileBlock::B8X8 }"
         );
     }
 }

@@ -29,6 +29,7 @@ fn lavapipe() -> GpuLimits {
             resident_q: true,
             double_buffer: false,
             tiled_backward: true,
+            backward_block: TileBlock::B8X8,
         },
     }
 }
@@ -55,6 +56,7 @@ fn h100() -> GpuLimits {
             resident_q: true,
             double_buffer: true,
             tiled_backward: true,
+            backward_block: TileBlock::B8X4,
         },
     }
 }
@@ -80,6 +82,7 @@ fn apple_m() -> GpuLimits {
             resident_q: true,
             double_buffer: true,
             tiled_backward: true,
+            backward_block: TileBlock::B8X4,
         },
     }
 }
