@@ -153,6 +153,19 @@ fn device_rank(t: wgpu::DeviceType) -> u8 {
     }
 }
 
+/// `block`, where a kernel is compiled for it ([`TileBlock::ALL`]); else a typed error naming
+/// `what`.
+fn compiled_block(what: &'static str, block: TileBlock) -> Result<()> {
+    if TileBlock::ALL.contains(&block) {
+        Ok(())
+    } else {
+        Err(Error::InvalidOption {
+            what,
+            value: format!("{block:?}"),
+            why: "must be 4x4, 8x4 or 8x8",
+        })
+    }
+}
 impl Gpu {
     /// Opens the best adapter (discrete GPU first, software last), blocking.
     ///
@@ -745,13 +758,7 @@ impl Gpu {
     /// [`TileConfig::backward_block`](crate::gpu::tuning::TileConfig::backward_block)): an
     /// error for a block no kernel is compiled for ([`TileBlock::ALL`]).
     pub fn with_backward_block(&self, block: TileBlock) -> Result<Gpu> {
-        if !TileBlock::ALL.contains(&block) {
-            return Err(Error::InvalidOption {
-                what: "backward block",
-                value: format!("{block:?}"),
-                why: "must be 4x4, 8x4 or 8x8",
-            });
-        }
+        compiled_block("backward block", block)?;
         let mut gpu = self.clone();
         gpu.limits.tile.backward_block = block;
         Ok(gpu)
@@ -761,15 +768,8 @@ impl Gpu {
     /// and whose tile products (three-pass, projections) `gemm` blocks: an error for a block no
     /// kernel is compiled for ([`TileBlock::ALL`]).
     pub fn with_blocks(&self, fused: TileBlock, gemm: TileBlock) -> Result<Gpu> {
-        for (what, block) in [("fused block", fused), ("gemm block", gemm)] {
-            if !TileBlock::ALL.contains(&block) {
-                return Err(Error::InvalidOption {
-                    what,
-                    value: format!("{block:?}"),
-                    why: "must be 4x4, 8x4 or 8x8",
-                });
-            }
-        }
+        compiled_block("fused block", fused)?;
+        compiled_block("gemm block", gemm)?;
         let mut gpu = self.clone();
         gpu.limits.tile.fused_block = fused;
         gpu.limits.tile.gemm_block = gemm;

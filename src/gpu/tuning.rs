@@ -119,6 +119,15 @@ const fn keys(
     }
 }
 
+/// The guess for discrete GPUs, NVIDIA's among them, until `attn-bench --tune` measures one.
+const DISCRETE_GUESS: TileConfig = keys(
+    64,
+    16,
+    1024,
+    true,
+    [TileBlock::B8X4, TileBlock::B8X8, TileBlock::B8X4],
+);
+
 /// The configurations, first match wins; the last entry matches every adapter.
 pub const TABLE: &[TableEntry] = &[
     TableEntry {
@@ -145,13 +154,7 @@ pub const TABLE: &[TableEntry] = &[
         vendor: Some(0x10de),
         device_type: None,
         subgroup_size: None,
-        config: keys(
-            64,
-            16,
-            1024,
-            true,
-            [TileBlock::B8X4, TileBlock::B8X8, TileBlock::B8X4],
-        ),
+        config: DISCRETE_GUESS,
         source: "guess, never measured: 64 invocations are two warps; 1024 workgroups are \
                  about 8 per SM of an H100 or H200",
     },
@@ -160,13 +163,7 @@ pub const TABLE: &[TableEntry] = &[
         vendor: None,
         device_type: Some(wgpu::DeviceType::DiscreteGpu),
         subgroup_size: None,
-        config: keys(
-            64,
-            16,
-            1024,
-            true,
-            [TileBlock::B8X4, TileBlock::B8X8, TileBlock::B8X4],
-        ),
+        config: DISCRETE_GUESS,
         source: "guess, never measured: 64 invocations are one AMD wavefront or two warps",
     },
     TableEntry {
