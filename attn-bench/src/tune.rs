@@ -16,10 +16,13 @@
 //! `WGPU_ATTENTION_DECODE_ROWS`, `WGPU_ATTENTION_FUSED_BLOCK`, `WGPU_ATTENTION_GEMM_BLOCK`,
 //! `WGPU_ATTENTION_RESIDENT_Q`, `WGPU_ATTENTION_DOUBLE_BUFFER`, `WGPU_ATTENTION_TILED_BACKWARD`
 //! and `WGPU_ATTENTION_BACKWARD_BLOCK`). Shapes are smaller on CPU adapters, so the bound holds
-//! there.
+//! there. A configuration whose plans on a stage's shapes are an earlier configuration's (a
+//! second buffer or resident Q that does not fit, a row count the group rounds up) runs the
+//! same kernels: it is listed as such and not timed.
 
 use std::time::Instant;
 
+use wgpu_attention::gpu::tuning::TileConfig;
 use wgpu_attention::{Attention, Causal, DecodeKernel, Dims, Gpu, Layout, Path, Plan, TileBlock};
 
 use crate::Args;
@@ -73,6 +76,20 @@ fn time_configs(
     args: &Args,
 ) -> Result<Vec<Option<f64>>, Box<dyn std::error::Error>> {
     let mut totals: Vec<Option<f64>> = vec![Some(0.0); configs.len()];
+    // A configuration whose plans, on every shape, are an earlier one's runs the same kernels:
+    // it is not timed (nor can it win, so a flag the plan declined never reaches the entry).
+    let ran: Vec<Vec<(Plan, TileConfig)>> = configs
+        .iter()
+        .map(|c| {
+            shapes
+                .iter()
+                .map(|d| Ok(ran_config(&c.gpu, opts.plan(&c.gpu, *d)?)))
+                .collect::<Result<_, wgpu_attention::Error>>()
+        })
+        .collect::<Result<_, _>>()?;
+    let same_as: Vec<Option<usize>> = (0..configs.len())
+        .map(|n| (0..n).find(|&m| ran[m] == ran[n]))
+        .collect();
     for d in shapes {
         let layout = Layout::Bhsd;
         let gpu = &configs[0].gpu;
@@ -90,6 +107,14 @@ fn time_configs(
             d.group() * d.q_len
         );
         for (n, config) in configs.iter().enumerate() {
+            if let Some(m) = same_as[n] {
+                println!(
+                    "tune:   {}: runs as {} (not timed)",
+                    config.name, configs[m].name
+                );
+                totals[n] = None;
+                continue;
+            }
             if start.elapsed().as_secs_f64() > budget {
                 println!("tune:   {}: skipped (budget)", config.name);
                 totals[n] = None;
@@ -124,6 +149,21 @@ fn time_configs(
         }
     }
     Ok(totals)
+}
+
+/// The plan and what of `gpu`'s configuration it ran with: resident Q and the second staging
+/// buffer only where the plan took them.
+fn ran_config(gpu: &Gpu, plan: Plan) -> (Plan, TileConfig) {
+    let mut config = gpu.tile_config();
+    let (resident_q, double_buffer) = match &plan {
+        Plan::Fused { plan: p, .. } | Plan::Decode { plan: p, .. } => {
+            (p.resident_q > 0, p.double_buffer)
+        }
+        _ => (false, false),
+    };
+    config.resident_q = resident_q;
+    config.double_buffer = double_buffer;
+    (plan, config)
 }
 
 /// The fastest configuration that finished, and its total.
@@ -296,9 +336,10 @@ pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             .collect::<Result<Vec<Config>, wgpu_attention::Error>>()
     };
     // Every block with Q resident in workgroup memory (where it fits) and staged per tile,
-    // with one staging buffer and two (where they fit beside the rest).
+    // with one staging buffer and two (where they fit beside the rest). One buffer first: a
+    // configuration whose second buffer the plans decline runs as (and reports as) that one.
     let mut configs = Vec::new();
-    for (resident, double) in [(true, false), (true, true), (false, true), (false, false)] {
+    for (resident, double) in [(true, false), (false, false), (true, true), (false, true)] {
         for c in blocks(&|b| (b, gemm))? {
             configs.push(Config {
                 name: format!(

@@ -61,7 +61,8 @@ pub struct TileConfig {
     /// at least 64 invocations: each step of a key tile (a slice of Q and K, a pair of slices
     /// of K, a slice of V) is loaded from global memory into registers during the previous
     /// step's FMAs and then stored into the other buffer, one barrier per step instead of two.
-    /// At 64 rows that needs more than lavapipe's 32 KiB; GPUs report 48 KiB or more.
+    /// At 64 rows that is 34-36 KiB: NVIDIA's 48 KiB hold it (without resident Q at
+    /// head_dim 64), lavapipe's and Apple's 32 KiB do not.
     /// `WGPU_ATTENTION_DOUBLE_BUFFER=0|1` or
     /// [`Gpu::with_double_buffer`](crate::Gpu::with_double_buffer) overrides it.
     pub double_buffer: bool,
