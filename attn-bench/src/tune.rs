@@ -18,7 +18,9 @@
 //! and `WGPU_ATTENTION_BACKWARD_BLOCK`). Shapes are smaller on CPU adapters, so the bound holds
 //! there. A configuration whose plans on a stage's shapes are an earlier configuration's (a
 //! second buffer or resident Q that does not fit, a row count the group rounds up) runs the
-//! same kernels: it is listed as such and not timed.
+//! same kernels: it is listed as such and not timed. A stage the budget cuts short picks
+//! nothing (the printed entry keeps the adapter's value for it); the backward stops a
+//! configuration whose next calls would overrun the budget.
 
 use std::time::Instant;
 
@@ -90,6 +92,7 @@ fn time_configs(
     let same_as: Vec<Option<usize>> = (0..configs.len())
         .map(|n| (0..n).find(|&m| ran[m] == ran[n]))
         .collect();
+    let mut incomplete = false;
     for d in shapes {
         let layout = Layout::Bhsd;
         let gpu = &configs[0].gpu;
@@ -118,6 +121,7 @@ fn time_configs(
             if start.elapsed().as_secs_f64() > budget {
                 println!("tune:   {}: skipped (budget)", config.name);
                 totals[n] = None;
+                incomplete = true;
                 continue;
             }
             let hidden = indicatif::ProgressBar::hidden();
@@ -147,6 +151,11 @@ fn time_configs(
             println!("tune:   {}: {median:.3} ms ({timing}){took}", config.name);
             log::debug!("tune: {}: {note}", config.name);
         }
+    }
+    if incomplete {
+        // A pick among the configurations that ran would be no measurement of the rest.
+        println!("tune: {stage}: the budget ended before every configuration ran: no pick");
+        return Ok(vec![None; configs.len()]);
     }
     Ok(totals)
 }
@@ -192,16 +201,23 @@ fn time_backward(
     } else {
         dims(4, 16, 16, 4096, 4096, 64)
     };
-    let mut configs = vec![Config {
-        name: "rows".into(),
-        gpu: base.with_tiled_backward(false),
-    }];
+    if start.elapsed().as_secs_f64() > budget {
+        println!("tune: backward: skipped (budget)");
+        return Ok(None);
+    }
+    // The row kernel last: it is the slowest where the tiles run, and the budget may end
+    // before it.
+    let mut configs = Vec::new();
     for b in TileBlock::ALL {
         configs.push(Config {
             name: format!("tiles block {}", b.name()),
             gpu: base.with_tiled_backward(true).with_backward_block(b)?,
         });
     }
+    configs.push(Config {
+        name: "rows".into(),
+        gpu: base.with_tiled_backward(false),
+    });
     let layout = Layout::Bhsd;
     let opts = Attention::new();
     let up = |x: Vec<f32>, shape| base.upload(&x, shape);
@@ -222,20 +238,37 @@ fn time_backward(
         flops / 1e9
     );
     let mut best: Option<(Config, f64)> = None;
+    let mut incomplete = false;
     for config in configs {
         if start.elapsed().as_secs_f64() > budget {
             println!("tune:   {}: skipped (budget)", config.name);
+            incomplete = true;
             continue;
         }
         let mut ms = Vec::new();
-        for rep in 0..args.warmup + args.reps {
+        let calls = args.warmup + args.reps.max(1);
+        for rep in 0..calls {
             let begin = Instant::now();
             let g = opts.backward(&config.gpu, &q, &k, &v, &out.o, lse, &d_o)?;
             config.gpu.wait()?;
+            let secs = begin.elapsed().as_secs_f64();
             if rep >= args.warmup {
-                ms.push(begin.elapsed().as_secs_f64() * 1e3);
+                ms.push(secs * 1e3);
             }
             drop(g);
+            // Not past the budget by more than one call: the rest of the calls would be.
+            let left = budget - start.elapsed().as_secs_f64();
+            if rep + 1 < calls && secs * (calls - rep - 1) as f64 > left {
+                break;
+            }
+        }
+        if ms.is_empty() {
+            println!(
+                "tune:   {}: stopped (budget; a call takes longer)",
+                config.name
+            );
+            incomplete = true;
+            continue;
         }
         let (median, _, _) = stats(ms);
         println!(
@@ -246,6 +279,10 @@ fn time_backward(
         if best.as_ref().is_none_or(|(_, t)| median < *t) {
             best = Some((config, median));
         }
+    }
+    if incomplete {
+        println!("tune: backward: the budget ended before every configuration ran: no pick");
+        return Ok(None);
     }
     Ok(best)
 }
