@@ -408,6 +408,8 @@ pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let best = best
         .with_resident_q(resident_q)
         .with_double_buffer(double_buffer);
+    let so_far = best.with_blocks(fused_block, gemm)?.tile_config();
+    print_entry("table entry so far", info, &so_far, &summary);
 
     // 3. The tile products' block (three-pass), with the best fused block.
     let configs: Vec<Config> = blocks(&|b| (fused_block, b))?
@@ -430,6 +432,8 @@ pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         }
         None => best.with_blocks(fused_block, gemm)?.tile_config(),
     };
+    print_entry("table entry so far", info, &config, &summary);
+
     // 4. The backward: one row per invocation, or in tiles with each block.
     let config = match time_backward(&gpu.with_tile_config(config)?, cpu, clock, args)? {
         Some((c, ms)) => {
@@ -446,9 +450,17 @@ pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         summary.join(", "),
         start.elapsed().as_secs_f64()
     );
-    // A line for wgpu_attention::gpu::tuning::TABLE.
+    print_entry("table entry", info, &config, &summary);
+    Ok(())
+}
+
+/// A line for `wgpu_attention::gpu::tuning::TABLE`: `config` for `info`'s adapter, measured as
+/// `summary` says. Printed after each stage as well (`label` "table entry so far"), so that a
+/// run killed by an outer time limit (`.gpu/on-device.sh` gives its step what is left of its
+/// budget) still leaves the stages it finished as an entry.
+fn print_entry(label: &str, info: &wgpu::AdapterInfo, config: &TileConfig, summary: &[String]) {
     println!(
-        "tune: table entry: TableEntry {{ adapters: {:?}, vendor: Some({:#x}), \
+        "tune: {label}: TableEntry {{ adapters: {:?}, vendor: Some({:#x}), \
          device_type: Some(wgpu::DeviceType::{:?}), subgroup_size: Some({}), config: {}, \
          source: \"measured: attn-bench --tune, {}\" }}",
         info.name,
@@ -458,5 +470,4 @@ pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         config.as_rust(),
         summary.join(", ")
     );
-    Ok(())
 }
