@@ -113,9 +113,10 @@ fn resident_q_against_staged_q() {
 /// outputs) on the shapes lavapipe's 32 KiB holds a second buffer for: the decode path's
 /// row-tiled kernel on 32 rows with 8 x 4 and 4 x 4 blocks (64 and 128 invocations), Q staged
 /// with every slice (head_dim 40: three steps, so the last step's FMAs read buffer 0, which
-/// the first slice of V then overwrites after a barrier) and resident (head_dim 16, and 16-row tiles up to head_dim 72: pairs of
-/// slices, the last one half), with every per-key option, several key splits and passes,
-/// half storage, and v_head_dim that fills no slice of V.
+/// the first slice of V then overwrites after a barrier) and resident (head_dim 16, and
+/// 16-row tiles up to head_dim 72: pairs of slices, the last one half), with every per-key
+/// option, several key splits and passes, half storage, and v_head_dim that fills no slice
+/// of V.
 #[test]
 fn double_buffer_against_the_reference() {
     use wgpu_attention::{DType, DecodeKernel, LimitCaps, TileBlock};

@@ -5,7 +5,7 @@
 
 use std::time::Instant;
 
-use wgpu_attention::{Dims, Gpu, Layout, cpu};
+use wgpu_attention::{Attention, Dims, Gpu, Layout, Tensor, cpu};
 
 use crate::run::{errors, stats, values};
 use crate::{Args, shapes};
@@ -17,6 +17,46 @@ const REFERENCE_MAX_FLOPS: f64 = 2e9;
 /// The relative norm error of `got` against `want`.
 fn rel_norm_error(got: &[f32], want: &[f32]) -> f64 {
     errors(got, want).1
+}
+
+/// What the backward reads: Q, K, V, the forward's O and log-sum-exp, and dO.
+pub(crate) struct Inputs<'a> {
+    pub(crate) q: &'a Tensor,
+    pub(crate) k: &'a Tensor,
+    pub(crate) v: &'a Tensor,
+    pub(crate) o: &'a Tensor,
+    pub(crate) lse: &'a Tensor,
+    pub(crate) d_o: &'a Tensor,
+}
+
+/// The backward alone on `x`, `warmup` untimed calls and then `reps` timed ones, wall clock
+/// from submission to completion, in ms. With a `deadline`, stops early when the calls left
+/// would end past it (then fewer than `reps` figures, none if it stops during the warm-up).
+pub(crate) fn backward_ms(
+    gpu: &Gpu,
+    opts: &Attention,
+    x: &Inputs<'_>,
+    (warmup, reps): (usize, usize),
+    deadline: Option<Instant>,
+) -> Result<Vec<f64>, wgpu_attention::Error> {
+    let mut ms = Vec::new();
+    let calls = warmup + reps;
+    for rep in 0..calls {
+        gpu.wait()?;
+        let start = Instant::now();
+        let g = opts.backward(gpu, x.q, x.k, x.v, x.o, x.lse, x.d_o)?;
+        gpu.wait()?;
+        let took = start.elapsed();
+        if rep >= warmup {
+            ms.push(took.as_secs_f64() * 1e3);
+        }
+        drop(g);
+        let left = (calls - rep - 1) as u32;
+        if deadline.is_some_and(|end| Instant::now() + took * left > end) {
+            break;
+        }
+    }
+    Ok(ms)
 }
 
 pub(crate) fn backward(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
@@ -100,17 +140,15 @@ pub(crate) fn backward(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         // The backward alone, on one forward's output.
         let out = fwd.run(&gpu, &tq, &tk, &tv)?;
         let lse = out.lse.as_ref().expect("asked for");
-        let mut bwd_times = Vec::new();
-        for rep in 0..args.warmup + args.reps {
-            gpu.wait()?;
-            let start = Instant::now();
-            let g = opts.backward(&gpu, &tq, &tk, &tv, &out.o, lse, &t_do)?;
-            gpu.wait()?;
-            if rep >= args.warmup {
-                bwd_times.push(start.elapsed().as_secs_f64() * 1e3);
-            }
-            drop(g);
-        }
+        let inputs = Inputs {
+            q: &tq,
+            k: &tk,
+            v: &tv,
+            o: &out.o,
+            lse,
+            d_o: &t_do,
+        };
+        let bwd_times = backward_ms(&gpu, &opts, &inputs, (args.warmup, args.reps), None)?;
         let (bwd_median, _, _) = stats(bwd_times);
         let errors = match (&reference, &last) {
             (Some((Ok(want), _)), Some(g)) => {

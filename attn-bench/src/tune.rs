@@ -28,6 +28,7 @@ use wgpu_attention::gpu::tuning::TileConfig;
 use wgpu_attention::{Attention, Causal, DecodeKernel, Dims, Gpu, Layout, Path, Plan, TileBlock};
 
 use crate::Args;
+use crate::backward::{Inputs, backward_ms};
 use crate::run::{stats, time_gpu, values};
 
 /// The rows-per-workgroup configurations of the row-tiled kernel.
@@ -227,6 +228,15 @@ fn time_backward(
     let d_o = up(values(d.o_elems(), 4), d.o_shape(layout))?;
     let out = opts.clone().return_lse(true).run(base, &q, &k, &v)?;
     let lse = out.lse.as_ref().expect("asked for");
+    let inputs = Inputs {
+        q: &q,
+        k: &k,
+        v: &v,
+        o: &out.o,
+        lse,
+        d_o: &d_o,
+    };
+    let deadline = start + std::time::Duration::from_secs_f64(budget);
     let flops = 2.5 * d.flops(false);
     println!(
         "tune: backward: B={} H={} L={} S={} D={}, f32, wall clock ({:.1} GFLOP per call):",
@@ -245,23 +255,13 @@ fn time_backward(
             incomplete = true;
             continue;
         }
-        let mut ms = Vec::new();
-        let calls = args.warmup + args.reps.max(1);
-        for rep in 0..calls {
-            let begin = Instant::now();
-            let g = opts.backward(&config.gpu, &q, &k, &v, &out.o, lse, &d_o)?;
-            config.gpu.wait()?;
-            let secs = begin.elapsed().as_secs_f64();
-            if rep >= args.warmup {
-                ms.push(secs * 1e3);
-            }
-            drop(g);
-            // Not past the budget by more than one call: the rest of the calls would be.
-            let left = budget - start.elapsed().as_secs_f64();
-            if rep + 1 < calls && secs * (calls - rep - 1) as f64 > left {
-                break;
-            }
-        }
+        let ms = backward_ms(
+            &config.gpu,
+            &opts,
+            &inputs,
+            (args.warmup, args.reps.max(1)),
+            Some(deadline),
+        )?;
         if ms.is_empty() {
             println!(
                 "tune:   {}: stopped (budget; a call takes longer)",
@@ -334,7 +334,7 @@ pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let shapes = [1, 4].map(|q_len| dims(1, 32, 8, q_len, 16384, 128));
     let totals = time_configs("decode", &configs, &shapes, &decode, clock, args)?;
     let Some((best, total)) = fastest(&configs, &totals) else {
-        println!("tune: no configuration finished within the budget");
+        println!("tune: no decode configuration picked within the budget: no entry");
         return Ok(());
     };
     println!(

@@ -166,6 +166,7 @@ fn compiled_block(what: &'static str, block: TileBlock) -> Result<()> {
         })
     }
 }
+
 impl Gpu {
     /// Opens the best adapter (discrete GPU first, software last), blocking.
     ///
