@@ -15,7 +15,11 @@
 // range, on a call without per-key options, is only floored.
 // With one split, O and the log-sum-exp are final. With several (flash-decoding), each split
 // writes its normalised partial O and log-sum-exp to `lse_or_partials`, and
-// combine_splits.wgsl merges them. Q, K, V and O go through the dtype prelude's load_* /
+// combine_splits.wgsl merges them.
+// MMA = 1 (f16 Q, K and V): S and P V are products of 16-bit operands staged in workgroup
+// memory (lib/mma.wgsl: cooperative matrices, or their emulation), read back into the same
+// blocks; everything else below is the same.
+// Q, K, V and O go through the dtype prelude's load_* /
 // store_o. TILE and TILE_K come from the host's shared constants; BR, BC, OC (vec4 columns of
 // O per invocation), BKV, QR (slices of TILE_K dims of resident Q, 0 for none), QR_VEC4S
 // (q_res's length, at least 1), ROWS4 (TILE_M / 4), INV (the workgroup's invocations) and
@@ -51,8 +55,8 @@ const QK_STEP: u32 = select(TILE_K, 2u * TILE_K, QR > 0u);
 // outputs as f32 bits, [split, batch, heads, q_len, v_head_dim], then from parts_lse_offset
 // the partial log-sum-exps, [split, batch, heads, q_len].
 
-// The tile's probabilities, [key][row / 4].
-var<workgroup> p_tile: array<array<vec4<f32>, ROWS4>, TILE>;
+// The tile's probabilities, [key][row / 4] (P_KEYS = TILE; 1, unused, with MMA).
+var<workgroup> p_tile: array<array<vec4<f32>, ROWS4>, P_KEYS>;
 
 fn hmax(v: vec4<f32>) -> f32 {
     return max(max(v.x, v.y), max(v.z, v.w));
@@ -497,7 +501,10 @@ fn main(
         hole_tiles = range_hull_hole_tiles(hull);
         key_end = u32(max(hull.union_hi, 0));
     }
-    if QR > 0u {
+    if MMA == 1u {
+        // Read after the barrier of workgroupUniformLoad below.
+        mma_stage_q(li, b, kvh);
+    } else if QR > 0u {
         // Resident Q, read after the barrier of workgroupUniformLoad below.
         for (var k0 = 0u; k0 < QR * TILE_K; k0 += TILE_K) {
             stage_q(li, k0, q_row);
@@ -546,7 +553,9 @@ fn main(
         // S = Q K^T for the 64 x 64 tile, over head_dim in slices of 16 (pairs of slices of K
         // where Q is resident).
         var s = Block();
-        if DB {
+        if MMA == 1u {
+            s = mma_scores(li, ty, tx);
+        } else if DB {
             s = scores_double_buffered(li, ty, tx, rows_live, q_row);
             // V's first slice, loaded now so that its latency hides behind the softmax.
             v_next = v_slice(li, 0u, v_base);
@@ -621,7 +630,7 @@ fn main(
             acc[x] *= corr[x % BR];
         }
         // Key block_col(tx, c)'s probabilities of rows 4 (ty + NY g) .. + 3.
-        for (var x = 0u; x < BC * BR4; x++) {
+        for (var x = 0u; x < BC * BR4 * (1u - MMA); x++) {
             let c = x / BR4;
             let g = x % BR4;
             p_tile[block_col(tx, c)][block_row_group(ty, g)] = vec4<f32>(
@@ -633,7 +642,10 @@ fn main(
         }
 
         // O += P V over the tile's keys, in slices of BKV keys of V (staged in tile_stage).
-        if DB {
+        if MMA == 1u {
+            mma_put_p(s, ty, tx);
+            acc = mma_pv(acc, li, ty, tx, v_base);
+        } else if DB {
             // The first slice into buffer 0 (free since the last step's barrier), then one
             // barrier per slice, the next slice loaded during this one's FMAs.
             put_v(li, v_next, 0u);

@@ -8,8 +8,8 @@ mod spec;
 
 pub use error::{Error, Result};
 pub use gpu::{
-    DecodeKernel, DeviceLens, DeviceMask, Gpu, GpuLimits, Gradients, KvCache, LimitCaps, Output,
-    PagedKvCache, ParamsIn, Plan, SeqId, Shape, Tensor, TileBlock,
+    DecodeKernel, DeviceLens, DeviceMask, Gpu, GpuLimits, Gradients, KvCache, LimitCaps, MmaChoice,
+    Output, PagedKvCache, ParamsIn, Plan, SeqId, Shape, Tensor, TileBlock,
 };
 pub use mha::{MhaActivations, MhaConfig, MhaGradients, MhaOutput, MhaWeights, MultiHeadAttention};
 pub use spec::{

@@ -4,7 +4,7 @@
 #[macro_use]
 mod common;
 
-use wgpu_attention::{Output, Path, Plan};
+use wgpu_attention::{DType, Output, Path, Plan};
 
 path_grid_tests!(Path::Fused);
 
@@ -429,6 +429,184 @@ fn every_block_configuration() {
                 plan.reason()
             );
             check(&tiles, Path::Decode, dm, &opts, 2990 + rows as u64, 1.0);
+        }
+    }
+}
+
+/// Runs `opts` on f16 Q, K and V from `seed` into a NaN-poisoned O of `o_type` and
+/// log-sum-exp, and checks them against the f64 reference on the same rounded inputs with the
+/// 16-bit products' tolerance (see `sixteen_bit_products_against_the_reference`).
+fn check_half(gpu: &wgpu_attention::Gpu, dm: Dims, opts: &Attention, seed: u64, o_type: DType) {
+    let layout = opts.get_layout();
+    let mut r = rng(seed);
+    let half = |x: Vec<f32>| -> Vec<f32> { x.into_iter().map(|v| DType::F16.round(v)).collect() };
+    let q = half(random(&mut r, dm.q_elems(), 2.0));
+    let k = half(random(&mut r, dm.k_elems(), 1.0));
+    let v = half(random(&mut r, dm.v_elems(), 1.0));
+    let want = cpu::reference(&q, &k, &v, dm, opts).expect("reference");
+    let up = |x: &[f32], shape| gpu.upload_as(x, shape, DType::F16).unwrap();
+    let (tq, tk, tv) = (
+        up(&q, dm.q_shape(layout)),
+        up(&k, dm.k_shape(layout)),
+        up(&v, dm.v_shape(layout)),
+    );
+    let o_shape = dm.o_shape(layout);
+    let out = Output {
+        o: gpu
+            .upload_as(&vec![f32::NAN; o_shape.iter().product()], o_shape, o_type)
+            .unwrap(),
+        lse: Some(common::poisoned(gpu, [dm.batch, dm.heads, dm.q_len, 1])),
+        weights: None,
+    };
+    opts.run_into(gpu, &tq, &tk, &tv, &out)
+        .unwrap_or_else(|e| panic!("{dm:?}: {e}"));
+    let o = out.o.download(gpu).unwrap();
+    let lse = out.lse.unwrap().download(gpu).unwrap();
+    let ctx = format!("[{o_type:?} O] {dm:?} seed {seed}");
+    common::assert_close(&format!("O of {ctx}"), &o, &want.o, 5e-4, 1.0 / 1024.0);
+    let err = common::rel_norm_error(&o, &want.o);
+    assert!(err <= 3e-3, "O of {ctx}: relative norm error {err:e}");
+    common::assert_close(&format!("lse of {ctx}"), &lse, &want.lse, 2e-5, 2e-5);
+}
+
+/// The fused kernel's 16-bit products (f16 Q, K and V; `shaders/lib/mma.wgsl`) against the f64
+/// reference on the f16-rounded inputs: emulated by plain FMAs on every adapter with
+/// `SHADER_F16`, and on cooperative matrices where the `Gpu` has them (opened with
+/// `WGPU_ATTENTION_MMA=cooperative` on an adapter that lists an f16 shape; the test prints
+/// whether they ran). Shapes fill no tile: several row tiles, GQA rows, Q and K in one to four
+/// slices of 64 dims, V in one to four chunks, every per-key option, several passes, f16 and
+/// f32 O, and the decode path's 16-row tiles.
+/// Tolerance: P is rounded to f16 before P V (as FlashAttention's kernels do), so an element
+/// of O may differ from the reference by up to 2^-11 of `sum p |v| / l`, at most 2^-11 of
+/// max |v| = 1: absolute 5e-4, relative 2^-10 (an f16 O's own rounding), and a relative norm
+/// error within DESIGN.md's 3e-3 for half storage. The log-sum-exp sums the unrounded P: 2e-5.
+#[test]
+fn sixteen_bit_products_against_the_reference() {
+    use wgpu_attention::{DecodeKernel, Error, LimitCaps, MmaChoice};
+    let Some(base) = gpu() else { return };
+    if !base.features().contains(wgpu::Features::SHADER_F16) {
+        let e = base.with_mma(MmaChoice::Emulated).unwrap_err();
+        assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+        eprintln!("16-bit products: no SHADER_F16 on this adapter, so none ran ({e})");
+        return;
+    }
+    let mut ways = vec![base.with_mma(MmaChoice::Emulated).unwrap()];
+    match base.with_mma(MmaChoice::Cooperative) {
+        Ok(g) => {
+            eprintln!(
+                "16-bit products: cooperative matrices of {0}x{0} ran, and the emulation",
+                base.limits().cooperative_matrix
+            );
+            ways.push(g);
+        }
+        Err(e) => {
+            assert!(matches!(e, Error::Unsupported { .. }), "{e}");
+            assert_eq!(base.limits().cooperative_matrix, 0, "{e}");
+            eprintln!("16-bit products: emulated only (no cooperative matrices: {e})");
+        }
+    }
+    let mut r = rng(53);
+    for (w, g) in ways.iter().enumerate() {
+        let cooperative = g.tile_config().mma == MmaChoice::Cooperative;
+        let tiles = g
+            .with_decode_kernel(DecodeKernel::RowTiles, g.limits().tile.subgroups)
+            .unwrap()
+            .with_decode_rows(16)
+            .unwrap();
+        let capped = g.with_caps(LimitCaps {
+            max_key_tiles_per_workgroup: Some(1),
+            ..Default::default()
+        });
+        // (gpu, path, heads, kv_heads, q_len, kv_len, head_dim, v_head_dim, options, O)
+        let causal = |s: usize| {
+            Attention::new()
+                .causal(Causal::BottomRight)
+                .kv_lens(vec![s as u32, s as u32 - 29])
+        };
+        let masked = |h: usize, l: usize, s: usize, r: &mut rand::rngs::StdRng| {
+            Attention::new()
+                .window(50, 3)
+                .softcap(12.0)
+                .mask([2, 1, l, s], random_mask(r, 2 * l * s, 0.8))
+                .bias([1, h, 1, s], random(r, h * s, 2.0))
+        };
+        let cases = [
+            (
+                g,
+                Path::Fused,
+                3,
+                3,
+                70,
+                150,
+                40,
+                24,
+                causal(150),
+                DType::F32,
+            ),
+            (
+                g,
+                Path::Fused,
+                4,
+                2,
+                33,
+                200,
+                72,
+                100,
+                masked(4, 33, 200, &mut r),
+                DType::F16,
+            ),
+            (
+                &tiles,
+                Path::Decode,
+                12,
+                1,
+                1,
+                300,
+                64,
+                64,
+                causal(300),
+                DType::F32,
+            ),
+            (
+                g,
+                Path::Fused,
+                2,
+                1,
+                20,
+                90,
+                256,
+                256,
+                Attention::new(),
+                DType::F16,
+            ),
+            (
+                &capped,
+                Path::Fused,
+                3,
+                3,
+                70,
+                150,
+                40,
+                24,
+                causal(150),
+                DType::F16,
+            ),
+        ];
+        for (n, (g, path, h, hkv, l, s, d, dv, opts, o_type)) in cases.into_iter().enumerate() {
+            let dm = dims(2, h, hkv, l, s, d, dv);
+            let opts = opts.path(path);
+            let plan = opts.plan_for_dtype(g, dm, DType::F16).unwrap();
+            let (Plan::Fused { plan: p, .. } | Plan::Decode { plan: p, .. }) = &plan else {
+                panic!("{}", plan.reason())
+            };
+            let m = p
+                .mma
+                .unwrap_or_else(|| panic!("no 16-bit products: {}", plan.reason()));
+            assert_eq!(m.cooperative, cooperative, "{}", plan.reason());
+            // f32 inputs never take them.
+            let scalar = opts.plan(g, dm).unwrap();
+            assert!(!scalar.reason().contains("16-bit"), "{}", scalar.reason());
+            check_half(g, dm, &opts, 5300 + 100 * w as u64 + n as u64, o_type);
         }
     }
 }

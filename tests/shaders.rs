@@ -53,12 +53,16 @@ fn describe(key: &KernelKey) -> String {
 
 /// The naga capabilities of a key: those of its widest storage.
 fn key_capabilities(key: &KernelKey) -> Capabilities {
-    let subgroups = if key.needs_subgroups() {
+    let mut subgroups = if key.needs_subgroups() {
         // What wgpu grants with Features::SUBGROUP.
         Capabilities::SUBGROUP
     } else {
         Capabilities::empty()
     };
+    if key.needs_cooperative_matrix() {
+        // What wgpu grants with Features::EXPERIMENTAL_COOPERATIVE_MATRIX.
+        subgroups |= Capabilities::COOPERATIVE_MATRIX;
+    }
     key.storages()
         .into_iter()
         .fold(subgroups, |c, s| c | capabilities(s))
@@ -238,6 +242,7 @@ fn options_are_compiled_in() {
         resident_q: 0,
         double_buffer: false,
         subgroups: false,
+        mma: None,
         masks,
     };
     let softmax = |masks| KernelKey::MaskedSoftmax {
@@ -286,7 +291,14 @@ fn options_are_compiled_in() {
 fn every_kernel_translates_to_spirv() {
     for s in specialised() {
         let what = describe(&s.key);
-        for lang_version in [(1, 0), (1, 3)] {
+        // SPV_KHR_cooperative_matrix needs SPIR-V 1.3 at least (wgpu's Vulkan backend writes
+        // 1.3 or later where the device has it).
+        let versions: &[(u8, u8)] = if s.key.needs_cooperative_matrix() {
+            &[(1, 3), (1, 6)]
+        } else {
+            &[(1, 0), (1, 3)]
+        };
+        for &lang_version in versions {
             let options = spv::Options {
                 lang_version,
                 bounds_check_policies: bounds_checks(),
@@ -318,8 +330,14 @@ fn every_kernel_translates_to_msl() {
     for s in specialised() {
         let what = describe(&s.key);
         // 2.0 is the oldest Metal Shading Language wgpu's Metal backend targets in practice;
-        // 3.0 is Apple silicon today.
-        for lang_version in [(2, 0), (3, 0)] {
+        // 3.0 is Apple silicon today. Simdgroup matrices need 2.3 and are 8 x 8 only: the
+        // planner never gives Metal a 16 x 16 key (its adapter lists no such shape).
+        let versions: &[(u8, u8)] = match s.key {
+            _ if !s.key.needs_cooperative_matrix() => &[(2, 0), (3, 0)],
+            KernelKey::FlashAttention { mma: Some(m), .. } if m.size == 8 => &[(2, 3), (3, 0)],
+            _ => &[],
+        };
+        for &lang_version in versions {
             let options = msl::Options {
                 lang_version,
                 bounds_check_policies: bounds_checks(),
@@ -344,7 +362,11 @@ fn every_kernel_translates_to_msl() {
 
 #[test]
 fn every_kernel_translates_to_hlsl() {
-    for s in specialised() {
+    // naga's HLSL writer has no cooperative matrices, and wgpu no such feature on DX12.
+    for s in specialised()
+        .into_iter()
+        .filter(|s| !s.key.needs_cooperative_matrix())
+    {
         let what = describe(&s.key);
         // 5.1 is what FXC compiles; 6.0 the floor of DXC.
         for shader_model in [hlsl::ShaderModel::V5_1, hlsl::ShaderModel::V6_0] {

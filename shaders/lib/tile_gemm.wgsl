@@ -83,10 +83,11 @@ fn block_col(tx: u32, c: u32) -> u32 {
 // Vec4s of one staging buffer: a slice of A, then a slice of B.
 const STAGE_SIZE: u32 = 2u * STAGE_B;
 
-// STAGES (a constant of the key: 1, or 2 for flash_attention.wgsl's double buffering)
+// STAGES (a constant of the key: 1, 2 for flash_attention.wgsl's double buffering, 0 for
+// its 16-bit products, which stage elsewhere: one unused vec4)
 // buffers, each a slice of A then a slice of B, [k][row / 4]: one vec4 holds four consecutive
 // rows of one k. Flash attention reuses it to stage V.
-var<workgroup> tile_stage: array<vec4<f32>, STAGES * STAGE_SIZE>;
+var<workgroup> tile_stage: array<vec4<f32>, max(STAGES * STAGE_SIZE, 1u)>;
 
 // Item `idx` of operand `side` (0: A, TILE_M rows; 1: B, TILE columns), slice
 // k0 .. k0 + TILE_K, for operands contiguous in k: four rows of one k. The 16 invocations that

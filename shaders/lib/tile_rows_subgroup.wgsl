@@ -24,6 +24,8 @@ struct TileRowsInvocation {
 var<workgroup> rows_fit: u32;
 // The same, for rows_max and rows_sum.
 var<private> by_shuffle: bool;
+// This invocation's subgroup (lib/mma_cooperative.wgsl shares tiles out by it).
+var<private> place_sg: u32;
 
 // This invocation's place: (tx, ty) of its block, and its index for staging. Called once, in
 // uniform control flow (one barrier).
@@ -32,6 +34,7 @@ fn tile_place(inv: TileRowsInvocation) -> vec3<u32> {
         rows_fit = u32(inv.sgs * inv.sg_size == tile_invocations() && inv.sg_size >= NX);
     }
     by_shuffle = workgroupUniformLoad(&rows_fit) != 0u;
+    place_sg = inv.sg;
     let place = select(inv.li, inv.sg * inv.sg_size + inv.lane, by_shuffle);
     return vec3<u32>(place % NX, place / NX, place);
 }

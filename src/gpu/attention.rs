@@ -53,9 +53,19 @@ fn check_outputs(spec: &Spec<'_>, out: &Output) -> Result<()> {
 }
 
 impl Attention {
-    /// The plan a call with these options would run for `dims` on `gpu`, without running it.
+    /// The plan a call with these options would run for `dims` on `gpu`, without running it,
+    /// for f32 inputs ([`Attention::plan_for_dtype`] for others: f16 inputs may take the
+    /// fused kernel's 16-bit products).
     pub fn plan(&self, gpu: &Gpu, dims: Dims) -> Result<Plan> {
         self.plan_for_limits(&gpu.limits, dims)
+    }
+
+    /// The plan a call with these options would run for `dims` on `gpu` with Q, K and V of
+    /// `dtype`, without running it.
+    pub fn plan_for_dtype(&self, gpu: &Gpu, dims: Dims, dtype: DType) -> Result<Plan> {
+        let spec = self.validate(dims)?;
+        let half = gpu.native_f16 && dtype == DType::F16;
+        paths::choose(&spec, &gpu.limits, self.want_weights, half)
     }
 
     /// The plan a call with these options would run for `dims` on a device with `limits`
@@ -63,7 +73,7 @@ impl Attention {
     /// device: planning is arithmetic over the limits.
     pub fn plan_for_limits(&self, limits: &GpuLimits, dims: Dims) -> Result<Plan> {
         let spec = self.validate(dims)?;
-        paths::choose(&spec, limits, self.want_weights)
+        paths::choose(&spec, limits, self.want_weights, false)
     }
 
     /// Runs attention on the GPU, allocating the outputs (O in the queries' dtype).
@@ -139,7 +149,7 @@ pub(crate) fn encode_validated(
     }
     check_outputs(spec, out)?;
     check_devices(gpu, inputs, out)?;
-    let plan = plan_checked(gpu, spec, out)?;
+    let plan = plan_checked(gpu, spec, inputs, out)?;
     paths::encode(gpu, spec, &plan, &io(inputs, out), encoder)
 }
 
@@ -155,8 +165,15 @@ fn io<'a>((q, k, v): (&'a Tensor, &'a Tensor, &'a Tensor), out: &'a Output) -> I
 }
 
 /// The plan for a validated call into `out`; weights in `out` need the three-pass path.
-fn plan_checked(gpu: &Gpu, spec: &Spec<'_>, out: &Output) -> Result<Plan> {
-    let plan = paths::choose(spec, &gpu.limits, out.weights.is_some())?;
+fn plan_checked(
+    gpu: &Gpu,
+    spec: &Spec<'_>,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
+    out: &Output,
+) -> Result<Plan> {
+    // Native f16 Q, K and V may take the fused kernel's 16-bit products.
+    let half = gpu.native_f16 && [q, k, v].iter().all(|t| t.dtype() == DType::F16);
+    let plan = paths::choose(spec, &gpu.limits, out.weights.is_some(), half)?;
     if out.weights.is_some() && !matches!(plan, Plan::ThreePass { .. }) {
         return Err(Error::InvalidOption {
             what: "weights output",
@@ -196,7 +213,7 @@ fn run_validated(
     out: &Output,
 ) -> Result<()> {
     check_devices(gpu, inputs, out)?;
-    let plan = plan_checked(gpu, spec, out)?;
+    let plan = plan_checked(gpu, spec, inputs, out)?;
     gpu.submit_with(plan.name(), |encoder| {
         paths::encode(gpu, spec, &plan, &io(inputs, out), encoder)
     })

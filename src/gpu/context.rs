@@ -5,7 +5,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{Error, Result};
 use crate::gpu::kernels::{Kernels, ParamsIn};
-use crate::gpu::limits::{DecodeKernel, GpuLimits, LimitCaps, TileBlock};
+use crate::gpu::limits::{DecodeKernel, GpuLimits, LimitCaps, MmaChoice, TileBlock};
 use crate::gpu::pool::{Pool, PoolStats};
 use crate::gpu::scopes::{Deferred, Scopes};
 use crate::gpu::tuning::{TileConfig, entry_for};
@@ -112,6 +112,84 @@ fn decode_rows(rows: u32, what: &'static str, value: &str) -> Result<u32> {
             why: "must be one of 4, 8, 16, 32, 64",
         })
     }
+}
+
+/// `WGPU_ATTENTION_MMA`, if set: `off`, `emulated` or `cooperative` ([`MmaChoice`]).
+fn mma_from_env() -> Result<Option<MmaChoice>> {
+    match std::env::var("WGPU_ATTENTION_MMA") {
+        Ok(value) => MmaChoice::parse(&value)
+            .map(Some)
+            .ok_or(Error::InvalidOption {
+                what: "WGPU_ATTENTION_MMA",
+                value,
+                why: "must be off (scalar products), emulated (16-bit products by plain FMAs) or \
+                      cooperative (16-bit products on cooperative matrices)",
+            }),
+        Err(_) => Ok(None),
+    }
+}
+
+/// `choice` if the device can run it (the emulation needs `SHADER_F16`, the cooperative
+/// products a cooperative matrix shape, f16 and subgroups), else the error saying what it lacks.
+fn mma_available(
+    choice: MmaChoice,
+    limits: &GpuLimits,
+    features: wgpu::Features,
+) -> Result<MmaChoice> {
+    let lacking = match choice {
+        MmaChoice::Off => None,
+        _ if !features.contains(wgpu::Features::SHADER_F16) => Some("f16 in shaders (SHADER_F16)"),
+        MmaChoice::Emulated => None,
+        MmaChoice::Cooperative if limits.cooperative_matrix == 0 => Some(
+            "f16 cooperative matrices (EXPERIMENTAL_COOPERATIVE_MATRIX with a 16x16x16 or 8x8x8 \
+             f16 x f16 -> f32 shape, requested by WGPU_ATTENTION_MMA=cooperative when the Gpu \
+             is opened)",
+        ),
+        MmaChoice::Cooperative if limits.subgroup_size == 0 => {
+            Some("subgroups of one fixed size (SUBGROUP, subgroup_min_size == subgroup_max_size)")
+        }
+        MmaChoice::Cooperative => None,
+    };
+    match lacking {
+        Some(what) => Err(Error::Unsupported {
+            what,
+            needed: 1,
+            available: 0,
+        }),
+        None => Ok(choice),
+    }
+}
+
+/// The size of the square f16 x f16 -> f32 cooperative matrices `adapter` multiplies (16
+/// preferred, else 8), or 0: none the kernels can use, or no f16 or subgroups beside them.
+fn cooperative_size(adapter: &wgpu::Adapter) -> u32 {
+    let needed = wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX
+        | wgpu::Features::SHADER_F16
+        | wgpu::Features::SUBGROUP;
+    if !adapter.features().contains(needed) {
+        return 0;
+    }
+    let shapes = adapter.cooperative_matrix_properties();
+    [16, 8]
+        .into_iter()
+        .find(|&n| {
+            shapes.iter().any(|p| {
+                (p.m_size, p.n_size, p.k_size) == (n, n, n)
+                    && p.ab_type == wgpu::CooperativeScalarType::F16
+                    && p.cr_type == wgpu::CooperativeScalarType::F32
+            })
+        })
+        .unwrap_or(0)
+}
+
+/// wgpu's token for experimental features, which cooperative matrices are.
+#[allow(unsafe_code)]
+fn experimental_on() -> wgpu::ExperimentalFeatures {
+    // SAFETY: the token is the caller's acknowledgement that wgpu's experimental APIs may
+    // hold bugs. It is taken only when the user asked for cooperative matrices
+    // (WGPU_ATTENTION_MMA=cooperative) and the adapter lists a shape the kernels use; the
+    // only experimental API the crate then calls is the cooperative matrix one.
+    unsafe { wgpu::ExperimentalFeatures::enabled() }
 }
 
 /// `true` if the device has subgroup operations, else the error saying it lacks them.
@@ -234,19 +312,31 @@ impl Gpu {
         let limits = adapter.limits();
         let optional =
             wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP | wgpu::Features::TIMESTAMP_QUERY;
-        let features = adapter.features() & optional;
+        let mut features = adapter.features() & optional;
+        // Cooperative matrices are a wgpu experiment: asked for only on the user's word.
+        let coop_size = if mma_from_env()? == Some(MmaChoice::Cooperative) {
+            cooperative_size(&adapter)
+        } else {
+            0
+        };
+        let experimental_features = if coop_size > 0 {
+            features |= wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX;
+            experimental_on()
+        } else {
+            wgpu::ExperimentalFeatures::disabled()
+        };
         let (device, queue) = adapter
             .request_device(&wgpu::DeviceDescriptor {
                 label: Some("wgpu-attention"),
                 required_features: features,
                 required_limits: limits,
-                experimental_features: wgpu::ExperimentalFeatures::disabled(),
+                experimental_features,
                 memory_hints: wgpu::MemoryHints::Performance,
                 trace: wgpu::Trace::Off,
             })
             .await
             .map_err(|e| Error::RequestDevice(e.to_string()))?;
-        Gpu::from_parts(device, queue, info)
+        Gpu::from_parts(device, queue, info, coop_size)
     }
 
     /// Wraps a device and queue the application already has (a renderer, another ML library):
@@ -262,23 +352,35 @@ impl Gpu {
     /// them and its clones and derived contexts.
     pub fn from_wgpu(device: wgpu::Device, queue: wgpu::Queue) -> Result<Gpu> {
         let info = device.adapter_info();
-        Gpu::from_parts(device, queue, info)
+        // A device has no list of its cooperative matrix shapes (only its adapter has), so
+        // a wrapped device never takes the cooperative products.
+        Gpu::from_parts(device, queue, info, 0)
     }
 
     fn from_parts(
         device: wgpu::Device,
         queue: wgpu::Queue,
         info: wgpu::AdapterInfo,
+        coop_size: u32,
     ) -> Result<Gpu> {
         let mut limits = GpuLimits::from_wgpu(&device.limits(), info.device_type);
         let features = device.features();
         // The adapter's tile configuration, then the environment's overrides.
         let has_subgroups = features.contains(wgpu::Features::SUBGROUP);
+        if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
+            limits.cooperative_matrix = coop_size;
+        }
+        if has_subgroups && info.subgroup_min_size == info.subgroup_max_size {
+            limits.subgroup_size = info.subgroup_min_size;
+        }
         let entry = entry_for(&info).config;
         limits.tile = TileConfig {
             subgroups: entry.subgroups && has_subgroups,
             ..entry
         };
+        if let Some(choice) = mma_from_env()? {
+            limits.tile.mma = mma_available(choice, &limits, features)?;
+        }
         if let Ok(value) = std::env::var("WGPU_ATTENTION_DECODE_ROWS") {
             const WHAT: &str = "WGPU_ATTENTION_DECODE_ROWS";
             let rows = value.trim().parse().unwrap_or(0);
@@ -724,7 +826,20 @@ impl Gpu {
         gpu.limits.tile.double_buffer = config.double_buffer;
         gpu.limits.tile.tiled_backward = config.tiled_backward;
         gpu.with_blocks(config.fused_block, config.gemm_block)?
-            .with_backward_block(config.backward_block)
+            .with_backward_block(config.backward_block)?
+            .with_mma(config.mma)
+    }
+
+    /// A context on the same device whose fused kernel computes S and P V as products of
+    /// 16-bit operands where Q, K and V are native f16 (see [`MmaChoice`]): an error where the
+    /// device lacks what `choice` needs (`SHADER_F16`; for
+    /// [`MmaChoice::Cooperative`] also cooperative matrices, which a [`Gpu`] has only when
+    /// opened by [`Gpu::new`] with `WGPU_ATTENTION_MMA=cooperative` on an adapter that lists
+    /// them, and one subgroup size).
+    pub fn with_mma(&self, choice: MmaChoice) -> Result<Gpu> {
+        let mut gpu = self.clone();
+        gpu.limits.tile.mma = mma_available(choice, &self.limits, self.features)?;
+        Ok(gpu)
     }
 
     /// A context on the same device whose fused kernel keeps Q in workgroup memory where it

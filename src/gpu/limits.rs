@@ -34,11 +34,57 @@ pub struct GpuLimits {
     /// an invocation's loops after 65535 iterations in total, so on CPU adapters it is 32
     /// (2048 keys); elsewhere it is unbounded.
     pub max_key_tiles_per_workgroup: u32,
+    /// The size of the square f16 x f16 -> f32 cooperative matrices the device multiplies
+    /// (16 on Vulkan's `VK_KHR_cooperative_matrix` drivers that list 16 x 16 x 16, 8 on
+    /// Metal), or 0: none (no `Features::EXPERIMENTAL_COOPERATIVE_MATRIX`, or no such shape).
+    pub cooperative_matrix: u32,
+    /// The device's subgroup size where it has only one (`subgroup_min_size ==
+    /// subgroup_max_size`, subgroups enabled), else 0.
+    pub subgroup_size: u32,
     /// The tile configuration (the decode path's kernel, the invocation blocks): not a device
     /// limit but a choice per adapter
     /// ([`TABLE`](crate::gpu::tuning::TABLE)), kept beside the limits because the planner
     /// reads both.
     pub tile: TileConfig,
+}
+
+/// Whether the fused kernel computes S and P V as products of 16-bit operands (f16 Q, K and V;
+/// `shaders/lib/mma.wgsl`), a tile choice per adapter ([`TileConfig::mma`];
+/// `WGPU_ATTENTION_MMA=off|emulated|cooperative` overrides it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum MmaChoice {
+    /// The scalar register-blocked products, whatever the dtype.
+    #[default]
+    Off,
+    /// The 16-bit products by plain FMAs: the cooperative kernel's structure on any adapter
+    /// with `SHADER_F16`, for testing it where no cooperative matrices exist. Slower than
+    /// `Off`.
+    Emulated,
+    /// On cooperative matrices (tensor cores, simdgroup matrices) where the device has them
+    /// ([`GpuLimits::cooperative_matrix`]) and the shape allows; the scalar products
+    /// elsewhere.
+    Cooperative,
+}
+
+impl MmaChoice {
+    /// Parses `off`, `emulated` or `cooperative` (the name [`MmaChoice::name`] writes).
+    pub fn parse(value: &str) -> Option<MmaChoice> {
+        match value.trim() {
+            "off" => Some(MmaChoice::Off),
+            "emulated" => Some(MmaChoice::Emulated),
+            "cooperative" => Some(MmaChoice::Cooperative),
+            _ => None,
+        }
+    }
+
+    /// The name `parse` reads.
+    pub fn name(&self) -> &'static str {
+        match self {
+            MmaChoice::Off => "off",
+            MmaChoice::Emulated => "emulated",
+            MmaChoice::Cooperative => "cooperative",
+        }
+    }
 }
 
 /// The kernel of the decode path, a tile choice per adapter ([`TileConfig::decode_kernel`];
@@ -156,6 +202,9 @@ impl GpuLimits {
             } else {
                 u32::MAX
             },
+            // No features here: no cooperative matrices, no subgroups.
+            cooperative_matrix: 0,
+            subgroup_size: 0,
             // No vendor and no features here: the device type's entry, without subgroups.
             tile: TileConfig {
                 subgroups: false,

@@ -44,7 +44,7 @@ pub use context::Gpu;
 #[doc(hidden)]
 pub use dispatch::gemm::{MatView, MatmulShape, matmul};
 pub use kernels::ParamsIn;
-pub use limits::{DecodeKernel, DispatchSize, GpuLimits, LimitCaps, TileBlock};
+pub use limits::{DecodeKernel, DispatchSize, GpuLimits, LimitCaps, MmaChoice, TileBlock};
 pub use merge::{Partial, merge};
 pub use options::{DeviceLens, DeviceMask};
 pub use paged::{PagedKvCache, SeqId};

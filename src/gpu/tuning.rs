@@ -16,7 +16,7 @@
 //! The configuration is [`GpuLimits::tile`](crate::gpu::GpuLimits::tile): the plans read it there, beside the device
 //! limits, so the planner tests set any configuration without a device.
 
-use super::limits::{DecodeKernel, TileBlock};
+use super::limits::{DecodeKernel, MmaChoice, TileBlock};
 
 /// One tile configuration ([`GpuLimits::tile`](crate::gpu::GpuLimits::tile)): the decode
 /// path's kernel and the invocation blocks of the tile products.
@@ -77,6 +77,11 @@ pub struct TileConfig {
     /// registers where the forward's block does not. `WGPU_ATTENTION_BACKWARD_BLOCK` or
     /// [`Gpu::with_backward_block`](crate::Gpu::with_backward_block) overrides it.
     pub backward_block: TileBlock,
+    /// Whether the fused kernel computes S and P V as products of 16-bit operands where Q,
+    /// K and V are native f16 ([`MmaChoice`]): `Off` in every entry until a GPU measures the
+    /// cooperative kernel, which has not yet run on one. `WGPU_ATTENTION_MMA` or
+    /// [`Gpu::with_mma`](crate::Gpu::with_mma) overrides it.
+    pub mma: MmaChoice,
 }
 
 /// An entry of [`TABLE`]: which adapters it is for, and where its figures come from.
@@ -117,6 +122,7 @@ const fn keys(
         double_buffer,
         tiled_backward: true,
         backward_block,
+        mma: MmaChoice::Off,
     }
 }
 
@@ -218,7 +224,7 @@ impl TileConfig {
         format!(
             "TileConfig {{ decode_kernel: {kernel}, subgroups: {}, min_decode_rows: {}, \
              decode_target_workgroups: {}, fused_block: {}, gemm_block: {}, resident_q: {}, \
-             double_buffer: {}, tiled_backward: {}, backward_block: {} }}",
+             double_buffer: {}, tiled_backward: {}, backward_block: {}, mma: MmaChoice::{:?} }}",
             self.subgroups,
             self.min_decode_rows,
             self.decode_target_workgroups,
@@ -227,7 +233,8 @@ impl TileConfig {
             self.resident_q,
             self.double_buffer,
             self.tiled_backward,
-            block(self.backward_block)
+            block(self.backward_block),
+            self.mma
         )
     }
 }
@@ -271,7 +278,8 @@ mod tests {
             "TileConfig { decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup: 16 }, \
              subgroups: true, min_decode_rows: 4, decode_target_workgroups: 64, \
              fused_block: TileBlock::B8X8, gemm_block: TileBlock::B8X8, resident_q: true, \
-             double_buffer: false, tiled_backward: true, backward_block: TileBlock::B8X8 }"
+             double_buffer: false, tiled_backward: true, backward_block: TileBlock::B8X8, \
+             mma: MmaChoice::Off }"
         );
     }
 }

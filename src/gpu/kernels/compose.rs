@@ -16,6 +16,9 @@ pub(super) fn source(key: &KernelKey, params: ParamsIn) -> String {
     for (name, value) in key.source_constants() {
         let _ = writeln!(src, "const {name}: u32 = {value}u;");
     }
+    for (name, ty) in key.aliases() {
+        let _ = writeln!(src, "alias {name} = {ty};");
+    }
     // Each parameter block's struct once, even when two slots bind the same type.
     let mut declared = Vec::new();
     for slot in kernel.slots() {

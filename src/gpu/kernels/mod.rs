@@ -104,11 +104,19 @@ pub enum Fragment {
     OptionsApart,
     /// `bias_at` and `mask_word` from inside `lens` (two storage buffers fewer).
     OptionsPacked,
+    /// The fused kernel's 16-bit tile products: staging and read-back ([`Mma`]).
+    Mma,
+    /// Their products on cooperative matrices.
+    MmaCooperative,
+    /// Their products by plain FMAs (any adapter with `SHADER_F16`).
+    MmaEmulated,
+    /// Their interface for the scalar fused kernel, never called.
+    MmaNone,
 }
 
 impl Fragment {
     /// Every fragment.
-    pub const ALL: [Fragment; 13] = [
+    pub const ALL: [Fragment; 17] = [
         Fragment::Grid,
         Fragment::Lse,
         Fragment::TileGemm,
@@ -122,6 +130,10 @@ impl Fragment {
         Fragment::Backward,
         Fragment::OptionsApart,
         Fragment::OptionsPacked,
+        Fragment::Mma,
+        Fragment::MmaCooperative,
+        Fragment::MmaEmulated,
+        Fragment::MmaNone,
     ];
 
     /// Its WGSL.
@@ -146,6 +158,10 @@ impl Fragment {
             Fragment::Backward => include_str!("../../../shaders/lib/backward.wgsl"),
             Fragment::OptionsApart => include_str!("../../../shaders/lib/options_apart.wgsl"),
             Fragment::OptionsPacked => include_str!("../../../shaders/lib/options_packed.wgsl"),
+            Fragment::Mma => include_str!("../../../shaders/lib/mma.wgsl"),
+            Fragment::MmaCooperative => include_str!("../../../shaders/lib/mma_cooperative.wgsl"),
+            Fragment::MmaEmulated => include_str!("../../../shaders/lib/mma_emulated.wgsl"),
+            Fragment::MmaNone => include_str!("../../../shaders/lib/mma_none.wgsl"),
         }
     }
 }
@@ -437,6 +453,88 @@ impl Kernel {
     }
 }
 
+/// The fused kernel's products of 16-bit operands (`shaders/lib/mma.wgsl`): Q, K and V are
+/// f16 tensors, staged as f16 in workgroup memory, S and each 64-column chunk of P V computed
+/// into an f32 tile there and read back into the scalar kernel's register blocks. On
+/// cooperative matrices (tensor cores, simdgroup matrices) where the device has them, else
+/// emulated by plain FMAs over the same staged operands (what tests run on other adapters).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Mma {
+    /// Cooperative matrices (`Features::EXPERIMENTAL_COOPERATIVE_MATRIX`), or the emulation.
+    pub cooperative: bool,
+    /// The matrices' size (`CM`): 16 (f16 16 x 16 x 16 on Vulkan) or 8 (8 x 8 x 8 on Metal).
+    pub size: u32,
+    /// head_dim rounded up to `size`, or to a multiple of 64 past 64 (`QD`: Q and K are
+    /// staged 64 dims at a time).
+    pub q_dims: u32,
+    /// v_head_dim rounded the same way (`VD`: V is staged and P V computed 64 columns at a
+    /// time).
+    pub v_dims: u32,
+    /// The device's one subgroup size (`SG`), which the cooperative products share tiles out
+    /// by; 0 for the emulation.
+    pub subgroup: u32,
+}
+
+impl Mma {
+    /// The products for `head_dim` and `v_head_dim` with matrices of `size`.
+    pub fn new(
+        cooperative: bool,
+        size: u32,
+        head_dim: usize,
+        v_head_dim: usize,
+        subgroup: u32,
+    ) -> Mma {
+        let round = |n: usize| {
+            let n = n.max(1) as u32;
+            let m = if n > TILE { TILE } else { size };
+            n.div_ceil(m) * m
+        };
+        Mma {
+            cooperative,
+            size,
+            q_dims: round(head_dim),
+            v_dims: round(v_head_dim),
+            subgroup: if cooperative { subgroup } else { 0 },
+        }
+    }
+
+    /// Bytes of lib/mma.wgsl's workgroup arrays at `rows` rows: S or a chunk of P V (f32), P,
+    /// a slice of Q, a slice of K or chunk of V (f16), and the zeros.
+    pub const fn workgroup_bytes(&self, rows: u32) -> u32 {
+        let qs = if self.q_dims < TILE {
+            self.q_dims
+        } else {
+            TILE
+        };
+        let pv = if self.v_dims < TILE {
+            self.v_dims
+        } else {
+            TILE
+        };
+        let kvw = if qs > pv { qs } else { pv };
+        rows * TILE * 4 + rows * TILE * 2 + rows * qs * 2 + TILE * kvw * 2 + self.size * 4
+    }
+
+    /// The result tiles of S and of one chunk of P V at `rows` rows.
+    pub fn tiles(&self, rows: u32) -> [u32; 2] {
+        let strips = rows / self.size;
+        [
+            strips * (TILE / self.size),
+            strips * (self.v_dims.min(TILE) / self.size),
+        ]
+    }
+
+    /// The constants of its source.
+    fn constants(&self) -> [(&'static str, u32); 4] {
+        [
+            ("CM", self.size),
+            ("QD", self.q_dims),
+            ("VD", self.v_dims),
+            ("SG", self.subgroup.max(1)),
+        ]
+    }
+}
+
 /// The rows per workgroup the fused kernel is compiled for (`TILE_M`).
 pub const FLASH_ROWS: [u32; 5] = [4, 8, 16, 32, 64];
 
@@ -454,10 +552,22 @@ pub(crate) const fn flash_workgroup_bytes(
     rows: u32,
     resident_q: u32,
     double_buffer: bool,
+    mma: Option<Mma>,
 ) -> u32 {
+    // With 16-bit products: no tile staging (one vec4), p_tile of one key, and lib/mma.wgsl's
+    // arrays.
+    let (staging, p_keys, mma_bytes) = match mma {
+        Some(m) => (16, 1, m.workgroup_bytes(rows)),
+        None => (
+            TILE_STAGE_BYTES * if double_buffer { 2 } else { 1 },
+            TILE,
+            0,
+        ),
+    };
     // Staging, p_tile, red, tile_bounds, key_end, hole_tiles, key_slots, rows_fit, q_res.
-    TILE_STAGE_BYTES * if double_buffer { 2 } else { 1 }
-        + TILE * rows * 4
+    staging
+        + mma_bytes
+        + p_keys * rows * 4
         + TILE * block.columns_invocations() * 4
         + 16
         + 4
@@ -737,6 +847,9 @@ pub enum KernelKey {
         /// the kernel falls back to workgroup memory where its subgroups are smaller than a
         /// row's invocations or not full), or through workgroup memory only.
         subgroups: bool,
+        /// S and P V as products of 16-bit operands staged in workgroup memory (f16 Q, K
+        /// and V), or `None`: the scalar register-blocked products.
+        mma: Option<Mma>,
         /// The options compiled in.
         masks: MaskOptions,
     },
@@ -910,6 +1023,7 @@ impl KernelKey {
                 resident_q,
                 double_buffer,
                 subgroups,
+                mma: None,
                 masks,
             }
         };
@@ -947,6 +1061,45 @@ impl KernelKey {
                     n == 1,
                     masks,
                 ));
+            }
+        }
+        // The 16-bit products (f16 tensors only): emulated and cooperative, at the widths and
+        // row counts the planner picks from, with every option combination on one of them.
+        if s == Storage::F16 {
+            let mma = |cooperative, size, dims: (usize, usize), rows, block, masks| {
+                let m = Mma::new(cooperative, size, dims.0, dims.1, 32);
+                KernelKey::FlashAttention {
+                    q: s,
+                    k: s,
+                    v: s,
+                    o: s,
+                    block,
+                    o_vec4s: flash_o_vec4s(dims.1, block),
+                    rows,
+                    resident_q: 0,
+                    double_buffer: false,
+                    subgroups: cooperative,
+                    mma: Some(m),
+                    masks,
+                }
+            };
+            let plain = MaskOptions::default();
+            for (n, (dims, rows)) in [
+                ((64, 64), 64),
+                ((128, 128), 32),
+                ((72, 40), 16),
+                ((16, 100), 32),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let block = TileBlock::ALL[n % 3];
+                keys.push(mma(false, 16, dims, rows, block, plain));
+                keys.push(mma(true, 16, dims, rows, TileBlock::B8X4, plain));
+                keys.push(mma(true, 8, dims, rows, TileBlock::B8X4, plain));
+            }
+            for masks in MaskOptions::all() {
+                keys.push(mma(false, 16, (64, 64), 32, TileBlock::B8X8, masks));
             }
         }
         // The decode kernel: every size and reduction without options, and every option
@@ -1082,17 +1235,34 @@ impl KernelKey {
                 resident_q,
                 double_buffer,
                 subgroups,
+                mma,
                 masks,
                 ..
             } => format!(
                 "block {}; o_vec4s={o_vec4s}; rows={rows}; resident_q={resident_q}; \
-                 double_buffer={}; {}; {}",
+                 double_buffer={}; {}; {}{}",
                 block.name(),
                 *double_buffer as u8,
                 if *subgroups {
                     "subgroups"
                 } else {
                     "workgroup reduce"
+                },
+                match mma {
+                    Some(m) => format!(
+                        "{} {}x{} q{} v{} sg{}; ",
+                        if m.cooperative {
+                            "cooperative"
+                        } else {
+                            "emulated"
+                        },
+                        m.size,
+                        m.size,
+                        m.q_dims,
+                        m.v_dims,
+                        m.subgroup
+                    ),
+                    None => String::new(),
                 },
                 masks.label()
             ),
@@ -1153,8 +1323,9 @@ impl KernelKey {
                 rows,
                 resident_q,
                 double_buffer,
+                mma,
                 ..
-            } => flash_workgroup_bytes(block, subgroups, rows, resident_q, double_buffer),
+            } => flash_workgroup_bytes(block, subgroups, rows, resident_q, double_buffer, mma),
             KernelKey::FlashDecode {
                 workgroup,
                 rows,
@@ -1181,14 +1352,23 @@ impl KernelKey {
             } else {
                 Fragment::ReduceWorkgroup
             }),
-            KernelKey::FlashAttention { subgroups, .. } => out.extend([
-                Fragment::TileRows,
-                if subgroups {
-                    Fragment::TileRowsSubgroup
-                } else {
-                    Fragment::TileRowsWorkgroup
-                },
-            ]),
+            KernelKey::FlashAttention { subgroups, mma, .. } => {
+                out.extend([
+                    Fragment::TileRows,
+                    if subgroups {
+                        Fragment::TileRowsSubgroup
+                    } else {
+                        Fragment::TileRowsWorkgroup
+                    },
+                ]);
+                match mma {
+                    Some(m) if m.cooperative => {
+                        out.extend([Fragment::Mma, Fragment::MmaCooperative])
+                    }
+                    Some(_) => out.extend([Fragment::Mma, Fragment::MmaEmulated]),
+                    None => out.push(Fragment::MmaNone),
+                }
+            }
             _ => {}
         }
         out
@@ -1209,18 +1389,34 @@ impl KernelKey {
                 rows,
                 resident_q,
                 double_buffer,
+                mma,
                 ..
-            } => vec![
-                ("BR", block.rows),
-                ("BC", block.cols),
-                ("OC", o_vec4s),
-                ("BKV", flash_bkv(block, o_vec4s)),
-                ("QR", resident_q),
-                ("QR_VEC4S", flash_q_vec4s(rows, resident_q)),
-                ("ROWS4", rows / 4),
-                ("INV", block.invocations(rows)),
-                ("STAGES", if double_buffer { 2 } else { 1 }),
-            ],
+            } => {
+                let mut out = vec![
+                    ("BR", block.rows),
+                    ("BC", block.cols),
+                    ("OC", o_vec4s),
+                    ("BKV", flash_bkv(block, o_vec4s)),
+                    ("QR", resident_q),
+                    ("QR_VEC4S", flash_q_vec4s(rows, resident_q)),
+                    ("ROWS4", rows / 4),
+                    ("INV", block.invocations(rows)),
+                    (
+                        "STAGES",
+                        match (mma, double_buffer) {
+                            (Some(_), _) => 0,
+                            (None, true) => 2,
+                            (None, false) => 1,
+                        },
+                    ),
+                    ("MMA", mma.is_some() as u32),
+                    ("P_KEYS", if mma.is_some() { 1 } else { TILE }),
+                ];
+                if let Some(m) = mma {
+                    out.extend(m.constants());
+                }
+                out
+            }
             KernelKey::FlashDecode {
                 workgroup,
                 rows,
@@ -1295,7 +1491,49 @@ impl KernelKey {
         if self.needs_f16() {
             out.push("f16");
         }
+        if self.needs_cooperative_matrix() {
+            out.push("wgpu_cooperative_matrix");
+        }
         out
+    }
+
+    /// Whether the key's kernel uses cooperative matrices (the device needs
+    /// `Features::EXPERIMENTAL_COOPERATIVE_MATRIX`).
+    pub fn needs_cooperative_matrix(&self) -> bool {
+        matches!(
+            self,
+            KernelKey::FlashAttention {
+                mma: Some(Mma {
+                    cooperative: true,
+                    ..
+                }),
+                ..
+            }
+        )
+    }
+
+    /// The type aliases its source declares after the constants: the cooperative matrix types
+    /// of its products, sized by the key.
+    pub fn aliases(&self) -> Vec<(&'static str, String)> {
+        match *self {
+            KernelKey::FlashAttention {
+                mma:
+                    Some(
+                        m @ Mma {
+                            cooperative: true, ..
+                        },
+                    ),
+                ..
+            } => {
+                let n = m.size;
+                vec![
+                    ("MmaA", format!("coop_mat{n}x{n}<f16, A>")),
+                    ("MmaB", format!("coop_mat{n}x{n}<f16, B>")),
+                    ("MmaC", format!("coop_mat{n}x{n}<f32, C>")),
+                ]
+            }
+            _ => Vec::new(),
+        }
     }
 
     /// The `override` constants this specialisation sets.

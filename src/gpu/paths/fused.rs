@@ -55,10 +55,12 @@ use crate::gpu::context::Gpu;
 use crate::gpu::dispatch::combine::{self, Combine};
 use crate::gpu::kernels::uniforms::{CombineParams, FlashParams, TILE, TILE_K, uniform_buffer};
 use crate::gpu::kernels::{
-    DECODE_ROWS, DECODE_WORKGROUPS, FLASH_ROWS, KernelKey, MaskOptions, Storage,
+    DECODE_ROWS, DECODE_WORKGROUPS, FLASH_ROWS, KernelKey, MaskOptions, Mma, Storage,
     decode_workgroup_bytes, flash_o_vec4s, flash_workgroup_bytes,
 };
-use crate::gpu::limits::{DecodeKernel, DispatchSize, GpuLimits, TileBlock, check_binding};
+use crate::gpu::limits::{
+    DecodeKernel, DispatchSize, GpuLimits, MmaChoice, TileBlock, check_binding,
+};
 use crate::spec::Spec;
 
 /// Rows (query head, query row pairs) per workgroup: one tile of the tile product.
@@ -109,6 +111,14 @@ pub struct FusedPlan {
     /// most 8 vec4s per step in registers) and workgroup memory holds the second buffer
     /// beside resident Q.
     pub double_buffer: bool,
+    /// S and P V as products of 16-bit operands (`shaders/lib/mma.wgsl`): where Q, K and V
+    /// are native f16, the configuration asks for them
+    /// ([`TileConfig::mma`](crate::gpu::tuning::TileConfig::mma)), head_dim and v_head_dim
+    /// are at most 256 and workgroup memory holds them at the rows of the scalar plan or at
+    /// half or a quarter of them (at least 16); for cooperative matrices the device must have
+    /// them, a single subgroup size, and subgroups that divide the workgroup's result tiles.
+    /// `rows_per_workgroup` and `block` are then the products' (no resident Q, one buffer).
+    pub mma: Option<Mma>,
     /// Invocations per workgroup: `(64 / block.cols) * (rows_per_workgroup / block.rows)` for
     /// the row-tiled kernel, the configured 16, 32 or 64 for the decode-shaped one.
     pub invocations: u32,
@@ -183,7 +193,7 @@ fn element_group(dim: usize, most: u32) -> u32 {
 /// The limit the row-tiled fused kernel with invocation block `block` on `rows` rows (Q
 /// staged per tile) lacks on a device, if any.
 fn unsupported_block(limits: &GpuLimits, block: TileBlock, rows: u32) -> Option<Shortfall> {
-    let bytes = flash_workgroup_bytes(block, limits.tile.subgroups, rows, 0, false);
+    let bytes = flash_workgroup_bytes(block, limits.tile.subgroups, rows, 0, false, None);
     if limits.max_workgroup_storage < bytes {
         Some(Shortfall {
             what: "the fused kernel needs more workgroup memory (bytes)",
@@ -213,7 +223,7 @@ pub(crate) fn unsupported(spec: &Spec<'_>, limits: &GpuLimits, decode: bool) -> 
 /// [`FusedPlan::resident_q`]).
 fn resident_q_for(limits: &GpuLimits, block: TileBlock, rows: u32, head_dim: usize) -> u32 {
     let slices = head_dim.div_ceil(TILE_K as usize) as u32;
-    let bytes = flash_workgroup_bytes(block, limits.tile.subgroups, rows, slices, false);
+    let bytes = flash_workgroup_bytes(block, limits.tile.subgroups, rows, slices, false, None);
     if limits.tile.resident_q && bytes <= limits.max_workgroup_storage {
         slices
     } else {
@@ -229,7 +239,7 @@ const MIN_DOUBLE_BUFFER_INVOCATIONS: u32 = 64;
 /// Whether the row-tiled kernel double-buffers, with `resident_q` slices of resident Q (see
 /// [`FusedPlan::double_buffer`]).
 fn double_buffer_for(limits: &GpuLimits, block: TileBlock, rows: u32, resident_q: u32) -> bool {
-    let bytes = flash_workgroup_bytes(block, limits.tile.subgroups, rows, resident_q, true);
+    let bytes = flash_workgroup_bytes(block, limits.tile.subgroups, rows, resident_q, true, None);
     limits.tile.double_buffer
         && block.invocations(rows) >= MIN_DOUBLE_BUFFER_INVOCATIONS
         && bytes <= limits.max_workgroup_storage
@@ -283,10 +293,59 @@ fn block_for(limits: &GpuLimits, rows: u32, v_head_dim: usize) -> TileBlock {
         .unwrap_or(TileBlock::B4X4)
 }
 
+/// The key tiles one workgroup of the 16-bit products streams per dispatch on a device that
+/// caps loop iterations (llvmpipe): their staging and product loops run about 2000 to 4000
+/// iterations per tile there (the emulation's inner loops are not all unrolled), against the
+/// 65535 an invocation may run in all.
+const MMA_CAPPED_TILES: u32 = 8;
+
+/// The 16-bit products for `spec` on a device with `limits`, from `rows` rows per workgroup
+/// down (see [`FusedPlan::mma`]): the products, their rows and their block.
+fn mma_for(spec: &Spec<'_>, limits: &GpuLimits, rows: u32) -> Option<(Mma, u32, TileBlock)> {
+    let d = spec.dims;
+    let cooperative = match limits.tile.mma {
+        MmaChoice::Off => return None,
+        MmaChoice::Emulated => false,
+        MmaChoice::Cooperative => true,
+    };
+    if d.head_dim > 256 || d.v_head_dim > 256 {
+        return None;
+    }
+    let (size, subgroup) = if cooperative {
+        // place_sg comes from the subgroup variant of the row reductions.
+        if limits.cooperative_matrix == 0 || limits.subgroup_size == 0 || !limits.tile.subgroups {
+            return None;
+        }
+        (limits.cooperative_matrix, limits.subgroup_size)
+    } else {
+        (16, 0)
+    };
+    let mma = Mma::new(cooperative, size, d.head_dim, d.v_head_dim, subgroup);
+    [rows, rows / 2, rows / 4]
+        .into_iter()
+        .filter(|&r| r >= 16 && r >= size && r.is_multiple_of(size))
+        .find_map(|r| {
+            let block = block_for(limits, r, d.v_head_dim);
+            let invocations = block.invocations(r);
+            let bytes = flash_workgroup_bytes(block, limits.tile.subgroups, r, 0, false, Some(mma));
+            let fits = bytes <= limits.max_workgroup_storage
+                && invocations <= limits.max_invocations_per_workgroup
+                && limits.max_storage_buffers_per_stage >= FLASH_STORAGE_BUFFERS;
+            let shared_out = !cooperative
+                || (invocations.is_multiple_of(subgroup)
+                    && mma
+                        .tiles(r)
+                        .iter()
+                        .all(|t| t.is_multiple_of(invocations / subgroup)));
+            (fits && shared_out).then_some((mma, r, block))
+        })
+}
+
 impl FusedPlan {
     /// Plans `spec` for a device with `limits`; `decode` also splits the keys to give a small
-    /// grid enough workgroups.
-    pub fn new(spec: &Spec<'_>, limits: &GpuLimits, decode: bool) -> Result<FusedPlan> {
+    /// grid enough workgroups; `half` says that Q, K and V are native f16, which the 16-bit
+    /// products need ([`FusedPlan::mma`]).
+    pub fn new(spec: &Spec<'_>, limits: &GpuLimits, decode: bool, half: bool) -> Result<FusedPlan> {
         let decode_kernel = if decode {
             keys_kernel(spec, limits)
         } else {
@@ -312,10 +371,24 @@ impl FusedPlan {
         };
         let double_buffer =
             !keys_kernel && double_buffer_for(limits, block, rows_per_workgroup, resident_q);
+        let mma = if half && !keys_kernel {
+            mma_for(spec, limits, rows_per_workgroup)
+        } else {
+            None
+        };
+        let (rows_per_workgroup, block, resident_q, double_buffer) = match mma {
+            Some((_, rows, block)) => (rows, block, 0, false),
+            None => (rows_per_workgroup, block, resident_q, double_buffer),
+        };
+        let mma = mma.map(|(m, ..)| m);
         let row_tiles = packed.div_ceil(rows_per_workgroup as usize) as u64;
         let key_tiles = d.kv_len.div_ceil(BN) as u64;
         let grid = (d.batch * d.kv_heads) as u64 * row_tiles;
-        let cap = limits.max_key_tiles_per_workgroup.max(1) as u64;
+        let mut cap = limits.max_key_tiles_per_workgroup.max(1);
+        if mma.is_some() && cap != u32::MAX {
+            cap = cap.min(MMA_CAPPED_TILES);
+        }
+        let cap = cap as u64;
         let rows = d.lse_elems() as u64;
         let (splits, passes) = if decode {
             let mut splits = key_tiles.div_ceil(cap);
@@ -369,6 +442,7 @@ impl FusedPlan {
             block,
             resident_q,
             double_buffer,
+            mma,
             invocations: match decode_kernel {
                 Some((_, workgroup)) => workgroup,
                 None => block.invocations(rows_per_workgroup),
@@ -572,6 +646,7 @@ pub(crate) fn encode(
             resident_q: plan.resident_q,
             double_buffer: plan.double_buffer,
             subgroups: gpu.limits.tile.subgroups,
+            mma: plan.mma,
             masks: masks_on,
         }
     };
@@ -691,7 +766,7 @@ mod tests {
         for layout in [Layout::Bhsd, Layout::Bshd] {
             let opts = Attention::new().layout(layout);
             let spec = opts.validate(d).unwrap();
-            let plan = FusedPlan::new(&spec, &l, true).unwrap();
+            let plan = FusedPlan::new(&spec, &l, true, false).unwrap();
             assert!(plan.splits > 1, "{plan:?}");
             let m = split_merge_params(&spec, &plan, true, (None, None));
             let rows = d.lse_elems() as u64;
@@ -720,7 +795,7 @@ mod tests {
         let l = limits();
         let opts = Attention::new();
         let spec = opts.validate(d).unwrap();
-        let plan = FusedPlan::new(&spec, &l, false).unwrap();
+        let plan = FusedPlan::new(&spec, &l, false, false).unwrap();
         assert_eq!(plan.passes, 2, "{plan:?}");
         let firsts: Vec<(u32, u32)> = (0..plan.passes)
             .map(|p| {

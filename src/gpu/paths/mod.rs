@@ -79,10 +79,19 @@ impl Plan {
                         0 => "Q staged per key tile".to_string(),
                         n => format!("Q resident ({} dims)", 16 * n),
                     };
-                    let stages = if plan.double_buffer {
-                        ", double-buffered"
-                    } else {
-                        ""
+                    let stages = match plan.mma {
+                        Some(m) => format!(
+                            ", 16-bit products ({} {}x{})",
+                            if m.cooperative {
+                                "cooperative matrices"
+                            } else {
+                                "emulated"
+                            },
+                            m.size,
+                            m.size
+                        ),
+                        None if plan.double_buffer => ", double-buffered".to_string(),
+                        None => String::new(),
                     };
                     format!(
                         "flash_attention (row tiles, {} blocks, {q}{stages})",
@@ -111,8 +120,14 @@ impl Plan {
 }
 
 /// The plan for a validated call on a device with `limits`; `weights` says whether the
-/// attention weights will be written (which only the three-pass path can do).
-pub(crate) fn choose(spec: &Spec<'_>, limits: &GpuLimits, weights: bool) -> Result<Plan> {
+/// attention weights will be written (which only the three-pass path can do), `half` whether
+/// Q, K and V are native f16 (the fused kernel's 16-bit products, [`FusedPlan::mma`]).
+pub(crate) fn choose(
+    spec: &Spec<'_>,
+    limits: &GpuLimits,
+    weights: bool,
+    half: bool,
+) -> Result<Plan> {
     let dims = spec.dims;
     let opts = spec.opts;
     let three_pass = |why| -> Result<Plan> {
@@ -123,13 +138,13 @@ pub(crate) fn choose(spec: &Spec<'_>, limits: &GpuLimits, weights: bool) -> Resu
     };
     let fused = |why| -> Result<Plan> {
         Ok(Plan::Fused {
-            plan: FusedPlan::new(spec, limits, false)?,
+            plan: FusedPlan::new(spec, limits, false, half)?,
             why,
         })
     };
     let decode = |why| -> Result<Plan> {
         Ok(Plan::Decode {
-            plan: FusedPlan::new(spec, limits, true)?,
+            plan: FusedPlan::new(spec, limits, true, half)?,
             why,
         })
     };

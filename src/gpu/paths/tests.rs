@@ -3,7 +3,7 @@
 
 use super::*;
 use crate::error::Error;
-use crate::gpu::limits::{DecodeKernel, LimitCaps, TileBlock};
+use crate::gpu::limits::{DecodeKernel, LimitCaps, MmaChoice, TileBlock};
 use crate::gpu::tuning::TileConfig;
 use crate::spec::{Attention, Causal, Dims};
 
@@ -19,6 +19,8 @@ fn lavapipe() -> GpuLimits {
         max_storage_buffers_per_stage: 32,
         min_uniform_offset_alignment: 16,
         max_key_tiles_per_workgroup: 32,
+        cooperative_matrix: 0,
+        subgroup_size: 0,
         tile: TileConfig {
             decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup: 16 },
             subgroups: true,
@@ -30,6 +32,7 @@ fn lavapipe() -> GpuLimits {
             double_buffer: false,
             tiled_backward: true,
             backward_block: TileBlock::B8X8,
+            mma: MmaChoice::Off,
         },
     }
 }
@@ -46,6 +49,9 @@ fn h100() -> GpuLimits {
         max_storage_buffers_per_stage: 1 << 20,
         min_uniform_offset_alignment: 64,
         max_key_tiles_per_workgroup: u32::MAX,
+        // What NVIDIA's Vulkan driver lists (WGPU-NOTES.md) and its warps.
+        cooperative_matrix: 16,
+        subgroup_size: 32,
         tile: TileConfig {
             decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup: 64 },
             subgroups: true,
@@ -57,6 +63,7 @@ fn h100() -> GpuLimits {
             double_buffer: true,
             tiled_backward: true,
             backward_block: TileBlock::B8X4,
+            mma: MmaChoice::Off,
         },
     }
 }
@@ -72,6 +79,9 @@ fn apple_m() -> GpuLimits {
         max_storage_buffers_per_stage: 31,
         min_uniform_offset_alignment: 256,
         max_key_tiles_per_workgroup: u32::MAX,
+        // Metal's 8 x 8 simdgroup matrices and 32-wide simdgroups.
+        cooperative_matrix: 8,
+        subgroup_size: 32,
         tile: TileConfig {
             decode_kernel: DecodeKernel::KeysAcrossInvocations { workgroup: 64 },
             subgroups: true,
@@ -83,6 +93,7 @@ fn apple_m() -> GpuLimits {
             double_buffer: true,
             tiled_backward: true,
             backward_block: TileBlock::B8X4,
+            mma: MmaChoice::Off,
         },
     }
 }
@@ -656,4 +667,65 @@ fn double_buffer_where_it_fits() {
     off.tile.double_buffer = false;
     let p = fused(&off, dims(4, 16, 16, 4096, 4096, 128), &prefill);
     assert!(!p.double_buffer, "{p:?}");
+}
+
+/// The 16-bit products (`FusedPlan::mma`): only for native f16 inputs and where asked for; on
+/// cooperative matrices at 64 rows on an H100's 48 KiB for every width up to 256 (Q, K and V
+/// staged 64 dims at a time), at 32 rows on Apple's 32 KiB with 8 x 8 matrices, emulated at 32
+/// rows on lavapipe (64 do not fit there), on 16-row decode tiles, and never past 256 dims, on
+/// the decode-shaped kernel, or without the device's matrices.
+#[test]
+fn sixteen_bit_products_where_they_fit() {
+    let with = |mut l: GpuLimits, mma| {
+        l.tile.mma = mma;
+        l
+    };
+    let mma_of = |l: &GpuLimits, opts: &Attention, d: Dims, half: bool| {
+        let spec = opts.validate(d).unwrap();
+        match choose(&spec, l, false, half).unwrap() {
+            Plan::Fused { plan, .. } | Plan::Decode { plan, .. } => plan
+                .mma
+                .map(|m| (m, plan.rows_per_workgroup, plan.invocations, plan.passes)),
+            Plan::ThreePass { .. } => None,
+        }
+    };
+    let fused = Attention::new().path(Path::Fused);
+    let nvidia = with(h100(), MmaChoice::Cooperative);
+    for d in [64, 100, 128, 256] {
+        let (m, rows, inv, _) = mma_of(&nvidia, &fused, dims(4, 16, 16, 4096, 4096, d), true)
+            .unwrap_or_else(|| panic!("head_dim {d}"));
+        assert!(m.cooperative && m.size == 16 && m.subgroup == 32);
+        assert_eq!((rows, inv), (64, 128), "head_dim {d}");
+        assert_eq!(m.q_dims, (d as u32).div_ceil(64) * 64);
+        // f32 inputs, the configuration off, no matrices: the scalar products.
+        assert!(mma_of(&nvidia, &fused, dims(4, 16, 16, 4096, 4096, d), false).is_none());
+        let off = with(h100(), MmaChoice::Off);
+        assert!(mma_of(&off, &fused, dims(4, 16, 16, 4096, 4096, d), true).is_none());
+        let bare = GpuLimits {
+            cooperative_matrix: 0,
+            ..nvidia
+        };
+        assert!(mma_of(&bare, &fused, dims(4, 16, 16, 4096, 4096, d), true).is_none());
+    }
+    assert!(mma_of(&nvidia, &fused, dims(1, 2, 2, 100, 100, 320), true).is_none());
+    let apple = with(apple_m(), MmaChoice::Cooperative);
+    let (m, rows, ..) = mma_of(&apple, &fused, dims(2, 8, 8, 1000, 1000, 128), true).unwrap();
+    assert_eq!((m.size, rows), (8, 32));
+    // lavapipe: emulated at 32 rows, and at most 8 key tiles per dispatch under its loop limit.
+    let lvp = with(lavapipe(), MmaChoice::Emulated);
+    let (m, rows, _, passes) = mma_of(&lvp, &fused, dims(1, 2, 2, 100, 1000, 64), true).unwrap();
+    assert!(!m.cooperative);
+    assert_eq!((rows, passes), (32, 2));
+    // The decode path: 16-row tiles take them; the decode-shaped kernel does not.
+    let decode = Attention::new().path(Path::Decode);
+    let tiles = GpuLimits {
+        tile: TileConfig {
+            decode_kernel: DecodeKernel::RowTiles,
+            ..lvp.tile
+        },
+        ..lvp
+    };
+    let (_, rows, ..) = mma_of(&tiles, &decode, dims(1, 12, 1, 1, 500, 64), true).unwrap();
+    assert_eq!(rows, 16);
+    assert!(mma_of(&lvp, &decode, dims(1, 12, 1, 1, 500, 64), true).is_none());
 }
