@@ -470,7 +470,8 @@ pub(crate) fn time_gpu(
         lse: None,
         weights: None,
     };
-    let plan = opts.plan(gpu, d)?;
+    // f16 inputs may take the fused kernel's 16-bit products.
+    let plan = opts.plan_for_dtype(gpu, d, q.dtype())?;
     let mut ms = Vec::new();
     let mut timing = "wall";
     for rep in 0..args.warmup + args.reps {

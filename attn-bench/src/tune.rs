@@ -1,4 +1,4 @@
-//! `--tune`: every tile configuration, on this adapter, in three stages.
+//! `--tune`: every tile configuration, on this adapter, in stages.
 //!
 //! The decode path runs one of two kernels ([`DecodeKernel`]): the decode-shaped
 //! `flash_decode.wgsl` with 16, 32 or 64 invocations per workgroup, with subgroup operations
@@ -8,14 +8,16 @@
 //! `--tune-seconds`. Then, on the best of those, the fused kernel with every invocation block
 //! (`TileBlock`: 4 x 4, 8 x 4, 8 x 8), Q resident in workgroup memory (where it fits) or
 //! staged with every key tile, one staging buffer or two (where they fit), on two prefill
-//! shapes (head dims 64 and 128), and the
+//! shapes (head dims 64 and 128); on the best of those, f16 inputs on the same shapes with
+//! the scalar products, the 16-bit products emulated, and on cooperative matrices where the
+//! `Gpu` has them (`WGPU_ATTENTION_MMA=cooperative` when it is opened); the
 //! three-pass path with every block of its tile products on one; last, the backward, one row
 //! per invocation or in tiles with every block, on one shape. It prints the fastest of each
 //! stage and the whole configuration as a `TableEntry` line for `gpu::tuning::TABLE` (each
 //! part can also be set with `WGPU_ATTENTION_DECODE_KERNEL`, `WGPU_ATTENTION_SUBGROUPS`,
 //! `WGPU_ATTENTION_DECODE_ROWS`, `WGPU_ATTENTION_FUSED_BLOCK`, `WGPU_ATTENTION_GEMM_BLOCK`,
-//! `WGPU_ATTENTION_RESIDENT_Q`, `WGPU_ATTENTION_DOUBLE_BUFFER`, `WGPU_ATTENTION_TILED_BACKWARD`
-//! and `WGPU_ATTENTION_BACKWARD_BLOCK`). Shapes are smaller on CPU adapters, so the bound holds
+//! `WGPU_ATTENTION_RESIDENT_Q`, `WGPU_ATTENTION_DOUBLE_BUFFER`, `WGPU_ATTENTION_TILED_BACKWARD`,
+//! `WGPU_ATTENTION_BACKWARD_BLOCK` and `WGPU_ATTENTION_MMA`). Shapes are smaller on CPU adapters, so the bound holds
 //! there. A configuration whose plans on a stage's shapes are an earlier configuration's (a
 //! second buffer or resident Q that does not fit, a row count the group rounds up) runs the
 //! same kernels: it is listed as such and not timed. A stage the budget cuts short picks
@@ -25,7 +27,9 @@
 use std::time::Instant;
 
 use wgpu_attention::gpu::tuning::TileConfig;
-use wgpu_attention::{Attention, Causal, DecodeKernel, Dims, Gpu, Layout, Path, Plan, TileBlock};
+use wgpu_attention::{
+    Attention, Causal, DType, DecodeKernel, Dims, Gpu, Layout, MmaChoice, Path, Plan, TileBlock,
+};
 
 use crate::Args;
 use crate::backward::{Inputs, backward_ms};
@@ -67,13 +71,13 @@ fn configs(gpu: &Gpu) -> Result<Vec<Config>, Box<dyn std::error::Error>> {
     Ok(out)
 }
 
-/// Times every configuration of `configs` on every shape of `shapes` with `opts`, within the
-/// time left of `budget` seconds since `start`: per configuration, the sum of the median ms
-/// over the shapes (None when the budget ran out before it).
+/// Times every configuration of `configs` on every shape of `shapes` with `opts` and Q, K, V
+/// of `dtype`, within the time left of `budget` seconds since `start`: per configuration, the
+/// sum of the median ms over the shapes (None when the budget ran out before it).
 fn time_configs(
     stage: &str,
     configs: &[Config],
-    shapes: &[Dims],
+    (shapes, dtype): (&[Dims], DType),
     opts: &Attention,
     (start, budget): (Instant, f64),
     args: &Args,
@@ -86,7 +90,7 @@ fn time_configs(
         .map(|c| {
             shapes
                 .iter()
-                .map(|d| Ok(ran_config(&c.gpu, opts.plan(&c.gpu, *d)?)))
+                .map(|d| Ok(ran_config(&c.gpu, opts.plan_for_dtype(&c.gpu, *d, dtype)?)))
                 .collect::<Result<_, wgpu_attention::Error>>()
         })
         .collect::<Result<_, _>>()?;
@@ -97,11 +101,11 @@ fn time_configs(
     for d in shapes {
         let layout = Layout::Bhsd;
         let gpu = &configs[0].gpu;
-        let q = gpu.upload(&values(d.q_elems(), 1), d.q_shape(layout))?;
-        let k = gpu.upload(&values(d.k_elems(), 2), d.k_shape(layout))?;
-        let v = gpu.upload(&values(d.v_elems(), 3), d.v_shape(layout))?;
+        let q = gpu.upload_as(&values(d.q_elems(), 1), d.q_shape(layout), dtype)?;
+        let k = gpu.upload_as(&values(d.k_elems(), 2), d.k_shape(layout), dtype)?;
+        let v = gpu.upload_as(&values(d.v_elems(), 3), d.v_shape(layout), dtype)?;
         println!(
-            "tune: {stage}: B={} H={}/{} L={} S={} D={} ({} rows per kv head):",
+            "tune: {stage}: {dtype:?} B={} H={}/{} L={} S={} D={} ({} rows per kv head):",
             d.batch,
             d.heads,
             d.kv_heads,
@@ -140,11 +144,16 @@ fn time_configs(
                     if !p.keys_across_invocations =>
                 {
                     format!(
-                        " [ran: {} rows, block {}, resident_q={}, double_buffer={}]",
+                        " [ran: {} rows, block {}, resident_q={}, double_buffer={}{}]",
                         p.rows_per_workgroup,
                         p.block.name(),
                         (p.resident_q > 0) as u8,
-                        p.double_buffer as u8
+                        p.double_buffer as u8,
+                        match p.mma {
+                            Some(m) if m.cooperative => format!(", cooperative {0}x{0}", m.size),
+                            Some(_) => ", emulated 16-bit products".to_string(),
+                            None => String::new(),
+                        }
                     )
                 }
                 _ => String::new(),
@@ -165,14 +174,17 @@ fn time_configs(
 /// buffer only where the plan took them.
 fn ran_config(gpu: &Gpu, plan: Plan) -> (Plan, TileConfig) {
     let mut config = gpu.tile_config();
-    let (resident_q, double_buffer) = match &plan {
+    let (resident_q, double_buffer, mma) = match &plan {
         Plan::Fused { plan: p, .. } | Plan::Decode { plan: p, .. } => {
-            (p.resident_q > 0, p.double_buffer)
+            (p.resident_q > 0, p.double_buffer, p.mma.is_some())
         }
-        _ => (false, false),
+        _ => (false, false, false),
     };
     config.resident_q = resident_q;
     config.double_buffer = double_buffer;
+    if !mma {
+        config.mma = MmaChoice::Off;
+    }
     (plan, config)
 }
 
@@ -332,7 +344,14 @@ pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         .causal(Causal::BottomRight)
         .path(Path::Decode);
     let shapes = [1, 4].map(|q_len| dims(1, 32, 8, q_len, 16384, 128));
-    let totals = time_configs("decode", &configs, &shapes, &decode, clock, args)?;
+    let totals = time_configs(
+        "decode",
+        &configs,
+        (&shapes, DType::F32),
+        &decode,
+        clock,
+        args,
+    )?;
     let Some((best, total)) = fastest(&configs, &totals) else {
         println!("tune: no decode configuration picked within the budget: no entry");
         return Ok(());
@@ -388,7 +407,14 @@ pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let fused = Attention::new().path(Path::Fused);
-    let totals = time_configs("fused", &configs, &fused_shapes, &fused, clock, args)?;
+    let totals = time_configs(
+        "fused",
+        &configs,
+        (&fused_shapes, DType::F32),
+        &fused,
+        clock,
+        args,
+    )?;
     let fused_config = match fastest(&configs, &totals) {
         Some((c, total)) => {
             println!(
@@ -408,8 +434,42 @@ pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
     let best = best
         .with_resident_q(resident_q)
         .with_double_buffer(double_buffer);
-    let so_far = best.with_blocks(fused_block, gemm)?.tile_config();
-    print_entry("table entry so far", info, &so_far, &summary);
+    let best = best.with_blocks(fused_block, gemm)?;
+    print_entry("table entry so far", info, &best.tile_config(), &summary);
+
+    // 2b. f16 inputs: the scalar products against the 16-bit ones (emulated, and on
+    // cooperative matrices where the Gpu has them: WGPU_ATTENTION_MMA=cooperative).
+    let mut configs = Vec::new();
+    for choice in [MmaChoice::Off, MmaChoice::Emulated, MmaChoice::Cooperative] {
+        match best.with_mma(choice) {
+            Ok(g) => configs.push(Config {
+                name: format!("mma {}", choice.name()),
+                gpu: g,
+            }),
+            Err(e) => println!("tune: f16 products: mma {} not here: {e}", choice.name()),
+        }
+    }
+    let totals = time_configs(
+        "f16 products",
+        &configs,
+        (&fused_shapes, DType::F16),
+        &fused,
+        clock,
+        args,
+    )?;
+    let best = match fastest(&configs, &totals) {
+        Some((c, total)) => {
+            println!(
+                "tune: f16 products: best {} ({total:.3} ms over both shapes)",
+                c.name
+            );
+            summary.push(format!("f16 {} {total:.3} ms", c.name));
+            c.gpu.clone()
+        }
+        None => best,
+    };
+    let mma = best.tile_config().mma;
+    print_entry("table entry so far", info, &best.tile_config(), &summary);
 
     // 3. The tile products' block (three-pass), with the best fused block.
     let configs: Vec<Config> = blocks(&|b| (fused_block, b))?
@@ -419,18 +479,27 @@ pub(crate) fn tune(args: &Args) -> Result<(), Box<dyn std::error::Error>> {
             gpu: c
                 .gpu
                 .with_resident_q(resident_q)
-                .with_double_buffer(double_buffer),
+                .with_double_buffer(double_buffer)
+                .with_mma(mma)
+                .expect("timed above"),
         })
         .collect();
     let three = Attention::new().path(Path::ThreePass);
-    let totals = time_configs("three-pass", &configs, &[gemm_shape], &three, clock, args)?;
+    let totals = time_configs(
+        "three-pass",
+        &configs,
+        (&[gemm_shape], DType::F32),
+        &three,
+        clock,
+        args,
+    )?;
     let config = match fastest(&configs, &totals) {
         Some((c, total)) => {
             println!("tune: three-pass: best {} ({total:.3} ms)", c.name);
             summary.push(format!("three-pass {} {total:.3} ms", c.name));
             c.gpu.tile_config()
         }
-        None => best.with_blocks(fused_block, gemm)?.tile_config(),
+        None => best.tile_config(),
     };
     print_entry("table entry so far", info, &config, &summary);
 

@@ -35,8 +35,9 @@ var<workgroup> mma_kv: array<f16, TILE * KVW>;
 var<workgroup> mma_s: array<f32, MMA_ROWS * TILE>;
 // P, [row][key].
 var<workgroup> mma_p: array<f16, MMA_ROWS * TILE>;
-// CM zeros: the accumulator every product starts from.
-var<workgroup> mma_zero: array<f32, CM>;
+// A CM x CM matrix of zeros: the accumulator every product starts from (a whole matrix, not
+// one row read with stride 0, which Vulkan's rules on strides may not allow).
+var<workgroup> mma_zero: array<f32, CM * CM>;
 
 // The workgroup's batch entry and kv head (for staging Q).
 var<private> mma_b: u32;
@@ -68,8 +69,8 @@ fn mma_stage_q_slice(li: u32, d0: u32) {
 fn mma_stage_q(li: u32, b: u32, kvh: u32) {
     mma_b = b;
     mma_kvh = kvh;
-    if li < CM {
-        mma_zero[li] = 0.0;
+    for (var i = li; i < CM * CM; i += INV) {
+        mma_zero[i] = 0.0;
     }
     if Q_SLICES == 1u {
         mma_stage_q_slice(li, 0u);

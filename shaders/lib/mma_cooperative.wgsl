@@ -29,7 +29,7 @@ fn mma_qk_tile(tr: u32, tc: u32, c0: MmaC) -> MmaC {
 // is a function of its own, not an argument: naga counts arguments as non-uniform, and a
 // cooperative operation under a branch on one as outside uniform control flow.
 fn mma_scores_product(li: u32) {
-    let zero = coopLoadT<MmaC>(&mma_zero[0], 0u);
+    let zero = coopLoadT<MmaC>(&mma_zero[0], CM);
     for (var n = 0u; n < S_TILES / NSG; n++) {
         let t = n * NSG + place_sg;
         let tr = (t / (TILE / CM)) * CM;
@@ -51,7 +51,7 @@ fn mma_scores_product_add(li: u32) {
 
 // mma_s = P V for the staged chunk of V, [row][column of the chunk].
 fn mma_pv_product(li: u32) {
-    let zero = coopLoadT<MmaC>(&mma_zero[0], 0u);
+    let zero = coopLoadT<MmaC>(&mma_zero[0], CM);
     for (var n = 0u; n < PV_TILES / NSG; n++) {
         let t = n * NSG + place_sg;
         let tr = (t / (PV_COLS / CM)) * CM;

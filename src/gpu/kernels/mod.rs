@@ -499,7 +499,7 @@ impl Mma {
     }
 
     /// Bytes of lib/mma.wgsl's workgroup arrays at `rows` rows: S or a chunk of P V (f32), P,
-    /// a slice of Q, a slice of K or chunk of V (f16), and the zeros.
+    /// a slice of Q, a slice of K or chunk of V (f16), and a matrix of zeros.
     pub const fn workgroup_bytes(&self, rows: u32) -> u32 {
         let qs = if self.q_dims < TILE {
             self.q_dims
@@ -512,7 +512,11 @@ impl Mma {
             TILE
         };
         let kvw = if qs > pv { qs } else { pv };
-        rows * TILE * 4 + rows * TILE * 2 + rows * qs * 2 + TILE * kvw * 2 + self.size * 4
+        rows * TILE * 4
+            + rows * TILE * 2
+            + rows * qs * 2
+            + TILE * kvw * 2
+            + self.size * self.size * 4
     }
 
     /// The result tiles of S and of one chunk of P V at `rows` rows.
