@@ -4,8 +4,9 @@
 //! the decode kernel, `WGPU_ATTENTION_FUSED_BLOCK` and `WGPU_ATTENTION_GEMM_BLOCK` the
 //! invocation blocks, `WGPU_ATTENTION_RESIDENT_Q` the fused kernel's resident Q,
 //! `WGPU_ATTENTION_DOUBLE_BUFFER` its staging buffers, `WGPU_ATTENTION_TILED_BACKWARD` the
-//! backward's kernels, `WGPU_ATTENTION_BACKWARD_BLOCK` the tiled backward's block, and a bad
-//! value of any is a typed error. One test in its own binary: it
+//! backward's kernels, `WGPU_ATTENTION_BACKWARD_BLOCK` the tiled backward's block,
+//! `WGPU_ATTENTION_MMA` the fused kernel's 16-bit products (and, set to `cooperative`, asks the
+//! adapter for cooperative matrices), and a bad value of any is a typed error. One test in its own binary: it
 //! sets the environment of the process.
 
 mod common;
@@ -24,6 +25,7 @@ fn environment_variables() {
     resident_q();
     double_buffer();
     tiled_backward();
+    mma();
     params();
     pool();
     unknown_adapter_name_is_a_typed_error();
@@ -55,6 +57,47 @@ fn blocks() {
     set_env("WGPU_ATTENTION_FUSED_BLOCK", None);
     set_env("WGPU_ATTENTION_GEMM_BLOCK", None);
     set_env("WGPU_ATTENTION_BACKWARD_BLOCK", None);
+}
+
+fn mma() {
+    use wgpu_attention::MmaChoice;
+    rejects(&[("WGPU_ATTENTION_MMA", "tensor")]);
+    let f16 = common::gpu()
+        .unwrap()
+        .features()
+        .contains(wgpu::Features::SHADER_F16);
+    for (value, want) in [("emulated", MmaChoice::Emulated), (" off", MmaChoice::Off)] {
+        set_env("WGPU_ATTENTION_MMA", Some(value));
+        match Gpu::new() {
+            Ok(gpu) => assert_eq!(gpu.tile_config().mma, want, "{value:?}"),
+            Err(e) => assert!(
+                !f16 && want == MmaChoice::Emulated && matches!(e, Error::Unsupported { .. }),
+                "{value:?}: {e}"
+            ),
+        }
+    }
+    // Cooperative matrices: where the adapter lists an f16 shape, the Gpu has them and runs
+    // them; elsewhere (lavapipe) a typed error names what is missing.
+    set_env("WGPU_ATTENTION_MMA", Some("cooperative"));
+    match Gpu::new() {
+        Ok(gpu) => {
+            assert_eq!(gpu.tile_config().mma, MmaChoice::Cooperative);
+            assert!([8, 16].contains(&gpu.limits().cooperative_matrix));
+            assert!(gpu.limits().subgroup_size > 0);
+        }
+        Err(e) => assert!(matches!(e, Error::Unsupported { .. }), "{e}"),
+    }
+    set_env("WGPU_ATTENTION_MMA", None);
+    let gpu = Gpu::new().expect("an adapter");
+    assert_eq!(
+        gpu.limits().cooperative_matrix,
+        0,
+        "asked for only by the variable"
+    );
+    assert!(matches!(
+        gpu.with_mma(MmaChoice::Cooperative),
+        Err(Error::Unsupported { .. })
+    ));
 }
 
 fn resident_q() {

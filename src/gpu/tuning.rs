@@ -10,8 +10,8 @@
 //! `with_decode_kernel`, `with_decode_rows`, `with_blocks`), a user without a rebuild with
 //! `WGPU_ATTENTION_DECODE_KERNEL`, `WGPU_ATTENTION_SUBGROUPS`, `WGPU_ATTENTION_DECODE_ROWS`,
 //! `WGPU_ATTENTION_FUSED_BLOCK`, `WGPU_ATTENTION_GEMM_BLOCK`, `WGPU_ATTENTION_RESIDENT_Q`,
-//! `WGPU_ATTENTION_DOUBLE_BUFFER`, `WGPU_ATTENTION_TILED_BACKWARD` and
-//! `WGPU_ATTENTION_BACKWARD_BLOCK`.
+//! `WGPU_ATTENTION_DOUBLE_BUFFER`, `WGPU_ATTENTION_TILED_BACKWARD`,
+//! `WGPU_ATTENTION_BACKWARD_BLOCK` and `WGPU_ATTENTION_MMA`.
 //!
 //! The configuration is [`GpuLimits::tile`](crate::gpu::GpuLimits::tile): the plans read it there, beside the device
 //! limits, so the planner tests set any configuration without a device.
