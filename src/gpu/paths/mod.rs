@@ -75,9 +75,10 @@ impl Plan {
                 if plan.keys_across_invocations {
                     "flash_decode (keys across invocations)".to_string()
                 } else {
-                    let q = match plan.resident_q {
-                        0 => "Q staged per key tile".to_string(),
-                        n => format!("Q resident ({} dims)", 16 * n),
+                    let q = match (plan.mma, plan.resident_q) {
+                        (Some(_), _) => "Q staged as f16, 64 dims at a time".to_string(),
+                        (None, 0) => "Q staged per key tile".to_string(),
+                        (None, n) => format!("Q resident ({} dims)", 16 * n),
                     };
                     let stages = match plan.mma {
                         Some(m) => format!(
