@@ -517,7 +517,6 @@ fn sixteen_bit_products_against_the_reference() {
             max_key_tiles_per_workgroup: Some(1),
             ..Default::default()
         });
-        // (gpu, path, heads, kv_heads, q_len, kv_len, head_dim, v_head_dim, options, O)
         let causal = |s: usize| {
             Attention::new()
                 .causal(Causal::BottomRight)
@@ -530,72 +529,30 @@ fn sixteen_bit_products_against_the_reference() {
                 .mask([2, 1, l, s], random_mask(r, 2 * l * s, 0.8))
                 .bias([1, h, 1, s], random(r, h * s, 2.0))
         };
+        // Bshd, ALiBi, a learnable sink and sink keys beside a window (tiles no row sees).
+        let llm = |h: usize| {
+            Attention::new()
+                .layout(wgpu_attention::Layout::Bshd)
+                .causal(Causal::TopLeft)
+                .window(20, 0)
+                .sink_keys(4)
+                .alibi((0..h).map(|i| 0.25 / (i + 1) as f32).collect())
+                .sinks((0..h).map(|i| 0.5 * i as f32 - 0.7).collect())
+        };
+        // (gpu, path, [heads, kv_heads, q_len, kv_len, head_dim, v_head_dim], options, O)
+        #[rustfmt::skip]
         let cases = [
-            (
-                g,
-                Path::Fused,
-                3,
-                3,
-                70,
-                150,
-                40,
-                24,
-                causal(150),
-                DType::F32,
-            ),
-            (
-                g,
-                Path::Fused,
-                4,
-                2,
-                33,
-                200,
-                72,
-                100,
-                masked(4, 33, 200, &mut r),
-                DType::F16,
-            ),
-            (
-                &tiles,
-                Path::Decode,
-                12,
-                1,
-                1,
-                300,
-                64,
-                64,
-                causal(300),
-                DType::F32,
-            ),
-            (
-                g,
-                Path::Fused,
-                2,
-                1,
-                20,
-                90,
-                256,
-                256,
-                Attention::new(),
-                DType::F16,
-            ),
-            (
-                &capped,
-                Path::Fused,
-                3,
-                3,
-                70,
-                150,
-                40,
-                24,
-                causal(150),
-                DType::F16,
-            ),
+            (g, Path::Fused, [3, 3, 70, 150, 40, 24], causal(150), DType::F32),
+            (g, Path::Fused, [4, 2, 33, 200, 72, 100], masked(4, 33, 200, &mut r), DType::F16),
+            (&tiles, Path::Decode, [12, 1, 1, 300, 64, 64], causal(300), DType::F32),
+            (g, Path::Fused, [2, 1, 20, 90, 256, 256], Attention::new(), DType::F16),
+            (&capped, Path::Fused, [3, 3, 70, 150, 40, 24], causal(150), DType::F16),
+            (g, Path::Fused, [4, 2, 40, 130, 33, 65], llm(4), DType::F32),
         ];
-        for (n, (g, path, h, hkv, l, s, d, dv, opts, o_type)) in cases.into_iter().enumerate() {
+        for (n, (g, path, [h, hkv, l, s, d, dv], opts, o_type)) in cases.into_iter().enumerate() {
             let dm = dims(2, h, hkv, l, s, d, dv);
             let opts = opts.path(path);
-            let plan = opts.plan_for_dtype(g, dm, DType::F16).unwrap();
+            let plan = opts.plan_for_dtypes(g, dm, [DType::F16; 3]).unwrap();
             let (Plan::Fused { plan: p, .. } | Plan::Decode { plan: p, .. }) = &plan else {
                 panic!("{}", plan.reason())
             };

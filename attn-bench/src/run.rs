@@ -471,7 +471,7 @@ pub(crate) fn time_gpu(
         weights: None,
     };
     // f16 inputs may take the fused kernel's 16-bit products.
-    let plan = opts.plan_for_dtype(gpu, d, q.dtype())?;
+    let plan = opts.plan_for_dtypes(gpu, d, [q.dtype(), k.dtype(), v.dtype()])?;
     let mut ms = Vec::new();
     let mut timing = "wall";
     for rep in 0..args.warmup + args.reps {

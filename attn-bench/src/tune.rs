@@ -90,7 +90,12 @@ fn time_configs(
         .map(|c| {
             shapes
                 .iter()
-                .map(|d| Ok(ran_config(&c.gpu, opts.plan_for_dtype(&c.gpu, *d, dtype)?)))
+                .map(|d| {
+                    Ok(ran_config(
+                        &c.gpu,
+                        opts.plan_for_dtypes(&c.gpu, *d, [dtype; 3])?,
+                    ))
+                })
                 .collect::<Result<_, wgpu_attention::Error>>()
         })
         .collect::<Result<_, _>>()?;

@@ -54,17 +54,17 @@ fn check_outputs(spec: &Spec<'_>, out: &Output) -> Result<()> {
 
 impl Attention {
     /// The plan a call with these options would run for `dims` on `gpu`, without running it,
-    /// for f32 inputs ([`Attention::plan_for_dtype`] for others: f16 inputs may take the
+    /// for f32 inputs ([`Attention::plan_for_dtypes`] for others: f16 Q, K and V may take the
     /// fused kernel's 16-bit products).
     pub fn plan(&self, gpu: &Gpu, dims: Dims) -> Result<Plan> {
         self.plan_for_limits(&gpu.limits, dims)
     }
 
     /// The plan a call with these options would run for `dims` on `gpu` with Q, K and V of
-    /// `dtype`, without running it.
-    pub fn plan_for_dtype(&self, gpu: &Gpu, dims: Dims, dtype: DType) -> Result<Plan> {
+    /// `[q, k, v]` dtypes, without running it.
+    pub fn plan_for_dtypes(&self, gpu: &Gpu, dims: Dims, dtypes: [DType; 3]) -> Result<Plan> {
         let spec = self.validate(dims)?;
-        let half = gpu.native_f16 && dtype == DType::F16;
+        let half = gpu.native_f16 && dtypes.iter().all(|&t| t == DType::F16);
         paths::choose(&spec, &gpu.limits, self.want_weights, half)
     }
 

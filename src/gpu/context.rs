@@ -145,8 +145,12 @@ fn mma_available(
              f16 x f16 -> f32 shape, requested by WGPU_ATTENTION_MMA=cooperative when the Gpu \
              is opened)",
         ),
-        MmaChoice::Cooperative if limits.subgroup_size == 0 => {
-            Some("subgroups of one fixed size (SUBGROUP, subgroup_min_size == subgroup_max_size)")
+        MmaChoice::Cooperative if limits.subgroup_size == 0 => Some(
+            "subgroups of one known size (SUBGROUP, with subgroup_min_size == subgroup_max_size, \
+             or an Apple GPU on Metal)",
+        ),
+        MmaChoice::Cooperative if !limits.tile.subgroups => {
+            Some("subgroups turned on (WGPU_ATTENTION_SUBGROUPS=0 or a decode kernel without them)")
         }
         MmaChoice::Cooperative => None,
     };
@@ -157,6 +161,21 @@ fn mma_available(
             available: 0,
         }),
         None => Ok(choice),
+    }
+}
+
+/// The device's one subgroup size, or 0 where it may vary or is unknown: the adapter's, where
+/// its smallest and largest agree (NVIDIA's 32), and 32 on Apple GPUs through Metal, whose
+/// SIMD-groups are always 32 wide although wgpu reports 4 to 64 for every Metal adapter.
+fn fixed_subgroup_size(info: &wgpu::AdapterInfo, has_subgroups: bool) -> u32 {
+    if !has_subgroups {
+        0
+    } else if info.subgroup_min_size == info.subgroup_max_size {
+        info.subgroup_min_size
+    } else if info.backend == wgpu::Backend::Metal && info.name.starts_with("Apple") {
+        32
+    } else {
+        0
     }
 }
 
@@ -370,17 +389,12 @@ impl Gpu {
         if features.contains(wgpu::Features::EXPERIMENTAL_COOPERATIVE_MATRIX) {
             limits.cooperative_matrix = coop_size;
         }
-        if has_subgroups && info.subgroup_min_size == info.subgroup_max_size {
-            limits.subgroup_size = info.subgroup_min_size;
-        }
+        limits.subgroup_size = fixed_subgroup_size(&info, has_subgroups);
         let entry = entry_for(&info).config;
         limits.tile = TileConfig {
             subgroups: entry.subgroups && has_subgroups,
             ..entry
         };
-        if let Some(choice) = mma_from_env()? {
-            limits.tile.mma = mma_available(choice, &limits, features)?;
-        }
         if let Ok(value) = std::env::var("WGPU_ATTENTION_DECODE_ROWS") {
             const WHAT: &str = "WGPU_ATTENTION_DECODE_ROWS";
             let rows = value.trim().parse().unwrap_or(0);
@@ -449,6 +463,16 @@ impl Gpu {
                     "1" => true,
                     _ => return Err(Error::InvalidOption { what, value, why }),
                 };
+            }
+        }
+        // After WGPU_ATTENTION_SUBGROUPS: the cooperative products need subgroups on. A
+        // preference, not a demand: where the device cannot run it, a warning and the
+        // adapter's entry (an application that wraps its own device must not fail because a
+        // user exported a tuning variable).
+        if let Some(choice) = mma_from_env()? {
+            match mma_available(choice, &limits, features) {
+                Ok(choice) => limits.tile.mma = choice,
+                Err(e) => log::warn!("wgpu-attention: WGPU_ATTENTION_MMA={}: {e}", choice.name()),
             }
         }
         let params = match std::env::var("WGPU_ATTENTION_PARAMS") {
@@ -835,7 +859,7 @@ impl Gpu {
     /// device lacks what `choice` needs (`SHADER_F16`; for
     /// [`MmaChoice::Cooperative`] also cooperative matrices, which a [`Gpu`] has only when
     /// opened by [`Gpu::new`] with `WGPU_ATTENTION_MMA=cooperative` on an adapter that lists
-    /// them, and one subgroup size).
+    /// them, subgroups of one known size, and subgroups turned on).
     pub fn with_mma(&self, choice: MmaChoice) -> Result<Gpu> {
         let mut gpu = self.clone();
         gpu.limits.tile.mma = mma_available(choice, &self.limits, self.features)?;

@@ -39,7 +39,8 @@ pub struct GpuLimits {
     /// Metal), or 0: none (no `Features::EXPERIMENTAL_COOPERATIVE_MATRIX`, or no such shape).
     pub cooperative_matrix: u32,
     /// The device's subgroup size where it has only one (`subgroup_min_size ==
-    /// subgroup_max_size`, subgroups enabled), else 0.
+    /// subgroup_max_size`, subgroups enabled; 32 on Apple GPUs through Metal, for which wgpu
+    /// reports 4 to 64), else 0.
     pub subgroup_size: u32,
     /// The tile configuration (the decode path's kernel, the invocation blocks): not a device
     /// limit but a choice per adapter
@@ -60,9 +61,11 @@ pub enum MmaChoice {
     /// with `SHADER_F16`, for testing it where no cooperative matrices exist. Slower than
     /// `Off`.
     Emulated,
-    /// On cooperative matrices (tensor cores, simdgroup matrices) where the device has them
-    /// ([`GpuLimits::cooperative_matrix`]) and the shape allows; the scalar products
-    /// elsewhere.
+    /// On cooperative matrices (tensor cores, simdgroup matrices): NVIDIA's 16 x 16 on Vulkan
+    /// (any Vulkan driver with an f16 shape and one subgroup size), Apple's 8 x 8 on Metal.
+    /// The device needs them ([`GpuLimits::cooperative_matrix`]): `Gpu::with_mma` refuses
+    /// this choice where it has none, `WGPU_ATTENTION_MMA` then warns and keeps the adapter's.
+    /// Calls whose shape the products cannot serve run the scalar products.
     Cooperative,
 }
 

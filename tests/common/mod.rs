@@ -230,7 +230,7 @@ fn check_against(
         weights: with_weights.then(|| poisoned(gpu, dims.score_shape())),
     };
     let plan = opts
-        .plan_for_dtype(gpu, dims, tq_t)
+        .plan_for_dtypes(gpu, dims, [tq_t, tk_t, tv_t])
         .unwrap_or_else(|e| panic!("{dims:?}: {e}"));
     let ran = plan.name();
     // The 16-bit products (f16 Q, K and V, where the Gpu's configuration asks for them) round P
