@@ -1071,21 +1071,12 @@ impl KernelKey {
         // row counts the planner picks from, with every option combination on one of them.
         if s == Storage::F16 {
             let mma = |cooperative, size, dims: (usize, usize), rows, block, masks| {
-                let m = Mma::new(cooperative, size, dims.0, dims.1, 32);
-                KernelKey::FlashAttention {
-                    q: s,
-                    k: s,
-                    v: s,
-                    o: s,
-                    block,
-                    o_vec4s: flash_o_vec4s(dims.1, block),
-                    rows,
-                    resident_q: 0,
-                    double_buffer: false,
-                    subgroups: cooperative,
-                    mma: Some(m),
-                    masks,
+                let o_vec4s = flash_o_vec4s(dims.1, block);
+                let mut key = flash(block, o_vec4s, rows, 0, false, cooperative, masks);
+                if let KernelKey::FlashAttention { mma, .. } = &mut key {
+                    *mma = Some(Mma::new(cooperative, size, dims.0, dims.1, 32));
                 }
+                key
             };
             let plain = MaskOptions::default();
             for (n, (dims, rows)) in [
