@@ -502,3 +502,37 @@ fn every_function_var_is_initialised() {
         }
     }
 }
+
+/// Writes the SPIR-V (1.6, as wgpu writes it for a Vulkan 1.3 device) of every cooperative
+/// key of the samples into `$WGPU_ATTENTION_SPV_DIR`, for `scripts/validate-cooperative-spirv.sh`
+/// (spirv-val from SPIRV-Tools 2023.3 or later, which knows SPV_KHR_cooperative_matrix; CI's
+/// Debian has an older one). Ignored: a tool, not a check, and it needs the directory.
+#[test]
+#[ignore]
+fn dump_cooperative_spirv() {
+    let dir = PathBuf::from(std::env::var("WGPU_ATTENTION_SPV_DIR").expect("an output directory"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let options = spv::Options {
+        lang_version: (1, 6),
+        bounds_check_policies: bounds_checks(),
+        zero_initialize_workgroup_memory: spv::ZeroInitializeWorkgroupMemoryMode::None,
+        ..spv::Options::default()
+    };
+    let pipeline = spv::PipelineOptions {
+        shader_stage: ShaderStage::Compute,
+        entry_point: ENTRY.to_string(),
+    };
+    let cooperative = specialised()
+        .into_iter()
+        .filter(|s| s.key.needs_cooperative_matrix());
+    for (n, s) in cooperative.enumerate() {
+        let words = spv::write_vec(&s.module, &s.info, &options, Some(&pipeline)).unwrap();
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        std::fs::write(dir.join(format!("cooperative-{n:02}.spv")), bytes).unwrap();
+        std::fs::write(
+            dir.join(format!("cooperative-{n:02}.txt")),
+            describe(&s.key),
+        )
+        .unwrap();
+    }
+}

@@ -1096,6 +1096,9 @@ impl KernelKey {
             for masks in MaskOptions::all() {
                 keys.push(mma(false, 16, (64, 64), 32, TileBlock::B8X8, masks));
             }
+            if let Some(&every) = MaskOptions::all().last() {
+                keys.push(mma(true, 16, (64, 64), 64, TileBlock::B8X4, every));
+            }
         }
         // The decode kernel: every size and reduction without options, and every option
         // combination on a few sizes (each key is a full compile per backend in the naga tests).
