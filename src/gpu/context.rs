@@ -1059,10 +1059,15 @@ impl Gpu {
             .map_err(|e| Error::Gpu(format!("waiting for the device: {e}")))
     }
 
-    /// One-line description of the adapter, e.g. `llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan, Cpu)`.
+    /// One-line description of the adapter, e.g. `llvmpipe (LLVM 15.0.6, 256 bits) (Vulkan, Cpu)`,
+    /// with `, cooperative matrices 16x16` where the device has them.
     pub fn describe(&self) -> String {
+        let coop = match self.limits.cooperative_matrix {
+            0 => String::new(),
+            n => format!(", cooperative matrices {n}x{n}"),
+        };
         format!(
-            "{} ({:?}, {:?})",
+            "{} ({:?}, {:?}{coop})",
             self.info.name, self.info.backend, self.info.device_type
         )
     }
