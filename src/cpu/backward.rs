@@ -19,7 +19,7 @@
 //! The unit tests check every option against central finite differences of the forward in f64.
 
 use crate::error::{Error, Result};
-use crate::spec::{Attention, Dims};
+use crate::spec::{Attention, Dims, Packing};
 
 use super::reference::{Problem, Row, at, check_len, widen};
 
@@ -102,7 +102,7 @@ where
     })
 }
 
-/// What the backward takes: the forward's options less packed batches and paged K/V.
+/// What the backward takes: the forward's options less paged K/V.
 fn check_backward_options(opts: &Attention) -> Result<()> {
     opts.require_host_options()?;
     let refuse = |value: &str, why| {
@@ -112,12 +112,6 @@ fn check_backward_options(opts: &Attention) -> Result<()> {
             why,
         })
     };
-    if opts.varlen.is_some() {
-        return refuse(
-            "a packed variable-length batch",
-            "the backward takes padded batches: pad the sequences and pass q_lens and kv_lens",
-        );
-    }
     if opts.pages.is_some() {
         return refuse(
             "paged K/V",
@@ -125,6 +119,38 @@ fn check_backward_options(opts: &Attention) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A packed batch's backward: the same computation on the sequences padded (with their
+/// lengths as `q_lens` and `kv_lens`), O and the gradients by Q, K and V packed again. The
+/// bias and its gradient are in padded coordinates, as the forward reads the bias.
+fn exact_packed(
+    (q, k, v, d_o): (&[f64], &[f64], &[f64], &[f64]),
+    dims: Dims,
+    opts: &Attention,
+) -> Result<Option<Exact>> {
+    let Some((o_packing, [q, k, v], flat)) = opts.unpack((q, k, v), dims)? else {
+        return Ok(None);
+    };
+    let Some((cq, ck)) = &opts.varlen else {
+        return Ok(None);
+    };
+    let d_o = o_packing.pad("packed dO", d_o)?;
+    let padded = exact(&q, &k, &v, &d_o, dims, &flat)?;
+    let packing = |cu, heads, width, len| Packing {
+        cu,
+        heads,
+        width,
+        len,
+        layout: opts.layout,
+    };
+    Ok(Some(Exact {
+        o: o_packing.pack(&padded.o),
+        dq: packing(cq, dims.heads, dims.head_dim, dims.q_len).pack(&padded.dq),
+        dk: packing(ck, dims.kv_heads, dims.head_dim, dims.kv_len).pack(&padded.dk),
+        dv: packing(ck, dims.kv_heads, dims.v_head_dim, dims.kv_len).pack(&padded.dv),
+        ..padded
+    }))
 }
 
 pub(super) fn exact<Q, K, V, G>(
@@ -143,6 +169,12 @@ where
 {
     let spec = opts.validate(dims)?;
     check_backward_options(opts)?;
+    if opts.varlen.is_some() {
+        let packed = exact_packed((&widen(q), &widen(k), &widen(v), &widen(d_o)), dims, opts)?;
+        if let Some(g) = packed {
+            return Ok(g);
+        }
+    }
     let problem = Problem::new(q, k, v, spec)?;
     check_len("dO", d_o, dims.o_shape(opts.layout))?;
     let d_o = widen(d_o);
@@ -509,6 +541,53 @@ mod tests {
         assert_eq!(l(bias), l(moved));
     }
 
+    /// A packed batch's gradients are each sequence's alone (Bshd: a sequence's rows are a
+    /// contiguous run of the packed ones), with GQA and bottom-right causal alignment per
+    /// sequence.
+    #[test]
+    fn packed_batches_are_each_sequence_alone() {
+        let (cq, ck) = (vec![0u32, 3, 5], vec![0u32, 5, 9]);
+        let (h, hkv, dd, dv) = (4, 2, 5, 3);
+        let d = dims(2, h, hkv, 3, 5, dd, dv);
+        let opts = Attention::new()
+            .layout(Layout::Bshd)
+            .causal(Causal::BottomRight)
+            .softcap(3.0);
+        let mut r = Lcg(41);
+        let q = r.vec32(5 * h * dd, 1.0);
+        let k = r.vec32(9 * hkv * dd, 1.0);
+        let v = r.vec32(9 * hkv * dv, 1.0);
+        let d_o = r.vec32(5 * h * dv, 1.0);
+        let packed = opts.clone().varlen(cq.clone(), ck.clone());
+        let g = reference_backward(&q, &k, &v, &d_o, d, &packed).unwrap();
+        for s in 0..2 {
+            let (q0, q1) = (cq[s] as usize, cq[s + 1] as usize);
+            let (k0, k1) = (ck[s] as usize, ck[s + 1] as usize);
+            let one = dims(1, h, hkv, q1 - q0, k1 - k0, dd, dv);
+            let rows = |x: &[f32], r0: usize, r1: usize, w: usize| x[r0 * w..r1 * w].to_vec();
+            let alone = reference_backward(
+                &rows(&q, q0, q1, h * dd),
+                &rows(&k, k0, k1, hkv * dd),
+                &rows(&v, k0, k1, hkv * dv),
+                &rows(&d_o, q0, q1, h * dv),
+                one,
+                &opts,
+            )
+            .unwrap();
+            assert_eq!(rows(&g.dq, q0, q1, h * dd), alone.dq, "dQ of sequence {s}");
+            assert_eq!(
+                rows(&g.dk, k0, k1, hkv * dd),
+                alone.dk,
+                "dK of sequence {s}"
+            );
+            assert_eq!(
+                rows(&g.dv, k0, k1, hkv * dv),
+                alone.dv,
+                "dV of sequence {s}"
+            );
+        }
+    }
+
     #[test]
     fn bad_input_is_a_typed_error() {
         let d = dims(1, 2, 2, 3, 5, 4, 3);
@@ -520,12 +599,12 @@ mod tests {
         assert!(matches!(e, Error::DataLength { what: "dO", .. }), "{e}");
         let d_o = vec![1.0f32; d.o_elems()];
         let packed = Attention::new().varlen(vec![0, 3], vec![0, 5]);
-        let e = reference_backward(&q, &k, &v, &d_o, d, &packed).unwrap_err();
+        let e = reference_backward(&q, &k, &v, &short, d, &packed).unwrap_err();
         assert!(
             matches!(
                 e,
-                Error::InvalidOption {
-                    what: "backward",
+                Error::DataLength {
+                    what: "packed dO",
                     ..
                 }
             ),
