@@ -105,6 +105,9 @@ fn row_dq(r: u32) {
     let h = bh % params.heads;
     let b = bh / params.heads;
     let kvh = h / params.group;
+    if !row_is_real(b, i) {
+        return;
+    }
     let qa = q_at(b, h, i);
     var acc = array<vec4<f32>, D4>();
     for (var c = 0u; c < D4; c++) {
@@ -166,6 +169,9 @@ fn row_dkv(r: u32) {
     let bk = r / params.kv_len;
     let kvh = bk % params.kv_heads;
     let b = bk / params.kv_heads;
+    if !key_is_real(b, j) {
+        return;
+    }
     let ka = k_at(b, kvh, j);
     let va = v_at(b, kvh, j);
     var kr = array<vec4<f32>, D4>();

@@ -16,7 +16,8 @@ fn delta_and_shift(r: u32) {
     let bh = r / params.q_len;
     let b = bh / params.heads;
     let h = bh % params.heads;
-    let base = b * params.o_stride_b + h * params.o_stride_h + i * params.o_stride_s;
+    // q_slot: a packed batch's row among the packed ones (lib/masking.wgsl).
+    let base = b * params.o_stride_b + h * params.o_stride_h + q_slot(b, i) * params.o_stride_s;
     var acc = 0.0;
     if i >= seq_q_len(b) {
         stats[r] = bitcast<u32>(acc);

@@ -306,7 +306,7 @@ fn write_grads(acc_a: Acc, acc_b: Acc, tx: u32, ty: u32) {
         let n = r0 + block_row(ty, x % BR);
         let d0 = (tx + NX * (x / BR)) * 4u;
         if PHASE == 1u {
-            if n < params.q_len {
+            if n < params.q_len && row_is_real(wb, n) {
                 let base = q_at(wb, wh, n);
                 for (var e = 0u; e < 4u; e++) {
                     if d0 + e < params.head_dim {
@@ -314,7 +314,7 @@ fn write_grads(acc_a: Acc, acc_b: Acc, tx: u32, ty: u32) {
                     }
                 }
             }
-        } else if n < params.kv_len {
+        } else if n < params.kv_len && key_is_real(wb, n) {
             let ka = k_at(wb, wkvh, n);
             let va = v_at(wb, wkvh, n);
             for (var e = 0u; e < 4u; e++) {

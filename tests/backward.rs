@@ -841,3 +841,96 @@ fn device_bias_as_its_own_gradient() {
         "{e}"
     );
 }
+
+/// Packed variable-length batches (FlashAttention's varlen): every sequence's rows in one
+/// tensor, against the reference (which pads them), with NaN-poisoned gradients, so that a row
+/// written outside its own sequence (over a neighbour's gradient) or left unwritten fails:
+/// both layouts, the tiled and the row kernels, GQA, bottom-right causal alignment per
+/// sequence, a window, a softcap, an empty sequence, one key tile short of a sequence, and on
+/// the row kernel the bias's and the sinks' gradients.
+#[test]
+fn packed_variable_length_batches() {
+    let Some(base) = gpu() else { return };
+    // Query rows 70, 0 and 5; keys 90, 11 and 130.
+    let (cq, ck) = (vec![0u32, 70, 70, 75], vec![0u32, 90, 101, 231]);
+    let d = dims(3, 4, 2, 70, 130, 40, 24);
+    let cases = [
+        (Layout::Bshd, false),
+        (Layout::Bhsd, true),
+        (Layout::Bshd, true),
+    ];
+    for (n, (layout, tiled)) in cases.into_iter().enumerate() {
+        let g = base.with_tiled_backward(tiled);
+        let mut r = rng(9100 + n as u64);
+        let mut opts = Attention::new()
+            .layout(layout)
+            .causal(Causal::BottomRight)
+            .window(50, 0)
+            .softcap(8.0)
+            .varlen(cq.clone(), ck.clone());
+        let extra = !tiled;
+        if extra {
+            opts = opts
+                .bias([1, 4, 1, 130], random(&mut r, 4 * 130, 1.0))
+                .sinks(vec![0.3, -0.4, 1.1, 0.0])
+                .return_bias_grad(true)
+                .return_sinks_grad(true);
+        }
+        let (total_q, total_k) = (75, 231);
+        let q = random(&mut r, total_q * 4 * 40, 1.5);
+        let k = random(&mut r, total_k * 2 * 40, 1.5);
+        let v = random(&mut r, total_k * 2 * 24, 1.0);
+        let d_o = random(&mut r, total_q * 4 * 24, 1.0);
+        let shape = |heads, rows, width| match layout {
+            Layout::Bshd => [1, rows, heads, width],
+            Layout::Bhsd => [1, heads, rows, width],
+        };
+        let (tq, tk, tv) = (
+            g.upload(&q, shape(4, total_q, 40)).unwrap(),
+            g.upload(&k, shape(2, total_k, 40)).unwrap(),
+            g.upload(&v, shape(2, total_k, 24)).unwrap(),
+        );
+        let t_do = g.upload(&d_o, shape(4, total_q, 24)).unwrap();
+        let out = opts
+            .clone()
+            .return_lse(true)
+            .run(&g, &tq, &tk, &tv)
+            .unwrap();
+        let grads = Gradients {
+            dq: poisoned(&g, tq.dims()),
+            dk: poisoned(&g, tk.dims()),
+            dv: poisoned(&g, tv.dims()),
+            dbias: extra.then(|| poisoned(&g, [1, 4, 1, 130])),
+            dsinks: extra.then(|| poisoned(&g, [1, 1, 1, 4])),
+        };
+        let lse = out.lse.as_ref().unwrap();
+        opts.backward_into(&g, &tq, &tk, &tv, &out.o, lse, &t_do, &grads)
+            .unwrap_or_else(|e| panic!("case {n}: {e}"));
+        let want = cpu::reference_backward(&q, &k, &v, &d_o, d, &opts).unwrap();
+        let mut pairs = vec![
+            ("dQ", &grads.dq, &want.dq),
+            ("dK", &grads.dk, &want.dk),
+            ("dV", &grads.dv, &want.dv),
+        ];
+        if extra {
+            pairs.push((
+                "dbias",
+                grads.dbias.as_ref().unwrap(),
+                want.dbias.as_ref().unwrap(),
+            ));
+            pairs.push((
+                "dsinks",
+                grads.dsinks.as_ref().unwrap(),
+                want.dsinks.as_ref().unwrap(),
+            ));
+        }
+        for (what, t, w) in pairs {
+            let got = t.download(&g).unwrap();
+            let ctx = format!("{what} of case {n} ({layout:?}, tiled {tiled})");
+            let err = rel_norm_error(&got, w);
+            assert!(err <= F32_TOL, "{ctx}: relative norm error {err:e}");
+            let largest = w.iter().fold(0f32, |m, x| m.max(x.abs()));
+            assert_close(&ctx, &got, w, 1e-4 * largest.max(1e-3), 0.0);
+        }
+    }
+}

@@ -6,20 +6,31 @@
 // log-sum-exp at 2 rows + r, all as f32 bits (the host copies the log-sum-exp in, so that it
 // needs no binding of its own).
 
+// Elements of row i (query) or j (key) of head h of sequence b: through q_slot and key_slot
+// (lib/masking.wgsl), so that a packed batch's rows are found among the packed ones (its
+// batch strides are 0). A packed sequence's rows are consecutive, so the tiled kernel steps
+// from row 0 by the row stride.
 fn q_at(b: u32, h: u32, i: u32) -> u32 {
-    return b * params.q_stride_b + h * params.q_stride_h + i * params.q_stride_s;
+    return b * params.q_stride_b + h * params.q_stride_h + q_slot(b, i) * params.q_stride_s;
 }
 
 fn k_at(b: u32, kvh: u32, j: u32) -> u32 {
-    return b * params.k_stride_b + kvh * params.k_stride_h + j * params.k_stride_s;
+    return b * params.k_stride_b + kvh * params.k_stride_h + key_slot(b, j) * params.k_stride_s;
 }
 
 fn v_at(b: u32, kvh: u32, j: u32) -> u32 {
-    return b * params.v_stride_b + kvh * params.v_stride_h + j * params.v_stride_s;
+    return b * params.v_stride_b + kvh * params.v_stride_h + key_slot(b, j) * params.v_stride_s;
 }
 
 fn o_at(b: u32, h: u32, i: u32) -> u32 {
-    return b * params.o_stride_b + h * params.o_stride_h + i * params.o_stride_s;
+    return b * params.o_stride_b + h * params.o_stride_h + q_slot(b, i) * params.o_stride_s;
+}
+
+// Whether key j of sequence b has rows of its own in K and V: always, but past a packed
+// sequence's keys (which belong to the next sequence). Gradients are written only for rows of
+// their own (row_is_real for query rows).
+fn key_is_real(b: u32, j: u32) -> bool {
+    return !HAS_VARLEN || j < seq_kv_len(b);
 }
 
 // The score of (b, h, i, j) from its scaled dot product s (as the forward computes it), and

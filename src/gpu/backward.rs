@@ -205,8 +205,9 @@ impl Attention {
     /// [`return_lse(true)`](Attention::return_lse)) and `d_o`, the loss's gradient by O (O's
     /// dims and layout, any dtype). Every option of the forward applies (masks, bias and
     /// mask broadcasts, both causal alignments, windows, lengths, softcap, scale, ALiBi,
-    /// sinks, sink keys, GQA, both layouts, f32/f16/bf16 storage), except additive scores,
-    /// packed batches and paged K/V, which are [`Error::InvalidOption`]. With
+    /// sinks, sink keys, GQA, both layouts, f32/f16/bf16 storage, packed variable-length
+    /// batches, whose dQ, dK and dV are packed as Q, K and V), except additive scores and
+    /// paged K/V, which are [`Error::InvalidOption`]. With
     /// [`return_bias_grad`](Attention::return_bias_grad) and
     /// [`return_sinks_grad`](Attention::return_sinks_grad) it also gives the bias's and the
     /// sinks' gradients. The log-sum-exp, and a device-resident mask, bias or lengths, are
@@ -445,13 +446,6 @@ impl Attention {
                  has the additive form",
             );
         }
-        if self.varlen.is_some() {
-            return refuse(
-                "a packed variable-length batch",
-                "the backward takes padded batches: pad the sequences and pass q_lens and \
-                 kv_lens",
-            );
-        }
         if self.pages.is_some() {
             return refuse(
                 "paged K/V",
@@ -508,11 +502,21 @@ fn params(
 ) -> BackwardParams {
     let d = spec.dims;
     let layout = spec.opts.layout;
-    let s = |heads, len, width| layout.strides(heads, len, width).map(|x| x as u32);
-    let [q_stride_b, q_stride_h, q_stride_s] = s(d.heads, d.q_len, d.head_dim);
-    let [k_stride_b, k_stride_h, k_stride_s] = s(d.kv_heads, d.kv_len, d.head_dim);
-    let [v_stride_b, v_stride_h, v_stride_s] = s(d.kv_heads, d.kv_len, d.v_head_dim);
-    let [o_stride_b, o_stride_h, o_stride_s] = s(d.heads, d.q_len, d.v_head_dim);
+    // A packed batch is one "batch" of every sequence's rows: its rows are found by
+    // q_slot / key_slot (lib/masking.wgsl), so the batch stride is 0.
+    let total = |cu: &[u32]| *cu.last().unwrap_or(&0) as usize;
+    let (q_rows, k_rows, stride_b) = match &spec.opts.varlen {
+        Some((cq, ck)) => (total(cq), total(ck), 0),
+        None => (d.q_len, d.kv_len, 1),
+    };
+    let s = |heads, len, width| {
+        let [b, h, s] = layout.strides(heads, len, width).map(|x| x as u32);
+        [b * stride_b, h, s]
+    };
+    let [q_stride_b, q_stride_h, q_stride_s] = s(d.heads, q_rows, d.head_dim);
+    let [k_stride_b, k_stride_h, k_stride_s] = s(d.kv_heads, k_rows, d.head_dim);
+    let [v_stride_b, v_stride_h, v_stride_s] = s(d.kv_heads, k_rows, d.v_head_dim);
+    let [o_stride_b, o_stride_h, o_stride_s] = s(d.heads, q_rows, d.v_head_dim);
     let [bias_b, bias_h, bias_i, bias_j] = bias_shape(spec).unwrap_or([1; 4]).map(|x| x as u32);
     BackwardParams {
         heads: d.heads as u32,
