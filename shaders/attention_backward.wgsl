@@ -191,6 +191,10 @@ fn row_dkv(r: u32) {
     for (var t = params.first; t < end; t++) {
         let h = kvh * params.group + t / params.q_len;
         let i = t % params.q_len;
+        if !row_is_real(b, i) {
+            // Past a packed sequence: the next sequence's row.
+            continue;
+        }
         {
             let range = key_range(b, i);
             if !in_keys(j, range.x, range.y, sink_end(b, i)) || !mask_allows(b, h, i, j) {

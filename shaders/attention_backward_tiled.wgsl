@@ -36,6 +36,8 @@ var<workgroup> p_tile: array<array<vec4<f32>, TILE_X>, TILE>;
 var<workgroup> seen: atomic<u32>;
 var<workgroup> partial: atomic<u32>;
 var<workgroup> visit: u32;
+// A packed batch: the query rows and keys of the workgroup's sequence, read uniformly.
+var<workgroup> seq_rows: vec2<u32>;
 
 // What tile_state says of a tile.
 const TILE_SKIPPED: u32 = 0u;
@@ -370,6 +372,25 @@ fn main(
         wkvh = bk % params.kv_heads;
         end = min(params.first + params.count, params.group * tiles_q);
     }
+    // A packed batch's grid is sized for its longest sequence: a workgroup whose rows (dQ) or
+    // keys (dK, dV) all lie past its own sequence has nothing to write (those slots are the
+    // next sequence's), and none needs the key tiles (dQ) or query tiles (dK, dV) past it.
+    // Not with padded lengths: there the rows past them are real and get their zeros.
+    var seq = vec2<u32>(params.q_len, params.kv_len);
+    if HAS_VARLEN {
+        if li == 0u {
+            seq_rows = vec2<u32>(seq_q_len(wb), seq_kv_len(wb));
+        }
+        seq = workgroupUniformLoad(&seq_rows);
+        if PHASE == 1u {
+            if r0 >= seq.x {
+                return;
+            }
+            end = min(end, (seq.y + TILE - 1u) / TILE);
+        } else if r0 >= seq.y {
+            return;
+        }
+    }
     var acc_a = Acc();
     var acc_b = Acc();
     for (var t = params.first; t < end; t++) {
@@ -383,6 +404,9 @@ fn main(
         } else {
             wh = wkvh * params.group + t / tiles_q;
             c0 = (t % tiles_q) * TILE;
+            if c0 >= seq.x {
+                continue;
+            }
             state = tile_state(li, t, c0, r0);
             if state == TILE_SKIPPED {
                 continue;

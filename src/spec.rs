@@ -761,7 +761,8 @@ impl Attention {
     /// [`sinks`](Attention::sinks)). Element counts are checked on the packed tensors, so a
     /// batch of short sequences beside one long one is not refused for its padded size.
     ///
-    /// The fused and decode paths run packed batches; the three-pass path, the weights,
+    /// The fused and decode paths run packed batches, and the backward
+    /// ([`Attention::backward`](crate::Attention::backward)); the three-pass path, the weights,
     /// additive scores, explicit lengths and a block table are refused with
     /// [`Error::InvalidOption`].
     pub fn varlen(mut self, cu_seqlens_q: Vec<u32>, cu_seqlens_k: Vec<u32>) -> Self {

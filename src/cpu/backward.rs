@@ -62,8 +62,8 @@ fn narrow(x: Vec<f64>) -> Vec<f32> {
 /// Computes the gradients of a loss by Q, K, V (and by the bias, the sinks and the additive
 /// weights, where the options have them) on the CPU in f64, given `d_o`, the loss's gradient
 /// by the output O, in O's layout. The forward is recomputed from Q, K and V; every option of
-/// the forward is honoured except packed batches and paged K/V (an
-/// [`Error::InvalidOption`]: pad the batch with `q_lens`/`kv_lens`, gather the pages).
+/// the forward is honoured except paged K/V (an [`Error::InvalidOption`]: gather the pages).
+/// A packed batch's gradients are packed as Q, K and V are.
 ///
 /// ```
 /// use wgpu_attention::{Attention, Causal, Dims, cpu};

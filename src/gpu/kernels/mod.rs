@@ -605,9 +605,9 @@ fn flash_bkv(block: TileBlock, o_vec4s: u32) -> u32 {
 }
 
 /// Workgroup memory of the tiled backward kernel: the tile product's staging (also the
-/// accumulating products'), a `TILE x TILE` f32 tile of P or dS, and the tile's state (two
-/// atomics and their verdict).
-pub(crate) const BACKWARD_TILED_WORKGROUP_BYTES: u32 = TILE_STAGE_BYTES + TILE * TILE * 4 + 12;
+/// accumulating products'), a `TILE x TILE` f32 tile of P or dS, the tile's state (two
+/// atomics and their verdict) and a packed sequence's lengths.
+pub(crate) const BACKWARD_TILED_WORKGROUP_BYTES: u32 = TILE_STAGE_BYTES + TILE * TILE * 4 + 12 + 8;
 
 /// The rows the decode kernel is compiled for (`ROWS`): the fewest of these that hold a kv
 /// head's `group * q_len` rows.
