@@ -287,6 +287,22 @@ fn options_are_compiled_in() {
     }
 }
 
+/// The SPIR-V of a specialised key, as wgpu's Vulkan backend writes it (bounds checks on,
+/// workgroup memory not zeroed).
+fn spirv(s: &Specialised, lang_version: (u8, u8)) -> Result<Vec<u32>, spv::Error> {
+    let options = spv::Options {
+        lang_version,
+        bounds_check_policies: bounds_checks(),
+        zero_initialize_workgroup_memory: spv::ZeroInitializeWorkgroupMemoryMode::None,
+        ..spv::Options::default()
+    };
+    let pipeline = spv::PipelineOptions {
+        shader_stage: ShaderStage::Compute,
+        entry_point: ENTRY.to_string(),
+    };
+    spv::write_vec(&s.module, &s.info, &options, Some(&pipeline))
+}
+
 #[test]
 fn every_kernel_translates_to_spirv() {
     for s in specialised() {
@@ -299,20 +315,9 @@ fn every_kernel_translates_to_spirv() {
             &[(1, 0), (1, 3)]
         };
         for &lang_version in versions {
-            let options = spv::Options {
-                lang_version,
-                bounds_check_policies: bounds_checks(),
-                zero_initialize_workgroup_memory: spv::ZeroInitializeWorkgroupMemoryMode::None,
-                ..spv::Options::default()
-            };
-            let pipeline = spv::PipelineOptions {
-                shader_stage: ShaderStage::Compute,
-                entry_point: ENTRY.to_string(),
-            };
-            let words = spv::write_vec(&s.module, &s.info, &options, Some(&pipeline))
-                .unwrap_or_else(|e| {
-                    panic!("{what}: SPIR-V {lang_version:?} (Vulkan) backend failed: {e} ({e:?})")
-                });
+            let words = spirv(&s, lang_version).unwrap_or_else(|e| {
+                panic!("{what}: SPIR-V {lang_version:?} (Vulkan) backend failed: {e} ({e:?})")
+            });
             assert!(
                 words.len() > 5,
                 "{what}: SPIR-V {lang_version:?} backend wrote no code"
@@ -512,21 +517,11 @@ fn every_function_var_is_initialised() {
 fn dump_cooperative_spirv() {
     let dir = PathBuf::from(std::env::var("WGPU_ATTENTION_SPV_DIR").expect("an output directory"));
     std::fs::create_dir_all(&dir).unwrap();
-    let options = spv::Options {
-        lang_version: (1, 6),
-        bounds_check_policies: bounds_checks(),
-        zero_initialize_workgroup_memory: spv::ZeroInitializeWorkgroupMemoryMode::None,
-        ..spv::Options::default()
-    };
-    let pipeline = spv::PipelineOptions {
-        shader_stage: ShaderStage::Compute,
-        entry_point: ENTRY.to_string(),
-    };
     let cooperative = specialised()
         .into_iter()
         .filter(|s| s.key.needs_cooperative_matrix());
     for (n, s) in cooperative.enumerate() {
-        let words = spv::write_vec(&s.module, &s.info, &options, Some(&pipeline)).unwrap();
+        let words = spirv(&s, (1, 6)).unwrap();
         let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
         std::fs::write(dir.join(format!("cooperative-{n:02}.spv")), bytes).unwrap();
         std::fs::write(
