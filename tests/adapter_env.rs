@@ -112,6 +112,40 @@ fn mma() {
         gpu.with_mma(MmaChoice::Cooperative),
         Err(Error::Unsupported { .. })
     ));
+    // An application's own device, with its adapter: cooperative matrices only where the
+    // device was created with them (not here), everything else as from_wgpu.
+    let instance =
+        wgpu::Instance::new(wgpu::InstanceDescriptor::new_without_display_handle_from_env());
+    let adapter = pollster::block_on(instance.request_adapter(&wgpu::RequestAdapterOptions {
+        power_preference: wgpu::PowerPreference::HighPerformance,
+        force_fallback_adapter: false,
+        compatible_surface: None,
+        apply_limit_buckets: false,
+    }))
+    .expect("an adapter");
+    let features = adapter.features() & (wgpu::Features::SHADER_F16 | wgpu::Features::SUBGROUP);
+    let (device, queue) = pollster::block_on(adapter.request_device(&wgpu::DeviceDescriptor {
+        label: None,
+        required_features: features,
+        required_limits: adapter.limits(),
+        experimental_features: wgpu::ExperimentalFeatures::disabled(),
+        memory_hints: wgpu::MemoryHints::Performance,
+        trace: wgpu::Trace::Off,
+    }))
+    .expect("a device");
+    let own = Gpu::from_wgpu_with_adapter(&adapter, device, queue).expect("wrapped");
+    assert_eq!(own.limits().cooperative_matrix, 0);
+    assert_eq!(own.tile_config().mma, MmaChoice::Off);
+    assert!(matches!(
+        own.with_mma(MmaChoice::Cooperative),
+        Err(Error::Unsupported { .. })
+    ));
+    if features.contains(wgpu::Features::SHADER_F16) {
+        assert_eq!(
+            own.with_mma(MmaChoice::Emulated).unwrap().tile_config().mma,
+            MmaChoice::Emulated
+        );
+    }
 }
 
 fn resident_q() {

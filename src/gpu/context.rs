@@ -372,8 +372,22 @@ impl Gpu {
     pub fn from_wgpu(device: wgpu::Device, queue: wgpu::Queue) -> Result<Gpu> {
         let info = device.adapter_info();
         // A device has no list of its cooperative matrix shapes (only its adapter has), so
-        // a wrapped device never takes the cooperative products.
+        // a wrapped device never takes the cooperative products: see from_wgpu_with_adapter.
         Gpu::from_parts(device, queue, info, 0)
+    }
+
+    /// [`Gpu::from_wgpu`] for a device of `adapter`: where the application created the device
+    /// with `Features::EXPERIMENTAL_COOPERATIVE_MATRIX` (and `SHADER_F16`, `SUBGROUP`), the
+    /// adapter's list of cooperative matrix shapes lets the fused kernel's 16-bit products run
+    /// on them ([`MmaChoice::Cooperative`], through [`Gpu::with_mma`] or
+    /// `WGPU_ATTENTION_MMA=cooperative`); otherwise the same as [`Gpu::from_wgpu`].
+    pub fn from_wgpu_with_adapter(
+        adapter: &wgpu::Adapter,
+        device: wgpu::Device,
+        queue: wgpu::Queue,
+    ) -> Result<Gpu> {
+        let info = device.adapter_info();
+        Gpu::from_parts(device, queue, info, cooperative_size(adapter))
     }
 
     fn from_parts(
