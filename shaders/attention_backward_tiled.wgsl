@@ -376,6 +376,8 @@ fn main(
     // keys (dK, dV) all lie past its own sequence has nothing to write (those slots are the
     // next sequence's), and none needs the key tiles (dQ) or query tiles (dK, dV) past it.
     // Not with padded lengths: there the rows past them are real and get their zeros.
+    // (Compared through locals: a browser's uniformity analysis counts every read of a
+    // module-scope private variable, r0 and c0 here, as non-uniform.)
     var seq = vec2<u32>(params.q_len, params.kv_len);
     if HAS_VARLEN {
         if li == 0u {
@@ -383,11 +385,11 @@ fn main(
         }
         seq = workgroupUniformLoad(&seq_rows);
         if PHASE == 1u {
-            if r0 >= seq.x {
+            if (id % tiles_q) * TILE >= seq.x {
                 return;
             }
             end = min(end, (seq.y + TILE - 1u) / TILE);
-        } else if r0 >= seq.y {
+        } else if (id % tiles_k) * TILE >= seq.y {
             return;
         }
     }
@@ -403,10 +405,11 @@ fn main(
             }
         } else {
             wh = wkvh * params.group + t / tiles_q;
-            c0 = (t % tiles_q) * TILE;
-            if c0 >= seq.x {
+            let first_row = (t % tiles_q) * TILE;
+            if first_row >= seq.x {
                 continue;
             }
+            c0 = first_row;
             state = tile_state(li, t, c0, r0);
             if state == TILE_SKIPPED {
                 continue;
