@@ -546,9 +546,27 @@ impl Attention {
         (q, k, v): (&[T], &[T], &[T]),
         dims: Dims,
     ) -> Result<Option<(Packing<'a>, [Vec<T>; 3], Attention)>> {
-        let (Some((cq, ck)), Some((kv_lens, q_lens))) = (&self.varlen, self.varlen_lens()) else {
+        let (Some([pq, pk, pv, po]), Some((kv_lens, q_lens))) =
+            (self.packings(dims), self.varlen_lens())
+        else {
             return Ok(None);
         };
+        let q = pq.pad("packed Q", q)?;
+        let k = pk.pad("packed K", k)?;
+        let v = pv.pad("packed V", v)?;
+        let flat = Attention {
+            varlen: None,
+            ..self.clone()
+        }
+        .kv_lens(kv_lens)
+        .q_lens(q_lens);
+        Ok(Some((po, [q, k, v], flat)))
+    }
+
+    /// A packed call's [`Packing`]s of Q, K, V and O (O's also dO's), or `None` for a call
+    /// that is not packed.
+    pub(crate) fn packings(&self, dims: Dims) -> Option<[Packing<'_>; 4]> {
+        let (cq, ck) = self.varlen.as_ref()?;
         let packing = |cu, heads, width, len| Packing {
             cu,
             heads,
@@ -556,21 +574,12 @@ impl Attention {
             len,
             layout: self.layout,
         };
-        let pq = packing(cq, dims.heads, dims.head_dim, dims.q_len);
-        let q = pq.pad("packed Q", q)?;
-        let k = packing(ck, dims.kv_heads, dims.head_dim, dims.kv_len).pad("packed K", k)?;
-        let v = packing(ck, dims.kv_heads, dims.v_head_dim, dims.kv_len).pad("packed V", v)?;
-        let flat = Attention {
-            varlen: None,
-            ..self.clone()
-        }
-        .kv_lens(kv_lens)
-        .q_lens(q_lens);
-        Ok(Some((
+        Some([
+            packing(cq, dims.heads, dims.head_dim, dims.q_len),
+            packing(ck, dims.kv_heads, dims.head_dim, dims.kv_len),
+            packing(ck, dims.kv_heads, dims.v_head_dim, dims.kv_len),
             packing(cq, dims.heads, dims.v_head_dim, dims.q_len),
-            [q, k, v],
-            flat,
-        )))
+        ])
     }
 }
 

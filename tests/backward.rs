@@ -86,6 +86,25 @@ fn check_grads_after(
     )
     .unwrap_or_else(|e| panic!("{d:?} {opts:?}: {e}"));
     let want = cpu::reference_backward(&q, &k, &v, &d_o, d, opts).unwrap();
+    let ctx = format!("{d:?} {dtype:?} seed {seed} {opts:?}");
+    let row_constant_bias = bias_shape.is_some_and(|s| s[3] == 1);
+    compare_grads(gpu, &grads, &want, dtype, row_constant_bias, &ctx);
+    grads
+}
+
+/// Checks `grads` (and the bias's and the sinks' gradients where given) against the
+/// reference's `want`: relative norm error within the contract for `dtype`'s storage, and every
+/// element within 1e-4 (half storage: 3e-2) of the gradient's largest element (finite: a
+/// poisoned element fails). A bias broadcast along the keys (`row_constant_bias`) has a zero
+/// gradient in exact arithmetic, checked as ~0.
+fn compare_grads(
+    gpu: &Gpu,
+    grads: &Gradients,
+    want: &cpu::ReferenceGradients,
+    dtype: DType,
+    row_constant_bias: bool,
+    ctx: &str,
+) {
     let tol = if dtype == DType::F32 {
         F32_TOL
     } else {
@@ -112,7 +131,7 @@ fn check_grads_after(
     }
     for (what, t, w) in pairs {
         let got = t.download(gpu).unwrap();
-        if what == "dbias" && bias_shape.is_some_and(|s| s[3] == 1) {
+        if what == "dbias" && row_constant_bias {
             // A bias broadcast along the keys shifts whole rows of scores, which softmax
             // ignores: its gradient is zero in exact arithmetic, rounding noise here.
             let worst = got.iter().fold(0f32, |m, x| m.max(x.abs()));
@@ -122,7 +141,7 @@ fn check_grads_after(
             );
             continue;
         }
-        let ctx = format!("{what} of {d:?} {dtype:?} seed {seed} {opts:?}");
+        let ctx = format!("{what} of {ctx}");
         let ctx = &ctx[..ctx.len().min(500)];
         let err = rel_norm_error(&got, w);
         assert!(err <= tol, "{ctx}: relative norm error {err:e} > {tol:e}");
@@ -130,7 +149,6 @@ fn check_grads_after(
         let atol = if dtype == DType::F32 { 1e-4 } else { 3e-2 } * largest.max(1e-3);
         assert_close(ctx, &got, w, atol, 0.0);
     }
-    grads
 }
 
 #[test]
@@ -900,10 +918,7 @@ fn packed_variable_length_batches() {
         let k = round(random(&mut r, total_k * 2 * 40, 1.5));
         let v = round(random(&mut r, total_k * 2 * 24, 1.0));
         let d_o = round(random(&mut r, total_q * 4 * 24, 1.0));
-        let shape = |heads, rows, width| match layout {
-            Layout::Bshd => [1, rows, heads, width],
-            Layout::Bhsd => [1, heads, rows, width],
-        };
+        let shape = |heads, rows, width| layout.dims(1, heads, rows, width);
         let up = |x: &[f32], shape| g.upload_as(x, shape, dtype).unwrap();
         let (tq, tk, tv) = (
             up(&q, shape(4, total_q, 40)),
@@ -927,36 +942,7 @@ fn packed_variable_length_batches() {
         opts.backward_into(&g, &tq, &tk, &tv, &out.o, lse, &t_do, &grads)
             .unwrap_or_else(|e| panic!("case {n}: {e}"));
         let want = cpu::reference_backward(&q, &k, &v, &d_o, d, &opts).unwrap();
-        let mut pairs = vec![
-            ("dQ", &grads.dq, &want.dq),
-            ("dK", &grads.dk, &want.dk),
-            ("dV", &grads.dv, &want.dv),
-        ];
-        if extra {
-            pairs.push((
-                "dbias",
-                grads.dbias.as_ref().unwrap(),
-                want.dbias.as_ref().unwrap(),
-            ));
-            pairs.push((
-                "dsinks",
-                grads.dsinks.as_ref().unwrap(),
-                want.dsinks.as_ref().unwrap(),
-            ));
-        }
-        let (tol, rel) = if dtype == DType::F32 {
-            (F32_TOL, 1e-4)
-        } else {
-            (HALF_TOL, 3e-2)
-        };
-        for (what, t, w) in pairs {
-            let got = t.download(&g).unwrap();
-            let ctx =
-                format!("{what} of case {n} ({layout:?}, tiled {tiled}, capped {cap}, {dtype:?})");
-            let err = rel_norm_error(&got, w);
-            assert!(err <= tol, "{ctx}: relative norm error {err:e}");
-            let largest = w.iter().fold(0f32, |m, x| m.max(x.abs()));
-            assert_close(&ctx, &got, w, rel * largest.max(1e-3), 0.0);
-        }
+        let ctx = format!("case {n} ({layout:?}, tiled {tiled}, capped {cap}, {dtype:?})");
+        compare_grads(&g, &grads, &want, dtype, false, &ctx);
     }
 }

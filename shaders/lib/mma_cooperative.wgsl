@@ -14,6 +14,13 @@ const NSG: u32 = INV / SG;
 const S_TILES: u32 = (MMA_ROWS / CM) * (TILE / CM);
 const PV_TILES: u32 = (MMA_ROWS / CM) * (PV_COLS / CM);
 
+// The first row and column of this subgroup's n-th result tile of a product `cols` columns
+// wide: tile n * NSG + place_sg, row-major.
+fn tile_origin(n: u32, cols: u32) -> vec2<u32> {
+    let t = n * NSG + place_sg;
+    return vec2<u32>((t / (cols / CM)) * CM, (t % (cols / CM)) * CM);
+}
+
 // c plus the CM x CM block of Q K^T at rows tr, keys tc, over the staged slice.
 fn mma_qk_tile(tr: u32, tc: u32, c0: MmaC) -> MmaC {
     var c = c0;
@@ -31,9 +38,9 @@ fn mma_qk_tile(tr: u32, tc: u32, c0: MmaC) -> MmaC {
 fn mma_scores_product(li: u32) {
     let zero = coopLoadT<MmaC>(&mma_zero[0], CM);
     for (var n = 0u; n < S_TILES / NSG; n++) {
-        let t = n * NSG + place_sg;
-        let tr = (t / (TILE / CM)) * CM;
-        let tc = (t % (TILE / CM)) * CM;
+        let o = tile_origin(n, TILE);
+        let tr = o.x;
+        let tc = o.y;
         coopStoreT(mma_qk_tile(tr, tc, zero), &mma_s[tr * TILE + tc], TILE);
     }
 }
@@ -41,9 +48,9 @@ fn mma_scores_product(li: u32) {
 // mma_s += Q K^T over the staged slice (the later slices).
 fn mma_scores_product_add(li: u32) {
     for (var n = 0u; n < S_TILES / NSG; n++) {
-        let t = n * NSG + place_sg;
-        let tr = (t / (TILE / CM)) * CM;
-        let tc = (t % (TILE / CM)) * CM;
+        let o = tile_origin(n, TILE);
+        let tr = o.x;
+        let tc = o.y;
         let c = coopLoadT<MmaC>(&mma_s[tr * TILE + tc], TILE);
         coopStoreT(mma_qk_tile(tr, tc, c), &mma_s[tr * TILE + tc], TILE);
     }
@@ -53,9 +60,9 @@ fn mma_scores_product_add(li: u32) {
 fn mma_pv_product(li: u32) {
     let zero = coopLoadT<MmaC>(&mma_zero[0], CM);
     for (var n = 0u; n < PV_TILES / NSG; n++) {
-        let t = n * NSG + place_sg;
-        let tr = (t / (PV_COLS / CM)) * CM;
-        let tc = (t % (PV_COLS / CM)) * CM;
+        let o = tile_origin(n, PV_COLS);
+        let tr = o.x;
+        let tc = o.y;
         var c = zero;
         for (var k = 0u; k < TILE; k += CM) {
             let a = coopLoadT<MmaA>(&mma_p[tr * TILE + k], TILE);

@@ -19,7 +19,7 @@
 //! The unit tests check every option against central finite differences of the forward in f64.
 
 use crate::error::{Error, Result};
-use crate::spec::{Attention, Dims, Packing};
+use crate::spec::{Attention, Dims};
 
 use super::reference::{Problem, Row, at, check_len, widen};
 
@@ -129,26 +129,18 @@ fn exact_packed(
     dims: Dims,
     opts: &Attention,
 ) -> Result<Option<Exact>> {
-    let Some((o_packing, [q, k, v], flat)) = opts.unpack((q, k, v), dims)? else {
+    let (Some((po, [q, k, v], flat)), Some([pq, pk, pv, _])) =
+        (opts.unpack((q, k, v), dims)?, opts.packings(dims))
+    else {
         return Ok(None);
     };
-    let Some((cq, ck)) = &opts.varlen else {
-        return Ok(None);
-    };
-    let d_o = o_packing.pad("packed dO", d_o)?;
+    let d_o = po.pad("packed dO", d_o)?;
     let padded = exact(&q, &k, &v, &d_o, dims, &flat)?;
-    let packing = |cu, heads, width, len| Packing {
-        cu,
-        heads,
-        width,
-        len,
-        layout: opts.layout,
-    };
     Ok(Some(Exact {
-        o: o_packing.pack(&padded.o),
-        dq: packing(cq, dims.heads, dims.head_dim, dims.q_len).pack(&padded.dq),
-        dk: packing(ck, dims.kv_heads, dims.head_dim, dims.kv_len).pack(&padded.dk),
-        dv: packing(ck, dims.kv_heads, dims.v_head_dim, dims.kv_len).pack(&padded.dv),
+        o: po.pack(&padded.o),
+        dq: pq.pack(&padded.dq),
+        dk: pk.pack(&padded.dk),
+        dv: pv.pack(&padded.dv),
         ..padded
     }))
 }

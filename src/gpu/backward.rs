@@ -36,6 +36,7 @@ use crate::gpu::context::Gpu;
 use crate::gpu::kernels::uniforms::{BackwardParams, uniform_buffer};
 use crate::gpu::kernels::{BACKWARD_TILED_WORKGROUP_BYTES, KernelKey, MaskOptions, flash_o_vec4s};
 use crate::gpu::limits::{DispatchSize, GpuLimits, TileBlock, check_binding};
+use crate::gpu::paths::fused::io_strides;
 use crate::gpu::paths::masking;
 use crate::gpu::tensor::{Tensor, expect_dims};
 use crate::spec::{Attention, DType, Spec};
@@ -501,22 +502,13 @@ fn params(
     resume: bool,
 ) -> BackwardParams {
     let d = spec.dims;
-    let layout = spec.opts.layout;
-    // A packed batch is one "batch" of every sequence's rows: its rows are found by
-    // q_slot / key_slot (lib/masking.wgsl), so the batch stride is 0.
-    let total = |cu: &[u32]| *cu.last().unwrap_or(&0) as usize;
-    let (q_rows, k_rows, stride_b) = match &spec.opts.varlen {
-        Some((cq, ck)) => (total(cq), total(ck), 0),
-        None => (d.q_len, d.kv_len, 1),
-    };
-    let s = |heads, len, width| {
-        let [b, h, s] = layout.strides(heads, len, width).map(|x| x as u32);
-        [b * stride_b, h, s]
-    };
-    let [q_stride_b, q_stride_h, q_stride_s] = s(d.heads, q_rows, d.head_dim);
-    let [k_stride_b, k_stride_h, k_stride_s] = s(d.kv_heads, k_rows, d.head_dim);
-    let [v_stride_b, v_stride_h, v_stride_s] = s(d.kv_heads, k_rows, d.v_head_dim);
-    let [o_stride_b, o_stride_h, o_stride_s] = s(d.heads, q_rows, d.v_head_dim);
+    // The forward's strides: a packed batch is one "batch" of every sequence's rows, found by
+    // q_slot / key_slot (lib/masking.wgsl). (Paged K/V is refused before this.)
+    let s = |queries, heads, width| io_strides(spec, queries, heads, width);
+    let [q_stride_b, q_stride_h, q_stride_s] = s(true, d.heads, d.head_dim);
+    let [k_stride_b, k_stride_h, k_stride_s] = s(false, d.kv_heads, d.head_dim);
+    let [v_stride_b, v_stride_h, v_stride_s] = s(false, d.kv_heads, d.v_head_dim);
+    let [o_stride_b, o_stride_h, o_stride_s] = s(true, d.heads, d.v_head_dim);
     let [bias_b, bias_h, bias_i, bias_j] = bias_shape(spec).unwrap_or([1; 4]).map(|x| x as u32);
     BackwardParams {
         heads: d.heads as u32,

@@ -234,10 +234,10 @@ fn check_against(
         .unwrap_or_else(|e| panic!("{dims:?}: {e}"));
     let ran = plan.name();
     // The 16-bit products (f16 Q, K and V, where the Gpu's configuration asks for them) round P
-    // to f16: up to 2^-11 of max |v| (1 here) per element beyond the reference (see
+    // to f16: up to 2^-10 of max |v| (1 here) per element beyond the reference (see
     // tests/fused.rs, sixteen_bit_products_against_the_reference).
     let mma = matches!(&plan, Plan::Fused { plan: p, .. } | Plan::Decode { plan: p, .. } if p.mma.is_some());
-    let o_atol = if mma { 5e-4 } else { O_ATOL };
+    let o_atol = if mma { 1e-3 } else { O_ATOL };
     opts.run_into(gpu, &tq, &tk, &tv, &out)
         .unwrap_or_else(|e| panic!("{dims:?}: {e}"));
     let o = out.o.download(gpu).unwrap();

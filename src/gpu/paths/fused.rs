@@ -116,7 +116,8 @@ pub struct FusedPlan {
     /// ([`TileConfig::mma`](crate::gpu::tuning::TileConfig::mma)), head_dim and v_head_dim
     /// are at most 256 and workgroup memory holds them at the rows of the scalar plan or at
     /// half or a quarter of them (at least 16); for cooperative matrices the device must have
-    /// them, a single subgroup size, and subgroups that divide the workgroup's result tiles.
+    /// them, a single subgroup size, subgroups turned on, and subgroups that divide the
+    /// workgroup's result tiles.
     /// `rows_per_workgroup` and `block` are then the products' (no resident Q, one buffer).
     pub mma: Option<Mma>,
     /// Invocations per workgroup: `(64 / block.cols) * (rows_per_workgroup / block.rows)` for
@@ -460,7 +461,7 @@ impl FusedPlan {
 /// batch's tensors hold every sequence's rows in one "batch" (the kernels add each
 /// sequence's first row, `q_slot` and `key_slot`), paged pools `[pages, page_size, kv_heads,
 /// width]` rows (pool slots) of `kv_heads * width`; neither has a batch stride.
-fn io_strides(spec: &Spec<'_>, queries: bool, heads: usize, width: usize) -> [u32; 3] {
+pub(crate) fn io_strides(spec: &Spec<'_>, queries: bool, heads: usize, width: usize) -> [u32; 3] {
     let d = spec.dims;
     if let Some((cq, ck)) = &spec.opts.varlen {
         let total = *if queries { cq } else { ck }.last().unwrap_or(&0) as usize;
