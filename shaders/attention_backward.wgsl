@@ -18,7 +18,9 @@
 // log, which counts a learnable sink). shift_i is 0 but for a row whose every score is the
 // score floor (a bias of f32::MIN over the whole row): its f32 lse rounds to the floor itself,
 // losing the ln(n) of its n keys, so phase 0 counts them and shift_i = ln(n). dS_ij = P_ij (dO_i·V_j - D_i) times the score's derivative by the
-// dot product (1 - tanh² under a softcap, 0 where the score floor clipped it). Nothing of size
+// dot product (1 - tanh² under a softcap, 0 where the score floor clipped it). With dropout
+// (Z_ij = 0 for a dropped weight, 1 / (1 - p) for a kept one: O = (P∘Z) V), dV sums
+// P_ij Z_ij dO_i and dP_ij = Z_ij dO_i·V_j; D_i = dO_i·O_i = sum_j P_ij dP_ij still. Nothing of size
 // q_len x kv_len is stored. A dispatch with `resume` adds to what the previous one wrote: on
 // a device that caps loop iterations (llvmpipe) the host splits a phase's keys or rows over
 // dispatches, each well under the cap.
@@ -130,6 +132,7 @@ fn row_dq(r: u32) {
         let range = key_range(b, i);
         let se = sink_end(b, i);
         let alibi = alibi_row(b, h, i);
+        let drow = dropout_row(bh, i);
         // The keys of this dispatch the row may see: its range, and its sink keys.
         var lo = max(params.first, u32(max(range.x, 0)));
         if HAS_SINK_KEYS && se > 0 {
@@ -152,7 +155,7 @@ fn row_dq(r: u32) {
             for (var c = 0u; c < V4; c++) {
                 dp += dot(dor[c], v4(va, c));
             }
-            let ds = p * (dp - dv) * xs.y * params.scale;
+            let ds = p * (dp * dropout_factor(drow, j) - dv) * xs.y * params.scale;
             for (var c = 0u; c < D4; c++) {
                 acc[c] += ds * k4(ka, c);
             }
@@ -213,13 +216,14 @@ fn row_dkv(r: u32) {
             let xs = score_and_slope(s * params.scale, b, h, i, j, alibi_row(b, h, i));
             let p = exp(xs.x - bitcast<f32>(bits) - row_shift(row));
             let oa = o_at(b, h, i);
+            let z = dropout_factor(dropout_row(b * params.heads + h, i), j);
             var dp = 0.0;
             for (var c = 0u; c < V4; c++) {
                 let g = do4(oa, c);
                 dp += dot(g, vr[c]);
-                dv[c] += p * g;
+                dv[c] += (p * z) * g;
             }
-            let ds = p * (dp - row_delta(row)) * xs.y * params.scale;
+            let ds = p * (dp * z - row_delta(row)) * xs.y * params.scale;
             for (var c = 0u; c < D4; c++) {
                 dk[c] += ds * q4(qa, c);
             }
@@ -261,6 +265,7 @@ fn score_grad(b: u32, h: u32, i: u32, j: u32) -> f32 {
     for (var d = 0u; d < params.v_head_dim; d++) {
         dp += load_d_o(oa + d) * load_v(va + d);
     }
+    dp *= dropout_factor(dropout_row(b * params.heads + h, i), j);
     return exp(x - bitcast<f32>(bits) - row_shift(row)) * (dp - row_delta(row));
 }
 

@@ -65,10 +65,12 @@ struct QueryRow {
     lse: f32,
     shift: f32,
     delta: f32,
+    // Dropout's state of the row (lib/masking.wgsl).
+    drop: vec2<u32>,
 }
 
 fn query_row(i: u32) -> QueryRow {
-    var out = QueryRow(i, 0u, 0, 0, 0, AlibiRow(0.0, 0), 0.0, 0.0, 0.0);
+    var out = QueryRow(i, 0u, 0, 0, 0, AlibiRow(0.0, 0), 0.0, 0.0, 0.0, vec2<u32>(0u, 0u));
     if i < params.q_len {
         let row = (wb * params.heads + wh) * params.q_len + i;
         let bits = lse_bits(row);
@@ -83,17 +85,20 @@ fn query_row(i: u32) -> QueryRow {
             out.shift = row_shift(row);
         }
         out.delta = row_delta(row);
+        out.drop = dropout_row(wb * params.heads + wh, i);
     }
     return out;
 }
 
 // (P, dS) of query row q and key j, from the scaled-down dot products s = q·k and dp = dO·v:
-// zeros for a key the row does not see.
+// zeros for a key the row does not see. With dropout, P is the kept weight, scaled (what dV
+// sums), and dP the kept dO·v, scaled (attention_backward.wgsl's header).
 fn grad_of(s: f32, dp: f32, q: QueryRow, j: u32) -> vec2<f32> {
     if q.live != 0u && in_keys(j, q.lo, q.hi, q.se) && mask_allows(wb, wh, q.i, j) {
         let xs = score_and_slope(s * params.scale, wb, wh, q.i, j, q.alibi);
         let p = exp(xs.x - q.lse - q.shift);
-        return vec2<f32>(p, p * (dp - q.delta) * xs.y * params.scale);
+        let z = dropout_factor(q.drop, j);
+        return vec2<f32>(p * z, p * (dp * z - q.delta) * xs.y * params.scale);
     }
     return vec2<f32>(0.0, 0.0);
 }
@@ -429,8 +434,8 @@ fn main(
             dp = tile_product(li, tx, ty, OP_V, OP_DO, params.v_head_dim);
         }
         // P into s, dS into dp. Block row x / BC4's columns 4 (tx + NX (x % BC4)) .. + 3.
-        if state == TILE_FULL {
-            // Every score seen, none adjusted: only floored. The query rows' values four
+        if state == TILE_FULL && !HAS_DROPOUT {
+            // Every score seen, none adjusted: only floored (and none dropped). The query rows' values four
             // columns at a time (one row's, or four rows').
             for (var x = 0u; x < BR * BC4; x++) {
                 var lse4 = vec4<f32>();

@@ -460,6 +460,8 @@ fn main(
     // Sink keys 0..se (all 0 without HAS_SINK_KEYS), and ALiBi's per-row values.
     var se = array<i32, BR>();
     var alibi = array<AlibiRow, BR>();
+    // Dropout's per-row state (lib/masking.wgsl; zeros without dropout).
+    var drow = array<vec2<u32>, BR>();
     for (var r = 0u; r < BR; r++) {
         let pr = r0 + block_row(ty, r);
         row_h[r] = kvh * params.group + pr / q_len;
@@ -469,6 +471,7 @@ fn main(
             range = key_range(b, row_i[r]);
             se[r] = sink_end(b, row_i[r]);
             alibi[r] = alibi_row(b, row_h[r], row_i[r]);
+            drow[r] = dropout_row(b * params.heads + row_h[r], row_i[r]);
         }
         lo[r] = range.x;
         hi[r] = range.y;
@@ -623,8 +626,20 @@ fn main(
         }
         for (var x = 0u; x < BR * BC4; x++) {
             let p = select(vec4<f32>(), exp2(s[x] - m_run[x / BC4]), s[x] > vec4<f32>(NEG_BIG));
-            s[x] = p;
             l_run[x / BC4] += hsum(p);
+            if HAS_DROPOUT {
+                // The row sums count every weight; P·V only the kept ones (scaled at the end).
+                let j = c0 + block_col(tx, 4u * (x % BC4));
+                let d = drow[x / BC4];
+                s[x] = select(vec4<f32>(), p, vec4<bool>(
+                    dropout_keeps(d, j),
+                    dropout_keeps(d, j + 1u),
+                    dropout_keeps(d, j + 2u),
+                    dropout_keeps(d, j + 3u),
+                ));
+            } else {
+                s[x] = p;
+            }
         }
         for (var x = 0u; x < OC * BR; x++) {
             acc[x] *= corr[x % BR];
@@ -732,7 +747,7 @@ fn main(
                     o_row[r] = b * params.o_stride_b + h * params.o_stride_h
                         + q_slot(b, i) * params.o_stride_s;
                 }
-                o_scale[r] = inv * w_new;
+                o_scale[r] = inv * w_new * dropout_row_scale();
                 o_prev[r] = lse_weight(sum, prev_lse[r]);
                 if tx == 0u && params.write_lse != 0u {
                     lse_or_partials[bh * q_len + i] = lse_total(sum);
@@ -740,7 +755,7 @@ fn main(
             } else {
                 let part_row = (split * bh_count + bh) * q_len + i;
                 o_row[r] = part_row * params.v_head_dim;
-                o_scale[r] = inv;
+                o_scale[r] = inv * dropout_row_scale();
                 if tx == 0u {
                     lse_or_partials[params.parts_lse_offset + part_row] = new_lse;
                 }

@@ -148,6 +148,14 @@ fn main(
 
     // ALiBi's per-row values (lib/masking.wgsl).
     var alibi = array<AlibiRow, ROWS>();
+    // Dropout's per-row state (lib/masking.wgsl).
+    var drow = array<vec2<u32>, ROWS>();
+    if HAS_DROPOUT {
+        for (var r = 0u; r < ROWS; r++) {
+            let info = row_info[r];
+            drow[r] = dropout_row(b * params.heads + u32(info.z), u32(info.w));
+        }
+    }
     if HAS_ALIBI {
         for (var r = 0u; r < ROWS; r++) {
             let info = row_info[r];
@@ -267,6 +275,10 @@ fn main(
                     p[r] = exp2(s[k][r] - m_run[r]);
                 }
                 l_run[r] += p[r];
+                // The row sums count every weight; P·V only the kept ones (scaled at the end).
+                if HAS_DROPOUT && !dropout_keeps(drow[r], c0 + lid + WG * k) {
+                    p[r] = 0.0;
+                }
             }
             let p4 = rows_vec4(p);
             for (var q = 0u; q < R4; q++) {
@@ -341,7 +353,7 @@ fn main(
         for (var x = 0u; x < WG; x++) {
             l += p_sh[p_index(0u, x, r / 4u)][r % 4u];
         }
-        var norm = select(0.0, 1.0 / l, l > 0.0);
+        var norm = select(0.0, 1.0 / l, l > 0.0) * dropout_row_scale();
         var lse = lse_of(m_run[r] * LN2, l);
         if HAS_SINKS && params.splits == 1u {
             // The sink joins as a part with no output (with splits, the merge adds it).

@@ -88,10 +88,14 @@ fn main(
     let any = atomicLoad(&any_allowed) != 0u || HAS_SINKS;
     let inv_sum = select(0.0, 1.0 / row_sum, any);
 
+    // Dropout (lib/masking.wgsl): the weights written, and so P·V, are the kept ones, scaled;
+    // the log-sum-exp is the softmax's.
+    let drow = dropout_row(bh, i);
     for (var j = lid; j < mparams.kv_len; j += WG) {
         var p = 0.0;
         if j >= start && j < end && in_keys(j, range.x, range.y, se) && mask_allows(b, h, i, j) {
             p = exp(adjust_score(scores[base + j], b, h, i, j) - row_max) * inv_sum;
+            p *= dropout_factor(drow, j);
         }
         scores[base + j] = p;
     }

@@ -13,6 +13,6 @@ pub use gpu::{
 };
 pub use mha::{MhaActivations, MhaConfig, MhaGradients, MhaOutput, MhaWeights, MultiHeadAttention};
 pub use spec::{
-    Attention, Bias, BlockTable, BoolMask, Causal, DType, Dims, Layout, MAX_ALIBI_SLOPE,
+    Attention, Bias, BlockTable, BoolMask, Causal, DType, Dims, Dropout, Layout, MAX_ALIBI_SLOPE,
     MAX_HEAD_DIM, MAX_SCALE, MAX_V_HEAD_DIM, Path, SCORE_FLOOR, Spec,
 };

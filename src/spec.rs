@@ -294,6 +294,103 @@ pub struct Bias {
     pub data: Vec<f32>,
 }
 
+/// Dropout on the attention weights, as PyTorch's `scaled_dot_product_attention(dropout_p=p)`
+/// and FlashAttention's `dropout_p` apply it in training: after the softmax, each weight
+/// `p_ij` is kept with probability `1 - p` and scaled by `1 / (1 - p)`, or dropped (zero). The
+/// log-sum-exp is the softmax's, before dropout, and so are the row sums it normalises by.
+///
+/// Which weights are dropped is a pure function of `seed` and the element's place
+/// `(b, h, i, j)` (query head `h`, query row `i` of its sequence, key `j`): [`keeps`]
+/// (Dropout::keeps) says it, and every path (the CPU reference, the three GPU paths and the
+/// backward) computes the same bits. So a forward and its backward drop the same weights when
+/// given the same options, and a test can check the GPU element by element against the f64
+/// reference. The generator is a counter-based hash (two 32-bit words of state per row from
+/// the seed, the head and the row; two rounds of Wellons' `lowbias32` integer hash per key), not
+/// PyTorch's Philox: the same seed drops different weights here than in PyTorch.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Dropout {
+    /// The probability of dropping a weight, `0 ..= 1` (1 drops every weight: O is zero).
+    pub p: f32,
+    /// The seed; a training loop gives every step (and every layer) its own.
+    pub seed: u64,
+}
+
+/// One round of Chris Wellons' `lowbias32` integer hash (hash-prospector): a bijection of u32
+/// whose output bits each flip with probability close to 1/2 for any flipped input bit. The
+/// WGSL twin is `mix32` in `shaders/lib/masking.wgsl`: change one, change the other.
+pub(crate) const fn mix32(mut x: u32) -> u32 {
+    x ^= x >> 16;
+    x = x.wrapping_mul(0x7feb_352d);
+    x ^= x >> 15;
+    x = x.wrapping_mul(0x846c_a68b);
+    x ^= x >> 16;
+    x
+}
+
+impl Dropout {
+    /// Whether the weight of query head `h`, row `i`, key `j` of batch entry `b` is kept, in a
+    /// call of `dims` (`i` and `j` count within the sequence, also in a packed batch).
+    ///
+    /// ```
+    /// use wgpu_attention::{Dims, Dropout};
+    /// let dims = Dims::new(1, 2, 64, 8);
+    /// let d = Dropout { p: 0.25, seed: 7 };
+    /// let kept = (0..64 * 64).filter(|&n| d.keeps(dims, 0, 1, n / 64, n % 64)).count();
+    /// assert!((2900..3250).contains(&kept)); // about 75% of 4096
+    /// ```
+    pub fn keeps(&self, dims: Dims, b: usize, h: usize, i: usize, j: usize) -> bool {
+        let bh = (b * dims.heads + h) as u32;
+        let row = self.row(bh, i as u32);
+        Dropout::bits(row, j as u32) >= self.threshold()
+    }
+
+    /// The factor a kept weight is multiplied by: `1 / (1 - p)`, and 0 for `p = 1` (nothing is
+    /// kept).
+    pub fn scale(&self) -> f32 {
+        if self.p >= 1.0 {
+            0.0
+        } else {
+            1.0 / (1.0 - self.p)
+        }
+    }
+
+    /// Whether it drops anything (`p > 0`); the kernels compile it in only then.
+    pub(crate) fn active(&self) -> bool {
+        self.p > 0.0
+    }
+
+    /// The two words of the call's key, from the seed: what the kernels read from their
+    /// uniforms.
+    pub(crate) fn keys(&self) -> [u32; 2] {
+        let a = mix32(self.seed as u32 ^ 0x9e37_79b9);
+        let b = mix32((self.seed >> 32) as u32 ^ mix32(a ^ 0x85eb_ca6b));
+        [a, b]
+    }
+
+    /// A weight is kept where its 32 random bits are at least this: `round(p * 2^32)`, at most
+    /// `u32::MAX` (`p = 1` keeps one weight in 2^32, which its scale of 0 then zeroes).
+    pub(crate) fn threshold(&self) -> u32 {
+        (self.p as f64 * 4_294_967_296.0)
+            .round()
+            .min(u32::MAX as f64) as u32
+    }
+
+    /// The state of row `i` of head `bh` (`b * heads + h`): two words made apart, so two rows
+    /// share their bits only if both words collide.
+    fn row(&self, bh: u32, i: u32) -> [u32; 2] {
+        let [ka, kb] = self.keys();
+        [
+            mix32(mix32(bh ^ ka).wrapping_add(i)),
+            mix32(mix32(bh ^ kb) ^ mix32(i.wrapping_add(kb))),
+        ]
+    }
+
+    /// The 32 random bits of key `j` in a row of state `row`.
+    fn bits(row: [u32; 2], j: u32) -> u32 {
+        mix32(mix32(j ^ row[0]).wrapping_add(row[1]))
+    }
+}
+
 /// The product of `dims` with checked arithmetic: [`Error::TooLarge`] naming `what` where it
 /// overflows `usize`. Every count of elements computed from a user's sizes goes through it.
 pub(crate) fn checked_elements(what: &'static str, dims: &[usize]) -> Result<usize> {
@@ -355,6 +452,8 @@ pub struct Attention {
     /// The GPU backward also gives the bias's and the sinks' gradients.
     pub(crate) want_bias_grad: bool,
     pub(crate) want_sinks_grad: bool,
+    /// Dropout on the weights (training).
+    pub(crate) dropout: Option<Dropout>,
 }
 
 /// The device-resident forms of the masking options (each replaces its host form).
@@ -650,6 +749,38 @@ impl Attention {
     pub fn softcap(mut self, cap: f32) -> Self {
         self.softcap = Some(cap);
         self
+    }
+
+    /// Dropout on the attention weights with probability `p` (`0 ..= 1`), its pattern drawn
+    /// from `seed` ([`Dropout`]): PyTorch's `dropout_p`, for training. Every path applies it,
+    /// forward and backward, and the CPU reference does too, bit for bit the same pattern;
+    /// [`cpu::fast`](crate::cpu::fast) does not (an error). The returned weights
+    /// ([`return_weights`](Attention::return_weights)) are the dropped and rescaled ones, as
+    /// PyTorch's `MultiheadAttention` returns them; the log-sum-exp is the softmax's. `p = 0`
+    /// is no dropout at all. Give every training step its own seed, and its backward the same
+    /// options as its forward.
+    ///
+    /// ```
+    /// use wgpu_attention::{Attention, Dims, cpu};
+    /// let dims = Dims::new(1, 2, 16, 8);
+    /// let x: Vec<f32> = (0..dims.q_elems()).map(|i| (i as f32 * 0.37).sin()).collect();
+    /// let plain = cpu::reference(&x, &x, &x, dims, &Attention::new().return_weights(true))?;
+    /// let opts = Attention::new().dropout(0.5, 42).return_weights(true);
+    /// let dropped = cpu::reference(&x, &x, &x, dims, &opts)?;
+    /// // Each weight is either dropped or doubled.
+    /// for (w, p) in dropped.weights.iter().zip(&plain.weights) {
+    ///     assert!(*w == 0.0 || (w - 2.0 * p).abs() < 1e-6);
+    /// }
+    /// # Ok::<(), wgpu_attention::Error>(())
+    /// ```
+    pub fn dropout(mut self, p: f32, seed: u64) -> Self {
+        self.dropout = Some(Dropout { p, seed });
+        self
+    }
+
+    /// The dropout of the call, if it drops anything.
+    pub(crate) fn active_dropout(&self) -> Option<Dropout> {
+        self.dropout.filter(Dropout::active)
     }
 
     /// A boolean mask (`true` = attend) of shape `shape`, broadcastable to
@@ -1008,6 +1139,15 @@ impl Attention {
                 what: "softcap",
                 value: cap.to_string(),
                 why: "must be finite and > 0",
+            });
+        }
+        if let Some(d) = self.dropout
+            && !(0.0..=1.0).contains(&d.p)
+        {
+            return Err(Error::InvalidOption {
+                what: "dropout",
+                value: d.p.to_string(),
+                why: "the probability of dropping a weight must be from 0 to 1",
             });
         }
         Ok(scale)

@@ -289,6 +289,66 @@ fn every_kernel_configuration() {
     }
 }
 
+/// Dropout: the row kernel and the tiled kernel with each block, on full 64 x 64 tiles (which
+/// dropout sends through the per-key code) and partial ones; with the masking options, the
+/// bias's and the sinks' gradients, and dispatches split under a loop cap; half storage. The
+/// forward and the reference drop the same weights (the same options). Mutations tried: the
+/// tiled kernel's dV from undropped P, and the row kernel's dP unscaled, each fail it.
+#[test]
+fn dropout_gradients() {
+    let Some(gpu) = gpu() else { return };
+    let d = dims(1, 4, 2, 130, 77, 40, 24);
+    let plain = Attention::new().dropout(0.3, 7);
+    let configurations = [
+        (false, TileBlock::B8X8),
+        (true, TileBlock::B4X4),
+        (true, TileBlock::B8X4),
+        (true, TileBlock::B8X8),
+    ];
+    for (n, (tiled, block)) in configurations.into_iter().enumerate() {
+        let g = gpu
+            .with_tiled_backward(tiled)
+            .with_backward_block(block)
+            .unwrap();
+        check_grads_after(
+            gpu,
+            &g,
+            d,
+            &plain,
+            201 + n as u64,
+            DType::F32,
+            (None, false),
+        );
+    }
+    let capped = gpu.with_caps(wgpu_attention::LimitCaps {
+        max_key_tiles_per_workgroup: Some(1),
+        ..Default::default()
+    });
+    let d2 = dims(2, 4, 2, 23, 70, 20, 12);
+    let mut r = rng(210);
+    let bias = [2, 1, 23, 70];
+    let opts = Attention::new()
+        .dropout(0.6, u64::MAX)
+        .causal(Causal::BottomRight)
+        .window(30, 2)
+        .softcap(2.0)
+        .sinks(random(&mut r, 4, 1.0))
+        .bias(bias, random(&mut r, 2 * 23 * 70, 1.0))
+        .kv_lens(vec![70, 41]);
+    for (n, tiled) in [true, false].into_iter().enumerate() {
+        let g = capped.with_tiled_backward(tiled);
+        check_grads_with(
+            &g,
+            d2,
+            &opts,
+            211 + n as u64,
+            DType::F32,
+            (Some(bias), true),
+        );
+    }
+    check_grads(gpu, d2, &plain, 213, DType::F16);
+}
+
 /// Under a cap of one key tile per dispatch the keys (dQ) and query rows (dK, dV) are split
 /// over dispatches of 64 that add up; the sums match the single-dispatch ones.
 #[test]

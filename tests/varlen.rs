@@ -248,6 +248,28 @@ fn packed_decoding_and_options() {
     }
 }
 
+/// Dropout on packed sequences: each weight's row and key count within its sequence (the
+/// reference runs the sequences padded), on the fused and decode paths (the three-pass path
+/// takes no packed batches).
+#[test]
+fn packed_dropout() {
+    let opts = Attention::new()
+        .dropout(0.4, 31)
+        .causal(Causal::BottomRight);
+    for (n, path) in [Path::Fused, Path::Decode].into_iter().enumerate() {
+        check(
+            &[20, 1, 7],
+            &[33, 1100, 12],
+            (4, 2, 16),
+            Layout::Bshd,
+            path,
+            &opts,
+            DType::F32,
+            70 + n as u64,
+        );
+    }
+}
+
 #[test]
 fn bad_offsets_are_typed_errors() {
     let d = Dims {

@@ -30,6 +30,60 @@ override HAS_PAGES: bool = false;
 // llvmpipe).
 override PAGE_SIZE: u32 = 1u;
 
+// Dropout on the weights (spec::Dropout): which weights a row keeps is a hash of the call's
+// key (mparams.dropout_key_a, _b, from the seed), the row's head and row, and the key; a
+// weight is kept where its bits reach mparams.dropout_threshold, and then scaled by
+// mparams.dropout_scale. Dropout::keeps computes the same bits on the CPU: change one, change
+// the other.
+override HAS_DROPOUT: bool = false;
+
+// One round of Wellons' lowbias32 hash (spec::mix32).
+fn mix32(x0: u32) -> u32 {
+    var x = x0;
+    x ^= x >> 16u;
+    x *= 0x7feb352du;
+    x ^= x >> 15u;
+    x *= 0x846ca68bu;
+    x ^= x >> 16u;
+    return x;
+}
+
+// The dropout state of row i of head bh = b * heads + h: computed once per row.
+fn dropout_row(bh: u32, i: u32) -> vec2<u32> {
+    if !HAS_DROPOUT {
+        return vec2<u32>(0u, 0u);
+    }
+    let ka = mparams.dropout_key_a;
+    let kb = mparams.dropout_key_b;
+    return vec2<u32>(mix32(mix32(bh ^ ka) + i), mix32(mix32(bh ^ kb) ^ mix32(i + kb)));
+}
+
+// Whether the row of state `row` keeps key j's weight (always, without dropout).
+fn dropout_keeps(row: vec2<u32>, j: u32) -> bool {
+    if !HAS_DROPOUT {
+        return true;
+    }
+    return mix32(mix32(j ^ row.x) + row.y) >= mparams.dropout_threshold;
+}
+
+// The factor of key j's weight in the row of state `row`: 0 where dropped, dropout_scale where
+// kept, 1 without dropout.
+fn dropout_factor(row: vec2<u32>, j: u32) -> f32 {
+    if !HAS_DROPOUT {
+        return 1.0;
+    }
+    return select(0.0, mparams.dropout_scale, dropout_keeps(row, j));
+}
+
+// The factor of a whole output row: dropout_scale with dropout (the kernels sum the kept
+// weights unscaled and scale the row once), 1 without.
+fn dropout_row_scale() -> f32 {
+    if !HAS_DROPOUT {
+        return 1.0;
+    }
+    return mparams.dropout_scale;
+}
+
 // A packed batch (FlashAttention's varlen): every sequence's rows in one tensor, sequence b's
 // from lens[varlen_offset + b] (queries) and lens[varlen_offset + batch + 1 + b] (keys); the
 // lengths are in kv_lens and q_lens as usual.

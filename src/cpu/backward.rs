@@ -188,6 +188,7 @@ where
     let mut dadditive = problem.additive.as_ref().map(|_| vec![0f64; head_dim]);
     let mut row = Row::new(kv_len);
     let mut p = vec![0f64; kv_len];
+    let mut z = vec![0f64; kv_len];
     for b in 0..batch {
         for h in 0..heads {
             for i in 0..q_len {
@@ -198,8 +199,9 @@ where
                 let mut o = vec![0f64; v_head_dim];
                 for j in (0..kv_len).filter(|&j| row.allowed[j]) {
                     p[j] = (row.scores[j] - max).exp() / sum;
+                    z[j] = problem.dropout(b, h, i, j);
                     for (a, &x) in o.iter_mut().zip(problem.v_row(b, h, j)) {
-                        *a += p[j] * x;
+                        *a += p[j] * z[j] * x;
                     }
                 }
                 let big_d: f64 = do_row.iter().zip(&o).map(|(a, b)| a * b).sum();
@@ -216,9 +218,10 @@ where
                         .map(|(a, b)| a * b)
                         .sum();
                     for (g, &x) in dv[va..][..v_head_dim].iter_mut().zip(do_row) {
-                        *g += p[j] * x;
+                        *g += p[j] * z[j] * x;
                     }
-                    let ds = p[j] * (dp - big_d);
+                    // With dropout, O = (P∘Z) V: dP = Z dO·V, and D = dO·O = sum_j P dP still.
+                    let ds = p[j] * (dp * z[j] - big_d);
                     if let (Some(db), Some((st, _))) = (&mut dbias, problem.bias)
                         && !row.clipped[j]
                     {
@@ -298,7 +301,7 @@ mod tests {
                     };
                     let do_row = &d_o[problem.o_at(b, h, i)..][..dims.v_head_dim];
                     for j in (0..dims.kv_len).filter(|&j| row.allowed[j]) {
-                        let p = (row.scores[j] - max).exp() / sum;
+                        let p = (row.scores[j] - max).exp() / sum * problem.dropout(b, h, i, j);
                         let dot: f64 = do_row
                             .iter()
                             .zip(problem.v_row(b, h, j))
@@ -488,6 +491,27 @@ mod tests {
                 .causal(Causal::BottomRight),
             36,
         );
+    }
+
+    /// Dropout's pattern is fixed by the seed, so the loss is smooth in the inputs and its
+    /// gradient is the dropped weights' (the loss above applies the same pattern).
+    #[test]
+    fn dropout() {
+        let d = dims(2, 4, 2, 5, 9, 3, 4);
+        let mut r = Lcg(40);
+        check(d, &Attention::new().dropout(0.3, 41), 41);
+        check(
+            d,
+            &Attention::new()
+                .dropout(0.6, u64::MAX - 3)
+                .causal(Causal::BottomRight)
+                .softcap(1.5)
+                .bias([1, 4, 5, 9], r.vec32(180, 1.0))
+                .sinks(r.vec32(4, 1.0)),
+            42,
+        );
+        // Everything dropped: O is zero, and so is every gradient but the sinks'.
+        check(d, &Attention::new().dropout(1.0, 43), 43);
     }
 
     #[test]

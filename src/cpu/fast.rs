@@ -274,6 +274,13 @@ fn fast_f32(
             why: "cpu::fast computes dot-product scores only; use cpu::reference",
         });
     }
+    if let Some(d) = opts.active_dropout() {
+        return Err(Error::InvalidOption {
+            what: "dropout",
+            value: d.p.to_string(),
+            why: "cpu::fast does not drop weights; use cpu::reference or a GPU path",
+        });
+    }
     let layout = opts.layout;
     check_len("Q", q, dims.q_shape(layout))?;
     check_len("K", k, dims.k_shape(layout))?;

@@ -106,7 +106,7 @@ where
                 lse[r] = (max + sum.ln()) as f32;
                 let mut acc = vec![0f64; v_head_dim];
                 for j in (0..kv_len).filter(|&j| row.allowed[j]) {
-                    let p = (row.scores[j] - max).exp() / sum;
+                    let p = (row.scores[j] - max).exp() / sum * problem.dropout(b, h, i, j);
                     weights[r * kv_len + j] = p as f32;
                     for (a, &x) in acc.iter_mut().zip(problem.v_row(b, h, j)) {
                         *a += p * x;
@@ -306,6 +306,16 @@ impl<'a> Problem<'a> {
             .sum::<f64>()
             + sink.map_or(0.0, |s| (s - max).exp());
         Some((max, sum))
+    }
+
+    /// The factor dropout puts on the weight of `(b, h, i, j)`: 0 where it drops it,
+    /// `1 / (1 - p)` where it keeps it, 1 without dropout.
+    pub(super) fn dropout(&self, b: usize, h: usize, i: usize, j: usize) -> f64 {
+        match self.spec.opts.active_dropout() {
+            Some(d) if d.keeps(self.spec.dims, b, h, i, j) => 1.0 / (1.0 - d.p as f64),
+            Some(_) => 0.0,
+            None => 1.0,
+        }
     }
 
     /// Head `h`'s learnable sink logit, if the call has sinks.

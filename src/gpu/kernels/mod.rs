@@ -718,6 +718,8 @@ pub struct MaskOptions {
     pub page_size: u32,
     /// A packed batch of variable-length sequences.
     pub varlen: bool,
+    /// Dropout on the weights (a call with `p > 0`).
+    pub dropout: bool,
 }
 
 impl MaskOptions {
@@ -733,6 +735,7 @@ impl MaskOptions {
             sink_keys: o.sink_keys > 0 && o.window.is_some(),
             page_size: o.pages.as_ref().map_or(0, |p| p.page_size as u32),
             varlen: o.varlen.is_some(),
+            dropout: o.active_dropout().is_some(),
         }
     }
 
@@ -750,6 +753,7 @@ impl MaskOptions {
                 sink_keys: bits & 8 != 0,
                 page_size: if bits & 8 != 0 { 16 } else { 0 },
                 varlen: bits & 8 != 0,
+                dropout: bits & 8 != 0,
             })
             .collect()
     }
@@ -764,6 +768,7 @@ impl MaskOptions {
             ("HAS_SINK_KEYS", self.sink_keys),
             ("HAS_PAGES", self.page_size != 0),
             ("HAS_VARLEN", self.varlen),
+            ("HAS_DROPOUT", self.dropout),
         ] {
             out.push((name, on as u8 as f64));
         }
@@ -780,6 +785,7 @@ impl MaskOptions {
             ("sink keys", self.sink_keys),
             ("paged", self.page_size != 0),
             ("packed", self.varlen),
+            ("dropout", self.dropout),
         ]
         .into_iter()
         .filter_map(|(name, on)| on.then_some(name))

@@ -147,6 +147,12 @@ uniform! {
         /// words and the bias's f32 bits start in `lens`.
         mask_offset: u32,
         bias_offset: u32,
+        /// Dropout (`spec::Dropout`): the two words of the key from the seed, the threshold
+        /// a weight's bits must reach to be kept, and the factor of a kept weight.
+        dropout_key_a: u32,
+        dropout_key_b: u32,
+        dropout_threshold: u32,
+        dropout_scale: f32,
     }
 }
 

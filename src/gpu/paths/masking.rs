@@ -11,7 +11,7 @@ use crate::gpu::kernels::uniforms::{
 };
 use crate::gpu::limits::check_binding;
 use crate::gpu::options::pack_mask;
-use crate::spec::{Causal, Spec, broadcast_strides};
+use crate::spec::{Causal, Dropout, Spec, broadcast_strides};
 
 /// The buffers of one call's masking options; absent ones are the shared placeholder.
 pub(crate) struct MaskBuffers {
@@ -268,6 +268,8 @@ fn upload_as(
         bias_shape.map_or([0; 4], |s| broadcast_strides(s).map(|x| x as u32));
     let [mask_stride_b, mask_stride_h, mask_stride_i, mask_stride_j] =
         mask_shape.map_or([0; 4], |s| broadcast_strides(s).map(|x| x as u32));
+    // Without dropout: nothing dropped, nothing scaled (the kernels do not read them).
+    let dropout = opts.active_dropout().unwrap_or(Dropout { p: 0.0, seed: 0 });
     let params = uniform_buffer(
         gpu,
         &MaskParams {
@@ -307,6 +309,10 @@ fn upload_as(
             pages_per_seq: opts.pages.as_ref().map_or(0, |p| p.pages_per_seq(d.batch)) as u32,
             mask_offset: mask_offset as u32,
             bias_offset: bias_offset as u32,
+            dropout_key_a: dropout.keys()[0],
+            dropout_key_b: dropout.keys()[1],
+            dropout_threshold: dropout.threshold(),
+            dropout_scale: dropout.scale(),
         },
     )?;
     Ok(MaskBuffers {
