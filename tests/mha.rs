@@ -282,6 +282,17 @@ fn grouped_query_layer() {
         ..MhaConfig::new(48, 6)
     };
     run_layer(mqa, 1, 70, 70, Attention::new(), false, 3201);
+    // Dropout (nn.MultiheadAttention's `dropout`): the same weights dropped as on the CPU layer,
+    // and the averaged weights are the dropped ones, as PyTorch returns them.
+    run_layer(
+        config,
+        2,
+        20,
+        31,
+        Attention::new().dropout(0.25, 3202),
+        true,
+        3202,
+    );
 }
 
 #[test]
@@ -491,4 +502,11 @@ fn layer_backward_against_the_reference() {
         3501,
     );
     check_layer_backward(cross, (1, 7, 70), Attention::new(), true, 3502);
+    check_layer_backward(
+        cross,
+        (2, 13, 29),
+        Attention::new().dropout(0.4, 3503).causal(Causal::BottomRight),
+        true,
+        3503,
+    );
 }

@@ -132,6 +132,27 @@ async fn gqa_causal_window_softcap() {
                 .kv_lens(vec![300, 171]),
             F32,
         ),
+        // Dropout on each path (the reference drops the same weights).
+        (
+            Path::Fused,
+            dims(1, 4, 2, 37, 70, 24, 24),
+            Attention::new()
+                .dropout(0.3, 11)
+                .causal(Causal::BottomRight),
+            F32,
+        ),
+        (
+            Path::ThreePass,
+            dims(1, 4, 2, 21, 50, 16, 16),
+            Attention::new().dropout(0.5, 12),
+            F32,
+        ),
+        (
+            Path::Decode,
+            dims(1, 8, 2, 1, 300, 64, 64),
+            Attention::new().dropout(0.2, 13),
+            F32,
+        ),
     ];
     run(&gpu, &cases).await;
 }
@@ -298,7 +319,9 @@ async fn webgpu_default_limits() {
 async fn backward_against_the_reference() {
     let gpu = gpu().await;
     let mut r = Rng::new(31);
+    // With dropout: the forward and the backward drop the same weights as the reference.
     let biased = Attention::new()
+        .dropout(0.3, 32)
         .causal(Causal::BottomRight)
         .bias([1, 4, 70, 45], r.values(4 * 70 * 45, 1.0))
         .return_bias_grad(true);
