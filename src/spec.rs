@@ -300,8 +300,8 @@ pub struct Bias {
 /// log-sum-exp is the softmax's, before dropout, and so are the row sums it normalises by.
 ///
 /// Which weights are dropped is a pure function of `seed` and the element's place
-/// `(b, h, i, j)` (query head `h`, query row `i` of its sequence, key `j`): [`keeps`]
-/// (Dropout::keeps) says it, and every path (the CPU reference, the three GPU paths and the
+/// `(b, h, i, j)` (query head `h`, query row `i` of its sequence, key `j`):
+/// [`keeps`](Dropout::keeps) says it, and every path (the CPU reference, the three GPU paths and the
 /// backward) computes the same bits. So a forward and its backward drop the same weights when
 /// given the same options, and a test can check the GPU element by element against the f64
 /// reference. The generator is a counter-based hash (two 32-bit words of state per row from

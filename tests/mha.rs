@@ -505,7 +505,9 @@ fn layer_backward_against_the_reference() {
     check_layer_backward(
         cross,
         (2, 13, 29),
-        Attention::new().dropout(0.4, 3503).causal(Causal::BottomRight),
+        Attention::new()
+            .dropout(0.4, 3503)
+            .causal(Causal::BottomRight),
         true,
         3503,
     );

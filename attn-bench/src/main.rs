@@ -76,6 +76,11 @@ struct Args {
     /// the real rows.
     #[arg(long)]
     varlen: bool,
+    /// Dropout on the attention weights with this probability (training; seed 0): every GPU
+    /// path and the reference drop the same weights; cpu-fast has no dropout (its row says
+    /// so).
+    #[arg(long)]
+    dropout: Option<f32>,
     /// With --window: the first keys every query also sees (StreamingLLM's sink keys).
     #[arg(long, requires = "window")]
     sink_keys: Option<usize>,
@@ -159,6 +164,9 @@ impl Args {
         if let Some(n) = self.sink_keys {
             opts = opts.sink_keys(n);
         }
+        if let Some(p) = self.dropout {
+            opts = opts.dropout(p, 0);
+        }
         opts
     }
 
@@ -182,6 +190,9 @@ impl Args {
         }
         if self.varlen {
             parts.push("packed sequences of falling lengths".to_string());
+        }
+        if let Some(p) = self.dropout {
+            parts.push(format!("dropout {p}"));
         }
         parts.join(", ")
     }
@@ -268,6 +279,11 @@ fn check_args(args: &Args) -> Result<(), String> {
         if value == 0 {
             return Err(format!("{what} must be at least 1"));
         }
+    }
+    if let Some(p) = args.dropout
+        && !(0.0..=1.0).contains(&p)
+    {
+        return Err(format!("--dropout {p}: a probability, from 0 to 1"));
     }
     if args.varlen && args.page_size.is_some() {
         return Err("--varlen and --page-size do not combine".into());
