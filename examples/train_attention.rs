@@ -4,9 +4,11 @@
 //! output position `i` must read the token at position `L - 1 - i`, which the layer learns to
 //! find from the position embeddings.
 //!
-//! `cargo run --release --example train_attention [-- STEPS]`. It prints the loss as it
-//! falls and the final accuracy on fresh sequences, and exits with an error if the loss has
-//! not fallen below `LOSS_TARGET` (CI runs it). The layer's forward and backward run on the
+//! `cargo run --release --example train_attention [-- STEPS [DROPOUT]]`. It prints the loss as
+//! it falls and the final accuracy on fresh sequences, and exits with an error if the loss has
+//! not fallen below `LOSS_TARGET` (CI runs it). With `DROPOUT` (a probability, default 0) the
+//! layer drops attention weights while training, a new seed each step (its backward takes
+//! the same options, so it drops the same weights); the accuracy is measured without. The layer's forward and backward run on the
 //! GPU (`MultiHeadAttention::forward_for_backward` and `backward`); the embedding, the
 //! read-out, the cross-entropy and Adam are a few host loops, as small as the model.
 
@@ -184,8 +186,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Some(s) => s.parse()?,
         None => 200,
     };
+    let dropout: f32 = match std::env::args().nth(2) {
+        Some(s) => s.parse()?,
+        None => 0.0,
+    };
     let gpu = Gpu::new()?;
-    println!("training on {}", gpu.describe());
+    println!(
+        "training on {} (attention dropout {dropout})",
+        gpu.describe()
+    );
     let mut r = Rng(0x9e37_79b9_7f4a_7c15);
     let mut model = Model::new(&mut r);
     let opts = Attention::new();
@@ -196,7 +205,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let seqs = batch(&mut r);
         let x = gpu.upload(&model.embed(&seqs), [BATCH, SEQ, EMBED])?;
         let layer = model.layer(&gpu)?;
-        let (out, kept) = layer.forward_for_backward(&gpu, &x, &x, &x, &opts)?;
+        let train = opts.clone().dropout(dropout, step as u64);
+        let (out, kept) = layer.forward_for_backward(&gpu, &x, &x, &x, &train)?;
         let h = out.out.download(&gpu)?;
         let mut probs = model.read_out(&h);
         let (l, _) = softmax_cross_entropy(&mut probs, &seqs);
