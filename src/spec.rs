@@ -300,13 +300,20 @@ pub struct Bias {
 /// log-sum-exp is the softmax's, before dropout, and so are the row sums it normalises by.
 ///
 /// Which weights are dropped is a pure function of `seed` and the element's place
-/// `(b, h, i, j)` (query head `h`, query row `i` of its sequence, key `j`):
+/// `(b, h, i, j)` in the call (batch entry `b`, query head `h`, query row `i` of its sequence,
+/// key `j`):
 /// [`keeps`](Dropout::keeps) says it, and every path (the CPU reference, the three GPU paths and the
 /// backward) computes the same bits. So a forward and its backward drop the same weights when
 /// given the same options, and a test can check the GPU element by element against the f64
 /// reference. The generator is a counter-based hash (two 32-bit words of state per row from
 /// the seed, the head and the row; two rounds of Wellons' `lowbias32` integer hash per key), not
 /// PyTorch's Philox: the same seed drops different weights here than in PyTorch.
+///
+/// The place counts within one call. Two calls with the same seed drop the same places: a
+/// computation split over calls (keys split and merged by [`gpu::merge`](crate::gpu::merge),
+/// a prompt fed to a [`KvCache`](crate::KvCache) in chunks, the sequences of a
+/// [`PagedKvCache`](crate::PagedKvCache) call, numbered by their place in it) repeats its
+/// pattern from call to call, which a single call would not: give each call its own seed.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Dropout {
     /// The probability of dropping a weight, `0 ..= 1` (1 drops every weight: O is zero).
@@ -339,6 +346,9 @@ impl Dropout {
     /// assert!((2900..3250).contains(&kept)); // about 75% of 4096
     /// ```
     pub fn keeps(&self, dims: Dims, b: usize, h: usize, i: usize, j: usize) -> bool {
+        if self.p >= 1.0 {
+            return false;
+        }
         let bh = (b * dims.heads + h) as u32;
         let row = self.row(bh, i as u32);
         Dropout::bits(row, j as u32) >= self.threshold()
@@ -368,7 +378,8 @@ impl Dropout {
     }
 
     /// A weight is kept where its 32 random bits are at least this: `round(p * 2^32)`, at most
-    /// `u32::MAX` (`p = 1` keeps one weight in 2^32, which its scale of 0 then zeroes).
+    /// `u32::MAX`. The kernels then keep one weight in 2^32 at `p = 1` and multiply it by its
+    /// scale of 0; [`keeps`](Dropout::keeps) says `false` for every weight there.
     pub(crate) fn threshold(&self) -> u32 {
         (self.p as f64 * 4_294_967_296.0)
             .round()

@@ -327,3 +327,44 @@ fn bad_probabilities_are_typed_errors() {
         "{e}"
     );
 }
+
+/// `p = 1` drops every weight: O and the weights are zeros, the gradients finite (zeros but
+/// the sinks'). Seed 1557816 gives weight (0, 0, 0, 25) bits of `u32::MAX`, which the
+/// threshold `u32::MAX` keeps: the reference multiplied it by `1 / (1 - 1)` before `keeps`
+/// said `false` at `p = 1` (an independent review found it).
+#[test]
+fn p_one_drops_everything() {
+    const SEED: u64 = 1557816;
+    let dims = common::dims(1, 1, 1, 4, 64, 8, 8);
+    let d = Dropout { p: 1.0, seed: SEED };
+    assert!((0..4 * 64).all(|n| !d.keeps(dims, 0, 0, n / 64, n % 64)));
+    let mut r = rng(11);
+    let (q, k, v, d_o) = (
+        random(&mut r, dims.q_elems(), 1.0),
+        random(&mut r, dims.k_elems(), 1.0),
+        random(&mut r, dims.v_elems(), 1.0),
+        random(&mut r, dims.o_elems(), 1.0),
+    );
+    let opts = Attention::new()
+        .dropout(1.0, SEED)
+        .sinks(vec![0.5])
+        .return_weights(true);
+    let out = cpu::reference(&q, &k, &v, dims, &opts).unwrap();
+    assert!(out.o.iter().chain(&out.weights).all(|&x| x == 0.0));
+    let g = cpu::reference_backward(&q, &k, &v, &d_o, dims, &opts).unwrap();
+    for x in [&g.dq, &g.dk, &g.dv] {
+        assert!(x.iter().all(|&x| x == 0.0), "{x:?}");
+    }
+    assert!(g.dsinks.unwrap().iter().all(|x| x.is_finite()));
+    let Some(gpu) = gpu() else { return };
+    for path in [Path::ThreePass, Path::Fused, Path::Decode] {
+        check(
+            gpu,
+            path,
+            dims,
+            &opts.clone().return_weights(false),
+            12,
+            2.0,
+        );
+    }
+}

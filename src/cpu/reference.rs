@@ -312,6 +312,7 @@ impl<'a> Problem<'a> {
     /// `1 / (1 - p)` where it keeps it, 1 without dropout.
     pub(super) fn dropout(&self, b: usize, h: usize, i: usize, j: usize) -> f64 {
         match self.spec.opts.active_dropout() {
+            // keeps is false for every weight at p = 1.
             Some(d) if d.keeps(self.spec.dims, b, h, i, j) => 1.0 / (1.0 - d.p as f64),
             Some(_) => 0.0,
             None => 1.0,
