@@ -388,7 +388,7 @@ impl Dropout {
 
     /// The state of row `i` of head `bh` (`b * heads + h`): two words made apart, so two rows
     /// share their bits only if both words collide.
-    fn row(&self, bh: u32, i: u32) -> [u32; 2] {
+    pub(crate) fn row(&self, bh: u32, i: u32) -> [u32; 2] {
         let [ka, kb] = self.keys();
         [
             mix32(mix32(bh ^ ka).wrapping_add(i)),
@@ -396,8 +396,9 @@ impl Dropout {
         ]
     }
 
-    /// The 32 random bits of key `j` in a row of state `row`.
-    fn bits(row: [u32; 2], j: u32) -> u32 {
+    /// The 32 random bits of key `j` in a row of state `row`: the kernels keep the weight
+    /// where they reach [`threshold`](Dropout::threshold).
+    pub(crate) fn bits(row: [u32; 2], j: u32) -> u32 {
         mix32(mix32(j ^ row[0]).wrapping_add(row[1]))
     }
 }
@@ -764,8 +765,8 @@ impl Attention {
 
     /// Dropout on the attention weights with probability `p` (`0 ..= 1`), its pattern drawn
     /// from `seed` ([`Dropout`]): PyTorch's `dropout_p`, for training. Every path applies it,
-    /// forward and backward, and the CPU reference does too, bit for bit the same pattern;
-    /// [`cpu::fast`](crate::cpu::fast) does not (an error). The returned weights
+    /// forward and backward, and so do the CPU paths, bit for bit the same pattern. The
+    /// returned weights
     /// ([`return_weights`](Attention::return_weights)) are the dropped and rescaled ones, as
     /// PyTorch's `MultiheadAttention` returns them; the log-sum-exp is the softmax's. `p = 0`
     /// is no dropout at all. Give every training step its own seed, and its backward the same

@@ -284,6 +284,56 @@ fn decoding_shapes_split_the_keys_and_pack_the_group() {
     }
 }
 
+/// Dropout drops the reference's weights (the same hash of each weight's place): several
+/// tasks and key blocks, decoding's split keys and packed group, every masking option, packed
+/// sequences, and p = 1.
+#[test]
+fn dropout_drops_the_references_weights() {
+    let mut rng = StdRng::seed_from_u64(4343);
+    let d = dims(2, 4, 2, 150, 201, 40, 24);
+    let mask = random_mask(&mut rng, 2 * 150 * 201, 0.2);
+    check("dropout", 900, d, &Attention::new().dropout(0.3, 1), 1.0);
+    let every = Attention::new()
+        .dropout(0.6, u64::MAX)
+        .causal(Causal::BottomRight)
+        .window(120, 2)
+        .sink_keys(3)
+        .kv_lens(vec![201, 77])
+        .mask([2, 1, 150, 201], mask)
+        .bias([1, 4, 1, 201], random(&mut rng, 4 * 201, 1.0))
+        .softcap(4.0)
+        .alibi(positive(random(&mut rng, 4, 0.1)))
+        .sinks(random(&mut rng, 4, 1.0))
+        .layout(Layout::Bshd);
+    check("dropout, every option", 901, d, &every, 2.0);
+    // Decoding: the keys split over tasks, the group packed as rows.
+    check(
+        "dropout, decoding",
+        902,
+        dims(1, 6, 2, 3, 2500, 40, 24),
+        &Attention::new().dropout(0.2, 3),
+        2.0,
+    );
+    // Packed sequences: rows and keys count within each sequence.
+    let packed = Attention::new()
+        .dropout(0.4, 4)
+        .layout(Layout::Bshd)
+        .varlen(vec![0, 20, 21, 90], vec![0, 33, 1133, 1150]);
+    let pd = dims(3, 4, 2, 69, 1100, 16, 16);
+    let n = |rows: usize, heads: usize, w: usize| rows * heads * w;
+    let (q, k, v) = (
+        random(&mut rng, n(90, 4, 16), 2.0),
+        random(&mut rng, n(1150, 2, 16), 1.0),
+        random(&mut rng, n(1150, 2, 16), 1.0),
+    );
+    let want = cpu::reference(&q, &k, &v, pd, &packed).unwrap();
+    let got = cpu::fast(&q, &k, &v, pd, &packed).unwrap();
+    compare("dropout, packed", &got, &want);
+    // Everything dropped.
+    let all = cpu::fast(&q, &k, &v, pd, &packed.clone().dropout(1.0, 1557816)).unwrap();
+    assert!(all.o.iter().all(|&x| x == 0.0));
+}
+
 #[test]
 fn masks_and_biases_broadcast() {
     let (b, h, l, s) = (2, 2, 33, 100);

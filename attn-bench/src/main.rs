@@ -76,9 +76,8 @@ struct Args {
     /// the real rows.
     #[arg(long)]
     varlen: bool,
-    /// Dropout on the attention weights with this probability (training; seed 0): every GPU
-    /// path and the reference drop the same weights; cpu-fast has no dropout (its row says
-    /// so).
+    /// Dropout on the attention weights with this probability (training; seed 0): every path
+    /// drops the same weights.
     #[arg(long)]
     dropout: Option<f32>,
     /// With --window: the first keys every query also sees (StreamingLLM's sink keys).

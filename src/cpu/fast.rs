@@ -88,7 +88,7 @@
 use rayon::prelude::*;
 
 use crate::error::{Error, Result};
-use crate::spec::{Attention, Dims, Layout, Spec, broadcast_strides};
+use crate::spec::{Attention, Dims, Dropout, Layout, Spec, broadcast_strides};
 
 mod kernels;
 
@@ -133,7 +133,8 @@ fn check_len(what: &'static str, data: &[f32], dims: [usize; 4]) -> Result<()> {
 ///
 /// Takes the same inputs as [`reference`](super::reference()) and supports every option it
 /// does (layouts, grouped-query attention, scale, softcap, bias, boolean mask, causal masking,
-/// sliding window, `kv_lens`, `q_lens`), with the same validation and errors. It returns O and
+/// sliding window, `kv_lens`, `q_lens`, dropout with the same pattern), with the same
+/// validation and errors. It returns O and
 /// the log-sum-exp, never the attention weights: [`Attention::return_weights`] is ignored.
 /// Besides O it allocates a packed copy of K and V (their size, plus padding to whole panels).
 /// Results agree with the reference to about `1e-6` relative; scores that overflow f32 are
@@ -274,13 +275,6 @@ fn fast_f32(
             why: "cpu::fast computes dot-product scores only; use cpu::reference",
         });
     }
-    if let Some(d) = opts.active_dropout() {
-        return Err(Error::InvalidOption {
-            what: "dropout",
-            value: d.p.to_string(),
-            why: "cpu::fast does not drop weights; use cpu::reference or a GPU path",
-        });
-    }
     let layout = opts.layout;
     check_len("Q", q, dims.q_shape(layout))?;
     check_len("K", k, dims.k_shape(layout))?;
@@ -401,6 +395,9 @@ struct Problem<'a, const NR: usize> {
     mask: Option<([usize; 4], &'a [bool])>,
     bias: Option<([usize; 4], &'a [f32])>,
     softcap: Option<f32>,
+    /// Dropout: the dropped weights are zeroed on their way into P·V (the row sums count
+    /// them) and each output row is scaled by `1 / (1 - p)`, as on the GPU.
+    dropout: Option<Dropout>,
     /// Folded into Q when it is packed: the score scale, times `log2(e)` unless a softcap or a
     /// bias has to be applied in natural units first.
     q_scale: f32,
@@ -518,6 +515,7 @@ impl<'a, const NR: usize> Problem<'a, NR> {
                 .as_ref()
                 .map(|m| (broadcast_strides(m.shape), m.data.as_slice())),
             softcap: opts.softcap,
+            dropout: opts.active_dropout(),
             q_scale: 0.0,
             transform: false,
             heads_per_unit,
@@ -759,7 +757,7 @@ impl<'a, const NR: usize> Problem<'a, NR> {
                 *row_lse = f32::NEG_INFINITY;
                 continue;
             }
-            let inv = o_scale / l;
+            let inv = o_scale / l * self.dropout.map_or(1.0, |d| d.scale());
             let tiles = &s.acc[st * np..][..np];
             for (c, x) in dst.iter_mut().enumerate() {
                 *x = tiles[c / NR][rr][c % NR] * inv;
@@ -852,6 +850,17 @@ impl<'a, const NR: usize> Problem<'a, NR> {
                 }
                 m_new = m_old.max(m_blk);
                 l_blk = K::exp2_rows(sr, m_new, pr);
+            }
+            if let Some(drop) = self.dropout {
+                let (h, i) = s.rows[row];
+                let state = drop.row((b * dims.heads + h) as u32, i as u32);
+                // As the kernels decide (at p = 1 one weight in 2^32 passes; its scale is 0).
+                let (first, threshold) = ((j0 + a) as u32, drop.threshold());
+                for (n, x) in pr.iter_mut().enumerate() {
+                    if Dropout::bits(state, first + n as u32) < threshold {
+                        *x = 0.0;
+                    }
+                }
             }
             let alpha = exp2(m_old - m_new);
             s.m[row] = m_new;
