@@ -704,7 +704,9 @@ fn main(
     // Row sums across the NX invocations of each row, then normalise and write.
     let l_row = rows_sum(l_run, ty, tx);
     // Resuming: the log-sum-exp of the earlier dispatches, read by every invocation of a row
-    // before the barrier, after which one of them overwrites it.
+    // before the barrier, after which one of them overwrites it. The read and the write are of
+    // storage memory, which workgroupBarrier does not order (its semantics cover workgroup
+    // memory only): storageBarrier does (an independent review of GPU-only races found it).
     var prev_lse = array<u32, BR>();
     for (var r = 0u; r < BR; r++) {
         prev_lse[r] = NEG_INF_BITS;
@@ -713,6 +715,7 @@ fn main(
         }
     }
     workgroupBarrier();
+    storageBarrier();
 
     // Per row: where its output goes (NO_ROW for padding rows), the factor of this dispatch's
     // O and the weight of the O earlier dispatches wrote; then every element in one flat loop.

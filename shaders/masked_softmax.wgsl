@@ -88,6 +88,10 @@ fn main(
     let any = atomicLoad(&any_allowed) != 0u || HAS_SINKS;
     let inv_sum = select(0.0, 1.0 / row_sum, any);
 
+    // The loops above read scores from `start + lid` on, the one below writes them from `lid`
+    // on: another invocation's reads of the same scores must be ordered before these writes,
+    // which only a barrier on storage memory does.
+    storageBarrier();
     // Dropout (lib/masking.wgsl): the weights written, and so P·V, are the kept ones, scaled;
     // the log-sum-exp is the softmax's.
     let drow = dropout_row(bh, i);
