@@ -1536,7 +1536,8 @@ impl Spec<'_> {
 /// Q, K, V and O may each have their own (a bf16 KV cache with f32 queries is the common
 /// decoding case). `F16` runs on every adapter: natively where it has `SHADER_F16`, packed two
 /// to a `u32` and converted on load elsewhere; `Bf16` is always packed and unpacked by bit
-/// shifts, and rounded to nearest even when written.
+/// shifts, and rounded to nearest even when written. `F8E4M3` (8 bits) is for K and V caches
+/// above all: a quarter of f32's memory and traffic, with 3 bits of mantissa.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 #[non_exhaustive]
 pub enum DType {
@@ -1547,6 +1548,51 @@ pub enum DType {
     F16,
     /// bfloat16: the top 16 bits of a binary32.
     Bf16,
+    /// 8-bit float, OCP FP8 E4M3 ("E4M3FN", what vLLM's and PyTorch's `float8_e4m3fn` KV
+    /// caches store): 1 sign, 4 exponent (bias 7) and 3 mantissa bits, no infinities, finite
+    /// values up to 448 and down to 2^-9. Stored values are rounded to nearest even and
+    /// saturated at ±448 (no scale factor: scale K or V beforehand if their values reach
+    /// past that range). Packed four to a `u32`, converted by bit operations on any adapter.
+    F8E4M3,
+}
+
+/// `x` as OCP FP8 E4M3 bits: rounded to nearest even, saturated at ±448 (infinities too);
+/// NaN is `0x7f`. The WGSL twin is `f8_bits` in `gpu::kernels::compose`.
+pub(crate) fn f8e4m3_from_f32(x: f32) -> u8 {
+    if x.is_nan() {
+        return 0x7f;
+    }
+    let u = x.to_bits();
+    let sign = ((u >> 24) & 0x80) as u8;
+    let a = x.abs();
+    if a >= 448.0 {
+        return sign | 0x7e;
+    }
+    if a < 0.015625 {
+        // Subnormal: a multiple of 2^-9 (the scaling is exact); 8 carries into the exponent.
+        return sign | (a * 512.0).round_ties_even() as u8;
+    }
+    // Normal: the f32 exponent rebased (bias 127 to 7), the mantissa's top 3 bits rounded to
+    // nearest even; a carry out of the mantissa moves into the exponent by the addition.
+    let e = ((u >> 23) & 0xff) - 120;
+    let mant = u & 0x7f_ffff;
+    let (r, rem) = (mant >> 20, mant & 0xf_ffff);
+    let up = (rem > 0x8_0000 || (rem == 0x8_0000 && r & 1 == 1)) as u32;
+    sign | ((e << 3) + r + up) as u8
+}
+
+/// The value of OCP FP8 E4M3 bits `b` (NaN for `0x7f` and `0xff`).
+pub(crate) fn f8e4m3_to_f32(b: u8) -> f32 {
+    let (e, m) = (((b >> 3) & 0xf) as u32, (b & 7) as u32);
+    if e == 0xf && m == 7 {
+        return f32::NAN;
+    }
+    let mag = if e == 0 {
+        m as f32 / 512.0
+    } else {
+        f32::from_bits(((e + 120) << 23) | (m << 20))
+    };
+    if b & 0x80 != 0 { -mag } else { mag }
 }
 
 impl DType {
@@ -1555,6 +1601,7 @@ impl DType {
         match self {
             DType::F32 => 4,
             DType::F16 | DType::Bf16 => 2,
+            DType::F8E4M3 => 1,
         }
     }
 
@@ -1569,6 +1616,51 @@ impl DType {
             DType::F32 => x,
             DType::F16 => half::f16::from_f32(x).to_f32(),
             DType::Bf16 => half::bf16::from_f32(x).to_f32(),
+            DType::F8E4M3 => f8e4m3_to_f32(f8e4m3_from_f32(x)),
         }
+    }
+}
+
+#[cfg(test)]
+mod f8_tests {
+    use super::{f8e4m3_from_f32, f8e4m3_to_f32};
+
+    /// Every code decodes to a value that encodes back to it (but NaN and -0's sign kept),
+    /// and rounding picks the nearest code, ties to even, saturating at 448.
+    #[test]
+    fn e4m3_round_trips_and_rounds_to_nearest_even() {
+        let mut finite: Vec<(f32, u8)> = Vec::new();
+        for b in 0..=255u8 {
+            let x = f8e4m3_to_f32(b);
+            if b & 0x7f == 0x7f {
+                assert!(x.is_nan(), "{b:#x}");
+                continue;
+            }
+            assert_eq!(f8e4m3_from_f32(x), b, "{b:#x} = {x}");
+            if b & 0x80 == 0 {
+                finite.push((x, b));
+            }
+        }
+        assert_eq!(f8e4m3_to_f32(0x7e), 448.0);
+        assert_eq!(f8e4m3_to_f32(0x01), 1.0 / 512.0);
+        assert_eq!(f8e4m3_to_f32(0x08), 1.0 / 64.0);
+        assert_eq!(f8e4m3_to_f32(0x38), 1.0);
+        // Midpoints between neighbours round to the even code; just off them, to the nearer.
+        for w in finite.windows(2) {
+            let ((lo, bl), (hi, bh)) = (w[0], w[1]);
+            let mid = (lo + hi) / 2.0;
+            let even = if bl & 1 == 0 { bl } else { bh };
+            assert_eq!(f8e4m3_from_f32(mid), even, "midpoint of {lo} and {hi}");
+            assert_eq!(f8e4m3_from_f32(mid - (hi - lo) * 0.01), bl, "below {mid}");
+            assert_eq!(f8e4m3_from_f32(mid + (hi - lo) * 0.01), bh, "above {mid}");
+            assert_eq!(f8e4m3_from_f32(-mid), even | 0x80, "-{mid}");
+        }
+        for x in [449.0, 500.0, 1e30, f32::INFINITY] {
+            assert_eq!(f8e4m3_from_f32(x), 0x7e, "{x}");
+            assert_eq!(f8e4m3_from_f32(-x), 0xfe, "-{x}");
+        }
+        assert_eq!(f8e4m3_from_f32(f32::NAN), 0x7f);
+        assert_eq!(f8e4m3_from_f32(1e-4), 0x00);
+        assert_eq!(f8e4m3_from_f32(-0.0), 0x80);
     }
 }

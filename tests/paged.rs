@@ -202,7 +202,10 @@ fn prefill_and_options_over_pages() {
 #[test]
 fn half_precision_pools() {
     let p = paged(40, (1, 2, 64, 64), 16, 80, 90, false);
-    for (n, dtype) in [DType::F16, DType::Bf16].into_iter().enumerate() {
+    for (n, dtype) in [DType::F16, DType::Bf16, DType::F8E4M3]
+        .into_iter()
+        .enumerate()
+    {
         let opts = Attention::new()
             .causal(Causal::BottomRight)
             .kv_lens(vec![1250]);
@@ -560,7 +563,7 @@ fn a_paged_cache_appends_forks_and_frees() {
 fn a_half_precision_paged_cache() {
     let Some(gpu) = common::gpu() else { return };
     let (heads, kv_heads, dim) = (8, 2, 64);
-    for dtype in [DType::F16, DType::Bf16] {
+    for dtype in [DType::F16, DType::Bf16, DType::F8E4M3] {
         let mut cache =
             wgpu_attention::PagedKvCache::with_dtype(gpu, 100, 16, kv_heads, dim, dim, dtype)
                 .unwrap();

@@ -32,8 +32,8 @@ const ENTRY: &str = "main";
 /// fails validation here.
 fn capabilities(dtype: Storage) -> Capabilities {
     match dtype {
-        // bf16 uses only bit shifts and u32 atomics.
-        Storage::F32 | Storage::Bf16 => Capabilities::empty(),
+        // bf16 and fp8 use only bit operations and u32 atomics.
+        Storage::F32 | Storage::Bf16 | Storage::F8E4M3 => Capabilities::empty(),
         // pack2x16float / unpack2x16float: wgpu grants this on Vulkan, Metal and DX12 (it is
         // a downlevel flag, missing only on some GL targets), with or without SHADER_F16.
         Storage::F16Packed => Capabilities::SHADER_FLOAT16_IN_FLOAT32,

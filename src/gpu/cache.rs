@@ -82,11 +82,14 @@ impl KvCache {
         v_head_dim: usize,
         dtype: DType,
     ) -> Result<KvCache> {
-        if dtype.size() < 4 && !(head_dim.is_multiple_of(2) && v_head_dim.is_multiple_of(2)) {
+        // Appends write and copy whole 4-byte words.
+        let words = |dim: usize| (dim * dtype.size()).is_multiple_of(4);
+        if !(words(head_dim) && words(v_head_dim)) {
             return Err(Error::InvalidOption {
                 what: "cache head dims",
                 value: format!("{head_dim} and {v_head_dim} with {dtype:?}"),
-                why: "a half-precision cache needs even head_dim and v_head_dim",
+                why: "a cache row must be whole 4-byte words: even head_dim and v_head_dim for \
+                      16-bit types, multiples of 4 for 8-bit ones",
             });
         }
         // Validates the sizes as attention would see them.

@@ -137,13 +137,13 @@ impl PagedKvCache {
             v_head_dim,
         })?;
         // Within u32 now (validated above).
-        let even = |dim: usize| (kv_heads * dim).is_multiple_of(2);
-        if dtype.size() < 4 && !(even(head_dim) && even(v_head_dim)) {
+        let words = |dim: usize| (kv_heads * dim * dtype.size()).is_multiple_of(4);
+        if !(words(head_dim) && words(v_head_dim)) {
             return Err(Error::InvalidOption {
                 what: "paged cache head dims",
                 value: format!("{kv_heads} x {head_dim} and {v_head_dim} with {dtype:?}"),
-                why: "a half-precision pool needs even kv_heads * head_dim and kv_heads * \
-                      v_head_dim",
+                why: "a pool's token rows must be whole 4-byte words: even kv_heads * head_dim \
+                      and kv_heads * v_head_dim for 16-bit types, multiples of 4 for 8-bit ones",
             });
         }
         Ok(PagedKvCache {

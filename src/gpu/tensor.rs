@@ -150,6 +150,10 @@ pub(crate) fn encode(data: &[f32], dtype: DType) -> Vec<u8> {
             .iter()
             .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
             .collect(),
+        DType::F8E4M3 => data
+            .iter()
+            .map(|&x| crate::spec::f8e4m3_from_f32(x))
+            .collect(),
     };
     bytes.resize(dtype.buffer_bytes(data.len() as u64) as usize, 0);
     bytes
@@ -166,6 +170,10 @@ fn decode(bytes: &[u8], n: usize, dtype: DType) -> Vec<f32> {
         DType::Bf16 => bytes[..n * 2]
             .chunks_exact(2)
             .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+            .collect(),
+        DType::F8E4M3 => bytes[..n]
+            .iter()
+            .map(|&b| crate::spec::f8e4m3_to_f32(b))
             .collect(),
     }
 }

@@ -138,6 +138,35 @@ fn prelude(src: &mut String, name: &str, binding: usize, storage: Storage, read_
                 src.push_str(&packed_store("pack2x16float(vec2<f32>(x, 0.0)) & 0xffffu"));
             }
         }
+        Storage::F8E4M3 => {
+            src.push_str(&packed_decl);
+            f8_helpers(src, name, !read_only);
+            // Four to a word.
+            let word = if read_only {
+                format!("{name}_buf[i >> 2u]")
+            } else {
+                format!("atomicLoad(&{name}_buf[i >> 2u])")
+            };
+            let _ = writeln!(
+                src,
+                "fn load_{name}(i: u32) -> f32 {{ return f8_{name}(({word} >> ((i & 3u) * 8u)) & 0xffu); }}"
+            );
+            if read_only {
+                let _ = writeln!(
+                    src,
+                    "fn load4_{name}(i: u32) -> vec4<f32> {{\n    if (i & 3u) == 0u {{\n        \
+                     return f8x4_{name}({name}_buf[i >> 2u]);\n    }}\n    \
+                     return vec4<f32>(load_{name}(i), load_{name}(i + 1u), load_{name}(i + 2u), load_{name}(i + 3u));\n}}"
+                );
+            } else {
+                let _ = writeln!(
+                    src,
+                    "fn store_{name}(i: u32, x: f32) {{\n    let shift = (i & 3u) * 8u;\n    \
+                     atomicAnd(&{name}_buf[i >> 2u], ~(0xffu << shift));\n    \
+                     atomicOr(&{name}_buf[i >> 2u], f8_bits_{name}(x) << shift);\n}}"
+                );
+            }
+        }
         Storage::Bf16 => {
             src.push_str(&packed_decl);
             let _ = writeln!(
@@ -162,6 +191,40 @@ fn prelude(src: &mut String, name: &str, binding: usize, storage: Storage, read_
                 src.push_str(&packed_store(&format!("bf16_bits_{name}(x)")));
             }
         }
+    }
+}
+
+/// The FP8 E4M3 conversions of tensor `name` (`spec::f8e4m3_to_f32` and, with `store`,
+/// `spec::f8e4m3_from_f32`: change one, change the other): `f8_<name>(b)` the value of byte
+/// `b` (0x7f, NaN, reads as 480: the host writes it only for a NaN), `f8x4_<name>(w)` the four
+/// bytes of a word, lowest first, and `f8_bits_<name>(x)`, `x` rounded to nearest even and
+/// saturated at ±448.
+fn f8_helpers(src: &mut String, name: &str, store: bool) {
+    let _ = writeln!(
+        src,
+        "fn f8_{name}(b: u32) -> f32 {{\n    let e = (b >> 3u) & 15u;\n    let m = b & 7u;\n    \
+         var x = f32(m) * 0.001953125;\n    \
+         if e != 0u {{ x = bitcast<f32>(((e + 120u) << 23u) | (m << 20u)); }}\n    \
+         return select(x, -x, (b & 0x80u) != 0u);\n}}\n\
+         fn f8x4_{name}(w: u32) -> vec4<f32> {{\n    \
+         return vec4<f32>(f8_{name}(w & 0xffu), f8_{name}((w >> 8u) & 0xffu), \
+         f8_{name}((w >> 16u) & 0xffu), f8_{name}(w >> 24u));\n}}"
+    );
+    if store {
+        let _ = writeln!(
+            src,
+            "fn f8_bits_{name}(x: f32) -> u32 {{\n    let u = bitcast<u32>(x);\n    \
+             let sign = (u >> 24u) & 0x80u;\n    let a = abs(x);\n    \
+             if (u & 0x7fffffffu) > 0x7f800000u {{ return 0x7fu; }}\n    \
+             if a >= 448.0 {{ return sign | 0x7eu; }}\n    \
+             if a < 0.015625 {{\n        let m = a * 512.0;\n        var r = u32(floor(m));\n        \
+             let f = m - floor(m);\n        \
+             if f > 0.5 || (f == 0.5 && (r & 1u) == 1u) {{ r += 1u; }}\n        return sign | r;\n    }}\n    \
+             let e = ((u >> 23u) & 0xffu) - 120u;\n    let mant = u & 0x7fffffu;\n    \
+             var r = mant >> 20u;\n    let rem = mant & 0xfffffu;\n    \
+             if rem > 0x80000u || (rem == 0x80000u && (r & 1u) == 1u) {{ r += 1u; }}\n    \
+             return sign | ((e << 3u) + r);\n}}"
+        );
     }
 }
 
@@ -217,6 +280,19 @@ fn prelude_vec8(src: &mut String, name: &str, binding: usize, storage: Storage) 
         }
         Storage::F16 | Storage::F16Packed => "unpack2x16float(w)",
         Storage::Bf16 => "vec2<f32>(bitcast<f32>(w << 16u), bitcast<f32>(w & 0xffff0000u))",
+        Storage::F8E4M3 => {
+            // Eight elements are two words.
+            f8_helpers(src, name, false);
+            let _ = writeln!(
+                src,
+                "@group(0) @binding({binding}) var<storage, read> {name}_buf: array<vec2<u32>>;\n\
+                 fn loadg_{name}(i: u32) -> array<vec4<f32>, 2> {{\n    let w = {name}_buf[i >> 3u];\n    \
+                 return array<vec4<f32>, 2>(f8x4_{name}(w.x), f8x4_{name}(w.y));\n}}\n\
+                 fn load_{name}(i: u32) -> f32 {{ return f8_{name}(({name}_buf[i >> 3u][(i >> 2u) & 1u] >> ((i & 3u) * 8u)) & 0xffu); }}\n\
+                 fn load4_{name}(i: u32) -> vec4<f32> {{ return f8x4_{name}({name}_buf[i >> 3u][(i >> 2u) & 1u]); }}"
+            );
+            return;
+        }
     };
     let _ = writeln!(
         src,
@@ -256,6 +332,11 @@ fn prelude_vec4(src: &mut String, name: &str, binding: usize, storage: Storage) 
             ),
             format!("unpack2x16float({name}_buf[i >> 2u][(i >> 1u) & 1u])[i & 1u]"),
         ),
+        Storage::F8E4M3 => (
+            "u32",
+            format!("f8x4_{name}({name}_buf[i >> 2u])"),
+            format!("f8_{name}(({name}_buf[i >> 2u] >> ((i & 3u) * 8u)) & 0xffu)"),
+        ),
         Storage::Bf16 => (
             "vec2<u32>",
             format!("bf16x4_{name}({name}_buf[i >> 2u])"),
@@ -268,6 +349,9 @@ fn prelude_vec4(src: &mut String, name: &str, binding: usize, storage: Storage) 
         src,
         "@group(0) @binding({binding}) var<storage, read> {name}_buf: array<{ty}>;"
     );
+    if storage == Storage::F8E4M3 {
+        f8_helpers(src, name, false);
+    }
     if storage == Storage::Bf16 {
         let _ = writeln!(
             src,

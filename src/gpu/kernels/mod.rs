@@ -674,15 +674,19 @@ pub enum Storage {
     F16Packed,
     /// bf16 packed two to a `u32`, converted by bit shifts; rounded to nearest even on store.
     Bf16,
+    /// OCP FP8 E4M3 packed four to a `u32`, converted by bit operations; rounded to nearest
+    /// even and saturated on store.
+    F8E4M3,
 }
 
 impl Storage {
     /// Every storage type.
-    pub const ALL: [Storage; 4] = [
+    pub const ALL: [Storage; 5] = [
         Storage::F32,
         Storage::F16,
         Storage::F16Packed,
         Storage::Bf16,
+        Storage::F8E4M3,
     ];
 
     /// The storage of `dtype` on an adapter with (or without) native f16.
@@ -692,6 +696,7 @@ impl Storage {
             DType::F16 if native_f16 => Storage::F16,
             DType::F16 => Storage::F16Packed,
             DType::Bf16 => Storage::Bf16,
+            DType::F8E4M3 => Storage::F8E4M3,
         }
     }
 }

@@ -1,0 +1,230 @@
+//! 8-bit float storage (`DType::F8E4M3`, OCP FP8 E4M3): tensors round-trip as the host rounds
+//! them; K and V in 8 bits on every path (the reference runs on the same rounded values, so
+//! only f32 accumulation separates them), in every load width the kernels use (K grouped by 8,
+//! 4 or 1 elements, by the head dim); Q, K, V and O all 8-bit (the kernels' rounding on store
+//! against the host's); KV caches and paged pools of 8-bit rows.
+
+#[macro_use]
+mod common;
+
+use common::*;
+use wgpu_attention::{
+    Attention, Causal, DType, Dims, Error, KvCache, LimitCaps, PagedKvCache, Path, cpu,
+};
+
+const F8: DType = DType::F8E4M3;
+
+/// Uploads round to nearest even and saturate, downloads give the rounded values back bit for
+/// bit, over an odd count (the last word partly padding) and values across the whole range.
+#[test]
+fn round_trip_as_the_host_rounds() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = rng(1);
+    let mut x = random(&mut r, 1001, 3.0);
+    x.extend([
+        448.0,
+        -448.0,
+        500.0,
+        -1e9,
+        1.0 / 512.0,
+        1e-6,
+        -0.0,
+        0.0,
+        300.0,
+        -0.017,
+    ]);
+    let t = gpu.upload_as(&x, [1, 1, 1, x.len()], F8).unwrap();
+    assert_eq!(t.dtype(), F8);
+    let got = t.download(gpu).unwrap();
+    let want: Vec<f32> = x.iter().map(|&v| F8.round(v)).collect();
+    assert_eq!(
+        got.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        want.iter().map(|v| v.to_bits()).collect::<Vec<_>>()
+    );
+    assert_eq!(F8.round(500.0), 448.0);
+    assert_eq!(F8.round(1.0 + 1.0 / 16.0), 1.0); // a tie: to the even mantissa
+    assert_eq!(F8.round(1.0 + 3.0 / 16.0), 1.25); // a tie: to the even mantissa
+    assert_eq!(F8.size(), 1);
+}
+
+/// K and V in 8 bits against the reference on the same rounded values, on every path, with
+/// head dims that give the kernels' grouped loads of 8, 4 and single elements.
+#[test]
+fn eight_bit_keys_and_values_on_every_path() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = rng(2);
+    let types = [DType::F32, F8, F8, DType::F32];
+    for (n, d) in [64usize, 36, 19].into_iter().enumerate() {
+        let prefill = dims(2, 4, 2, 37, 70, d, d + 4);
+        let decode = dims(1, 8, 2, 1, 1100, d, d);
+        let mask = random_mask(&mut r, 2 * 37 * 70, 0.8);
+        let options = Attention::new()
+            .causal(Causal::BottomRight)
+            .kv_lens(vec![70, 45])
+            .mask([2, 1, 37, 70], mask)
+            .softcap(5.0);
+        let seed = 10 * n as u64;
+        for path in [Path::ThreePass, Path::Fused, Path::Decode, Path::Auto] {
+            check_dtypes(gpu, path, prefill, &options, seed, 2.0, types);
+        }
+        for path in [Path::Fused, Path::Decode] {
+            check_dtypes(gpu, path, decode, &Attention::new(), seed + 1, 2.0, types);
+        }
+        // 16-bit queries over the 8-bit cache.
+        let half = [DType::F16, F8, F8, DType::F16];
+        check_dtypes(
+            gpu,
+            Path::Decode,
+            decode,
+            &Attention::new(),
+            seed + 2,
+            2.0,
+            half,
+        );
+    }
+}
+
+/// Everything in 8 bits, O included (the kernels round O as the host does, within a unit of
+/// the last place), through the fused kernel's passes too (O kept in f32 between them).
+#[test]
+fn everything_in_eight_bits() {
+    let Some(gpu) = gpu() else { return };
+    let capped = gpu.with_caps(LimitCaps {
+        max_key_tiles_per_workgroup: Some(1),
+        ..Default::default()
+    });
+    let d = dims(1, 4, 2, 70, 150, 32, 24);
+    let opts = Attention::new().causal(Causal::TopLeft);
+    for g in [gpu, &capped] {
+        for path in [Path::Fused, Path::Decode, Path::ThreePass] {
+            check_dtypes(g, path, d, &opts, 30, 2.0, [F8; 4]);
+        }
+    }
+}
+
+/// A KV cache of 8-bit rows, appended in steps and attended by f32 queries, against the
+/// reference on the values as the cache rounded them; rows must be whole words.
+#[test]
+fn eight_bit_kv_cache() {
+    let Some(gpu) = gpu() else { return };
+    let (batch, heads, kv_heads, cap, d) = (1, 4, 1, 3000, 32);
+    let mut cache = KvCache::with_dtype(gpu, batch, kv_heads, cap, d, d, F8).unwrap();
+    let (mut host_k, mut host_v) = (Vec::new(), Vec::new());
+    let mut r = rng(40);
+    for (step, n) in [2100usize, 1, 3].into_iter().enumerate() {
+        let k = random(&mut r, kv_heads * n * d, 1.0);
+        let v = random(&mut r, kv_heads * n * d, 1.0);
+        cache.append(gpu, &k, &v, &[n]).unwrap();
+        host_k.extend(k.iter().map(|&x| F8.round(x)));
+        host_v.extend(v.iter().map(|&x| F8.round(x)));
+        let q = random(&mut r, batch * heads * n * d, 1.0);
+        let out = cache
+            .attend(
+                gpu,
+                &gpu.upload(&q, [batch, heads, n, d]).unwrap(),
+                &Attention::new(),
+            )
+            .unwrap();
+        let dims = Dims {
+            batch,
+            heads,
+            kv_heads,
+            q_len: n,
+            kv_len: cache.lens()[0] as usize,
+            head_dim: d,
+            v_head_dim: d,
+        };
+        let opts = Attention::new().causal(Causal::BottomRight);
+        let want = cpu::reference(&q, &host_k, &host_v, dims, &opts).unwrap();
+        let o = out.o.download(gpu).unwrap();
+        assert_close(
+            &format!("8-bit cache, step {step}"),
+            &o,
+            &want.o,
+            O_ATOL,
+            O_RTOL,
+        );
+    }
+    // 30 bytes a row: not whole words.
+    let err = KvCache::with_dtype(gpu, 1, 1, 10, 30, 32, F8);
+    assert!(matches!(err, Err(Error::InvalidOption { .. })), "{err:?}");
+    // Paged: kv_heads * head_dim bytes a token row.
+    let err = PagedKvCache::with_dtype(gpu, 8, 16, 1, 30, 32, F8);
+    assert!(matches!(err, Err(Error::InvalidOption { .. })), "{err:?}");
+    PagedKvCache::with_dtype(gpu, 8, 16, 2, 30, 32, F8).unwrap();
+}
+
+/// The kernels' rounding on store is the host's, bit for bit: attention over a single key
+/// copies its V row into O exactly (its one weight is 1), so an 8-bit O holds V as the kernel
+/// rounded it. V holds every midpoint between neighbouring codes (ties to even), points just
+/// off them, subnormals, and values past the largest code (saturated), on every path.
+#[test]
+fn stores_round_as_the_host_does() {
+    let Some(gpu) = gpu() else { return };
+    let codes: Vec<f32> = (0..0x7fu8).map(decode).collect();
+    let mut v = Vec::new();
+    for w in codes.windows(2) {
+        let (lo, hi) = (w[0], w[1]);
+        let mid = (lo + hi) / 2.0;
+        let off = (hi - lo) / 64.0;
+        v.extend([mid, -mid, mid - off, mid + off, lo, -hi]);
+    }
+    v.extend([
+        449.0,
+        -470.0,
+        1e6,
+        1.0 / 1024.0,
+        -1.0 / 1024.0,
+        3.0 / 1024.0,
+    ]);
+    let (heads, width) = (8, 128);
+    v.resize(heads * width, 0.3);
+    let d = dims(1, heads, heads, 1, 1, 4, width);
+    let layout = wgpu_attention::Layout::Bhsd;
+    let q = gpu
+        .upload(&vec![0.5; heads * 4], d.q_shape(layout))
+        .unwrap();
+    let k = gpu
+        .upload(&vec![0.25; heads * 4], d.k_shape(layout))
+        .unwrap();
+    let tv = gpu.upload(&v, d.v_shape(layout)).unwrap();
+    let want: Vec<u32> = v.iter().map(|&x| F8.round(x).to_bits()).collect();
+    for path in [Path::Fused, Path::Decode, Path::ThreePass] {
+        let out = wgpu_attention::Output {
+            o: gpu
+                .upload_as(&vec![f32::NAN; heads * width], d.o_shape(layout), F8)
+                .unwrap(),
+            lse: None,
+            weights: None,
+        };
+        let opts = Attention::new().path(path);
+        opts.run_into(gpu, &q, &k, &tv, &out).unwrap();
+        let got: Vec<u32> = out
+            .o
+            .download(gpu)
+            .unwrap()
+            .iter()
+            .map(|x| x.to_bits())
+            .collect();
+        for (n, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert_eq!(
+                g,
+                w,
+                "{path:?}: V {} stored as {}, the host rounds it to {}",
+                v[n],
+                f32::from_bits(*g),
+                f32::from_bits(*w)
+            );
+        }
+    }
+}
+
+/// The value of E4M3 code `b` (positive, finite), from its fields.
+fn decode(b: u8) -> f32 {
+    let (e, m) = ((b >> 3) as i32, (b & 7) as f32);
+    if e == 0 {
+        m / 512.0
+    } else {
+        (1.0 + m / 8.0) * 2f32.powi(e - 7)
+    }
+}
