@@ -234,6 +234,8 @@ enum DTypeName {
     F32,
     F16,
     Bf16,
+    /// OCP FP8 E4M3 (8-bit K/V caches; Q and O too, here).
+    F8e4m3,
 }
 
 impl DTypeName {
@@ -242,6 +244,7 @@ impl DTypeName {
             DTypeName::F32 => DType::F32,
             DTypeName::F16 => DType::F16,
             DTypeName::Bf16 => DType::Bf16,
+            DTypeName::F8e4m3 => DType::F8E4M3,
         }
     }
 }

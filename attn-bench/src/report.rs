@@ -179,7 +179,7 @@ pub(crate) fn print_rows(args: &Args, device: &str, software: bool, rows: &[Row]
     );
     println!("problem: {}", describe_problem(args));
     let mut header = format!(
-        "{:<26} {:<5} {:>6} {:>6} {:>11} {:>11} {:>11} {:>9} {:>8} {:>9}",
+        "{:<26} {:<6} {:>6} {:>6} {:>11} {:>11} {:>11} {:>9} {:>8} {:>9}",
         "path", "dtype", "L", "S", "median ms", "min ms", "max ms", "GFLOP/s", "GB/s", "vs cpu"
     );
     if args.peak_gflops.is_some() {
@@ -197,7 +197,7 @@ pub(crate) fn print_rows(args: &Args, device: &str, software: bool, rows: &[Row]
             .speedup(rows)
             .map_or("-".to_string(), |x| format!("{x:.2}x"));
         let mut line = format!(
-            "{:<26} {:<5} {:>6} {:>6} {:>11.3} {:>11.3} {:>11.3} {:>9.2} {:>8.2} {:>9}",
+            "{:<26} {:<6} {:>6} {:>6} {:>11.3} {:>11.3} {:>11.3} {:>9.2} {:>8.2} {:>9}",
             r.label(),
             r.dtype.to_string(),
             d.q_len,

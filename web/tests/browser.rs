@@ -177,9 +177,14 @@ async fn masks_and_bias() {
 #[wasm_bindgen_test]
 async fn half_precision_packed() {
     let gpu = gpu().await;
-    // Without `shader-f16`, f16 and bf16 tensors are packed two to a u32 word on every path.
-    for dtype in [DType::F16, DType::Bf16] {
-        let types = [dtype; 4];
+    // Without `shader-f16`, f16 and bf16 tensors are packed two to a u32 word on every path;
+    // 8-bit K and V four to a word.
+    let f8 = DType::F8E4M3;
+    for types in [
+        [DType::F16; 4],
+        [DType::Bf16; 4],
+        [DType::F32, f8, f8, DType::F32],
+    ] {
         let cases = [
             (
                 Path::ThreePass,
