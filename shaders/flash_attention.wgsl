@@ -750,7 +750,7 @@ fn main(
                     o_row[r] = b * params.o_stride_b + h * params.o_stride_h
                         + q_slot(b, i) * params.o_stride_s;
                 }
-                o_scale[r] = inv * w_new * dropout_row_scale();
+                o_scale[r] = inv * w_new * dropout_row_scale() * mparams.v_scale;
                 o_prev[r] = lse_weight(sum, prev_lse[r]);
                 if tx == 0u && params.write_lse != 0u {
                     lse_or_partials[bh * q_len + i] = lse_total(sum);
@@ -758,7 +758,7 @@ fn main(
             } else {
                 let part_row = (split * bh_count + bh) * q_len + i;
                 o_row[r] = part_row * params.v_head_dim;
-                o_scale[r] = inv * dropout_row_scale();
+                o_scale[r] = inv * dropout_row_scale() * mparams.v_scale;
                 if tx == 0u {
                     lse_or_partials[params.parts_lse_offset + part_row] = new_lse;
                 }

@@ -353,7 +353,7 @@ fn main(
         for (var x = 0u; x < WG; x++) {
             l += p_sh[p_index(0u, x, r / 4u)][r % 4u];
         }
-        var norm = select(0.0, 1.0 / l, l > 0.0) * dropout_row_scale();
+        var norm = select(0.0, 1.0 / l, l > 0.0) * dropout_row_scale() * mparams.v_scale;
         var lse = lse_of(m_run[r] * LN2, l);
         if HAS_SINKS && params.splits == 1u {
             // The sink joins as a part with no output (with splits, the merge adds it).

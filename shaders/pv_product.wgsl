@@ -29,7 +29,10 @@ fn tile_b(col: u32, key: u32) -> f32 {
 
 fn tile_out(row: u32, col: u32, x: f32) {
     if r0 + row < params.rows && c0 + col < params.v_head_dim {
-        store_o(o_base + (params.row_start + r0 + row) * params.o_stride_s + c0 + col, x);
+        store_o(
+            o_base + (params.row_start + r0 + row) * params.o_stride_s + c0 + col,
+            x * params.v_scale,
+        );
     }
 }
 

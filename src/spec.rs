@@ -466,6 +466,8 @@ pub struct Attention {
     pub(crate) want_sinks_grad: bool,
     /// Dropout on the weights (training).
     pub(crate) dropout: Option<Dropout>,
+    /// The factors K and V are stored divided by (`kv_scales`).
+    pub(crate) kv_scales: Option<(f32, f32)>,
 }
 
 /// The device-resident forms of the masking options (each replaces its host form).
@@ -788,6 +790,39 @@ impl Attention {
     pub fn dropout(mut self, p: f32, seed: u64) -> Self {
         self.dropout = Some(Dropout { p, seed });
         self
+    }
+
+    /// K and V as stored, times `k_scale` and `v_scale`: the keys and values attended to are
+    /// `k_scale * K` and `v_scale * V`. For 8-bit caches ([`DType::F8E4M3`], largest value
+    /// 448) whose values were divided by a scale to fit, as vLLM's `k_scale` / `v_scale` and
+    /// FlashAttention 3's `descale_k` / `descale_v`; any dtype takes them. `k_scale` joins the
+    /// score scale (a `scale(s)` with `k_scale` is the scale `s * k_scale`), `v_scale`
+    /// multiplies O; both finite and positive. Dot-product scores only (additive scores are an
+    /// error), and the backward takes `v_scale` 1 only (its gradients are by K and V as
+    /// stored; with `k_scale` that is what it gives).
+    ///
+    /// ```
+    /// use wgpu_attention::{Attention, Dims, cpu};
+    /// let dims = Dims::new(1, 1, 4, 8);
+    /// let q: Vec<f32> = (0..32).map(|i| (i as f32 * 0.37).sin()).collect();
+    /// let kv: Vec<f32> = (0..32).map(|i| (i as f32 * 0.11).cos() * 1000.0).collect();
+    /// // Stored divided by 4, attended to as they were.
+    /// let stored: Vec<f32> = kv.iter().map(|x| x / 4.0).collect();
+    /// let a = cpu::reference(&q, &kv, &kv, dims, &Attention::new())?;
+    /// let b = cpu::reference(&q, &stored, &stored, dims, &Attention::new().kv_scales(4.0, 4.0))?;
+    /// for (x, y) in a.o.iter().zip(&b.o) {
+    ///     assert!((x - y).abs() <= 1e-4 * x.abs().max(1.0));
+    /// }
+    /// # Ok::<(), wgpu_attention::Error>(())
+    /// ```
+    pub fn kv_scales(mut self, k_scale: f32, v_scale: f32) -> Self {
+        self.kv_scales = Some((k_scale, v_scale));
+        self
+    }
+
+    /// The factor of V (`kv_scales`), 1 without.
+    pub(crate) fn v_scale(&self) -> f32 {
+        self.kv_scales.map_or(1.0, |(_, v)| v)
     }
 
     /// The dropout of the call, if it drops anything.
@@ -1135,7 +1170,26 @@ impl Attention {
 
     /// The scale (default `1 / sqrt(head_dim)`), checked with the softcap.
     fn check_scalars(&self, dims: Dims) -> Result<f32> {
-        let scale = self.scale.unwrap_or(1.0 / (dims.head_dim as f32).sqrt());
+        let mut scale = self.scale.unwrap_or(1.0 / (dims.head_dim as f32).sqrt());
+        if let Some((k, v)) = self.kv_scales {
+            if !(k.is_finite() && k > 0.0 && v.is_finite() && v > 0.0) {
+                return Err(Error::InvalidOption {
+                    what: "kv_scales",
+                    value: format!("{k}, {v}"),
+                    why: "K's and V's scales must be finite and positive",
+                });
+            }
+            if self.additive.is_some() {
+                return Err(Error::InvalidOption {
+                    what: "kv_scales",
+                    value: format!("{k}, {v}"),
+                    why: "additive scores take K as it is (tanh(q + k)); scale K beforehand",
+                });
+            }
+            // K's scale is a factor of every dot product: it joins the score scale (whose
+            // bound below then covers the product).
+            scale *= k;
+        }
         if !(scale.is_finite() && scale.abs() <= MAX_SCALE) {
             return Err(Error::InvalidOption {
                 what: "scale",
@@ -1551,8 +1605,9 @@ pub enum DType {
     /// 8-bit float, OCP FP8 E4M3 ("E4M3FN", what vLLM's and PyTorch's `float8_e4m3fn` KV
     /// caches store): 1 sign, 4 exponent (bias 7) and 3 mantissa bits, no infinities, finite
     /// values up to 448 and down to 2^-9. Stored values are rounded to nearest even and
-    /// saturated at ±448 (no scale factor: scale K or V beforehand if their values reach
-    /// past that range). Packed four to a `u32`, converted by bit operations on any adapter.
+    /// saturated at ±448: K and V whose values reach past that range are stored divided by a
+    /// scale, given back by [`Attention::kv_scales`]. Packed four to a `u32`, converted by
+    /// bit operations on any adapter.
     F8E4M3,
 }
 

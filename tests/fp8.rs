@@ -228,3 +228,121 @@ fn decode(b: u8) -> f32 {
         (1.0 + m / 8.0) * 2f32.powi(e - 7)
     }
 }
+
+/// K and V past the 8-bit range, stored divided by their scales and attended to with
+/// `kv_scales`, against the reference on the values they stand for (no scales): every path,
+/// a cache, and the CPU paths; bad scales and a backward with a V scale are typed errors.
+#[test]
+fn scaled_keys_and_values() {
+    let Some(gpu) = gpu() else { return };
+    let (ks, vs) = (16.0f32, 8.0f32);
+    let mut r = rng(50);
+    let d = dims(1, 4, 2, 37, 70, 32, 24);
+    let layout = wgpu_attention::Layout::Bhsd;
+    let q = random(&mut r, d.q_elems(), 0.05);
+    // Up to 2000: four times past 448.
+    let k = random(&mut r, d.k_elems(), 2000.0);
+    let v = random(&mut r, d.v_elems(), 2000.0);
+    let stored = |x: &[f32], s: f32| -> Vec<f32> { x.iter().map(|&x| F8.round(x / s)).collect() };
+    let (k8, v8) = (stored(&k, ks), stored(&v, vs));
+    // What the stored values stand for, exactly (a power of two times an 8-bit value).
+    let k_true: Vec<f32> = k8.iter().map(|x| x * ks).collect();
+    let v_true: Vec<f32> = v8.iter().map(|x| x * vs).collect();
+    let causal = Attention::new().causal(Causal::BottomRight);
+    let want = cpu::reference(&q, &k_true, &v_true, d, &causal).unwrap();
+    let scaled = causal.clone().kv_scales(ks, vs);
+    let tq = gpu.upload(&q, d.q_shape(layout)).unwrap();
+    let tk = gpu.upload_as(&k8, d.k_shape(layout), F8).unwrap();
+    let tv = gpu.upload_as(&v8, d.v_shape(layout), F8).unwrap();
+    for path in [Path::ThreePass, Path::Fused, Path::Decode] {
+        let o = scaled.clone().path(path).run(gpu, &tq, &tk, &tv).unwrap().o;
+        let o = o.download(gpu).unwrap();
+        assert_close(&format!("{path:?} with kv_scales"), &o, &want.o, 1e-2, 1e-4);
+    }
+    let refd = cpu::reference(&q, &k8, &v8, d, &scaled).unwrap();
+    assert_close("the reference with kv_scales", &refd.o, &want.o, 1e-2, 1e-4);
+    let fast = cpu::fast(&q, &k8, &v8, d, &scaled).unwrap();
+    assert_close("cpu::fast with kv_scales", &fast.o, &want.o, 1e-2, 1e-4);
+    // An 8-bit cache of the scaled values, attended with the scales.
+    let mut cache = KvCache::with_dtype(gpu, 1, 2, 100, 32, 24, F8).unwrap();
+    cache.append(gpu, &k8, &v8, &[70]).unwrap();
+    let o = cache
+        .attend(gpu, &tq, &Attention::new().kv_scales(ks, vs))
+        .unwrap()
+        .o;
+    assert_close(
+        "cache with kv_scales",
+        &o.download(gpu).unwrap(),
+        &want.o,
+        1e-2,
+        1e-4,
+    );
+    // One query per head: the decode-shaped kernel.
+    let d1 = dims(1, 4, 2, 1, 70, 32, 24);
+    let q1 = random(&mut r, d1.q_elems(), 0.05);
+    let want1 = cpu::reference(&q1, &k_true, &v_true, d1, &Attention::new()).unwrap();
+    let tq1 = gpu.upload(&q1, d1.q_shape(layout)).unwrap();
+    let o = cache
+        .attend(gpu, &tq1, &Attention::new().kv_scales(ks, vs))
+        .unwrap()
+        .o;
+    assert_close(
+        "decoding with kv_scales",
+        &o.download(gpu).unwrap(),
+        &want1.o,
+        1e-2,
+        1e-4,
+    );
+    // Bad scales, additive scores, and the backward with a V scale.
+    for (a, b) in [
+        (0.0, 1.0),
+        (1.0, -2.0),
+        (f32::NAN, 1.0),
+        (1.0, f32::INFINITY),
+    ] {
+        let e = cpu::reference(&q, &k8, &v8, d, &Attention::new().kv_scales(a, b)).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::InvalidOption {
+                    what: "kv_scales",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
+    let additive = Attention::new().additive(vec![0.1; 32]).kv_scales(2.0, 1.0);
+    let e = cpu::reference(&q, &k8, &v8, d, &additive).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidOption {
+                what: "kv_scales",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let d_o = gpu
+        .upload(&random(&mut r, d.o_elems(), 1.0), d.o_shape(layout))
+        .unwrap();
+    let fwd = scaled
+        .clone()
+        .return_lse(true)
+        .run(gpu, &tq, &tk, &tv)
+        .unwrap();
+    let e = scaled
+        .backward(gpu, &tq, &tk, &tv, &fwd.o, fwd.lse.as_ref().unwrap(), &d_o)
+        .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidOption {
+                what: "backward",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}

@@ -118,6 +118,12 @@ fn check_backward_options(opts: &Attention) -> Result<()> {
             "the backward takes K and V contiguous: gather the pages first",
         );
     }
+    if opts.v_scale() != 1.0 {
+        return refuse(
+            "kv_scales with a v_scale other than 1",
+            "the backward gives gradients by V as stored; scale V in the forward's inputs",
+        );
+    }
     Ok(())
 }
 

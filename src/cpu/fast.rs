@@ -398,6 +398,8 @@ struct Problem<'a, const NR: usize> {
     /// Dropout: the dropped weights are zeroed on their way into P·V (the row sums count
     /// them) and each output row is scaled by `1 / (1 - p)`, as on the GPU.
     dropout: Option<Dropout>,
+    /// V's factor (`Attention::kv_scales`), applied to O with its normalisation.
+    v_scale: f32,
     /// Folded into Q when it is packed: the score scale, times `log2(e)` unless a softcap or a
     /// bias has to be applied in natural units first.
     q_scale: f32,
@@ -516,6 +518,7 @@ impl<'a, const NR: usize> Problem<'a, NR> {
                 .map(|m| (broadcast_strides(m.shape), m.data.as_slice())),
             softcap: opts.softcap,
             dropout: opts.active_dropout(),
+            v_scale: opts.v_scale(),
             q_scale: 0.0,
             transform: false,
             heads_per_unit,
@@ -757,7 +760,7 @@ impl<'a, const NR: usize> Problem<'a, NR> {
                 *row_lse = f32::NEG_INFINITY;
                 continue;
             }
-            let inv = o_scale / l * self.dropout.map_or(1.0, |d| d.scale());
+            let inv = o_scale / l * self.dropout.map_or(1.0, |d| d.scale()) * self.v_scale;
             let tiles = &s.acc[st * np..][..np];
             for (c, x) in dst.iter_mut().enumerate() {
                 *x = tiles[c / NR][rr][c % NR] * inv;

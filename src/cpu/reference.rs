@@ -195,7 +195,11 @@ impl<'a> Problem<'a> {
             // Every input type (f32, half::f16, half::bf16) widens to f64 exactly.
             q: widen(q),
             k: widen(k),
-            v: widen(v),
+            // V as attended to: times its scale (exact in f64 up to one rounding).
+            v: widen(v)
+                .into_iter()
+                .map(|x| x * opts.v_scale() as f64)
+                .collect(),
             qs: layout.strides(heads, q_len, head_dim),
             ks: layout.strides(kv_heads, kv_len, head_dim),
             vs: layout.strides(kv_heads, kv_len, v_head_dim),

@@ -453,6 +453,12 @@ impl Attention {
                 "the backward takes K and V contiguous: gather the pages first",
             );
         }
+        if self.v_scale() != 1.0 {
+            return refuse(
+                "kv_scales with a v_scale other than 1",
+                "the backward gives gradients by V as stored; scale V in the forward's inputs",
+            );
+        }
         if self.want_bias_grad && self.bias.is_none() && self.device.bias.is_none() {
             return refuse(
                 "return_bias_grad without a bias",

@@ -153,6 +153,8 @@ uniform! {
         dropout_key_b: u32,
         dropout_threshold: u32,
         dropout_scale: f32,
+        /// V's factor (`Attention::kv_scales`; 1 without), applied to O.
+        v_scale: f32,
     }
 }
 
@@ -194,6 +196,8 @@ uniform! {
 uniform! {
     /// `pv_product.wgsl`: one chunk of the three-pass path's third pass.
     struct PvParams {
+        /// V's factor (`Attention::kv_scales`; 1 without), applied to O.
+        v_scale: f32,
         bh_start: u32,
         bh_count: u32,
         row_start: u32,

@@ -313,6 +313,7 @@ fn upload_as(
             dropout_key_b: dropout.keys()[1],
             dropout_threshold: dropout.threshold(),
             dropout_scale: dropout.scale(),
+            v_scale: opts.v_scale(),
         },
     )?;
     Ok(MaskBuffers {

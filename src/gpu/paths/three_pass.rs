@@ -213,6 +213,7 @@ fn chunk_params(spec: &Spec<'_>, chunk: &Chunk, write_lse: bool) -> ChunkParams 
             write_lse: write_lse as u32,
         },
         pv: PvParams {
+            v_scale: spec.opts.v_scale(),
             bh_start: chunk.bh_start as u32,
             bh_count,
             row_start: chunk.row_start as u32,
