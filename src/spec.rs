@@ -1607,7 +1607,9 @@ pub enum DType {
     /// values up to 448 and down to 2^-9. Stored values are rounded to nearest even and
     /// saturated at ±448: K and V whose values reach past that range are stored divided by a
     /// scale, given back by [`Attention::kv_scales`]. Packed four to a `u32`, converted by
-    /// bit operations on any adapter.
+    /// bit operations on any adapter. A NaN is stored as 0x7f, which the host reads back as
+    /// NaN and the kernels as 480 (they have no NaN case). An 8-bit Q gives an 8-bit O unless
+    /// the output is given ([`Attention::run_into`]).
     F8E4M3,
 }
 

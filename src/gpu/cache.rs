@@ -70,9 +70,9 @@ impl KvCache {
         )
     }
 
-    /// An empty cache storing K and V as `dtype` (bf16 or f16 halve its memory); queries of
-    /// any dtype attend to it. Half-precision caches need even head dims, so every row starts
-    /// on a 4-byte boundary.
+    /// An empty cache storing K and V as `dtype` (bf16 or f16 halve its memory, FP8 E4M3
+    /// quarters it); queries of any dtype attend to it. Every row must start on a 4-byte
+    /// boundary: even head dims for 16-bit types, multiples of 4 for 8-bit ones.
     pub fn with_dtype(
         gpu: &Gpu,
         batch: usize,

@@ -96,9 +96,9 @@ impl PagedKvCache {
         )
     }
 
-    /// An empty cache storing K and V as `dtype`. Half-precision pools need an even
-    /// `kv_heads * head_dim` and `kv_heads * v_head_dim`, so every token's row starts on a
-    /// 4-byte boundary.
+    /// An empty cache storing K and V as `dtype`. Every token's row must start on a 4-byte
+    /// boundary: `kv_heads * head_dim` and `kv_heads * v_head_dim` even for 16-bit types,
+    /// multiples of 4 for 8-bit ones.
     pub fn with_dtype(
         gpu: &Gpu,
         pages: usize,

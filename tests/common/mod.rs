@@ -259,15 +259,15 @@ fn check_against(
     assert_close(&format!("O of {ctx}"), &o, &want.o, o_atol, o_rtol(to_t));
     let norm_tol = if types.iter().all(|&t| t == DType::F32) {
         NORM_TOL
-    } else if to_t == DType::F8E4M3 {
-        // O rounded to 3 bits of mantissa: up to 1/16 relative, about 1/30 in the norm.
-        5e-2
     } else {
         3e-3
     };
     let err = rel_norm_error(&o, &want.o);
+    // An 8-bit O is judged element by element only (within a code of the reference, above):
+    // small outputs fall among its subnormals, 2^-9 apart, where the norm error of a right
+    // answer can pass 7% (an independent review's long-row decode case).
     assert!(
-        err <= norm_tol,
+        err <= norm_tol || to_t == DType::F8E4M3,
         "O of {ctx}: relative norm error {err:e} > {norm_tol:e}"
     );
     assert_close(&format!("lse of {ctx}"), &lse, &want.lse, 2e-5, 2e-5);

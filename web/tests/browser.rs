@@ -1,5 +1,6 @@
 //! The test grid in a browser: every GPU path, both layouts, GQA, causal, windows, masks,
-//! f16 and bf16 storage (packed in `u32`: the browser has no `shader-f16` here), the KV cache
+//! f16, bf16 and 8-bit storage (packed in `u32`: the browser has no `shader-f16` here),
+//! dropout, the KV cache
 //! and the layer, through WebGPU, each against `cpu::reference` compiled to wasm, on shapes
 //! that are not multiples of the tiles. Run by `web/run-tests.sh` (headless Chromium); with no
 //! WebGPU adapter every test fails.
@@ -184,6 +185,7 @@ async fn half_precision_packed() {
         [DType::F16; 4],
         [DType::Bf16; 4],
         [DType::F32, f8, f8, DType::F32],
+        [f8; 4],
     ] {
         let cases = [
             (
