@@ -251,6 +251,24 @@ fn half_precision_storage() {
     check_grads(&gpu.with_packed_f16(), d, &opts, 42, DType::F16);
 }
 
+/// Contexts of `gpu` running each configuration of the backward's dQ, dK and dV: the row
+/// kernel, and the tiled kernel with each invocation block.
+fn kernel_configurations(gpu: &Gpu) -> Vec<Gpu> {
+    [
+        (false, TileBlock::B8X8),
+        (true, TileBlock::B4X4),
+        (true, TileBlock::B8X4),
+        (true, TileBlock::B8X8),
+    ]
+    .into_iter()
+    .map(|(tiled, block)| {
+        gpu.with_tiled_backward(tiled)
+            .with_backward_block(block)
+            .unwrap()
+    })
+    .collect()
+}
+
 /// Every configuration of the backward's dQ, dK and dV: the row kernel, and the tiled kernel
 /// with each invocation block, on a shape with full 64 x 64 tiles (the tiled kernel's path
 /// without mask code) and partial ones, plain, causal with lengths, and with per-key options.
@@ -271,20 +289,10 @@ fn every_kernel_configuration() {
             .bias([1, 4, 1, 77], random(&mut r, 4 * 77, 1.0))
             .softcap(2.0),
     ];
-    let configurations = [
-        (false, TileBlock::B8X8),
-        (true, TileBlock::B4X4),
-        (true, TileBlock::B8X4),
-        (true, TileBlock::B8X8),
-    ];
-    for (n, (tiled, block)) in configurations.into_iter().enumerate() {
-        let g = gpu
-            .with_tiled_backward(tiled)
-            .with_backward_block(block)
-            .unwrap();
+    for (n, g) in kernel_configurations(gpu).iter().enumerate() {
         for (m, opts) in option_sets.iter().enumerate() {
             let seed = 46 + (3 * n + m) as u64;
-            check_grads_after(gpu, &g, d, opts, seed, DType::F32, (None, false));
+            check_grads_after(gpu, g, d, opts, seed, DType::F32, (None, false));
         }
     }
 }
@@ -299,26 +307,8 @@ fn dropout_gradients() {
     let Some(gpu) = gpu() else { return };
     let d = dims(1, 4, 2, 130, 77, 40, 24);
     let plain = Attention::new().dropout(0.3, 7);
-    let configurations = [
-        (false, TileBlock::B8X8),
-        (true, TileBlock::B4X4),
-        (true, TileBlock::B8X4),
-        (true, TileBlock::B8X8),
-    ];
-    for (n, (tiled, block)) in configurations.into_iter().enumerate() {
-        let g = gpu
-            .with_tiled_backward(tiled)
-            .with_backward_block(block)
-            .unwrap();
-        check_grads_after(
-            gpu,
-            &g,
-            d,
-            &plain,
-            201 + n as u64,
-            DType::F32,
-            (None, false),
-        );
+    for (n, g) in kernel_configurations(gpu).iter().enumerate() {
+        check_grads_after(gpu, g, d, &plain, 201 + n as u64, DType::F32, (None, false));
     }
     let capped = gpu.with_caps(wgpu_attention::LimitCaps {
         max_key_tiles_per_workgroup: Some(1),

@@ -309,12 +309,13 @@ fn merge_with_empty_sides() {
     assert!(matches!(err, Err(Error::ShapeMismatch { .. })), "{err:?}");
 }
 
-/// The common decoding case: a bf16 (or f16) cache attended by f32 queries, appended in steps.
+/// The common decoding case: a bf16 (or f16, or 8-bit) cache attended by f32 queries,
+/// appended in steps.
 #[test]
 fn half_precision_cache_with_f32_queries() {
     use wgpu_attention::DType;
     let Some(gpu) = gpu() else { return };
-    for dtype in [DType::Bf16, DType::F16] {
+    for dtype in [DType::Bf16, DType::F16, DType::F8E4M3] {
         let (batch, heads, kv_heads, cap, d) = (1, 4, 1, 3000, 32);
         let mut cache = KvCache::with_dtype(gpu, batch, kv_heads, cap, d, d, dtype).unwrap();
         let mut host_k = Vec::new();
