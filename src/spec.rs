@@ -1486,7 +1486,8 @@ pub struct Spec<'a> {
     pub dims: Dims,
     /// The options, as given.
     pub opts: &'a Attention,
-    /// The resolved score scale.
+    /// The resolved score scale: `1 / sqrt(head_dim)` or the one given, times K's scale
+    /// ([`Attention::kv_scales`]).
     pub scale: f32,
 }
 
