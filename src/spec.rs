@@ -1168,7 +1168,8 @@ impl Attention {
         Ok(())
     }
 
-    /// The scale (default `1 / sqrt(head_dim)`), checked with the softcap.
+    /// The score scale (default `1 / sqrt(head_dim)`, times K's scale), checked with the
+    /// softcap, the K and V scales and the dropout probability.
     fn check_scalars(&self, dims: Dims) -> Result<f32> {
         let mut scale = self.scale.unwrap_or(1.0 / (dims.head_dim as f32).sqrt());
         if let Some((k, v)) = self.kv_scales {

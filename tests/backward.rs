@@ -406,20 +406,25 @@ fn bad_input_is_a_typed_error() {
         ),
         "{e}"
     );
-    let additive = Attention::new().additive(vec![0.1; 8]);
-    let e = additive
-        .backward(gpu, &q, &k, &v, &out.o, lse, &d_o)
-        .unwrap_err();
-    assert!(
-        matches!(
-            e,
-            Error::InvalidOption {
-                what: "backward",
-                ..
-            }
-        ),
-        "{e}"
-    );
+    // Additive scores, and a V scale (its gradient would be by V as stored).
+    for opts in [
+        Attention::new().additive(vec![0.1; 8]),
+        Attention::new().kv_scales(2.0, 0.5),
+    ] {
+        let e = opts
+            .backward(gpu, &q, &k, &v, &out.o, lse, &d_o)
+            .unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::InvalidOption {
+                    what: "backward",
+                    ..
+                }
+            ),
+            "{e}"
+        );
+    }
     // Gradients that share a buffer, or are not f32.
     let dq = gpu.empty(d.q_shape(Layout::Bhsd)).unwrap();
     let shared = Gradients {

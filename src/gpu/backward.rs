@@ -206,9 +206,11 @@ impl Attention {
     /// [`return_lse(true)`](Attention::return_lse)) and `d_o`, the loss's gradient by O (O's
     /// dims and layout, any dtype). Every option of the forward applies (masks, bias and
     /// mask broadcasts, both causal alignments, windows, lengths, softcap, scale, ALiBi,
-    /// sinks, sink keys, GQA, both layouts, f32/f16/bf16 storage, packed variable-length
-    /// batches, whose dQ, dK and dV are packed as Q, K and V), except additive scores and
-    /// paged K/V, which are [`Error::InvalidOption`]. With
+    /// sinks, sink keys, GQA, both layouts, f32/f16/bf16/8-bit storage, dropout (the same
+    /// weights dropped as in the forward with the same options), K's scale, packed
+    /// variable-length batches, whose dQ, dK and dV are packed as Q, K and V), except additive
+    /// scores, paged K/V and a V scale ([`kv_scales`](Attention::kv_scales)), which are
+    /// [`Error::InvalidOption`]. With
     /// [`return_bias_grad`](Attention::return_bias_grad) and
     /// [`return_sinks_grad`](Attention::return_sinks_grad) it also gives the bias's and the
     /// sinks' gradients. The log-sum-exp, and a device-resident mask, bias or lengths, are

@@ -74,8 +74,9 @@ pub(super) fn source(key: &KernelKey, params: ParamsIn) -> String {
 
 /// Declares tensor `name` at `binding` in `storage`, with its f32 accessors: `load_<name>(i)`,
 /// and `store_<name>(i, x)` when writable; a read-only tensor also gets `load4_<name>(i)`,
-/// elements `i .. i + 3` as a `vec4<f32>` (packed types read two words when `i` is even). Packed types store through atomics on the word
-/// that holds the element, because the other half may belong to another invocation.
+/// elements `i .. i + 3` as a `vec4<f32>` (16-bit types read two words when `i` is even, 8-bit
+/// ones one word when `i` is a multiple of 4). Packed types store through atomics on the word
+/// that holds the element, because the rest of it may belong to another invocation.
 fn prelude(src: &mut String, name: &str, binding: usize, storage: Storage, read_only: bool) {
     let access = if read_only { "read" } else { "read_write" };
     let decl = |ty: &str| {
@@ -263,10 +264,10 @@ fn prelude_grouped(src: &mut String, name: &str, binding: usize, storage: Storag
 }
 
 /// Declares read-only tensor `name` at `binding` as an array of 8-element groups where that
-/// is one 16-byte load (`vec4<u32>` of f16 or bf16 pairs), `loadg_<name>(i)` the elements
-/// `i .. i + 7` (`i` a multiple of 8), and `load_<name>` / `load4_<name>` from a group. For
-/// buffers whose length is a multiple of 16 bytes and kernels whose grouped indices are
-/// multiples of 8. An f32 tensor reads its 8 elements as two `vec4<f32>` (`prelude_vec4`).
+/// is one load (16 bytes: `vec4<u32>` of f16 or bf16 pairs; 8 bytes: `vec2<u32>` of 8-bit
+/// quadruples), `loadg_<name>(i)` the elements `i .. i + 7` (`i` a multiple of 8), and
+/// `load_<name>` / `load4_<name>` from a group. For buffers whose length is a multiple of the
+/// group's bytes and kernels whose grouped indices are multiples of 8. An f32 tensor reads its 8 elements as two `vec4<f32>` (`prelude_vec4`).
 fn prelude_vec8(src: &mut String, name: &str, binding: usize, storage: Storage) {
     let pair = match storage {
         Storage::F32 => {
@@ -309,7 +310,7 @@ fn prelude_vec8(src: &mut String, name: &str, binding: usize, storage: Storage) 
 }
 
 /// Declares read-only tensor `name` at `binding` as an array of 4-element groups (16 bytes of
-/// f32, 8 of f16 or bf16), so that `load4_<name>(i)` is one load: for kernels whose every
+/// f32, 8 of f16 or bf16, 4 of 8-bit), so that `load4_<name>(i)` is one load: for kernels whose every
 /// `load4` index is a multiple of 4 (the planner checks the head dims), on buffers whose length
 /// is a multiple of the group (every tensor whose rows are). `load_<name>(i)` reads one element
 /// of a group.

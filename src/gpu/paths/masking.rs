@@ -270,6 +270,7 @@ fn upload_as(
         mask_shape.map_or([0; 4], |s| broadcast_strides(s).map(|x| x as u32));
     // Without dropout: nothing dropped, nothing scaled (the kernels do not read them).
     let dropout = opts.active_dropout().unwrap_or(Dropout { p: 0.0, seed: 0 });
+    let [dropout_key_a, dropout_key_b] = dropout.keys();
     let params = uniform_buffer(
         gpu,
         &MaskParams {
@@ -309,8 +310,8 @@ fn upload_as(
             pages_per_seq: opts.pages.as_ref().map_or(0, |p| p.pages_per_seq(d.batch)) as u32,
             mask_offset: mask_offset as u32,
             bias_offset: bias_offset as u32,
-            dropout_key_a: dropout.keys()[0],
-            dropout_key_b: dropout.keys()[1],
+            dropout_key_a,
+            dropout_key_b,
             dropout_threshold: dropout.threshold(),
             dropout_scale: dropout.scale(),
             v_scale: opts.v_scale(),
