@@ -37,7 +37,7 @@ fn delta_and_shift(r: u32) {
         // Without a mask, the keys of range ∪ sink keys in closed form (no loop: a loop over
         // every key would pass llvmpipe's loop cap on long rows); with one, counted.
         var n = 0u;
-        if HAS_MASK {
+        if masks_keys() {
             for (var j = 0u; j < params.kv_len; j++) {
                 if in_keys(j, range.x, range.y, se) && mask_allows(b, h, i, j) {
                     n += 1u;

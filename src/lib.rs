@@ -4,6 +4,7 @@ pub mod cpu;
 mod error;
 pub mod gpu;
 pub mod mha;
+pub mod score_mod;
 mod spec;
 
 pub use error::{Error, Result};
@@ -12,6 +13,7 @@ pub use gpu::{
     Output, PagedKvCache, ParamsIn, Plan, SeqId, Shape, Tensor, TileBlock,
 };
 pub use mha::{MhaActivations, MhaConfig, MhaGradients, MhaOutput, MhaWeights, MultiHeadAttention};
+pub use score_mod::ScoreMod;
 pub use spec::{
     Attention, Bias, BlockTable, BoolMask, Causal, DType, Dims, Dropout, Layout, MAX_ALIBI_SLOPE,
     MAX_HEAD_DIM, MAX_SCALE, MAX_V_HEAD_DIM, Path, SCORE_FLOOR, Spec,

@@ -468,6 +468,8 @@ pub struct Attention {
     pub(crate) dropout: Option<Dropout>,
     /// The factors K and V are stored divided by (`kv_scales`).
     pub(crate) kv_scales: Option<(f32, f32)>,
+    /// The user's mask and score mods.
+    pub(crate) score_mod: Option<crate::ScoreMod>,
 }
 
 /// The device-resident forms of the masking options (each replaces its host form).
@@ -820,6 +822,29 @@ impl Attention {
         self
     }
 
+    /// A mask and score modification of the user's own, in WGSL for the GPU and as closures
+    /// for the CPU paths: PyTorch's FlexAttention `mask_mod` and `score_mod`
+    /// ([`ScoreMod`](crate::ScoreMod), whose docs say where it acts and what its WGSL may
+    /// call). Every path takes it, forward and backward (which needs the score mod's
+    /// derivative).
+    ///
+    /// ```
+    /// use wgpu_attention::{Attention, Dims, ScoreMod, cpu};
+    /// // A prefix-LM: the first 3 keys are seen by every row, the rest causally.
+    /// let prefix = ScoreMod::new()
+    ///     .mask_wgsl("return j < 3u || j <= i;")
+    ///     .mask_cpu(|_, _, i, j| j < 3 || j <= i);
+    /// let dims = Dims::new(1, 1, 6, 4);
+    /// let x: Vec<f32> = (0..24).map(|n| (n as f32 * 0.7).cos()).collect();
+    /// let out = cpu::reference(&x, &x, &x, dims, &Attention::new().score_mod(prefix).return_weights(true))?;
+    /// assert!(out.weights[2] > 0.0 && out.weights[6 + 2] > 0.0 && out.weights[6 * 3 + 4] == 0.0);
+    /// # Ok::<(), wgpu_attention::Error>(())
+    /// ```
+    pub fn score_mod(mut self, m: crate::ScoreMod) -> Self {
+        self.score_mod = Some(m);
+        self
+    }
+
     /// The factor of V (`kv_scales`), 1 without.
     pub(crate) fn v_scale(&self) -> f32 {
         self.kv_scales.map_or(1.0, |(_, v)| v)
@@ -1157,6 +1182,9 @@ impl Attention {
 
     /// [`Error::InvalidOption`] if an option lives on the device: for the CPU paths.
     pub(crate) fn require_host_options(&self) -> Result<()> {
+        if let Some(m) = &self.score_mod {
+            m.require(false, false)?;
+        }
         if self.device.any() {
             return Err(Error::InvalidOption {
                 what: "device-resident option",

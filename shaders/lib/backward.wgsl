@@ -38,9 +38,20 @@ fn key_is_real(b: u32, j: u32) -> bool {
 fn score_and_slope(s: f32, b: u32, h: u32, i: u32, j: u32, alibi: AlibiRow) -> vec2<f32> {
     let x = adjust_score_with(s, b, h, i, j, alibi);
     var slope = 1.0;
+    var capped = s;
     if HAS_SOFTCAP {
         let t = tanh(clamp(s / mparams.softcap, -10.0, 10.0));
         slope = 1.0 - t * t;
+        capped = mparams.softcap * t;
+    }
+    if HAS_SCORE_MOD {
+        // 0 where the mod's result was clamped, as where the floor clips the score.
+        let y = attn_score_mod(capped, b, h, i, j);
+        if y >= SCORE_FLOOR && y <= -SCORE_FLOOR {
+            slope *= attn_score_mod_grad(capped, b, h, i, j);
+        } else {
+            slope = 0.0;
+        }
     }
     if x <= SCORE_FLOOR {
         slope = 0.0;

@@ -36,6 +36,35 @@ override PAGE_SIZE: u32 = 1u;
 // mparams.dropout_scale. Dropout::keeps computes the same bits on the CPU: change one, change
 // the other.
 override HAS_DROPOUT: bool = false;
+// The user's mask and score mods (wgpu_attention::ScoreMod): the host appends their WGSL
+// (`attn_mask_mod`, `attn_score_mod`, `attn_score_mod_grad`; identities when the call has
+// none) to every kernel that includes this file. Their data is in `lens` from
+// mparams.mod_offset.
+override HAS_MASK_MOD: bool = false;
+override HAS_SCORE_MOD: bool = false;
+
+// What a mod's WGSL may call beside its arguments (score_mod.rs's module docs).
+fn attn_data(k: u32) -> u32 {
+    return lens[mparams.mod_offset + k];
+}
+
+fn attn_data_f32(k: u32) -> f32 {
+    return bitcast<f32>(attn_data(k));
+}
+
+fn attn_q_len(b: u32) -> u32 {
+    return seq_q_len(b);
+}
+
+fn attn_kv_len(b: u32) -> u32 {
+    return seq_kv_len(b);
+}
+
+// The score mod's result, clamped to the floor and its negation (NaN to the floor).
+fn score_mod_clamped(s: f32, b: u32, h: u32, i: u32, j: u32) -> f32 {
+    let y = attn_score_mod(s, b, h, i, j);
+    return select(SCORE_FLOOR, min(y, -SCORE_FLOOR), y >= SCORE_FLOOR);
+}
 
 // One round of Wellons' lowbias32 hash (spec::mix32).
 fn mix32(x0: u32) -> u32 {
@@ -132,7 +161,12 @@ fn key_slot(b: u32, j: u32) -> u32 {
 // Whether scores need work key by key beyond scaling (a boolean mask, a bias, a softcap,
 // ALiBi).
 fn per_key_options() -> bool {
-    return HAS_MASK || HAS_BIAS || HAS_SOFTCAP || HAS_ALIBI;
+    return HAS_MASK || HAS_BIAS || HAS_SOFTCAP || HAS_ALIBI || HAS_MASK_MOD || HAS_SCORE_MOD;
+}
+
+// Whether keys are removed one by one (a boolean mask or a mask mod), beyond key ranges.
+fn masks_keys() -> bool {
+    return HAS_MASK || HAS_MASK_MOD;
 }
 
 // Keys lo..hi (half open) that kv_lens, causal alignment, the window and q_lens leave to
@@ -203,7 +237,8 @@ fn key_range_of(b: u32, i: u32, with_window: bool) -> vec2<i32> {
     return vec2<i32>(lo, max(hi, lo));
 }
 
-// The score of (b, h, i, j) after softcap, bias and ALiBi, from the scaled dot product s.
+// The score of (b, h, i, j) after softcap, score mod, bias and ALiBi, from the scaled dot
+// product s.
 fn adjust_score(s: f32, b: u32, h: u32, i: u32, j: u32) -> f32 {
     return adjust_score_with(s, b, h, i, j, alibi_row(b, h, i));
 }
@@ -231,6 +266,9 @@ fn adjust_score_with(s: f32, b: u32, h: u32, i: u32, j: u32, alibi: AlibiRow) ->
         // Clamped: tanh(10) is 1 in f32, and some drivers overflow inside tanh for large inputs.
         x = mparams.softcap * tanh(clamp(x / mparams.softcap, -10.0, 10.0));
     }
+    if HAS_SCORE_MOD {
+        x = score_mod_clamped(x, b, h, i, j);
+    }
     if HAS_BIAS {
         let p = mparams;
         x += bias_at(b * p.bias_stride_b + h * p.bias_stride_h + i * p.bias_stride_i + j * p.bias_stride_j);
@@ -243,6 +281,9 @@ fn adjust_score_with(s: f32, b: u32, h: u32, i: u32, j: u32, alibi: AlibiRow) ->
 }
 
 fn mask_allows(b: u32, h: u32, i: u32, j: u32) -> bool {
+    if HAS_MASK_MOD && !attn_mask_mod(b, h, i, j) {
+        return false;
+    }
     if !HAS_MASK {
         return true;
     }

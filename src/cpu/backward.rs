@@ -7,7 +7,8 @@
 //!
 //! - `dV_j += P_j dO`, `dP_j = dO·V_j`, `D = dO·O`, `dS_j = P_j (dP_j - D)`;
 //! - the score's chain rule: `dS_j` is the bias's gradient at `[b, h, i, j]` (summed over the
-//!   bias's broadcast dimensions), times `1 - tanh²(s/cap)` under a softcap; everything is
+//!   bias's broadcast dimensions), times `1 - tanh²(s/cap)` under a softcap and the score
+//!   mod's derivative (`ScoreMod::grad_cpu`) under a score mod; everything is
 //!   zero where the score floor clipped the score; ALiBi and the masks are constants;
 //! - `dQ_i += scale · dRaw_j K_j`, `dK_j += scale · dRaw_j Q_i` (summed over a GQA group's
 //!   query heads), or the additive form's `w_d (1 - tanh²(q_d + k_d))` for both and
@@ -105,6 +106,9 @@ where
 /// What the backward takes: the forward's options less paged K/V.
 fn check_backward_options(opts: &Attention) -> Result<()> {
     opts.require_host_options()?;
+    if let Some(m) = &opts.score_mod {
+        m.require(false, true)?;
+    }
     let refuse = |value: &str, why| {
         Err(Error::InvalidOption {
             what: "backward",
@@ -406,6 +410,50 @@ mod tests {
             head_dim: d,
             v_head_dim: dv,
         }
+    }
+
+    /// A score mod that bends scores (its derivative is not 1) and depends on the place, with
+    /// a mask mod, under a softcap and a bias: the chain rule through all of them.
+    #[test]
+    fn score_mod_gradients() {
+        let m = crate::ScoreMod::new()
+            .mask_wgsl("return (i + j) % 5u != 3u;")
+            .mask_cpu(|_, _, i, j| (i + j) % 5 != 3)
+            .score_wgsl("return s + 0.3 * sin(s) - 0.1 * f32(h + j);")
+            .score_cpu(|s, _, h, _, j| s + 0.3 * s.sin() - 0.1 * (h + j) as f64)
+            .grad_wgsl("return 1.0 + 0.3 * cos(s);")
+            .grad_cpu(|s, _, _, _, _| 1.0 + 0.3 * s.cos());
+        let d = dims(2, 4, 2, 5, 7, 4, 3);
+        check(d, &Attention::new().score_mod(m.clone()), 31);
+        let bias: Vec<f32> = (0..5 * 7).map(|n| (n as f32 * 0.37).sin()).collect();
+        let opts = Attention::new()
+            .score_mod(m.clone())
+            .softcap(2.0)
+            .bias([1, 1, 5, 7], bias)
+            .return_bias_grad(true);
+        check(d, &opts, 32);
+        // The backward needs the derivative's CPU form.
+        let mut no_grad = m;
+        no_grad.grad_cpu = None;
+        let r = exact(
+            &[0.5f64; 2 * 4 * 5 * 4],
+            &[0.5f64; 2 * 2 * 7 * 4],
+            &[0.5f64; 2 * 2 * 7 * 3],
+            &[0.5f64; 2 * 4 * 5 * 3],
+            d,
+            &Attention::new().score_mod(no_grad),
+        );
+        assert!(
+            matches!(
+                r,
+                Err(Error::InvalidOption {
+                    what: "score mod",
+                    ..
+                })
+            ),
+            "{:?}",
+            r.err()
+        );
     }
 
     #[test]

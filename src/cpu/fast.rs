@@ -395,6 +395,8 @@ struct Problem<'a, const NR: usize> {
     mask: Option<([usize; 4], &'a [bool])>,
     bias: Option<([usize; 4], &'a [f32])>,
     softcap: Option<f32>,
+    /// The user's mask and score mods (their CPU forms).
+    mods: Option<&'a crate::ScoreMod>,
     /// Dropout: the dropped weights are zeroed on their way into P·V (the row sums count
     /// them) and each output row is scaled by `1 / (1 - p)`, as on the GPU.
     dropout: Option<Dropout>,
@@ -517,6 +519,7 @@ impl<'a, const NR: usize> Problem<'a, NR> {
                 .as_ref()
                 .map(|m| (broadcast_strides(m.shape), m.data.as_slice())),
             softcap: opts.softcap,
+            mods: opts.score_mod.as_ref().filter(|m| m.any()),
             dropout: opts.active_dropout(),
             v_scale: opts.v_scale(),
             q_scale: 0.0,
@@ -538,7 +541,10 @@ impl<'a, const NR: usize> Problem<'a, NR> {
             (problem.kp, problem.vp) = (kp, vp);
         }
 
-        let transform = opts.softcap.is_some() || opts.bias.is_some() || opts.alibi.is_some();
+        let transform = opts.softcap.is_some()
+            || opts.bias.is_some()
+            || opts.alibi.is_some()
+            || problem.mods.is_some_and(|m| m.has_score());
         problem.q_scale = if transform {
             spec.scale
         } else {
@@ -821,12 +827,12 @@ impl<'a, const NR: usize> Problem<'a, NR> {
             let (a, e) = (a - j0, e - j0);
             let sr = &mut scores[r][a..e];
             let pr = &mut probs[r][a..e];
-            if self.transform || self.mask.is_some() {
-                let (h, i) = s.rows[row];
-                self.transform_row(b, h, i, j0 + a, sr);
-            }
             // Keys between the sink keys and the window.
             let (ha, he) = s.holes[row];
+            if self.transform || self.mask.is_some() || self.mods.is_some() {
+                let (h, i) = s.rows[row];
+                self.transform_row(b, h, i, j0 + a, sr, (ha, he));
+            }
             for x in &mut sr[ha.clamp(j0 + a, j0 + e) - j0 - a..he.clamp(j0 + a, j0 + e) - j0 - a] {
                 *x = f32::NEG_INFINITY;
             }
@@ -884,13 +890,32 @@ impl<'a, const NR: usize> Problem<'a, NR> {
         }
     }
 
-    /// Softcap and bias in natural units, then to base 2, and the boolean mask as `-inf`, for
-    /// keys `j..j + s.len()` of row `i`.
+    /// Softcap, score mod and bias in natural units, then to base 2, and the boolean mask and
+    /// the mask mod as `-inf`, for keys `j..j + s.len()` of row `i`; the mods are not called
+    /// for the keys of `hole` (which the caller masks) nor for keys the mask mod removes.
     #[inline(always)]
-    fn transform_row(&self, b: usize, h: usize, i: usize, j: usize, s: &mut [f32]) {
+    fn transform_row(
+        &self,
+        b: usize,
+        h: usize,
+        i: usize,
+        j: usize,
+        s: &mut [f32],
+        hole: (usize, usize),
+    ) {
         if let Some(cap) = self.softcap {
             for x in s.iter_mut() {
                 *x = cap * (*x / cap).tanh();
+            }
+        }
+        let mod_sees = |key: usize, m: &crate::ScoreMod| {
+            !(hole.0..hole.1).contains(&key) && m.keeps(b, h, i, key)
+        };
+        if let Some(m) = self.mods.filter(|m| m.has_score()) {
+            for (t, x) in s.iter_mut().enumerate() {
+                if mod_sees(j + t, m) {
+                    *x = m.apply(*x as f64, b, h, i, j + t).0 as f32;
+                }
             }
         }
         if let Some((st, data)) = self.bias {
@@ -905,7 +930,10 @@ impl<'a, const NR: usize> Problem<'a, NR> {
                 *x -= slope * (diagonal - (j + t) as i64).unsigned_abs() as f32;
             }
         }
-        if self.bias.is_some() || self.spec.opts.alibi.is_some() {
+        if self.bias.is_some()
+            || self.spec.opts.alibi.is_some()
+            || self.mods.is_some_and(|m| m.has_score())
+        {
             s.iter_mut()
                 .for_each(|x| *x = x.max(crate::spec::SCORE_FLOOR));
         }
@@ -916,6 +944,13 @@ impl<'a, const NR: usize> Problem<'a, NR> {
             let base = b * st[0] + h * st[1] + i * st[2];
             for (t, x) in s.iter_mut().enumerate() {
                 if !data[base + (j + t) * st[3]] {
+                    *x = f32::NEG_INFINITY;
+                }
+            }
+        }
+        if let Some(m) = self.mods.filter(|m| m.has_mask()) {
+            for (t, x) in s.iter_mut().enumerate() {
+                if !mod_sees(j + t, m) {
                     *x = f32::NEG_INFINITY;
                 }
             }

@@ -259,10 +259,12 @@ impl<'a> Problem<'a> {
         let alibi = spec.alibi_slope(b, h).map(|slope| slope as f64);
         let diagonal = i as i64 + spec.diagonal_offset(b);
         let q_row = &self.q[self.q_at(b, h, i)..][..head_dim];
+        let mods = spec.opts.score_mod.as_ref();
         let mut max = f64::NEG_INFINITY;
         for j in 0..kv_len {
             row.allowed[j] = ((j >= lo && j < hi) || j < sink_end)
-                && self.mask.is_none_or(|(s, data)| data[at(s, b, h, i, j)]);
+                && self.mask.is_none_or(|(s, data)| data[at(s, b, h, i, j)])
+                && mods.is_none_or(|m| m.keeps(b, h, i, j));
             if !row.allowed[j] {
                 continue;
             }
@@ -279,6 +281,11 @@ impl<'a> Problem<'a> {
                 let t = (s / c).tanh();
                 s = c * t;
                 slope = 1.0 - t * t;
+            }
+            if let Some(m) = mods {
+                let (y, dy) = m.apply(s, b, h, i, j);
+                s = y;
+                slope *= dy;
             }
             if let Some((st, data)) = self.bias {
                 s += data[at(st, b, h, i, j)] as f64;

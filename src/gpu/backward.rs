@@ -34,7 +34,7 @@
 use crate::error::{Error, Result};
 use crate::gpu::context::Gpu;
 use crate::gpu::kernels::uniforms::{BackwardParams, uniform_buffer};
-use crate::gpu::kernels::{BACKWARD_TILED_WORKGROUP_BYTES, KernelKey, MaskOptions, flash_o_vec4s};
+use crate::gpu::kernels::{BACKWARD_TILED_WORKGROUP_BYTES, KernelKey, flash_o_vec4s};
 use crate::gpu::limits::{DispatchSize, GpuLimits, TileBlock, check_binding};
 use crate::gpu::paths::fused::io_strides;
 use crate::gpu::paths::masking;
@@ -461,6 +461,9 @@ impl Attention {
                 "the backward gives gradients by V as stored; scale V in the forward's inputs",
             );
         }
+        if let Some(m) = &self.score_mod {
+            m.require(true, true)?;
+        }
         if self.want_bias_grad && self.bias.is_none() && self.device.bias.is_none() {
             return refuse(
                 "return_bias_grad without a bias",
@@ -563,6 +566,7 @@ fn encode(
 ) -> Result<()> {
     let d = spec.dims;
     let masks = masking::upload_packed(gpu, spec, encoder)?;
+    let masks_on = gpu.kernels.mask_options(&gpu.device, spec, true)?;
     let query_rows = d.lse_elems();
     let key_rows = d.batch * d.kv_heads * d.kv_len;
     // D, each row's shift, then the forward's log-sum-exp (lib/backward.wgsl), so that no
@@ -583,7 +587,7 @@ fn encode(
         phase,
         d4: plan.d4,
         v4: plan.v4,
-        masks: MaskOptions::of(spec),
+        masks: masks_on,
     };
     let tiled_key = |tiled: &TiledBackward, dkv| KernelKey::AttentionBackwardTiled {
         q: storage(q),
@@ -593,7 +597,7 @@ fn encode(
         dkv,
         block: tiled.block,
         o_vec4s: if dkv { tiled.dkv_vec4s } else { tiled.dq_vec4s },
-        masks: MaskOptions::of(spec),
+        masks: masks_on,
     };
     let out = &gpu.kernels.placeholder_out;
     // Each phase: (kernel, workgroups (the `rows` of its parameters), the range each dispatch
@@ -602,7 +606,7 @@ fn encode(
     let delta_key = KernelKey::AttentionBackwardDelta {
         o: storage(o),
         d_o: storage(d_o),
-        masks: MaskOptions::of(spec),
+        masks: masks_on,
     };
     let mut phases = vec![(delta_key, query_rows, d.q_len, d.q_len, out, out)];
     let tiles = |len: usize| len.div_ceil(64);

@@ -8,10 +8,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use super::uniforms::{TILE_INVOCATIONS, TILE_STAGE_BYTES};
-use super::{KernelKey, ParamsIn, Slot};
+use super::{KernelKey, MaskOptions, ParamsIn, Slot};
 use crate::error::{Error, Result};
 use crate::gpu::limits::{DispatchSize, GpuLimits};
 use crate::gpu::scopes::{Deferred, Scopes};
+use crate::spec::Spec;
 
 /// A compiled kernel and the layout its bind groups are made from.
 #[derive(Debug)]
@@ -25,6 +26,10 @@ pub(crate) struct Compiled {
 #[derive(Debug)]
 pub(crate) struct Kernels {
     cache: RwLock<HashMap<KernelKey, Arc<Compiled>>>,
+    /// The WGSL of every score mod the device has met, numbered from 1 by first use
+    /// (`MaskOptions::mods`; 0 is the identities): a key holds the number, so that it stays
+    /// `Copy`, and two calls with the same source share their pipelines.
+    mods: RwLock<Vec<Arc<str>>>,
     /// Bound where a kernel's optional input is absent (bindings cannot be left empty).
     pub(crate) placeholder: wgpu::Buffer,
     /// Bound where a kernel's optional output is absent: a buffer bound read-write may not also
@@ -69,6 +74,7 @@ impl Kernels {
         };
         Ok(Kernels {
             cache: RwLock::new(HashMap::new()),
+            mods: RwLock::new(vec![crate::ScoreMod::default().wgsl().into()]),
             placeholder: placeholder("wgpu-attention placeholder input"),
             placeholder_out: placeholder("wgpu-attention placeholder output"),
             row_workgroup: 256,
@@ -92,16 +98,90 @@ impl Kernels {
         {
             return Ok(hit.clone());
         }
-        let compiled = Arc::new(compile(device, key, self.params, &self.deferred)?);
+        let mods = key.masks().map_or(0, |m| m.mods) as usize;
+        let mods = self.mods.read().expect("score mods poisoned")[mods].clone();
+        let compiled = Arc::new(compile(device, key, self.params, &mods, &self.deferred)?);
         let mut cache = self.cache.write().expect("pipeline cache poisoned");
         Ok(cache.entry(key).or_insert(compiled).clone())
     }
+
+    /// The masking options `spec` compiles in, its score mod (if any) numbered: the mod's WGSL
+    /// is checked when the device first meets it, and its forms against the GPU's needs (the
+    /// derivative too for a `backward`).
+    pub(crate) fn mask_options(
+        &self,
+        device: &wgpu::Device,
+        spec: &Spec<'_>,
+        backward: bool,
+    ) -> Result<MaskOptions> {
+        let mut masks = MaskOptions::of(spec);
+        if let Some(m) = spec.opts.score_mod.as_ref().filter(|m| m.any()) {
+            m.require(true, backward)?;
+            masks.mods = self.mods_number(device, &m.wgsl())?;
+        }
+        Ok(masks)
+    }
+
+    /// The number of the score mods' WGSL `source`, checked and numbered on first use.
+    fn mods_number(&self, device: &wgpu::Device, source: &str) -> Result<u32> {
+        let find = |mods: &[Arc<str>]| mods.iter().position(|m| &**m == source);
+        if let Some(n) = find(&self.mods.read().expect("score mods poisoned")) {
+            return Ok(n as u32);
+        }
+        check_mods(device, source, &self.deferred)?;
+        let mut mods = self.mods.write().expect("score mods poisoned");
+        Ok(match find(&mods) {
+            Some(n) => n,
+            None => {
+                mods.push(source.into());
+                mods.len() - 1
+            }
+        } as u32)
+    }
+}
+
+/// Compiles the WGSL of a score mod on its own, beside stand-ins for what it may call:
+/// [`Error::InvalidOption`] with the compiler's message if it does not compile (also when it
+/// reaches for anything of a kernel beyond its arguments and the `attn_` accessors).
+fn check_mods(device: &wgpu::Device, source: &str, deferred: &Arc<Deferred>) -> Result<()> {
+    let module = format!(
+        "fn attn_data(k: u32) -> u32 {{ return k; }}\n\
+         fn attn_data_f32(k: u32) -> f32 {{ return f32(k); }}\n\
+         fn attn_q_len(b: u32) -> u32 {{ return b; }}\n\
+         fn attn_kv_len(b: u32) -> u32 {{ return b; }}\n\
+         {source}\n\
+         @group(0) @binding(0) var<storage, read_write> attn_check_out: array<f32>;\n\
+         @compute @workgroup_size(1)\n\
+         fn main() {{\n    \
+             let keep = attn_mask_mod(0u, 1u, 2u, 3u);\n    \
+             attn_check_out[0] = select(0.0, attn_score_mod(0.5, 0u, 1u, 2u, 3u), keep) \
+             + attn_score_mod_grad(0.5, 0u, 1u, 2u, 3u);\n}}\n"
+    );
+    let scopes = Scopes::push(device);
+    let _ = device.create_shader_module(wgpu::ShaderModuleDescriptor {
+        label: Some("wgpu-attention score mod check"),
+        source: wgpu::ShaderSource::Wgsl(module.into()),
+    });
+    scopes
+        .pop(deferred, "checking the score mod's WGSL")
+        .map_err(|e| match e {
+            Error::Gpu(message) => Error::InvalidOption {
+                what: "score mod",
+                value: message,
+                why: "its WGSL must compile: bodies of attn_mask_mod(b, h, i, j) -> bool, \
+                  attn_score_mod(s, b, h, i, j) -> f32 and attn_score_mod_grad(s, b, h, i, j) \
+                  -> f32 (u32 places, f32 scores), calling only their arguments, the attn_ \
+                  accessors and the helpers",
+            },
+            other => other,
+        })
 }
 
 fn compile(
     device: &wgpu::Device,
     key: KernelKey,
     params: ParamsIn,
+    mods: &str,
     deferred: &Arc<Deferred>,
 ) -> Result<Compiled> {
     let label = key.label();
@@ -116,7 +196,7 @@ fn compile(
     // and re-entries), so a long-enough kernel silently skips work (NOTES.md).
     let source = wgpu::ShaderModuleDescriptor {
         label: Some(&label),
-        source: wgpu::ShaderSource::Wgsl(key.source_with(params).into()),
+        source: wgpu::ShaderSource::Wgsl(super::compose::source(&key, params, mods).into()),
     };
     // In the browser the module is the WGSL text itself, checked by the browser's compiler
     // (which adds its own safeguards): no native-only options.

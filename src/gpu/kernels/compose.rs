@@ -6,7 +6,8 @@ use std::fmt::Write as _;
 use super::{KernelKey, ParamsIn, Slot, Storage, uniforms};
 
 /// The complete source of `key`, its parameter blocks bound as `params` says.
-pub(super) fn source(key: &KernelKey, params: ParamsIn) -> String {
+/// `mods` is the WGSL of the call's score mod (`ScoreMod::wgsl`), appended to kernels that mask.
+pub(super) fn source(key: &KernelKey, params: ParamsIn, mods: &str) -> String {
     let kernel = key.kernel();
     let mut src = String::new();
     for feature in key.enables() {
@@ -65,10 +66,14 @@ pub(super) fn source(key: &KernelKey, params: ParamsIn) -> String {
             }
         }
     }
-    for fragment in key.fragments() {
+    let fragments = key.fragments();
+    for fragment in &fragments {
         src.push_str(fragment.source());
     }
     src.push_str(kernel.source());
+    if fragments.contains(&super::Fragment::Masking) {
+        src.push_str(mods);
+    }
     src
 }
 

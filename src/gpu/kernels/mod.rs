@@ -725,6 +725,14 @@ pub struct MaskOptions {
     pub varlen: bool,
     /// Dropout on the weights (a call with `p > 0`).
     pub dropout: bool,
+    /// A mask mod ([`ScoreMod`](crate::ScoreMod)).
+    pub mask_mod: bool,
+    /// A score mod.
+    pub score_mod: bool,
+    /// Which mods' WGSL the kernel compiles in: 0 for the identities (then `mask_mod` and
+    /// `score_mod` only compile in their calls), else the number the device's pipeline cache
+    /// gave the call's source.
+    pub mods: u32,
 }
 
 impl MaskOptions {
@@ -741,6 +749,9 @@ impl MaskOptions {
             page_size: o.pages.as_ref().map_or(0, |p| p.page_size as u32),
             varlen: o.varlen.is_some(),
             dropout: o.active_dropout().is_some(),
+            mask_mod: o.score_mod.as_ref().is_some_and(|m| m.has_mask()),
+            score_mod: o.score_mod.as_ref().is_some_and(|m| m.has_score()),
+            mods: 0,
         }
     }
 
@@ -759,6 +770,9 @@ impl MaskOptions {
                 page_size: if bits & 8 != 0 { 16 } else { 0 },
                 varlen: bits & 8 != 0,
                 dropout: bits & 8 != 0,
+                mask_mod: bits & 8 != 0,
+                score_mod: bits & 8 != 0,
+                mods: 0,
             })
             .collect()
     }
@@ -774,6 +788,8 @@ impl MaskOptions {
             ("HAS_PAGES", self.page_size != 0),
             ("HAS_VARLEN", self.varlen),
             ("HAS_DROPOUT", self.dropout),
+            ("HAS_MASK_MOD", self.mask_mod),
+            ("HAS_SCORE_MOD", self.score_mod),
         ] {
             out.push((name, on as u8 as f64));
         }
@@ -791,14 +807,21 @@ impl MaskOptions {
             ("paged", self.page_size != 0),
             ("packed", self.varlen),
             ("dropout", self.dropout),
+            ("mask mod", self.mask_mod),
+            ("score mod", self.score_mod),
         ]
         .into_iter()
         .filter_map(|(name, on)| on.then_some(name))
         .collect();
+        let mods = if self.mods != 0 {
+            format!(" (mods #{})", self.mods)
+        } else {
+            String::new()
+        };
         if parts.is_empty() {
             "no per-key options".into()
         } else {
-            parts.join("+")
+            parts.join("+") + &mods
         }
     }
 }
@@ -1577,11 +1600,24 @@ impl KernelKey {
     /// The complete WGSL the crate compiles for this key (see the module docs for the order),
     /// its parameter blocks bound as uniforms.
     pub fn source(&self) -> String {
-        compose::source(self, ParamsIn::Uniform)
+        self.source_with(ParamsIn::Uniform)
     }
 
     /// [`source`](KernelKey::source) with the parameter blocks bound as `params` says.
     pub fn source_with(&self, params: ParamsIn) -> String {
-        compose::source(self, params)
+        compose::source(self, params, &crate::ScoreMod::default().wgsl())
+    }
+
+    /// The masking options compiled in, for the kernels that mask.
+    pub(crate) fn masks(&self) -> Option<MaskOptions> {
+        match *self {
+            KernelKey::MaskedSoftmax { masks, .. }
+            | KernelKey::FlashAttention { masks, .. }
+            | KernelKey::FlashDecode { masks, .. }
+            | KernelKey::AttentionBackwardDelta { masks, .. }
+            | KernelKey::AttentionBackward { masks, .. }
+            | KernelKey::AttentionBackwardTiled { masks, .. } => Some(masks),
+            _ => None,
+        }
     }
 }

@@ -155,6 +155,8 @@ uniform! {
         dropout_scale: f32,
         /// V's factor (`Attention::kv_scales`; 1 without), applied to O.
         v_scale: f32,
+        /// Where the score mod's data start in `lens` (`attn_data`).
+        mod_offset: u32,
     }
 }
 

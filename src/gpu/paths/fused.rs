@@ -55,8 +55,8 @@ use crate::gpu::context::Gpu;
 use crate::gpu::dispatch::combine::{self, Combine};
 use crate::gpu::kernels::uniforms::{CombineParams, FlashParams, TILE, TILE_K, uniform_buffer};
 use crate::gpu::kernels::{
-    DECODE_ROWS, DECODE_WORKGROUPS, FLASH_ROWS, KernelKey, MaskOptions, Mma, Storage,
-    decode_workgroup_bytes, flash_o_vec4s, flash_workgroup_bytes,
+    DECODE_ROWS, DECODE_WORKGROUPS, FLASH_ROWS, KernelKey, Mma, Storage, decode_workgroup_bytes,
+    flash_o_vec4s, flash_workgroup_bytes,
 };
 use crate::gpu::limits::{
     DecodeKernel, DispatchSize, GpuLimits, MmaChoice, TileBlock, check_binding,
@@ -615,7 +615,7 @@ pub(crate) fn encode(
     if o_running.is_some() {
         o = Storage::F32;
     }
-    let masks_on = MaskOptions::of(spec);
+    let masks_on = gpu.kernels.mask_options(&gpu.device, spec, false)?;
     let key = if plan.keys_across_invocations {
         // The decode kernel never resumes an earlier dispatch.
         debug_assert_eq!(plan.passes, 1);

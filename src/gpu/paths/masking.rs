@@ -185,13 +185,16 @@ fn upload_as(
         None => Vec::new(),
     };
     let varlen_offset = page_offset + table.len();
+    let mod_data = opts.score_mod.as_ref().map_or(&[][..], |m| &m.data[..]);
+    let mod_offset = varlen_offset + offsets.len();
     // Packed: the mask's words, then the bias's bits.
-    let mask_offset = varlen_offset + offsets.len();
+    let mask_offset = mod_offset + mod_data.len();
     let bias_offset = mask_offset + mask_words;
     // Words behind the lengths: a device form of the lengths is then copied in front of them.
     let extra = !alibi.is_empty()
         || !sinks.is_empty()
         || !table.is_empty()
+        || !mod_data.is_empty()
         || mask_words > 0
         || bias_words > 0;
     let lens = if let Some(l) = on_device.lens.as_ref().filter(|_| !extra) {
@@ -212,7 +215,8 @@ fn upload_as(
             *dst = x.to_bits();
         }
         lens[page_offset..varlen_offset].copy_from_slice(table);
-        lens[varlen_offset..mask_offset].copy_from_slice(&offsets);
+        lens[varlen_offset..mod_offset].copy_from_slice(&offsets);
+        lens[mod_offset..mask_offset].copy_from_slice(mod_data);
         for (x, at, n) in [
             (&mask, mask_offset, mask_words),
             (&bias, bias_offset, bias_words),
@@ -224,9 +228,10 @@ fn upload_as(
         check_binding(
             &gpu.limits,
             if pack_options {
-                "lengths, slopes, sinks, mask and bias (packed into one buffer for the backward)"
+                "lengths, slopes, sinks, score mod data, mask and bias (packed into one buffer \
+                 for the backward)"
             } else {
-                "lengths, slopes and sinks"
+                "lengths, slopes, sinks and score mod data"
             },
             lens.len() as u64 * 4,
         )?;
@@ -315,6 +320,7 @@ fn upload_as(
             dropout_threshold: dropout.threshold(),
             dropout_scale: dropout.scale(),
             v_scale: opts.v_scale(),
+            mod_offset: mod_offset as u32,
         },
     )?;
     Ok(MaskBuffers {

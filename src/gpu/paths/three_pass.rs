@@ -12,8 +12,8 @@
 use super::{Io, masking, strides};
 use crate::error::{Error, Result};
 use crate::gpu::context::Gpu;
+use crate::gpu::kernels::KernelKey;
 use crate::gpu::kernels::uniforms::{PvParams, QkParams, SoftmaxParams, uniform_buffer};
-use crate::gpu::kernels::{KernelKey, MaskOptions};
 use crate::gpu::limits::{DispatchSize, GpuLimits};
 use crate::spec::Spec;
 
@@ -298,7 +298,7 @@ pub(crate) fn encode(
         device,
         KernelKey::MaskedSoftmax {
             workgroup: gpu.kernels.row_workgroup,
-            masks: MaskOptions::of(spec),
+            masks: gpu.kernels.mask_options(device, spec, false)?,
         },
     )?;
     let pv = gpu.kernels.get(

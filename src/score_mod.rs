@@ -1,0 +1,322 @@
+//! Scores and masks written by the user: PyTorch's FlexAttention (`score_mod`, `mask_mod`) for a
+//! portable kernel library.
+//!
+//! A [`ScoreMod`] carries up to three small functions of a score's place `(b, h, i, j)`, each in
+//! two forms: WGSL, which the GPU kernels compile in (every path: three-pass, fused, decode and
+//! the backward), and a Rust closure, which the CPU paths run (the f64 reference, its backward
+//! and `cpu::fast`). The two forms must agree; the tests of a program that writes one check it
+//! the way this crate's tests check its own options, by running the GPU against
+//! [`cpu::reference`](crate::cpu::reference).
+//!
+//! # Where it acts
+//!
+//! The score of `(b, h, i, j)` is `floor(mod(cap(scale · q·k), b, h, i, j) + bias + ALiBi)`:
+//! the score mod sees the scaled dot product after the softcap (or the additive score), before
+//! the bias and ALiBi, and its result is clamped to `SCORE_FLOOR ..= -SCORE_FLOOR` (NaN to the
+//! floor) like every score. The mask mod removes keys as a boolean mask does, on top of every
+//! other mask (causal, window, lengths, the boolean mask): a row it empties gives zeros and a
+//! log-sum-exp of `-inf`. `h` is the query head (a GQA group's kv head is `h / group`); `i` and
+//! `j` count within the sequence, also in a packed batch and a paged one. In a
+//! [`KvCache`](crate::KvCache) step, `i` counts the call's new rows and `j` the cached keys: the
+//! absolute position of row `i` is `attn_kv_len(b) - attn_q_len(b) + i`.
+//!
+//! # The WGSL
+//!
+//! Each form is the *body* of a function whose signature is fixed:
+//!
+//! ```text
+//! fn attn_mask_mod(b: u32, h: u32, i: u32, j: u32) -> bool              // false removes the key
+//! fn attn_score_mod(s: f32, b: u32, h: u32, i: u32, j: u32) -> f32      // the new score
+//! fn attn_score_mod_grad(s: f32, b: u32, h: u32, i: u32, j: u32) -> f32 // d attn_score_mod / ds
+//! ```
+//!
+//! Beside their arguments the bodies may call `attn_data(k) -> u32` and `attn_data_f32(k) ->
+//! f32` (word `k` of [`data_u32`](ScoreMod::data_u32) / [`data_f32`](ScoreMod::data_f32): a
+//! table of relative-position buckets, document ids, per-head values), `attn_q_len(b)` and
+//! `attn_kv_len(b)` (sequence `b`'s rows and keys, after `q_lens`, `kv_lens` or a packed batch),
+//! and functions of their own from [`helpers`](ScoreMod::helpers) (name them with a prefix of
+//! your own: the kernels' names are not reserved). Nothing else of the kernel is theirs to read.
+//! The source is checked when a call first meets it (a typed [`Error::InvalidOption`] with the
+//! compiler's message); every distinct source compiles its own pipelines, so per-call values go
+//! in the data, not into the source text. Loops must be bounded: the kernels are compiled
+//! without wgpu's loop guards.
+//!
+//! # The backward
+//!
+//! A score mod's gradient needs its derivative by `s`: the backward refuses a score mod without
+//! [`grad_wgsl`](ScoreMod::grad_wgsl) (GPU) or [`grad_cpu`](ScoreMod::grad_cpu) (CPU). A mask mod
+//! needs none.
+//!
+//! # Cost
+//!
+//! A call with a mod runs its code for every score the kernels compute: the fused and decode
+//! kernels then treat every key tile as one with per-key options. Key tiles the mask mod
+//! removes entirely are still computed (as zeros): where a pattern narrows each row to a range
+//! (causal, a window, lengths), say so with those options too, and the kernels skip what lies
+//! outside it.
+//!
+//! ```
+//! use wgpu_attention::{Attention, Dims, ScoreMod, cpu};
+//! // Llama 4's chunked attention: causal within chunks of 4 tokens, and a distance penalty.
+//! let chunked = ScoreMod::new()
+//!     .mask_wgsl("return i / 4u == j / 4u;")
+//!     .mask_cpu(|_b, _h, i, j| i / 4 == j / 4)
+//!     .score_wgsl("return s - attn_data_f32(h) * f32(i - j);")
+//!     .score_cpu(|s, _b, h, i, j| s - [0.5, 0.25][h] * (i - j) as f64)
+//!     .data_f32(&[0.5, 0.25]);
+//! let opts = Attention::new().causal(wgpu_attention::Causal::TopLeft).score_mod(chunked);
+//! let dims = Dims::new(1, 2, 10, 8);
+//! let x: Vec<f32> = (0..dims.q_elems()).map(|n| (n as f32 * 0.37).sin()).collect();
+//! let out = cpu::reference(&x, &x, &x, dims, &opts.clone().return_weights(true))?;
+//! // Row 5 of head 0 sees keys 4 and 5 only.
+//! let w = &out.weights[5 * 10..6 * 10];
+//! assert!(w.iter().enumerate().all(|(j, &p)| (p > 0.0) == (j == 4 || j == 5)));
+//! # Ok::<(), wgpu_attention::Error>(())
+//! ```
+
+use std::fmt;
+use std::sync::Arc;
+
+use crate::error::{Error, Result};
+
+/// The CPU form of a mask mod: `(b, h, i, j) -> keep`.
+pub type MaskFn = dyn Fn(usize, usize, usize, usize) -> bool + Send + Sync;
+/// The CPU form of a score mod or of its derivative: `(s, b, h, i, j) -> value`.
+pub type ScoreFn = dyn Fn(f64, usize, usize, usize, usize) -> f64 + Send + Sync;
+
+/// A user-written mask and score modification ([module docs](crate::score_mod)): FlexAttention's
+/// `mask_mod` and `score_mod`, in WGSL for the GPU and as closures for the CPU paths. Give it to
+/// a call with [`Attention::score_mod`](crate::Attention::score_mod).
+#[derive(Clone, Default)]
+pub struct ScoreMod {
+    pub(crate) helpers: String,
+    pub(crate) mask_wgsl: Option<String>,
+    pub(crate) score_wgsl: Option<String>,
+    pub(crate) grad_wgsl: Option<String>,
+    pub(crate) data: Vec<u32>,
+    pub(crate) mask_cpu: Option<Arc<MaskFn>>,
+    pub(crate) score_cpu: Option<Arc<ScoreFn>>,
+    pub(crate) grad_cpu: Option<Arc<ScoreFn>>,
+}
+
+impl ScoreMod {
+    /// No change to any score: add the parts with the other methods.
+    pub fn new() -> ScoreMod {
+        ScoreMod::default()
+    }
+
+    /// The body of `fn attn_mask_mod(b: u32, h: u32, i: u32, j: u32) -> bool`: `false` removes
+    /// key `j` from row `i`.
+    pub fn mask_wgsl(mut self, body: impl Into<String>) -> Self {
+        self.mask_wgsl = Some(body.into());
+        self
+    }
+
+    /// The mask mod on the CPU paths: the same function as [`mask_wgsl`](ScoreMod::mask_wgsl).
+    pub fn mask_cpu(
+        mut self,
+        f: impl Fn(usize, usize, usize, usize) -> bool + Send + Sync + 'static,
+    ) -> Self {
+        self.mask_cpu = Some(Arc::new(f));
+        self
+    }
+
+    /// The body of `fn attn_score_mod(s: f32, b: u32, h: u32, i: u32, j: u32) -> f32`: the new
+    /// score from `s` (the scaled dot product after the softcap). Its result should be finite;
+    /// it is clamped to `SCORE_FLOOR ..= -SCORE_FLOOR`, and NaN counts as the floor.
+    pub fn score_wgsl(mut self, body: impl Into<String>) -> Self {
+        self.score_wgsl = Some(body.into());
+        self
+    }
+
+    /// The score mod on the CPU paths (in f64): the same function as
+    /// [`score_wgsl`](ScoreMod::score_wgsl).
+    pub fn score_cpu(
+        mut self,
+        f: impl Fn(f64, usize, usize, usize, usize) -> f64 + Send + Sync + 'static,
+    ) -> Self {
+        self.score_cpu = Some(Arc::new(f));
+        self
+    }
+
+    /// The body of `fn attn_score_mod_grad(s: f32, b: u32, h: u32, i: u32, j: u32) -> f32`:
+    /// the derivative of the score mod by `s`, which the GPU backward needs (`return 1.0;` for
+    /// a mod that adds to the score).
+    pub fn grad_wgsl(mut self, body: impl Into<String>) -> Self {
+        self.grad_wgsl = Some(body.into());
+        self
+    }
+
+    /// The derivative of the score mod by `s` on the CPU ([`cpu::reference_backward`]).
+    ///
+    /// [`cpu::reference_backward`]: crate::cpu::reference_backward
+    pub fn grad_cpu(
+        mut self,
+        f: impl Fn(f64, usize, usize, usize, usize) -> f64 + Send + Sync + 'static,
+    ) -> Self {
+        self.grad_cpu = Some(Arc::new(f));
+        self
+    }
+
+    /// WGSL declared beside the three functions: helpers of their own, constants.
+    pub fn helpers(mut self, wgsl: impl Into<String>) -> Self {
+        self.helpers = wgsl.into();
+        self
+    }
+
+    /// Words the WGSL reads with `attn_data(k)` (and `attn_data_f32(k)`, the same words as
+    /// f32 bits); uploaded with each call.
+    pub fn data_u32(mut self, words: Vec<u32>) -> Self {
+        self.data = words;
+        self
+    }
+
+    /// [`data_u32`](ScoreMod::data_u32) from f32 values, for `attn_data_f32(k)`.
+    pub fn data_f32(mut self, values: &[f32]) -> Self {
+        self.data = values.iter().map(|x| x.to_bits()).collect();
+        self
+    }
+
+    /// Whether it changes anything (a part in either form).
+    pub(crate) fn any(&self) -> bool {
+        self.has_mask() || self.has_score()
+    }
+
+    /// Whether it has a mask mod, in either form.
+    pub(crate) fn has_mask(&self) -> bool {
+        self.mask_wgsl.is_some() || self.mask_cpu.is_some()
+    }
+
+    /// Whether it has a score mod, in either form.
+    pub(crate) fn has_score(&self) -> bool {
+        self.score_wgsl.is_some() || self.score_cpu.is_some()
+    }
+
+    /// [`Error::InvalidOption`] unless every part has the form `side` runs ("WGSL" for the
+    /// GPU, "CPU" for the CPU paths), and, for a backward, the score mod its derivative.
+    pub(crate) fn require(&self, gpu: bool, backward: bool) -> Result<()> {
+        let parts: [(&'static str, bool, bool, bool); 3] = [
+            (
+                "mask",
+                self.has_mask(),
+                self.mask_wgsl.is_some(),
+                self.mask_cpu.is_some(),
+            ),
+            (
+                "score",
+                self.has_score(),
+                self.score_wgsl.is_some(),
+                self.score_cpu.is_some(),
+            ),
+            (
+                "grad",
+                backward && self.has_score(),
+                self.grad_wgsl.is_some(),
+                self.grad_cpu.is_some(),
+            ),
+        ];
+        for (part, needed, wgsl, cpu) in parts {
+            let have = if gpu { wgsl } else { cpu };
+            if needed && !have {
+                let (value, why) = match (gpu, part) {
+                    (true, "grad") => (
+                        "a score mod without grad_wgsl".to_string(),
+                        "the GPU backward needs the score mod's derivative by s: give \
+                         ScoreMod::grad_wgsl",
+                    ),
+                    (false, "grad") => (
+                        "a score mod without grad_cpu".to_string(),
+                        "the CPU backward needs the score mod's derivative by s: give \
+                         ScoreMod::grad_cpu",
+                    ),
+                    (true, _) => (
+                        format!("a {part} mod without its WGSL"),
+                        "the GPU runs the WGSL form: give ScoreMod::mask_wgsl / score_wgsl",
+                    ),
+                    (false, _) => (
+                        format!("a {part} mod without its CPU form"),
+                        "the CPU paths run the closure: give ScoreMod::mask_cpu / score_cpu",
+                    ),
+                };
+                return Err(Error::InvalidOption {
+                    what: "score mod",
+                    value,
+                    why,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The WGSL the kernels compile in: the helpers and the three functions, each part not
+    /// given the identity (keep every key, leave the score, derivative 1).
+    pub(crate) fn wgsl(&self) -> String {
+        let body = |b: &Option<String>, default: &str| b.clone().unwrap_or_else(|| default.into());
+        format!(
+            "// The call's score mod (wgpu_attention::ScoreMod).\n{}\n\
+             fn attn_mask_mod(b: u32, h: u32, i: u32, j: u32) -> bool {{\n{}\n}}\n\
+             fn attn_score_mod(s: f32, b: u32, h: u32, i: u32, j: u32) -> f32 {{\n{}\n}}\n\
+             fn attn_score_mod_grad(s: f32, b: u32, h: u32, i: u32, j: u32) -> f32 {{\n{}\n}}\n",
+            self.helpers,
+            body(&self.mask_wgsl, "return true;"),
+            body(&self.score_wgsl, "return s;"),
+            body(&self.grad_wgsl, "return 1.0;"),
+        )
+    }
+
+    /// The CPU mask mod of `(b, h, i, j)`: true without one.
+    pub(crate) fn keeps(&self, b: usize, h: usize, i: usize, j: usize) -> bool {
+        self.mask_cpu.as_ref().is_none_or(|f| f(b, h, i, j))
+    }
+
+    /// The CPU score mod of `s` at `(b, h, i, j)`, clamped as the kernels clamp it, and its
+    /// derivative (0 where the clamp acts); `(s, 1)` without one.
+    pub(crate) fn apply(&self, s: f64, b: usize, h: usize, i: usize, j: usize) -> (f64, f64) {
+        let Some(f) = &self.score_cpu else {
+            return (s, 1.0);
+        };
+        let floor = crate::spec::SCORE_FLOOR as f64;
+        let y = f(s, b, h, i, j);
+        if !(y >= floor && y <= -floor) {
+            return (if y > 0.0 { -floor } else { floor }, 0.0);
+        }
+        let slope = self.grad_cpu.as_ref().map_or(1.0, |g| g(s, b, h, i, j));
+        (y, slope)
+    }
+}
+
+impl fmt::Debug for ScoreMod {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ScoreMod")
+            .field("helpers", &self.helpers)
+            .field("mask_wgsl", &self.mask_wgsl)
+            .field("score_wgsl", &self.score_wgsl)
+            .field("grad_wgsl", &self.grad_wgsl)
+            .field("data", &self.data.len())
+            .field("mask_cpu", &self.mask_cpu.is_some())
+            .field("score_cpu", &self.score_cpu.is_some())
+            .field("grad_cpu", &self.grad_cpu.is_some())
+            .finish()
+    }
+}
+
+/// Equal when the WGSL and the data are, and the closures are the same ones.
+impl PartialEq for ScoreMod {
+    fn eq(&self, other: &ScoreMod) -> bool {
+        fn same<T: ?Sized>(a: &Option<Arc<T>>, b: &Option<Arc<T>>) -> bool {
+            match (a, b) {
+                (None, None) => true,
+                (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+                _ => false,
+            }
+        }
+        self.helpers == other.helpers
+            && self.mask_wgsl == other.mask_wgsl
+            && self.score_wgsl == other.score_wgsl
+            && self.grad_wgsl == other.grad_wgsl
+            && self.data == other.data
+            && same(&self.mask_cpu, &other.mask_cpu)
+            && same(&self.score_cpu, &other.score_cpu)
+            && same(&self.grad_cpu, &other.grad_cpu)
+    }
+}

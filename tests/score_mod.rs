@@ -1,0 +1,387 @@
+//! Score and mask mods of the user's own (`Attention::score_mod`, FlexAttention's `score_mod`
+//! and `mask_mod`): every GPU path against the f64 reference running the mods' CPU forms, with
+//! every other option beside them, half storage, the 16-bit products and passes, rows the mask
+//! mod empties, a `KvCache` decoding under a chunked mask, `cpu::fast`, data that changes
+//! from call to call without a new pipeline, and bad mods as typed errors. The backward is in
+//! `tests/backward.rs` (`score_mod_gradients`), packed batches in `tests/varlen.rs`.
+
+#[macro_use]
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use wgpu_attention::{
+    Attention, Causal, DType, Dims, Error, KvCache, LimitCaps, MmaChoice, Path, Plan, ScoreMod, cpu,
+};
+
+/// A mask mod that removes a pattern crossing tiles and, past a sequence's first rows, its
+/// last keys (through the lengths accessors), and a score mod that bends the score by a
+/// per-head factor from the data plus offsets by place (through a helper): neither linear nor
+/// the same from head to head. `kv_lens` / `q_lens` are the lengths the kernels see per
+/// sequence (for the CPU forms, which have no accessors).
+fn mods(heads: usize, kv_lens: Vec<usize>, q_lens: Vec<usize>) -> ScoreMod {
+    let factors: Vec<f32> = (0..heads).map(|h| 0.5 + 0.3 * h as f32).collect();
+    let f = factors.clone();
+    let (kv, q) = (Arc::new(kv_lens), Arc::new(q_lens));
+    ScoreMod::new()
+        .helpers("fn test_offset(i: u32, j: u32) -> f32 { return 0.05 * f32(j % 7u) - 0.02 * f32(i % 5u); }")
+        .mask_wgsl(
+            "return ((i / 7u + j / 5u) % 3u != 1u) && (j + 3u < attn_kv_len(b) || i * 2u < attn_q_len(b));",
+        )
+        .mask_cpu(move |b, _h, i, j| {
+            (i / 7 + j / 5) % 3 != 1 && (j + 3 < kv[b] || i * 2 < q[b])
+        })
+        .score_wgsl("return s * attn_data_f32(h) + test_offset(i, j);")
+        .score_cpu(move |s, _b, h, i, j| {
+            s * f[h] as f64 + 0.05 * (j % 7) as f64 - 0.02 * (i % 5) as f64
+        })
+        .grad_wgsl("return attn_data_f32(h);")
+        .data_f32(&factors)
+}
+
+/// The cases every path runs: the mods alone, beside every other option, one query over many
+/// keys (the decode kernel's keys across invocations), and a few queries of a group (row tiles
+/// with splits).
+fn cases() -> Vec<(Dims, Attention)> {
+    let mut r = rng(17);
+    let d = dims(2, 4, 2, 37, 70, 24, 20);
+    let mask = random_mask(&mut r, 2 * 37 * 70, 0.85);
+    let everything = Attention::new()
+        .score_mod(mods(4, vec![70, 51], vec![37, 37]))
+        .causal(Causal::BottomRight)
+        .window(40, 3)
+        .sink_keys(2)
+        .kv_lens(vec![70, 51])
+        .mask([2, 1, 37, 70], mask)
+        .bias([1, 4, 37, 70], random(&mut r, 4 * 37 * 70, 1.0))
+        .softcap(3.0)
+        .alibi(positive(random(&mut r, 4, 0.3)))
+        .sinks(random(&mut r, 4, 1.0));
+    vec![
+        (
+            d,
+            Attention::new().score_mod(mods(4, vec![70; 2], vec![37; 2])),
+        ),
+        (d, everything),
+        (
+            dims(1, 8, 2, 1, 300, 64, 64),
+            Attention::new()
+                .score_mod(mods(8, vec![300], vec![1]))
+                .layout(wgpu_attention::Layout::Bshd),
+        ),
+        (
+            dims(1, 8, 2, 9, 1100, 40, 40),
+            Attention::new()
+                .score_mod(mods(8, vec![1100], vec![9]))
+                .causal(Causal::BottomRight),
+        ),
+    ]
+}
+
+#[test]
+fn every_path_against_the_reference() {
+    let Some(gpu) = gpu() else { return };
+    for (n, (dims, opts)) in cases().into_iter().enumerate() {
+        for path in [Path::ThreePass, Path::Fused, Path::Decode, Path::Auto] {
+            check(gpu, path, dims, &opts, 300 + n as u64, 3.0);
+        }
+    }
+}
+
+#[test]
+fn half_storage_products_and_passes() {
+    let Some(gpu) = gpu() else { return };
+    let capped = gpu.with_caps(LimitCaps {
+        max_key_tiles_per_workgroup: Some(1),
+        ..Default::default()
+    });
+    let [(d, plain), (d2, everything), ..] = &cases()[..] else {
+        unreachable!()
+    };
+    for path in [Path::Fused, Path::Decode] {
+        check_dtypes(gpu, path, *d, plain, 310, 2.0, [DType::F16; 4]);
+        check_dtypes(
+            gpu,
+            path,
+            *d2,
+            everything,
+            311,
+            2.0,
+            [DType::Bf16, DType::F8E4M3, DType::F16, DType::F32],
+        );
+        // One key tile per dispatch: the fused kernel's passes resume O.
+        check(&capped, path, *d2, everything, 312, 2.0);
+    }
+    let products = gpu.with_mma(MmaChoice::Emulated).unwrap();
+    let plan = plain
+        .clone()
+        .path(Path::Fused)
+        .plan_for_dtypes(&products, *d, [DType::F16; 3])
+        .unwrap();
+    assert!(
+        matches!(&plan, Plan::Fused { plan, .. } if plan.mma.is_some()),
+        "{plan:?}"
+    );
+    for (dims, opts) in [(*d, plain), (*d2, everything)] {
+        check_dtypes(
+            &products,
+            Path::Fused,
+            dims,
+            opts,
+            313,
+            2.0,
+            [DType::F16; 4],
+        );
+    }
+}
+
+/// The mods change O (so the reference check above could not pass with a kernel that ignored
+/// them), and rows the mask mod empties are zeros with a log-sum-exp of -inf on every path.
+#[test]
+fn mods_act_and_emptied_rows_are_zero() {
+    let Some(gpu) = gpu() else { return };
+    let d = dims(1, 2, 1, 21, 90, 16, 16);
+    let mut r = rng(19);
+    let layout = wgpu_attention::Layout::Bhsd;
+    let q = gpu
+        .upload(&random(&mut r, d.q_elems(), 2.0), d.q_shape(layout))
+        .unwrap();
+    let k = gpu
+        .upload(&random(&mut r, d.k_elems(), 1.0), d.k_shape(layout))
+        .unwrap();
+    let v = gpu
+        .upload(&random(&mut r, d.v_elems(), 1.0), d.v_shape(layout))
+        .unwrap();
+    let empties = ScoreMod::new()
+        .mask_wgsl("return i % 4u != 1u;")
+        .mask_cpu(|_, _, i, _| i % 4 != 1);
+    for path in [Path::ThreePass, Path::Fused, Path::Decode] {
+        let run = |opts: Attention| {
+            let out = opts
+                .path(path)
+                .return_lse(true)
+                .run(gpu, &q, &k, &v)
+                .unwrap();
+            (
+                out.o.download(gpu).unwrap(),
+                out.lse.unwrap().download(gpu).unwrap(),
+            )
+        };
+        let (plain, _) = run(Attention::new());
+        let (bent, _) = run(Attention::new().score_mod(mods(2, vec![90], vec![21])));
+        assert!(
+            rel_norm_error(&bent, &plain) > 1e-2,
+            "{path:?}: the mods changed nothing"
+        );
+        let (o, lse) = run(Attention::new().score_mod(empties.clone()));
+        for i in 0..2 * 21 {
+            let row = &o[i * 16..][..16];
+            if i % 21 % 4 == 1 {
+                assert!(row.iter().all(|&x| x == 0.0), "{path:?} row {i}: {row:?}");
+                assert_eq!(lse[i], f32::NEG_INFINITY, "{path:?} row {i}");
+            } else {
+                assert!(lse[i].is_finite() && row.iter().any(|&x| x != 0.0));
+            }
+        }
+    }
+}
+
+#[test]
+fn cpu_fast_against_the_reference() {
+    for (n, (dims, opts)) in cases().into_iter().enumerate() {
+        let mut r = rng(320 + n as u64);
+        let q = random(&mut r, dims.q_elems(), 3.0);
+        let k = random(&mut r, dims.k_elems(), 1.0);
+        let v = random(&mut r, dims.v_elems(), 1.0);
+        let want = cpu::reference(&q, &k, &v, dims, &opts).unwrap();
+        let got = cpu::fast(&q, &k, &v, dims, &opts).unwrap();
+        assert_close(&format!("case {n}"), &got.o, &want.o, 2e-5, 1e-4);
+        assert_close(&format!("lse of case {n}"), &got.lse, &want.lse, 2e-5, 2e-5);
+    }
+}
+
+/// Decoding through a `KvCache` under Llama 4's chunked attention (each token sees the tokens
+/// of its own chunk of 8 up to itself): the mask mod computes each new row's absolute position
+/// from the lengths, as the module docs say.
+#[test]
+fn kv_cache_decoding_under_a_chunked_mask() {
+    let Some(gpu) = gpu() else { return };
+    let (batch, heads, kv_heads, cap, d) = (2, 4, 2, 160, 24);
+    let mut cache = KvCache::new(gpu, batch, kv_heads, cap, d, d).unwrap();
+    let mut host_k = vec![0f32; batch * kv_heads * cap * d];
+    let mut host_v = host_k.clone();
+    let mut r = rng(330);
+    for (step, new) in [[100usize, 77], [1, 1], [3, 1]].iter().enumerate() {
+        let t = *new.iter().max().unwrap();
+        let k = random(&mut r, batch * kv_heads * t * d, 1.0);
+        let v = random(&mut r, batch * kv_heads * t * d, 1.0);
+        let start: Vec<usize> = cache.lens().iter().map(|&l| l as usize).collect();
+        cache.append(gpu, &k, &v, new).unwrap();
+        for b in 0..batch {
+            for h in 0..kv_heads {
+                for row in 0..new[b] {
+                    let dst = ((b * kv_heads + h) * cap + start[b] + row) * d;
+                    let src = ((b * kv_heads + h) * t + row) * d;
+                    host_k[dst..dst + d].copy_from_slice(&k[src..src + d]);
+                    host_v[dst..dst + d].copy_from_slice(&v[src..src + d]);
+                }
+            }
+        }
+        let lens: Vec<usize> = cache.lens().iter().map(|&l| l as usize).collect();
+        let chunked = {
+            let (lens, new) = (lens.clone(), *new);
+            ScoreMod::new()
+                .mask_wgsl("return (attn_kv_len(b) - attn_q_len(b) + i) / 8u == j / 8u;")
+                .mask_cpu(move |b, _, i, j| (lens[b] - new[b] + i) / 8 == j / 8)
+        };
+        let q = random(&mut r, batch * heads * t * d, 1.0);
+        let tq = gpu.upload(&q, [batch, heads, t, d]).unwrap();
+        let opts = Attention::new()
+            .causal(Causal::BottomRight)
+            .q_lens(new.iter().map(|&n| n as u32).collect())
+            .score_mod(chunked)
+            .return_lse(true);
+        let out = cache.attend(gpu, &tq, &opts).unwrap();
+        let full = Dims {
+            batch,
+            heads,
+            kv_heads,
+            q_len: t,
+            kv_len: cap,
+            head_dim: d,
+            v_head_dim: d,
+        };
+        let want = cpu::reference(
+            &q,
+            &host_k,
+            &host_v,
+            full,
+            &opts
+                .clone()
+                .kv_lens(lens.iter().map(|&l| l as u32).collect()),
+        )
+        .unwrap();
+        let o = out.o.download(gpu).unwrap();
+        // Rows past a sequence's new tokens hold anything; compare the real ones.
+        for (b, &rows) in new.iter().enumerate() {
+            for h in 0..heads {
+                for i in 0..rows {
+                    let at = ((b * heads + h) * t + i) * d;
+                    assert_close(
+                        &format!("step {step} b {b} h {h} row {i}"),
+                        &o[at..at + d],
+                        &want.o[at..at + d],
+                        O_ATOL,
+                        O_RTOL,
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// New data is uploaded with each call: the results follow it, and no pipeline is compiled
+/// for it (the source is the same).
+#[test]
+fn data_changes_without_a_new_pipeline() {
+    let Some(gpu) = gpu() else { return };
+    let d = dims(1, 3, 3, 20, 45, 16, 16);
+    let with = |factors: &[f32]| {
+        let f = factors.to_vec();
+        Attention::new().score_mod(
+            ScoreMod::new()
+                .score_wgsl("return s * attn_data_f32(h * 2u) + attn_data_f32(h * 2u + 1u);")
+                .score_cpu(move |s, _, h, _, _| s * f[2 * h] as f64 + f[2 * h + 1] as f64)
+                .data_f32(factors),
+        )
+    };
+    check(
+        gpu,
+        Path::Fused,
+        d,
+        &with(&[1.0, 0.0, 2.0, 0.5, 0.3, -1.0]),
+        340,
+        2.0,
+    );
+    let compiled = gpu.pipelines_compiled();
+    check(
+        gpu,
+        Path::Fused,
+        d,
+        &with(&[0.2, 3.0, 1.5, -0.5, 4.0, 1.0]),
+        341,
+        2.0,
+    );
+    assert_eq!(
+        gpu.pipelines_compiled(),
+        compiled,
+        "new data compiled a pipeline"
+    );
+}
+
+#[test]
+fn bad_mods_are_typed_errors() {
+    let d = Dims::new(1, 1, 4, 8);
+    let x = vec![0.5f32; 32];
+    let is_mod_error = |e: &Error| {
+        matches!(
+            e,
+            Error::InvalidOption {
+                what: "score mod",
+                ..
+            }
+        )
+    };
+    // The CPU paths run the closures: a WGSL-only mod is refused.
+    let wgsl_only = Attention::new().score_mod(ScoreMod::new().mask_wgsl("return j <= i;"));
+    let e = cpu::reference(&x, &x, &x, d, &wgsl_only).unwrap_err();
+    assert!(is_mod_error(&e), "{e}");
+    let e = cpu::fast(&x, &x, &x, d, &wgsl_only).unwrap_err();
+    assert!(is_mod_error(&e), "{e}");
+    let Some(gpu) = gpu() else { return };
+    let t = gpu.upload(&x, [1, 1, 4, 8]).unwrap();
+    // The GPU runs the WGSL: a CPU-only mod is refused; and bad WGSL, on every path.
+    let cpu_only = ScoreMod::new().score_cpu(|s, _, _, _, _| s);
+    let bad = [
+        ("not WGSL", ScoreMod::new().mask_wgsl("return banana;")),
+        ("wrong type", ScoreMod::new().score_wgsl("return 1u;")),
+        (
+            "a kernel's own uniform",
+            ScoreMod::new().mask_wgsl("return mparams.q_len > i;"),
+        ),
+        (
+            "a missing helper",
+            ScoreMod::new().score_wgsl("return my_helper(s);"),
+        ),
+        ("CPU only", cpu_only),
+    ];
+    for (what, m) in bad {
+        for path in [Path::ThreePass, Path::Fused, Path::Decode] {
+            let e = Attention::new()
+                .score_mod(m.clone())
+                .path(path)
+                .run(gpu, &t, &t, &t)
+                .unwrap_err();
+            assert!(is_mod_error(&e), "{what} on {path:?}: {e}");
+        }
+    }
+    // The compiler's message reaches the caller.
+    let e = Attention::new()
+        .score_mod(ScoreMod::new().mask_wgsl("return banana;"))
+        .run(gpu, &t, &t, &t)
+        .unwrap_err();
+    assert!(e.to_string().contains("banana"), "{e}");
+    // A good mod after the bad ones runs.
+    let good = ScoreMod::new()
+        .mask_wgsl("return j <= i;")
+        .mask_cpu(|_, _, i, j| j <= i);
+    check(
+        gpu,
+        Path::Fused,
+        dims(1, 1, 1, 4, 8, 8, 8),
+        &Attention::new().score_mod(good),
+        350,
+        1.0,
+    );
+}
