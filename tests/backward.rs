@@ -339,6 +339,83 @@ fn dropout_gradients() {
     check_grads(gpu, d2, &plain, 213, DType::F16);
 }
 
+/// A score mod that bends the scores (derivative not 1, per head from its data) and a mask
+/// mod that removes a pattern crossing tiles and, for a sequence's last rows, whole rows: the
+/// row kernel and the tiled kernel with each block (full 64 x 64 tiles, which the mods send
+/// through the per-key code, and partial ones); beside a causal window, lengths, a softcap, a
+/// bias (and its gradient, which the mod's derivative does not touch: the bias is added after
+/// it) and sinks under a loop cap; half storage. Without the derivative's WGSL, a typed error.
+#[test]
+fn score_mod_gradients() {
+    let Some(gpu) = gpu() else { return };
+    let mods = |heads: usize| {
+        let f: Vec<f32> = (0..heads).map(|h| 0.7 + 0.2 * h as f32).collect();
+        let g = f.clone();
+        wgpu_attention::ScoreMod::new()
+            .mask_wgsl("return (i + 2u * j) % 7u != 3u && i + 4u < attn_q_len(b);")
+            .mask_cpu(|_, _, i, j| (i + 2 * j) % 7 != 3 && i + 4 < 101)
+            .score_wgsl("return attn_data_f32(h) * s + 0.4 * sin(s);")
+            .score_cpu(move |s, _, h, _, _| f[h] as f64 * s + 0.4 * s.sin())
+            .grad_wgsl("return attn_data_f32(h) + 0.4 * cos(s);")
+            .grad_cpu(move |s, _, h, _, _| g[h] as f64 + 0.4 * s.cos())
+            .data_f32(&(0..heads).map(|h| 0.7 + 0.2 * h as f32).collect::<Vec<_>>())
+    };
+    let d = dims(1, 4, 2, 130, 77, 40, 24);
+    let plain = Attention::new().score_mod(mods(4)).q_lens(vec![101]);
+    for (n, g) in kernel_configurations(gpu).iter().enumerate() {
+        check_grads_after(gpu, g, d, &plain, 401 + n as u64, DType::F32, (None, false));
+    }
+    let capped = gpu.with_caps(wgpu_attention::LimitCaps {
+        max_key_tiles_per_workgroup: Some(1),
+        ..Default::default()
+    });
+    let d2 = dims(2, 4, 2, 23, 70, 20, 12);
+    let mut r = rng(410);
+    let bias = [2, 1, 23, 70];
+    let opts = Attention::new()
+        .score_mod(
+            mods(4)
+                .mask_wgsl("return (i + 2u * j) % 7u != 3u;")
+                .mask_cpu(|_, _, i, j| (i + 2 * j) % 7 != 3),
+        )
+        .causal(Causal::BottomRight)
+        .window(30, 2)
+        .softcap(2.0)
+        .sinks(random(&mut r, 4, 1.0))
+        .bias(bias, random(&mut r, 2 * 23 * 70, 1.0))
+        .kv_lens(vec![70, 41]);
+    for (n, tiled) in [true, false].into_iter().enumerate() {
+        let g = capped.with_tiled_backward(tiled);
+        check_grads_with(
+            &g,
+            d2,
+            &opts,
+            411 + n as u64,
+            DType::F32,
+            (Some(bias), true),
+        );
+    }
+    check_grads(gpu, d2, &opts, 413, DType::F16);
+    let e = check_backward_error(
+        gpu,
+        Attention::new().score_mod(
+            wgpu_attention::ScoreMod::new()
+                .score_wgsl("return 2.0 * s;")
+                .score_cpu(|s, _, _, _, _| 2.0 * s),
+        ),
+    );
+    assert!(
+        matches!(
+            e,
+            Error::InvalidOption {
+                what: "score mod",
+                ..
+            }
+        ),
+        "{e}"
+    );
+}
+
 /// Under a cap of one key tile per dispatch the keys (dQ) and query rows (dK, dV) are split
 /// over dispatches of 64 that add up; the sums match the single-dispatch ones.
 #[test]

@@ -71,6 +71,32 @@ fn check(
     common::run_poisoned_and_check(gpu, &opts, (&gq, &gk, &gv), shapes, &want, &ctx);
 }
 
+/// A mask mod and a score mod on a packed batch: places count within each sequence, and the
+/// lengths accessors give each sequence's own lengths.
+#[test]
+fn packed_score_mod() {
+    let (q_lens, k_lens) = ([5usize, 33, 1, 70], [40usize, 33, 70, 65]);
+    let m = wgpu_attention::ScoreMod::new()
+        .mask_wgsl("return (i + j) % 4u != 2u && j + 2u < attn_kv_len(b) && attn_q_len(b) > 0u;")
+        .mask_cpu(move |b, _, i, j| (i + j) % 4 != 2 && j + 2 < k_lens[b])
+        .score_wgsl("return s - 0.01 * f32(attn_q_len(b) + i) * attn_data_f32(h);")
+        .score_cpu(move |s, b, h, i, _| s - 0.01 * (q_lens[b] + i) as f64 * [1.0, 2.0][h])
+        .data_f32(&[1.0, 2.0]);
+    let opts = Attention::new().score_mod(m).causal(Causal::BottomRight);
+    for (n, path) in [Path::Fused, Path::Decode].into_iter().enumerate() {
+        check(
+            &q_lens,
+            &k_lens,
+            (2, 1, 24),
+            Layout::Bshd,
+            path,
+            &opts,
+            DType::F32,
+            500 + n as u64,
+        );
+    }
+}
+
 #[test]
 fn the_reference_packs_per_sequence_calls() {
     let q_lens = [5, 0, 17, 1];
