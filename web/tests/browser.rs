@@ -1,8 +1,7 @@
 //! The test grid in a browser: every GPU path, both layouts, GQA, causal, windows, masks,
 //! f16, bf16 and 8-bit storage (packed in `u32`: the browser has no `shader-f16` here),
-//! dropout, the KV cache
-//! and the layer, through WebGPU, each against `cpu::reference` compiled to wasm, on shapes
-//! that are not multiples of the tiles. Run by `web/run-tests.sh` (headless Chromium); with no
+//! dropout, score and mask mods, the KV cache and the layer, through WebGPU, each against
+//! `cpu::reference` compiled to wasm, on shapes that are not multiples of the tiles. Run by `web/run-tests.sh` (headless Chromium); with no
 //! WebGPU adapter every test fails.
 
 use std::future::Future;
@@ -11,7 +10,7 @@ use wasm_bindgen_test::*;
 use wgpu_attention::cpu::mha_reference;
 use wgpu_attention::{
     Attention, Causal, DType, Dims, Error, Gpu, KvCache, Layout, MhaConfig, MhaWeights,
-    MultiHeadAttention, Path,
+    MultiHeadAttention, Path, ScoreMod,
 };
 use wgpu_attention_web::{Rng, check, close};
 
@@ -154,8 +153,45 @@ async fn gqa_causal_window_softcap() {
             Attention::new().dropout(0.2, 13),
             F32,
         ),
+        // Score and mask mods of the user's own, compiled into each kernel by the browser's
+        // compiler (the reference runs their closures).
+        (
+            Path::Fused,
+            dims(1, 4, 2, 37, 70, 24, 24),
+            Attention::new()
+                .score_mod(score_mod(4))
+                .causal(Causal::BottomRight),
+            F32,
+        ),
+        (
+            Path::ThreePass,
+            dims(1, 4, 2, 21, 50, 16, 16),
+            Attention::new().score_mod(score_mod(4)),
+            F32,
+        ),
+        (
+            Path::Decode,
+            dims(1, 8, 2, 1, 300, 64, 64),
+            Attention::new().score_mod(score_mod(8)),
+            F32,
+        ),
     ];
     run(&gpu, &cases).await;
+}
+
+/// A mask mod removing a pattern across tiles and a score mod bending each head's scores by a
+/// factor from its data, with its derivative.
+fn score_mod(heads: usize) -> ScoreMod {
+    let factors: Vec<f32> = (0..heads).map(|h| 0.6 + 0.25 * h as f32).collect();
+    let (f, g) = (factors.clone(), factors.clone());
+    ScoreMod::new()
+        .mask_wgsl("return (i / 3u + j / 7u) % 4u != 2u;")
+        .mask_cpu(|_, _, i, j| (i / 3 + j / 7) % 4 != 2)
+        .score_wgsl("return attn_data_f32(h) * s + 0.3 * sin(s);")
+        .score_cpu(move |s, _, h, _, _| f[h] as f64 * s + 0.3 * s.sin())
+        .grad_wgsl("return attn_data_f32(h) + 0.3 * cos(s);")
+        .grad_cpu(move |s, _, h, _, _| g[h] as f64 + 0.3 * s.cos())
+        .data_f32(&factors)
 }
 
 #[wasm_bindgen_test]
@@ -334,7 +370,11 @@ async fn backward_against_the_reference() {
         .return_bias_grad(true);
     let cases = [
         (dims(1, 4, 2, 70, 45, 24, 16), biased),
-        (dims(1, 2, 1, 130, 140, 32, 32), Attention::new()),
+        // With score and mask mods (the tiled kernels' full tiles take the per-key code).
+        (
+            dims(1, 2, 1, 130, 140, 32, 32),
+            Attention::new().score_mod(score_mod(2)),
+        ),
     ];
     for (g, (d, opts)) in [
         gpu.clone(),
