@@ -80,6 +80,12 @@ struct Args {
     /// drops the same weights.
     #[arg(long)]
     dropout: Option<f32>,
+    /// A score or mask mod of the user's own kind (`ScoreMod`, FlexAttention's): `distance`
+    /// subtracts a per-head slope (from its data) times |i - j| from each score (what ALiBi
+    /// computes built in), `chunked` keeps keys of the query's own chunk of 64 (Llama 4's
+    /// chunked attention; with --causal, up to the query).
+    #[arg(long)]
+    score_mod: Option<ScoreModName>,
     /// With --window: the first keys every query also sees (StreamingLLM's sink keys).
     #[arg(long, requires = "window")]
     sink_keys: Option<usize>,
@@ -166,6 +172,9 @@ impl Args {
         if let Some(p) = self.dropout {
             opts = opts.dropout(p, 0);
         }
+        if let Some(m) = self.score_mod {
+            opts = opts.score_mod(m.score_mod(heads, self.heads));
+        }
         opts
     }
 
@@ -192,6 +201,9 @@ impl Args {
         }
         if let Some(p) = self.dropout {
             parts.push(format!("dropout {p}"));
+        }
+        if let Some(m) = self.score_mod {
+            parts.push(format!("{m:?} score mod").to_lowercase());
         }
         parts.join(", ")
     }
@@ -226,6 +238,36 @@ impl PathName {
 
     fn on_gpu(self) -> bool {
         !matches!(self, PathName::CpuReference | PathName::CpuFast)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ScoreModName {
+    Distance,
+    Chunked,
+}
+
+impl ScoreModName {
+    /// The mod over the first `heads` of `total` query heads (slopes as ALiBi's).
+    fn score_mod(self, heads: usize, total: usize) -> wgpu_attention::ScoreMod {
+        use wgpu_attention::ScoreMod;
+        match self {
+            ScoreModName::Distance => {
+                let slopes: Vec<f32> = (0..heads)
+                    .map(|h| (-8.0 * (h + 1) as f32 / total as f32).exp2())
+                    .collect();
+                let f = slopes.clone();
+                ScoreMod::new()
+                    .score_wgsl("return s - attn_data_f32(h) * f32(max(i, j) - min(i, j));")
+                    .score_cpu(move |s, _, h, i, j| s - f[h] as f64 * i.abs_diff(j) as f64)
+                    .grad_wgsl("return 1.0;")
+                    .grad_cpu(|_, _, _, _, _| 1.0)
+                    .data_f32(&slopes)
+            }
+            ScoreModName::Chunked => ScoreMod::new()
+                .mask_wgsl("return i / 64u == j / 64u;")
+                .mask_cpu(|_, _, i, j| i / 64 == j / 64),
+        }
     }
 }
 
