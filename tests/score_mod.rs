@@ -385,3 +385,41 @@ fn bad_mods_are_typed_errors() {
         1.0,
     );
 }
+
+/// The CPU paths call the mods only for keys the other masks allow (causal, a window with
+/// sink keys, a boolean mask), and the score mod only for keys the mask mod keeps, as the
+/// kernels do: a closure may rely on it (here, one that would panic otherwise).
+#[test]
+fn mods_see_only_allowed_keys() {
+    let d = dims(1, 2, 1, 40, 40, 8, 8);
+    let mut r = rng(360);
+    let mask = random_mask(&mut r, 40 * 40, 0.7);
+    let m2 = Arc::new(mask.clone());
+    let m3 = m2.clone();
+    // Causal, window 6 left, 2 sink keys: keys j <= i with j >= i - 6 or j < 2.
+    let in_range = |i: usize, j: usize| j <= i && (j + 6 >= i || j < 2);
+    let mods = ScoreMod::new()
+        .mask_cpu(move |_, _, i, j| {
+            assert!(in_range(i, j) && m2[i * 40 + j], "mask mod at ({i}, {j})");
+            (i + j) % 3 != 0
+        })
+        .score_cpu(move |s, _, _, i, j| {
+            assert!(
+                in_range(i, j) && m3[i * 40 + j] && (i + j) % 3 != 0,
+                "score mod at ({i}, {j})"
+            );
+            s - 0.1 * (i - j) as f64
+        });
+    let opts = Attention::new()
+        .causal(Causal::TopLeft)
+        .window(6, 0)
+        .sink_keys(2)
+        .mask([1, 1, 40, 40], mask)
+        .score_mod(mods);
+    let q = random(&mut r, d.q_elems(), 2.0);
+    let k = random(&mut r, d.k_elems(), 1.0);
+    let v = random(&mut r, d.v_elems(), 1.0);
+    let want = cpu::reference(&q, &k, &v, d, &opts).unwrap();
+    let got = cpu::fast(&q, &k, &v, d, &opts).unwrap();
+    assert_close("cpu::fast", &got.o, &want.o, 2e-5, 1e-4);
+}

@@ -892,7 +892,8 @@ impl<'a, const NR: usize> Problem<'a, NR> {
 
     /// Softcap, score mod and bias in natural units, then to base 2, and the boolean mask and
     /// the mask mod as `-inf`, for keys `j..j + s.len()` of row `i`; the mods are not called
-    /// for the keys of `hole` (which the caller masks) nor for keys the mask mod removes.
+    /// for the keys of `hole` (which the caller masks) nor for keys the boolean mask removes,
+    /// and the score mod not for keys the mask mod removes.
     #[inline(always)]
     fn transform_row(
         &self,
@@ -908,8 +909,12 @@ impl<'a, const NR: usize> Problem<'a, NR> {
                 *x = cap * (*x / cap).tanh();
             }
         }
+        let mask_keeps = |key: usize| {
+            self.mask
+                .is_none_or(|(st, data)| data[b * st[0] + h * st[1] + i * st[2] + key * st[3]])
+        };
         let mod_sees = |key: usize, m: &crate::ScoreMod| {
-            !(hole.0..hole.1).contains(&key) && m.keeps(b, h, i, key)
+            !(hole.0..hole.1).contains(&key) && mask_keeps(key) && m.keeps(b, h, i, key)
         };
         if let Some(m) = self.mods.filter(|m| m.has_score()) {
             for (t, x) in s.iter_mut().enumerate() {
