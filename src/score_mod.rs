@@ -34,12 +34,21 @@
 //! f32` (word `k` of [`data_u32`](ScoreMod::data_u32) / [`data_f32`](ScoreMod::data_f32): a
 //! table of relative-position buckets, document ids, per-head values), `attn_q_len(b)` and
 //! `attn_kv_len(b)` (sequence `b`'s rows and keys, after `q_lens`, `kv_lens` or a packed batch),
-//! and functions of their own from [`helpers`](ScoreMod::helpers) (name them with a prefix of
-//! your own: the kernels' names are not reserved). Nothing else of the kernel is theirs to read.
-//! The source is checked when a call first meets it (a typed [`Error::InvalidOption`] with the
-//! compiler's message); every distinct source compiles its own pipelines, so per-call values go
-//! in the data, not into the source text. Loops must be bounded: the kernels are compiled
-//! without wgpu's loop guards.
+//! and functions of their own from [`helpers`](ScoreMod::helpers) (named with a prefix of your
+//! own: a helper named like any of the kernels' module-scope names, or starting with `attn_`,
+//! is refused). Nothing else of the kernel is theirs to read. The source is checked when a
+//! device first meets it: a typed [`Error::InvalidOption`] with the compiler's message (in the
+//! browser, where wgpu's errors arrive late, that error is the next call's, as for every wgpu
+//! error there). Every distinct source compiles its own pipelines, so per-call values go in the
+//! data, not into the source text.
+//!
+//! Loops must be bounded: the kernels are compiled without wgpu's loop guards. On Mesa's
+//! software driver (llvmpipe) a loop in a mod also spends the driver's budget of 65535 loop
+//! iterations per invocation, over every score the invocation computes: a mod looping 40 times
+//! per score over 2048 keys gave the fused kernel and the row backward wrong results there (a
+//! review's case). On that driver keep mods' loops short, or cap the keys per dispatch
+//! ([`LimitCaps::max_key_tiles_per_workgroup`](crate::LimitCaps::max_key_tiles_per_workgroup));
+//! GPU drivers have no such budget.
 //!
 //! # The backward
 //!
@@ -264,6 +273,17 @@ impl ScoreMod {
         )
     }
 
+    /// The first module-scope name the helpers declare that `taken` holds (a name of the
+    /// kernels'): such a helper would fail to compile in some kernel, or in one kernel only.
+    pub(crate) fn clashing_helper(
+        &self,
+        taken: &std::collections::HashSet<String>,
+    ) -> Option<String> {
+        module_scope_names(&self.helpers)
+            .into_iter()
+            .find(|name| taken.contains(name) || name.starts_with("attn_"))
+    }
+
     /// The CPU mask mod of `(b, h, i, j)`: true without one.
     pub(crate) fn keeps(&self, b: usize, h: usize, i: usize, j: usize) -> bool {
         self.mask_cpu.as_ref().is_none_or(|f| f(b, h, i, j))
@@ -283,6 +303,43 @@ impl ScoreMod {
         let slope = self.grad_cpu.as_ref().map_or(1.0, |g| g(s, b, h, i, j));
         (y, slope)
     }
+}
+
+/// The names WGSL `source` declares at module scope (functions, constants, overrides,
+/// variables, structs, aliases): the first identifier after such a keyword at brace depth 0,
+/// attributes and line comments skipped. A scan, not a parser: a block comment may give it a
+/// word of the comment.
+pub(crate) fn module_scope_names(source: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    let mut depth = 0i32;
+    for line in source.lines() {
+        let line = line.split("//").next().unwrap_or("");
+        if depth == 0 {
+            let mut words = line
+                .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '@'))
+                .filter(|w| !w.is_empty() && !w.starts_with('@'))
+                .skip_while(|w| w.chars().all(|c| c.is_ascii_digit()));
+            // `@group(0) @binding(1) var<storage, read> name: T;`: skip the address space.
+            if let Some(first) = words.next()
+                && matches!(
+                    first,
+                    "fn" | "const" | "override" | "var" | "struct" | "alias"
+                )
+            {
+                let rest = words.find(|w| {
+                    !matches!(
+                        *w,
+                        "storage" | "uniform" | "workgroup" | "private" | "read" | "read_write"
+                    )
+                });
+                if let Some(name) = rest {
+                    names.push(name.to_string());
+                }
+            }
+        }
+        depth += line.matches('{').count() as i32 - line.matches('}').count() as i32;
+    }
+    names
 }
 
 impl fmt::Debug for ScoreMod {
@@ -318,5 +375,59 @@ impl PartialEq for ScoreMod {
             && same(&self.mask_cpu, &other.mask_cpu)
             && same(&self.score_cpu, &other.score_cpu)
             && same(&self.grad_cpu, &other.grad_cpu)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn module_scope_names_of_wgsl() {
+        let src = "// fn not_this() {}\n\
+                   const MY_K: u32 = 3u;\n\
+                   @group(0) @binding(2) var<storage, read> my_buf: array<u32>;\n\
+                   var<workgroup> my_tile: array<f32, 64>;\n\
+                   struct MyPair { a: u32, }\n\
+                   fn my_doc(x: u32) -> u32 {\n\
+                   var d = 0u;\n\
+                   return d;\n\
+                   }\n\
+                   override MY_ON: bool = false;\n";
+        assert_eq!(
+            module_scope_names(src),
+            ["MY_K", "my_buf", "my_tile", "MyPair", "my_doc", "MY_ON"]
+        );
+        // The kernels' names: functions of the fragments and of one kernel only, constants,
+        // bindings and their accessors, parameter structs.
+        let taken = crate::gpu::kernels::module_scope_names();
+        for name in [
+            "mix32",
+            "hmax",
+            "TILE",
+            "LN2",
+            "MaskParams",
+            "mparams",
+            "lens",
+            "load_q",
+            "store_o",
+            "key_range",
+            "HAS_MASK_MOD",
+        ] {
+            assert!(
+                taken.contains(name),
+                "{name} not among {} names",
+                taken.len()
+            );
+        }
+        for word in ["read", "storage", "workgroup", "d", "x"] {
+            assert!(!taken.contains(word), "{word}");
+        }
+        let m = ScoreMod::new().helpers("fn hmax(x: f32) -> f32 { return x; }");
+        assert_eq!(m.clashing_helper(taken).as_deref(), Some("hmax"));
+        let m = ScoreMod::new().helpers("fn attn_mine(x: f32) -> f32 { return x; }");
+        assert_eq!(m.clashing_helper(taken).as_deref(), Some("attn_mine"));
+        let m = ScoreMod::new().helpers("fn my_hmax(x: f32) -> f32 { return x; }");
+        assert_eq!(m.clashing_helper(taken), None);
     }
 }

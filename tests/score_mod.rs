@@ -355,6 +355,20 @@ fn bad_mods_are_typed_errors() {
             ScoreMod::new().score_wgsl("return my_helper(s);"),
         ),
         ("CPU only", cpu_only),
+        // Helpers named like the kernels' own functions (`hmax` is the fused kernel's only: a
+        // review found it failed there alone, as an untyped error).
+        (
+            "a helper named like a fragment's function",
+            ScoreMod::new()
+                .helpers("fn mix32(x: u32) -> u32 { return x * 3u; }")
+                .mask_wgsl("return j <= i;"),
+        ),
+        (
+            "a helper named like one kernel's function",
+            ScoreMod::new()
+                .helpers("fn hmax(x: f32) -> f32 { return x; }")
+                .mask_wgsl("return j <= i;"),
+        ),
     ];
     for (what, m) in bad {
         for path in [Path::ThreePass, Path::Fused, Path::Decode] {

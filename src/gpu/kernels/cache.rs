@@ -98,9 +98,19 @@ impl Kernels {
         {
             return Ok(hit.clone());
         }
-        let mods = key.masks().map_or(0, |m| m.mods) as usize;
-        let mods = self.mods.read().expect("score mods poisoned")[mods].clone();
-        let compiled = Arc::new(compile(device, key, self.params, &mods, &self.deferred)?);
+        let number = key.masks().map_or(0, |m| m.mods) as usize;
+        let mods = self.mods.read().expect("score mods poisoned")[number].clone();
+        let compiled = compile(device, key, self.params, &mods, &self.deferred);
+        // A kernel the user's WGSL is in that does not compile (the checks above let nothing
+        // through that they know of) is the mod's error, typed as theirs are.
+        let compiled = Arc::new(compiled.map_err(|e| match e {
+            Error::Gpu(message) if number != 0 => Error::InvalidOption {
+                what: "score mod",
+                value: message,
+                why: "a kernel with the score mod compiled in did not compile",
+            },
+            other => other,
+        })?);
         let mut cache = self.cache.write().expect("pipeline cache poisoned");
         Ok(cache.entry(key).or_insert(compiled).clone())
     }
@@ -117,18 +127,27 @@ impl Kernels {
         let mut masks = MaskOptions::of(spec);
         if let Some(m) = spec.opts.score_mod.as_ref().filter(|m| m.any()) {
             m.require(true, backward)?;
-            masks.mods = self.mods_number(device, &m.wgsl())?;
+            masks.mods = self.mods_number(device, m)?;
         }
         Ok(masks)
     }
 
     /// The number of the score mods' WGSL `source`, checked and numbered on first use.
-    fn mods_number(&self, device: &wgpu::Device, source: &str) -> Result<u32> {
+    fn mods_number(&self, device: &wgpu::Device, m: &crate::ScoreMod) -> Result<u32> {
+        let source = &m.wgsl()[..];
         let find = |mods: &[Arc<str>]| mods.iter().position(|m| &**m == source);
         if let Some(n) = find(&self.mods.read().expect("score mods poisoned")) {
             return Ok(n as u32);
         }
         check_mods(device, source, &self.deferred)?;
+        if let Some(name) = m.clashing_helper(super::module_scope_names()) {
+            return Err(Error::InvalidOption {
+                what: "score mod",
+                value: format!("a helper declares `{name}`"),
+                why: "the kernels declare that name (or it starts with attn_): give the \
+                      helpers' functions and constants a prefix of your own",
+            });
+        }
         let mut mods = self.mods.write().expect("score mods poisoned");
         Ok(match find(&mods) {
             Some(n) => n,

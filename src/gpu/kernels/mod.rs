@@ -75,6 +75,24 @@ pub const ATTENTION_BACKWARD_TILED: &str =
 /// WGSL source of the batched matrix product with bias (the layer's projections).
 pub const MATMUL: &str = include_str!("../../../shaders/matmul.wgsl");
 
+/// Every name any kernel declares at module scope, over every storage and specialisation
+/// (a score mod's helpers may not reuse one), scanned once from the composed sources.
+pub(crate) fn module_scope_names() -> &'static std::collections::HashSet<String> {
+    static NAMES: std::sync::OnceLock<std::collections::HashSet<String>> =
+        std::sync::OnceLock::new();
+    NAMES.get_or_init(|| {
+        let mut names = std::collections::HashSet::new();
+        for storage in Storage::ALL {
+            for key in KernelKey::samples(storage) {
+                names.extend(crate::score_mod::module_scope_names(
+                    &key.source_with(ParamsIn::ReadOnlyStorage),
+                ));
+            }
+        }
+        names
+    })
+}
+
 /// A piece of WGSL under `shaders/lib/` that kernels include (not a kernel itself).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Fragment {
