@@ -1,7 +1,7 @@
 //! Scores and masks written by the user: PyTorch's FlexAttention (`score_mod`, `mask_mod`) for a
 //! portable kernel library.
 //!
-//! A [`ScoreMod`] carries up to three small functions of a score's place `(b, h, i, j)`, each in
+//! A [`ScoreMod`] carries up to four small functions of a score's place `(b, h, i, j)`, each in
 //! two forms: WGSL, which the GPU kernels compile in (every path: three-pass, fused, decode and
 //! the backward), and a Rust closure, which the CPU paths run (the f64 reference, its backward
 //! and `cpu::fast`). The two forms must agree; the tests of a program that writes one check it
@@ -28,6 +28,7 @@
 //! fn attn_mask_mod(b: u32, h: u32, i: u32, j: u32) -> bool              // false removes the key
 //! fn attn_score_mod(s: f32, b: u32, h: u32, i: u32, j: u32) -> f32      // the new score
 //! fn attn_score_mod_grad(s: f32, b: u32, h: u32, i: u32, j: u32) -> f32 // d attn_score_mod / ds
+//! fn attn_key_range(b: u32, i: u32) -> vec2<u32>                        // keys lo..hi of row i
 //! ```
 //!
 //! Beside their arguments the bodies may call `attn_data(k) -> u32` and `attn_data_f32(k) ->
@@ -56,20 +57,27 @@
 //! [`grad_wgsl`](ScoreMod::grad_wgsl) (GPU) or [`grad_cpu`](ScoreMod::grad_cpu) (CPU). A mask mod
 //! needs none.
 //!
-//! # Cost
+//! # Cost, and the key range
 //!
-//! A call with a mod runs its code for every score the kernels compute: the fused and decode
-//! kernels then treat every key tile as one with per-key options. Key tiles the mask mod
-//! removes entirely are still computed (as zeros): where a pattern narrows each row to a range
-//! (causal, a window, lengths), say so with those options too, and the kernels skip what lies
-//! outside it.
+//! A call with a mask or score mod runs its code for every score the kernels compute: the
+//! fused and decode kernels then treat every key tile as one with per-key options. Key tiles a
+//! mask mod removes entirely are still computed (as zeros). The key range is what lets the
+//! kernels skip them (FlexAttention's block mask, by rows): `attn_key_range(b, i)` bounds the
+//! keys row `i` of sequence `b` may see, for every head, and narrows the row's range as a
+//! sliding window does (StreamingLLM's sink keys stay visible beside it). Every path reads
+//! rows' ranges to bound the key tiles it visits, so a chunked or banded pattern given as a
+//! range costs what it keeps; a mask mod can remove keys within it. Where a pattern is
+//! causal, a window or lengths, say so with those options too.
 //!
 //! ```
 //! use wgpu_attention::{Attention, Dims, ScoreMod, cpu};
-//! // Llama 4's chunked attention: causal within chunks of 4 tokens, and a distance penalty.
+//! // Llama 4's chunked attention (chunks of 4 tokens, causal within them) as a key range,
+//! // every third key of a chunk removed by a mask mod, and a distance penalty per head.
 //! let chunked = ScoreMod::new()
-//!     .mask_wgsl("return i / 4u == j / 4u;")
-//!     .mask_cpu(|_b, _h, i, j| i / 4 == j / 4)
+//!     .range_wgsl("return vec2<u32>(i / 4u * 4u, i / 4u * 4u + 4u);")
+//!     .range_cpu(|_b, i| (i / 4 * 4, i / 4 * 4 + 4))
+//!     .mask_wgsl("return j % 3u != 2u;")
+//!     .mask_cpu(|_b, _h, _i, j| j % 3 != 2)
 //!     .score_wgsl("return s - attn_data_f32(h) * f32(i - j);")
 //!     .score_cpu(|s, _b, h, i, j| s - [0.5, 0.25][h] * (i - j) as f64)
 //!     .data_f32(&[0.5, 0.25]);
@@ -77,9 +85,9 @@
 //! let dims = Dims::new(1, 2, 10, 8);
 //! let x: Vec<f32> = (0..dims.q_elems()).map(|n| (n as f32 * 0.37).sin()).collect();
 //! let out = cpu::reference(&x, &x, &x, dims, &opts.clone().return_weights(true))?;
-//! // Row 5 of head 0 sees keys 4 and 5 only.
-//! let w = &out.weights[5 * 10..6 * 10];
-//! assert!(w.iter().enumerate().all(|(j, &p)| (p > 0.0) == (j == 4 || j == 5)));
+//! // Row 7 of head 0 sees keys 4, 6 and 7 (5 is removed by the mask mod).
+//! let w = &out.weights[7 * 10..8 * 10];
+//! assert!(w.iter().enumerate().all(|(j, &p)| (p > 0.0) == [4, 6, 7].contains(&j)));
 //! # Ok::<(), wgpu_attention::Error>(())
 //! ```
 
@@ -92,6 +100,8 @@ use crate::error::{Error, Result};
 pub type MaskFn = dyn Fn(usize, usize, usize, usize) -> bool + Send + Sync;
 /// The CPU form of a score mod or of its derivative: `(s, b, h, i, j) -> value`.
 pub type ScoreFn = dyn Fn(f64, usize, usize, usize, usize) -> f64 + Send + Sync;
+/// The CPU form of a key range: `(b, i) -> (lo, hi)`, the keys `lo..hi` row `i` may see.
+pub type RangeFn = dyn Fn(usize, usize) -> (usize, usize) + Send + Sync;
 
 /// A user-written mask and score modification ([module docs](crate::score_mod)): FlexAttention's
 /// `mask_mod` and `score_mod`, in WGSL for the GPU and as closures for the CPU paths. Give it to
@@ -102,10 +112,12 @@ pub struct ScoreMod {
     pub(crate) mask_wgsl: Option<String>,
     pub(crate) score_wgsl: Option<String>,
     pub(crate) grad_wgsl: Option<String>,
+    pub(crate) range_wgsl: Option<String>,
     pub(crate) data: Vec<u32>,
     pub(crate) mask_cpu: Option<Arc<MaskFn>>,
     pub(crate) score_cpu: Option<Arc<ScoreFn>>,
     pub(crate) grad_cpu: Option<Arc<ScoreFn>>,
+    pub(crate) range_cpu: Option<Arc<RangeFn>>,
 }
 
 impl ScoreMod {
@@ -167,7 +179,28 @@ impl ScoreMod {
         self
     }
 
-    /// WGSL declared beside the three functions: helpers of their own, constants.
+    /// The body of `fn attn_key_range(b: u32, i: u32) -> vec2<u32>`: the keys `lo..hi` (half
+    /// open) that row `i` of sequence `b` may see at most, for every head. Keys outside are
+    /// removed as a window removes them (StreamingLLM's sink keys stay visible beside it, as
+    /// beside a window), and the kernels skip the key tiles no row of theirs may see: this is
+    /// what makes a sparse pattern (chunks, a document, a prefix) cost what it keeps. A mask
+    /// mod can then remove keys within the range.
+    pub fn range_wgsl(mut self, body: impl Into<String>) -> Self {
+        self.range_wgsl = Some(body.into());
+        self
+    }
+
+    /// The key range on the CPU paths: the same function as
+    /// [`range_wgsl`](ScoreMod::range_wgsl), `(b, i) -> (lo, hi)`.
+    pub fn range_cpu(
+        mut self,
+        f: impl Fn(usize, usize) -> (usize, usize) + Send + Sync + 'static,
+    ) -> Self {
+        self.range_cpu = Some(Arc::new(f));
+        self
+    }
+
+    /// WGSL declared beside the functions: helpers of their own, constants.
     pub fn helpers(mut self, wgsl: impl Into<String>) -> Self {
         self.helpers = wgsl.into();
         self
@@ -188,7 +221,17 @@ impl ScoreMod {
 
     /// Whether it changes anything (a part in either form).
     pub(crate) fn any(&self) -> bool {
-        self.has_mask() || self.has_score()
+        self.has_mask() || self.has_score() || self.has_range()
+    }
+
+    /// Whether it has a key range, in either form.
+    pub(crate) fn has_range(&self) -> bool {
+        self.range_wgsl.is_some() || self.range_cpu.is_some()
+    }
+
+    /// The CPU key range of row `i` of sequence `b`, if it has one.
+    pub(crate) fn range(&self, b: usize, i: usize) -> Option<(usize, usize)> {
+        self.range_cpu.as_ref().map(|f| f(b, i))
     }
 
     /// Whether it has a mask mod, in either form.
@@ -204,7 +247,7 @@ impl ScoreMod {
     /// [`Error::InvalidOption`] unless every part has the form `side` runs ("WGSL" for the
     /// GPU, "CPU" for the CPU paths), and, for a backward, the score mod its derivative.
     pub(crate) fn require(&self, gpu: bool, backward: bool) -> Result<()> {
-        let parts: [(&'static str, bool, bool, bool); 3] = [
+        let parts: [(&'static str, bool, bool, bool); 4] = [
             (
                 "mask",
                 self.has_mask(),
@@ -216,6 +259,12 @@ impl ScoreMod {
                 self.has_score(),
                 self.score_wgsl.is_some(),
                 self.score_cpu.is_some(),
+            ),
+            (
+                "range",
+                self.has_range(),
+                self.range_wgsl.is_some(),
+                self.range_cpu.is_some(),
             ),
             (
                 "grad",
@@ -240,11 +289,13 @@ impl ScoreMod {
                     ),
                     (true, _) => (
                         format!("a {part} mod without its WGSL"),
-                        "the GPU runs the WGSL form: give ScoreMod::mask_wgsl / score_wgsl",
+                        "the GPU runs the WGSL form: give ScoreMod::mask_wgsl / score_wgsl / \
+                         range_wgsl",
                     ),
                     (false, _) => (
                         format!("a {part} mod without its CPU form"),
-                        "the CPU paths run the closure: give ScoreMod::mask_cpu / score_cpu",
+                        "the CPU paths run the closure: give ScoreMod::mask_cpu / score_cpu / \
+                         range_cpu",
                     ),
                 };
                 return Err(Error::InvalidOption {
@@ -265,11 +316,13 @@ impl ScoreMod {
             "// The call's score mod (wgpu_attention::ScoreMod).\n{}\n\
              fn attn_mask_mod(b: u32, h: u32, i: u32, j: u32) -> bool {{\n{}\n}}\n\
              fn attn_score_mod(s: f32, b: u32, h: u32, i: u32, j: u32) -> f32 {{\n{}\n}}\n\
-             fn attn_score_mod_grad(s: f32, b: u32, h: u32, i: u32, j: u32) -> f32 {{\n{}\n}}\n",
+             fn attn_score_mod_grad(s: f32, b: u32, h: u32, i: u32, j: u32) -> f32 {{\n{}\n}}\n\
+             fn attn_key_range(b: u32, i: u32) -> vec2<u32> {{\n{}\n}}\n",
             self.helpers,
             body(&self.mask_wgsl, "return true;"),
             body(&self.score_wgsl, "return s;"),
             body(&self.grad_wgsl, "return 1.0;"),
+            body(&self.range_wgsl, "return vec2<u32>(0u, 0xffffffffu);"),
         )
     }
 
@@ -349,10 +402,12 @@ impl fmt::Debug for ScoreMod {
             .field("mask_wgsl", &self.mask_wgsl)
             .field("score_wgsl", &self.score_wgsl)
             .field("grad_wgsl", &self.grad_wgsl)
+            .field("range_wgsl", &self.range_wgsl)
             .field("data", &self.data.len())
             .field("mask_cpu", &self.mask_cpu.is_some())
             .field("score_cpu", &self.score_cpu.is_some())
             .field("grad_cpu", &self.grad_cpu.is_some())
+            .field("range_cpu", &self.range_cpu.is_some())
             .finish()
     }
 }
@@ -371,10 +426,12 @@ impl PartialEq for ScoreMod {
             && self.mask_wgsl == other.mask_wgsl
             && self.score_wgsl == other.score_wgsl
             && self.grad_wgsl == other.grad_wgsl
+            && self.range_wgsl == other.range_wgsl
             && self.data == other.data
             && same(&self.mask_cpu, &other.mask_cpu)
             && same(&self.score_cpu, &other.score_cpu)
             && same(&self.grad_cpu, &other.grad_cpu)
+            && same(&self.range_cpu, &other.range_cpu)
     }
 }
 

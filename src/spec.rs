@@ -1521,14 +1521,16 @@ pub struct Spec<'a> {
 }
 
 impl Spec<'_> {
-    /// The half-open range of keys `lo..hi` that causal alignment, the window and `kv_lens`
-    /// leave to query row `i` of batch entry `b`, before the boolean mask; empty (`hi <= lo`)
-    /// when the row has no key or is past `q_lens[b]`.
+    /// The half-open range of keys `lo..hi` that causal alignment, the window, `kv_lens` and
+    /// a score mod's key range ([`ScoreMod::range_cpu`](crate::ScoreMod::range_cpu)) leave to
+    /// query row `i` of batch entry `b`, before the boolean mask; empty (`hi <= lo`) when the
+    /// row has no key or is past `q_lens[b]`.
     pub fn key_range(&self, b: usize, i: usize) -> (usize, usize) {
         self.range(b, i, true)
     }
 
-    /// [`Spec::key_range`], with the window or without it.
+    /// [`Spec::key_range`], narrowed by the window and a score mod's key range
+    /// (`with_window`) or not (the range the sink keys are taken from).
     fn range(&self, b: usize, i: usize, with_window: bool) -> (usize, usize) {
         let d = &self.dims;
         let o = self.opts;
@@ -1557,6 +1559,14 @@ impl Spec<'_> {
             };
             lo = lo.max(i + off - left.min(i64::MAX as usize / 4) as i64);
             hi = hi.min(i + off + right.min(i64::MAX as usize / 4) as i64 + 1);
+        }
+        // A score mod's key range narrows it as the window does (sink keys escape both).
+        if let Some((a, e)) = (o.score_mod.as_ref())
+            .filter(|_| with_window)
+            .and_then(|m| m.range(b, i as usize))
+        {
+            lo = lo.max(a.min(kv_len as usize) as i64);
+            hi = hi.min(e.min(kv_len as usize) as i64);
         }
         if hi <= lo {
             return (0, 0);

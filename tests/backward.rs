@@ -339,8 +339,9 @@ fn dropout_gradients() {
     check_grads(gpu, d2, &plain, 213, DType::F16);
 }
 
-/// A score mod that bends the scores (derivative not 1, per head from its data) and a mask
-/// mod that removes a pattern crossing tiles and, for a sequence's last rows, whole rows: the
+/// A score mod that bends the scores (derivative not 1, per head from its data), a mask mod
+/// that removes a pattern crossing tiles and, for a sequence's last rows, whole rows, and a key
+/// range (a band drifting with the row, whose outside tiles are skipped): the
 /// row kernel and the tiled kernel with each block (full 64 x 64 tiles, which the mods send
 /// through the per-key code, and partial ones); beside a causal window, lengths, a softcap, a
 /// bias (and its gradient, which the mod's derivative does not touch: the bias is added after
@@ -358,6 +359,10 @@ fn score_mod_gradients() {
             .score_cpu(move |s, _, h, _, _| f[h] as f64 * s + 0.4 * s.sin())
             .grad_wgsl("return attn_data_f32(h) + 0.4 * cos(s);")
             .grad_cpu(move |s, _, h, _, _| g[h] as f64 + 0.4 * s.cos())
+            // A band drifting with the row: some tile pairs lie outside every row's range
+            // (skipped), some partly.
+            .range_wgsl("return vec2<u32>(i / 2u, i / 2u + 70u);")
+            .range_cpu(|_, i| (i / 2, i / 2 + 70))
             .data_f32(&(0..heads).map(|h| 0.7 + 0.2 * h as f32).collect::<Vec<_>>())
     };
     let d = dims(1, 4, 2, 130, 77, 40, 24);

@@ -1,7 +1,7 @@
 //! Score and mask mods of the user's own (`Attention::score_mod`, FlexAttention's `score_mod`
 //! and `mask_mod`): every GPU path against the f64 reference running the mods' CPU forms, with
 //! every other option beside them, half storage, the 16-bit products and passes, rows the mask
-//! mod empties, a `KvCache` decoding under a chunked mask, `cpu::fast`, data that changes
+//! mod empties, key ranges that narrow rows (and with a window, sink keys beside them), a `KvCache` decoding under a chunked mask, `cpu::fast`, data that changes
 //! from call to call without a new pipeline, and bad mods as typed errors. The backward is in
 //! `tests/backward.rs` (`score_mod_gradients`), packed batches in `tests/varlen.rs`.
 
@@ -37,6 +37,10 @@ fn mods(heads: usize, kv_lens: Vec<usize>, q_lens: Vec<usize>) -> ScoreMod {
             s * f[h] as f64 + 0.05 * (j % 7) as f64 - 0.02 * (i % 5) as f64
         })
         .grad_wgsl("return attn_data_f32(h);")
+        // A key range narrowing each row to a band that drifts with it: whole key tiles fall
+        // outside some rows' and every row's ranges, which the kernels then skip.
+        .range_wgsl("let lo = i / 16u * 8u; return vec2<u32>(lo, lo + 48u + i % 5u);")
+        .range_cpu(|_b, i| (i / 16 * 8, i / 16 * 8 + 48 + i % 5))
         .data_f32(&factors)
 }
 
@@ -202,8 +206,8 @@ fn cpu_fast_against_the_reference() {
 }
 
 /// Decoding through a `KvCache` under Llama 4's chunked attention (each token sees the tokens
-/// of its own chunk of 8 up to itself): the mask mod computes each new row's absolute position
-/// from the lengths, as the module docs say.
+/// of its own chunk of 8 up to itself): the key range computes each new row's absolute
+/// position from the lengths, as the module docs say.
 #[test]
 fn kv_cache_decoding_under_a_chunked_mask() {
     let Some(gpu) = gpu() else { return };
@@ -229,11 +233,18 @@ fn kv_cache_decoding_under_a_chunked_mask() {
             }
         }
         let lens: Vec<usize> = cache.lens().iter().map(|&l| l as usize).collect();
+        // The chunk as a key range (the kernels skip the other chunks' tiles).
         let chunked = {
             let (lens, new) = (lens.clone(), *new);
             ScoreMod::new()
-                .mask_wgsl("return (attn_kv_len(b) - attn_q_len(b) + i) / 8u == j / 8u;")
-                .mask_cpu(move |b, _, i, j| (lens[b] - new[b] + i) / 8 == j / 8)
+                .range_wgsl(
+                    "let c = (attn_kv_len(b) - attn_q_len(b) + i) / 8u * 8u; \
+                     return vec2<u32>(c, c + 8u);",
+                )
+                .range_cpu(move |b, i| {
+                    let c = (lens[b] - new[b] + i) / 8 * 8;
+                    (c, c + 8)
+                })
         };
         let q = random(&mut r, batch * heads * t * d, 1.0);
         let tq = gpu.upload(&q, [batch, heads, t, d]).unwrap();
@@ -345,6 +356,10 @@ fn bad_mods_are_typed_errors() {
     let cpu_only = ScoreMod::new().score_cpu(|s, _, _, _, _| s);
     let bad = [
         ("not WGSL", ScoreMod::new().mask_wgsl("return banana;")),
+        (
+            "a range of the wrong type",
+            ScoreMod::new().range_wgsl("return vec2<i32>(0, 4);"),
+        ),
         ("wrong type", ScoreMod::new().score_wgsl("return 1u;")),
         (
             "a kernel's own uniform",
@@ -430,6 +445,45 @@ fn mods_see_only_allowed_keys() {
         .sink_keys(2)
         .mask([1, 1, 40, 40], mask)
         .score_mod(mods);
+    let q = random(&mut r, d.q_elems(), 2.0);
+    let k = random(&mut r, d.k_elems(), 1.0);
+    let v = random(&mut r, d.v_elems(), 1.0);
+    let want = cpu::reference(&q, &k, &v, d, &opts).unwrap();
+    let got = cpu::fast(&q, &k, &v, d, &opts).unwrap();
+    assert_close("cpu::fast", &got.o, &want.o, 2e-5, 1e-4);
+}
+
+/// A key range beside a window with sink keys: the sink keys stay visible beside the range as
+/// beside the window, on every path and on the CPU, also for rows whose range is empty.
+#[test]
+fn key_range_beside_a_window_and_sink_keys() {
+    let Some(gpu) = gpu() else { return };
+    let d = dims(1, 4, 2, 70, 200, 16, 16);
+    let m = ScoreMod::new()
+        .range_wgsl(
+            "if i % 9u == 4u { return vec2<u32>(5u, 5u); } return vec2<u32>(i + 40u, i + 130u);",
+        )
+        .range_cpu(|_, i| {
+            if i % 9 == 4 {
+                (5, 5)
+            } else {
+                (i + 40, i + 130)
+            }
+        });
+    let opts = Attention::new()
+        .score_mod(m)
+        .window(100, 100)
+        .sink_keys(3)
+        .causal(Causal::BottomRight);
+    for path in [Path::ThreePass, Path::Fused, Path::Decode] {
+        check(gpu, path, d, &opts, 370, 2.0);
+    }
+    // Row 10: the window and causal alignment give 40..141, the range 50..140; row 13's
+    // range is empty, and it sees the three sink keys alone.
+    let (mut r, spec) = (rng(371), opts.validate(d).unwrap());
+    assert_eq!(spec.key_range(0, 10), (50, 140));
+    assert_eq!(spec.key_range(0, 13), (0, 0));
+    assert_eq!(spec.sink_end(0, 13), 3);
     let q = random(&mut r, d.q_elems(), 2.0);
     let k = random(&mut r, d.k_elems(), 1.0);
     let v = random(&mut r, d.v_elems(), 1.0);

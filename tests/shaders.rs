@@ -259,9 +259,9 @@ fn options_are_compiled_in() {
                 .collect();
             // The softmax reads no Q, K, V or O, so has no HAS_PAGES or HAS_VARLEN.
             let count = if matches!(key, KernelKey::MaskedSoftmax { .. }) {
-                9
+                10
             } else {
-                11
+                12
             };
             assert_eq!(
                 expected.len(),

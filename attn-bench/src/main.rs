@@ -83,7 +83,8 @@ struct Args {
     /// A score or mask mod of the user's own kind (`ScoreMod`, FlexAttention's): `distance`
     /// subtracts a per-head slope (from its data) times |i - j| from each score (what ALiBi
     /// computes built in), `chunked` keeps keys of the query's own chunk of 64 (Llama 4's
-    /// chunked attention; with --causal, up to the query).
+    /// chunked attention; with --causal, up to the query) as a key range, `chunked-mask` the
+    /// same as a mask mod (which skips no tile).
     #[arg(long)]
     score_mod: Option<ScoreModName>,
     /// With --window: the first keys every query also sees (StreamingLLM's sink keys).
@@ -245,6 +246,7 @@ impl PathName {
 enum ScoreModName {
     Distance,
     Chunked,
+    ChunkedMask,
 }
 
 impl ScoreModName {
@@ -264,7 +266,11 @@ impl ScoreModName {
                     .grad_cpu(|_, _, _, _, _| 1.0)
                     .data_f32(&slopes)
             }
+            // As a key range: the kernels skip the other chunks' tiles.
             ScoreModName::Chunked => ScoreMod::new()
+                .range_wgsl("return vec2<u32>(i / 64u * 64u, i / 64u * 64u + 64u);")
+                .range_cpu(|_, i| (i / 64 * 64, i / 64 * 64 + 64)),
+            ScoreModName::ChunkedMask => ScoreMod::new()
                 .mask_wgsl("return i / 64u == j / 64u;")
                 .mask_cpu(|_, _, i, j| i / 64 == j / 64),
         }

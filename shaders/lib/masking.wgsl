@@ -42,6 +42,8 @@ override HAS_DROPOUT: bool = false;
 // mparams.mod_offset.
 override HAS_MASK_MOD: bool = false;
 override HAS_SCORE_MOD: bool = false;
+// A key range of the user's (`attn_key_range`): narrows key_range as the window does.
+override HAS_KEY_RANGE: bool = false;
 
 // What a mod's WGSL may call beside its arguments (score_mod.rs's module docs).
 fn attn_data(k: u32) -> u32 {
@@ -173,7 +175,7 @@ fn masks_keys() -> bool {
 // query row i of batch entry b; the boolean mask is checked per key on top, and the sink keys
 // 0 .. sink_end(b, i) are allowed beside it.
 fn key_range(b: u32, i: u32) -> vec2<i32> {
-    return key_range_of(b, i, mparams.has_window != 0u);
+    return key_range_of(b, i, true);
 }
 
 // kv_len - q_len of sequence b (its own lengths where the call has them).
@@ -211,8 +213,9 @@ fn sink_bits(h: u32) -> u32 {
     return lens[mparams.sink_offset + h];
 }
 
-// key_range, with the window or without it.
-fn key_range_of(b: u32, i: u32, with_window: bool) -> vec2<i32> {
+// key_range, narrowed by the window and the user's key range (`narrow`) or not (the range
+// the sink keys are taken from).
+fn key_range_of(b: u32, i: u32, narrow: bool) -> vec2<i32> {
     let row = i32(i);
     // Bottom-right alignment follows each sequence's own lengths.
     let kv_len = i32(seq_kv_len(b));
@@ -225,11 +228,16 @@ fn key_range_of(b: u32, i: u32, with_window: bool) -> vec2<i32> {
     } else if mparams.causal == CAUSAL_BOTTOM_RIGHT {
         hi = min(hi, row + shift + 1);
     }
-    if with_window {
+    if narrow && mparams.has_window != 0u {
         // win_off is 0 for top-left alignment, or 1 for bottom-right: then the shift applies.
         let off = mparams.win_off * shift;
         lo = max(lo, row + off - mparams.win_left);
         hi = min(hi, row + off + mparams.win_right + 1);
+    }
+    if HAS_KEY_RANGE && narrow {
+        let r = min(attn_key_range(b, i), vec2<u32>(u32(kv_len)));
+        lo = max(lo, i32(r.x));
+        hi = min(hi, i32(r.y));
     }
     if row >= q_len {
         hi = 0;

@@ -179,8 +179,8 @@ async fn gqa_causal_window_softcap() {
     run(&gpu, &cases).await;
 }
 
-/// A mask mod removing a pattern across tiles and a score mod bending each head's scores by a
-/// factor from its data, with its derivative.
+/// A mask mod removing a pattern across tiles, a score mod bending each head's scores by a
+/// factor from its data, with its derivative, and a key range (a band drifting with the row).
 fn score_mod(heads: usize) -> ScoreMod {
     let factors: Vec<f32> = (0..heads).map(|h| 0.6 + 0.25 * h as f32).collect();
     let (f, g) = (factors.clone(), factors.clone());
@@ -191,6 +191,8 @@ fn score_mod(heads: usize) -> ScoreMod {
         .score_cpu(move |s, _, h, _, _| f[h] as f64 * s + 0.3 * s.sin())
         .grad_wgsl("return attn_data_f32(h) + 0.3 * cos(s);")
         .grad_cpu(move |s, _, h, _, _| g[h] as f64 + 0.3 * s.cos())
+        .range_wgsl("return vec2<u32>(i / 3u, i / 3u + 90u);")
+        .range_cpu(|_, i| (i / 3, i / 3 + 90))
         .data_f32(&factors)
 }
 

@@ -174,7 +174,8 @@ fn check_mods(device: &wgpu::Device, source: &str, deferred: &Arc<Deferred>) -> 
          fn main() {{\n    \
              let keep = attn_mask_mod(0u, 1u, 2u, 3u);\n    \
              attn_check_out[0] = select(0.0, attn_score_mod(0.5, 0u, 1u, 2u, 3u), keep) \
-             + attn_score_mod_grad(0.5, 0u, 1u, 2u, 3u);\n}}\n"
+             + attn_score_mod_grad(0.5, 0u, 1u, 2u, 3u);\n    \
+             attn_check_out[1] = f32(attn_key_range(0u, 2u).y);\n}}\n"
     );
     let scopes = Scopes::push(device);
     let _ = device.create_shader_module(wgpu::ShaderModuleDescriptor {
@@ -188,9 +189,9 @@ fn check_mods(device: &wgpu::Device, source: &str, deferred: &Arc<Deferred>) -> 
                 what: "score mod",
                 value: message,
                 why: "its WGSL must compile: bodies of attn_mask_mod(b, h, i, j) -> bool, \
-                  attn_score_mod(s, b, h, i, j) -> f32 and attn_score_mod_grad(s, b, h, i, j) \
-                  -> f32 (u32 places, f32 scores), calling only their arguments, the attn_ \
-                  accessors and the helpers",
+                  attn_score_mod(s, b, h, i, j) -> f32, attn_score_mod_grad(s, b, h, i, j) \
+                  -> f32 and attn_key_range(b, i) -> vec2<u32> (u32 places, f32 scores), \
+                  calling only their arguments, the attn_ accessors and the helpers",
             },
             other => other,
         })

@@ -747,6 +747,8 @@ pub struct MaskOptions {
     pub mask_mod: bool,
     /// A score mod.
     pub score_mod: bool,
+    /// A key range of the score mod's.
+    pub key_range: bool,
     /// Which mods' WGSL the kernel compiles in: 0 for the identities (then `mask_mod` and
     /// `score_mod` only compile in their calls), else the number the device's pipeline cache
     /// gave the call's source.
@@ -769,6 +771,7 @@ impl MaskOptions {
             dropout: o.active_dropout().is_some(),
             mask_mod: o.score_mod.as_ref().is_some_and(|m| m.has_mask()),
             score_mod: o.score_mod.as_ref().is_some_and(|m| m.has_score()),
+            key_range: o.score_mod.as_ref().is_some_and(|m| m.has_range()),
             mods: 0,
         }
     }
@@ -790,6 +793,7 @@ impl MaskOptions {
                 dropout: bits & 8 != 0,
                 mask_mod: bits & 8 != 0,
                 score_mod: bits & 8 != 0,
+                key_range: bits & 8 != 0,
                 mods: 0,
             })
             .collect()
@@ -808,6 +812,7 @@ impl MaskOptions {
             ("HAS_DROPOUT", self.dropout),
             ("HAS_MASK_MOD", self.mask_mod),
             ("HAS_SCORE_MOD", self.score_mod),
+            ("HAS_KEY_RANGE", self.key_range),
         ] {
             out.push((name, on as u8 as f64));
         }
@@ -827,6 +832,7 @@ impl MaskOptions {
             ("dropout", self.dropout),
             ("mask mod", self.mask_mod),
             ("score mod", self.score_mod),
+            ("key range", self.key_range),
         ]
         .into_iter()
         .filter_map(|(name, on)| on.then_some(name))
