@@ -64,10 +64,12 @@
 //! mask mod removes entirely are still computed (as zeros). The key range is what lets the
 //! kernels skip them (FlexAttention's block mask, by rows): `attn_key_range(b, i)` bounds the
 //! keys row `i` of sequence `b` may see, for every head, and narrows the row's range as a
-//! sliding window does (StreamingLLM's sink keys stay visible beside it). Every path reads
-//! rows' ranges to bound the key tiles it visits, so a chunked or banded pattern given as a
-//! range costs what it keeps; a mask mod can remove keys within it. Where a pattern is
-//! causal, a window or lengths, say so with those options too.
+//! sliding window does (with a window and sink keys, the sink keys stay visible beside both;
+//! sink keys act only with a window). The fused and decode kernels, the tiled backward and
+//! `cpu::fast` bound the key tiles they visit by the rows' ranges, so a chunked or banded
+//! pattern given as a range costs there what it keeps (the three-pass path and the row
+//! backward compute every score and apply the range as a mask); a mask mod can remove keys
+//! within it. Where a pattern is causal, a window or lengths, say so with those options too.
 //!
 //! ```
 //! use wgpu_attention::{Attention, Dims, ScoreMod, cpu};
@@ -181,10 +183,11 @@ impl ScoreMod {
 
     /// The body of `fn attn_key_range(b: u32, i: u32) -> vec2<u32>`: the keys `lo..hi` (half
     /// open) that row `i` of sequence `b` may see at most, for every head. Keys outside are
-    /// removed as a window removes them (StreamingLLM's sink keys stay visible beside it, as
-    /// beside a window), and the kernels skip the key tiles no row of theirs may see: this is
-    /// what makes a sparse pattern (chunks, a document, a prefix) cost what it keeps. A mask
-    /// mod can then remove keys within the range.
+    /// removed as a window removes them (with a window and sink keys, the sink keys stay
+    /// visible beside both), and the fused and decode kernels, the tiled backward and
+    /// `cpu::fast` skip the key tiles no row of theirs may see: this is what makes a sparse
+    /// pattern (chunks, a document, a prefix) cost what it keeps. A mask mod can then remove
+    /// keys within the range.
     pub fn range_wgsl(mut self, body: impl Into<String>) -> Self {
         self.range_wgsl = Some(body.into());
         self
