@@ -8,9 +8,7 @@
 mod common;
 
 use common::*;
-use wgpu_attention::{
-    Attention, Causal, DType, Dims, Dropout, Error, LimitCaps, MmaChoice, Path, Plan, cpu,
-};
+use wgpu_attention::{Attention, Causal, DType, Dims, Dropout, Error, Path, Plan, cpu};
 
 /// The fraction of `n` Bernoulli(`keep`) draws lies within five standard deviations.
 #[track_caller]
@@ -217,67 +215,27 @@ fn the_same_seed_drops_the_same_weights_on_every_path() {
     );
 }
 
+/// Half and mixed storage, passes, and the 16-bit products (emulated here; cooperative matrices
+/// on a GPU that has them), which take P after dropout; and the decode path's splits.
 #[test]
 fn half_storage_passes_and_splits() {
     let Some(gpu) = gpu() else { return };
-    let capped = gpu.with_caps(LimitCaps {
-        max_key_tiles_per_workgroup: Some(1),
-        ..Default::default()
-    });
     let [(d, plain), (d2, options), ..] = &cases()[..] else {
         unreachable!()
     };
-    for path in [Path::Fused, Path::Decode] {
-        check_dtypes(gpu, path, *d, plain, 200, 2.0, [DType::F16; 4]);
-        check_dtypes(
-            gpu,
-            path,
-            *d2,
-            options,
-            201,
-            2.0,
-            [DType::Bf16, DType::F16, DType::F16, DType::F32],
-        );
-        // One key tile per dispatch: the fused kernel's passes resume O.
-        check(&capped, path, *d2, options, 202, 2.0);
-    }
-    // The 16-bit products (emulated here; cooperative matrices on a GPU that has them) take
-    // P after dropout.
-    let products = gpu.with_mma(MmaChoice::Emulated).unwrap();
-    for (dims, opts) in [(*d, plain), (*d2, options)] {
-        let plan = opts.clone().path(Path::Fused);
-        let plan = plan
-            .plan_for_dtypes(&products, dims, [DType::F16; 3])
-            .unwrap();
-        assert!(
-            matches!(&plan, Plan::Fused { plan, .. } if plan.mma.is_some()),
-            "{plan:?}"
-        );
-        check_dtypes(
-            &products,
-            Path::Fused,
-            dims,
-            opts,
-            203,
-            2.0,
-            [DType::F16; 4],
-        );
-    }
+    half_storage_passes_and_products(
+        gpu,
+        (*d, plain),
+        (*d2, options),
+        [DType::Bf16, DType::F16, DType::F16, DType::F32],
+        200,
+    );
     // The decode path's few rows over many keys split the keys.
     let (d4, few) = &cases()[3];
     let Plan::Decode { plan, .. } = few.clone().path(Path::Decode).plan(gpu, *d4).unwrap() else {
         panic!("not the decode path")
     };
     assert!(plan.splits > 1, "no splits: {plan:?}");
-    let plan = options
-        .clone()
-        .path(Path::Fused)
-        .plan(&capped, *d2)
-        .unwrap();
-    let Plan::Fused { plan, .. } = plan else {
-        panic!("not fused: {plan:?}")
-    };
-    assert!(plan.passes > 1, "no passes under the cap: {plan:?}");
 }
 
 #[test]

@@ -11,9 +11,7 @@ mod common;
 use std::sync::Arc;
 
 use common::*;
-use wgpu_attention::{
-    Attention, Causal, DType, Dims, Error, KvCache, LimitCaps, MmaChoice, Path, Plan, ScoreMod, cpu,
-};
+use wgpu_attention::{Attention, Causal, DType, Dims, Error, KvCache, Path, ScoreMod, cpu};
 
 /// A mask mod that removes a pattern crossing tiles and, past a sequence's first rows, its
 /// last keys (through the lengths accessors), and a score mod that bends the score by a
@@ -96,48 +94,16 @@ fn every_path_against_the_reference() {
 #[test]
 fn half_storage_products_and_passes() {
     let Some(gpu) = gpu() else { return };
-    let capped = gpu.with_caps(LimitCaps {
-        max_key_tiles_per_workgroup: Some(1),
-        ..Default::default()
-    });
     let [(d, plain), (d2, everything), ..] = &cases()[..] else {
         unreachable!()
     };
-    for path in [Path::Fused, Path::Decode] {
-        check_dtypes(gpu, path, *d, plain, 310, 2.0, [DType::F16; 4]);
-        check_dtypes(
-            gpu,
-            path,
-            *d2,
-            everything,
-            311,
-            2.0,
-            [DType::Bf16, DType::F8E4M3, DType::F16, DType::F32],
-        );
-        // One key tile per dispatch: the fused kernel's passes resume O.
-        check(&capped, path, *d2, everything, 312, 2.0);
-    }
-    let products = gpu.with_mma(MmaChoice::Emulated).unwrap();
-    let plan = plain
-        .clone()
-        .path(Path::Fused)
-        .plan_for_dtypes(&products, *d, [DType::F16; 3])
-        .unwrap();
-    assert!(
-        matches!(&plan, Plan::Fused { plan, .. } if plan.mma.is_some()),
-        "{plan:?}"
+    half_storage_passes_and_products(
+        gpu,
+        (*d, plain),
+        (*d2, everything),
+        [DType::Bf16, DType::F8E4M3, DType::F16, DType::F32],
+        310,
     );
-    for (dims, opts) in [(*d, plain), (*d2, everything)] {
-        check_dtypes(
-            &products,
-            Path::Fused,
-            dims,
-            opts,
-            313,
-            2.0,
-            [DType::F16; 4],
-        );
-    }
 }
 
 /// The mods change O (so the reference check above could not pass with a kernel that ignored

@@ -1036,3 +1036,51 @@ macro_rules! path_grid_tests {
         }
     };
 }
+
+/// An option's checks in reduced storage and split work, on the fused and decode paths: `plain`
+/// (the option alone, on `d`) in f16, `options` (beside the others, on `d2`) in `mixed`
+/// storage, `options` with one key tile per dispatch (the fused kernel's passes resume O),
+/// and both through the emulated 16-bit products (P in f16). Seeds from `seed` up.
+pub fn half_storage_passes_and_products(
+    gpu: &Gpu,
+    (d, plain): (Dims, &Attention),
+    (d2, options): (Dims, &Attention),
+    mixed: [DType; 4],
+    seed: u64,
+) {
+    let capped = gpu.with_caps(wgpu_attention::LimitCaps {
+        max_key_tiles_per_workgroup: Some(1),
+        ..Default::default()
+    });
+    for path in [Path::Fused, Path::Decode] {
+        check_dtypes(gpu, path, d, plain, seed, 2.0, [DType::F16; 4]);
+        check_dtypes(gpu, path, d2, options, seed + 1, 2.0, mixed);
+        check(&capped, path, d2, options, seed + 2, 2.0);
+    }
+    let Plan::Fused { plan, .. } = options.clone().path(Path::Fused).plan(&capped, d2).unwrap()
+    else {
+        panic!("not the fused path")
+    };
+    assert!(plan.passes > 1, "no passes under the cap: {plan:?}");
+    let products = gpu.with_mma(wgpu_attention::MmaChoice::Emulated).unwrap();
+    for (dims, opts) in [(d, plain), (d2, options)] {
+        let plan = opts
+            .clone()
+            .path(Path::Fused)
+            .plan_for_dtypes(&products, dims, [DType::F16; 3])
+            .unwrap();
+        assert!(
+            matches!(&plan, Plan::Fused { plan, .. } if plan.mma.is_some()),
+            "{plan:?}"
+        );
+        check_dtypes(
+            &products,
+            Path::Fused,
+            dims,
+            opts,
+            seed + 3,
+            2.0,
+            [DType::F16; 4],
+        );
+    }
+}
