@@ -70,6 +70,8 @@
 //! pattern given as a range costs there what it keeps (the three-pass path and the row
 //! backward compute every score and apply the range as a mask); a mask mod can remove keys
 //! within it. Where a pattern is causal, a window or lengths, say so with those options too.
+//! Three patterns come ready-made as key ranges: [`ScoreMod::chunked`],
+//! [`ScoreMod::prefix_lm`] and [`ScoreMod::documents`].
 //!
 //! ```
 //! use wgpu_attention::{Attention, Dims, ScoreMod, cpu};
@@ -126,6 +128,90 @@ impl ScoreMod {
     /// No change to any score: add the parts with the other methods.
     pub fn new() -> ScoreMod {
         ScoreMod::default()
+    }
+
+    /// Chunked attention (Llama 4's local layers): row `i` sees the keys of its own chunk of
+    /// `chunk` tokens, as a key range (the kernels skip the other chunks' tiles); with
+    /// `Causal::TopLeft`, up to itself. Rows are tokens: self-attention over a whole sequence
+    /// (row `i` is token `i`). Decoding against a cache, whose new rows sit at the end, needs
+    /// the rows' positions (`attn_kv_len(b) - attn_q_len(b) + i`: write that mod yourself).
+    /// A `chunk` of 0 is taken as 1.
+    ///
+    /// ```
+    /// use wgpu_attention::{Attention, Causal, Dims, ScoreMod, cpu};
+    /// let opts = Attention::new().causal(Causal::TopLeft).score_mod(ScoreMod::chunked(4));
+    /// let dims = Dims::new(1, 1, 10, 8);
+    /// let x: Vec<f32> = (0..80).map(|n| (n as f32 * 0.37).sin()).collect();
+    /// let w = cpu::reference(&x, &x, &x, dims, &opts.return_weights(true))?.weights;
+    /// // Row 6 sees keys 4, 5 and 6.
+    /// assert!((0..10).all(|j| (w[6 * 10 + j] > 0.0) == (4..=6).contains(&j)));
+    /// # Ok::<(), wgpu_attention::Error>(())
+    /// ```
+    pub fn chunked(chunk: usize) -> ScoreMod {
+        let c = chunk.max(1);
+        ScoreMod::new()
+            .range_wgsl("let c = attn_data(0u); return vec2<u32>(i / c * c, i / c * c + c);")
+            .range_cpu(move |_, i| (i / c * c, i / c * c + c))
+            .data_u32(vec![c.min(u32::MAX as usize) as u32])
+    }
+
+    /// A prefix LM (T5's, PaliGemma's): every row sees the first `prefix` keys (the prompt,
+    /// attended bidirectionally), and the keys up to itself: the key range `0 .. max(prefix,
+    /// i + 1)`. Rows are tokens, as for [`chunked`](ScoreMod::chunked); no causal option is
+    /// needed.
+    pub fn prefix_lm(prefix: usize) -> ScoreMod {
+        let p = prefix.min(u32::MAX as usize);
+        ScoreMod::new()
+            .range_wgsl("return vec2<u32>(0u, max(attn_data(0u), i + 1u));")
+            .range_cpu(move |_, i| (0, p.max(i + 1)))
+            .data_u32(vec![p as u32])
+    }
+
+    /// Documents packed into each sequence (the packing of pre-training): row `i` of batch
+    /// entry `b` sees the keys of its own document only, as a key range; with
+    /// `Causal::TopLeft`, up to itself. `docs[b]` lists entry `b`'s document lengths in order;
+    /// rows past them (and batch entries past `docs`) see no key. Rows are tokens, as for
+    /// [`chunked`](ScoreMod::chunked). Two words of data per token (each token's document
+    /// bounds), uploaded with each call.
+    pub fn documents(docs: &[Vec<usize>]) -> ScoreMod {
+        let stride = docs
+            .iter()
+            .map(|d| d.iter().sum::<usize>())
+            .max()
+            .unwrap_or(0);
+        let mut bounds = vec![[0usize; 2]; docs.len() * stride];
+        for (b, lens) in docs.iter().enumerate() {
+            let mut start = 0;
+            for &len in lens {
+                for t in start..start + len {
+                    bounds[b * stride + t] = [start, start + len];
+                }
+                start += len;
+            }
+        }
+        let mut data = vec![
+            stride.min(u32::MAX as usize) as u32,
+            docs.len().min(u32::MAX as usize) as u32,
+        ];
+        data.extend(
+            bounds
+                .iter()
+                .flatten()
+                .map(|&x| x.min(u32::MAX as usize) as u32),
+        );
+        let bounds = Arc::new(bounds);
+        ScoreMod::new()
+            .range_wgsl(
+                "let stride = attn_data(0u);\n\
+                 if i >= stride || b >= attn_data(1u) { return vec2<u32>(0u, 0u); }\n\
+                 let k = 2u + 2u * (b * stride + i);\n\
+                 return vec2<u32>(attn_data(k), attn_data(k + 1u));",
+            )
+            .range_cpu(move |b, i| match bounds.get(b * stride + i) {
+                Some(&[lo, hi]) if i < stride => (lo, hi),
+                _ => (0, 0),
+            })
+            .data_u32(data)
     }
 
     /// The body of `fn attn_mask_mod(b: u32, h: u32, i: u32, j: u32) -> bool`: `false` removes

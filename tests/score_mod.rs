@@ -457,3 +457,68 @@ fn key_range_beside_a_window_and_sink_keys() {
     let got = cpu::fast(&q, &k, &v, d, &opts).unwrap();
     assert_close("cpu::fast", &got.o, &want.o, 2e-5, 1e-4);
 }
+
+/// The ready-made mods (chunked attention, a prefix LM, packed documents) on every path against
+/// the reference, which runs their CPU forms, and the patterns they stand for checked on the
+/// reference's weights; through the backward too.
+#[test]
+fn ready_made_mods() {
+    let Some(gpu) = gpu() else { return };
+    let d = dims(2, 4, 2, 150, 150, 24, 24);
+    // Entry 1 holds 130 tokens: its rows 130.. see no key (zeros, checked through `sees`).
+    let docs = vec![vec![40, 1, 70, 39], vec![100, 30]];
+    let cases = [
+        (
+            "chunked",
+            Attention::new()
+                .causal(Causal::TopLeft)
+                .score_mod(ScoreMod::chunked(64)),
+        ),
+        (
+            "prefix LM",
+            Attention::new().score_mod(ScoreMod::prefix_lm(37)),
+        ),
+        (
+            "documents",
+            Attention::new()
+                .causal(Causal::TopLeft)
+                .score_mod(ScoreMod::documents(&docs)),
+        ),
+    ];
+    // Where each pattern lets row i of entry b see key j.
+    let doc_of = |b: usize, t: usize| {
+        let mut start = 0;
+        for &len in &docs[b] {
+            if t < start + len {
+                return Some(start);
+            }
+            start += len;
+        }
+        None
+    };
+    let sees = [
+        &(|_: usize, i: usize, j: usize| j <= i && j / 64 == i / 64)
+            as &dyn Fn(usize, usize, usize) -> bool,
+        &|_, i, j| j < 37 || j <= i,
+        &|b, i, j| j <= i && doc_of(b, i).is_some() && doc_of(b, i) == doc_of(b, j),
+    ];
+    for (n, ((what, opts), sees)) in cases.iter().zip(sees).enumerate() {
+        for path in [Path::ThreePass, Path::Fused, Path::Decode] {
+            check(gpu, path, d, opts, 380 + n as u64, 2.0);
+        }
+        let mut r = rng(390 + n as u64);
+        let q = random(&mut r, d.q_elems(), 1.0);
+        let k = random(&mut r, d.k_elems(), 1.0);
+        let w = cpu::reference(&q, &k, &k, d, &opts.clone().return_weights(true))
+            .unwrap()
+            .weights;
+        for b in 0..2 {
+            for i in 0..150 {
+                for j in 0..150 {
+                    let p = w[((b * 4 + 1) * 150 + i) * 150 + j];
+                    assert_eq!(p > 0.0, sees(b, i, j), "{what}: b {b} row {i} key {j}");
+                }
+            }
+        }
+    }
+}
