@@ -122,6 +122,9 @@ pub struct ScoreMod {
     pub(crate) score_cpu: Option<Arc<ScoreFn>>,
     pub(crate) grad_cpu: Option<Arc<ScoreFn>>,
     pub(crate) range_cpu: Option<Arc<RangeFn>>,
+    /// The ready-made mods' rows: the CPU range is called with each row's position in its
+    /// sequence (the last row at the last key), as their WGSL computes it.
+    pub(crate) rows_at_end: bool,
 }
 
 impl ScoreMod {
@@ -131,11 +134,12 @@ impl ScoreMod {
     }
 
     /// Chunked attention (Llama 4's local layers): row `i` sees the keys of its own chunk of
-    /// `chunk` tokens, as a key range (the kernels skip the other chunks' tiles); with
-    /// `Causal::TopLeft`, up to itself. Rows are tokens: self-attention over a whole sequence
-    /// (row `i` is token `i`). Decoding against a cache, whose new rows sit at the end, needs
-    /// the rows' positions (`attn_kv_len(b) - attn_q_len(b) + i`: write that mod yourself).
-    /// A `chunk` of 0 is taken as 1.
+    /// `chunk` tokens, as a key range (the kernels skip the other chunks' tiles); with causal
+    /// masking, up to itself. The ready-made mods number rows by their position in the
+    /// sequence, the last row at the last key (`attn_kv_len(b) - attn_q_len(b) + i`, as
+    /// bottom-right alignment does): in self-attention row `i` is token `i`, and a
+    /// [`KvCache`](crate::KvCache) step's new rows are the tokens after the cache. A `chunk`
+    /// of 0 is taken as 1.
     ///
     /// ```
     /// use wgpu_attention::{Attention, Causal, Dims, ScoreMod, cpu};
@@ -150,29 +154,42 @@ impl ScoreMod {
     pub fn chunked(chunk: usize) -> ScoreMod {
         let c = chunk.max(1);
         ScoreMod::new()
-            .range_wgsl("let c = attn_data(0u); return vec2<u32>(i / c * c, i / c * c + c);")
-            .range_cpu(move |_, i| (i / c * c, i / c * c + c))
+            .helpers(ROW_POSITION)
+            .range_wgsl(
+                "let p = mods_row_position(b, i); let c = attn_data(0u);\n\
+                 if p < 0 { return vec2<u32>(0u, 0u); }\n\
+                 return vec2<u32>(u32(p) / c * c, u32(p) / c * c + c);",
+            )
+            .range_cpu(move |_, p| (p / c * c, p / c * c + c))
             .data_u32(vec![c.min(u32::MAX as usize) as u32])
+            .at_positions()
     }
 
     /// A prefix LM (T5's, PaliGemma's): every row sees the first `prefix` keys (the prompt,
     /// attended bidirectionally), and the keys up to itself: the key range `0 .. max(prefix,
-    /// i + 1)`. Rows are tokens, as for [`chunked`](ScoreMod::chunked); no causal option is
+    /// i + 1)`. Rows by position, as for [`chunked`](ScoreMod::chunked); no causal option is
     /// needed.
     pub fn prefix_lm(prefix: usize) -> ScoreMod {
         let p = prefix.min(u32::MAX as usize);
         ScoreMod::new()
-            .range_wgsl("return vec2<u32>(0u, max(attn_data(0u), i + 1u));")
+            .helpers(ROW_POSITION)
+            .range_wgsl(
+                "let p = mods_row_position(b, i);\n\
+                 if p < 0 { return vec2<u32>(0u, 0u); }\n\
+                 return vec2<u32>(0u, max(attn_data(0u), u32(p) + 1u));",
+            )
             .range_cpu(move |_, i| (0, p.max(i + 1)))
             .data_u32(vec![p as u32])
+            .at_positions()
     }
 
     /// Documents packed into each sequence (the packing of pre-training): row `i` of batch
     /// entry `b` sees the keys of its own document only, as a key range; with
     /// `Causal::TopLeft`, up to itself. `docs[b]` lists entry `b`'s document lengths in order;
-    /// rows past them (and batch entries past `docs`) see no key. Rows are tokens, as for
-    /// [`chunked`](ScoreMod::chunked). Two words of data per token (each token's document
-    /// bounds), uploaded with each call.
+    /// rows past them (and batch entries past `docs`) see no key. Rows by position, as for
+    /// [`chunked`](ScoreMod::chunked) (documents describe the whole sequence, a cache's tokens
+    /// included). Two words of data per token (each token's document bounds), uploaded with
+    /// each call.
     pub fn documents(docs: &[Vec<usize>]) -> ScoreMod {
         let stride = docs
             .iter()
@@ -203,8 +220,9 @@ impl ScoreMod {
         ScoreMod::new()
             .range_wgsl(
                 "let stride = attn_data(0u);\n\
-                 if i >= stride || b >= attn_data(1u) { return vec2<u32>(0u, 0u); }\n\
-                 let k = 2u + 2u * (b * stride + i);\n\
+                 let p = mods_row_position(b, i);\n\
+                 if p < 0 || u32(p) >= stride || b >= attn_data(1u) { return vec2<u32>(0u, 0u); }\n\
+                 let k = 2u + 2u * (b * stride + u32(p));\n\
                  return vec2<u32>(attn_data(k), attn_data(k + 1u));",
             )
             .range_cpu(move |b, i| match bounds.get(b * stride + i) {
@@ -212,6 +230,8 @@ impl ScoreMod {
                 _ => (0, 0),
             })
             .data_u32(data)
+            .helpers(ROW_POSITION)
+            .at_positions()
     }
 
     /// The body of `fn attn_mask_mod(b: u32, h: u32, i: u32, j: u32) -> bool`: `false` removes
@@ -318,9 +338,23 @@ impl ScoreMod {
         self.range_wgsl.is_some() || self.range_cpu.is_some()
     }
 
-    /// The CPU key range of row `i` of sequence `b`, if it has one.
-    pub(crate) fn range(&self, b: usize, i: usize) -> Option<(usize, usize)> {
-        self.range_cpu.as_ref().map(|f| f(b, i))
+    /// The CPU key range of row `i` of sequence `b`, whose rows start `shift` keys in
+    /// (`kv_len - q_len` of the sequence), if it has one.
+    pub(crate) fn range(&self, b: usize, i: usize, shift: i64) -> Option<(usize, usize)> {
+        let f = self.range_cpu.as_ref()?;
+        if !self.rows_at_end {
+            return Some(f(b, i));
+        }
+        Some(match usize::try_from(i as i64 + shift) {
+            Ok(p) => f(b, p),
+            Err(_) => (0, 0),
+        })
+    }
+
+    /// A ready-made mod: rows numbered by position (see [`ScoreMod::chunked`]).
+    fn at_positions(mut self) -> ScoreMod {
+        self.rows_at_end = true;
+        self
     }
 
     /// Whether it has a mask mod, in either form.
@@ -484,6 +518,11 @@ pub(crate) fn module_scope_names(source: &str) -> Vec<String> {
     names
 }
 
+/// The ready-made mods' helper: row `i`'s position in sequence `b`, the last row at the last
+/// key (negative for rows before the first key when a call has more rows than keys).
+const ROW_POSITION: &str = "fn mods_row_position(b: u32, i: u32) -> i32 {\n    \
+    return i32(attn_kv_len(b)) - i32(attn_q_len(b)) + i32(i);\n}";
+
 impl fmt::Debug for ScoreMod {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ScoreMod")
@@ -497,6 +536,7 @@ impl fmt::Debug for ScoreMod {
             .field("score_cpu", &self.score_cpu.is_some())
             .field("grad_cpu", &self.grad_cpu.is_some())
             .field("range_cpu", &self.range_cpu.is_some())
+            .field("rows_at_end", &self.rows_at_end)
             .finish()
     }
 }
@@ -521,6 +561,7 @@ impl PartialEq for ScoreMod {
             && same(&self.score_cpu, &other.score_cpu)
             && same(&self.grad_cpu, &other.grad_cpu)
             && same(&self.range_cpu, &other.range_cpu)
+            && self.rows_at_end == other.rows_at_end
     }
 }
 

@@ -1563,7 +1563,7 @@ impl Spec<'_> {
         // A score mod's key range narrows it as the window does (sink keys escape both).
         if let Some((a, e)) = (o.score_mod.as_ref())
             .filter(|_| with_window)
-            .and_then(|m| m.range(b, i as usize))
+            .and_then(|m| m.range(b, i as usize, shift))
         {
             lo = lo.max(a.min(kv_len as usize) as i64);
             hi = hi.min(e.min(kv_len as usize) as i64);

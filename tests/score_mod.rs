@@ -173,7 +173,7 @@ fn cpu_fast_against_the_reference() {
 
 /// Decoding through a `KvCache` under Llama 4's chunked attention (each token sees the tokens
 /// of its own chunk of 8 up to itself): the key range computes each new row's absolute
-/// position from the lengths, as the module docs say.
+/// position from the lengths, as the module docs say, and `ScoreMod::chunked` does the same.
 #[test]
 fn kv_cache_decoding_under_a_chunked_mask() {
     let Some(gpu) = gpu() else { return };
@@ -220,6 +220,14 @@ fn kv_cache_decoding_under_a_chunked_mask() {
             .score_mod(chunked)
             .return_lse(true);
         let out = cache.attend(gpu, &tq, &opts).unwrap();
+        // The ready-made mod numbers the new rows by position too: the same answer.
+        let ready = opts.clone().score_mod(ScoreMod::chunked(8));
+        let o_ready = cache
+            .attend(gpu, &tq, &ready)
+            .unwrap()
+            .o
+            .download(gpu)
+            .unwrap();
         let full = Dims {
             batch,
             heads,
@@ -245,13 +253,15 @@ fn kv_cache_decoding_under_a_chunked_mask() {
             for h in 0..heads {
                 for i in 0..rows {
                     let at = ((b * heads + h) * t + i) * d;
-                    assert_close(
-                        &format!("step {step} b {b} h {h} row {i}"),
-                        &o[at..at + d],
-                        &want.o[at..at + d],
-                        O_ATOL,
-                        O_RTOL,
-                    );
+                    for (what, o) in [("own", &o), ("ready-made", &o_ready)] {
+                        assert_close(
+                            &format!("{what}: step {step} b {b} h {h} row {i}"),
+                            &o[at..at + d],
+                            &want.o[at..at + d],
+                            O_ATOL,
+                            O_RTOL,
+                        );
+                    }
                 }
             }
         }
@@ -502,6 +512,11 @@ fn ready_made_mods() {
         &|_, i, j| j < 37 || j <= i,
         &|b, i, j| j <= i && doc_of(b, i).is_some() && doc_of(b, i) == doc_of(b, j),
     ];
+    // More rows than keys: rows before the first key's position (the first 8 here) see none.
+    let short = dims(1, 2, 1, 20, 12, 8, 8);
+    for path in [Path::ThreePass, Path::Fused, Path::Decode] {
+        check(gpu, path, short, &cases[1].1, 379, 2.0);
+    }
     for (n, ((what, opts), sees)) in cases.iter().zip(sees).enumerate() {
         for path in [Path::ThreePass, Path::Fused, Path::Decode] {
             check(gpu, path, d, opts, 380 + n as u64, 2.0);
