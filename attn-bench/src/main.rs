@@ -267,9 +267,7 @@ impl ScoreModName {
                     .data_f32(&slopes)
             }
             // As a key range: the kernels skip the other chunks' tiles.
-            ScoreModName::Chunked => ScoreMod::new()
-                .range_wgsl("return vec2<u32>(i / 64u * 64u, i / 64u * 64u + 64u);")
-                .range_cpu(|_, i| (i / 64 * 64, i / 64 * 64 + 64)),
+            ScoreModName::Chunked => ScoreMod::chunked(64),
             ScoreModName::ChunkedMask => ScoreMod::new()
                 .mask_wgsl("return i / 64u == j / 64u;")
                 .mask_cpu(|_, _, i, j| i / 64 == j / 64),
