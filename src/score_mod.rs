@@ -125,6 +125,8 @@ pub struct ScoreMod {
     /// The ready-made mods' rows: the CPU range is called with each row's position in its
     /// sequence (the last row at the last key), as their WGSL computes it.
     pub(crate) rows_at_end: bool,
+    /// A ready-made range's words, uploaded after `data` (`mods_ready(k)`).
+    pub(crate) ready: Vec<u32>,
 }
 
 impl ScoreMod {
@@ -134,16 +136,19 @@ impl ScoreMod {
     }
 
     /// Chunked attention (Llama 4's local layers): row `i` sees the keys of its own chunk of
-    /// `chunk` tokens, as a key range (the kernels skip the other chunks' tiles); with causal
-    /// masking, up to itself. The ready-made mods number rows by their position in the
-    /// sequence, the last row at the last key (`attn_kv_len(b) - attn_q_len(b) + i`, as
+    /// `chunk` tokens, as a key range (the kernels skip the other chunks' tiles); with
+    /// `Causal::BottomRight`, up to itself. The ready-made mods number rows by their position
+    /// in the sequence, the last row at the last key (`attn_kv_len(b) - attn_q_len(b) + i`, as
     /// bottom-right alignment does): in self-attention row `i` is token `i`, and a
-    /// [`KvCache`](crate::KvCache) step's new rows are the tokens after the cache. A `chunk`
-    /// of 0 is taken as 1.
+    /// [`KvCache`](crate::KvCache) step's new rows are the tokens after the cache (so pair
+    /// them with `Causal::BottomRight`: `TopLeft` would put a step's rows at the start). A
+    /// `chunk` of 0 is taken as 1. A ready-made mod takes mask and score mods, helpers and
+    /// data of yours beside its range (its own words follow yours); giving it a range of yours
+    /// replaces its own.
     ///
     /// ```
     /// use wgpu_attention::{Attention, Causal, Dims, ScoreMod, cpu};
-    /// let opts = Attention::new().causal(Causal::TopLeft).score_mod(ScoreMod::chunked(4));
+    /// let opts = Attention::new().causal(Causal::BottomRight).score_mod(ScoreMod::chunked(4));
     /// let dims = Dims::new(1, 1, 10, 8);
     /// let x: Vec<f32> = (0..80).map(|n| (n as f32 * 0.37).sin()).collect();
     /// let w = cpu::reference(&x, &x, &x, dims, &opts.return_weights(true))?.weights;
@@ -153,85 +158,111 @@ impl ScoreMod {
     /// ```
     pub fn chunked(chunk: usize) -> ScoreMod {
         let c = chunk.max(1);
-        ScoreMod::new()
-            .helpers(ROW_POSITION)
-            .range_wgsl(
-                "let p = mods_row_position(b, i); let c = attn_data(0u);\n\
-                 if p < 0 { return vec2<u32>(0u, 0u); }\n\
-                 return vec2<u32>(u32(p) / c * c, u32(p) / c * c + c);",
-            )
-            .range_cpu(move |_, p| (p / c * c, p / c * c + c))
-            .data_u32(vec![c.min(u32::MAX as usize) as u32])
-            .at_positions()
+        ScoreMod::ready_made(
+            "let p = mods_row_position(b, i); let c = mods_ready(0u);\n\
+             if p < 0 { return vec2<u32>(0u, 0u); }\n\
+             return vec2<u32>(u32(p) / c * c, u32(p) / c * c + c);",
+            move |_, p| (p / c * c, p / c * c + c),
+            vec![c.min(u32::MAX as usize) as u32],
+        )
     }
 
     /// A prefix LM (T5's, PaliGemma's): every row sees the first `prefix` keys (the prompt,
     /// attended bidirectionally), and the keys up to itself: the key range `0 .. max(prefix,
-    /// i + 1)`. Rows by position, as for [`chunked`](ScoreMod::chunked); no causal option is
-    /// needed.
+    /// p + 1)` for the row at position `p` (as for [`chunked`](ScoreMod::chunked)); no causal
+    /// option is needed.
     pub fn prefix_lm(prefix: usize) -> ScoreMod {
         let p = prefix.min(u32::MAX as usize);
-        ScoreMod::new()
-            .helpers(ROW_POSITION)
-            .range_wgsl(
-                "let p = mods_row_position(b, i);\n\
-                 if p < 0 { return vec2<u32>(0u, 0u); }\n\
-                 return vec2<u32>(0u, max(attn_data(0u), u32(p) + 1u));",
-            )
-            .range_cpu(move |_, i| (0, p.max(i + 1)))
-            .data_u32(vec![p as u32])
-            .at_positions()
+        ScoreMod::ready_made(
+            "let p = mods_row_position(b, i);\n\
+             if p < 0 { return vec2<u32>(0u, 0u); }\n\
+             return vec2<u32>(0u, max(mods_ready(0u), u32(p) + 1u));",
+            move |_, i| (0, p.max(i + 1)),
+            vec![p as u32],
+        )
     }
 
-    /// Documents packed into each sequence (the packing of pre-training): row `i` of batch
-    /// entry `b` sees the keys of its own document only, as a key range; with
-    /// `Causal::TopLeft`, up to itself. `docs[b]` lists entry `b`'s document lengths in order;
-    /// rows past them (and batch entries past `docs`) see no key. Rows by position, as for
-    /// [`chunked`](ScoreMod::chunked) (documents describe the whole sequence, a cache's tokens
-    /// included). Two words of data per token (each token's document bounds), uploaded with
-    /// each call.
-    pub fn documents(docs: &[Vec<usize>]) -> ScoreMod {
-        let stride = docs
-            .iter()
-            .map(|d| d.iter().sum::<usize>())
-            .max()
-            .unwrap_or(0);
-        let mut bounds = vec![[0usize; 2]; docs.len() * stride];
+    /// Documents packed into each sequence (the packing of pre-training): the row at position
+    /// `p` of batch entry `b` (as for [`chunked`](ScoreMod::chunked)) sees the keys of its own
+    /// document only, as a key range; with `Causal::BottomRight`, up to itself. `docs[b]`
+    /// lists entry `b`'s document lengths in order, over the whole sequence (a cache's tokens
+    /// included); positions past them, and batch entries past `docs`, see no key. Two words of
+    /// data per token (each token's document bounds), uploaded with each call.
+    /// [`Error::InvalidOption`] when an entry's documents add up past `u32::MAX` tokens or
+    /// the table would pass 2^28 words (1 GiB).
+    pub fn documents(docs: &[Vec<usize>]) -> Result<ScoreMod> {
+        let too_big = |value: String| Error::InvalidOption {
+            what: "documents",
+            value,
+            why: "each entry's documents must add up to at most u32::MAX tokens, and the \
+                  table (2 words per token of the longest entry, per entry) to at most 2^28 \
+                  words",
+        };
+        let mut stride = 0u32;
         for (b, lens) in docs.iter().enumerate() {
-            let mut start = 0;
+            let total = lens
+                .iter()
+                .try_fold(0u32, |a, &l| a.checked_add(u32::try_from(l).ok()?))
+                .ok_or_else(|| too_big(format!("entry {b}'s lengths {lens:?}")))?;
+            stride = stride.max(total);
+        }
+        let words = (stride as usize)
+            .checked_mul(2 * docs.len())
+            .filter(|&w| w <= 1 << 28)
+            .ok_or_else(|| too_big(format!("{} entries of {stride} tokens", docs.len())))?;
+        let mut bounds = vec![0u32; words];
+        for (b, lens) in docs.iter().enumerate() {
+            let mut start = 0u32;
             for &len in lens {
-                for t in start..start + len {
-                    bounds[b * stride + t] = [start, start + len];
+                let end = start + len as u32;
+                for t in start..end {
+                    let at = 2 * (b * stride as usize + t as usize);
+                    bounds[at..at + 2].copy_from_slice(&[start, end]);
                 }
-                start += len;
+                start = end;
             }
         }
-        let mut data = vec![
-            stride.min(u32::MAX as usize) as u32,
-            docs.len().min(u32::MAX as usize) as u32,
-        ];
-        data.extend(
-            bounds
-                .iter()
-                .flatten()
-                .map(|&x| x.min(u32::MAX as usize) as u32),
-        );
-        let bounds = Arc::new(bounds);
-        ScoreMod::new()
-            .range_wgsl(
-                "let stride = attn_data(0u);\n\
-                 let p = mods_row_position(b, i);\n\
-                 if p < 0 || u32(p) >= stride || b >= attn_data(1u) { return vec2<u32>(0u, 0u); }\n\
-                 let k = 2u + 2u * (b * stride + u32(p));\n\
-                 return vec2<u32>(attn_data(k), attn_data(k + 1u));",
-            )
-            .range_cpu(move |b, i| match bounds.get(b * stride + i) {
-                Some(&[lo, hi]) if i < stride => (lo, hi),
-                _ => (0, 0),
-            })
-            .data_u32(data)
-            .helpers(ROW_POSITION)
-            .at_positions()
+        let table = Arc::new(bounds.clone());
+        let mut data = vec![stride, docs.len() as u32];
+        data.extend(bounds);
+        let stride = stride as usize;
+        Ok(ScoreMod::ready_made(
+            "let stride = mods_ready(0u);\n\
+             let p = mods_row_position(b, i);\n\
+             if p < 0 || u32(p) >= stride || b >= mods_ready(1u) { return vec2<u32>(0u, 0u); }\n\
+             let k = 2u + 2u * (b * stride + u32(p));\n\
+             return vec2<u32>(mods_ready(k), mods_ready(k + 1u));",
+            move |b, p| {
+                let at = 2 * (b * stride + p);
+                match table.get(at..at + 2) {
+                    Some(&[lo, hi]) if p < stride => (lo as usize, hi as usize),
+                    _ => (0, 0),
+                }
+            },
+            data,
+        ))
+    }
+
+    /// A ready-made key range: its WGSL body (reading its words with `mods_ready(k)` and its
+    /// row's position with `mods_row_position(b, i)`), the same on the CPU (given positions),
+    /// and its words.
+    fn ready_made(
+        wgsl: &str,
+        cpu: impl Fn(usize, usize) -> (usize, usize) + Send + Sync + 'static,
+        words: Vec<u32>,
+    ) -> ScoreMod {
+        ScoreMod {
+            range_wgsl: Some(wgsl.into()),
+            range_cpu: Some(Arc::new(cpu)),
+            ready: words,
+            rows_at_end: true,
+            ..ScoreMod::default()
+        }
+    }
+
+    /// The words uploaded with a call: the user's data, then a ready-made range's.
+    pub(crate) fn words(&self) -> Vec<u32> {
+        [&self.data[..], &self.ready[..]].concat()
     }
 
     /// The body of `fn attn_mask_mod(b: u32, h: u32, i: u32, j: u32) -> bool`: `false` removes
@@ -295,8 +326,20 @@ impl ScoreMod {
     /// pattern (chunks, a document, a prefix) cost what it keeps. A mask mod can then remove
     /// keys within the range.
     pub fn range_wgsl(mut self, body: impl Into<String>) -> Self {
+        self.drop_ready_made();
         self.range_wgsl = Some(body.into());
         self
+    }
+
+    /// A range of the user's replaces a ready-made one whole: both forms (so that a form left
+    /// out is an error, not the ready-made one numbering rows otherwise), and its words.
+    fn drop_ready_made(&mut self) {
+        if self.rows_at_end {
+            self.rows_at_end = false;
+            self.range_wgsl = None;
+            self.range_cpu = None;
+            self.ready.clear();
+        }
     }
 
     /// The key range on the CPU paths: the same function as
@@ -305,6 +348,7 @@ impl ScoreMod {
         mut self,
         f: impl Fn(usize, usize) -> (usize, usize) + Send + Sync + 'static,
     ) -> Self {
+        self.drop_ready_made();
         self.range_cpu = Some(Arc::new(f));
         self
     }
@@ -349,12 +393,6 @@ impl ScoreMod {
             Ok(p) => f(b, p),
             Err(_) => (0, 0),
         })
-    }
-
-    /// A ready-made mod: rows numbered by position (see [`ScoreMod::chunked`]).
-    fn at_positions(mut self) -> ScoreMod {
-        self.rows_at_end = true;
-        self
     }
 
     /// Whether it has a mask mod, in either form.
@@ -435,8 +473,17 @@ impl ScoreMod {
     /// given the identity (keep every key, leave the score, derivative 1).
     pub(crate) fn wgsl(&self) -> String {
         let body = |b: &Option<String>, default: &str| b.clone().unwrap_or_else(|| default.into());
+        // A ready-made range's accessors: its words follow the user's.
+        let ready = if self.rows_at_end {
+            format!(
+                "{ROW_POSITION}\nfn mods_ready(k: u32) -> u32 {{ return attn_data({}u + k); }}\n",
+                self.data.len().min(u32::MAX as usize)
+            )
+        } else {
+            String::new()
+        };
         format!(
-            "// The call's score mod (wgpu_attention::ScoreMod).\n{}\n\
+            "// The call's score mod (wgpu_attention::ScoreMod).\n{ready}{}\n\
              fn attn_mask_mod(b: u32, h: u32, i: u32, j: u32) -> bool {{\n{}\n}}\n\
              fn attn_score_mod(s: f32, b: u32, h: u32, i: u32, j: u32) -> f32 {{\n{}\n}}\n\
              fn attn_score_mod_grad(s: f32, b: u32, h: u32, i: u32, j: u32) -> f32 {{\n{}\n}}\n\
@@ -532,6 +579,7 @@ impl fmt::Debug for ScoreMod {
             .field("grad_wgsl", &self.grad_wgsl)
             .field("range_wgsl", &self.range_wgsl)
             .field("data", &self.data.len())
+            .field("ready", &self.ready.len())
             .field("mask_cpu", &self.mask_cpu.is_some())
             .field("score_cpu", &self.score_cpu.is_some())
             .field("grad_cpu", &self.grad_cpu.is_some())
@@ -562,6 +610,7 @@ impl PartialEq for ScoreMod {
             && same(&self.grad_cpu, &other.grad_cpu)
             && same(&self.range_cpu, &other.range_cpu)
             && self.rows_at_end == other.rows_at_end
+            && self.ready == other.ready
     }
 }
 

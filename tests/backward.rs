@@ -403,8 +403,8 @@ fn score_mod_gradients() {
     check_grads(gpu, d2, &opts, 413, DType::F16);
     // A ready-made key range (packed documents; entry 1's rows past its one document are
     // empty): nothing to differentiate, only keys to remove and tiles to skip.
-    let docs = wgpu_attention::ScoreMod::documents(&[vec![30, 1, 39], vec![50]]);
-    let opts = Attention::new().causal(Causal::TopLeft).score_mod(docs);
+    let docs = wgpu_attention::ScoreMod::documents(&[vec![30, 1, 39], vec![50]]).unwrap();
+    let opts = Attention::new().causal(Causal::BottomRight).score_mod(docs);
     check_grads(gpu, dims(2, 2, 1, 70, 70, 16, 16), &opts, 414, DType::F32);
     let e = check_backward_error(
         gpu,

@@ -481,7 +481,7 @@ fn ready_made_mods() {
         (
             "chunked",
             Attention::new()
-                .causal(Causal::TopLeft)
+                .causal(Causal::BottomRight)
                 .score_mod(ScoreMod::chunked(64)),
         ),
         (
@@ -491,8 +491,8 @@ fn ready_made_mods() {
         (
             "documents",
             Attention::new()
-                .causal(Causal::TopLeft)
-                .score_mod(ScoreMod::documents(&docs)),
+                .causal(Causal::BottomRight)
+                .score_mod(ScoreMod::documents(&docs).unwrap()),
         ),
     ];
     // Where each pattern lets row i of entry b see key j.
@@ -535,5 +535,76 @@ fn ready_made_mods() {
                 }
             }
         }
+    }
+}
+
+/// A ready-made mod takes the user's data, helpers, and mask and score mods beside its range
+/// (its words follow the user's), and a range of the user's replaces its own whole; documents
+/// too long for the table are a typed error (each found by a review: the user's data replaced
+/// the chunk size on the GPU only, helpers dropped the position helper, an overriding range's
+/// CPU form was still given positions, and a length sum overflowed into a panic).
+#[test]
+fn ready_made_mods_beside_the_users_parts() {
+    let Some(gpu) = gpu() else { return };
+    let d = dims(1, 2, 2, 40, 40, 16, 16);
+    let with_data = ScoreMod::chunked(8)
+        .helpers("fn my_pen(x: f32) -> f32 { return x * 0.5; }")
+        .score_wgsl("return my_pen(s) - attn_data_f32(h);")
+        .score_cpu(|s, _, h, _, _| s * 0.5 - [0.5, 0.25][h])
+        .data_f32(&[0.5, 0.25]);
+    let docs = ScoreMod::documents(&[vec![20, 20]])
+        .unwrap()
+        .helpers("fn my_half(x: f32) -> f32 { return x * 0.5; }")
+        .score_wgsl("return my_half(s);")
+        .score_cpu(|s, _, _, _, _| s * 0.5)
+        .data_u32(vec![7, 8, 9]);
+    let replaced = ScoreMod::prefix_lm(0)
+        .range_wgsl("return vec2<u32>(0u, i + 1u);")
+        .range_cpu(|_, i| (0, i + 1));
+    for (what, m, q_len) in [
+        ("chunked with data", with_data, 40),
+        ("documents with data", docs, 40),
+        ("prefix LM's range replaced", replaced, 8),
+    ] {
+        let opts = Attention::new().causal(Causal::BottomRight).score_mod(m);
+        let d = dims(1, 2, 2, q_len, d.kv_len, 16, 16);
+        for path in [Path::Fused, Path::Decode] {
+            eprintln!("{what} on {path:?}");
+            check(gpu, path, d, &opts, 395, 1.0);
+        }
+    }
+    // A range replacing a ready-made one in one form only leaves the other form missing.
+    let half = ScoreMod::chunked(8).range_wgsl("return vec2<u32>(0u, i + 1u);");
+    let x = vec![0.5f32; 32];
+    let e = cpu::reference(
+        &x,
+        &x,
+        &x,
+        Dims::new(1, 1, 4, 8),
+        &Attention::new().score_mod(half),
+    )
+    .unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::InvalidOption {
+                what: "score mod",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    for docs in [vec![vec![usize::MAX, 2]], vec![vec![1 << 20]; 1 << 8]] {
+        let e = ScoreMod::documents(&docs).unwrap_err();
+        assert!(
+            matches!(
+                e,
+                Error::InvalidOption {
+                    what: "documents",
+                    ..
+                }
+            ),
+            "{e}"
+        );
     }
 }

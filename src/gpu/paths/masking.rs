@@ -185,7 +185,7 @@ fn upload_as(
         None => Vec::new(),
     };
     let varlen_offset = page_offset + table.len();
-    let mod_data = opts.score_mod.as_ref().map_or(&[][..], |m| &m.data[..]);
+    let mod_data = opts.score_mod.as_ref().map_or(Vec::new(), |m| m.words());
     let mod_offset = varlen_offset + offsets.len();
     // Packed: the mask's words, then the bias's bits.
     let mask_offset = mod_offset + mod_data.len();
@@ -216,7 +216,7 @@ fn upload_as(
         }
         lens[page_offset..varlen_offset].copy_from_slice(table);
         lens[varlen_offset..mod_offset].copy_from_slice(&offsets);
-        lens[mod_offset..mask_offset].copy_from_slice(mod_data);
+        lens[mod_offset..mask_offset].copy_from_slice(&mod_data);
         for (x, at, n) in [
             (&mask, mask_offset, mask_words),
             (&bias, bias_offset, bias_words),
