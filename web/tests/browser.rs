@@ -175,6 +175,15 @@ async fn gqa_causal_window_softcap() {
             Attention::new().score_mod(score_mod(8)),
             F32,
         ),
+        // A ready-made range (positions from the lengths, its words after the user's).
+        (
+            Path::Fused,
+            dims(1, 4, 2, 70, 133, 24, 24),
+            Attention::new()
+                .causal(Causal::BottomRight)
+                .score_mod(ScoreMod::chunked(16)),
+            F32,
+        ),
     ];
     run(&gpu, &cases).await;
 }
