@@ -1622,7 +1622,8 @@ impl KernelKey {
     }
 
     /// The complete WGSL the crate compiles for this key (see the module docs for the order),
-    /// its parameter blocks bound as uniforms.
+    /// its parameter blocks bound as uniforms, with the identity score mods (a call's own
+    /// mods, `MaskOptions::mods` other than 0, come from the device's list of sources).
     pub fn source(&self) -> String {
         self.source_with(ParamsIn::Uniform)
     }
