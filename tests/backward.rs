@@ -310,15 +310,23 @@ fn dropout_gradients() {
     for (n, g) in kernel_configurations(gpu).iter().enumerate() {
         check_grads_after(gpu, g, d, &plain, 201 + n as u64, DType::F32, (None, false));
     }
+    let (d2, _) =
+        beside_every_option_under_a_cap(gpu, Attention::new().dropout(0.6, u64::MAX), 210);
+    check_grads(gpu, d2, &plain, 213, DType::F16);
+}
+
+/// `opts` with a causal window, lengths, a softcap, sinks and a bias (random from `seed`), on
+/// both kernels under a cap of one key tile per dispatch, the bias's and the sinks' gradients
+/// asked for (seeds `seed + 1`, `seed + 2`); returns the shape and the options.
+fn beside_every_option_under_a_cap(gpu: &Gpu, opts: Attention, seed: u64) -> (Dims, Attention) {
     let capped = gpu.with_caps(wgpu_attention::LimitCaps {
         max_key_tiles_per_workgroup: Some(1),
         ..Default::default()
     });
     let d2 = dims(2, 4, 2, 23, 70, 20, 12);
-    let mut r = rng(210);
+    let mut r = rng(seed);
     let bias = [2, 1, 23, 70];
-    let opts = Attention::new()
-        .dropout(0.6, u64::MAX)
+    let opts = opts
         .causal(Causal::BottomRight)
         .window(30, 2)
         .softcap(2.0)
@@ -327,16 +335,10 @@ fn dropout_gradients() {
         .kv_lens(vec![70, 41]);
     for (n, tiled) in [true, false].into_iter().enumerate() {
         let g = capped.with_tiled_backward(tiled);
-        check_grads_with(
-            &g,
-            d2,
-            &opts,
-            211 + n as u64,
-            DType::F32,
-            (Some(bias), true),
-        );
+        let seed = seed + 1 + n as u64;
+        check_grads_with(&g, d2, &opts, seed, DType::F32, (Some(bias), true));
     }
-    check_grads(gpu, d2, &plain, 213, DType::F16);
+    (d2, opts)
 }
 
 /// A score mod that bends the scores (derivative not 1, per head from its data), a mask mod
@@ -370,36 +372,10 @@ fn score_mod_gradients() {
     for (n, g) in kernel_configurations(gpu).iter().enumerate() {
         check_grads_after(gpu, g, d, &plain, 401 + n as u64, DType::F32, (None, false));
     }
-    let capped = gpu.with_caps(wgpu_attention::LimitCaps {
-        max_key_tiles_per_workgroup: Some(1),
-        ..Default::default()
-    });
-    let d2 = dims(2, 4, 2, 23, 70, 20, 12);
-    let mut r = rng(410);
-    let bias = [2, 1, 23, 70];
-    let opts = Attention::new()
-        .score_mod(
-            mods(4)
-                .mask_wgsl("return (i + 2u * j) % 7u != 3u;")
-                .mask_cpu(|_, _, i, j| (i + 2 * j) % 7 != 3),
-        )
-        .causal(Causal::BottomRight)
-        .window(30, 2)
-        .softcap(2.0)
-        .sinks(random(&mut r, 4, 1.0))
-        .bias(bias, random(&mut r, 2 * 23 * 70, 1.0))
-        .kv_lens(vec![70, 41]);
-    for (n, tiled) in [true, false].into_iter().enumerate() {
-        let g = capped.with_tiled_backward(tiled);
-        check_grads_with(
-            &g,
-            d2,
-            &opts,
-            411 + n as u64,
-            DType::F32,
-            (Some(bias), true),
-        );
-    }
+    let m = mods(4)
+        .mask_wgsl("return (i + 2u * j) % 7u != 3u;")
+        .mask_cpu(|_, _, i, j| (i + 2 * j) % 7 != 3);
+    let (d2, opts) = beside_every_option_under_a_cap(gpu, Attention::new().score_mod(m), 410);
     check_grads(gpu, d2, &opts, 413, DType::F16);
     // A ready-made key range (packed documents; entry 1's rows past its one document are
     // empty): nothing to differentiate, only keys to remove and tiles to skip.

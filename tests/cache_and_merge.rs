@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{O_ATOL, O_RTOL, assert_close, dims, gpu, random, rng};
+use common::{O_ATOL, O_RTOL, assert_close, dims, gpu, mirror_append, random, rng};
 use wgpu_attention::gpu::merge;
 use wgpu_attention::{Attention, Causal, Dims, Error, KvCache, Layout, Path, cpu};
 
@@ -31,18 +31,8 @@ fn cache_filled_in_several_appends() {
             let tv = gpu.upload(&v, [batch, kv_heads, t, dv]).unwrap();
             cache.append_tensors(gpu, &tk, &tv, new).unwrap();
         }
-        for b in 0..batch {
-            for h in 0..kv_heads {
-                for row in 0..new[b] {
-                    let dst = ((b * kv_heads + h) * cap + start[b] + row) * d;
-                    host_k[dst..dst + d]
-                        .copy_from_slice(&k[((b * kv_heads + h) * t + row) * d..][..d]);
-                    let dst = ((b * kv_heads + h) * cap + start[b] + row) * dv;
-                    host_v[dst..dst + dv]
-                        .copy_from_slice(&v[((b * kv_heads + h) * t + row) * dv..][..dv]);
-                }
-            }
-        }
+        mirror_append(&mut host_k, &k, (kv_heads, cap, d), &start, new);
+        mirror_append(&mut host_v, &v, (kv_heads, cap, dv), &start, new);
         // The new tokens' queries; a sequence that appended fewer has fewer real queries.
         let q = random(&mut r, batch * heads * t * d, 1.0);
         let tq = gpu.upload(&q, [batch, heads, t, d]).unwrap();

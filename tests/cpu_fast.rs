@@ -334,6 +334,121 @@ fn dropout_drops_the_references_weights() {
     assert!(all.o.iter().all(|&x| x == 0.0));
 }
 
+/// Score mods, mask mods and key ranges (`Attention::score_mod`, their CPU closures): beside
+/// every masking option, decoding's split keys and packed group, the ready-made ranges, and
+/// closures that panic if called for a key the other masks remove (the kernels call them
+/// for allowed keys only, and so must `cpu::fast`: it called them for keys a boolean mask
+/// removes, once). The GPU paths run the same cases' WGSL in `tests/score_mod.rs`.
+#[test]
+fn score_mods() {
+    use wgpu_attention::ScoreMod;
+    let mut rng = StdRng::seed_from_u64(4545);
+    let d = dims(2, 4, 2, 150, 201, 40, 24);
+    let bent = |kv: [usize; 2]| {
+        ScoreMod::new()
+            .mask_cpu(move |b, _, i, j| (i / 7 + j / 5) % 3 != 1 && (j + 3 < kv[b] || i % 2 == 0))
+            .score_cpu(|s, _, h, i, j| {
+                s * (0.5 + 0.3 * h as f64) + 0.05 * (j % 7) as f64 - 0.02 * (i % 5) as f64
+            })
+            .range_cpu(|_, i| (i / 16 * 8, i / 16 * 8 + 120 + i % 5))
+    };
+    check(
+        "score mods",
+        910,
+        d,
+        &Attention::new().score_mod(bent([201, 201])),
+        2.0,
+    );
+    let mask = random_mask(&mut rng, 2 * 150 * 201, 0.8);
+    let every = Attention::new()
+        .score_mod(bent([201, 77]))
+        .causal(Causal::BottomRight)
+        .window(120, 2)
+        .sink_keys(3)
+        .kv_lens(vec![201, 77])
+        .mask([2, 1, 150, 201], mask)
+        .bias([1, 4, 1, 201], random(&mut rng, 4 * 201, 1.0))
+        .softcap(4.0)
+        .alibi(positive(random(&mut rng, 4, 0.1)))
+        .sinks(random(&mut rng, 4, 1.0))
+        .layout(Layout::Bshd);
+    check("score mods, every option", 911, d, &every, 2.0);
+    check(
+        "score mods, decoding",
+        912,
+        dims(1, 6, 2, 3, 2500, 40, 24),
+        &Attention::new().score_mod(bent([2500, 2500])),
+        2.0,
+    );
+    // Ready-made ranges (rows by position), and a range whose empty rows see the sink keys.
+    let ready = [
+        ScoreMod::chunked(64),
+        ScoreMod::prefix_lm(37),
+        ScoreMod::documents(&[vec![40, 1, 70, 39], vec![100, 30]]).unwrap(),
+    ];
+    for (n, m) in ready.into_iter().enumerate() {
+        let opts = Attention::new().causal(Causal::BottomRight).score_mod(m);
+        check(
+            "ready-made range",
+            913 + n as u64,
+            dims(2, 4, 2, 150, 150, 24, 24),
+            &opts,
+            2.0,
+        );
+    }
+    let holes = Attention::new()
+        .score_mod(ScoreMod::new().range_cpu(|_, i| {
+            if i % 9 == 4 {
+                (5, 5)
+            } else {
+                (i + 40, i + 130)
+            }
+        }))
+        .window(100, 100)
+        .sink_keys(3)
+        .causal(Causal::BottomRight);
+    check(
+        "range beside sink keys",
+        916,
+        dims(1, 4, 2, 70, 200, 16, 16),
+        &holes,
+        2.0,
+    );
+    // Closures that panic for a key the causal window, its sink keys or the boolean mask
+    // remove (and the score mod for one the mask mod removes).
+    let mask = random_mask(&mut rng, 40 * 40, 0.7);
+    let (m2, m3) = (
+        std::sync::Arc::new(mask.clone()),
+        std::sync::Arc::new(mask.clone()),
+    );
+    let in_range = |i: usize, j: usize| j <= i && (j + 6 >= i || j < 2);
+    let watched = ScoreMod::new()
+        .mask_cpu(move |_, _, i, j| {
+            assert!(in_range(i, j) && m2[i * 40 + j], "mask mod at ({i}, {j})");
+            (i + j) % 3 != 0
+        })
+        .score_cpu(move |s, _, _, i, j| {
+            assert!(
+                in_range(i, j) && m3[i * 40 + j] && (i + j) % 3 != 0,
+                "score mod at ({i}, {j})"
+            );
+            s - 0.1 * (i - j) as f64
+        });
+    let opts = Attention::new()
+        .causal(Causal::TopLeft)
+        .window(6, 0)
+        .sink_keys(2)
+        .mask([1, 1, 40, 40], mask)
+        .score_mod(watched);
+    check(
+        "mods see allowed keys only",
+        917,
+        dims(1, 2, 1, 40, 40, 8, 8),
+        &opts,
+        2.0,
+    );
+}
+
 #[test]
 fn masks_and_biases_broadcast() {
     let (b, h, l, s) = (2, 2, 33, 100);

@@ -1,9 +1,12 @@
-//! Score and mask mods of the user's own (`Attention::score_mod`, FlexAttention's `score_mod`
-//! and `mask_mod`): every GPU path against the f64 reference running the mods' CPU forms, with
-//! every other option beside them, half storage, the 16-bit products and passes, rows the mask
-//! mod empties, key ranges that narrow rows (and with a window, sink keys beside them), a `KvCache` decoding under a chunked mask, `cpu::fast`, data that changes
-//! from call to call without a new pipeline, and bad mods as typed errors. The backward is in
-//! `tests/backward.rs` (`score_mod_gradients`), packed batches in `tests/varlen.rs`.
+//! Score and mask mods and key ranges of the user's own (`Attention::score_mod`,
+//! FlexAttention's `score_mod` and `mask_mod`, and its block sparsity by rows): every GPU path
+//! against the f64 reference running the mods' CPU forms, with every other option beside
+//! them, half storage, the 16-bit products and passes, rows the mask mod empties, key ranges
+//! beside a window's sink keys, a `KvCache` decoding under chunked attention, the ready-made
+//! ranges, data that changes from call to call without a new pipeline, and bad mods as typed
+//! errors. The backward is in `tests/backward.rs` (`score_mod_gradients`), packed batches in
+//! `tests/varlen.rs`, the layer in `tests/mha.rs`, `cpu::fast` in `tests/cpu_fast.rs`
+//! (`score_mods`).
 
 #[macro_use]
 mod common;
@@ -157,20 +160,6 @@ fn mods_act_and_emptied_rows_are_zero() {
     }
 }
 
-#[test]
-fn cpu_fast_against_the_reference() {
-    for (n, (dims, opts)) in cases().into_iter().enumerate() {
-        let mut r = rng(320 + n as u64);
-        let q = random(&mut r, dims.q_elems(), 3.0);
-        let k = random(&mut r, dims.k_elems(), 1.0);
-        let v = random(&mut r, dims.v_elems(), 1.0);
-        let want = cpu::reference(&q, &k, &v, dims, &opts).unwrap();
-        let got = cpu::fast(&q, &k, &v, dims, &opts).unwrap();
-        assert_close(&format!("case {n}"), &got.o, &want.o, 2e-5, 1e-4);
-        assert_close(&format!("lse of case {n}"), &got.lse, &want.lse, 2e-5, 2e-5);
-    }
-}
-
 /// Decoding through a `KvCache` under Llama 4's chunked attention (each token sees the tokens
 /// of its own chunk of 8 up to itself): the key range computes each new row's absolute
 /// position from the lengths, as the module docs say, and `ScoreMod::chunked` does the same.
@@ -188,16 +177,8 @@ fn kv_cache_decoding_under_a_chunked_mask() {
         let v = random(&mut r, batch * kv_heads * t * d, 1.0);
         let start: Vec<usize> = cache.lens().iter().map(|&l| l as usize).collect();
         cache.append(gpu, &k, &v, new).unwrap();
-        for b in 0..batch {
-            for h in 0..kv_heads {
-                for row in 0..new[b] {
-                    let dst = ((b * kv_heads + h) * cap + start[b] + row) * d;
-                    let src = ((b * kv_heads + h) * t + row) * d;
-                    host_k[dst..dst + d].copy_from_slice(&k[src..src + d]);
-                    host_v[dst..dst + d].copy_from_slice(&v[src..src + d]);
-                }
-            }
-        }
+        mirror_append(&mut host_k, &k, (kv_heads, cap, d), &start, new);
+        mirror_append(&mut host_v, &v, (kv_heads, cap, d), &start, new);
         let lens: Vec<usize> = cache.lens().iter().map(|&l| l as usize).collect();
         // The chunk as a key range (the kernels skip the other chunks' tiles).
         let chunked = {
@@ -391,46 +372,9 @@ fn bad_mods_are_typed_errors() {
     );
 }
 
-/// The CPU paths call the mods only for keys the other masks allow (causal, a window with
-/// sink keys, a boolean mask), and the score mod only for keys the mask mod keeps, as the
-/// kernels do: a closure may rely on it (here, one that would panic otherwise).
-#[test]
-fn mods_see_only_allowed_keys() {
-    let d = dims(1, 2, 1, 40, 40, 8, 8);
-    let mut r = rng(360);
-    let mask = random_mask(&mut r, 40 * 40, 0.7);
-    let m2 = Arc::new(mask.clone());
-    let m3 = m2.clone();
-    // Causal, window 6 left, 2 sink keys: keys j <= i with j >= i - 6 or j < 2.
-    let in_range = |i: usize, j: usize| j <= i && (j + 6 >= i || j < 2);
-    let mods = ScoreMod::new()
-        .mask_cpu(move |_, _, i, j| {
-            assert!(in_range(i, j) && m2[i * 40 + j], "mask mod at ({i}, {j})");
-            (i + j) % 3 != 0
-        })
-        .score_cpu(move |s, _, _, i, j| {
-            assert!(
-                in_range(i, j) && m3[i * 40 + j] && (i + j) % 3 != 0,
-                "score mod at ({i}, {j})"
-            );
-            s - 0.1 * (i - j) as f64
-        });
-    let opts = Attention::new()
-        .causal(Causal::TopLeft)
-        .window(6, 0)
-        .sink_keys(2)
-        .mask([1, 1, 40, 40], mask)
-        .score_mod(mods);
-    let q = random(&mut r, d.q_elems(), 2.0);
-    let k = random(&mut r, d.k_elems(), 1.0);
-    let v = random(&mut r, d.v_elems(), 1.0);
-    let want = cpu::reference(&q, &k, &v, d, &opts).unwrap();
-    let got = cpu::fast(&q, &k, &v, d, &opts).unwrap();
-    assert_close("cpu::fast", &got.o, &want.o, 2e-5, 1e-4);
-}
-
 /// A key range beside a window with sink keys: the sink keys stay visible beside the range as
-/// beside the window, on every path and on the CPU, also for rows whose range is empty.
+/// beside the window, on every path, also for rows whose range is empty (`cpu::fast` runs the
+/// same case in `tests/cpu_fast.rs`).
 #[test]
 fn key_range_beside_a_window_and_sink_keys() {
     let Some(gpu) = gpu() else { return };
@@ -456,16 +400,10 @@ fn key_range_beside_a_window_and_sink_keys() {
     }
     // Row 10: the window and causal alignment give 40..141, the range 50..140; row 13's
     // range is empty, and it sees the three sink keys alone.
-    let (mut r, spec) = (rng(371), opts.validate(d).unwrap());
+    let spec = opts.validate(d).unwrap();
     assert_eq!(spec.key_range(0, 10), (50, 140));
     assert_eq!(spec.key_range(0, 13), (0, 0));
     assert_eq!(spec.sink_end(0, 13), 3);
-    let q = random(&mut r, d.q_elems(), 2.0);
-    let k = random(&mut r, d.k_elems(), 1.0);
-    let v = random(&mut r, d.v_elems(), 1.0);
-    let want = cpu::reference(&q, &k, &v, d, &opts).unwrap();
-    let got = cpu::fast(&q, &k, &v, d, &opts).unwrap();
-    assert_close("cpu::fast", &got.o, &want.o, 2e-5, 1e-4);
 }
 
 /// The ready-made mods (chunked attention, a prefix LM, packed documents) on every path against

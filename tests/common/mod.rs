@@ -1084,3 +1084,25 @@ pub fn half_storage_passes_and_products(
         );
     }
 }
+
+/// The host copy of a `KvCache` (`[batch, kv_heads, cap, width]`) after an append of `new[b]`
+/// rows to sequence `b` from `start[b]` on, the rows given as `[batch, kv_heads, t, width]`
+/// (`t` the most rows any sequence appended): what a test's reference attends to.
+pub fn mirror_append(
+    host: &mut [f32],
+    rows: &[f32],
+    (kv_heads, cap, width): (usize, usize, usize),
+    start: &[usize],
+    new: &[usize],
+) {
+    let t = new.iter().copied().max().unwrap_or(0);
+    for (b, (&from, &n)) in start.iter().zip(new).enumerate() {
+        for h in 0..kv_heads {
+            for row in 0..n {
+                let dst = ((b * kv_heads + h) * cap + from + row) * width;
+                let src = ((b * kv_heads + h) * t + row) * width;
+                host[dst..dst + width].copy_from_slice(&rows[src..src + width]);
+            }
+        }
+    }
+}
