@@ -408,69 +408,45 @@ impl ScoreMod {
     /// [`Error::InvalidOption`] unless every part has the form `side` runs ("WGSL" for the
     /// GPU, "CPU" for the CPU paths), and, for a backward, the score mod its derivative.
     pub(crate) fn require(&self, gpu: bool, backward: bool) -> Result<()> {
-        let parts: [(&'static str, bool, bool, bool); 4] = [
+        // (part, whether the call needs it, whether `side` has it): the builder's methods are
+        // `<part>_wgsl` and `<part>_cpu`.
+        let pick = |w: bool, c: bool| if gpu { w } else { c };
+        let parts = [
             (
                 "mask",
                 self.has_mask(),
-                self.mask_wgsl.is_some(),
-                self.mask_cpu.is_some(),
+                pick(self.mask_wgsl.is_some(), self.mask_cpu.is_some()),
             ),
             (
                 "score",
                 self.has_score(),
-                self.score_wgsl.is_some(),
-                self.score_cpu.is_some(),
+                pick(self.score_wgsl.is_some(), self.score_cpu.is_some()),
             ),
             (
                 "range",
                 self.has_range(),
-                self.range_wgsl.is_some(),
-                self.range_cpu.is_some(),
+                pick(self.range_wgsl.is_some(), self.range_cpu.is_some()),
             ),
             (
                 "grad",
                 backward && self.has_score(),
-                self.grad_wgsl.is_some(),
-                self.grad_cpu.is_some(),
+                pick(self.grad_wgsl.is_some(), self.grad_cpu.is_some()),
             ),
         ];
-        for (part, needed, wgsl, cpu) in parts {
-            let have = if gpu { wgsl } else { cpu };
-            if needed && !have {
-                let (value, why) = match (gpu, part) {
-                    (true, "grad") => (
-                        "a score mod without grad_wgsl".to_string(),
-                        "the GPU backward needs the score mod's derivative by s: give \
-                         ScoreMod::grad_wgsl",
-                    ),
-                    (false, "grad") => (
-                        "a score mod without grad_cpu".to_string(),
-                        "the CPU backward needs the score mod's derivative by s: give \
-                         ScoreMod::grad_cpu",
-                    ),
-                    (true, _) => (
-                        format!("a {part} mod without its WGSL"),
-                        "the GPU runs the WGSL form: give ScoreMod::mask_wgsl / score_wgsl / \
-                         range_wgsl",
-                    ),
-                    (false, _) => (
-                        format!("a {part} mod without its CPU form"),
-                        "the CPU paths run the closure: give ScoreMod::mask_cpu / score_cpu / \
-                         range_cpu",
-                    ),
-                };
-                return Err(Error::InvalidOption {
-                    what: "score mod",
-                    value,
-                    why,
-                });
-            }
+        match parts.into_iter().find(|&(_, needed, have)| needed && !have) {
+            Some((part, ..)) => Err(Error::InvalidOption {
+                what: "score mod",
+                value: format!("no ScoreMod::{part}_{}", if gpu { "wgsl" } else { "cpu" }),
+                why: "the GPU runs each part's WGSL and the CPU paths its closure, and a \
+                      backward needs the score mod's derivative (grad): give the form named",
+            }),
+            None => Ok(()),
         }
-        Ok(())
     }
 
-    /// The WGSL the kernels compile in: the helpers and the three functions, each part not
-    /// given the identity (keep every key, leave the score, derivative 1).
+    /// The WGSL the kernels compile in: the ready-made range's accessors, the helpers and the
+    /// four functions, each part not given the identity (keep every key, leave the score,
+    /// derivative 1, every key in range).
     pub(crate) fn wgsl(&self) -> String {
         let body = |b: &Option<String>, default: &str| b.clone().unwrap_or_else(|| default.into());
         // A ready-made range's accessors: its words follow the user's.

@@ -90,6 +90,8 @@ use rayon::prelude::*;
 use crate::error::{Error, Result};
 use crate::spec::{Attention, Dims, Dropout, Layout, Spec, broadcast_strides};
 
+use super::reference::at;
+
 mod kernels;
 
 pub use kernels::CpuKernel;
@@ -911,7 +913,7 @@ impl<'a, const NR: usize> Problem<'a, NR> {
         }
         let mask_keeps = |key: usize| {
             self.mask
-                .is_none_or(|(st, data)| data[b * st[0] + h * st[1] + i * st[2] + key * st[3]])
+                .is_none_or(|(st, data)| data[at(st, b, h, i, key)])
         };
         let mod_sees = |key: usize, m: &crate::ScoreMod| {
             !(hole.0..hole.1).contains(&key) && mask_keeps(key) && m.keeps(b, h, i, key)

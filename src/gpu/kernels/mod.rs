@@ -23,7 +23,11 @@
 //! 4. the fragments of `shaders/lib/` the key uses ([`KernelKey::fragments`]): the workgroup
 //!    grid, log-sum-exp merging, the register-blocked tile product and its store, the masking
 //!    rules, the decode kernel's row reduction (subgroup or workgroup-memory variant);
-//! 5. the kernel file.
+//! 5. the kernel file;
+//! 6. for a kernel with the masking rules, the call's score mods (`ScoreMod::wgsl`: the user's
+//!    `attn_mask_mod`, `attn_score_mod`, `attn_score_mod_grad` and `attn_key_range`, identities
+//!    without them), from the device's list of sources by the number in
+//!    [`MaskOptions::mods`] (`cache.rs`).
 //!
 //! A new product kernel lists its bindings in `Kernel::slots` (private to the crate),
 //! defines `tile_a` / `tile_b` (its operands) and `tile_out` (its epilogue), sets the tile
@@ -82,11 +86,21 @@ pub(crate) fn module_scope_names() -> &'static std::collections::HashSet<String>
         std::sync::OnceLock::new();
     NAMES.get_or_init(|| {
         let mut names = std::collections::HashSet::new();
+        // Names come from the kernel file, its fragments and its bindings' preludes: one
+        // sample per combination of those is enough (composing every sample took 175 ms).
+        let mut seen = std::collections::HashSet::new();
         for storage in Storage::ALL {
             for key in KernelKey::samples(storage) {
-                names.extend(crate::score_mod::module_scope_names(
-                    &key.source_with(ParamsIn::ReadOnlyStorage),
-                ));
+                if seen.insert((
+                    key.kernel(),
+                    key.fragments(),
+                    key.storages(),
+                    key.grouped_tensors(),
+                )) {
+                    names.extend(crate::score_mod::module_scope_names(
+                        &key.source_with(ParamsIn::ReadOnlyStorage),
+                    ));
+                }
             }
         }
         names
