@@ -3,7 +3,8 @@
 // in its slots `mparams: MaskParams` (uniform) and `lens: array<u32>` (kv_lens[0..batch], then
 // q_lens[batch..2 * batch], then from mparams.alibi_offset the ALiBi slopes and from
 // mparams.sink_offset the sink logits, both as f32 bits, then from mparams.page_offset the
-// block table of paged K/V), and reads the bias and the boolean mask (one byte per element,
+// block table of paged K/V, from mparams.varlen_offset a packed batch's offsets, and from
+// mparams.mod_offset the score mod's words), and reads the bias and the boolean mask (one byte per element,
 // four to a word) through `bias_at` and `mask_word`: lib/options_apart.wgsl (the kernel also
 // binds `bias: array<f32>` and `mask: array<u32>`) or lib/options_packed.wgsl (both in `lens`,
 // from mparams.mask_offset and mparams.bias_offset: two storage buffers fewer).
