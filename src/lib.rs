@@ -4,6 +4,7 @@ pub mod cpu;
 mod error;
 pub mod gpu;
 pub mod mha;
+pub mod rotary;
 pub mod score_mod;
 mod spec;
 
@@ -13,6 +14,7 @@ pub use gpu::{
     Output, PagedKvCache, ParamsIn, Plan, SeqId, Shape, Tensor, TileBlock,
 };
 pub use mha::{MhaActivations, MhaConfig, MhaGradients, MhaOutput, MhaWeights, MultiHeadAttention};
+pub use rotary::Rotary;
 pub use score_mod::ScoreMod;
 pub use spec::{
     Attention, Bias, BlockTable, BoolMask, Causal, DType, Dims, Dropout, Layout, MAX_ALIBI_SLOPE,

@@ -5,12 +5,21 @@
 //! runs new queries against everything cached so far with bottom-right causal alignment per
 //! sequence (query `i` of sequence `b`, one of `n` new queries, sees keys
 //! `j <= i + len[b] - n`), through the decode path when the queries are few.
+//!
+//! With a [`Rotary`] ([`KvCache::with_rotary`]) the cache applies RoPE itself, as
+//! FlashAttention's `flash_attn_with_kvcache` does with `rotary_cos` / `rotary_sin`: `append`
+//! turns each new K row by its place in the cache (row `len[b] + t`, computed from the unrounded
+//! input before it is stored in the cache's dtype), and `attend` turns each query by its
+//! position (`len[b] - n + i`, the place of the token it belongs to), so the caller passes K and
+//! Q straight from their projections.
 
 use crate::error::{Error, Result};
 use crate::gpu::attention::Output;
 use crate::gpu::context::Gpu;
 use crate::gpu::options::DeviceLens;
+use crate::gpu::rotary::{self, Rotation};
 use crate::gpu::tensor::{Tensor, expect_dims};
+use crate::rotary::{MAX_POSITIONS, Rotary};
 use crate::spec::{Attention, Causal, DType, Dims, Layout};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -47,6 +56,8 @@ pub struct KvCache {
     device_lens: DeviceLens,
     /// Set by `clear`, which has no device to write with: the next `attend` writes them.
     device_lens_stale: AtomicBool,
+    /// RoPE applied to appended K and attending queries.
+    rotary: Option<Rotary>,
 }
 
 impl KvCache {
@@ -114,7 +125,51 @@ impl KvCache {
             lens: vec![0; batch],
             device_lens: gpu.upload_lens(Some(&vec![0; batch]), None)?,
             device_lens_stale: AtomicBool::new(false),
+            rotary: None,
         })
+    }
+
+    /// This cache applying `rotary` (RoPE) itself: each appended K row is turned by its row in
+    /// the cache, each query of [`attend`](KvCache::attend) by its position (see the module
+    /// docs). Pass K and Q unrotated. Set it on an empty cache: rows already cached stay as
+    /// they were.
+    ///
+    /// ```no_run
+    /// use wgpu_attention::{Attention, Gpu, KvCache, Rotary};
+    /// let gpu = Gpu::new()?;
+    /// let (kv_heads, heads, dim) = (2, 8, 64);
+    /// let mut cache = KvCache::new(&gpu, 1, kv_heads, 4096, dim, dim)?
+    ///     .with_rotary(Rotary::new(dim, 10_000.0)?)?;
+    /// let k = vec![0.1f32; kv_heads * 5 * dim]; // 5 tokens of K and V, as projected
+    /// cache.append(&gpu, &k, &k, &[5])?; // K turned to positions 0..5
+    /// let q = gpu.upload(&vec![0.3; heads * dim], [1, heads, 1, dim])?;
+    /// let out = cache.attend(&gpu, &q, &Attention::new())?; // q turned to position 4
+    /// # Ok::<(), wgpu_attention::Error>(())
+    /// ```
+    pub fn with_rotary(mut self, rotary: Rotary) -> Result<KvCache> {
+        if rotary.dim() > self.head_dim {
+            return Err(Error::InvalidOption {
+                what: "rotary dim",
+                value: format!("{} over a head_dim of {}", rotary.dim(), self.head_dim),
+                why: "the rotation turns the first rotary_dim elements of each head: at most \
+                      head_dim",
+            });
+        }
+        if self.capacity as u64 > MAX_POSITIONS {
+            return Err(Error::LengthOutOfRange {
+                what: "cache capacity with a rotary embedding",
+                index: 0,
+                value: self.capacity,
+                max: MAX_POSITIONS as usize,
+            });
+        }
+        self.rotary = Some(rotary);
+        Ok(self)
+    }
+
+    /// The rotary embedding the cache applies, if any.
+    pub fn rotary(&self) -> Option<&Rotary> {
+        self.rotary.as_ref()
     }
 
     /// Tokens cached per sequence.
@@ -162,8 +217,34 @@ impl KvCache {
                 });
             }
         }
+        if let Some(rotary) = &self.rotary {
+            // K goes up as f32 and is turned into its rows by the kernel; V as usual.
+            let k = gpu.upload(k, [self.batch, self.kv_heads, t, self.head_dim])?;
+            self.write_rows(gpu, &self.v, v, self.v_head_dim, t, new)?;
+            gpu.submit_with("cache append", |encoder| {
+                self.encode_rotated_k(gpu, encoder, rotary, &k, t, new)
+            })?;
+            self.grow(gpu, new)?;
+            return Ok(());
+        }
+        self.write_rows(gpu, &self.k, k, self.head_dim, t, new)?;
+        self.write_rows(gpu, &self.v, v, self.v_head_dim, t, new)?;
+        self.grow(gpu, new)?;
+        Ok(())
+    }
+
+    /// Writes host rows `data` (`[batch, kv_heads, t, dim]`) after each sequence's length.
+    fn write_rows(
+        &self,
+        gpu: &Gpu,
+        dst: &Tensor,
+        data: &[f32],
+        dim: usize,
+        t: usize,
+        new: &[usize],
+    ) -> Result<()> {
         gpu.guarded("cache append", || {
-            for (dst, data, dim) in [(&self.k, k, self.head_dim), (&self.v, v, self.v_head_dim)] {
+            {
                 for (b, &n) in new.iter().enumerate() {
                     for h in 0..self.kv_heads {
                         if n == 0 {
@@ -177,9 +258,36 @@ impl KvCache {
                 }
             }
             Ok(())
-        })?;
-        self.grow(gpu, new)?;
-        Ok(())
+        })
+    }
+
+    /// Records the rotation of `k` (`[batch, kv_heads, t, head_dim]`) into the cache's K rows
+    /// after each sequence's length, turned by those rows' positions.
+    fn encode_rotated_k(
+        &self,
+        gpu: &Gpu,
+        encoder: &mut wgpu::CommandEncoder,
+        rotary: &Rotary,
+        k: &Tensor,
+        t: usize,
+        new: &[usize],
+    ) -> Result<()> {
+        let counts: Vec<u32> = new.iter().map(|&n| n as u32).collect();
+        let rotation = Rotation {
+            x: k,
+            x_strides: Layout::Bhsd.strides(self.kv_heads, t, self.head_dim),
+            y: &self.k,
+            y_strides: Layout::Bhsd.strides(self.kv_heads, self.capacity, self.head_dim),
+            batch: self.batch,
+            heads: self.kv_heads,
+            seq: t,
+            dim: self.head_dim,
+            positions: &self.lens,
+            per_row: false,
+            counts: Some(&counts),
+            rows_at_position: true,
+        };
+        rotary::encode(gpu, encoder, rotary, &rotation)
     }
 
     /// [`append`](KvCache::append) from tensors already on the device (dims
@@ -223,7 +331,12 @@ impl KvCache {
             }
         }
         gpu.submit_with("cache append", |encoder| {
-            for (dst, src, dim) in [(&self.k, k, self.head_dim), (&self.v, v, self.v_head_dim)] {
+            let mut copied = vec![(&self.v, v, self.v_head_dim)];
+            match &self.rotary {
+                Some(rotary) => self.encode_rotated_k(gpu, encoder, rotary, k, t, new)?,
+                None => copied.push((&self.k, k, self.head_dim)),
+            }
+            for (dst, src, dim) in copied {
                 for (b, &n) in new.iter().enumerate() {
                     for h in 0..self.kv_heads {
                         if n == 0 {
@@ -278,7 +391,81 @@ impl KvCache {
         if opts.causal.is_none() {
             opts = opts.causal(Causal::BottomRight);
         }
-        opts.run(gpu, q, &self.k, &self.v)
+        match &self.rotary {
+            Some(rotary) => {
+                let q = self.rotate_queries(gpu, q, rotary, opts.q_lens.as_deref())?;
+                opts.run(gpu, &q, &self.k, &self.v)
+            }
+            None => opts.run(gpu, q, &self.k, &self.v),
+        }
+    }
+
+    /// `q` (`[batch, heads, n, head_dim]`) turned by its rows' positions: row `i` of sequence
+    /// `b` is the token at `len[b] - q_lens[b] + i` (`q_lens[b]` = `n` without them). A row
+    /// before position 0 sees no key; it is turned as position 0.
+    fn rotate_queries(
+        &self,
+        gpu: &Gpu,
+        q: &Tensor,
+        rotary: &Rotary,
+        q_lens: Option<&[u32]>,
+    ) -> Result<Tensor> {
+        gpu.expect_own("queries", q)?;
+        let [batch, heads, n, dim] = q.dims();
+        for (what, size) in [("heads", heads), ("q_len", n)] {
+            if size == 0 {
+                return Err(Error::ZeroSize { what });
+            }
+        }
+        expect_dims("queries", q.dims(), [self.batch, heads, n, self.head_dim])?;
+        if let Some(q_lens) = q_lens
+            && q_lens.len() != batch
+        {
+            return Err(Error::ShapeMismatch {
+                what: "q_lens".into(),
+                got: q_lens.len(),
+                expected: batch,
+            });
+        }
+        let mut starts = Vec::with_capacity(batch);
+        for (b, &len) in self.lens.iter().enumerate() {
+            let rows = q_lens.map_or(n as i64, |l| l[b] as i64);
+            let start = len as i64 - rows;
+            if start + n as i64 > MAX_POSITIONS as i64 {
+                return Err(Error::LengthOutOfRange {
+                    what: "rotary position",
+                    index: b,
+                    value: (start + n as i64 - 1) as usize,
+                    max: MAX_POSITIONS as usize - 1,
+                });
+            }
+            // i32 bits: the kernel reads a start below 0 as "before the first position".
+            starts.push(start.max(i32::MIN as i64) as i32 as u32);
+        }
+        let y = gpu.empty_as(q.dims(), q.dtype())?;
+        let strides = Layout::Bhsd.strides(heads, n, dim);
+        gpu.submit_with("rotating queries", |encoder| {
+            rotary::encode(
+                gpu,
+                encoder,
+                rotary,
+                &Rotation {
+                    x: q,
+                    x_strides: strides,
+                    y: &y,
+                    y_strides: strides,
+                    batch,
+                    heads,
+                    seq: n,
+                    dim,
+                    positions: &starts,
+                    per_row: false,
+                    counts: None,
+                    rows_at_position: false,
+                },
+            )
+        })?;
+        Ok(y)
     }
 
     fn check_append(&self, new: &[usize]) -> Result<usize> {

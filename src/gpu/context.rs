@@ -43,6 +43,9 @@ pub(crate) struct DeviceState {
     pub(crate) pool: Arc<Pool>,
     /// wgpu's verdicts on calls that could not wait for them (the browser; `gpu::scopes`).
     pub(crate) deferred: Arc<Deferred>,
+    /// Rotary angle tables by their frequencies' bits, the most recently used last
+    /// (`gpu::rotary`).
+    pub(crate) rotary_tables: Mutex<Vec<(Vec<u64>, wgpu::Buffer)>>,
 }
 
 /// An application's device-lost callback.
@@ -66,6 +69,7 @@ impl DeviceState {
             hook: Mutex::new(None),
             pool: Arc::new(Pool::new(pool)),
             deferred,
+            rotary_tables: Mutex::new(Vec::new()),
         }
     }
 

@@ -12,7 +12,7 @@
 //! | [`kernels`] | the kernel registry: typed keys, WGSL composition from `shaders/lib/`, the uniforms declared once, the pipeline cache |
 //! | `limits` | [`GpuLimits`], [`LimitCaps`], dispatch sizes: what every plan is checked against |
 //! | `context` | [`Gpu`]: adapter, device, queue, timestamps, submission |
-//! | `tensor`, `cache`, `paged`, `merge` | [`Tensor`], [`KvCache`], [`PagedKvCache`], [`merge`] |
+//! | `tensor`, `cache`, `paged`, `merge`, `rotary` | [`Tensor`], [`KvCache`], [`PagedKvCache`], [`merge`], [`rotate`] |
 //! | `pool` | the per-device buffer pool and its reuse rule |
 //! | `scopes` | wgpu's error scopes around every call; in the browser, their verdicts kept for the next call or `await` |
 //! | `oneshot` | a value one callback hands to one future (readbacks, work done) |
@@ -32,6 +32,7 @@ mod options;
 mod paged;
 pub(crate) mod paths;
 pub(crate) mod pool;
+pub(crate) mod rotary;
 pub(crate) mod scopes;
 pub(crate) mod tensor;
 pub mod tuning;
@@ -52,4 +53,5 @@ pub use paged::{PagedKvCache, SeqId};
 pub use paths::Chunk;
 pub use paths::{FusedPlan, Plan, ThreePassPlan};
 pub use pool::PoolStats;
+pub use rotary::rotate;
 pub use tensor::{Shape, Tensor};

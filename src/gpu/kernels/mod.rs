@@ -49,7 +49,7 @@ pub(crate) use cache::Kernels;
 
 use uniforms::{
     BackwardParams, CombineParams, FlashParams, MaskParams, MatmulParams, PvParams, QkParams,
-    SoftmaxParams, TILE, TILE_STAGE_BYTES, Uniform,
+    RotateParams, SoftmaxParams, TILE, TILE_STAGE_BYTES, Uniform,
 };
 
 use crate::gpu::limits::TileBlock;
@@ -78,9 +78,12 @@ pub const ATTENTION_BACKWARD_TILED: &str =
     include_str!("../../../shaders/attention_backward_tiled.wgsl");
 /// WGSL source of the batched matrix product with bias (the layer's projections).
 pub const MATMUL: &str = include_str!("../../../shaders/matmul.wgsl");
+/// WGSL source of the rotary position embedding (RoPE).
+pub const ROTATE: &str = include_str!("../../../shaders/rotate.wgsl");
 
-/// Every name any kernel declares at module scope, over every storage and specialisation
-/// (a score mod's helpers may not reuse one), scanned once from the composed sources.
+/// Every name a kernel that masks (and so composes a score mod) declares at module scope, over
+/// every storage and specialisation (a score mod's helpers may not reuse one), scanned once
+/// from the composed sources.
 pub(crate) fn module_scope_names() -> &'static std::collections::HashSet<String> {
     static NAMES: std::sync::OnceLock<std::collections::HashSet<String>> =
         std::sync::OnceLock::new();
@@ -90,13 +93,16 @@ pub(crate) fn module_scope_names() -> &'static std::collections::HashSet<String>
         // sample per combination of those is enough (composing every sample took 175 ms).
         let mut seen = std::collections::HashSet::new();
         for storage in Storage::ALL {
+            // Only the kernels that mask compose a score mod into their source.
             for key in KernelKey::samples(storage) {
-                if seen.insert((
-                    key.kernel(),
-                    key.fragments(),
-                    key.storages(),
-                    key.grouped_tensors(),
-                )) {
+                if key.masks().is_some()
+                    && seen.insert((
+                        key.kernel(),
+                        key.fragments(),
+                        key.storages(),
+                        key.grouped_tensors(),
+                    ))
+                {
                     names.extend(crate::score_mod::module_scope_names(
                         &key.source_with(ParamsIn::ReadOnlyStorage),
                     ));
@@ -222,6 +228,8 @@ pub enum Kernel {
     AttentionBackward,
     /// The backward's dQ, or dK and dV, in 64 x 64 tiles with register blocks.
     AttentionBackwardTiled,
+    /// Rotary position embedding of rows, by their positions.
+    Rotate,
 }
 
 /// What sits at one binding slot of a kernel. The host declares every binding from this list
@@ -313,7 +321,7 @@ const fn write(name: &'static str, ty: &'static str) -> Slot {
 
 impl Kernel {
     /// All kernels, for tests that compile every one.
-    pub const ALL: [Kernel; 10] = [
+    pub const ALL: [Kernel; 11] = [
         Kernel::QkScores,
         Kernel::MaskedSoftmax,
         Kernel::PvProduct,
@@ -324,6 +332,7 @@ impl Kernel {
         Kernel::AttentionBackwardDelta,
         Kernel::AttentionBackward,
         Kernel::AttentionBackwardTiled,
+        Kernel::Rotate,
     ];
 
     /// The kernel's own file.
@@ -339,6 +348,7 @@ impl Kernel {
             Kernel::AttentionBackwardDelta => ATTENTION_BACKWARD_DELTA,
             Kernel::AttentionBackward => ATTENTION_BACKWARD,
             Kernel::AttentionBackwardTiled => ATTENTION_BACKWARD_TILED,
+            Kernel::Rotate => ROTATE,
         }
     }
 
@@ -352,6 +362,7 @@ impl Kernel {
             Kernel::FlashAttention => &[Grid, Lse, TileGemm, Masking, OptionsApart],
             Kernel::FlashDecode => &[Grid, Lse, Masking, OptionsApart],
             Kernel::CombineSplits => &[Grid, Lse],
+            Kernel::Rotate => &[Grid],
             Kernel::AttentionBackwardDelta => &[Grid, Masking, OptionsPacked],
             Kernel::AttentionBackward => &[Grid, Masking, OptionsPacked, Backward],
             Kernel::AttentionBackwardTiled => &[Grid, TileGemm, Masking, OptionsPacked, Backward],
@@ -456,6 +467,16 @@ impl Kernel {
                 ];
                 S
             }
+            Kernel::Rotate => {
+                const S: &[Slot] = &[
+                    uniform::<RotateParams>("params"),
+                    tensor("x", true),
+                    tensor("y", false),
+                    read("table", "array<vec2<f32>>"),
+                    read("positions", "array<u32>"),
+                ];
+                S
+            }
             Kernel::PvProduct => {
                 const S: &[Slot] = &[
                     uniform::<PvParams>("params"),
@@ -481,6 +502,7 @@ impl Kernel {
             Kernel::AttentionBackwardDelta => "attention_backward_delta",
             Kernel::AttentionBackward => "attention_backward",
             Kernel::AttentionBackwardTiled => "attention_backward_tiled",
+            Kernel::Rotate => "rotate",
         }
     }
 }
@@ -966,6 +988,13 @@ pub enum KernelKey {
         /// The merged output.
         o: Storage,
     },
+    /// [`Kernel::Rotate`].
+    Rotate {
+        /// The rows turned.
+        x: Storage,
+        /// Where they go.
+        y: Storage,
+    },
     /// [`Kernel::AttentionBackwardDelta`].
     AttentionBackwardDelta {
         /// The forward's output.
@@ -1038,6 +1067,7 @@ impl KernelKey {
             KernelKey::FlashAttention { .. } => Kernel::FlashAttention,
             KernelKey::FlashDecode { .. } => Kernel::FlashDecode,
             KernelKey::CombineSplits { .. } => Kernel::CombineSplits,
+            KernelKey::Rotate { .. } => Kernel::Rotate,
             KernelKey::Matmul { .. } => Kernel::Matmul,
             KernelKey::AttentionBackwardDelta { .. } => Kernel::AttentionBackwardDelta,
             KernelKey::AttentionBackward { .. } => Kernel::AttentionBackward,
@@ -1054,6 +1084,7 @@ impl KernelKey {
             KernelKey::FlashAttention { q, k, v, o, .. }
             | KernelKey::FlashDecode { q, k, v, o, .. } => vec![q, k, v, o],
             KernelKey::CombineSplits { parts, o } => vec![parts, o],
+            KernelKey::Rotate { x, y } => vec![x, y],
             KernelKey::Matmul { a, b, c, .. } => vec![a, b, c],
             KernelKey::AttentionBackwardDelta { o, d_o, .. } => vec![o, d_o],
             KernelKey::AttentionBackward { q, k, v, d_o, .. }
@@ -1065,7 +1096,10 @@ impl KernelKey {
     /// options ([`MaskOptions::all`]): what the naga tests compile.
     pub fn samples(storage: Storage) -> Vec<KernelKey> {
         let s = storage;
-        let mut keys = vec![KernelKey::CombineSplits { parts: s, o: s }];
+        let mut keys = vec![
+            KernelKey::CombineSplits { parts: s, o: s },
+            KernelKey::Rotate { x: s, y: s },
+        ];
         for block in TileBlock::ALL {
             for additive in [false, true] {
                 keys.push(KernelKey::QkScores {
@@ -1407,6 +1441,7 @@ impl KernelKey {
             // Two reductions of one f32 per invocation and a flag.
             KernelKey::MaskedSoftmax { workgroup, .. } => 2 * workgroup * 4 + 4,
             KernelKey::CombineSplits { .. }
+            | KernelKey::Rotate { .. }
             | KernelKey::AttentionBackward { .. }
             | KernelKey::AttentionBackwardDelta { .. } => 0,
             KernelKey::AttentionBackwardTiled { .. } => BACKWARD_TILED_WORKGROUP_BYTES,
@@ -1519,6 +1554,11 @@ impl KernelKey {
                 ("BKV", flash_bkv(block, o_vec4s)),
                 ("STAGES", 1),
             ],
+            KernelKey::Rotate { .. } => vec![
+                ("ROTARY_LEVEL_BITS", crate::rotary::LEVEL_BITS),
+                ("ROTARY_LEVELS", crate::rotary::LEVELS),
+                ("ROTARY_ENTRIES", crate::rotary::ENTRIES),
+            ],
             _ => Vec::new(),
         }
     }
@@ -1630,6 +1670,7 @@ impl KernelKey {
             KernelKey::QkScores { additive, .. } => out.push(("ADDITIVE", additive as u8 as f64)),
             KernelKey::PvProduct { .. }
             | KernelKey::CombineSplits { .. }
+            | KernelKey::Rotate { .. }
             | KernelKey::Matmul { .. } => {}
         }
         out

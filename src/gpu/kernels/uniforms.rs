@@ -220,6 +220,37 @@ uniform! {
 }
 
 uniform! {
+    /// `rotate.wgsl`: rotary position embedding of one tensor's rows into another's.
+    struct RotateParams {
+        /// Rows of x, `batch * heads * seq`.
+        rows: u32,
+        heads: u32,
+        seq: u32,
+        /// Elements per row (head_dim).
+        dim: u32,
+        /// Rotated pairs (`Rotary::dim() / 2`), and the table's row length.
+        pairs: u32,
+        /// Pairs are `(2k, 2k + 1)`, not `(k, k + pairs)`.
+        interleaved: u32,
+        /// Turns by minus the angle.
+        inverse: u32,
+        /// `positions` holds one position per row, not one start per batch entry.
+        per_row: u32,
+        /// Rows go to y at their position (a cache's rows), not at their index.
+        rows_at_position: u32,
+        /// Only the first `positions[counts_offset + b]` rows of batch entry `b` are written.
+        has_counts: u32,
+        counts_offset: u32,
+        x_stride_b: u32,
+        x_stride_h: u32,
+        x_stride_s: u32,
+        y_stride_b: u32,
+        y_stride_h: u32,
+        y_stride_s: u32,
+    }
+}
+
+uniform! {
     /// `combine_splits.wgsl`: partial results merged by their log-sum-exp.
     struct CombineParams {
         splits: u32,
@@ -423,6 +454,7 @@ mod tests {
         check::<SoftmaxParams>();
         check::<PvParams>();
         check::<CombineParams>();
+        check::<RotateParams>();
         check::<MatmulParams>();
     }
 

@@ -1,0 +1,191 @@
+//! Rotary position embedding on the device (`shaders/rotate.wgsl`): [`rotate`], and the
+//! rotation a [`KvCache`](crate::KvCache) with a [`Rotary`] applies to the K it appends and the
+//! queries it attends with. What is computed, and how the angles stay exact, is in
+//! [`crate::rotary`].
+
+use crate::error::{Error, Result};
+use crate::gpu::context::Gpu;
+use crate::gpu::kernels::KernelKey;
+use crate::gpu::kernels::uniforms::{RotateParams, uniform_buffer};
+use crate::gpu::limits::DispatchSize;
+use crate::gpu::tensor::{Tensor, init_buffer};
+use crate::rotary::{Positions, Rotary, RotaryStyle};
+use crate::spec::Layout;
+
+/// Angle tables a device keeps, the least recently used dropped first.
+const KEPT_TABLES: usize = 8;
+
+/// `x` (dims in `layout`) with each row turned by its position: a new tensor of `x`'s dims
+/// and dtype, in one submit. The rotation is computed in f32 from an f64 table of angles
+/// ([`crate::rotary`]); [`cpu::rotate`](crate::cpu::rotate) is its f64 twin.
+///
+/// ```no_run
+/// use wgpu_attention::{Gpu, Layout, gpu::rotate, rotary::{Positions, Rotary}};
+/// let gpu = Gpu::new()?;
+/// let rope = Rotary::new(64, 10_000.0)?;
+/// // A prompt of 100 tokens, 8 heads, Bshd, from position 0.
+/// let q = gpu.upload(&vec![0.1; 100 * 8 * 64], [1, 100, 8, 64])?;
+/// let q = rotate(&gpu, &q, Layout::Bshd, &rope, &Positions::Start(vec![0]))?;
+/// # Ok::<(), wgpu_attention::Error>(())
+/// ```
+pub fn rotate(
+    gpu: &Gpu,
+    x: &Tensor,
+    layout: Layout,
+    rotary: &Rotary,
+    positions: &Positions,
+) -> Result<Tensor> {
+    gpu.expect_own("rotated tensor", x)?;
+    let dims = x.dims();
+    let (batch, heads, seq, dim) = rotary.check(dims, layout, positions)?;
+    let strides = layout.strides(heads, seq, dim);
+    let y = gpu.empty_as(dims, x.dtype())?;
+    let (words, per_row) = match positions {
+        Positions::Start(s) => (s.as_slice(), false),
+        Positions::Each(e) => (e.as_slice(), true),
+    };
+    gpu.submit_with("rotate", |encoder| {
+        encode(
+            gpu,
+            encoder,
+            rotary,
+            &Rotation {
+                x,
+                x_strides: strides,
+                y: &y,
+                y_strides: strides,
+                batch,
+                heads,
+                seq,
+                dim,
+                positions: words,
+                per_row,
+                counts: None,
+                rows_at_position: false,
+            },
+        )
+    })?;
+    Ok(y)
+}
+
+/// One rotation of `x`'s rows `[batch, heads, seq, dim]` (element strides over batch, head
+/// and row; the last dim's is 1) into `y`.
+pub(crate) struct Rotation<'a> {
+    pub(crate) x: &'a Tensor,
+    pub(crate) x_strides: [usize; 3],
+    pub(crate) y: &'a Tensor,
+    pub(crate) y_strides: [usize; 3],
+    pub(crate) batch: usize,
+    pub(crate) heads: usize,
+    pub(crate) seq: usize,
+    pub(crate) dim: usize,
+    /// One start per batch entry (i32 bits: negative starts turn their first rows as position
+    /// 0), or with `per_row` one position per row `[batch, seq]`.
+    pub(crate) positions: &'a [u32],
+    pub(crate) per_row: bool,
+    /// Rows of batch entry `b` written: the first `counts[b]` (all without).
+    pub(crate) counts: Option<&'a [u32]>,
+    /// Row `i` of batch entry `b` goes to y's row `start[b] + i` (a cache's rows), not `i`.
+    pub(crate) rows_at_position: bool,
+}
+
+/// Records `r` into `encoder`. Call inside [`Gpu::guarded`] (as `submit_with` does).
+pub(crate) fn encode(
+    gpu: &Gpu,
+    encoder: &mut wgpu::CommandEncoder,
+    rotary: &Rotary,
+    r: &Rotation<'_>,
+) -> Result<()> {
+    let too_large = |what: &'static str, n: usize| Error::TooLarge {
+        what,
+        requested: n as u64,
+        max: u32::MAX as u64,
+        hint: "",
+    };
+    let u = |what: &'static str, n: usize| u32::try_from(n).map_err(|_| too_large(what, n));
+    let rows = r
+        .batch
+        .checked_mul(r.heads)
+        .and_then(|n| n.checked_mul(r.seq))
+        .ok_or(too_large("rotated rows", usize::MAX))?;
+    let mut words = r.positions.to_vec();
+    let counts_offset = words.len();
+    if let Some(counts) = r.counts {
+        words.extend_from_slice(counts);
+    }
+    let [xb, xh, xs] = r.x_strides;
+    let [yb, yh, ys] = r.y_strides;
+    let params = RotateParams {
+        rows: u("rotated rows", rows)?,
+        heads: u("heads", r.heads)?,
+        seq: u("rows per head", r.seq)?,
+        dim: u("head_dim", r.dim)?,
+        pairs: (rotary.dim() / 2) as u32,
+        interleaved: (rotary.pairing() == RotaryStyle::Interleaved) as u32,
+        inverse: rotary.is_inverse() as u32,
+        per_row: r.per_row as u32,
+        rows_at_position: r.rows_at_position as u32,
+        has_counts: r.counts.is_some() as u32,
+        counts_offset: u("rotary positions", counts_offset)?,
+        x_stride_b: u("strides", xb)?,
+        x_stride_h: u("strides", xh)?,
+        x_stride_s: u("strides", xs)?,
+        y_stride_b: u("strides", yb)?,
+        y_stride_h: u("strides", yh)?,
+        y_stride_s: u("strides", ys)?,
+    };
+    let device = &gpu.device;
+    let kernel = gpu.kernels.get(
+        device,
+        KernelKey::Rotate {
+            x: gpu.storage(r.x.dtype()),
+            y: gpu.storage(r.y.dtype()),
+        },
+    )?;
+    let uniform = uniform_buffer(gpu, &params)?;
+    let table = table(gpu, rotary)?;
+    let positions = gpu.submission_buffer(
+        "wgpu-attention rotary positions",
+        bytemuck::cast_slice(&words),
+        wgpu::BufferUsages::STORAGE,
+    );
+    let bind = kernel.bind(
+        device,
+        &[&uniform, r.x.buffer(), r.y.buffer(), &table, &positions],
+    );
+    let size = DispatchSize::linear(
+        rows as u64,
+        gpu.limits.max_workgroups_per_dim,
+        "rotate dispatch",
+    )?;
+    let mut pass = gpu.begin_pass(encoder, "wgpu-attention rotate", true, true);
+    kernel.dispatch(&mut pass, &bind, size);
+    Ok(())
+}
+
+/// The device's angle table for `rotary`'s frequencies, built and uploaded on first use.
+fn table(gpu: &Gpu, rotary: &Rotary) -> Result<wgpu::Buffer> {
+    let key = rotary.table_key();
+    let mut tables = gpu
+        .state
+        .rotary_tables
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(at) = tables.iter().position(|(k, _)| *k == key) {
+        let entry = tables.remove(at);
+        let buffer = entry.1.clone();
+        tables.push(entry);
+        return Ok(buffer);
+    }
+    let buffer = init_buffer(
+        &gpu.device,
+        "wgpu-attention rotary table",
+        bytemuck::cast_slice(&rotary.table()),
+        wgpu::BufferUsages::STORAGE,
+    )?;
+    tables.push((key, buffer.clone()));
+    if tables.len() > KEPT_TABLES {
+        tables.remove(0);
+    }
+    Ok(buffer)
+}

@@ -1,0 +1,435 @@
+//! Rotary position embedding (RoPE): the rotation that Llama, Mistral, Qwen, gpt-oss and most
+//! LLMs apply to Q and K before attention, on the GPU ([`gpu::rotate`](crate::gpu::rotate), and
+//! inside a [`KvCache`](crate::KvCache) that has one) and on the CPU ([`cpu::rotate`](crate::cpu::rotate),
+//! in f64, the oracle of the GPU's).
+//!
+//! # What it computes
+//!
+//! Pair `k` of a head's first [`dim`](Rotary::dim) elements (`dim / 2` pairs), at position `p`,
+//! is turned by the angle `p · f_k`:
+//!
+//! ```text
+//! (x0, x1) -> (x0 · cos(p f_k) - x1 · sin(p f_k),  x0 · sin(p f_k) + x1 · cos(p f_k))
+//! ```
+//!
+//! with `f_k = base^(-2k / dim)` ([`Rotary::new`]), or frequencies of your own
+//! ([`Rotary::from_frequencies`]: NTK, YaRN, or a checkpoint's exact values), or Llama 3.1's and
+//! linear scaling of them. Which elements form pair `k` is the [`RotaryStyle`]: `(k, k + dim/2)`
+//! (GPT-NeoX, Hugging Face's `rotate_half`, the default) or `(2k, 2k + 1)` (GPT-J, Meta's
+//! original Llama, FlashAttention's `rotary_interleaved`). Elements past `dim` (partial rotary,
+//! as GPT-NeoX and Phi use) pass unchanged. [`Rotary::inverse`] turns the other way: it undoes
+//! the rotation, and it is the rotation's backward (a rotation's transpose is its inverse), so a
+//! training step takes dQ and dK back through RoPE with it.
+//!
+//! # Exact at every position
+//!
+//! Angles are not computed from `p · f_k` in f32 on the GPU: at `p = 10^5` the f32 product is
+//! off by up to `4 · 10^-3` radians, and GPUs' `cos`/`sin` are only promised to `2^-11` by
+//! Vulkan. Instead the host computes, in f64, `cos` and `sin` of `m · 64^l · f_k` for each
+//! base-64 digit `m` and level `l < 4`, and the kernel multiplies the four complex numbers of
+//! `p`'s digits (angle addition): about `3 · 10^-7` from the f64 rotation at any position below
+//! `2^24`, the limit. The table (`4 · 64 · dim / 2` pairs of f32: 64 KiB at `dim = 64`) is
+//! built once per device and set of frequencies and kept (the last eight).
+//!
+//! Frequencies are f64 here. Hugging Face computes them in f32, which differs by up to half
+//! an f32 ulp per frequency (at position `10^5` about `3 · 10^-3` radians on the fastest
+//! pair): to match such an implementation to the last bit, give its f32 frequencies to
+//! [`Rotary::from_frequencies`].
+//!
+//! ```
+//! use wgpu_attention::{Layout, cpu, rotary::{Positions, Rotary}};
+//! // Llama 3.1 8B: head_dim 128, theta 500000, Llama 3 scaling of its frequencies.
+//! let rope = Rotary::new(128, 500_000.0)?.llama3_scaling(Default::default())?;
+//! // Two sequences of 3 tokens, one head, starting at positions 0 and 10.
+//! let x = vec![0.5f32; 2 * 3 * 128];
+//! let y = cpu::rotate(&x, [2, 1, 3, 128], Layout::Bhsd, &rope, &Positions::Start(vec![0, 10]))?;
+//! // Position 0 is no rotation at all; the inverse undoes the rest.
+//! assert_eq!(&y[..128], &x[..128]);
+//! let back = cpu::rotate(&y, [2, 1, 3, 128], Layout::Bhsd, &rope.inverse(), &Positions::Start(vec![0, 10]))?;
+//! assert!(back.iter().zip(&x).all(|(a, b)| (a - b).abs() < 1e-6));
+//! # Ok::<(), wgpu_attention::Error>(())
+//! ```
+
+use crate::error::{Error, Result};
+use crate::spec::{Layout, MAX_HEAD_DIM};
+
+/// Bits of a position each level of the angle table covers.
+pub(crate) const LEVEL_BITS: u32 = 6;
+/// Levels of the angle table: positions below `64^4 = 2^24`.
+pub(crate) const LEVELS: u32 = 4;
+/// Entries per level.
+pub(crate) const ENTRIES: u32 = 1 << LEVEL_BITS;
+/// Positions must be below this (`2^24`): the angle table's reach, and the largest integer an
+/// f32 holds exactly.
+pub const MAX_POSITIONS: u64 = 1 << (LEVEL_BITS * LEVELS);
+
+/// Which elements of a head form a rotated pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub enum RotaryStyle {
+    /// Pair `k` is `(k, k + dim / 2)`: GPT-NeoX, Hugging Face's `rotate_half` (Llama, Mistral,
+    /// Qwen checkpoints in `transformers`).
+    #[default]
+    Halves,
+    /// Pair `k` is `(2k, 2k + 1)`: GPT-J, Meta's original Llama, llama.cpp's "normal" mode,
+    /// FlashAttention's `rotary_interleaved=True`.
+    Interleaved,
+}
+
+/// Llama 3.1's scaling of the frequencies for long contexts (`rope_type: "llama3"` in a
+/// Hugging Face config): wavelengths longer than `original_max_positions / low_freq_factor`
+/// are stretched by `factor`, those shorter than `original_max_positions / high_freq_factor`
+/// are kept, and those between are blended. The default is Llama 3.1's (8, 1, 4, 8192).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Llama3Scaling {
+    /// How much the longest wavelengths are stretched.
+    pub factor: f64,
+    /// Wavelengths past `original_max_positions / low_freq_factor` take the whole factor.
+    pub low_freq_factor: f64,
+    /// Wavelengths below `original_max_positions / high_freq_factor` are kept.
+    pub high_freq_factor: f64,
+    /// The context length the model was trained at before scaling.
+    pub original_max_positions: f64,
+}
+
+impl Default for Llama3Scaling {
+    fn default() -> Self {
+        Llama3Scaling {
+            factor: 8.0,
+            low_freq_factor: 1.0,
+            high_freq_factor: 4.0,
+            original_max_positions: 8192.0,
+        }
+    }
+}
+
+/// A rotary position embedding: its frequencies, which elements pair up, and its direction.
+/// See the [module docs](self).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Rotary {
+    frequencies: Vec<f64>,
+    style: RotaryStyle,
+    inverse: bool,
+}
+
+/// The position of each row a rotation turns.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Positions {
+    /// One start per batch entry: row `i` of sequence `b` is at `start[b] + i` (a prompt from
+    /// 0, or new tokens after a cache's `len[b]`).
+    Start(Vec<u32>),
+    /// One position per row, `[batch, seq]` row-major: packed batches whose sequences restart,
+    /// or positions of your own.
+    Each(Vec<u32>),
+}
+
+fn invalid(what: &'static str, value: String, why: &'static str) -> Error {
+    Error::InvalidOption { what, value, why }
+}
+
+impl Rotary {
+    /// RoPE over the first `rotary_dim` elements of each head with frequencies
+    /// `base^(-2k / rotary_dim)` (`base` is a config's `rope_theta`: 10000 for Llama 2, 500000
+    /// for Llama 3), in the [`Halves`](RotaryStyle::Halves) style.
+    pub fn new(rotary_dim: usize, base: f64) -> Result<Rotary> {
+        if rotary_dim == 0 || !rotary_dim.is_multiple_of(2) || rotary_dim > MAX_HEAD_DIM {
+            return Err(invalid(
+                "rotary dim",
+                rotary_dim.to_string(),
+                "rotary_dim counts pairs of elements: even, at least 2, at most MAX_HEAD_DIM",
+            ));
+        }
+        if !(base.is_finite() && base > 0.0) {
+            return Err(invalid(
+                "rotary base",
+                base.to_string(),
+                "the base (rope_theta) must be finite and positive",
+            ));
+        }
+        let frequencies = (0..rotary_dim / 2)
+            .map(|k| base.powf(-((2 * k) as f64) / rotary_dim as f64))
+            .collect();
+        Rotary::from_frequencies(frequencies)
+    }
+
+    /// RoPE with the given frequency of each pair, in radians per position (`inv_freq` in Hugging
+    /// Face's code): `rotary_dim` is twice their number. They must be finite and not negative.
+    pub fn from_frequencies(frequencies: Vec<f64>) -> Result<Rotary> {
+        if frequencies.is_empty() || 2 * frequencies.len() > MAX_HEAD_DIM {
+            return Err(invalid(
+                "rotary frequencies",
+                format!("{} frequencies", frequencies.len()),
+                "one frequency per pair: at least one, at most MAX_HEAD_DIM / 2",
+            ));
+        }
+        if let Some(f) = frequencies.iter().find(|f| !(f.is_finite() && **f >= 0.0)) {
+            return Err(invalid(
+                "rotary frequency",
+                f.to_string(),
+                "frequencies must be finite and not negative",
+            ));
+        }
+        Ok(Rotary {
+            frequencies,
+            style: RotaryStyle::Halves,
+            inverse: false,
+        })
+    }
+
+    /// The same rotation with pairs formed as `style` says.
+    pub fn style(mut self, style: RotaryStyle) -> Rotary {
+        self.style = style;
+        self
+    }
+
+    /// The [`Interleaved`](RotaryStyle::Interleaved) style: pairs `(2k, 2k + 1)`.
+    pub fn interleaved(self) -> Rotary {
+        self.style(RotaryStyle::Interleaved)
+    }
+
+    /// Frequencies divided by `factor` (`rope_type: "linear"`, position interpolation).
+    pub fn linear_scaling(mut self, factor: f64) -> Result<Rotary> {
+        if !(factor.is_finite() && factor > 0.0) {
+            return Err(invalid(
+                "rotary scaling factor",
+                factor.to_string(),
+                "the factor must be finite and positive",
+            ));
+        }
+        for f in &mut self.frequencies {
+            *f /= factor;
+        }
+        Ok(self)
+    }
+
+    /// Llama 3.1's scaling of the frequencies ([`Llama3Scaling`]).
+    pub fn llama3_scaling(mut self, s: Llama3Scaling) -> Result<Rotary> {
+        let fine = |x: f64| x.is_finite() && x > 0.0;
+        if !(fine(s.factor)
+            && fine(s.low_freq_factor)
+            && fine(s.high_freq_factor)
+            && fine(s.original_max_positions)
+            && s.high_freq_factor > s.low_freq_factor)
+        {
+            return Err(invalid(
+                "llama3 rotary scaling",
+                format!("{s:?}"),
+                "every field must be finite and positive, and high_freq_factor above \
+                 low_freq_factor",
+            ));
+        }
+        let low_wavelen = s.original_max_positions / s.low_freq_factor;
+        let high_wavelen = s.original_max_positions / s.high_freq_factor;
+        for f in &mut self.frequencies {
+            if *f == 0.0 {
+                continue;
+            }
+            let wavelen = 2.0 * std::f64::consts::PI / *f;
+            if wavelen > low_wavelen {
+                *f /= s.factor;
+            } else if wavelen >= high_wavelen {
+                let smooth = (s.original_max_positions / wavelen - s.low_freq_factor)
+                    / (s.high_freq_factor - s.low_freq_factor);
+                *f = (1.0 - smooth) * *f / s.factor + smooth * *f;
+            }
+        }
+        Ok(self)
+    }
+
+    /// The rotation the other way: it undoes this one, and it is this one's backward (takes
+    /// the gradient by the rotated tensor to the gradient by the tensor before it).
+    pub fn inverse(mut self) -> Rotary {
+        self.inverse = !self.inverse;
+        self
+    }
+
+    /// Elements of each head the rotation turns (twice the number of frequencies).
+    pub fn dim(&self) -> usize {
+        2 * self.frequencies.len()
+    }
+
+    /// Each pair's frequency, in radians per position.
+    pub fn frequencies(&self) -> &[f64] {
+        &self.frequencies
+    }
+
+    /// Which elements pair up.
+    pub fn pairing(&self) -> RotaryStyle {
+        self.style
+    }
+
+    /// Whether this is the inverse rotation.
+    pub fn is_inverse(&self) -> bool {
+        self.inverse
+    }
+
+    /// `(cos, sin)` of pair `k`'s angle at `position`, in f64 (negated sine for the inverse).
+    pub(crate) fn turn(&self, position: u64, k: usize) -> (f64, f64) {
+        let angle = (position as f64 * self.frequencies[k]).rem_euclid(std::f64::consts::TAU);
+        let (sin, cos) = angle.sin_cos();
+        (cos, if self.inverse { -sin } else { sin })
+    }
+
+    /// Element `d`'s pair: `(k, partner, first)`, for `d < dim()`.
+    pub(crate) fn pair_of(&self, d: usize) -> (usize, usize, bool) {
+        let half = self.frequencies.len();
+        match self.style {
+            RotaryStyle::Halves if d < half => (d, d + half, true),
+            RotaryStyle::Halves => (d - half, d - half, false),
+            RotaryStyle::Interleaved => (d / 2, d ^ 1, d.is_multiple_of(2)),
+        }
+    }
+
+    /// The angle table the kernel multiplies out: `(cos, sin)` of `m · 64^l · f_k` at
+    /// `[(l · 64 + m) · pairs + k]`, computed in f64.
+    pub(crate) fn table(&self) -> Vec<[f32; 2]> {
+        let pairs = self.frequencies.len();
+        let mut out = Vec::with_capacity((LEVELS * ENTRIES) as usize * pairs);
+        for l in 0..LEVELS {
+            for m in 0..ENTRIES as u64 {
+                for &f in &self.frequencies {
+                    let angle =
+                        ((m << (l * LEVEL_BITS)) as f64 * f).rem_euclid(std::f64::consts::TAU);
+                    let (sin, cos) = angle.sin_cos();
+                    out.push([cos as f32, sin as f32]);
+                }
+            }
+        }
+        out
+    }
+
+    /// The table's identity on a device: the frequencies' bits.
+    pub(crate) fn table_key(&self) -> Vec<u64> {
+        self.frequencies.iter().map(|f| f.to_bits()).collect()
+    }
+
+    /// Checks a rotation of a tensor of `dims` in `layout` at `positions`; returns
+    /// `(batch, heads, seq, head_dim)`.
+    pub(crate) fn check(
+        &self,
+        dims: [usize; 4],
+        layout: Layout,
+        positions: &Positions,
+    ) -> Result<(usize, usize, usize, usize)> {
+        let (batch, heads, seq, head_dim) = layout.split(dims);
+        for (what, n) in [
+            ("batch", batch),
+            ("heads", heads),
+            ("seq", seq),
+            ("head_dim", head_dim),
+        ] {
+            if n == 0 {
+                return Err(Error::ZeroSize { what });
+            }
+        }
+        if self.dim() > head_dim {
+            return Err(invalid(
+                "rotary dim",
+                format!("{} over a head_dim of {head_dim}", self.dim()),
+                "the rotation turns the first rotary_dim elements of each head: at most head_dim",
+            ));
+        }
+        let (values, expected, last_row) = match positions {
+            Positions::Start(s) => (s, batch, seq - 1),
+            Positions::Each(e) => (e, batch.saturating_mul(seq), 0),
+        };
+        if values.len() != expected {
+            return Err(Error::ShapeMismatch {
+                what: match positions {
+                    Positions::Start(_) => "rotary positions (one start per batch entry)".into(),
+                    Positions::Each(_) => "rotary positions (one per row, [batch, seq])".into(),
+                },
+                got: values.len(),
+                expected,
+            });
+        }
+        for (index, &p) in values.iter().enumerate() {
+            let last = p as u64 + last_row as u64;
+            if last >= MAX_POSITIONS {
+                return Err(Error::LengthOutOfRange {
+                    what: "rotary position",
+                    index,
+                    value: last as usize,
+                    max: MAX_POSITIONS as usize - 1,
+                });
+            }
+        }
+        Ok((batch, heads, seq, head_dim))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frequencies_follow_the_base() {
+        let r = Rotary::new(8, 10_000.0).unwrap();
+        let want = [1.0, 0.1, 0.01, 0.001];
+        for (got, want) in r.frequencies().iter().zip(want) {
+            assert!(
+                (got - want).abs() < 1e-15 * want.max(1.0),
+                "{got} vs {want}"
+            );
+        }
+    }
+
+    #[test]
+    fn llama3_scaling_keeps_fast_and_stretches_slow() {
+        // Llama 3.1 8B: the fastest pair (wavelength 2π) is kept, the slowest (far past 8192
+        // positions) divided by 8, one in the blended band lies between.
+        let plain = Rotary::new(128, 500_000.0).unwrap();
+        let scaled = plain
+            .clone()
+            .llama3_scaling(Llama3Scaling::default())
+            .unwrap();
+        let (p, s) = (plain.frequencies(), scaled.frequencies());
+        assert_eq!(s[0], p[0]);
+        assert!((s[63] - p[63] / 8.0).abs() < 1e-18);
+        let band = (0..64)
+            .find(|&k| {
+                let w = std::f64::consts::TAU / p[k];
+                (2048.0..=8192.0).contains(&w)
+            })
+            .unwrap();
+        assert!(s[band] < p[band] && s[band] > p[band] / 8.0, "{band}");
+    }
+
+    #[test]
+    fn the_table_multiplies_out_to_the_angle() {
+        let r = Rotary::new(16, 10_000.0).unwrap();
+        let table = r.table();
+        let pairs = 8;
+        for &p in &[0u64, 1, 63, 64, 4095, 100_000, (1 << 24) - 1] {
+            for k in 0..pairs {
+                let (mut c, mut s) = (1.0f64, 0.0f64);
+                for l in 0..LEVELS {
+                    let m = (p >> (l * LEVEL_BITS)) & (ENTRIES as u64 - 1);
+                    let [tc, ts] = table[((l * ENTRIES) as u64 + m) as usize * pairs + k];
+                    (c, s) = (c * tc as f64 - s * ts as f64, c * ts as f64 + s * tc as f64);
+                }
+                let (wc, ws) = r.turn(p, k);
+                assert!(
+                    (c - wc).abs() < 3e-7 && (s - ws).abs() < 3e-7,
+                    "{p} {k}: {c} {s} vs {wc} {ws}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn bad_settings_are_typed_errors() {
+        assert!(Rotary::new(0, 1e4).is_err());
+        assert!(Rotary::new(7, 1e4).is_err());
+        assert!(Rotary::new(8, 0.0).is_err());
+        assert!(Rotary::new(8, f64::NAN).is_err());
+        assert!(Rotary::from_frequencies(vec![]).is_err());
+        assert!(Rotary::from_frequencies(vec![1.0, f64::INFINITY]).is_err());
+        assert!(Rotary::from_frequencies(vec![-1.0]).is_err());
+        assert!(Rotary::new(8, 1e4).unwrap().linear_scaling(0.0).is_err());
+        let bad = Llama3Scaling {
+            high_freq_factor: 1.0,
+            ..Default::default()
+        };
+        assert!(Rotary::new(8, 1e4).unwrap().llama3_scaling(bad).is_err());
+    }
+}

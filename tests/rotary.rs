@@ -1,0 +1,362 @@
+//! Rotary position embedding: `gpu::rotate` against `cpu::rotate` (f64) over layouts, styles,
+//! partial rotations, storage types and positions up to the limit; and a `KvCache` that
+//! applies it, against the f64 reference on the host-rotated Q and K.
+
+mod common;
+
+use common::{O_ATOL, O_RTOL, assert_close, gpu, mirror_append, random, rng};
+use rand::Rng;
+use wgpu_attention::gpu::rotate;
+use wgpu_attention::rotary::{Llama3Scaling, MAX_POSITIONS, Positions, Rotary, RotaryStyle};
+use wgpu_attention::{Attention, Causal, DType, Dims, Error, KvCache, Layout, cpu};
+
+/// The rotation's own error: the angle table multiplied out in f32 (about 3e-7 of an
+/// element's pair), and the products.
+const ATOL: f32 = 2e-6;
+const RTOL: f32 = 2e-6;
+
+/// `gpu::rotate` of random `x` against `cpu::rotate`, element by element. Returns the
+/// difference's largest magnitude.
+fn check_rotate(
+    dims: [usize; 4],
+    layout: Layout,
+    rotary: &Rotary,
+    positions: &Positions,
+    dtype: DType,
+    seed: u64,
+) {
+    let Some(gpu) = gpu() else { return };
+    let mut r = rng(seed);
+    let n = dims.iter().product();
+    let x = random(&mut r, n, 2.0);
+    let tx = gpu.upload_as(&x, dims, dtype).unwrap();
+    // The reference rotates what the tensor holds (the input rounded to its dtype).
+    let held = tx.download(gpu).unwrap();
+    let want = cpu::rotate(&held, dims, layout, rotary, positions).unwrap();
+    let got = rotate(gpu, &tx, layout, rotary, positions).unwrap();
+    assert_eq!(got.dims(), dims);
+    assert_eq!(got.dtype(), dtype);
+    // Rounding the result to a 16-bit type adds half its ulp of the result.
+    let (atol, rtol) = match dtype {
+        DType::F32 => (ATOL, RTOL),
+        DType::F16 => (2.0 * 2f32.powi(-11), 2f32.powi(-10)),
+        _ => (2.0 * 2f32.powi(-8), 2f32.powi(-7)),
+    };
+    let what = format!(
+        "{dims:?} {layout:?} {:?} dim {} inverse {} {dtype:?} {positions:?}",
+        rotary.pairing(),
+        rotary.dim(),
+        rotary.is_inverse()
+    );
+    assert_close(&what, &got.download(gpu).unwrap(), &want, atol, rtol);
+}
+
+#[test]
+fn every_style_layout_and_partial_dim() {
+    let mut seed = 0;
+    for layout in [Layout::Bhsd, Layout::Bshd] {
+        for style in [RotaryStyle::Halves, RotaryStyle::Interleaved] {
+            // (head_dim, rotary_dim): whole heads, partial rotation, odd head dims.
+            for (head_dim, rotary_dim) in [(64, 64), (40, 24), (9, 6), (2, 2), (130, 64)] {
+                for inverse in [false, true] {
+                    let mut rotary = Rotary::new(rotary_dim, 10_000.0).unwrap().style(style);
+                    if inverse {
+                        rotary = rotary.inverse();
+                    }
+                    seed += 1;
+                    let dims = layout.dims(2, 3, 7, head_dim);
+                    let starts = Positions::Start(vec![0, 1_000 + seed as u32]);
+                    check_rotate(dims, layout, &rotary, &starts, DType::F32, seed);
+                }
+            }
+        }
+    }
+}
+
+/// Positions far along, up to the last one the table reaches, one per row.
+#[test]
+fn positions_up_to_the_limit() {
+    let mut r = rng(77);
+    let (batch, heads, seq, d) = (2, 2, 33, 128);
+    let last = MAX_POSITIONS as u32 - 1;
+    let mut each: Vec<u32> = (0..batch * seq)
+        .map(|_| r.random_range(0..MAX_POSITIONS as u32))
+        .collect();
+    each[0] = last;
+    each[1] = 0;
+    each[2] = 100_000;
+    let rotary = Rotary::new(d, 500_000.0)
+        .unwrap()
+        .llama3_scaling(Llama3Scaling::default())
+        .unwrap();
+    let dims = [batch, heads, seq, d];
+    check_rotate(
+        dims,
+        Layout::Bhsd,
+        &rotary,
+        &Positions::Each(each),
+        DType::F32,
+        78,
+    );
+    let starts = Positions::Start(vec![last - seq as u32 + 1, 8_000_000]);
+    check_rotate(
+        dims,
+        Layout::Bhsd,
+        &rotary.interleaved(),
+        &starts,
+        DType::F32,
+        79,
+    );
+}
+
+#[test]
+fn sixteen_bit_storage() {
+    let rotary = Rotary::new(48, 10_000.0).unwrap();
+    for (dtype, seed) in [(DType::F16, 90), (DType::Bf16, 91)] {
+        for layout in [Layout::Bhsd, Layout::Bshd] {
+            let dims = layout.dims(1, 5, 19, 64);
+            let starts = Positions::Start(vec![3]);
+            check_rotate(dims, layout, &rotary, &starts, dtype, seed);
+        }
+    }
+}
+
+/// The inverse undoes the rotation on the GPU too.
+#[test]
+fn inverse_undoes() {
+    let Some(gpu) = gpu() else { return };
+    let dims = [3, 4, 21, 32];
+    let x = random(&mut rng(5), dims.iter().product(), 1.0);
+    let rotary = Rotary::new(32, 10_000.0).unwrap().interleaved();
+    let at = Positions::Start(vec![0, 77, 123_456]);
+    let tx = gpu.upload(&x, dims).unwrap();
+    let turned = rotate(gpu, &tx, Layout::Bhsd, &rotary, &at).unwrap();
+    let back = rotate(gpu, &turned, Layout::Bhsd, &rotary.clone().inverse(), &at).unwrap();
+    assert_close("round trip", &back.download(gpu).unwrap(), &x, 2e-6, 2e-6);
+    // And it did turn: position 77's rows moved.
+    let moved = turned.download(gpu).unwrap();
+    let row = 32 * (4 * 21) + 5 * 32; // b = 1, h = 0, i = 5
+    assert!(
+        (moved[row] - x[row]).abs() > 1e-3,
+        "{} {}",
+        moved[row],
+        x[row]
+    );
+}
+
+/// A cache that applies RoPE: K appended from the host and from tensors, turned by its rows;
+/// queries turned by their positions; every step against the reference on the host-rotated
+/// Q and K, and the cache's K rows against `cpu::rotate`.
+#[test]
+fn cache_applies_the_rotation() {
+    let Some(gpu) = gpu() else { return };
+    let (batch, heads, kv_heads, cap, d, dv) = (2, 6, 2, 300, 40, 24);
+    let rotary = Rotary::new(32, 10_000.0).unwrap();
+    let mut cache = KvCache::new(gpu, batch, kv_heads, cap, d, dv)
+        .unwrap()
+        .with_rotary(rotary.clone())
+        .unwrap();
+    assert_eq!(cache.rotary(), Some(&rotary));
+    let mut host_k = vec![0f32; batch * kv_heads * cap * d];
+    let mut host_v = vec![0f32; batch * kv_heads * cap * dv];
+    let mut r = rng(2100);
+    let steps: [[usize; 2]; 4] = [[200, 130], [1, 1], [5, 2], [1, 0]];
+    for (step, new) in steps.iter().enumerate() {
+        let t = *new.iter().max().unwrap();
+        let k = random(&mut r, batch * kv_heads * t * d, 1.0);
+        let v = random(&mut r, batch * kv_heads * t * dv, 1.0);
+        let start: Vec<usize> = cache.lens().iter().map(|&l| l as usize).collect();
+        if step % 2 == 0 {
+            cache.append(gpu, &k, &v, new).unwrap();
+        } else {
+            let tk = gpu.upload(&k, [batch, kv_heads, t, d]).unwrap();
+            let tv = gpu.upload(&v, [batch, kv_heads, t, dv]).unwrap();
+            cache.append_tensors(gpu, &tk, &tv, new).unwrap();
+        }
+        let starts = Positions::Start(start.iter().map(|&s| s as u32).collect());
+        let k_turned =
+            cpu::rotate(&k, [batch, kv_heads, t, d], Layout::Bhsd, &rotary, &starts).unwrap();
+        mirror_append(&mut host_k, &k_turned, (kv_heads, cap, d), &start, new);
+        mirror_append(&mut host_v, &v, (kv_heads, cap, dv), &start, new);
+        let lens = cache.lens().to_vec();
+        // The cache's K rows, as the kernel turned them.
+        let held = cache.k().download(gpu).unwrap();
+        for (b, &len) in lens.iter().enumerate() {
+            for h in 0..kv_heads {
+                let rows =
+                    ((b * kv_heads + h) * cap) * d..((b * kv_heads + h) * cap + len as usize) * d;
+                assert_close(
+                    &format!("cached K, step {step}, b {b} h {h}"),
+                    &held[rows.clone()],
+                    &host_k[rows],
+                    ATOL,
+                    RTOL,
+                );
+            }
+        }
+        // The new tokens' queries, turned at their positions.
+        let q = random(&mut r, batch * heads * t * d, 1.0);
+        let tq = gpu.upload(&q, [batch, heads, t, d]).unwrap();
+        let q_lens: Vec<u32> = new.iter().map(|&n| n as u32).collect();
+        let out = cache
+            .attend(gpu, &tq, &Attention::new().q_lens(q_lens.clone()))
+            .unwrap();
+        let q_pos: Vec<u32> = (0..batch)
+            .flat_map(|b| (0..t).map(move |i| (b, i)))
+            .map(|(b, i)| (lens[b] as i64 - q_lens[b] as i64 + i as i64).max(0) as u32)
+            .collect();
+        let q_turned = cpu::rotate(
+            &q,
+            [batch, heads, t, d],
+            Layout::Bhsd,
+            &rotary,
+            &Positions::Each(q_pos),
+        )
+        .unwrap();
+        let full = Dims {
+            batch,
+            heads,
+            kv_heads,
+            q_len: t,
+            kv_len: cap,
+            head_dim: d,
+            v_head_dim: dv,
+        };
+        let want_opts = Attention::new()
+            .q_lens(q_lens)
+            .kv_lens(lens)
+            .causal(Causal::BottomRight);
+        let want = cpu::reference(&q_turned, &host_k, &host_v, full, &want_opts).unwrap();
+        assert_close(
+            &format!("O, step {step}, appended {new:?}"),
+            &out.o.download(gpu).unwrap(),
+            &want.o,
+            O_ATOL,
+            O_RTOL,
+        );
+        // The query tensor itself is left as it was.
+        assert_eq!(tq.download(gpu).unwrap(), q);
+    }
+}
+
+/// A 16-bit cache stores K turned from the unrounded input, then rounded once.
+#[test]
+fn half_cache_rounds_once() {
+    let Some(gpu) = gpu() else { return };
+    let (kv_heads, cap, d) = (2, 64, 32);
+    let rotary = Rotary::new(d, 10_000.0).unwrap().interleaved();
+    let mut cache = KvCache::with_dtype(gpu, 1, kv_heads, cap, d, d, DType::F16)
+        .unwrap()
+        .with_rotary(rotary.clone())
+        .unwrap();
+    let mut r = rng(31);
+    let k = random(&mut r, kv_heads * 10 * d, 1.0);
+    cache.append(gpu, &k, &k, &[10]).unwrap();
+    let want = cpu::rotate(
+        &k,
+        [1, kv_heads, 10, d],
+        Layout::Bhsd,
+        &rotary,
+        &Positions::Start(vec![0]),
+    )
+    .unwrap();
+    let held = cache.k().download(gpu).unwrap();
+    for h in 0..kv_heads {
+        let got = &held[h * cap * d..][..10 * d];
+        let want: Vec<f32> = want[h * 10 * d..][..10 * d]
+            .iter()
+            .map(|&x| half::f16::from_f32(x).to_f32())
+            .collect();
+        // One f16 rounding of the f64 result, up to a tie the f32 rotation's error tips.
+        assert_close("half K", got, &want, 1e-6, 2f32.powi(-10));
+    }
+}
+
+#[test]
+fn bad_rotations_are_typed_errors() {
+    let rotary = Rotary::new(16, 10_000.0).unwrap();
+    let x = vec![0.5f32; 2 * 3 * 4 * 8];
+    // Wider than the head.
+    let err = cpu::rotate(
+        &x,
+        [2, 3, 4, 8],
+        Layout::Bhsd,
+        &rotary,
+        &Positions::Start(vec![0, 0]),
+    );
+    assert!(
+        matches!(
+            err,
+            Err(Error::InvalidOption {
+                what: "rotary dim",
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    let rotary = Rotary::new(8, 10_000.0).unwrap();
+    let at = |p: Positions| cpu::rotate(&x, [2, 3, 4, 8], Layout::Bhsd, &rotary, &p);
+    assert!(matches!(
+        at(Positions::Start(vec![0])),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    assert!(matches!(
+        at(Positions::Each(vec![0; 7])),
+        Err(Error::ShapeMismatch { .. })
+    ));
+    let last = MAX_POSITIONS as u32 - 1;
+    // The last row of the second sequence would be past the table.
+    let err = at(Positions::Start(vec![0, last - 2]));
+    assert!(
+        matches!(
+            err,
+            Err(Error::LengthOutOfRange {
+                what: "rotary position",
+                index: 1,
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    assert!(at(Positions::Start(vec![0, last - 3])).is_ok());
+    assert!(matches!(
+        at(Positions::Each(vec![last + 1; 8])),
+        Err(Error::LengthOutOfRange { .. })
+    ));
+    assert!(matches!(
+        cpu::rotate(
+            &x[1..],
+            [2, 3, 4, 8],
+            Layout::Bhsd,
+            &rotary,
+            &Positions::Start(vec![0, 0])
+        ),
+        Err(Error::DataLength { .. })
+    ));
+    let Some(gpu) = gpu() else { return };
+    let t = gpu.upload(&x, [2, 3, 4, 8]).unwrap();
+    let err = rotate(
+        gpu,
+        &t,
+        Layout::Bhsd,
+        &Rotary::new(10, 1e4).unwrap(),
+        &Positions::Start(vec![0, 0]),
+    );
+    assert!(matches!(err, Err(Error::InvalidOption { .. })), "{err:?}");
+    let err = rotate(
+        gpu,
+        &t,
+        Layout::Bhsd,
+        &rotary,
+        &Positions::Start(vec![last, 0]),
+    );
+    assert!(
+        matches!(err, Err(Error::LengthOutOfRange { .. })),
+        "{err:?}"
+    );
+    // A cache refuses a rotation wider than its heads.
+    let err = KvCache::new(gpu, 1, 1, 8, 8, 8)
+        .unwrap()
+        .with_rotary(Rotary::new(10, 1e4).unwrap());
+    assert!(matches!(err, Err(Error::InvalidOption { .. })), "{err:?}");
+}
