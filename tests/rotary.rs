@@ -8,7 +8,7 @@ use common::{O_ATOL, O_RTOL, assert_close, gpu, mirror_append, random, rng};
 use rand::Rng;
 use wgpu_attention::gpu::rotate;
 use wgpu_attention::rotary::{Llama3Scaling, MAX_POSITIONS, Positions, Rotary, RotaryStyle};
-use wgpu_attention::{Attention, Causal, DType, Dims, Error, KvCache, Layout, cpu};
+use wgpu_attention::{Attention, Causal, DType, Dims, Error, KvCache, Layout, PagedKvCache, cpu};
 
 /// The rotation's own error: the angle table multiplied out in f32 (about 3e-7 of an
 /// element's pair), and the products.
@@ -359,4 +359,93 @@ fn bad_rotations_are_typed_errors() {
         .unwrap()
         .with_rotary(Rotary::new(10, 1e4).unwrap());
     assert!(matches!(err, Err(Error::InvalidOption { .. })), "{err:?}");
+}
+
+/// The paged cache applies it too: a prompt, a fork sharing its pages, single tokens after,
+/// against the reference on K and Q turned on the host.
+#[test]
+fn paged_cache_applies_the_rotation() {
+    let Some(gpu) = gpu() else { return };
+    let (heads, kv_heads, d) = (4, 2, 24);
+    let rotary = Rotary::new(16, 10_000.0).unwrap().interleaved();
+    let mut cache = PagedKvCache::new(gpu, 16, 8, kv_heads, d, d)
+        .unwrap()
+        .with_rotary(rotary.clone())
+        .unwrap();
+    let mut r = rng(4400);
+    let row = kv_heads * d;
+    // Host copies of each sequence's K and V rows, [len, kv_heads, d], unrotated.
+    let prompt_k = random(&mut r, 21 * row, 1.0);
+    let prompt_v = random(&mut r, 21 * row, 1.0);
+    let a = cache.add_sequence();
+    cache.append(gpu, a, &prompt_k, &prompt_v).unwrap();
+    let b = cache.fork(a).unwrap();
+    let mut host = [(prompt_k.clone(), prompt_v.clone()), (prompt_k, prompt_v)];
+    for step in 0..3 {
+        for (s, (hk, hv)) in [a, b].into_iter().zip(host.iter_mut()) {
+            let k = random(&mut r, row, 1.0);
+            let v = random(&mut r, row, 1.0);
+            cache.append(gpu, s, &k, &v).unwrap();
+            hk.extend(k);
+            hv.extend(v);
+        }
+        // Sequence a one token ahead after the first step.
+        if step == 0 {
+            let k = random(&mut r, row, 1.0);
+            let v = random(&mut r, row, 1.0);
+            cache.append(gpu, a, &k, &v).unwrap();
+            host[0].0.extend(k);
+            host[0].1.extend(v);
+        }
+        let lens: Vec<usize> = host.iter().map(|(k, _)| k.len() / row).collect();
+        let kv_len = *lens.iter().max().unwrap();
+        // The reference's K and V: [2, kv_heads, kv_len, d], K turned at positions 0.., padding
+        // zero past a sequence's length (masked by kv_lens).
+        let mut ref_k = vec![0f32; 2 * kv_heads * kv_len * d];
+        let mut ref_v = ref_k.clone();
+        for (seq, (hk, hv)) in host.iter().enumerate() {
+            let len = lens[seq];
+            let turned = cpu::rotate(
+                hk,
+                [1, len, kv_heads, d],
+                Layout::Bshd,
+                &rotary,
+                &Positions::Start(vec![0]),
+            )
+            .unwrap();
+            for t in 0..len {
+                for h in 0..kv_heads {
+                    let dst = ((seq * kv_heads + h) * kv_len + t) * d;
+                    let src = (t * kv_heads + h) * d;
+                    ref_k[dst..dst + d].copy_from_slice(&turned[src..src + d]);
+                    ref_v[dst..dst + d].copy_from_slice(&hv[src..src + d]);
+                }
+            }
+        }
+        let q = random(&mut r, 2 * heads * d, 1.0);
+        let tq = gpu.upload(&q, [2, heads, 1, d]).unwrap();
+        let out = cache.attend(gpu, &tq, &[a, b], &Attention::new()).unwrap();
+        let q_pos = Positions::Start(lens.iter().map(|&l| l as u32 - 1).collect());
+        let q_turned = cpu::rotate(&q, [2, heads, 1, d], Layout::Bhsd, &rotary, &q_pos).unwrap();
+        let dims = Dims {
+            batch: 2,
+            heads,
+            kv_heads,
+            q_len: 1,
+            kv_len,
+            head_dim: d,
+            v_head_dim: d,
+        };
+        let opts = Attention::new()
+            .kv_lens(lens.iter().map(|&l| l as u32).collect())
+            .causal(Causal::BottomRight);
+        let want = cpu::reference(&q_turned, &ref_k, &ref_v, dims, &opts).unwrap();
+        assert_close(
+            &format!("paged O, step {step}, lens {lens:?}"),
+            &out.o.download(gpu).unwrap(),
+            &want.o,
+            O_ATOL,
+            O_RTOL,
+        );
+    }
 }

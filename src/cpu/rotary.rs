@@ -26,17 +26,22 @@ pub fn rotate(
     }
     let [sb, sh, ss] = layout.strides(heads, seq, head_dim);
     let mut y = x.to_vec();
+    let mut turns = vec![(1.0, 0.0); rotary.dim() / 2];
     for b in 0..batch {
         for i in 0..seq {
             let position = match positions {
                 Positions::Start(s) => s[b] as u64 + i as u64,
                 Positions::Each(e) => e[b * seq + i] as u64,
             };
+            // Every head of the row turns by the same angles.
+            for (k, turn) in turns.iter_mut().enumerate() {
+                *turn = rotary.turn(position, k);
+            }
             for h in 0..heads {
                 let row = b * sb + h * sh + i * ss;
                 for d in 0..rotary.dim() {
                     let (k, partner, first) = rotary.pair_of(d);
-                    let (cos, sin) = rotary.turn(position, k);
+                    let (cos, sin) = turns[k];
                     let (me, other) = (x[row + d] as f64, x[row + partner] as f64);
                     y[row + d] = if first {
                         me * cos - other * sin

@@ -393,79 +393,16 @@ impl KvCache {
         }
         match &self.rotary {
             Some(rotary) => {
-                let q = self.rotate_queries(gpu, q, rotary, opts.q_lens.as_deref())?;
+                expect_dims(
+                    "queries",
+                    q.dims(),
+                    [self.batch, q.dims()[1], q.dims()[2], self.head_dim],
+                )?;
+                let q = rotary::rotate_queries(gpu, q, rotary, &self.lens, opts.q_lens.as_deref())?;
                 opts.run(gpu, &q, &self.k, &self.v)
             }
             None => opts.run(gpu, q, &self.k, &self.v),
         }
-    }
-
-    /// `q` (`[batch, heads, n, head_dim]`) turned by its rows' positions: row `i` of sequence
-    /// `b` is the token at `len[b] - q_lens[b] + i` (`q_lens[b]` = `n` without them). A row
-    /// before position 0 sees no key; it is turned as position 0.
-    fn rotate_queries(
-        &self,
-        gpu: &Gpu,
-        q: &Tensor,
-        rotary: &Rotary,
-        q_lens: Option<&[u32]>,
-    ) -> Result<Tensor> {
-        gpu.expect_own("queries", q)?;
-        let [batch, heads, n, dim] = q.dims();
-        for (what, size) in [("heads", heads), ("q_len", n)] {
-            if size == 0 {
-                return Err(Error::ZeroSize { what });
-            }
-        }
-        expect_dims("queries", q.dims(), [self.batch, heads, n, self.head_dim])?;
-        if let Some(q_lens) = q_lens
-            && q_lens.len() != batch
-        {
-            return Err(Error::ShapeMismatch {
-                what: "q_lens".into(),
-                got: q_lens.len(),
-                expected: batch,
-            });
-        }
-        let mut starts = Vec::with_capacity(batch);
-        for (b, &len) in self.lens.iter().enumerate() {
-            let rows = q_lens.map_or(n as i64, |l| l[b] as i64);
-            let start = len as i64 - rows;
-            if start + n as i64 > MAX_POSITIONS as i64 {
-                return Err(Error::LengthOutOfRange {
-                    what: "rotary position",
-                    index: b,
-                    value: (start + n as i64 - 1) as usize,
-                    max: MAX_POSITIONS as usize - 1,
-                });
-            }
-            // i32 bits: the kernel reads a start below 0 as "before the first position".
-            starts.push(start.max(i32::MIN as i64) as i32 as u32);
-        }
-        let y = gpu.empty_as(q.dims(), q.dtype())?;
-        let strides = Layout::Bhsd.strides(heads, n, dim);
-        gpu.submit_with("rotating queries", |encoder| {
-            rotary::encode(
-                gpu,
-                encoder,
-                rotary,
-                &Rotation {
-                    x: q,
-                    x_strides: strides,
-                    y: &y,
-                    y_strides: strides,
-                    batch,
-                    heads,
-                    seq: n,
-                    dim,
-                    positions: &starts,
-                    per_row: false,
-                    counts: None,
-                    rows_at_position: false,
-                },
-            )
-        })?;
-        Ok(y)
     }
 
     fn check_append(&self, new: &[usize]) -> Result<usize> {

@@ -7,13 +7,20 @@
 //! prefix served to several continuations); a page is copied only when a sequence appends into
 //! a page it shares (copy on write: only the last, partial page ever is). An append that needs
 //! more pages than are free is [`Error::CacheFull`] and changes nothing.
+//!
+//! With a [`Rotary`] ([`PagedKvCache::with_rotary`]) the cache applies RoPE as
+//! [`KvCache`](crate::KvCache) does: appended K turned by each token's position in its
+//! sequence (on the host, in f64, before rounding to the cache's dtype), and the queries of
+//! `attend` by theirs (on the device).
 
 use std::collections::BTreeMap;
 
 use crate::error::{Error, Result};
 use crate::gpu::attention::Output;
 use crate::gpu::context::Gpu;
+use crate::gpu::rotary;
 use crate::gpu::tensor::Tensor;
+use crate::rotary::{MAX_POSITIONS, Positions, Rotary};
 use crate::spec::{Attention, Causal, DType, Dims, Layout};
 
 /// A sequence of a [`PagedKvCache`].
@@ -73,6 +80,8 @@ pub struct PagedKvCache {
     refs: Vec<u32>,
     seqs: BTreeMap<SeqId, Sequence>,
     next_id: u64,
+    /// RoPE applied to appended K and attending queries.
+    rotary: Option<Rotary>,
 }
 
 impl PagedKvCache {
@@ -159,7 +168,30 @@ impl PagedKvCache {
             refs: vec![0; pages],
             seqs: BTreeMap::new(),
             next_id: 0,
+            rotary: None,
         })
+    }
+
+    /// This cache applying `rotary` (RoPE) itself: each appended K row is turned by its
+    /// token's position in its sequence, each query of [`attend`](PagedKvCache::attend) by its
+    /// own (its sequence's length minus the call's queries plus its row). Pass K and Q
+    /// unrotated. Set it on an empty cache: rows already cached stay as they were.
+    pub fn with_rotary(mut self, rotary: Rotary) -> Result<PagedKvCache> {
+        if rotary.dim() > self.head_dim {
+            return Err(Error::InvalidOption {
+                what: "rotary dim",
+                value: format!("{} over a head_dim of {}", rotary.dim(), self.head_dim),
+                why: "the rotation turns the first rotary_dim elements of each head: at most \
+                      head_dim",
+            });
+        }
+        self.rotary = Some(rotary);
+        Ok(self)
+    }
+
+    /// The rotary embedding the cache applies, if any.
+    pub fn rotary(&self) -> Option<&Rotary> {
+        self.rotary.as_ref()
     }
 
     /// A new, empty sequence.
@@ -298,6 +330,29 @@ impl PagedKvCache {
                 free: self.free.len(),
             });
         }
+        // K turned by its tokens' positions, in f64 on the host, before it is rounded.
+        let turned;
+        let k = match &self.rotary {
+            Some(rotary) => {
+                if total as u64 > MAX_POSITIONS {
+                    return Err(Error::LengthOutOfRange {
+                        what: "rotary position",
+                        index: 0,
+                        value: total - 1,
+                        max: MAX_POSITIONS as usize - 1,
+                    });
+                }
+                turned = crate::cpu::rotate(
+                    k,
+                    [1, t, self.kv_heads, self.head_dim],
+                    Layout::Bshd,
+                    rotary,
+                    &Positions::Start(vec![len as u32]),
+                )?;
+                &turned[..]
+            }
+            None => k,
+        };
         let size = self.dtype.size();
         gpu.guarded("paged cache append", || {
             let mut pages = self.seqs[&seq].pages.clone();
@@ -392,6 +447,13 @@ impl PagedKvCache {
         if opts.causal.is_none() {
             opts = opts.causal(Causal::BottomRight);
         }
-        opts.run(gpu, q, &self.k, &self.v)
+        match &self.rotary {
+            Some(rotary) => {
+                let lens: Vec<u32> = held.iter().map(|s| s.len as u32).collect();
+                let q = rotary::rotate_queries(gpu, q, rotary, &lens, opts.q_lens.as_deref())?;
+                opts.run(gpu, &q, &self.k, &self.v)
+            }
+            None => opts.run(gpu, q, &self.k, &self.v),
+        }
     }
 }

@@ -8,8 +8,8 @@ use crate::gpu::context::Gpu;
 use crate::gpu::kernels::KernelKey;
 use crate::gpu::kernels::uniforms::{RotateParams, uniform_buffer};
 use crate::gpu::limits::DispatchSize;
-use crate::gpu::tensor::{Tensor, init_buffer};
-use crate::rotary::{Positions, Rotary, RotaryStyle};
+use crate::gpu::tensor::{Tensor, expect_dims, init_buffer};
+use crate::rotary::{MAX_POSITIONS, Positions, Rotary, RotaryStyle};
 use crate::spec::Layout;
 
 /// Angle tables a device keeps, the least recently used dropped first.
@@ -60,6 +60,82 @@ pub fn rotate(
                 dim,
                 positions: words,
                 per_row,
+                counts: None,
+                rows_at_position: false,
+            },
+        )
+    })?;
+    Ok(y)
+}
+
+/// Queries `q` (`[batch, heads, n, head_dim]`, Bhsd) of a cache's sequences turned by their
+/// positions into a new tensor: row `i` of sequence `b` is the token at
+/// `lens[b] - q_lens[b] + i` (`q_lens[b]` = `n` without them), as bottom-right alignment places
+/// it. A row before position 0 sees no key; it is turned as position 0.
+pub(crate) fn rotate_queries(
+    gpu: &Gpu,
+    q: &Tensor,
+    rotary: &Rotary,
+    lens: &[u32],
+    q_lens: Option<&[u32]>,
+) -> Result<Tensor> {
+    gpu.expect_own("queries", q)?;
+    let [batch, heads, n, dim] = q.dims();
+    for (what, size) in [("heads", heads), ("q_len", n)] {
+        if size == 0 {
+            return Err(Error::ZeroSize { what });
+        }
+    }
+    expect_dims("queries", q.dims(), [lens.len(), heads, n, dim])?;
+    if rotary.dim() > dim {
+        return Err(Error::InvalidOption {
+            what: "rotary dim",
+            value: format!("{} over a head_dim of {dim}", rotary.dim()),
+            why: "the rotation turns the first rotary_dim elements of each head: at most head_dim",
+        });
+    }
+    if let Some(q_lens) = q_lens
+        && q_lens.len() != batch
+    {
+        return Err(Error::ShapeMismatch {
+            what: "q_lens".into(),
+            got: q_lens.len(),
+            expected: batch,
+        });
+    }
+    let mut starts = Vec::with_capacity(batch);
+    for (b, &len) in lens.iter().enumerate() {
+        let rows = q_lens.map_or(n as i64, |l| l[b] as i64);
+        let start = len as i64 - rows;
+        if start + n as i64 > MAX_POSITIONS as i64 {
+            return Err(Error::LengthOutOfRange {
+                what: "rotary position",
+                index: b,
+                value: (start + n as i64 - 1) as usize,
+                max: MAX_POSITIONS as usize - 1,
+            });
+        }
+        // i32 bits: the kernel reads a start below 0 as "before the first position".
+        starts.push(start.max(i32::MIN as i64) as i32 as u32);
+    }
+    let y = gpu.empty_as(q.dims(), q.dtype())?;
+    let strides = Layout::Bhsd.strides(heads, n, dim);
+    gpu.submit_with("rotating queries", |encoder| {
+        encode(
+            gpu,
+            encoder,
+            rotary,
+            &Rotation {
+                x: q,
+                x_strides: strides,
+                y: &y,
+                y_strides: strides,
+                batch,
+                heads,
+                seq: n,
+                dim,
+                positions: &starts,
+                per_row: false,
                 counts: None,
                 rows_at_position: false,
             },
