@@ -1,6 +1,7 @@
 // Rotary position embedding (src/rotary.rs): pair k of a row's first 2 * pairs elements is
-// turned by the angle position * f_k; elements past them are copied. One workgroup: one row
-// (b, h, i) of x; one invocation: every WG-th element of it.
+// turned by the angle position * f_k; elements past them are copied. One workgroup: one token
+// (b, i), every head of it (they share the token's angles); one invocation: every WG-th pair,
+// its angle computed once for all heads, then every WG-th element past the pairs.
 //
 // The angle's cos and sin come from the host's f64 table by angle addition, never from cos()
 // and sin() here: table[(l * ROTARY_ENTRIES + m) * pairs + k] is (cos, sin) of
@@ -35,14 +36,12 @@ fn main(
     inv: RowInvocation,
 ) {
     let p = params;
-    let row = workgroup_index(wg, num_wg);
-    if row >= p.rows {
+    let token = workgroup_index(wg, num_wg);
+    if token >= p.tokens {
         return;
     }
-    let i = row % p.seq;
-    let bh = row / p.seq;
-    let h = bh % p.heads;
-    let b = bh / p.heads;
+    let i = token % p.seq;
+    let b = token / p.seq;
     if p.has_counts != 0u && i >= positions[p.counts_offset + b] {
         return;
     }
@@ -57,26 +56,31 @@ fn main(
             y_i = pos;
         }
     }
-    let x_row = b * p.x_stride_b + h * p.x_stride_h + i * p.x_stride_s;
-    let y_row = b * p.y_stride_b + h * p.y_stride_h + y_i * p.y_stride_s;
-    for (var d = inv.lid; d < p.dim; d += WG) {
-        let me = load_x(x_row + d);
-        var out = me;
-        if d < 2u * p.pairs {
-            var k = d >> 1u;
-            var partner = d ^ 1u;
-            var first = (d & 1u) == 0u;
-            if p.interleaved == 0u {
-                first = d < p.pairs;
-                k = select(d - p.pairs, d, first);
-                partner = select(d - p.pairs, d + p.pairs, first);
-            }
-            let t = turn(pos, k);
-            let s = select(t.y, -t.y, p.inverse != 0u);
-            let other = load_x(x_row + partner);
-            // (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos)
-            out = select(other * s + me * t.x, me * t.x - other * s, first);
+    let x_token = b * p.x_stride_b + i * p.x_stride_s;
+    let y_token = b * p.y_stride_b + y_i * p.y_stride_s;
+    for (var k = inv.lid; k < p.pairs; k += WG) {
+        let t = turn(pos, k);
+        let s = select(t.y, -t.y, p.inverse != 0u);
+        // The pair's elements: (2k, 2k + 1) interleaved, else (k, k + pairs).
+        var d0 = k;
+        var d1 = k + p.pairs;
+        if p.interleaved != 0u {
+            d0 = 2u * k;
+            d1 = d0 + 1u;
         }
-        store_y(y_row + d, out);
+        for (var h = 0u; h < p.heads; h++) {
+            let x_row = x_token + h * p.x_stride_h;
+            let y_row = y_token + h * p.y_stride_h;
+            let x0 = load_x(x_row + d0);
+            let x1 = load_x(x_row + d1);
+            // (x0, x1) -> (x0 cos - x1 sin, x0 sin + x1 cos)
+            store_y(y_row + d0, x0 * t.x - x1 * s);
+            store_y(y_row + d1, x0 * s + x1 * t.x);
+        }
+    }
+    for (var d = 2u * p.pairs + inv.lid; d < p.dim; d += WG) {
+        for (var h = 0u; h < p.heads; h++) {
+            store_y(y_token + h * p.y_stride_h + d, load_x(x_token + h * p.x_stride_h + d));
+        }
     }
 }

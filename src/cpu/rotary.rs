@@ -54,3 +54,41 @@ pub fn rotate(
     }
     Ok(y)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The inverse is the rotation's transpose, so it is its backward:
+    /// `<rotate(x), w> = <x, rotate_inverse(w)>` for any x and w, in both pairings and with
+    /// a partial rotation.
+    #[test]
+    fn the_inverse_is_the_backward() {
+        let dims = [2, 3, 5, 10];
+        let n: usize = dims.iter().product();
+        let x: Vec<f32> = (0..n)
+            .map(|i| ((i * 7919) % 113) as f32 / 56.0 - 1.0)
+            .collect();
+        let w: Vec<f32> = (0..n)
+            .map(|i| ((i * 104_729) % 97) as f32 / 48.0 - 1.0)
+            .collect();
+        for rotary in [
+            Rotary::new(6, 10_000.0).unwrap(),
+            Rotary::new(10, 100.0).unwrap().interleaved(),
+        ] {
+            for layout in [Layout::Bhsd, Layout::Bshd] {
+                let (batch, _, seq, _) = layout.split(dims);
+                let at = Positions::Each((0..(batch * seq) as u32).map(|p| p * 12_345).collect());
+                let rx = rotate(&x, dims, layout, &rotary, &at).unwrap();
+                let iw = rotate(&w, dims, layout, &rotary.clone().inverse(), &at).unwrap();
+                let dot = |a: &[f32], b: &[f32]| -> f64 {
+                    a.iter().zip(b).map(|(&p, &q)| p as f64 * q as f64).sum()
+                };
+                let (lhs, rhs) = (dot(&rx, &w), dot(&x, &iw));
+                assert!((lhs - rhs).abs() < 1e-5 * lhs.abs().max(1.0), "{lhs} {rhs}");
+                // And it does turn (the identity would pass the line above too).
+                assert!(rx.iter().zip(&x).any(|(a, b)| (a - b).abs() > 0.1));
+            }
+        }
+    }
+}

@@ -179,11 +179,10 @@ pub(crate) fn encode(
         hint: "",
     };
     let u = |what: &'static str, n: usize| u32::try_from(n).map_err(|_| too_large(what, n));
-    let rows = r
+    let tokens = r
         .batch
-        .checked_mul(r.heads)
-        .and_then(|n| n.checked_mul(r.seq))
-        .ok_or(too_large("rotated rows", usize::MAX))?;
+        .checked_mul(r.seq)
+        .ok_or(too_large("rotated tokens", usize::MAX))?;
     let mut words = r.positions.to_vec();
     let counts_offset = words.len();
     if let Some(counts) = r.counts {
@@ -192,7 +191,7 @@ pub(crate) fn encode(
     let [xb, xh, xs] = r.x_strides;
     let [yb, yh, ys] = r.y_strides;
     let params = RotateParams {
-        rows: u("rotated rows", rows)?,
+        tokens: u("rotated tokens", tokens)?,
         heads: u("heads", r.heads)?,
         seq: u("rows per head", r.seq)?,
         dim: u("head_dim", r.dim)?,
@@ -230,7 +229,7 @@ pub(crate) fn encode(
         &[&uniform, r.x.buffer(), r.y.buffer(), &table, &positions],
     );
     let size = DispatchSize::linear(
-        rows as u64,
+        tokens as u64,
         gpu.limits.max_workgroups_per_dim,
         "rotate dispatch",
     )?;

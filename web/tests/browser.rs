@@ -1,6 +1,6 @@
 //! The test grid in a browser: every GPU path, both layouts, GQA, causal, windows, masks,
 //! f16, bf16 and 8-bit storage (packed in `u32`: the browser has no `shader-f16` here),
-//! dropout, score and mask mods, the KV cache and the layer, through WebGPU, each against
+//! dropout, score and mask mods, the KV cache, RoPE and the layer, through WebGPU, each against
 //! `cpu::reference` compiled to wasm, on shapes that are not multiples of the tiles. Run by `web/run-tests.sh` (headless Chromium); with no
 //! WebGPU adapter every test fails.
 
@@ -296,6 +296,65 @@ async fn kv_cache_decoding() {
         let o = out.o.download_async(&gpu).await.unwrap();
         close(&format!("cache step {step}"), &o, &want.o, 2e-5, 1e-4).unwrap();
     }
+}
+
+/// RoPE on WebGPU: `gpu::rotate` in f32 and bf16 (packed in `u32`) against `cpu::rotate`, and
+/// a cache that turns K and its queries, against the reference on the host-turned tensors.
+#[wasm_bindgen_test]
+async fn rotary_embedding() {
+    use wgpu_attention::rotary::{Positions, Rotary};
+    let gpu = gpu().await;
+    let mut r = Rng::new(12);
+    let dims = [2, 7, 3, 40]; // Bshd: 2 sequences of 7 rows, 3 heads of 40
+    let x = r.values(2 * 7 * 3 * 40, 1.0);
+    for (rope, dtype, tol) in [
+        (Rotary::new(40, 10_000.0).unwrap(), DType::F32, 2e-6),
+        (
+            Rotary::new(24, 500_000.0).unwrap().interleaved(),
+            DType::Bf16,
+            1e-2,
+        ),
+    ] {
+        let at = Positions::Start(vec![3, 100_000]);
+        let t = gpu.upload_as(&x, dims, dtype).unwrap();
+        let held = t.download_async(&gpu).await.unwrap();
+        let want = wgpu_attention::cpu::rotate(&held, dims, Layout::Bshd, &rope, &at).unwrap();
+        let got = wgpu_attention::gpu::rotate(&gpu, &t, Layout::Bshd, &rope, &at).unwrap();
+        let got = got.download_async(&gpu).await.unwrap();
+        close(&format!("rotate {dtype:?}"), &got, &want, tol, tol).unwrap();
+    }
+    let (heads, kv_heads, cap, d) = (4, 2, 64, 16);
+    let rope = Rotary::new(d, 10_000.0).unwrap();
+    let mut cache = KvCache::new(&gpu, 1, kv_heads, cap, d, d)
+        .unwrap()
+        .with_rotary(rope.clone())
+        .unwrap();
+    let k = r.values(kv_heads * 9 * d, 1.0);
+    let v = r.values(kv_heads * 9 * d, 1.0);
+    cache.append(&gpu, &k, &v, &[9]).unwrap();
+    let q = r.values(heads * 2 * d, 1.0);
+    let tq = gpu.upload(&q, [1, heads, 2, d]).unwrap();
+    let out = cache.attend(&gpu, &tq, &Attention::new()).unwrap();
+    let turn = |x: &[f32], h: usize, n: usize, from: u32| {
+        wgpu_attention::cpu::rotate(
+            x,
+            [1, h, n, d],
+            Layout::Bhsd,
+            &rope,
+            &Positions::Start(vec![from]),
+        )
+        .unwrap()
+    };
+    let want = wgpu_attention::cpu::reference(
+        &turn(&q, heads, 2, 7),
+        &turn(&k, kv_heads, 9, 0),
+        &v,
+        dims(1, heads, kv_heads, 2, 9, d, d),
+        &Attention::new().causal(Causal::BottomRight),
+    )
+    .unwrap();
+    let o = out.o.download_async(&gpu).await.unwrap();
+    close("rotary cache", &o, &want.o, 2e-5, 1e-4).unwrap();
 }
 
 #[wasm_bindgen_test]

@@ -222,8 +222,8 @@ uniform! {
 uniform! {
     /// `rotate.wgsl`: rotary position embedding of one tensor's rows into another's.
     struct RotateParams {
-        /// Rows of x, `batch * heads * seq`.
-        rows: u32,
+        /// Tokens of x, `batch * seq` (a workgroup each, for every head).
+        tokens: u32,
         heads: u32,
         seq: u32,
         /// Elements per row (head_dim).
