@@ -305,7 +305,7 @@ async fn rotary_embedding() {
     use wgpu_attention::rotary::{Positions, Rotary};
     let gpu = gpu().await;
     let mut r = Rng::new(12);
-    let dims = [2, 7, 3, 40]; // Bshd: 2 sequences of 7 rows, 3 heads of 40
+    let shape = [2, 7, 3, 40]; // Bshd: 2 sequences of 7 rows, 3 heads of 40
     let x = r.values(2 * 7 * 3 * 40, 1.0);
     for (rope, dtype, tol) in [
         (Rotary::new(40, 10_000.0).unwrap(), DType::F32, 2e-6),
@@ -316,9 +316,9 @@ async fn rotary_embedding() {
         ),
     ] {
         let at = Positions::Start(vec![3, 100_000]);
-        let t = gpu.upload_as(&x, dims, dtype).unwrap();
+        let t = gpu.upload_as(&x, shape, dtype).unwrap();
         let held = t.download_async(&gpu).await.unwrap();
-        let want = wgpu_attention::cpu::rotate(&held, dims, Layout::Bshd, &rope, &at).unwrap();
+        let want = wgpu_attention::cpu::rotate(&held, shape, Layout::Bshd, &rope, &at).unwrap();
         let got = wgpu_attention::gpu::rotate(&gpu, &t, Layout::Bshd, &rope, &at).unwrap();
         let got = got.download_async(&gpu).await.unwrap();
         close(&format!("rotate {dtype:?}"), &got, &want, tol, tol).unwrap();
