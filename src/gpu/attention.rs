@@ -85,6 +85,20 @@ impl Attention {
     /// [`MAX_V_HEAD_DIM`](crate::MAX_V_HEAD_DIM), any lengths (problems larger than one storage binding are
     /// chunked), every tensor within one storage binding.
     pub fn run(&self, gpu: &Gpu, q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Output> {
+        self.run_with_prelude(gpu, q, k, v, |_| Ok(()))
+    }
+
+    /// [`run`](Attention::run), with `prelude` recorded into the same command buffer before
+    /// the attention: work its inputs depend on (a cache's rotation of its queries), in one
+    /// submission.
+    pub(crate) fn run_with_prelude(
+        &self,
+        gpu: &Gpu,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        prelude: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
+    ) -> Result<Output> {
         let dims = self.dims_for(q.dims(), k.dims(), v.dims())?;
         let spec = self.validate(dims)?;
         for (what, t) in [("Q", q), ("K", k), ("V", v)] {
@@ -103,7 +117,7 @@ impl Attention {
                     .then(|| gpu.empty(dims.score_shape()))
                     .transpose()?,
             };
-            run_validated(gpu, &spec, (q, k, v), &out)?;
+            run_validated(gpu, &spec, (q, k, v), &out, prelude)?;
             Ok(out)
         })
     }
@@ -123,7 +137,7 @@ impl Attention {
         let dims = self.dims_for(q.dims(), k.dims(), v.dims())?;
         let spec = self.validate(dims)?;
         check_outputs(&spec, out)?;
-        run_validated(gpu, &spec, (q, k, v), out)
+        run_validated(gpu, &spec, (q, k, v), out, |_| Ok(()))
     }
 }
 
@@ -205,16 +219,19 @@ fn check_devices(gpu: &Gpu, (q, k, v): (&Tensor, &Tensor, &Tensor), out: &Output
     Ok(())
 }
 
-/// Plans, encodes and submits a validated call whose outputs have been checked.
+/// Plans, encodes (after `prelude`) and submits a validated call whose outputs have been
+/// checked.
 fn run_validated(
     gpu: &Gpu,
     spec: &Spec<'_>,
     inputs: (&Tensor, &Tensor, &Tensor),
     out: &Output,
+    prelude: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
 ) -> Result<()> {
     check_devices(gpu, inputs, out)?;
     let plan = plan_checked(gpu, spec, inputs, out)?;
     gpu.submit_with(plan.name(), |encoder| {
+        prelude(encoder)?;
         paths::encode(gpu, spec, &plan, &io(inputs, out), encoder)
     })
 }

@@ -286,6 +286,7 @@ impl KvCache {
             per_row: false,
             counts: Some(&counts),
             rows_at_position: true,
+            timestamps: true,
         };
         rotary::encode(gpu, encoder, rotary, &rotation)
     }
@@ -398,8 +399,7 @@ impl KvCache {
                     q.dims(),
                     [self.batch, q.dims()[1], q.dims()[2], self.head_dim],
                 )?;
-                let q = rotary::rotate_queries(gpu, q, rotary, &self.lens, opts.q_lens.as_deref())?;
-                opts.run(gpu, &q, &self.k, &self.v)
+                rotary::attend_rotated(gpu, &opts, (q, &self.k, &self.v), rotary, &self.lens)
             }
             None => opts.run(gpu, q, &self.k, &self.v),
         }

@@ -450,8 +450,7 @@ impl PagedKvCache {
         match &self.rotary {
             Some(rotary) => {
                 let lens: Vec<u32> = held.iter().map(|s| s.len as u32).collect();
-                let q = rotary::rotate_queries(gpu, q, rotary, &lens, opts.q_lens.as_deref())?;
-                opts.run(gpu, &q, &self.k, &self.v)
+                rotary::attend_rotated(gpu, &opts, (q, &self.k, &self.v), rotary, &lens)
             }
             None => opts.run(gpu, q, &self.k, &self.v),
         }

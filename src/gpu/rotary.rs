@@ -4,13 +4,14 @@
 //! [`crate::rotary`].
 
 use crate::error::{Error, Result};
+use crate::gpu::attention::Output;
 use crate::gpu::context::Gpu;
 use crate::gpu::kernels::KernelKey;
 use crate::gpu::kernels::uniforms::{RotateParams, uniform_buffer};
 use crate::gpu::limits::DispatchSize;
 use crate::gpu::tensor::{Tensor, expect_dims, init_buffer};
 use crate::rotary::{MAX_POSITIONS, Positions, Rotary, RotaryStyle};
-use crate::spec::Layout;
+use crate::spec::{Attention, Layout};
 
 /// Angle tables a device keeps, the least recently used dropped first.
 const KEPT_TABLES: usize = 8;
@@ -62,23 +63,25 @@ pub fn rotate(
                 per_row,
                 counts: None,
                 rows_at_position: false,
+                timestamps: true,
             },
         )
     })?;
     Ok(y)
 }
 
-/// Queries `q` (`[batch, heads, n, head_dim]`, Bhsd) of a cache's sequences turned by their
-/// positions into a new tensor: row `i` of sequence `b` is the token at
-/// `lens[b] - q_lens[b] + i` (`q_lens[b]` = `n` without them), as bottom-right alignment places
-/// it. A row before position 0 sees no key; it is turned as position 0.
-pub(crate) fn rotate_queries(
+/// Attention of a cache's queries `q` (`[batch, heads, n, head_dim]`, Bhsd) turned by their
+/// positions, against `k` and `v` with `opts`, in one submission (the rotation into a new
+/// tensor first): row `i` of sequence `b` is the token at `lens[b] - q_lens[b] + i`
+/// (`q_lens[b]` = `n` without them), as bottom-right alignment places it. A row before
+/// position 0 sees no key; it is turned as position 0.
+pub(crate) fn attend_rotated(
     gpu: &Gpu,
-    q: &Tensor,
+    opts: &Attention,
+    (q, k, v): (&Tensor, &Tensor, &Tensor),
     rotary: &Rotary,
     lens: &[u32],
-    q_lens: Option<&[u32]>,
-) -> Result<Tensor> {
+) -> Result<Output> {
     gpu.expect_own("queries", q)?;
     let [batch, heads, n, dim] = q.dims();
     for (what, size) in [("heads", heads), ("q_len", n)] {
@@ -94,6 +97,7 @@ pub(crate) fn rotate_queries(
             why: "the rotation turns the first rotary_dim elements of each head: at most head_dim",
         });
     }
+    let q_lens = opts.q_lens.as_deref();
     if let Some(q_lens) = q_lens
         && q_lens.len() != batch
     {
@@ -118,30 +122,26 @@ pub(crate) fn rotate_queries(
         // i32 bits: the kernel reads a start below 0 as "before the first position".
         starts.push(start.max(i32::MIN as i64) as i32 as u32);
     }
-    let y = gpu.empty_as(q.dims(), q.dtype())?;
+    let turned = gpu.empty_as(q.dims(), q.dtype())?;
     let strides = Layout::Bhsd.strides(heads, n, dim);
-    gpu.submit_with("rotating queries", |encoder| {
-        encode(
-            gpu,
-            encoder,
-            rotary,
-            &Rotation {
-                x: q,
-                x_strides: strides,
-                y: &y,
-                y_strides: strides,
-                batch,
-                heads,
-                seq: n,
-                dim,
-                positions: &starts,
-                per_row: false,
-                counts: None,
-                rows_at_position: false,
-            },
-        )
-    })?;
-    Ok(y)
+    let rotation = Rotation {
+        x: q,
+        x_strides: strides,
+        y: &turned,
+        y_strides: strides,
+        batch,
+        heads,
+        seq: n,
+        dim,
+        positions: &starts,
+        per_row: false,
+        counts: None,
+        rows_at_position: false,
+        timestamps: false,
+    };
+    opts.run_with_prelude(gpu, &turned, k, v, |encoder| {
+        encode(gpu, encoder, rotary, &rotation)
+    })
 }
 
 /// One rotation of `x`'s rows `[batch, heads, seq, dim]` (element strides over batch, head
@@ -163,6 +163,8 @@ pub(crate) struct Rotation<'a> {
     pub(crate) counts: Option<&'a [u32]>,
     /// Row `i` of batch entry `b` goes to y's row `start[b] + i` (a cache's rows), not `i`.
     pub(crate) rows_at_position: bool,
+    /// Whether its pass writes a timing context's timestamps (it is the call's only pass).
+    pub(crate) timestamps: bool,
 }
 
 /// Records `r` into `encoder`. Call inside [`Gpu::guarded`] (as `submit_with` does).
@@ -233,7 +235,7 @@ pub(crate) fn encode(
         gpu.limits.max_workgroups_per_dim,
         "rotate dispatch",
     )?;
-    let mut pass = gpu.begin_pass(encoder, "wgpu-attention rotate", true, true);
+    let mut pass = gpu.begin_pass(encoder, "wgpu-attention rotate", r.timestamps, r.timestamps);
     kernel.dispatch(&mut pass, &bind, size);
     Ok(())
 }
