@@ -239,36 +239,45 @@ fn cache_applies_the_rotation() {
     }
 }
 
-/// A 16-bit cache stores K turned from the unrounded input, then rounded once.
+/// A 16-bit cache stores K turned from the unrounded input, then rounded: many rows (turned on
+/// the device), then a few (on the host).
 #[test]
-fn half_cache_rounds_once() {
+fn half_cache_rounds_the_turned_rows() {
     let Some(gpu) = gpu() else { return };
-    let (kv_heads, cap, d) = (2, 64, 32);
+    let (kv_heads, cap, d) = (2, 400, 32);
     let rotary = Rotary::new(d, 10_000.0).unwrap().interleaved();
     let mut cache = KvCache::with_dtype(gpu, 1, kv_heads, cap, d, d, DType::F16)
         .unwrap()
         .with_rotary(rotary.clone())
         .unwrap();
     let mut r = rng(31);
-    let k = random(&mut r, kv_heads * 10 * d, 1.0);
-    cache.append(gpu, &k, &k, &[10]).unwrap();
-    let want = cpu::rotate(
-        &k,
-        [1, kv_heads, 10, d],
-        Layout::Bhsd,
-        &rotary,
-        &Positions::Start(vec![0]),
-    )
-    .unwrap();
-    let held = cache.k().download(gpu).unwrap();
-    for h in 0..kv_heads {
-        let got = &held[h * cap * d..][..10 * d];
-        let want: Vec<f32> = want[h * 10 * d..][..10 * d]
-            .iter()
-            .map(|&x| half::f16::from_f32(x).to_f32())
-            .collect();
-        // One f16 rounding of the f64 result, up to a tie the f32 rotation's error tips.
-        assert_close("half K", got, &want, 1e-6, 2f32.powi(-10));
+    for (from, n) in [(0, 300), (300, 3)] {
+        let k = random(&mut r, kv_heads * n * d, 1.0);
+        cache.append(gpu, &k, &k, &[n]).unwrap();
+        let want = cpu::rotate(
+            &k,
+            [1, kv_heads, n, d],
+            Layout::Bhsd,
+            &rotary,
+            &Positions::Start(vec![from as u32]),
+        )
+        .unwrap();
+        let held = cache.k().download(gpu).unwrap();
+        for h in 0..kv_heads {
+            let got = &held[(h * cap + from) * d..][..n * d];
+            let want: Vec<f32> = want[h * n * d..][..n * d]
+                .iter()
+                .map(|&x| half::f16::from_f32(x).to_f32())
+                .collect();
+            // One f16 rounding of the f64 result, up to a tie the f32 arithmetic tips.
+            assert_close(
+                &format!("half K from {from}"),
+                got,
+                &want,
+                1e-6,
+                2f32.powi(-10),
+            );
+        }
     }
 }
 

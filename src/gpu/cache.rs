@@ -9,7 +9,8 @@
 //! With a [`Rotary`] ([`KvCache::with_rotary`]) the cache applies RoPE itself, as
 //! FlashAttention's `flash_attn_with_kvcache` does with `rotary_cos` / `rotary_sin`: `append`
 //! turns each new K row by its place in the cache (row `len[b] + t`, computed from the unrounded
-//! input before it is stored in the cache's dtype), and `attend` turns each query by its
+//! input before it is stored in the cache's dtype: on the host in f64 for a few rows, on the
+//! device for many, and from tensors), and `attend` turns each query by its
 //! position (`len[b] - n + i`, the place of the token it belongs to), so the caller passes K and
 //! Q straight from their projections.
 
@@ -19,9 +20,14 @@ use crate::gpu::context::Gpu;
 use crate::gpu::options::DeviceLens;
 use crate::gpu::rotary::{self, Rotation};
 use crate::gpu::tensor::{Tensor, expect_dims};
-use crate::rotary::{MAX_POSITIONS, Rotary};
+use crate::rotary::{MAX_POSITIONS, Positions, Rotary};
 use crate::spec::{Attention, Causal, DType, Dims, Layout};
 use std::sync::atomic::{AtomicBool, Ordering};
+
+/// Elements a host append turns on the host (`batch * kv_heads * t * rotary_dim`); past this,
+/// on the device. A decoding step's few rows cost a submission on the device (about 45 µs of
+/// host time on lavapipe) and a few µs on the host.
+const HOST_ROTATION_MAX: usize = 16 * 1024;
 
 /// Device K/V buffers with a capacity and per-sequence lengths.
 ///
@@ -218,11 +224,35 @@ impl KvCache {
             }
         }
         if let Some(rotary) = &self.rotary {
-            // K goes up as f32 and is turned into its rows by the kernel; V as usual.
-            let k = gpu.upload(k, [self.batch, self.kv_heads, t, self.head_dim])?;
+            if self.batch * self.kv_heads * t * rotary.dim() <= HOST_ROTATION_MAX {
+                // A few tokens (a decoding step): turned on the host in f64, then written as
+                // usual, which costs no submission.
+                let positions = (0..self.batch)
+                    .flat_map(|b| (0..t).map(move |i| (b, i)))
+                    .map(|(b, i)| (self.lens[b] as u64 + i as u64).min(MAX_POSITIONS - 1) as u32)
+                    .collect();
+                let turned = crate::cpu::rotate(
+                    k,
+                    [self.batch, self.kv_heads, t, self.head_dim],
+                    Layout::Bhsd,
+                    rotary,
+                    &Positions::Each(positions),
+                )?;
+                self.write_rows(gpu, &self.k, &turned, self.head_dim, t, new)?;
+                self.write_rows(gpu, &self.v, v, self.v_head_dim, t, new)?;
+                self.grow(gpu, new)?;
+                return Ok(());
+            }
+            // K goes up as f32 into a staging buffer of the pool and is turned into its rows
+            // by the kernel; V as usual.
             self.write_rows(gpu, &self.v, v, self.v_head_dim, t, new)?;
             gpu.submit_with("cache append", |encoder| {
-                self.encode_rotated_k(gpu, encoder, rotary, &k, t, new)
+                let staged = gpu.submission_buffer(
+                    "wgpu-attention appended K",
+                    bytemuck::cast_slice(k),
+                    wgpu::BufferUsages::STORAGE,
+                );
+                self.encode_rotated_k(gpu, encoder, rotary, (&staged, DType::F32), t, new)
             })?;
             self.grow(gpu, new)?;
             return Ok(());
@@ -261,20 +291,21 @@ impl KvCache {
         })
     }
 
-    /// Records the rotation of `k` (`[batch, kv_heads, t, head_dim]`) into the cache's K rows
-    /// after each sequence's length, turned by those rows' positions.
+    /// Records the rotation of `k` (`[batch, kv_heads, t, head_dim]`, its buffer and dtype)
+    /// into the cache's K rows after each sequence's length, turned by those rows' positions.
     fn encode_rotated_k(
         &self,
         gpu: &Gpu,
         encoder: &mut wgpu::CommandEncoder,
         rotary: &Rotary,
-        k: &Tensor,
+        (k, k_dtype): (&wgpu::Buffer, DType),
         t: usize,
         new: &[usize],
     ) -> Result<()> {
         let counts: Vec<u32> = new.iter().map(|&n| n as u32).collect();
         let rotation = Rotation {
             x: k,
+            x_dtype: k_dtype,
             x_strides: Layout::Bhsd.strides(self.kv_heads, t, self.head_dim),
             y: &self.k,
             y_strides: Layout::Bhsd.strides(self.kv_heads, self.capacity, self.head_dim),
@@ -334,7 +365,9 @@ impl KvCache {
         gpu.submit_with("cache append", |encoder| {
             let mut copied = vec![(&self.v, v, self.v_head_dim)];
             match &self.rotary {
-                Some(rotary) => self.encode_rotated_k(gpu, encoder, rotary, k, t, new)?,
+                Some(rotary) => {
+                    self.encode_rotated_k(gpu, encoder, rotary, (k.buffer(), k.dtype()), t, new)?
+                }
                 None => copied.push((&self.k, k, self.head_dim)),
             }
             for (dst, src, dim) in copied {

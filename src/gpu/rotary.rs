@@ -11,7 +11,7 @@ use crate::gpu::kernels::uniforms::{RotateParams, uniform_buffer};
 use crate::gpu::limits::DispatchSize;
 use crate::gpu::tensor::{Tensor, expect_dims, init_buffer};
 use crate::rotary::{MAX_POSITIONS, Positions, Rotary, RotaryStyle};
-use crate::spec::{Attention, Layout};
+use crate::spec::{Attention, DType, Layout};
 
 /// Angle tables a device keeps, the least recently used dropped first.
 const KEPT_TABLES: usize = 8;
@@ -51,7 +51,8 @@ pub fn rotate(
             encoder,
             rotary,
             &Rotation {
-                x,
+                x: x.buffer(),
+                x_dtype: x.dtype(),
                 x_strides: strides,
                 y: &y,
                 y_strides: strides,
@@ -125,7 +126,8 @@ pub(crate) fn attend_rotated(
     let turned = gpu.empty_as(q.dims(), q.dtype())?;
     let strides = Layout::Bhsd.strides(heads, n, dim);
     let rotation = Rotation {
-        x: q,
+        x: q.buffer(),
+        x_dtype: q.dtype(),
         x_strides: strides,
         y: &turned,
         y_strides: strides,
@@ -147,7 +149,9 @@ pub(crate) fn attend_rotated(
 /// One rotation of `x`'s rows `[batch, heads, seq, dim]` (element strides over batch, head
 /// and row; the last dim's is 1) into `y`.
 pub(crate) struct Rotation<'a> {
-    pub(crate) x: &'a Tensor,
+    pub(crate) x: &'a wgpu::Buffer,
+    /// How `x` holds its elements.
+    pub(crate) x_dtype: DType,
     pub(crate) x_strides: [usize; 3],
     pub(crate) y: &'a Tensor,
     pub(crate) y_strides: [usize; 3],
@@ -215,7 +219,7 @@ pub(crate) fn encode(
     let kernel = gpu.kernels.get(
         device,
         KernelKey::Rotate {
-            x: gpu.storage(r.x.dtype()),
+            x: gpu.storage(r.x_dtype),
             y: gpu.storage(r.y.dtype()),
         },
     )?;
@@ -226,10 +230,7 @@ pub(crate) fn encode(
         bytemuck::cast_slice(&words),
         wgpu::BufferUsages::STORAGE,
     );
-    let bind = kernel.bind(
-        device,
-        &[&uniform, r.x.buffer(), r.y.buffer(), &table, &positions],
-    );
+    let bind = kernel.bind(device, &[&uniform, r.x, r.y.buffer(), &table, &positions]);
     let size = DispatchSize::linear(
         tokens as u64,
         gpu.limits.max_workgroups_per_dim,
