@@ -1,8 +1,11 @@
 //! A made-up decoder stack served the way an inference engine serves one: several sequences
 //! of different lengths prefilled in one packed call per layer (`Attention::varlen`), then
 //! decoded a token at a time against a paged KV cache per layer (`PagedKvCache`), sequences
-//! joining and finishing as it goes. Every attention call is checked against the CPU
-//! reference on the same K and V, kept here on the host.
+//! joining and finishing as it goes. Q and K carry rotary position embeddings as Llama's do:
+//! turned by `gpu::rotate` at each token's position in its sequence for the packed prefill,
+//! and by the caches themselves (`with_rotary`) when decoding. Every attention call is checked
+//! against the CPU reference on the same K and V, kept here on the host unrotated and turned
+//! by `cpu::rotate`.
 //!
 //! `cargo run --release --example serve_batch`
 
@@ -10,6 +13,7 @@ use std::time::Instant;
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
+use wgpu_attention::rotary::{Positions, Rotary};
 use wgpu_attention::{Attention, Causal, Dims, Gpu, Layout, PagedKvCache, SeqId, cpu};
 
 const VOCAB: usize = 50;
@@ -20,6 +24,8 @@ const DIM: usize = MODEL / HEADS;
 const LAYERS: usize = 2;
 /// Largest error any attention call may have against the reference.
 const TOL: f32 = 1e-4;
+/// Llama 3's `rope_theta`.
+const THETA: f64 = 500_000.0;
 
 /// Weights of one layer: `[MODEL, out]` row-major projections.
 struct Layer {
@@ -80,9 +86,11 @@ fn main() -> Result<(), wgpu_attention::Error> {
             wo: random(&mut rng, MODEL * MODEL, scale),
         })
         .collect();
-    // 64 pages of 8 tokens per layer, shared by every sequence.
+    let rope = Rotary::new(DIM, THETA)?;
+    // 64 pages of 8 tokens per layer, shared by every sequence; the caches turn K and the
+    // queries themselves.
     let mut caches: Vec<PagedKvCache> = (0..LAYERS)
-        .map(|_| PagedKvCache::new(&gpu, 64, 8, KV_HEADS, DIM, DIM))
+        .map(|_| PagedKvCache::new(&gpu, 64, 8, KV_HEADS, DIM, DIM)?.with_rotary(rope.clone()))
         .collect::<Result<_, _>>()?;
     let mut worst = 0f32;
     let mut calls = 0usize;
@@ -130,6 +138,8 @@ fn main() -> Result<(), wgpu_attention::Error> {
         .layout(Layout::Bshd)
         .causal(Causal::BottomRight)
         .varlen(cu.clone(), cu.clone());
+    // Each packed row's position in its own sequence.
+    let positions = Positions::Each(lens.iter().flat_map(|&l| 0..l as u32).collect());
     for (l, layer) in layers.iter().enumerate() {
         let (q, k, v) = (
             matmul(&x, &layer.wq, MODEL),
@@ -143,16 +153,30 @@ fn main() -> Result<(), wgpu_attention::Error> {
             s.k[l].extend_from_slice(&k[rows.clone()]);
             s.v[l].extend_from_slice(&v[rows]);
         }
+        // The caches got K unrotated; the packed call takes Q and K turned on the device.
+        let turn = |x: &[f32], heads| -> Result<_, wgpu_attention::Error> {
+            let t = gpu.upload(x, [1, total, heads, DIM])?;
+            wgpu_attention::gpu::rotate(&gpu, &t, Layout::Bshd, &rope, &positions)
+        };
         let o = packed
             .run(
                 &gpu,
-                &gpu.upload(&q, [1, total, HEADS, DIM])?,
-                &gpu.upload(&k, [1, total, KV_HEADS, DIM])?,
+                &turn(&q, HEADS)?,
+                &turn(&k, KV_HEADS)?,
                 &gpu.upload(&v, [1, total, KV_HEADS, DIM])?,
             )?
             .o
             .download(&gpu)?;
-        let want = cpu::reference(&q, &k, &v, dims, &packed)?;
+        let host_turn = |x: &[f32], heads| {
+            cpu::rotate(x, [1, total, heads, DIM], Layout::Bshd, &rope, &positions)
+        };
+        let want = cpu::reference(
+            &host_turn(&q, HEADS)?,
+            &host_turn(&k, KV_HEADS)?,
+            &v,
+            dims,
+            &packed,
+        )?;
         worst = worst.max(max_err(&o, &want.o));
         calls += 1;
         let y = matmul(&o, &layer.wo, MODEL);
@@ -215,7 +239,7 @@ fn main() -> Result<(), wgpu_attention::Error> {
                 .attend(&gpu, &tq, &ids, &Attention::new())?
                 .o
                 .download(&gpu)?;
-            worst = worst.max(check_step(&served, l, &q, &o)?);
+            worst = worst.max(check_step(&served, l, &q, &o, &rope)?);
             calls += 1;
             let y = matmul(&o, &layer.wo, MODEL);
             x.iter_mut().zip(&y).for_each(|(a, b)| *a += b);
@@ -255,12 +279,14 @@ fn main() -> Result<(), wgpu_attention::Error> {
 }
 
 /// The reference on one decoding step of layer `l`: each sequence's query against the K and V
-/// it has cached, padded to the longest.
+/// it has cached, padded to the longest, K turned at positions 0.. and each query at its
+/// sequence's last position.
 fn check_step(
     served: &[Served],
     l: usize,
     q: &[f32],
     o: &[f32],
+    rope: &Rotary,
 ) -> Result<f32, wgpu_attention::Error> {
     let n = served.len();
     let lens: Vec<usize> = served
@@ -273,9 +299,19 @@ fn check_step(
     let mut v = k.clone();
     for (b, s) in served.iter().enumerate() {
         let at = b * s_max * KV_HEADS * DIM;
-        k[at..at + s.k[l].len()].copy_from_slice(&s.k[l]);
+        let dims = [1, lens[b], KV_HEADS, DIM];
+        let turned = cpu::rotate(
+            &s.k[l],
+            dims,
+            Layout::Bshd,
+            rope,
+            &Positions::Start(vec![0]),
+        )?;
+        k[at..at + s.k[l].len()].copy_from_slice(&turned);
         v[at..at + s.v[l].len()].copy_from_slice(&s.v[l]);
     }
+    let last = Positions::Start(lens.iter().map(|&len| len as u32 - 1).collect());
+    let q = &cpu::rotate(q, [n, HEADS, 1, DIM], Layout::Bhsd, rope, &last)?;
     let dims = Dims {
         batch: n,
         heads: HEADS,
