@@ -198,6 +198,38 @@ fn kv_cache() {
     });
 }
 
+/// A cache that applies RoPE: decoding steps (K turned on the host), and every tenth call a
+/// chunk of 160 tokens (turned on the device through a pooled staging buffer).
+#[test]
+#[ignore = "soak: thousands of calls; run with --ignored"]
+fn kv_cache_rotary() {
+    let _serial = serial();
+    let Some(gpu) = common::gpu() else { return };
+    let (kv_heads, heads, dim) = (2, 8, 64);
+    let capacity = 160 * (calls() / 10 + 1) + calls() + 64;
+    let rotary = wgpu_attention::Rotary::new(dim, 10_000.0).unwrap();
+    let mut cache = KvCache::new(gpu, 1, kv_heads, capacity, dim, dim)
+        .unwrap()
+        .with_rotary(rotary)
+        .unwrap();
+    let mut r = common::rng(10);
+    let chunk = common::random(&mut r, kv_heads * 160 * dim, 1.0);
+    cache.append(gpu, &chunk, &chunk, &[160]).unwrap();
+    let token = common::random(&mut r, kv_heads * dim, 1.0);
+    let (_, q) = upload(gpu, 11, [1, heads, 1, dim]);
+    let mut i = 0;
+    soak("kv cache with RoPE: append + attend", || {
+        i += 1;
+        if i % 10 == 0 {
+            cache.append(gpu, &chunk, &chunk, &[160]).unwrap();
+        } else {
+            cache.append(gpu, &token, &token, &[1]).unwrap();
+        }
+        let out = cache.attend(gpu, &q, &Attention::new()).unwrap();
+        out.o.download(gpu).unwrap();
+    });
+}
+
 #[test]
 #[ignore = "soak: thousands of calls; run with --ignored"]
 fn mha_layer() {
