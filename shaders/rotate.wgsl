@@ -11,7 +11,8 @@
 // through load_x); y (tensor, store_y; never the buffer of x); table, the angle table;
 // positions: with per_row, one position per row [batch, seq]; else one start per batch entry
 // (i32 bits: a cache's new queries may start before position 0, rows that see no key, turned
-// as position 0), and with has_counts the rows to write per batch entry from counts_offset.
+// as position 0; padding rows past the last position are turned as the last), and with
+// has_counts the rows to write per batch entry from counts_offset.
 
 const WG: u32 = 64u;
 
@@ -51,7 +52,7 @@ fn main(
         pos = positions[b * p.seq + i];
     } else {
         let position = bitcast<i32>(positions[b]) + i32(i);
-        pos = u32(max(position, 0));
+        pos = u32(clamp(position, 0, i32(ROTARY_MAX_POSITION)));
         if p.rows_at_position != 0u {
             y_i = pos;
         }

@@ -32,9 +32,11 @@
 //! built once per device and set of frequencies and kept (the last eight).
 //!
 //! Frequencies are f64 here. Hugging Face computes them in f32, which differs by up to half
-//! an f32 ulp per frequency (at position `10^5` about `3 · 10^-3` radians on the fastest
-//! pair): to match such an implementation to the last bit, give its f32 frequencies to
-//! [`Rotary::from_frequencies`].
+//! an f32 ulp per frequency (the first, 1, is exact; at position `10^5` the next pairs' angles
+//! move by up to about `3 · 10^-3` radians), and forms each angle `p · f` in f32 too, which
+//! moves it more (half an ulp of the angle). To match such an implementation closely, give
+//! its f32 frequencies to [`Rotary::from_frequencies`]; its angles' own rounding is not
+//! reproduced.
 //!
 //! ```
 //! use wgpu_attention::{Layout, cpu, rotary::{Positions, Rotary}};

@@ -8,7 +8,9 @@ use common::{O_ATOL, O_RTOL, assert_close, gpu, mirror_append, random, rng};
 use rand::Rng;
 use wgpu_attention::gpu::rotate;
 use wgpu_attention::rotary::{Llama3Scaling, MAX_POSITIONS, Positions, Rotary, RotaryStyle};
-use wgpu_attention::{Attention, Causal, DType, Dims, Error, KvCache, Layout, PagedKvCache, cpu};
+use wgpu_attention::{
+    Attention, Causal, DType, Dims, Error, KvCache, Layout, LimitCaps, PagedKvCache, cpu,
+};
 
 /// The rotation's own error: the angle table multiplied out in f32 (about 3e-7 of an
 /// element's pair), and the products.
@@ -279,6 +281,116 @@ fn half_cache_rounds_the_turned_rows() {
             );
         }
     }
+}
+
+/// Under a small storage-binding cap the f32 staging of a long append goes up in chunks of
+/// rows (a review found an append that fit an f16 cache failing only with RoPE on), and a
+/// rotation of a tensor past the cap is a typed error, as attention's is.
+#[test]
+fn appends_in_chunks_under_the_binding_cap() {
+    let Some(gpu) = gpu() else { return };
+    let (batch, kv_heads, cap, d) = (2, 2, 300, 32);
+    // f16 K: 2 * 2 * 300 * 32 * 2 = 76.8 KB; f32 staging of 260 rows: 266 KB.
+    let capped = gpu.with_caps(LimitCaps {
+        max_storage_binding: Some(80_000),
+        ..LimitCaps::default()
+    });
+    let rotary = Rotary::new(d, 10_000.0).unwrap();
+    let mut cache = KvCache::with_dtype(&capped, batch, kv_heads, cap, d, d, DType::F16)
+        .unwrap()
+        .with_rotary(rotary.clone())
+        .unwrap();
+    let mut r = rng(51);
+    let mut host_k = vec![0f32; batch * kv_heads * cap * d];
+    for new in [[7usize, 3], [260, 201]] {
+        let t = new[0];
+        let k = random(&mut r, batch * kv_heads * t * d, 1.0);
+        let start: Vec<usize> = cache.lens().iter().map(|&l| l as usize).collect();
+        cache.append(&capped, &k, &k, &new).unwrap();
+        let at = Positions::Start(start.iter().map(|&s| s as u32).collect());
+        let turned = cpu::rotate(&k, [batch, kv_heads, t, d], Layout::Bhsd, &rotary, &at).unwrap();
+        let rounded: Vec<f32> = turned
+            .iter()
+            .map(|&x| half::f16::from_f32(x).to_f32())
+            .collect();
+        mirror_append(&mut host_k, &rounded, (kv_heads, cap, d), &start, &new);
+    }
+    assert_eq!(cache.lens(), &[267, 204]);
+    let held = cache.k().download(gpu).unwrap();
+    for (b, &len) in cache.lens().iter().enumerate() {
+        for h in 0..kv_heads {
+            let rows =
+                ((b * kv_heads + h) * cap) * d..((b * kv_heads + h) * cap + len as usize) * d;
+            assert_close(
+                &format!("chunked K, b {b} h {h}"),
+                &held[rows.clone()],
+                &host_k[rows],
+                1e-6,
+                2f32.powi(-10),
+            );
+        }
+    }
+    // An 8-bit cache that fits the cap while one token's K rows in f32 do not: a typed error
+    // before anything is written.
+    let tiny = gpu.with_caps(LimitCaps {
+        max_storage_binding: Some(49_152),
+        ..LimitCaps::default()
+    });
+    let mut small = KvCache::with_dtype(&tiny, 8, 8, 3, 256, 256, DType::F8E4M3)
+        .unwrap()
+        .with_rotary(Rotary::new(256, 1e4).unwrap())
+        .unwrap();
+    let rows = vec![0.5; 8 * 8 * 2 * 256];
+    let err = small.append(&tiny, &rows, &rows, &[2; 8]);
+    assert!(
+        matches!(
+            err,
+            Err(Error::TooLarge {
+                requested: 65_536,
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+    assert_eq!(small.lens(), &[0; 8]);
+    let x = gpu.upload(&vec![0.5; 4 * 20_000], [1, 1, 20_000, 4]).unwrap();
+    let err = rotate(
+        &tiny,
+        &x,
+        Layout::Bhsd,
+        &Rotary::new(4, 1e4).unwrap(),
+        &Positions::Start(vec![0]),
+    );
+    assert!(
+        matches!(
+            err,
+            Err(Error::TooLarge {
+                what: "rotated tensor",
+                ..
+            })
+        ),
+        "{err:?}"
+    );
+}
+
+/// A rank-3 tensor comes back rank 3.
+#[test]
+fn rank_is_kept() {
+    let Some(gpu) = gpu() else { return };
+    let x = random(&mut rng(3), 4 * 5 * 8, 1.0);
+    let t = gpu.upload(&x, [4, 5, 8]).unwrap();
+    let rotary = Rotary::new(8, 1e4).unwrap();
+    let y = rotate(gpu, &t, Layout::Bhsd, &rotary, &Positions::Start(vec![2])).unwrap();
+    assert_eq!(y.shape(), &[4, 5, 8]);
+    let want = cpu::rotate(
+        &x,
+        [1, 4, 5, 8],
+        Layout::Bhsd,
+        &rotary,
+        &Positions::Start(vec![2]),
+    )
+    .unwrap();
+    assert_close("rank 3", &y.download(gpu).unwrap(), &want, ATOL, RTOL);
 }
 
 #[test]

@@ -17,6 +17,7 @@
 use crate::error::{Error, Result};
 use crate::gpu::attention::Output;
 use crate::gpu::context::Gpu;
+use crate::gpu::limits::check_binding;
 use crate::gpu::options::DeviceLens;
 use crate::gpu::rotary::{self, Rotation};
 use crate::gpu::tensor::{Tensor, expect_dims};
@@ -28,6 +29,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 /// on the device. A decoding step's few rows cost a submission on the device (about 45 µs of
 /// host time on lavapipe) and a few µs on the host.
 const HOST_ROTATION_MAX: usize = 16 * 1024;
+
+/// Rows of an append's K (`[batch, kv_heads, t, head_dim]`) to turn into the cache: sequence
+/// `b`'s first `counts[b]`, into cache rows (and positions) from `starts[b]`.
+struct RowsOf<'a> {
+    t: usize,
+    starts: &'a [u32],
+    counts: &'a [u32],
+}
 
 /// Device K/V buffers with a capacity and per-sequence lengths.
 ///
@@ -243,16 +252,53 @@ impl KvCache {
                 self.grow(gpu, new)?;
                 return Ok(());
             }
-            // K goes up as f32 into a staging buffer of the pool and is turned into its rows
-            // by the kernel; V as usual.
+            // K goes up as f32 through staging buffers of the pool, in chunks of rows that fit
+            // one binding (f32 rows are larger than a 16- or 8-bit cache's), each turned by
+            // the kernel into its rows; V as usual. What can fail is checked before V moves.
+            check_binding(&gpu.limits, "cache K", self.k.byte_len())?;
+            let row_bytes = (self.batch * self.kv_heads * self.head_dim * 4) as u64;
+            let chunk = (gpu.limits.max_storage_binding / row_bytes).min(t as u64) as usize;
+            if chunk == 0 {
+                return Err(Error::TooLarge {
+                    what: "one appended token's K rows in f32",
+                    requested: row_bytes,
+                    max: gpu.limits.max_storage_binding,
+                    hint: " bytes (max_storage_buffer_binding_size)",
+                });
+            }
             self.write_rows(gpu, &self.v, v, self.v_head_dim, t, new)?;
             gpu.submit_with("cache append", |encoder| {
-                let staged = gpu.submission_buffer(
-                    "wgpu-attention appended K",
-                    bytemuck::cast_slice(k),
-                    wgpu::BufferUsages::STORAGE,
-                );
-                self.encode_rotated_k(gpu, encoder, rotary, (&staged, DType::F32), t, new)
+                let dim = self.head_dim;
+                for from in (0..t).step_by(chunk) {
+                    let rows = chunk.min(t - from);
+                    let part: std::borrow::Cow<[f32]> = if rows == t {
+                        k.into()
+                    } else {
+                        k.chunks(t * dim)
+                            .flat_map(|head| &head[from * dim..(from + rows) * dim])
+                            .copied()
+                            .collect::<Vec<f32>>()
+                            .into()
+                    };
+                    let staged = gpu.submission_buffer(
+                        "wgpu-attention appended K",
+                        bytemuck::cast_slice(&part),
+                        wgpu::BufferUsages::STORAGE,
+                    );
+                    let starts: Vec<u32> = self.lens.iter().map(|&l| l + from as u32).collect();
+                    let counts: Vec<u32> = new
+                        .iter()
+                        .map(|&n| n.saturating_sub(from).min(rows) as u32)
+                        .collect();
+                    let rows_of = RowsOf {
+                        t: rows,
+                        starts: &starts,
+                        counts: &counts,
+                    };
+                    let staged = (&staged, DType::F32, (part.len() * 4) as u64);
+                    self.encode_rotated_k(gpu, encoder, rotary, staged, rows_of)?;
+                }
+                Ok(())
             })?;
             self.grow(gpu, new)?;
             return Ok(());
@@ -291,31 +337,30 @@ impl KvCache {
         })
     }
 
-    /// Records the rotation of `k` (`[batch, kv_heads, t, head_dim]`, its buffer and dtype)
-    /// into the cache's K rows after each sequence's length, turned by those rows' positions.
+    /// Records the rotation of `k` (`[batch, kv_heads, t, head_dim]`: its buffer, dtype and
+    /// bytes) into the cache's K rows `rows` names, turned by those rows' positions.
     fn encode_rotated_k(
         &self,
         gpu: &Gpu,
         encoder: &mut wgpu::CommandEncoder,
         rotary: &Rotary,
-        (k, k_dtype): (&wgpu::Buffer, DType),
-        t: usize,
-        new: &[usize],
+        (k, k_dtype, k_bytes): (&wgpu::Buffer, DType, u64),
+        rows: RowsOf<'_>,
     ) -> Result<()> {
-        let counts: Vec<u32> = new.iter().map(|&n| n as u32).collect();
         let rotation = Rotation {
             x: k,
             x_dtype: k_dtype,
-            x_strides: Layout::Bhsd.strides(self.kv_heads, t, self.head_dim),
+            x_bytes: k_bytes,
+            x_strides: Layout::Bhsd.strides(self.kv_heads, rows.t, self.head_dim),
             y: &self.k,
             y_strides: Layout::Bhsd.strides(self.kv_heads, self.capacity, self.head_dim),
             batch: self.batch,
             heads: self.kv_heads,
-            seq: t,
+            seq: rows.t,
             dim: self.head_dim,
-            positions: &self.lens,
+            positions: rows.starts,
             per_row: false,
-            counts: Some(&counts),
+            counts: Some(rows.counts),
             rows_at_position: true,
             timestamps: true,
         };
@@ -366,7 +411,14 @@ impl KvCache {
             let mut copied = vec![(&self.v, v, self.v_head_dim)];
             match &self.rotary {
                 Some(rotary) => {
-                    self.encode_rotated_k(gpu, encoder, rotary, (k.buffer(), k.dtype()), t, new)?
+                    let counts: Vec<u32> = new.iter().map(|&n| n as u32).collect();
+                    let rows = RowsOf {
+                        t,
+                        starts: &self.lens,
+                        counts: &counts,
+                    };
+                    let k = (k.buffer(), k.dtype(), k.byte_len());
+                    self.encode_rotated_k(gpu, encoder, rotary, k, rows)?
                 }
                 None => copied.push((&self.k, k, self.head_dim)),
             }

@@ -8,15 +8,15 @@ use crate::gpu::attention::Output;
 use crate::gpu::context::Gpu;
 use crate::gpu::kernels::KernelKey;
 use crate::gpu::kernels::uniforms::{RotateParams, uniform_buffer};
-use crate::gpu::limits::DispatchSize;
+use crate::gpu::limits::{DispatchSize, check_binding};
 use crate::gpu::tensor::{Tensor, expect_dims, init_buffer};
-use crate::rotary::{MAX_POSITIONS, Positions, Rotary, RotaryStyle};
+use crate::rotary::{ENTRIES, LEVELS, Positions, Rotary, RotaryStyle};
 use crate::spec::{Attention, DType, Layout};
 
 /// Angle tables a device keeps, the least recently used dropped first.
 const KEPT_TABLES: usize = 8;
 
-/// `x` (dims in `layout`) with each row turned by its position: a new tensor of `x`'s dims
+/// `x` (dims in `layout`) with each row turned by its position: a new tensor of `x`'s shape
 /// and dtype, in one submit. The rotation is computed in f32 from an f64 table of angles
 /// ([`crate::rotary`]); [`cpu::rotate`](crate::cpu::rotate) is its f64 twin.
 ///
@@ -40,7 +40,11 @@ pub fn rotate(
     let dims = x.dims();
     let (batch, heads, seq, dim) = rotary.check(dims, layout, positions)?;
     let strides = layout.strides(heads, seq, dim);
-    let y = gpu.empty_as(dims, x.dtype())?;
+    // The output keeps the input's rank (a rank-3 tensor stays rank 3).
+    let y = match x.rank() {
+        3 => gpu.empty_as([dims[1], dims[2], dims[3]], x.dtype())?,
+        _ => gpu.empty_as(dims, x.dtype())?,
+    };
     let (words, per_row) = match positions {
         Positions::Start(s) => (s.as_slice(), false),
         Positions::Each(e) => (e.as_slice(), true),
@@ -53,6 +57,7 @@ pub fn rotate(
             &Rotation {
                 x: x.buffer(),
                 x_dtype: x.dtype(),
+                x_bytes: x.byte_len(),
                 x_strides: strides,
                 y: &y,
                 y_strides: strides,
@@ -108,26 +113,21 @@ pub(crate) fn attend_rotated(
             expected: batch,
         });
     }
+    // A real row's position is below its sequence's length, which the caches keep within
+    // MAX_POSITIONS; padding rows past the limit (and rows before position 0) are clamped by
+    // the kernel.
     let mut starts = Vec::with_capacity(batch);
     for (b, &len) in lens.iter().enumerate() {
         let rows = q_lens.map_or(n as i64, |l| l[b] as i64);
-        let start = len as i64 - rows;
-        if start + n as i64 > MAX_POSITIONS as i64 {
-            return Err(Error::LengthOutOfRange {
-                what: "rotary position",
-                index: b,
-                value: (start + n as i64 - 1) as usize,
-                max: MAX_POSITIONS as usize - 1,
-            });
-        }
         // i32 bits: the kernel reads a start below 0 as "before the first position".
-        starts.push(start.max(i32::MIN as i64) as i32 as u32);
+        starts.push((len as i64 - rows).max(i32::MIN as i64) as i32 as u32);
     }
     let turned = gpu.empty_as(q.dims(), q.dtype())?;
     let strides = Layout::Bhsd.strides(heads, n, dim);
     let rotation = Rotation {
         x: q.buffer(),
         x_dtype: q.dtype(),
+        x_bytes: q.byte_len(),
         x_strides: strides,
         y: &turned,
         y_strides: strides,
@@ -152,6 +152,8 @@ pub(crate) struct Rotation<'a> {
     pub(crate) x: &'a wgpu::Buffer,
     /// How `x` holds its elements.
     pub(crate) x_dtype: DType,
+    /// The bytes of `x` the rotation reads (a pooled buffer may be larger).
+    pub(crate) x_bytes: u64,
     pub(crate) x_strides: [usize; 3],
     pub(crate) y: &'a Tensor,
     pub(crate) y_strides: [usize; 3],
@@ -215,6 +217,10 @@ pub(crate) fn encode(
         y_stride_h: u("strides", yh)?,
         y_stride_s: u("strides", ys)?,
     };
+    check_binding(&gpu.limits, "rotated tensor", r.x_bytes)?;
+    check_binding(&gpu.limits, "rotation output", r.y.byte_len())?;
+    let table_bytes = (LEVELS * ENTRIES) as u64 * rotary.dim() as u64 / 2 * 8;
+    check_binding(&gpu.limits, "rotary angle table", table_bytes)?;
     let device = &gpu.device;
     let kernel = gpu.kernels.get(
         device,

@@ -1558,6 +1558,10 @@ impl KernelKey {
                 ("ROTARY_LEVEL_BITS", crate::rotary::LEVEL_BITS),
                 ("ROTARY_LEVELS", crate::rotary::LEVELS),
                 ("ROTARY_ENTRIES", crate::rotary::ENTRIES),
+                (
+                    "ROTARY_MAX_POSITION",
+                    (crate::rotary::MAX_POSITIONS - 1) as u32,
+                ),
             ],
             _ => Vec::new(),
         }
