@@ -12,9 +12,9 @@
 //! (x0, x1) -> (x0 · cos(p f_k) - x1 · sin(p f_k),  x0 · sin(p f_k) + x1 · cos(p f_k))
 //! ```
 //!
-//! with `f_k = base^(-2k / dim)` ([`Rotary::new`]), or frequencies of your own
-//! ([`Rotary::from_frequencies`]: NTK, YaRN, or a checkpoint's exact values), or Llama 3.1's and
-//! linear scaling of them. Which elements form pair `k` is the [`RotaryStyle`]: `(k, k + dim/2)`
+//! with `f_k = base^(-2k / dim)` ([`Rotary::new`]), YaRN's ([`Rotary::yarn`]), Llama 3.1's or
+//! linear scaling of them, or frequencies of your own ([`Rotary::from_frequencies`]: NTK, or a
+//! checkpoint's exact values). Which elements form pair `k` is the [`RotaryStyle`]: `(k, k + dim/2)`
 //! (GPT-NeoX, Hugging Face's `rotate_half`, the default) or `(2k, 2k + 1)` (GPT-J, Meta's
 //! original Llama, FlashAttention's `rotary_interleaved`). Elements past `dim` (partial rotary,
 //! as GPT-NeoX and Phi use) pass unchanged. [`Rotary::inverse`] turns the other way: it undoes
@@ -104,6 +104,69 @@ impl Default for Llama3Scaling {
     }
 }
 
+/// YaRN's scaling of the frequencies (`rope_type: "yarn"` in a Hugging Face config: gpt-oss,
+/// DeepSeek V3, Qwen's long contexts): pairs that turn more than `beta_fast` times over the
+/// original context keep their frequency, pairs that turn fewer than `beta_slow` times are
+/// divided by `factor`, and those between are blended along a linear ramp. YaRN also scales
+/// the scores ([`attention_factor`](YarnScaling::attention_factor)); a rotation here stays a
+/// rotation, so that goes into the attention's scale.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct YarnScaling {
+    /// How much the context is stretched.
+    pub factor: f64,
+    /// The context length before scaling (`original_max_position_embeddings`).
+    pub original_max_positions: f64,
+    /// Rotations over the original context above which a pair keeps its frequency (32).
+    pub beta_fast: f64,
+    /// Rotations below which a pair takes the whole factor (1).
+    pub beta_slow: f64,
+    /// Whether the ramp's ends are rounded out to whole pairs (`truncate`, true; gpt-oss sets
+    /// false).
+    pub truncate: bool,
+    /// The attention factor as the config states it (`attention_factor`), if it does.
+    pub attention_factor: Option<f64>,
+    /// DeepSeek's `mscale` and `mscale_all_dim`, if the config has both: the attention factor
+    /// is then their ratio of `0.1 · m · ln(factor) + 1`.
+    pub mscale: Option<(f64, f64)>,
+}
+
+impl YarnScaling {
+    /// YaRN with the given factor and original context, and the defaults of `transformers`
+    /// for the rest (betas 32 and 1, truncated ramp, attention factor from the factor).
+    pub fn new(factor: f64, original_max_positions: f64) -> YarnScaling {
+        YarnScaling {
+            factor,
+            original_max_positions,
+            beta_fast: 32.0,
+            beta_slow: 1.0,
+            truncate: true,
+            attention_factor: None,
+            mscale: None,
+        }
+    }
+
+    /// The factor YaRN multiplies `cos` and `sin` by, so Q·K by its square: give the attention
+    /// `scale(attention_factor² / sqrt(head_dim))` ([`Attention::scale`](crate::Attention::scale)).
+    /// `0.1 · ln(factor) + 1` unless the config states it (or DeepSeek's `mscale` pair); 1 for a
+    /// factor of at most 1.
+    pub fn attention_factor(&self) -> f64 {
+        let m = |scale: f64| {
+            if self.factor <= 1.0 {
+                1.0
+            } else {
+                0.1 * scale * self.factor.ln() + 1.0
+            }
+        };
+        match (self.attention_factor, self.mscale) {
+            (Some(a), _) => a,
+            (None, Some((mscale, all_dim))) if mscale != 0.0 && all_dim != 0.0 => {
+                m(mscale) / m(all_dim)
+            }
+            _ => m(1.0),
+        }
+    }
+}
+
 /// A rotary position embedding: its frequencies, which elements pair up, and its direction.
 /// See the [module docs](self).
 #[derive(Debug, Clone, PartialEq)]
@@ -186,6 +249,68 @@ impl Rotary {
     /// The [`Interleaved`](RotaryStyle::Interleaved) style: pairs `(2k, 2k + 1)`.
     pub fn interleaved(self) -> Rotary {
         self.style(RotaryStyle::Interleaved)
+    }
+
+    /// RoPE over `rotary_dim` elements with YaRN's frequencies for `base` ([`YarnScaling`]); its
+    /// attention factor goes into the attention's scale.
+    ///
+    /// ```
+    /// use wgpu_attention::{Attention, rotary::{Rotary, YarnScaling}};
+    /// // gpt-oss: head_dim 64, theta 150000, YaRN x32 over 4096 positions, ramp not truncated.
+    /// let yarn = YarnScaling { truncate: false, ..YarnScaling::new(32.0, 4096.0) };
+    /// let rope = Rotary::yarn(64, 150_000.0, &yarn)?;
+    /// let a = yarn.attention_factor(); // 0.1 ln 32 + 1
+    /// let opts = Attention::new().scale((a * a / 8.0) as f32);
+    /// assert!((a - 1.3466).abs() < 1e-4);
+    /// # Ok::<(), wgpu_attention::Error>(())
+    /// ```
+    pub fn yarn(rotary_dim: usize, base: f64, yarn: &YarnScaling) -> Result<Rotary> {
+        let plain = Rotary::new(rotary_dim, base)?;
+        let y = *yarn;
+        let fine = |x: f64| x.is_finite() && x > 0.0;
+        let attention_ok = y.attention_factor.is_none_or(fine)
+            && y.mscale.is_none_or(|(a, b)| a.is_finite() && b.is_finite());
+        if !(fine(y.factor)
+            && fine(y.original_max_positions)
+            && fine(y.beta_fast)
+            && fine(y.beta_slow)
+            && y.beta_fast >= y.beta_slow
+            && base != 1.0
+            && attention_ok)
+        {
+            return Err(invalid(
+                "yarn rotary scaling",
+                format!("{y:?} with base {base}"),
+                "factor, original_max_positions and the betas must be finite and positive, \
+                 beta_fast at least beta_slow, any attention factor finite and positive, and \
+                 the base other than 1",
+            ));
+        }
+        let dim = rotary_dim as f64;
+        // The pair that turns `rotations` times over the original context.
+        let pair_of = |rotations: f64| {
+            dim * (y.original_max_positions / (rotations * std::f64::consts::TAU)).ln()
+                / (2.0 * base.ln())
+        };
+        let (mut low, mut high) = (pair_of(y.beta_fast), pair_of(y.beta_slow));
+        if y.truncate {
+            (low, high) = (low.floor(), high.ceil());
+        }
+        let (low, mut high) = (low.max(0.0), high.min(dim - 1.0));
+        if low == high {
+            high += 0.001;
+        }
+        let frequencies = plain
+            .frequencies
+            .iter()
+            .enumerate()
+            .map(|(k, &f)| {
+                // 1 keeps the frequency (extrapolation), 0 divides it by the factor.
+                let keep = 1.0 - ((k as f64 - low) / (high - low)).clamp(0.0, 1.0);
+                f / y.factor * (1.0 - keep) + f * keep
+            })
+            .collect();
+        Rotary::from_frequencies(frequencies)
     }
 
     /// Frequencies divided by `factor` (`rope_type: "linear"`, position interpolation).
@@ -416,6 +541,51 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// Against a transcription of `_compute_yarn_parameters` in Python (f64, no torch), on
+    /// gpt-oss's settings and on a truncated ramp.
+    #[test]
+    fn yarn_frequencies() {
+        let close = |got: f64, want: f64| {
+            assert!((got - want).abs() <= 1e-12 * want, "{got} vs {want}");
+        };
+        let gpt_oss = YarnScaling {
+            truncate: false,
+            ..YarnScaling::new(32.0, 4096.0)
+        };
+        let f = Rotary::yarn(64, 150_000.0, &gpt_oss).unwrap();
+        for (k, want) in [
+            (0, 1.0),
+            (8, 0.050813274815461475),
+            (12, 0.006794959489732219),
+            (16, 0.00045648391922324086),
+            (31, 3.0235114281192144e-07),
+        ] {
+            close(f.frequencies()[k], want);
+        }
+        let r = Rotary::yarn(128, 10_000.0, &YarnScaling::new(4.0, 32768.0)).unwrap();
+        for (k, want) in [
+            (0, 1.0),
+            (20, 0.056234132519034905),
+            (40, 0.0026879360111431226),
+            (63, 2.8869549617236455e-05),
+        ] {
+            close(r.frequencies()[k], want);
+        }
+        close(gpt_oss.attention_factor(), 1.3465735902799727);
+        let deepseek = YarnScaling {
+            mscale: Some((1.0, 1.0)),
+            ..YarnScaling::new(40.0, 4096.0)
+        };
+        close(deepseek.attention_factor(), 1.0);
+        assert_eq!(YarnScaling::new(1.0, 4096.0).attention_factor(), 1.0);
+        let bad = YarnScaling {
+            beta_fast: 0.5,
+            ..YarnScaling::new(4.0, 4096.0)
+        };
+        assert!(Rotary::yarn(64, 1e4, &bad).is_err());
+        assert!(Rotary::yarn(64, 1.0, &YarnScaling::new(4.0, 4096.0)).is_err());
     }
 
     #[test]

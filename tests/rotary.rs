@@ -353,7 +353,9 @@ fn appends_in_chunks_under_the_binding_cap() {
         "{err:?}"
     );
     assert_eq!(small.lens(), &[0; 8]);
-    let x = gpu.upload(&vec![0.5; 4 * 20_000], [1, 1, 20_000, 4]).unwrap();
+    let x = gpu
+        .upload(&vec![0.5; 4 * 20_000], [1, 1, 20_000, 4])
+        .unwrap();
     let err = rotate(
         &tiny,
         &x,
