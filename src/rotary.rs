@@ -429,6 +429,18 @@ impl Rotary {
         self.frequencies.iter().map(|f| f.to_bits()).collect()
     }
 
+    /// [`Error::InvalidOption`] unless the rotation fits heads of `head_dim` elements.
+    pub(crate) fn fits(&self, head_dim: usize) -> Result<()> {
+        if self.dim() > head_dim {
+            return Err(invalid(
+                "rotary dim",
+                format!("{} over a head_dim of {head_dim}", self.dim()),
+                "the rotation turns the first rotary_dim elements of each head: at most head_dim",
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks a rotation of a tensor of `dims` in `layout` at `positions`; returns
     /// `(batch, heads, seq, head_dim)`.
     pub(crate) fn check(
@@ -448,13 +460,7 @@ impl Rotary {
                 return Err(Error::ZeroSize { what });
             }
         }
-        if self.dim() > head_dim {
-            return Err(invalid(
-                "rotary dim",
-                format!("{} over a head_dim of {head_dim}", self.dim()),
-                "the rotation turns the first rotary_dim elements of each head: at most head_dim",
-            ));
-        }
+        self.fits(head_dim)?;
         let (values, expected, last_row) = match positions {
             Positions::Start(s) => (s, batch, seq - 1),
             Positions::Each(e) => (e, batch.saturating_mul(seq), 0),

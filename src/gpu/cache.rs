@@ -162,14 +162,7 @@ impl KvCache {
     /// # Ok::<(), wgpu_attention::Error>(())
     /// ```
     pub fn with_rotary(mut self, rotary: Rotary) -> Result<KvCache> {
-        if rotary.dim() > self.head_dim {
-            return Err(Error::InvalidOption {
-                what: "rotary dim",
-                value: format!("{} over a head_dim of {}", rotary.dim(), self.head_dim),
-                why: "the rotation turns the first rotary_dim elements of each head: at most \
-                      head_dim",
-            });
-        }
+        rotary.fits(self.head_dim)?;
         if self.capacity as u64 > MAX_POSITIONS {
             return Err(Error::LengthOutOfRange {
                 what: "cache capacity with a rotary embedding",

@@ -177,14 +177,7 @@ impl PagedKvCache {
     /// own (its sequence's length minus the call's queries plus its row). Pass K and Q
     /// unrotated. Set it on an empty cache: rows already cached stay as they were.
     pub fn with_rotary(mut self, rotary: Rotary) -> Result<PagedKvCache> {
-        if rotary.dim() > self.head_dim {
-            return Err(Error::InvalidOption {
-                what: "rotary dim",
-                value: format!("{} over a head_dim of {}", rotary.dim(), self.head_dim),
-                why: "the rotation turns the first rotary_dim elements of each head: at most \
-                      head_dim",
-            });
-        }
+        rotary.fits(self.head_dim)?;
         self.rotary = Some(rotary);
         Ok(self)
     }

@@ -96,13 +96,7 @@ pub(crate) fn attend_rotated(
         }
     }
     expect_dims("queries", q.dims(), [lens.len(), heads, n, dim])?;
-    if rotary.dim() > dim {
-        return Err(Error::InvalidOption {
-            what: "rotary dim",
-            value: format!("{} over a head_dim of {dim}", rotary.dim()),
-            why: "the rotation turns the first rotary_dim elements of each head: at most head_dim",
-        });
-    }
+    rotary.fits(dim)?;
     let q_lens = opts.q_lens.as_deref();
     if let Some(q_lens) = q_lens
         && q_lens.len() != batch
