@@ -60,8 +60,8 @@ fn main(
     let x_token = b * p.x_stride_b + i * p.x_stride_s;
     let y_token = b * p.y_stride_b + y_i * p.y_stride_s;
     for (var k = inv.lid; k < p.pairs; k += WG) {
-        let t = turn(pos, k);
-        let s = select(t.y, -t.y, p.inverse != 0u);
+        let t = turn(pos, k) * p.magnitude;
+        let s = select(t.y, -t.y, p.transposed != 0u);
         // The pair's elements: (2k, 2k + 1) interleaved, else (k, k + pairs).
         var d0 = k;
         var d1 = k + p.pairs;

@@ -17,9 +17,11 @@
 //! checkpoint's exact values). Which elements form pair `k` is the [`RotaryStyle`]: `(k, k + dim/2)`
 //! (GPT-NeoX, Hugging Face's `rotate_half`, the default) or `(2k, 2k + 1)` (GPT-J, Meta's
 //! original Llama, FlashAttention's `rotary_interleaved`). Elements past `dim` (partial rotary,
-//! as GPT-NeoX and Phi use) pass unchanged. [`Rotary::inverse`] turns the other way: it undoes
-//! the rotation, and it is the rotation's backward (a rotation's transpose is its inverse), so a
-//! training step takes dQ and dK back through RoPE with it.
+//! as GPT-NeoX and Phi use) pass unchanged. YaRN also scales the turned pairs by its attention
+//! factor ([`Rotary::magnitude`], 1 otherwise), as Hugging Face's scaled `cos` and `sin` do.
+//! [`Rotary::transpose`] turns the other way by the same angles: it is the rotation's backward,
+//! so a training step takes dQ and dK back through RoPE with it, and for a magnitude of 1
+//! (every rotation but YaRN's) it is also the inverse, undoing the rotation.
 //!
 //! # Exact at every position
 //!
@@ -45,9 +47,9 @@
 //! // Two sequences of 3 tokens, one head, starting at positions 0 and 10.
 //! let x = vec![0.5f32; 2 * 3 * 128];
 //! let y = cpu::rotate(&x, [2, 1, 3, 128], Layout::Bhsd, &rope, &Positions::Start(vec![0, 10]))?;
-//! // Position 0 is no rotation at all; the inverse undoes the rest.
+//! // Position 0 is no rotation at all; the transpose undoes the rest.
 //! assert_eq!(&y[..128], &x[..128]);
-//! let back = cpu::rotate(&y, [2, 1, 3, 128], Layout::Bhsd, &rope.inverse(), &Positions::Start(vec![0, 10]))?;
+//! let back = cpu::rotate(&y, [2, 1, 3, 128], Layout::Bhsd, &rope.transpose(), &Positions::Start(vec![0, 10]))?;
 //! assert!(back.iter().zip(&x).all(|(a, b)| (a - b).abs() < 1e-6));
 //! # Ok::<(), wgpu_attention::Error>(())
 //! ```
@@ -107,9 +109,13 @@ impl Default for Llama3Scaling {
 /// YaRN's scaling of the frequencies (`rope_type: "yarn"` in a Hugging Face config: gpt-oss,
 /// DeepSeek V3, Qwen's long contexts): pairs that turn more than `beta_fast` times over the
 /// original context keep their frequency, pairs that turn fewer than `beta_slow` times are
-/// divided by `factor`, and those between are blended along a linear ramp. YaRN also scales
-/// the scores ([`attention_factor`](YarnScaling::attention_factor)); a rotation here stays a
-/// rotation, so that goes into the attention's scale.
+/// divided by `factor`, and those between are blended along a linear ramp. YaRN also
+/// multiplies the turned pairs by its [`attention_factor`](YarnScaling::attention_factor),
+/// which [`Rotary::yarn`] makes the rotation's [`magnitude`](Rotary::magnitude), as Hugging
+/// Face's scaled `cos` and `sin` do (so only the rotated part of a partial rotation is
+/// scaled). DeepSeek V3's attention also multiplies its softmax scale by
+/// `(0.1 · mscale_all_dim · ln(factor) + 1)²`: that one goes into
+/// [`Attention::scale`](crate::Attention::scale).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct YarnScaling {
     /// How much the context is stretched.
@@ -145,10 +151,9 @@ impl YarnScaling {
         }
     }
 
-    /// The factor YaRN multiplies `cos` and `sin` by, so Q·K by its square: give the attention
-    /// `scale(attention_factor² / sqrt(head_dim))` ([`Attention::scale`](crate::Attention::scale)).
-    /// `0.1 · ln(factor) + 1` unless the config states it (or DeepSeek's `mscale` pair); 1 for a
-    /// factor of at most 1.
+    /// The factor YaRN multiplies `cos` and `sin` by (the rotation's
+    /// [`magnitude`](Rotary::magnitude) from [`Rotary::yarn`]): `0.1 · ln(factor) + 1` unless the
+    /// config states it (or DeepSeek's `mscale` pair); 1 for a factor of at most 1.
     pub fn attention_factor(&self) -> f64 {
         let m = |scale: f64| {
             if self.factor <= 1.0 {
@@ -173,7 +178,9 @@ impl YarnScaling {
 pub struct Rotary {
     frequencies: Vec<f64>,
     style: RotaryStyle,
-    inverse: bool,
+    transposed: bool,
+    /// What the turned pairs are multiplied by (YaRN's attention factor; 1 otherwise).
+    magnitude: f64,
 }
 
 /// The position of each row a rotation turns.
@@ -236,7 +243,8 @@ impl Rotary {
         Ok(Rotary {
             frequencies,
             style: RotaryStyle::Halves,
-            inverse: false,
+            transposed: false,
+            magnitude: 1.0,
         })
     }
 
@@ -251,17 +259,15 @@ impl Rotary {
         self.style(RotaryStyle::Interleaved)
     }
 
-    /// RoPE over `rotary_dim` elements with YaRN's frequencies for `base` ([`YarnScaling`]); its
-    /// attention factor goes into the attention's scale.
+    /// RoPE over `rotary_dim` elements with YaRN's frequencies for `base` ([`YarnScaling`]),
+    /// its turned pairs multiplied by YaRN's attention factor.
     ///
     /// ```
-    /// use wgpu_attention::{Attention, rotary::{Rotary, YarnScaling}};
+    /// use wgpu_attention::rotary::{Rotary, YarnScaling};
     /// // gpt-oss: head_dim 64, theta 150000, YaRN x32 over 4096 positions, ramp not truncated.
     /// let yarn = YarnScaling { truncate: false, ..YarnScaling::new(32.0, 4096.0) };
     /// let rope = Rotary::yarn(64, 150_000.0, &yarn)?;
-    /// let a = yarn.attention_factor(); // 0.1 ln 32 + 1
-    /// let opts = Attention::new().scale((a * a / 8.0) as f32);
-    /// assert!((a - 1.3466).abs() < 1e-4);
+    /// assert!((rope.magnitude() - 1.3466).abs() < 1e-4); // 0.1 ln 32 + 1
     /// # Ok::<(), wgpu_attention::Error>(())
     /// ```
     pub fn yarn(rotary_dim: usize, base: f64, yarn: &YarnScaling) -> Result<Rotary> {
@@ -310,7 +316,15 @@ impl Rotary {
                 f / y.factor * (1.0 - keep) + f * keep
             })
             .collect();
-        Rotary::from_frequencies(frequencies)
+        let attention = y.attention_factor();
+        if !(attention.is_finite() && attention > 0.0) {
+            return Err(invalid(
+                "yarn attention factor",
+                format!("{attention} from {y:?}"),
+                "the attention factor must come out finite and positive",
+            ));
+        }
+        Rotary::from_frequencies(frequencies)?.with_magnitude(attention)
     }
 
     /// Frequencies divided by `factor` (`rope_type: "linear"`, position interpolation).
@@ -362,11 +376,31 @@ impl Rotary {
         Ok(self)
     }
 
-    /// The rotation the other way: it undoes this one, and it is this one's backward (takes
-    /// the gradient by the rotated tensor to the gradient by the tensor before it).
-    pub fn inverse(mut self) -> Rotary {
-        self.inverse = !self.inverse;
+    /// The transpose: the same angles the other way, times the same magnitude. It is this
+    /// rotation's backward (takes the gradient by the turned tensor to the gradient by the
+    /// tensor before it) and, with a magnitude of 1, its inverse (it undoes the rotation).
+    pub fn transpose(mut self) -> Rotary {
+        self.transposed = !self.transposed;
         self
+    }
+
+    /// The turned pairs multiplied by `m` (elements past [`dim`](Rotary::dim) are not): what
+    /// YaRN does with its attention factor. [`Rotary::yarn`] sets it; 1 by default.
+    pub fn with_magnitude(mut self, m: f64) -> Result<Rotary> {
+        if !(m.is_finite() && m > 0.0) {
+            return Err(invalid(
+                "rotary magnitude",
+                m.to_string(),
+                "the magnitude must be finite and positive",
+            ));
+        }
+        self.magnitude = m;
+        Ok(self)
+    }
+
+    /// What the turned pairs are multiplied by.
+    pub fn magnitude(&self) -> f64 {
+        self.magnitude
     }
 
     /// Elements of each head the rotation turns (twice the number of frequencies).
@@ -384,16 +418,18 @@ impl Rotary {
         self.style
     }
 
-    /// Whether this is the inverse rotation.
-    pub fn is_inverse(&self) -> bool {
-        self.inverse
+    /// Whether this is the transposed rotation.
+    pub fn is_transposed(&self) -> bool {
+        self.transposed
     }
 
-    /// `(cos, sin)` of pair `k`'s angle at `position`, in f64 (negated sine for the inverse).
+    /// `(cos, sin)` of pair `k`'s angle at `position` times the magnitude, in f64 (negated
+    /// sine for the transpose).
     pub(crate) fn turn(&self, position: u64, k: usize) -> (f64, f64) {
         let angle = (position as f64 * self.frequencies[k]).rem_euclid(std::f64::consts::TAU);
         let (sin, cos) = angle.sin_cos();
-        (cos, if self.inverse { -sin } else { sin })
+        let sin = if self.transposed { -sin } else { sin };
+        (cos * self.magnitude, sin * self.magnitude)
     }
 
     /// Element `d`'s pair: `(k, partner, first)`, for `d < dim()`.
@@ -592,6 +628,13 @@ mod tests {
         };
         assert!(Rotary::yarn(64, 1e4, &bad).is_err());
         assert!(Rotary::yarn(64, 1.0, &YarnScaling::new(4.0, 4096.0)).is_err());
+        // An mscale pair whose denominator is not positive (a review's case).
+        let negative = YarnScaling {
+            mscale: Some((1.0, -10.0 / 40f64.ln())),
+            ..YarnScaling::new(40.0, 4096.0)
+        };
+        assert!(Rotary::yarn(64, 1e4, &negative).is_err());
+        assert!(Rotary::new(8, 1e4).unwrap().with_magnitude(0.0).is_err());
     }
 
     #[test]

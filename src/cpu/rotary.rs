@@ -59,11 +59,38 @@ pub fn rotate(
 mod tests {
     use super::*;
 
-    /// The inverse is the rotation's transpose, so it is its backward:
-    /// `<rotate(x), w> = <x, rotate_inverse(w)>` for any x and w, in both pairings and with
-    /// a partial rotation.
+    /// YaRN scales the turned pairs only, as `transformers`' scaled `cos` and `sin` do: a
+    /// partial rotation's pass-through elements keep their size (a review found the first
+    /// version's advice, a global attention scale, wrong there).
     #[test]
-    fn the_inverse_is_the_backward() {
+    fn yarn_scales_the_turned_pairs_only() {
+        let (head_dim, rotary_dim) = (16, 8);
+        let yarn = crate::rotary::YarnScaling::new(4.0, 64.0);
+        let rope = Rotary::yarn(rotary_dim, 10_000.0, &yarn).unwrap();
+        let a = yarn.attention_factor();
+        assert_eq!(rope.magnitude(), a);
+        let plain = Rotary::from_frequencies(rope.frequencies().to_vec()).unwrap();
+        let dims = [1, 2, 5, head_dim];
+        let x: Vec<f32> = (0..2 * 5 * head_dim)
+            .map(|i| (i as f32 * 0.37).sin())
+            .collect();
+        let at = Positions::Start(vec![3]);
+        let got = rotate(&x, dims, Layout::Bhsd, &rope, &at).unwrap();
+        let turned = rotate(&x, dims, Layout::Bhsd, &plain, &at).unwrap();
+        for (i, (&g, &t)) in got.iter().zip(&turned).enumerate() {
+            let want = if i % head_dim < rotary_dim {
+                t * a as f32
+            } else {
+                t
+            };
+            assert!((g - want).abs() < 1e-6, "{i}: {g} vs {want}");
+        }
+    }
+
+    /// The transpose is the backward: `<rotate(x), w> = <x, rotate_transposed(w)>` for any x
+    /// and w, in both pairings, with a partial rotation and with a magnitude.
+    #[test]
+    fn the_transpose_is_the_backward() {
         let dims = [2, 3, 5, 10];
         let n: usize = dims.iter().product();
         let x: Vec<f32> = (0..n)
@@ -75,12 +102,13 @@ mod tests {
         for rotary in [
             Rotary::new(6, 10_000.0).unwrap(),
             Rotary::new(10, 100.0).unwrap().interleaved(),
+            Rotary::new(8, 100.0).unwrap().with_magnitude(1.3).unwrap(),
         ] {
             for layout in [Layout::Bhsd, Layout::Bshd] {
                 let (batch, _, seq, _) = layout.split(dims);
                 let at = Positions::Each((0..(batch * seq) as u32).map(|p| p * 12_345).collect());
                 let rx = rotate(&x, dims, layout, &rotary, &at).unwrap();
-                let iw = rotate(&w, dims, layout, &rotary.clone().inverse(), &at).unwrap();
+                let iw = rotate(&w, dims, layout, &rotary.clone().transpose(), &at).unwrap();
                 let dot = |a: &[f32], b: &[f32]| -> f64 {
                     a.iter().zip(b).map(|(&p, &q)| p as f64 * q as f64).sum()
                 };

@@ -31,11 +31,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 const HOST_ROTATION_MAX: usize = 16 * 1024;
 
 /// Rows of an append's K (`[batch, kv_heads, t, head_dim]`) to turn into the cache: sequence
-/// `b`'s first `counts[b]`, into cache rows (and positions) from `starts[b]`.
+/// `b`'s first `counts[b]`, into cache rows (and positions) from `starts[b]`; `first` and
+/// `last` say whether this is the call's first and last pass (its timestamps).
 struct RowsOf<'a> {
     t: usize,
     starts: &'a [u32],
     counts: &'a [u32],
+    first: bool,
+    last: bool,
 }
 
 /// Device K/V buffers with a capacity and per-sequence lengths.
@@ -287,6 +290,8 @@ impl KvCache {
                         t: rows,
                         starts: &starts,
                         counts: &counts,
+                        first: from == 0,
+                        last: from + rows == t,
                     };
                     let staged = (&staged, DType::F32, (part.len() * 4) as u64);
                     self.encode_rotated_k(gpu, encoder, rotary, staged, rows_of)?;
@@ -355,7 +360,8 @@ impl KvCache {
             per_row: false,
             counts: Some(rows.counts),
             rows_at_position: true,
-            timestamps: true,
+            first: rows.first,
+            last: rows.last,
         };
         rotary::encode(gpu, encoder, rotary, &rotation)
     }
@@ -409,6 +415,8 @@ impl KvCache {
                         t,
                         starts: &self.lens,
                         counts: &counts,
+                        first: true,
+                        last: true,
                     };
                     let k = (k.buffer(), k.dtype(), k.byte_len());
                     self.encode_rotated_k(gpu, encoder, rotary, k, rows)?

@@ -102,6 +102,9 @@ pub(crate) struct Timer {
     /// Whether the submission being encoded wrote timestamps (set by `begin_pass`, read and
     /// cleared by `resolve_timer`, both under `busy`).
     stamped: std::sync::atomic::AtomicBool,
+    /// Whether it wrote its start: only its first pass marked `first` does (a prelude's pass
+    /// before a call's own first pass, or the first of several chunks, keeps the start).
+    begun: std::sync::atomic::AtomicBool,
 }
 
 /// A rows-per-workgroup value of the fused kernel: one it is compiled for, else a typed error
@@ -584,6 +587,7 @@ impl Gpu {
             period_ns: self.queue.get_timestamp_period() as f64,
             busy: Mutex::new(()),
             stamped: std::sync::atomic::AtomicBool::new(false),
+            begun: std::sync::atomic::AtomicBool::new(false),
         }));
         gpu
     }
@@ -598,12 +602,13 @@ impl Gpu {
         last: bool,
     ) -> wgpu::ComputePass<'e> {
         let timestamp_writes = self.timer.as_ref().and_then(|t| {
-            if first || last {
+            let begin = first && !t.begun.swap(true, Ordering::Relaxed);
+            if begin || last {
                 t.stamped.store(true, Ordering::Relaxed);
             }
-            (first || last).then_some(wgpu::ComputePassTimestampWrites {
+            (begin || last).then_some(wgpu::ComputePassTimestampWrites {
                 query_set: &t.queries,
-                beginning_of_pass_write_index: first.then_some(0),
+                beginning_of_pass_write_index: begin.then_some(0),
                 end_of_pass_write_index: last.then_some(1),
             })
         });
@@ -621,10 +626,13 @@ impl Gpu {
         encode: impl FnOnce(&mut wgpu::CommandEncoder) -> Result<()>,
     ) -> Result<()> {
         self.guarded(what, || {
-            let _timer = self
-                .timer
-                .as_ref()
-                .map(|t| t.busy.lock().unwrap_or_else(|e| e.into_inner()));
+            let _timer = self.timer.as_ref().map(|t| {
+                let busy = t.busy.lock().unwrap_or_else(|e| e.into_inner());
+                // A submission whose encoding failed left its flags set.
+                t.begun.store(false, Ordering::Relaxed);
+                t.stamped.store(false, Ordering::Relaxed);
+                busy
+            });
             let pool = &self.state.pool;
             pool.begin_submission();
             let mut encoder = self
@@ -773,6 +781,7 @@ impl Gpu {
     /// On a timing context, records the copy of the call's timestamps for reading back.
     pub(crate) fn resolve_timer(&self, encoder: &mut wgpu::CommandEncoder) {
         if let Some(t) = &self.timer {
+            t.begun.store(false, Ordering::Relaxed);
             if t.stamped.swap(false, Ordering::Relaxed) {
                 encoder.resolve_query_set(&t.queries, 0..2, &t.resolved, 0);
                 encoder.copy_buffer_to_buffer(&t.resolved, 0, &t.readback, 0, 16);

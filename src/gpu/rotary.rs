@@ -69,7 +69,8 @@ pub fn rotate(
                 per_row,
                 counts: None,
                 rows_at_position: false,
-                timestamps: true,
+                first: true,
+                last: true,
             },
         )
     })?;
@@ -133,7 +134,8 @@ pub(crate) fn attend_rotated(
         per_row: false,
         counts: None,
         rows_at_position: false,
-        timestamps: false,
+        first: true,
+        last: false,
     };
     opts.run_with_prelude(gpu, &turned, k, v, |encoder| {
         encode(gpu, encoder, rotary, &rotation)
@@ -163,8 +165,10 @@ pub(crate) struct Rotation<'a> {
     pub(crate) counts: Option<&'a [u32]>,
     /// Row `i` of batch entry `b` goes to y's row `start[b] + i` (a cache's rows), not `i`.
     pub(crate) rows_at_position: bool,
-    /// Whether its pass writes a timing context's timestamps (it is the call's only pass).
-    pub(crate) timestamps: bool,
+    /// Whether its pass is the call's first and last (a timing context's start and end
+    /// timestamps; only a submission's first pass marked first writes the start).
+    pub(crate) first: bool,
+    pub(crate) last: bool,
 }
 
 /// Records `r` into `encoder`. Call inside [`Gpu::guarded`] (as `submit_with` does).
@@ -199,7 +203,8 @@ pub(crate) fn encode(
         dim: u("head_dim", r.dim)?,
         pairs: (rotary.dim() / 2) as u32,
         interleaved: (rotary.pairing() == RotaryStyle::Interleaved) as u32,
-        inverse: rotary.is_inverse() as u32,
+        transposed: rotary.is_transposed() as u32,
+        magnitude: rotary.magnitude() as f32,
         per_row: r.per_row as u32,
         rows_at_position: r.rows_at_position as u32,
         has_counts: r.counts.is_some() as u32,
@@ -236,7 +241,7 @@ pub(crate) fn encode(
         gpu.limits.max_workgroups_per_dim,
         "rotate dispatch",
     )?;
-    let mut pass = gpu.begin_pass(encoder, "wgpu-attention rotate", r.timestamps, r.timestamps);
+    let mut pass = gpu.begin_pass(encoder, "wgpu-attention rotate", r.first, r.last);
     kernel.dispatch(&mut pass, &bind, size);
     Ok(())
 }

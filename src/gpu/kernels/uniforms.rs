@@ -233,7 +233,9 @@ uniform! {
         /// Pairs are `(2k, 2k + 1)`, not `(k, k + pairs)`.
         interleaved: u32,
         /// Turns by minus the angle.
-        inverse: u32,
+        transposed: u32,
+        /// What the turned pairs are multiplied by.
+        magnitude: f32,
         /// `positions` holds one position per row, not one start per batch entry.
         per_row: u32,
         /// Rows go to y at their position (a cache's rows), not at their index.
