@@ -1,7 +1,7 @@
 //! Rotary position embedding (RoPE): the rotation that Llama, Mistral, Qwen, gpt-oss and most
 //! LLMs apply to Q and K before attention, on the GPU ([`gpu::rotate`](crate::gpu::rotate), and
-//! inside a [`KvCache`](crate::KvCache) that has one) and on the CPU ([`cpu::rotate`](crate::cpu::rotate),
-//! in f64, the oracle of the GPU's).
+//! inside a [`KvCache`](crate::KvCache) or [`PagedKvCache`](crate::PagedKvCache) that has one)
+//! and on the CPU ([`cpu::rotate`](crate::cpu::rotate), in f64, the oracle of the GPU's).
 //!
 //! # What it computes
 //!
