@@ -382,6 +382,7 @@ fn appends_in_chunks_under_the_binding_cap() {
 fn chunked_append_is_timed_whole() {
     let Some(gpu) = gpu() else { return };
     let Some(timed) = gpu.with_timer().unwrap() else {
+        eprintln!("SKIPPED: this adapter has no timestamp queries (lavapipe, CI's, has them)");
         return;
     };
     let (kv_heads, cap, d) = (8, 4096, 64);

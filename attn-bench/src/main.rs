@@ -12,11 +12,12 @@
 //! `main.rs` holds the command line; `run.rs` times each path on each shape; `report.rs` prints
 //! the table, JSON or CSV and draws the plot; `tune.rs` times the tile configurations
 //! (`--tune`); `overhead.rs` the host's share of small calls (`--overhead`); `backward.rs`
-//! forward plus backward (`--backward`).
+//! forward plus backward (`--backward`); `rotary.rs` the rotary embedding alone (`--rotary`).
 
 mod backward;
 mod overhead;
 mod report;
+mod rotary;
 mod run;
 mod tune;
 
@@ -138,6 +139,10 @@ struct Args {
     /// shapes, beside the f64 reference where it is small enough, with the gradients' errors.
     #[arg(long)]
     backward: bool,
+    /// Instead of the sweep: rotary position embedding alone (`gpu::rotate` of Q over the
+    /// sweep's lengths and dtypes, beside `cpu::rotate`), with its bandwidth.
+    #[arg(long)]
+    rotary: bool,
 }
 
 impl Args {
@@ -355,9 +360,10 @@ fn check_args(args: &Args) -> Result<(), String> {
         ));
     }
     if let Some(file) = &args.plot {
-        if args.tune || args.overhead || args.backward {
+        if args.tune || args.overhead || args.backward || args.rotary {
             return Err(
-                "--plot draws the sweep; --tune, --overhead and --backward draw nothing".into(),
+                "--plot draws the sweep; --tune, --overhead, --backward and --rotary draw nothing"
+                    .into(),
             );
         }
         if file.extension().and_then(|e| e.to_str()) != Some("svg") {
@@ -391,6 +397,8 @@ fn main() -> ExitCode {
         overhead::overhead()
     } else if args.backward {
         backward::backward(&args)
+    } else if args.rotary {
+        rotary::rotary(&args)
     } else {
         run::run(&args)
     };
