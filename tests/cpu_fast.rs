@@ -287,24 +287,29 @@ fn decoding_shapes_split_the_keys_and_pack_the_group() {
 /// Dropout drops the reference's weights (the same hash of each weight's place): several
 /// tasks and key blocks, decoding's split keys and packed group, every masking option, packed
 /// sequences, and p = 1.
+/// `base` beside every masking option, for `dims(2, 4, 2, 150, 201, ..)` in Bshd: bottom-right
+/// causal, a window with sink keys, kv_lens 201 and 77, the boolean `mask` (`[2, 1, 150, 201]`),
+/// a bias, softcap, ALiBi and sinks.
+fn every_option(base: Attention, mask: Vec<bool>, rng: &mut StdRng) -> Attention {
+    base.causal(Causal::BottomRight)
+        .window(120, 2)
+        .sink_keys(3)
+        .kv_lens(vec![201, 77])
+        .mask([2, 1, 150, 201], mask)
+        .bias([1, 4, 1, 201], random(rng, 4 * 201, 1.0))
+        .softcap(4.0)
+        .alibi(positive(random(rng, 4, 0.1)))
+        .sinks(random(rng, 4, 1.0))
+        .layout(Layout::Bshd)
+}
+
 #[test]
 fn dropout_drops_the_references_weights() {
     let mut rng = StdRng::seed_from_u64(4343);
     let d = dims(2, 4, 2, 150, 201, 40, 24);
     let mask = random_mask(&mut rng, 2 * 150 * 201, 0.2);
     check("dropout", 900, d, &Attention::new().dropout(0.3, 1), 1.0);
-    let every = Attention::new()
-        .dropout(0.6, u64::MAX)
-        .causal(Causal::BottomRight)
-        .window(120, 2)
-        .sink_keys(3)
-        .kv_lens(vec![201, 77])
-        .mask([2, 1, 150, 201], mask)
-        .bias([1, 4, 1, 201], random(&mut rng, 4 * 201, 1.0))
-        .softcap(4.0)
-        .alibi(positive(random(&mut rng, 4, 0.1)))
-        .sinks(random(&mut rng, 4, 1.0))
-        .layout(Layout::Bshd);
+    let every = every_option(Attention::new().dropout(0.6, u64::MAX), mask, &mut rng);
     check("dropout, every option", 901, d, &every, 2.0);
     // Decoding: the keys split over tasks, the group packed as rows.
     check(
@@ -360,18 +365,7 @@ fn score_mods() {
         2.0,
     );
     let mask = random_mask(&mut rng, 2 * 150 * 201, 0.8);
-    let every = Attention::new()
-        .score_mod(bent([201, 77]))
-        .causal(Causal::BottomRight)
-        .window(120, 2)
-        .sink_keys(3)
-        .kv_lens(vec![201, 77])
-        .mask([2, 1, 150, 201], mask)
-        .bias([1, 4, 1, 201], random(&mut rng, 4 * 201, 1.0))
-        .softcap(4.0)
-        .alibi(positive(random(&mut rng, 4, 0.1)))
-        .sinks(random(&mut rng, 4, 1.0))
-        .layout(Layout::Bshd);
+    let every = every_option(Attention::new().score_mod(bent([201, 77])), mask, &mut rng);
     check("score mods, every option", 911, d, &every, 2.0);
     check(
         "score mods, decoding",

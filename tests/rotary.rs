@@ -4,12 +4,12 @@
 
 mod common;
 
-use common::{O_ATOL, O_RTOL, assert_close, gpu, mirror_append, random, rng};
+use common::{O_ATOL, O_RTOL, assert_close, dims, gpu, mirror_append, random, rng};
 use rand::Rng;
 use wgpu_attention::gpu::rotate;
 use wgpu_attention::rotary::{Llama3Scaling, MAX_POSITIONS, Positions, Rotary, RotaryStyle};
 use wgpu_attention::{
-    Attention, Causal, DType, Dims, Error, KvCache, Layout, LimitCaps, PagedKvCache, cpu,
+    Attention, Causal, DType, Error, KvCache, Layout, LimitCaps, PagedKvCache, cpu,
 };
 
 /// The rotation's own error: the angle table multiplied out in f32 (about 3e-7 of an
@@ -54,13 +54,44 @@ fn check_rotate(
     assert_close(&what, &got.download(gpu).unwrap(), &want, atol, rtol);
 }
 
+/// The cache's K rows up to each sequence's length against `host_k` (its host mirror,
+/// `[batch, kv_heads, cap, d]`), within `(atol, rtol)`.
+fn assert_cached_k(
+    what: &str,
+    cache: &KvCache,
+    host_k: &[f32],
+    (kv_heads, cap, d): (usize, usize, usize),
+    (atol, rtol): (f32, f32),
+) {
+    let Some(gpu) = gpu() else { return };
+    let held = cache.k().download(gpu).unwrap();
+    for (b, &len) in cache.lens().iter().enumerate() {
+        for h in 0..kv_heads {
+            let from = (b * kv_heads + h) * cap * d;
+            let rows = from..from + len as usize * d;
+            let what = format!("{what}, b {b} h {h}");
+            assert_close(&what, &held[rows.clone()], &host_k[rows], atol, rtol);
+        }
+    }
+}
+
 #[test]
 fn every_style_layout_and_partial_dim() {
     let mut seed = 0;
     for layout in [Layout::Bhsd, Layout::Bshd] {
         for style in [RotaryStyle::Halves, RotaryStyle::Interleaved] {
-            // (head_dim, rotary_dim): whole heads, partial rotation, odd head dims.
-            for (head_dim, rotary_dim) in [(64, 64), (40, 24), (9, 6), (2, 2), (130, 64)] {
+            // (head_dim, rotary_dim): whole heads, partial rotation, odd head dims, and more
+            // pairs (100) and more pass-through elements (210) than the kernel's 64
+            // invocations.
+            for (head_dim, rotary_dim) in [
+                (64, 64),
+                (40, 24),
+                (9, 6),
+                (2, 2),
+                (130, 64),
+                (256, 200),
+                (250, 40),
+            ] {
                 for transposed in [false, true] {
                     let mut rotary = Rotary::new(rotary_dim, 10_000.0).unwrap().style(style);
                     if transposed {
@@ -183,20 +214,8 @@ fn cache_applies_the_rotation() {
         mirror_append(&mut host_v, &v, (kv_heads, cap, dv), &start, new);
         let lens = cache.lens().to_vec();
         // The cache's K rows, as the kernel turned them.
-        let held = cache.k().download(gpu).unwrap();
-        for (b, &len) in lens.iter().enumerate() {
-            for h in 0..kv_heads {
-                let rows =
-                    ((b * kv_heads + h) * cap) * d..((b * kv_heads + h) * cap + len as usize) * d;
-                assert_close(
-                    &format!("cached K, step {step}, b {b} h {h}"),
-                    &held[rows.clone()],
-                    &host_k[rows],
-                    ATOL,
-                    RTOL,
-                );
-            }
-        }
+        let what = format!("cached K, step {step}");
+        assert_cached_k(&what, &cache, &host_k, (kv_heads, cap, d), (ATOL, RTOL));
         // The new tokens' queries, turned at their positions.
         let q = random(&mut r, batch * heads * t * d, 1.0);
         let tq = gpu.upload(&q, [batch, heads, t, d]).unwrap();
@@ -216,15 +235,7 @@ fn cache_applies_the_rotation() {
             &Positions::Each(q_pos),
         )
         .unwrap();
-        let full = Dims {
-            batch,
-            heads,
-            kv_heads,
-            q_len: t,
-            kv_len: cap,
-            head_dim: d,
-            v_head_dim: dv,
-        };
+        let full = dims(batch, heads, kv_heads, t, cap, d, dv);
         let want_opts = Attention::new()
             .q_lens(q_lens)
             .kv_lens(lens)
@@ -317,20 +328,8 @@ fn appends_in_chunks_under_the_binding_cap() {
         mirror_append(&mut host_k, &rounded, (kv_heads, cap, d), &start, &new);
     }
     assert_eq!(cache.lens(), &[267, 204]);
-    let held = cache.k().download(gpu).unwrap();
-    for (b, &len) in cache.lens().iter().enumerate() {
-        for h in 0..kv_heads {
-            let rows =
-                ((b * kv_heads + h) * cap) * d..((b * kv_heads + h) * cap + len as usize) * d;
-            assert_close(
-                &format!("chunked K, b {b} h {h}"),
-                &held[rows.clone()],
-                &host_k[rows],
-                1e-6,
-                2f32.powi(-10),
-            );
-        }
-    }
+    let tol = (1e-6, 2f32.powi(-10));
+    assert_cached_k("chunked K", &cache, &host_k, (kv_heads, cap, d), tol);
     // An 8-bit cache that fits the cap while one token's K rows in f32 do not: a typed error
     // before anything is written.
     let tiny = gpu.with_caps(LimitCaps {
@@ -404,9 +403,11 @@ fn chunked_append_is_timed_whole() {
             *best = best.min(ctx.last_gpu_seconds().unwrap().unwrap());
         }
     }
-    // The same work: a figure of one chunk of four would be about a quarter.
+    // The same work: a figure of one chunk of four would be about a quarter. The best of
+    // three interleaved runs each keeps this VM's two speeds from meeting one another; the
+    // bound leaves room for one (about 2x).
     assert!(
-        four > 0.6 * one,
+        four > 0.45 * one,
         "4 chunks timed {:.2} ms, one pass {:.2} ms",
         four * 1e3,
         one * 1e3
@@ -515,6 +516,29 @@ fn bad_rotations_are_typed_errors() {
         matches!(err, Err(Error::LengthOutOfRange { .. })),
         "{err:?}"
     );
+    // Queries that do not fit a rotary cache: the attention's typed errors, before anything
+    // is turned (the rotation reads q_lens per sequence only after that validation).
+    let mut cache = KvCache::new(gpu, 2, 1, 16, 8, 8)
+        .unwrap()
+        .with_rotary(Rotary::new(8, 1e4).unwrap())
+        .unwrap();
+    cache
+        .append(gpu, &vec![0.5; 2 * 4 * 8], &vec![0.5; 2 * 4 * 8], &[4, 4])
+        .unwrap();
+    let wide = gpu.upload(&[0.5; 2 * 2 * 10], [2, 2, 1, 10]).unwrap();
+    let err = cache.attend(gpu, &wide, &Attention::new());
+    assert!(
+        matches!(err, Err(Error::ShapeMismatch { .. })),
+        "{:?}",
+        err.map(|_| ())
+    );
+    let one = gpu.upload(&[0.5; 2 * 8], [1, 2, 1, 8]).unwrap();
+    let err = cache.attend(gpu, &one, &Attention::new());
+    assert!(err.is_err(), "a batch of 1 against 2 sequences");
+    let q = gpu.upload(&[0.5; 2 * 2 * 8], [2, 2, 1, 8]).unwrap();
+    let err = cache.attend(gpu, &q, &Attention::new().q_lens(vec![1]));
+    assert!(err.is_err(), "one q_len for 2 sequences");
+    assert!(cache.attend(gpu, &q, &Attention::new()).is_ok());
     // A cache refuses a rotation wider than its heads.
     let err = KvCache::new(gpu, 1, 1, 8, 8, 8)
         .unwrap()
@@ -588,15 +612,7 @@ fn paged_cache_applies_the_rotation() {
         let out = cache.attend(gpu, &tq, &[a, b], &Attention::new()).unwrap();
         let q_pos = Positions::Start(lens.iter().map(|&l| l as u32 - 1).collect());
         let q_turned = cpu::rotate(&q, [2, heads, 1, d], Layout::Bhsd, &rotary, &q_pos).unwrap();
-        let dims = Dims {
-            batch: 2,
-            heads,
-            kv_heads,
-            q_len: 1,
-            kv_len,
-            head_dim: d,
-            v_head_dim: d,
-        };
+        let dims = dims(2, heads, kv_heads, 1, kv_len, d, d);
         let opts = Attention::new()
             .kv_lens(lens.iter().map(|&l| l as u32).collect())
             .causal(Causal::BottomRight);

@@ -1,6 +1,6 @@
 //! Rotary position embedding on the host, in f64 ([`crate::rotary`]).
 
-use crate::error::{Error, Result};
+use crate::error::Result;
 use crate::rotary::{Positions, Rotary};
 use crate::spec::Layout;
 
@@ -15,15 +15,7 @@ pub fn rotate(
     positions: &Positions,
 ) -> Result<Vec<f32>> {
     let (batch, heads, seq, head_dim) = rotary.check(dims, layout, positions)?;
-    let expected = dims.iter().product::<usize>();
-    if x.len() != expected {
-        return Err(Error::DataLength {
-            what: "rotated tensor",
-            dims: dims.to_vec(),
-            expected,
-            got: x.len(),
-        });
-    }
+    super::reference::check_len("rotated tensor", x, dims)?;
     let [sb, sh, ss] = layout.strides(heads, seq, head_dim);
     let mut y = x.to_vec();
     let mut turns = vec![(1.0, 0.0); rotary.dim() / 2];

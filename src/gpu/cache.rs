@@ -26,8 +26,8 @@ use crate::spec::{Attention, Causal, DType, Dims, Layout};
 use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Elements a host append turns on the host (`batch * kv_heads * t * rotary_dim`); past this,
-/// on the device. A decoding step's few rows cost a submission on the device (about 45 µs of
-/// host time on lavapipe) and a few µs on the host.
+/// on the device. On the device a decoding step's append costs a submission: 57 µs of host
+/// time per append on lavapipe, against 15 µs turned on the host (11 µs without RoPE).
 const HOST_ROTATION_MAX: usize = 16 * 1024;
 
 /// Rows of an append's K (`[batch, kv_heads, t, head_dim]`) to turn into the cache: sequence
@@ -480,11 +480,6 @@ impl KvCache {
         }
         match &self.rotary {
             Some(rotary) => {
-                expect_dims(
-                    "queries",
-                    q.dims(),
-                    [self.batch, q.dims()[1], q.dims()[2], self.head_dim],
-                )?;
                 rotary::attend_rotated(gpu, &opts, (q, &self.k, &self.v), rotary, &self.lens)
             }
             None => opts.run(gpu, q, &self.k, &self.v),

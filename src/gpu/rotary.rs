@@ -1,6 +1,7 @@
 //! Rotary position embedding on the device (`shaders/rotate.wgsl`): [`rotate`], and the
-//! rotation a [`KvCache`](crate::KvCache) with a [`Rotary`] applies to the K it appends and the
-//! queries it attends with. What is computed, and how the angles stay exact, is in
+//! rotation a [`KvCache`](crate::KvCache) or [`PagedKvCache`](crate::PagedKvCache) with a
+//! [`Rotary`] applies to the K it appends (the paged one on the host) and the queries it
+//! attends with. What is computed, and how the angles stay exact, is in
 //! [`crate::rotary`].
 
 use crate::error::{Error, Result};
@@ -9,7 +10,7 @@ use crate::gpu::context::Gpu;
 use crate::gpu::kernels::KernelKey;
 use crate::gpu::kernels::uniforms::{RotateParams, uniform_buffer};
 use crate::gpu::limits::{DispatchSize, check_binding};
-use crate::gpu::tensor::{Tensor, expect_dims, init_buffer};
+use crate::gpu::tensor::{Tensor, init_buffer};
 use crate::rotary::{ENTRIES, LEVELS, Positions, Rotary, RotaryStyle};
 use crate::spec::{Attention, DType, Layout};
 
@@ -82,6 +83,10 @@ pub fn rotate(
 /// tensor first): row `i` of sequence `b` is the token at `lens[b] - q_lens[b] + i`
 /// (`q_lens[b]` = `n` without them), as bottom-right alignment places it. A row before
 /// position 0 sees no key; it is turned as position 0.
+///
+/// The attention validates the call with the turned tensor, which has `q`'s dims, before the
+/// prelude runs: dims against the cache's (so `head_dim`, which `with_rotary` checked the
+/// rotation fits), `q_lens` and the lengths (one per sequence of `lens`), every size nonzero.
 pub(crate) fn attend_rotated(
     gpu: &Gpu,
     opts: &Attention,
@@ -91,53 +96,39 @@ pub(crate) fn attend_rotated(
 ) -> Result<Output> {
     gpu.expect_own("queries", q)?;
     let [batch, heads, n, dim] = q.dims();
-    for (what, size) in [("heads", heads), ("q_len", n)] {
-        if size == 0 {
-            return Err(Error::ZeroSize { what });
-        }
-    }
-    expect_dims("queries", q.dims(), [lens.len(), heads, n, dim])?;
-    rotary.fits(dim)?;
-    let q_lens = opts.q_lens.as_deref();
-    if let Some(q_lens) = q_lens
-        && q_lens.len() != batch
-    {
-        return Err(Error::ShapeMismatch {
-            what: "q_lens".into(),
-            got: q_lens.len(),
-            expected: batch,
-        });
-    }
-    // A real row's position is below its sequence's length, which the caches keep within
-    // MAX_POSITIONS; padding rows past the limit (and rows before position 0) are clamped by
-    // the kernel.
-    let mut starts = Vec::with_capacity(batch);
-    for (b, &len) in lens.iter().enumerate() {
-        let rows = q_lens.map_or(n as i64, |l| l[b] as i64);
-        // i32 bits: the kernel reads a start below 0 as "before the first position".
-        starts.push((len as i64 - rows).max(i32::MIN as i64) as i32 as u32);
-    }
     let turned = gpu.empty_as(q.dims(), q.dtype())?;
-    let strides = Layout::Bhsd.strides(heads, n, dim);
-    let rotation = Rotation {
-        x: q.buffer(),
-        x_dtype: q.dtype(),
-        x_bytes: q.byte_len(),
-        x_strides: strides,
-        y: &turned,
-        y_strides: strides,
-        batch,
-        heads,
-        seq: n,
-        dim,
-        positions: &starts,
-        per_row: false,
-        counts: None,
-        rows_at_position: false,
-        first: true,
-        last: false,
-    };
     opts.run_with_prelude(gpu, &turned, k, v, |encoder| {
+        // A real row's position is below its sequence's length, which the caches keep within
+        // MAX_POSITIONS; padding rows past the limit (and rows before position 0) are clamped
+        // by the kernel. Starts are i32 bits: below 0 is "before the first position".
+        let q_lens = opts.q_lens.as_deref();
+        let starts: Vec<u32> = lens
+            .iter()
+            .enumerate()
+            .map(|(b, &len)| {
+                let rows = q_lens.map_or(n as i64, |l| l[b] as i64);
+                (len as i64 - rows).max(i32::MIN as i64) as i32 as u32
+            })
+            .collect();
+        let strides = Layout::Bhsd.strides(heads, n, dim);
+        let rotation = Rotation {
+            x: q.buffer(),
+            x_dtype: q.dtype(),
+            x_bytes: q.byte_len(),
+            x_strides: strides,
+            y: &turned,
+            y_strides: strides,
+            batch,
+            heads,
+            seq: n,
+            dim,
+            positions: &starts,
+            per_row: false,
+            counts: None,
+            rows_at_position: false,
+            first: true,
+            last: false,
+        };
         encode(gpu, encoder, rotary, &rotation)
     })
 }
