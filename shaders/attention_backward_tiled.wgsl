@@ -29,8 +29,10 @@ const OP_K: u32 = 1u;
 const OP_V: u32 = 2u;
 const OP_DO: u32 = 3u;
 
-// P or dS of the tile, [column][row / 4]: the left operand of the accumulating products.
-var<workgroup> p_tile: array<array<vec4<f32>, TILE_X>, TILE>;
+// P or dS of the tile, [column][row / 4] (column c's four-row groups at c * TILE_X ..): the
+// left operand of the accumulating products. Until P or dS is stored, it stages the second
+// product of the scores' slice loop (score_products): TILE_K x TILE_X vec4s of each operand.
+var<workgroup> p_tile: array<vec4<f32>, TILE * TILE_X>;
 // The last tile (plus one) that any query row of the workgroup was seen to reach, and that
 // any row was seen not to cover (tile_state).
 var<workgroup> seen: atomic<u32>;
@@ -143,11 +145,16 @@ fn op_rows(op: u32) -> vec3<u32> {
     }
 }
 
+// Where stage_side writes: tile_stage, or p_tile while it is free (score_products).
+const TO_STAGE: u32 = 0u;
+const TO_P: u32 = 1u;
+
 // The slice k0 .. k0 + TILE_K of op over rows first .. first + 63 into half `side` of
-// tile_stage, as tile_gemm lays it out ([k][row / 4]): 256 items of four rows of one dim,
-// 1 to 4 per invocation (a constant trip count). `op` is a constant at every call site, so
-// the loads compile to one tensor's.
-fn stage_side(li: u32, k0: u32, op: u32, side: u32, first: u32) {
+// tile_stage or of p_tile's first STAGE_SIZE vec4s (`dest`), as tile_gemm lays it out
+// ([k][row / 4]): 256 items of four rows of one dim, 1 to 4 per invocation (a constant trip
+// count). `op` and `dest` are constants at every call site, so the loads compile to one
+// tensor's and the stores to one array's.
+fn stage_side(li: u32, k0: u32, op: u32, side: u32, first: u32, dest: u32) {
     let half = TILE_K * TILE_X;
     let invocations = tile_invocations();
     let rows = op_rows(op);
@@ -165,21 +172,78 @@ fn stage_side(li: u32, k0: u32, op: u32, side: u32, first: u32) {
                 }
             }
         }
-        tile_stage[side * STAGE_B + kk * TILE_X + idx / TILE_K] = x;
+        let at = side * STAGE_B + kk * TILE_X + idx / TILE_K;
+        if dest == TO_STAGE {
+            tile_stage[at] = x;
+        } else {
+            p_tile[at] = x;
+        }
     }
 }
 
-// The block of op_a (rows) times op_b (columns) over `width` dims.
-fn tile_product(li: u32, tx: u32, ty: u32, op_a: u32, op_b: u32, width: u32) -> Block {
-    var acc = Block();
-    for (var k0 = 0u; k0 < width; k0 += TILE_K) {
-        stage_side(li, k0, op_a, 0u, r0);
-        stage_side(li, k0, op_b, 1u, c0);
+// tile_fma of the slice staged in p_tile (TO_P).
+fn p_tile_fma(acc: Block, ty: u32, tx: u32) -> Block {
+    var out = acc;
+    for (var k = 0u; k < TILE_K; k++) {
+        var a = array<vec4<f32>, BR4>();
+        for (var g = 0u; g < BR4; g++) {
+            a[g] = p_tile[k * TILE_X + block_row_group(ty, g)];
+        }
+        var b = array<vec4<f32>, BC4>();
+        for (var j = 0u; j < BC4; j++) {
+            b[j] = p_tile[STAGE_B + k * TILE_X + tx + NX * j];
+        }
+        out = block_fma(out, a, b);
+    }
+    return out;
+}
+
+// The scores' block and dP's: PHASE 1 rows x keys (S = Q K^T, dP = dO V^T), PHASE 2 keys x
+// rows (S^T = K Q^T, dP^T = V dO^T).
+struct Scores {
+    s: Block,
+    dp: Block,
+}
+
+// Both products in one loop over the summed dims: each slice stages Q's and K's part in
+// tile_stage and dO's and V's in p_tile (free until P or dS is stored: the caller has passed a
+// barrier since the accumulating products last read it), so a slice of both costs one pair
+// of barriers (FlashAttention-2's loop; two loops took twice as many). Past a width, its
+// product's slices are neither staged nor summed (a uniform condition).
+fn score_products(li: u32, tx: u32, ty: u32) -> Scores {
+    var out = Scores(Block(), Block());
+    for (var k0 = 0u; k0 < max(params.head_dim, params.v_head_dim); k0 += TILE_K) {
+        let with_s = k0 < params.head_dim;
+        let with_dp = k0 < params.v_head_dim;
+        if PHASE == 1u {
+            if with_s {
+                stage_side(li, k0, OP_Q, 0u, r0, TO_STAGE);
+                stage_side(li, k0, OP_K, 1u, c0, TO_STAGE);
+            }
+            if with_dp {
+                stage_side(li, k0, OP_DO, 0u, r0, TO_P);
+                stage_side(li, k0, OP_V, 1u, c0, TO_P);
+            }
+        } else {
+            if with_s {
+                stage_side(li, k0, OP_K, 0u, r0, TO_STAGE);
+                stage_side(li, k0, OP_Q, 1u, c0, TO_STAGE);
+            }
+            if with_dp {
+                stage_side(li, k0, OP_V, 0u, r0, TO_P);
+                stage_side(li, k0, OP_DO, 1u, c0, TO_P);
+            }
+        }
         workgroupBarrier();
-        acc = tile_fma(acc, ty, tx);
+        if with_s {
+            out.s = tile_fma(out.s, ty, tx);
+        }
+        if with_dp {
+            out.dp = p_tile_fma(out.dp, ty, tx);
+        }
         workgroupBarrier();
     }
-    return acc;
+    return out;
 }
 
 // The block x (of P or dS) into p_tile, [column][row / 4]. The caller has passed a barrier
@@ -188,7 +252,7 @@ fn store_p_tile(x: Block, tx: u32, ty: u32) {
     for (var n = 0u; n < BC * BR4; n++) {
         let c = n / BR4;
         let g = n % BR4;
-        p_tile[block_col(tx, c)][block_row_group(ty, g)] = vec4<f32>(
+        p_tile[block_col(tx, c) * TILE_X + block_row_group(ty, g)] = vec4<f32>(
             x[(4u * g) * BC4 + c / 4u][c % 4u],
             x[(4u * g + 1u) * BC4 + c / 4u][c % 4u],
             x[(4u * g + 2u) * BC4 + c / 4u][c % 4u],
@@ -242,7 +306,7 @@ fn accumulate(acc: Acc, li: u32, tx: u32, ty: u32, op: u32) -> Acc {
         for (var k = 0u; k < BKV; k++) {
             var a = array<vec4<f32>, BR4>();
             for (var g = 0u; g < BR4; g++) {
-                a[g] = p_tile[kv0 + k][block_row_group(ty, g)];
+                a[g] = p_tile[(kv0 + k) * TILE_X + block_row_group(ty, g)];
             }
             var b = array<vec4<f32>, OC>();
             for (var c = 0u; c < OC; c++) {
@@ -424,15 +488,9 @@ fn main(
             }
         }
         // The scores' and dP's blocks: PHASE 1 rows x keys, PHASE 2 keys x rows.
-        var s = Block();
-        var dp = Block();
-        if PHASE == 1u {
-            s = tile_product(li, tx, ty, OP_Q, OP_K, params.head_dim);
-            dp = tile_product(li, tx, ty, OP_DO, OP_V, params.v_head_dim);
-        } else {
-            s = tile_product(li, tx, ty, OP_K, OP_Q, params.head_dim);
-            dp = tile_product(li, tx, ty, OP_V, OP_DO, params.v_head_dim);
-        }
+        let scores = score_products(li, tx, ty);
+        var s = scores.s;
+        var dp = scores.dp;
         // P into s, dS into dp. Block row x / BC4's columns 4 (tx + NX (x % BC4)) .. + 3.
         if state == TILE_FULL && !HAS_DROPOUT {
             // Every score seen, none adjusted: only floored (and none dropped). The query rows' values four
