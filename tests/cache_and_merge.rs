@@ -448,3 +448,192 @@ fn merge_needs_the_log_sum_exp() {
         })
     ));
 }
+
+/// Speculative decoding's rollback and beam search's reordering on a rotary cache: a prompt,
+/// draft tokens of which some are rejected (`truncate`), new tokens appended after the new
+/// lengths (turned by their new positions), then the beams reordered (one beam into two slots,
+/// one dropped) and decoding going on; every step against the reference on a host copy of the
+/// turned rows. Then the copy itself, exact, on a 16-bit cache, and the typed errors.
+#[test]
+fn truncate_and_reorder_sequences() {
+    use wgpu_attention::DType;
+    use wgpu_attention::rotary::{Positions, Rotary};
+    let Some(gpu) = gpu() else { return };
+    let (batch, heads, kv_heads, cap, d, dv) = (3, 4, 2, 200, 24, 20);
+    let rotary = Rotary::new(16, 10_000.0).unwrap();
+    let mut cache = KvCache::new(gpu, batch, kv_heads, cap, d, dv)
+        .unwrap()
+        .with_rotary(rotary.clone())
+        .unwrap();
+    let mut host_k = vec![0f32; batch * kv_heads * cap * d];
+    let mut host_v = vec![0f32; batch * kv_heads * cap * dv];
+    let mut r = rng(2600);
+    // Appends `new`, attends with the new tokens' queries, and checks O against the reference.
+    let mut step = |cache: &mut KvCache,
+                    host_k: &mut Vec<f32>,
+                    host_v: &mut Vec<f32>,
+                    new: [usize; 3],
+                    what: &str| {
+        let t = *new.iter().max().unwrap();
+        let start: Vec<usize> = cache.lens().iter().map(|&l| l as usize).collect();
+        let k = random(&mut r, batch * kv_heads * t * d, 1.0);
+        let v = random(&mut r, batch * kv_heads * t * dv, 1.0);
+        cache.append(gpu, &k, &v, &new).unwrap();
+        let starts = Positions::Start(start.iter().map(|&s| s as u32).collect());
+        let turned =
+            cpu::rotate(&k, [batch, kv_heads, t, d], Layout::Bhsd, &rotary, &starts).unwrap();
+        mirror_append(host_k, &turned, (kv_heads, cap, d), &start, &new);
+        mirror_append(host_v, &v, (kv_heads, cap, dv), &start, &new);
+        let q = random(&mut r, batch * heads * t * d, 1.0);
+        let q_lens: Vec<u32> = new.iter().map(|&n| n.max(1) as u32).collect();
+        let lens = cache.lens().to_vec();
+        // Query i of n is at position len - n + i.
+        let q_starts: Vec<u32> = lens.iter().zip(&q_lens).map(|(&l, &n)| l - n).collect();
+        let q_turned = cpu::rotate(
+            &q,
+            [batch, heads, t, d],
+            Layout::Bhsd,
+            &rotary,
+            &Positions::Start(q_starts),
+        )
+        .unwrap();
+        let tq = gpu.upload(&q, [batch, heads, t, d]).unwrap();
+        let opts = Attention::new().q_lens(q_lens.clone());
+        let out = cache.attend(gpu, &tq, &opts).unwrap();
+        let full = Dims {
+            batch,
+            heads,
+            kv_heads,
+            q_len: t,
+            kv_len: cap,
+            head_dim: d,
+            v_head_dim: dv,
+        };
+        let want_opts = Attention::new()
+            .q_lens(q_lens)
+            .kv_lens(lens)
+            .causal(Causal::BottomRight);
+        let want = cpu::reference(&q_turned, host_k, host_v, full, &want_opts).unwrap();
+        assert_close(
+            &format!("O after {what}"),
+            &out.o.download(gpu).unwrap(),
+            &want.o,
+            O_ATOL,
+            O_RTOL,
+        );
+    };
+    step(
+        &mut cache,
+        &mut host_k,
+        &mut host_v,
+        [50, 37, 61],
+        "the prompts",
+    );
+    step(
+        &mut cache,
+        &mut host_k,
+        &mut host_v,
+        [4, 4, 4],
+        "4 draft tokens",
+    );
+    // Sequence 0 keeps 2 drafts, sequence 1 none, sequence 2 all four.
+    cache.truncate(&[52, 37, 65]).unwrap();
+    assert_eq!(cache.lens(), &[52, 37, 65]);
+    step(
+        &mut cache,
+        &mut host_k,
+        &mut host_v,
+        [1, 1, 1],
+        "the rollback",
+    );
+    // Beam 2 continued twice, beam 1 dropped.
+    cache.reorder(gpu, &[2, 0, 2]).unwrap();
+    assert_eq!(cache.lens(), &[66, 53, 66]);
+    let rows = |host: &[f32], b: usize, width: usize| {
+        host[b * kv_heads * cap * width..][..kv_heads * cap * width].to_vec()
+    };
+    for (host, width) in [(&mut host_k, d), (&mut host_v, dv)] {
+        let copy: Vec<Vec<f32>> = [2, 0, 2].iter().map(|&f| rows(host, f, width)).collect();
+        for (b, rows) in copy.iter().enumerate() {
+            host[b * kv_heads * cap * width..][..rows.len()].copy_from_slice(rows);
+        }
+    }
+    step(
+        &mut cache,
+        &mut host_k,
+        &mut host_v,
+        [1, 1, 1],
+        "the reorder",
+    );
+    step(
+        &mut cache,
+        &mut host_k,
+        &mut host_v,
+        [3, 1, 2],
+        "a ragged step",
+    );
+
+    // The copy itself, exact, on a bf16 cache (rows of 2-byte elements): rows past a
+    // sequence's length are not copied, and a sequence left in place is untouched.
+    let (b16, w) = (4, 6);
+    let mut half = KvCache::with_dtype(gpu, b16, 1, 16, w, w, DType::Bf16).unwrap();
+    let k = random(&mut rng(2601), b16 * 16 * w, 1.0);
+    half.append(gpu, &k, &k, &[16, 5, 9, 1]).unwrap();
+    let before = half.k().download(gpu).unwrap();
+    half.reorder(gpu, &[1, 1, 0, 3]).unwrap();
+    assert_eq!(half.lens(), &[5, 5, 16, 1]);
+    let after = half.k().download(gpu).unwrap();
+    let seq = |x: &[f32], b: usize, n: usize| x[b * 16 * w..][..n * w].to_vec();
+    assert_eq!(seq(&after, 0, 5), seq(&before, 1, 5));
+    assert_eq!(seq(&after, 0, 16)[5 * w..], seq(&before, 0, 16)[5 * w..]);
+    assert_eq!(seq(&after, 1, 5), seq(&before, 1, 5));
+    assert_eq!(seq(&after, 2, 16), seq(&before, 0, 16));
+    assert_eq!(seq(&after, 3, 1), seq(&before, 3, 1));
+    assert_eq!(half.v().download(gpu).unwrap(), after);
+
+    // Typed errors, and nothing changes.
+    let lens = cache.lens().to_vec();
+    assert_eq!(cache.lens(), &[70, 55, 69]);
+    let err = cache.truncate(&[10, 56, 10]);
+    assert!(
+        matches!(
+            err,
+            Err(Error::LengthOutOfRange {
+                what: "truncated cache length",
+                index: 1,
+                value: 56,
+                max: 55,
+            })
+        ),
+        "{err:?}"
+    );
+    let err = cache.truncate(&[1, 1]);
+    assert!(matches!(err, Err(Error::ShapeMismatch { .. })), "{err:?}");
+    let err = cache.reorder(gpu, &[0, 3, 1]);
+    assert!(
+        matches!(
+            err,
+            Err(Error::LengthOutOfRange {
+                what: "reordered sequence index",
+                index: 1,
+                value: 3,
+                max: 2,
+            })
+        ),
+        "{err:?}"
+    );
+    let err = cache.reorder(gpu, &[0, 1]);
+    assert!(matches!(err, Err(Error::ShapeMismatch { .. })), "{err:?}");
+    assert_eq!(cache.lens(), &lens[..]);
+    // Truncated to nothing, the cache starts again at position 0.
+    cache.truncate(&[0, 0, 0]).unwrap();
+    host_k.fill(0.0);
+    host_v.fill(0.0);
+    step(
+        &mut cache,
+        &mut host_k,
+        &mut host_v,
+        [7, 2, 5],
+        "truncating to nothing",
+    );
+}

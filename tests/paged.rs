@@ -559,6 +559,121 @@ fn a_paged_cache_appends_forks_and_frees() {
     assert!(matches!(e, Error::ZeroSize { .. }), "{e:?}");
 }
 
+/// Speculative decoding's rollback: truncating a sequence frees the pages past its new
+/// length (unless a fork holds them), and the next append writes after the new length; a
+/// truncated sequence sharing its last page with a fork copies it before writing into it, so
+/// the fork keeps its tokens. Checked against the reference on what was written.
+#[test]
+fn truncating_paged_sequences() {
+    let Some(gpu) = common::gpu() else { return };
+    let (heads, kv_heads, dim, page) = (4, 2, 16, 5);
+    let mut cache = wgpu_attention::PagedKvCache::new(gpu, 30, page, kv_heads, dim, dim).unwrap();
+    let mut r = rng(70);
+    let row = kv_heads * dim;
+    let mut append = |cache: &mut wgpu_attention::PagedKvCache,
+                      s: wgpu_attention::SeqId,
+                      w: &mut Written,
+                      t: usize| {
+        let k = random(&mut r, t * row, 1.0);
+        let v = random(&mut r, t * row, 1.0);
+        cache.append(gpu, s, &k, &v).unwrap();
+        w.k.extend_from_slice(&k);
+        w.v.extend_from_slice(&v);
+    };
+    let truncate = |w: &mut Written, len: usize| {
+        w.k.truncate(len * row);
+        w.v.truncate(len * row);
+    };
+    let shape = (heads, kv_heads, dim);
+    let a = cache.add_sequence();
+    let b = cache.add_sequence();
+    let (mut wa, mut wb) = (Written::default(), Written::default());
+    append(&mut cache, a, &mut wa, 23);
+    append(&mut cache, b, &mut wb, 4);
+    // Five pages for a: cut back to 12 tokens, three pages; two go back.
+    let free = cache.free_pages();
+    cache.truncate(a, 12).unwrap();
+    truncate(&mut wa, 12);
+    assert_eq!(cache.free_pages(), free + 2);
+    assert_eq!(cache.pages_of(a).unwrap().len(), 3);
+    check_cache(
+        gpu,
+        &cache,
+        &[a, b],
+        &[wa.clone(), wb.clone()],
+        shape,
+        &Attention::new(),
+        71,
+    );
+    // Appending goes on from 12, into a's own partial page.
+    append(&mut cache, a, &mut wa, 4);
+    check_cache(
+        gpu,
+        &cache,
+        &[a, b],
+        &[wa.clone(), wb.clone()],
+        shape,
+        &Attention::new(),
+        72,
+    );
+    // A fork shares a's pages; a cut back into a shared page copies it on its next append,
+    // and the fork keeps every token; pages the fork holds are not freed.
+    let c = cache.fork(a).unwrap();
+    let wc = wa.clone();
+    let free = cache.free_pages();
+    cache.truncate(a, 7).unwrap();
+    truncate(&mut wa, 7);
+    assert_eq!(cache.free_pages(), free, "the fork still holds every page");
+    append(&mut cache, a, &mut wa, 6);
+    assert_eq!(cache.free_pages(), free - 2, "one copied page and one new");
+    let all = [a, b, c];
+    let written = [wa.clone(), wb.clone(), wc.clone()];
+    check_cache(gpu, &cache, &all, &written, shape, &Attention::new(), 73);
+    check_cache(
+        gpu,
+        &cache,
+        &all,
+        &written,
+        shape,
+        &Attention::new().window(3, 0),
+        74,
+    );
+    // To nothing: every page the sequence alone held is free, and it starts again.
+    let held = cache.pages_of(b).unwrap().len();
+    let free = cache.free_pages();
+    cache.truncate(b, 0).unwrap();
+    truncate(&mut wb, 0);
+    assert_eq!(cache.free_pages(), free + held);
+    assert!(cache.pages_of(b).unwrap().is_empty());
+    append(&mut cache, b, &mut wb, 3);
+    check_cache(
+        gpu,
+        &cache,
+        &all,
+        &[wa, wb, wc],
+        shape,
+        &Attention::new(),
+        75,
+    );
+    // Longer than the sequence, or an unknown one: typed errors, nothing changes.
+    let e = cache.truncate(a, 14).unwrap_err();
+    assert_eq!(
+        e,
+        Error::LengthOutOfRange {
+            what: "truncated sequence length",
+            index: a.get() as usize,
+            value: 14,
+            max: 13,
+        }
+    );
+    assert_eq!(cache.len(a).unwrap(), 13);
+    cache.free_sequence(c).unwrap();
+    assert!(matches!(
+        cache.truncate(c, 0),
+        Err(Error::UnknownSequence { .. })
+    ));
+}
+
 #[test]
 fn a_half_precision_paged_cache() {
     let Some(gpu) = common::gpu() else { return };

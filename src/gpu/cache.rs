@@ -209,6 +209,157 @@ impl KvCache {
         self.device_lens_stale.store(true, Ordering::Release);
     }
 
+    /// Shortens sequence `b` to its first `lens[b]` tokens (Hugging Face's `crop`,
+    /// llama.cpp's `seq_rm`): after speculative decoding, the draft tokens the model rejected.
+    /// Nothing is copied; the next append writes after the new length, and with a [`Rotary`]
+    /// its K rows are turned by their new positions. A length above a sequence's current one
+    /// is [`Error::LengthOutOfRange`], and then nothing changes.
+    ///
+    /// ```no_run
+    /// use wgpu_attention::{Gpu, KvCache};
+    /// let gpu = Gpu::new()?;
+    /// let (kv_heads, dim) = (2, 64);
+    /// let mut cache = KvCache::new(&gpu, 1, kv_heads, 4096, dim, dim)?;
+    /// // A prompt of 100 tokens, then 4 draft tokens; the model accepts 2 of them.
+    /// let kv = vec![0.1f32; kv_heads * 104 * dim];
+    /// cache.append(&gpu, &kv, &kv, &[104])?;
+    /// cache.truncate(&[102])?;
+    /// assert_eq!(cache.lens(), &[102]);
+    /// # Ok::<(), wgpu_attention::Error>(())
+    /// ```
+    pub fn truncate(&mut self, lens: &[usize]) -> Result<()> {
+        if lens.len() != self.batch {
+            return Err(Error::ShapeMismatch {
+                what: "truncated lengths".into(),
+                got: lens.len(),
+                expected: self.batch,
+            });
+        }
+        for (index, (&n, &len)) in lens.iter().zip(&self.lens).enumerate() {
+            if n > len as usize {
+                return Err(Error::LengthOutOfRange {
+                    what: "truncated cache length",
+                    index,
+                    value: n,
+                    max: len as usize,
+                });
+            }
+        }
+        for (len, &n) in self.lens.iter_mut().zip(lens) {
+            *len = n as u32;
+        }
+        self.device_lens_stale.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Makes sequence `b` a copy of sequence `from[b]` (its rows and its length) for every `b`
+    /// at once: beam search's reordering of the beams (Hugging Face's `reorder_cache`), where
+    /// a beam may be copied into several slots and others dropped. Sequences with
+    /// `from[b] == b` are left in place; the others' rows are copied on the device (through
+    /// scratch buffers, so any permutation works), one submission in all. An index past the
+    /// batch is [`Error::LengthOutOfRange`], and then nothing changes.
+    ///
+    /// ```no_run
+    /// use wgpu_attention::{Gpu, KvCache};
+    /// let gpu = Gpu::new()?;
+    /// let (beams, kv_heads, dim) = (3, 2, 64);
+    /// let mut cache = KvCache::new(&gpu, beams, kv_heads, 4096, dim, dim)?;
+    /// let kv = vec![0.1f32; beams * kv_heads * 10 * dim];
+    /// cache.append(&gpu, &kv, &kv, &[10, 10, 10])?;
+    /// // Beams 0 and 2 survive; beam 0 is continued twice.
+    /// cache.reorder(&gpu, &[0, 0, 2])?;
+    /// # Ok::<(), wgpu_attention::Error>(())
+    /// ```
+    pub fn reorder(&mut self, gpu: &Gpu, from: &[usize]) -> Result<()> {
+        gpu.expect_own("the cache", &self.k)?;
+        if from.len() != self.batch {
+            return Err(Error::ShapeMismatch {
+                what: "reordered sequences".into(),
+                got: from.len(),
+                expected: self.batch,
+            });
+        }
+        for (index, &f) in from.iter().enumerate() {
+            if f >= self.batch {
+                return Err(Error::LengthOutOfRange {
+                    what: "reordered sequence index",
+                    index,
+                    value: f,
+                    max: self.batch - 1,
+                });
+            }
+        }
+        // The sequences copied elsewhere (each once, however many slots take it), and the
+        // slots that take a copy. A sequence's rows [0, len) are contiguous per kv head.
+        let mut sources: Vec<usize> = from
+            .iter()
+            .enumerate()
+            .filter(|&(b, &f)| f != b && self.lens[f] > 0)
+            .map(|(_, &f)| f)
+            .collect();
+        sources.sort_unstable();
+        sources.dedup();
+        if !sources.is_empty() {
+            let size = self.dtype.size() as u64;
+            gpu.guarded("cache reorder", || {
+                gpu.submit_with("cache reorder", |encoder| {
+                    for (pool, dim) in [(&self.k, self.head_dim), (&self.v, self.v_head_dim)] {
+                        // Every source into one scratch buffer first, then every destination
+                        // from it: no copy reads a row another copy of the call wrote.
+                        let rows = |f: usize| self.lens[f] as u64 * (dim as u64 * size);
+                        let mut at = vec![0; self.batch];
+                        let mut bytes = 0;
+                        for &f in &sources {
+                            at[f] = bytes;
+                            bytes += rows(f) * self.kv_heads as u64;
+                        }
+                        let scratch = gpu.scratch(
+                            "wgpu-attention cache reorder",
+                            bytes,
+                            wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                        );
+                        for &f in &sources {
+                            for h in 0..self.kv_heads {
+                                let src = self.row_offset(f, h, 0, dim);
+                                let to = at[f] + h as u64 * rows(f);
+                                encoder.copy_buffer_to_buffer(
+                                    pool.buffer(),
+                                    src,
+                                    &scratch,
+                                    to,
+                                    rows(f),
+                                );
+                            }
+                        }
+                        for (b, &f) in from.iter().enumerate() {
+                            if f == b || self.lens[f] == 0 {
+                                continue;
+                            }
+                            for h in 0..self.kv_heads {
+                                let dst = self.row_offset(b, h, 0, dim);
+                                let from = at[f] + h as u64 * rows(f);
+                                encoder.copy_buffer_to_buffer(
+                                    &scratch,
+                                    from,
+                                    pool.buffer(),
+                                    dst,
+                                    rows(f),
+                                );
+                            }
+                        }
+                    }
+                    Ok(())
+                })
+            })?;
+        }
+        self.lens = from.iter().map(|&f| self.lens[f]).collect();
+        // Written now; if the write fails, the next attend writes them.
+        self.device_lens_stale.store(true, Ordering::Release);
+        self.device_lens.write(gpu, Some(&self.lens), None)?;
+        self.device_lens_stale.store(false, Ordering::Release);
+        Ok(())
+    }
+
     /// Appends `new[b]` tokens to sequence `b` from host data `k` and `v`, shaped
     /// `[batch, kv_heads, t, head_dim]` and `[batch, kv_heads, t, v_head_dim]` with
     /// `t = max(new)`; rows past `new[b]` of sequence `b` are ignored. Values are rounded to

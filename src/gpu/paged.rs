@@ -220,6 +220,46 @@ impl PagedKvCache {
         Ok(())
     }
 
+    /// Shortens `seq` to its first `len` tokens (after speculative decoding, the draft tokens
+    /// the model rejected; llama.cpp's `seq_rm`, vLLM's freed slots). Pages past the new
+    /// length go back to the free list unless another sequence holds them; a page the
+    /// sequence still shares is copied when it next appends into it, as after
+    /// [`fork`](PagedKvCache::fork). With a [`Rotary`], appended K is turned by its new
+    /// positions. A `len` above the sequence's is [`Error::LengthOutOfRange`] (its `index` is
+    /// the sequence's id), and then nothing changes.
+    ///
+    /// ```no_run
+    /// use wgpu_attention::{Gpu, PagedKvCache};
+    /// let gpu = Gpu::new()?;
+    /// let (kv_heads, dim) = (2, 64);
+    /// let mut cache = PagedKvCache::new(&gpu, 64, 16, kv_heads, dim, dim)?;
+    /// let a = cache.add_sequence();
+    /// // A prompt of 30 tokens and 5 draft tokens; the model accepts 3 of them.
+    /// let kv = vec![0.1f32; 35 * kv_heads * dim];
+    /// cache.append(&gpu, a, &kv, &kv)?;
+    /// cache.truncate(a, 33)?;
+    /// assert_eq!(cache.len(a)?, 33);
+    /// # Ok::<(), wgpu_attention::Error>(())
+    /// ```
+    pub fn truncate(&mut self, seq: SeqId, len: usize) -> Result<()> {
+        let s = self.seq(seq)?;
+        if len > s.len {
+            return Err(Error::LengthOutOfRange {
+                what: "truncated sequence length",
+                index: seq.0 as usize,
+                value: len,
+                max: s.len,
+            });
+        }
+        let s = self.seqs.get_mut(&seq).expect("checked above");
+        let dropped = s.pages.split_off(len.div_ceil(self.page_size));
+        s.len = len;
+        for p in dropped {
+            self.release(p);
+        }
+        Ok(())
+    }
+
     /// Tokens held by `seq`.
     pub fn len(&self, seq: SeqId) -> Result<usize> {
         Ok(self.seq(seq)?.len)
