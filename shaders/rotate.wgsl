@@ -9,7 +9,8 @@
 
 // Bindings (declared by the host from Kernel::slots): params (RotateParams); x (tensor, read
 // through load_x); y (tensor, store_y; never the buffer of x); table, the angle table;
-// positions: with per_row, one position per row [batch, seq]; else one start per batch entry
+// positions: with per_row, one position per row [batch, seq] (with axes, three: M-RoPE's
+// temporal, height and width, each pair taking one by axis_of); else one start per batch entry
 // (i32 bits: a cache's new queries may start before position 0, rows that see no key, turned
 // as position 0; padding rows past the last position are turned as the last), and with
 // has_counts the rows to write per batch entry from counts_offset.
@@ -30,6 +31,25 @@ fn turn(p: u32, k: u32) -> vec2<f32> {
     return r;
 }
 
+// The position axis pair k turns by (Rotary::axis_of: change one, change the other): 0
+// without M-RoPE; with it, by sections of consecutive pairs (mrope 1) or cycling T H W over
+// the first pairs (mrope 2).
+fn axis_of(k: u32) -> u32 {
+    let p = params;
+    if p.mrope == 1u {
+        return select(select(2u, 1u, k < p.section_t + p.section_h), 0u, k < p.section_t);
+    }
+    if p.mrope == 2u {
+        if k % 3u == 1u && k < 3u * p.section_h {
+            return 1u;
+        }
+        if k % 3u == 2u && k < 3u * p.section_w {
+            return 2u;
+        }
+    }
+    return 0u;
+}
+
 @compute @workgroup_size(WG)
 fn main(
     @builtin(workgroup_id) wg: vec3<u32>,
@@ -47,8 +67,13 @@ fn main(
         return;
     }
     var pos = 0u;
+    // The row's positions on M-RoPE's three axes (the same one thrice without).
+    var axes = vec3<u32>(0u, 0u, 0u);
     var y_i = i;
-    if p.per_row != 0u {
+    if p.axes != 0u {
+        let at = 3u * (b * p.seq + i);
+        axes = vec3<u32>(positions[at], positions[at + 1u], positions[at + 2u]);
+    } else if p.per_row != 0u {
         pos = positions[b * p.seq + i];
     } else {
         let position = bitcast<i32>(positions[b]) + i32(i);
@@ -57,10 +82,13 @@ fn main(
             y_i = pos;
         }
     }
+    if p.axes == 0u {
+        axes = vec3<u32>(pos, pos, pos);
+    }
     let x_token = b * p.x_stride_b + i * p.x_stride_s;
     let y_token = b * p.y_stride_b + y_i * p.y_stride_s;
     for (var k = inv.lid; k < p.pairs; k += WG) {
-        let t = turn(pos, k) * p.magnitude;
+        let t = turn(axes[axis_of(k)], k) * p.magnitude;
         let s = select(t.y, -t.y, p.transposed != 0u);
         // The pair's elements: (2k, 2k + 1) interleaved, else (k, k + pairs).
         var d0 = k;

@@ -19,6 +19,9 @@
 //! original Llama, FlashAttention's `rotary_interleaved`). Elements past `dim` (partial rotary,
 //! as GPT-NeoX and Phi use) pass unchanged. YaRN also scales the turned pairs by its attention
 //! factor ([`Rotary::magnitude`], 1 otherwise), as Hugging Face's scaled `cos` and `sin` do.
+//! Multimodal RoPE ([`Rotary::mrope`], [`Rotary::mrope_interleaved`]: Qwen2-VL to Qwen3.5)
+//! turns each pair by one of three positions of its row ([`Positions::Axes`]: temporal, height,
+//! width), chosen by the pair's section ([`MropeLayout`]).
 //! [`Rotary::transpose`] turns the other way by the same angles: it is the rotation's backward,
 //! so a training step takes dQ and dK back through RoPE with it, and for a magnitude of 1
 //! (every rotation but YaRN's) it is also the inverse, undoing the rotation.
@@ -76,6 +79,21 @@ pub enum RotaryStyle {
     Halves,
     /// Pair `k` is `(2k, 2k + 1)`: GPT-J, Meta's original Llama, llama.cpp's "normal" mode,
     /// FlashAttention's `rotary_interleaved=True`.
+    Interleaved,
+}
+
+/// How multimodal RoPE (M-RoPE, [`Rotary::mrope`]) gives each pair one of the three position
+/// axes (temporal, height, width).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum MropeLayout {
+    /// Sections of consecutive pairs: the first `sections[0]` pairs take the temporal
+    /// position, the next `sections[1]` the height, the last `sections[2]` the width (Qwen2-VL
+    /// and Qwen2.5-VL: `mrope_section` in their configs).
+    Sections,
+    /// Pairs cycle through the axes, `T H W T H W ...`, until the height and width have their
+    /// pairs; the rest take the temporal position (Qwen3-VL and Qwen3.5's `mrope_interleaved`:
+    /// pair `k` takes the height if `k % 3 == 1` and `k < 3 · sections[1]`, the width if
+    /// `k % 3 == 2` and `k < 3 · sections[2]`).
     Interleaved,
 }
 
@@ -181,6 +199,8 @@ pub struct Rotary {
     transposed: bool,
     /// What the turned pairs are multiplied by (YaRN's attention factor; 1 otherwise).
     magnitude: f64,
+    /// M-RoPE: pairs per axis and how they are laid out.
+    mrope: Option<([u32; 3], MropeLayout)>,
 }
 
 /// The position of each row a rotation turns.
@@ -192,6 +212,11 @@ pub enum Positions {
     /// One position per row, `[batch, seq]` row-major: packed batches whose sequences restart,
     /// or positions of your own.
     Each(Vec<u32>),
+    /// Three positions per row, `[batch, seq]` row-major, each `[temporal, height, width]`:
+    /// M-RoPE's ([`Rotary::mrope`]). A text token has the same position on all three (where
+    /// [`Each`](Positions::Each) gives the same rotation); an image's patches differ in height
+    /// and width.
+    Axes(Vec<[u32; 3]>),
 }
 
 fn invalid(what: &'static str, value: String, why: &'static str) -> Error {
@@ -245,7 +270,84 @@ impl Rotary {
             style: RotaryStyle::Halves,
             transposed: false,
             magnitude: 1.0,
+            mrope: None,
         })
+    }
+
+    /// Multimodal RoPE (M-RoPE, Qwen2-VL's): each pair turns by one of three positions of its
+    /// row (temporal, height, width: [`Positions::Axes`]), the first `sections[0]` pairs by
+    /// the temporal, the next `sections[1]` by the height, the last `sections[2]` by the width
+    /// ([`MropeLayout::Sections`]). `sections` is a config's `mrope_section` and must add up
+    /// to the pairs (`dim() / 2`). With one position per row (text), it is the plain rotation.
+    ///
+    /// ```
+    /// use wgpu_attention::{Layout, cpu, rotary::{Positions, Rotary}};
+    /// // Qwen2.5-VL 7B: head_dim 128, theta 1000000, mrope_section [16, 24, 24].
+    /// let rope = Rotary::new(128, 1_000_000.0)?.mrope([16, 24, 24])?;
+    /// // Two text tokens, then a 1 x 2 grid of image patches, then text again.
+    /// let at = Positions::Axes(vec![[0, 0, 0], [1, 1, 1], [2, 2, 2], [2, 2, 3], [4, 4, 4]]);
+    /// let x = vec![0.5f32; 5 * 128];
+    /// let y = cpu::rotate(&x, [1, 1, 5, 128], Layout::Bhsd, &rope, &at)?;
+    /// # Ok::<(), wgpu_attention::Error>(())
+    /// ```
+    pub fn mrope(self, sections: [usize; 3]) -> Result<Rotary> {
+        self.with_mrope(sections, MropeLayout::Sections)
+    }
+
+    /// Multimodal RoPE with the axes interleaved across the pairs (Qwen3-VL's and Qwen3.5's
+    /// `mrope_interleaved`, [`MropeLayout::Interleaved`]). `sections` (`mrope_section`, such as
+    /// `[24, 20, 20]`) must add up to the pairs, and the cycle must reach every height and width
+    /// pair: `3 · sections[1]` and `3 · sections[2]` at most the pairs, give or take the
+    /// cycle's offset.
+    pub fn mrope_interleaved(self, sections: [usize; 3]) -> Result<Rotary> {
+        self.with_mrope(sections, MropeLayout::Interleaved)
+    }
+
+    fn with_mrope(mut self, sections: [usize; 3], layout: MropeLayout) -> Result<Rotary> {
+        let pairs = self.frequencies.len();
+        let bad = || {
+            invalid(
+                "mrope sections",
+                format!("{sections:?} ({layout:?}) over {pairs} pairs"),
+                "the sections must add up to the rotated pairs (rotary_dim / 2), and \
+                 interleaved, the cycle T H W must reach every height and width pair",
+            )
+        };
+        if sections.iter().try_fold(0usize, |a, &n| a.checked_add(n)) != Some(pairs) {
+            return Err(bad());
+        }
+        let words = sections.map(|n| n as u32);
+        self.mrope = Some((words, layout));
+        let mut counts = [0; 3];
+        for k in 0..pairs {
+            counts[self.axis_of(k)] += 1;
+        }
+        if counts != sections {
+            return Err(bad());
+        }
+        Ok(self)
+    }
+
+    /// M-RoPE's pairs per axis and their layout, if this is M-RoPE.
+    pub fn mrope_sections(&self) -> Option<([usize; 3], MropeLayout)> {
+        self.mrope.map(|(s, l)| (s.map(|n| n as usize), l))
+    }
+
+    /// Which position axis pair `k` turns by (0 without M-RoPE). `shaders/rotate.wgsl`'s
+    /// `axis_of` is the same rule: change one, change the other.
+    pub(crate) fn axis_of(&self, k: usize) -> usize {
+        let Some((s, layout)) = self.mrope else {
+            return 0;
+        };
+        let [s0, s1, s2] = s.map(|n| n as usize);
+        match layout {
+            MropeLayout::Sections if k < s0 => 0,
+            MropeLayout::Sections if k < s0 + s1 => 1,
+            MropeLayout::Sections => 2,
+            MropeLayout::Interleaved if k % 3 == 1 && k < 3 * s1 => 1,
+            MropeLayout::Interleaved if k % 3 == 2 && k < 3 * s2 => 2,
+            MropeLayout::Interleaved => 0,
+        }
     }
 
     /// The same rotation with pairs formed as `style` says.
@@ -477,6 +579,23 @@ impl Rotary {
         Ok(())
     }
 
+    /// [`Error::InvalidOption`] for M-RoPE, which a cache cannot apply: its positions are not
+    /// the cache's rows (an image's patches share a temporal position, and the text after it
+    /// continues past the patches' largest).
+    pub(crate) fn fits_cache(&self) -> Result<()> {
+        if self.mrope.is_some() {
+            return Err(invalid(
+                "cache rotary",
+                "M-RoPE".into(),
+                "a cache turns rows by their place in it, and M-RoPE's positions are not \
+                 those: turn K and Q with gpu::rotate and Positions::Axes and append to a cache \
+                 without a rotation (for text alone, M-RoPE is the plain rotation of the same \
+                 frequencies)",
+            ));
+        }
+        Ok(())
+    }
+
     /// Checks a rotation of a tensor of `dims` in `layout` at `positions`; returns
     /// `(batch, heads, seq, head_dim)`.
     pub(crate) fn check(
@@ -497,15 +616,33 @@ impl Rotary {
             }
         }
         self.fits(head_dim)?;
+        let flat;
         let (values, expected, last_row) = match positions {
             Positions::Start(s) => (s, batch, seq - 1),
             Positions::Each(e) => (e, batch.saturating_mul(seq), 0),
+            Positions::Axes(a) => {
+                if self.mrope.is_none() {
+                    return Err(invalid(
+                        "rotary positions",
+                        "Positions::Axes".into(),
+                        "positions per axis are M-RoPE's: build the rotation with \
+                         Rotary::mrope or mrope_interleaved",
+                    ));
+                }
+                flat = a.iter().flatten().copied().collect::<Vec<u32>>();
+                (&flat, batch.saturating_mul(seq).saturating_mul(3), 0)
+            }
         };
         if values.len() != expected {
             return Err(Error::ShapeMismatch {
                 what: match positions {
                     Positions::Start(_) => "rotary positions (one start per batch entry)".into(),
                     Positions::Each(_) => "rotary positions (one per row, [batch, seq])".into(),
+                    Positions::Axes(_) => {
+                        "rotary positions (three per row, [batch, seq] x [t, h, w], counted \
+                         as positions)"
+                            .into()
+                    }
                 },
                 got: values.len(),
                 expected,
@@ -652,5 +789,44 @@ mod tests {
             ..Default::default()
         };
         assert!(Rotary::new(8, 1e4).unwrap().llama3_scaling(bad).is_err());
+    }
+
+    /// Each pair's axis as `transformers` builds it, transcribed: Qwen2-VL splits the
+    /// duplicated `cos` (head_dim wide) into chunks `mrope_section * 2` and takes chunk `i`
+    /// from axis `i % 3`; Qwen3-VL starts from the temporal frequencies and overwrites
+    /// `freqs_t[offset : 3 * section : 3]` with the height's (offset 1) and width's (2).
+    #[test]
+    fn mrope_axes_follow_transformers() {
+        let pairs = 64;
+        let sections = [16, 24, 24];
+        let mut chunked = Vec::new();
+        for (i, &n) in sections.iter().chain(&sections).enumerate() {
+            chunked.extend(std::iter::repeat_n(i % 3, n));
+        }
+        let r = Rotary::new(2 * pairs, 1e6)
+            .unwrap()
+            .mrope(sections)
+            .unwrap();
+        for k in 0..pairs {
+            // Both elements of pair k (k and k + pairs in the duplicated cos) take its axis.
+            assert_eq!(r.axis_of(k), chunked[k], "pair {k}");
+            assert_eq!(r.axis_of(k), chunked[k + pairs], "pair {k}");
+        }
+        let sections = [24, 20, 20];
+        let mut freqs_t = [0; 64];
+        for (dim, offset) in [(1, 1), (2, 2)] {
+            for idx in (offset..3 * sections[dim]).step_by(3) {
+                freqs_t[idx] = dim;
+            }
+        }
+        let r = Rotary::new(2 * pairs, 1e6)
+            .unwrap()
+            .mrope_interleaved(sections)
+            .unwrap();
+        for (k, &axis) in freqs_t.iter().enumerate() {
+            assert_eq!(r.axis_of(k), axis, "pair {k}");
+        }
+        // Without M-RoPE every pair takes axis 0.
+        assert!((0..pairs).all(|k| Rotary::new(128, 1e4).unwrap().axis_of(k) == 0));
     }
 }

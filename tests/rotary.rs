@@ -107,6 +107,76 @@ fn every_style_layout_and_partial_dim() {
     }
 }
 
+/// M-RoPE: three positions per row, apart and far along, over both axis layouts (Qwen2.5-VL's
+/// sections, Qwen3-VL's interleaved cycle), both pairings, partial rotations (Qwen3.5 turns a
+/// quarter of its heads), both layouts and 16-bit storage; rows with the same position on every
+/// axis turn as with one position.
+#[test]
+fn multimodal_positions() {
+    use wgpu_attention::rotary::MropeLayout;
+    let mut r = rng(5100);
+    let mut seed = 5100;
+    for (layout, mrope, head_dim, rotary_dim, sections) in [
+        (Layout::Bshd, MropeLayout::Sections, 128, 128, [16, 24, 24]),
+        (
+            Layout::Bhsd,
+            MropeLayout::Interleaved,
+            128,
+            128,
+            [24, 20, 20],
+        ),
+        (Layout::Bshd, MropeLayout::Interleaved, 72, 24, [6, 4, 2]),
+        (Layout::Bhsd, MropeLayout::Sections, 40, 34, [5, 0, 12]),
+    ] {
+        for style in [RotaryStyle::Halves, RotaryStyle::Interleaved] {
+            for dtype in [DType::F32, DType::F16] {
+                let plain = Rotary::new(rotary_dim, 1_000_000.0).unwrap().style(style);
+                let rotary = match mrope {
+                    MropeLayout::Sections => plain.clone().mrope(sections),
+                    MropeLayout::Interleaved => plain.clone().mrope_interleaved(sections),
+                }
+                .unwrap();
+                assert_eq!(rotary.mrope_sections(), Some((sections, mrope)));
+                let (batch, seq) = (2, 9);
+                let axes: Vec<[u32; 3]> = (0..batch * seq)
+                    .map(|_| [0; 3].map(|_| r.random_range(0..MAX_POSITIONS as u32)))
+                    .collect();
+                seed += 1;
+                let dims = layout.dims(batch, 3, seq, head_dim);
+                check_rotate(dims, layout, &rotary, &Positions::Axes(axes), dtype, seed);
+            }
+        }
+    }
+    // Text: one position on all three axes is the plain rotation.
+    let plain = Rotary::new(64, 10_000.0).unwrap();
+    let mrope = plain.clone().mrope_interleaved([12, 10, 10]).unwrap();
+    let dims = [1, 2, 5, 64];
+    let x = random(&mut r, 2 * 5 * 64, 1.0);
+    let at: Vec<u32> = (0..5).map(|i| 7 * i + 3).collect();
+    let want = cpu::rotate(&x, dims, Layout::Bhsd, &plain, &Positions::Each(at.clone())).unwrap();
+    let axes = Positions::Axes(at.iter().map(|&p| [p; 3]).collect());
+    assert_eq!(
+        cpu::rotate(&x, dims, Layout::Bhsd, &mrope, &axes).unwrap(),
+        want
+    );
+    let Some(gpu) = gpu() else { return };
+    let got = rotate(
+        gpu,
+        &gpu.upload(&x, dims).unwrap(),
+        Layout::Bhsd,
+        &mrope,
+        &axes,
+    )
+    .unwrap();
+    assert_close(
+        "M-RoPE of text",
+        &got.download(gpu).unwrap(),
+        &want,
+        ATOL,
+        RTOL,
+    );
+}
+
 /// Positions far along, up to the last one the table reaches, one per row.
 #[test]
 fn positions_up_to_the_limit() {
@@ -432,6 +502,103 @@ fn rank_is_kept() {
     )
     .unwrap();
     assert_close("rank 3", &y.download(gpu).unwrap(), &want, ATOL, RTOL);
+}
+
+/// M-RoPE's typed errors: sections that do not add up to the pairs or that the interleaved
+/// cycle cannot reach, positions per axis for a plain rotation or of the wrong count or past
+/// the limit, and a cache asked to apply M-RoPE.
+#[test]
+fn bad_multimodal_rotations_are_typed_errors() {
+    let plain = Rotary::new(128, 10_000.0).unwrap();
+    for bad in [
+        plain.clone().mrope([16, 24, 23]),
+        plain.clone().mrope([usize::MAX, 2, 0]),
+        plain.clone().mrope_interleaved([10, 27, 27]),
+        plain.clone().mrope_interleaved([0, 32, 32]),
+    ] {
+        assert!(
+            matches!(
+                bad,
+                Err(Error::InvalidOption {
+                    what: "mrope sections",
+                    ..
+                })
+            ),
+            "{bad:?}"
+        );
+    }
+    let mrope = plain.clone().mrope([16, 24, 24]).unwrap();
+    let dims = [1, 1, 2, 128];
+    let x = vec![0.5f32; 256];
+    let axes = |n: usize, p: u32| Positions::Axes(vec![[1, 2, p]; n]);
+    let err = cpu::rotate(&x, dims, Layout::Bhsd, &plain, &axes(2, 3)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidOption {
+                what: "rotary positions",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = cpu::rotate(&x, dims, Layout::Bhsd, &mrope, &axes(3, 3)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::ShapeMismatch {
+                got: 9,
+                expected: 6,
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let limit = MAX_POSITIONS as u32;
+    let err = cpu::rotate(&x, dims, Layout::Bhsd, &mrope, &axes(2, limit)).unwrap_err();
+    assert!(
+        matches!(err, Error::LengthOutOfRange { index: 2, .. }),
+        "{err:?}"
+    );
+    let Some(gpu) = gpu() else { return };
+    let t = gpu.upload(&x, dims).unwrap();
+    let err = rotate(gpu, &t, Layout::Bhsd, &plain, &axes(2, 3)).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidOption {
+                what: "rotary positions",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = rotate(gpu, &t, Layout::Bhsd, &mrope, &axes(2, limit)).unwrap_err();
+    assert!(matches!(err, Error::LengthOutOfRange { .. }), "{err:?}");
+    let cache = KvCache::new(gpu, 1, 1, 16, 128, 128).unwrap();
+    let err = cache.with_rotary(mrope.clone()).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidOption {
+                what: "cache rotary",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let paged = PagedKvCache::new(gpu, 4, 4, 1, 128, 128).unwrap();
+    let err = paged.with_rotary(mrope).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidOption {
+                what: "cache rotary",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
 }
 
 #[test]

@@ -21,13 +21,15 @@ pub fn rotate(
     let mut turns = vec![(1.0, 0.0); rotary.dim() / 2];
     for b in 0..batch {
         for i in 0..seq {
-            let position = match positions {
-                Positions::Start(s) => s[b] as u64 + i as u64,
-                Positions::Each(e) => e[b * seq + i] as u64,
+            // The row's position on each axis (M-RoPE's three, or one three times).
+            let axes = match positions {
+                Positions::Start(s) => [s[b] as u64 + i as u64; 3],
+                Positions::Each(e) => [e[b * seq + i] as u64; 3],
+                Positions::Axes(a) => a[b * seq + i].map(|p| p as u64),
             };
             // Every head of the row turns by the same angles.
             for (k, turn) in turns.iter_mut().enumerate() {
-                *turn = rotary.turn(position, k);
+                *turn = rotary.turn(axes[rotary.axis_of(k)], k);
             }
             for h in 0..heads {
                 let row = b * sb + h * sh + i * ss;
@@ -108,6 +110,63 @@ mod tests {
                 assert!((lhs - rhs).abs() < 1e-5 * lhs.abs().max(1.0), "{lhs} {rhs}");
                 // And it does turn (the identity would pass the line above too).
                 assert!(rx.iter().zip(&x).any(|(a, b)| (a - b).abs() > 0.1));
+            }
+        }
+    }
+
+    /// M-RoPE as `transformers` writes it for Qwen3.5 (partial rotation, interleaved axes),
+    /// transcribed element by element: `freqs[a][k] = pos[a] · inv_freq[k]`, the interleaved
+    /// selection of `freqs_t`, `emb = cat(freqs_t, freqs_t)`, then
+    /// `x · cos(emb) + rotate_half(x) · sin(emb)` over the rotated part, the rest passed through.
+    #[test]
+    fn mrope_matches_a_transcription_of_transformers() {
+        let (head_dim, rotary_dim, sections) = (40, 24, [4, 4, 4]);
+        let rope = Rotary::new(rotary_dim, 1e7)
+            .unwrap()
+            .mrope_interleaved(sections)
+            .unwrap();
+        let half = rotary_dim / 2;
+        let inv_freq = rope.frequencies().to_vec();
+        let rows: Vec<[u32; 3]> = vec![[5, 5, 5], [6, 17, 91], [1000, 2, 70000]];
+        let x: Vec<f32> = (0..rows.len() * head_dim)
+            .map(|i| (i as f32 * 0.61).cos())
+            .collect();
+        let got = rotate(
+            &x,
+            [1, 1, rows.len(), head_dim],
+            Layout::Bhsd,
+            &rope,
+            &Positions::Axes(rows.clone()),
+        )
+        .unwrap();
+        for (i, pos) in rows.iter().enumerate() {
+            let freqs: Vec<Vec<f64>> = (0..3)
+                .map(|a| inv_freq.iter().map(|f| pos[a] as f64 * f).collect())
+                .collect();
+            let mut freqs_t = freqs[0].clone();
+            for (dim, offset) in [(1, 1), (2, 2)] {
+                for idx in (offset..3 * sections[dim]).step_by(3) {
+                    freqs_t[idx] = freqs[dim][idx];
+                }
+            }
+            let emb: Vec<f64> = freqs_t.iter().chain(&freqs_t).copied().collect();
+            let row = &x[i * head_dim..][..head_dim];
+            for d in 0..head_dim {
+                let want = if d < rotary_dim {
+                    let rotated_half = if d < half {
+                        -row[d + half] as f64
+                    } else {
+                        row[d - half] as f64
+                    };
+                    row[d] as f64 * emb[d].cos() + rotated_half * emb[d].sin()
+                } else {
+                    row[d] as f64
+                };
+                let g = got[i * head_dim + d] as f64;
+                assert!(
+                    (g - want).abs() < 1e-6,
+                    "row {i} element {d}: {g} vs {want}"
+                );
             }
         }
     }

@@ -150,7 +150,8 @@ impl KvCache {
     /// This cache applying `rotary` (RoPE) itself: each appended K row is turned by its row in
     /// the cache, each query of [`attend`](KvCache::attend) by its position (see the module
     /// docs). Pass K and Q unrotated. Set it on an empty cache: rows already cached stay as
-    /// they were.
+    /// they were. M-RoPE is refused ([`Error::InvalidOption`]): its positions are not the
+    /// cache's rows.
     ///
     /// ```no_run
     /// use wgpu_attention::{Attention, Gpu, KvCache, Rotary};
@@ -166,6 +167,7 @@ impl KvCache {
     /// ```
     pub fn with_rotary(mut self, rotary: Rotary) -> Result<KvCache> {
         rotary.fits(self.head_dim)?;
+        rotary.fits_cache()?;
         if self.capacity as u64 > MAX_POSITIONS {
             return Err(Error::LengthOutOfRange {
                 what: "cache capacity with a rotary embedding",
@@ -509,6 +511,7 @@ impl KvCache {
             dim: self.head_dim,
             positions: rows.starts,
             per_row: false,
+            axes: false,
             counts: Some(rows.counts),
             rows_at_position: true,
             first: rows.first,

@@ -175,9 +175,11 @@ impl PagedKvCache {
     /// This cache applying `rotary` (RoPE) itself: each appended K row is turned by its
     /// token's position in its sequence, each query of [`attend`](PagedKvCache::attend) by its
     /// own (its sequence's length minus the call's queries plus its row). Pass K and Q
-    /// unrotated. Set it on an empty cache: rows already cached stay as they were.
+    /// unrotated. Set it on an empty cache: rows already cached stay as they were. M-RoPE is
+    /// refused ([`Error::InvalidOption`]): its positions are not the sequence's rows.
     pub fn with_rotary(mut self, rotary: Rotary) -> Result<PagedKvCache> {
         rotary.fits(self.head_dim)?;
+        rotary.fits_cache()?;
         self.rotary = Some(rotary);
         Ok(self)
     }

@@ -11,7 +11,7 @@ use crate::gpu::kernels::KernelKey;
 use crate::gpu::kernels::uniforms::{RotateParams, uniform_buffer};
 use crate::gpu::limits::{DispatchSize, check_binding};
 use crate::gpu::tensor::{Tensor, init_buffer};
-use crate::rotary::{ENTRIES, LEVELS, Positions, Rotary, RotaryStyle};
+use crate::rotary::{ENTRIES, LEVELS, MropeLayout, Positions, Rotary, RotaryStyle};
 use crate::spec::{Attention, DType, Layout};
 
 /// Angle tables a device keeps, the least recently used dropped first.
@@ -46,10 +46,16 @@ pub fn rotate(
         3 => gpu.empty_as([dims[1], dims[2], dims[3]], x.dtype())?,
         _ => gpu.empty_as(dims, x.dtype())?,
     };
+    let flat: Vec<u32>;
     let (words, per_row) = match positions {
         Positions::Start(s) => (s.as_slice(), false),
         Positions::Each(e) => (e.as_slice(), true),
+        Positions::Axes(a) => {
+            flat = a.iter().flatten().copied().collect();
+            (flat.as_slice(), true)
+        }
     };
+    let axes = matches!(positions, Positions::Axes(_));
     gpu.submit_with("rotate", |encoder| {
         encode(
             gpu,
@@ -68,6 +74,7 @@ pub fn rotate(
                 dim,
                 positions: words,
                 per_row,
+                axes,
                 counts: None,
                 rows_at_position: false,
                 first: true,
@@ -124,6 +131,7 @@ pub(crate) fn attend_rotated(
             dim,
             positions: &starts,
             per_row: false,
+            axes: false,
             counts: None,
             rows_at_position: false,
             first: true,
@@ -152,6 +160,8 @@ pub(crate) struct Rotation<'a> {
     /// 0), or with `per_row` one position per row `[batch, seq]`.
     pub(crate) positions: &'a [u32],
     pub(crate) per_row: bool,
+    /// With `per_row`, three positions per row (M-RoPE's `[t, h, w]`).
+    pub(crate) axes: bool,
     /// Rows of batch entry `b` written: the first `counts[b]` (all without).
     pub(crate) counts: Option<&'a [u32]>,
     /// Row `i` of batch entry `b` goes to y's row `start[b] + i` (a cache's rows), not `i`.
@@ -185,6 +195,9 @@ pub(crate) fn encode(
     if let Some(counts) = r.counts {
         words.extend_from_slice(counts);
     }
+    let sections = rotary
+        .mrope_sections()
+        .map_or([0; 3], |(s, _)| s.map(|n| n as u32));
     let [xb, xh, xs] = r.x_strides;
     let [yb, yh, ys] = r.y_strides;
     let params = RotateParams {
@@ -197,6 +210,15 @@ pub(crate) fn encode(
         transposed: rotary.is_transposed() as u32,
         magnitude: rotary.magnitude() as f32,
         per_row: r.per_row as u32,
+        axes: r.axes as u32,
+        mrope: match rotary.mrope_sections() {
+            None => 0,
+            Some((_, MropeLayout::Sections)) => 1,
+            Some((_, MropeLayout::Interleaved)) => 2,
+        },
+        section_t: sections[0],
+        section_h: sections[1],
+        section_w: sections[2],
         rows_at_position: r.rows_at_position as u32,
         has_counts: r.counts.is_some() as u32,
         counts_offset: u("rotary positions", counts_offset)?,

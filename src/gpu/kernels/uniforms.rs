@@ -238,6 +238,15 @@ uniform! {
         magnitude: f32,
         /// `positions` holds one position per row, not one start per batch entry.
         per_row: u32,
+        /// With `per_row`, three positions per row (M-RoPE's temporal, height, width).
+        axes: u32,
+        /// M-RoPE's layout of the axes over the pairs: 0 none (every pair takes axis 0), 1
+        /// sections, 2 interleaved (`Rotary::axis_of`).
+        mrope: u32,
+        /// M-RoPE's pairs per axis.
+        section_t: u32,
+        section_h: u32,
+        section_w: u32,
         /// Rows go to y at their position (a cache's rows), not at their index.
         rows_at_position: u32,
         /// Only the first `positions[counts_offset + b]` rows of batch entry `b` are written.
