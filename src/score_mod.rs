@@ -505,38 +505,70 @@ impl ScoreMod {
 }
 
 /// The names WGSL `source` declares at module scope (functions, constants, overrides,
-/// variables, structs, aliases): the first identifier after such a keyword at brace depth 0,
-/// attributes and line comments skipped. A scan, not a parser: a block comment may give it a
-/// word of the comment.
+/// variables, structs, aliases): the first identifier after such a keyword at brace depth 0
+/// (past a `var`'s `<address space, access>`), however many declarations share a line, with
+/// line and block comments (nested, as WGSL's) removed first. A scan, not a parser.
 pub(crate) fn module_scope_names(source: &str) -> Vec<String> {
+    // The source without comments (each block comment a space).
+    let mut text = String::with_capacity(source.len());
+    let mut chars = source.chars().peekable();
+    let mut nested = 0;
+    while let Some(c) = chars.next() {
+        let next = chars.peek().copied();
+        match (c, next) {
+            ('/', Some('*')) => {
+                chars.next();
+                nested += 1;
+                text.push(' ');
+            }
+            ('*', Some('/')) if nested > 0 => {
+                chars.next();
+                nested -= 1;
+            }
+            _ if nested > 0 => {}
+            ('/', Some('/')) => {
+                for c in chars.by_ref() {
+                    if c == '\n' {
+                        text.push('\n');
+                        break;
+                    }
+                }
+            }
+            _ => text.push(c),
+        }
+    }
     let mut names = Vec::new();
-    let mut depth = 0i32;
-    for line in source.lines() {
-        let line = line.split("//").next().unwrap_or("");
-        if depth == 0 {
-            let mut words = line
-                .split(|c: char| !(c.is_alphanumeric() || c == '_' || c == '@'))
-                .filter(|w| !w.is_empty() && !w.starts_with('@'))
-                .skip_while(|w| w.chars().all(|c| c.is_ascii_digit()));
-            // `@group(0) @binding(1) var<storage, read> name: T;`: skip the address space.
-            if let Some(first) = words.next()
+    let (mut depth, mut angle) = (0i32, 0i32);
+    // After a declaring keyword at depth 0, until its name.
+    let mut declaring = false;
+    let mut word = String::new();
+    for c in text.chars().chain([' ']) {
+        if c.is_alphanumeric() || c == '_' {
+            word.push(c);
+            continue;
+        }
+        if !word.is_empty() {
+            if declaring && angle == 0 {
+                names.push(std::mem::take(&mut word));
+                declaring = false;
+            } else if depth == 0
+                && !declaring
                 && matches!(
-                    first,
+                    word.as_str(),
                     "fn" | "const" | "override" | "var" | "struct" | "alias"
                 )
             {
-                let rest = words.find(|w| {
-                    !matches!(
-                        *w,
-                        "storage" | "uniform" | "workgroup" | "private" | "read" | "read_write"
-                    )
-                });
-                if let Some(name) = rest {
-                    names.push(name.to_string());
-                }
+                declaring = true;
             }
+            word.clear();
         }
-        depth += line.matches('{').count() as i32 - line.matches('}').count() as i32;
+        match c {
+            '{' => depth += 1,
+            '}' => depth -= 1,
+            '<' if declaring => angle += 1,
+            '>' if declaring => angle -= 1,
+            _ => {}
+        }
     }
     names
 }
@@ -609,6 +641,16 @@ mod tests {
         assert_eq!(
             module_scope_names(src),
             ["MY_K", "my_buf", "my_tile", "MyPair", "my_doc", "MY_ON"]
+        );
+        // Several declarations on a line, and block comments (nested) anywhere (an outside
+        // review found the second name of a line, and a name after a block comment, missed).
+        let src = "fn my_a() -> u32 { return 0u; } fn hmax(x: f32) -> f32 { return x; }\n\
+                   /* a /* nested */ comment fn not_this() */ fn attn_mine() -> u32 { return 1u; }\n\
+                   const A: u32 = 1u; const B: u32 = 2u; // fn nor_this()\n\
+                   var<private> p: array<vec4<f32>, 4>; alias Pair = vec2<u32>;";
+        assert_eq!(
+            module_scope_names(src),
+            ["my_a", "hmax", "attn_mine", "A", "B", "p", "Pair"]
         );
         // The kernels' names: functions of the fragments and of one kernel only, constants,
         // bindings and their accessors, parameter structs.

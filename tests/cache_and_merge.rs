@@ -299,6 +299,38 @@ fn merge_with_empty_sides() {
     assert!(matches!(err, Err(Error::ShapeMismatch { .. })), "{err:?}");
 }
 
+/// A side that saw no key (log-sum-exp `-inf`) weighs nothing on both merges, whatever its O
+/// holds (NaN and infinities here: an outside review found the CPU merge turning such rows into
+/// NaN while the GPU's skipped them); a NaN or `+inf` log-sum-exp is a typed error on the CPU.
+#[test]
+fn an_empty_side_is_not_read() {
+    let (oa, la) = (vec![1.0f32, 2.0, 3.0, 4.0], vec![0.5f32, f32::NEG_INFINITY]);
+    let (ob, lb) = (
+        vec![f32::NAN, f32::INFINITY, 7.0, -2.0],
+        vec![f32::NEG_INFINITY, 0.25],
+    );
+    let dims = [1, 1, 2, 2];
+    let (o, lse) = cpu::merge((&oa, &la), (&ob, &lb), dims, Layout::Bhsd).unwrap();
+    assert_eq!(o, [1.0, 2.0, 7.0, -2.0]);
+    assert_eq!(lse, [0.5, 0.25]);
+    for bad in [f32::NAN, f32::INFINITY] {
+        let err = cpu::merge((&oa, &[bad, 0.0]), (&ob, &lb), dims, Layout::Bhsd).unwrap_err();
+        assert!(matches!(err, Error::InvalidOption { .. }), "{err:?}");
+    }
+    let Some(gpu) = gpu() else { return };
+    let up = |x: &[f32], s| gpu.upload(x, s).unwrap();
+    let a = wgpu_attention::gpu::Partial {
+        o: &up(&oa, dims),
+        lse: &up(&la, [1, 1, 2, 1]),
+    };
+    let b = wgpu_attention::gpu::Partial {
+        o: &up(&ob, dims),
+        lse: &up(&lb, [1, 1, 2, 1]),
+    };
+    let merged = merge(gpu, a, b, Layout::Bhsd).unwrap();
+    assert_eq!(merged.o.download(gpu).unwrap(), o);
+}
+
 /// The common decoding case: a bf16 (or f16, or 8-bit) cache attended by f32 queries,
 /// appended in steps.
 #[test]

@@ -421,6 +421,135 @@ fn packed_in_proj_and_bad_weights() {
     );
 }
 
+/// `.safetensors` files: the tensors read as written (separate projections of other widths,
+/// half precision, a prefix), and a tensor of the right size but another shape (transposed,
+/// flattened) refused with a typed error, not read scrambled (an outside review found a
+/// transposed `k_proj_weight` accepted).
+#[test]
+fn safetensors_files_are_read_by_shape() {
+    use safetensors::tensor::TensorView;
+    // (name, values, shape, as bf16)
+    type Tensors = Vec<(&'static str, Vec<f32>, Vec<usize>, bool)>;
+    let file = |tensors: &Tensors| {
+        let bytes: Vec<(String, Vec<u8>, Vec<usize>, bool)> = tensors
+            .iter()
+            .map(|(name, x, shape, bf16)| {
+                let data = if *bf16 {
+                    x.iter()
+                        .flat_map(|&v| half::bf16::from_f32(v).to_le_bytes())
+                        .collect()
+                } else {
+                    x.iter().flat_map(|v| v.to_le_bytes()).collect()
+                };
+                (format!("layer.{name}"), data, shape.clone(), *bf16)
+            })
+            .collect();
+        let views = bytes.iter().map(|(name, data, shape, bf16)| {
+            let dtype = if *bf16 {
+                safetensors::Dtype::BF16
+            } else {
+                safetensors::Dtype::F32
+            };
+            (
+                name.clone(),
+                TensorView::new(dtype, shape.clone(), data).unwrap(),
+            )
+        });
+        safetensors::serialize(views, None).unwrap()
+    };
+    let config = MhaConfig {
+        kdim: 6,
+        vdim: 10,
+        ..MhaConfig::new(8, 2)
+    };
+    let mut r = rng(3450);
+    let w = weights(&mut r, &config, true);
+    let bias = [
+        w.q_bias.clone().unwrap(),
+        w.k_bias.clone().unwrap(),
+        w.v_bias.clone().unwrap(),
+    ]
+    .concat();
+    let tensors: Tensors = vec![
+        ("q_proj_weight", w.q_weight.clone(), vec![8, 8], false),
+        ("k_proj_weight", w.k_weight.clone(), vec![8, 6], false),
+        ("v_proj_weight", w.v_weight.clone(), vec![8, 10], false),
+        ("in_proj_bias", bias, vec![24], false),
+        ("out_proj.weight", w.out_weight.clone(), vec![8, 8], true),
+        ("out_proj.bias", w.out_bias.clone().unwrap(), vec![8], false),
+    ];
+    let read = MhaWeights::from_safetensors(&config, &file(&tensors), "layer.").unwrap();
+    let rounded: Vec<f32> = w
+        .out_weight
+        .iter()
+        .map(|&x| half::bf16::from_f32(x).to_f32())
+        .collect();
+    assert_eq!(
+        read,
+        MhaWeights {
+            out_weight: rounded,
+            ..w.clone()
+        }
+    );
+    for (index, shape) in [
+        (1, vec![6, 8]),
+        (1, vec![48]),
+        (4, vec![64]),
+        (3, vec![1, 24]),
+    ] {
+        let mut bad = tensors.clone();
+        bad[index].2 = shape.clone();
+        let err = MhaWeights::from_safetensors(&config, &file(&bad), "layer.").unwrap_err();
+        assert!(
+            matches!(&err, Error::Weights(m) if m.contains(bad[index].0)),
+            "{} as {shape:?}: {err:?}",
+            bad[index].0
+        );
+    }
+}
+
+/// A layer's backward refuses another layer's activations, of other widths (an outside
+/// review found them accepted, with gradients of the wrong dims) or of the same ones, and
+/// takes its own.
+#[test]
+fn backward_takes_its_own_activations() {
+    let Some(gpu) = gpu() else { return };
+    let mut r = rng(3460);
+    let ca = MhaConfig::new(16, 2);
+    let cb = MhaConfig {
+        kdim: 8,
+        vdim: 8,
+        ..MhaConfig::new(16, 2)
+    };
+    let la = MultiHeadAttention::new(gpu, ca, &weights(&mut r, &ca, false)).unwrap();
+    let lb = MultiHeadAttention::new(gpu, cb, &weights(&mut r, &cb, false)).unwrap();
+    let twin = MultiHeadAttention::new(gpu, ca, &weights(&mut r, &ca, false)).unwrap();
+    let x = gpu
+        .upload(&random(&mut r, 5 * 16, 1.0), [1, 5, 16])
+        .unwrap();
+    let (_, kept) = la
+        .forward_for_backward(gpu, &x, &x, &x, &Attention::new())
+        .unwrap();
+    let d = gpu
+        .upload(&random(&mut r, 5 * 16, 1.0), [1, 5, 16])
+        .unwrap();
+    for other in [&lb, &twin] {
+        let err = other.backward(gpu, &kept, &d).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidOption {
+                    what: "kept activations",
+                    ..
+                }
+            ),
+            "{err:?}"
+        );
+    }
+    let grads = la.backward(gpu, &kept, &d).unwrap();
+    assert_eq!(grads.key.dims(), x.dims());
+}
+
 /// The layer's backward on the GPU against the f64 gradients of the CPU layer (which its unit
 /// tests check against finite differences): every input, weight and bias, compared element by
 /// element and by relative norm error. `backward` allocates its gradients (zeroed by wgpu, not

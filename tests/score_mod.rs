@@ -341,6 +341,26 @@ fn bad_mods_are_typed_errors() {
                 .helpers("fn hmax(x: f32) -> f32 { return x; }")
                 .mask_wgsl("return j <= i;"),
         ),
+        // The same, or a reserved attn_ name, as a line's second declaration or after a block
+        // comment (a review found those missed by the first name scan).
+        (
+            "a kernel's name second on a line",
+            ScoreMod::new()
+                .helpers("fn my_a() -> u32 { return 0u; } fn hmax(x: f32) -> f32 { return x; }")
+                .mask_wgsl("return j <= i;"),
+        ),
+        (
+            "a reserved name second on a line",
+            ScoreMod::new()
+                .helpers("fn my_a() -> u32 { return 0u; } fn attn_mine() -> u32 { return 1u; }")
+                .mask_wgsl("return j <= i;"),
+        ),
+        (
+            "a reserved name after a block comment",
+            ScoreMod::new()
+                .helpers("/* mine */ fn attn_mine() -> u32 { return 1u; }")
+                .mask_wgsl("return j <= i;"),
+        ),
     ];
     for (what, m) in bad {
         for path in [Path::ThreePass, Path::Fused, Path::Decode] {

@@ -5,8 +5,10 @@ use crate::spec::Layout;
 
 /// Merges `(o_a, lse_a)` and `(o_b, lse_b)`, each over a disjoint set of keys, in f64.
 ///
-/// `o_dims` are the dims of each O in `layout`; the log-sum-exps are `[batch, heads, q_len]`.
-/// Returns the merged O (same layout) and log-sum-exp.
+/// `o_dims` are the dims of each O in `layout`; the log-sum-exps are `[batch, heads, q_len]`,
+/// each finite or `-inf` (a row that saw no key: that side weighs nothing, and its O is not
+/// read, as on the GPU). Returns the merged O (same layout) and log-sum-exp. A NaN or `+inf`
+/// log-sum-exp is [`Error::InvalidOption`].
 pub fn merge(
     a: (&[f32], &[f32]),
     b: (&[f32], &[f32]),
@@ -33,6 +35,17 @@ pub fn merge(
             });
         }
     }
+    let bad =
+        a.1.iter()
+            .chain(b.1)
+            .find(|x| x.is_nan() || **x == f32::INFINITY);
+    if let Some(x) = bad {
+        return Err(Error::InvalidOption {
+            what: "merge log-sum-exp",
+            value: x.to_string(),
+            why: "a log-sum-exp is finite, or -inf for a row that saw no key",
+        });
+    }
     let strides = layout.strides(heads, q_len, dv);
     let mut o = vec![0f32; o_elems];
     let mut lse = vec![f32::NEG_INFINITY; rows];
@@ -49,8 +62,10 @@ pub fn merge(
                 let total = wa + wb;
                 lse[row] = (top + total.ln()) as f32;
                 let base = bb * strides[0] + h * strides[1] + i * strides[2];
+                // A side of weight 0 is not read: its O may hold anything (an empty call's).
+                let term = |w: f64, x: f32| if w > 0.0 { w * x as f64 } else { 0.0 };
                 for n in 0..dv {
-                    let x = (wa * a.0[base + n] as f64 + wb * b.0[base + n] as f64) / total;
+                    let x = (term(wa, a.0[base + n]) + term(wb, b.0[base + n])) / total;
                     o[base + n] = x as f32;
                 }
             }

@@ -29,6 +29,11 @@ pub struct Partial<'a> {
 /// Merges two partial results over disjoint key sets into one (O and log-sum-exp), on the GPU,
 /// in one submit.
 ///
+/// A row whose log-sum-exp is `-inf` on one side (it saw no key there) takes the other side's
+/// output, whatever the empty side's O holds; on both sides, zeros and `-inf`. Log-sum-exps
+/// must be finite or `-inf`: the GPU does not check their values ([`cpu::merge`](crate::cpu::merge)
+/// does).
+///
 /// ```no_run
 /// use wgpu_attention::{Attention, Gpu, Layout, gpu::merge};
 /// # fn demo(gpu: &Gpu, q: &wgpu_attention::Tensor, k1: &wgpu_attention::Tensor,

@@ -17,6 +17,8 @@ pub struct MhaOutput {
 /// A multi-head attention layer on the GPU; see the module docs.
 #[derive(Debug)]
 pub struct MultiHeadAttention {
+    /// This layer among all of the process (`MhaActivations::layer`).
+    id: u64,
     config: MhaConfig,
     q_weight: Tensor,
     k_weight: Tensor,
@@ -40,7 +42,9 @@ impl MultiHeadAttention {
                 .map(|b| gpu.upload(b, [1, 1, 1, b.len()]))
                 .transpose()
         };
+        static LAYERS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Ok(MultiHeadAttention {
+            id: LAYERS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             config,
             q_weight: up(&weights.q_weight, e, e)?,
             k_weight: up(&weights.k_weight, kv, config.kdim)?,
@@ -232,6 +236,7 @@ impl MultiHeadAttention {
             Ok(())
         })?;
         let kept = keep.then(|| MhaActivations {
+            layer: self.id,
             inputs: [query.clone(), key.clone(), value.clone()],
             projected: [q, k, v],
             lse: attn.lse.clone().expect("allocated when keeping"),
@@ -254,6 +259,10 @@ impl MultiHeadAttention {
 
     /// The gradients of a loss by the layer's inputs, weights and biases, given `d_out`, the
     /// loss's gradient by the output of the forward that made `kept` (the output's dims).
+    /// `kept` must come from this layer's own
+    /// [`forward_for_backward`](MultiHeadAttention::forward_for_backward): another layer's,
+    /// even of the same sizes, is [`Error::InvalidOption`] (its gradients would be of this
+    /// layer's weights at the other's activations).
     /// On the GPU: the output projection's and the input projections' products, and the
     /// attention's [`backward`](Attention::backward). All f32; for self-attention (one tensor
     /// as query, key and value) the gradient by that tensor is the sum of the three. The CPU
@@ -264,6 +273,13 @@ impl MultiHeadAttention {
         kept: &MhaActivations,
         d_out: &Tensor,
     ) -> Result<MhaGradients> {
+        if kept.layer != self.id {
+            return Err(Error::InvalidOption {
+                what: "kept activations",
+                value: format!("of layer {}, given to layer {}", kept.layer, self.id),
+                why: "backward takes the activations of this layer's own forward_for_backward",
+            });
+        }
         let c = &self.config;
         let (batch, q_len, kv_len) = kept.sizes;
         let [query, key, value] = &kept.inputs;
@@ -439,6 +455,8 @@ fn linear_backward(
 /// What [`MultiHeadAttention::forward_for_backward`] keeps for the backward.
 #[derive(Debug, Clone)]
 pub struct MhaActivations {
+    /// The layer whose forward kept them (`MultiHeadAttention::id`).
+    layer: u64,
     /// The query, key and value inputs.
     inputs: [Tensor; 3],
     /// Their projections Q, K, V (`Bshd`).

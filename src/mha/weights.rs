@@ -111,6 +111,19 @@ impl MhaWeights {
         config.validate()?;
         let file = safetensors::SafeTensors::deserialize(bytes)
             .map_err(|e| Error::Weights(format!("not a safetensors file: {e}")))?;
+        let (e, kv) = (config.embed_dim, config.kv_width());
+        // PyTorch's shape of each tensor: a weight is [out, in]. A transposed or reshaped
+        // tensor of the right size is refused, not read scrambled.
+        let shape_of = |name: &str| -> Vec<usize> {
+            match name {
+                "in_proj_weight" => vec![e + 2 * kv, e],
+                "in_proj_bias" => vec![e + 2 * kv],
+                "k_proj_weight" => vec![kv, config.kdim],
+                "v_proj_weight" => vec![kv, config.vdim],
+                "out_proj.bias" => vec![e],
+                _ => vec![e, e],
+            }
+        };
         let read = |name: &str| -> Result<Option<Vec<f32>>> {
             let full = format!("{prefix}{name}");
             let view = match file.tensor(&full) {
@@ -118,6 +131,14 @@ impl MhaWeights {
                 Err(safetensors::SafeTensorError::TensorNotFound(_)) => return Ok(None),
                 Err(e) => return Err(Error::Weights(format!("{full}: {e}"))),
             };
+            let expected = shape_of(name);
+            if view.shape() != expected.as_slice() {
+                return Err(Error::Weights(format!(
+                    "{full} has shape {:?}; this config needs {expected:?} ([out, in], as \
+                     PyTorch stores it)",
+                    view.shape()
+                )));
+            }
             let data = view.data();
             let values = match view.dtype() {
                 safetensors::Dtype::F32 => data
@@ -153,7 +174,6 @@ impl MhaWeights {
             None => {
                 let (q_bias, k_bias, v_bias) = match read("in_proj_bias")? {
                     Some(b) => {
-                        let (e, kv) = (config.embed_dim, config.kv_width());
                         if b.len() != e + 2 * kv {
                             return Err(Error::DataLength {
                                 what: "in_proj_bias",
