@@ -7,7 +7,9 @@ mod common;
 
 use common::{O_ATOL, O_RTOL, assert_close, random, rng};
 use rand::seq::SliceRandom;
-use wgpu_attention::{Attention, Causal, DType, Dims, Error, Layout, Path, cpu};
+use wgpu_attention::{
+    Attention, Causal, DType, Dims, Error, Layout, PagedKvCache, Path, SeqId, cpu,
+};
 
 /// A paged problem: pools of `pages` pages, each sequence's table a random choice of them.
 struct Paged {
@@ -672,6 +674,141 @@ fn truncating_paged_sequences() {
         cache.truncate(c, 0),
         Err(Error::UnknownSequence { .. })
     ));
+}
+
+/// Appends from device tensors (`append_tensors`): across pages, into a forked sequence's
+/// shared last page (copy on write), in f32 and f16, checked against the reference on what
+/// was written; with RoPE, against the same cache appended from the host (turned there in
+/// f64); and the typed errors, which change nothing.
+#[test]
+fn a_paged_cache_appends_device_tensors() {
+    use wgpu_attention::rotary::Rotary;
+    let Some(gpu) = common::gpu() else { return };
+    let (heads, kv_heads, dim, page) = (4, 2, 16, 5);
+    let row = kv_heads * dim;
+    for dtype in [DType::F32, DType::F16] {
+        let mut cache = PagedKvCache::with_dtype(gpu, 20, page, kv_heads, dim, dim, dtype).unwrap();
+        let mut r = rng(80);
+        let mut append = |cache: &mut PagedKvCache, s: SeqId, w: &mut Written, t: usize| {
+            let k = random(&mut r, t * row, 1.0);
+            let v = random(&mut r, t * row, 1.0);
+            let tk = gpu.upload_as(&k, [t, kv_heads, dim], dtype).unwrap();
+            let tv = gpu.upload_as(&v, [1, t, kv_heads, dim], dtype).unwrap();
+            cache.append_tensors(gpu, s, &tk, &tv).unwrap();
+            w.k.extend(k.iter().map(|&x| dtype.round(x)));
+            w.v.extend(v.iter().map(|&x| dtype.round(x)));
+        };
+        let a = cache.add_sequence();
+        let b = cache.add_sequence();
+        let (mut wa, mut wb) = (Written::default(), Written::default());
+        for (ta, tb) in [(7, 1), (1, 12), (3, 4)] {
+            append(&mut cache, a, &mut wa, ta);
+            append(&mut cache, b, &mut wb, tb);
+        }
+        // a holds 11 tokens: a fork shares its partial last page, which the fork copies.
+        let c = cache.fork(a).unwrap();
+        let mut wc = wa.clone();
+        let free = cache.free_pages();
+        append(&mut cache, c, &mut wc, 2);
+        assert_eq!(cache.free_pages(), free - 1, "copy on write takes one page");
+        append(&mut cache, a, &mut wa, 6);
+        let shape = (heads, kv_heads, dim);
+        let written = [wa, wb, wc];
+        check_cache(
+            gpu,
+            &cache,
+            &[a, b, c],
+            &written,
+            shape,
+            &Attention::new(),
+            81,
+        );
+        // Bad tensors: typed errors, nothing changes.
+        let len = cache.len(a).unwrap();
+        let good = gpu
+            .upload_as(&vec![0.5; row], [1, kv_heads, dim], dtype)
+            .unwrap();
+        let other = if dtype == DType::F32 {
+            DType::F16
+        } else {
+            DType::F32
+        };
+        let wrong_dtype = gpu
+            .upload_as(&vec![0.5; row], [1, kv_heads, dim], other)
+            .unwrap();
+        let two = gpu
+            .upload_as(&vec![0.5; 2 * row], [2, kv_heads, dim], dtype)
+            .unwrap();
+        let wide = gpu
+            .upload_as(&vec![0.5; 2 * row], [1, kv_heads, 2 * dim], dtype)
+            .unwrap();
+        let pool = cache.k().clone();
+        for (what, k, v) in [
+            ("dtype", &wrong_dtype, &good),
+            ("V of other tokens", &good, &two),
+            ("width", &wide, &good),
+            ("own pool", &pool, &good),
+        ] {
+            let err = cache.append_tensors(gpu, a, k, v).unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::InvalidOption { .. } | Error::ShapeMismatch { .. }
+                ),
+                "{what}: {err:?}"
+            );
+        }
+        let big = gpu
+            .upload_as(&vec![0.5; 60 * row], [60, kv_heads, dim], dtype)
+            .unwrap();
+        let err = cache.append_tensors(gpu, a, &big, &big).unwrap_err();
+        assert!(matches!(err, Error::CacheFull { .. }), "{err:?}");
+        assert_eq!(cache.len(a).unwrap(), len);
+        check_cache(
+            gpu,
+            &cache,
+            &[a, b, c],
+            &written,
+            shape,
+            &Attention::new(),
+            82,
+        );
+    }
+    // RoPE: the device rotation of tensor appends against the host's of the same rows.
+    let rotary = Rotary::new(12, 10_000.0).unwrap();
+    let mut host = PagedKvCache::new(gpu, 20, page, kv_heads, dim, dim)
+        .unwrap()
+        .with_rotary(rotary.clone())
+        .unwrap();
+    let mut device = PagedKvCache::new(gpu, 20, page, kv_heads, dim, dim)
+        .unwrap()
+        .with_rotary(rotary)
+        .unwrap();
+    let (sh, sd) = (host.add_sequence(), device.add_sequence());
+    let mut r = rng(83);
+    for t in [9, 1, 7] {
+        let k = random(&mut r, t * row, 1.0);
+        let v = random(&mut r, t * row, 1.0);
+        host.append(gpu, sh, &k, &v).unwrap();
+        let up = |x: &[f32]| gpu.upload(x, [t, kv_heads, dim]).unwrap();
+        device.append_tensors(gpu, sd, &up(&k), &up(&v)).unwrap();
+    }
+    let q = random(&mut r, 3 * heads * dim, 1.0);
+    let tq = gpu.upload(&q, [1, heads, 3, dim]).unwrap();
+    let attend = |c: &PagedKvCache, s| {
+        c.attend(gpu, &tq, &[s], &Attention::new())
+            .unwrap()
+            .o
+            .download(gpu)
+            .unwrap()
+    };
+    assert_close(
+        "rotary tensor appends against host appends",
+        &attend(&device, sd),
+        &attend(&host, sh),
+        2e-6,
+        2e-5,
+    );
 }
 
 #[test]

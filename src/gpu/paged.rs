@@ -348,23 +348,7 @@ impl PagedKvCache {
                 what: "appended tokens",
             });
         }
-        let s = self.seq(seq)?;
-        let (len, held) = (s.len, s.pages.len());
-        let total = len.checked_add(t).ok_or(Error::TooLarge {
-            what: "paged sequence length",
-            requested: u64::MAX,
-            max: usize::MAX as u64,
-            hint: "",
-        })?;
-        // Copy on write: the last page, partly filled and shared.
-        let shared_tail = len % self.page_size != 0 && self.refs[s.pages[held - 1] as usize] > 1;
-        let needed = total.div_ceil(self.page_size) - held + shared_tail as usize;
-        if needed > self.free.len() {
-            return Err(Error::CacheFull {
-                needed,
-                free: self.free.len(),
-            });
-        }
+        let (len, total) = self.plan_append(seq, t)?;
         // K turned by its tokens' positions, in f64 on the host, before it is rounded.
         let turned;
         let k = match &self.rotary {
@@ -390,54 +374,213 @@ impl PagedKvCache {
         };
         let size = self.dtype.size();
         gpu.guarded("paged cache append", || {
-            let mut pages = self.seqs[&seq].pages.clone();
-            if shared_tail {
-                let old = pages[held - 1];
-                let new = self.take_page();
-                let rows = (len % self.page_size) as u64;
-                // Through a scratch buffer: wgpu copies between two distinct buffers only.
-                gpu.submit_with("paged cache copy on write", |encoder| {
-                    for (pool, row) in [(&self.k, row_k), (&self.v, row_v)] {
-                        let page_bytes = (self.page_size * row * size) as u64;
-                        let bytes = rows * (row * size) as u64;
-                        let scratch = gpu.scratch(
-                            "wgpu-attention page copy",
-                            bytes,
-                            wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
-                        );
-                        let (src, dst) = (old as u64 * page_bytes, new as u64 * page_bytes);
-                        encoder.copy_buffer_to_buffer(pool.buffer(), src, &scratch, 0, bytes);
-                        encoder.copy_buffer_to_buffer(&scratch, 0, pool.buffer(), dst, bytes);
-                    }
-                    Ok(())
-                })?;
-                self.release(old);
-                pages[held - 1] = new;
-            }
-            while pages.len() < total.div_ceil(self.page_size) {
-                let page = self.take_page();
-                pages.push(page);
-            }
+            let pages = self.take_pages(gpu, seq, len, total)?;
             // One write per page touched, for K and for V.
-            let mut done = 0;
-            while done < t {
-                let at = len + done;
-                let (page, offset) = (pages[at / self.page_size], at % self.page_size);
-                let n = (self.page_size - offset).min(t - done);
+            for (done, slot, n) in self.runs(&pages, len, t) {
                 for (pool, data, row) in [(&self.k, k, row_k), (&self.v, v, row_v)] {
-                    let slot = page as usize * self.page_size + offset;
                     let bytes =
                         crate::gpu::tensor::encode(&data[done * row..][..n * row], self.dtype);
                     gpu.queue
                         .write_buffer(pool.buffer(), (slot * row * size) as u64, &bytes);
                 }
-                done += n;
             }
             let s = self.seqs.get_mut(&seq).expect("checked above");
             s.pages = pages;
             s.len = total;
             Ok(())
         })
+    }
+
+    /// [`append`](PagedKvCache::append) from tensors already on the device: K
+    /// `[t, kv_heads, head_dim]` and V `[t, kv_heads, v_head_dim]` (rank 3, or rank 4 with a
+    /// leading 1), in the cache's dtype, copied buffer to buffer into the sequence's pages in
+    /// one submission, never through the host (a serving engine's projections stay on the
+    /// GPU). With a [`Rotary`], K is turned on the device by its tokens' positions (into
+    /// scratch, then copied), from the tensor's values (already in the cache's dtype: rounded
+    /// again after the rotation, where the host append rounds once).
+    pub fn append_tensors(&mut self, gpu: &Gpu, seq: SeqId, k: &Tensor, v: &Tensor) -> Result<()> {
+        gpu.expect_own("the paged cache", &self.k)?;
+        let t = k.dims()[1];
+        for (what, tensor, dim) in [("K", k, self.head_dim), ("V", v, self.v_head_dim)] {
+            let what = format!("appended {what}");
+            gpu.expect_own(&what, tensor)?;
+            crate::gpu::tensor::expect_dims(&what, tensor.dims(), [1, t, self.kv_heads, dim])?;
+            if tensor.buffer() == self.k.buffer() || tensor.buffer() == self.v.buffer() {
+                return Err(Error::InvalidOption {
+                    what: "appended tensor",
+                    value: "the cache's own pool".into(),
+                    why: "a buffer cannot be copied into itself; append from another tensor",
+                });
+            }
+            if tensor.dtype() != self.dtype {
+                return Err(Error::InvalidOption {
+                    what: "appended tensor dtype",
+                    value: format!("{:?}", tensor.dtype()),
+                    why: "device appends copy bytes: the tensor must have the cache's dtype",
+                });
+            }
+            if !tensor
+                .buffer()
+                .usage()
+                .contains(wgpu::BufferUsages::COPY_SRC)
+            {
+                return Err(Error::BufferUsage {
+                    what: "appended tensor",
+                    needed: "COPY_SRC",
+                });
+            }
+        }
+        if t == 0 {
+            return Err(Error::ZeroSize {
+                what: "appended tokens",
+            });
+        }
+        let (len, total) = self.plan_append(seq, t)?;
+        if self.rotary.is_some() && total as u64 > MAX_POSITIONS {
+            return Err(Error::LengthOutOfRange {
+                what: "rotary position",
+                index: 0,
+                value: total - 1,
+                max: MAX_POSITIONS as usize - 1,
+            });
+        }
+        let size = self.dtype.size();
+        gpu.guarded("paged cache append", || {
+            // K turned into scratch first, where the cache turns it.
+            let turned = match &self.rotary {
+                Some(_) => Some(gpu.empty_as(k.dims(), self.dtype)?),
+                None => None,
+            };
+            let pages = self.take_pages(gpu, seq, len, total)?;
+            gpu.submit_with("paged cache append", |encoder| {
+                if let (Some(rotary), Some(turned)) = (&self.rotary, &turned) {
+                    let strides = Layout::Bshd.strides(self.kv_heads, t, self.head_dim);
+                    let rotation = rotary::Rotation {
+                        x: k.buffer(),
+                        x_dtype: k.dtype(),
+                        x_bytes: k.byte_len(),
+                        x_strides: strides,
+                        y: turned,
+                        y_strides: strides,
+                        batch: 1,
+                        heads: self.kv_heads,
+                        seq: t,
+                        dim: self.head_dim,
+                        positions: &[len as u32],
+                        per_row: false,
+                        axes: false,
+                        counts: None,
+                        rows_at_position: false,
+                        first: true,
+                        last: true,
+                    };
+                    rotary::encode(gpu, encoder, rotary, &rotation)?;
+                }
+                let k = turned.as_ref().unwrap_or(k);
+                let (row_k, row_v) = (
+                    self.kv_heads * self.head_dim,
+                    self.kv_heads * self.v_head_dim,
+                );
+                for (done, slot, n) in self.runs(&pages, len, t) {
+                    for (pool, src, row) in [(&self.k, k, row_k), (&self.v, v, row_v)] {
+                        let bytes = (row * size) as u64;
+                        encoder.copy_buffer_to_buffer(
+                            src.buffer(),
+                            done as u64 * bytes,
+                            pool.buffer(),
+                            slot as u64 * bytes,
+                            n as u64 * bytes,
+                        );
+                    }
+                }
+                Ok(())
+            })?;
+            let s = self.seqs.get_mut(&seq).expect("checked above");
+            s.pages = pages;
+            s.len = total;
+            Ok(())
+        })
+    }
+
+    /// `(len, total)`: `seq`'s length before and after appending `t` tokens, once the pool is
+    /// known to have the pages they need ([`Error::CacheFull`] if not; nothing changes).
+    fn plan_append(&self, seq: SeqId, t: usize) -> Result<(usize, usize)> {
+        let s = self.seq(seq)?;
+        let (len, held) = (s.len, s.pages.len());
+        let total = len.checked_add(t).ok_or(Error::TooLarge {
+            what: "paged sequence length",
+            requested: u64::MAX,
+            max: usize::MAX as u64,
+            hint: "",
+        })?;
+        // Copy on write: the last page, partly filled and shared.
+        let shared_tail =
+            !len.is_multiple_of(self.page_size) && self.refs[s.pages[held - 1] as usize] > 1;
+        let needed = total.div_ceil(self.page_size) - held + shared_tail as usize;
+        if needed > self.free.len() {
+            return Err(Error::CacheFull {
+                needed,
+                free: self.free.len(),
+            });
+        }
+        Ok((len, total))
+    }
+
+    /// The pages `seq` holds once grown from `len` to `total` tokens (checked by
+    /// `plan_append`): its last page copied first if partly filled and shared (copy on write),
+    /// then pages taken from the free list. Call inside [`Gpu::guarded`]; the caller stores
+    /// them once the rows are written.
+    fn take_pages(&mut self, gpu: &Gpu, seq: SeqId, len: usize, total: usize) -> Result<Vec<u32>> {
+        let mut pages = self.seqs[&seq].pages.clone();
+        let held = pages.len();
+        if !len.is_multiple_of(self.page_size) && self.refs[pages[held - 1] as usize] > 1 {
+            let old = pages[held - 1];
+            let new = self.take_page();
+            let rows = (len % self.page_size) as u64;
+            let size = self.dtype.size();
+            let (row_k, row_v) = (
+                self.kv_heads * self.head_dim,
+                self.kv_heads * self.v_head_dim,
+            );
+            // Through a scratch buffer: wgpu copies between two distinct buffers only.
+            gpu.submit_with("paged cache copy on write", |encoder| {
+                for (pool, row) in [(&self.k, row_k), (&self.v, row_v)] {
+                    let page_bytes = (self.page_size * row * size) as u64;
+                    let bytes = rows * (row * size) as u64;
+                    let scratch = gpu.scratch(
+                        "wgpu-attention page copy",
+                        bytes,
+                        wgpu::BufferUsages::COPY_SRC | wgpu::BufferUsages::COPY_DST,
+                    );
+                    let (src, dst) = (old as u64 * page_bytes, new as u64 * page_bytes);
+                    encoder.copy_buffer_to_buffer(pool.buffer(), src, &scratch, 0, bytes);
+                    encoder.copy_buffer_to_buffer(&scratch, 0, pool.buffer(), dst, bytes);
+                }
+                Ok(())
+            })?;
+            self.release(old);
+            pages[held - 1] = new;
+        }
+        while pages.len() < total.div_ceil(self.page_size) {
+            let page = self.take_page();
+            pages.push(page);
+        }
+        Ok(pages)
+    }
+
+    /// The runs of an append of `t` tokens after `len` into `pages`, one per page touched:
+    /// `(first token of the run, pool slot it goes to, tokens)`.
+    fn runs(&self, pages: &[u32], len: usize, t: usize) -> Vec<(usize, usize, usize)> {
+        let mut out = Vec::new();
+        let mut done = 0;
+        while done < t {
+            let at = len + done;
+            let (page, offset) = (pages[at / self.page_size], at % self.page_size);
+            let n = (self.page_size - offset).min(t - done);
+            out.push((done, page as usize * self.page_size + offset, n));
+            done += n;
+        }
+        out
     }
 
     /// Attention of queries `q` (`[seqs.len(), heads, q_len, head_dim]`, layout `Bhsd`) against
