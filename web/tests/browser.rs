@@ -315,13 +315,23 @@ async fn rotary_embedding() {
             1e-2,
         ),
     ] {
-        let at = Positions::Start(vec![3, 100_000]);
-        let t = gpu.upload_as(&x, shape, dtype).unwrap();
-        let held = t.download_async(&gpu).await.unwrap();
-        let want = wgpu_attention::cpu::rotate(&held, shape, Layout::Bshd, &rope, &at).unwrap();
-        let got = wgpu_attention::gpu::rotate(&gpu, &t, Layout::Bshd, &rope, &at).unwrap();
-        let got = got.download_async(&gpu).await.unwrap();
-        close(&format!("rotate {dtype:?}"), &got, &want, tol, tol).unwrap();
+        // One start per sequence, and M-RoPE's three positions per row (Qwen3-VL's cycle).
+        let axes: Vec<[u32; 3]> = (0..14).map(|i| [i, 3 * i + 1, 70_000 - i]).collect();
+        let mrope = rope
+            .clone()
+            .mrope_interleaved([rope.dim() / 2 - 6, 4, 2])
+            .unwrap();
+        for (rope, at) in [
+            (rope, Positions::Start(vec![3, 100_000])),
+            (mrope, Positions::Axes(axes)),
+        ] {
+            let t = gpu.upload_as(&x, shape, dtype).unwrap();
+            let held = t.download_async(&gpu).await.unwrap();
+            let want = wgpu_attention::cpu::rotate(&held, shape, Layout::Bshd, &rope, &at).unwrap();
+            let got = wgpu_attention::gpu::rotate(&gpu, &t, Layout::Bshd, &rope, &at).unwrap();
+            let got = got.download_async(&gpu).await.unwrap();
+            close(&format!("rotate {dtype:?} {at:?}"), &got, &want, tol, tol).unwrap();
+        }
     }
     let (heads, kv_heads, cap, d) = (4, 2, 64, 16);
     let rope = Rotary::new(d, 10_000.0).unwrap();
