@@ -532,33 +532,8 @@ impl KvCache {
         gpu.expect_own("the cache", &self.k)?;
         let t = self.check_append(new)?;
         for (what, tensor, dim) in [("K", k, self.head_dim), ("V", v, self.v_head_dim)] {
-            gpu.expect_own(&format!("appended {what}"), tensor)?;
             let want = [self.batch, self.kv_heads, t, dim];
-            expect_dims(&format!("appended {what}"), tensor.dims(), want)?;
-            if tensor.buffer() == self.k.buffer() || tensor.buffer() == self.v.buffer() {
-                return Err(Error::InvalidOption {
-                    what: "appended tensor",
-                    value: "the cache's own buffer".into(),
-                    why: "a buffer cannot be copied into itself; append from another tensor",
-                });
-            }
-            if tensor.dtype() != self.dtype {
-                return Err(Error::InvalidOption {
-                    what: "appended tensor dtype",
-                    value: format!("{:?}", tensor.dtype()),
-                    why: "device appends copy bytes: the tensor must have the cache's dtype",
-                });
-            }
-            if !tensor
-                .buffer()
-                .usage()
-                .contains(wgpu::BufferUsages::COPY_SRC)
-            {
-                return Err(Error::BufferUsage {
-                    what: "appended tensor",
-                    needed: "COPY_SRC",
-                });
-            }
+            check_appended(gpu, what, tensor, want, (&self.k, &self.v))?;
         }
         gpu.submit_with("cache append", |encoder| {
             let mut copied = vec![(&self.v, v, self.v_head_dim)];
@@ -683,4 +658,44 @@ impl KvCache {
         self.device_lens_stale.store(false, Ordering::Release);
         Ok(())
     }
+}
+
+/// Checks a tensor appended to a cache from the device (`what`: "K" or "V"): of this device,
+/// of dims `want`, in the cache's dtype (appends copy bytes), not the cache's own K or V
+/// `pools` (a buffer cannot be copied into itself), and a copy source.
+pub(crate) fn check_appended(
+    gpu: &Gpu,
+    what: &str,
+    tensor: &Tensor,
+    want: [usize; 4],
+    pools: (&Tensor, &Tensor),
+) -> Result<()> {
+    let what = format!("appended {what}");
+    gpu.expect_own(&what, tensor)?;
+    expect_dims(&what, tensor.dims(), want)?;
+    if tensor.buffer() == pools.0.buffer() || tensor.buffer() == pools.1.buffer() {
+        return Err(Error::InvalidOption {
+            what: "appended tensor",
+            value: "the cache's own buffer".into(),
+            why: "a buffer cannot be copied into itself; append from another tensor",
+        });
+    }
+    if tensor.dtype() != pools.0.dtype() {
+        return Err(Error::InvalidOption {
+            what: "appended tensor dtype",
+            value: format!("{:?}", tensor.dtype()),
+            why: "device appends copy bytes: the tensor must have the cache's dtype",
+        });
+    }
+    if !tensor
+        .buffer()
+        .usage()
+        .contains(wgpu::BufferUsages::COPY_SRC)
+    {
+        return Err(Error::BufferUsage {
+            what: "appended tensor",
+            needed: "COPY_SRC",
+        });
+    }
+    Ok(())
 }

@@ -402,33 +402,8 @@ impl PagedKvCache {
         gpu.expect_own("the paged cache", &self.k)?;
         let t = k.dims()[1];
         for (what, tensor, dim) in [("K", k, self.head_dim), ("V", v, self.v_head_dim)] {
-            let what = format!("appended {what}");
-            gpu.expect_own(&what, tensor)?;
-            crate::gpu::tensor::expect_dims(&what, tensor.dims(), [1, t, self.kv_heads, dim])?;
-            if tensor.buffer() == self.k.buffer() || tensor.buffer() == self.v.buffer() {
-                return Err(Error::InvalidOption {
-                    what: "appended tensor",
-                    value: "the cache's own pool".into(),
-                    why: "a buffer cannot be copied into itself; append from another tensor",
-                });
-            }
-            if tensor.dtype() != self.dtype {
-                return Err(Error::InvalidOption {
-                    what: "appended tensor dtype",
-                    value: format!("{:?}", tensor.dtype()),
-                    why: "device appends copy bytes: the tensor must have the cache's dtype",
-                });
-            }
-            if !tensor
-                .buffer()
-                .usage()
-                .contains(wgpu::BufferUsages::COPY_SRC)
-            {
-                return Err(Error::BufferUsage {
-                    what: "appended tensor",
-                    needed: "COPY_SRC",
-                });
-            }
+            let want = [1, t, self.kv_heads, dim];
+            crate::gpu::cache::check_appended(gpu, what, tensor, want, (&self.k, &self.v))?;
         }
         if t == 0 {
             return Err(Error::ZeroSize {
