@@ -811,6 +811,164 @@ fn a_paged_cache_appends_device_tensors() {
     );
 }
 
+/// A sliding-window layer's cache holding about its window: decoding step by step, each step
+/// releasing the tokens no later row can see (StreamingLLM's sink tokens kept), checked
+/// against the reference on every token written; the released pages go back to the pool
+/// (the sequence never holds more than its window's pages), their tokens (NaN here) never
+/// reach the output (their entries point to the page of zeros), a fork keeps what it shares,
+/// and calls that would see released tokens, or truncate into them, are typed errors.
+#[test]
+fn releasing_tokens_outside_a_sliding_window() {
+    let Some(gpu) = common::gpu() else { return };
+    let (heads, kv_heads, dim, page, window, sinks) = (4, 2, 16, 4, 7, 4);
+    let row = kv_heads * dim;
+    let mut cache = PagedKvCache::new(gpu, 40, page, kv_heads, dim, dim).unwrap();
+    let mut r = rng(90);
+    let a = cache.add_sequence();
+    let mut wa = Written::default();
+    // A prompt whose tokens 4..20 are NaN: all of them will be released.
+    let mut k = random(&mut r, 30 * row, 1.0);
+    let mut v = random(&mut r, 30 * row, 1.0);
+    k[4 * row..20 * row].fill(f32::NAN);
+    v[4 * row..20 * row].fill(f32::INFINITY);
+    cache.append(gpu, a, &k, &v).unwrap();
+    wa.k.extend_from_slice(&k);
+    wa.v.extend_from_slice(&v);
+    // A fork of the prompt, which keeps every page it shares.
+    let f = cache.fork(a).unwrap();
+    let wf = Written {
+        k: random(&mut r, 30 * row, 1.0),
+        v: random(&mut r, 30 * row, 1.0),
+    };
+    cache.truncate(f, 0).unwrap();
+    cache.append(gpu, f, &wf.k, &wf.v).unwrap();
+    let opts = Attention::new()
+        .causal(Causal::BottomRight)
+        .window(window - 1, 0)
+        .sink_keys(sinks);
+    let shape = (heads, kv_heads, dim);
+    let mut held_most = 0;
+    for step in 0..12 {
+        let k1 = random(&mut r, row, 1.0);
+        let v1 = random(&mut r, row, 1.0);
+        cache.append(gpu, a, &k1, &v1).unwrap();
+        wa.k.extend_from_slice(&k1);
+        wa.v.extend_from_slice(&v1);
+        let len = cache.len(a).unwrap();
+        // The next row (this step's) sees positions from len - window on, and the sinks.
+        cache.release_tokens(gpu, a, sinks..len - window).unwrap();
+        let real = cache
+            .pages_of(a)
+            .unwrap()
+            .iter()
+            .collect::<std::collections::BTreeSet<_>>()
+            .len();
+        held_most = held_most.max(real);
+        let seed = 91 + step;
+        check_cache(gpu, &cache, &[a], &[wa.clone()], shape, &opts, seed);
+    }
+    // Sink page, window pages (window 7 over pages of 4: up to 3), the zero page.
+    assert!(held_most <= 5, "held {held_most} distinct pages");
+    check_cache(
+        gpu,
+        &cache,
+        &[a, f],
+        &[wa.clone(), wf.clone()],
+        shape,
+        &opts,
+        120,
+    );
+    check_cache(
+        gpu,
+        &cache,
+        &[f],
+        std::slice::from_ref(&wf),
+        shape,
+        &Attention::new(),
+        121,
+    );
+    // Seeing released tokens: no window, a wider one, sink keys past the kept ones.
+    for bad in [
+        Attention::new(),
+        Attention::new().window(window + 4, 0),
+        Attention::new().window(window - 1, 0).sink_keys(sinks + 1),
+    ] {
+        let q = gpu
+            .upload(&vec![0.1; heads * dim], [1, heads, 1, dim])
+            .unwrap();
+        let err = cache.attend(gpu, &q, &[a], &bad).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                Error::InvalidOption {
+                    what: "released tokens",
+                    ..
+                }
+            ),
+            "{bad:?}: {err:?}"
+        );
+    }
+    let len = cache.len(a).unwrap();
+    let (lo, hi) = (page, (len - window) / page * page);
+    // A second range apart from the first, a range past the length, a cut into the range.
+    assert_eq!(
+        cache.release_tokens(gpu, a, 0..1).unwrap(),
+        0,
+        "no whole page"
+    );
+    let err = cache
+        .release_tokens(gpu, a, hi + page..hi + 2 * page)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidOption {
+                what: "released tokens",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = cache.release_tokens(gpu, a, hi..len + 1).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            Error::InvalidOption {
+                what: "released tokens",
+                ..
+            }
+        ),
+        "{err:?}"
+    );
+    let err = cache.truncate(a, lo + 1).unwrap_err();
+    assert!(matches!(err, Error::InvalidOption { .. }), "{err:?}");
+    assert_eq!(cache.len(a).unwrap(), len);
+    // Cut back before the released range: it is gone, and the sequence grows again from there.
+    let free = cache.free_pages();
+    cache.truncate(a, 3).unwrap();
+    assert!(cache.free_pages() > free);
+    wa.k.truncate(3 * row);
+    wa.v.truncate(3 * row);
+    let more_k = random(&mut r, 9 * row, 1.0);
+    let more_v = random(&mut r, 9 * row, 1.0);
+    cache.append(gpu, a, &more_k, &more_v).unwrap();
+    wa.k.extend_from_slice(&more_k);
+    wa.v.extend_from_slice(&more_v);
+    check_cache(
+        gpu,
+        &cache,
+        &[a, f],
+        &[wa, wf],
+        shape,
+        &Attention::new(),
+        122,
+    );
+    // Freeing both sequences gives back every page but the page of zeros.
+    cache.free_sequence(a).unwrap();
+    cache.free_sequence(f).unwrap();
+    assert_eq!(cache.free_pages(), cache.pages() - 1);
+}
+
 #[test]
 fn a_half_precision_paged_cache() {
     let Some(gpu) = common::gpu() else { return };

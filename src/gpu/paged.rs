@@ -8,6 +8,10 @@
 //! a page it shares (copy on write: only the last, partial page ever is). An append that needs
 //! more pages than are free is [`Error::CacheFull`] and changes nothing.
 //!
+//! A sliding-window layer's sequences need only their window (and StreamingLLM's sink
+//! tokens): [`release_tokens`](PagedKvCache::release_tokens) gives back the pages of the tokens
+//! no later row will see, and `attend` refuses a call that would see them.
+//!
 //! With a [`Rotary`] ([`PagedKvCache::with_rotary`]) the cache applies RoPE as
 //! [`KvCache`](crate::KvCache) does: appended K turned by each token's position in its
 //! sequence (on the host, in f64, before rounding to the cache's dtype), and the queries of
@@ -38,6 +42,9 @@ impl SeqId {
 struct Sequence {
     pages: Vec<u32>,
     len: usize,
+    /// Released tokens (`release_tokens`), whole pages `lo..hi` (empty when equal): their
+    /// table entries hold the cache's zero page.
+    released: (usize, usize),
 }
 
 /// K and V in pools of pages, `[pages, page_size, kv_heads, head_dim]` (and `v_head_dim`),
@@ -82,6 +89,9 @@ pub struct PagedKvCache {
     next_id: u64,
     /// RoPE applied to appended K and attending queries.
     rotary: Option<Rotary>,
+    /// A page of zeros that released tokens' table entries point to (taken on the first
+    /// release; the cache holds one reference to it, each such entry another).
+    zero_page: Option<u32>,
 }
 
 impl PagedKvCache {
@@ -169,6 +179,7 @@ impl PagedKvCache {
             seqs: BTreeMap::new(),
             next_id: 0,
             rotary: None,
+            zero_page: None,
         })
     }
 
@@ -253,13 +264,151 @@ impl PagedKvCache {
                 max: s.len,
             });
         }
+        let (lo, hi) = s.released;
+        if len > lo && len < hi {
+            return Err(Error::InvalidOption {
+                what: "truncated sequence length",
+                value: format!("{len} inside the released tokens {lo}..{hi}"),
+                why: "a sequence is truncated after its released tokens or before them, not \
+                      into them (their rows are gone)",
+            });
+        }
         let s = self.seqs.get_mut(&seq).expect("checked above");
         let dropped = s.pages.split_off(len.div_ceil(self.page_size));
         s.len = len;
+        if len <= lo {
+            s.released = (0, 0);
+        }
         for p in dropped {
             self.release(p);
         }
         Ok(())
+    }
+
+    /// Gives back the pages of `seq` that lie wholly inside `tokens` (a range of its token
+    /// positions): a sliding-window layer's cache then holds about its window, not its
+    /// history (vLLM frees such blocks; Mistral's, Gemma's and gpt-oss's windowed layers).
+    /// The sequence keeps its length and positions; the released tokens' table entries point
+    /// to a page of zeros the cache keeps (one of the pool's, taken by the first release).
+    /// Returns the pages the call gave back to the free list (a page a fork still holds is
+    /// not given back), less the page of zeros when the first release takes it.
+    ///
+    /// A sequence has one released range: a later release must touch or overlap it (a window
+    /// sliding on, or behind StreamingLLM's sink tokens, which stay). [`attend`](Self::attend)
+    /// then refuses a call any of whose rows would see a released token
+    /// ([`Error::InvalidOption`]): give the call the window (and sink keys) that stop short
+    /// of them. [`truncate`](Self::truncate) may cut after the released tokens or before them,
+    /// not into them.
+    ///
+    /// ```no_run
+    /// use wgpu_attention::{Attention, Causal, Gpu, PagedKvCache};
+    /// let gpu = Gpu::new()?;
+    /// let (kv_heads, heads, dim, window) = (2, 8, 64, 128);
+    /// let mut cache = PagedKvCache::new(&gpu, 64, 16, kv_heads, dim, dim)?;
+    /// let s = cache.add_sequence();
+    /// let kv = vec![0.1f32; 1000 * kv_heads * dim];
+    /// cache.append(&gpu, s, &kv, &kv)?;
+    /// // The next token sees the last `window` tokens, itself included: positions from
+    /// // 1001 - window on; everything before can go.
+    /// let one = vec![0.2f32; kv_heads * dim];
+    /// cache.append(&gpu, s, &one, &one)?;
+    /// cache.release_tokens(&gpu, s, 0..1001 - window)?;
+    /// let q = gpu.upload(&vec![0.3; heads * dim], [1, heads, 1, dim])?;
+    /// let opts = Attention::new().causal(Causal::BottomRight).window(window - 1, 0);
+    /// let out = cache.attend(&gpu, &q, &[s], &opts)?;
+    /// # Ok::<(), wgpu_attention::Error>(())
+    /// ```
+    pub fn release_tokens(
+        &mut self,
+        gpu: &Gpu,
+        seq: SeqId,
+        tokens: std::ops::Range<usize>,
+    ) -> Result<usize> {
+        gpu.expect_own("the paged cache", &self.k)?;
+        let s = self.seq(seq)?;
+        if tokens.start > tokens.end || tokens.end > s.len {
+            return Err(Error::InvalidOption {
+                what: "released tokens",
+                value: format!("{tokens:?} of a sequence of {}", s.len),
+                why: "the released range must be a range of the sequence's tokens",
+            });
+        }
+        // Whole pages only.
+        let (p0, p1) = (
+            tokens.start.div_ceil(self.page_size),
+            tokens.end / self.page_size,
+        );
+        if p0 >= p1 {
+            return Ok(0);
+        }
+        let ps = self.page_size;
+        let (lo, hi) = (s.released.0 / ps, s.released.1 / ps);
+        if lo < hi && (p1 < lo || p0 > hi) {
+            return Err(Error::InvalidOption {
+                what: "released tokens",
+                value: format!(
+                    "{tokens:?} apart from the released {}..{}",
+                    s.released.0, s.released.1
+                ),
+                why: "a sequence has one released range: a release must touch or overlap it",
+            });
+        }
+        let fresh: Vec<usize> = (p0..p1)
+            .filter(|&i| Some(s.pages[i]) != self.zero_page)
+            .collect();
+        // The zero page, once: a free page, or one this release frees, zeroed first.
+        let zero = match self.zero_page {
+            Some(z) => z,
+            None => {
+                let freed = fresh
+                    .iter()
+                    .map(|&i| s.pages[i])
+                    .find(|&p| self.refs[p as usize] == 1);
+                let Some(page) = freed.or(self.free.last().copied()) else {
+                    return Err(Error::CacheFull { needed: 1, free: 0 });
+                };
+                let size = self.dtype.size() as u64;
+                gpu.guarded("paged cache release", || {
+                    gpu.submit_with("paged cache zero page", |encoder| {
+                        for (pool, dim) in [(&self.k, self.head_dim), (&self.v, self.v_head_dim)] {
+                            let bytes = (self.page_size * self.kv_heads * dim) as u64 * size;
+                            encoder.clear_buffer(pool.buffer(), page as u64 * bytes, Some(bytes));
+                        }
+                        Ok(())
+                    })
+                })?;
+                page
+            }
+        };
+        let before = self.free.len();
+        let pages: Vec<u32> = fresh.iter().map(|&i| s.pages[i]).collect();
+        for p in pages {
+            self.release(p);
+        }
+        let mut freed = self.free.len() - before;
+        if self.zero_page.is_none() {
+            let at = self
+                .free
+                .iter()
+                .position(|&p| p == zero)
+                .expect("free or just freed");
+            self.free.remove(at);
+            self.refs[zero as usize] = 1;
+            self.zero_page = Some(zero);
+            freed = freed.saturating_sub(1);
+        }
+        let s = self.seqs.get_mut(&seq).expect("checked above");
+        for &i in &fresh {
+            s.pages[i] = zero;
+        }
+        self.refs[zero as usize] += fresh.len() as u32;
+        let (lo, hi) = if lo < hi {
+            (lo.min(p0), hi.max(p1))
+        } else {
+            (p0, p1)
+        };
+        s.released = (lo * ps, hi * ps);
+        Ok(freed)
     }
 
     /// Tokens held by `seq`.
@@ -267,7 +416,8 @@ impl PagedKvCache {
         Ok(self.seq(seq)?.len)
     }
 
-    /// The pages of `seq`, in order (its block table).
+    /// The pages of `seq`, in order (its block table); released tokens' entries are the
+    /// cache's page of zeros ([`release_tokens`](Self::release_tokens)).
     pub fn pages_of(&self, seq: SeqId) -> Result<&[u32]> {
         Ok(&self.seq(seq)?.pages)
     }
@@ -477,6 +627,50 @@ impl PagedKvCache {
         })
     }
 
+    /// [`Error::InvalidOption`] if a row of the call `opts` (the cache's, `width` pages per
+    /// sequence) would see a released token of its sequence, by its key range or its sink keys
+    /// (before the boolean mask and per-key mods, which only hide more).
+    fn check_released(
+        &self,
+        q: &Tensor,
+        seqs: &[SeqId],
+        held: &[&Sequence],
+        width: usize,
+        opts: &Attention,
+    ) -> Result<()> {
+        let [batch, heads, q_len, head_dim] = q.dims();
+        let dims = Dims {
+            batch,
+            heads,
+            kv_heads: self.kv_heads,
+            q_len,
+            kv_len: width * self.page_size,
+            head_dim,
+            v_head_dim: self.v_head_dim,
+        };
+        let spec = opts.validate(dims)?;
+        for (b, s) in held.iter().enumerate() {
+            let (lo, hi) = s.released;
+            for i in 0..q_len {
+                let (a, e) = spec.key_range(b, i);
+                let sinks = spec.sink_end(b, i);
+                if (a < hi && e > lo && a < e) || sinks > lo && lo < hi {
+                    return Err(Error::InvalidOption {
+                        what: "released tokens",
+                        value: format!(
+                            "row {i} of sequence {} sees keys {a}..{e} (and sink keys 0..{sinks}), \
+                             tokens {lo}..{hi} are released",
+                            seqs[b].0
+                        ),
+                        why: "a call must not see a sequence's released tokens: give it a \
+                              window (and sink keys) that stop short of them",
+                    });
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// `(len, total)`: `seq`'s length before and after appending `t` tokens, once the pool is
     /// known to have the pages they need ([`Error::CacheFull`] if not; nothing changes).
     fn plan_append(&self, seq: SeqId, t: usize) -> Result<(usize, usize)> {
@@ -599,6 +793,9 @@ impl PagedKvCache {
         let mut opts = opts.clone().kv_lens(lens).paged(self.page_size, table);
         if opts.causal.is_none() {
             opts = opts.causal(Causal::BottomRight);
+        }
+        if held.iter().any(|s| s.released.0 < s.released.1) {
+            self.check_released(q, seqs, &held, width, &opts)?;
         }
         match &self.rotary {
             Some(rotary) => {
