@@ -116,19 +116,6 @@ pub struct FastOutput {
     pub lse: Vec<f32>,
 }
 
-fn check_len(what: &'static str, data: &[f32], dims: [usize; 4]) -> Result<()> {
-    let expected: usize = dims.iter().product();
-    if data.len() != expected {
-        return Err(Error::DataLength {
-            what,
-            dims: dims.to_vec(),
-            expected,
-            got: data.len(),
-        });
-    }
-    Ok(())
-}
-
 /// Computes attention on the CPU in f32: blocked like FlashAttention (online softmax, no
 /// `q_len x kv_len` buffer), SIMD through a register-blocked micro-kernel, multi-threaded with
 /// rayon over (batch, head, block of 64 query rows).
@@ -278,9 +265,9 @@ fn fast_f32(
         });
     }
     let layout = opts.layout;
-    check_len("Q", q, dims.q_shape(layout))?;
-    check_len("K", k, dims.k_shape(layout))?;
-    check_len("V", v, dims.v_shape(layout))?;
+    super::reference::check_len("Q", q, dims.q_shape(layout))?;
+    super::reference::check_len("K", k, dims.k_shape(layout))?;
+    super::reference::check_len("V", v, dims.v_shape(layout))?;
 
     Ok(match kernel {
         #[cfg(target_arch = "x86_64")]
