@@ -811,6 +811,68 @@ fn a_paged_cache_appends_device_tensors() {
     );
 }
 
+/// A device append that fails (here the rotation's binding past a capped limit, as WebGPU's
+/// 128 MiB would refuse a long prompt) changes nothing: no page is lost, and a fork sharing the
+/// sequence's partial last page keeps its reference (an outside review found the pages taken
+/// and the shared page's count dropped, so that a later sequence wrote over the fork's keys).
+#[test]
+fn a_failed_device_append_changes_nothing() {
+    use wgpu_attention::LimitCaps;
+    use wgpu_attention::rotary::Rotary;
+    let Some(gpu) = common::gpu() else { return };
+    let (heads, kv_heads, dim, page) = (2, 1, 16, 4);
+    let mut cache = PagedKvCache::new(gpu, 8, page, kv_heads, dim, dim)
+        .unwrap()
+        .with_rotary(Rotary::new(dim, 1e4).unwrap())
+        .unwrap();
+    let mut r = rng(95);
+    let a = cache.add_sequence();
+    let k0 = random(&mut r, 3 * kv_heads * dim, 1.0);
+    let v0 = random(&mut r, 3 * kv_heads * dim, 1.0);
+    cache.append(gpu, a, &k0, &v0).unwrap();
+    let b = cache.fork(a).unwrap();
+    let q = gpu
+        .upload(&random(&mut r, heads * dim, 1.0), [1, heads, 1, dim])
+        .unwrap();
+    let attend = |cache: &PagedKvCache| {
+        let out = cache.attend(gpu, &q, &[b], &Attention::new()).unwrap();
+        out.o.download(gpu).unwrap()
+    };
+    let before = attend(&cache);
+    let (free, pages) = (cache.free_pages(), cache.pages_of(b).unwrap().to_vec());
+    let t = 6;
+    let k = gpu
+        .upload(&vec![0.1; t * kv_heads * dim], [t, kv_heads, dim])
+        .unwrap();
+    let capped = gpu.with_caps(LimitCaps {
+        max_storage_binding: Some(128),
+        ..LimitCaps::default()
+    });
+    let err = cache.append_tensors(&capped, b, &k, &k).unwrap_err();
+    assert!(matches!(err, Error::TooLarge { .. }), "{err:?}");
+    assert_eq!(cache.free_pages(), free);
+    assert_eq!(cache.pages_of(b).unwrap(), pages);
+    assert_eq!(cache.len(b).unwrap(), 3);
+    // a freed, its pages b still holds stay; a new sequence takes every free page, none of b's.
+    cache.free_sequence(a).unwrap();
+    let c = cache.add_sequence();
+    let fill = cache.free_pages() * page;
+    let big = random(&mut r, fill * kv_heads * dim, 5.0);
+    cache.append(gpu, c, &big, &big).unwrap();
+    assert!(
+        cache
+            .pages_of(c)
+            .unwrap()
+            .iter()
+            .all(|p| !pages.contains(p))
+    );
+    assert_eq!(attend(&cache), before);
+    // And the append goes through uncapped, copying the shared page first.
+    cache.free_sequence(c).unwrap();
+    cache.append_tensors(gpu, b, &k, &k).unwrap();
+    assert_eq!(cache.len(b).unwrap(), 3 + t);
+}
+
 /// A sliding-window layer's cache holding about its window: decoding step by step, each step
 /// releasing the tokens no later row can see (StreamingLLM's sink tokens kept), checked
 /// against the reference on every token written; the released pages go back to the pool

@@ -576,8 +576,10 @@ impl PagedKvCache {
                 Some(_) => Some(gpu.empty_as(k.dims(), self.dtype)?),
                 None => None,
             };
+            let before = self.seqs[&seq].pages.clone();
             let pages = self.take_pages(gpu, seq, len, total)?;
-            gpu.submit_with("paged cache append", |encoder| {
+            // A typed error of the rotation (a binding past the limits) leaves nothing changed.
+            let appended = gpu.submit_with("paged cache append", |encoder| {
                 if let (Some(rotary), Some(turned)) = (&self.rotary, &turned) {
                     let strides = Layout::Bshd.strides(self.kv_heads, t, self.head_dim);
                     let rotation = rotary::Rotation {
@@ -619,7 +621,11 @@ impl PagedKvCache {
                     }
                 }
                 Ok(())
-            })?;
+            });
+            if let Err(e) = appended {
+                self.untake(&before, &pages);
+                return Err(e);
+            }
             let s = self.seqs.get_mut(&seq).expect("checked above");
             s.pages = pages;
             s.len = total;
@@ -698,13 +704,15 @@ impl PagedKvCache {
     /// The pages `seq` holds once grown from `len` to `total` tokens (checked by
     /// `plan_append`): its last page copied first if partly filled and shared (copy on write),
     /// then pages taken from the free list. Call inside [`Gpu::guarded`]; the caller stores
-    /// them once the rows are written.
+    /// them once the rows are written, or gives them back with `untake` if that fails. On an
+    /// error (the copy's submission) nothing has changed.
     fn take_pages(&mut self, gpu: &Gpu, seq: SeqId, len: usize, total: usize) -> Result<Vec<u32>> {
         let mut pages = self.seqs[&seq].pages.clone();
         let held = pages.len();
         if !len.is_multiple_of(self.page_size) && self.refs[pages[held - 1] as usize] > 1 {
             let old = pages[held - 1];
-            let new = self.take_page();
+            // The page take_page will give, taken once the copy is submitted.
+            let new = *self.free.last().expect("pages counted before taking");
             let rows = (len % self.page_size) as u64;
             let size = self.dtype.size();
             let (row_k, row_v) = (
@@ -727,6 +735,8 @@ impl PagedKvCache {
                 }
                 Ok(())
             })?;
+            let taken = self.take_page();
+            debug_assert_eq!(taken, new);
             self.release(old);
             pages[held - 1] = new;
         }
@@ -735,6 +745,21 @@ impl PagedKvCache {
             pages.push(page);
         }
         Ok(pages)
+    }
+
+    /// Undoes `take_pages`, which turned a sequence's pages `before` into `after`: the pages
+    /// it took go back to the free list (in the order they came off it), and a page it copied
+    /// on write gets back the reference the sequence held.
+    fn untake(&mut self, before: &[u32], after: &[u32]) {
+        for (i, &p) in after.iter().enumerate().rev() {
+            match before.get(i) {
+                Some(&old) if old == p => continue,
+                Some(&old) => self.refs[old as usize] += 1,
+                None => {}
+            }
+            self.refs[p as usize] = 0;
+            self.free.push(p);
+        }
     }
 
     /// The runs of an append of `t` tokens after `len` into `pages`, one per page touched:
