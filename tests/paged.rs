@@ -690,11 +690,12 @@ fn a_paged_cache_appends_device_tensors() {
         let mut cache = PagedKvCache::with_dtype(gpu, 20, page, kv_heads, dim, dim, dtype).unwrap();
         let mut r = rng(80);
         let mut append = |cache: &mut PagedKvCache, s: SeqId, w: &mut Written, t: usize| {
+            // (one sequence per call here; several below)
             let k = random(&mut r, t * row, 1.0);
             let v = random(&mut r, t * row, 1.0);
             let tk = gpu.upload_as(&k, [t, kv_heads, dim], dtype).unwrap();
             let tv = gpu.upload_as(&v, [1, t, kv_heads, dim], dtype).unwrap();
-            cache.append_tensors(gpu, s, &tk, &tv).unwrap();
+            cache.append_tensors(gpu, &[s], &[t], &tk, &tv).unwrap();
             w.k.extend(k.iter().map(|&x| dtype.round(x)));
             w.v.extend(v.iter().map(|&x| dtype.round(x)));
         };
@@ -712,6 +713,21 @@ fn a_paged_cache_appends_device_tensors() {
         append(&mut cache, c, &mut wc, 2);
         assert_eq!(cache.free_pages(), free - 1, "copy on write takes one page");
         append(&mut cache, a, &mut wa, 6);
+        // Several sequences in one call, packed one after the other (one with nothing).
+        let (seqs, new) = ([c, a, b], [3, 0, 2]);
+        let k = random(&mut r, 5 * row, 1.0);
+        let v = random(&mut r, 5 * row, 1.0);
+        let up = |x: &[f32]| gpu.upload_as(x, [5, kv_heads, dim], dtype).unwrap();
+        cache
+            .append_tensors(gpu, &seqs, &new, &up(&k), &up(&v))
+            .unwrap();
+        let mut first = 0;
+        for (w, n) in [(&mut wc, 3), (&mut wa, 0), (&mut wb, 2)] {
+            let rows = first * row..(first + n) * row;
+            w.k.extend(k[rows.clone()].iter().map(|&x| dtype.round(x)));
+            w.v.extend(v[rows].iter().map(|&x| dtype.round(x)));
+            first += n;
+        }
         let shape = (heads, kv_heads, dim);
         let written = [wa, wb, wc];
         check_cache(
@@ -749,7 +765,7 @@ fn a_paged_cache_appends_device_tensors() {
             ("width", &wide, &good),
             ("own pool", &pool, &good),
         ] {
-            let err = cache.append_tensors(gpu, a, k, v).unwrap_err();
+            let err = cache.append_tensors(gpu, &[a], &[1], k, v).unwrap_err();
             assert!(
                 matches!(
                     err,
@@ -761,8 +777,37 @@ fn a_paged_cache_appends_device_tensors() {
         let big = gpu
             .upload_as(&vec![0.5; 60 * row], [60, kv_heads, dim], dtype)
             .unwrap();
-        let err = cache.append_tensors(gpu, a, &big, &big).unwrap_err();
+        let err = cache
+            .append_tensors(gpu, &[a], &[60], &big, &big)
+            .unwrap_err();
         assert!(matches!(err, Error::CacheFull { .. }), "{err:?}");
+        // Each sequence's pages fit, all of them together do not.
+        let free = cache.free_pages();
+        let rows = (free - 1) * page;
+        let most = gpu
+            .upload_as(&vec![0.5; 2 * rows * row], [2 * rows, kv_heads, dim], dtype)
+            .unwrap();
+        let err = cache
+            .append_tensors(gpu, &[a, b], &[rows, rows], &most, &most)
+            .unwrap_err();
+        assert!(matches!(err, Error::CacheFull { .. }), "{err:?}");
+        for (what, seqs, new) in [
+            ("a sequence twice", vec![a, a], vec![1, 1]),
+            ("counts not one per sequence", vec![a, b], vec![2]),
+            ("counts against the rows", vec![a, b], vec![1, 2]),
+        ] {
+            let err = cache
+                .append_tensors(gpu, &seqs, &new, &two, &two)
+                .unwrap_err();
+            assert!(
+                matches!(
+                    err,
+                    Error::InvalidOption { .. } | Error::ShapeMismatch { .. }
+                ),
+                "{what}: {err:?}"
+            );
+        }
+        assert_eq!(cache.free_pages(), free);
         assert_eq!(cache.len(a).unwrap(), len);
         check_cache(
             gpu,
@@ -785,13 +830,20 @@ fn a_paged_cache_appends_device_tensors() {
         .with_rotary(rotary)
         .unwrap();
     let (sh, sd) = (host.add_sequence(), device.add_sequence());
+    let (sh2, sd2) = (host.add_sequence(), device.add_sequence());
     let mut r = rng(83);
-    for t in [9, 1, 7] {
-        let k = random(&mut r, t * row, 1.0);
-        let v = random(&mut r, t * row, 1.0);
-        host.append(gpu, sh, &k, &v).unwrap();
-        let up = |x: &[f32]| gpu.upload(x, [t, kv_heads, dim]).unwrap();
-        device.append_tensors(gpu, sd, &up(&k), &up(&v)).unwrap();
+    // Two sequences per device call, turned each at its own positions.
+    for (t, t2) in [(9, 4), (1, 1), (7, 0)] {
+        let k = random(&mut r, (t + t2) * row, 1.0);
+        let v = random(&mut r, (t + t2) * row, 1.0);
+        host.append(gpu, sh, &k[..t * row], &v[..t * row]).unwrap();
+        if t2 > 0 {
+            host.append(gpu, sh2, &k[t * row..], &v[t * row..]).unwrap();
+        }
+        let up = |x: &[f32]| gpu.upload(x, [t + t2, kv_heads, dim]).unwrap();
+        device
+            .append_tensors(gpu, &[sd, sd2], &[t, t2], &up(&k), &up(&v))
+            .unwrap();
     }
     let q = random(&mut r, 3 * heads * dim, 1.0);
     let tq = gpu.upload(&q, [1, heads, 3, dim]).unwrap();
@@ -802,13 +854,15 @@ fn a_paged_cache_appends_device_tensors() {
             .download(gpu)
             .unwrap()
     };
-    assert_close(
-        "rotary tensor appends against host appends",
-        &attend(&device, sd),
-        &attend(&host, sh),
-        2e-6,
-        2e-5,
-    );
+    for (d, h) in [(sd, sh), (sd2, sh2)] {
+        assert_close(
+            "rotary tensor appends against host appends",
+            &attend(&device, d),
+            &attend(&host, h),
+            2e-6,
+            2e-5,
+        );
+    }
 }
 
 /// A device append that fails (here the rotation's binding past a capped limit, as WebGPU's
@@ -848,7 +902,9 @@ fn a_failed_device_append_changes_nothing() {
         max_storage_binding: Some(128),
         ..LimitCaps::default()
     });
-    let err = cache.append_tensors(&capped, b, &k, &k).unwrap_err();
+    let err = cache
+        .append_tensors(&capped, &[b], &[t], &k, &k)
+        .unwrap_err();
     assert!(matches!(err, Error::TooLarge { .. }), "{err:?}");
     assert_eq!(cache.free_pages(), free);
     assert_eq!(cache.pages_of(b).unwrap(), pages);
@@ -869,7 +925,7 @@ fn a_failed_device_append_changes_nothing() {
     assert_eq!(attend(&cache), before);
     // And the append goes through uncapped, copying the shared page first.
     cache.free_sequence(c).unwrap();
-    cache.append_tensors(gpu, b, &k, &k).unwrap();
+    cache.append_tensors(gpu, &[b], &[t], &k, &k).unwrap();
     assert_eq!(cache.len(b).unwrap(), 3 + t);
 }
 

@@ -498,7 +498,7 @@ impl PagedKvCache {
                 what: "appended tokens",
             });
         }
-        let (len, total) = self.plan_append(seq, t)?;
+        let (len, total, _) = self.plan_append(seq, t)?;
         // K turned by its tokens' positions, in f64 on the host, before it is rounded.
         let turned;
         let k = match &self.rotary {
@@ -541,94 +541,195 @@ impl PagedKvCache {
         })
     }
 
-    /// [`append`](PagedKvCache::append) from tensors already on the device: K
-    /// `[t, kv_heads, head_dim]` and V `[t, kv_heads, v_head_dim]` (rank 3, or rank 4 with a
-    /// leading 1), in the cache's dtype, copied buffer to buffer into the sequence's pages in
-    /// one submission, never through the host (a serving engine's projections stay on the
-    /// GPU). With a [`Rotary`], K is turned on the device by its tokens' positions (into
-    /// scratch, then copied), from the tensor's values (already in the cache's dtype: rounded
-    /// again after the rotation, where the host append rounds once).
-    pub fn append_tensors(&mut self, gpu: &Gpu, seq: SeqId, k: &Tensor, v: &Tensor) -> Result<()> {
+    /// [`append`](PagedKvCache::append) from tensors already on the device, for any number of
+    /// sequences at once: `new[i]` tokens to `seqs[i]`, their rows packed one sequence after
+    /// the other in K `[total, kv_heads, head_dim]` and V `[total, kv_heads, v_head_dim]`
+    /// (`total = sum(new)`; rank 3, or rank 4 with a leading 1), in the cache's dtype. The
+    /// rows are copied buffer to buffer into the sequences' pages in one submission, never
+    /// through the host: a serving engine's projections of a whole batch stay on the GPU.
+    /// With a [`Rotary`], K is turned on the device by each token's position (into scratch,
+    /// then copied), from the tensor's values (already in the cache's dtype: rounded again
+    /// after the rotation, where the host append rounds once). A sequence may appear once per
+    /// call. With too few free pages for all of them it is [`Error::CacheFull`], and on any
+    /// error nothing changes.
+    ///
+    /// ```no_run
+    /// use wgpu_attention::{Gpu, PagedKvCache};
+    /// let gpu = Gpu::new()?;
+    /// let (kv_heads, dim) = (2, 64);
+    /// let mut cache = PagedKvCache::new(&gpu, 256, 16, kv_heads, dim, dim)?;
+    /// let (a, b) = (cache.add_sequence(), cache.add_sequence());
+    /// // A decoding step of two sequences: one new token each, K and V from the projections.
+    /// let k = gpu.upload(&vec![0.1; 2 * kv_heads * dim], [2, kv_heads, dim])?;
+    /// cache.append_tensors(&gpu, &[a, b], &[1, 1], &k, &k)?;
+    /// # Ok::<(), wgpu_attention::Error>(())
+    /// ```
+    pub fn append_tensors(
+        &mut self,
+        gpu: &Gpu,
+        seqs: &[SeqId],
+        new: &[usize],
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<()> {
         gpu.expect_own("the paged cache", &self.k)?;
-        let t = k.dims()[1];
+        if new.len() != seqs.len() {
+            return Err(Error::ShapeMismatch {
+                what: "appended token counts (one per sequence)".into(),
+                got: new.len(),
+                expected: seqs.len(),
+            });
+        }
+        let rows = new
+            .iter()
+            .try_fold(0usize, |a, &n| a.checked_add(n))
+            .ok_or(Error::TooLarge {
+                what: "appended tokens",
+                requested: u64::MAX,
+                max: usize::MAX as u64,
+                hint: "",
+            })?;
         for (what, tensor, dim) in [("K", k, self.head_dim), ("V", v, self.v_head_dim)] {
-            let want = [1, t, self.kv_heads, dim];
+            let want = [1, rows, self.kv_heads, dim];
             crate::gpu::cache::check_appended(gpu, what, tensor, want, (&self.k, &self.v))?;
         }
-        if t == 0 {
+        if rows == 0 {
             return Err(Error::ZeroSize {
                 what: "appended tokens",
             });
         }
-        let (len, total) = self.plan_append(seq, t)?;
-        if self.rotary.is_some() && total as u64 > MAX_POSITIONS {
-            return Err(Error::LengthOutOfRange {
-                what: "rotary position",
-                index: 0,
-                value: total - 1,
-                max: MAX_POSITIONS as usize - 1,
+        // Each sequence's lengths, and the pages all of them need against the free list.
+        let mut plans = Vec::with_capacity(seqs.len());
+        let mut needed = 0;
+        let mut seen = std::collections::HashSet::with_capacity(seqs.len());
+        for (i, (&seq, &n)) in seqs.iter().zip(new).enumerate() {
+            if !seen.insert(seq) {
+                return Err(Error::InvalidOption {
+                    what: "appended sequences",
+                    value: format!("sequence {} twice", seq.0),
+                    why: "a sequence may appear once in an append",
+                });
+            }
+            if n == 0 {
+                let len = self.seq(seq)?.len;
+                plans.push((seq, 0, len, len));
+                continue;
+            }
+            let (len, total, pages) = self.plan_append(seq, n)?;
+            if self.rotary.is_some() && total as u64 > MAX_POSITIONS {
+                return Err(Error::LengthOutOfRange {
+                    what: "rotary position",
+                    index: i,
+                    value: total - 1,
+                    max: MAX_POSITIONS as usize - 1,
+                });
+            }
+            needed += pages;
+            plans.push((seq, n, len, total));
+        }
+        if needed > self.free.len() {
+            return Err(Error::CacheFull {
+                needed,
+                free: self.free.len(),
             });
         }
         let size = self.dtype.size();
         gpu.guarded("paged cache append", || {
-            // K turned into scratch first, where the cache turns it.
+            // K turned into scratch first, where the cache turns it: row by row, each at its
+            // token's position.
             let turned = match &self.rotary {
                 Some(_) => Some(gpu.empty_as(k.dims(), self.dtype)?),
                 None => None,
             };
-            let before = self.seqs[&seq].pages.clone();
-            let pages = self.take_pages(gpu, seq, len, total)?;
-            // A typed error of the rotation (a binding past the limits) leaves nothing changed.
-            let appended = gpu.submit_with("paged cache append", |encoder| {
-                if let (Some(rotary), Some(turned)) = (&self.rotary, &turned) {
-                    let strides = Layout::Bshd.strides(self.kv_heads, t, self.head_dim);
-                    let rotation = rotary::Rotation {
-                        x: k.buffer(),
-                        x_dtype: k.dtype(),
-                        x_bytes: k.byte_len(),
-                        x_strides: strides,
-                        y: turned,
-                        y_strides: strides,
-                        batch: 1,
-                        heads: self.kv_heads,
-                        seq: t,
-                        dim: self.head_dim,
-                        positions: &[len as u32],
-                        per_row: false,
-                        axes: false,
-                        counts: None,
-                        rows_at_position: false,
-                        first: true,
-                        last: true,
-                    };
-                    rotary::encode(gpu, encoder, rotary, &rotation)?;
+            let positions: Vec<u32> = plans
+                .iter()
+                .flat_map(|&(_, n, len, _)| (len..len + n).map(|p| p as u32))
+                .collect();
+            // The pages each sequence held and holds, and what a failure gives back.
+            let mut taken: Vec<(SeqId, Vec<u32>, Vec<u32>)> = Vec::with_capacity(plans.len());
+            let mut result = Ok(());
+            for &(seq, n, len, total) in &plans {
+                if n == 0 {
+                    continue;
                 }
-                let k = turned.as_ref().unwrap_or(k);
-                let (row_k, row_v) = (
-                    self.kv_heads * self.head_dim,
-                    self.kv_heads * self.v_head_dim,
-                );
-                for (done, slot, n) in self.runs(&pages, len, t) {
-                    for (pool, src, row) in [(&self.k, k, row_k), (&self.v, v, row_v)] {
-                        let bytes = (row * size) as u64;
-                        encoder.copy_buffer_to_buffer(
-                            src.buffer(),
-                            done as u64 * bytes,
-                            pool.buffer(),
-                            slot as u64 * bytes,
-                            n as u64 * bytes,
-                        );
+                let before = self.seqs[&seq].pages.clone();
+                match self.take_pages(gpu, seq, len, total) {
+                    Ok(pages) => taken.push((seq, before, pages)),
+                    Err(e) => {
+                        result = Err(e);
+                        break;
                     }
                 }
-                Ok(())
-            });
-            if let Err(e) = appended {
-                self.untake(&before, &pages);
+            }
+            if result.is_ok() {
+                result = gpu.submit_with("paged cache append", |encoder| {
+                    if let (Some(rotary), Some(turned)) = (&self.rotary, &turned) {
+                        let strides = Layout::Bshd.strides(self.kv_heads, rows, self.head_dim);
+                        let rotation = rotary::Rotation {
+                            x: k.buffer(),
+                            x_dtype: k.dtype(),
+                            x_bytes: k.byte_len(),
+                            x_strides: strides,
+                            y: turned,
+                            y_strides: strides,
+                            batch: 1,
+                            heads: self.kv_heads,
+                            seq: rows,
+                            dim: self.head_dim,
+                            positions: &positions,
+                            per_row: true,
+                            axes: false,
+                            counts: None,
+                            rows_at_position: false,
+                            first: true,
+                            last: true,
+                        };
+                        rotary::encode(gpu, encoder, rotary, &rotation)?;
+                    }
+                    let k = turned.as_ref().unwrap_or(k);
+                    let (row_k, row_v) = (
+                        self.kv_heads * self.head_dim,
+                        self.kv_heads * self.v_head_dim,
+                    );
+                    let mut first = 0;
+                    let mut held = taken.iter();
+                    for &(_, n, len, _) in &plans {
+                        if n == 0 {
+                            continue;
+                        }
+                        let (_, _, pages) = held.next().expect("one per sequence appended to");
+                        for (done, slot, run) in self.runs(pages, len, n) {
+                            for (pool, src, row) in [(&self.k, k, row_k), (&self.v, v, row_v)] {
+                                let bytes = (row * size) as u64;
+                                encoder.copy_buffer_to_buffer(
+                                    src.buffer(),
+                                    (first + done) as u64 * bytes,
+                                    pool.buffer(),
+                                    slot as u64 * bytes,
+                                    run as u64 * bytes,
+                                );
+                            }
+                        }
+                        first += n;
+                    }
+                    Ok(())
+                });
+            }
+            if let Err(e) = result {
+                // A typed error of the rotation (a binding past the limits) or a failed
+                // submission: every sequence's pages go back as they were.
+                for (_, before, pages) in taken.iter().rev() {
+                    self.untake(before, pages);
+                }
                 return Err(e);
             }
-            let s = self.seqs.get_mut(&seq).expect("checked above");
-            s.pages = pages;
-            s.len = total;
+            for ((seq, _, pages), &(_, _, _, total)) in
+                taken.into_iter().zip(plans.iter().filter(|p| p.1 > 0))
+            {
+                let s = self.seqs.get_mut(&seq).expect("checked above");
+                s.pages = pages;
+                s.len = total;
+            }
             Ok(())
         })
     }
@@ -677,9 +778,10 @@ impl PagedKvCache {
         Ok(())
     }
 
-    /// `(len, total)`: `seq`'s length before and after appending `t` tokens, once the pool is
-    /// known to have the pages they need ([`Error::CacheFull`] if not; nothing changes).
-    fn plan_append(&self, seq: SeqId, t: usize) -> Result<(usize, usize)> {
+    /// `(len, total, needed)`: `seq`'s length before and after appending `t` tokens, and the
+    /// pages that takes, once the pool is known to have them ([`Error::CacheFull`] if not;
+    /// nothing changes).
+    fn plan_append(&self, seq: SeqId, t: usize) -> Result<(usize, usize, usize)> {
         let s = self.seq(seq)?;
         let (len, held) = (s.len, s.pages.len());
         let total = len.checked_add(t).ok_or(Error::TooLarge {
@@ -698,7 +800,7 @@ impl PagedKvCache {
                 free: self.free.len(),
             });
         }
-        Ok((len, total))
+        Ok((len, total, needed))
     }
 
     /// The pages `seq` holds once grown from `len` to `total` tokens (checked by
