@@ -929,6 +929,62 @@ fn a_failed_device_append_changes_nothing() {
     assert_eq!(cache.len(b).unwrap(), 3 + t);
 }
 
+/// The books of a batch whose sequences share a partly filled last page (the first copies
+/// it and lets go, so the last one holds it alone: one page, not two; a review found the
+/// batch refused though one free page sufficed), and what `release_tokens` returns when a
+/// fork keeps the pages (the pages the sequence let go of; the pool shrinks by the page of
+/// zeros).
+#[test]
+fn batched_appends_and_releases_count_pages_right() {
+    let Some(gpu) = common::gpu() else { return };
+    let (heads, kv_heads, dim, page) = (2, 1, 8, 4);
+    let row = kv_heads * dim;
+    let mut c = PagedKvCache::new(gpu, 2, page, kv_heads, dim, dim).unwrap();
+    let mut r = rng(97);
+    let (k0, v0) = (random(&mut r, 2 * row, 1.0), random(&mut r, 2 * row, 1.0));
+    let a = c.add_sequence();
+    c.append(gpu, a, &k0, &v0).unwrap();
+    let b = c.fork(a).unwrap();
+    assert_eq!(c.free_pages(), 1);
+    let (k1, v1) = (random(&mut r, 2 * row, 1.0), random(&mut r, 2 * row, 1.0));
+    let up = |x: &[f32]| gpu.upload(x, [2, kv_heads, dim]).unwrap();
+    c.append_tensors(gpu, &[a, b], &[1, 1], &up(&k1), &up(&v1))
+        .unwrap();
+    assert_eq!(c.free_pages(), 0);
+    let written = |i: usize| Written {
+        k: [&k0[..], &k1[i * row..(i + 1) * row]].concat(),
+        v: [&v0[..], &v1[i * row..(i + 1) * row]].concat(),
+    };
+    let shape = (heads, kv_heads, dim);
+    check_cache(
+        gpu,
+        &c,
+        &[a, b],
+        &[written(0), written(1)],
+        shape,
+        &Attention::new(),
+        98,
+    );
+
+    let mut c = PagedKvCache::new(gpu, 6, page, kv_heads, dim, dim).unwrap();
+    let a = c.add_sequence();
+    c.append(gpu, a, &vec![0.5; 12 * row], &vec![0.5; 12 * row])
+        .unwrap();
+    let _b = c.fork(a).unwrap();
+    assert_eq!(c.free_pages(), 3);
+    assert_eq!(c.release_tokens(gpu, a, 0..8).unwrap(), 2);
+    assert_eq!(
+        c.free_pages(),
+        2,
+        "the fork holds both pages; the page of zeros is taken"
+    );
+    assert_eq!(
+        c.release_tokens(gpu, a, 0..8).unwrap(),
+        0,
+        "released already"
+    );
+}
+
 /// A sliding-window layer's cache holding about its window: decoding step by step, each step
 /// releasing the tokens no later row can see (StreamingLLM's sink tokens kept), checked
 /// against the reference on every token written; the released pages go back to the pool

@@ -290,8 +290,8 @@ impl PagedKvCache {
     /// history (vLLM frees such blocks; Mistral's, Gemma's and gpt-oss's windowed layers).
     /// The sequence keeps its length and positions; the released tokens' table entries point
     /// to a page of zeros the cache keeps (one of the pool's, taken by the first release).
-    /// Returns the pages the call gave back to the free list (a page a fork still holds is
-    /// not given back), less the page of zeros when the first release takes it.
+    /// Returns the pages the sequence let go of; those no fork holds go back to the free list
+    /// ([`free_pages`](Self::free_pages) says what the pool has, the page of zeros taken).
     ///
     /// A sequence has one released range: a later release must touch or overlap it (a window
     /// sliding on, or behind StreamingLLM's sink tokens, which stay). [`attend`](Self::attend)
@@ -385,7 +385,7 @@ impl PagedKvCache {
         for p in pages {
             self.release(p);
         }
-        let mut freed = self.free.len() - before;
+        debug_assert!(self.free.len() >= before);
         if self.zero_page.is_none() {
             let at = self
                 .free
@@ -395,7 +395,6 @@ impl PagedKvCache {
             self.free.remove(at);
             self.refs[zero as usize] = 1;
             self.zero_page = Some(zero);
-            freed = freed.saturating_sub(1);
         }
         let s = self.seqs.get_mut(&seq).expect("checked above");
         for &i in &fresh {
@@ -408,7 +407,7 @@ impl PagedKvCache {
             (p0, p1)
         };
         s.released = (lo * ps, hi * ps);
-        Ok(freed)
+        Ok(fresh.len())
     }
 
     /// Tokens held by `seq`.
@@ -602,6 +601,8 @@ impl PagedKvCache {
         let mut plans = Vec::with_capacity(seqs.len());
         let mut needed = 0;
         let mut seen = std::collections::HashSet::with_capacity(seqs.len());
+        // References to shared last pages that earlier sequences of the batch drop.
+        let mut dropped = std::collections::HashMap::new();
         for (i, (&seq, &n)) in seqs.iter().zip(new).enumerate() {
             if !seen.insert(seq) {
                 return Err(Error::InvalidOption {
@@ -615,7 +616,23 @@ impl PagedKvCache {
                 plans.push((seq, 0, len, len));
                 continue;
             }
-            let (len, total, pages) = self.plan_append(seq, n)?;
+            let (len, total, mut pages) = self.plan_append(seq, n)?;
+            // A partly filled last page shared with sequences earlier in the batch: each of
+            // those copies it first and lets go of it, so it may be this one's alone by its
+            // turn (take_pages copies only a page still shared).
+            let held = &self.seqs[&seq].pages;
+            if !len.is_multiple_of(self.page_size) {
+                let tail = held[held.len() - 1];
+                let refs = self.refs[tail as usize];
+                let copied = dropped.entry(tail).or_insert(0u32);
+                if refs > 1 {
+                    if refs - *copied > 1 {
+                        *copied += 1;
+                    } else {
+                        pages -= 1;
+                    }
+                }
+            }
             if self.rotary.is_some() && total as u64 > MAX_POSITIONS {
                 return Err(Error::LengthOutOfRange {
                     what: "rotary position",
