@@ -354,6 +354,22 @@ struct Written {
     v: Vec<f32>,
 }
 
+/// Appends `t` random tokens to `s` from the host, and to its record `w`.
+fn append_random(
+    gpu: &wgpu_attention::Gpu,
+    cache: &mut PagedKvCache,
+    (s, w): (SeqId, &mut Written),
+    t: usize,
+    r: &mut rand::rngs::StdRng,
+) {
+    let row = |pool: &wgpu_attention::Tensor| pool.dims()[2] * pool.dims()[3];
+    let k = random(r, t * row(cache.k()), 1.0);
+    let v = random(r, t * row(cache.v()), 1.0);
+    cache.append(gpu, s, &k, &v).unwrap();
+    w.k.extend_from_slice(&k);
+    w.v.extend_from_slice(&v);
+}
+
 /// Attends one query per sequence and checks O against the reference on contiguous K/V built
 /// from what was written (no page involved).
 fn check_cache(
@@ -433,15 +449,8 @@ fn a_paged_cache_appends_forks_and_frees() {
         wgpu_attention::PagedKvCache::new(gpu, pages, page, kv_heads, dim, dim).unwrap();
     let mut r = rng(60);
     let row = kv_heads * dim;
-    let mut append = |cache: &mut wgpu_attention::PagedKvCache,
-                      s: wgpu_attention::SeqId,
-                      w: &mut Written,
-                      t: usize| {
-        let k = random(&mut r, t * row, 1.0);
-        let v = random(&mut r, t * row, 1.0);
-        cache.append(gpu, s, &k, &v).unwrap();
-        w.k.extend_from_slice(&k);
-        w.v.extend_from_slice(&v);
+    let mut append = |cache: &mut PagedKvCache, s: SeqId, w: &mut Written, t: usize| {
+        append_random(gpu, cache, (s, w), t, &mut r);
     };
     let a = cache.add_sequence();
     let b = cache.add_sequence();
@@ -572,15 +581,8 @@ fn truncating_paged_sequences() {
     let mut cache = wgpu_attention::PagedKvCache::new(gpu, 30, page, kv_heads, dim, dim).unwrap();
     let mut r = rng(70);
     let row = kv_heads * dim;
-    let mut append = |cache: &mut wgpu_attention::PagedKvCache,
-                      s: wgpu_attention::SeqId,
-                      w: &mut Written,
-                      t: usize| {
-        let k = random(&mut r, t * row, 1.0);
-        let v = random(&mut r, t * row, 1.0);
-        cache.append(gpu, s, &k, &v).unwrap();
-        w.k.extend_from_slice(&k);
-        w.v.extend_from_slice(&v);
+    let mut append = |cache: &mut PagedKvCache, s: SeqId, w: &mut Written, t: usize| {
+        append_random(gpu, cache, (s, w), t, &mut r);
     };
     let truncate = |w: &mut Written, len: usize| {
         w.k.truncate(len * row);
