@@ -1638,7 +1638,8 @@ pub enum DType {
     /// IEEE binary32.
     #[default]
     F32,
-    /// IEEE binary16.
+    /// IEEE binary16. Values past ±65504 round to infinities, as IEEE (and PyTorch's
+    /// `half()`) round them: keep such values in bf16 or f32.
     F16,
     /// bfloat16: the top 16 bits of a binary32.
     Bf16,
