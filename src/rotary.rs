@@ -219,6 +219,17 @@ pub enum Positions {
     Axes(Vec<[u32; 3]>),
 }
 
+impl Positions {
+    /// The positions as the kernel reads them: the starts, the rows' positions, or the rows'
+    /// `[t, h, w]` triples one after another.
+    pub(crate) fn words(&self) -> std::borrow::Cow<'_, [u32]> {
+        match self {
+            Positions::Start(w) | Positions::Each(w) => w.as_slice().into(),
+            Positions::Axes(a) => a.iter().flatten().copied().collect::<Vec<u32>>().into(),
+        }
+    }
+}
+
 fn invalid(what: &'static str, value: String, why: &'static str) -> Error {
     Error::InvalidOption { what, value, why }
 }
@@ -616,11 +627,11 @@ impl Rotary {
             }
         }
         self.fits(head_dim)?;
-        let flat;
-        let (values, expected, last_row) = match positions {
-            Positions::Start(s) => (s, batch, seq - 1),
-            Positions::Each(e) => (e, batch.saturating_mul(seq), 0),
-            Positions::Axes(a) => {
+        let values = positions.words();
+        let (expected, last_row) = match positions {
+            Positions::Start(_) => (batch, seq - 1),
+            Positions::Each(_) => (batch.saturating_mul(seq), 0),
+            Positions::Axes(_) => {
                 if self.mrope.is_none() {
                     return Err(invalid(
                         "rotary positions",
@@ -629,8 +640,7 @@ impl Rotary {
                          Rotary::mrope or mrope_interleaved",
                     ));
                 }
-                flat = a.iter().flatten().copied().collect::<Vec<u32>>();
-                (&flat, batch.saturating_mul(seq).saturating_mul(3), 0)
+                (batch.saturating_mul(seq).saturating_mul(3), 0)
             }
         };
         if values.len() != expected {

@@ -532,15 +532,7 @@ fn truncate_and_reorder_sequences() {
         let tq = gpu.upload(&q, [batch, heads, t, d]).unwrap();
         let opts = Attention::new().q_lens(q_lens.clone());
         let out = cache.attend(gpu, &tq, &opts).unwrap();
-        let full = Dims {
-            batch,
-            heads,
-            kv_heads,
-            q_len: t,
-            kv_len: cap,
-            head_dim: d,
-            v_head_dim: dv,
-        };
+        let full = dims(batch, heads, kv_heads, t, cap, d, dv);
         let want_opts = Attention::new()
             .q_lens(q_lens)
             .kv_lens(lens)

@@ -531,17 +531,20 @@ fn bad_multimodal_rotations_are_typed_errors() {
     let dims = [1, 1, 2, 128];
     let x = vec![0.5f32; 256];
     let axes = |n: usize, p: u32| Positions::Axes(vec![[1, 2, p]; n]);
-    let err = cpu::rotate(&x, dims, Layout::Bhsd, &plain, &axes(2, 3)).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::InvalidOption {
-                what: "rotary positions",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    // Positions per axis for a plain rotation, on either side.
+    let per_axis_refused = |err: Error| {
+        assert!(
+            matches!(
+                err,
+                Error::InvalidOption {
+                    what: "rotary positions",
+                    ..
+                }
+            ),
+            "{err:?}"
+        )
+    };
+    per_axis_refused(cpu::rotate(&x, dims, Layout::Bhsd, &plain, &axes(2, 3)).unwrap_err());
     let err = cpu::rotate(&x, dims, Layout::Bhsd, &mrope, &axes(3, 3)).unwrap_err();
     assert!(
         matches!(
@@ -562,17 +565,7 @@ fn bad_multimodal_rotations_are_typed_errors() {
     );
     let Some(gpu) = gpu() else { return };
     let t = gpu.upload(&x, dims).unwrap();
-    let err = rotate(gpu, &t, Layout::Bhsd, &plain, &axes(2, 3)).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            Error::InvalidOption {
-                what: "rotary positions",
-                ..
-            }
-        ),
-        "{err:?}"
-    );
+    per_axis_refused(rotate(gpu, &t, Layout::Bhsd, &plain, &axes(2, 3)).unwrap_err());
     let err = rotate(gpu, &t, Layout::Bhsd, &mrope, &axes(2, limit)).unwrap_err();
     assert!(matches!(err, Error::LengthOutOfRange { .. }), "{err:?}");
     let cache = KvCache::new(gpu, 1, 1, 16, 128, 128).unwrap();

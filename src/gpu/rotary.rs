@@ -46,15 +46,8 @@ pub fn rotate(
         3 => gpu.empty_as([dims[1], dims[2], dims[3]], x.dtype())?,
         _ => gpu.empty_as(dims, x.dtype())?,
     };
-    let flat: Vec<u32>;
-    let (words, per_row) = match positions {
-        Positions::Start(s) => (s.as_slice(), false),
-        Positions::Each(e) => (e.as_slice(), true),
-        Positions::Axes(a) => {
-            flat = a.iter().flatten().copied().collect();
-            (flat.as_slice(), true)
-        }
-    };
+    let words = positions.words();
+    let per_row = !matches!(positions, Positions::Start(_));
     let axes = matches!(positions, Positions::Axes(_));
     gpu.submit_with("rotate", |encoder| {
         encode(
@@ -72,7 +65,7 @@ pub fn rotate(
                 heads,
                 seq,
                 dim,
-                positions: words,
+                positions: &words,
                 per_row,
                 axes,
                 counts: None,
